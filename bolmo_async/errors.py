@@ -1,0 +1,95 @@
+"""One error hierarchy for bolmo-async.
+
+Every message names the fix (a flag, an environment variable, a command to rerun).
+Low-level exceptions (aiohttp, zstandard, pyarrow, OSError) are translated at the module
+boundary with ``raise ... from exc``; the CLI prints one line per error and shows the
+traceback only when ``BOLMO_ASYNC_DEBUG=1``.
+
+    BolmoError                      base; exit code 1
+    ├── UsageError                  bad flag values or combinations; exit code 2
+    ├── HubError                    the Hub (or mirror) answered something we cannot use
+    │   ├── AuthError               401/403: token missing, revoked or terms not accepted
+    │   ├── NotFoundError           repo, revision or file does not exist
+    │   └── UnsafePathError         the file listing holds a hostile path
+    ├── DownloadError               a file failed after its retry budget
+    │   └── IntegrityError          sha256/size mismatch that retries did not fix
+    ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
+    ├── DiskSpaceError              not enough free disk for the plan, or the disk filled up
+    ├── TokenizerError              tokenizer cannot be loaded or has no EOS
+    └── FetchIncomplete             some planned files failed; rerunning resumes
+"""
+
+from __future__ import annotations
+
+
+class BolmoError(Exception):
+    """Base class of every error bolmo-async raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(BolmoError):
+    exit_code = 2
+
+
+class HubError(BolmoError):
+    pass
+
+
+class AuthError(HubError):
+    pass
+
+
+class NotFoundError(HubError):
+    pass
+
+
+class UnsafePathError(HubError):
+    pass
+
+
+class DownloadError(BolmoError):
+    pass
+
+
+class IntegrityError(DownloadError):
+    pass
+
+
+class StateError(BolmoError):
+    pass
+
+
+class DiskSpaceError(BolmoError):
+    pass
+
+
+class TokenizerError(BolmoError):
+    pass
+
+
+class FetchIncomplete(BolmoError):
+    """Raised at the end of a fetch when some files failed or the run was interrupted."""
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None, interrupted: bool = False):
+        super().__init__(message)
+        self.failed = dict(failed or {})
+        self.interrupted = interrupted
+        if interrupted:
+            self.exit_code = 130
+
+
+__all__ = [
+    "AuthError",
+    "BolmoError",
+    "DiskSpaceError",
+    "DownloadError",
+    "FetchIncomplete",
+    "HubError",
+    "IntegrityError",
+    "NotFoundError",
+    "StateError",
+    "TokenizerError",
+    "UnsafePathError",
+    "UsageError",
+]

@@ -1,0 +1,253 @@
+"""Shared records: what the Hub lists, what the plan takes, what a staged file holds.
+
+Configs and plans are frozen dataclasses validated in ``__post_init__``; records that are
+created in bulk are slotted.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import UnsafePathError, UsageError
+
+DEFAULT_REPO_ID = "allenai/bolmo_mix"
+DEFAULT_TOKENIZER_ID = "allenai/dolma2-tokenizer"
+DEFAULT_MAX_TOKENS_PER_FILE = 100_000_000
+DEFAULT_DATA_FRACTION = 0.01
+DEFAULT_SEED = 42
+
+#: Suffixes of data files we read, longest first so ".jsonl.zst" wins over ".zst".
+DATA_SUFFIXES: tuple[str, ...] = (
+    ".jsonl.zst",
+    ".json.zst",
+    ".jsonl.gz",
+    ".json.gz",
+    ".jsonl",
+    ".json",
+    ".parquet",
+)
+
+
+def data_suffix(path: str) -> str | None:
+    """The data-file suffix of ``path`` (``".jsonl.zst"`` ...) or None when it is not data."""
+    lower = path.lower()
+    for suffix in DATA_SUFFIXES:
+        if lower.endswith(suffix):
+            return suffix
+    return None
+
+
+def check_repo_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside a repo, else raise.
+
+    The Hub's listing is untrusted: refuse ``..``, absolute paths, backslashes, NUL and
+    other control characters, empty segments. The result is what we use to build URLs and
+    to name local files, so it never escapes the output folder.
+    """
+    problem = None
+    if not path or not isinstance(path, str):
+        problem = "it is empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in path):
+        problem = "it holds a control character (NUL, newline, ...)"
+    elif "\\" in path:
+        problem = "it holds a backslash"
+    elif path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        problem = "it is absolute"
+    else:
+        parts = path.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            problem = "it has an empty, '.' or '..' segment"
+        elif posixpath.normpath(path) != path:
+            problem = "it is not normalised"
+    if problem:
+        raise UnsafePathError(
+            f"The repository listing holds an unsafe path {path!r}: {problem}. "
+            "Refusing to use it; check --endpoint / HF_ENDPOINT points at the real Hub or a trusted mirror."
+        )
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class RepoFile:
+    """One file of the repo listing."""
+
+    path: str
+    size: int
+    oid: str  # git blob sha1
+    sha256: str | None = None  # LFS sha256, when the file is in LFS
+
+    @property
+    def source(self) -> str:
+        """A file's source is its folder (``"."`` at the repo root)."""
+        return posixpath.dirname(self.path) or "."
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedFile:
+    """A file the plan takes: whole (``limit is None``) or a prefix of ``limit`` compressed bytes."""
+
+    path: str
+    source: str
+    size: int
+    oid: str
+    sha256: str | None
+    limit: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.limit is None
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.size if self.limit is None else min(self.limit, self.size)
+
+    @property
+    def key(self) -> str:
+        """Stable name of this unit of work in ``staging/`` (path digest + limit)."""
+        import hashlib
+
+        digest = hashlib.sha256(self.path.encode("utf-8")).hexdigest()[:20]
+        return digest if self.limit is None else f"{digest}-p{self.limit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedFile:
+        return cls(
+            path=check_repo_path(d["path"]),
+            source=d["source"],
+            size=int(d["size"]),
+            oid=d["oid"],
+            sha256=d.get("sha256"),
+            limit=None if d.get("limit") is None else int(d["limit"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSummary:
+    source: str
+    files_total: int
+    bytes_total: int
+    target_bytes: int
+    files_planned: int
+    bytes_planned: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    repo_id: str
+    revision: str
+    commit: str
+    data_fraction: float
+    seed: int
+    files: tuple[PlannedFile, ...]
+    sources: tuple[SourceSummary, ...]
+    listing_digest: str
+    repo_type: str = "dataset"
+    endpoint: str | None = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        validate_fraction(self.data_fraction)
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(f.planned_bytes for f in self.files)
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for two runs to share an output folder."""
+        return {
+            "repo_id": self.repo_id,
+            "commit": self.commit,
+            "data_fraction": self.data_fraction,
+            "seed": self.seed,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "repo_id": self.repo_id,
+            "repo_type": self.repo_type,
+            "revision": self.revision,
+            "commit": self.commit,
+            "endpoint": self.endpoint,
+            "data_fraction": self.data_fraction,
+            "seed": self.seed,
+            "listing_digest": self.listing_digest,
+            "sources": [asdict(s) for s in self.sources],
+            "files": [f.to_json() for f in self.files],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            version=int(d.get("version", 1)),
+            repo_id=d["repo_id"],
+            repo_type=d.get("repo_type", "dataset"),
+            revision=d["revision"],
+            commit=d["commit"],
+            endpoint=d.get("endpoint"),
+            data_fraction=float(d["data_fraction"]),
+            seed=int(d["seed"]),
+            listing_digest=d["listing_digest"],
+            sources=tuple(SourceSummary(**s) for s in d["sources"]),
+            files=tuple(PlannedFile.from_json(f) for f in d["files"]),
+        )
+
+
+def validate_fraction(fraction: float) -> float:
+    if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0):
+        raise UsageError(
+            f"--data-fraction must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% or 1.0 for all."
+        )
+    return float(fraction)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the manifest records about the tokenizer used."""
+
+    kind: str  # "byte" | "subword"
+    identifier: str
+    eos_token_id: int
+    vocab_size: int
+    fingerprint: str
+    engine: str = ""
+    special_tokens_as_text: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class SkipCounter:
+    """Documents skipped, by reason, with the first few examples (file:line)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, reason: str, where: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.max_examples:
+            ex.append(where)
+
+    def merge(self, other: SkipCounter | dict[str, Any]) -> None:
+        counts = other.counts if isinstance(other, SkipCounter) else other.get("counts", {})
+        examples = other.examples if isinstance(other, SkipCounter) else other.get("examples", {})
+        for reason, n in counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + int(n)
+        for reason, ex in examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(ex[: max(0, self.max_examples - len(mine))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
