@@ -1,0 +1,181 @@
+"""Streaming one file (or a byte range of it) from the Hub into a sink, with retries.
+
+- Redirects are followed by hand: the Hub answers 302 to a signed CDN URL on another host;
+  the token goes to the Hub only, never to the CDN. A CDN 403 (expired signature) resolves
+  the file again.
+- A broken body resumes with ``Range: bytes=<next>-``; a 200 to a Range request means the
+  server ignored it, so the sink is reset and the file starts over.
+- 429 and 5xx are retried with capped exponential backoff and jitter, honouring
+  ``Retry-After`` and the Hub's ``RateLimit: ...;t=<s>``; stalled reads time out.
+- The sink verifies the whole file (sha256 / git oid) at the end; a mismatch starts over.
+- A bounded number of attempts per file, then ``DownloadError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Protocol
+
+import aiohttp
+from yarl import URL
+
+from .errors import AuthError, DownloadError, IntegrityError
+from .hub import RETRY_EXCEPTIONS, RETRY_STATUSES, HubClient, status_error
+
+log = logging.getLogger("bolmo_async")
+
+FEED_BYTES = 1 << 20  # hand the sink about this much at a time (worker thread)
+READ_CHUNK = 256 * 1024
+
+
+class Sink(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def wants_more(self) -> bool: ...
+
+
+class BytesSink:
+    """Collects bytes in memory (small ranges: parquet footers and row groups)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def reset(self) -> None:
+        self.buf.clear()
+
+    def wants_more(self) -> bool:
+        return True
+
+
+async def stream(
+    client: HubClient,
+    url: str,
+    sink: Sink,
+    *,
+    what: str,
+    start: int = 0,
+    end: int | None = None,
+    executor: Executor | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    verify: Callable[[], None] | None = None,
+) -> int:
+    """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
+
+    ``verify`` runs (in the worker) after the last byte; IntegrityError from it restarts the file.
+    Returns the number of bytes fed.
+    """
+    loop = asyncio.get_running_loop()
+    policy = client.retry
+    pos = start
+    cdn_url: str | None = None
+    attempt = 0
+    redirects = 0
+    total: int | None = end
+
+    async def feed(data: bytes) -> None:
+        nonlocal pos
+        await loop.run_in_executor(executor, sink.feed, data)
+        pos += len(data)
+        if on_bytes:
+            on_bytes(len(data))
+
+    async def restart() -> None:
+        nonlocal pos
+        await loop.run_in_executor(executor, sink.reset)
+        if on_bytes and pos > start:
+            on_bytes(-(pos - start))
+        pos = start
+
+    while True:
+        target = cdn_url or url
+        headers = client.headers_for(target)
+        if pos > 0 or end is not None:
+            headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
+        buf = bytearray()
+        hint = None
+        failure: str
+        try:
+            async with client.session.get(target, headers=headers, allow_redirects=False, timeout=policy.timeout()) as r:
+                if r.status in (301, 302, 303, 307, 308):
+                    loc = r.headers.get("Location")
+                    redirects += 1
+                    if not loc or redirects > 10:
+                        raise DownloadError(f"{what}: bad redirect from {URL(target).host}")
+                    cdn_url = str(URL(target).join(URL(loc)))
+                    continue
+                if r.status == 403 and cdn_url is not None:
+                    failure = "signed URL refused (expired?), resolving again"
+                    cdn_url = None
+                    raise _Retry(failure)
+                if r.status in RETRY_STATUSES:
+                    hint = r.headers
+                    raise _Retry(f"HTTP {r.status}")
+                if r.status == 416:
+                    raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
+                if r.status not in (200, 206):
+                    err = status_error(r.status, what, await r.text(errors="replace"))
+                    if isinstance(err, AuthError):
+                        raise err
+                    raise DownloadError(str(err))
+                if r.status == 200 and "Range" in headers:
+                    if start != 0 or end is not None:
+                        raise DownloadError(f"{what}: the server ignores HTTP Range requests; use --no-streaming")
+                    log.info("%s: server ignored Range, starting over", what)
+                    await restart()
+                if r.status == 206:
+                    cr = r.headers.get("Content-Range", "")
+                    if not cr.startswith(f"bytes {pos}-"):
+                        raise DownloadError(f"{what}: server answered Range {pos}- with {cr!r}")
+                    size_s = cr.rpartition("/")[2]
+                    if end is None and size_s.isdigit():
+                        total = int(size_s)
+                elif end is None and r.content_length is not None:
+                    total = r.content_length
+                async for chunk in r.content.iter_chunked(READ_CHUNK):
+                    buf += chunk
+                    if len(buf) >= FEED_BYTES:
+                        data, buf = bytes(buf), bytearray()
+                        await feed(data)
+                        if not sink.wants_more():
+                            return pos - start
+                if buf:
+                    data, buf = bytes(buf), bytearray()
+                    await feed(data)
+                if total is not None and pos < total:
+                    raise _Retry(f"body cut short at byte {pos} of {total}")
+            if verify is not None:
+                try:
+                    await loop.run_in_executor(executor, verify)
+                except IntegrityError as exc:
+                    await restart()
+                    raise _Retry(str(exc)) from exc
+            return pos - start
+        except _Retry as exc:
+            failure = str(exc)
+            if buf:
+                await feed(bytes(buf))
+        except RETRY_EXCEPTIONS as exc:
+            failure = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            if buf:
+                await feed(bytes(buf))
+        attempt += 1
+        if attempt >= policy.max_attempts:
+            raise DownloadError(f"{what}: gave up after {attempt} attempts; last error: {failure}")
+        delay = policy.delay(attempt, hint)
+        log.warning("%s: %s [retry %d/%d in %.1fs, resuming at byte %d]", what, failure, attempt, policy.max_attempts, delay, pos)
+        await asyncio.sleep(delay)
+
+
+class _Retry(Exception):
+    pass
+
+
+__all__ = ["BytesSink", "Sink", "aiohttp", "stream"]

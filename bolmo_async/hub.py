@@ -1,0 +1,269 @@
+"""Talking to the Hub (or a mirror): endpoint and token, revision -> commit, the file listing,
+resolve URLs, and the retry policy every request shares.
+
+The token is read the usual way (``HF_TOKEN`` or ``huggingface-cli login``'s file, through
+``huggingface_hub.get_token``), sent as a per-request ``Authorization`` header only to the
+Hub endpoint's own origin, and never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from .errors import AuthError, HubError, NotFoundError, UsageError
+from .models import RepoFile, check_repo_path, data_suffix
+
+log = logging.getLogger("bolmo_async")
+T = TypeVar("T")
+
+#: Statuses worth retrying, and exceptions meaning "the connection broke, try again".
+RETRY_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+def default_endpoint(endpoint: str | None = None) -> str:
+    """``--endpoint`` > ``HF_ENDPOINT`` > huggingface_hub's default."""
+    if endpoint:
+        ep = endpoint
+    else:
+        from huggingface_hub import constants
+
+        ep = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    ep = ep.rstrip("/")
+    url = URL(ep)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError(f"--endpoint / HF_ENDPOINT must be an http(s) URL, got {ep!r}")
+    return ep
+
+
+def read_token() -> str | None:
+    """The user's HF token (``HF_TOKEN`` or the saved login), or None."""
+    from huggingface_hub import get_token
+
+    tok = get_token()
+    return tok or None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter; ``Retry-After`` and ``RateLimit`` honoured."""
+
+    max_attempts: int = 8
+    base_delay: float = 0.25
+    max_delay: float = 30.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
+    seed: int | None = None
+    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError("--retries must be at least 1")
+
+    def delay(self, attempt: int, response_headers: Any = None) -> float:
+        hinted = retry_hint(response_headers) if response_headers is not None else None
+        if hinted is not None:
+            return min(self.max_delay, hinted) + self._rng.uniform(0, 0.1)
+        d = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
+        return d * (0.5 + self._rng.random() / 2)
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+
+
+_RATELIMIT_T = re.compile(r";\s*t=(\d+(?:\.\d+)?)")
+
+
+def retry_hint(headers: Any) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds form) or the Hub's ``RateLimit: ...;t=N``."""
+    if not headers:
+        return None
+    ra = headers.get("Retry-After")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    rl = headers.get("RateLimit")
+    if rl:
+        m = _RATELIMIT_T.search(rl)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def status_error(status: int, what: str, body: str = "") -> HubError:
+    """Translate an HTTP status into our error, with the fix in the message."""
+    if status in (401, 403):
+        return AuthError(
+            f"{what}: HTTP {status} (not authorised). Set HF_TOKEN (or run `hf auth login`) with a token "
+            "that can read this repo, and accept the dataset's terms on its Hub page if it is gated."
+        )
+    if status == 404:
+        return NotFoundError(f"{what}: not found (HTTP 404). Check --repo-id, --revision and --endpoint. {body[:200]}")
+    return HubError(f"{what}: HTTP {status}. {body[:200]}")
+
+
+class HubClient:
+    """One per run; wraps one ``aiohttp.ClientSession``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        endpoint: str,
+        repo_id: str,
+        repo_type: str = "dataset",
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        if repo_id.count("/") != 1 or any(c in repo_id for c in " ?#\\"):
+            raise UsageError(f"--repo-id must look like 'namespace/name', got {repo_id!r}")
+        self.session = session
+        self.endpoint = endpoint.rstrip("/")
+        self.repo_id = repo_id
+        self.repo_type = repo_type
+        self._token = token
+        self.retry = retry or RetryPolicy()
+        self._origin = URL(self.endpoint).origin()
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"HubClient(endpoint={self.endpoint!r}, repo_id={self.repo_id!r})"
+
+    # -- URLs and headers ----------------------------------------------------------------
+    def _api(self, *parts: str) -> str:
+        kind = "datasets" if self.repo_type == "dataset" else "models"
+        return f"{self.endpoint}/api/{kind}/{self.repo_id}/" + "/".join(parts)
+
+    def resolve_url(self, revision: str, path: str) -> str:
+        check_repo_path(path)
+        prefix = "datasets/" if self.repo_type == "dataset" else ""
+        return f"{self.endpoint}/{prefix}{self.repo_id}/resolve/{quote(revision, safe='')}/{quote(path, safe='/')}"
+
+    def headers_for(self, url: str | URL) -> dict[str, str]:
+        """Request headers; the token only when ``url`` is on the Hub endpoint's origin."""
+        h = {"Accept-Encoding": "identity", "User-Agent": "bolmo-async/0.1"}
+        if self._token and URL(str(url)).origin() == self._origin:
+            h["Authorization"] = f"Bearer {self._token}"
+        return h
+
+    # -- JSON API with retries -----------------------------------------------------------
+    async def with_retries(self, what: str, attempt_fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt_fn`` until it succeeds, retrying connection errors and retryable statuses."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await attempt_fn()
+            except RetryableStatus as exc:
+                if attempt >= self.retry.max_attempts:
+                    raise HubError(f"{what}: HTTP {exc.status} after {attempt} attempts; try again later.") from exc
+                delay = self.retry.delay(attempt, exc.headers)
+                log.warning("%s: HTTP %s [retry %d/%d in %.1fs]", what, exc.status, attempt, self.retry.max_attempts, delay)
+            except RETRY_EXCEPTIONS as exc:
+                if attempt >= self.retry.max_attempts:
+                    raise HubError(
+                        f"{what}: {type(exc).__name__} after {attempt} attempts; check the network and --endpoint."
+                    ) from exc
+                delay = self.retry.delay(attempt)
+                log.warning("%s: %s [retry %d/%d in %.1fs]", what, type(exc).__name__, attempt, self.retry.max_attempts, delay)
+            await asyncio.sleep(delay)
+
+    async def _get_json(self, url: str, what: str) -> tuple[Any, Any]:
+        async def once() -> tuple[Any, Any]:
+            async with self.session.get(url, headers=self.headers_for(url), timeout=self.retry.timeout()) as r:
+                if r.status in RETRY_STATUSES:
+                    raise RetryableStatus(r.status, r.headers)
+                if r.status != 200:
+                    raise status_error(r.status, what, await r.text(errors="replace"))
+                try:
+                    return await r.json(content_type=None), r.headers
+                except ValueError as exc:
+                    raise HubError(f"{what}: the endpoint did not answer JSON; is --endpoint a Hub?") from exc
+
+        return await self.with_retries(what, once)
+
+    async def resolve_commit(self, revision: str) -> str:
+        """Branch, tag or sha -> the 40-hex commit sha."""
+        data, _ = await self._get_json(
+            self._api("revision", quote(revision, safe="")), f"resolving revision {revision!r} of {self.repo_id}"
+        )
+        sha = data.get("sha") if isinstance(data, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise HubError(f"the Hub gave no commit sha for revision {revision!r} of {self.repo_id}")
+        return sha
+
+    async def list_files(self, commit: str) -> list[RepoFile]:
+        """Every file of the repo at ``commit`` (recursive tree listing, all pages)."""
+        url: str | None = self._api("tree", quote(commit, safe="")) + "?recursive=true&expand=false"
+        out: list[RepoFile] = []
+        pages = 0
+        while url:
+            data, headers = await self._get_json(url, f"listing {self.repo_id}@{commit[:8]}")
+            pages += 1
+            if not isinstance(data, list):
+                raise HubError(f"unexpected tree listing from {self.endpoint}: not a list")
+            for item in data:
+                if not isinstance(item, dict) or item.get("type") != "file":
+                    continue
+                path = check_repo_path(str(item.get("path", "")))
+                lfs = item.get("lfs") or {}
+                sha256 = lfs.get("oid") or lfs.get("sha256")
+                out.append(RepoFile(path=path, size=int(item.get("size", 0)), oid=str(item.get("oid", "")), sha256=sha256))
+            url = _next_link(headers.get("Link"))
+            if url and URL(url).origin() != self._origin:
+                raise HubError(f"the listing's next page points to another host ({URL(url).host}); refusing to follow")
+        log.debug("listed %d files in %d pages", len(out), pages)
+        return out
+
+
+class RetryableStatus(Exception):
+    def __init__(self, status: int, headers: Any):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.headers = headers
+
+
+_LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+
+
+def _next_link(link: str | None) -> str | None:
+    if not link:
+        return None
+    m = _LINK_NEXT.search(link)
+    return m.group(1) if m else None
+
+
+def data_files(files: list[RepoFile]) -> list[RepoFile]:
+    """The files we read (by suffix), sorted by path."""
+    return sorted((f for f in files if data_suffix(f.path)), key=lambda f: f.path)
+
+
+def listing_digest(files: list[RepoFile]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.oid}\0{f.sha256 or ''}\n".encode())
+    return h.hexdigest()
+
+
+def make_session(concurrency: int, retry: RetryPolicy) -> aiohttp.ClientSession:
+    """The run's single session: connector capped at ``concurrency`` (+2 for API calls)."""
+    connector = aiohttp.TCPConnector(limit=concurrency + 2, limit_per_host=concurrency + 2, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=retry.timeout(), auto_decompress=False, trust_env=True)

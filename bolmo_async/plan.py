@@ -1,0 +1,142 @@
+"""The deterministic file-level fraction plan.
+
+Per source (a file's folder) the plan takes ``fraction`` of the source's compressed bytes:
+files ordered by ``sha256(f"{seed}:{path}")``, whole files in that order while they fit, then
+a prefix of the next file (``limit`` compressed bytes, at least one document) to reach the
+target. Same listing, fraction and seed -> the same plan; a larger fraction with the same seed
+keeps every whole file of the smaller plan (monotone), so staged work is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+from .models import Plan, PlannedFile, RepoFile, SourceSummary, data_suffix, validate_fraction
+from .util import atomic_write_text
+
+PLAN_FILE = "plan.json"
+
+#: Rough text bytes per compressed byte, by format, for estimates only.
+EXPANSION = {".zst": 3.5, ".gz": 3.0, ".parquet": 2.5}
+#: Text bytes per dolma2 token (English web text), for estimates only.
+BYTES_PER_SUBWORD = 4.3
+
+
+def order_key(seed: int, path: str) -> str:
+    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+
+
+def make_plan(
+    files: list[RepoFile],
+    *,
+    data_fraction: float,
+    seed: int,
+    repo_id: str,
+    revision: str,
+    commit: str,
+    listing_digest: str,
+    endpoint: str | None = None,
+) -> Plan:
+    """Pure function: listing -> plan. ``files`` must be the data files (see ``hub.data_files``)."""
+    fraction = validate_fraction(data_fraction)
+    by_source: dict[str, list[RepoFile]] = defaultdict(list)
+    for f in files:
+        by_source[f.source].append(f)
+    planned: list[PlannedFile] = []
+    summaries: list[SourceSummary] = []
+    for source in sorted(by_source):
+        ordered = sorted(by_source[source], key=lambda f: (order_key(seed, f.path), f.path))
+        total = sum(f.size for f in ordered)
+        target = total if fraction >= 1.0 else int(round(total * fraction))
+        taken: list[PlannedFile] = []
+        used = 0
+        for f in ordered:
+            if used + f.size <= target:
+                taken.append(PlannedFile(f.path, source, f.size, f.oid, f.sha256))
+                used += f.size
+                continue
+            remaining = target - used
+            if remaining > 0 or not taken:
+                limit = max(1, remaining)
+                taken.append(PlannedFile(f.path, source, f.size, f.oid, f.sha256, limit=limit))
+                used += limit
+            break
+        planned.extend(taken)
+        summaries.append(
+            SourceSummary(
+                source=source,
+                files_total=len(ordered),
+                bytes_total=total,
+                target_bytes=target,
+                files_planned=len(taken),
+                bytes_planned=used,
+            )
+        )
+    return Plan(
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        data_fraction=fraction,
+        seed=seed,
+        files=tuple(planned),
+        sources=tuple(summaries),
+        listing_digest=listing_digest,
+        endpoint=endpoint,
+    )
+
+
+def estimate(plan: Plan) -> dict[str, dict[str, float]]:
+    """Per source and in total: files, bytes to download, text bytes, tokens (byte, subword), disk."""
+    rows: dict[str, dict[str, float]] = {}
+    for f in plan.files:
+        suffix = data_suffix(f.path) or ""
+        factor = next((v for k, v in EXPANSION.items() if suffix.endswith(k)), 1.0)
+        text = f.planned_bytes * factor
+        row = rows.setdefault(f.source, {"files": 0, "download_bytes": 0, "text_bytes": 0.0})
+        row["files"] += 1
+        # Prefixes are verified against the whole file's sha256, so the whole file is read.
+        row["download_bytes"] += f.size if not suffix.endswith(".parquet") else f.planned_bytes
+        row["text_bytes"] += text
+    total = {"files": 0.0, "download_bytes": 0.0, "text_bytes": 0.0}
+    for row in rows.values():
+        row["byte_tokens"] = row["text_bytes"]
+        row["subword_tokens"] = row["text_bytes"] / BYTES_PER_SUBWORD
+        for k in total:
+            total[k] += row[k]
+    total["byte_tokens"] = total["text_bytes"]
+    total["subword_tokens"] = total["text_bytes"] / BYTES_PER_SUBWORD
+    rows["TOTAL"] = total
+    return rows
+
+
+def disk_needed(plan: Plan, kind: str, streaming: bool) -> int:
+    """Bytes of disk a run needs: staging + shards (uint32 each) + raw files when not streaming."""
+    est = estimate(plan)["TOTAL"]
+    tokens = est["byte_tokens"] if kind == "byte" else est["subword_tokens"]
+    need = 2 * 4 * tokens * 1.1
+    if not streaming:
+        need += est["download_bytes"]
+    return int(need)
+
+
+def save_plan(plan: Plan, output_dir: str | os.PathLike[str]) -> Path:
+    path = Path(output_dir) / PLAN_FILE
+    atomic_write_text(path, json.dumps(plan.to_json(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_plan(output_dir: str | os.PathLike[str]) -> Plan | None:
+    path = Path(output_dir) / PLAN_FILE
+    if not path.exists():
+        return None
+    try:
+        data: Any = json.loads(path.read_text())
+        return Plan.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path} is not a readable plan ({exc}); delete it or rerun with --force.") from exc

@@ -1,0 +1,105 @@
+"""Live progress: a rich display on a terminal, periodic log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+from .util import human_bytes, human_count
+
+log = logging.getLogger("bolmo_async")
+
+
+class Progress:
+    """Counters updated from the event loop and worker threads; rendered every ``interval``."""
+
+    def __init__(self, total_files: int, total_bytes: int, *, enabled: bool = True, interval: float = 10.0, kind: str = "tokens"):
+        self.total_files, self.total_bytes = total_files, total_bytes
+        self.files = self.bytes = self.documents = self.tokens = self.skipped = 0
+        self.enabled = enabled
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._last_log = self._t0
+        self._rich: Any = None
+        self._task: Any = None
+        self.kind = kind
+
+    def __enter__(self) -> Progress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+            self._rich = RichProgress(
+                TextColumn("[bold]fetch"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+                transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task("fetch", total=self.total_bytes, stats="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._refresh()
+            self._rich.stop()
+            self._rich = None
+        elif self.enabled:
+            self._log_line()
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+        self._tick()
+
+    def add_documents(self, documents: int, tokens: int) -> None:
+        with self._lock:
+            self.documents += documents
+            self.tokens += tokens
+        self._tick()
+
+    def file_done(self, skipped: int = 0) -> None:
+        with self._lock:
+            self.files += 1
+            self.skipped += skipped
+        self._tick()
+
+    def stats(self) -> str:
+        el = max(1e-9, time.monotonic() - self._t0)
+        return (
+            f"files {self.files}/{self.total_files}  docs {human_count(self.documents)}  "
+            f"{self.kind} {human_count(self.tokens)} ({human_count(self.tokens / el)}/s)  skipped {self.skipped}"
+        )
+
+    def _refresh(self) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.bytes, stats=self.stats())
+
+    def _tick(self) -> None:
+        if self._rich is not None:
+            self._refresh()
+            return
+        now = time.monotonic()
+        if self.enabled and now - self._last_log >= self.interval:
+            self._last_log = now
+            self._log_line()
+
+    def _log_line(self) -> None:
+        el = max(1e-9, time.monotonic() - self._t0)
+        rate = self.bytes / el
+        left = max(0, self.total_bytes - self.bytes)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        log.info(
+            "progress: %s / %s (%s/s, ETA %s)  %s",
+            human_bytes(self.bytes),
+            human_bytes(self.total_bytes),
+            human_bytes(rate),
+            eta,
+            self.stats(),
+        )

@@ -1,0 +1,131 @@
+"""The Arrow staging area: one IPC file per planned file, committed atomically.
+
+``staging/{key}.arrow`` holds record batches ``(id, loc, tokens)``; ``staging/{key}.json`` is the
+completion marker written after the Arrow file is in place (counts, skips, verified sha256). A
+unit without its marker is not done and is redone; temporary files are never mistaken for
+finished ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .models import PlannedFile, SkipCounter
+from .util import atomic_write_text, raise_if_disk_full
+
+STAGING_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("tokens", pa.large_list(pa.uint32()))])
+
+
+class Staging:
+    def __init__(self, output_dir: str | os.PathLike[str]):
+        self.dir = Path(output_dir) / "staging"
+
+    def arrow_path(self, pf: PlannedFile) -> Path:
+        return self.dir / f"{pf.key}.arrow"
+
+    def marker_path(self, pf: PlannedFile) -> Path:
+        return self.dir / f"{pf.key}.json"
+
+    def done(self, pf: PlannedFile) -> dict[str, Any] | None:
+        """The completion record of ``pf`` if it is staged (marker and Arrow file both present)."""
+        marker = self.marker_path(pf)
+        if not marker.exists() or not self.arrow_path(pf).exists():
+            return None
+        try:
+            rec = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+        if rec.get("path") != pf.path or rec.get("limit") != pf.limit:
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def writer(self, pf: PlannedFile, fingerprint: str) -> StagingWriter:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return StagingWriter(self, pf, fingerprint)
+
+    def read(self, pf: PlannedFile) -> Iterator[pa.RecordBatch]:
+        """The staged batches of ``pf`` in order (memory-mapped)."""
+        with pa.memory_map(str(self.arrow_path(pf)), "r") as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files left by killed runs; returns how many."""
+        n = 0
+        if self.dir.exists():
+            for p in self.dir.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    n += 1
+        return n
+
+
+class StagingWriter:
+    """Writes one planned file's batches to a temporary file; ``commit`` renames it into place."""
+
+    def __init__(self, staging: Staging, pf: PlannedFile, fingerprint: str):
+        self.staging = staging
+        self.pf = pf
+        self.fingerprint = fingerprint
+        fd, tmp = tempfile.mkstemp(prefix=f".{pf.key}.", suffix=".tmp", dir=staging.dir)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self._sink: Any = pa.OSFile(str(self.tmp), "wb")
+        self._writer: Any = pa.ipc.new_file(self._sink, STAGING_SCHEMA)
+        self.documents = 0
+        self.tokens = 0
+
+    def write(self, ids: pa.Array, locs: pa.Array, flat: np.ndarray, offsets: np.ndarray) -> None:
+        tokens = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))
+        batch = pa.RecordBatch.from_arrays([ids, locs, tokens], schema=STAGING_SCHEMA)
+        try:
+            self._writer.write_batch(batch)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.tmp)
+            raise
+        self.documents += len(ids)
+        self.tokens += len(flat)
+
+    def commit(self, extra: dict[str, Any], skips: SkipCounter) -> dict[str, Any]:
+        try:
+            self._writer.close()
+            self._sink.close()
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp, self.staging.arrow_path(self.pf))
+        except OSError as exc:
+            self.abort()
+            raise_if_disk_full(exc, self.tmp)
+            raise
+        record = {
+            "path": self.pf.path,
+            "limit": self.pf.limit,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "tokenizer_fingerprint": self.fingerprint,
+            "skipped": skips.to_json(),
+            **extra,
+        }
+        atomic_write_text(self.staging.marker_path(self.pf), json.dumps(record, sort_keys=True) + "\n")
+        return record
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(Exception):
+            self._sink.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
