@@ -99,8 +99,8 @@ class LineDecoder:
         if self.limit is not None and not self._prefix_reached and self.fed + len(data) >= self.limit:
             cut = self.limit - self.fed
             out += self._feed(data[:cut])
+            out += self._flush_lines()  # every line complete within the prefix is taken
             self._prefix_reached = True
-            out += self._flush_lines()
             data = data[cut:]
             if self.documents > 0:
                 self.done = True

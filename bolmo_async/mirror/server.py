@@ -470,3 +470,30 @@ def run_mirror(
             await mirror.stop()
 
     asyncio.run(main())
+
+
+class MirrorThread:
+    """A ``Mirror`` running on its own event loop in a background thread (for sync callers:
+    tests, the benchmark). ``with MirrorThread([...]) as m: m.endpoint``."""
+
+    def __init__(self, repos: list[MirrorRepo], **kwargs: Any):
+        import threading
+
+        self.mirror = Mirror(repos, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mirror", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return self.mirror.endpoint
+
+    def __enter__(self) -> Mirror:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.mirror.start(), self._loop).result(timeout=30)
+        return self.mirror
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.mirror.stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

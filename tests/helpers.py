@@ -1,0 +1,46 @@
+"""Independent reference readers for tests (no bolmo_async.decode)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import zstandard
+
+from bolmo_async.inspect import read_index
+
+
+def read_documents(path: Path) -> list[tuple[int, str, str]]:
+    """``(loc, id, text)`` of every non-empty document of a sample file."""
+    name = path.name
+    if name.endswith(".parquet"):
+        t = pq.read_table(path)
+        return [(i + 1, d, x) for i, (d, x) in enumerate(zip(t["id"].to_pylist(), t["text"].to_pylist(), strict=True)) if x]
+    raw = path.read_bytes()
+    if name.endswith(".zst"):
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    elif name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    out = []
+    for i, line in enumerate(raw.decode("utf-8").splitlines()):
+        obj = json.loads(line)
+        if obj["text"]:
+            out.append((i + 1, obj["id"], obj["text"]))
+    return out
+
+
+def shard_documents(manifest: dict) -> list[tuple[str, str, int, np.ndarray]]:
+    """``(id, src, loc, ids)`` for every csv.gz row of every shard, in order."""
+    out = []
+    for s in manifest["shards"]:
+        arr = np.memmap(s["path"], dtype=np.uint32, mode="r")
+        for start, end, doc_id, src, loc in read_index(s["csv"]):
+            out.append((doc_id, src, loc, np.array(arr[start:end])))
+    return out
+
+
+def shard_hashes(manifest: dict) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"]]

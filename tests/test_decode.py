@@ -1,0 +1,136 @@
+"""Incremental decoding of every supported format, prefixes, and bad data counted by reason."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bolmo_async.decode import LineDecoder
+from bolmo_async.models import SkipCounter
+
+DOCS = [{"id": f"d{i}", "text": f"document {i} " + "é東🚀" * (i % 5) + "x" * (i * 37 % 300)} for i in range(200)]
+
+
+def _jsonl(docs) -> bytes:
+    return b"".join(json.dumps(d, ensure_ascii=False).encode() + b"\n" for d in docs)
+
+
+def _compress(data: bytes, suffix: str) -> bytes:
+    if suffix.endswith(".zst"):
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    if suffix.endswith(".gz"):
+        return gzip.compress(data, mtime=0)
+    return data
+
+
+def _decode(blob: bytes, suffix: str, chunks: list[int] | None = None, limit: int | None = None):
+    skips = SkipCounter()
+    dec = LineDecoder("f" + suffix, suffix, skips, limit=limit, batch_bytes=4096)
+    batches = []
+    pos = 0
+    sizes = iter(chunks or [])
+    while pos < len(blob):
+        n = next(sizes, 1000) or 1
+        batches += dec.feed(blob[pos : pos + n])
+        pos += n
+    batches += dec.finish()
+    rows = [(i, l, t) for b in batches for i, l, t in zip(b.column("id").to_pylist(), b.column("loc").to_pylist(), b.column("text").to_pylist(), strict=True)]
+    return rows, skips
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz", ".jsonl", ".json"])
+def test_every_format_round_trips(suffix):
+    rows, skips = _decode(_compress(_jsonl(DOCS), suffix), suffix)
+    assert [(r[0], r[2]) for r in rows] == [(d["id"], d["text"]) for d in DOCS]
+    assert [r[1] for r in rows] == list(range(1, len(DOCS) + 1))
+    assert skips.total == 0
+
+
+def test_concatenated_frames_and_members():
+    a, b = _jsonl(DOCS[:50]), _jsonl(DOCS[50:])
+    z = zstandard.ZstdCompressor().compress(a) + zstandard.ZstdCompressor().compress(b)
+    g = gzip.compress(a, mtime=0) + gzip.compress(b, mtime=0)
+    for blob, suffix in ((z, ".jsonl.zst"), (g, ".jsonl.gz")):
+        rows, skips = _decode(blob, suffix)
+        assert len(rows) == len(DOCS) and skips.total == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=50), st.integers(1, 30_000), st.sampled_from([".jsonl.zst", ".jsonl.gz", ".jsonl"]))
+def test_prefix_is_independent_of_chunking(chunks, limit, suffix):
+    blob = _compress(_jsonl(DOCS), suffix)
+    limit = min(limit, len(blob) - 1)
+    ref, _ = _decode(blob, suffix, [len(blob)], limit=limit)
+    got, _ = _decode(blob, suffix, chunks, limit=limit)
+    assert got == ref
+    assert len(ref) >= 1  # at least one document
+    assert ref == [(d["id"], i + 1, d["text"]) for i, d in enumerate(DOCS[: len(ref)])]
+
+
+def test_prefix_takes_exactly_the_lines_complete_within_limit():
+    data = _jsonl(DOCS)
+    cut = len(_jsonl(DOCS[:10])) + 5  # ten whole lines and a bit of the 11th
+    rows, _ = _decode(data, ".jsonl", limit=cut)
+    assert len(rows) == 10
+
+
+BAD_LINES = [
+    (b'{"id": "a", "text": "fine"}', None),
+    (b'{"id": "b", "text": "fine \\ud83d\\ude80 pair"}', None),
+    (b"{not json", "invalid_json"),
+    (b'{"id": "c"}', "missing_text"),
+    (b'{"id": "d", "text": 5}', "text_not_string"),
+    (b'{"id": "e", "text": ""}', "empty_text"),
+    (b'{"id": "f", "text": "bad \xff\xfe bytes"}', "invalid_utf8"),
+    (b'{"id": "g", "text": "lone \\ud800 surrogate"}', "lone_surrogate"),
+    (b"[1, 2]", "not_an_object"),
+    (b"", "blank_line"),
+    (b'{"id": "h", "text": "also fine"}', None),
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl"])
+def test_bad_lines_are_counted_by_reason_and_the_rest_kept(suffix):
+    blob = _compress(b"\n".join(line for line, _ in BAD_LINES) + b"\n", suffix)
+    rows, skips = _decode(blob, suffix)
+    assert [r[0] for r in rows] == ["a", "b", "h"]
+    assert rows[1][2] == "fine 🚀 pair"
+    assert [r[1] for r in rows] == [1, 2, 11]
+    expected = {}
+    for _, reason in BAD_LINES:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert skips.counts == expected
+    assert skips.examples["invalid_json"] == [f"f{suffix}:3"]
+
+
+def test_truncated_zstd_keeps_complete_lines_and_reports():
+    import random
+
+    rng = random.Random(0)
+    docs = [{"id": str(i), "text": "%x" % rng.getrandbits(4000)} for i in range(500)]  # ~500 KB, several blocks
+    blob = zstandard.ZstdCompressor(level=3).compress(_jsonl(docs))
+    rows, skips = _decode(blob[: len(blob) * 2 // 3], ".jsonl.zst")
+    assert 0 < len(rows) < len(docs)
+    assert [r[2] for r in rows] == [d["text"] for d in docs[: len(rows)]]
+    assert skips.counts == {"truncated_stream": 1}
+
+
+def test_corrupt_gzip_is_reported_not_raised():
+    blob = bytearray(gzip.compress(_jsonl(DOCS), mtime=0))
+    for i in range(len(blob) // 2, len(blob) // 2 + 64):
+        blob[i] ^= 0x5A
+    rows, skips = _decode(bytes(blob), ".jsonl.gz")
+    assert len(rows) < len(DOCS)
+    assert set(skips.counts) <= {"corrupt_stream", "truncated_stream", "invalid_json", "invalid_utf8"}
+    assert skips.total >= 1
+
+
+def test_not_a_zstd_file():
+    rows, skips = _decode(b"this is not zstd at all\n" * 10, ".jsonl.zst")
+    assert rows == [] and skips.counts == {"corrupt_stream": 1}
