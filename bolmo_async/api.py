@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
 from .fetch import FetchOptions, fetch_async
-from .finalize import DATA_SOURCES, MANIFEST, RUN_STATE, _SHARD_RE, finalize_dir
+from .finalize import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, finalize_dir
 from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
 from .inspect import inspect_dir
 from .models import (
@@ -42,9 +42,15 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         installed = []
+
+        def on_signal(sig: int) -> None:
+            log.warning("%s received: stopping; finished files are kept", signal.Signals(sig).name)
+            if task is not None:
+                task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, lambda s=sig: (log.warning("%s received: stopping; finished files are kept", signal.Signals(s).name), task and task.cancel()))
+                loop.add_signal_handler(sig, on_signal, sig)
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
@@ -116,7 +122,12 @@ def plan(
             )
         if existing.data_fraction == data_fraction:
             return existing
-        log.info("data fraction %g -> %g: re-planning at the pinned commit %s", existing.data_fraction, data_fraction, existing.commit[:12])
+        log.info(
+            "data fraction %g -> %g: re-planning at the pinned commit %s",
+            existing.data_fraction,
+            data_fraction,
+            existing.commit[:12],
+        )
     ep = _endpoint(endpoint, existing)
     commit, files = run_interruptible(_list(ep, repo_id, revision, existing.commit if existing else None))
     if not files:
@@ -142,7 +153,10 @@ def _check_state(out: Path, tok: ByteTokenizer | SubwordTokenizer, force: bool) 
         now = tok.info.to_json()
         keys = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
         if any(prev.get(k) != now.get(k) for k in keys):
-            desc = lambda d: f"{d.get('kind')} {d.get('identifier')} (eos {d.get('eos_token_id')}, fingerprint {d.get('fingerprint')})"  # noqa: E731
+
+            def desc(d: dict[str, Any]) -> str:
+                return f"{d.get('kind')} {d.get('identifier')} (eos {d.get('eos_token_id')}, fingerprint {d.get('fingerprint')})"
+
             raise StateError(
                 f"{out} was fetched with tokenizer {desc(prev)}, this run uses {desc(now)}. "
                 "Use another --output-dir, or --force to reset this one."
@@ -173,22 +187,29 @@ def fetch(
     """Fetch and stage every planned file not staged yet (planning first if needed)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
-    asked = {k: v for k, v in {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}.items() if v is not None}
-    if existing is None or asked:
-        base = {
-            "repo_id": existing.repo_id if existing else DEFAULT_REPO_ID,
-            "revision": existing.revision if existing else "main",
-            "data_fraction": existing.data_fraction if existing else DEFAULT_DATA_FRACTION,
-            "seed": existing.seed if existing else DEFAULT_SEED,
-        }
-        base.update(asked)
-        the_plan = plan(out, endpoint=endpoint, force=force, **base)
+    if existing is None or any(v is not None for v in (repo_id, revision, data_fraction, seed)):
+        the_plan = plan(
+            out,
+            endpoint=endpoint,
+            force=force,
+            repo_id=repo_id or (existing.repo_id if existing else DEFAULT_REPO_ID),
+            revision=revision or (existing.revision if existing else "main"),
+            data_fraction=data_fraction
+            if data_fraction is not None
+            else (existing.data_fraction if existing else DEFAULT_DATA_FRACTION),
+            seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
+        )
     else:
         the_plan = existing
     ep = _endpoint(endpoint, the_plan)
     tok = make_tokenizer(
-        tokenizer, tokenizer_identifier, endpoint=ep, token=read_token(), eos_token_id=eos_token_id,
-        special_tokens_as_text=special_tokens_as_text, engine=engine,
+        tokenizer,
+        tokenizer_identifier,
+        endpoint=ep,
+        token=read_token(),
+        eos_token_id=eos_token_id,
+        special_tokens_as_text=special_tokens_as_text,
+        engine=engine,
     )
     _check_state(out, tok, force)
     if isinstance(tok, SubwordTokenizer):
@@ -203,7 +224,9 @@ def fetch(
                 f"{out} has {human_bytes(free)} free; this plan needs about {human_bytes(need)} "
                 "(staging + shards). Free space, choose another --output-dir or a smaller --data-fraction."
             )
-    opts = FetchOptions(output_dir=out, concurrency=concurrency, streaming=streaming, endpoint=ep, retries=retries, progress=progress)
+    opts = FetchOptions(
+        output_dir=out, concurrency=concurrency, streaming=streaming, endpoint=ep, retries=retries, progress=progress
+    )
     fetcher = run_interruptible(fetch_async(the_plan, opts, tok))
     p = fetcher.progress
     return {
@@ -243,15 +266,31 @@ def prepare(
     if max_tokens_per_file < 1:
         raise UsageError("--max-tokens-per-file must be at least 1")
     force = bool(fetch_kwargs.pop("force", False))
-    plan(output_dir, repo_id=repo_id, revision=revision, endpoint=endpoint, data_fraction=data_fraction, seed=seed, force=force)
+    plan(
+        output_dir,
+        repo_id=repo_id,
+        revision=revision,
+        endpoint=endpoint,
+        data_fraction=data_fraction,
+        seed=seed,
+        force=force,
+    )
     try:
-        fetch(output_dir, tokenizer=tokenizer, tokenizer_identifier=tokenizer_identifier, streaming=streaming, endpoint=endpoint, **fetch_kwargs)
+        fetch(
+            output_dir,
+            tokenizer=tokenizer,
+            tokenizer_identifier=tokenizer_identifier,
+            streaming=streaming,
+            endpoint=endpoint,
+            **fetch_kwargs,
+        )
     except FetchIncomplete as exc:
         if (Path(output_dir) / RUN_STATE).exists():
             manifest = finalize(output_dir, max_tokens_per_file=max_tokens_per_file)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
-                len(manifest["shards"]), len(manifest["missing_files"]),
+                len(manifest["shards"]),
+                len(manifest["missing_files"]),
             )
         raise exc
     return finalize(output_dir, max_tokens_per_file=max_tokens_per_file)

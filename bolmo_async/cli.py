@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -26,8 +26,14 @@ from .models import (
 )
 from .util import human_bytes, human_count
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare allenai/bolmo_mix token shards for Bolmo / OLMo-core training.")
-mirror_app = typer.Typer(no_args_is_help=True, help="A local Hub-compatible mirror and a generated sample mix (tests, demo, benchmarks).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prepare allenai/bolmo_mix token shards for Bolmo / OLMo-core training.",
+)
+mirror_app = typer.Typer(
+    no_args_is_help=True, help="A local Hub-compatible mirror and a generated sample mix (tests, demo, benchmarks)."
+)
 app.add_typer(mirror_app, name="mirror")
 
 OUT = typer.Option(..., "--output-dir", "-o", help="Folder for plan, staging, shards, data_sources.txt.")
@@ -36,7 +42,7 @@ REPO = typer.Option(DEFAULT_REPO_ID, "--repo-id", help="Dataset repo to read.")
 REVISION = typer.Option("main", "--revision", help="Branch, tag or commit; pinned to its commit sha in plan.json.")
 
 
-def _fraction(value: Optional[float]) -> Optional[float]:
+def _fraction(value: float | None) -> float | None:
     if value is not None:
         try:
             validate_fraction(value)
@@ -45,7 +51,9 @@ def _fraction(value: Optional[float]) -> Optional[float]:
     return value
 
 
-FRACTION = typer.Option(DEFAULT_DATA_FRACTION, "--data-fraction", callback=_fraction, help="Fraction of each source's bytes, in (0, 1].")
+FRACTION = typer.Option(
+    DEFAULT_DATA_FRACTION, "--data-fraction", callback=_fraction, help="Fraction of each source's bytes, in (0, 1]."
+)
 SEED = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the file order (same seed + fraction -> same plan).")
 
 
@@ -64,8 +72,12 @@ def _print_plan(plan: Any) -> None:
     from .plan import estimate
 
     est = estimate(plan)
-    _say(f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}")
-    _say(f"{'source':<34}{'files':>8}{'download':>12}{'est. byte tokens':>18}{'est. dolma2 tokens':>20}{'est. shard disk':>17}")
+    _say(
+        f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}"
+    )
+    _say(
+        f"{'source':<34}{'files':>8}{'download':>12}{'est. byte tokens':>18}{'est. dolma2 tokens':>20}{'est. shard disk':>17}"
+    )
     for name, row in est.items():
         _say(
             f"{name:<34}{int(row['files']):>8}{human_bytes(row['download_bytes']):>12}"
@@ -77,12 +89,16 @@ def _print_plan(plan: Any) -> None:
 
 def _summary(manifest: dict[str, Any], out: Path) -> None:
     t = manifest["totals"]
-    _say(f"wrote {t['shards']} shard(s): {human_count(t['tokens'])} tokens, {t['documents']} documents -> {out / 'data_sources.txt'}")
+    _say(
+        f"wrote {t['shards']} shard(s): {human_count(t['tokens'])} tokens, {t['documents']} documents -> {out / 'data_sources.txt'}"
+    )
     if t["skipped_documents"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in t["skipped_documents"].items())
         _say(f"skipped documents: {reasons} (examples in manifest.json)")
     if not manifest["complete"]:
-        _say(f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish.")
+        _say(
+            f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish."
+        )
     tok = manifest["tokenizer"]
     if tok["kind"] == "subword":
         _say(
@@ -120,23 +136,43 @@ def plan_cmd(
     output_dir: Path = OUT,
     repo_id: str = REPO,
     revision: str = REVISION,
-    endpoint: Optional[str] = ENDPOINT,
+    endpoint: str | None = ENDPOINT,
     data_fraction: float = FRACTION,
     seed: int = SEED,
     force: bool = typer.Option(False, "--force", help="Reset an output folder holding another plan."),
 ) -> None:
     """List the repo, pin the revision and write plan.json with a summary table."""
-    p = _run(lambda: api.plan(output_dir, repo_id=repo_id, revision=revision, endpoint=endpoint, data_fraction=data_fraction, seed=seed, force=force))
+    p = _run(
+        lambda: api.plan(
+            output_dir,
+            repo_id=repo_id,
+            revision=revision,
+            endpoint=endpoint,
+            data_fraction=data_fraction,
+            seed=seed,
+            force=force,
+        )
+    )
     _print_plan(p)
 
 
-TOKENIZER = typer.Option("byte", "--tokenizer", help="byte (Bolmo byte ids) or subword (dolma2 ids: what bolmo-core stage 1/2 read).")
-TOKENIZER_ID = typer.Option(DEFAULT_TOKENIZER_ID, "--tokenizer-identifier", help="Hub repo id, tokenizer.json file or folder (subword).")
+TOKENIZER = typer.Option(
+    "byte", "--tokenizer", help="byte (Bolmo byte ids) or subword (dolma2 ids: what bolmo-core stage 1/2 read)."
+)
+TOKENIZER_ID = typer.Option(
+    DEFAULT_TOKENIZER_ID, "--tokenizer-identifier", help="Hub repo id, tokenizer.json file or folder (subword)."
+)
 EOS = typer.Option(None, "--eos-token-id", help="Override the EOS id appended after each document (subword).")
-SPECIAL = typer.Option(False, "--special-tokens-as-ids", help="Encode special-token strings in text as their ids (dolma tokens' behaviour).")
+SPECIAL = typer.Option(
+    False,
+    "--special-tokens-as-ids",
+    help="Encode special-token strings in text as their ids (dolma tokens' behaviour).",
+)
 ENGINE = typer.Option("auto", "--engine", help="Subword engine: auto (tiktoken when exact), tiktoken, tokenizers.")
 CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
-STREAMING = typer.Option(True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them.")
+STREAMING = typer.Option(
+    True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
+)
 RETRIES = typer.Option(8, "--retries", help="Attempts per file before it is reported failed.")
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No live progress display.")
@@ -147,41 +183,61 @@ def fetch_cmd(
     output_dir: Path = OUT,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
-    eos_token_id: Optional[int] = EOS,
+    eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
     concurrency: int = CONCURRENCY,
     streaming: bool = STREAMING,
-    endpoint: Optional[str] = ENDPOINT,
+    endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
-    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Plan option."),
-    data_fraction: Optional[float] = typer.Option(None, "--data-fraction", callback=_fraction, help="Plan option."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Plan option."),
+    repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
+    revision: str | None = typer.Option(None, "--revision", help="Plan option."),
+    data_fraction: float | None = typer.Option(None, "--data-fraction", callback=_fraction, help="Plan option."),
+    seed: int | None = typer.Option(None, "--seed", help="Plan option."),
 ) -> None:
     """Download, tokenize and stage the planned files (plans first if plan.json is absent)."""
     res = _run(
         lambda: api.fetch(
-            output_dir, tokenizer=tokenizer, tokenizer_identifier=tokenizer_identifier, eos_token_id=eos_token_id,
-            special_tokens_as_text=not special_tokens_as_ids, engine=engine, concurrency=concurrency, streaming=streaming,
-            endpoint=endpoint, retries=retries, force=force, progress=not no_progress,
-            repo_id=repo_id, revision=revision, data_fraction=data_fraction, seed=seed,
+            output_dir,
+            tokenizer=tokenizer,
+            tokenizer_identifier=tokenizer_identifier,
+            eos_token_id=eos_token_id,
+            special_tokens_as_text=not special_tokens_as_ids,
+            engine=engine,
+            concurrency=concurrency,
+            streaming=streaming,
+            endpoint=endpoint,
+            retries=retries,
+            force=force,
+            progress=not no_progress,
+            repo_id=repo_id,
+            revision=revision,
+            data_fraction=data_fraction,
+            seed=seed,
         )
     )
-    _say(f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens). "
-         f"Next: bolmo-async finalize --output-dir {output_dir}")
+    _say(
+        f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens). "
+        f"Next: bolmo-async finalize --output-dir {output_dir}"
+    )
 
 
 @app.command("finalize")
 def finalize_cmd(
     output_dir: Path = OUT,
-    max_tokens_per_file: int = typer.Option(DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."),
-    require_complete: bool = typer.Option(False, "--require-complete", help="Refuse if planned files are not staged yet."),
+    max_tokens_per_file: int = typer.Option(
+        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."
+    ),
+    require_complete: bool = typer.Option(
+        False, "--require-complete", help="Refuse if planned files are not staged yet."
+    ),
 ) -> None:
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
-    m = _run(lambda: api.finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=not require_complete))
+    m = _run(
+        lambda: api.finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=not require_complete)
+    )
     _summary(m, output_dir.resolve())
 
 
@@ -191,13 +247,15 @@ def prepare_cmd(
     data_fraction: float = FRACTION,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
-    max_tokens_per_file: int = typer.Option(DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."),
+    max_tokens_per_file: int = typer.Option(
+        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."
+    ),
     seed: int = SEED,
     streaming: bool = STREAMING,
     repo_id: str = REPO,
     revision: str = REVISION,
-    endpoint: Optional[str] = ENDPOINT,
-    eos_token_id: Optional[int] = EOS,
+    endpoint: str | None = ENDPOINT,
+    eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
     concurrency: int = CONCURRENCY,
@@ -208,10 +266,23 @@ def prepare_cmd(
     """plan + fetch + finalize in one command (the original tool's flags and defaults)."""
     m = _run(
         lambda: api.prepare(
-            output_dir, data_fraction=data_fraction, tokenizer=tokenizer, tokenizer_identifier=tokenizer_identifier,
-            max_tokens_per_file=max_tokens_per_file, seed=seed, streaming=streaming, repo_id=repo_id, revision=revision,
-            endpoint=endpoint, eos_token_id=eos_token_id, special_tokens_as_text=not special_tokens_as_ids, engine=engine,
-            concurrency=concurrency, retries=retries, force=force, progress=not no_progress,
+            output_dir,
+            data_fraction=data_fraction,
+            tokenizer=tokenizer,
+            tokenizer_identifier=tokenizer_identifier,
+            max_tokens_per_file=max_tokens_per_file,
+            seed=seed,
+            streaming=streaming,
+            repo_id=repo_id,
+            revision=revision,
+            endpoint=endpoint,
+            eos_token_id=eos_token_id,
+            special_tokens_as_text=not special_tokens_as_ids,
+            engine=engine,
+            concurrency=concurrency,
+            retries=retries,
+            force=force,
+            progress=not no_progress,
         )
     )
     _summary(m, output_dir.resolve())
@@ -229,8 +300,10 @@ def inspect_cmd(
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
     else:
         m = rep["manifest"]
-        _say(f"{output_dir}: {m['repo_id']}@{m['revision'][:12]} fraction {m['data_fraction']:g} seed {m['seed']} "
-             f"tokenizer {m['tokenizer']['kind']} ({m['tokenizer']['identifier']}), complete: {m['complete']}")
+        _say(
+            f"{output_dir}: {m['repo_id']}@{m['revision'][:12]} fraction {m['data_fraction']:g} seed {m['seed']} "
+            f"tokenizer {m['tokenizer']['kind']} ({m['tokenizer']['identifier']}), complete: {m['complete']}"
+        )
         _say(f"{'shard':<24}{'tokens':>14}{'documents':>12}  ok")
         for r in rep["shards"]:
             _say(f"{r['path']:<24}{r['tokens']:>14}{r['documents']:>12}  {'yes' if r['ok'] else 'NO'}")
@@ -250,13 +323,17 @@ def mirror_serve(
     port: int = typer.Option(0, "--port", help="Port (0: a free one)."),
     cdn_port: int = typer.Option(0, "--cdn-port", help="Port of the CDN stand-in that LFS files redirect to."),
     repo_id: str = typer.Option(DEFAULT_REPO_ID, "--repo-id", help="Dataset repo id to serve the folder as."),
-    model_repo: list[str] = typer.Option([], "--model-repo", help="Also serve REPO_ID=FOLDER as a model repo (e.g. a tokenizer)."),
+    model_repo: list[str] = typer.Option(
+        [], "--model-repo", help="Also serve REPO_ID=FOLDER as a model repo (e.g. a tokenizer)."
+    ),
     page_size: int = typer.Option(1000, "--page-size", help="Tree listing page size (Link: rel=next)."),
-    faults: Optional[str] = typer.Option(None, "--faults", help="Inject faults: RATE[:kind,kind...], e.g. 0.3 or 0.5:reset,http429."),
+    faults: str | None = typer.Option(
+        None, "--faults", help="Inject faults: RATE[:kind,kind...], e.g. 0.3 or 0.5:reset,http429."
+    ),
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault injection."),
-    token: Optional[str] = typer.Option(None, "--require-token", help="Answer 401 unless this bearer token is sent."),
+    token: str | None = typer.Option(None, "--require-token", help="Answer 401 unless this bearer token is sent."),
     url_ttl: float = typer.Option(3600.0, "--url-ttl", help="Seconds a signed CDN URL stays valid."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write the endpoint URL here once listening."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write the endpoint URL here once listening."),
 ) -> None:
     """Serve FOLDER as a Hub dataset repo on loopback (prints the endpoint to use)."""
     from .mirror import FaultConfig, run_mirror
@@ -268,8 +345,17 @@ def mirror_serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
     run_mirror(
-        str(folder), repo_id=repo_id, host=host, port=port, cdn_port=cdn_port, model_repos=model_repo, page_size=page_size,
-        faults=fc, token=token, url_ttl=url_ttl, ready_file=str(ready_file) if ready_file else None,
+        str(folder),
+        repo_id=repo_id,
+        host=host,
+        port=port,
+        cdn_port=cdn_port,
+        model_repos=model_repo,
+        page_size=page_size,
+        faults=fc,
+        token=token,
+        url_ttl=url_ttl,
+        ready_file=str(ready_file) if ready_file else None,
     )
 
 
@@ -283,7 +369,9 @@ def mirror_sample(
     from .mirror import build_sample
 
     s = build_sample(folder, size_mb=size_mb, seed=seed)
-    _say(f"wrote {len(s['files'])} files, {s['documents']} documents, {human_bytes(s['text_bytes'])} of text to {folder}")
+    _say(
+        f"wrote {len(s['files'])} files, {s['documents']} documents, {human_bytes(s['text_bytes'])} of text to {folder}"
+    )
 
 
 def main() -> None:

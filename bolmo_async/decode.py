@@ -73,7 +73,9 @@ class Decompressor:
 class LineDecoder:
     """Feed compressed bytes; collect complete JSON lines; ``take()`` parsed batches."""
 
-    def __init__(self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = 4 << 20):
+    def __init__(
+        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = 4 << 20
+    ):
         self.path = path
         self.skips = skips
         self.limit = limit
@@ -154,7 +156,9 @@ class LineDecoder:
         try:
             self._dec.finish()
         except StreamError as exc:
-            self.skips.add("truncated_stream", f"{self.path}: {exc} after line {self._next_line + len(self._lines) - 1}")
+            self.skips.add(
+                "truncated_stream", f"{self.path}: {exc} after line {self._next_line + len(self._lines) - 1}"
+            )
             self._pending.clear()
         if self._pending:
             self._lines.append(bytes(self._pending))

@@ -103,7 +103,9 @@ async def stream(
         hint = None
         failure: str
         try:
-            async with client.session.get(target, headers=headers, allow_redirects=False, timeout=policy.timeout()) as r:
+            async with client.session.get(
+                target, headers=headers, allow_redirects=False, timeout=policy.timeout()
+            ) as r:
                 if r.status in (301, 302, 303, 307, 308):
                     loc = r.headers.get("Location")
                     redirects += 1
@@ -170,7 +172,15 @@ async def stream(
         if attempt >= policy.max_attempts:
             raise DownloadError(f"{what}: gave up after {attempt} attempts; last error: {failure}")
         delay = policy.delay(attempt, hint)
-        log.warning("%s: %s [retry %d/%d in %.1fs, resuming at byte %d]", what, failure, attempt, policy.max_attempts, delay, pos)
+        log.warning(
+            "%s: %s [retry %d/%d in %.1fs, resuming at byte %d]",
+            what,
+            failure,
+            attempt,
+            policy.max_attempts,
+            delay,
+            pos,
+        )
         await asyncio.sleep(delay)
 
 

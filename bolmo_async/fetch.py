@@ -83,7 +83,9 @@ class Hasher:
 class Processor:
     """Decodes, tokenizes and stages one planned file. Thread-safe against ``abort``."""
 
-    def __init__(self, pf: PlannedFile, staging: Staging, tokenizer: ByteTokenizer | SubwordTokenizer, progress: Progress | None):
+    def __init__(
+        self, pf: PlannedFile, staging: Staging, tokenizer: ByteTokenizer | SubwordTokenizer, progress: Progress | None
+    ):
         self.pf = pf
         self.staging = staging
         self.tokenizer = tokenizer
@@ -183,7 +185,13 @@ class Processor:
             assert self._writer is not None
             if self.skips.total:
                 for reason, examples in self.skips.examples.items():
-                    log.warning("%s: skipped %d document(s): %s (e.g. %s)", self.pf.path, self.skips.counts[reason], reason, "; ".join(examples))
+                    log.warning(
+                        "%s: skipped %d document(s): %s (e.g. %s)",
+                        self.pf.path,
+                        self.skips.counts[reason],
+                        reason,
+                        "; ".join(examples),
+                    )
             rec = self._writer.commit({"sha256": self.sha256}, self.skips)
             self._writer = None
             return rec
@@ -286,7 +294,9 @@ class Fetcher:
         async with make_session(self.opts.concurrency, retry) as session:
             client = HubClient(session, endpoint=endpoint, repo_id=self.plan.repo_id, token=read_token(), retry=retry)
             await self._check_listing(client)
-            with Progress(len(todo), total, enabled=self.opts.progress, kind=f"{self.tokenizer.info.kind} tokens") as progress:
+            with Progress(
+                len(todo), total, enabled=self.opts.progress, kind=f"{self.tokenizer.info.kind} tokens"
+            ) as progress:
                 self.progress = progress
                 try:
                     await self._pool(client, todo, executor)
@@ -353,14 +363,24 @@ class Fetcher:
             elif suffix == ".parquet":
                 await self._parquet_ranges(client, url, pf, proc, executor)
             else:
-                await stream(client, url, proc, what=what, executor=executor, on_bytes=self.progress.add_bytes, verify=proc.verify)
+                await stream(
+                    client,
+                    url,
+                    proc,
+                    what=what,
+                    executor=executor,
+                    on_bytes=self.progress.add_bytes,
+                    verify=proc.verify,
+                )
             rec = await loop.run_in_executor(executor, proc.commit)
             self.progress.file_done(sum(rec["skipped"]["counts"].values()))
         except BaseException:
             proc.abort()  # waits at most for the one batch a worker may be processing
             raise
 
-    async def _raw(self, client: HubClient, url: str, pf: PlannedFile, executor: ThreadPoolExecutor) -> tuple[Path, str]:
+    async def _raw(
+        self, client: HubClient, url: str, pf: PlannedFile, executor: ThreadPoolExecutor
+    ) -> tuple[Path, str]:
         """The whole file on disk, verified: ``raw/<path>`` (kept) or a temporary (streaming)."""
         assert self.progress is not None
         base = Path(self.opts.output_dir)
@@ -374,7 +394,9 @@ class Fetcher:
         dest.parent.mkdir(parents=True, exist_ok=True)
         sink = RawFileSink(pf, dest)
         try:
-            await stream(client, url, sink, what=pf.path, executor=executor, on_bytes=self.progress.add_bytes, verify=sink.verify)
+            await stream(
+                client, url, sink, what=pf.path, executor=executor, on_bytes=self.progress.add_bytes, verify=sink.verify
+            )
         except BaseException:
             sink.discard()
             raise
@@ -389,7 +411,9 @@ class Fetcher:
         sparse = SparseFile(pf.size)
         tail_len = min(pf.size, 64 * 1024)
         tail = BytesSink()
-        await stream(client, url, tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size, executor=executor)
+        await stream(
+            client, url, tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size, executor=executor
+        )
         data = bytes(tail.buf)
         if len(data) < 12 or data[-4:] != b"PAR1":
             proc.skips.add("corrupt_file", f"{pf.path}: not a parquet file (no PAR1 footer)")
@@ -398,7 +422,9 @@ class Fetcher:
         if footer_len + 8 > len(data):
             more = BytesSink()
             need = min(pf.size, footer_len + 8)
-            await stream(client, url, more, what=f"{pf.path} (footer)", start=pf.size - need, end=pf.size, executor=executor)
+            await stream(
+                client, url, more, what=f"{pf.path} (footer)", start=pf.size - need, end=pf.size, executor=executor
+            )
             data = bytes(more.buf)
         sparse.add(pf.size - len(data), data)
         try:
@@ -409,7 +435,16 @@ class Fetcher:
         for i in select_row_groups(pfile.metadata, pf.limit):
             lo, hi = row_group_span(pfile.metadata, i)
             body = BytesSink()
-            await stream(client, url, body, what=f"{pf.path} (row group {i})", start=lo, end=hi, executor=executor, on_bytes=self.progress.add_bytes)
+            await stream(
+                client,
+                url,
+                body,
+                what=f"{pf.path} (row group {i})",
+                start=lo,
+                end=hi,
+                executor=executor,
+                on_bytes=self.progress.add_bytes,
+            )
             sparse.add(lo, bytes(body.buf))
             await loop.run_in_executor(executor, proc.parquet_row_group, pfile, i)
 
@@ -457,13 +492,16 @@ class RawFileSink:
 
 def staged_status(plan: Plan, output_dir: Path) -> tuple[list[PlannedFile], list[PlannedFile]]:
     staging = Staging(output_dir)
-    done, missing = [], []
+    done: list[PlannedFile] = []
+    missing: list[PlannedFile] = []
     for pf in plan.files:
         (done if staging.done(pf) is not None else missing).append(pf)
     return done, missing
 
 
-async def fetch_async(plan: Plan, opts: FetchOptions, tokenizer: ByteTokenizer | SubwordTokenizer, files: list[PlannedFile] | None = None) -> Fetcher:
+async def fetch_async(
+    plan: Plan, opts: FetchOptions, tokenizer: ByteTokenizer | SubwordTokenizer, files: list[PlannedFile] | None = None
+) -> Fetcher:
     fetcher = Fetcher(plan, opts, tokenizer)
     Staging(opts.output_dir).clean_temporaries()
     await fetcher.run(list(plan.files) if files is None else files)

@@ -178,7 +178,9 @@ class _Sharder:
         return self.done
 
 
-def finalize_dir(output_dir: str | os.PathLike[str], max_tokens_per_file: int = 100_000_000, *, allow_incomplete: bool = True) -> dict[str, Any]:
+def finalize_dir(
+    output_dir: str | os.PathLike[str], max_tokens_per_file: int = 100_000_000, *, allow_incomplete: bool = True
+) -> dict[str, Any]:
     """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging."""
     if max_tokens_per_file < 1:
         raise UsageError("--max-tokens-per-file must be at least 1")
@@ -188,7 +190,9 @@ def finalize_dir(output_dir: str | os.PathLike[str], max_tokens_per_file: int = 
         raise StateError(f"{out} has no plan.json: run `bolmo-async fetch --output-dir {out}` (or `prepare`) first.")
     state_path = out / RUN_STATE
     if not state_path.exists():
-        raise StateError(f"{out} has no {RUN_STATE}: nothing was fetched yet; run `bolmo-async fetch --output-dir {out}`.")
+        raise StateError(
+            f"{out} has no {RUN_STATE}: nothing was fetched yet; run `bolmo-async fetch --output-dir {out}`."
+        )
     state = json.loads(state_path.read_text())
     staging = Staging(out)
     missing = [pf.path for pf in plan.files if staging.done(pf) is None]

@@ -176,14 +176,18 @@ class HubClient:
                 if attempt >= self.retry.max_attempts:
                     raise HubError(f"{what}: HTTP {exc.status} after {attempt} attempts; try again later.") from exc
                 delay = self.retry.delay(attempt, exc.headers)
-                log.warning("%s: HTTP %s [retry %d/%d in %.1fs]", what, exc.status, attempt, self.retry.max_attempts, delay)
+                log.warning(
+                    "%s: HTTP %s [retry %d/%d in %.1fs]", what, exc.status, attempt, self.retry.max_attempts, delay
+                )
             except RETRY_EXCEPTIONS as exc:
                 if attempt >= self.retry.max_attempts:
                     raise HubError(
                         f"{what}: {type(exc).__name__} after {attempt} attempts; check the network and --endpoint."
                     ) from exc
                 delay = self.retry.delay(attempt)
-                log.warning("%s: %s [retry %d/%d in %.1fs]", what, type(exc).__name__, attempt, self.retry.max_attempts, delay)
+                log.warning(
+                    "%s: %s [retry %d/%d in %.1fs]", what, type(exc).__name__, attempt, self.retry.max_attempts, delay
+                )
             await asyncio.sleep(delay)
 
     async def _get_json(self, url: str, what: str) -> tuple[Any, Any]:
@@ -226,7 +230,9 @@ class HubClient:
                 path = check_repo_path(str(item.get("path", "")))
                 lfs = item.get("lfs") or {}
                 sha256 = lfs.get("oid") or lfs.get("sha256")
-                out.append(RepoFile(path=path, size=int(item.get("size", 0)), oid=str(item.get("oid", "")), sha256=sha256))
+                out.append(
+                    RepoFile(path=path, size=int(item.get("size", 0)), oid=str(item.get("oid", "")), sha256=sha256)
+                )
             url = _next_link(headers.get("Link"))
             if url and URL(url).origin() != self._origin:
                 raise HubError(f"the listing's next page points to another host ({URL(url).host}); refusing to follow")

@@ -53,7 +53,7 @@ def make_plan(
     for source in sorted(by_source):
         ordered = sorted(by_source[source], key=lambda f: (order_key(seed, f.path), f.path))
         total = sum(f.size for f in ordered)
-        target = total if fraction >= 1.0 else int(round(total * fraction))
+        target = total if fraction >= 1.0 else round(total * fraction)
         taken: list[PlannedFile] = []
         used = 0
         for f in ordered:

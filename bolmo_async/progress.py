@@ -16,7 +16,9 @@ log = logging.getLogger("bolmo_async")
 class Progress:
     """Counters updated from the event loop and worker threads; rendered every ``interval``."""
 
-    def __init__(self, total_files: int, total_bytes: int, *, enabled: bool = True, interval: float = 10.0, kind: str = "tokens"):
+    def __init__(
+        self, total_files: int, total_bytes: int, *, enabled: bool = True, interval: float = 10.0, kind: str = "tokens"
+    ):
         self.total_files, self.total_bytes = total_files, total_bytes
         self.files = self.bytes = self.documents = self.tokens = self.skipped = 0
         self.enabled = enabled
@@ -30,7 +32,16 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
             self._rich = RichProgress(
                 TextColumn("[bold]fetch"),

@@ -70,7 +70,11 @@ class ByteTokenizer:
         _, off_buf, data_buf = arr.buffers()
         offsets = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
         start, end = int(offsets[0]), int(offsets[-1])
-        data = np.frombuffer(data_buf, dtype=np.uint8, count=end - start, offset=start) if end > start else np.empty(0, np.uint8)
+        data = (
+            np.frombuffer(data_buf, dtype=np.uint8, count=end - start, offset=start)
+            if end > start
+            else np.empty(0, np.uint8)
+        )
         rel = offsets - start
         out = np.empty(len(data) + n, dtype=np.uint32)
         # Document i's bytes land at [rel[i] + i, rel[i+1] + i); its EOS at rel[i+1] + i.
@@ -126,7 +130,9 @@ def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token
     if p.is_dir():
         if not (p / "tokenizer.json").is_file():
             raise TokenizerError(f"{p} has no tokenizer.json; point --tokenizer-identifier at the file or a repo id.")
-        return TokenizerSource(identifier, (p / "tokenizer.json").read_text(encoding="utf-8"), _read_json(p / "tokenizer_config.json"))
+        return TokenizerSource(
+            identifier, (p / "tokenizer.json").read_text(encoding="utf-8"), _read_json(p / "tokenizer_config.json")
+        )
     if identifier.count("/") != 1 or identifier.startswith((".", "/")):
         raise TokenizerError(
             f"--tokenizer-identifier {identifier!r} is neither a file, a folder nor a Hub repo id like 'allenai/dolma2-tokenizer'."
@@ -139,7 +145,9 @@ def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         hint = " Set HF_TOKEN if the repo is gated." if status in (401, 403) else ""
-        raise TokenizerError(f"could not fetch tokenizer.json of {identifier} from {endpoint or 'the Hub'}: {exc}.{hint}") from exc
+        raise TokenizerError(
+            f"could not fetch tokenizer.json of {identifier} from {endpoint or 'the Hub'}: {exc}.{hint}"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise TokenizerError(f"could not fetch tokenizer.json of {identifier}: {exc}") from exc
     config: dict[str, Any] = {}
@@ -166,7 +174,12 @@ def tiktoken_convertible(spec: dict[str, Any]) -> tuple[dict[bytes, int], str] |
         return "model is not BPE"
     if spec.get("normalizer") is not None:
         return "it has a normalizer"
-    if model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+    if (
+        model.get("byte_fallback")
+        or model.get("dropout")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+    ):
         return "BPE options (byte_fallback/dropout/prefix/suffix) differ from tiktoken's"
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
@@ -246,7 +259,9 @@ class SubwordTokenizer:
             if isinstance(conv, str):
                 if engine == "tiktoken":
                     raise TokenizerError(f"--engine tiktoken: {source.identifier} cannot be converted exactly: {conv}.")
-                log.info("tokenizer %s runs on `tokenizers` (no exact tiktoken conversion: %s)", source.identifier, conv)
+                log.info(
+                    "tokenizer %s runs on `tokenizers` (no exact tiktoken conversion: %s)", source.identifier, conv
+                )
             else:
                 import tiktoken
 
@@ -280,12 +295,16 @@ class SubwordTokenizer:
                 i = self._hf.token_to_id(cand)
                 if i is not None:
                     return int(i)
-        raise TokenizerError("the tokenizer has no EOS token (no eos_token in its config, no <|endoftext|>); pass --eos-token-id.")
+        raise TokenizerError(
+            "the tokenizer has no EOS token (no eos_token in its config, no <|endoftext|>); pass --eos-token-id."
+        )
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Ids without EOS, one list per text."""
         if self._tt is not None:
-            return self._tt.encode_batch(texts, num_threads=self._threads, allowed_special=self._allowed, disallowed_special=())
+            return self._tt.encode_batch(
+                texts, num_threads=self._threads, allowed_special=self._allowed, disallowed_special=()
+            )
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
     def encode_reference(self, text: str) -> list[int]:
@@ -323,5 +342,7 @@ def make_tokenizer(
         return ByteTokenizer()
     if kind == "subword":
         src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
-        return SubwordTokenizer(src, eos_token_id=eos_token_id, special_tokens_as_text=special_tokens_as_text, engine=engine)
+        return SubwordTokenizer(
+            src, eos_token_id=eos_token_id, special_tokens_as_text=special_tokens_as_text, engine=engine
+        )
     raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")

@@ -15,7 +15,7 @@ from .errors import DiskSpaceError
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:  # type: ignore[type-arg]
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """Write to a unique temporary name beside ``path``, fsync, then rename into place.
 
     On any error the temporary file is removed and ``path`` is untouched.

@@ -18,7 +18,9 @@ def read_documents(path: Path) -> list[tuple[int, str, str]]:
     name = path.name
     if name.endswith(".parquet"):
         t = pq.read_table(path)
-        return [(i + 1, d, x) for i, (d, x) in enumerate(zip(t["id"].to_pylist(), t["text"].to_pylist(), strict=True)) if x]
+        return [
+            (i + 1, d, x) for i, (d, x) in enumerate(zip(t["id"].to_pylist(), t["text"].to_pylist(), strict=True)) if x
+        ]
     raw = path.read_bytes()
     if name.endswith(".zst"):
         raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)

@@ -39,7 +39,13 @@ def _decode(blob: bytes, suffix: str, chunks: list[int] | None = None, limit: in
         batches += dec.feed(blob[pos : pos + n])
         pos += n
     batches += dec.finish()
-    rows = [(i, l, t) for b in batches for i, l, t in zip(b.column("id").to_pylist(), b.column("loc").to_pylist(), b.column("text").to_pylist(), strict=True)]
+    rows = [
+        (i, loc, t)
+        for b in batches
+        for i, loc, t in zip(
+            b.column("id").to_pylist(), b.column("loc").to_pylist(), b.column("text").to_pylist(), strict=True
+        )
+    ]
     return rows, skips
 
 
@@ -61,7 +67,11 @@ def test_concatenated_frames_and_members():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 5000), min_size=1, max_size=50), st.integers(1, 30_000), st.sampled_from([".jsonl.zst", ".jsonl.gz", ".jsonl"]))
+@given(
+    st.lists(st.integers(1, 5000), min_size=1, max_size=50),
+    st.integers(1, 30_000),
+    st.sampled_from([".jsonl.zst", ".jsonl.gz", ".jsonl"]),
+)
 def test_prefix_is_independent_of_chunking(chunks, limit, suffix):
     blob = _compress(_jsonl(DOCS), suffix)
     limit = min(limit, len(blob) - 1)
@@ -113,7 +123,7 @@ def test_truncated_zstd_keeps_complete_lines_and_reports():
     import random
 
     rng = random.Random(0)
-    docs = [{"id": str(i), "text": "%x" % rng.getrandbits(4000)} for i in range(500)]  # ~500 KB, several blocks
+    docs = [{"id": str(i), "text": f"{rng.getrandbits(4000):x}"} for i in range(500)]  # ~500 KB, several blocks
     blob = zstandard.ZstdCompressor(level=3).compress(_jsonl(docs))
     rows, skips = _decode(blob[: len(blob) * 2 // 3], ".jsonl.zst")
     assert 0 < len(rows) < len(docs)

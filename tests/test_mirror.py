@@ -52,9 +52,15 @@ def test_revision_resolves_to_content_derived_sha(mirror, repos, tmp_path):
 
 def test_every_listed_file_downloads_with_listed_size_and_sha(mirror, sample_dir, tmp_path):
     api = HfApi(endpoint=mirror.endpoint)
-    files = [e for e in api.list_repo_tree(DEFAULT_REPO_ID, repo_type="dataset", recursive=True) if e.__class__.__name__ == "RepoFile"]
+    files = [
+        e
+        for e in api.list_repo_tree(DEFAULT_REPO_ID, repo_type="dataset", recursive=True)
+        if e.__class__.__name__ == "RepoFile"
+    ]
     for e in files:
-        local = Path(hf_hub_download(DEFAULT_REPO_ID, e.path, repo_type="dataset", endpoint=mirror.endpoint, cache_dir=tmp_path))
+        local = Path(
+            hf_hub_download(DEFAULT_REPO_ID, e.path, repo_type="dataset", endpoint=mirror.endpoint, cache_dir=tmp_path)
+        )
         assert local.stat().st_size == e.size
         if e.lfs is not None:
             assert _sha256(local) == e.lfs.sha256
@@ -68,7 +74,10 @@ def test_every_listed_file_downloads_with_listed_size_and_sha(mirror, sample_dir
 
 
 async def _get(url: str, headers: dict | None = None, allow_redirects: bool = True):
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.get(url, headers=headers or {}, allow_redirects=allow_redirects) as r:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.get(url, headers=headers or {}, allow_redirects=allow_redirects) as r,
+    ):
         return r.status, dict(r.headers), await r.read()
 
 
@@ -90,7 +99,9 @@ async def test_resolve_headers_range_and_416(mirror, sample_dir, repos):
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
     # Plain (non-LFS) files are served by the Hub listener itself, with Range too.
     plain = "data/wikipedia_wikibooks/wikipedia_wikibooks-0002.jsonl"
-    status, headers, body = await _get(f"{mirror.endpoint}/datasets/{DEFAULT_REPO_ID}/resolve/main/{plain}", {"Range": "bytes=0-9"})
+    status, headers, body = await _get(
+        f"{mirror.endpoint}/datasets/{DEFAULT_REPO_ID}/resolve/main/{plain}", {"Range": "bytes=0-9"}
+    )
     assert status == 206 and body == (sample_dir / plain).read_bytes()[:10]
 
 
@@ -119,9 +130,16 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
     import time
 
     d = tmp_path / "s"
-    subprocess.run([sys.executable, "-m", "bolmo_async", "mirror", "sample", str(d), "--size-mb", "0.3"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "bolmo_async", "mirror", "sample", str(d), "--size-mb", "0.3"],
+        check=True,
+        capture_output=True,
+    )
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "bolmo_async", "mirror", "serve", str(d), "--ready-file", str(ready)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bolmo_async", "mirror", "serve", str(d), "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             if ready.exists():
@@ -130,10 +148,18 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
         endpoint = ready.read_text().strip()
         assert endpoint.startswith("http://127.0.0.1:")
         api = HfApi(endpoint=endpoint)
-        files = [e for e in api.list_repo_tree(DEFAULT_REPO_ID, repo_type="dataset", recursive=True) if e.__class__.__name__ == "RepoFile"]
+        files = [
+            e
+            for e in api.list_repo_tree(DEFAULT_REPO_ID, repo_type="dataset", recursive=True)
+            if e.__class__.__name__ == "RepoFile"
+        ]
         assert len(files) == sum(1 for p in d.rglob("*") if p.is_file())
         for e in files:
-            local = Path(hf_hub_download(DEFAULT_REPO_ID, e.path, repo_type="dataset", endpoint=endpoint, cache_dir=tmp_path / "c"))
+            local = Path(
+                hf_hub_download(
+                    DEFAULT_REPO_ID, e.path, repo_type="dataset", endpoint=endpoint, cache_dir=tmp_path / "c"
+                )
+            )
             assert local.read_bytes() == (d / e.path).read_bytes()
     finally:
         proc.terminate()

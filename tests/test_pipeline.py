@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import bolmo_async
 from bolmo_async.errors import StateError
 from bolmo_async.inspect import read_index
-from bolmo_async.tokenize import decode_bytes, load_tokenizer_source, SubwordTokenizer
+from bolmo_async.tokenize import SubwordTokenizer, decode_bytes, load_tokenizer_source
 
 from .conftest import DOLMA2, needs_dolma2
 from .helpers import read_documents, shard_documents, shard_hashes
@@ -48,7 +49,9 @@ def test_byte_prepare_round_trips_every_document(tmp_path, mirror, sample_dir):
         assert len(raw) == 4 * s["tokens"] <= 4 * 300_000
         assert np.frombuffer(raw, "<u4").max() <= 259
     listed = (tmp_path / "o" / "data_sources.txt").read_text().splitlines()
-    assert listed == [s["path"] for s in m["shards"]] and all(Path(p).is_absolute() and Path(p).exists() for p in listed)
+    assert listed == [s["path"] for s in m["shards"]] and all(
+        Path(p).is_absolute() and Path(p).exists() for p in listed
+    )
     assert [Path(p).name for p in listed] == [f"bolmo_data_{i:05d}.npy" for i in range(len(listed))]
     assert m["complete"] and m["totals"]["skipped_documents"] == {"empty_text": 1}
     assert m["revision"] == mirror.repos[("dataset", "allenai/bolmo_mix")].commit
@@ -61,7 +64,7 @@ def test_split_document_gets_a_row_in_each_shard(tmp_path, mirror):
     m = _prepare(tmp_path / "o", mirror, data_fraction=1.0, max_tokens_per_file=100_000)
     rows = [(s, r) for s in m["shards"] for r in read_index(s["csv"])]
     by_doc: dict = {}
-    for s, (start, end, doc_id, src, loc) in rows:
+    for s, (start, end, _doc_id, src, loc) in rows:
         by_doc.setdefault((src, loc), []).append((s["path"], start, end))
     split = [v for v in by_doc.values() if len(v) > 1]
     assert split, "the several-MB document must be split at this bound"
@@ -70,7 +73,7 @@ def test_split_document_gets_a_row_in_each_shard(tmp_path, mirror):
     for s in m["shards"]:
         idx = read_index(s["csv"])
         assert idx[0][0] == 0 and idx[-1][1] == s["tokens"] <= 100_000
-        assert all(a[1] == b[0] for a, b in zip(idx, idx[1:]))  # contiguous, end exclusive
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(idx))  # contiguous, end exclusive
     # Only oversized documents are split.
     for pieces in split:
         assert sum(e - s for _, s, e in pieces) > 100_000
@@ -149,7 +152,7 @@ def test_subword_shards_equal_an_independent_encoding(tmp_path, mirror, sample_d
     assert len(docs) > 100
     for _, src, loc, ids in docs:
         rel = src.split("@", 1)[1].split("/", 1)[1]
-        assert ids.tolist() == ref.encode_reference(texts[(rel, loc)]) + [100257]
+        assert ids.tolist() == [*ref.encode_reference(texts[(rel, loc)]), 100257]
     # The subword run via a tokenizer.json path (no Hub) gives the same shards.
     m2 = _prepare(tmp_path / "p", mirror, data_fraction=0.3, tokenizer="subword", tokenizer_identifier=str(DOLMA2))
     assert shard_hashes(m2) == shard_hashes(m)

@@ -12,13 +12,15 @@ from bolmo_async.hub import HubClient, RetryPolicy, make_session
 from bolmo_async.models import RepoFile, check_repo_path, validate_fraction
 from bolmo_async.plan import make_plan
 
-files_st = st.lists(
-    st.tuples(st.sampled_from(["a", "b/c", "d"]), st.integers(1, 10_000)), min_size=1, max_size=40
-).map(lambda xs: [RepoFile(f"{src}/f{i:03d}.jsonl.zst", size, f"oid{i}") for i, (src, size) in enumerate(xs)])
+files_st = st.lists(st.tuples(st.sampled_from(["a", "b/c", "d"]), st.integers(1, 10_000)), min_size=1, max_size=40).map(
+    lambda xs: [RepoFile(f"{src}/f{i:03d}.jsonl.zst", size, f"oid{i}") for i, (src, size) in enumerate(xs)]
+)
 
 
 def _plan(files, fraction, seed=42):
-    return make_plan(files, data_fraction=fraction, seed=seed, repo_id="a/b", revision="main", commit="0" * 40, listing_digest="x")
+    return make_plan(
+        files, data_fraction=fraction, seed=seed, repo_id="a/b", revision="main", commit="0" * 40, listing_digest="x"
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -75,7 +77,9 @@ def test_fraction_outside_range_is_a_usage_error(bad):
         validate_fraction(bad)
 
 
-@pytest.mark.parametrize("path", ["../x.jsonl", "a/../../x", "/etc/passwd", "a\\b.jsonl", "a/\x00b", "a//b", "./a", "C:/x", "a/b\n"])
+@pytest.mark.parametrize(
+    "path", ["../x.jsonl", "a/../../x", "/etc/passwd", "a\\b.jsonl", "a/\x00b", "a//b", "./a", "C:/x", "a/b\n"]
+)
 def test_hostile_paths_refused(path):
     with pytest.raises(UnsafePathError, match="unsafe path"):
         check_repo_path(path)
@@ -88,7 +92,9 @@ def test_ordinary_paths_accepted():
 
 async def test_hostile_listing_from_server_is_refused(aiohttp_server):
     async def tree(request):
-        return web.json_response([{"type": "file", "path": "data/../../../etc/cron.d/x.jsonl.zst", "size": 5, "oid": "0"}])
+        return web.json_response(
+            [{"type": "file", "path": "data/../../../etc/cron.d/x.jsonl.zst", "size": 5, "oid": "0"}]
+        )
 
     app = web.Application()
     app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)

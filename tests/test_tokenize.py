@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bolmo_async.errors import TokenizerError
-from bolmo_async.tokenize import BYTE_EOS, ByteTokenizer, SubwordTokenizer, TokenizerSource, decode_bytes, load_tokenizer_source
+from bolmo_async.tokenize import (
+    BYTE_EOS,
+    ByteTokenizer,
+    SubwordTokenizer,
+    TokenizerSource,
+    decode_bytes,
+    load_tokenizer_source,
+)
 
 from .conftest import DOLMA2, needs_dolma2
 
@@ -72,7 +79,7 @@ def test_dolma2_facts(dolma2_source):
     spec = json.loads(dolma2_source.json_text)
     assert spec["post_processor"] is None  # encoding adds no special tokens: we append EOS
     assert tok.info.engine == "tiktoken"
-    flat, offsets = tok.encode_batch(pa.array(["Hello world"], pa.large_string()))
+    flat, _ = tok.encode_batch(pa.array(["Hello world"], pa.large_string()))
     assert flat.tolist() == [9906, 1917, 100257]
 
 

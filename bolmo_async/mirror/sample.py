@@ -52,7 +52,9 @@ def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__")
+        )
         files += [Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py")]
     return sorted(files)
 

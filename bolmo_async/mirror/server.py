@@ -244,7 +244,7 @@ class Mirror:
         return None
 
     # -- handlers -----------------------------------------------------------------------
-    def _revision(self, rtype: str):  # type: ignore[no-untyped-def]
+    def _revision(self, rtype: str):
         async def handler(request: web.Request) -> web.Response:
             self.hub_requests.append((request.method, request.path))
             self._check_auth(request)
@@ -261,7 +261,7 @@ class Mirror:
 
         return handler
 
-    def _tree(self, rtype: str):  # type: ignore[no-untyped-def]
+    def _tree(self, rtype: str):
         async def handler(request: web.Request) -> web.Response:
             self.hub_requests.append((request.method, request.path))
             self._check_auth(request)
@@ -288,7 +288,7 @@ class Mirror:
 
         return handler
 
-    def _resolve(self, rtype: str):  # type: ignore[no-untyped-def]
+    def _resolve(self, rtype: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             self.hub_requests.append((request.method, request.path))
             if request.method not in ("GET", "HEAD"):
@@ -342,7 +342,9 @@ class Mirror:
             expires = 0
         good = hmac.compare_digest(self._sign(sha256, expires), request.query.get("Signature", ""))
         if not good or expires < time.time():
-            return web.Response(status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+            return web.Response(
+                status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            )
         entry = self._entry_by_sha(sha256)
         if entry is None:
             raise web.HTTPNotFound()
@@ -367,7 +369,9 @@ class Mirror:
                 headers={"Retry-After": f"{ra:g}", "RateLimit": f'"resolvers";r=0;t={ra:g}'},
             )
         if fault == "cdn_expired":
-            return web.Response(status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+            return web.Response(
+                status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            )
 
         size = entry.size
         start, end, status = 0, size - 1, 200
