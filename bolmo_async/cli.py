@@ -124,6 +124,16 @@ def _run(fn: Any) -> Any:
     except KeyboardInterrupt:
         typer.secho("interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get("BOLMO_ASYNC_DEBUG"):
+            raise
+        typer.secho(
+            f"error: unexpected {type(exc).__name__}: {exc}. Finished files are kept; rerun the same command to resume. "
+            "If it persists, rerun with BOLMO_ASYNC_DEBUG=1 and report the traceback.",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(1) from None
 
 
 @app.callback()

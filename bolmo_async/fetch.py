@@ -133,37 +133,46 @@ class Processor:
         with self._lock:
             self._check()
             self.sha256 = sha
-            if self.suffix == ".parquet":
-                self._parquet_local(path)
-                return
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
+        if self.suffix == ".parquet":
+            self._parquet_local(path)  # takes the lock per row group
+            return
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                with self._lock:  # per block, so that abort() never waits for a whole file
+                    self._check()
                     for batch in self.decoder.feed(block):
                         self._emit(batch)
                     if self.decoder.done:
                         break
+        with self._lock:
+            self._check()
             for batch in self.decoder.finish():
                 self._emit(batch)
 
     def _parquet_local(self, path: Path) -> None:
         try:
             pfile = pq.ParquetFile(str(path), page_checksum_verification=True)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             self.skips.add("corrupt_file", f"{self.pf.path}: not a parquet file ({exc})")
             return
         for i in select_row_groups(pfile.metadata, self.pf.limit):
             self.parquet_row_group(pfile, i)
 
-    def parquet_row_group(self, pfile: pq.ParquetFile, i: int) -> None:
-        first = sum(pfile.metadata.row_group(j).num_rows for j in range(i))
-        cols = [c for c in ("id", "text") if c in pfile.schema_arrow.names]
-        try:
-            table = pfile.read_row_group(i, columns=cols)
-        except (pa.ArrowInvalid, OSError) as exc:
-            n = pfile.metadata.row_group(i).num_rows
-            self.skips.add("corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=n)
-            return
-        self._emit(parquet_batch(table, self.pf.path, first, self.skips))
+    def parquet_row_group(self, pfile: pq.ParquetFile, i: int, record_failure: bool = True) -> bool:
+        """Decode and stage row group ``i``; False if it is unreadable (counted when ``record_failure``)."""
+        with self._lock:
+            self._check()
+            first = sum(pfile.metadata.row_group(j).num_rows for j in range(i))
+            cols = [c for c in ("id", "text") if c in pfile.schema_arrow.names]
+            try:
+                table = pfile.read_row_group(i, columns=cols)
+            except (pa.ArrowException, OSError) as exc:
+                if record_failure:
+                    n = pfile.metadata.row_group(i).num_rows
+                    self.skips.add("corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=n)
+                return False
+            self._emit(parquet_batch(table, self.pf.path, first, self.skips))
+            return True
 
     # -- common --------------------------------------------------------------------------
     def _emit(self, batch: pa.RecordBatch) -> None:
@@ -262,7 +271,7 @@ class SparseFile(io.RawIOBase):
         if n < 0:
             n = self.size - self._pos
         n = min(n, self.size - self._pos)
-        for start, data in self.parts:
+        for start, data in reversed(self.parts):
             if start <= self._pos and self._pos + n <= start + len(data):
                 out = data[self._pos - start : self._pos - start + n]
                 self._pos += n
@@ -405,7 +414,24 @@ class Fetcher:
     async def _parquet_ranges(
         self, client: HubClient, url: str, pf: PlannedFile, proc: Processor, executor: ThreadPoolExecutor
     ) -> None:
-        """A parquet prefix: the footer, then only the row groups needed, by Range requests."""
+        """A parquet prefix: the footer, then only the row groups needed, by Range requests.
+
+        A prefix cannot be checked against the file's sha256, so bytes that do not decode (or fail
+        parquet's page checksums) are fetched again, twice, before they are counted as corrupt.
+        """
+        loop = asyncio.get_running_loop()
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            if await self._parquet_ranges_once(client, url, pf, proc, executor, final=attempt == attempts):
+                return
+            log.warning(
+                "%s: parquet bytes did not decode, fetching again [retry %d/%d]", pf.path, attempt, attempts - 1
+            )
+            await loop.run_in_executor(executor, proc.reset)
+
+    async def _parquet_ranges_once(
+        self, client: HubClient, url: str, pf: PlannedFile, proc: Processor, executor: ThreadPoolExecutor, final: bool
+    ) -> bool:
         assert self.progress is not None
         loop = asyncio.get_running_loop()
         sparse = SparseFile(pf.size)
@@ -416,8 +442,9 @@ class Fetcher:
         )
         data = bytes(tail.buf)
         if len(data) < 12 or data[-4:] != b"PAR1":
-            proc.skips.add("corrupt_file", f"{pf.path}: not a parquet file (no PAR1 footer)")
-            return
+            if final:
+                proc.skips.add("corrupt_file", f"{pf.path}: not a parquet file (no PAR1 footer)")
+            return final
         footer_len = int.from_bytes(data[-8:-4], "little")
         if footer_len + 8 > len(data):
             more = BytesSink()
@@ -429,9 +456,10 @@ class Fetcher:
         sparse.add(pf.size - len(data), data)
         try:
             pfile = pq.ParquetFile(sparse, page_checksum_verification=True)
-        except (pa.ArrowInvalid, OSError) as exc:
-            proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
-            return
+        except (pa.ArrowException, OSError) as exc:
+            if final:
+                proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
+            return final
         for i in select_row_groups(pfile.metadata, pf.limit):
             lo, hi = row_group_span(pfile.metadata, i)
             body = BytesSink()
@@ -446,7 +474,9 @@ class Fetcher:
                 on_bytes=self.progress.add_bytes,
             )
             sparse.add(lo, bytes(body.buf))
-            await loop.run_in_executor(executor, proc.parquet_row_group, pfile, i)
+            if not await loop.run_in_executor(executor, proc.parquet_row_group, pfile, i, final) and not final:
+                return False
+        return True
 
 
 class RawFileSink:

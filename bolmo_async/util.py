@@ -46,7 +46,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def raise_if_disk_full(exc: OSError, path: str | os.PathLike[str]) -> None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         raise DiskSpaceError(
             f"The disk holding {path} is full. Free space (or choose another --output-dir) and rerun "
             "the same command: finished files are kept and the run resumes."

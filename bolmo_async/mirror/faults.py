@@ -32,6 +32,7 @@ class FaultConfig:
     seed: int = 0
     kinds: tuple[str, ...] = FAULT_KINDS
     max_per_path: int = 3
+    only: tuple[str, ...] = ()  # when set, only paths containing one of these strings get faults
     retry_after: float = 0.2
     trickle_delay: float = 0.02
     _rng: random.Random = field(init=False, repr=False)
@@ -55,13 +56,16 @@ class FaultConfig:
         kinds = tuple(k.strip() for k in kinds_s.split(",") if k.strip()) or FAULT_KINDS
         return cls(rate=float(rate_s), seed=seed, kinds=kinds)
 
-    def draw(self, path: str, *, cdn: bool) -> str | None:
-        """The fault for this request, or None."""
+    def draw(self, path: str, *, cdn: bool, body: bool = True) -> str | None:
+        """The fault for this request, or None. The CDN listener may get every kind; the Hub
+        listener no ``cdn_*`` kind; a request answered without a body (a redirect) only statuses."""
         if self.rate <= 0 or self._per_path.get(path, 0) >= self.max_per_path:
+            return None
+        if self.only and not any(s in path for s in self.only):
             return None
         if self._rng.random() >= self.rate:
             return None
-        kinds = [k for k in self.kinds if k.startswith("cdn_") == cdn] or None
+        kinds = [k for k in self.kinds if (cdn or not k.startswith("cdn_")) and (body or k.startswith("http"))]
         if not kinds:
             return None
         kind = self._rng.choice(kinds)

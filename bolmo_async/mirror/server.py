@@ -161,6 +161,8 @@ class Mirror:
         self.cdn_requests: list[dict[str, Any]] = []
         #: One record per Hub request: (method, path).
         self.hub_requests: list[tuple[str, str]] = []
+        #: How many Hub requests carried an Authorization header.
+        self.hub_authorized = 0
         self._runners: list[web.AppRunner] = []
         self.endpoint = ""
         self.cdn_endpoint = ""
@@ -216,6 +218,8 @@ class Mirror:
         return repo
 
     def _check_auth(self, request: web.Request) -> None:
+        if "Authorization" in request.headers:
+            self.hub_authorized += 1
         if self.token is None:
             return
         if request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -232,6 +236,25 @@ class Mirror:
                 content_type="application/json",
                 headers={"X-Error-Code": "RevisionNotFound"},
             )
+
+    def _status_fault(self, fault: str | None) -> web.Response | None:
+        """The error answer of a status fault (5xx, 429, CDN 503/403), or None."""
+        if fault in ("http500", "http502", "http503", "cdn_fail"):
+            status = {"http500": 500, "http502": 502}.get(fault, 503)
+            return web.Response(status=status, text="injected failure")
+        if fault == "http429":
+            assert self.faults is not None
+            ra = self.faults.retry_after
+            return web.Response(
+                status=429,
+                text="rate limited",
+                headers={"Retry-After": f"{ra:g}", "RateLimit": f'"resolvers";r=0;t={ra:g}'},
+            )
+        if fault == "cdn_expired":
+            return web.Response(
+                status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            )
+        return None
 
     def _sign(self, sha256: str, expires: int) -> str:
         return hmac.new(self._secret, f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
@@ -307,6 +330,10 @@ class Mirror:
                 )
             headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
             if entry.lfs:
+                if self.faults is not None and request.method == "GET":
+                    failed = self._status_fault(self.faults.draw(entry.path, cdn=False, body=False))
+                    if failed is not None:
+                        return failed
                 expires = int(time.time() + self.url_ttl)
                 location = (
                     f"{self.cdn_endpoint}/lfs/{entry.sha256}?Expires={expires}"
@@ -357,21 +384,9 @@ class Mirror:
         fault = None
         if self.faults is not None and request.method == "GET":
             fault = self.faults.draw(entry.path, cdn=cdn)
-        if fault in ("http500", "http502", "http503", "cdn_fail"):
-            status = {"http500": 500, "http502": 502}.get(fault, 503)
-            return web.Response(status=status, text="injected failure")
-        if fault == "http429":
-            assert self.faults is not None
-            ra = self.faults.retry_after
-            return web.Response(
-                status=429,
-                text="rate limited",
-                headers={"Retry-After": f"{ra:g}", "RateLimit": f'"resolvers";r=0;t={ra:g}'},
-            )
-        if fault == "cdn_expired":
-            return web.Response(
-                status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
-            )
+        failed = self._status_fault(fault)
+        if failed is not None:
+            return failed
 
         size = entry.size
         start, end, status = 0, size - 1, 200

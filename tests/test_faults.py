@@ -1,0 +1,363 @@
+"""Reliability: a faulty network, interruption and resume, bad data, hostile state, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import bolmo_async
+from bolmo_async.errors import AuthError, FetchIncomplete, StateError
+from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
+from bolmo_async.mirror.faults import FAULT_KINDS
+from bolmo_async.inspect import read_index
+from bolmo_async.models import DEFAULT_REPO_ID
+
+from .helpers import shard_hashes
+
+FRACTION = 0.5
+BOUND = 200_000
+
+
+def _prepare(out: Path, endpoint: str, **kw):
+    kw.setdefault("progress", False)
+    return bolmo_async.prepare(out, endpoint=endpoint, data_fraction=FRACTION, max_tokens_per_file=BOUND, **kw)
+
+
+@pytest.fixture(scope="module")
+def clean(repos, tmp_path_factory):
+    """Shard sha256s of an undisturbed run: what every faulty or interrupted run must reproduce."""
+    with MirrorThread(repos) as m:
+        manifest = _prepare(tmp_path_factory.mktemp("clean") / "o", m.endpoint)
+    assert manifest["complete"]
+    return shard_hashes(manifest)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_faulty_network_gives_identical_shards(repos, tmp_path, clean, seed):
+    faults = FaultConfig(rate=0.6, seed=seed, retry_after=0.1)
+    with MirrorThread(repos, faults=faults) as m:
+        manifest = _prepare(tmp_path / "o", m.endpoint, concurrency=4)
+    assert manifest["complete"] and shard_hashes(manifest) == clean
+    assert sum(faults.injected.values()) >= 5, faults.injected
+
+
+@pytest.mark.parametrize("kind", [k for k in FAULT_KINDS if k != "trickle"])
+def test_each_fault_kind_alone_is_survived(repos, tmp_path, clean, kind):
+    faults = FaultConfig(rate=1.0, seed=0, kinds=(kind,), max_per_path=2, retry_after=0.05)
+    with MirrorThread(repos, faults=faults) as m:
+        manifest = _prepare(tmp_path / "o", m.endpoint, streaming=kind != "corrupt")
+    assert faults.injected.get(kind, 0) >= 2
+    assert shard_hashes(manifest) == clean
+
+
+def test_resume_uses_range_not_a_restart(repos, tmp_path, clean):
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("cut",), max_per_path=1)
+    with MirrorThread(repos, faults=faults) as m:
+        manifest = _prepare(tmp_path / "o", m.endpoint)
+        resumed = [r for r in m.cdn_requests if r["range"] and not r["range"].startswith("bytes=0-")]
+    assert shard_hashes(manifest) == clean
+    assert resumed, "a cut body must resume with a Range request from the last byte received"
+
+
+def test_retry_budget_exhaustion_reports_the_file_and_others_go_on(repos, tmp_path, clean):
+    faults = FaultConfig(rate=0.0, seed=0, kinds=("http503",), max_per_path=10_000)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        victim = next(f.path for f in plan.files if f.whole and f.path.endswith(".zst"))
+        faults.rate, faults.only = 1.0, (victim,)
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(out, m.endpoint, retries=2)
+        assert set(info.value.failed) == {victim}
+        assert "rerun" in str(info.value).lower() and victim in str(info.value)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert not manifest["complete"] and manifest["missing_files"] == [victim]
+        assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - 1
+        faults.rate = 0.0
+        assert shard_hashes(_prepare(out, m.endpoint)) == clean
+
+
+def test_cli_failed_files_exit_non_zero(repos, tmp_path):
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("http500",), max_per_path=10_000, only=("common_crawl",))
+    with MirrorThread(repos, faults=faults) as m:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "prepare",
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--endpoint",
+                m.endpoint,
+                "--retries",
+                "2",
+                "--no-progress",
+                "--data-fraction",
+                "0.3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 1
+    assert "common_crawl" in r.stderr and "Rerun the same command" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _staging_is_consistent(out: Path) -> None:
+    import pyarrow as pa
+
+    staging = out / "staging"
+    if not staging.exists():
+        return
+    assert not list(staging.glob(".*.tmp")), "temporary files must not survive a graceful stop"
+    for marker in staging.glob("*.json"):
+        arrow = marker.with_suffix(".arrow")
+        rec = json.loads(marker.read_text())
+        with pa.memory_map(str(arrow)) as src:
+            reader = pa.ipc.open_file(src)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        assert rows == rec["documents"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clean):
+    """SIGINT/SIGTERM at random points of a `prepare` against a faulty, slow mirror; each stop takes
+    under 2 s and leaves consistent staging; the final shards equal an undisturbed run's."""
+    faults = FaultConfig(rate=0.7, seed=11, trickle_delay=0.04, max_per_path=6, retry_after=0.1)
+    out = tmp_path / "o"
+    rng = random.Random(20261125)
+    with MirrorThread(repos, faults=faults) as m:
+        cmd = [
+            sys.executable,
+            "-m",
+            "bolmo_async",
+            "prepare",
+            "--output-dir",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            str(FRACTION),
+            "--max-tokens-per-file",
+            str(BOUND),
+            "--no-progress",
+            "--concurrency",
+            "2",
+        ]
+        stops = 0
+        for round_ in range(8):
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(1.0, 2.5))
+            if proc.poll() is not None:
+                proc.communicate()
+                break
+            sig = signal.SIGINT if round_ % 2 == 0 else signal.SIGTERM
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - t0
+            stops += 1
+            assert proc.returncode in (130, 0), err
+            assert took < 2.0, f"stopping took {took:.2f}s"
+            if proc.returncode == 130:
+                assert "resume" in err and "Traceback" not in err
+                _staging_is_consistent(out)
+                if (out / "manifest.json").exists():
+                    manifest = json.loads((out / "manifest.json").read_text())
+                    assert manifest["complete"] is False or not manifest["missing_files"]
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr
+    assert stops >= 2
+    assert shard_hashes(json.loads((out / "manifest.json").read_text())) == clean
+
+
+def test_finalize_after_interrupted_fetch_marks_incomplete(repos, tmp_path, clean):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        bolmo_async.fetch(out, endpoint=m.endpoint, progress=False)
+        # Lose a few staged files, as an interrupted run would have.
+        for pf in plan.files[:3]:
+            (out / "staging" / f"{pf.key}.json").unlink()
+        manifest = bolmo_async.finalize(out, max_tokens_per_file=BOUND)
+        assert manifest["complete"] is False and len(manifest["missing_files"]) == 3
+        assert bolmo_async.inspect(out)["problems"] == []
+        with pytest.raises(StateError, match="not staged"):
+            bolmo_async.finalize(out, allow_incomplete=False)
+        assert shard_hashes(_prepare(out, m.endpoint)) == clean
+
+
+def test_disk_full_mid_run_stops_cleanly_and_resumes(repos, tmp_path, clean):
+    out = tmp_path / "o"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    with MirrorThread(repos) as m:
+        cmd = [
+            sys.executable,
+            "-m",
+            "bolmo_async",
+            "prepare",
+            "--output-dir",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            str(FRACTION),
+            "--max-tokens-per-file",
+            str(BOUND),
+            "--no-progress",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+        assert r.returncode == 1 and "full" in r.stderr and "rerun" in r.stderr.lower(), r.stderr
+        assert "Traceback" not in r.stderr
+        _staging_is_consistent(out)
+        assert not (out / "data_sources.txt").exists()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert shard_hashes(json.loads((out / "manifest.json").read_text())) == clean
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_bad_data_is_counted_and_the_rest_survives(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from .test_decode import BAD_LINES
+
+    root = tmp_path / "repo"
+    good = b"".join(json.dumps({"id": f"g{i}", "text": f"good document {i}"}).encode() + b"\n" for i in range(3))
+    _write(root / "data/good/a.jsonl.zst", zstandard.ZstdCompressor().compress(good))
+    _write(root / "data/bad/garbage.jsonl.zst", os.urandom(4096))
+    rng = random.Random(0)
+    big = b"".join(
+        json.dumps({"id": str(i), "text": f"{rng.getrandbits(4000):x}"}).encode() + b"\n" for i in range(400)
+    )
+    z = zstandard.ZstdCompressor().compress(big)
+    _write(root / "data/bad/trunc.jsonl.zst", z[: len(z) // 2])
+    _write(root / "data/bad/lines.jsonl", b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    _write(root / "data/bad/notparquet.parquet", b"this is not parquet" * 100)
+    (root / "data/pq").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["row one", None, ""]}), root / "data/pq/nulls.parquet")
+    pq.write_table(pa.table({"id": ["q1"], "body": ["no text column"]}), root / "data/pq/notext.parquet")
+    gz = bytearray(gzip.compress(good * 50, mtime=0))
+    gz[len(gz) // 2] ^= 0xFF
+    _write(root / "data/bad/corrupt.jsonl.gz", bytes(gz))
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, root)]) as m:
+        manifest = bolmo_async.prepare(tmp_path / "o", endpoint=m.endpoint, data_fraction=1.0, progress=False)
+    skipped = manifest["totals"]["skipped_documents"]
+    assert skipped["corrupt_stream"] >= 1  # garbage.zst, maybe corrupt.gz
+    assert skipped["truncated_stream"] == 1
+    assert skipped["corrupt_file"] == 1  # notparquet
+    assert skipped["invalid_json"] == 1 and skipped["invalid_utf8"] == 1 and skipped["lone_surrogate"] == 1
+    assert skipped["missing_text"] == 3  # a line without text, a null parquet text, a parquet without a text column
+    assert skipped["empty_text"] == 1 + 1  # a line + a parquet row
+    assert skipped["text_not_string"] == 1
+    ids = {d for s in manifest["shards"] for (_, _, d, _, _) in read_index(s["csv"])}
+    assert {"g0", "g1", "g2", "a", "b", "h", "p1"} <= ids
+    assert manifest["complete"]
+    examples = manifest["totals"]["skipped_examples"]
+    assert any("lines.jsonl:3" in e for e in examples["invalid_json"])
+
+
+def test_listing_changed_under_pinned_commit_is_detected(repos, sample_dir, tmp_path):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+    changed = tmp_path / "changed"
+    shutil.copytree(sample_dir, changed)
+    (changed / "data/common_crawl/extra.jsonl").write_text('{"id": "x", "text": "new"}\n')
+    repo = MirrorRepo(DEFAULT_REPO_ID, changed)
+    repo.commit = repos[0].commit  # a server that changes content under the same commit
+    with MirrorThread([repo]) as m, pytest.raises(StateError, match="changed"):
+        bolmo_async.fetch(out, endpoint=m.endpoint, progress=False)
+
+
+TOKEN = "hf_secret_token_do_not_leak_123"
+
+
+def test_token_goes_to_the_hub_only_and_is_never_written(repos, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    with MirrorThread(repos, token=TOKEN) as m:
+        with pytest.raises(AuthError, match="HF_TOKEN"):
+            bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=0.2)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        manifest = bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=0.2, progress=False)
+        assert manifest["complete"]
+        assert m.cdn_requests and not any(r["authorization"] for r in m.cdn_requests)
+        assert m.hub_authorized > 0
+        # The CLI never prints it, even with debug logging.
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "-v",
+                "prepare",
+                "--output-dir",
+                str(tmp_path / "cli"),
+                "--endpoint",
+                m.endpoint,
+                "--data-fraction",
+                "0.2",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_TOKEN": TOKEN},
+        )
+        assert r.returncode == 0, r.stderr
+        assert TOKEN not in r.stdout + r.stderr
+        # A token revoked mid-run: a clear error, not a traceback.
+        m.token = "rotated"
+        shutil.rmtree(out / "staging")
+        with pytest.raises(AuthError, match="HF_TOKEN"):
+            bolmo_async.fetch(out, endpoint=m.endpoint, progress=False)
+    for d in (out, tmp_path / "cli"):
+        for p in d.rglob("*"):
+            if p.is_file():
+                assert TOKEN.encode() not in p.read_bytes(), p
+
+
+def test_auth_error_cli_message(repos, tmp_path):
+    with MirrorThread(repos, token=TOKEN) as m:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "plan",
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--endpoint",
+                m.endpoint,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"},
+        )
+    assert r.returncode == 1
+    assert "HF_TOKEN" in r.stderr and "terms" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
