@@ -28,10 +28,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check bolmo_async tests bench cli.py
 	$(PY) -m mypy bolmo_async
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/run.py
+# The baseline needs HF datasets/transformers: they live in a bench-only venv.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed-stamp: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed-stamp
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

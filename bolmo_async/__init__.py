@@ -10,6 +10,7 @@ Python API (mirrors the CLI)::
     bolmo_async.prepare("out", data_fraction=0.001, tokenizer="subword")
 """
 
+# Eager on purpose: the functions must shadow the submodules of the same names (plan.py, fetch.py, ...).
 from .api import fetch, finalize, inspect, plan, prepare
 from .errors import BolmoError
 

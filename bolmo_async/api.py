@@ -28,7 +28,7 @@ from .models import (
     validate_fraction,
 )
 from .plan import PLAN_FILE, disk_needed, load_plan, make_plan, save_plan
-from .tokenize import ByteTokenizer, SubwordTokenizer, make_tokenizer
+from .tokenize import AnyTokenizer, ByteTokenizer, ProcessTokenizer, make_tokenizer
 from .util import atomic_write_text, human_bytes
 
 log = logging.getLogger("bolmo_async")
@@ -146,7 +146,7 @@ def plan(
     return p
 
 
-def _check_state(out: Path, tok: ByteTokenizer | SubwordTokenizer, force: bool) -> None:
+def _check_state(out: Path, tok: AnyTokenizer, force: bool) -> None:
     path = out / RUN_STATE
     if path.exists():
         prev = json.loads(path.read_text()).get("tokenizer", {})
@@ -183,8 +183,11 @@ def fetch(
     revision: str | None = None,
     data_fraction: float | None = None,
     seed: int | None = None,
+    processes: int = 0,
 ) -> dict[str, Any]:
-    """Fetch and stage every planned file not staged yet (planning first if needed)."""
+    """Fetch and stage every planned file not staged yet (planning first if needed).
+
+    ``processes``: subword tokenizer worker processes (0: one per core; 1: in-process threads)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
     if existing is None or any(v is not None for v in (repo_id, revision, data_fraction, seed)):
@@ -210,24 +213,33 @@ def fetch(
         eos_token_id=eos_token_id,
         special_tokens_as_text=special_tokens_as_text,
         engine=engine,
+        processes=processes,
     )
-    _check_state(out, tok, force)
-    if isinstance(tok, SubwordTokenizer):
-        (out / "tokenizer").mkdir(exist_ok=True)
-        src = tok.source_json
-        atomic_write_text(out / "tokenizer" / "tokenizer.json", src)
-    if check_disk:
-        need = disk_needed(the_plan, tok.info.kind, streaming)
-        free = shutil.disk_usage(out).free
-        if free < need:
-            raise DiskSpaceError(
-                f"{out} has {human_bytes(free)} free; this plan needs about {human_bytes(need)} "
-                "(staging + shards). Free space, choose another --output-dir or a smaller --data-fraction."
-            )
-    opts = FetchOptions(
-        output_dir=out, concurrency=concurrency, streaming=streaming, endpoint=ep, retries=retries, progress=progress
-    )
-    fetcher = run_interruptible(fetch_async(the_plan, opts, tok))
+    try:
+        _check_state(out, tok, force)
+        if not isinstance(tok, ByteTokenizer):
+            (out / "tokenizer").mkdir(exist_ok=True)
+            atomic_write_text(out / "tokenizer" / "tokenizer.json", tok.source_json)
+        if check_disk:
+            need = disk_needed(the_plan, tok.info.kind, streaming)
+            free = shutil.disk_usage(out).free
+            if free < need:
+                raise DiskSpaceError(
+                    f"{out} has {human_bytes(free)} free; this plan needs about {human_bytes(need)} "
+                    "(staging + shards). Free space, choose another --output-dir or a smaller --data-fraction."
+                )
+        opts = FetchOptions(
+            output_dir=out,
+            concurrency=concurrency,
+            streaming=streaming,
+            endpoint=ep,
+            retries=retries,
+            progress=progress,
+        )
+        fetcher = run_interruptible(fetch_async(the_plan, opts, tok))
+    finally:
+        if isinstance(tok, ProcessTokenizer):
+            tok.close()
     p = fetcher.progress
     return {
         "files": len(the_plan.files),

@@ -179,6 +179,9 @@ SPECIAL = typer.Option(
     help="Encode special-token strings in text as their ids (dolma tokens' behaviour).",
 )
 ENGINE = typer.Option("auto", "--engine", help="Subword engine: auto (tiktoken when exact), tiktoken, tokenizers.")
+PROCESSES = typer.Option(
+    0, "--tokenizer-processes", min=0, help="Subword BPE worker processes (0: one per core; 1: none)."
+)
 CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
 STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
@@ -196,6 +199,7 @@ def fetch_cmd(
     eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
+    tokenizer_processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
     streaming: bool = STREAMING,
     endpoint: str | None = ENDPOINT,
@@ -216,6 +220,7 @@ def fetch_cmd(
             eos_token_id=eos_token_id,
             special_tokens_as_text=not special_tokens_as_ids,
             engine=engine,
+            processes=tokenizer_processes,
             concurrency=concurrency,
             streaming=streaming,
             endpoint=endpoint,
@@ -268,6 +273,7 @@ def prepare_cmd(
     eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
+    tokenizer_processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
     retries: int = RETRIES,
     force: bool = FORCE,
@@ -289,6 +295,7 @@ def prepare_cmd(
             eos_token_id=eos_token_id,
             special_tokens_as_text=not special_tokens_as_ids,
             engine=engine,
+            processes=tokenizer_processes,
             concurrency=concurrency,
             retries=retries,
             force=force,

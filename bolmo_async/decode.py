@@ -17,7 +17,9 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import zstandard
 
@@ -81,8 +83,9 @@ class LineDecoder:
         self.limit = limit
         self.batch_bytes = batch_bytes
         self._dec = Decompressor(suffix)
-        self._pending = bytearray()  # decompressed bytes not yet split into lines
-        self._lines: list[bytes] = []
+        self._pending = bytearray()  # decompressed bytes after the last newline
+        self._blocks: list[bytes] = []  # runs of complete lines, without their final newline
+        self._nlines = 0  # lines in _blocks
         self._lines_size = 0
         self._next_line = 1  # 1-based line number of the next line to come out
         self._first_line_of_batch = 1
@@ -140,12 +143,12 @@ class LineDecoder:
             return
         block = bytes(self._pending[:end])
         del self._pending[: end + 1]
-        lines = block.split(b"\n")
-        self._lines.extend(lines)
+        self._blocks.append(block)
+        self._nlines += block.count(b"\n") + 1
         self._lines_size += len(block)
 
     def _stream_failed(self, why: str) -> None:
-        self.skips.add("corrupt_stream", f"{self.path}: {why} after line {self._next_line + len(self._lines) - 1}")
+        self.skips.add("corrupt_stream", f"{self.path}: {why} after line {self._next_line + self._nlines - 1}")
         self._pending.clear()
         self.done = True
 
@@ -156,12 +159,11 @@ class LineDecoder:
         try:
             self._dec.finish()
         except StreamError as exc:
-            self.skips.add(
-                "truncated_stream", f"{self.path}: {exc} after line {self._next_line + len(self._lines) - 1}"
-            )
+            self.skips.add("truncated_stream", f"{self.path}: {exc} after line {self._next_line + self._nlines - 1}")
             self._pending.clear()
         if self._pending:
-            self._lines.append(bytes(self._pending))
+            self._blocks.append(bytes(self._pending))
+            self._nlines += 1
             self._pending.clear()
         out = self._flush_lines()
         self.done = True
@@ -169,28 +171,30 @@ class LineDecoder:
 
     # -- parsing -------------------------------------------------------------------------
     def _flush_lines(self) -> list[pa.RecordBatch]:
-        if not self._lines:
+        if not self._blocks:
             return []
-        lines, first = self._lines, self._next_line
-        self._lines, self._lines_size = [], 0
-        self._next_line += len(lines)
+        data = self._blocks[0] if len(self._blocks) == 1 else b"\n".join(self._blocks)
+        n, first = self._nlines, self._next_line
+        self._blocks, self._nlines, self._lines_size = [], 0, 0
+        self._next_line += n
         if self._prefix_reached and self.documents == 0:
-            batch = self._parse_slow(lines, first, stop_after_first=True)
+            batch = self._parse_slow(data.split(b"\n"), first, stop_after_first=True)
         else:
-            batch = self._parse_fast(lines, first) or self._parse_slow(lines, first)
+            batch = self._parse_fast(data, n, first) or self._parse_slow(data.split(b"\n"), first)
         self.documents += batch.num_rows
         return [batch] if batch.num_rows else []
 
-    def _parse_fast(self, lines: list[bytes], first: int) -> pa.RecordBatch | None:
-        if any(not line for line in lines):
-            return None
+    def _parse_fast(self, data: bytes, n: int, first: int) -> pa.RecordBatch | None:
+        """Arrow's JSON reader over ``n`` lines; None when the block needs the exact line-by-line path."""
+        if not data or data[:1] == b"\n" or data[-1:] == b"\n" or b"\n\n" in data:
+            return None  # blank lines: Arrow would drop them and shift the line numbers
         try:
             table = pj.read_json(
-                io.BytesIO(b"\n".join(lines)),
+                io.BytesIO(data),
                 read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, self.batch_bytes * 2)),
                 parse_options=_PARSE,
             )
-            if table.num_rows != len(lines):
+            if table.num_rows != n:
                 return None
             text = table.column("text").combine_chunks()
             ids = table.column("id").combine_chunks()
@@ -200,11 +204,9 @@ class LineDecoder:
             ids.validate(full=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             return None
-        import pyarrow.compute as pc
-
         empty = pc.equal(pc.binary_length(text), 0)
         n_empty = pc.sum(empty).as_py() or 0
-        locs = pa.array(range(first, first + len(lines)), type=pa.int64())
+        locs = pa.array(np.arange(first, first + n, dtype=np.int64))
         batch = pa.RecordBatch.from_arrays([ids, locs, text.cast(pa.large_string())], schema=BATCH_SCHEMA)
         if n_empty:
             idx = pc.indices_nonzero(empty).to_pylist()

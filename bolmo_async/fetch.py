@@ -15,11 +15,13 @@ import io
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,10 +32,14 @@ from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_d
 from .models import Plan, PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .progress import Progress
 from .staging import Staging, StagingWriter
-from .tokenize import ByteTokenizer, SubwordTokenizer
-from .util import raise_if_disk_full
+from .tokenize import AnyTokenizer
+from .util import maybe_fsync, raise_if_disk_full
 
 log = logging.getLogger("bolmo_async")
+
+#: Text bytes handed to the tokenizer at once (small parquet row groups are coalesced to this).
+EMIT_BYTES = 4 << 20
+
 
 #: Errors that stop the whole run (every other file would fail the same way).
 FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError)
@@ -83,9 +89,7 @@ class Hasher:
 class Processor:
     """Decodes, tokenizes and stages one planned file. Thread-safe against ``abort``."""
 
-    def __init__(
-        self, pf: PlannedFile, staging: Staging, tokenizer: ByteTokenizer | SubwordTokenizer, progress: Progress | None
-    ):
+    def __init__(self, pf: PlannedFile, staging: Staging, tokenizer: AnyTokenizer, progress: Progress | None):
         self.pf = pf
         self.staging = staging
         self.tokenizer = tokenizer
@@ -104,6 +108,11 @@ class Processor:
         self.decoder = LineDecoder(self.pf.path, self.suffix, self.skips, limit=self.pf.limit)
         self._writer = self.staging.writer(self.pf, self.tokenizer.info.fingerprint)
         self.sha256: str | None = None
+        for _, fut in getattr(self, "_inflight", ()):
+            fut.cancel()
+        self._inflight: deque[tuple[pa.RecordBatch, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        self._small: list[pa.RecordBatch] = []  # small batches (parquet row groups) waiting to be coalesced
+        self._small_bytes = 0
 
     # -- Sink protocol (streaming) ------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -176,9 +185,29 @@ class Processor:
 
     # -- common --------------------------------------------------------------------------
     def _emit(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows == 0:
+        """Tokenize ``batch``: small batches are coalesced to ``EMIT_BYTES`` first; batches are
+        written in order, up to ``tokenizer.inflight`` kept in flight."""
+        if batch.num_rows:
+            self._small.append(batch)
+            self._small_bytes += batch.column("text").nbytes
+        if self._small_bytes >= EMIT_BYTES:
+            self._submit_small()
+
+    def _submit_small(self) -> None:
+        if not self._small:
             return
-        flat, offsets = self.tokenizer.encode_batch(batch.column("text"))
+        if len(self._small) == 1:
+            whole = self._small[0]
+        else:
+            whole = pa.Table.from_batches(self._small).combine_chunks().to_batches()[0]
+        self._small, self._small_bytes = [], 0
+        self._inflight.append((whole, self.tokenizer.submit(whole.column("text"))))
+        while len(self._inflight) > self.tokenizer.inflight:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        batch, fut = self._inflight.popleft()
+        flat, offsets = fut.result()
         assert self._writer is not None
         self._writer.write(batch.column("id"), batch.column("loc"), flat, offsets)
         if self.progress:
@@ -191,6 +220,9 @@ class Processor:
     def commit(self) -> dict[str, Any]:
         with self._lock:
             self._check()
+            self._submit_small()
+            while self._inflight:
+                self._write_oldest()
             assert self._writer is not None
             if self.skips.total:
                 for reason, examples in self.skips.examples.items():
@@ -208,6 +240,9 @@ class Processor:
     def abort(self) -> None:
         with self._lock:
             self._aborted = True
+            for _, fut in self._inflight:
+                fut.cancel()
+            self._inflight.clear()
             if self._writer is not None:
                 self._writer.abort()
                 self._writer = None
@@ -285,7 +320,7 @@ class SparseFile(io.RawIOBase):
 
 
 class Fetcher:
-    def __init__(self, plan: Plan, opts: FetchOptions, tokenizer: ByteTokenizer | SubwordTokenizer):
+    def __init__(self, plan: Plan, opts: FetchOptions, tokenizer: AnyTokenizer):
         self.plan = plan
         self.opts = opts
         self.tokenizer = tokenizer
@@ -296,7 +331,9 @@ class Fetcher:
     async def run(self, files: list[PlannedFile]) -> None:
         retry = RetryPolicy(max_attempts=self.opts.retries)
         endpoint = default_endpoint(self.opts.endpoint or self.plan.endpoint)
-        workers = self.opts.workers or max(2, os.cpu_count() or 2)
+        cores = os.cpu_count() or 2
+        # Subword BPE runs in worker processes: more threads keep decoding while some wait on them.
+        workers = self.opts.workers or (2 * cores if self.tokenizer.info.kind == "subword" else max(2, cores))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bolmo-cpu")
         todo = [pf for pf in files if self.staging.done(pf) is None]
         total = sum(pf.size for pf in todo)
@@ -509,7 +546,7 @@ class RawFileSink:
     def verify(self) -> None:
         self.sha = self.hasher.verify()
         self._f.flush()
-        os.fsync(self._f.fileno())
+        maybe_fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.dest)
 
@@ -530,7 +567,7 @@ def staged_status(plan: Plan, output_dir: Path) -> tuple[list[PlannedFile], list
 
 
 async def fetch_async(
-    plan: Plan, opts: FetchOptions, tokenizer: ByteTokenizer | SubwordTokenizer, files: list[PlannedFile] | None = None
+    plan: Plan, opts: FetchOptions, tokenizer: AnyTokenizer, files: list[PlannedFile] | None = None
 ) -> Fetcher:
     fetcher = Fetcher(plan, opts, tokenizer)
     Staging(opts.output_dir).clean_temporaries()

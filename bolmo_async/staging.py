@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .models import PlannedFile, SkipCounter
-from .util import atomic_write_text, raise_if_disk_full
+from .util import FSYNC, atomic_write_text, raise_if_disk_full
 
 STAGING_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("tokens", pa.large_list(pa.uint32()))])
 
@@ -100,11 +100,12 @@ class StagingWriter:
         try:
             self._writer.close()
             self._sink.close()
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if FSYNC:
+                fd = os.open(self.tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(self.tmp, self.staging.arrow_path(self.pf))
         except OSError as exc:
             self.abort()

@@ -19,10 +19,10 @@ the raw bytes.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,8 +49,22 @@ class Tokenizer(Protocol):
         ...
 
 
+def _done(texts: pa.Array, encode: Any) -> Future[tuple[np.ndarray, np.ndarray]]:
+    fut: Future[tuple[np.ndarray, np.ndarray]] = Future()
+    try:
+        fut.set_result(encode(texts))
+    except Exception as exc:
+        fut.set_exception(exc)
+    return fut
+
+
 class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
+
+    inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
+
+    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
+        return _done(texts, self.encode_batch)
 
     def __init__(self) -> None:
         self.info = TokenizerInfo(
@@ -78,9 +92,11 @@ class ByteTokenizer:
         rel = offsets - start
         out = np.empty(len(data) + n, dtype=np.uint32)
         # Document i's bytes land at [rel[i] + i, rel[i+1] + i); its EOS at rel[i+1] + i.
-        doc_of_byte = np.repeat(np.arange(n, dtype=np.int64), np.diff(rel))
-        out[np.arange(len(data), dtype=np.int64) + doc_of_byte] = data.astype(np.uint32) + BYTE_OFFSET
         eos_pos = rel[1:] + np.arange(n, dtype=np.int64)
+        is_byte = np.ones(len(out), dtype=bool)
+        is_byte[eos_pos] = False
+        out[is_byte] = data
+        out += BYTE_OFFSET
         out[eos_pos] = BYTE_EOS
         out_offsets = np.empty(n + 1, dtype=np.int64)
         out_offsets[0] = 0
@@ -302,10 +318,25 @@ class SubwordTokenizer:
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Ids without EOS, one list per text."""
         if self._tt is not None:
+            if self._threads <= 1:  # tiktoken's own batch thread pool is slower than a loop here
+                return [self._tt.encode(t, allowed_special=self._allowed, disallowed_special=()) for t in texts]
             return self._tt.encode_batch(
                 texts, num_threads=self._threads, allowed_special=self._allowed, disallowed_special=()
             )
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    inflight = 0
+
+    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
+        return _done(texts, self.encode_batch)
+
+    def _encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids without EOS as uint32 arrays; straight from tiktoken's buffer when single-threaded."""
+        core = getattr(self._tt, "_core_bpe", None)
+        if core is not None and self._threads <= 1 and hasattr(core, "encode_to_tiktoken_buffer"):
+            allowed = self._allowed
+            return [np.frombuffer(core.encode_to_tiktoken_buffer(t, allowed), dtype=np.uint32) for t in texts]
+        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_texts(texts)]
 
     def encode_reference(self, text: str) -> list[int]:
         """The ``tokenizers`` engine on one text, whatever engine is in use (tests, inspection)."""
@@ -315,17 +346,74 @@ class SubwordTokenizer:
         return str(self._hf.decode(ids, skip_special_tokens=False))
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        lists = self.encode_texts(texts.to_pylist())
-        lens = np.fromiter((len(x) + 1 for x in lists), dtype=np.int64, count=len(lists))
-        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        eos = [self.eos]
-        flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain.from_iterable((x, eos) for x in lists)),
-            dtype=np.uint32,
-            count=int(offsets[-1]),
-        )
+        pieces = self._encode_arrays(texts.to_pylist())
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(p) + 1 for p in pieces], out=offsets[1:])
+        eos = np.array([self.eos], dtype=np.uint32)
+        flat = np.concatenate([x for p in pieces for x in (p, eos)]) if pieces else np.empty(0, np.uint32)
         return flat, offsets
+
+
+# ---------------------------------------------------------------------------------------------
+# both cores: BPE in worker processes (threads do not scale: the GIL is held between texts)
+
+_WORKER: SubwordTokenizer | None = None
+
+
+def _worker_init(source: TokenizerSource, kwargs: dict[str, Any]) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    global _WORKER
+    _WORKER = SubwordTokenizer(source, threads=1, **kwargs)
+
+
+def _worker_info() -> TokenizerInfo:
+    assert _WORKER is not None
+    return _WORKER.info
+
+
+def _worker_encode(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    assert _WORKER is not None
+    return _WORKER.encode_batch(texts)
+
+
+class ProcessTokenizer:
+    """A ``SubwordTokenizer`` running in ``processes`` spawned worker processes; same interface."""
+
+    def __init__(self, source: TokenizerSource, processes: int, **kwargs: Any):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(source, kwargs),
+        )
+        try:
+            self.info: TokenizerInfo = self._pool.submit(_worker_info).result()
+        except Exception as exc:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(exc, TokenizerError):
+                raise
+            raise TokenizerError(f"{source.identifier}: the tokenizer workers failed to start ({exc})") from exc
+        self.source_json = source.json_text
+
+        #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
+        self.inflight = 2 * processes
+
+    def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        return self.submit(texts).result()
+
+    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
+        return self._pool.submit(_worker_encode, texts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
 
 
 def make_tokenizer(
@@ -337,12 +425,20 @@ def make_tokenizer(
     eos_token_id: int | None = None,
     special_tokens_as_text: bool = True,
     engine: str = "auto",
-) -> ByteTokenizer | SubwordTokenizer:
+    processes: int = 0,
+) -> AnyTokenizer:
+    """``processes`` > 1 runs subword BPE in that many worker processes (0: one per core)."""
     if kind == "byte":
         return ByteTokenizer()
     if kind == "subword":
         src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
-        return SubwordTokenizer(
-            src, eos_token_id=eos_token_id, special_tokens_as_text=special_tokens_as_text, engine=engine
-        )
+        kwargs: dict[str, Any] = {
+            "eos_token_id": eos_token_id,
+            "special_tokens_as_text": special_tokens_as_text,
+            "engine": engine,
+        }
+        n = processes or os.cpu_count() or 1
+        if n > 1:
+            return ProcessTokenizer(src, n, **kwargs)
+        return SubwordTokenizer(src, **kwargs)
     raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
