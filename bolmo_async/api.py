@@ -27,7 +27,7 @@ from .models import (
     Plan,
     validate_fraction,
 )
-from .plan import PLAN_FILE, disk_needed, load_plan, make_plan, save_plan
+from .plan import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
 from .tokenize import AnyTokenizer, ByteTokenizer, ProcessTokenizer, make_tokenizer
 from .util import atomic_write_text, human_bytes
 
@@ -50,8 +50,9 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
+                previous = signal.getsignal(sig)
                 loop.add_signal_handler(sig, on_signal, sig)
-                installed.append(sig)
+                installed.append((sig, previous))
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         try:
@@ -61,8 +62,9 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
                 "Interrupted. Finished files are staged; rerun the same command to resume.", interrupted=True
             ) from exc
         finally:
-            for sig in installed:
+            for sig, previous in installed:
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, previous)  # asyncio would leave the default handler behind
 
     return asyncio.run(main())
 
@@ -146,6 +148,34 @@ def plan(
     return p
 
 
+def ensure_plan(
+    output_dir: str | os.PathLike[str],
+    *,
+    endpoint: str | None = None,
+    force: bool = False,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    data_fraction: float | None = None,
+    seed: int | None = None,
+) -> Plan:
+    """The plan in ``output_dir``; planned (or re-planned) when absent, forced or when plan options are given.
+    Options left None keep the existing plan's values, or the defaults."""
+    existing = None if force else load_plan(output_dir)
+    if existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
+        return existing
+    return plan(
+        output_dir,
+        endpoint=endpoint,
+        force=force,
+        repo_id=repo_id or (existing.repo_id if existing else DEFAULT_REPO_ID),
+        revision=revision or (existing.revision if existing else "main"),
+        data_fraction=data_fraction
+        if data_fraction is not None
+        else (existing.data_fraction if existing else DEFAULT_DATA_FRACTION),
+        seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
+    )
+
+
 def _check_state(out: Path, tok: AnyTokenizer, force: bool) -> None:
     path = out / RUN_STATE
     if path.exists():
@@ -184,26 +214,27 @@ def fetch(
     data_fraction: float | None = None,
     seed: int | None = None,
     processes: int = 0,
+    worker: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
     ``processes``: subword tokenizer worker processes (0: one per core; 1: in-process threads)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
-    if existing is None or any(v is not None for v in (repo_id, revision, data_fraction, seed)):
-        the_plan = plan(
-            out,
-            endpoint=endpoint,
-            force=force,
-            repo_id=repo_id or (existing.repo_id if existing else DEFAULT_REPO_ID),
-            revision=revision or (existing.revision if existing else "main"),
-            data_fraction=data_fraction
-            if data_fraction is not None
-            else (existing.data_fraction if existing else DEFAULT_DATA_FRACTION),
-            seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
-        )
-    else:
-        the_plan = existing
+    plan_options = any(v is not None for v in (repo_id, revision, data_fraction, seed))
+    if worker is not None:
+        if existing is None:
+            raise StateError(
+                f"--worker needs the plan first: run `bolmo-async plan --output-dir {out} ...` once, then launch the "
+                "workers (workers never plan on their own, so that all of them share one plan)."
+            )
+        if plan_options or force:
+            raise UsageError(
+                "--worker uses the plan already in --output-dir: drop --data-fraction/--seed/--revision/--repo-id/--force."
+            )
+    the_plan = ensure_plan(
+        out, endpoint=endpoint, force=force, repo_id=repo_id, revision=revision, data_fraction=data_fraction, seed=seed
+    )
     ep = _endpoint(endpoint, the_plan)
     tok = make_tokenizer(
         tokenizer,
@@ -236,13 +267,14 @@ def fetch(
             retries=retries,
             progress=progress,
         )
-        fetcher = run_interruptible(fetch_async(the_plan, opts, tok))
+        files = None if worker is None else assign_workers(the_plan, worker[1])[worker[0]]
+        fetcher = run_interruptible(fetch_async(the_plan, opts, tok, files))
     finally:
         if isinstance(tok, ProcessTokenizer):
             tok.close()
     p = fetcher.progress
     return {
-        "files": len(the_plan.files),
+        "files": len(the_plan.files) if files is None else len(files),
         "fetched_now": p.files if p else 0,
         "documents_now": p.documents if p else 0,
         "tokens_now": p.tokens if p else 0,
@@ -253,7 +285,7 @@ def finalize(
     output_dir: str | os.PathLike[str],
     *,
     max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
-    allow_incomplete: bool = True,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Write the shards, their csv.gz, ``manifest.json`` and ``data_sources.txt`` from the staging."""
     return finalize_dir(output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete)
@@ -298,7 +330,7 @@ def prepare(
         )
     except FetchIncomplete as exc:
         if (Path(output_dir) / RUN_STATE).exists():
-            manifest = finalize(output_dir, max_tokens_per_file=max_tokens_per_file)
+            manifest = finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=True)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
                 len(manifest["shards"]),

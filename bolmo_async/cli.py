@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .models import (
     DEFAULT_TOKENIZER_ID,
     validate_fraction,
 )
+from .plan import parse_worker
 from .util import human_bytes, human_count
 
 app = typer.Typer(
@@ -210,8 +212,35 @@ def fetch_cmd(
     revision: str | None = typer.Option(None, "--revision", help="Plan option."),
     data_fraction: float | None = typer.Option(None, "--data-fraction", callback=_fraction, help="Plan option."),
     seed: int | None = typer.Option(None, "--seed", help="Plan option."),
+    worker: str | None = typer.Option(
+        None, "--worker", help="I/N: fetch only share I (0-based) of N of the plan (job arrays; plan first)."
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Run the fetch as Ray tasks (pip install 'bolmo-async[ray]')."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    ray_tasks: int = typer.Option(0, "--ray-tasks", min=0, help="Ray tasks (0: two per cluster CPU)."),
 ) -> None:
     """Download, tokenize and stage the planned files (plans first if plan.json is absent)."""
+    if ray:
+        res = _run(
+            lambda: _fetch_ray(
+                output_dir,
+                ray_address,
+                ray_tasks,
+                endpoint,
+                force,
+                {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed},
+                tokenizer=tokenizer,
+                tokenizer_identifier=tokenizer_identifier,
+                eos_token_id=eos_token_id,
+                special_tokens_as_text=not special_tokens_as_ids,
+                engine=engine,
+                concurrency=concurrency,
+                streaming=streaming,
+                retries=retries,
+            )
+        )
+        _say(f"staged: {res['files']} planned file(s) with Ray. Next: bolmo-async finalize --output-dir {output_dir}")
+        return
     res = _run(
         lambda: api.fetch(
             output_dir,
@@ -231,6 +260,7 @@ def fetch_cmd(
             revision=revision,
             data_fraction=data_fraction,
             seed=seed,
+            worker=parse_worker(worker),
         )
     )
     _say(
@@ -239,19 +269,34 @@ def fetch_cmd(
     )
 
 
+def _fetch_ray(
+    output_dir: Path,
+    address: str | None,
+    tasks: int,
+    endpoint: str | None,
+    force: bool,
+    plan_opts: dict[str, Any],
+    **kw: Any,
+) -> dict[str, Any]:
+    from .ray_exec import fetch_with_ray
+
+    api.ensure_plan(output_dir, endpoint=endpoint, force=force, **plan_opts)
+    return fetch_with_ray(output_dir, address=address, tasks=tasks, endpoint=endpoint, **kw)
+
+
 @app.command("finalize")
 def finalize_cmd(
     output_dir: Path = OUT,
     max_tokens_per_file: int = typer.Option(
         DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."
     ),
-    require_complete: bool = typer.Option(
-        False, "--require-complete", help="Refuse if planned files are not staged yet."
+    allow_incomplete: bool = typer.Option(
+        False, "--allow-incomplete", help="Write shards from what is staged even if planned files are missing."
     ),
 ) -> None:
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
     m = _run(
-        lambda: api.finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=not require_complete)
+        lambda: api.finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=allow_incomplete)
     )
     _summary(m, output_dir.resolve())
 
@@ -391,8 +436,19 @@ def mirror_sample(
     )
 
 
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    app()
+    # SIGTERM (job schedulers, `kill`) stops as cleanly as Ctrl+C, whatever phase the run is in;
+    # inside a fetch the event loop's own handlers take over and cancel the downloads.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)
+        typer.secho("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -393,7 +393,8 @@ class Fetcher:
     async def _one(self, client: HubClient, pf: PlannedFile, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         assert self.progress is not None
-        proc = await loop.run_in_executor(executor, Processor, pf, self.staging, self.tokenizer, self.progress)
+        # Built here, not in a worker: a cancelled executor call would leave its temporary file behind.
+        proc = Processor(pf, self.staging, self.tokenizer, self.progress)
         try:
             url = client.resolve_url(self.plan.commit, pf.path)
             what = f"{pf.path}"
@@ -570,7 +571,7 @@ async def fetch_async(
     plan: Plan, opts: FetchOptions, tokenizer: AnyTokenizer, files: list[PlannedFile] | None = None
 ) -> Fetcher:
     fetcher = Fetcher(plan, opts, tokenizer)
-    Staging(opts.output_dir).clean_temporaries()
+    Staging(opts.output_dir).clean_temporaries(list(plan.files) if files is None else files)
     await fetcher.run(list(plan.files) if files is None else files)
     if fetcher.failures:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(fetcher.failures.items()))

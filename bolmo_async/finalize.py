@@ -22,11 +22,14 @@ import json
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from .errors import StateError, UsageError
 from .models import SkipCounter
@@ -109,77 +112,103 @@ class ShardWriter:
                 p.unlink()
 
 
-@dataclass
-class _Sharder:
-    output_dir: Path
-    bound: int
-    index: int = 0
-    current: ShardWriter | None = None
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of a shard: documents ``[doc_lo, doc_hi)`` of one staged batch, or tokens
+    ``[tok_lo, tok_hi)`` of its document ``doc_lo`` alone (a document larger than the bound)."""
 
-    def __post_init__(self) -> None:
-        self.done: list[dict[str, Any]] = []
+    unit: int  # index into the staged files, in plan order
+    batch: int
+    doc_lo: int
+    doc_hi: int
+    tok_lo: int = -1
+    tok_hi: int = -1
 
-    def _shard(self) -> ShardWriter:
-        if self.current is None:
-            self.current = ShardWriter(self.output_dir, self.index)
-            self.index += 1
-        return self.current
 
-    def _close(self) -> None:
-        if self.current is not None and self.current.tokens:
-            self.done.append(self.current.close())
-            self.current = None
+def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
+    """Shard boundaries from document lengths only (``lengths[unit][batch]`` = tokens per document).
 
-    def add_batch(self, values: np.ndarray, offsets: np.ndarray, ids: list[str], locs: list[int], src: str) -> None:
-        """Documents ``i`` = ``values[offsets[i]:offsets[i+1]]``; consecutive fitting docs are written in one slice."""
-        n = len(ids)
-        i = 0
-        while i < n:
-            shard = self._shard()
-            room = self.bound - shard.tokens
-            length = int(offsets[i + 1] - offsets[i])
-            if length > self.bound:
-                self._split_document(values[offsets[i] : offsets[i + 1]], ids[i], src, locs[i])
-                i += 1
+    Documents fill a shard in order; one that does not fit opens the next shard; one larger than
+    ``bound`` alone is cut into bound-sized pieces starting in a fresh shard. Computed before any
+    shard is written, so shards can be written in parallel and still be byte-identical.
+    """
+    shards: list[list[Piece]] = [[]]
+    used = 0
+
+    def close() -> None:
+        nonlocal used
+        if shards[-1]:
+            shards.append([])
+            used = 0
+
+    for unit, batches in enumerate(lengths):
+        for b, lens in enumerate(batches):
+            ends = np.cumsum(lens)  # ends[k] = tokens of docs [0, k]
+            i, n = 0, len(lens)
+            while i < n:
+                length = int(lens[i])
+                if length > bound:
+                    close()
+                    pos = 0
+                    while pos < length:
+                        take = min(bound - used, length - pos)
+                        shards[-1].append(Piece(unit, b, i, i + 1, pos, pos + take))
+                        used += take
+                        pos += take
+                        if used >= bound:
+                            close()
+                    i += 1
+                    continue
+                if length > bound - used:
+                    close()
+                    continue
+                start = int(ends[i - 1]) if i else 0
+                j = int(np.searchsorted(ends, start + bound - used, side="right"))  # docs [i, j) fit
+                j = min(max(j, i + 1), n)
+                shards[-1].append(Piece(unit, b, i, j))
+                used += int(ends[j - 1]) - start
+                i = j
+    if not shards[-1]:
+        shards.pop()
+    return shards
+
+
+def _write_shard(
+    out: Path, index: int, pieces: list[Piece], arrows: list[Path], srcs: list[str], stop: threading.Event
+) -> dict[str, Any]:
+    """Write shard ``index`` from its pieces (a worker thread; one staged batch in memory at a time)."""
+    shard = ShardWriter(out, index)
+    readers: dict[int, Any] = {}
+    try:
+        for piece in pieces:
+            if stop.is_set():
+                raise InterruptedError("finalize stopped")
+            if piece.unit not in readers:
+                readers[piece.unit] = pa.ipc.open_file(pa.memory_map(str(arrows[piece.unit]), "r"))
+            batch = readers[piece.unit].get_batch(piece.batch)
+            tok = batch.column("tokens")
+            offsets = np.frombuffer(tok.buffers()[1], dtype=np.int64, count=len(tok) + 1, offset=tok.offset * 8)
+            values = np.frombuffer(tok.buffers()[3], dtype="<u4", count=int(offsets[-1]))
+            ids = batch.column("id").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
+            locs = batch.column("loc").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
+            if piece.tok_lo >= 0:
+                lo = int(offsets[piece.doc_lo]) + piece.tok_lo
+                hi = int(offsets[piece.doc_lo]) + piece.tok_hi
+                shard.rows([shard.tokens], [shard.tokens + hi - lo], ids, srcs[piece.unit], locs)
+                shard.write(values[lo:hi])
                 continue
-            if length > room:
-                self._close()
-                continue
-            # Take as many following documents as fit, in one write.
-            limit = int(offsets[i]) + room
-            j = int(np.searchsorted(offsets, limit, side="right")) - 1  # last boundary <= limit
-            j = max(j, i + 1)
-            j = min(j, n)
-            base = shard.tokens - int(offsets[i])
-            shard.rows(
-                (offsets[i:j] + base).tolist(), (offsets[i + 1 : j + 1] + base).tolist(), ids[i:j], src, locs[i:j]
-            )
-            shard.write(values[offsets[i] : offsets[j]])
-            i = j
-
-    def _split_document(self, doc: np.ndarray, doc_id: str, src: str, loc: int) -> None:
-        if self.current is not None and self.current.tokens:
-            self._close()
-        pos = 0
-        while pos < len(doc):
-            shard = self._shard()
-            piece = doc[pos : pos + self.bound - shard.tokens]
-            shard.rows([shard.tokens], [shard.tokens + len(piece)], [doc_id], src, [loc])
-            shard.write(piece)
-            pos += len(piece)
-            if shard.tokens >= self.bound:
-                self._close()
-
-    def finish(self) -> list[dict[str, Any]]:
-        self._close()
-        if self.current is not None:
-            self.current.abort()
-            self.current = None
-        return self.done
+            base = shard.tokens - int(offsets[piece.doc_lo])
+            seg = offsets[piece.doc_lo : piece.doc_hi + 1]
+            shard.rows((seg[:-1] + base).tolist(), (seg[1:] + base).tolist(), ids, srcs[piece.unit], locs)
+            shard.write(values[seg[0] : seg[-1]])
+        return shard.close()
+    except BaseException:
+        shard.abort()
+        raise
 
 
 def finalize_dir(
-    output_dir: str | os.PathLike[str], max_tokens_per_file: int = 100_000_000, *, allow_incomplete: bool = True
+    output_dir: str | os.PathLike[str], max_tokens_per_file: int = 100_000_000, *, allow_incomplete: bool = False
 ) -> dict[str, Any]:
     """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging."""
     if max_tokens_per_file < 1:
@@ -200,39 +229,50 @@ def finalize_dir(
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise StateError(
             f"{len(missing)} of {len(plan.files)} planned files are not staged yet:\n  {shown}\n"
-            "Run `bolmo-async fetch` again to finish them, or pass --allow-incomplete."
+            "Run `bolmo-async fetch` again (or the missing --worker shares) to finish them, or pass "
+            "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
     # A crash from here on must not leave a data_sources.txt pointing at half-rewritten shards.
     with contextlib.suppress(FileNotFoundError):
         (out / DATA_SOURCES).unlink()
-    sharder = _Sharder(out, max_tokens_per_file)
     skips = SkipCounter()
-    docs = tokens = 0
     src_prefix = f"hf://datasets/{plan.repo_id}@{plan.commit}/"
     fingerprint = state["tokenizer"]["fingerprint"]
-    try:
-        for pf in plan.files:
-            rec = staging.done(pf)
-            if rec is None:
-                continue
-            if rec.get("tokenizer_fingerprint") != fingerprint:
-                raise StateError(f"staged {pf.path} was made with another tokenizer; rerun fetch with --force.")
-            skips.merge(rec.get("skipped", {}))
-            for batch in staging.read(pf):
-                tok = batch.column("tokens")
-                offsets = np.frombuffer(tok.buffers()[1], dtype=np.int64, count=len(tok) + 1, offset=tok.offset * 8)
-                offsets = offsets - offsets[0]
-                values = tok.flatten().to_numpy(zero_copy_only=False)
-                ids = batch.column("id").to_pylist()
-                locs = batch.column("loc").to_pylist()
-                sharder.add_batch(values, offsets, ids, locs, src_prefix + pf.path)
-                docs += len(ids)
-                tokens += len(values)
-        shards = sharder.finish()
-    except BaseException:
-        if sharder.current is not None:
-            sharder.current.abort()
-        raise
+    arrows: list[Path] = []
+    srcs: list[str] = []
+    lengths: list[list[np.ndarray]] = []
+    docs = tokens = 0
+    for pf in plan.files:
+        rec = staging.done(pf)
+        if rec is None:
+            continue
+        if rec.get("tokenizer_fingerprint") != fingerprint:
+            raise StateError(f"staged {pf.path} was made with another tokenizer; rerun fetch with --force.")
+        skips.merge(rec.get("skipped", {}))
+        per_batch = []
+        for batch in staging.read(pf):
+            tok = batch.column("tokens")
+            offsets = np.frombuffer(tok.buffers()[1], dtype=np.int64, count=len(tok) + 1, offset=tok.offset * 8)
+            per_batch.append(np.diff(offsets))
+            docs += len(tok)
+            tokens += int(offsets[-1] - offsets[0])
+        arrows.append(staging.arrow_path(pf))
+        srcs.append(src_prefix + pf.path)
+        lengths.append(per_batch)
+    plan_of_shards = layout(lengths, max_tokens_per_file)
+    workers = max(1, min(len(plan_of_shards), os.cpu_count() or 1))
+    stop = threading.Event()
+    with ThreadPoolExecutor(workers, thread_name_prefix="bolmo-finalize") as pool:
+        futures = [
+            pool.submit(_write_shard, out, k, pieces, arrows, srcs, stop) for k, pieces in enumerate(plan_of_shards)
+        ]
+        try:
+            shards = [f.result() for f in futures]
+        except BaseException:
+            stop.set()  # running shards stop at their next piece and remove their temporaries
+            for f in futures:
+                f.cancel()
+            raise
     # Remove shards of an earlier, larger finalize.
     keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
     for p in out.iterdir():

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError
+from .errors import StateError, UsageError
 from .models import Plan, PlannedFile, RepoFile, SourceSummary, data_suffix, validate_fraction
 from .util import atomic_write_text
 
@@ -140,3 +140,41 @@ def load_plan(output_dir: str | os.PathLike[str]) -> Plan | None:
         return Plan.from_json(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(f"{path} is not a readable plan ({exc}); delete it or rerun with --force.") from exc
+
+
+def parse_worker(spec: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0-based I) -> (I, N); None stays None."""
+    if spec is None:
+        return None
+    i_s, sep, n_s = spec.partition("/")
+    try:
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UsageError(
+            f"--worker takes I/N with 0 <= I < N (e.g. 0/4 ... 3/4; in a Slurm array: "
+            f"--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), got {spec!r}"
+        )
+    return i, n
+
+
+def assign_workers(plan: Plan, n: int) -> list[list[PlannedFile]]:
+    """A stable split of the plan's files into ``n`` shares balanced by bytes.
+
+    Greedy largest-first onto the least-loaded share (ties: lowest index; files ordered by size,
+    then path). It depends only on the plan and ``n``, never on which workers run or when.
+    Each share keeps plan order.
+    """
+    if n < 1:
+        raise UsageError("the number of workers must be at least 1")
+    loads = [0] * n
+    owner: dict[str, int] = {}
+    for f in sorted(plan.files, key=lambda f: (-f.planned_bytes, f.path)):
+        w = min(range(n), key=lambda k: (loads[k], k))
+        owner[f.path] = w
+        loads[w] += f.planned_bytes
+    shares: list[list[PlannedFile]] = [[] for _ in range(n)]
+    for f in plan.files:
+        shares[owner[f.path]].append(f)
+    return shares

@@ -59,14 +59,18 @@ class Staging:
             for i in range(reader.num_record_batches):
                 yield reader.get_batch(i)
 
-    def clean_temporaries(self) -> int:
-        """Remove temporary files left by killed runs; returns how many."""
+    def clean_temporaries(self, files: list[PlannedFile]) -> int:
+        """Remove temporary files that killed runs left for ``files``; returns how many.
+
+        Only these files' temporaries: other workers may be writing theirs in the same folder.
+        """
         n = 0
         if self.dir.exists():
-            for p in self.dir.glob(".*.tmp"):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    n += 1
+            for pf in files:
+                for p in [*self.dir.glob(f".{pf.key}.*.tmp"), *self.dir.glob(f"..{pf.key}.raw.*.tmp")]:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                        n += 1
         return n
 
 

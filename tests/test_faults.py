@@ -158,8 +158,15 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
         ]
         stops = 0
         for round_ in range(8):
+            started = time.time()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(1.0, 2.5))
+            state = out / "run.json"  # rewritten by every run once it has planned and loaded its tokenizer
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline:
+                if state.exists() and state.stat().st_mtime >= started:
+                    break
+                time.sleep(0.01)  # interpreter start-up and imports are not a point of the run
+            time.sleep(rng.uniform(0.0, 2.0))
             if proc.poll() is not None:
                 proc.communicate()
                 break
@@ -191,11 +198,12 @@ def test_finalize_after_interrupted_fetch_marks_incomplete(repos, tmp_path, clea
         # Lose a few staged files, as an interrupted run would have.
         for pf in plan.files[:3]:
             (out / "staging" / f"{pf.key}.json").unlink()
-        manifest = bolmo_async.finalize(out, max_tokens_per_file=BOUND)
+        with pytest.raises(StateError, match=r"3 of .* not staged") as info:
+            bolmo_async.finalize(out, max_tokens_per_file=BOUND)
+        assert all(pf.path in str(info.value) for pf in plan.files[:3]) and "--allow-incomplete" in str(info.value)
+        manifest = bolmo_async.finalize(out, max_tokens_per_file=BOUND, allow_incomplete=True)
         assert manifest["complete"] is False and len(manifest["missing_files"]) == 3
         assert bolmo_async.inspect(out)["problems"] == []
-        with pytest.raises(StateError, match="not staged"):
-            bolmo_async.finalize(out, allow_incomplete=False)
         assert shard_hashes(_prepare(out, m.endpoint)) == clean
 
 

@@ -1,0 +1,167 @@
+"""Scale-out: --worker I/N shares of one plan, run at once against one folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bolmo_async
+from bolmo_async.errors import StateError, UsageError
+from bolmo_async.mirror import MirrorThread
+from bolmo_async.models import RepoFile
+from bolmo_async.plan import assign_workers, make_plan, parse_worker
+
+from .helpers import shard_hashes
+
+FRACTION = 0.6
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=60), st.integers(1, 9))
+def test_assignment_is_a_balanced_stable_partition(sizes, n):
+    files = [RepoFile(f"s{i % 3}/f{i:03d}.jsonl.zst", size, "o") for i, size in enumerate(sizes)]
+    plan = make_plan(
+        files, data_fraction=1.0, seed=1, repo_id="a/b", revision="main", commit="0" * 40, listing_digest="x"
+    )
+    shares = assign_workers(plan, n)
+    assert shares == assign_workers(plan, n)  # stable
+    flat = [f.path for share in shares for f in share]
+    assert sorted(flat) == sorted(f.path for f in plan.files)  # a partition
+    order = {f.path: i for i, f in enumerate(plan.files)}
+    for share in shares:
+        assert [order[f.path] for f in share] == sorted(order[f.path] for f in share)  # plan order kept
+    loads = [sum(f.planned_bytes for f in share) for share in shares]
+    assert max(loads) - min(loads) <= max(f.planned_bytes for f in plan.files)  # greedy balance bound
+
+
+@pytest.mark.parametrize("bad", ["1", "2/2", "-1/3", "a/b", "0/0"])
+def test_bad_worker_spec(bad):
+    with pytest.raises(UsageError, match="I/N"):
+        parse_worker(bad)
+
+
+def test_workers_need_a_plan_first(tmp_path, mirror):
+    with pytest.raises(StateError, match="bolmo-async plan"):
+        bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, worker=(0, 2), progress=False)
+
+
+def _worker_cmd(out, endpoint, i, n):
+    return [
+        sys.executable,
+        "-m",
+        "bolmo_async",
+        "fetch",
+        "--output-dir",
+        str(out),
+        "--endpoint",
+        endpoint,
+        "--worker",
+        f"{i}/{n}",
+        "--no-progress",
+        "--concurrency",
+        "2",
+    ]
+
+
+@pytest.mark.slow
+def test_two_workers_at_once_then_finalize_equals_single_run(repos, tmp_path):
+    with MirrorThread(repos) as m:
+        single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+        out = tmp_path / "shared"
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        procs = [
+            subprocess.Popen(_worker_cmd(out, m.endpoint, i, 2), stderr=subprocess.PIPE, text=True) for i in range(2)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        manifest = bolmo_async.finalize(out)
+    assert manifest["complete"]
+    assert shard_hashes(manifest) == shard_hashes(single)
+
+
+@pytest.mark.slow
+def test_killed_worker_rerun_completes_and_finalize_waits_for_it(repos, tmp_path):
+    with MirrorThread(repos) as m:
+        single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+        out = tmp_path / "shared"
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        share1 = {f.path for f in assign_workers(plan, 3)[1]}
+        # Worker 1 is killed outright (SIGKILL: no clean-up at all); workers 0 and 2 finish.
+        victim = subprocess.Popen(_worker_cmd(out, m.endpoint, 1, 3), stderr=subprocess.DEVNULL)
+        time.sleep(1.2)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        for i in (0, 2):
+            r = subprocess.run(_worker_cmd(out, m.endpoint, i, 3), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+        staged = {json.loads(p.read_text())["path"] for p in (out / "staging").glob("*.json")}
+        missing = share1 - staged
+        if missing:
+            with pytest.raises(StateError) as info:
+                bolmo_async.finalize(out)
+            assert all(path in str(info.value) for path in list(missing)[:20])
+        r = subprocess.run(_worker_cmd(out, m.endpoint, 1, 3), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        manifest = bolmo_async.finalize(out)
+    assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(single)
+    assert not list((out / "staging").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_ray_local_cluster_gives_identical_shards(repos, tmp_path):
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`; without it this cannot run")
+    with MirrorThread(repos) as m:
+        single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+        out = tmp_path / "ray"
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "fetch",
+                "--output-dir",
+                str(out),
+                "--endpoint",
+                m.endpoint,
+                "--data-fraction",
+                str(FRACTION),
+                "--ray",
+                "--ray-tasks",
+                "3",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Ray" in r.stdout
+        manifest = bolmo_async.finalize(out)
+    assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(single)
+
+
+def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    from bolmo_async.ray_exec import fetch_with_ray
+
+    with pytest.raises(UsageError, match=r"bolmo-async\[ray\]"):
+        fetch_with_ray(tmp_path)
