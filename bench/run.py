@@ -273,7 +273,9 @@ def report(r: dict[str, Any]) -> None:
         text = x.get("text_bytes", tb if kind != "parse" else x["text_bytes"])
         toks = x.get("tokens")
         if kind == "byte" and key.startswith("ours"):
-            text = toks - x["documents"]
+            text = toks - x["documents"]  # a byte id per text byte, plus one EOS per document
+        if key == "ours_subword_f0.1" and r.get("ours_byte_f0.1"):
+            text = r["ours_byte_f0.1"]["tokens"] - r["ours_byte_f0.1"]["documents"]  # the same plan's text
         d = {"pipeline": name, "seconds": round(s, 2), "text_MB_s": round(text / s / 1e6, 2)}
         if kind == "subword" and toks:
             d["dolma2_tokens_s"] = round(toks / s)

@@ -286,9 +286,14 @@ def finalize(
     *,
     max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
     allow_incomplete: bool = False,
+    ray: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Write the shards, their csv.gz, ``manifest.json`` and ``data_sources.txt`` from the staging."""
-    return finalize_dir(output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete)
+    """Write the shards, their csv.gz, ``manifest.json`` and ``data_sources.txt`` from the staging
+    (shards written by local threads, or by Ray tasks with ``ray=True``)."""
+    return finalize_dir(
+        output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete, ray=ray, ray_address=ray_address
+    )
 
 
 def prepare(

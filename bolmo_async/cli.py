@@ -293,10 +293,18 @@ def finalize_cmd(
     allow_incomplete: bool = typer.Option(
         False, "--allow-incomplete", help="Write shards from what is staged even if planned files are missing."
     ),
+    ray: bool = typer.Option(False, "--ray", help="Write the shards as Ray tasks (pip install 'bolmo-async[ray]')."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
 ) -> None:
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
     m = _run(
-        lambda: api.finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=allow_incomplete)
+        lambda: api.finalize(
+            output_dir,
+            max_tokens_per_file=max_tokens_per_file,
+            allow_incomplete=allow_incomplete,
+            ray=ray,
+            ray_address=ray_address,
+        )
     )
     _summary(m, output_dir.resolve())
 

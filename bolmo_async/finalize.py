@@ -207,8 +207,29 @@ def _write_shard(
         raise
 
 
+def _write_shards_locally(
+    out: Path, shards: list[list[Piece]], arrows: list[Path], srcs: list[str]
+) -> list[dict[str, Any]]:
+    workers = max(1, min(len(shards), os.cpu_count() or 1))
+    stop = threading.Event()
+    with ThreadPoolExecutor(workers, thread_name_prefix="bolmo-finalize") as pool:
+        futures = [pool.submit(_write_shard, out, k, pieces, arrows, srcs, stop) for k, pieces in enumerate(shards)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()  # running shards stop at their next piece and remove their temporaries
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def finalize_dir(
-    output_dir: str | os.PathLike[str], max_tokens_per_file: int = 100_000_000, *, allow_incomplete: bool = False
+    output_dir: str | os.PathLike[str],
+    max_tokens_per_file: int = 100_000_000,
+    *,
+    allow_incomplete: bool = False,
+    ray: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging."""
     if max_tokens_per_file < 1:
@@ -260,19 +281,12 @@ def finalize_dir(
         srcs.append(src_prefix + pf.path)
         lengths.append(per_batch)
     plan_of_shards = layout(lengths, max_tokens_per_file)
-    workers = max(1, min(len(plan_of_shards), os.cpu_count() or 1))
-    stop = threading.Event()
-    with ThreadPoolExecutor(workers, thread_name_prefix="bolmo-finalize") as pool:
-        futures = [
-            pool.submit(_write_shard, out, k, pieces, arrows, srcs, stop) for k, pieces in enumerate(plan_of_shards)
-        ]
-        try:
-            shards = [f.result() for f in futures]
-        except BaseException:
-            stop.set()  # running shards stop at their next piece and remove their temporaries
-            for f in futures:
-                f.cancel()
-            raise
+    if ray:
+        from .ray_exec import write_shards_with_ray
+
+        shards = write_shards_with_ray(out, plan_of_shards, arrows, srcs, ray_address)
+    else:
+        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs)
     # Remove shards of an earlier, larger finalize.
     keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
     for p in out.iterdir():

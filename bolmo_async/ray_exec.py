@@ -26,6 +26,39 @@ def _task(output_dir: str, index: int, total: int, kwargs: dict[str, Any]) -> di
     return api.fetch(output_dir, worker=(index, total), progress=False, processes=1, **kwargs)
 
 
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError("--ray needs Ray: pip install 'bolmo-async[ray]' (or pip install 'ray[default]').") from exc
+    return ray
+
+
+def _shard_task(out: str, index: int, pieces: list[Any], arrows: list[str], srcs: list[str]) -> dict[str, Any]:
+    import threading
+
+    from .finalize import _write_shard
+
+    return _write_shard(Path(out), index, pieces, [Path(a) for a in arrows], srcs, threading.Event())
+
+
+def write_shards_with_ray(
+    out: Path, shards: list[list[Any]], arrows: list[Path], srcs: list[str], address: str | None, retries: int = 3
+) -> list[dict[str, Any]]:
+    """``finalize --ray``: one Ray task per shard (boundaries are already fixed, so any order gives the same bytes)."""
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_shard_task)
+        refs = [remote.remote(str(out), k, pieces, [str(a) for a in arrows], srcs) for k, pieces in enumerate(shards)]
+        return list(ray.get(refs))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def fetch_with_ray(
     output_dir: str | os.PathLike[str],
     *,
@@ -35,10 +68,7 @@ def fetch_with_ray(
     **fetch_kwargs: Any,
 ) -> dict[str, Any]:
     """Run the plan in ``output_dir`` as Ray tasks on the cluster at ``address`` (local when None)."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise UsageError("--ray needs Ray: pip install 'bolmo-async[ray]' (or pip install 'ray[default]').") from exc
+    ray = _import_ray()
     out = Path(output_dir).resolve()
     plan = load_plan(out)
     if plan is None:

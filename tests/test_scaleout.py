@@ -146,8 +146,28 @@ def test_ray_local_cluster_gives_identical_shards(repos, tmp_path):
         )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "Ray" in r.stdout
-        manifest = bolmo_async.finalize(out)
-    assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(single)
+        local = bolmo_async.finalize(out, max_tokens_per_file=120_000)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "finalize",
+                "--output-dir",
+                str(out),
+                "--ray",
+                "--max-tokens-per-file",
+                "120000",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        with_ray = json.loads((out / "manifest.json").read_text())
+    assert len(local["shards"]) > 2 and shard_hashes(with_ray) == shard_hashes(local)
+    assert shard_hashes(bolmo_async.finalize(out)) == shard_hashes(single)
 
 
 def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
