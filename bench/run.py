@@ -330,7 +330,7 @@ def report(r: dict[str, Any]) -> None:
     ratio(
         "subword: ours / tiktoken 2-thread limit (tokens/s)",
         "ours, subword (dolma2), prepare end to end",
-        "limit: tiktoken, 2 threads",
+        "limit: tiktoken, 2 processes",
         "dolma2_tokens_s",
     )
     ratio(

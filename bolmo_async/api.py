@@ -215,6 +215,7 @@ def fetch(
     seed: int | None = None,
     processes: int = 0,
     worker: tuple[int, int] | None = None,
+    read_timeout: float = 60.0,
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
@@ -265,6 +266,7 @@ def fetch(
             streaming=streaming,
             endpoint=ep,
             retries=retries,
+            read_timeout=read_timeout,
             progress=progress,
         )
         files = None if worker is None else assign_workers(the_plan, worker[1])[worker[0]]

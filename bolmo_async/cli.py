@@ -189,6 +189,7 @@ STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
 )
 RETRIES = typer.Option(8, "--retries", help="Attempts per file before it is reported failed.")
+READ_TIMEOUT = typer.Option(60.0, "--read-timeout", help="Seconds a download may stall before it is resumed.")
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No live progress display.")
 
@@ -206,6 +207,7 @@ def fetch_cmd(
     streaming: bool = STREAMING,
     endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
+    read_timeout: float = READ_TIMEOUT,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
     repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
@@ -237,6 +239,7 @@ def fetch_cmd(
                 concurrency=concurrency,
                 streaming=streaming,
                 retries=retries,
+                read_timeout=read_timeout,
             )
         )
         _say(f"staged: {res['files']} planned file(s) with Ray. Next: bolmo-async finalize --output-dir {output_dir}")
@@ -254,6 +257,7 @@ def fetch_cmd(
             streaming=streaming,
             endpoint=endpoint,
             retries=retries,
+            read_timeout=read_timeout,
             force=force,
             progress=not no_progress,
             repo_id=repo_id,
@@ -329,6 +333,7 @@ def prepare_cmd(
     tokenizer_processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
     retries: int = RETRIES,
+    read_timeout: float = READ_TIMEOUT,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
 ) -> None:
@@ -351,6 +356,7 @@ def prepare_cmd(
             processes=tokenizer_processes,
             concurrency=concurrency,
             retries=retries,
+            read_timeout=read_timeout,
             force=force,
             progress=not no_progress,
         )

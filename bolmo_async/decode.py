@@ -25,6 +25,9 @@ import zstandard
 
 from .models import SkipCounter
 
+#: Compressed bytes decompressed at a time.
+FEED_SLICE = 64 * 1024
+
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
 _JSON_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 _PARSE = pj.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="ignore", newlines_in_values=False)
@@ -119,20 +122,23 @@ class LineDecoder:
 
     def _feed(self, data: bytes) -> list[pa.RecordBatch]:
         self.fed += len(data)
-        if not data:
-            return []
-        try:
-            plain = self._dec.feed(data)
-        except StreamError as exc:
-            self._stream_failed(str(exc))
-            return self._flush_lines()
-        self._split(plain)
-        if self._prefix_reached:
-            # Past the prefix only the first document is wanted: parse line by line.
-            return self._flush_lines()
-        if self._lines_size >= self.batch_bytes:
-            return self._flush_lines()
-        return []
+        out: list[pa.RecordBatch] = []
+        # Decompress in slices so that memory follows batch_bytes, whatever the compression ratio.
+        for start in range(0, len(data), FEED_SLICE):
+            try:
+                plain = self._dec.feed(data[start : start + FEED_SLICE])
+            except StreamError as exc:
+                self._stream_failed(str(exc))
+                return out + self._flush_lines()
+            self._split(plain)
+            if self._prefix_reached:
+                # Past the prefix only the first document is wanted: parse line by line.
+                out += self._flush_lines()
+                if self.documents:
+                    return out
+            elif self._lines_size >= self.batch_bytes:
+                out += self._flush_lines()
+        return out
 
     def _split(self, plain: bytes) -> None:
         if not plain:

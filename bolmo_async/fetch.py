@@ -52,6 +52,7 @@ class FetchOptions:
     streaming: bool = True
     endpoint: str | None = None
     retries: int = 8
+    read_timeout: float = 60.0  # seconds a read may stall before the connection counts as broken
     progress: bool = True
     workers: int = 0  # worker threads for CPU work; 0 = cores
 
@@ -329,7 +330,7 @@ class Fetcher:
         self.progress: Progress | None = None
 
     async def run(self, files: list[PlannedFile]) -> None:
-        retry = RetryPolicy(max_attempts=self.opts.retries)
+        retry = RetryPolicy(max_attempts=self.opts.retries, read_timeout=self.opts.read_timeout)
         endpoint = default_endpoint(self.opts.endpoint or self.plan.endpoint)
         cores = os.cpu_count() or 2
         # Subword BPE runs in worker processes: more threads keep decoding while some wait on them.

@@ -178,33 +178,37 @@ def _write_shard(
 ) -> dict[str, Any]:
     """Write shard ``index`` from its pieces (a worker thread; one staged batch in memory at a time)."""
     shard = ShardWriter(out, index)
-    readers: dict[int, Any] = {}
     try:
         for piece in pieces:
             if stop.is_set():
                 raise InterruptedError("finalize stopped")
-            if piece.unit not in readers:
-                readers[piece.unit] = pa.ipc.open_file(pa.memory_map(str(arrows[piece.unit]), "r"))
-            batch = readers[piece.unit].get_batch(piece.batch)
-            tok = batch.column("tokens")
-            offsets = np.frombuffer(tok.buffers()[1], dtype=np.int64, count=len(tok) + 1, offset=tok.offset * 8)
-            values = np.frombuffer(tok.buffers()[3], dtype="<u4", count=int(offsets[-1]))
-            ids = batch.column("id").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
-            locs = batch.column("loc").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
-            if piece.tok_lo >= 0:
-                lo = int(offsets[piece.doc_lo]) + piece.tok_lo
-                hi = int(offsets[piece.doc_lo]) + piece.tok_hi
-                shard.rows([shard.tokens], [shard.tokens + hi - lo], ids, srcs[piece.unit], locs)
-                shard.write(values[lo:hi])
-                continue
-            base = shard.tokens - int(offsets[piece.doc_lo])
-            seg = offsets[piece.doc_lo : piece.doc_hi + 1]
-            shard.rows((seg[:-1] + base).tolist(), (seg[1:] + base).tolist(), ids, srcs[piece.unit], locs)
-            shard.write(values[seg[0] : seg[-1]])
+            # Map, read one batch, unmap: mapped pages count as this process's memory while mapped.
+            with pa.memory_map(str(arrows[piece.unit]), "r") as source:
+                batch = pa.ipc.open_file(source).get_batch(piece.batch)
+                _write_piece(shard, piece, batch, srcs[piece.unit])
+                del batch
         return shard.close()
     except BaseException:
         shard.abort()
         raise
+
+
+def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str) -> None:
+    tok = batch.column("tokens")
+    offsets = np.frombuffer(tok.buffers()[1], dtype=np.int64, count=len(tok) + 1, offset=tok.offset * 8)
+    values = np.frombuffer(tok.buffers()[3], dtype="<u4", count=int(offsets[-1]))
+    ids = batch.column("id").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
+    locs = batch.column("loc").slice(piece.doc_lo, piece.doc_hi - piece.doc_lo).to_pylist()
+    if piece.tok_lo >= 0:
+        lo = int(offsets[piece.doc_lo]) + piece.tok_lo
+        hi = int(offsets[piece.doc_lo]) + piece.tok_hi
+        shard.rows([shard.tokens], [shard.tokens + hi - lo], ids, src, locs)
+        shard.write(values[lo:hi])
+        return
+    base = shard.tokens - int(offsets[piece.doc_lo])
+    seg = offsets[piece.doc_lo : piece.doc_hi + 1]
+    shard.rows((seg[:-1] + base).tolist(), (seg[1:] + base).tolist(), ids, src, locs)
+    shard.write(values[seg[0] : seg[-1]])
 
 
 def _write_shards_locally(

@@ -51,12 +51,23 @@ def test_faulty_network_gives_identical_shards(repos, tmp_path, clean, seed):
     assert sum(faults.injected.values()) >= 5, faults.injected
 
 
-@pytest.mark.parametrize("kind", [k for k in FAULT_KINDS if k != "trickle"])
+@pytest.mark.parametrize("kind", [k for k in FAULT_KINDS if k not in ("trickle", "stall")])
 def test_each_fault_kind_alone_is_survived(repos, tmp_path, clean, kind):
     faults = FaultConfig(rate=1.0, seed=0, kinds=(kind,), max_per_path=2, retry_after=0.05)
     with MirrorThread(repos, faults=faults) as m:
         manifest = _prepare(tmp_path / "o", m.endpoint, streaming=kind != "corrupt")
     assert faults.injected.get(kind, 0) >= 2
+    assert shard_hashes(manifest) == clean
+
+
+def test_stalled_read_times_out_and_resumes(repos, tmp_path, clean):
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("stall",), max_per_path=1, stall_seconds=4.0)
+    with MirrorThread(repos, faults=faults) as m:
+        manifest = _prepare(tmp_path / "o", m.endpoint, read_timeout=0.5, concurrency=8)
+        resumed = [r for r in m.cdn_requests if r["range"] and not r["range"].startswith("bytes=0-")]
+    assert faults.injected.get("stall", 0) >= 5
+    # Without the read timeout each stalled body would simply finish after the pause, un-resumed.
+    assert len(resumed) >= 3, "a stalled read must time out and resume with a Range request"
     assert shard_hashes(manifest) == clean
 
 

@@ -13,6 +13,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "http503",
     "http429",  # 429 with Retry-After and RateLimit headers
     "trickle",  # slow body
+    "stall",  # the body stops mid-way for ``stall_seconds`` (a read that hangs)
     "cut",  # body cut short (Content-Length promises more)
     "corrupt",  # wrong bytes in the body
     "cdn_fail",  # the CDN listener fails (503) after the redirect
@@ -35,6 +36,7 @@ class FaultConfig:
     only: tuple[str, ...] = ()  # when set, only paths containing one of these strings get faults
     retry_after: float = 0.2
     trickle_delay: float = 0.02
+    stall_seconds: float = 5.0
     _rng: random.Random = field(init=False, repr=False)
     _per_path: dict[str, int] = field(init=False, default_factory=dict, repr=False)
     injected: dict[str, int] = field(init=False, default_factory=dict)

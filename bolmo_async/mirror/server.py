@@ -408,12 +408,14 @@ class Mirror:
         loop = asyncio.get_running_loop()
         sent = 0
         stop_at = length // 2 if fault in ("reset", "cut") else None
+        stall_at = length // 2 if fault == "stall" else None
         with open(entry.abspath, "rb") as f:
             f.seek(start)
             while sent < length:
                 n = min(CHUNK, length - sent)
-                if stop_at is not None:
-                    n = min(n, max(1, stop_at - sent))
+                for cut in (stop_at, stall_at):
+                    if cut is not None:
+                        n = min(n, max(1, cut - sent))
                 block = await loop.run_in_executor(None, f.read, n)
                 if not block:
                     break
@@ -428,6 +430,10 @@ class Mirror:
                 else:
                     await resp.write(block)
                 sent += len(block)
+                if stall_at is not None and sent >= stall_at:
+                    assert self.faults is not None
+                    stall_at = None
+                    await asyncio.sleep(self.faults.stall_seconds)
                 if stop_at is not None and sent >= stop_at:
                     transport = request.transport
                     if transport is not None:
