@@ -328,7 +328,7 @@ def report(r: dict[str, Any]) -> None:
         "dolma2_tokens_s",
     )
     ratio(
-        "subword: ours / tiktoken 2-thread limit (tokens/s)",
+        "subword: ours / tiktoken 2-process limit (tokens/s)",
         "ours, subword (dolma2), prepare end to end",
         "limit: tiktoken, 2 processes",
         "dolma2_tokens_s",

@@ -1,0 +1,105 @@
+"""The command line as a user meets it: entry points, the original flags, one-line errors, progress."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bolmo_async
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(cwd)},
+    )
+
+
+def test_entry_points_from_a_checkout():
+    for args in (["cli.py", "--help"], ["-m", "bolmo_async", "--help"]):
+        r = _run(*args)
+        assert r.returncode == 0, r.stderr
+        for cmd in ("plan", "fetch", "finalize", "prepare", "inspect", "mirror"):
+            assert cmd in r.stdout
+
+
+def test_prepare_keeps_the_original_flags_and_defaults():
+    r = _run("cli.py", "prepare", "--help")
+    text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", r.stdout))
+    for flag, default in (
+        ("--output-dir", None),
+        ("--data-fraction", "0.01"),
+        ("--tokenizer ", "byte"),
+        ("--tokenizer-identifier", "allenai/dolma2-tokenizer"),
+        ("--max-tokens-per-file", "100000000"),
+        ("--seed", "42"),
+        ("--no-streaming", None),
+        ("--repo-id", "allenai/bolmo_mix"),
+        ("--revision", "main"),
+        ("--endpoint", None),
+    ):
+        assert flag in text, flag
+        if default:
+            assert re.search(re.escape(flag.strip()) + r"\b.*?\[default: " + re.escape(default) + r"\]", text), flag
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1"])
+def test_bad_fraction_is_a_usage_error_without_traceback(tmp_path, bad):
+    r = _run("cli.py", "prepare", "--output-dir", str(tmp_path), "--data-fraction", bad)
+    assert r.returncode == 2
+    assert "--data-fraction" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_output_dir_is_a_usage_error():
+    r = _run("cli.py", "prepare")
+    assert r.returncode == 2 and "--output-dir" in r.stderr
+
+
+def test_finalize_without_fetch_names_the_command_to_run(tmp_path):
+    r = _run("cli.py", "finalize", "--output-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "bolmo-async fetch" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_degrades_to_log_lines_off_a_terminal(tmp_path, mirror, caplog):
+    with caplog.at_level(logging.INFO, logger="bolmo_async"):
+        bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, data_fraction=0.2, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines, caplog.text
+    assert all(k in lines[-1] for k in ("MB", "ETA", "docs", "tokens", "/s"))
+
+
+def test_plan_prints_a_summary_table(tmp_path, mirror):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bolmo_async",
+            "plan",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--endpoint",
+            mirror.endpoint,
+            "--data-fraction",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    for source in ("data/common_crawl", "data/finemath", "TOTAL"):
+        assert source in r.stdout
+    assert "download" in r.stdout and "tokens" in r.stdout
