@@ -392,7 +392,11 @@ class ProcessTokenizer:
             initargs=(source, kwargs),
         )
         try:
-            self.info: TokenizerInfo = self._pool.submit(_worker_info).result()
+            # One call per worker at once: every worker starts now, in parallel, not at its first batch.
+            infos = [self._pool.submit(_worker_info) for _ in range(processes)]
+            self.info: TokenizerInfo = infos[0].result()
+            for f in infos[1:]:
+                f.result()
         except Exception as exc:
             self._pool.shutdown(wait=False, cancel_futures=True)
             if isinstance(exc, TokenizerError):
