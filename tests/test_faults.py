@@ -28,6 +28,26 @@ FRACTION = 0.5
 BOUND = 200_000
 
 
+def _cli_prepare(out: Path, endpoint: str, *extra: str) -> list[str]:
+    """`bolmo-async prepare` as a user types it, with this module's fraction and shard bound."""
+    return [
+        sys.executable,
+        "-m",
+        "bolmo_async",
+        "prepare",
+        "--output-dir",
+        str(out),
+        "--endpoint",
+        endpoint,
+        "--data-fraction",
+        str(FRACTION),
+        "--max-tokens-per-file",
+        str(BOUND),
+        "--no-progress",
+        *extra,
+    ]
+
+
 def _prepare(out: Path, endpoint: str, **kw):
     kw.setdefault("progress", False)
     return bolmo_async.prepare(out, endpoint=endpoint, data_fraction=FRACTION, max_tokens_per_file=BOUND, **kw)
@@ -150,23 +170,7 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
     out = tmp_path / "o"
     rng = random.Random(20261125)
     with MirrorThread(repos, faults=faults) as m:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bolmo_async",
-            "prepare",
-            "--output-dir",
-            str(out),
-            "--endpoint",
-            m.endpoint,
-            "--data-fraction",
-            str(FRACTION),
-            "--max-tokens-per-file",
-            str(BOUND),
-            "--no-progress",
-            "--concurrency",
-            "2",
-        ]
+        cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2")
         stops = 0
         for round_ in range(8):
             started = time.time()
@@ -225,21 +229,7 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes(repos, tmp_path, clean):
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
     with MirrorThread(repos) as m:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bolmo_async",
-            "prepare",
-            "--output-dir",
-            str(out),
-            "--endpoint",
-            m.endpoint,
-            "--data-fraction",
-            str(FRACTION),
-            "--max-tokens-per-file",
-            str(BOUND),
-            "--no-progress",
-        ]
+        cmd = _cli_prepare(out, m.endpoint)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
         assert r.returncode == 1 and "full" in r.stderr and "rerun" in r.stderr.lower(), r.stderr
         assert "Traceback" not in r.stderr
