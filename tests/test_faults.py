@@ -370,3 +370,24 @@ def test_auth_error_cli_message(repos, tmp_path):
     assert r.returncode == 1
     assert "HF_TOKEN" in r.stderr and "terms" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs (needs root, as CI and this machine run); skipped where mounting is refused."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_not_enough_disk_for_the_plan_is_refused_before_downloading(mirror, tiny_disk):
+    from bolmo_async.errors import DiskSpaceError
+
+    before = len(mirror.cdn_requests)
+    with pytest.raises(DiskSpaceError, match="free") as info:
+        bolmo_async.fetch(tiny_disk / "o", endpoint=mirror.endpoint, data_fraction=1.0, progress=False)
+    assert "--data-fraction" in str(info.value) and "--output-dir" in str(info.value)
+    assert len(mirror.cdn_requests) == before  # nothing was downloaded
