@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -295,6 +294,3 @@ def parquet_batch(table: pa.Table, path: str, first_row: int, skips: SkipCounter
         [pa.array(out_ids, pa.string()), pa.array(out_locs, pa.int64()), pa.array(out_texts, pa.large_string())],
         schema=BATCH_SCHEMA,
     )
-
-
-ParquetReader = Callable[[int], pa.Table]

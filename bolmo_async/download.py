@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Protocol
 
-import aiohttp
 from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError
@@ -36,8 +35,6 @@ class Sink(Protocol):
 
     def reset(self) -> None: ...
 
-    def wants_more(self) -> bool: ...
-
 
 class BytesSink:
     """Collects bytes in memory (small ranges: parquet footers and row groups)."""
@@ -50,9 +47,6 @@ class BytesSink:
 
     def reset(self) -> None:
         self.buf.clear()
-
-    def wants_more(self) -> bool:
-        return True
 
 
 async def stream(
@@ -146,8 +140,6 @@ async def stream(
                     if len(buf) >= FEED_BYTES:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)
-                        if not sink.wants_more():
-                            return pos - start
                 if buf:
                     data, buf = bytes(buf), bytearray()
                     await feed(data)
@@ -188,4 +180,4 @@ class _Retry(Exception):
     pass
 
 
-__all__ = ["BytesSink", "Sink", "aiohttp", "stream"]
+__all__ = ["BytesSink", "Sink", "stream"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -127,9 +128,6 @@ class Processor:
         with self._lock:
             self._check()
             self._new()
-
-    def wants_more(self) -> bool:
-        return True  # the whole file is read to verify it, even for a prefix
 
     def verify(self) -> None:
         with self._lock:
@@ -493,8 +491,10 @@ class Fetcher:
             )
             data = bytes(more.buf)
         sparse.add(pf.size - len(data), data)
-        try:
-            pfile = pq.ParquetFile(sparse, page_checksum_verification=True)
+        try:  # parsing the footer is CPU work: not on the event loop
+            pfile = await loop.run_in_executor(
+                executor, functools.partial(pq.ParquetFile, sparse, page_checksum_verification=True)
+            )
         except (pa.ArrowException, OSError) as exc:
             if final:
                 proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
@@ -542,9 +542,6 @@ class RawFileSink:
         self._f.truncate()
         self.hasher = Hasher(self.pf)
 
-    def wants_more(self) -> bool:
-        return True
-
     def verify(self) -> None:
         self.sha = self.hasher.verify()
         self._f.flush()
@@ -557,15 +554,6 @@ class RawFileSink:
             self._f.close()
         with contextlib.suppress(OSError):
             self.tmp.unlink()
-
-
-def staged_status(plan: Plan, output_dir: Path) -> tuple[list[PlannedFile], list[PlannedFile]]:
-    staging = Staging(output_dir)
-    done: list[PlannedFile] = []
-    missing: list[PlannedFile] = []
-    for pf in plan.files:
-        (done if staging.done(pf) is not None else missing).append(pf)
-    return done, missing
 
 
 async def fetch_async(
@@ -584,4 +572,4 @@ async def fetch_async(
     return fetcher
 
 
-__all__ = ["DownloadError", "FetchOptions", "Fetcher", "fetch_async", "staged_status"]
+__all__ = ["DownloadError", "FetchOptions", "Fetcher", "fetch_async"]

@@ -249,7 +249,8 @@ def finalize_dir(
         )
     state = json.loads(state_path.read_text())
     staging = Staging(out)
-    missing = [pf.path for pf in plan.files if staging.done(pf) is None]
+    records = [(pf, staging.done(pf)) for pf in plan.files]  # each completion marker read once
+    missing = [pf.path for pf, rec in records if rec is None]
     if missing and not allow_incomplete:
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise StateError(
@@ -267,8 +268,7 @@ def finalize_dir(
     srcs: list[str] = []
     lengths: list[list[np.ndarray]] = []
     docs = tokens = 0
-    for pf in plan.files:
-        rec = staging.done(pf)
+    for pf, rec in records:
         if rec is None:
             continue
         if rec.get("tokenizer_fingerprint") != fingerprint:

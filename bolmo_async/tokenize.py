@@ -25,7 +25,7 @@ import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,14 +39,6 @@ BYTE_OFFSET = 4
 BYTE_EOS = 1
 BYTE_VOCAB = 256 + BYTE_OFFSET
 BYTE_SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<bpe_token_end>": 3}
-
-
-class Tokenizer(Protocol):
-    info: TokenizerInfo
-
-    def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """``texts`` (large_string) -> (flat uint32 ids, int64 offsets of len n+1), EOS included."""
-        ...
 
 
 def _done(texts: pa.Array, encode: Any) -> Future[tuple[np.ndarray, np.ndarray]]:
@@ -417,6 +409,9 @@ class ProcessTokenizer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64
+#: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the same,
+#: and ``inflight`` (batches a caller may keep in flight).
 AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
 
 

@@ -90,31 +90,30 @@ def test_ordinary_paths_accepted():
         assert check_repo_path(p) == p
 
 
+async def _list_from(aiohttp_server, tree_handler) -> None:
+    """List repo a/b through a real aiohttp server whose tree endpoint is ``tree_handler``."""
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree_handler)
+    server = await aiohttp_server(app)
+    retry = RetryPolicy(max_attempts=1)
+    async with make_session(2, retry) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")), repo_id="a/b", retry=retry)
+        await client.list_files("0" * 40)
+
+
 async def test_hostile_listing_from_server_is_refused(aiohttp_server):
     async def tree(request):
         return web.json_response(
             [{"type": "file", "path": "data/../../../etc/cron.d/x.jsonl.zst", "size": 5, "oid": "0"}]
         )
 
-    app = web.Application()
-    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)
-    server = await aiohttp_server(app)
-    retry = RetryPolicy(max_attempts=1)
-    async with make_session(2, retry) as session:
-        client = HubClient(session, endpoint=str(server.make_url("")), repo_id="a/b", retry=retry)
-        with pytest.raises(UnsafePathError):
-            await client.list_files("0" * 40)
+    with pytest.raises(UnsafePathError):
+        await _list_from(aiohttp_server, tree)
 
 
 async def test_listing_next_page_to_another_host_is_refused(aiohttp_server):
     async def tree(request):
         return web.json_response([], headers={"Link": '<http://example.invalid/x>; rel="next"'})
 
-    app = web.Application()
-    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)
-    server = await aiohttp_server(app)
-    retry = RetryPolicy(max_attempts=1)
-    async with make_session(2, retry) as session:
-        client = HubClient(session, endpoint=str(server.make_url("")), repo_id="a/b", retry=retry)
-        with pytest.raises(Exception, match="another host"):
-            await client.list_files("0" * 40)
+    with pytest.raises(Exception, match="another host"):
+        await _list_from(aiohttp_server, tree)

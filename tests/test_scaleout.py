@@ -116,54 +116,39 @@ def test_killed_worker_rerun_completes_and_finalize_waits_for_it(repos, tmp_path
     assert not list((out / "staging").glob(".*.tmp"))
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bolmo_async", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+    )
+
+
 @pytest.mark.slow
 def test_ray_local_cluster_gives_identical_shards(repos, tmp_path):
     pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`; without it this cannot run")
     with MirrorThread(repos) as m:
         single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
         out = tmp_path / "ray"
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bolmo_async",
-                "fetch",
-                "--output-dir",
-                str(out),
-                "--endpoint",
-                m.endpoint,
-                "--data-fraction",
-                str(FRACTION),
-                "--ray",
-                "--ray-tasks",
-                "3",
-                "--no-progress",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+        r = _cli(
+            "fetch",
+            "--output-dir",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            str(FRACTION),
+            "--ray",
+            "--ray-tasks",
+            "3",
+            "--no-progress",
         )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "Ray" in r.stdout
         local = bolmo_async.finalize(out, max_tokens_per_file=120_000)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bolmo_async",
-                "finalize",
-                "--output-dir",
-                str(out),
-                "--ray",
-                "--max-tokens-per-file",
-                "120000",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
-        )
+        r = _cli("finalize", "--output-dir", str(out), "--ray", "--max-tokens-per-file", "120000")
         assert r.returncode == 0, r.stderr[-3000:]
         with_ray = json.loads((out / "manifest.json").read_text())
     assert len(local["shards"]) > 2 and shard_hashes(with_ray) == shard_hashes(local)

@@ -151,6 +151,8 @@ class Mirror:
         url_ttl: float = 3600.0,
     ):
         self.repos = {(r.repo_type, r.repo_id): r for r in repos}
+        #: LFS objects by sha256, for the CDN listener.
+        self._by_sha = {e.sha256: e for r in repos for e in r.files.values()}
         self.host, self.port, self.cdn_port = host, port, cdn_port
         self.page_size = page_size
         self.faults = faults
@@ -259,13 +261,6 @@ class Mirror:
     def _sign(self, sha256: str, expires: int) -> str:
         return hmac.new(self._secret, f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def _entry_by_sha(self, sha256: str) -> Entry | None:
-        for repo in self.repos.values():
-            for e in repo.files.values():
-                if e.sha256 == sha256:
-                    return e
-        return None
-
     # -- handlers -----------------------------------------------------------------------
     def _revision(self, rtype: str):
         async def handler(request: web.Request) -> web.Response:
@@ -372,7 +367,7 @@ class Mirror:
             return web.Response(
                 status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
             )
-        entry = self._entry_by_sha(sha256)
+        entry = self._by_sha.get(sha256)
         if entry is None:
             raise web.HTTPNotFound()
         headers = {"ETag": f'"{entry.sha256}"', "Accept-Ranges": "bytes"}
