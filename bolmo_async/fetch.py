@@ -22,13 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import LineDecoder, parquet_batch
 from .download import BytesSink, stream
-from .errors import AuthError, BolmoError, DiskSpaceError, DownloadError, FetchIncomplete, IntegrityError, StateError
+from .errors import (
+    AuthError,
+    BolmoError,
+    DiskSpaceError,
+    DownloadError,
+    FetchIncomplete,
+    IntegrityError,
+    StateError,
+    TokenizerError,
+)
 from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
 from .models import Plan, PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .progress import Progress
@@ -43,7 +51,7 @@ EMIT_BYTES = 4 << 20
 
 
 #: Errors that stop the whole run (every other file would fail the same way).
-FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError)
+FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError, TokenizerError)
 
 
 @dataclass(frozen=True)
@@ -108,11 +116,11 @@ class Processor:
         self.skips = SkipCounter()
         self.hasher = Hasher(self.pf)
         self.decoder = LineDecoder(self.pf.path, self.suffix, self.skips, limit=self.pf.limit)
-        self._writer = self.staging.writer(self.pf, self.tokenizer.info.fingerprint)
+        self._writer = self.staging.writer(self.pf, self.tokenizer.info.fingerprint, self.tokenizer.info.kind)
         self.sha256: str | None = None
         for _, fut in getattr(self, "_inflight", ()):
             fut.cancel()
-        self._inflight: deque[tuple[pa.RecordBatch, Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+        self._inflight: deque[tuple[pa.RecordBatch, Future[pa.Array]]] = deque()
         self._small: list[pa.RecordBatch] = []  # small batches (parquet row groups) waiting to be coalesced
         self._small_bytes = 0
 
@@ -206,11 +214,10 @@ class Processor:
 
     def _write_oldest(self) -> None:
         batch, fut = self._inflight.popleft()
-        flat, offsets = fut.result()
         assert self._writer is not None
-        self._writer.write(batch.column("id"), batch.column("loc"), flat, offsets)
+        tokens = self._writer.write(batch.column("id"), batch.column("loc"), fut.result())
         if self.progress:
-            self.progress.add_documents(batch.num_rows, len(flat))
+            self.progress.add_documents(batch.num_rows, tokens)
 
     def _check(self) -> None:
         if self._aborted:

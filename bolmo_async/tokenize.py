@@ -18,17 +18,19 @@ the raw bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import TokenizerError
 from .models import TokenizerInfo
@@ -41,13 +43,48 @@ BYTE_VOCAB = 256 + BYTE_OFFSET
 BYTE_SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<bpe_token_end>": 3}
 
 
-def _done(texts: pa.Array, encode: Any) -> Future[tuple[np.ndarray, np.ndarray]]:
-    fut: Future[tuple[np.ndarray, np.ndarray]] = Future()
+def _done(value: Any, fn: Any) -> Future[Any]:
+    fut: Future[Any] = Future()
     try:
-        fut.set_result(encode(texts))
+        fut.set_result(fn(value))
     except Exception as exc:
         fut.set_exception(exc)
     return fut
+
+
+def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """Flat ids + document offsets -> the staged ``large_list<uint32>`` column (no copy)."""
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))
+
+
+def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Bolmo byte ids of string/binary ``texts``: flat ``utf8 + 4`` with EOS ``1`` after each
+    document, and the int64 document offsets into it (len n + 1). No Python loop per document."""
+    arr = texts.cast(pa.large_binary())
+    n = len(arr)
+    if arr.null_count:
+        raise ValueError("byte_ids: texts must not be null")
+    if n == 0:
+        return np.empty(0, np.uint32), np.zeros(1, np.int64)
+    # One Arrow kernel call lays each document's bytes out followed by a placeholder byte, i.e.
+    # exactly the id layout; then one vectorised add, and the EOS ids go where the placeholders are.
+    nothing = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int64)), pa.py_buffer(b"")]
+    )
+    joined = pc.binary_join_element_wise(arr, nothing, pa.scalar(b"\0", pa.large_binary()))
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=n + 1, offset=joined.offset * 8)
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(joined.buffers()[2], dtype=np.uint8, count=end - start, offset=start)
+    out = np.add(data, BYTE_OFFSET, dtype=np.uint32)
+    rel = offsets - start
+    out[rel[1:] - 1] = BYTE_EOS
+    return out, rel
+
+
+def byte_ids_slice(data: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Ids ``[lo, hi)`` of one document whose UTF-8 bytes are ``data`` (its EOS is id ``len(data)``)."""
+    body = np.add(data[lo : min(hi, len(data))], BYTE_OFFSET, dtype=np.uint32)
+    return np.append(body, np.uint32(BYTE_EOS)) if hi > len(data) else body
 
 
 class ByteTokenizer:
@@ -55,8 +92,9 @@ class ByteTokenizer:
 
     inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
 
-    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
-        return _done(texts, self.encode_batch)
+    def submit(self, texts: pa.Array) -> Future[pa.Array]:
+        """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
+        return _done(texts, lambda t: t.cast(pa.large_binary()))
 
     def __init__(self) -> None:
         self.info = TokenizerInfo(
@@ -69,31 +107,7 @@ class ByteTokenizer:
         )
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        arr = texts.cast(pa.large_string()) if texts.type != pa.large_string() else texts
-        n = len(arr)
-        if n == 0:
-            return np.empty(0, np.uint32), np.zeros(1, np.int64)
-        _, off_buf, data_buf = arr.buffers()
-        offsets = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
-        start, end = int(offsets[0]), int(offsets[-1])
-        data = (
-            np.frombuffer(data_buf, dtype=np.uint8, count=end - start, offset=start)
-            if end > start
-            else np.empty(0, np.uint8)
-        )
-        rel = offsets - start
-        out = np.empty(len(data) + n, dtype=np.uint32)
-        # Document i's bytes land at [rel[i] + i, rel[i+1] + i); its EOS at rel[i+1] + i.
-        eos_pos = rel[1:] + np.arange(n, dtype=np.int64)
-        is_byte = np.ones(len(out), dtype=bool)
-        is_byte[eos_pos] = False
-        out[is_byte] = data
-        out += BYTE_OFFSET
-        out[eos_pos] = BYTE_EOS
-        out_offsets = np.empty(n + 1, dtype=np.int64)
-        out_offsets[0] = 0
-        out_offsets[1:] = eos_pos + 1
-        return out, out_offsets
+        return byte_ids(texts)
 
 
 def decode_bytes(ids: np.ndarray) -> str:
@@ -230,7 +244,11 @@ def tiktoken_convertible(spec: dict[str, Any]) -> tuple[dict[bytes, int], str] |
 
 
 class SubwordTokenizer:
-    """A ``tokenizers`` JSON tokenizer with EOS appended after each document."""
+    """A ``tokenizers`` JSON tokenizer with EOS appended after each document.
+
+    Cheap to ship to worker processes: it pickles as its recipe (JSON text, tiktoken ranks) and
+    each engine is built on first use, so a worker builds only the engine it runs.
+    """
 
     def __init__(
         self,
@@ -241,29 +259,26 @@ class SubwordTokenizer:
         engine: str = "auto",
         threads: int | None = None,
     ):
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
-            self._spec = json.loads(source.json_text)
-            self._hf = HFTokenizer.from_str(source.json_text)
-        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            spec = json.loads(source.json_text)
+            if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+                raise ValueError("no 'model' object")
+        except ValueError as exc:
             raise TokenizerError(f"{source.identifier}: not a valid tokenizers JSON ({exc})") from exc
-        self._hf.encode_special_tokens = special_tokens_as_text
+        if engine not in ("auto", "tiktoken", "tokenizers"):
+            raise TokenizerError(f"unknown --engine {engine!r}; choose auto, tiktoken or tokenizers")
+        self.identifier = source.identifier
         self.source_json = source.json_text
         self.special_tokens_as_text = special_tokens_as_text
-        added = self._spec.get("added_tokens", [])
+        self._hf_obj: Any = None
+        self._tt_obj: Any = None
+        self._ranks: dict[bytes, int] | None = None
+        self._pattern = ""
+        added = spec.get("added_tokens", [])
         self._special = {a["content"]: a["id"] for a in added if a.get("special")}
         self._nonspecial = {a["content"]: a["id"] for a in added if not a.get("special")}
-        eos = eos_token_id if eos_token_id is not None else self._find_eos(source.config)
-        vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-        if not 0 <= eos < max(vocab_size, eos + 1) or eos > np.iinfo(np.uint32).max:
-            raise TokenizerError(f"EOS id {eos} is out of range; pass a valid --eos-token-id.")
-        self.eos = eos
-        self._threads = threads or os.cpu_count() or 2
-        self._tt: Any = None
-        chosen = "tokenizers"
         if engine in ("auto", "tiktoken"):
-            conv = tiktoken_convertible(self._spec)
+            conv = tiktoken_convertible(spec)
             if isinstance(conv, str):
                 if engine == "tiktoken":
                     raise TokenizerError(f"--engine tiktoken: {source.identifier} cannot be converted exactly: {conv}.")
@@ -271,18 +286,16 @@ class SubwordTokenizer:
                     "tokenizer %s runs on `tokenizers` (no exact tiktoken conversion: %s)", source.identifier, conv
                 )
             else:
-                import tiktoken
-
-                ranks, pattern = conv
-                self._tt = tiktoken.Encoding(
-                    name=f"bolmo-async:{source.identifier}",
-                    pat_str=pattern,
-                    mergeable_ranks=ranks,
-                    special_tokens={**self._special, **self._nonspecial},
-                )
-                chosen = "tiktoken"
-        elif engine != "tokenizers":
-            raise TokenizerError(f"unknown --engine {engine!r}; choose auto, tiktoken or tokenizers")
+                self._ranks, self._pattern = conv
+        if self._ranks is None:
+            _ = self._hf  # the general engine: build it now, so that a bad JSON fails here
+        vocab = {**(spec["model"].get("vocab") or {}), **{a["content"]: a["id"] for a in added}}
+        eos = eos_token_id if eos_token_id is not None else self._find_eos(source.config, vocab)
+        vocab_size = len(vocab)
+        if not 0 <= eos < max(vocab_size, eos + 1) or eos > np.iinfo(np.uint32).max:
+            raise TokenizerError(f"EOS id {eos} is out of range; pass a valid --eos-token-id.")
+        self.eos = eos
+        self._threads = threads or os.cpu_count() or 2
         self._allowed = set(self._nonspecial) if special_tokens_as_text else set(self._nonspecial) | set(self._special)
         self.info = TokenizerInfo(
             kind="subword",
@@ -290,19 +303,54 @@ class SubwordTokenizer:
             eos_token_id=eos,
             vocab_size=vocab_size,
             fingerprint=hashlib.sha256(source.json_text.encode("utf-8")).hexdigest()[:16],
-            engine=chosen,
+            engine="tiktoken" if self._ranks is not None else "tokenizers",
             special_tokens_as_text=special_tokens_as_text,
         )
 
-    def _find_eos(self, config: dict[str, Any]) -> int:
+    @property
+    def _hf(self) -> Any:
+        """The ``tokenizers`` engine (the general path and the reference), built on first use."""
+        if self._hf_obj is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            try:
+                hf = HFTokenizer.from_str(self.source_json)
+            except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+                raise TokenizerError(f"{self.identifier}: not a valid tokenizers JSON ({exc})") from exc
+            hf.encode_special_tokens = self.special_tokens_as_text
+            self._hf_obj = hf
+        return self._hf_obj
+
+    @property
+    def _tt(self) -> Any:
+        """The ``tiktoken`` engine (None when the tokenizer does not convert), built on first use."""
+        if self._tt_obj is None and self._ranks is not None:
+            import tiktoken
+
+            self._tt_obj = tiktoken.Encoding(
+                name=f"bolmo-async:{self.identifier}",
+                pat_str=self._pattern,
+                mergeable_ranks=self._ranks,
+                special_tokens={**self._special, **self._nonspecial},
+            )
+        return self._tt_obj
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_hf_obj"] = state["_tt_obj"] = None  # rebuilt where they are used
+        return state
+
+    def warm(self) -> None:
+        """Build the engine in use now (worker start-up) instead of at the first batch."""
+        _ = self._tt if self._ranks is not None else self._hf
+
+    def _find_eos(self, config: dict[str, Any], vocab: dict[str, int]) -> int:
         eos = config.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         for cand in (eos, "<|endoftext|>", "</s>", "<eos>"):
-            if isinstance(cand, str):
-                i = self._hf.token_to_id(cand)
-                if i is not None:
-                    return int(i)
+            if isinstance(cand, str) and cand in vocab:
+                return int(vocab[cand])
         raise TokenizerError(
             "the tokenizer has no EOS token (no eos_token in its config, no <|endoftext|>); pass --eos-token-id."
         )
@@ -319,8 +367,12 @@ class SubwordTokenizer:
 
     inflight = 0
 
-    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
-        return _done(texts, self.encode_batch)
+    def submit(self, texts: pa.Array) -> Future[pa.Array]:
+        """The staged tokens column (``large_list<uint32>``, EOS included)."""
+        return _done(texts, self.encode_column)
+
+    def encode_column(self, texts: pa.Array) -> pa.Array:
+        return tokens_column(*self.encode_batch(texts))
 
     def _encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Ids without EOS as uint32 arrays; straight from tiktoken's buffer when single-threaded."""
@@ -352,66 +404,92 @@ class SubwordTokenizer:
 _WORKER: SubwordTokenizer | None = None
 
 
-def _worker_init(source: TokenizerSource, kwargs: dict[str, Any]) -> None:
+def _worker_init(recipes: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     global _WORKER
-    _WORKER = SubwordTokenizer(source, threads=1, **kwargs)
+    tokenizer: SubwordTokenizer = recipes.get()
+    tokenizer._threads = 1
+    tokenizer.warm()
+    _WORKER = tokenizer
 
 
-def _worker_info() -> TokenizerInfo:
+def _worker_ready() -> None:
     assert _WORKER is not None
-    return _WORKER.info
 
 
-def _worker_encode(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def _worker_encode(texts: pa.Array) -> pa.Array:
     assert _WORKER is not None
-    return _WORKER.encode_batch(texts)
+    return _WORKER.encode_column(texts)
 
 
 class ProcessTokenizer:
-    """A ``SubwordTokenizer`` running in ``processes`` spawned worker processes; same interface."""
+    """A ``SubwordTokenizer`` running in ``processes`` spawned worker processes; same interface.
 
-    def __init__(self, source: TokenizerSource, processes: int, **kwargs: Any):
+    The tokenizer is built (and checked) once here; workers receive its recipe and build only
+    the engine they run. Start-up does not wait for them: the first batches queue meanwhile.
+    """
+
+    def __init__(self, tokenizer: SubwordTokenizer, processes: int):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self._pool = ProcessPoolExecutor(
-            processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(source, kwargs),
-        )
-        try:
-            # One call per worker at once: every worker starts now, in parallel, not at its first batch.
-            infos = [self._pool.submit(_worker_info) for _ in range(processes)]
-            self.info: TokenizerInfo = infos[0].result()
-            for f in infos[1:]:
-                f.result()
-        except Exception as exc:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            if isinstance(exc, TokenizerError):
-                raise
-            raise TokenizerError(f"{source.identifier}: the tokenizer workers failed to start ({exc})") from exc
-        self.source_json = source.json_text
+        self.info: TokenizerInfo = tokenizer.info
+        self.source_json = tokenizer.source_json
+        ctx = multiprocessing.get_context("spawn")
+        # The tokenizer (a few MB pickled) goes through a queue, not the spawn arguments: spawning
+        # blocks until a child has read its arguments, which would start the workers one by one.
+        self._recipes = ctx.Queue()
+        for _ in range(processes):
+            self._recipes.put(tokenizer)
+        self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init, initargs=(self._recipes,))
+        # One call per worker: all of them start now, in parallel, not at their first batch.
+        self._ready = [self._pool.submit(_worker_ready) for _ in range(processes)]
 
         #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
         self.inflight = 2 * processes
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        return self.submit(texts).result()
+        col = self.submit(texts).result()
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
+        return col.values.to_numpy(), offsets
 
-    def submit(self, texts: pa.Array) -> Future[tuple[np.ndarray, np.ndarray]]:
-        return self._pool.submit(_worker_encode, texts)
+    def submit(self, texts: pa.Array) -> Future[pa.Array]:
+        out: Future[pa.Array] = Future()
+        try:
+            inner = self._pool.submit(_worker_encode, texts)
+        except RuntimeError as exc:  # BrokenProcessPool, or submit after shutdown
+            out.set_exception(self._failed(exc))
+            return out
+
+        def relay(f: Future[pa.Array]) -> None:
+            with contextlib.suppress(InvalidStateError):  # ``out`` was cancelled meanwhile
+                if f.cancelled():
+                    out.cancel()
+                elif (exc := f.exception()) is not None:
+                    out.set_exception(exc if isinstance(exc, TokenizerError | ValueError) else self._failed(exc))
+                else:
+                    out.set_result(f.result())
+
+        inner.add_done_callback(relay)
+        out.add_done_callback(lambda o: inner.cancel() if o.cancelled() else None)
+        return out
+
+    def _failed(self, exc: BaseException) -> TokenizerError:
+        return TokenizerError(
+            f"{self.info.identifier}: a tokenizer worker process failed ({str(exc) or type(exc).__name__})"
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._recipes.close()
+        self._recipes.join_thread()
 
 
 #: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64
-#: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the same,
-#: and ``inflight`` (batches a caller may keep in flight).
+#: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the
+#: staged ``tokens`` column (see ``staging``), and ``inflight`` (batches a caller may keep in flight).
 AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
 
 
@@ -437,7 +515,6 @@ def make_tokenizer(
             "engine": engine,
         }
         n = processes or os.cpu_count() or 1
-        if n > 1:
-            return ProcessTokenizer(src, n, **kwargs)
-        return SubwordTokenizer(src, **kwargs)
+        tok = SubwordTokenizer(src, **kwargs)
+        return ProcessTokenizer(tok, n) if n > 1 else tok
     raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
