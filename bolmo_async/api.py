@@ -28,7 +28,7 @@ from .models import (
     validate_fraction,
 )
 from .plan import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
-from .tokenize import AnyTokenizer, ByteTokenizer, ProcessTokenizer, make_tokenizer
+from .tokenize import AnyTokenizer, ByteTokenizer, make_tokenizer
 from .util import atomic_write_text, human_bytes
 
 log = logging.getLogger("bolmo_async")
@@ -219,7 +219,7 @@ def fetch(
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
-    ``processes``: subword tokenizer worker processes (0: one per core; 1: in-process threads)."""
+    ``processes``: subword BPE in that many worker processes when >= 2 (default: threads, one per core)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
     plan_options = any(v is not None for v in (repo_id, revision, data_fraction, seed))
@@ -272,8 +272,7 @@ def fetch(
         files = None if worker is None else assign_workers(the_plan, worker[1])[worker[0]]
         fetcher = run_interruptible(fetch_async(the_plan, opts, tok, files))
     finally:
-        if isinstance(tok, ProcessTokenizer):
-            tok.close()
+        tok.close()
     p = fetcher.progress
     return {
         "files": len(the_plan.files) if files is None else len(files),

@@ -182,7 +182,10 @@ SPECIAL = typer.Option(
 )
 ENGINE = typer.Option("auto", "--engine", help="Subword engine: auto (tiktoken when exact), tiktoken, tokenizers.")
 PROCESSES = typer.Option(
-    0, "--tokenizer-processes", min=0, help="Subword BPE worker processes (0: one per core; 1: none)."
+    0,
+    "--tokenizer-processes",
+    min=0,
+    help="Subword BPE in N worker processes (N >= 2); default 0: threads in this process, one per core.",
 )
 CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
 STREAMING = typer.Option(

@@ -23,7 +23,8 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import Future, InvalidStateError
+import threading
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,9 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return byte_ids(texts)
+
+    def close(self) -> None:
+        pass
 
 
 def decode_bytes(ids: np.ndarray) -> str:
@@ -295,7 +299,11 @@ class SubwordTokenizer:
         if not 0 <= eos < max(vocab_size, eos + 1) or eos > np.iinfo(np.uint32).max:
             raise TokenizerError(f"EOS id {eos} is out of range; pass a valid --eos-token-id.")
         self.eos = eos
+        # The EOS as text, when it is an added token (tiktoken then maps that string to the EOS id).
+        self._eos_text = next((t for t, i in {**self._special, **self._nonspecial}.items() if i == eos), None)
         self._threads = threads or os.cpu_count() or 2
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self._allowed = set(self._nonspecial) if special_tokens_as_text else set(self._nonspecial) | set(self._special)
         self.info = TokenizerInfo(
             kind="subword",
@@ -337,8 +345,13 @@ class SubwordTokenizer:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_hf_obj"] = state["_tt_obj"] = None  # rebuilt where they are used
+        state["_hf_obj"] = state["_tt_obj"] = state["_pool"] = None  # rebuilt where they are used
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def warm(self) -> None:
         """Build the engine in use now (worker start-up) instead of at the first batch."""
@@ -357,30 +370,63 @@ class SubwordTokenizer:
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Ids without EOS, one list per text."""
-        if self._tt is not None:
-            if self._threads <= 1:  # tiktoken's own batch thread pool is slower than a loop here
-                return [self._tt.encode(t, allowed_special=self._allowed, disallowed_special=()) for t in texts]
-            return self._tt.encode_batch(
-                texts, num_threads=self._threads, allowed_special=self._allowed, disallowed_special=()
-            )
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        return [p.tolist() for p in self._encode_docs(texts)]
 
-    inflight = 0
+    #: Batches a caller may keep in flight: enough to keep every thread busy on one large file.
+    @property
+    def inflight(self) -> int:
+        return 2 * self._threads if self._threads > 1 else 0
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
-        """The staged tokens column (``large_list<uint32>``, EOS included)."""
-        return _done(texts, self.encode_column)
+        """The staged tokens column (``large_list<uint32>``, EOS included), encoded on one of
+        ``threads`` threads: both engines release the GIL while they encode a batch."""
+        if self._threads <= 1:
+            return _done(texts, self.encode_column)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="bolmo-bpe")
+            return self._pool.submit(self.encode_column, texts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     def encode_column(self, texts: pa.Array) -> pa.Array:
         return tokens_column(*self.encode_batch(texts))
 
-    def _encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        """Ids without EOS as uint32 arrays; straight from tiktoken's buffer when single-threaded."""
+    def _encode_docs(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids without EOS as uint32 arrays, one call per document."""
+        if self._tt is None:
+            return [np.asarray(e.ids, dtype=np.uint32) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        return [self._tiktoken(t, self._allowed) for t in texts]
+
+    def _tiktoken(self, text: str, allowed: set[str]) -> np.ndarray:
         core = getattr(self._tt, "_core_bpe", None)
-        if core is not None and self._threads <= 1 and hasattr(core, "encode_to_tiktoken_buffer"):
-            allowed = self._allowed
-            return [np.frombuffer(core.encode_to_tiktoken_buffer(t, allowed), dtype=np.uint32) for t in texts]
-        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_texts(texts)]
+        if core is not None and hasattr(core, "encode_to_tiktoken_buffer"):  # no Python list in between
+            return np.frombuffer(core.encode_to_tiktoken_buffer(text, allowed), dtype=np.uint32)
+        return np.asarray(self._tt.encode(text, allowed_special=allowed, disallowed_special=()), dtype=np.uint32)
+
+    def _encode_joined(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole batch in one tiktoken call (which releases the GIL throughout): documents
+        joined by the EOS token's own string, which tiktoken turns into the EOS id and where it
+        restarts its split, so each document is encoded exactly as alone. None when a document
+        contains that string itself (the caller then encodes document by document)."""
+        sep = self._eos_text
+        if self._tt is None or sep is None or len(texts) == 0 or texts.null_count:
+            return None
+        texts = texts.cast(pa.large_string())
+        if pc.any(pc.match_substring(texts, sep)).as_py():
+            return None
+        joined = pc.binary_join_element_wise(texts, pa.scalar("", pa.large_string()), pa.scalar(sep, pa.large_string()))
+        offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=len(joined) + 1, offset=joined.offset * 8)
+        text = joined.buffers()[2].to_pybytes()[int(offsets[0]) : int(offsets[-1])].decode("utf-8")
+        flat = self._tiktoken(text, self._allowed | {sep})
+        ends = np.flatnonzero(flat == self.eos) + 1
+        if len(ends) != len(texts) or ends[-1] != len(flat):
+            return None  # cannot happen with an added-token EOS; the per-document path is the reference
+        return flat, np.concatenate([np.zeros(1, np.int64), ends.astype(np.int64)])
 
     def encode_reference(self, text: str) -> list[int]:
         """The ``tokenizers`` engine on one text, whatever engine is in use (tests, inspection)."""
@@ -390,7 +436,10 @@ class SubwordTokenizer:
         return str(self._hf.decode(ids, skip_special_tokens=False))
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        pieces = self._encode_arrays(texts.to_pylist())
+        joined = self._encode_joined(texts)
+        if joined is not None:
+            return joined
+        pieces = self._encode_docs(texts.to_pylist())
         offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
         np.cumsum([len(p) + 1 for p in pieces], out=offsets[1:])
         eos = np.array([self.eos], dtype=np.uint32)
@@ -409,7 +458,9 @@ def _worker_init(recipes: Any) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     global _WORKER
-    tokenizer: SubwordTokenizer = recipes.get()
+    tokenizer: SubwordTokenizer | None = recipes.get()
+    if tokenizer is None:  # the parent gave up before sending a tokenizer
+        os._exit(0)
     tokenizer._threads = 1
     tokenizer.warm()
     _WORKER = tokenizer
@@ -427,28 +478,35 @@ def _worker_encode(texts: pa.Array) -> pa.Array:
 class ProcessTokenizer:
     """A ``SubwordTokenizer`` running in ``processes`` spawned worker processes; same interface.
 
-    The tokenizer is built (and checked) once here; workers receive its recipe and build only
-    the engine they run. Start-up does not wait for them: the first batches queue meanwhile.
+    Workers are spawned first (``__init__``) and start importing while the parent builds and
+    checks the tokenizer once; ``start`` then sends them its recipe, from which each builds only
+    the engine it runs. Nothing waits for them: the first batches queue meanwhile.
     """
 
-    def __init__(self, tokenizer: SubwordTokenizer, processes: int):
+    def __init__(self, processes: int):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.info: TokenizerInfo = tokenizer.info
-        self.source_json = tokenizer.source_json
         ctx = multiprocessing.get_context("spawn")
+        self._processes = processes
         # The tokenizer (a few MB pickled) goes through a queue, not the spawn arguments: spawning
         # blocks until a child has read its arguments, which would start the workers one by one.
         self._recipes = ctx.Queue()
-        for _ in range(processes):
-            self._recipes.put(tokenizer)
+        self._started = False
         self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init, initargs=(self._recipes,))
         # One call per worker: all of them start now, in parallel, not at their first batch.
         self._ready = [self._pool.submit(_worker_ready) for _ in range(processes)]
 
         #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
         self.inflight = 2 * processes
+
+    def start(self, tokenizer: SubwordTokenizer) -> ProcessTokenizer:
+        self.info: TokenizerInfo = tokenizer.info
+        self.source_json = tokenizer.source_json
+        for _ in range(self._processes):
+            self._recipes.put(tokenizer)
+        self._started = True
+        return self
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         col = self.submit(texts).result()
@@ -482,6 +540,9 @@ class ProcessTokenizer:
         )
 
     def close(self) -> None:
+        if not self._started:
+            for _ in range(self._processes):
+                self._recipes.put(None)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._recipes.close()
         self._recipes.join_thread()
@@ -504,17 +565,20 @@ def make_tokenizer(
     engine: str = "auto",
     processes: int = 0,
 ) -> AnyTokenizer:
-    """``processes`` > 1 runs subword BPE in that many worker processes (0: one per core)."""
+    """Subword BPE runs on one thread per core in this process; ``processes`` >= 2 runs it in that
+    many worker processes instead."""
     if kind == "byte":
         return ByteTokenizer()
     if kind == "subword":
-        src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
-        kwargs: dict[str, Any] = {
-            "eos_token_id": eos_token_id,
-            "special_tokens_as_text": special_tokens_as_text,
-            "engine": engine,
-        }
-        n = processes or os.cpu_count() or 1
-        tok = SubwordTokenizer(src, **kwargs)
-        return ProcessTokenizer(tok, n) if n > 1 else tok
+        workers = ProcessTokenizer(processes) if processes > 1 else None  # importing while the tokenizer is built
+        try:
+            src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
+            tok = SubwordTokenizer(
+                src, eos_token_id=eos_token_id, special_tokens_as_text=special_tokens_as_text, engine=engine
+            )
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
+        return workers.start(tok) if workers is not None else tok
     raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
