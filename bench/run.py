@@ -227,37 +227,42 @@ def main() -> None:
     results["text_bytes"] = text_bytes
     results["documents"] = len(texts)
     print(f"mix: {len(texts)} documents, {text_bytes / 1e6:.1f} MB of text", flush=True)
-
-    def rep(fn: Any, *a: Any, **k: Any) -> dict[str, Any]:
-        runs = [fn(*a, **k) for _ in range(args.repeats)]
-        r = best(runs)
-        r["runs_seconds"] = [round(x["seconds"], 3) for x in runs]
-        return r
-
-    results["limit_parse"] = rep(limit_parse, mix)
-    if DOLMA2.exists():
-        results["limit_tokenizers_2t"] = rep(limit_tokenizers, texts, 2)
-        results["limit_tiktoken_1t"] = rep(limit_tiktoken, texts, 1)
-        results["limit_tiktoken_2t"] = rep(limit_tiktoken, texts, 2)
-    del texts
     mirror, endpoint = start_mirror(mix, tok_dir)
+    out = HERE / "out"
+    jobs: list[tuple[str, Any]] = [
+        ("limit_parse", lambda: limit_parse(mix)),
+        ("ours_byte", lambda: ours(endpoint, "byte", out / "ours-byte")),
+        ("ours_byte_f0.1", lambda: ours(endpoint, "byte", out / "ours-byte-small", fraction=0.1)),
+        ("ours_byte_shard10M", lambda: ours(endpoint, "byte", out / "ours-byte-10m", max_tokens=10_000_000)),
+    ]
+    if tok_dir is not None:
+        jobs += [
+            ("limit_tokenizers_2t", lambda: limit_tokenizers(texts, 2)),
+            ("limit_tiktoken_1t", lambda: limit_tiktoken(texts, 1)),
+            ("limit_tiktoken_2t", lambda: limit_tiktoken(texts, 2)),
+            ("ours_subword", lambda: ours(endpoint, "subword", out / "ours-subword")),
+            ("ours_subword_f0.1", lambda: ours(endpoint, "subword", out / "ours-subword-small", fraction=0.1)),
+        ]
+        if not args.skip_baseline:
+            jobs += [
+                ("baseline_byte", lambda: baseline(endpoint, "byte", out / "base-byte", DOLMA2)),
+                ("baseline_subword", lambda: baseline(endpoint, "subword", out / "base-subword", DOLMA2)),
+            ]
+    # Rounds interleave every measurement: this machine's speed drifts (shared host), so a ratio
+    # compares runs made minutes apart at most, never a fast period with a slow one.
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
     try:
-        results["ours_byte"] = rep(ours, endpoint, "byte", HERE / "out" / "ours-byte")
-        results["ours_byte_f0.1"] = rep(ours, endpoint, "byte", HERE / "out" / "ours-byte-small", fraction=0.1)
-        results["ours_byte_shard10M"] = rep(
-            ours, endpoint, "byte", HERE / "out" / "ours-byte-10m", max_tokens=10_000_000
-        )
-        if tok_dir is not None:
-            results["ours_subword"] = rep(ours, endpoint, "subword", HERE / "out" / "ours-subword")
-            results["ours_subword_f0.1"] = rep(
-                ours, endpoint, "subword", HERE / "out" / "ours-subword-small", fraction=0.1
-            )
-            if not args.skip_baseline:
-                results["baseline_byte"] = rep(baseline, endpoint, "byte", HERE / "out" / "base-byte", DOLMA2)
-                results["baseline_subword"] = rep(baseline, endpoint, "subword", HERE / "out" / "base-subword", DOLMA2)
+        for round_no in range(args.repeats):
+            for key, job in jobs:
+                print(f"round {round_no + 1}/{args.repeats}: {key} ...", flush=True)
+                runs[key].append(job())
     finally:
         mirror.terminate()
         mirror.wait()
+    for key, rs in runs.items():
+        r = best(rs)
+        r["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
+        results[key] = r
     report(results)
 
 

@@ -88,7 +88,8 @@ class ShardWriter:
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._raw_csv = open(self.csv_tmp, "wb")  # noqa: SIM115
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw_csv, mtime=0, compresslevel=CSV_GZIP_LEVEL)
-        self._lane = _Lane()
+        self._lane = _Lane()  # file writes and gzip, in order
+        self._hash_lane = _Lane()  # the running sha256, in order, beside the writes
         self.sha = hashlib.sha256()
         self.tokens = 0
         self.documents = 0  # csv rows (pieces of documents)
@@ -97,6 +98,7 @@ class ShardWriter:
         data = np.ascontiguousarray(values, dtype="<u4")
         self.tokens += len(data)
         self._lane.put(self._write, data)
+        self._hash_lane.put(self.sha.update, data.data)
 
     def _write(self, data: np.ndarray) -> None:
         try:
@@ -104,7 +106,6 @@ class ShardWriter:
         except OSError as exc:
             raise_if_disk_full(exc, self.tmp)
             raise
-        self.sha.update(data.data)
 
     def rows(self, starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs: pa.Array) -> None:
         """csv.gz rows ``start,end,id,src,loc`` (no header), built by Arrow kernels, not per row."""
@@ -113,8 +114,9 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         try:
-            self._lane.drain()
-            self._lane.close()
+            for lane in (self._lane, self._hash_lane):
+                lane.drain()
+                lane.close()
             self._gz.close()
             for f in (self._f, self._raw_csv):
                 f.flush()
@@ -136,6 +138,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._lane.close()
+        self._hash_lane.close()
         for f in (self._f, self._raw_csv):
             with contextlib.suppress(Exception):
                 f.close()
@@ -149,6 +152,9 @@ _NEEDS_QUOTES = r'[,"\r\n]'
 
 def _csv_field(values: pa.Array) -> pa.Array:
     """Strings as CSV fields: quoted (``"`` doubled) only when they hold ``,`` ``"`` CR or LF."""
+    data = values.buffers()[2]
+    if data is None or not any(memoryview(data).tobytes().find(c) >= 0 for c in (b",", b'"', b"\r", b"\n")):
+        return values  # nothing to quote (the usual case): skip the kernels
     quoted = pc.binary_join_element_wise('"', pc.replace_substring(values, '"', '""'), '"', "")
     return pc.if_else(pc.match_substring_regex(values, _NEEDS_QUOTES), quoted, values)
 

@@ -227,12 +227,15 @@ def tiktoken_convertible(spec: dict[str, Any]) -> tuple[dict[bytes, int], str] |
     added_ids = {a["id"] for a in spec.get("added_tokens", [])}
     u2b = {c: b for b, c in _bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
+    # Each byte-level character -> the Latin-1 character of its byte, anything else -> U+FFFF
+    # (which Latin-1 cannot encode): one C-level translate + encode per entry.
+    table = {cp: (chr(u2b[chr(cp)]) if chr(cp) in u2b else "\uffff") for cp in range(0x400)}
     for tok, i in model["vocab"].items():
         if i in added_ids:
             continue
         try:
-            ranks[bytes(u2b[c] for c in tok)] = i
-        except KeyError:
+            ranks[tok.translate(table).encode("latin-1")] = i
+        except UnicodeEncodeError:
             return f"vocab entry {tok!r} is not byte-level"
     if any(bytes([b]) not in ranks for b in range(256)):
         return "not every single byte is in the vocabulary"
