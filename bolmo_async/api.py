@@ -219,7 +219,7 @@ def fetch(
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
-    ``processes``: subword BPE in that many worker processes when >= 2 (default: threads, one per core)."""
+    ``processes``: subword BPE worker processes (0: one per core; 1: threads in this process)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
     plan_options = any(v is not None for v in (repo_id, revision, data_fraction, seed))

@@ -185,7 +185,7 @@ PROCESSES = typer.Option(
     0,
     "--tokenizer-processes",
     min=0,
-    help="Subword BPE in N worker processes (N >= 2); default 0: threads in this process, one per core.",
+    help="Subword BPE worker processes (0: one per core; 1: threads in this process).",
 )
 CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
 STREAMING = typer.Option(

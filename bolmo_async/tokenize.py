@@ -568,12 +568,13 @@ def make_tokenizer(
     engine: str = "auto",
     processes: int = 0,
 ) -> AnyTokenizer:
-    """Subword BPE runs on one thread per core in this process; ``processes`` >= 2 runs it in that
-    many worker processes instead."""
+    """Subword BPE runs in ``processes`` worker processes (0: one per core); 1 runs it on threads
+    in this process instead (one per core)."""
     if kind == "byte":
         return ByteTokenizer()
     if kind == "subword":
-        workers = ProcessTokenizer(processes) if processes > 1 else None  # importing while the tokenizer is built
+        n = processes or os.cpu_count() or 1
+        workers = ProcessTokenizer(n) if n > 1 else None  # they import while the tokenizer is built here
         try:
             src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
             tok = SubwordTokenizer(

@@ -182,3 +182,48 @@ def test_step_by_step_api_equals_prepare(tmp_path, mirror):
     m2 = bolmo_async.finalize(out, max_tokens_per_file=10_000_000)
     assert len(m2["shards"]) == 1 and not (out / "bolmo_data_00001.npy").exists()
     assert (out / "data_sources.txt").read_text().count("\n") == 1
+
+
+def test_byte_mode_stages_utf8_bytes_and_older_staging_is_refetched(tmp_path, mirror):
+    """Byte staging holds the text bytes (a quarter of the ids' size); a staged unit written in
+    another staging format is redone, never misread, and the shards come out the same."""
+    import pyarrow as pa
+
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.3)
+    arrows = sorted((out / "staging").glob("*.arrow"))
+    staged_bytes = 0
+    for a in arrows:
+        with pa.memory_map(str(a)) as src:
+            table = pa.ipc.open_file(src).read_all()
+        assert table.schema.field("tokens").type == pa.large_binary()
+        staged_bytes += sum(len(x) for x in table.column("tokens").to_pylist())
+    assert staged_bytes == m["totals"]["tokens"] - m["totals"]["documents"]  # one id per byte, plus EOS
+    marker = arrows[0].with_suffix(".json")
+    rec = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**rec, "format": 1}))
+    before = arrows[0].stat().st_mtime_ns
+    again = _prepare(out, mirror, data_fraction=0.3)
+    assert arrows[0].stat().st_mtime_ns != before  # refetched
+    assert shard_hashes(again) == shard_hashes(m)
+
+
+def test_csv_rows_quote_hostile_ids_and_read_back():
+    """Document ids are data: commas, quotes, CR and LF must survive a csv reader."""
+    import csv
+    import io
+
+    import pyarrow as pa
+
+    from bolmo_async.finalize import csv_rows
+
+    ids = ["plain", "a,b", 'say "hi"', "two\nlines", "cr\rhere", "", " lead", "é東"]
+    starts = np.arange(len(ids)) * 10
+    data = csv_rows(starts, starts + 10, pa.array(ids), "hf://datasets/r@c/d,x/f.jsonl", pa.array(range(1, 9)))
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    assert rows == [
+        [str(s), str(s + 10), i, "hf://datasets/r@c/d,x/f.jsonl", str(n)]
+        for s, i, n in zip(starts.tolist(), ids, range(1, 9), strict=True)
+    ]
+    assert data.startswith(b'0,10,plain,"hf://') and b'\n10,20,"a,b",' in data
+    assert csv_rows(np.array([], np.int64), np.array([], np.int64), pa.array([], pa.string()), "s", pa.array([])) == b""

@@ -176,3 +176,131 @@ def test_bad_identifier_is_a_clear_error(tmp_path):
         load_tokenizer_source(str(tmp_path))  # a folder without tokenizer.json
     with pytest.raises(TokenizerError, match="neither a file"):
         load_tokenizer_source("not-a-repo-id")
+
+
+def _with_eos(per_doc: list[list[int]], eos: int) -> list[int]:
+    return [i for ids in per_doc for i in [*ids, eos]]
+
+
+@needs_dolma2
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=120)
+        | st.sampled_from([" ", "  \n", "x ", " y", "\n\n", "|||EMAIL_ADDRESS|||", "a|||IP_ADDRESS|||", "1 "]),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_a_batch_in_one_call_equals_each_document_alone(texts):
+    """The joined fast path (documents separated by the EOS string in one tiktoken call) gives
+    exactly the ids of encoding each document alone with `tokenizers`, then EOS; whitespace at
+    document edges is where a join could leak across documents."""
+    tt, hf = _engines()
+    arr = pa.array(texts, pa.large_string())
+    assert tt._encode_joined(arr) is not None  # the fast path is the one under test
+    flat, offsets = tt.encode_batch(arr)
+    assert flat.tolist() == _with_eos(hf.encode_texts(texts), 100257)
+    assert offsets.tolist() == np.cumsum([0] + [len(x) + 1 for x in hf.encode_texts(texts)]).tolist()
+
+
+@needs_dolma2
+def test_a_batch_holding_the_eos_string_is_encoded_per_document(dolma2_source):
+    texts = ["before", "a <|endoftext|> b", "after "]
+    for as_text in (True, False):
+        tok = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text)
+        arr = pa.array(texts, pa.large_string())
+        assert tok._encode_joined(arr) is None
+        flat, offsets = tok.encode_batch(arr)
+        assert flat.tolist() == _with_eos(tok.encode_texts(texts), 100257)
+        assert len(offsets) == 4 and offsets[-1] == len(flat)
+        assert (100257 in flat[offsets[1] : offsets[2] - 1].tolist()) is not as_text
+
+
+@needs_dolma2
+def test_batches_on_the_sample_equal_tokenizers_in_both_modes(sample_dir, dolma2_source):
+    from .helpers import read_documents
+
+    texts = [t for p in sorted(sample_dir.rglob("data/*/*")) for _, _, t in read_documents(p)]
+    for as_text in (True, False):
+        tt = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text)
+        hf = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text, engine="tokenizers")
+        for i in range(0, len(texts), 97):
+            chunk = texts[i : i + 97]
+            flat, _ = tt.encode_batch(pa.array(chunk, pa.large_string()))
+            assert flat.tolist() == _with_eos(hf.encode_texts(chunk), tt.eos)
+
+
+@needs_dolma2
+def test_threads_and_worker_processes_give_the_same_ids(dolma2_source):
+    from bolmo_async.tokenize import ProcessTokenizer
+
+    texts = pa.array(["Hello world", "  spaces  ", "é東 |||PHONE_NUMBER|||", "<|pad|> x"] * 50, pa.large_string())
+    threaded = SubwordTokenizer(dolma2_source, threads=2)
+    procs = ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))
+    try:
+        expected = threaded.encode_batch(texts)
+        got = procs.submit(texts).result()
+        assert got.values.to_numpy().tolist() == expected[0].tolist()
+        assert threaded.submit(texts).result().equals(got)
+        assert procs.info == threaded.info
+    finally:
+        threaded.close()
+        procs.close()
+
+
+@needs_dolma2
+def test_a_dead_worker_process_is_a_tokenizer_error(dolma2_source):
+    import os
+    import signal
+
+    from bolmo_async.tokenize import ProcessTokenizer
+
+    procs = ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))
+    try:
+        procs.submit(pa.array(["warm up"], pa.large_string())).result()
+        for pid in list(procs._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(TokenizerError, match="worker process failed"):
+            for _ in range(20):  # the pool notices the death at the next call at the latest
+                procs.submit(pa.array(["x"], pa.large_string())).result(timeout=60)
+    finally:
+        procs.close()
+
+
+def test_worker_processes_closed_before_a_tokenizer_arrives_exit_cleanly():
+    from bolmo_async.tokenize import ProcessTokenizer
+
+    ProcessTokenizer(2).close()  # must not hang waiting for workers that wait for a recipe
+
+
+@needs_dolma2
+def test_the_tokenizer_pickles_as_its_recipe(dolma2_source):
+    import pickle
+
+    tok = SubwordTokenizer(dolma2_source)
+    tok.warm()
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone._tt_obj is None and clone._hf_obj is None  # engines are rebuilt where used
+    arr = pa.array(["round trip |||EMAIL_ADDRESS|||"], pa.large_string())
+    assert clone.encode_batch(arr)[0].tolist() == tok.encode_batch(arr)[0].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=50), min_size=1, max_size=10), st.data())
+def test_staged_byte_documents_expand_to_the_byte_layout(docs, data):
+    """Byte mode stages UTF-8 bytes; `expand` gives the ids of any range of documents, or any
+    token range of one document (a document split across shards), exactly."""
+    from bolmo_async.staging import expand, token_lengths
+
+    col = pa.array(docs, pa.large_binary())
+    ref = [[b + 4 for b in d] + [1] for d in docs]
+    assert token_lengths(col).tolist() == [len(r) for r in ref]
+    lo = data.draw(st.integers(0, len(docs) - 1))
+    hi = data.draw(st.integers(lo + 1, len(docs)))
+    assert expand(col, lo, hi).tolist() == [i for r in ref[lo:hi] for i in r]
+    a = data.draw(st.integers(0, len(ref[lo]) - 1))
+    b = data.draw(st.integers(a + 1, len(ref[lo])))
+    assert expand(col, lo, lo + 1, a, b).tolist() == ref[lo][a:b]
+    sliced = col.slice(1)
+    assert expand(sliced, 0, len(sliced)).tolist() == [i for r in ref[1:] for i in r]
