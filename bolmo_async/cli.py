@@ -26,7 +26,7 @@ from .models import (
     validate_fraction,
 )
 from .plan import parse_worker
-from .util import human_bytes, human_count
+from .util import human_bytes, human_count, prefer_system_allocator
 
 app = typer.Typer(
     add_completion=False,
@@ -461,6 +461,7 @@ def main() -> None:
     # SIGTERM (job schedulers, `kill`) stops as cleanly as Ctrl+C, whatever phase the run is in;
     # inside a fetch the event loop's own handlers take over and cancel the downloads.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    prefer_system_allocator()
     try:
         app()
     except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)

@@ -78,7 +78,7 @@ class LineDecoder:
     """Feed compressed bytes; collect complete JSON lines; ``take()`` parsed batches."""
 
     def __init__(
-        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = 4 << 20
+        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = 2 << 20
     ):
         self.path = path
         self.skips = skips

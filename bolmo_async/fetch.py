@@ -47,7 +47,7 @@ from .util import maybe_fsync, raise_if_disk_full
 log = logging.getLogger("bolmo_async")
 
 #: Text bytes handed to the tokenizer at once (small parquet row groups are coalesced to this).
-EMIT_BYTES = 4 << 20
+EMIT_BYTES = 2 << 20
 
 
 #: Errors that stop the whole run (every other file would fail the same way).

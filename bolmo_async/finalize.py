@@ -44,6 +44,8 @@ SHARD_PREFIX = "bolmo_data_"
 MANIFEST = "manifest.json"
 DATA_SOURCES = "data_sources.txt"
 RUN_STATE = "run.json"
+#: Token ids built and queued for writing at a time (16 MB of uint32).
+WRITE_TOKENS = 4 << 20
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
@@ -57,7 +59,7 @@ class _Lane:
     """Runs calls in order on one background thread, at most ``depth`` queued (bounded memory):
     a shard's hashing, writing and gzip overlap with building its next ids."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 1):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bolmo-shard-io")
         self._pending: deque[Future[object]] = deque()
         self._depth = depth
@@ -259,17 +261,31 @@ def _write_shard(
 
 def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str) -> None:
     tok = batch.column("tokens")
-    n = piece.doc_hi - piece.doc_lo
-    ids = batch.column("id").slice(piece.doc_lo, n)
-    locs = batch.column("loc").slice(piece.doc_lo, n)
+    lo, n = piece.doc_lo, piece.doc_hi - piece.doc_lo
+    ids = batch.column("id").slice(lo, n)
+    locs = batch.column("loc").slice(lo, n)
     if piece.tok_lo >= 0:
-        values = expand(tok, piece.doc_lo, piece.doc_hi, piece.tok_lo, piece.tok_hi)
-        shard.rows(np.array([shard.tokens]), np.array([shard.tokens + len(values)]), ids, src, locs)
-        shard.write(values)
+        shard.rows(np.array([shard.tokens]), np.array([shard.tokens + piece.tok_hi - piece.tok_lo]), ids, src, locs)
+        for a in range(piece.tok_lo, piece.tok_hi, WRITE_TOKENS):
+            shard.write(expand(tok, lo, lo + 1, a, min(a + WRITE_TOKENS, piece.tok_hi)))
         return
-    ends = shard.tokens + np.cumsum(token_lengths(tok.slice(piece.doc_lo, n)))
+    lens = token_lengths(tok.slice(lo, n))
+    cum = np.cumsum(lens)
+    ends = shard.tokens + cum
     shard.rows(np.concatenate([[shard.tokens], ends[:-1]]), ends, ids, src, locs)
-    shard.write(expand(tok, piece.doc_lo, piece.doc_hi))
+    # Ids are built and queued WRITE_TOKENS at a time (a long document in slices): memory per
+    # shard stays a few such chunks, whatever the batch or document size.
+    i = 0
+    while i < n:
+        if lens[i] > WRITE_TOKENS:
+            for a in range(0, int(lens[i]), WRITE_TOKENS):
+                shard.write(expand(tok, lo + i, lo + i + 1, a, min(a + WRITE_TOKENS, int(lens[i]))))
+            i += 1
+            continue
+        base = int(cum[i - 1]) if i else 0
+        j = max(i + 1, int(np.searchsorted(cum, base + WRITE_TOKENS, side="right")))
+        shard.write(expand(tok, lo + i, lo + j))
+        i = j
 
 
 def _write_shards_locally(

@@ -460,6 +460,9 @@ def _worker_init(recipes: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    from .util import prefer_system_allocator
+
+    prefer_system_allocator()
     global _WORKER
     tokenizer: SubwordTokenizer | None = recipes.get()
     if tokenizer is None:  # the parent gave up before sending a tokenizer

@@ -227,3 +227,19 @@ def test_csv_rows_quote_hostile_ids_and_read_back():
     ]
     assert data.startswith(b'0,10,plain,"hf://') and b'\n10,20,"a,b",' in data
     assert csv_rows(np.array([], np.int64), np.array([], np.int64), pa.array([], pa.string()), "s", pa.array([])) == b""
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", pytest.param("subword", marks=needs_dolma2)])
+def test_ids_written_in_small_chunks_give_the_same_shards(tmp_path, mirror, monkeypatch, tokenizer):
+    """finalize builds ids WRITE_TOKENS at a time (long documents in slices): the chunking never
+    shows in the output."""
+    import sys
+
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.3, max_tokens_per_file=150_000, tokenizer=tokenizer)
+    index = [Path(s["csv"]).read_bytes() for s in m["shards"]]
+    monkeypatch.setattr(sys.modules["bolmo_async.finalize"], "WRITE_TOKENS", 777)
+    again = bolmo_async.finalize(out, max_tokens_per_file=150_000)
+    assert shard_hashes(again) == shard_hashes(m)
+    assert [Path(s["csv"]).read_bytes() for s in again["shards"]] == index
+    assert any(d["tokens"] > 777 for d in again["shards"])
