@@ -116,10 +116,11 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
 
 
 def disk_needed(plan: Plan, kind: str, streaming: bool) -> int:
-    """Bytes of disk a run needs: staging + shards (uint32 each) + raw files when not streaming."""
+    """Bytes of disk a run needs: staging (uint32 ids; byte mode: the text bytes) + shards
+    (uint32) + raw files when not streaming."""
     est = estimate(plan)["TOTAL"]
     tokens = est["byte_tokens"] if kind == "byte" else est["subword_tokens"]
-    need = 2 * 4 * tokens * 1.1
+    need = (4 + (1 if kind == "byte" else 4)) * tokens * 1.1
     if not streaming:
         need += est["download_bytes"]
     return int(need)
