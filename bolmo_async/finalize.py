@@ -44,8 +44,8 @@ SHARD_PREFIX = "bolmo_data_"
 MANIFEST = "manifest.json"
 DATA_SOURCES = "data_sources.txt"
 RUN_STATE = "run.json"
-#: Token ids built and queued for writing at a time (16 MB of uint32).
-WRITE_TOKENS = 4 << 20
+#: Token ids built and queued for writing at a time (4 MB of uint32).
+WRITE_TOKENS = 1 << 20
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")

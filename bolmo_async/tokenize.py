@@ -504,7 +504,7 @@ class ProcessTokenizer:
         self._ready = [self._pool.submit(_worker_ready) for _ in range(processes)]
 
         #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
-        self.inflight = 2 * processes
+        self.inflight = processes + 1
 
     def start(self, tokenizer: SubwordTokenizer) -> ProcessTokenizer:
         self.info: TokenizerInfo = tokenizer.info
