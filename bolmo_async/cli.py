@@ -197,6 +197,24 @@ FORCE = typer.Option(False, "--force", help="Reset an output folder holding anot
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No live progress display.")
 
 
+#: Tokenizer and download options that fetch, fetch --ray and prepare pass on alike.
+_FETCH_OPTIONS = (
+    "tokenizer",
+    "tokenizer_identifier",
+    "eos_token_id",
+    "engine",
+    "concurrency",
+    "streaming",
+    "retries",
+    "read_timeout",
+)
+
+
+def _fetch_options(args: dict[str, Any]) -> dict[str, Any]:
+    """Those options, as the API's keywords, from a command's arguments (its ``locals()``)."""
+    return {**{k: args[k] for k in _FETCH_OPTIONS}, "special_tokens_as_text": not args["special_tokens_as_ids"]}
+
+
 @app.command("fetch")
 def fetch_cmd(
     output_dir: Path = OUT,
@@ -225,42 +243,18 @@ def fetch_cmd(
     ray_tasks: int = typer.Option(0, "--ray-tasks", min=0, help="Ray tasks (0: two per cluster CPU)."),
 ) -> None:
     """Download, tokenize and stage the planned files (plans first if plan.json is absent)."""
+    opts = _fetch_options(locals())
     if ray:
-        res = _run(
-            lambda: _fetch_ray(
-                output_dir,
-                ray_address,
-                ray_tasks,
-                endpoint,
-                force,
-                {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed},
-                tokenizer=tokenizer,
-                tokenizer_identifier=tokenizer_identifier,
-                eos_token_id=eos_token_id,
-                special_tokens_as_text=not special_tokens_as_ids,
-                engine=engine,
-                concurrency=concurrency,
-                streaming=streaming,
-                retries=retries,
-                read_timeout=read_timeout,
-            )
-        )
+        plan_opts = {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}
+        res = _run(lambda: _fetch_ray(output_dir, ray_address, ray_tasks, endpoint, force, plan_opts, **opts))
         _say(f"staged: {res['files']} planned file(s) with Ray. Next: bolmo-async finalize --output-dir {output_dir}")
         return
     res = _run(
         lambda: api.fetch(
             output_dir,
-            tokenizer=tokenizer,
-            tokenizer_identifier=tokenizer_identifier,
-            eos_token_id=eos_token_id,
-            special_tokens_as_text=not special_tokens_as_ids,
-            engine=engine,
+            **opts,
             processes=tokenizer_processes,
-            concurrency=concurrency,
-            streaming=streaming,
             endpoint=endpoint,
-            retries=retries,
-            read_timeout=read_timeout,
             force=force,
             progress=not no_progress,
             repo_id=repo_id,
@@ -341,25 +335,18 @@ def prepare_cmd(
     no_progress: bool = NO_PROGRESS,
 ) -> None:
     """plan + fetch + finalize in one command (the original tool's flags and defaults)."""
+    opts = _fetch_options(locals())
     m = _run(
         lambda: api.prepare(
             output_dir,
+            **opts,
             data_fraction=data_fraction,
-            tokenizer=tokenizer,
-            tokenizer_identifier=tokenizer_identifier,
             max_tokens_per_file=max_tokens_per_file,
             seed=seed,
-            streaming=streaming,
             repo_id=repo_id,
             revision=revision,
             endpoint=endpoint,
-            eos_token_id=eos_token_id,
-            special_tokens_as_text=not special_tokens_as_ids,
-            engine=engine,
             processes=tokenizer_processes,
-            concurrency=concurrency,
-            retries=retries,
-            read_timeout=read_timeout,
             force=force,
             progress=not no_progress,
         )

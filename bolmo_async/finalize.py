@@ -36,6 +36,7 @@ from .errors import StateError, UsageError
 from .models import SkipCounter
 from .plan import load_plan
 from .staging import Staging, expand, token_lengths
+from .tokenize import value_bytes
 from .util import atomic_write_text, maybe_fsync, raise_if_disk_full
 
 log = logging.getLogger("bolmo_async")
@@ -154,8 +155,8 @@ _NEEDS_QUOTES = r'[,"\r\n]'
 
 def _csv_field(values: pa.Array) -> pa.Array:
     """Strings as CSV fields: quoted (``"`` doubled) only when they hold ``,`` ``"`` CR or LF."""
-    data = values.buffers()[2]
-    if data is None or not any(memoryview(data).tobytes().find(c) >= 0 for c in (b",", b'"', b"\r", b"\n")):
+    data = value_bytes(values.cast(pa.large_string()))
+    if not any(c in data for c in (b",", b'"', b"\r", b"\n")):
         return values  # nothing to quote (the usual case): skip the kernels
     quoted = pc.binary_join_element_wise('"', pc.replace_substring(values, '"', '""'), '"', "")
     return pc.if_else(pc.match_substring_regex(values, _NEEDS_QUOTES), quoted, values)
@@ -174,8 +175,7 @@ def csv_rows(starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs
         pc.binary_join_element_wise(locs.cast(pa.string()), "\n", ""),
         ",",
     ).cast(pa.large_string())
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64, count=len(lines) + 1, offset=lines.offset * 8)
-    return lines.buffers()[2].to_pybytes()[int(offsets[0]) : int(offsets[-1])]
+    return value_bytes(lines)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from .models import PlannedFile, SkipCounter
-from .tokenize import byte_ids, byte_ids_slice
+from .tokenize import byte_ids, byte_ids_slice, large_offsets
 from .util import FSYNC, atomic_write_text, raise_if_disk_full
 
 #: Bumped when the staged layout changes: markers of another format are not "done" (refetched).
@@ -39,19 +39,15 @@ def staging_schema(kind: str) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("loc", pa.int64()), ("tokens", tokens)])
 
 
-def _offsets(col: pa.Array) -> np.ndarray:
-    return np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
-
-
 def token_lengths(col: pa.Array) -> np.ndarray:
     """Tokens per document of a staged ``tokens`` column (EOS included)."""
-    lengths = np.diff(_offsets(col))
+    lengths = np.diff(large_offsets(col))
     return lengths + 1 if pa.types.is_large_binary(col.type) else lengths
 
 
 def expand(col: pa.Array, lo: int, hi: int, tok_lo: int = -1, tok_hi: int = -1) -> np.ndarray:
     """The uint32 ids of documents ``[lo, hi)``, or tokens ``[tok_lo, tok_hi)`` of document ``lo``."""
-    offsets = _offsets(col)
+    offsets = large_offsets(col)
     if pa.types.is_large_binary(col.type):
         if tok_lo >= 0:
             start, end = int(offsets[lo]), int(offsets[lo + 1])

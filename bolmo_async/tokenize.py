@@ -53,6 +53,18 @@ def _done(value: Any, fn: Any) -> Future[Any]:
     return fut
 
 
+def large_offsets(arr: pa.Array) -> np.ndarray:
+    """The int64 offsets (n + 1) of a large string/binary/list array, as a view of its buffer."""
+    return np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+
+
+def value_bytes(arr: pa.Array) -> bytes:
+    """The concatenated values of a large string/binary array (one copy, only its own slice)."""
+    offsets = large_offsets(arr)
+    start, end = int(offsets[0]), int(offsets[-1])
+    return arr.buffers()[2].slice(start, end - start).to_pybytes() if end > start else b""
+
+
 def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
     """Flat ids + document offsets -> the staged ``large_list<uint32>`` column (no copy)."""
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))
@@ -73,7 +85,7 @@ def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         pa.large_binary(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int64)), pa.py_buffer(b"")]
     )
     joined = pc.binary_join_element_wise(arr, nothing, pa.scalar(b"\0", pa.large_binary()))
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=n + 1, offset=joined.offset * 8)
+    offsets = large_offsets(joined)
     start, end = int(offsets[0]), int(offsets[-1])
     data = np.frombuffer(joined.buffers()[2], dtype=np.uint8, count=end - start, offset=start)
     out = np.add(data, BYTE_OFFSET, dtype=np.uint32)
@@ -423,8 +435,7 @@ class SubwordTokenizer:
         if pc.any(pc.match_substring(texts, sep)).as_py():
             return None
         joined = pc.binary_join_element_wise(texts, pa.scalar("", pa.large_string()), pa.scalar(sep, pa.large_string()))
-        offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=len(joined) + 1, offset=joined.offset * 8)
-        text = joined.buffers()[2].to_pybytes()[int(offsets[0]) : int(offsets[-1])].decode("utf-8")
+        text = value_bytes(joined).decode("utf-8")
         flat = self._tiktoken(text, self._allowed | {sep})
         ends = np.flatnonzero(flat == self.eos) + 1
         if len(ends) != len(texts) or ends[-1] != len(flat):
@@ -516,8 +527,7 @@ class ProcessTokenizer:
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         col = self.submit(texts).result()
-        offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
-        return col.values.to_numpy(), offsets
+        return col.values.to_numpy(), large_offsets(col)
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
         out: Future[pa.Array] = Future()

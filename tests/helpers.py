@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,10 @@ def shard_documents(manifest: dict) -> list[tuple[str, str, int, np.ndarray]]:
 
 def shard_hashes(manifest: dict) -> list[str]:
     return [s["sha256"] for s in manifest["shards"]]
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m bolmo_async ARGS`` as a user runs it, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "bolmo_async", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )

@@ -12,6 +12,8 @@ import pytest
 
 import bolmo_async
 
+from .helpers import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,23 +84,7 @@ def test_progress_degrades_to_log_lines_off_a_terminal(tmp_path, mirror, caplog)
 
 
 def test_plan_prints_a_summary_table(tmp_path, mirror):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bolmo_async",
-            "plan",
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--endpoint",
-            mirror.endpoint,
-            "--data-fraction",
-            "0.1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_cli("plan", "--output-dir", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.1")
     assert r.returncode == 0, r.stderr
     for source in ("data/common_crawl", "data/finemath", "TOTAL"):
         assert source in r.stdout

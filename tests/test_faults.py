@@ -22,7 +22,7 @@ from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
 from bolmo_async.mirror.faults import FAULT_KINDS
 from bolmo_async.models import DEFAULT_REPO_ID
 
-from .helpers import shard_hashes
+from .helpers import run_cli, shard_hashes
 
 FRACTION = 0.5
 BOUND = 200_000
@@ -121,25 +121,17 @@ def test_retry_budget_exhaustion_reports_the_file_and_others_go_on(repos, tmp_pa
 def test_cli_failed_files_exit_non_zero(repos, tmp_path):
     faults = FaultConfig(rate=1.0, seed=0, kinds=("http500",), max_per_path=10_000, only=("common_crawl",))
     with MirrorThread(repos, faults=faults) as m:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bolmo_async",
-                "prepare",
-                "--output-dir",
-                str(tmp_path / "o"),
-                "--endpoint",
-                m.endpoint,
-                "--retries",
-                "2",
-                "--no-progress",
-                "--data-fraction",
-                "0.3",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        r = run_cli(
+            "prepare",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--endpoint",
+            m.endpoint,
+            "--retries",
+            "2",
+            "--no-progress",
+            "--data-fraction",
+            "0.3",
         )
     assert r.returncode == 1
     assert "common_crawl" in r.stderr and "Rerun the same command" in r.stderr
@@ -351,19 +343,12 @@ def test_token_goes_to_the_hub_only_and_is_never_written(repos, tmp_path, monkey
 
 def test_auth_error_cli_message(repos, tmp_path):
     with MirrorThread(repos, token=TOKEN) as m:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bolmo_async",
-                "plan",
-                "--output-dir",
-                str(tmp_path / "o"),
-                "--endpoint",
-                m.endpoint,
-            ],
-            capture_output=True,
-            text=True,
+        r = run_cli(
+            "plan",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--endpoint",
+            m.endpoint,
             timeout=60,
             env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"},
         )
