@@ -560,8 +560,10 @@ class ProcessTokenizer:
             for _ in range(self._processes):
                 self._recipes.put(None)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # A recipe no worker read (one died while starting) must not keep the queue's feeder
+        # thread, and so this close, waiting forever on a pipe nobody reads.
+        self._recipes.cancel_join_thread()
         self._recipes.close()
-        self._recipes.join_thread()
 
 
 #: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64

@@ -304,3 +304,17 @@ def test_staged_byte_documents_expand_to_the_byte_layout(docs, data):
     assert expand(col, lo, lo + 1, a, b).tolist() == ref[lo][a:b]
     sliced = col.slice(1)
     assert expand(sliced, 0, len(sliced)).tolist() == [i for r in ref[1:] for i in r]
+
+
+@needs_dolma2
+def test_a_worker_killed_before_reading_its_tokenizer_does_not_hang_close(dolma2_source):
+    import os
+    import signal
+
+    from bolmo_async.tokenize import ProcessTokenizer
+
+    procs = ProcessTokenizer(2)
+    for pid in list(procs._pool._processes):
+        os.kill(pid, signal.SIGKILL)  # before any of them could read the recipe
+    procs.start(SubwordTokenizer(dolma2_source))
+    procs.close()  # returns (the test would time out otherwise)
