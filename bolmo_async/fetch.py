@@ -42,12 +42,10 @@ from .models import Plan, PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .progress import Progress
 from .staging import Staging, StagingWriter
 from .tokenize import AnyTokenizer
-from .util import maybe_fsync, raise_if_disk_full
+from .util import maybe_fsync, raise_if_disk_full, release_free_memory
 
 log = logging.getLogger("bolmo_async")
 
-#: Text bytes handed to the tokenizer at once (small parquet row groups are coalesced to this).
-EMIT_BYTES = 2 << 20
 
 
 #: Errors that stop the whole run (every other file would fail the same way).
@@ -115,7 +113,9 @@ class Processor:
             self._writer.abort()
         self.skips = SkipCounter()
         self.hasher = Hasher(self.pf)
-        self.decoder = LineDecoder(self.pf.path, self.suffix, self.skips, limit=self.pf.limit)
+        self.decoder = LineDecoder(
+            self.pf.path, self.suffix, self.skips, limit=self.pf.limit, batch_bytes=self.tokenizer.batch_bytes
+        )
         self._writer = self.staging.writer(self.pf, self.tokenizer.info.fingerprint, self.tokenizer.info.kind)
         self.sha256: str | None = None
         for _, fut in getattr(self, "_inflight", ()):
@@ -192,12 +192,13 @@ class Processor:
 
     # -- common --------------------------------------------------------------------------
     def _emit(self, batch: pa.RecordBatch) -> None:
-        """Tokenize ``batch``: small batches are coalesced to ``EMIT_BYTES`` first; batches are
+        """Tokenize ``batch``: small batches (parquet row groups) are coalesced to the tokenizer's
+        ``batch_bytes`` first; batches are
         written in order, up to ``tokenizer.inflight`` kept in flight."""
         if batch.num_rows:
             self._small.append(batch)
             self._small_bytes += batch.column("text").nbytes
-        if self._small_bytes >= EMIT_BYTES:
+        if self._small_bytes >= self.tokenizer.batch_bytes:
             self._submit_small()
 
     def _submit_small(self) -> None:
@@ -209,13 +210,16 @@ class Processor:
             whole = pa.Table.from_batches(self._small).combine_chunks().to_batches()[0]
         self._small, self._small_bytes = [], 0
         self._inflight.append((whole, self.tokenizer.submit(whole.column("text"))))
-        while len(self._inflight) > self.tokenizer.inflight:
+        # Write what is done (without waiting), then wait while too many are in flight: results
+        # never sit in memory longer than needed.
+        while self._inflight and (len(self._inflight) > self.tokenizer.inflight or self._inflight[0][1].done()):
             self._write_oldest()
 
     def _write_oldest(self) -> None:
         batch, fut = self._inflight.popleft()
         assert self._writer is not None
         tokens = self._writer.write(batch.column("id"), batch.column("loc"), fut.result())
+        release_free_memory()
         if self.progress:
             self.progress.add_documents(batch.num_rows, tokens)
 

@@ -104,6 +104,7 @@ class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
     inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
+    batch_bytes = 2 << 20  # text per batch: larger batches parse faster, and nothing waits for a tokenizer
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
@@ -317,6 +318,7 @@ class SubwordTokenizer:
         # The EOS as text, when it is an added token (tiktoken then maps that string to the EOS id).
         self._eos_text = next((t for t, i in {**self._special, **self._nonspecial}.items() if i == eos), None)
         self._threads = threads or os.cpu_count() or 2
+        self._budget = threading.BoundedSemaphore(2 * self._threads)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._allowed = set(self._nonspecial) if special_tokens_as_text else set(self._nonspecial) | set(self._special)
@@ -361,12 +363,13 @@ class SubwordTokenizer:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_hf_obj"] = state["_tt_obj"] = state["_pool"] = None  # rebuilt where they are used
-        del state["_lock"]
+        del state["_lock"], state["_budget"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._budget = threading.BoundedSemaphore(2 * self._threads)
 
     def warm(self) -> None:
         """Build the engine in use now (worker start-up) instead of at the first batch."""
@@ -387,6 +390,9 @@ class SubwordTokenizer:
         """Ids without EOS, one list per text."""
         return [p.tolist() for p in self._encode_docs(texts)]
 
+    #: Text per batch: 1 MB keeps what waits for BPE small, and costs no speed.
+    batch_bytes = 1 << 20
+
     #: Batches a caller may keep in flight: enough to keep every thread busy on one large file.
     @property
     def inflight(self) -> int:
@@ -397,10 +403,13 @@ class SubwordTokenizer:
         ``threads`` threads: both engines release the GIL while they encode a batch."""
         if self._threads <= 1:
             return _done(texts, self.encode_column)
+        self._budget.acquire()  # at most 2 batches per thread in flight, all callers together
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="bolmo-bpe")
-            return self._pool.submit(self.encode_column, texts)
+            fut = self._pool.submit(self.encode_column, texts)
+        fut.add_done_callback(lambda _: self._budget.release())
+        return fut
 
     def close(self) -> None:
         with self._lock:
@@ -516,6 +525,8 @@ class ProcessTokenizer:
 
         #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
         self.inflight = processes + 1
+        self.batch_bytes = SubwordTokenizer.batch_bytes
+        self._budget = threading.BoundedSemaphore(2 * processes)  # batches in flight, all files together
 
     def start(self, tokenizer: SubwordTokenizer) -> ProcessTokenizer:
         self.info: TokenizerInfo = tokenizer.info
@@ -530,12 +541,17 @@ class ProcessTokenizer:
         return col.values.to_numpy(), large_offsets(col)
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
+        """Blocks while ``2 * processes`` batches are in flight, across all callers: what waits
+        for a worker stays bounded however many files are open at once."""
         out: Future[pa.Array] = Future()
+        self._budget.acquire()
         try:
             inner = self._pool.submit(_worker_encode, texts)
         except RuntimeError as exc:  # BrokenProcessPool, or submit after shutdown
+            self._budget.release()
             out.set_exception(self._failed(exc))
             return out
+        inner.add_done_callback(lambda _: self._budget.release())
 
         def relay(f: Future[pa.Array]) -> None:
             with contextlib.suppress(InvalidStateError):  # ``out`` was cancelled meanwhile
@@ -568,7 +584,8 @@ class ProcessTokenizer:
 
 #: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64
 #: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the
-#: staged ``tokens`` column (see ``staging``), and ``inflight`` (batches a caller may keep in flight).
+#: staged ``tokens`` column (see ``staging``), ``inflight`` (batches a caller may keep in flight) and
+#: ``batch_bytes`` (text per batch it wants).
 AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
 
 

@@ -6,7 +6,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -100,3 +102,24 @@ def prefer_system_allocator() -> None:
         import pyarrow as pa
 
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+_last_trim = [0.0]
+
+
+def release_free_memory(interval: float = 0.5) -> None:
+    """glibc only (a no-op elsewhere): hand the heap's free pages back to the system
+    (``malloc_trim``), at most once per ``interval`` seconds.
+
+    glibc raises its mmap threshold to the size of every large block freed, so after a while
+    MB-sized batches come from the heap, whose freed holes it keeps: without this the peak RSS
+    grew with the run's length (+40% for 10x the data in subword mode). Pinning the threshold
+    instead doubled the system time (every batch freshly mapped and faulted in)."""
+    now = time.monotonic()
+    if now - _last_trim[0] < interval or not sys.platform.startswith("linux"):
+        return
+    _last_trim[0] = now
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)

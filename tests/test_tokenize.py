@@ -250,6 +250,40 @@ def test_threads_and_worker_processes_give_the_same_ids(dolma2_source):
 
 
 @needs_dolma2
+def test_batches_in_flight_are_bounded_across_all_callers(dolma2_source):
+    """However many files submit at once, at most 2 batches per worker wait in flight (memory is
+    bounded by the configuration, not by how many files are open); every batch still completes."""
+    import threading
+
+    from bolmo_async.tokenize import ProcessTokenizer
+
+    texts = pa.array(["a fairly ordinary sentence, tokenized again and again"] * 2000, pa.large_string())
+    for tok in (SubwordTokenizer(dolma2_source, threads=2), ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))):
+        futures: list = []
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def caller(n: int, tok=tok, futures=futures, seen=seen, lock=lock) -> None:
+            for _ in range(n):
+                fut = tok.submit(texts)
+                with lock:
+                    futures.append(fut)
+                    seen.append(sum(not f.done() for f in futures))
+
+        try:
+            threads = [threading.Thread(target=caller, args=(5,)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results = [f.result() for f in futures]
+        finally:
+            tok.close()
+        assert len(results) == 20 and all(r.equals(results[0]) for r in results)
+        assert max(seen) <= 4, seen
+
+
+@needs_dolma2
 def test_a_dead_worker_process_is_a_tokenizer_error(dolma2_source):
     import os
     import signal
