@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
-from .fetch import FetchOptions, fetch_async
-from .finalize import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, finalize_dir
+from .fetcher import FetchOptions, fetch_async
+from .finalizer import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, finalize_dir
 from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
-from .inspect import inspect_dir
+from .inspector import inspect_dir
 from .models import (
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_TOKENS_PER_FILE,
@@ -27,7 +27,7 @@ from .models import (
     Plan,
     validate_fraction,
 )
-from .plan import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
+from .planner import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
 from .tokenize import AnyTokenizer, ByteTokenizer, make_tokenizer
 from .util import atomic_write_text, human_bytes
 

@@ -25,7 +25,7 @@ from .models import (
     DEFAULT_TOKENIZER_ID,
     validate_fraction,
 )
-from .plan import parse_worker
+from .planner import parse_worker
 from .util import human_bytes, human_count, prefer_system_allocator
 
 app = typer.Typer(
@@ -71,7 +71,7 @@ def _say(msg: str = "") -> None:
 
 
 def _print_plan(plan: Any) -> None:
-    from .plan import estimate
+    from .planner import estimate
 
     est = estimate(plan)
     _say(

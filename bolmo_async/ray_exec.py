@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FetchIncomplete, StateError, UsageError
-from .plan import load_plan
+from .planner import load_plan
 
 log = logging.getLogger("bolmo_async")
 
@@ -37,7 +37,7 @@ def _import_ray() -> Any:
 def _shard_task(out: str, index: int, pieces: list[Any], arrows: list[str], srcs: list[str]) -> dict[str, Any]:
     import threading
 
-    from .finalize import _write_shard
+    from .finalizer import _write_shard
 
     return _write_shard(Path(out), index, pieces, [Path(a) for a in arrows], srcs, threading.Event())
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import zstandard
 
-from bolmo_async.inspect import read_index
+from bolmo_async.inspector import read_index
 
 
 def read_documents(path: Path) -> list[tuple[int, str, str]]:

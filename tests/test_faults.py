@@ -17,7 +17,7 @@ import pytest
 
 import bolmo_async
 from bolmo_async.errors import AuthError, FetchIncomplete, StateError
-from bolmo_async.inspect import read_index
+from bolmo_async.inspector import read_index
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
 from bolmo_async.mirror.faults import FAULT_KINDS
 from bolmo_async.models import DEFAULT_REPO_ID

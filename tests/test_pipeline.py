@@ -12,7 +12,7 @@ import pytest
 
 import bolmo_async
 from bolmo_async.errors import StateError
-from bolmo_async.inspect import read_index
+from bolmo_async.inspector import read_index
 from bolmo_async.tokenize import SubwordTokenizer, decode_bytes, load_tokenizer_source
 
 from .conftest import DOLMA2, needs_dolma2
@@ -215,7 +215,7 @@ def test_csv_rows_quote_hostile_ids_and_read_back():
 
     import pyarrow as pa
 
-    from bolmo_async.finalize import csv_rows
+    from bolmo_async.finalizer import csv_rows
 
     ids = ["plain", "a,b", 'say "hi"', "two\nlines", "cr\rhere", "", " lead", "é東"]
     starts = np.arange(len(ids)) * 10
@@ -238,7 +238,7 @@ def test_ids_written_in_small_chunks_give_the_same_shards(tmp_path, mirror, monk
     out = tmp_path / "o"
     m = _prepare(out, mirror, data_fraction=0.3, max_tokens_per_file=150_000, tokenizer=tokenizer)
     index = [Path(s["csv"]).read_bytes() for s in m["shards"]]
-    monkeypatch.setattr(sys.modules["bolmo_async.finalize"], "WRITE_TOKENS", 777)
+    monkeypatch.setattr(sys.modules["bolmo_async.finalizer"], "WRITE_TOKENS", 777)
     again = bolmo_async.finalize(out, max_tokens_per_file=150_000)
     assert shard_hashes(again) == shard_hashes(m)
     assert [Path(s["csv"]).read_bytes() for s in again["shards"]] == index

@@ -17,7 +17,7 @@ import bolmo_async
 from bolmo_async.errors import StateError, UsageError
 from bolmo_async.mirror import MirrorThread
 from bolmo_async.models import RepoFile
-from bolmo_async.plan import assign_workers, make_plan, parse_worker
+from bolmo_async.planner import assign_workers, make_plan, parse_worker
 
 from .helpers import shard_hashes
 

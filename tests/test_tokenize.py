@@ -352,3 +352,21 @@ def test_a_worker_killed_before_reading_its_tokenizer_does_not_hang_close(dolma2
         os.kill(pid, signal.SIGKILL)  # before any of them could read the recipe
     procs.start(SubwordTokenizer(dolma2_source))
     procs.close()  # returns (the test would time out otherwise)
+
+
+def test_worker_processes_import_only_what_tokenizing_needs():
+    """Spawned tokenizer workers import bolmo_async.tokenize: that must not pull in the HTTP
+    stack (aiohttp, huggingface_hub) nor the pipeline modules, while the package's public
+    functions still resolve on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bolmo_async.tokenize\n"
+        "heavy = sorted(m for m in ('aiohttp', 'huggingface_hub', 'bolmo_async.api', 'bolmo_async.fetcher') if m in sys.modules)\n"
+        "import bolmo_async\n"
+        "from bolmo_async import finalize\n"
+        "print(heavy, bolmo_async.fetch.__module__, finalize.__module__, bolmo_async.prepare.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "bolmo_async.api", "bolmo_async.api", "prepare"]

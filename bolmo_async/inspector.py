@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StateError
-from .finalize import DATA_SOURCES, MANIFEST
+from .finalizer import DATA_SOURCES, MANIFEST
 from .tokenize import decode_bytes
 from .util import sha256_file
 

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from .errors import StateError, UsageError
 from .models import SkipCounter
-from .plan import load_plan
+from .planner import load_plan
 from .staging import Staging, expand, token_lengths
 from .tokenize import value_bytes
 from .util import atomic_write_text, maybe_fsync, raise_if_disk_full
