@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
 from .fetcher import FetchOptions, fetch_async
-from .finalizer import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, finalize_dir
+from .finalizer import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, ShardStream, finalize_dir
 from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
 from .inspector import inspect_dir
 from .models import (
@@ -216,10 +216,12 @@ def fetch(
     processes: int = 0,
     worker: tuple[int, int] | None = None,
     read_timeout: float = 60.0,
+    shard_stream: ShardStream | None = None,
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
-    ``processes``: subword BPE worker processes (0: one per core; 1: threads in this process)."""
+    ``processes``: subword BPE worker processes (0: one per core; 1: threads in this process).
+    ``shard_stream``: writes shards meanwhile (``prepare``)."""
     out = Path(output_dir).resolve()
     existing = None if force else load_plan(out)
     plan_options = any(v is not None for v in (repo_id, revision, data_fraction, seed))
@@ -260,7 +262,10 @@ def fetch(
                     f"{out} has {human_bytes(free)} free; this plan needs about {human_bytes(need)} "
                     "(staging + shards). Free space, choose another --output-dir or a smaller --data-fraction."
                 )
+        if shard_stream is not None:
+            shard_stream.start(tok.info.fingerprint)
         opts = FetchOptions(
+            on_staged=shard_stream.staged if shard_stream is not None else None,
             output_dir=out,
             concurrency=concurrency,
             streaming=streaming,
@@ -316,7 +321,7 @@ def prepare(
     if max_tokens_per_file < 1:
         raise UsageError("--max-tokens-per-file must be at least 1")
     force = bool(fetch_kwargs.pop("force", False))
-    plan(
+    the_plan = plan(
         output_dir,
         repo_id=repo_id,
         revision=revision,
@@ -325,6 +330,9 @@ def prepare(
         seed=seed,
         force=force,
     )
+    # Shards are written while files are still being fetched (in plan order, as they complete):
+    # at the end only the last one is left. finalize_dir keeps them only where they match.
+    stream = ShardStream(Path(output_dir).resolve(), the_plan, max_tokens_per_file)
     try:
         fetch(
             output_dir,
@@ -332,18 +340,22 @@ def prepare(
             tokenizer_identifier=tokenizer_identifier,
             streaming=streaming,
             endpoint=endpoint,
+            shard_stream=stream,
             **fetch_kwargs,
         )
-    except FetchIncomplete as exc:
+    except BaseException as exc:
+        stream.abort()
+        if not isinstance(exc, FetchIncomplete):
+            raise
         if (Path(output_dir) / RUN_STATE).exists():
-            manifest = finalize(output_dir, max_tokens_per_file=max_tokens_per_file, allow_incomplete=True)
+            manifest = finalize_dir(output_dir, max_tokens_per_file, allow_incomplete=True, written=stream.written)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
                 len(manifest["shards"]),
                 len(manifest["missing_files"]),
             )
         raise exc
-    return finalize(output_dir, max_tokens_per_file=max_tokens_per_file)
+    return finalize_dir(output_dir, max_tokens_per_file, written=stream.finish())
 
 
 def inspect(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class FetchOptions:
     read_timeout: float = 60.0  # seconds a read may stall before the connection counts as broken
     progress: bool = True
     workers: int = 0  # worker threads for CPU work; 0 = cores
+    on_staged: Callable[[PlannedFile], None] | None = None  # told of each file staged (or found staged)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -346,6 +348,11 @@ class Fetcher:
         workers = self.opts.workers or (2 * cores if self.tokenizer.info.kind == "subword" else max(2, cores))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bolmo-cpu")
         todo = [pf for pf in files if self.staging.done(pf) is None]
+        if self.opts.on_staged is not None:
+            waiting = {pf.key for pf in todo}
+            for pf in files:
+                if pf.key not in waiting:
+                    self.opts.on_staged(pf)
         total = sum(pf.size for pf in todo)
         async with make_session(self.opts.concurrency, retry) as session:
             client = HubClient(session, endpoint=endpoint, repo_id=self.plan.repo_id, token=read_token(), retry=retry)
@@ -431,6 +438,8 @@ class Fetcher:
                 )
             rec = await loop.run_in_executor(executor, proc.commit)
             self.progress.file_done(sum(rec["skipped"]["counts"].values()))
+            if self.opts.on_staged is not None:
+                self.opts.on_staged(pf)
         except BaseException:
             proc.abort()  # waits at most for the one batch a worker may be processing
             raise

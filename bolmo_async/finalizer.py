@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import StateError, UsageError
-from .models import SkipCounter
+from .models import Plan, PlannedFile, SkipCounter
 from .planner import load_plan
 from .staging import Staging, expand, token_lengths
 from .tokenize import value_bytes
@@ -54,6 +54,11 @@ _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
 
 def shard_name(i: int) -> str:
     return f"{SHARD_PREFIX}{i:05d}.npy"
+
+
+def source_prefix(plan: Plan) -> str:
+    """The ``src`` column of the csv.gz rows: this, then the file's path in the repo."""
+    return f"hf://datasets/{plan.repo_id}@{plan.commit}/"
 
 
 class _Lane:
@@ -191,52 +196,72 @@ class Piece:
     tok_hi: int = -1
 
 
-def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
-    """Shard boundaries from document lengths only (``lengths[unit][batch]`` = tokens per document).
+class LayoutBuilder:
+    """Shard boundaries from document lengths only, one staged batch at a time, in plan order.
 
     Documents fill a shard in order; one that does not fit opens the next shard; one larger than
-    ``bound`` alone is cut into bound-sized pieces starting in a fresh shard. Computed before any
-    shard is written, so shards can be written in parallel and still be byte-identical.
+    the bound alone is cut into bound-sized pieces starting in a fresh shard. Greedy, so a piece
+    never moves once placed: shards can be written while later batches are still to come
+    (``ShardStream``) or all at once in parallel (``layout``), byte-identical either way.
     """
-    shards: list[list[Piece]] = [[]]
-    used = 0
 
-    def close() -> None:
-        nonlocal used
-        if shards[-1]:
-            shards.append([])
-            used = 0
+    def __init__(self, bound: int):
+        self.bound = bound
+        self._shards: list[list[Piece]] = [[]]
+        self._used = 0
 
+    def _close(self) -> None:
+        if self._shards[-1]:
+            self._shards.append([])
+            self._used = 0
+
+    def _put(self, piece: Piece, tokens: int, added: list[tuple[int, Piece]]) -> None:
+        self._shards[-1].append(piece)
+        self._used += tokens
+        added.append((len(self._shards) - 1, piece))
+
+    def add(self, unit: int, batch: int, lens: np.ndarray) -> list[tuple[int, Piece]]:
+        """Place batch ``batch`` of ``unit`` (``lens``: tokens per document); the pieces placed,
+        each with its shard index."""
+        added: list[tuple[int, Piece]] = []
+        bound = self.bound
+        ends = np.cumsum(lens)  # ends[k] = tokens of docs [0, k]
+        i, n = 0, len(lens)
+        while i < n:
+            length = int(lens[i])
+            if length > bound:
+                self._close()
+                pos = 0
+                while pos < length:
+                    take = min(bound - self._used, length - pos)
+                    self._put(Piece(unit, batch, i, i + 1, pos, pos + take), take, added)
+                    pos += take
+                    if self._used >= bound:
+                        self._close()
+                i += 1
+                continue
+            if length > bound - self._used:
+                self._close()
+                continue
+            start = int(ends[i - 1]) if i else 0
+            j = int(np.searchsorted(ends, start + bound - self._used, side="right"))  # docs [i, j) fit
+            j = min(max(j, i + 1), n)
+            self._put(Piece(unit, batch, i, j), int(ends[j - 1]) - start, added)
+            i = j
+        return added
+
+    def shards(self) -> list[list[Piece]]:
+        return [list(s) for s in self._shards if s]
+
+
+def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
+    """All shard boundaries at once (``lengths[unit][batch]`` = tokens per document), computed before
+    any shard is written so that shards can be written in parallel."""
+    builder = LayoutBuilder(bound)
     for unit, batches in enumerate(lengths):
         for b, lens in enumerate(batches):
-            ends = np.cumsum(lens)  # ends[k] = tokens of docs [0, k]
-            i, n = 0, len(lens)
-            while i < n:
-                length = int(lens[i])
-                if length > bound:
-                    close()
-                    pos = 0
-                    while pos < length:
-                        take = min(bound - used, length - pos)
-                        shards[-1].append(Piece(unit, b, i, i + 1, pos, pos + take))
-                        used += take
-                        pos += take
-                        if used >= bound:
-                            close()
-                    i += 1
-                    continue
-                if length > bound - used:
-                    close()
-                    continue
-                start = int(ends[i - 1]) if i else 0
-                j = int(np.searchsorted(ends, start + bound - used, side="right"))  # docs [i, j) fit
-                j = min(max(j, i + 1), n)
-                shards[-1].append(Piece(unit, b, i, j))
-                used += int(ends[j - 1]) - start
-                i = j
-    if not shards[-1]:
-        shards.pop()
-    return shards
+            builder.add(unit, b, lens)
+    return builder.shards()
 
 
 def _write_shard(
@@ -288,20 +313,136 @@ def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: s
         i = j
 
 
+#: Shards already written while fetching (``ShardStream``): index -> (their pieces, their record).
+Written = dict[int, tuple[list[Piece], dict[str, Any]]]
+
+
 def _write_shards_locally(
-    out: Path, shards: list[list[Piece]], arrows: list[Path], srcs: list[str]
+    out: Path, shards: list[list[Piece]], arrows: list[Path], srcs: list[str], written: Written
 ) -> list[dict[str, Any]]:
-    workers = max(1, min(len(shards), os.cpu_count() or 1))
+    # A shard written meanwhile is kept when it holds exactly the pieces the layout gives it now.
+    todo = [k for k, pieces in enumerate(shards) if k not in written or written[k][0] != pieces]
+    records = {k: written[k][1] for k in range(len(shards)) if k not in todo}
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
     stop = threading.Event()
     with ThreadPoolExecutor(workers, thread_name_prefix="bolmo-finalize") as pool:
-        futures = [pool.submit(_write_shard, out, k, pieces, arrows, srcs, stop) for k, pieces in enumerate(shards)]
+        futures = {k: pool.submit(_write_shard, out, k, shards[k], arrows, srcs, stop) for k in todo}
         try:
-            return [f.result() for f in futures]
+            records.update({k: f.result() for k, f in futures.items()})
+            return [records[k] for k in range(len(shards))]
         except BaseException:
             stop.set()  # running shards stop at their next piece and remove their temporaries
-            for f in futures:
+            for f in futures.values():
                 f.cancel()
             raise
+
+
+class ShardStream:
+    """Shards written while ``prepare`` is still fetching: staged files are taken in plan order as
+    they complete, laid out by the same ``LayoutBuilder`` and written by the same code as
+    ``finalize``, so that at the end only the last shard is left to close.
+
+    Only an optimisation: ``finalize_dir`` recomputes the layout from the whole staging and keeps
+    a shard written here only when its pieces are exactly the ones it would write; anything else
+    (a failed file, an interruption) is simply rewritten.
+    """
+
+    def __init__(self, output_dir: Path, plan: Plan, bound: int):
+        self.out = output_dir
+        self.files = list(plan.files)
+        self.staging = Staging(output_dir)
+        self._index = {pf.key: i for i, pf in enumerate(self.files)}
+        self._builder = LayoutBuilder(bound)
+        self._staged: set[int] = set()
+        self._cv = threading.Condition()
+        self._ending = False  # fetch finished: close the last shard after the last file
+        self._stop = False
+        self._src_prefix = source_prefix(plan)
+        self._fingerprint = ""
+        self._shard: ShardWriter | None = None
+        self._shard_index = -1
+        self._pieces: list[Piece] = []
+        self.written: Written = {}
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, fingerprint: str) -> None:
+        """Once the run's tokenizer is checked against the staging (``fetch``'s start)."""
+        self._fingerprint = fingerprint
+        with contextlib.suppress(FileNotFoundError):  # it would name shards being rewritten
+            (self.out / DATA_SOURCES).unlink()
+        self._thread = threading.Thread(target=self._run, name="bolmo-shard-stream", daemon=True)
+        self._thread.start()
+
+    def staged(self, pf: PlannedFile) -> None:
+        """``pf`` is staged (called by the fetcher, from any thread)."""
+        with self._cv:
+            self._staged.add(self._index[pf.key])
+            self._cv.notify()
+
+    def finish(self) -> Written:
+        """After a complete fetch: write what is left but the manifest; the shards written."""
+        with self._cv:
+            self._ending = True
+            self._cv.notify()
+        self._join()
+        return self.written
+
+    def abort(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._join()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._shard is not None:  # stopped inside a shard: its temporaries go
+            self._shard.abort()
+            self._shard = None
+        if self._error is not None:
+            log.debug("writing shards while fetching stopped (%s); finalize writes them", self._error)
+
+    def _run(self) -> None:
+        try:
+            for unit, pf in enumerate(self.files):
+                with self._cv:
+                    while unit not in self._staged and not self._stop and not self._ending:
+                        self._cv.wait()
+                    if self._stop or unit not in self._staged:
+                        return
+                self._unit(unit, pf)
+            if self._shard is not None:
+                self._close_shard()
+        except BaseException as exc:  # finalize_dir redoes whatever is missing, and reports errors itself
+            self._error = exc
+
+    def _unit(self, unit: int, pf: PlannedFile) -> None:
+        rec = self.staging.done(pf)
+        if rec is None or rec.get("tokenizer_fingerprint") != self._fingerprint:
+            raise StateError(f"{pf.path} is not staged with this run's tokenizer")
+        src = self._src_prefix + pf.path
+        path = str(self.staging.arrow_path(pf))
+        with pa.memory_map(path, "r") as source:
+            n = pa.ipc.open_file(source).num_record_batches
+        for b in range(n):
+            with pa.memory_map(path, "r") as source:  # one batch mapped at a time (see _write_shard)
+                batch = pa.ipc.open_file(source).get_batch(b)
+                for k, piece in self._builder.add(unit, b, token_lengths(batch.column("tokens"))):
+                    if self._stop:
+                        return
+                    if self._shard is None or k != self._shard_index:
+                        if self._shard is not None:
+                            self._close_shard()
+                        self._shard, self._shard_index, self._pieces = ShardWriter(self.out, k), k, []
+                    _write_piece(self._shard, piece, batch, src)
+                    self._pieces.append(piece)
+                del batch
+
+    def _close_shard(self) -> None:
+        assert self._shard is not None
+        self.written[self._shard_index] = (self._pieces, self._shard.close())
+        self._shard = None
 
 
 def finalize_dir(
@@ -311,8 +452,10 @@ def finalize_dir(
     allow_incomplete: bool = False,
     ray: bool = False,
     ray_address: str | None = None,
+    written: Written | None = None,
 ) -> dict[str, Any]:
-    """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging."""
+    """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging
+    (``written``: shards a ``ShardStream`` wrote meanwhile, kept where they match)."""
     if max_tokens_per_file < 1:
         raise UsageError("--max-tokens-per-file must be at least 1")
     out = Path(output_dir).resolve()
@@ -339,7 +482,7 @@ def finalize_dir(
     with contextlib.suppress(FileNotFoundError):
         (out / DATA_SOURCES).unlink()
     skips = SkipCounter()
-    src_prefix = f"hf://datasets/{plan.repo_id}@{plan.commit}/"
+    src_prefix = source_prefix(plan)
     fingerprint = state["tokenizer"]["fingerprint"]
     arrows: list[Path] = []
     srcs: list[str] = []
@@ -366,7 +509,7 @@ def finalize_dir(
 
         shards = write_shards_with_ray(out, plan_of_shards, arrows, srcs, ray_address)
     else:
-        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs)
+        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs, written or {})
     # Remove shards of an earlier, larger finalize.
     keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
     for p in out.iterdir():

@@ -243,3 +243,39 @@ def test_ids_written_in_small_chunks_give_the_same_shards(tmp_path, mirror, monk
     assert shard_hashes(again) == shard_hashes(m)
     assert [Path(s["csv"]).read_bytes() for s in again["shards"]] == index
     assert any(d["tokens"] > 777 for d in again["shards"])
+
+
+@pytest.mark.parametrize("bound", [20_000, 10_000_000])
+def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_path, mirror, monkeypatch, bound):
+    """prepare writes each shard as soon as the files before it are staged; those are the very
+    shards (and csv.gz) that a separate fetch + finalize writes, and finalize rewrites none of them.
+    A bound of 20k tokens also cuts documents larger than a shard across shards."""
+    import hashlib
+
+    import bolmo_async.api as api_module
+
+    streamed: dict = {}
+    real_finalize_dir = api_module.finalize_dir
+
+    def observe(*args, **kw):
+        streamed.update(kw.get("written") or {})
+        return real_finalize_dir(*args, **kw)
+
+    monkeypatch.setattr(api_module, "finalize_dir", observe)
+    m = _prepare(tmp_path / "a", mirror, data_fraction=1.0, max_tokens_per_file=bound)
+    assert sorted(streamed) == list(range(len(m["shards"])))
+    assert all(rec == s for (_, rec), s in zip((streamed[k] for k in sorted(streamed)), m["shards"], strict=True))
+
+    b = tmp_path / "b"
+    bolmo_async.plan(b, endpoint=mirror.endpoint, data_fraction=1.0)
+    bolmo_async.fetch(b, endpoint=mirror.endpoint, progress=False)
+    m2 = bolmo_async.finalize(b, max_tokens_per_file=bound)
+    assert len(m["shards"]) == len(m2["shards"]) and (bound > 1e6 or len(m["shards"]) > 10)
+    for s1, s2 in zip(m["shards"], m2["shards"], strict=True):
+        data = Path(s1["path"]).read_bytes()
+        assert data == Path(s2["path"]).read_bytes() and hashlib.sha256(data).hexdigest() == s1["sha256"]
+        assert gzip.decompress(Path(s1["csv"]).read_bytes()) == gzip.decompress(Path(s2["csv"]).read_bytes())
+    if bound == 20_000:
+        rows = [r for s in m["shards"] for r in read_index(Path(s["csv"]))]
+        docs = [(r[2], r[3], r[4]) for r in rows]
+        assert len(docs) > len(set(docs)), "some document is cut across shards"
