@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check bolmo_async tests bench cli.py
+	$(PY) -m ruff format --check bolmo_async tests bench cli.py
 	$(PY) -m mypy bolmo_async
 
 # The baseline needs HF datasets/transformers: they live in a bench-only venv.

@@ -48,7 +48,6 @@ from .util import maybe_fsync, raise_if_disk_full, release_free_memory
 log = logging.getLogger("bolmo_async")
 
 
-
 #: Errors that stop the whole run (every other file would fail the same way).
 FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError, TokenizerError)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bolmo_async
 from bolmo_async.errors import StateError
@@ -279,3 +281,42 @@ def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_pat
         rows = [r for s in m["shards"] for r in read_index(Path(s["csv"]))]
         docs = [(r[2], r[3], r[4]) for r in rows]
         assert len(docs) > len(set(docs)), "some document is cut across shards"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.lists(st.integers(1, 60), min_size=1, max_size=12), min_size=1, max_size=3), min_size=1, max_size=4
+    ),
+    st.integers(1, 80),
+)
+def test_shard_layout_is_bounded_ordered_and_splits_only_oversized_documents(units, bound):
+    from bolmo_async.finalizer import layout
+
+    lengths = [[np.array(b, dtype=np.int64) for b in batches] for batches in units]
+    shards = layout(lengths, bound)
+    flat = []  # (unit, batch, doc, tokens) in shard order
+    for pieces in shards:
+        assert pieces
+        size = 0
+        for p in pieces:
+            lens = lengths[p.unit][p.batch]
+            if p.tok_lo >= 0:
+                assert p.doc_hi == p.doc_lo + 1 and lens[p.doc_lo] > bound  # only oversized docs are cut
+                flat.append((p.unit, p.batch, p.doc_lo, p.tok_hi - p.tok_lo))
+                size += p.tok_hi - p.tok_lo
+            else:
+                for d in range(p.doc_lo, p.doc_hi):
+                    flat.append((p.unit, p.batch, d, int(lens[d])))
+                    size += int(lens[d])
+        assert 0 < size <= bound
+    merged: dict = {}
+    for u, b, d, n in flat:
+        merged[(u, b, d)] = merged.get((u, b, d), 0) + n
+    expected = [
+        ((u, b, d), int(n))
+        for u, batches in enumerate(lengths)
+        for b, lens in enumerate(batches)
+        for d, n in enumerate(lens)
+    ]
+    assert list(merged.items()) == expected  # every token once, documents in plan order
