@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
 from .fetcher import FetchOptions, fetch_async
@@ -29,7 +30,7 @@ from .models import (
 )
 from .planner import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
 from .tokenize import AnyTokenizer, ByteTokenizer, make_tokenizer
-from .util import atomic_write_text, human_bytes
+from .util import atomic_write_text, folder_lock, human_bytes
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -81,6 +82,30 @@ async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None =
         return sha, data_files(await client.list_files(sha))
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Hold the output folder's lock for the call (see ``util.folder_lock``): shared for
+    ``--worker`` shares, exclusive otherwise. ``create``: make the folder first if needed."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            out = Path(args[0] if args else kwargs["output_dir"]).resolve()  # type: ignore[arg-type]
+            if create:
+                out.mkdir(parents=True, exist_ok=True)
+            elif not out.is_dir():
+                return fn(*args, **kwargs)  # nothing there to protect; fn says what is missing
+            with folder_lock(out, shared=kwargs.get("worker") is not None):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 def reset_output(out: Path) -> None:
     """``--force``: remove what an earlier run left (plan, staging, raw, shards, metadata)."""
     for name in (PLAN_FILE, RUN_STATE, MANIFEST, DATA_SOURCES):
@@ -94,6 +119,7 @@ def reset_output(out: Path) -> None:
                 p.unlink()
 
 
+@_one_run_per_folder(create=True)
 def plan(
     output_dir: str | os.PathLike[str],
     *,
@@ -194,6 +220,7 @@ def _check_state(out: Path, tok: AnyTokenizer, force: bool) -> None:
     atomic_write_text(path, json.dumps({"tokenizer": tok.info.to_json()}, indent=1) + "\n")
 
 
+@_one_run_per_folder(create=True)
 def fetch(
     output_dir: str | os.PathLike[str],
     *,
@@ -287,6 +314,7 @@ def fetch(
     }
 
 
+@_one_run_per_folder(create=False)
 def finalize(
     output_dir: str | os.PathLike[str],
     *,
@@ -302,6 +330,7 @@ def finalize(
     )
 
 
+@_one_run_per_folder(create=True)
 def prepare(
     output_dir: str | os.PathLike[str],
     *,

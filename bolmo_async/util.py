@@ -8,12 +8,13 @@ import hashlib
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import DiskSpaceError
+from .errors import DiskSpaceError, StateError
 
 #: fsync every file before renaming it into place. Off by default: the atomic rename already
 #: survives a killed process (and ext4's rename heuristics flush data before the rename), and
@@ -123,3 +124,63 @@ def release_free_memory(interval: float = 0.5) -> None:
 
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
         ctypes.CDLL(None).malloc_trim(0)
+
+
+#: In an output folder: held (flock) by the run using it; never removed, harmless when left.
+LOCK_NAME = ".bolmo-async.lock"
+_held: dict[str, int] = {}  # lock path -> nesting depth in this process (prepare runs plan, fetch, finalize)
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, *, shared: bool = False) -> Iterator[None]:
+    """One run per output folder: ``plan``, ``fetch``, ``finalize`` and ``prepare`` hold an
+    exclusive lock; ``fetch --worker I/N`` shares of one plan hold shared locks, so they run
+    together but never beside another command. A second run fails at once with a clear error
+    instead of two runs staging and writing the same files. Released when the run ends, however
+    it ends (the kernel drops a dead process's locks). Where the filesystem has no ``flock``
+    (some network filesystems), runs are not locked."""
+    path = str(folder / LOCK_NAME)
+    with _held_guard:
+        nested = path in _held
+        if nested:
+            _held[path] += 1
+    if nested:  # the outer call of this process holds the lock
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[path] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "`fetch --worker` shares"
+            raise StateError(
+                f"another bolmo-async run ({who}) is using {folder}. Wait for it to finish or stop it, "
+                "or use another --output-dir (only --worker shares of one plan may run together)."
+            ) from None
+        except OSError:
+            pass  # no flock here: unlocked, as before
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _held_guard:
+            _held[path] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[path]
+            if not shared:
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # drops the lock

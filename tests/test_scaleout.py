@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 import bolmo_async
 from bolmo_async.errors import StateError, UsageError
-from bolmo_async.mirror import MirrorThread
+from bolmo_async.mirror import FaultConfig, MirrorThread
 from bolmo_async.models import RepoFile
 from bolmo_async.planner import assign_workers, make_plan, parse_worker
 
-from .helpers import shard_hashes
+from .helpers import run_cli, shard_hashes
 
 FRACTION = 0.6
 
@@ -170,3 +170,71 @@ def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
 
     with pytest.raises(UsageError, match=r"bolmo-async\[ray\]"):
         fetch_with_ray(tmp_path)
+
+
+def _slow(repos) -> MirrorThread:
+    """A mirror whose every body trickles: a run lasts a few seconds, long enough to meet it."""
+    return MirrorThread(repos, faults=FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.1, max_per_path=10**6))
+
+
+def _wait_for(path, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_folder_is_refused_at_once(repos, tmp_path):
+    """Two runs in one output folder would stage and write the same files: the second one stops
+    at once with a message naming the first; once the first is done, the folder is free again."""
+    out = tmp_path / "o"
+    with _slow(repos) as m:
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bolmo_async",
+                "prepare",
+                "--output-dir",
+                str(out),
+                "--endpoint",
+                m.endpoint,
+                "--data-fraction",
+                str(FRACTION),
+                "--no-progress",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(out / "run.json", first)  # planned, tokenizer loaded: fetching
+        busy = rf"another bolmo-async run \(process {first.pid}\) is using"
+        with pytest.raises(StateError, match=busy):
+            bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+        with pytest.raises(StateError, match=busy):
+            bolmo_async.finalize(out)
+        with pytest.raises(StateError, match=busy):
+            bolmo_async.fetch(out, endpoint=m.endpoint, worker=(0, 2), progress=False)
+        r = run_cli("finalize", "--output-dir", str(out))
+        assert first.poll() is None, "the first run must still be running for this test to mean anything"
+        assert r.returncode != 0 and "another bolmo-async run" in r.stderr and "Traceback" not in r.stderr
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+        assert bolmo_async.finalize(out)["complete"]  # released when the run ended
+
+
+@pytest.mark.slow
+def test_worker_shares_run_together_but_no_other_command_beside_them(repos, tmp_path):
+    out = tmp_path / "o"
+    with _slow(repos) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        w0 = subprocess.Popen(_worker_cmd(out, m.endpoint, 0, 2), stderr=subprocess.PIPE, text=True)
+        _wait_for(out / "run.json", w0)
+        with pytest.raises(StateError, match="`fetch --worker` shares"):
+            bolmo_async.finalize(out)
+        assert w0.poll() is None, "worker 0 must still be running for this test to mean anything"
+        bolmo_async.fetch(out, endpoint=m.endpoint, worker=(1, 2), progress=False)  # beside worker 0
+        _, err = w0.communicate(timeout=300)
+        assert w0.returncode == 0, err
+        assert bolmo_async.finalize(out)["complete"]
