@@ -16,6 +16,7 @@ The ``tokens`` column per tokenizer kind:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -26,7 +27,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .models import PlannedFile, SkipCounter
+from .errors import UnsafePathError
+from .models import PlannedFile, SkipCounter, check_repo_path
 from .tokenize import byte_ids, byte_ids_slice, large_offsets
 from .util import FSYNC, atomic_write_text, raise_if_disk_full
 
@@ -100,12 +102,19 @@ class Staging:
         Only these files' temporaries: other workers may be writing theirs in the same folder.
         """
         n = 0
-        if self.dir.exists():
-            for pf in files:
-                for p in [*self.dir.glob(f".{pf.key}.*.tmp"), *self.dir.glob(f"..{pf.key}.raw.*.tmp")]:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                        n += 1
+        raw_dir = self.dir.parent / "raw"
+        for pf in files:
+            # staged batches, whole-file downloads of streaming runs (and their temporaries)
+            leftovers = [*self.dir.glob(f".{pf.key}.*.tmp"), *self.dir.glob(f"..{pf.key}.raw.*.tmp")]
+            leftovers.append(self.dir / f".{pf.key}.raw")
+            if raw_dir.exists():  # --no-streaming downloads being written (finished ones are kept)
+                with contextlib.suppress(UnsafePathError):
+                    raw = raw_dir / check_repo_path(pf.path)
+                    leftovers += raw.parent.glob(f".{glob.escape(raw.name)}.*.tmp")
+            for p in leftovers:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    n += 1
         return n
 
 

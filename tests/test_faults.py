@@ -214,6 +214,31 @@ def test_finalize_after_interrupted_fetch_marks_incomplete(repos, tmp_path, clea
         assert shard_hashes(_prepare(out, m.endpoint)) == clean
 
 
+def test_a_new_run_removes_what_a_killed_one_was_writing(repos, tmp_path, clean):
+    """SIGKILL leaves temporaries behind (no clean-up runs): half-written downloads in raw/ and
+    in staging/. The next run removes those of its files and keeps everything else."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        pf = plan.files[0]
+        raw = out / "raw" / pf.path
+        raw.parent.mkdir(parents=True)
+        dead = [
+            raw.with_name(f".{raw.name}.4242.1.tmp"),  # --no-streaming download being written
+            out / "staging" / f".{pf.key}.raw",  # a streaming run's whole-file download
+            out / "staging" / f"..{pf.key}.raw.4242.1.tmp",
+            out / "staging" / f".{pf.key}.4242.1.tmp",  # staged batches being written
+        ]
+        (out / "staging").mkdir()
+        keep = [raw.with_name("notes.txt"), raw.with_name(".other-file.jsonl.zst.1.2.tmp")]
+        for p in dead + keep:
+            p.write_bytes(b"partial")
+        manifest = _prepare(out, m.endpoint, streaming=False)
+    assert shard_hashes(manifest) == clean
+    assert [p for p in dead if p.exists()] == []
+    assert all(p.exists() for p in keep)
+
+
 def test_disk_full_mid_run_stops_cleanly_and_resumes(repos, tmp_path, clean):
     out = tmp_path / "o"
 
