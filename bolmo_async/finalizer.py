@@ -47,6 +47,8 @@ DATA_SOURCES = "data_sources.txt"
 RUN_STATE = "run.json"
 #: Token ids built and queued for writing at a time (4 MB of uint32).
 WRITE_TOKENS = 1 << 20
+#: The same while fetching (``ShardStream``): smaller, as the fetch's own buffers are live too.
+STREAM_WRITE_TOKENS = 1 << 18
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
@@ -284,31 +286,32 @@ def _write_shard(
         raise
 
 
-def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str) -> None:
+def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str, chunk: int = 0) -> None:
+    chunk = chunk or WRITE_TOKENS
     tok = batch.column("tokens")
     lo, n = piece.doc_lo, piece.doc_hi - piece.doc_lo
     ids = batch.column("id").slice(lo, n)
     locs = batch.column("loc").slice(lo, n)
     if piece.tok_lo >= 0:
         shard.rows(np.array([shard.tokens]), np.array([shard.tokens + piece.tok_hi - piece.tok_lo]), ids, src, locs)
-        for a in range(piece.tok_lo, piece.tok_hi, WRITE_TOKENS):
-            shard.write(expand(tok, lo, lo + 1, a, min(a + WRITE_TOKENS, piece.tok_hi)))
+        for a in range(piece.tok_lo, piece.tok_hi, chunk):
+            shard.write(expand(tok, lo, lo + 1, a, min(a + chunk, piece.tok_hi)))
         return
     lens = token_lengths(tok.slice(lo, n))
     cum = np.cumsum(lens)
     ends = shard.tokens + cum
     shard.rows(np.concatenate([[shard.tokens], ends[:-1]]), ends, ids, src, locs)
-    # Ids are built and queued WRITE_TOKENS at a time (a long document in slices): memory per
+    # Ids are built and queued ``chunk`` tokens at a time (a long document in slices): memory per
     # shard stays a few such chunks, whatever the batch or document size.
     i = 0
     while i < n:
-        if lens[i] > WRITE_TOKENS:
-            for a in range(0, int(lens[i]), WRITE_TOKENS):
-                shard.write(expand(tok, lo + i, lo + i + 1, a, min(a + WRITE_TOKENS, int(lens[i]))))
+        if lens[i] > chunk:
+            for a in range(0, int(lens[i]), chunk):
+                shard.write(expand(tok, lo + i, lo + i + 1, a, min(a + chunk, int(lens[i]))))
             i += 1
             continue
         base = int(cum[i - 1]) if i else 0
-        j = max(i + 1, int(np.searchsorted(cum, base + WRITE_TOKENS, side="right")))
+        j = max(i + 1, int(np.searchsorted(cum, base + chunk, side="right")))
         shard.write(expand(tok, lo + i, lo + j))
         i = j
 
@@ -435,7 +438,7 @@ class ShardStream:
                         if self._shard is not None:
                             self._close_shard()
                         self._shard, self._shard_index, self._pieces = ShardWriter(self.out, k), k, []
-                    _write_piece(self._shard, piece, batch, src)
+                    _write_piece(self._shard, piece, batch, src, STREAM_WRITE_TOKENS)
                     self._pieces.append(piece)
                 del batch
 

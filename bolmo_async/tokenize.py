@@ -104,7 +104,7 @@ class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
     inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
-    batch_bytes = 2 << 20  # text per batch: larger batches parse faster, and nothing waits for a tokenizer
+    batch_bytes = 1 << 20  # text per batch (smaller: less in flight per open file)
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
