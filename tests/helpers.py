@@ -50,8 +50,11 @@ def shard_hashes(manifest: dict) -> list[str]:
     return [s["sha256"] for s in manifest["shards"]]
 
 
+def cli(*args: str) -> list[str]:
+    """The command line ``bolmo-async ARGS`` (as ``python -m bolmo_async``)."""
+    return [sys.executable, "-m", "bolmo_async", *args]
+
+
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m bolmo_async ARGS`` as a user runs it, output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "bolmo_async", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)

@@ -19,7 +19,7 @@ from bolmo_async.mirror import FaultConfig, MirrorThread
 from bolmo_async.models import RepoFile
 from bolmo_async.planner import assign_workers, make_plan, parse_worker
 
-from .helpers import run_cli, shard_hashes
+from .helpers import cli, run_cli, shard_hashes
 
 FRACTION = 0.6
 
@@ -192,10 +192,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_at_once(repos, tmp_path):
     out = tmp_path / "o"
     with _slow(repos) as m:
         first = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bolmo_async",
+            cli(
                 "prepare",
                 "--output-dir",
                 str(out),
@@ -204,7 +201,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_at_once(repos, tmp_path):
                 "--data-fraction",
                 str(FRACTION),
                 "--no-progress",
-            ],
+            ),
             stderr=subprocess.PIPE,
             text=True,
         )
