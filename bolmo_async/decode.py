@@ -26,6 +26,8 @@ from .models import SkipCounter
 
 #: Compressed bytes decompressed at a time.
 FEED_SLICE = 64 * 1024
+#: Text per batch of documents (what waits for the tokenizer, per open file, is a few of these).
+BATCH_BYTES = 1 << 20
 
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
 _JSON_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
@@ -78,7 +80,7 @@ class LineDecoder:
     """Feed compressed bytes; collect complete JSON lines; ``take()`` parsed batches."""
 
     def __init__(
-        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = 2 << 20
+        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = BATCH_BYTES
     ):
         self.path = path
         self.skips = skips

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .decode import LineDecoder, parquet_batch
+from .decode import BATCH_BYTES, LineDecoder, parquet_batch
 from .download import BytesSink, stream
 from .errors import (
     AuthError,
@@ -62,7 +62,8 @@ class FetchOptions:
     read_timeout: float = 60.0  # seconds a read may stall before the connection counts as broken
     progress: bool = True
     workers: int = 0  # worker threads for CPU work; 0 = cores
-    on_staged: Callable[[PlannedFile], None] | None = None  # told of each file staged (or found staged)
+    #: Told of each file staged (or found staged), with its completion record.
+    on_staged: Callable[[PlannedFile, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -114,9 +115,7 @@ class Processor:
             self._writer.abort()
         self.skips = SkipCounter()
         self.hasher = Hasher(self.pf)
-        self.decoder = LineDecoder(
-            self.pf.path, self.suffix, self.skips, limit=self.pf.limit, batch_bytes=self.tokenizer.batch_bytes
-        )
+        self.decoder = LineDecoder(self.pf.path, self.suffix, self.skips, limit=self.pf.limit)
         self._writer = self.staging.writer(self.pf, self.tokenizer.info.fingerprint, self.tokenizer.info.kind)
         self.sha256: str | None = None
         for _, fut in getattr(self, "_inflight", ()):
@@ -193,13 +192,12 @@ class Processor:
 
     # -- common --------------------------------------------------------------------------
     def _emit(self, batch: pa.RecordBatch) -> None:
-        """Tokenize ``batch``: small batches (parquet row groups) are coalesced to the tokenizer's
-        ``batch_bytes`` first; batches are
-        written in order, up to ``tokenizer.inflight`` kept in flight."""
+        """Tokenize ``batch``: small batches (parquet row groups) are coalesced to ``BATCH_BYTES``
+        first; batches are written in order, up to ``tokenizer.inflight`` kept in flight."""
         if batch.num_rows:
             self._small.append(batch)
             self._small_bytes += batch.column("text").nbytes
-        if self._small_bytes >= self.tokenizer.batch_bytes:
+        if self._small_bytes >= BATCH_BYTES:
             self._submit_small()
 
     def _submit_small(self) -> None:
@@ -346,12 +344,15 @@ class Fetcher:
         # Subword BPE runs in worker processes: more threads keep decoding while some wait on them.
         workers = self.opts.workers or (2 * cores if self.tokenizer.info.kind == "subword" else max(2, cores))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bolmo-cpu")
-        todo = [pf for pf in files if self.staging.done(pf) is None]
+        # One marker read per file (thousands on a large plan): not on the event loop.
+        staged = await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: {pf.key: rec for pf in files if (rec := self.staging.done(pf)) is not None}
+        )
+        todo = [pf for pf in files if pf.key not in staged]
         if self.opts.on_staged is not None:
-            waiting = {pf.key for pf in todo}
             for pf in files:
-                if pf.key not in waiting:
-                    self.opts.on_staged(pf)
+                if pf.key in staged:
+                    self.opts.on_staged(pf, staged[pf.key])
         total = sum(pf.size for pf in todo)
         async with make_session(self.opts.concurrency, retry) as session:
             client = HubClient(session, endpoint=endpoint, repo_id=self.plan.repo_id, token=read_token(), retry=retry)
@@ -438,7 +439,7 @@ class Fetcher:
             rec = await loop.run_in_executor(executor, proc.commit)
             self.progress.file_done(sum(rec["skipped"]["counts"].values()))
             if self.opts.on_staged is not None:
-                self.opts.on_staged(pf)
+                self.opts.on_staged(pf, rec)
         except BaseException:
             proc.abort()  # waits at most for the one batch a worker may be processing
             raise

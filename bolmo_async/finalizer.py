@@ -356,7 +356,7 @@ class ShardStream:
         self.staging = Staging(output_dir)
         self._index = {pf.key: i for i, pf in enumerate(self.files)}
         self._builder = LayoutBuilder(bound)
-        self._staged: set[int] = set()
+        self._staged: dict[int, dict[str, Any]] = {}  # unit -> its completion record
         self._cv = threading.Condition()
         self._ending = False  # fetch finished: close the last shard after the last file
         self._stop = False
@@ -377,10 +377,10 @@ class ShardStream:
         self._thread = threading.Thread(target=self._run, name="bolmo-shard-stream", daemon=True)
         self._thread.start()
 
-    def staged(self, pf: PlannedFile) -> None:
-        """``pf`` is staged (called by the fetcher, from any thread)."""
+    def staged(self, pf: PlannedFile, rec: dict[str, Any]) -> None:
+        """``pf`` is staged, ``rec`` its completion record (called by the fetcher, from any thread)."""
         with self._cv:
-            self._staged.add(self._index[pf.key])
+            self._staged[self._index[pf.key]] = rec
             self._cv.notify()
 
     def finish(self) -> Written:
@@ -414,15 +414,15 @@ class ShardStream:
                         self._cv.wait()
                     if self._stop or unit not in self._staged:
                         return
-                self._unit(unit, pf)
+                    rec = self._staged[unit]
+                self._unit(unit, pf, rec)
             if self._shard is not None:
                 self._close_shard()
         except BaseException as exc:  # finalize_dir redoes whatever is missing, and reports errors itself
             self._error = exc
 
-    def _unit(self, unit: int, pf: PlannedFile) -> None:
-        rec = self.staging.done(pf)
-        if rec is None or rec.get("tokenizer_fingerprint") != self._fingerprint:
+    def _unit(self, unit: int, pf: PlannedFile, rec: dict[str, Any]) -> None:
+        if rec.get("tokenizer_fingerprint") != self._fingerprint:
             raise StateError(f"{pf.path} is not staged with this run's tokenizer")
         src = self._src_prefix + pf.path
         path = str(self.staging.arrow_path(pf))

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,18 @@ def _done(value: Any, fn: Any) -> Future[Any]:
         fut.set_result(fn(value))
     except Exception as exc:
         fut.set_exception(exc)
+    return fut
+
+
+def _submit_bounded(budget: threading.BoundedSemaphore, submit: Callable[[], Future[Any]]) -> Future[Any]:
+    """``submit()``, after waiting for a slot of ``budget``; the slot is freed when the work ends."""
+    budget.acquire()
+    try:
+        fut = submit()
+    except BaseException:
+        budget.release()
+        raise
+    fut.add_done_callback(lambda _: budget.release())
     return fut
 
 
@@ -104,7 +117,6 @@ class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
     inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
-    batch_bytes = 1 << 20  # text per batch (smaller: less in flight per open file)
 
     def submit(self, texts: pa.Array) -> Future[pa.Array]:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
@@ -390,9 +402,6 @@ class SubwordTokenizer:
         """Ids without EOS, one list per text."""
         return [p.tolist() for p in self._encode_docs(texts)]
 
-    #: Text per batch: 1 MB keeps what waits for BPE small, and costs no speed.
-    batch_bytes = 1 << 20
-
     #: Batches a caller may keep in flight: enough to keep every thread busy on one large file.
     @property
     def inflight(self) -> int:
@@ -403,13 +412,12 @@ class SubwordTokenizer:
         ``threads`` threads: both engines release the GIL while they encode a batch."""
         if self._threads <= 1:
             return _done(texts, self.encode_column)
-        self._budget.acquire()  # at most 2 batches per thread in flight, all callers together
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="bolmo-bpe")
-            fut = self._pool.submit(self.encode_column, texts)
-        fut.add_done_callback(lambda _: self._budget.release())
-        return fut
+            pool = self._pool
+        # At most 2 batches per thread in flight, all callers together.
+        return _submit_bounded(self._budget, lambda: pool.submit(self.encode_column, texts))
 
     def close(self) -> None:
         with self._lock:
@@ -525,7 +533,6 @@ class ProcessTokenizer:
 
         #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
         self.inflight = processes + 1
-        self.batch_bytes = SubwordTokenizer.batch_bytes
         self._budget = threading.BoundedSemaphore(2 * processes)  # batches in flight, all files together
 
     def start(self, tokenizer: SubwordTokenizer) -> ProcessTokenizer:
@@ -544,14 +551,11 @@ class ProcessTokenizer:
         """Blocks while ``2 * processes`` batches are in flight, across all callers: what waits
         for a worker stays bounded however many files are open at once."""
         out: Future[pa.Array] = Future()
-        self._budget.acquire()
         try:
-            inner = self._pool.submit(_worker_encode, texts)
+            inner = _submit_bounded(self._budget, lambda: self._pool.submit(_worker_encode, texts))
         except RuntimeError as exc:  # BrokenProcessPool, or submit after shutdown
-            self._budget.release()
             out.set_exception(self._failed(exc))
             return out
-        inner.add_done_callback(lambda _: self._budget.release())
 
         def relay(f: Future[pa.Array]) -> None:
             with contextlib.suppress(InvalidStateError):  # ``out`` was cancelled meanwhile
@@ -584,8 +588,7 @@ class ProcessTokenizer:
 
 #: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64
 #: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the
-#: staged ``tokens`` column (see ``staging``), ``inflight`` (batches a caller may keep in flight) and
-#: ``batch_bytes`` (text per batch it wants).
+#: staged ``tokens`` column (see ``staging``), and ``inflight`` (batches a caller may keep in flight).
 AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -105,7 +106,20 @@ def prefer_system_allocator() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
-_last_trim = [0.0]
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_last_trim = 0.0
 
 
 def release_free_memory(interval: float = 0.5) -> None:
@@ -116,19 +130,18 @@ def release_free_memory(interval: float = 0.5) -> None:
     MB-sized batches come from the heap, whose freed holes it keeps: without this the peak RSS
     grew with the run's length (+40% for 10x the data in subword mode). Pinning the threshold
     instead doubled the system time (every batch freshly mapped and faulted in)."""
+    global _last_trim
+    trim = _malloc_trim()
     now = time.monotonic()
-    if now - _last_trim[0] < interval or not sys.platform.startswith("linux"):
+    if trim is None or now - _last_trim < interval:
         return
-    _last_trim[0] = now
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    _last_trim = now
+    trim(0)
 
 
 #: In an output folder: held (flock) by the run using it; never removed, harmless when left.
 LOCK_NAME = ".bolmo-async.lock"
-_held: dict[str, int] = {}  # lock path -> nesting depth in this process (prepare runs plan, fetch, finalize)
+_held: set[str] = set()  # lock paths this process holds (prepare runs plan, fetch, finalize inside)
 _held_guard = threading.Lock()
 
 
@@ -143,14 +156,8 @@ def folder_lock(folder: Path, *, shared: bool = False) -> Iterator[None]:
     path = str(folder / LOCK_NAME)
     with _held_guard:
         nested = path in _held
-        if nested:
-            _held[path] += 1
-    if nested:  # the outer call of this process holds the lock
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[path] -= 1
+    if nested:  # the outer call of this process holds the lock (and releases it)
+        yield
         return
     try:
         import fcntl
@@ -174,12 +181,12 @@ def folder_lock(folder: Path, *, shared: bool = False) -> Iterator[None]:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         with _held_guard:
-            _held[path] = 1
+            _held.add(path)
         try:
             yield
         finally:
             with _held_guard:
-                del _held[path]
+                _held.discard(path)
             if not shared:
                 os.ftruncate(fd, 0)
     finally:
