@@ -11,12 +11,22 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
-from .fetcher import FetchOptions, fetch_async
-from .finalizer import _SHARD_RE, DATA_SOURCES, MANIFEST, RUN_STATE, ShardStream, finalize_dir
+from .filetask import planned_read_bytes
+from .finalizer import (
+    _SHARD_RE,
+    DATA_SOURCES,
+    MANIFEST,
+    RUN_STATE,
+    ShardPlanner,
+    Written,
+    finalize_dir,
+    source_prefix,
+)
 from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
 from .inspector import inspect_dir
 from .models import (
@@ -26,11 +36,23 @@ from .models import (
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
     Plan,
+    TokenizerInfo,
     validate_fraction,
 )
 from .planner import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
-from .tokenize import AnyTokenizer, ByteTokenizer, make_tokenizer
+from .pool import Pool, usable_cores
+from .progress import Progress
+from .staging import Staging
+from .tokenize import (
+    DEFAULT_CHECK_EVERY,
+    ENGINES,
+    ByteTokenizer,
+    SubwordTokenizer,
+    TokenizerSpec,
+    load_tokenizer_source,
+)
 from .util import atomic_write_text, folder_lock, human_bytes
+from .worker import WorkerSpec
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -70,8 +92,30 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main())
 
 
-def _endpoint(explicit: str | None, plan: Plan | None = None) -> str:
-    return default_endpoint(explicit or os.environ.get("HF_ENDPOINT") or (plan.endpoint if plan else None))
+def _endpoint(explicit: str | None) -> str:
+    """The endpoint of this run: ``--endpoint``, else ``HF_ENDPOINT``, else the Hub. Never the one a
+    plan.json names: a shared folder must not decide where a user's token is sent."""
+    return default_endpoint(explicit or os.environ.get("HF_ENDPOINT") or None)
+
+
+def _same_endpoint(plan: Plan, endpoint: str) -> None:
+    if plan.endpoint and plan.endpoint.rstrip("/") != endpoint.rstrip("/"):
+        raise StateError(
+            f"this folder was planned against {plan.endpoint}, but this run talks to {endpoint} "
+            "(--endpoint / HF_ENDPOINT, else the Hub). Pass --endpoint with the planned one to continue, or --force "
+            "to plan again against this one."
+        )
+
+
+async def _check_listing(plan: Plan, endpoint: str) -> None:
+    """The pinned commit must still list the files the plan was made from."""
+    _, files = await _list(endpoint, plan.repo_id, plan.revision, plan.commit)
+    digest = listing_digest(files)
+    if digest != plan.listing_digest:
+        raise StateError(
+            f"The listing of {plan.repo_id}@{plan.commit[:12]} changed since the plan was made "
+            f"(digest {digest[:12]} != {plan.listing_digest[:12]}). Rerun with --force to plan again."
+        )
 
 
 async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None = None) -> tuple[str, list[Any]]:
@@ -135,6 +179,28 @@ def plan(
     A plan for the same repo, revision and seed but another fraction is re-made at the same
     pinned commit (staged whole files are reused). Anything else different needs ``force``.
     """
+    return _plan(
+        output_dir,
+        repo_id=repo_id,
+        revision=revision,
+        endpoint=endpoint,
+        data_fraction=data_fraction,
+        seed=seed,
+        force=force,
+    )[0]
+
+
+def _plan(
+    output_dir: str | os.PathLike[str],
+    *,
+    repo_id: str,
+    revision: str,
+    endpoint: str | None,
+    data_fraction: float,
+    seed: int,
+    force: bool,
+) -> tuple[Plan, bool]:
+    """``plan``, and whether the repo was listed just now."""
     validate_fraction(data_fraction)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -149,14 +215,17 @@ def plan(
                 f"{repo_id}@{revision} seed {seed}. Use another --output-dir, or --force to reset this one."
             )
         if existing.data_fraction == data_fraction:
-            return existing
+            _same_endpoint(existing, _endpoint(endpoint))
+            return existing, False
         log.info(
             "data fraction %g -> %g: re-planning at the pinned commit %s",
             existing.data_fraction,
             data_fraction,
             existing.commit[:12],
         )
-    ep = _endpoint(endpoint, existing)
+    ep = _endpoint(endpoint)
+    if existing is not None:
+        _same_endpoint(existing, ep)
     commit, files = run_interruptible(_list(ep, repo_id, revision, existing.commit if existing else None))
     if not files:
         raise StateError(f"{repo_id}@{revision} lists no data files ({', '.join(('.jsonl.zst', '.parquet', '...'))}).")
@@ -168,10 +237,10 @@ def plan(
         revision=revision,
         commit=commit,
         listing_digest=listing_digest(files),
-        endpoint=endpoint or os.environ.get("HF_ENDPOINT"),
+        endpoint=ep,
     )
     save_plan(p, out)
-    return p
+    return p, True
 
 
 def ensure_plan(
@@ -202,11 +271,14 @@ def ensure_plan(
     )
 
 
-def _check_state(out: Path, tok: AnyTokenizer, force: bool) -> None:
+def _check_state(out: Path, info: TokenizerInfo, force: bool) -> None:
     path = out / RUN_STATE
     if path.exists():
-        prev = json.loads(path.read_text()).get("tokenizer", {})
-        now = tok.info.to_json()
+        try:
+            prev = json.loads(path.read_text()).get("tokenizer", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StateError(f"{path} is unreadable ({exc}); rerun with --force to reset {out}.") from exc
+        now = info.to_json()
         keys = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
         if any(prev.get(k) != now.get(k) for k in keys):
 
@@ -217,114 +289,288 @@ def _check_state(out: Path, tok: AnyTokenizer, force: bool) -> None:
                 f"{out} was fetched with tokenizer {desc(prev)}, this run uses {desc(now)}. "
                 "Use another --output-dir, or --force to reset this one."
             )
-    atomic_write_text(path, json.dumps({"tokenizer": tok.info.to_json()}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n")
 
 
-@_one_run_per_folder(create=True)
-def fetch(
-    output_dir: str | os.PathLike[str],
+def _tokenizer_spec(
+    kind: str,
+    identifier: str,
+    *,
+    endpoint: str,
+    eos_token_id: int | None,
+    special_tokens_as_text: bool,
+    engine: str,
+    check_every: int,
+) -> tuple[TokenizerSpec, TokenizerInfo]:
+    """The recipe workers build the tokenizer from, and what run.json records. Only the JSON is
+    read here (and checked once); the engines are built in the workers."""
+    if kind == "byte":
+        return TokenizerSpec("byte"), ByteTokenizer().info
+    src = load_tokenizer_source(identifier, endpoint=endpoint, token=read_token())
+    probe = SubwordTokenizer(
+        src,
+        eos_token_id=eos_token_id,
+        special_tokens_as_text=special_tokens_as_text,
+        engine=engine,
+        check_every=check_every,
+    )
+    spec = TokenizerSpec("subword", src, probe.eos, special_tokens_as_text, probe.engine, check_every)
+    return spec, probe.info
+
+
+def validate_fetch_options(
+    *,
+    tokenizer: str = "byte",
+    engine: str = "auto",
+    concurrency: int = 8,
+    retries: int = 8,
+    read_timeout: float = 60.0,
+    processes: int = 0,
+    check_every: int = DEFAULT_CHECK_EVERY,
+    max_document_bytes: int = 0,
+) -> None:
+    """Every fetch option checked before anything touches the network or the disk."""
+    if tokenizer not in ("byte", "subword"):
+        raise UsageError(f"--tokenizer must be 'byte' or 'subword', got {tokenizer!r}")
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not 1 <= concurrency <= 256:
+        raise UsageError(f"--concurrency must be between 1 and 256, got {concurrency}")
+    if retries < 1:
+        raise UsageError(f"--retries must be at least 1, got {retries}")
+    if not read_timeout > 0:
+        raise UsageError(f"--read-timeout must be a positive number of seconds, got {read_timeout}")
+    if processes < 0:
+        raise UsageError(f"--processes must be 0 (one per usable core) or more, got {processes}")
+    if check_every < 0:
+        raise UsageError(f"--check-every must be 0 (off) or more, got {check_every}")
+    if max_document_bytes < 0:
+        raise UsageError(f"--max-document-bytes must be 0 (the default) or more, got {max_document_bytes}")
+
+
+@dataclass
+class FetchReport:
+    files: int
+    fetched_now: int
+    documents_now: int
+    tokens_now: int
+    written: Written
+    verified: frozenset[str]
+    engines: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "fetched_now": self.fetched_now,
+            "documents_now": self.documents_now,
+            "tokens_now": self.tokens_now,
+            "engines": list(self.engines),
+        }
+
+
+def _check_disk(out: Path, plan: Plan, units: list[int], kind: str, streaming: bool, shards: bool) -> None:
+    """Refuse a run that cannot fit: only the work left counts (files not staged yet, shards not
+    written yet), estimated from what is staged already when anything is."""
+    staging = Staging(out)
+    recs = {u: staging.done(plan.files[u]) for u in units}
+    left = [plan.files[u] for u, rec in recs.items() if rec is None]
+    need = disk_needed(left, kind, streaming, shards_for=list(plan.files) if shards else [])
+    done = [(plan.files[u], rec) for u, rec in recs.items() if rec is not None]
+    planned = sum(pf.planned_bytes for pf, _ in done)
+    if planned > 0:  # this data's own ratio instead of typical compression ratios
+        per_byte = sum(int(rec.get("tokens", 0)) for _, rec in done) / planned
+        left_tokens = per_byte * sum(pf.planned_bytes for pf in left)
+        need = int(left_tokens * (1 if kind == "byte" else 4) * 1.1)
+        if shards:
+            need += int(4 * per_byte * sum(pf.planned_bytes for pf in plan.files) * 1.1)
+        if not streaming:
+            need += sum(pf.size for pf in left)
+    if shards:
+        need -= sum(p.stat().st_size for p in out.glob("bolmo_data_*.npy"))
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise DiskSpaceError(
+            f"{out} has {human_bytes(free)} free; the {len(left)} file(s) left to fetch need about {human_bytes(need)} "
+            "(staging" + (" + shards" if shards else "") + "). Free space, choose another --output-dir or a smaller "
+            "--data-fraction, or pass --skip-disk-check if you know better."
+        )
+
+
+def _fetch(
+    out: Path,
     *,
     tokenizer: str = "byte",
     tokenizer_identifier: str = DEFAULT_TOKENIZER_ID,
     eos_token_id: int | None = None,
     special_tokens_as_text: bool = True,
     engine: str = "auto",
+    check_every: int = DEFAULT_CHECK_EVERY,
     concurrency: int = 8,
     streaming: bool = True,
     endpoint: str | None = None,
     retries: int = 8,
+    read_timeout: float = 60.0,
     progress: bool = True,
     force: bool = False,
     check_disk: bool = True,
+    plan_options: dict[str, Any] | None = None,
+    processes: int = 0,
+    worker: tuple[int, int] | None = None,
+    max_document_bytes: int = 0,
+    shard_bound: int | None = None,
+    listing_checked: bool = False,
+) -> FetchReport:
+    validate_fetch_options(
+        tokenizer=tokenizer,
+        engine=engine,
+        concurrency=concurrency,
+        retries=retries,
+        read_timeout=read_timeout,
+        processes=processes,
+        check_every=check_every,
+        max_document_bytes=max_document_bytes,
+    )
+    ep = _endpoint(endpoint)
+    existing = None if force else load_plan(out)
+    n = processes or usable_cores()
+    with Pool(n) as pool:  # workers import while the repo is listed and the tokenizer loaded
+        if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
+            the_plan = existing
+            _same_endpoint(the_plan, ep)
+            if not listing_checked:
+                run_interruptible(_check_listing(the_plan, ep))
+        else:
+            the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
+        units = list(range(len(the_plan.files)))
+        if worker is not None:
+            share = {pf.path for pf in assign_workers(the_plan, worker[1])[worker[0]]}
+            units = [u for u in units if the_plan.files[u].path in share]
+        spec_tok, info = _tokenizer_spec(
+            tokenizer,
+            tokenizer_identifier,
+            endpoint=ep,
+            eos_token_id=eos_token_id,
+            special_tokens_as_text=special_tokens_as_text,
+            engine=engine,
+            check_every=check_every,
+        )
+        _check_state(out, info, force)
+        if spec_tok.source is not None:
+            atomic_write_text(out / "tokenizer" / "tokenizer.json", spec_tok.source.json_text)
+        if check_disk:
+            _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
+        slots = max(1, -(-concurrency // n))
+        pool.start(
+            WorkerSpec(
+                output_dir=str(out),
+                files=the_plan.files,
+                repo_id=the_plan.repo_id,
+                repo_type=the_plan.repo_type,
+                commit=the_plan.commit,
+                endpoint=ep,
+                tokenizer=spec_tok,
+                eos=info.eos_token_id,
+                streaming=streaming,
+                retries=retries,
+                read_timeout=read_timeout,
+                slots=slots,
+                max_document_bytes=max_document_bytes,
+                src_prefix=source_prefix(the_plan),
+            )
+        )
+        shards = ShardPlanner(out, the_plan, shard_bound) if shard_bound is not None else None
+        total = sum(planned_read_bytes(the_plan.files[u]) for u in units)
+        with Progress(len(units), total, enabled=progress, kind=f"{info.kind} tokens") as prog:
+            try:
+                result = pool.run(
+                    units,
+                    progress=prog,
+                    on_staged=(lambda u, rec: shards.staged(u)) if shards is not None else None,
+                    on_files_done=shards.finish if shards is not None else None,
+                )
+            except KeyboardInterrupt:
+                raise FetchIncomplete(
+                    "Interrupted. Finished files are staged; rerun the same command to resume.", interrupted=True
+                ) from None
+    if result.failed:
+        names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
+        raise FetchIncomplete(
+            f"{len(result.failed)} file(s) failed:\n  {names}\n"
+            "Rerun the same command to resume: finished files are kept and only these are fetched again.",
+            failed=result.failed,
+        )
+    written: Written = {}
+    if shards is not None:
+        for k, pieces in shards.handed_out.items():
+            if k in result.shards:
+                written[k] = (pieces, result.shards[k])
+    return FetchReport(
+        files=len(units),
+        fetched_now=result.fetched_now,
+        documents_now=prog.documents,
+        tokens_now=prog.tokens,
+        written=written,
+        verified=frozenset(the_plan.files[u].key for u in result.staged),
+        engines=tuple(sorted(result.engines)),
+    )
+
+
+@_one_run_per_folder(create=True)
+def fetch(
+    output_dir: str | os.PathLike[str],
+    *,
     repo_id: str | None = None,
     revision: str | None = None,
     data_fraction: float | None = None,
     seed: int | None = None,
-    processes: int = 0,
     worker: tuple[int, int] | None = None,
-    read_timeout: float = 60.0,
-    shard_stream: ShardStream | None = None,
+    force: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
-    ``processes``: subword BPE worker processes (0: one per core; 1: threads in this process).
-    ``shard_stream``: writes shards meanwhile (``prepare``)."""
+    Options (all keywords): ``tokenizer``, ``tokenizer_identifier``, ``eos_token_id``,
+    ``special_tokens_as_text``, ``engine``, ``check_every``, ``concurrency``, ``streaming``,
+    ``endpoint``, ``retries``, ``read_timeout``, ``progress``, ``check_disk``, ``processes``
+    (worker processes; 0: one per usable core; 1: one worker in this process),
+    ``max_document_bytes``. ``worker=(I, N)``: only share I of N of the plan."""
     out = Path(output_dir).resolve()
-    existing = None if force else load_plan(out)
-    plan_options = any(v is not None for v in (repo_id, revision, data_fraction, seed))
+    plan_options = {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}
     if worker is not None:
+        existing = load_plan(out)
         if existing is None:
             raise StateError(
                 f"--worker needs the plan first: run `bolmo-async plan --output-dir {out} ...` once, then launch the "
                 "workers (workers never plan on their own, so that all of them share one plan)."
             )
-        if plan_options or force:
+        conflicts = [
+            f"--{k.replace('_', '-')} {v!r} (the plan has {getattr(existing, k)!r})"
+            for k, v in plan_options.items()
+            if v is not None and v != getattr(existing, k) and not (k == "revision" and v == existing.commit)
+        ]
+        if conflicts or force:
             raise UsageError(
-                "--worker uses the plan already in --output-dir: drop --data-fraction/--seed/--revision/--repo-id/--force."
+                "--worker uses the plan already in --output-dir, which differs: "
+                + ("; ".join(conflicts) or "--force resets it")
+                + ". Drop these options, or plan again first (without --worker)."
             )
-    the_plan = ensure_plan(
-        out, endpoint=endpoint, force=force, repo_id=repo_id, revision=revision, data_fraction=data_fraction, seed=seed
-    )
-    ep = _endpoint(endpoint, the_plan)
-    tok = make_tokenizer(
-        tokenizer,
-        tokenizer_identifier,
-        endpoint=ep,
-        token=read_token(),
-        eos_token_id=eos_token_id,
-        special_tokens_as_text=special_tokens_as_text,
-        engine=engine,
-        processes=processes,
-    )
-    try:
-        _check_state(out, tok, force)
-        if not isinstance(tok, ByteTokenizer):
-            (out / "tokenizer").mkdir(exist_ok=True)
-            atomic_write_text(out / "tokenizer" / "tokenizer.json", tok.source_json)
-        if check_disk:
-            need = disk_needed(the_plan, tok.info.kind, streaming)
-            free = shutil.disk_usage(out).free
-            if free < need:
-                raise DiskSpaceError(
-                    f"{out} has {human_bytes(free)} free; this plan needs about {human_bytes(need)} "
-                    "(staging + shards). Free space, choose another --output-dir or a smaller --data-fraction."
-                )
-        if shard_stream is not None:
-            shard_stream.start(tok.info.fingerprint)
-        opts = FetchOptions(
-            on_staged=shard_stream.staged if shard_stream is not None else None,
-            output_dir=out,
-            concurrency=concurrency,
-            streaming=streaming,
-            endpoint=ep,
-            retries=retries,
-            read_timeout=read_timeout,
-            progress=progress,
-        )
-        files = None if worker is None else assign_workers(the_plan, worker[1])[worker[0]]
-        fetcher = run_interruptible(fetch_async(the_plan, opts, tok, files))
-    finally:
-        tok.close()
-    p = fetcher.progress
-    return {
-        "files": len(the_plan.files) if files is None else len(files),
-        "fetched_now": p.files if p else 0,
-        "documents_now": p.documents if p else 0,
-        "tokens_now": p.tokens if p else 0,
-    }
+        plan_options = {}
+    report = _fetch(out, force=force, plan_options=plan_options, worker=worker, **options)
+    return report.to_json()
 
 
 @_one_run_per_folder(create=False)
 def finalize(
     output_dir: str | os.PathLike[str],
     *,
-    max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
+    max_tokens_per_file: int | None = None,
     allow_incomplete: bool = False,
     ray: bool = False,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Write the shards, their csv.gz, ``manifest.json`` and ``data_sources.txt`` from the staging
-    (shards written by local threads, or by Ray tasks with ``ray=True``)."""
+    (shards written by local threads, or by Ray tasks with ``ray=True``). ``max_tokens_per_file``
+    None: the bound this folder was finalized with before (else 100M)."""
     return finalize_dir(
         output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete, ray=ray, ray_address=ray_address
     )
@@ -335,22 +581,23 @@ def prepare(
     output_dir: str | os.PathLike[str],
     *,
     data_fraction: float = DEFAULT_DATA_FRACTION,
-    tokenizer: str = "byte",
-    tokenizer_identifier: str = DEFAULT_TOKENIZER_ID,
     max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
     seed: int = DEFAULT_SEED,
-    streaming: bool = True,
     repo_id: str = DEFAULT_REPO_ID,
     revision: str = "main",
     endpoint: str | None = None,
-    **fetch_kwargs: Any,
+    force: bool = False,
+    allow_incomplete: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """plan + fetch + finalize. On interruption or failed files, finalizes what was staged
-    (manifest ``complete: false``) and re-raises."""
-    if max_tokens_per_file < 1:
-        raise UsageError("--max-tokens-per-file must be at least 1")
-    force = bool(fetch_kwargs.pop("force", False))
-    the_plan = plan(
+    """plan + fetch + finalize; shards are written by the workers while files are still being
+    fetched. On interruption or failed files it stops (exit non-zero) without writing
+    ``data_sources.txt``; ``allow_incomplete`` then finalizes what was staged (``complete: false``)."""
+    if max_tokens_per_file < 2:
+        raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
+    validate_fetch_options(**{k: v for k, v in options.items() if k in _VALIDATED})
+    the_plan, listed = _plan(
         output_dir,
         repo_id=repo_id,
         revision=revision,
@@ -359,32 +606,33 @@ def prepare(
         seed=seed,
         force=force,
     )
-    # Shards are written while files are still being fetched (in plan order, as they complete):
-    # at the end only the last one is left. finalize_dir keeps them only where they match.
-    stream = ShardStream(Path(output_dir).resolve(), the_plan, max_tokens_per_file)
+    if on_plan is not None:
+        on_plan(the_plan)
+    out = Path(output_dir).resolve()
     try:
-        fetch(
-            output_dir,
-            tokenizer=tokenizer,
-            tokenizer_identifier=tokenizer_identifier,
-            streaming=streaming,
-            endpoint=endpoint,
-            shard_stream=stream,
-            **fetch_kwargs,
-        )
-    except BaseException as exc:
-        stream.abort()
-        if not isinstance(exc, FetchIncomplete):
-            raise
-        if (Path(output_dir) / RUN_STATE).exists():
-            manifest = finalize_dir(output_dir, max_tokens_per_file, allow_incomplete=True, written=stream.written)
+        report = _fetch(out, endpoint=endpoint, shard_bound=max_tokens_per_file, listing_checked=listed, **options)
+    except FetchIncomplete:
+        if allow_incomplete and (out / RUN_STATE).exists():
+            manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
                 len(manifest["shards"]),
                 len(manifest["missing_files"]),
             )
-        raise exc
-    return finalize_dir(output_dir, max_tokens_per_file, written=stream.finish())
+        raise
+    return finalize_dir(out, max_tokens_per_file, written=report.written, verified=report.verified)
+
+
+_VALIDATED = (
+    "tokenizer",
+    "engine",
+    "concurrency",
+    "retries",
+    "read_timeout",
+    "processes",
+    "check_every",
+    "max_document_bytes",
+)
 
 
 def inspect(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from . import api
+from .decode import DEFAULT_MAX_DOCUMENT_BYTES
 from .errors import BolmoError
 from .models import (
     DEFAULT_DATA_FRACTION,
@@ -26,6 +27,7 @@ from .models import (
     validate_fraction,
 )
 from .planner import parse_worker
+from .tokenize import DEFAULT_CHECK_EVERY
 from .util import human_bytes, human_count, prefer_system_allocator
 
 app = typer.Typer(
@@ -180,12 +182,32 @@ SPECIAL = typer.Option(
     "--special-tokens-as-ids",
     help="Encode special-token strings in text as their ids (dolma tokens' behaviour).",
 )
-ENGINE = typer.Option("auto", "--engine", help="Subword engine: auto (tiktoken when exact), tiktoken, tokenizers.")
+ENGINE = typer.Option(
+    "auto",
+    "--engine",
+    help="Subword engine: auto (fastokens when installed, else tokenizers), fastokens, tokenizers, tiktoken.",
+)
+CHECK_EVERY = typer.Option(
+    DEFAULT_CHECK_EVERY,
+    "--check-every",
+    min=0,
+    help="Re-encode one document in N with the tokenizers reference; a mismatch stops the run (0: off).",
+)
 PROCESSES = typer.Option(
     0,
+    "--processes",
     "--tokenizer-processes",
     min=0,
-    help="Subword BPE worker processes (0: one per core; 1: threads in this process).",
+    help="Worker processes, each doing whole files (0: one per usable core; 1: one worker in this process).",
+)
+MAX_DOC = typer.Option(
+    0,
+    "--max-document-bytes",
+    min=0,
+    help=f"Skip (and count) documents larger than this (0: {DEFAULT_MAX_DOCUMENT_BYTES >> 20} MiB).",
+)
+SKIP_DISK = typer.Option(
+    False, "--skip-disk-check", help="Do not refuse a run whose estimated size exceeds the free disk."
 )
 CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
 STREAMING = typer.Option(
@@ -203,16 +225,22 @@ _FETCH_OPTIONS = (
     "tokenizer_identifier",
     "eos_token_id",
     "engine",
+    "check_every",
     "concurrency",
     "streaming",
     "retries",
     "read_timeout",
+    "max_document_bytes",
 )
 
 
 def _fetch_options(args: dict[str, Any]) -> dict[str, Any]:
     """Those options, as the API's keywords, from a command's arguments (its ``locals()``)."""
-    return {**{k: args[k] for k in _FETCH_OPTIONS}, "special_tokens_as_text": not args["special_tokens_as_ids"]}
+    return {
+        **{k: args[k] for k in _FETCH_OPTIONS},
+        "special_tokens_as_text": not args["special_tokens_as_ids"],
+        "check_disk": not args["skip_disk_check"],
+    }
 
 
 @app.command("fetch")
@@ -223,12 +251,15 @@ def fetch_cmd(
     eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
-    tokenizer_processes: int = PROCESSES,
+    check_every: int = CHECK_EVERY,
+    processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
     streaming: bool = STREAMING,
     endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
     read_timeout: float = READ_TIMEOUT,
+    max_document_bytes: int = MAX_DOC,
+    skip_disk_check: bool = SKIP_DISK,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
     repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
@@ -253,7 +284,7 @@ def fetch_cmd(
         lambda: api.fetch(
             output_dir,
             **opts,
-            processes=tokenizer_processes,
+            processes=processes,
             endpoint=endpoint,
             force=force,
             progress=not no_progress,
@@ -288,8 +319,11 @@ def _fetch_ray(
 @app.command("finalize")
 def finalize_cmd(
     output_dir: Path = OUT,
-    max_tokens_per_file: int = typer.Option(
-        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."
+    max_tokens_per_file: int | None = typer.Option(
+        None,
+        "--max-tokens-per-file",
+        min=2,
+        help="Tokens per shard at most (default: what this folder was finalized with, else 100000000).",
     ),
     allow_incomplete: bool = typer.Option(
         False, "--allow-incomplete", help="Write shards from what is staged even if planned files are missing."
@@ -317,7 +351,7 @@ def prepare_cmd(
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
     max_tokens_per_file: int = typer.Option(
-        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=1, help="Tokens per shard at most."
+        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=2, help="Tokens per shard at most."
     ),
     seed: int = SEED,
     streaming: bool = STREAMING,
@@ -327,10 +361,18 @@ def prepare_cmd(
     eos_token_id: int | None = EOS,
     special_tokens_as_ids: bool = SPECIAL,
     engine: str = ENGINE,
-    tokenizer_processes: int = PROCESSES,
+    check_every: int = CHECK_EVERY,
+    processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
     retries: int = RETRIES,
     read_timeout: float = READ_TIMEOUT,
+    max_document_bytes: int = MAX_DOC,
+    skip_disk_check: bool = SKIP_DISK,
+    allow_incomplete: bool = typer.Option(
+        False,
+        "--allow-incomplete",
+        help="If files fail or the run is stopped, still write shards and data_sources.txt from what was staged.",
+    ),
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
 ) -> None:
@@ -346,8 +388,9 @@ def prepare_cmd(
             repo_id=repo_id,
             revision=revision,
             endpoint=endpoint,
-            processes=tokenizer_processes,
+            processes=processes,
             force=force,
+            allow_incomplete=allow_incomplete,
             progress=not no_progress,
         )
     )

@@ -1,12 +1,16 @@
-"""Compressed bytes -> batches of documents (``id``, ``loc``, ``text``) as Arrow record batches.
+"""File bytes -> batches of documents (``id``, ``loc``, ``text``) as Arrow record batches.
 
-Incremental: bytes are fed as they arrive and complete lines come out; nothing holds a whole
-file. JSON lines are parsed by Arrow's C++ reader in blocks (fast path) and, when a block has
-something odd in it, line by line with ``json`` to count and report each bad line exactly.
+Two readers behind one small interface (``feed(bytes) -> batches``, ``finish() -> batches``
+for JSON lines; ``parquet_batch(table)`` per row group): pure functions of the file's bytes.
+
+JSON lines (zstd, gzip or plain) are decompressed in fixed slices aligned to offsets in the
+file, so what comes out, even of a damaged stream, never depends on how the network chunked
+the bytes. Complete lines are parsed by Arrow's C++ reader in blocks (fast path) and, when a
+block has something odd in it, line by line with ``json`` to count and report each bad line
+exactly. A line longer than ``max_document_bytes`` is skipped and counted without being held.
 
 A prefix decoder (``limit``) stops taking documents once ``limit`` compressed bytes have been
-fed (the lines complete at that point are taken, at least one document), so the documents a
-prefix yields depend only on the file's bytes, never on how the network chunked them.
+fed (the lines complete at that point are taken, at least one document).
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import zstandard
 
+from .errors import DecodeError
 from .models import SkipCounter
 
-#: Compressed bytes decompressed at a time.
+#: Compressed bytes decompressed at a time, at offsets that are multiples of it.
 FEED_SLICE = 64 * 1024
-#: Text per batch of documents (what waits for the tokenizer, per open file, is a few of these).
+#: Text per batch of documents.
 BATCH_BYTES = 1 << 20
+#: Documents (JSON lines, parquet texts) larger than this are skipped and counted.
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
-_JSON_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
-_PARSE = pj.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="ignore", newlines_in_values=False)
 
 
 class StreamError(Exception):
@@ -76,23 +81,86 @@ class Decompressor:
             raise StreamError(f"truncated {self.kind} stream (the file ends inside a frame)")
 
 
+def _doc_id(value: Any, path: str, loc: int) -> str:
+    """A document's id as text (``path:loc`` when it has none, or one that is not valid text)."""
+    if value is None:
+        return f"{path}:{loc}"
+    doc_id = value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict | list) else str(value)
+    try:
+        doc_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{path}:{loc}"
+    return doc_id
+
+
+def check_doc(
+    obj: Any, path: str, loc: int, text_field: str = "text", id_field: str = "id", max_bytes: int = 0
+) -> tuple[str | None, str, str]:
+    """(skip reason or None, id, text) of one parsed record."""
+    if not isinstance(obj, dict):
+        return "not_an_object", "", ""
+    if text_field not in obj:
+        return "missing_text", "", ""
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return "text_not_string", "", ""
+    if not text:
+        return "empty_text", "", ""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "lone_surrogate", "", ""
+    if max_bytes and size > max_bytes:
+        return "document_too_large", "", ""
+    return None, _doc_id(obj.get(id_field), path, loc), text
+
+
+def _empty_batch() -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array([], t) for t in BATCH_SCHEMA.types], schema=BATCH_SCHEMA)
+
+
+def _batch(ids: list[str], locs: list[int], texts: list[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(locs, pa.int64()), pa.array(texts, pa.large_string())],
+        schema=BATCH_SCHEMA,
+    )
+
+
 class LineDecoder:
-    """Feed compressed bytes; collect complete JSON lines; ``take()`` parsed batches."""
+    """Feed compressed bytes; get parsed batches of the complete JSON lines."""
 
     def __init__(
-        self, path: str, suffix: str, skips: SkipCounter, limit: int | None = None, batch_bytes: int = BATCH_BYTES
+        self,
+        path: str,
+        suffix: str,
+        skips: SkipCounter,
+        limit: int | None = None,
+        batch_bytes: int = BATCH_BYTES,
+        max_document_bytes: int = 0,
+        text_field: str = "text",
+        id_field: str = "id",
     ):
         self.path = path
         self.skips = skips
         self.limit = limit
         self.batch_bytes = batch_bytes
+        self.max_document_bytes = max_document_bytes or DEFAULT_MAX_DOCUMENT_BYTES
+        self.text_field, self.id_field = text_field, id_field
+        self._json_array_possible = suffix.startswith(".json") and not suffix.startswith(".jsonl")
+        self._parse_options = pj.ParseOptions(
+            explicit_schema=pa.schema([(id_field, pa.string()), (text_field, pa.string())]),
+            unexpected_field_behavior="ignore",
+            newlines_in_values=False,
+        )
         self._dec = Decompressor(suffix)
+        self._carry = bytearray()  # compressed bytes not yet decompressed (up to the next slice boundary)
+        self._consumed = 0  # compressed bytes decompressed so far
         self._pending = bytearray()  # decompressed bytes after the last newline
+        self._skipping_line = False  # inside a line longer than max_document_bytes
         self._blocks: list[bytes] = []  # runs of complete lines, without their final newline
         self._nlines = 0  # lines in _blocks
         self._lines_size = 0
-        self._next_line = 1  # 1-based line number of the next line to come out
-        self._first_line_of_batch = 1
+        self._next_line = 1  # 1-based line number of the first line in _blocks
         self.fed = 0
         self.documents = 0
         self.done = False  # no more documents wanted (prefix reached, or corrupt stream)
@@ -107,72 +175,125 @@ class LineDecoder:
             return out
         if self.limit is not None and not self._prefix_reached and self.fed + len(data) >= self.limit:
             cut = self.limit - self.fed
-            out += self._feed(data[:cut])
+            out += self._take(data[:cut])
+            out += self._decompress(bytes(self._carry))  # everything up to the limit
+            self._carry.clear()
             out += self._flush_lines()  # every line complete within the prefix is taken
             self._prefix_reached = True
             data = data[cut:]
-            if self.documents > 0:
+            if self.documents > 0 or self.done:
                 self.done = True
                 self.fed += len(data)
                 return out
-        out += self._feed(data)
+        out += self._take(data)
         if self._prefix_reached and self.documents > 0:
             out += self._flush_lines()
             self.done = True
         return out
 
-    def _feed(self, data: bytes) -> list[pa.RecordBatch]:
+    def _take(self, data: bytes) -> list[pa.RecordBatch]:
+        """Decompress whole aligned slices of what was fed; keep the rest for later."""
         self.fed += len(data)
+        self._carry += data
         out: list[pa.RecordBatch] = []
-        # Decompress in slices so that memory follows batch_bytes, whatever the compression ratio.
-        for start in range(0, len(data), FEED_SLICE):
-            try:
-                plain = self._dec.feed(data[start : start + FEED_SLICE])
-            except StreamError as exc:
-                self._stream_failed(str(exc))
-                return out + self._flush_lines()
-            self._split(plain)
+        while not self.done:
+            need = FEED_SLICE - (self._consumed % FEED_SLICE)
+            if len(self._carry) < need:
+                break
+            piece = bytes(self._carry[:need])
+            del self._carry[:need]
+            out += self._decompress(piece)
             if self._prefix_reached:
-                # Past the prefix only the first document is wanted: parse line by line.
+                # Past the prefix only the first document is wanted.
                 out += self._flush_lines()
                 if self.documents:
-                    return out
-            elif self._lines_size >= self.batch_bytes:
-                out += self._flush_lines()
+                    break
         return out
 
-    def _split(self, plain: bytes) -> None:
-        if not plain:
-            return
-        self._pending += plain
-        end = self._pending.rfind(b"\n")
-        if end < 0:
-            return
-        block = bytes(self._pending[:end])
-        del self._pending[: end + 1]
-        self._blocks.append(block)
-        self._nlines += block.count(b"\n") + 1
-        self._lines_size += len(block)
+    def _decompress(self, piece: bytes) -> list[pa.RecordBatch]:
+        if not piece or self.done:
+            return []
+        self._consumed += len(piece)
+        try:
+            plain = self._dec.feed(piece)
+        except StreamError as exc:
+            out = self._flush_lines()
+            self.skips.add("corrupt_stream", f"{self.path}: {exc} after line {self._next_line - 1}")
+            self._pending.clear()
+            self.done = True
+            return out
+        out = self._split(plain)
+        if self._lines_size >= self.batch_bytes and not self._prefix_reached:
+            out += self._flush_lines()
+        return out
 
-    def _stream_failed(self, why: str) -> None:
-        self.skips.add("corrupt_stream", f"{self.path}: {why} after line {self._next_line + self._nlines - 1}")
-        self._pending.clear()
-        self.done = True
+    def _split(self, plain: bytes) -> list[pa.RecordBatch]:
+        """Append decompressed bytes; complete lines go to ``_blocks``. Linear in the input: only
+        the new bytes are searched, and a line over the size cap is dropped as it arrives."""
+        out: list[pa.RecordBatch] = []
+        if self._skipping_line:
+            nl = plain.find(b"\n")
+            if nl < 0:
+                return out
+            plain = plain[nl + 1 :]
+            self._skipping_line = False
+        if not plain:
+            return out
+        start = len(self._pending)
+        self._pending += plain
+        nl = plain.rfind(b"\n")
+        if nl >= 0:
+            end = start + nl
+            block = bytes(self._pending[:end])
+            del self._pending[: end + 1]
+            self._blocks.append(block)
+            self._nlines += block.count(b"\n") + 1
+            self._lines_size += len(block)
+            if len(block) > self.max_document_bytes:
+                out += self._drop_long_lines()
+        if len(self._pending) > self.max_document_bytes:
+            out += self._flush_lines()
+            self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
+            self._next_line += 1
+            self._pending.clear()
+            self._skipping_line = True
+        return out
+
+    def _drop_long_lines(self) -> list[pa.RecordBatch]:
+        """The last block holds a line over the cap (it arrived in one piece): skip it, keep the rest."""
+        block = self._blocks.pop()
+        self._nlines -= block.count(b"\n") + 1
+        self._lines_size -= len(block)
+        out: list[pa.RecordBatch] = []
+        for line in block.split(b"\n"):
+            if len(line) > self.max_document_bytes:
+                out += self._flush_lines()
+                self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
+                self._next_line += 1
+            else:
+                self._blocks.append(line)
+                self._nlines += 1
+                self._lines_size += len(line)
+        return out
 
     def finish(self) -> list[pa.RecordBatch]:
         """End of file: the last line without a newline counts; a truncated stream is reported."""
         if self.done:
             return []
+        out = self._decompress(bytes(self._carry))
+        self._carry.clear()
+        if self.done:
+            return out
         try:
             self._dec.finish()
         except StreamError as exc:
             self.skips.add("truncated_stream", f"{self.path}: {exc} after line {self._next_line + self._nlines - 1}")
             self._pending.clear()
-        if self._pending:
+        if self._pending and not self._skipping_line:
             self._blocks.append(bytes(self._pending))
             self._nlines += 1
             self._pending.clear()
-        out = self._flush_lines()
+        out += self._flush_lines()
         self.done = True
         return out
 
@@ -184,6 +305,11 @@ class LineDecoder:
         n, first = self._nlines, self._next_line
         self._blocks, self._nlines, self._lines_size = [], 0, 0
         self._next_line += n
+        if first == 1 and self._json_array_possible and data.lstrip()[:1] == b"[":
+            raise DecodeError(
+                f"{self.path} holds a JSON array, not JSON lines (one document object per line). "
+                "Convert it to JSON lines, or leave it out of the plan."
+            )
         if self._prefix_reached and self.documents == 0:
             batch = self._parse_slow(data.split(b"\n"), first, stop_after_first=True)
         else:
@@ -199,17 +325,17 @@ class LineDecoder:
             table = pj.read_json(
                 io.BytesIO(data),
                 read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, self.batch_bytes * 2)),
-                parse_options=_PARSE,
+                parse_options=self._parse_options,
             )
             if table.num_rows != n:
                 return None
-            text = table.column("text").combine_chunks()
-            ids = table.column("id").combine_chunks()
+            text = table.column(self.text_field).combine_chunks()
+            ids = table.column(self.id_field).combine_chunks()
             if text.null_count or ids.null_count:
                 return None
             text.validate(full=True)  # UTF-8 check
             ids.validate(full=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             return None
         empty = pc.equal(pc.binary_length(text), 0)
         n_empty = pc.sum(empty).as_py() or 0
@@ -236,10 +362,14 @@ class LineDecoder:
                     obj = json.loads(line)
                 except UnicodeDecodeError:
                     reason = "invalid_utf8"
+                except RecursionError:
+                    reason = "json_too_deep"
                 except ValueError:
                     reason = "invalid_json"
                 else:
-                    reason, doc_id, text = _check_doc(obj, self.path, loc)
+                    reason, doc_id, text = check_doc(
+                        obj, self.path, loc, self.text_field, self.id_field, self.max_document_bytes
+                    )
             if reason:
                 self.skips.add(reason, f"{self.path}:{loc}")
                 continue
@@ -249,50 +379,70 @@ class LineDecoder:
             if stop_after_first:
                 # Remaining lines are past the prefix; nothing after the first document is taken.
                 break
-        return pa.RecordBatch.from_arrays(
-            [pa.array(ids, pa.string()), pa.array(locs, pa.int64()), pa.array(texts, pa.large_string())],
-            schema=BATCH_SCHEMA,
-        )
+        return _batch(ids, locs, texts)
 
 
-def _check_doc(obj: Any, path: str, loc: int) -> tuple[str | None, str, str]:
-    if not isinstance(obj, dict):
-        return "not_an_object", "", ""
-    if "text" not in obj:
-        return "missing_text", "", ""
-    text = obj["text"]
-    if not isinstance(text, str):
-        return "text_not_string", "", ""
-    if not text:
-        return "empty_text", "", ""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "lone_surrogate", "", ""
-    doc_id = obj.get("id")
-    if doc_id is None:
-        doc_id = f"{path}:{loc}"
-    return None, str(doc_id), text
+def _texts(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """A text column's values as Python objects: str, or ``_INVALID`` for bytes that are not
+    UTF-8, or the value itself for other types (counted by ``check_doc``)."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        try:
+            col.validate(full=True)
+            return col.to_pylist()
+        except pa.ArrowInvalid:
+            col = col.cast(pa.large_binary()) if pa.types.is_large_string(col.type) else col.cast(pa.binary())
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        out: list[Any] = []
+        for raw in col.to_pylist():
+            if raw is None:
+                out.append(None)
+                continue
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(_INVALID)
+        return out
+    return col.to_pylist()
 
 
-def parquet_batch(table: pa.Table, path: str, first_row: int, skips: SkipCounter) -> pa.RecordBatch:
+class _Invalid:
+    """Marks a parquet text that is not valid UTF-8."""
+
+
+_INVALID = _Invalid()
+
+
+def parquet_batch(
+    table: pa.Table,
+    path: str,
+    first_row: int,
+    skips: SkipCounter,
+    max_document_bytes: int = 0,
+    text_field: str = "text",
+    id_field: str = "id",
+) -> pa.RecordBatch:
     """A parquet row group (``text`` and maybe ``id``) -> a document batch; ``loc`` is the 1-based row."""
-    if "text" not in table.column_names:
-        skips.add("missing_text", f"{path}: no 'text' column", n=table.num_rows)
-        return pa.RecordBatch.from_arrays([pa.array([], t) for t in BATCH_SCHEMA.types], schema=BATCH_SCHEMA)
-    texts = table.column("text").to_pylist()
-    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(texts)
+    if text_field not in table.column_names:
+        skips.add("missing_text", f"{path}: no {text_field!r} column", n=table.num_rows)
+        return _empty_batch()
+    texts = _texts(table.column(text_field))
+    ids = _texts(table.column(id_field)) if id_field in table.column_names else [None] * len(texts)
     out_ids, out_locs, out_texts = [], [], []
     for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
         loc = first_row + i + 1
-        reason, did, t = _check_doc({"id": doc_id, "text": text} if text is not None else {"id": doc_id}, path, loc)
+        if text is _INVALID:
+            skips.add("invalid_utf8", f"{path}:row {loc}")
+            continue
+        rec = {id_field: None if doc_id is _INVALID else doc_id}
+        if text is not None:
+            rec[text_field] = text
+        reason, did, t = check_doc(
+            rec, path, loc, text_field, id_field, max_document_bytes or DEFAULT_MAX_DOCUMENT_BYTES
+        )
         if reason:
             skips.add(reason, f"{path}:row {loc}")
             continue
         out_ids.append(did)
         out_locs.append(loc)
         out_texts.append(t)
-    return pa.RecordBatch.from_arrays(
-        [pa.array(out_ids, pa.string()), pa.array(out_locs, pa.int64()), pa.array(out_texts, pa.large_string())],
-        schema=BATCH_SCHEMA,
-    )
+    return _batch(out_ids, out_locs, out_texts)

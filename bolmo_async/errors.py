@@ -13,10 +13,14 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     │   └── UnsafePathError         the file listing holds a hostile path
     ├── DownloadError               a file failed after its retry budget
     │   └── IntegrityError          sha256/size mismatch that retries did not fix
+    ├── DecodeError                 a file that cannot be read as documents (fails that file only)
     ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
     ├── DiskSpaceError              not enough free disk for the plan, or the disk filled up
-    ├── TokenizerError              tokenizer cannot be loaded or has no EOS
+    ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or an engine disagreed
+    ├── WorkerError                 a worker process died or could not start
     └── FetchIncomplete             some planned files failed; rerunning resumes
+
+Errors cross process boundaries as (class name, message) and are rebuilt with ``rebuild``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class IntegrityError(DownloadError):
     pass
 
 
+class DecodeError(BolmoError):
+    pass
+
+
 class StateError(BolmoError):
     pass
 
@@ -65,6 +73,10 @@ class DiskSpaceError(BolmoError):
 
 
 class TokenizerError(BolmoError):
+    pass
+
+
+class WorkerError(BolmoError):
     pass
 
 
@@ -79,9 +91,21 @@ class FetchIncomplete(BolmoError):
             self.exit_code = 130
 
 
+def rebuild(name: str, message: str) -> BolmoError:
+    """The error a worker process reported as ``(type(exc).__name__, str(exc))``."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, BolmoError) and cls is not FetchIncomplete:
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return BolmoError(message)
+
+
 __all__ = [
     "AuthError",
     "BolmoError",
+    "DecodeError",
     "DiskSpaceError",
     "DownloadError",
     "FetchIncomplete",
@@ -92,4 +116,6 @@ __all__ = [
     "TokenizerError",
     "UnsafePathError",
     "UsageError",
+    "WorkerError",
+    "rebuild",
 ]

@@ -3,12 +3,17 @@
 - ``bolmo_data_00000.npy`` ...: raw, headerless, little-endian uint32 (read with
   ``np.memmap(path, dtype=np.uint32, mode="r")``; the suffix is a naming convention only).
 - A document is never split across shards unless it alone exceeds ``max_tokens_per_file``, so no
-  shard ever holds more than the bound.
+  shard ever holds more than the bound. Every shard ends with an EOS: a document cut across
+  shards has an EOS after each of its pieces, so each shard stands alone for EOS-based readers.
 - Beside each shard, ``bolmo_data_XXXXX.csv.gz``: no header, ``start,end,id,src,loc``, ``end``
-  exclusive (dolma's ``tokens`` layout); a split document gets a row in each shard.
-- ``manifest.json``, then ``data_sources.txt`` (absolute shard paths) written last.
+  exclusive (dolma's ``tokens`` layout); a cut document gets a row per piece, each ending at
+  its EOS.
+- ``manifest.json``, then ``data_sources.txt`` (absolute shard paths) written last, and only for
+  a complete output (or with ``allow_incomplete``); an existing one is replaced only once its
+  replacement is ready.
 
-Everything streams: one staged batch in memory at a time.
+Everything streams: one staged batch in memory at a time. Shards can be written by any process
+(``write_shard``): their boundaries depend only on staged lengths in plan order.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import StateError, UsageError
-from .models import Plan, PlannedFile, SkipCounter
+from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
 from .planner import load_plan
 from .staging import Staging, expand, token_lengths
 from .tokenize import value_bytes
@@ -188,7 +193,8 @@ def csv_rows(starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Part of a shard: documents ``[doc_lo, doc_hi)`` of one staged batch, or tokens
-    ``[tok_lo, tok_hi)`` of its document ``doc_lo`` alone (a document larger than the bound)."""
+    ``[tok_lo, tok_hi)`` of its document ``doc_lo`` alone (a document larger than the bound),
+    followed by an EOS when ``tok_hi`` is not the document's end."""
 
     unit: int  # index into the staged files, in plan order
     batch: int
@@ -202,12 +208,14 @@ class LayoutBuilder:
     """Shard boundaries from document lengths only, one staged batch at a time, in plan order.
 
     Documents fill a shard in order; one that does not fit opens the next shard; one larger than
-    the bound alone is cut into bound-sized pieces starting in a fresh shard. Greedy, so a piece
+    the bound alone is cut, starting in a fresh shard, into pieces that each end with an EOS. Greedy, so a piece
     never moves once placed: shards can be written while later batches are still to come
     (``ShardStream``) or all at once in parallel (``layout``), byte-identical either way.
     """
 
     def __init__(self, bound: int):
+        if bound < 2:
+            raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
         self.bound = bound
         self._shards: list[list[Piece]] = [[]]
         self._used = 0
@@ -232,13 +240,19 @@ class LayoutBuilder:
         while i < n:
             length = int(lens[i])
             if length > bound:
+                # Cut into pieces of at most bound - 1 tokens + an EOS each; the last piece ends
+                # with the document's own EOS.
                 self._close()
                 pos = 0
                 while pos < length:
-                    take = min(bound - self._used, length - pos)
-                    self._put(Piece(unit, batch, i, i + 1, pos, pos + take), take, added)
-                    pos += take
-                    if self._used >= bound:
+                    room = bound - self._used
+                    if length - pos <= room:
+                        self._put(Piece(unit, batch, i, i + 1, pos, length), length - pos, added)
+                        pos = length
+                    elif room >= 2:
+                        self._put(Piece(unit, batch, i, i + 1, pos, pos + room - 1), room, added)
+                        pos += room - 1
+                    if self._used >= bound - 1:
                         self._close()
                 i += 1
                 continue
@@ -266,19 +280,27 @@ def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
     return builder.shards()
 
 
-def _write_shard(
-    out: Path, index: int, pieces: list[Piece], arrows: list[Path], srcs: list[str], stop: threading.Event
+def write_shard(
+    out: Path,
+    index: int,
+    pieces: list[Piece],
+    arrows: Mapping[int, Path],
+    srcs: Mapping[int, str],
+    eos: int,
+    stop: threading.Event,
+    chunk: int = 0,
 ) -> dict[str, Any]:
-    """Write shard ``index`` from its pieces (a worker thread; one staged batch in memory at a time)."""
+    """Write shard ``index`` from its pieces (any thread or process; one staged batch in memory
+    at a time). ``arrows``/``srcs``: staged file and csv ``src`` of each unit the pieces name."""
     shard = ShardWriter(out, index)
     try:
         for piece in pieces:
             if stop.is_set():
-                raise InterruptedError("finalize stopped")
+                raise InterruptedError("shard writing stopped")
             # Map, read one batch, unmap: mapped pages count as this process's memory while mapped.
             with pa.memory_map(str(arrows[piece.unit]), "r") as source:
                 batch = pa.ipc.open_file(source).get_batch(piece.batch)
-                _write_piece(shard, piece, batch, srcs[piece.unit])
+                _write_piece(shard, piece, batch, srcs[piece.unit], eos, chunk)
                 del batch
         return shard.close()
     except BaseException:
@@ -286,16 +308,20 @@ def _write_shard(
         raise
 
 
-def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str, chunk: int = 0) -> None:
+def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str, eos: int, chunk: int = 0) -> None:
     chunk = chunk or WRITE_TOKENS
     tok = batch.column("tokens")
     lo, n = piece.doc_lo, piece.doc_hi - piece.doc_lo
     ids = batch.column("id").slice(lo, n)
     locs = batch.column("loc").slice(lo, n)
     if piece.tok_lo >= 0:
-        shard.rows(np.array([shard.tokens]), np.array([shard.tokens + piece.tok_hi - piece.tok_lo]), ids, src, locs)
+        cut = piece.tok_hi < int(token_lengths(tok.slice(lo, 1))[0])
+        size = piece.tok_hi - piece.tok_lo + (1 if cut else 0)
+        shard.rows(np.array([shard.tokens]), np.array([shard.tokens + size]), ids, src, locs)
         for a in range(piece.tok_lo, piece.tok_hi, chunk):
             shard.write(expand(tok, lo, lo + 1, a, min(a + chunk, piece.tok_hi)))
+        if cut:
+            shard.write(np.array([eos], dtype=np.uint32))
         return
     lens = token_lengths(tok.slice(lo, n))
     cum = np.cumsum(lens)
@@ -316,12 +342,22 @@ def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: s
         i = j
 
 
-#: Shards already written while fetching (``ShardStream``): index -> (their pieces, their record).
+#: Shards already written while fetching: index -> (their pieces, their record).
 Written = dict[int, tuple[list[Piece], dict[str, Any]]]
 
 
+def staged_lengths(staging: Staging, pf: PlannedFile) -> list[np.ndarray]:
+    """Tokens per document of each staged batch of ``pf`` (reads only the offsets)."""
+    return [token_lengths(batch.column("tokens")) for batch in staging.read(pf)]
+
+
 def _write_shards_locally(
-    out: Path, shards: list[list[Piece]], arrows: list[Path], srcs: list[str], written: Written
+    out: Path,
+    shards: list[list[Piece]],
+    arrows: Mapping[int, Path],
+    srcs: Mapping[int, str],
+    eos: int,
+    written: Written,
 ) -> list[dict[str, Any]]:
     # A shard written meanwhile is kept when it holds exactly the pieces the layout gives it now.
     todo = [k for k, pieces in enumerate(shards) if k not in written or written[k][0] != pieces]
@@ -329,7 +365,7 @@ def _write_shards_locally(
     workers = max(1, min(len(todo), os.cpu_count() or 1))
     stop = threading.Event()
     with ThreadPoolExecutor(workers, thread_name_prefix="bolmo-finalize") as pool:
-        futures = {k: pool.submit(_write_shard, out, k, shards[k], arrows, srcs, stop) for k in todo}
+        futures = {k: pool.submit(write_shard, out, k, shards[k], arrows, srcs, eos, stop) for k in todo}
         try:
             records.update({k: f.result() for k, f in futures.items()})
             return [records[k] for k in range(len(shards))]
@@ -340,128 +376,100 @@ def _write_shards_locally(
             raise
 
 
-class ShardStream:
-    """Shards written while ``prepare`` is still fetching: staged files are taken in plan order as
-    they complete, laid out by the same ``LayoutBuilder`` and written by the same code as
-    ``finalize``, so that at the end only the last shard is left to close.
+class ShardPlanner:
+    """Shard boundaries while the fetch runs (the coordinator's side of writing shards early).
 
-    Only an optimisation: ``finalize_dir`` recomputes the layout from the whole staging and keeps
-    a shard written here only when its pieces are exactly the ones it would write; anything else
-    (a failed file, an interruption) is simply rewritten.
+    Staged files are taken in plan order as they complete and laid out by the same
+    ``LayoutBuilder`` as ``finalize``; each shard whose pieces are all known is handed out as a
+    task ``(k, pieces)`` for any worker to write. Only an optimisation: ``finalize_dir`` lays out
+    the whole staging again and keeps a shard written meanwhile only when its pieces are exactly
+    the ones it would write; anything else (a failed file, an interruption) is rewritten.
     """
 
     def __init__(self, output_dir: Path, plan: Plan, bound: int):
-        self.out = output_dir
         self.files = list(plan.files)
         self.staging = Staging(output_dir)
-        self._index = {pf.key: i for i, pf in enumerate(self.files)}
         self._builder = LayoutBuilder(bound)
-        self._staged: dict[int, dict[str, Any]] = {}  # unit -> its completion record
-        self._cv = threading.Condition()
-        self._ending = False  # fetch finished: close the last shard after the last file
-        self._stop = False
-        self._src_prefix = source_prefix(plan)
-        self._fingerprint = ""
-        self._shard: ShardWriter | None = None
-        self._shard_index = -1
-        self._pieces: list[Piece] = []
-        self.written: Written = {}
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._staged: set[int] = set()
+        self._next = 0  # the next unit, in plan order, to lay out
+        self._open: tuple[int, list[Piece]] | None = None  # the shard being filled
+        self.handed_out: dict[int, list[Piece]] = {}  # shard index -> its pieces, once complete
 
-    def start(self, fingerprint: str) -> None:
-        """Once the run's tokenizer is checked against the staging (``fetch``'s start)."""
-        self._fingerprint = fingerprint
-        with contextlib.suppress(FileNotFoundError):  # it would name shards being rewritten
-            (self.out / DATA_SOURCES).unlink()
-        self._thread = threading.Thread(target=self._run, name="bolmo-shard-stream", daemon=True)
-        self._thread.start()
+    def staged(self, unit: int) -> list[tuple[int, list[Piece]]]:
+        """``unit`` is staged; the shards now complete."""
+        self._staged.add(unit)
+        done: list[tuple[int, list[Piece]]] = []
+        while self._next in self._staged:
+            unit = self._next
+            self._next += 1
+            for b, lens in enumerate(staged_lengths(self.staging, self.files[unit])):
+                for k, piece in self._builder.add(unit, b, lens):
+                    if self._open is not None and self._open[0] != k:
+                        done.append(self._open)
+                        self.handed_out[self._open[0]] = self._open[1]
+                        self._open = None
+                    if self._open is None:
+                        self._open = (k, [])
+                    self._open[1].append(piece)
+        return done
 
-    def staged(self, pf: PlannedFile, rec: dict[str, Any]) -> None:
-        """``pf`` is staged, ``rec`` its completion record (called by the fetcher, from any thread)."""
-        with self._cv:
-            self._staged[self._index[pf.key]] = rec
-            self._cv.notify()
+    def finish(self) -> list[tuple[int, list[Piece]]]:
+        """After the last file: the shard still open, if every file was laid out."""
+        if self._next < len(self.files) or self._open is None:
+            return []
+        last, self._open = self._open, None
+        self.handed_out[last[0]] = last[1]
+        return [last]
 
-    def finish(self) -> Written:
-        """After a complete fetch: write what is left but the manifest; the shards written."""
-        with self._cv:
-            self._ending = True
-            self._cv.notify()
-        self._join()
-        return self.written
 
-    def abort(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._join()
+def remembered_bound(out: Path) -> int:
+    """The ``--max-tokens-per-file`` this folder was finalized with (else the default)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+        bound = int(m["max_tokens_per_file"])
+        return bound if bound >= 2 else DEFAULT_MAX_TOKENS_PER_FILE
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_MAX_TOKENS_PER_FILE
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        if self._shard is not None:  # stopped inside a shard: its temporaries go
-            self._shard.abort()
-            self._shard = None
-        if self._error is not None:
-            log.debug("writing shards while fetching stopped (%s); finalize writes them", self._error)
 
-    def _run(self) -> None:
-        try:
-            for unit, pf in enumerate(self.files):
-                with self._cv:
-                    while unit not in self._staged and not self._stop and not self._ending:
-                        self._cv.wait()
-                    if self._stop or unit not in self._staged:
-                        return
-                    rec = self._staged[unit]
-                self._unit(unit, pf, rec)
-            if self._shard is not None:
-                self._close_shard()
-        except BaseException as exc:  # finalize_dir redoes whatever is missing, and reports errors itself
-            self._error = exc
-
-    def _unit(self, unit: int, pf: PlannedFile, rec: dict[str, Any]) -> None:
-        if rec.get("tokenizer_fingerprint") != self._fingerprint:
-            raise StateError(f"{pf.path} is not staged with this run's tokenizer")
-        src = self._src_prefix + pf.path
-        path = str(self.staging.arrow_path(pf))
-        with pa.memory_map(path, "r") as source:
-            n = pa.ipc.open_file(source).num_record_batches
-        for b in range(n):
-            with pa.memory_map(path, "r") as source:  # one batch mapped at a time (see _write_shard)
-                batch = pa.ipc.open_file(source).get_batch(b)
-                for k, piece in self._builder.add(unit, b, token_lengths(batch.column("tokens"))):
-                    if self._stop:
-                        return
-                    if self._shard is None or k != self._shard_index:
-                        if self._shard is not None:
-                            self._close_shard()
-                        self._shard, self._shard_index, self._pieces = ShardWriter(self.out, k), k, []
-                    _write_piece(self._shard, piece, batch, src, STREAM_WRITE_TOKENS)
-                    self._pieces.append(piece)
-                del batch
-
-    def _close_shard(self) -> None:
-        assert self._shard is not None
-        self.written[self._shard_index] = (self._pieces, self._shard.close())
-        self._shard = None
+def _verify_staging(staging: Staging, units: list[tuple[PlannedFile, dict[str, Any]]]) -> None:
+    """Every staged file still matches the checksum its marker vouches for (in parallel)."""
+    if not units:
+        return
+    with ThreadPoolExecutor(max(1, min(len(units), os.cpu_count() or 1)), thread_name_prefix="bolmo-verify") as pool:
+        bad = [
+            pf.path
+            for (pf, rec), ok in zip(units, pool.map(lambda u: staging.intact(*u), units), strict=True)
+            if not ok
+        ]
+    if bad:
+        shown = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+        raise StateError(
+            f"{len(bad)} staged file(s) no longer match their completion markers (damaged on disk):\n  {shown}\n"
+            "Run `bolmo-async fetch` (or `prepare`) again with the same --output-dir: it fetches exactly these "
+            "again; then finalize. Nothing was changed in the output."
+        )
 
 
 def finalize_dir(
     output_dir: str | os.PathLike[str],
-    max_tokens_per_file: int = 100_000_000,
+    max_tokens_per_file: int | None = None,
     *,
     allow_incomplete: bool = False,
     ray: bool = False,
     ray_address: str | None = None,
     written: Written | None = None,
+    verified: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging
-    (``written``: shards a ``ShardStream`` wrote meanwhile, kept where they match)."""
-    if max_tokens_per_file < 1:
-        raise UsageError("--max-tokens-per-file must be at least 1")
+    """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging.
+
+    ``max_tokens_per_file`` None: the bound this folder was finalized with before (else 100M).
+    ``written``: shards written while fetching, kept where they match; ``verified``: keys of
+    staged files this process already checked (the others are checksummed first)."""
     out = Path(output_dir).resolve()
+    bound = remembered_bound(out) if max_tokens_per_file is None else max_tokens_per_file
+    if bound < 2:
+        raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
     plan = load_plan(out)
     if plan is None:
         raise StateError(f"{out} has no plan.json: run `bolmo-async fetch --output-dir {out}` (or `prepare`) first.")
@@ -481,43 +489,36 @@ def finalize_dir(
             "Run `bolmo-async fetch` again (or the missing --worker shares) to finish them, or pass "
             "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
-    # A crash from here on must not leave a data_sources.txt pointing at half-rewritten shards.
-    with contextlib.suppress(FileNotFoundError):
-        (out / DATA_SOURCES).unlink()
+    fingerprint = state["tokenizer"]["fingerprint"]
+    eos = int(state["tokenizer"]["eos_token_id"])
+    for pf, rec in records:
+        if rec is not None and rec.get("tokenizer_fingerprint") != fingerprint:
+            raise StateError(f"staged {pf.path} was made with another tokenizer; rerun fetch with --force.")
+    _verify_staging(staging, [(pf, rec) for pf, rec in records if rec is not None and pf.key not in verified])
     skips = SkipCounter()
     src_prefix = source_prefix(plan)
-    fingerprint = state["tokenizer"]["fingerprint"]
-    arrows: list[Path] = []
-    srcs: list[str] = []
-    lengths: list[list[np.ndarray]] = []
+    arrows: dict[int, Path] = {}
+    srcs: dict[int, str] = {}
+    builder = LayoutBuilder(bound)
     docs = tokens = 0
-    for pf, rec in records:
+    for unit, (pf, rec) in enumerate(records):
         if rec is None:
             continue
-        if rec.get("tokenizer_fingerprint") != fingerprint:
-            raise StateError(f"staged {pf.path} was made with another tokenizer; rerun fetch with --force.")
         skips.merge(rec.get("skipped", {}))
-        per_batch = []
-        for batch in staging.read(pf):
-            lens = token_lengths(batch.column("tokens"))
-            per_batch.append(lens)
+        for b, lens in enumerate(staged_lengths(staging, pf)):
+            builder.add(unit, b, lens)
             docs += len(lens)
             tokens += int(lens.sum())
-        arrows.append(staging.arrow_path(pf))
-        srcs.append(src_prefix + pf.path)
-        lengths.append(per_batch)
-    plan_of_shards = layout(lengths, max_tokens_per_file)
+        arrows[unit] = staging.arrow_path(pf)
+        srcs[unit] = src_prefix + pf.path
+    plan_of_shards = builder.shards()
     if ray:
         from .ray_exec import write_shards_with_ray
 
-        shards = write_shards_with_ray(out, plan_of_shards, arrows, srcs, ray_address)
+        shards = write_shards_with_ray(out, plan_of_shards, arrows, srcs, eos, ray_address)
     else:
-        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs, written or {})
-    # Remove shards of an earlier, larger finalize.
-    keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
-    for p in out.iterdir():
-        if _SHARD_RE.match(p.name) and p.name not in keep:
-            p.unlink()
+        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs, eos, written or {})
+    complete = not missing
     manifest = {
         "format": "bolmo-async/1",
         "repo_id": plan.repo_id,
@@ -527,7 +528,7 @@ def finalize_dir(
         "seed": plan.seed,
         "dtype": "uint32",
         "layout": "raw little-endian memmap (no .npy header); np.memmap(path, dtype=np.uint32, mode='r')",
-        "max_tokens_per_file": max_tokens_per_file,
+        "max_tokens_per_file": bound,
         "tokenizer": state["tokenizer"],
         "shards": shards,
         "totals": {
@@ -537,10 +538,26 @@ def finalize_dir(
             "skipped_documents": dict(sorted(skips.counts.items())),
             "skipped_examples": skips.examples,
         },
-        "complete": not missing,
+        "complete": complete,
         "missing_files": missing,
         "planned_files": len(plan.files),
     }
+    if complete and not docs:
+        raise StateError(
+            f"the plan's {len(plan.files)} file(s) gave no documents at all (skipped: "
+            f"{dict(sorted(skips.counts.items())) or 'none'}); no data_sources.txt was written. Check --repo-id and "
+            "the files' format (JSON lines with a 'text' field, or parquet with a 'text' column)."
+        )
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    atomic_write_text(out / DATA_SOURCES, "".join(s["path"] + "\n" for s in shards))
+    # Shards of an earlier, larger finalize go, and data_sources.txt names exactly these shards:
+    # written only for a complete output (or on request), replacing the old one in one rename.
+    keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
+    if complete or allow_incomplete:
+        atomic_write_text(out / DATA_SOURCES, "".join(s["path"] + "\n" for s in shards))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (out / DATA_SOURCES).unlink()
+    for p in out.iterdir():
+        if _SHARD_RE.match(p.name) and p.name not in keep:
+            p.unlink()
     return manifest

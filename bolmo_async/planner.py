@@ -93,8 +93,12 @@ def make_plan(
 
 def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     """Per source and in total: files, bytes to download, text bytes, tokens (byte, subword), disk."""
+    return estimate_files(list(plan.files))
+
+
+def estimate_files(files: list[PlannedFile]) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
-    for f in plan.files:
+    for f in files:
         suffix = data_suffix(f.path) or ""
         factor = next((v for k, v in EXPANSION.items() if suffix.endswith(k)), 1.0)
         text = f.planned_bytes * factor
@@ -115,14 +119,22 @@ def estimate(plan: Plan) -> dict[str, dict[str, float]]:
     return rows
 
 
-def disk_needed(plan: Plan, kind: str, streaming: bool) -> int:
-    """Bytes of disk a run needs: staging (uint32 ids; byte mode: the text bytes) + shards
-    (uint32) + raw files when not streaming."""
-    est = estimate(plan)["TOTAL"]
-    tokens = est["byte_tokens"] if kind == "byte" else est["subword_tokens"]
-    need = (4 + (1 if kind == "byte" else 4)) * tokens * 1.1
+def disk_needed(
+    left: list[PlannedFile], kind: str, streaming: bool, shards_for: list[PlannedFile] | None = None
+) -> int:
+    """Bytes of disk still needed: staging of the files ``left`` to fetch (byte mode stages the
+    text, subword uint32 ids), raw downloads when not streaming, and the shards of ``shards_for``
+    (uint32 ids; 0 when no shards are written by this run). Rough: compression ratios vary."""
+
+    def tokens(files: list[PlannedFile]) -> float:
+        est = estimate_files(files)["TOTAL"]
+        return est["byte_tokens"] if kind == "byte" else est["subword_tokens"]
+
+    need = (1 if kind == "byte" else 4) * tokens(left) * 1.1
+    if shards_for:
+        need += 4 * tokens(shards_for) * 1.1
     if not streaming:
-        need += est["download_bytes"]
+        need += estimate_files(left)["TOTAL"]["download_bytes"]
     return int(need)
 
 

@@ -69,6 +69,12 @@ class Progress:
             self.bytes += n
         self._tick()
 
+    def add_total(self, n: int) -> None:
+        with self._lock:
+            self.total_bytes += n
+        if self._rich is not None:
+            self._rich.update(self._task, total=self.total_bytes)
+
     def add_documents(self, documents: int, tokens: int) -> None:
         with self._lock:
             self.documents += documents

@@ -34,16 +34,24 @@ def _import_ray() -> Any:
     return ray
 
 
-def _shard_task(out: str, index: int, pieces: list[Any], arrows: list[str], srcs: list[str]) -> dict[str, Any]:
+def _shard_task(
+    out: str, index: int, pieces: list[Any], arrows: dict[int, str], srcs: dict[int, str], eos: int
+) -> dict[str, Any]:
     import threading
 
-    from .finalizer import _write_shard
+    from .finalizer import write_shard
 
-    return _write_shard(Path(out), index, pieces, [Path(a) for a in arrows], srcs, threading.Event())
+    return write_shard(Path(out), index, pieces, {u: Path(a) for u, a in arrows.items()}, srcs, eos, threading.Event())
 
 
 def write_shards_with_ray(
-    out: Path, shards: list[list[Any]], arrows: list[Path], srcs: list[str], address: str | None, retries: int = 3
+    out: Path,
+    shards: list[list[Any]],
+    arrows: dict[int, Path],
+    srcs: dict[int, str],
+    eos: int,
+    address: str | None,
+    retries: int = 3,
 ) -> list[dict[str, Any]]:
     """``finalize --ray``: one Ray task per shard (boundaries are already fixed, so any order gives the same bytes)."""
     ray = _import_ray()
@@ -52,7 +60,8 @@ def write_shards_with_ray(
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_shard_task)
-        refs = [remote.remote(str(out), k, pieces, [str(a) for a in arrows], srcs) for k, pieces in enumerate(shards)]
+        paths = {u: str(a) for u, a in arrows.items()}
+        refs = [remote.remote(str(out), k, pieces, paths, srcs, eos) for k, pieces in enumerate(shards)]
         return list(ray.get(refs))
     finally:
         if started_here:
@@ -67,7 +76,8 @@ def fetch_with_ray(
     retries: int = 3,
     **fetch_kwargs: Any,
 ) -> dict[str, Any]:
-    """Run the plan in ``output_dir`` as Ray tasks on the cluster at ``address`` (local when None)."""
+    """Run the plan in ``output_dir`` as Ray tasks on the cluster at ``address`` (local when None).
+    Each task is the same worker as a local run, in-process (``processes=1``) on its one CPU."""
     ray = _import_ray()
     out = Path(output_dir).resolve()
     plan = load_plan(out)

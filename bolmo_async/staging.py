@@ -1,9 +1,10 @@
 """The Arrow staging area: one IPC file per planned file, committed atomically.
 
 ``staging/{key}.arrow`` holds record batches ``(id, loc, tokens)``; ``staging/{key}.json`` is the
-completion marker written after the Arrow file is in place (counts, skips, verified sha256). A
-unit without its marker is not done and is redone; temporary files are never mistaken for
-finished ones.
+completion marker written after the Arrow file is in place (counts, skips, the verified sha256
+of the download, and the size and sha256 of the staged file itself). A unit without its marker
+is not done and is redone; a staged file that no longer matches its marker is damaged and is
+redone too; temporary files are never mistaken for finished ones.
 
 The ``tokens`` column per tokenizer kind:
 
@@ -16,8 +17,10 @@ The ``tokens`` column per tokenizer kind:
 from __future__ import annotations
 
 import contextlib
-import glob
+import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,13 +30,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import UnsafePathError
-from .models import PlannedFile, SkipCounter, check_repo_path
+from .models import PlannedFile, SkipCounter
 from .tokenize import byte_ids, byte_ids_slice, large_offsets
-from .util import FSYNC, atomic_write_text, raise_if_disk_full
+from .util import FSYNC, atomic_write_text, ordinary_mode, raise_if_disk_full, sha256_file
+
+log = logging.getLogger("bolmo_async")
 
 #: Bumped when the staged layout changes: markers of another format are not "done" (refetched).
-STAGING_FORMAT = 2
+STAGING_FORMAT = 3
 
 
 def staging_schema(kind: str) -> pa.Schema:
@@ -73,17 +77,42 @@ class Staging:
         return self.dir / f"{pf.key}.json"
 
     def done(self, pf: PlannedFile) -> dict[str, Any] | None:
-        """The completion record of ``pf`` if it is staged (marker and Arrow file both present)."""
+        """The completion record of ``pf`` if its marker and a staged file of the recorded size
+        are present (cheap: no read of the staged file; ``checked`` reads it)."""
         marker = self.marker_path(pf)
-        if not marker.exists() or not self.arrow_path(pf).exists():
-            return None
         try:
             rec = json.loads(marker.read_text())
-        except (OSError, ValueError):
+            size = self.arrow_path(pf).stat().st_size
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(rec, dict):
             return None
         if rec.get("path") != pf.path or rec.get("limit") != pf.limit or rec.get("format") != STAGING_FORMAT:
             return None
-        return rec if isinstance(rec, dict) else None
+        return rec if rec.get("staged_bytes") == size else None
+
+    def intact(self, pf: PlannedFile, rec: dict[str, Any]) -> bool:
+        """The staged file still has the sha256 its marker vouches for."""
+        try:
+            return sha256_file(self.arrow_path(pf)) == rec.get("staged_sha256")
+        except OSError:
+            return False
+
+    def checked(self, pf: PlannedFile) -> dict[str, Any] | None:
+        """``done`` plus the staged file's checksum; a damaged unit is removed (so it is redone)."""
+        rec = self.done(pf)
+        if rec is None:
+            return None
+        if self.intact(pf, rec):
+            return rec
+        log.warning("%s: its staged file no longer matches its marker (damaged on disk?); fetching it again", pf.path)
+        self.remove(pf)
+        return None
+
+    def remove(self, pf: PlannedFile) -> None:
+        for p in (self.marker_path(pf), self.arrow_path(pf)):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
     def writer(self, pf: PlannedFile, fingerprint: str, kind: str) -> StagingWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +125,34 @@ class Staging:
             for i in range(reader.num_record_batches):
                 yield reader.get_batch(i)
 
+    @contextlib.contextmanager
+    def unit_lock(self, pf: PlannedFile) -> Iterator[bool]:
+        """Hold ``pf``'s unit while staging it: yields False when another run holds it now (two
+        overlapping ``--worker`` shares), so no run ever touches another's temporaries."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: unlocked
+            yield True
+            return
+        fd = os.open(self.dir / f".{pf.key}.lock", os.O_RDWR | os.O_CREAT, ordinary_mode())
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError:
+                pass  # no flock on this filesystem: unlocked, as the folder lock
+            yield True
+        finally:
+            os.close(fd)
+
     def clean_temporaries(self, files: list[PlannedFile]) -> int:
         """Remove temporary files that killed runs left for ``files``; returns how many.
 
-        Only these files' temporaries: other workers may be writing theirs in the same folder.
+        Only these files' temporaries, and only while holding their ``unit_lock``: other workers
+        may be writing theirs in the same folder.
         """
         n = 0
         raw_dir = self.dir.parent / "raw"
@@ -108,9 +161,9 @@ class Staging:
             leftovers = [*self.dir.glob(f".{pf.key}.*.tmp"), *self.dir.glob(f"..{pf.key}.raw.*.tmp")]
             leftovers.append(self.dir / f".{pf.key}.raw")
             if raw_dir.exists():  # --no-streaming downloads being written (finished ones are kept)
-                with contextlib.suppress(UnsafePathError):
-                    raw = raw_dir / check_repo_path(pf.path)
-                    leftovers += raw.parent.glob(f".{glob.escape(raw.name)}.*.tmp")
+                raw = raw_dir / pf.key.split("-")[0]
+                if raw.is_dir():
+                    leftovers += raw.glob(".*.tmp")
             for p in leftovers:
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -127,9 +180,10 @@ class StagingWriter:
         self.fingerprint = fingerprint
         self.schema = staging_schema(kind)
         fd, tmp = tempfile.mkstemp(prefix=f".{pf.key}.", suffix=".tmp", dir=staging.dir)
-        os.close(fd)
+        os.fchmod(fd, ordinary_mode())
         self.tmp = Path(tmp)
-        self._sink: Any = pa.OSFile(str(self.tmp), "wb")
+        self._file = _HashingFile(os.fdopen(fd, "wb"))
+        self._sink: Any = pa.PythonFile(self._file, mode="w")
         self._writer: Any = pa.ipc.new_file(self._sink, self.schema)
         self.documents = 0
         self.tokens = 0
@@ -149,14 +203,8 @@ class StagingWriter:
 
     def commit(self, extra: dict[str, Any], skips: SkipCounter) -> dict[str, Any]:
         try:
-            self._writer.close()
-            self._sink.close()
-            if FSYNC:
-                fd = os.open(self.tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            self._writer.close()  # closes the Arrow sink, not the file below it
+            self._file.finish(FSYNC)
             os.replace(self.tmp, self.staging.arrow_path(self.pf))
         except OSError as exc:
             self.abort()
@@ -169,6 +217,8 @@ class StagingWriter:
             "documents": self.documents,
             "tokens": self.tokens,
             "tokenizer_fingerprint": self.fingerprint,
+            "staged_bytes": self._file.size,
+            "staged_sha256": self._file.sha.hexdigest(),
             "skipped": skips.to_json(),
             **extra,
         }
@@ -179,6 +229,36 @@ class StagingWriter:
         with contextlib.suppress(Exception):
             self._writer.close()
         with contextlib.suppress(Exception):
-            self._sink.close()
+            self._file.finish(False)
         with contextlib.suppress(OSError):
             self.tmp.unlink()
+
+
+class _HashingFile(io.RawIOBase):
+    """A binary file that hashes what is written through it (the staged file's checksum, for free)."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        n = self._f.write(b)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def finish(self, fsync: bool) -> None:
+        """Flush (and fsync) the file below and close it; ``close`` (Arrow's) leaves it open."""
+        if not self._f.closed:
+            self._f.flush()
+            if fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()

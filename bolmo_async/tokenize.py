@@ -4,9 +4,11 @@
   document. Built from the Arrow string buffer with numpy, no Python loop per document and no
   BPE.
 - ``subword``: a ``tokenizers`` JSON (default ``allenai/dolma2-tokenizer``), EOS appended by us
-  (the JSON has no post-processor). Byte-level BPE tokenizers that convert exactly (dolma2
-  and its family) run on ``tiktoken`` (faster); others on ``tokenizers``. Both engines give
-  the same ids (tests pin it).
+  (the JSON has no post-processor). Engines behind one interface (``encode_batch``):
+  ``fastokens`` (default: it loads the JSON itself, flat uint32 output), ``tokenizers`` (the
+  reference, and the fallback for anything fastokens cannot load) and ``tiktoken`` (only when
+  asked for, and only for tokenizers that pass the exactness probe). Whatever engine runs, one
+  document in ``check_every`` is encoded again by the reference and a mismatch stops the run.
 
 Special tokens in raw text: by default a document can never produce a control token. Special
 added tokens (``<|endoftext|>``, ``<|pad|>``, ``<|fim_*|>`` ...) are encoded as ordinary text;
@@ -22,10 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,27 +42,6 @@ BYTE_OFFSET = 4
 BYTE_EOS = 1
 BYTE_VOCAB = 256 + BYTE_OFFSET
 BYTE_SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<bpe_token_end>": 3}
-
-
-def _done(value: Any, fn: Any) -> Future[Any]:
-    fut: Future[Any] = Future()
-    try:
-        fut.set_result(fn(value))
-    except Exception as exc:
-        fut.set_exception(exc)
-    return fut
-
-
-def _submit_bounded(budget: threading.BoundedSemaphore, submit: Callable[[], Future[Any]]) -> Future[Any]:
-    """``submit()``, after waiting for a slot of ``budget``; the slot is freed when the work ends."""
-    budget.acquire()
-    try:
-        fut = submit()
-    except BaseException:
-        budget.release()
-        raise
-    fut.add_done_callback(lambda _: budget.release())
-    return fut
 
 
 def large_offsets(arr: pa.Array) -> np.ndarray:
@@ -116,11 +94,9 @@ def byte_ids_slice(data: np.ndarray, lo: int, hi: int) -> np.ndarray:
 class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
-    inflight = 0  # batches a caller may keep in flight (see ProcessTokenizer)
-
-    def submit(self, texts: pa.Array) -> Future[pa.Array]:
+    def tokens_column(self, texts: pa.Array) -> pa.Array:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
-        return _done(texts, lambda t: t.cast(pa.large_binary()))
+        return texts.cast(pa.large_binary())
 
     def __init__(self) -> None:
         self.info = TokenizerInfo(
@@ -172,17 +148,31 @@ class TokenizerSource:
     config: dict[str, Any]
 
 
+def _read_tokenizer_file(identifier: str, path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(
+            f"{identifier}: {path} is {size / 1e6:.0f} MB, over the {MAX_TOKENIZER_BYTES >> 20} MiB a tokenizer "
+            "JSON may have here; check --tokenizer-identifier."
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{identifier}: cannot read {path} ({exc}); check --tokenizer-identifier.") from exc
+
+
 def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token: str | None = None) -> TokenizerSource:
     """A local ``tokenizer.json``, a folder holding one, or a Hub repo id (fetched with huggingface_hub)."""
     p = Path(identifier).expanduser()
     if p.is_file():
-        cfg_path = p.with_name("tokenizer_config.json")
-        return TokenizerSource(identifier, p.read_text(encoding="utf-8"), _read_json(cfg_path))
+        return TokenizerSource(
+            identifier, _read_tokenizer_file(identifier, p), _read_json(p.with_name("tokenizer_config.json"))
+        )
     if p.is_dir():
         if not (p / "tokenizer.json").is_file():
             raise TokenizerError(f"{p} has no tokenizer.json; point --tokenizer-identifier at the file or a repo id.")
         return TokenizerSource(
-            identifier, (p / "tokenizer.json").read_text(encoding="utf-8"), _read_json(p / "tokenizer_config.json")
+            identifier, _read_tokenizer_file(identifier, p / "tokenizer.json"), _read_json(p / "tokenizer_config.json")
         )
     if identifier.count("/") != 1 or identifier.startswith((".", "/")):
         raise TokenizerError(
@@ -191,30 +181,34 @@ def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
+    where = endpoint or "the Hub"
+    fixes = (
+        "pass a local tokenizer.json (or its folder) as --tokenizer-identifier, set HF_TOKEN if the repo is gated, "
+        "or serve it from a mirror with `mirror serve --model-repo ID=FOLDER`."
+    )
     try:
         path = hf_hub_download(identifier, "tokenizer.json", endpoint=endpoint, token=token or False)
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = " Set HF_TOKEN if the repo is gated." if status in (401, 403) else ""
-        raise TokenizerError(
-            f"could not fetch tokenizer.json of {identifier} from {endpoint or 'the Hub'}: {exc}.{hint}"
-        ) from exc
+        what = f"HTTP {status}" if status else (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TokenizerError(f"tokenizer {identifier} not found at {where} ({what}): {fixes}") from exc
     except (OSError, ValueError) as exc:
-        raise TokenizerError(f"could not fetch tokenizer.json of {identifier}: {exc}") from exc
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TokenizerError(f"could not fetch tokenizer {identifier} from {where} ({first}): {fixes}") from exc
     config: dict[str, Any] = {}
     try:
         cfg = hf_hub_download(identifier, "tokenizer_config.json", endpoint=endpoint, token=token or False)
         config = _read_json(Path(cfg))
     except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
         pass
-    return TokenizerSource(identifier, Path(path).read_text(encoding="utf-8"), config)
+    return TokenizerSource(identifier, _read_tokenizer_file(identifier, Path(path)), config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -275,11 +269,35 @@ def tiktoken_convertible(spec: dict[str, Any]) -> tuple[dict[bytes, int], str] |
     return ranks, split["pattern"]["Regex"]
 
 
+#: A tokenizer JSON larger than this is refused (dolma2's is 2.7 MB; the largest common ones ~35 MB).
+MAX_TOKENIZER_BYTES = 128 * 1024 * 1024
+#: Engines in the order ``auto`` tries them (tiktoken only on request: see ``tiktoken_exact``).
+ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
+#: One document in this many is encoded again by the reference engine (0: never).
+DEFAULT_CHECK_EVERY = 1000
+
+
+def fastokens_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fastokens") is not None
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` -> the engine a run uses; an unknown name is a usage error."""
+    if engine not in ENGINES:
+        raise TokenizerError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "fastokens" if fastokens_available() else "tokenizers"
+    return engine
+
+
 class SubwordTokenizer:
     """A ``tokenizers`` JSON tokenizer with EOS appended after each document.
 
-    Cheap to ship to worker processes: it pickles as its recipe (JSON text, tiktoken ranks) and
-    each engine is built on first use, so a worker builds only the engine it runs.
+    Built from its recipe (the JSON text and options): the engine is built on first use, so a
+    worker process builds only what it runs. Every engine gives the ids of ``tokenizers``
+    (the reference), which re-encodes one document in ``check_every`` as a run-time check.
     """
 
     def __init__(
@@ -289,50 +307,34 @@ class SubwordTokenizer:
         eos_token_id: int | None = None,
         special_tokens_as_text: bool = True,
         engine: str = "auto",
-        threads: int | None = None,
+        check_every: int = DEFAULT_CHECK_EVERY,
     ):
-        try:
-            spec = json.loads(source.json_text)
-            if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-                raise ValueError("no 'model' object")
-        except ValueError as exc:
-            raise TokenizerError(f"{source.identifier}: not a valid tokenizers JSON ({exc})") from exc
-        if engine not in ("auto", "tiktoken", "tokenizers"):
-            raise TokenizerError(f"unknown --engine {engine!r}; choose auto, tiktoken or tokenizers")
+        spec = parse_tokenizer_json(source)
+        self.engine = resolve_engine(engine)
+        if check_every < 0:
+            raise TokenizerError("--check-every must be 0 (off) or a positive number of documents")
         self.identifier = source.identifier
         self.source_json = source.json_text
         self.special_tokens_as_text = special_tokens_as_text
+        self.check_every = check_every
+        self._engine_obj: Any = None
         self._hf_obj: Any = None
-        self._tt_obj: Any = None
-        self._ranks: dict[bytes, int] | None = None
-        self._pattern = ""
+        self._seen = 0
         added = spec.get("added_tokens", [])
         self._special = {a["content"]: a["id"] for a in added if a.get("special")}
         self._nonspecial = {a["content"]: a["id"] for a in added if not a.get("special")}
-        if engine in ("auto", "tiktoken"):
-            conv = tiktoken_convertible(spec)
-            if isinstance(conv, str):
-                if engine == "tiktoken":
-                    raise TokenizerError(f"--engine tiktoken: {source.identifier} cannot be converted exactly: {conv}.")
-                log.info(
-                    "tokenizer %s runs on `tokenizers` (no exact tiktoken conversion: %s)", source.identifier, conv
-                )
-            else:
-                self._ranks, self._pattern = conv
-        if self._ranks is None:
-            _ = self._hf  # the general engine: build it now, so that a bad JSON fails here
+        if self.engine == "fastokens" and not fastokens_available():
+            raise TokenizerError("--engine fastokens: the fastokens package is not installed (pip install fastokens).")
+        if self.engine == "tiktoken":
+            why = tiktoken_exact(spec, self._reference)
+            if why is not None:
+                raise TokenizerError(f"--engine tiktoken: {source.identifier} cannot be converted exactly: {why}.")
         vocab = {**(spec["model"].get("vocab") or {}), **{a["content"]: a["id"] for a in added}}
         eos = eos_token_id if eos_token_id is not None else self._find_eos(source.config, vocab)
         vocab_size = len(vocab)
         if not 0 <= eos < max(vocab_size, eos + 1) or eos > np.iinfo(np.uint32).max:
             raise TokenizerError(f"EOS id {eos} is out of range; pass a valid --eos-token-id.")
         self.eos = eos
-        # The EOS as text, when it is an added token (tiktoken then maps that string to the EOS id).
-        self._eos_text = next((t for t, i in {**self._special, **self._nonspecial}.items() if i == eos), None)
-        self._threads = threads or os.cpu_count() or 2
-        self._budget = threading.BoundedSemaphore(2 * self._threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
         self._allowed = set(self._nonspecial) if special_tokens_as_text else set(self._nonspecial) | set(self._special)
         self.info = TokenizerInfo(
             kind="subword",
@@ -340,13 +342,13 @@ class SubwordTokenizer:
             eos_token_id=eos,
             vocab_size=vocab_size,
             fingerprint=hashlib.sha256(source.json_text.encode("utf-8")).hexdigest()[:16],
-            engine="tiktoken" if self._ranks is not None else "tokenizers",
+            engine=self.engine,
             special_tokens_as_text=special_tokens_as_text,
         )
 
-    @property
-    def _hf(self) -> Any:
-        """The ``tokenizers`` engine (the general path and the reference), built on first use."""
+    # -- engines, built on first use ------------------------------------------------------
+    def _reference(self) -> Any:
+        """The ``tokenizers`` engine (the reference and the general path)."""
         if self._hf_obj is None:
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -359,33 +361,47 @@ class SubwordTokenizer:
         return self._hf_obj
 
     @property
-    def _tt(self) -> Any:
-        """The ``tiktoken`` engine (None when the tokenizer does not convert), built on first use."""
-        if self._tt_obj is None and self._ranks is not None:
-            import tiktoken
+    def _hf(self) -> Any:
+        return self._reference()
 
-            self._tt_obj = tiktoken.Encoding(
-                name=f"bolmo-async:{self.identifier}",
-                pat_str=self._pattern,
-                mergeable_ranks=self._ranks,
-                special_tokens={**self._special, **self._nonspecial},
-            )
-        return self._tt_obj
+    def _engine(self) -> Any:
+        if self._engine_obj is None:
+            if self.engine == "tokenizers":
+                self._engine_obj = self._reference()
+            elif self.engine == "fastokens":
+                import fastokens
+
+                try:
+                    self._engine_obj = fastokens.Tokenizer.from_json_str(self.source_json)
+                except Exception as exc:
+                    raise TokenizerError(
+                        f"{self.identifier}: fastokens cannot load this tokenizer ({exc}); rerun with --engine tokenizers."
+                    ) from exc
+            else:
+                self._engine_obj = self._tiktoken_encoding()
+        return self._engine_obj
+
+    def _tiktoken_encoding(self) -> Any:
+        import tiktoken
+
+        conv = tiktoken_convertible(json.loads(self.source_json))
+        assert not isinstance(conv, str)  # checked in __init__
+        ranks, pattern = conv
+        return tiktoken.Encoding(
+            name=f"bolmo-async:{self.identifier}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens={**self._special, **self._nonspecial},
+        )
+
+    def warm(self) -> None:
+        """Build the engine now (worker start-up) instead of at the first batch."""
+        self._engine()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_hf_obj"] = state["_tt_obj"] = state["_pool"] = None  # rebuilt where they are used
-        del state["_lock"], state["_budget"]
+        state["_engine_obj"] = state["_hf_obj"] = None  # rebuilt where they are used
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._budget = threading.BoundedSemaphore(2 * self._threads)
-
-    def warm(self) -> None:
-        """Build the engine in use now (worker start-up) instead of at the first batch."""
-        _ = self._tt if self._ranks is not None else self._hf
 
     def _find_eos(self, config: dict[str, Any], vocab: dict[str, int]) -> int:
         eos = config.get("eos_token")
@@ -398,198 +414,165 @@ class SubwordTokenizer:
             "the tokenizer has no EOS token (no eos_token in its config, no <|endoftext|>); pass --eos-token-id."
         )
 
+    # -- encoding -------------------------------------------------------------------------
+    def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids without EOS, flat, and the int64 offsets of each text (len n + 1)."""
+        eng = self._engine()
+        if self.engine == "fastokens":
+            ids, offs = eng.encode_batch_flat(
+                texts, add_special_tokens=False, split_special_tokens=self.special_tokens_as_text
+            )
+            return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offs, dtype="<u8").astype(np.int64)
+        if self.engine == "tokenizers":
+            pieces = [np.asarray(e.ids, dtype=np.uint32) for e in eng.encode_batch(texts, add_special_tokens=False)]
+        else:
+            pieces = [
+                np.asarray(eng.encode(t, allowed_special=self._allowed, disallowed_special=()), dtype=np.uint32)
+                for t in texts
+            ]
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        flat = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
+        return flat.astype(np.uint32, copy=False), offsets
+
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Ids without EOS, one list per text."""
-        return [p.tolist() for p in self._encode_docs(texts)]
-
-    #: Batches a caller may keep in flight: enough to keep every thread busy on one large file.
-    @property
-    def inflight(self) -> int:
-        return 2 * self._threads if self._threads > 1 else 0
-
-    def submit(self, texts: pa.Array) -> Future[pa.Array]:
-        """The staged tokens column (``large_list<uint32>``, EOS included), encoded on one of
-        ``threads`` threads: both engines release the GIL while they encode a batch."""
-        if self._threads <= 1:
-            return _done(texts, self.encode_column)
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="bolmo-bpe")
-            pool = self._pool
-        # At most 2 batches per thread in flight, all callers together.
-        return _submit_bounded(self._budget, lambda: pool.submit(self.encode_column, texts))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
-
-    def encode_column(self, texts: pa.Array) -> pa.Array:
-        return tokens_column(*self.encode_batch(texts))
-
-    def _encode_docs(self, texts: list[str]) -> list[np.ndarray]:
-        """Ids without EOS as uint32 arrays, one call per document."""
-        if self._tt is None:
-            return [np.asarray(e.ids, dtype=np.uint32) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-        return [self._tiktoken(t, self._allowed) for t in texts]
-
-    def _tiktoken(self, text: str, allowed: set[str]) -> np.ndarray:
-        core = getattr(self._tt, "_core_bpe", None)
-        if core is not None and hasattr(core, "encode_to_tiktoken_buffer"):  # no Python list in between
-            return np.frombuffer(core.encode_to_tiktoken_buffer(text, allowed), dtype=np.uint32)
-        return np.asarray(self._tt.encode(text, allowed_special=allowed, disallowed_special=()), dtype=np.uint32)
-
-    def _encode_joined(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-        """The whole batch in one tiktoken call (which releases the GIL throughout): documents
-        joined by the EOS token's own string, which tiktoken turns into the EOS id and where it
-        restarts its split, so each document is encoded exactly as alone. None when a document
-        contains that string itself (the caller then encodes document by document)."""
-        sep = self._eos_text
-        if self._tt is None or sep is None or len(texts) == 0 or texts.null_count:
-            return None
-        texts = texts.cast(pa.large_string())
-        if pc.any(pc.match_substring(texts, sep)).as_py():
-            return None
-        joined = pc.binary_join_element_wise(texts, pa.scalar("", pa.large_string()), pa.scalar(sep, pa.large_string()))
-        text = value_bytes(joined).decode("utf-8")
-        flat = self._tiktoken(text, self._allowed | {sep})
-        ends = np.flatnonzero(flat == self.eos) + 1
-        if len(ends) != len(texts) or ends[-1] != len(flat):
-            return None  # cannot happen with an added-token EOS; the per-document path is the reference
-        return flat, np.concatenate([np.zeros(1, np.int64), ends.astype(np.int64)])
+        """Ids without EOS, one list per text (tests, inspection)."""
+        flat, offsets = self._ids(texts)
+        return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
 
     def encode_reference(self, text: str) -> list[int]:
-        """The ``tokenizers`` engine on one text, whatever engine is in use (tests, inspection)."""
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+        """The ``tokenizers`` engine on one text, whatever engine is in use."""
+        return list(self._reference().encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
-        return str(self._hf.decode(ids, skip_special_tokens=False))
+        return str(self._reference().decode(ids, skip_special_tokens=False))
 
     def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        joined = self._encode_joined(texts)
-        if joined is not None:
-            return joined
-        pieces = self._encode_docs(texts.to_pylist())
-        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-        np.cumsum([len(p) + 1 for p in pieces], out=offsets[1:])
-        eos = np.array([self.eos], dtype=np.uint32)
-        flat = np.concatenate([x for p in pieces for x in (p, eos)]) if pieces else np.empty(0, np.uint32)
-        return flat, offsets
+        """Flat uint32 ids with an EOS after every document, and the int64 document offsets."""
+        docs = texts.to_pylist()
+        ids, offs = self._ids(docs)
+        self._cross_check(docs, ids, offs)
+        n = len(docs)
+        new_offs = offs + np.arange(n + 1, dtype=np.int64)
+        out = np.empty(len(ids) + n, dtype=np.uint32)
+        eos_at = new_offs[1:] - 1
+        keep = np.ones(len(out), dtype=bool)
+        keep[eos_at] = False
+        out[keep] = ids
+        out[eos_at] = self.eos
+        return out, new_offs
+
+    def tokens_column(self, texts: pa.Array) -> pa.Array:
+        """The staged ``large_list<uint32>`` column (EOS included)."""
+        return tokens_column(*self.encode_batch(texts))
+
+    def _cross_check(self, docs: list[str], ids: np.ndarray, offs: np.ndarray) -> None:
+        """Every ``check_every``-th document (counted over this tokenizer's life) is encoded again by
+        the reference; a difference stops the run (an engine that is wrong must never be quiet)."""
+        if self.engine == "tokenizers" or not self.check_every:
+            return
+        first = (-self._seen) % self.check_every
+        self._seen += len(docs)
+        for i in range(first, len(docs), self.check_every):
+            got = ids[offs[i] : offs[i + 1]].tolist()
+            want = self.encode_reference(docs[i])
+            if got != want:
+                raise EngineMismatch(
+                    f"the {self.engine} engine gave different ids than the tokenizers reference for a document "
+                    f"({len(docs[i])} characters, starting {docs[i][:40]!r}). Nothing wrong was staged for it. Rerun "
+                    "with --engine tokenizers, and please report the document."
+                )
 
 
-# ---------------------------------------------------------------------------------------------
-# both cores: BPE in worker processes (threads do not scale: the GIL is held between texts)
-
-_WORKER: SubwordTokenizer | None = None
+class EngineMismatch(TokenizerError):
+    """A run-time cross-check found an engine disagreeing with the reference."""
 
 
-def _worker_init(recipes: Any) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    from .util import prefer_system_allocator
-
-    prefer_system_allocator()
-    global _WORKER
-    tokenizer: SubwordTokenizer | None = recipes.get()
-    if tokenizer is None:  # the parent gave up before sending a tokenizer
-        os._exit(0)
-    tokenizer._threads = 1
-    tokenizer.warm()
-    _WORKER = tokenizer
-
-
-def _worker_ready() -> None:
-    assert _WORKER is not None
-
-
-def _worker_encode(texts: pa.Array) -> pa.Array:
-    assert _WORKER is not None
-    return _WORKER.encode_column(texts)
-
-
-class ProcessTokenizer:
-    """A ``SubwordTokenizer`` running in ``processes`` spawned worker processes; same interface.
-
-    Workers are spawned first (``__init__``) and start importing while the parent builds and
-    checks the tokenizer once; ``start`` then sends them its recipe, from which each builds only
-    the engine it runs. Nothing waits for them: the first batches queue meanwhile.
-    """
-
-    def __init__(self, processes: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        self._processes = processes
-        # The tokenizer (a few MB pickled) goes through a queue, not the spawn arguments: spawning
-        # blocks until a child has read its arguments, which would start the workers one by one.
-        self._recipes = ctx.Queue()
-        self._started = False
-        self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init, initargs=(self._recipes,))
-        # One call per worker: all of them start now, in parallel, not at their first batch.
-        self._ready = [self._pool.submit(_worker_ready) for _ in range(processes)]
-
-        #: Batches one file may keep in flight, so that even a single large file keeps every worker busy.
-        self.inflight = processes + 1
-        self._budget = threading.BoundedSemaphore(2 * processes)  # batches in flight, all files together
-
-    def start(self, tokenizer: SubwordTokenizer) -> ProcessTokenizer:
-        self.info: TokenizerInfo = tokenizer.info
-        self.source_json = tokenizer.source_json
-        for _ in range(self._processes):
-            self._recipes.put(tokenizer)
-        self._started = True
-        return self
-
-    def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        col = self.submit(texts).result()
-        return col.values.to_numpy(), large_offsets(col)
-
-    def submit(self, texts: pa.Array) -> Future[pa.Array]:
-        """Blocks while ``2 * processes`` batches are in flight, across all callers: what waits
-        for a worker stays bounded however many files are open at once."""
-        out: Future[pa.Array] = Future()
-        try:
-            inner = _submit_bounded(self._budget, lambda: self._pool.submit(_worker_encode, texts))
-        except RuntimeError as exc:  # BrokenProcessPool, or submit after shutdown
-            out.set_exception(self._failed(exc))
-            return out
-
-        def relay(f: Future[pa.Array]) -> None:
-            with contextlib.suppress(InvalidStateError):  # ``out`` was cancelled meanwhile
-                if f.cancelled():
-                    out.cancel()
-                elif (exc := f.exception()) is not None:
-                    out.set_exception(exc if isinstance(exc, TokenizerError | ValueError) else self._failed(exc))
-                else:
-                    out.set_result(f.result())
-
-        inner.add_done_callback(relay)
-        out.add_done_callback(lambda o: inner.cancel() if o.cancelled() else None)
-        return out
-
-    def _failed(self, exc: BaseException) -> TokenizerError:
-        return TokenizerError(
-            f"{self.info.identifier}: a tokenizer worker process failed ({str(exc) or type(exc).__name__})"
+def parse_tokenizer_json(source: TokenizerSource) -> dict[str, Any]:
+    """The tokenizer JSON as a dict, or a TokenizerError naming what is wrong with it."""
+    if len(source.json_text) > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(
+            f"{source.identifier}: the tokenizer JSON is {len(source.json_text) / 1e6:.0f} MB, over the "
+            f"{MAX_TOKENIZER_BYTES >> 20} MiB this tool accepts; check --tokenizer-identifier."
         )
+    try:
+        spec = json.loads(source.json_text)
+    except RecursionError as exc:
+        raise TokenizerError(f"{source.identifier}: the tokenizer JSON nests too deep to be a tokenizer") from exc
+    except ValueError as exc:
+        raise TokenizerError(f"{source.identifier}: not a valid tokenizers JSON ({exc})") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise TokenizerError(f"{source.identifier}: not a tokenizers JSON (no 'model' object)")
+    added = spec.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int) for a in added
+    ):
+        raise TokenizerError(f"{source.identifier}: malformed 'added_tokens' in the tokenizer JSON")
+    vocab = spec["model"].get("vocab")
+    if vocab is not None and not isinstance(vocab, dict):
+        raise TokenizerError(f"{source.identifier}: the tokenizer's vocabulary is not an object")
+    return spec
 
-    def close(self) -> None:
-        if not self._started:
-            for _ in range(self._processes):
-                self._recipes.put(None)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        # A recipe no worker read (one died while starting) must not keep the queue's feeder
-        # thread, and so this close, waiting forever on a pipe nobody reads.
-        self._recipes.cancel_join_thread()
-        self._recipes.close()
+
+def tiktoken_exact(spec: dict[str, Any], reference: Callable[[], Any]) -> str | None:
+    """None if tiktoken gives the reference's ids for ``spec``, else the reason it does not.
+
+    The structure must convert (``tiktoken_convertible``), and then every vocabulary entry that
+    is valid UTF-8 is encoded by both engines: tiktoken merges by the rank of the *result*,
+    ``tokenizers`` only along its listed merges, so a vocabulary reachable by a merge tiktoken
+    would take but the merge list does not (e.g. ``bc``, ``ab``, ``abc`` with merges ``b c``,
+    ``a b``, ``ab c``) shows up as a difference on that entry's own text.
+    """
+    conv = tiktoken_convertible(spec)
+    if isinstance(conv, str):
+        return conv
+    import tiktoken
+
+    ranks, pattern = conv
+    added = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+    enc = tiktoken.Encoding(name="probe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    texts = []
+    for tok in ranks:
+        with contextlib.suppress(UnicodeDecodeError):
+            texts.append(tok.decode("utf-8"))
+    hf = reference()
+    ref = hf.encode_batch(texts, add_special_tokens=False)
+    for text, r in zip(texts, ref, strict=True):
+        got = enc.encode(text, allowed_special=set(), disallowed_special=())
+        if got != r.ids:
+            return f"tiktoken encodes {text!r} as {got}, tokenizers as {r.ids}"
+    return None
 
 
 #: Every tokenizer has ``info`` (TokenizerInfo), ``encode_batch(texts) -> (flat uint32 ids, int64
-#: offsets of len n+1)`` with an EOS after each document, ``submit(texts) -> Future`` of the
-#: staged ``tokens`` column (see ``staging``), and ``inflight`` (batches a caller may keep in flight).
-AnyTokenizer = ByteTokenizer | SubwordTokenizer | ProcessTokenizer
+#: offsets of len n+1)`` with an EOS after each document, and ``tokens_column(texts)``: the
+#: staged ``tokens`` column (see ``staging``).
+AnyTokenizer = ByteTokenizer | SubwordTokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a worker needs to build the run's tokenizer (picklable, a few MB for subword)."""
+
+    kind: str
+    source: TokenizerSource | None = None
+    eos_token_id: int | None = None
+    special_tokens_as_text: bool = True
+    engine: str = "auto"
+    check_every: int = DEFAULT_CHECK_EVERY
+
+    def build(self) -> AnyTokenizer:
+        if self.kind == "byte":
+            return ByteTokenizer()
+        if self.kind != "subword" or self.source is None:
+            raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {self.kind!r}")
+        return SubwordTokenizer(
+            self.source,
+            eos_token_id=self.eos_token_id,
+            special_tokens_as_text=self.special_tokens_as_text,
+            engine=self.engine,
+            check_every=self.check_every,
+        )
 
 
 def make_tokenizer(
@@ -601,23 +584,12 @@ def make_tokenizer(
     eos_token_id: int | None = None,
     special_tokens_as_text: bool = True,
     engine: str = "auto",
-    processes: int = 0,
+    check_every: int = DEFAULT_CHECK_EVERY,
 ) -> AnyTokenizer:
-    """Subword BPE runs in ``processes`` worker processes (0: one per core); 1 runs it on threads
-    in this process instead (one per core)."""
+    """The tokenizer of a run, built here (tests, inspection, library use)."""
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "subword":
-        n = processes or os.cpu_count() or 1
-        workers = ProcessTokenizer(n) if n > 1 else None  # they import while the tokenizer is built here
-        try:
-            src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
-            tok = SubwordTokenizer(
-                src, eos_token_id=eos_token_id, special_tokens_as_text=special_tokens_as_text, engine=engine
-            )
-        except BaseException:
-            if workers is not None:
-                workers.close()
-            raise
-        return workers.start(tok) if workers is not None else tok
-    raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
+    if kind != "subword":
+        raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
+    src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
+    return TokenizerSpec(kind, src, eos_token_id, special_tokens_as_text, engine, check_every).build()

@@ -17,11 +17,22 @@ from typing import IO
 
 from .errors import DiskSpaceError, StateError
 
-#: fsync every file before renaming it into place. Off by default: the atomic rename already
-#: survives a killed process (and ext4's rename heuristics flush data before the rename), and
-#: fsync on every staged file and shard costs a large share of the run's time on common disks.
-#: Set BOLMO_ASYNC_FSYNC=1 where power-loss durability matters more than speed.
+#: fsync every file before renaming it into place. Off by default: the atomic rename survives a
+#: killed process (a reader sees the old file or the whole new one), and fsync on every staged
+#: file and shard costs a large share of the run's time on common disks. Without it a power
+#: loss or kernel crash can leave a renamed file empty or short; staged files are then caught
+#: by their marker's checksum and fetched again. Set BOLMO_ASYNC_FSYNC=1 where power-loss
+#: durability of the shards matters more than speed.
 FSYNC = os.environ.get("BOLMO_ASYNC_FSYNC", "") not in ("", "0")
+
+
+@functools.cache
+def ordinary_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file under this process's umask
+    (``mkstemp`` makes 0600 files: a training job under another user could not read them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def maybe_fsync(fd: int) -> None:
@@ -39,6 +50,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, ordinary_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -80,7 +80,9 @@ def test_progress_degrades_to_log_lines_off_a_terminal(tmp_path, mirror, caplog)
         bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, data_fraction=0.2, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert lines, caplog.text
-    assert all(k in lines[-1] for k in ("MB", "ETA", "docs", "tokens", "/s"))
+    assert all(k in lines[-1] for k in ("B / ", "ETA", "docs", "tokens", "/s"))
+    done, total = re.search(r"progress: ([\d.]+ [KMG]?B) / ([\d.]+ [KMG]?B)", lines[-1]).groups()
+    assert done == total, "the bytes counted reach the total at the end"
 
 
 def test_plan_prints_a_summary_table(tmp_path, mirror):

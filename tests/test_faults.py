@@ -17,6 +17,7 @@ import pytest
 
 import bolmo_async
 from bolmo_async.errors import AuthError, FetchIncomplete, StateError
+from bolmo_async.filetask import raw_path
 from bolmo_async.inspector import read_index
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
 from bolmo_async.mirror.faults import FAULT_KINDS
@@ -111,9 +112,14 @@ def test_retry_budget_exhaustion_reports_the_file_and_others_go_on(repos, tmp_pa
             _prepare(out, m.endpoint, retries=2)
         assert set(info.value.failed) == {victim}
         assert "rerun" in str(info.value).lower() and victim in str(info.value)
+        # Complete, or clearly not: no data_sources.txt for partial data unless asked for.
+        assert not (out / "data_sources.txt").exists() and not (out / "manifest.json").exists()
+        assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - 1
+        with pytest.raises(FetchIncomplete):
+            _prepare(out, m.endpoint, retries=2, allow_incomplete=True)
         manifest = json.loads((out / "manifest.json").read_text())
         assert not manifest["complete"] and manifest["missing_files"] == [victim]
-        assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - 1
+        assert (out / "data_sources.txt").exists()
         faults.rate = 0.0
         assert shard_hashes(_prepare(out, m.endpoint)) == clean
 
@@ -221,7 +227,7 @@ def test_a_new_run_removes_what_a_killed_one_was_writing(repos, tmp_path, clean)
     with MirrorThread(repos) as m:
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
         pf = plan.files[0]
-        raw = out / "raw" / pf.path
+        raw = raw_path(out, pf)
         raw.parent.mkdir(parents=True)
         dead = [
             raw.with_name(f".{raw.name}.4242.1.tmp"),  # --no-streaming download being written
@@ -230,7 +236,9 @@ def test_a_new_run_removes_what_a_killed_one_was_writing(repos, tmp_path, clean)
             out / "staging" / f".{pf.key}.4242.1.tmp",  # staged batches being written
         ]
         (out / "staging").mkdir()
-        keep = [raw.with_name("notes.txt"), raw.with_name(".other-file.jsonl.zst.1.2.tmp")]
+        other = out / "raw" / "0123456789abcdef0123"  # another file's folder: another run may own it
+        other.mkdir()
+        keep = [raw.with_name("notes.txt"), other / ".other-file.jsonl.zst.1.2.tmp"]
         for p in dead + keep:
             p.write_bytes(b"partial")
         manifest = _prepare(out, m.endpoint, streaming=False)
@@ -310,12 +318,13 @@ def test_listing_changed_under_pinned_commit_is_detected(repos, sample_dir, tmp_
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
         bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        port = int(m.endpoint.rsplit(":", 1)[1])
     changed = tmp_path / "changed"
     shutil.copytree(sample_dir, changed)
     (changed / "data/common_crawl/extra.jsonl").write_text('{"id": "x", "text": "new"}\n')
     repo = MirrorRepo(DEFAULT_REPO_ID, changed)
     repo.commit = repos[0].commit  # a server that changes content under the same commit
-    with MirrorThread([repo]) as m, pytest.raises(StateError, match="changed"):
+    with MirrorThread([repo], port=port) as m, pytest.raises(StateError, match="changed"):
         bolmo_async.fetch(out, endpoint=m.endpoint, progress=False)
 
 

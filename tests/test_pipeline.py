@@ -281,16 +281,26 @@ def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_pat
         rows = [r for s in m["shards"] for r in read_index(Path(s["csv"]))]
         docs = [(r[2], r[3], r[4]) for r in rows]
         assert len(docs) > len(set(docs)), "some document is cut across shards"
+    # Read as the trainer does: every shard ends with EOS, every csv.gz row ends at one.
+    for s in m["shards"]:
+        arr = np.memmap(s["path"], dtype=np.uint32, mode="r")
+        assert len(arr) <= bound and arr[-1] == 1
+        ends = [r[1] for r in read_index(Path(s["csv"]))]
+        assert ends[-1] == len(arr) and all(arr[e - 1] == 1 for e in ends)
+        assert np.flatnonzero(arr == 1).tolist() == [e - 1 for e in ends]
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.lists(st.lists(st.integers(1, 60), min_size=1, max_size=12), min_size=1, max_size=3), min_size=1, max_size=4
+        st.lists(st.lists(st.integers(2, 60), min_size=1, max_size=12), min_size=1, max_size=3), min_size=1, max_size=4
     ),
-    st.integers(1, 80),
+    st.integers(2, 80),
 )
 def test_shard_layout_is_bounded_ordered_and_splits_only_oversized_documents(units, bound):
+    """Shards hold at most ``bound`` tokens, documents in plan order, each token once; only
+    documents over the bound are cut, and every piece of a cut one but the last gets its own EOS
+    (counted in the shard's size), so every shard ends with an EOS."""
     from bolmo_async.finalizer import layout
 
     lengths = [[np.array(b, dtype=np.int64) for b in batches] for batches in units]
@@ -303,8 +313,9 @@ def test_shard_layout_is_bounded_ordered_and_splits_only_oversized_documents(uni
             lens = lengths[p.unit][p.batch]
             if p.tok_lo >= 0:
                 assert p.doc_hi == p.doc_lo + 1 and lens[p.doc_lo] > bound  # only oversized docs are cut
+                assert p.tok_hi > p.tok_lo
                 flat.append((p.unit, p.batch, p.doc_lo, p.tok_hi - p.tok_lo))
-                size += p.tok_hi - p.tok_lo
+                size += p.tok_hi - p.tok_lo + (1 if p.tok_hi < lens[p.doc_lo] else 0)  # + its EOS
             else:
                 for d in range(p.doc_lo, p.doc_hi):
                     flat.append((p.unit, p.batch, d, int(lens[d])))

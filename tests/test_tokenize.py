@@ -78,31 +78,57 @@ def test_dolma2_facts(dolma2_source):
     assert tok._hf.token_to_id("<|pad|>") == 100277
     spec = json.loads(dolma2_source.json_text)
     assert spec["post_processor"] is None  # encoding adds no special tokens: we append EOS
-    assert tok.info.engine == "tiktoken"
+    assert tok.info.engine == "fastokens"  # the default engine where it is installed
     flat, _ = tok.encode_batch(pa.array(["Hello world"], pa.large_string()))
     assert flat.tolist() == [9906, 1917, 100257]
 
 
+ALL_ENGINES = ("fastokens", "tiktoken", "tokenizers")
+
+
 @needs_dolma2
-def test_special_tokens_in_text_default_and_dolma_mode(dolma2_source):
+@pytest.mark.parametrize("engine", ALL_ENGINES)
+def test_special_tokens_in_text_default_and_dolma_mode(dolma2_source, engine):
     text = "a <|endoftext|> b <|pad|> c |||EMAIL_ADDRESS||| d"
-    default = SubwordTokenizer(dolma2_source)
-    for engine in ("tiktoken", "tokenizers"):
-        ids = SubwordTokenizer(dolma2_source, engine=engine).encode_texts([text])[0]
-        assert 100257 not in ids and 100277 not in ids  # special strings stay text
-        assert 100262 in ids  # non-special added token stays one token
-        assert ids == default.encode_reference(text)
-    for engine in ("tiktoken", "tokenizers"):
-        ids = SubwordTokenizer(dolma2_source, engine=engine, special_tokens_as_text=False).encode_texts([text])[0]
-        assert 100257 in ids and 100277 in ids and 100262 in ids
+    ids = SubwordTokenizer(dolma2_source, engine=engine).encode_texts([text])[0]
+    assert 100257 not in ids and 100277 not in ids  # special strings stay text
+    assert 100262 in ids  # non-special added token stays one token
+    assert ids == SubwordTokenizer(dolma2_source).encode_reference(text)
+    ids = SubwordTokenizer(dolma2_source, engine=engine, special_tokens_as_text=False).encode_texts([text])[0]
+    assert 100257 in ids and 100277 in ids and 100262 in ids
 
 
 @needs_dolma2
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200), min_size=1, max_size=8))
-def test_tiktoken_equals_tokenizers_on_random_unicode(texts):
-    tt, hf = _engines()
-    assert tt.encode_texts(texts) == hf.encode_texts(texts)
+@pytest.mark.parametrize("engine", ALL_ENGINES)
+def test_engine_passes_the_exactness_harness(dolma2_source, sample_dir, engine):
+    """The harness (adversarial corpus, every added token inside text, random Unicode, the
+    sample's documents; both special-token policies) finds no difference from the reference."""
+    from bolmo_async.exactness import adversarial_texts, compare, sample_texts
+
+    texts = adversarial_texts(dolma2_source, seed=1, random_count=300) + sample_texts(sample_dir)[:400]
+    assert len(texts) > 700
+    assert compare(dolma2_source, engine, texts) == []
+
+
+@needs_dolma2
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=120)
+        | st.sampled_from([" ", "  \n", "x ", " y", "\n\n", "|||EMAIL_ADDRESS|||", "a<|endoftext|>", "1 "]),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_fastokens_batches_equal_each_document_alone(texts):
+    """A batch in one fastokens call gives exactly each document's reference ids, then EOS;
+    whitespace and special strings at document edges are where a batch could leak."""
+    fast, ref = _engines()
+    arr = pa.array(texts, pa.large_string())
+    flat, offsets = fast.encode_batch(arr)
+    want = [ref.encode_reference(t) for t in texts]
+    assert flat.tolist() == [i for ids in want for i in [*ids, 100257]]
+    assert offsets.tolist() == np.cumsum([0] + [len(x) + 1 for x in want]).tolist()
 
 
 _ENGINES: dict = {}
@@ -111,19 +137,9 @@ _ENGINES: dict = {}
 def _engines():
     if not _ENGINES:
         src = load_tokenizer_source(str(DOLMA2))
-        _ENGINES["tt"] = SubwordTokenizer(src, engine="tiktoken")
+        _ENGINES["fast"] = SubwordTokenizer(src, engine="fastokens", check_every=0)
         _ENGINES["hf"] = SubwordTokenizer(src, engine="tokenizers")
-    return _ENGINES["tt"], _ENGINES["hf"]
-
-
-@needs_dolma2
-def test_tiktoken_equals_tokenizers_on_the_sample(sample_dir):
-    from .helpers import read_documents
-
-    tt, hf = _engines()
-    texts = [t for p in sorted(sample_dir.rglob("data/*/*")) for _, _, t in read_documents(p)]
-    assert len(texts) > 500
-    assert tt.encode_texts(texts) == hf.encode_texts(texts)
+    return _ENGINES["fast"], _ENGINES["hf"]
 
 
 @needs_dolma2
@@ -148,17 +164,111 @@ def _id_bytes(tok, i: int) -> bytes:
     return bytes(_ENGINES["u2b"][c] for c in tok._hf.id_to_token(i))
 
 
+def _tiny_bpe(vocab_extra: dict[str, int], merges: list[str]) -> TokenizerSource:
+    """A byte-level BPE with all 256 bytes plus ``vocab_extra``, split regex + ByteLevel."""
+    from bolmo_async.tokenize import _bytes_to_unicode
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab.update(vocab_extra)
+    n = max(vocab.values()) + 1
+    spec = {
+        "version": "1.0",
+        "added_tokens": [
+            {
+                "id": n,
+                "content": "<|endoftext|>",
+                "special": True,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": "\\S+|\\s+"}, "behavior": "Removed", "invert": True},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+    return TokenizerSource("tiny", json.dumps(spec), {})
+
+
+def test_tiktoken_is_refused_where_it_would_encode_differently():
+    """vocab bc, ab, abc with merges `b c`, `a b`, `ab c`: tiktoken merges by the rank of the
+    result and gives "abc" -> [abc]; tokenizers only follows listed merges: [a, bc]. The
+    structural check alone accepts this BPE; the probe refuses it, and auto never picks tiktoken."""
+    from bolmo_async.tokenize import tiktoken_convertible
+
+    src = _tiny_bpe({"bc": 256, "ab": 257, "abc": 258}, ["b c", "a b", "ab c"])
+    assert not isinstance(tiktoken_convertible(json.loads(src.json_text)), str)
+    with pytest.raises(TokenizerError, match=r"cannot be converted exactly.*'abc'"):
+        SubwordTokenizer(src, engine="tiktoken")
+    ref = SubwordTokenizer(src, engine="tokenizers")
+    assert ref.encode_texts(["abc"]) == [[97, 256]]
+    auto = SubwordTokenizer(src)
+    assert auto.info.engine != "tiktoken" and auto.encode_texts(["abc"]) == [[97, 256]]
+    consistent = _tiny_bpe({"ab": 256, "abc": 257}, ["a b", "ab c"])
+    assert SubwordTokenizer(consistent, engine="tiktoken").encode_texts(["abc"]) == [[257]]
+
+
+def test_the_run_time_cross_check_stops_a_wrong_engine(monkeypatch):
+    """An engine that disagrees with the reference on a checked document stops the run loudly."""
+    from bolmo_async.tokenize import EngineMismatch
+
+    src = _tiny_bpe({"ab": 256, "abc": 257}, ["a b", "ab c"])
+    tok = SubwordTokenizer(src, engine="fastokens", check_every=3)
+    texts = pa.array(["abc", "ab", "cab", "abcabc", "b"], pa.large_string())
+    assert tok.encode_batch(texts)[0].tolist() == [257, 258, 256, 258, 99, 256, 258, 257, 257, 258, 98, 258]
+    real = tok._ids
+
+    def wrong(docs):
+        flat, offs = real(docs)
+        flat = flat.copy()
+        flat[offs[-2]] = 0  # the last document's first id is wrong
+        return flat, offs
+
+    monkeypatch.setattr(tok, "_ids", wrong)
+    tok._seen = 0
+    with pytest.raises(EngineMismatch, match="--engine tokenizers"):
+        tok.encode_batch(pa.array(["x", "y", "z", "ab"], pa.large_string()))  # documents 0 and 3 are checked
+    assert SubwordTokenizer(src, engine="fastokens", check_every=0).check_every == 0
+
+
 @needs_dolma2
-def test_unconvertible_tokenizer_falls_back_to_tokenizers(dolma2_source, caplog):
+def test_unloadable_or_absurd_tokenizers_are_clear_errors(dolma2_source, tmp_path):
     spec = json.loads(dolma2_source.json_text)
     spec["normalizer"] = {"type": "NFC"}
     src = TokenizerSource("custom", json.dumps(spec), {})
-    with caplog.at_level("INFO", logger="bolmo_async"):
-        tok = SubwordTokenizer(src)
-    assert tok.info.engine == "tokenizers"
-    assert "normalizer" in caplog.text
+    assert SubwordTokenizer(src, engine="tokenizers").info.engine == "tokenizers"
     with pytest.raises(TokenizerError, match="cannot be converted"):
         SubwordTokenizer(src, engine="tiktoken")
+    deep = TokenizerSource("deep", "[" * 200_000 + "]" * 200_000, {})
+    with pytest.raises(TokenizerError, match="nests too deep"):
+        SubwordTokenizer(deep)
+    with pytest.raises(TokenizerError, match="not a tokenizers JSON"):
+        SubwordTokenizer(TokenizerSource("list", "[1, 2]", {}))
+    big = tmp_path / "tokenizer.json"
+    with open(big, "wb") as f:
+        f.truncate(129 * 1024 * 1024)  # sparse: no real disk used
+    with pytest.raises(TokenizerError, match="MiB"):
+        load_tokenizer_source(str(big))
 
 
 @needs_dolma2
@@ -178,136 +288,6 @@ def test_bad_identifier_is_a_clear_error(tmp_path):
         load_tokenizer_source("not-a-repo-id")
 
 
-def _with_eos(per_doc: list[list[int]], eos: int) -> list[int]:
-    return [i for ids in per_doc for i in [*ids, eos]]
-
-
-@needs_dolma2
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=120)
-        | st.sampled_from([" ", "  \n", "x ", " y", "\n\n", "|||EMAIL_ADDRESS|||", "a|||IP_ADDRESS|||", "1 "]),
-        min_size=1,
-        max_size=10,
-    )
-)
-def test_a_batch_in_one_call_equals_each_document_alone(texts):
-    """The joined fast path (documents separated by the EOS string in one tiktoken call) gives
-    exactly the ids of encoding each document alone with `tokenizers`, then EOS; whitespace at
-    document edges is where a join could leak across documents."""
-    tt, hf = _engines()
-    arr = pa.array(texts, pa.large_string())
-    assert tt._encode_joined(arr) is not None  # the fast path is the one under test
-    flat, offsets = tt.encode_batch(arr)
-    assert flat.tolist() == _with_eos(hf.encode_texts(texts), 100257)
-    assert offsets.tolist() == np.cumsum([0] + [len(x) + 1 for x in hf.encode_texts(texts)]).tolist()
-
-
-@needs_dolma2
-def test_a_batch_holding_the_eos_string_is_encoded_per_document(dolma2_source):
-    texts = ["before", "a <|endoftext|> b", "after "]
-    for as_text in (True, False):
-        tok = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text)
-        arr = pa.array(texts, pa.large_string())
-        assert tok._encode_joined(arr) is None
-        flat, offsets = tok.encode_batch(arr)
-        assert flat.tolist() == _with_eos(tok.encode_texts(texts), 100257)
-        assert len(offsets) == 4 and offsets[-1] == len(flat)
-        assert (100257 in flat[offsets[1] : offsets[2] - 1].tolist()) is not as_text
-
-
-@needs_dolma2
-def test_batches_on_the_sample_equal_tokenizers_in_both_modes(sample_dir, dolma2_source):
-    from .helpers import read_documents
-
-    texts = [t for p in sorted(sample_dir.rglob("data/*/*")) for _, _, t in read_documents(p)]
-    for as_text in (True, False):
-        tt = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text)
-        hf = SubwordTokenizer(dolma2_source, special_tokens_as_text=as_text, engine="tokenizers")
-        for i in range(0, len(texts), 97):
-            chunk = texts[i : i + 97]
-            flat, _ = tt.encode_batch(pa.array(chunk, pa.large_string()))
-            assert flat.tolist() == _with_eos(hf.encode_texts(chunk), tt.eos)
-
-
-@needs_dolma2
-def test_threads_and_worker_processes_give_the_same_ids(dolma2_source):
-    from bolmo_async.tokenize import ProcessTokenizer
-
-    texts = pa.array(["Hello world", "  spaces  ", "é東 |||PHONE_NUMBER|||", "<|pad|> x"] * 50, pa.large_string())
-    threaded = SubwordTokenizer(dolma2_source, threads=2)
-    procs = ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))
-    try:
-        expected = threaded.encode_batch(texts)
-        got = procs.submit(texts).result()
-        assert got.values.to_numpy().tolist() == expected[0].tolist()
-        assert threaded.submit(texts).result().equals(got)
-        assert procs.info == threaded.info
-    finally:
-        threaded.close()
-        procs.close()
-
-
-@needs_dolma2
-def test_batches_in_flight_are_bounded_across_all_callers(dolma2_source):
-    """However many files submit at once, at most 2 batches per worker wait in flight (memory is
-    bounded by the configuration, not by how many files are open); every batch still completes."""
-    import threading
-
-    from bolmo_async.tokenize import ProcessTokenizer
-
-    texts = pa.array(["a fairly ordinary sentence, tokenized again and again"] * 2000, pa.large_string())
-    for tok in (SubwordTokenizer(dolma2_source, threads=2), ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))):
-        futures: list = []
-        seen: list[int] = []
-        lock = threading.Lock()
-
-        def caller(n: int, tok=tok, futures=futures, seen=seen, lock=lock) -> None:
-            for _ in range(n):
-                fut = tok.submit(texts)
-                with lock:
-                    futures.append(fut)
-                    seen.append(sum(not f.done() for f in futures))
-
-        try:
-            threads = [threading.Thread(target=caller, args=(5,)) for _ in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            results = [f.result() for f in futures]
-        finally:
-            tok.close()
-        assert len(results) == 20 and all(r.equals(results[0]) for r in results)
-        assert max(seen) <= 4, seen
-
-
-@needs_dolma2
-def test_a_dead_worker_process_is_a_tokenizer_error(dolma2_source):
-    import os
-    import signal
-
-    from bolmo_async.tokenize import ProcessTokenizer
-
-    procs = ProcessTokenizer(2).start(SubwordTokenizer(dolma2_source))
-    try:
-        procs.submit(pa.array(["warm up"], pa.large_string())).result()
-        for pid in list(procs._pool._processes):
-            os.kill(pid, signal.SIGKILL)
-        with pytest.raises(TokenizerError, match="worker process failed"):
-            for _ in range(20):  # the pool notices the death at the next call at the latest
-                procs.submit(pa.array(["x"], pa.large_string())).result(timeout=60)
-    finally:
-        procs.close()
-
-
-def test_worker_processes_closed_before_a_tokenizer_arrives_exit_cleanly():
-    from bolmo_async.tokenize import ProcessTokenizer
-
-    ProcessTokenizer(2).close()  # must not hang waiting for workers that wait for a recipe
-
-
 @needs_dolma2
 def test_the_tokenizer_pickles_as_its_recipe(dolma2_source):
     import pickle
@@ -315,7 +295,7 @@ def test_the_tokenizer_pickles_as_its_recipe(dolma2_source):
     tok = SubwordTokenizer(dolma2_source)
     tok.warm()
     clone = pickle.loads(pickle.dumps(tok))
-    assert clone._tt_obj is None and clone._hf_obj is None  # engines are rebuilt where used
+    assert clone._engine_obj is None and clone._hf_obj is None  # engines are rebuilt where used
     arr = pa.array(["round trip |||EMAIL_ADDRESS|||"], pa.large_string())
     assert clone.encode_batch(arr)[0].tolist() == tok.encode_batch(arr)[0].tolist()
 
@@ -340,30 +320,15 @@ def test_staged_byte_documents_expand_to_the_byte_layout(docs, data):
     assert expand(sliced, 0, len(sliced)).tolist() == [i for r in ref[1:] for i in r]
 
 
-@needs_dolma2
-def test_a_worker_killed_before_reading_its_tokenizer_does_not_hang_close(dolma2_source):
-    import os
-    import signal
-
-    from bolmo_async.tokenize import ProcessTokenizer
-
-    procs = ProcessTokenizer(2)
-    for pid in list(procs._pool._processes):
-        os.kill(pid, signal.SIGKILL)  # before any of them could read the recipe
-    procs.start(SubwordTokenizer(dolma2_source))
-    procs.close()  # returns (the test would time out otherwise)
-
-
-def test_worker_processes_import_only_what_tokenizing_needs():
-    """Spawned tokenizer workers import bolmo_async.tokenize: that must not pull in the HTTP
-    stack (aiohttp, huggingface_hub) nor the pipeline modules, while the package's public
-    functions still resolve on first use."""
+def test_importing_the_tokenizer_stays_light():
+    """``bolmo_async.tokenize`` (and the package) must not pull in the HTTP stack or the pipeline
+    modules on import, while the package's public functions still resolve on first use."""
     import subprocess
     import sys
 
     code = (
         "import sys, bolmo_async.tokenize\n"
-        "heavy = sorted(m for m in ('aiohttp', 'huggingface_hub', 'bolmo_async.api', 'bolmo_async.fetcher') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('aiohttp', 'huggingface_hub', 'bolmo_async.api', 'bolmo_async.pool') if m in sys.modules)\n"
         "import bolmo_async\n"
         "from bolmo_async import finalize\n"
         "print(heavy, bolmo_async.fetch.__module__, finalize.__module__, bolmo_async.prepare.__name__)\n"

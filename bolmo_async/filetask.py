@@ -1,0 +1,500 @@
+"""The unit of work: one planned file -> one staged file + its completion marker.
+
+Done start to finish by whoever runs it (a local worker process, a ``--worker I/N`` share, a
+Ray task): download (streamed, with Range resume, retries and verification), decompress,
+parse, tokenize, stage. CPU work runs on the worker's threads, never on its event loop; only
+small results (the completion record, skip counts) leave the worker.
+
+A file already staged is checked against its marker (size and sha256 of the staged file)
+before it is trusted; a damaged one is fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .decode import BATCH_BYTES, LineDecoder, parquet_batch
+from .download import BytesSink, stream
+from .errors import IntegrityError
+from .hub import HubClient
+from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
+from .staging import Staging, StagingWriter
+from .tokenize import AnyTokenizer
+from .util import maybe_fsync, raise_if_disk_full, release_free_memory, sha256_file
+
+log = logging.getLogger("bolmo_async")
+
+
+class Hasher:
+    """sha256 when the listing gave one (LFS), else the git blob sha1 of the listing's oid."""
+
+    def __init__(self, pf: PlannedFile):
+        self.pf = pf
+        if pf.sha256:
+            self._h = hashlib.sha256()
+        else:
+            self._h = hashlib.sha1(f"blob {pf.size}\0".encode())
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def verify(self) -> str:
+        digest = self._h.hexdigest()
+        expected = self.pf.sha256 or self.pf.oid
+        if self.size != self.pf.size or digest != expected:
+            raise IntegrityError(
+                f"{self.pf.path}: got {self.size} bytes with hash {digest[:12]}…, the listing says "
+                f"{self.pf.size} bytes, {str(expected)[:12]}…"
+            )
+        return digest
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every file task of one worker shares."""
+
+    client: HubClient
+    commit: str
+    staging: Staging
+    tokenizer: AnyTokenizer
+    executor: Executor
+    streaming: bool = True
+    max_document_bytes: int = 0
+    on_bytes: Callable[[int], None] | None = None
+    on_documents: Callable[[int, int], None] | None = None
+
+
+class Processor:
+    """Decodes, tokenizes and stages one planned file. Thread-safe against ``abort``."""
+
+    def __init__(self, pf: PlannedFile, ctx: TaskContext):
+        self.pf = pf
+        self.ctx = ctx
+        self.suffix = data_suffix(pf.path) or ""
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._writer: StagingWriter | None = None
+        self._new()
+
+    def _new(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        self.skips = SkipCounter()
+        self.hasher = Hasher(self.pf)
+        self.decoder = LineDecoder(
+            self.pf.path, self.suffix, self.skips, limit=self.pf.limit, max_document_bytes=self.ctx.max_document_bytes
+        )
+        info = self.ctx.tokenizer.info
+        self._writer = self.ctx.staging.writer(self.pf, info.fingerprint, info.kind)
+        self.sha256: str | None = None
+        self._small: list[pa.RecordBatch] = []  # small batches (parquet row groups) waiting to be coalesced
+        self._small_bytes = 0
+
+    # -- Sink protocol (streaming) ------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            self._check()
+            self.hasher.update(data)
+            for batch in self.decoder.feed(data):
+                self._emit(batch)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._check()
+            self._new()
+
+    def verify(self) -> None:
+        with self._lock:
+            self._check()
+            self.sha256 = self.hasher.verify()
+            for batch in self.decoder.finish():
+                self._emit(batch)
+
+    # -- local files (--no-streaming, whole parquet) -------------------------------------
+    def process_local(self, path: Path, sha: str) -> None:
+        with self._lock:
+            self._check()
+            self.sha256 = sha
+        if self.suffix == ".parquet":
+            self._parquet_local(path)  # takes the lock per row group
+            return
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                with self._lock:  # per block, so that abort() never waits for a whole file
+                    self._check()
+                    for batch in self.decoder.feed(block):
+                        self._emit(batch)
+                    if self.decoder.done:
+                        break
+        with self._lock:
+            self._check()
+            for batch in self.decoder.finish():
+                self._emit(batch)
+
+    def _parquet_local(self, path: Path) -> None:
+        try:
+            pfile = pq.ParquetFile(str(path), page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as exc:
+            self.skips.add("corrupt_file", f"{self.pf.path}: not a parquet file ({exc})")
+            return
+        for i in select_row_groups(pfile.metadata, self.pf.limit):
+            self.parquet_row_group(pfile, i)
+
+    def parquet_row_group(self, pfile: pq.ParquetFile, i: int, record_failure: bool = True) -> bool:
+        """Decode and stage row group ``i``; False if it is unreadable (counted when ``record_failure``)."""
+        with self._lock:
+            self._check()
+            first = sum(pfile.metadata.row_group(j).num_rows for j in range(i))
+            cols = [c for c in ("id", "text") if c in pfile.schema_arrow.names]
+            try:
+                table = pfile.read_row_group(i, columns=cols)
+            except (pa.ArrowException, OSError) as exc:
+                if record_failure:
+                    n = pfile.metadata.row_group(i).num_rows
+                    self.skips.add("corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=n)
+                return False
+            self._emit(parquet_batch(table, self.pf.path, first, self.skips, self.ctx.max_document_bytes))
+            return True
+
+    # -- common --------------------------------------------------------------------------
+    def _emit(self, batch: pa.RecordBatch) -> None:
+        """Tokenize and stage ``batch``; small batches (parquet row groups) are coalesced to
+        ``BATCH_BYTES`` first."""
+        if batch.num_rows:
+            self._small.append(batch)
+            self._small_bytes += batch.column("text").nbytes
+        if self._small_bytes >= BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._small:
+            return
+        if len(self._small) == 1:
+            whole = self._small[0]
+        else:
+            whole = pa.Table.from_batches(self._small).combine_chunks().to_batches()[0]
+        self._small, self._small_bytes = [], 0
+        tokens_col = self.ctx.tokenizer.tokens_column(whole.column("text"))
+        assert self._writer is not None
+        tokens = self._writer.write(whole.column("id"), whole.column("loc"), tokens_col)
+        del tokens_col
+        release_free_memory()
+        if self.ctx.on_documents:
+            self.ctx.on_documents(whole.num_rows, tokens)
+
+    def _check(self) -> None:
+        if self._aborted:
+            raise asyncio.CancelledError()
+
+    def commit(self) -> dict[str, Any]:
+        with self._lock:
+            self._check()
+            self._flush()
+            assert self._writer is not None
+            if self.skips.total:
+                for reason, examples in self.skips.examples.items():
+                    log.warning(
+                        "%s: skipped %d document(s): %s (e.g. %s)",
+                        self.pf.path,
+                        self.skips.counts[reason],
+                        reason,
+                        "; ".join(examples),
+                    )
+            rec = self._writer.commit({"sha256": self.sha256}, self.skips)
+            self._writer = None
+            return rec
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+
+
+def select_row_groups(meta: pq.FileMetaData, limit: int | None) -> list[int]:
+    """All row groups, or whole row groups while their bytes fit in ``limit`` (at least one)."""
+    if limit is None:
+        return list(range(meta.num_row_groups))
+    out: list[int] = []
+    used = 0
+    for i in range(meta.num_row_groups):
+        lo, hi = row_group_span(meta, i)
+        if out and used + (hi - lo) > limit:
+            break
+        out.append(i)
+        used += hi - lo
+        if used >= limit:
+            break
+    return out
+
+
+def row_group_span(meta: pq.FileMetaData, i: int) -> tuple[int, int]:
+    rg = meta.row_group(i)
+    lo, hi = None, 0
+    for c in range(rg.num_columns):
+        col = rg.column(c)
+        start = col.data_page_offset
+        if col.has_dictionary_page and col.dictionary_page_offset is not None and col.dictionary_page_offset > 0:
+            start = min(start, col.dictionary_page_offset)
+        lo = start if lo is None else min(lo, start)
+        hi = max(hi, start + col.total_compressed_size)
+    return (lo or 4), hi
+
+
+class SparseFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only some ranges are known (parquet over HTTP)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.parts: list[tuple[int, bytes]] = []
+        self._pos = 0
+
+    def add(self, start: int, data: bytes) -> None:
+        self.parts.append((start, data))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self.size + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self.size - self._pos
+        n = min(n, self.size - self._pos)
+        for start, data in reversed(self.parts):
+            if start <= self._pos and self._pos + n <= start + len(data):
+                out = data[self._pos - start : self._pos - start + n]
+                self._pos += n
+                return out
+        raise OSError(f"bytes {self._pos}..{self._pos + n} were not fetched")
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class RawFileSink:
+    """Writes a download to a temporary file, hashing it; ``verify`` renames it into place."""
+
+    def __init__(self, pf: PlannedFile, dest: Path):
+        self.pf = pf
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name[:64]}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in verify/discard
+        self.hasher = Hasher(pf)
+        self.sha: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.tmp)
+            raise
+        self.hasher.update(data)
+
+    def reset(self) -> None:
+        self._f.seek(0)
+        self._f.truncate()
+        self.hasher = Hasher(self.pf)
+
+    def verify(self) -> None:
+        self.sha = self.hasher.verify()
+        self._f.flush()
+        maybe_fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def raw_path(output_dir: Path, pf: PlannedFile) -> Path:
+    """Where ``--no-streaming`` keeps a verified download: ``raw/<key>/<file name>`` (repo paths
+    can be longer than a file name may be, or clash file against folder; the key never does)."""
+    name = check_repo_path(pf.path).rsplit("/", 1)[-1][-200:]
+    return output_dir / "raw" / pf.key.split("-")[0] / name
+
+
+def file_matches(path: Path, pf: PlannedFile) -> bool:
+    """``path`` holds exactly the listed file (size, then its sha256 or git blob id)."""
+    try:
+        if path.stat().st_size != pf.size:
+            return False
+        if pf.sha256:
+            return sha256_file(path) == pf.sha256
+        h = Hasher(pf)
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        h.verify()
+        return True
+    except (OSError, IntegrityError):
+        return False
+
+
+async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, Any], int | None]:
+    """Stage ``pf`` unless it is staged and intact: its completion record, and the bytes read
+    for it now (None when it was staged already)."""
+    loop = asyncio.get_running_loop()
+    rec = await loop.run_in_executor(ctx.executor, ctx.staging.checked, pf)
+    if rec is not None:
+        return rec, None
+    read = [0]
+    outer = ctx.on_bytes
+
+    def count(n: int) -> None:
+        read[0] += n
+        if outer is not None:
+            outer(n)
+
+    ctx = dataclasses.replace(ctx, on_bytes=count)
+    proc = Processor(pf, ctx)
+    try:
+        url = ctx.client.resolve_url(ctx.commit, pf.path)
+        suffix = data_suffix(pf.path) or ""
+        if not ctx.streaming or (suffix == ".parquet" and pf.whole):
+            raw, sha = await _raw(ctx, url, pf)
+            try:
+                await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
+            finally:
+                if ctx.streaming:
+                    with contextlib.suppress(OSError):
+                        raw.unlink()
+        elif suffix == ".parquet":
+            await _parquet_ranges(ctx, url, pf, proc)
+        else:
+            await stream(
+                ctx.client, url, proc, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=proc.verify
+            )
+        rec = await loop.run_in_executor(ctx.executor, proc.commit)
+        return rec, read[0]
+    except BaseException:
+        proc.abort()
+        raise
+
+
+async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
+    """The whole file on disk, verified: ``raw/...`` (kept) or a temporary (streaming)."""
+    loop = asyncio.get_running_loop()
+    if ctx.streaming:
+        dest = ctx.staging.dir / f".{pf.key}.raw"
+    else:
+        dest = raw_path(ctx.staging.dir.parent, pf)
+        if dest.exists():
+            if await loop.run_in_executor(ctx.executor, file_matches, dest, pf):
+                if ctx.on_bytes:
+                    ctx.on_bytes(pf.size)
+                return dest, pf.sha256 or pf.oid
+            log.warning("%s: the kept download in raw/ does not match the listing; fetching it again", pf.path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sink = RawFileSink(pf, dest)
+    try:
+        await stream(
+            ctx.client, url, sink, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=sink.verify
+        )
+    except BaseException:
+        sink.discard()
+        raise
+    return dest, sink.sha or ""
+
+
+async def _parquet_ranges(ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor) -> None:
+    """A parquet prefix: the footer, then only the row groups needed, by Range requests.
+
+    A prefix cannot be checked against the file's sha256, so bytes that do not decode (or fail
+    parquet's page checksums) are fetched again, twice, before they are counted as corrupt.
+    """
+    loop = asyncio.get_running_loop()
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        if await _parquet_ranges_once(ctx, url, pf, proc, final=attempt == attempts):
+            return
+        log.warning("%s: parquet bytes did not decode, fetching again [retry %d/%d]", pf.path, attempt, attempts - 1)
+        await loop.run_in_executor(ctx.executor, proc.reset)
+
+
+async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, final: bool) -> bool:
+    loop = asyncio.get_running_loop()
+    sparse = SparseFile(pf.size)
+    tail_len = min(pf.size, 64 * 1024)
+    tail = BytesSink()
+    get = functools.partial(stream, ctx.client, url, executor=ctx.executor)
+    await get(tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size)
+    data = bytes(tail.buf)
+    if len(data) < 12 or data[-4:] != b"PAR1":
+        if final:
+            proc.skips.add("corrupt_file", f"{pf.path}: not a parquet file (no PAR1 footer)")
+        return final
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    if footer_len + 8 > len(data):
+        if footer_len + 8 > pf.size:
+            if final:
+                proc.skips.add("corrupt_file", f"{pf.path}: parquet footer length {footer_len} exceeds the file")
+            return final
+        more = BytesSink()
+        await get(more, what=f"{pf.path} (footer)", start=pf.size - footer_len - 8, end=pf.size)
+        data = bytes(more.buf)
+    sparse.add(pf.size - len(data), data)
+    try:  # parsing the footer is CPU work: not on the event loop
+        pfile = await loop.run_in_executor(
+            ctx.executor, functools.partial(pq.ParquetFile, sparse, page_checksum_verification=True)
+        )
+    except (pa.ArrowException, OSError) as exc:
+        if final:
+            proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
+        return final
+    for i in select_row_groups(pfile.metadata, pf.limit):
+        lo, hi = row_group_span(pfile.metadata, i)
+        if not 0 <= lo < hi <= pf.size:
+            if final:
+                proc.skips.add("corrupt_file", f"{pf.path}: row group {i} lies outside the file")
+            return final
+        body = BytesSink()
+        await get(body, what=f"{pf.path} (row group {i})", start=lo, end=hi, on_bytes=ctx.on_bytes)
+        sparse.add(lo, bytes(body.buf))
+        if not await loop.run_in_executor(ctx.executor, proc.parquet_row_group, pfile, i, final) and not final:
+            return False
+    return True
+
+
+def planned_read_bytes(pf: PlannedFile) -> int:
+    """Bytes a task will really download for ``pf`` (progress totals): a JSON-lines prefix is
+    read whole (it is verified against the file's hash), a parquet prefix only up to its limit
+    (roughly: whole row groups plus the footer)."""
+    if pf.limit is not None and (data_suffix(pf.path) or "").endswith(".parquet"):
+        return min(pf.size, pf.limit)
+    return pf.size
+
+
+__all__ = ["Processor", "TaskContext", "file_matches", "planned_read_bytes", "raw_path", "run_file_task"]

@@ -1,0 +1,305 @@
+"""A worker: the same code everywhere (a local pool's process, an in-process thread, a Ray task).
+
+It holds one ``aiohttp.ClientSession``, the run's tokenizer and a small thread pool for CPU
+work, takes tasks from its inbox and answers on its outbox with small messages only:
+
+    in:  ("file", unit) | ("shard", k, pieces) | ("stop",)
+    out: ("ready", wid, engine) | ("progress", wid, bytes, documents, tokens)
+         | ("staged", wid, unit, record, fetched_now) | ("failed", wid, unit, reason)
+         | ("shard", wid, k, record) | ("shard_failed", wid, k, reason)
+         | ("fatal", wid, error class, message) | ("log", wid, level, message) | ("exit", wid)
+
+A file is done start to finish here (``filetask.run_file_task``); no text or ids ever cross
+the process boundary. Messages are tuples of builtins (and the shard layout's ``Piece``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import AuthError, BolmoError, DiskSpaceError, StateError, TokenizerError
+
+log = logging.getLogger("bolmo_async")
+
+#: Errors that stop the whole run (every other file would fail the same way).
+FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError, TokenizerError)
+#: Seconds between progress messages.
+PROGRESS_EVERY = 0.25
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs (picklable; sent once when it starts)."""
+
+    output_dir: str
+    files: tuple[Any, ...]  # the plan's PlannedFiles; a task names one by its index (unit)
+    repo_id: str
+    commit: str
+    endpoint: str
+    tokenizer: Any  # tokenize.TokenizerSpec
+    eos: int  # appended to each piece of a document cut across shards
+    repo_type: str = "dataset"
+    streaming: bool = True
+    retries: int = 8
+    read_timeout: float = 60.0
+    slots: int = 4  # tasks at once in one worker
+    max_document_bytes: int = 0
+    src_prefix: str = ""  # csv.gz ``src`` prefix (shard tasks)
+
+
+Send = Callable[[tuple[Any, ...]], None]
+
+
+class Worker:
+    def __init__(self, wid: int, spec: WorkerSpec, receive: Callable[[], Any], send: Send):
+        self.wid = wid
+        self.spec = spec
+        self._receive = receive
+        self._send = send
+        self._counts = [0, 0, 0]  # bytes, documents, tokens not yet reported
+        self._counts_lock = threading.Lock()
+        self._main: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_shards = threading.Event()
+
+    # -- progress ----------------------------------------------------------------------
+    def _add(self, i: int, n: int) -> None:
+        with self._counts_lock:
+            self._counts[i] += n
+
+    def _on_documents(self, documents: int, tokens: int) -> None:
+        with self._counts_lock:
+            self._counts[1] += documents
+            self._counts[2] += tokens
+
+    def _flush_progress(self) -> None:
+        with self._counts_lock:
+            counts, self._counts = self._counts, [0, 0, 0]
+        if any(counts):
+            self._send(("progress", self.wid, *counts))
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            self._flush_progress()
+
+    # -- running ---------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop now (from any thread): tasks in flight are aborted, their temporaries removed."""
+        self._stop_shards.set()
+        if self._loop is not None and self._main is not None:
+            self._loop.call_soon_threadsafe(self._main.cancel)
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._flush_progress()
+            self._send(("exit", self.wid))
+
+    async def _serve(self) -> None:
+        from .filetask import TaskContext
+        from .hub import HubClient, RetryPolicy, make_session, read_token
+        from .staging import Staging
+
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max(2, min(spec.slots, 4)), thread_name_prefix="bolmo-cpu")
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+        def read() -> None:  # a daemon thread: blocked on the inbox, it never holds up an exit
+            while True:
+                msg = self._receive()
+                loop.call_soon_threadsafe(inbox.put_nowait, msg)
+                if msg is None or msg[0] == "stop":
+                    return
+
+        threading.Thread(target=read, name="bolmo-inbox", daemon=True).start()
+        tasks: set[asyncio.Task[None]] = set()
+        reporter = asyncio.create_task(self._report())
+        try:
+            tokenizer = spec.tokenizer.build()
+            # The BPE engine builds on a thread while the first files download.
+            warm = loop.run_in_executor(executor, getattr(tokenizer, "warm", lambda: None))
+            self._send(("ready", self.wid, tokenizer.info.engine))
+            retry = RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout)
+            async with make_session(spec.slots, retry) as session:
+                client = HubClient(
+                    session,
+                    endpoint=spec.endpoint,
+                    repo_id=spec.repo_id,
+                    repo_type=spec.repo_type,
+                    token=read_token(),
+                    retry=retry,
+                )
+                ctx = TaskContext(
+                    client=client,
+                    commit=spec.commit,
+                    staging=Staging(spec.output_dir),
+                    tokenizer=tokenizer,
+                    executor=executor,
+                    streaming=spec.streaming,
+                    max_document_bytes=spec.max_document_bytes,
+                    on_bytes=lambda n: self._add(0, n),
+                    on_documents=self._on_documents,
+                )
+                while True:
+                    msg = await inbox.get()
+                    if msg is None or msg[0] == "stop":
+                        break
+                    task = asyncio.create_task(
+                        self._file(ctx, msg[1]) if msg[0] == "file" else self._shard(msg[1], msg[2], executor)
+                    )
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+                with contextlib.suppress(Exception):
+                    await warm
+        except FATAL as exc:
+            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            reporter.cancel()
+            self._stop_shards.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _file(self, ctx: Any, unit: int) -> None:
+        from .filetask import run_file_task
+
+        pf = self.spec.files[unit]
+        try:
+            with ctx.staging.unit_lock(pf) as mine:
+                if not mine:
+                    raise StateError(
+                        f"{pf.path} is being staged by another bolmo-async run in this folder right now "
+                        "(overlapping --worker shares?); it is left to that run."
+                    )
+                await asyncio.get_running_loop().run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
+                rec, read = await run_file_task(ctx, pf)
+            self._flush_progress()
+            self._send(("staged", self.wid, unit, rec, read))
+        except asyncio.CancelledError:
+            raise
+        except FATAL as exc:
+            if isinstance(exc, StateError) and "being staged by another" in str(exc):
+                self._send(("failed", self.wid, unit, str(exc)))
+                return
+            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
+            self.cancel()
+        except BolmoError as exc:
+            log.error("failed: %s", exc)
+            self._send(("failed", self.wid, unit, str(exc)))
+        except Exception as exc:  # one file's bug never stops the others; the run still exits non-zero
+            log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
+            self._send(("failed", self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
+
+    async def _shard(self, k: int, pieces: list[Any], executor: ThreadPoolExecutor) -> None:
+        from .finalizer import write_shard
+        from .staging import Staging
+
+        staging = Staging(self.spec.output_dir)
+        arrows = {p.unit: staging.arrow_path(self.spec.files[p.unit]) for p in pieces}
+        srcs = {p.unit: self.spec.src_prefix + self.spec.files[p.unit].path for p in pieces}
+        eos = self.spec.eos
+        try:
+            rec = await asyncio.get_running_loop().run_in_executor(
+                executor, write_shard, Path(self.spec.output_dir), k, pieces, arrows, srcs, eos, self._stop_shards
+            )
+            self._send(("shard", self.wid, k, rec))
+        except asyncio.CancelledError:
+            raise
+        except DiskSpaceError as exc:
+            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
+        except Exception as exc:  # finalize writes this shard again
+            self._send(("shard_failed", self.wid, k, f"{type(exc).__name__}: {exc}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a worker process
+
+
+class _Forward(logging.Handler):
+    """Log records of a worker process go to the coordinator, which shows them."""
+
+    def __init__(self, wid: int, send: Send):
+        super().__init__(logging.INFO)
+        self.wid = wid
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send(("log", self.wid, record.levelno, record.getMessage()))
+
+
+def _die_with_parent(worker: Worker) -> None:
+    """A worker never outlives its coordinator (kill -9 included): the kernel signals it when the
+    parent dies (Linux), and a watchdog thread checks the parent elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                worker.cancel()
+                time.sleep(5.0)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bolmo-watchdog", daemon=True).start()
+
+
+def process_main(wid: int, inbox: Any, outbox: Any) -> None:
+    """Entry point of a spawned worker process: imports first (meanwhile the coordinator lists
+    the repo), then waits for its ``WorkerSpec``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    from .util import prefer_system_allocator
+
+    prefer_system_allocator()
+    logging.getLogger().handlers[:] = []
+    root = logging.getLogger("bolmo_async")
+    root.handlers[:] = [_Forward(wid, outbox.put)]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    spec = inbox.get()
+    if spec is None:
+        outbox.put(("exit", wid))
+        return
+    worker = Worker(wid, spec, inbox.get, outbox.put)
+    signal.signal(signal.SIGTERM, lambda *_: worker.cancel())
+    _die_with_parent(worker)
+    try:
+        worker.run()
+    except BaseException as exc:
+        outbox.put(("fatal", wid, "WorkerError", f"worker {wid} crashed: {type(exc).__name__}: {exc}"))
+        outbox.put(("exit", wid))
+    finally:
+        outbox.close()
+        outbox.join_thread()  # every message is out
+    os._exit(0)  # no interpreter teardown: nothing left to wait for
