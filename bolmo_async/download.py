@@ -9,6 +9,9 @@
   ``Retry-After`` and the Hub's ``RateLimit: ...;t=<s>``; stalled reads time out.
 - The sink verifies the whole file (sha256 / git oid) at the end; a mismatch starts over.
 - A bounded number of attempts per file, then ``DownloadError`` with the reason.
+- A body is never longer than the listing says: more bytes than that is a broken download
+  (retried from the start, then failed), so a server that never ends a body cannot fill the
+  disk. Only http(s) redirects are followed, at most ``MAX_REDIRECTS`` per attempt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Protocol
 
+import aiohttp
 from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError
@@ -28,6 +32,7 @@ log = logging.getLogger("bolmo_async")
 
 FEED_BYTES = 1 << 20  # hand the sink about this much at a time (worker thread)
 READ_CHUNK = 256 * 1024
+MAX_REDIRECTS = 10
 
 
 class Sink(Protocol):
@@ -60,11 +65,13 @@ async def stream(
     executor: Executor | None = None,
     on_bytes: Callable[[int], None] | None = None,
     verify: Callable[[], None] | None = None,
+    size: int | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
 
-    ``verify`` runs (in the worker) after the last byte; IntegrityError from it restarts the file.
-    Returns the number of bytes fed.
+    ``size``: the file's size as listed; no more than that is ever read. ``verify`` runs (in the
+    worker) after the last byte; IntegrityError from it restarts the file. Returns the number
+    of bytes fed.
     """
     loop = asyncio.get_running_loop()
     policy = client.retry
@@ -72,7 +79,7 @@ async def stream(
     cdn_url: str | None = None
     attempt = 0
     redirects = 0
-    total: int | None = end
+    total: int | None = end if end is not None else size
 
     async def feed(data: bytes) -> None:
         nonlocal pos
@@ -91,21 +98,32 @@ async def stream(
     while True:
         target = cdn_url or url
         headers = client.headers_for(target)
-        if pos > 0 or end is not None:
+        if total is not None and pos >= total and pos > start:
+            # Every byte arrived before the connection broke: nothing to ask for, verify it.
+            headers = {}
+        elif pos > 0 or end is not None:
             headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
         buf = bytearray()
         hint = None
         failure: str
         try:
+            if not headers:  # complete already (see above)
+                await _verified(loop, executor, verify)
+                return pos - start
             async with client.session.get(
                 target, headers=headers, allow_redirects=False, timeout=policy.timeout()
             ) as r:
                 if r.status in (301, 302, 303, 307, 308):
                     loc = r.headers.get("Location")
                     redirects += 1
-                    if not loc or redirects > 10:
-                        raise DownloadError(f"{what}: bad redirect from {URL(target).host}")
-                    cdn_url = str(URL(target).join(URL(loc)))
+                    if not loc or redirects > MAX_REDIRECTS:
+                        raise DownloadError(f"{what}: too many or empty redirects from {URL(target).host}")
+                    nxt = URL(target).join(URL(loc))
+                    if nxt.scheme not in ("http", "https") or not nxt.host:
+                        raise DownloadError(
+                            f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
+                        )
+                    cdn_url = str(nxt)
                     continue
                 if r.status == 403 and cdn_url is not None:
                     failure = "signed URL refused (expired?), resolving again"
@@ -117,13 +135,13 @@ async def stream(
                 if r.status == 416:
                     raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                 if r.status not in (200, 206):
-                    err = status_error(r.status, what, await r.text(errors="replace"))
+                    err = status_error(r.status, what, await _short_text(r), r.headers)
                     if isinstance(err, AuthError):
                         raise err
                     raise DownloadError(str(err))
                 if r.status == 200 and "Range" in headers:
                     if start != 0 or end is not None:
-                        raise DownloadError(f"{what}: the server ignores HTTP Range requests; use --no-streaming")
+                        raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
                     log.info("%s: server ignored Range, starting over", what)
                     await restart()
                 if r.status == 206:
@@ -133,10 +151,15 @@ async def stream(
                     size_s = cr.rpartition("/")[2]
                     if end is None and size_s.isdigit():
                         total = int(size_s)
-                elif end is None and r.content_length is not None:
+                elif end is None and r.content_length is not None and size is None:
                     total = r.content_length
+                limit = end if end is not None else size
                 async for chunk in r.content.iter_chunked(READ_CHUNK):
                     buf += chunk
+                    if limit is not None and pos + len(buf) > limit:
+                        buf.clear()
+                        await restart()
+                        raise _Retry(f"the body is longer than the {limit - start} bytes listed")
                     if len(buf) >= FEED_BYTES:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)
@@ -145,12 +168,11 @@ async def stream(
                     await feed(data)
                 if total is not None and pos < total:
                     raise _Retry(f"body cut short at byte {pos} of {total}")
-            if verify is not None:
-                try:
-                    await loop.run_in_executor(executor, verify)
-                except IntegrityError as exc:
-                    await restart()
-                    raise _Retry(str(exc)) from exc
+            try:
+                await _verified(loop, executor, verify)
+            except IntegrityError as exc:
+                await restart()
+                raise _Retry(str(exc)) from exc
             return pos - start
         except _Retry as exc:
             failure = str(exc)
@@ -161,6 +183,7 @@ async def stream(
             if buf:
                 await feed(bytes(buf))
         attempt += 1
+        redirects = 0  # the redirect budget is per attempt
         if attempt >= policy.max_attempts:
             raise DownloadError(f"{what}: gave up after {attempt} attempts; last error: {failure}")
         delay = policy.delay(attempt, hint)
@@ -176,8 +199,28 @@ async def stream(
         await asyncio.sleep(delay)
 
 
+async def _verified(
+    loop: asyncio.AbstractEventLoop, executor: Executor | None, verify: Callable[[], None] | None
+) -> None:
+    if verify is not None:
+        await loop.run_in_executor(executor, verify)
+
+
+async def _short_text(r: aiohttp.ClientResponse) -> str:
+    """The start of an error body, as one line (an HTML page must not flood the terminal)."""
+    try:
+        data = await r.content.read(2000)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return ""
+    return " ".join(data.decode("utf-8", "replace").split())[:200]
+
+
 class _Retry(Exception):
     pass
 
 
-__all__ = ["BytesSink", "Sink", "stream"]
+class RangeIgnored(DownloadError):
+    """The server answered a Range request with the whole body."""
+
+
+__all__ = ["BytesSink", "RangeIgnored", "Sink", "stream"]

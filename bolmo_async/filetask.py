@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, LineDecoder, parquet_batch
-from .download import BytesSink, stream
+from .download import BytesSink, RangeIgnored, stream
 from .errors import IntegrityError
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
@@ -392,10 +392,29 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, An
                     with contextlib.suppress(OSError):
                         raw.unlink()
         elif suffix == ".parquet":
-            await _parquet_ranges(ctx, url, pf, proc)
+            try:
+                await _parquet_ranges(ctx, url, pf, proc)
+            except RangeIgnored:
+                # A server without Range support (some mirrors): the whole file, verified, then
+                # the same row groups from it.
+                log.info("%s: the server ignores Range requests; reading the whole file", pf.path)
+                await loop.run_in_executor(ctx.executor, proc.reset)
+                raw, sha = await _raw(ctx, url, pf)
+                try:
+                    await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
+                finally:
+                    with contextlib.suppress(OSError):
+                        raw.unlink()
         else:
             await stream(
-                ctx.client, url, proc, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=proc.verify
+                ctx.client,
+                url,
+                proc,
+                what=pf.path,
+                executor=ctx.executor,
+                on_bytes=ctx.on_bytes,
+                verify=proc.verify,
+                size=pf.size,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
         return rec, read[0]

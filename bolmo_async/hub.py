@@ -109,16 +109,25 @@ def retry_hint(headers: Any) -> float | None:
     return None
 
 
-def status_error(status: int, what: str, body: str = "") -> HubError:
-    """Translate an HTTP status into our error, with the fix in the message."""
+def status_error(status: int, what: str, body: str = "", headers: Any = None) -> HubError:
+    """Translate an HTTP status into our error, with the fix in the message. The Hub (and
+    mirrors such as olah) answer 401 for a repo or revision that does not exist, saying so in
+    ``X-Error-Code``; that is "not found", not a token problem."""
+    body = " ".join(body.split())[:200]
+    code = (headers or {}).get("X-Error-Code", "") if headers is not None else ""
+    if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound"):
+        hint = "" if code != "RepoNotFound" else " (a private or gated repo also answers this without a valid HF_TOKEN)"
+        return NotFoundError(
+            f"{what}: not found ({code}, HTTP {status}){hint}. Check --repo-id, --revision and --endpoint."
+        )
     if status in (401, 403):
         return AuthError(
             f"{what}: HTTP {status} (not authorised). Set HF_TOKEN (or run `hf auth login`) with a token "
             "that can read this repo, and accept the dataset's terms on its Hub page if it is gated."
         )
     if status == 404:
-        return NotFoundError(f"{what}: not found (HTTP 404). Check --repo-id, --revision and --endpoint. {body[:200]}")
-    return HubError(f"{what}: HTTP {status}. {body[:200]}")
+        return NotFoundError(f"{what}: not found (HTTP 404). Check --repo-id, --revision and --endpoint.")
+    return HubError(f"{what}: HTTP {status} from the endpoint ({body[:120]}). Check --endpoint, or try again later.")
 
 
 class HubClient:
@@ -196,11 +205,13 @@ class HubClient:
                 if r.status in RETRY_STATUSES:
                     raise RetryableStatus(r.status, r.headers)
                 if r.status != 200:
-                    raise status_error(r.status, what, await r.text(errors="replace"))
+                    raise status_error(
+                        r.status, what, (await r.content.read(2000)).decode("utf-8", "replace"), r.headers
+                    )
                 try:
                     return await r.json(content_type=None), r.headers
-                except ValueError as exc:
-                    raise HubError(f"{what}: the endpoint did not answer JSON; is --endpoint a Hub?") from exc
+                except (ValueError, RecursionError) as exc:
+                    raise HubError(f"{what}: {self.endpoint} did not answer JSON; is --endpoint a Hub?") from exc
 
         return await self.with_retries(what, once)
 
@@ -215,29 +226,75 @@ class HubClient:
         return sha
 
     async def list_files(self, commit: str) -> list[RepoFile]:
-        """Every file of the repo at ``commit`` (recursive tree listing, all pages)."""
+        """Every file of the repo at ``commit`` (recursive tree listing, all pages).
+
+        The listing is untrusted: hostile paths are refused, malformed entries are a clear
+        error, a path listed twice is kept once (twice with different content is refused), an
+        entry that cannot be verified (no oid, no LFS hash) is refused, and pagination is
+        bounded (a repeated next page or more than ``MAX_PAGES`` pages stops it)."""
         url: str | None = self._api("tree", quote(commit, safe="")) + "?recursive=true&expand=false"
-        out: list[RepoFile] = []
+        where = f"{self.repo_id}@{commit[:8]}"
+        found: dict[str, RepoFile] = {}
+        seen_urls: set[str] = set()
         pages = 0
         while url:
-            data, headers = await self._get_json(url, f"listing {self.repo_id}@{commit[:8]}")
+            if url in seen_urls or pages >= MAX_PAGES:
+                raise HubError(
+                    f"the listing of {where} at {self.endpoint} does not end (page {pages + 1} repeats an earlier one, "
+                    f"or more than {MAX_PAGES} pages); is --endpoint a Hub-compatible server?"
+                )
+            seen_urls.add(url)
+            data, headers = await self._get_json(url, f"listing {where}")
             pages += 1
             if not isinstance(data, list):
-                raise HubError(f"unexpected tree listing from {self.endpoint}: not a list")
+                raise HubError(f"unexpected tree listing from {self.endpoint}: not a list; is --endpoint a Hub?")
             for item in data:
                 if not isinstance(item, dict) or item.get("type") != "file":
                     continue
-                path = check_repo_path(str(item.get("path", "")))
-                lfs = item.get("lfs") or {}
-                sha256 = lfs.get("oid") or lfs.get("sha256")
-                out.append(
-                    RepoFile(path=path, size=int(item.get("size", 0)), oid=str(item.get("oid", "")), sha256=sha256)
-                )
+                f = _listed_file(item, self.endpoint)
+                prev = found.get(f.path)
+                if prev is not None and prev != f:
+                    raise HubError(
+                        f"the listing of {where} names {f.path} twice with different contents; refusing an ambiguous listing."
+                    )
+                found[f.path] = f
             url = _next_link(headers.get("Link"))
-            if url and URL(url).origin() != self._origin:
-                raise HubError(f"the listing's next page points to another host ({URL(url).host}); refusing to follow")
-        log.debug("listed %d files in %d pages", len(out), pages)
-        return out
+            if url:
+                url = str(URL(self.endpoint).join(URL(url)))
+                if URL(url).origin() != self._origin:
+                    raise HubError(
+                        f"the listing's next page points to another host ({URL(url).host}); refusing to follow"
+                    )
+        log.debug("listed %d files in %d pages", len(found), pages)
+        return list(found.values())
+
+
+#: Pages of a tree listing at most (1000 entries each on the Hub).
+MAX_PAGES = 100_000
+
+
+def _listed_file(item: dict[str, Any], endpoint: str) -> RepoFile:
+    """One ``type: file`` entry of a tree listing, checked."""
+    raw_path = item.get("path")
+    path = check_repo_path(raw_path if isinstance(raw_path, str) else "")
+    size, oid, lfs = item.get("size"), item.get("oid"), item.get("lfs")
+    if lfs is not None and not isinstance(lfs, dict):
+        raise HubError(
+            f"the listing entry of {path} has a malformed 'lfs' field ({type(lfs).__name__}); is {endpoint} a Hub?"
+        )
+    sha256 = (lfs or {}).get("oid") or (lfs or {}).get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise HubError(f"the listing entry of {path} has no valid size ({size!r}); is {endpoint} a Hub?")
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise HubError(f"the listing entry of {path} has a malformed LFS sha256 ({sha256!r}); is {endpoint} a Hub?")
+    if not isinstance(oid, str) or not re.fullmatch(r"[0-9a-f]{40}", oid):
+        if sha256 is None:
+            raise HubError(
+                f"the listing entry of {path} has neither a git oid nor an LFS sha256, so the download could not be "
+                f"verified; refusing it. Is {endpoint} a Hub-compatible server?"
+            )
+        oid = ""
+    return RepoFile(path=path, size=size, oid=oid, sha256=sha256)
 
 
 class RetryableStatus(Exception):

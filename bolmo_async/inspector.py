@@ -26,40 +26,60 @@ def read_index(csv_path: str | os.PathLike[str]) -> list[tuple[int, int, str, st
 
 
 def inspect_dir(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True) -> dict[str, Any]:
+    """Check the output folder ``output_dir`` itself (also a copy or a moved folder): each shard
+    the manifest names, looked up in this folder, against its recorded size and sha256;
+    ``data_sources.txt`` against the folder. ``problems`` is empty when all is well."""
     out = Path(output_dir).resolve()
+    if not out.is_dir():
+        raise StateError(f"{out} does not exist or is not a folder: pass the --output-dir of a finished run.")
     mpath = out / MANIFEST
     if not mpath.exists():
-        raise StateError(f"{out} has no {MANIFEST}: run `bolmo-async finalize --output-dir {out}` first.")
-    manifest = json.loads(mpath.read_text())
+        raise StateError(
+            f"{out} has no {MANIFEST}: no finalize has finished here yet; run `bolmo-async finalize --output-dir {out}`."
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+        shards = manifest["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateError(
+            f"{mpath} is unreadable ({exc}); run `bolmo-async finalize --output-dir {out}` again."
+        ) from exc
     problems: list[str] = []
     rows = []
-    for s in manifest["shards"]:
-        p = Path(s["path"])
-        row = {"path": p.name, "tokens": s["tokens"], "documents": s["documents"], "ok": True}
-        if not p.exists():
-            problems.append(f"{p} is missing")
-            row["ok"] = False
-        elif p.stat().st_size != 4 * s["tokens"]:
-            problems.append(f"{p} holds {p.stat().st_size // 4} tokens, the manifest says {s['tokens']}")
-            row["ok"] = False
+    refinalize = f"run `bolmo-async finalize --output-dir {out}` (it rewrites what is wrong from the staging)"
+    for s in shards:
+        p = out / Path(s["path"]).name  # this folder's shard, wherever the manifest was written
+        csv_path = out / Path(s["csv"]).name
+        mine: list[str] = []
+        size = p.stat().st_size if p.exists() else -1
+        if size < 0:
+            mine.append(f"{p} is missing: {refinalize}")
+        elif size % 4:
+            mine.append(f"{p} is {size} bytes, not a whole number of uint32 tokens (truncated?): {refinalize}")
+        elif size != 4 * s["tokens"]:
+            mine.append(f"{p} holds {size // 4} tokens, the manifest says {s['tokens']}: {refinalize}")
         elif verify and sha256_file(p) != s["sha256"]:
-            problems.append(f"{p}: sha256 differs from the manifest")
-            row["ok"] = False
-        if not Path(s["csv"]).exists():
-            problems.append(f"{s['csv']} is missing")
-            row["ok"] = False
-        rows.append(row)
+            mine.append(f"{p}: sha256 differs from the manifest: {refinalize}")
+        if not csv_path.exists():
+            mine.append(f"{csv_path} is missing: {refinalize}")
+        problems += mine
+        rows.append({"path": p.name, "tokens": s["tokens"], "documents": s["documents"], "ok": not mine})
     ds = out / DATA_SOURCES
     listed: list[str] = []
+    expected = [str(out / Path(s["path"]).name) for s in shards]
     if not ds.exists():
-        problems.append(f"{ds} is missing")
+        why = "the output is incomplete" if not manifest.get("complete", True) else "it was removed"
+        problems.append(f"{ds} is missing ({why}): {refinalize}")
     else:
         listed = [line for line in ds.read_text().splitlines() if line.strip()]
-        for line in listed:
-            if not os.path.isabs(line) or not Path(line).exists():
-                problems.append(f"data_sources.txt lists {line!r}, which does not exist or is not absolute")
-        if sorted(listed) != sorted(s["path"] for s in manifest["shards"]):
-            problems.append("data_sources.txt and the manifest list different shards")
+        outside = [line for line in listed if not line.startswith(str(out) + os.sep)]
+        if outside:
+            problems.append(
+                f"data_sources.txt points outside {out} (e.g. {outside[0]}): the folder was moved or copied; "
+                f"{refinalize} to write it for this place"
+            )
+        elif sorted(listed) != sorted(expected):
+            problems.append(f"data_sources.txt and the manifest list different shards: {refinalize}")
     docs: list[dict[str, Any]] = []
     if decode > 0:
         docs = _decode(out, manifest, decode)
@@ -82,8 +102,8 @@ def _decode(out: Path, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]
     eos = tok["eos_token_id"]
     docs: list[dict[str, Any]] = []
     for s in manifest["shards"]:
-        arr = np.memmap(s["path"], dtype=np.uint32, mode="r")
-        for start, end, doc_id, src, loc in read_index(s["csv"]):
+        arr = np.memmap(out / Path(s["path"]).name, dtype=np.uint32, mode="r")
+        for start, end, doc_id, src, loc in read_index(out / Path(s["csv"]).name):
             ids = np.asarray(arr[start:end])
             if len(ids) and ids[-1] == eos:
                 ids = ids[:-1]

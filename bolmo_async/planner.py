@@ -138,9 +138,17 @@ def disk_needed(
     return int(need)
 
 
+def _digest(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_plan(plan: Plan, output_dir: str | os.PathLike[str]) -> Path:
+    """``plan.json``, with its own digest: an edited file list, limit or endpoint is noticed."""
     path = Path(output_dir) / PLAN_FILE
-    atomic_write_text(path, json.dumps(plan.to_json(), indent=1, sort_keys=True) + "\n")
+    data = plan.to_json()
+    data["digest"] = _digest(data)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -150,8 +158,15 @@ def load_plan(output_dir: str | os.PathLike[str]) -> Plan | None:
         return None
     try:
         data: Any = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        if data.get("digest") != _digest(data):
+            raise StateError(
+                f"{path} does not match its own digest: it was edited by hand or written by an older version. "
+                "Rerun with --force to plan again (staged files of the same plan are fetched again)."
+            )
         return Plan.from_json(data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise StateError(f"{path} is not a readable plan ({exc}); delete it or rerun with --force.") from exc
 
 

@@ -79,6 +79,7 @@ class _Member:
         self.worker: Worker | None = None
         self.tasks: set[tuple[str, int]] = set()
         self.exited = False
+        self.ready = False
 
     def alive(self) -> bool:
         if self.exited:
@@ -198,6 +199,7 @@ class Pool:
         elif kind == "log":
             log.log(msg[2], "%s", msg[3])
         elif kind == "ready":
+            member.ready = True
             result.engines.add(msg[2])
         elif kind == "staged":
             unit, rec, read = msg[2], msg[3], msg[4]
@@ -240,6 +242,12 @@ class Pool:
         n = 0
         code = member.process.exitcode if member.process is not None else None
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
+        if not member.ready and member.process is not None and not member.exited:
+            raise WorkerError(
+                f"worker process {member.wid} ended before it started ({how}). If you call bolmo_async from a "
+                'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
+                "pass processes=1; otherwise rerun with BOLMO_ASYNC_DEBUG=1 and report its output."
+            )
         for kind, i in sorted(member.tasks):
             if kind == "file":
                 result.failed[self._spec.files[i].path] = f"its worker process died ({how}); rerun to fetch it again"

@@ -10,8 +10,10 @@ It implements what huggingface_hub and our fetcher call:
   LFS files answer 302 to a second listener standing in for the CDN, with a signed URL that
   expires like the Hub's.
 
-Paths are looked up in the index built at start-up, never joined to the folder, so nothing
-outside the folder can be served. The commit sha is derived from the folder's content.
+Paths are looked up in the index built at start-up, never joined to the folder, and symbolic
+links are neither indexed nor followed (files are opened with ``O_NOFOLLOW`` and checked to
+be inside the folder again when served), so nothing outside the folder can be served. The
+commit sha is derived from the folder's content.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ class Entry:
     lfs: bool
 
 
+def _inside(root: Path, path: str) -> bool:
+    """``path`` resolves to a regular file inside ``root`` (no link leads out)."""
+    real = os.path.realpath(path)
+    return real.startswith(str(root) + os.sep) and os.path.isfile(real)
+
+
+def _open_inside(root: Path, path: str) -> Any:
+    """Open a served file, refusing a symbolic link (also one put there after start-up)."""
+    if not _inside(root, path):
+        raise FileNotFoundError(path)
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+
+
 def _hash_file(path: str) -> tuple[str, str, int]:
     size = os.path.getsize(path)
     git = hashlib.sha1(f"blob {size}\0".encode())
@@ -75,10 +90,11 @@ class MirrorRepo:
         self.files: dict[str, Entry] = {}
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
                 abspath = os.path.join(dirpath, name)
+                if name.startswith(".") or os.path.islink(abspath) or not _inside(self.root, abspath):
+                    continue
                 rel = os.path.relpath(abspath, self.root).replace(os.sep, "/")
                 oid, sha, size = _hash_file(abspath)
                 lfs = rel.lower().endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
@@ -397,6 +413,34 @@ class Mirror:
         if request.method == "HEAD":
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
+        try:
+            f = _open_inside(self._root_of(entry), entry.abspath)
+        except OSError:
+            return web.Response(status=404, text="not found")
+        try:
+            return await self._send(request, f, entry, headers, status, start, length, fault)
+        except (ConnectionResetError, ConnectionError):  # the client went away: nothing to report
+            return web.Response(status=499)
+        finally:
+            f.close()
+
+    def _root_of(self, entry: Entry) -> Path:
+        for repo in self.repos.values():
+            if repo.files.get(entry.path) is entry:
+                return repo.root
+        return Path(os.path.dirname(entry.abspath))
+
+    async def _send(
+        self,
+        request: web.Request,
+        f: Any,
+        entry: Entry,
+        headers: dict[str, str],
+        status: int,
+        start: int,
+        length: int,
+        fault: str | None,
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
         await resp.prepare(request)
@@ -404,39 +448,38 @@ class Mirror:
         sent = 0
         stop_at = length // 2 if fault in ("reset", "cut") else None
         stall_at = length // 2 if fault == "stall" else None
-        with open(entry.abspath, "rb") as f:
-            f.seek(start)
-            while sent < length:
-                n = min(CHUNK, length - sent)
-                for cut in (stop_at, stall_at):
-                    if cut is not None:
-                        n = min(n, max(1, cut - sent))
-                block = await loop.run_in_executor(None, f.read, n)
-                if not block:
-                    break
-                if fault == "corrupt" and sent <= length // 2 < sent + len(block):
-                    i = length // 2 - sent
-                    block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1 :]
-                if fault == "trickle" and sent < 64 * 1024:
-                    assert self.faults is not None
-                    for j in range(0, len(block), 4096):
-                        await resp.write(block[j : j + 4096])
-                        await asyncio.sleep(self.faults.trickle_delay)
-                else:
-                    await resp.write(block)
-                sent += len(block)
-                if stall_at is not None and sent >= stall_at:
-                    assert self.faults is not None
-                    stall_at = None
-                    await asyncio.sleep(self.faults.stall_seconds)
-                if stop_at is not None and sent >= stop_at:
-                    transport = request.transport
-                    if transport is not None:
-                        if fault == "reset":
-                            transport.abort()
-                        else:
-                            transport.close()
-                    return resp
+        f.seek(start)
+        while sent < length:
+            n = min(CHUNK, length - sent)
+            for cut in (stop_at, stall_at):
+                if cut is not None:
+                    n = min(n, max(1, cut - sent))
+            block = await loop.run_in_executor(None, f.read, n)
+            if not block:
+                break
+            if fault == "corrupt" and sent <= length // 2 < sent + len(block):
+                i = length // 2 - sent
+                block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1 :]
+            if fault == "trickle" and sent < 64 * 1024:
+                assert self.faults is not None
+                for j in range(0, len(block), 4096):
+                    await resp.write(block[j : j + 4096])
+                    await asyncio.sleep(self.faults.trickle_delay)
+            else:
+                await resp.write(block)
+            sent += len(block)
+            if stall_at is not None and sent >= stall_at:
+                assert self.faults is not None
+                stall_at = None
+                await asyncio.sleep(self.faults.stall_seconds)
+            if stop_at is not None and sent >= stop_at:
+                transport = request.transport
+                if transport is not None:
+                    if fault == "reset":
+                        transport.abort()
+                    else:
+                        transport.close()
+                return resp
         await resp.write_eof()
         return resp
 

@@ -1,0 +1,382 @@
+"""Hostile input: one bad record, file or server never stops the run, and nothing grows unbounded.
+
+HTTP cases run against real in-process aiohttp servers that misbehave on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from aiohttp import web
+
+import bolmo_async
+from bolmo_async.decode import LineDecoder, parquet_batch
+from bolmo_async.download import BytesSink, stream
+from bolmo_async.errors import DownloadError, FetchIncomplete, HubError, NotFoundError, StateError
+from bolmo_async.filetask import raw_path
+from bolmo_async.hub import HubClient, RetryPolicy, make_session
+from bolmo_async.mirror import MirrorRepo, MirrorThread
+from bolmo_async.models import DEFAULT_REPO_ID, PlannedFile, SkipCounter
+
+FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout=5)
+
+
+def _decode(data: bytes, suffix: str = ".jsonl", **kw) -> tuple[list[pa.RecordBatch], SkipCounter]:
+    skips = SkipCounter()
+    dec = LineDecoder("f" + suffix, suffix, skips, **kw)
+    out = dec.feed(data) + dec.finish()
+    return out, skips
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_a_counted_skip(tmp_path):
+    texts = [b"good one", b"bad \xff\xfe bytes", b"good two"]
+    ends = [0]
+    for t in texts:
+        ends.append(ends[-1] + len(t))
+    offsets = pa.array(ends, pa.int32()).buffers()[1]
+    col = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"".join(texts))])  # unvalidated
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": col}), tmp_path / "x.parquet")
+    skips = SkipCounter()
+    batch = parquet_batch(pq.read_table(tmp_path / "x.parquet"), "x.parquet", 0, skips)
+    assert batch.column("text").to_pylist() == ["good one", "good two"]
+    assert skips.counts == {"invalid_utf8": 1} and skips.examples["invalid_utf8"] == ["x.parquet:row 2"]
+
+
+def test_any_field_type_in_parquet_is_counted_not_fatal():
+    table = pa.table({"id": [1, 2, 3], "text": [1.5, None, 3.0]})
+    skips = SkipCounter()
+    assert parquet_batch(table, "p", 0, skips).num_rows == 0
+    assert skips.counts == {"text_not_string": 2, "missing_text": 1}
+
+
+def test_deeply_nested_json_next_to_a_slow_line_is_a_counted_skip():
+    deep = '{"id": "d", "text": "x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    lines = [deep, '{"id": "n", "text": null}', '{"id": "ok", "text": "kept"}']
+    out, skips = _decode("\n".join(lines).encode())
+    assert [t for b in out for t in b.column("text").to_pylist()] == ["kept"]
+    assert skips.counts == {"json_too_deep": 1, "text_not_string": 1}
+
+
+def test_a_line_over_the_document_cap_is_skipped_without_being_held():
+    big = json.dumps({"id": "big", "text": "y" * 300_000})
+    data = "\n".join(
+        [json.dumps({"id": "a", "text": "before"}), big, json.dumps({"id": "b", "text": "after"})]
+    ).encode()
+    for chunk in (len(data), 1000, 7):  # the same whatever the chunking
+        skips = SkipCounter()
+        dec = LineDecoder("f.jsonl", ".jsonl", skips, max_document_bytes=100_000)
+        out = [b for i in range(0, len(data), chunk) for b in dec.feed(data[i : i + chunk])] + dec.finish()
+        assert [(b.column("id").to_pylist(), b.column("loc").to_pylist()) for b in out if b.num_rows] in (
+            [(["a"], [1]), (["b"], [3])],
+            [(["a", "b"], [1, 3])],
+        )
+        assert skips.counts == {"document_too_large": 1} and skips.examples["document_too_large"] == ["f.jsonl:2"]
+        assert len(dec._pending) <= 100_000 + 65536
+
+
+def test_a_json_array_file_is_refused_loudly():
+    from bolmo_async.errors import DecodeError
+
+    with pytest.raises(DecodeError, match="JSON array"):
+        _decode(b'[{"id": "a", "text": "x"},\n {"id": "b", "text": "y"}]', suffix=".json")
+    out, _ = _decode(b'{"id": "a", "text": "x"}', suffix=".json")  # one object per line is fine
+    assert out[0].num_rows == 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_damaged_streams_decode_the_same_whatever_the_chunking(suffix):
+    """A damaged compressed stream gives the same documents however the network chunked it."""
+    import random
+
+    words = random.Random(1)
+    lines = [
+        json.dumps({"id": str(i), "text": " ".join(f"{words.getrandbits(24):x}" for _ in range(40))})
+        for i in range(3000)
+    ]
+    raw = "\n".join(lines).encode()
+    if suffix.endswith(".zst"):
+        comp = zstandard.ZstdCompressor(level=3).compress(raw)
+    else:
+        c = zlib.compressobj(6, zlib.DEFLATED, 31)
+        comp = c.compress(raw) + c.flush()
+    assert len(comp) > 4 * 65536  # several decompression slices
+    damaged = bytearray(comp)
+    mid = len(comp) // 2
+    damaged[mid : mid + 64] = bytes(64)
+    results = set()
+    rng = random.Random(0)
+    for chunk in [len(damaged), 1 << 20, 1_000_003, 300_007, 4096, 777]:
+        for jitter in (False, True):
+            skips = SkipCounter()
+            dec = LineDecoder("f" + suffix, suffix, skips)
+            out: list[pa.RecordBatch] = []
+            i = 0
+            while i < len(damaged):
+                n = rng.randint(1, 2 * chunk) if jitter else chunk
+                out += dec.feed(bytes(damaged[i : i + n]))
+                i += n
+            out += dec.finish()
+            ids = tuple(x for b in out for x in b.column("id").to_pylist())
+            results.add((ids, tuple(sorted(skips.counts))))
+    assert len(results) == 1
+    ((ids, reasons),) = results
+    assert 0 < len(ids) < 3000 and reasons and set(reasons) <= {"corrupt_stream", "truncated_stream", "invalid_json"}
+
+
+def test_long_or_clashing_repo_paths_get_safe_raw_names(tmp_path):
+    long_name = "d/" + "x" * 300 + ".jsonl.zst"
+    pf = PlannedFile(long_name, "d", 10, "0" * 40, None)
+    p = raw_path(tmp_path, pf)
+    assert len(p.name) <= 200 and p.parent.parent == tmp_path / "raw"
+    # a file named like another file's folder: different keys, different folders
+    a, b = PlannedFile("a", ".", 1, "0" * 40, None), PlannedFile("a/b.jsonl", "a", 1, "0" * 40, None)
+    assert raw_path(tmp_path, a).parent != raw_path(tmp_path, b).parent
+
+
+# -- misbehaving servers ------------------------------------------------------------------
+
+
+def _tree(files: list[dict], link: str | None = None):
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"Link": link} if link else {}
+        return web.json_response(files, headers=headers)
+
+    return handler
+
+
+async def _client(server, session) -> HubClient:
+    return HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=FAST)
+
+
+async def test_a_body_that_never_ends_is_capped_at_the_listed_size(aiohttp_server):
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(10_000):
+            await resp.write(b"x" * 65536)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/f", endless)
+    server = await aiohttp_server(app)
+    sink = BytesSink()
+    seen = []
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(DownloadError, match="longer than"):
+            await stream(client, str(server.make_url("/f")), sink, what="f", size=52, on_bytes=seen.append)
+    assert len(sink.buf) <= 52 and sum(seen) <= 52
+
+
+async def test_a_listing_whose_next_page_is_itself_stops(aiohttp_server):
+    app = web.Application()
+    calls = []
+
+    async def tree(request: web.Request) -> web.Response:
+        calls.append(1)
+        return web.json_response([], headers={"Link": f'<{request.url}>; rel="next"'})
+
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(HubError, match="does not end"):
+            await client.list_files("0" * 40)
+    assert len(calls) <= 2
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"type": "file", "path": "a.jsonl", "size": 3, "oid": "0" * 40, "lfs": "nope"}, "malformed 'lfs'"),
+        ({"type": "file", "path": "a.jsonl", "size": "abc", "oid": "0" * 40}, "no valid size"),
+        ({"type": "file", "path": "a.jsonl", "size": 3}, "neither a git oid nor an LFS sha256"),
+        ({"type": "file", "path": ["x"], "size": 3, "oid": "0" * 40}, "unsafe path"),
+    ],
+)
+async def test_malformed_listing_entries_are_clear_errors(aiohttp_server, entry, match):
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", _tree([entry]))
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(HubError, match=match):
+            await client.list_files("0" * 40)
+
+
+async def test_a_path_listed_twice_is_planned_once(aiohttp_server):
+    e = {"type": "file", "path": "d/a.jsonl", "size": 3, "oid": "1" * 40}
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", _tree([e, dict(e)]))
+    app.router.add_get("/api/datasets/c/d/tree/{rev}", _tree([e, {**e, "oid": "2" * 40}]))
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        assert [f.path for f in await client.list_files("0" * 40)] == ["d/a.jsonl"]
+        other = HubClient(session, endpoint=client.endpoint, repo_id="c/d", retry=FAST)
+        with pytest.raises(HubError, match="twice with different contents"):
+            await other.list_files("0" * 40)
+
+
+async def test_only_http_redirects_are_followed(aiohttp_server):
+    app = web.Application()
+
+    async def to_file(request: web.Request) -> web.Response:
+        raise web.HTTPFound("file:///etc/passwd")
+
+    app.router.add_get("/f", to_file)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(DownloadError, match="not http"):
+            await stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10)
+
+
+async def test_a_connection_broken_after_the_last_byte_is_verified_not_refetched(aiohttp_server):
+    """The body is complete but the connection breaks before the response ends: the file is
+    verified as it is (no `Range: bytes=size-` that would get 416)."""
+    body = b"0123456789" * 100
+    requests = []
+
+    async def short(request: web.Request) -> web.StreamResponse:
+        requests.append(request.headers.get("Range"))
+        resp = web.StreamResponse(headers={"Content-Length": str(len(body) + 50)})
+        await resp.prepare(request)
+        await resp.write(body)
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/f", short)
+    server = await aiohttp_server(app)
+    sink = BytesSink()
+    verified = []
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        await stream(
+            client, str(server.make_url("/f")), sink, what="f", size=len(body), verify=lambda: verified.append(1)
+        )
+    assert bytes(sink.buf) == body and verified == [1] and requests == [None]
+
+
+async def test_repo_not_found_answered_with_401_says_not_found(aiohttp_server):
+    app = web.Application()
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.Response(status=401, text="<html>" + "x" * 5000, headers={"X-Error-Code": "RepoNotFound"})
+
+    app.router.add_get("/api/datasets/a/b/revision/{rev}", missing)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(NotFoundError, match="RepoNotFound") as info:
+            await client.resolve_commit("nope")
+    assert "HF_TOKEN" in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_server_ignoring_range_still_gives_parquet_prefixes(repos, tmp_path):
+    """A mirror that ignores Range (olah does): parquet prefixes are read from the whole file,
+    and the shards equal those of a Range-capable server."""
+    import asyncio
+    import threading
+
+    import aiohttp
+
+    with MirrorThread(repos) as m:
+        want = bolmo_async.prepare(tmp_path / "a", endpoint=m.endpoint, data_fraction=0.3, progress=False)
+
+        async def proxy(request: web.Request) -> web.StreamResponse:
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("range", "host")}
+            async with (
+                aiohttp.ClientSession(auto_decompress=False) as s,
+                s.get(m.endpoint + str(request.rel_url), headers=headers, allow_redirects=True) as r,
+            ):
+                body = await r.read()
+                keep = {k: v for k, v in r.headers.items() if k.lower() in ("content-type", "link", "x-repo-commit")}
+                return web.Response(status=r.status, body=body, headers=keep)
+
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", proxy)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        t = threading.Thread(target=loop.run_forever, daemon=True)
+        t.start()
+        try:
+            got = bolmo_async.prepare(
+                tmp_path / "b", endpoint=f"http://127.0.0.1:{port}", data_fraction=0.3, progress=False
+            )
+        finally:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            t.join(5)
+            loop.close()
+    assert any(
+        f["limit"]
+        for f in json.loads((tmp_path / "b" / "plan.json").read_text())["files"]
+        if f["path"].endswith(".parquet")
+    )
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
+
+
+def _repo_with(tmp_path: Path, files: dict[str, bytes]) -> MirrorRepo:
+    d = tmp_path / "repo"
+    for rel, data in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    return MirrorRepo(DEFAULT_REPO_ID, d)
+
+
+def test_a_bad_file_fails_alone_and_the_run_says_so(tmp_path):
+    good = "\n".join(json.dumps({"id": str(i), "text": f"doc {i}"}) for i in range(50)).encode()
+    repo = _repo_with(tmp_path, {"data/a/good.jsonl": good, "data/b/array.json": b'[{"id": "x", "text": "y"}]'})
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m, pytest.raises(FetchIncomplete) as info:
+        bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=1.0, progress=False)
+    assert list(info.value.failed) == ["data/b/array.json"] and "JSON array" in str(info.value)
+    assert not (out / "data_sources.txt").exists()
+    assert len(list((out / "staging").glob("*.arrow"))) == 1  # the good file is staged
+
+
+def test_a_run_with_no_documents_never_ends_with_an_empty_data_sources(tmp_path):
+    repo = _repo_with(tmp_path, {"data/a/bad.jsonl": b'not json\n{"id": "x"}\n{"text": ""}\n'})
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m, pytest.raises(StateError, match="no documents"):
+        bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=1.0, progress=False)
+    assert not (out / "data_sources.txt").exists()
+
+
+def test_the_mirror_never_serves_outside_its_folder(tmp_path):
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"id": "s", "text": "outside"}\n')
+    repo_dir = tmp_path / "repo" / "data"
+    repo_dir.mkdir(parents=True)
+    (repo_dir / "ok.jsonl").write_text('{"id": "a", "text": "inside"}\n')
+    os.symlink(secret, repo_dir / "link.jsonl")
+    os.symlink(tmp_path, repo_dir / "up")
+    repo = MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")
+    assert sorted(repo.files) == ["data/ok.jsonl"]
+    # a link put in place of a listed file after start-up is not followed either
+    with MirrorThread([repo]) as m:
+        import urllib.request
+
+        url = f"{m.endpoint}/datasets/{DEFAULT_REPO_ID}/resolve/main/data/ok.jsonl"
+        with urllib.request.urlopen(url) as r:
+            assert b"inside" in r.read()
+        (repo_dir / "ok.jsonl").unlink()
+        os.symlink(secret, repo_dir / "ok.jsonl")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url).close()
+        info.value.close()
+        assert info.value.code == 404
+    shutil.rmtree(tmp_path / "repo")
