@@ -254,9 +254,10 @@ class _Forward(logging.Handler):
             self._send(("log", self.wid, record.levelno, record.getMessage()))
 
 
-def _die_with_parent(worker: Worker) -> None:
-    """A worker never outlives its coordinator (kill -9 included): the kernel signals it when the
-    parent dies (Linux), and a watchdog thread checks the parent elsewhere."""
+def _die_with_parent(current: Callable[[], Worker | None]) -> None:
+    """A worker never outlives its coordinator (kill -9 included): the kernel sends it SIGTERM
+    when the parent dies (Linux), and a watchdog thread checks the parent everywhere. Before its
+    spec arrives SIGTERM simply ends it; afterwards it aborts its files first."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -268,8 +269,10 @@ def _die_with_parent(worker: Worker) -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
-                worker.cancel()
-                time.sleep(5.0)
+                worker = current()
+                if worker is not None:
+                    worker.cancel()
+                    time.sleep(5.0)
                 os._exit(1)
 
     threading.Thread(target=watch, name="bolmo-watchdog", daemon=True).start()
@@ -279,6 +282,8 @@ def process_main(wid: int, inbox: Any, outbox: Any) -> None:
     """Entry point of a spawned worker process: imports first (meanwhile the coordinator lists
     the repo), then waits for its ``WorkerSpec``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    holder: list[Worker] = []
+    _die_with_parent(lambda: holder[0] if holder else None)
     from .util import prefer_system_allocator
 
     prefer_system_allocator()
@@ -292,8 +297,8 @@ def process_main(wid: int, inbox: Any, outbox: Any) -> None:
         outbox.put(("exit", wid))
         return
     worker = Worker(wid, spec, inbox.get, outbox.put)
+    holder.append(worker)
     signal.signal(signal.SIGTERM, lambda *_: worker.cancel())
-    _die_with_parent(worker)
     try:
         worker.run()
     except BaseException as exc:

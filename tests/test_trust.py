@@ -1,0 +1,229 @@
+"""Trust: what the tool writes is right, complete and readable by others, and its state never lies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bolmo_async
+from bolmo_async.errors import BolmoError, StateError
+from bolmo_async.mirror import MirrorThread
+from bolmo_async.staging import Staging
+
+from .helpers import cli, shard_hashes
+
+FRACTION = 0.3
+BOUND = 60_000
+
+
+def _prepare(out: Path, endpoint: str, **kw):
+    return bolmo_async.prepare(
+        out, endpoint=endpoint, data_fraction=FRACTION, max_tokens_per_file=BOUND, progress=False, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def clean(repos, tmp_path_factory):
+    with MirrorThread(repos) as m:
+        return shard_hashes(_prepare(tmp_path_factory.mktemp("clean") / "o", m.endpoint))
+
+
+def _flip(path: Path, offset: int, n: int = 1) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, min(offset + n, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_staging_is_caught_refetched_and_never_finalized(repos, tmp_path, clean):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        _prepare(out, m.endpoint)
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        staging = Staging(out)
+        victims = [staging.arrow_path(pf) for pf in plan.files[:2]]
+        _flip(victims[0], victims[0].stat().st_size // 2)  # one bit pattern in the middle
+        _flip(victims[1], 200, 1000)  # 1000 bytes: enough to crash a reader that trusted it
+        before = (out / "data_sources.txt").read_text()
+        with pytest.raises(StateError, match="no longer match") as info:
+            bolmo_async.finalize(out)
+        assert plan.files[0].path in str(info.value) and "fetch" in str(info.value)
+        assert (out / "data_sources.txt").read_text() == before  # a failed finalize leaves the output alone
+        # A rerun fetches exactly the damaged files again and gives the clean shards.
+        manifest = _prepare(out, m.endpoint)
+    assert manifest["complete"] and shard_hashes(manifest) == clean
+
+
+def test_a_damaged_kept_download_is_fetched_again(repos, tmp_path, clean):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        _prepare(out, m.endpoint, streaming=False)
+        raws = sorted(p for p in (out / "raw").rglob("*") if p.is_file())
+        assert raws
+        _flip(raws[0], 10)
+        shutil.rmtree(out / "staging")  # force the raw files to be used again
+        manifest = _prepare(out, m.endpoint, streaming=False)
+        cdn = list(m.cdn_requests)
+    assert shard_hashes(manifest) == clean
+    assert cdn, "the damaged raw file was downloaded again"
+
+
+def test_outputs_get_the_modes_an_ordinary_open_would(repos, tmp_path):
+    old = os.umask(0o022)
+    try:
+        with MirrorThread(repos) as m:
+            out = tmp_path / "o"
+            _prepare(out, m.endpoint, tokenizer="byte")
+    finally:
+        os.umask(old)
+    for name in ("data_sources.txt", "manifest.json", "plan.json", "run.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    for p in [*out.glob("bolmo_data_*"), *(out / "staging").glob("*.arrow"), *(out / "staging").glob("*.json")]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_inspect_checks_the_folder_it_is_given(repos, tmp_path):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        _prepare(out, m.endpoint)
+    assert bolmo_async.inspect(out)["problems"] == []
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = sorted(copy.glob("bolmo_data_*.npy"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    problems = bolmo_async.inspect(copy)["problems"]
+    assert any(shard.name in p and "not a whole number" in p for p in problems)
+    assert any("points outside" in p and "finalize" in p for p in problems)
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    problems = bolmo_async.inspect(moved)["problems"]
+    assert len(problems) == 1 and "points outside" in problems[0]
+    bolmo_async.finalize(moved)  # rewrites data_sources.txt for the new place
+    assert bolmo_async.inspect(moved)["problems"] == []
+    assert all(line.startswith(str(moved)) for line in (moved / "data_sources.txt").read_text().splitlines())
+    with pytest.raises(StateError, match="does not exist"):
+        bolmo_async.inspect(tmp_path / "nowhere")
+
+
+def test_finalize_remembers_the_layout(repos, tmp_path):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        first = _prepare(out, m.endpoint)
+    assert len(first["shards"]) > 2
+    again = bolmo_async.finalize(out)  # no bound given: the folder's own
+    assert again["max_tokens_per_file"] == BOUND and shard_hashes(again) == shard_hashes(first)
+    other = bolmo_async.finalize(out, max_tokens_per_file=10**9)
+    assert len(other["shards"]) == 1
+
+
+def test_a_failed_rerun_never_makes_a_finished_output_worse(repos, tmp_path):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        _prepare(out, m.endpoint)
+        endpoint = m.endpoint
+    before = (out / "data_sources.txt").read_text()
+    with pytest.raises(BolmoError):  # the mirror is gone: the listing fails
+        _prepare(out, endpoint, retries=1)
+    assert (out / "data_sources.txt").read_text() == before
+
+
+def test_the_token_goes_only_to_this_runs_endpoint(repos, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+    monkeypatch.setenv("HF_TOKEN", "hf_never_to_the_planned_endpoint")
+    with pytest.raises(StateError, match="planned against") as info:
+        bolmo_async.fetch(out, progress=False)  # no --endpoint, no HF_ENDPOINT: the Hub, not plan.json's
+    assert m.endpoint in str(info.value) and "huggingface.co" in str(info.value)
+
+
+def test_an_edited_plan_is_detected(repos, tmp_path):
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        data = json.loads((out / "plan.json").read_text())
+        data["files"] = data["files"][:1]
+        (out / "plan.json").write_text(json.dumps(data))
+        with pytest.raises(StateError, match="digest"):
+            bolmo_async.fetch(out, endpoint=m.endpoint, progress=False)
+
+
+def test_every_shard_ends_with_eos_when_documents_are_cut(repos, tmp_path):
+    """Subword or byte, a document longer than the bound is cut into pieces that each end with
+    EOS; read as the trainer reads (raw memmap, EOS boundaries) every shard stands alone."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        manifest = bolmo_async.prepare(
+            out, endpoint=m.endpoint, data_fraction=FRACTION, max_tokens_per_file=700, progress=False
+        )
+    from bolmo_async.inspector import read_index
+
+    cut = 0
+    for s in manifest["shards"]:
+        arr = np.memmap(s["path"], dtype=np.uint32, mode="r")
+        rows = read_index(s["csv"])
+        assert arr[-1] == 1 and len(arr) <= 700
+        assert [e - 1 for _, e, _, _, _ in rows] == np.flatnonzero(arr == 1).tolist()
+        cut += sum(1 for r in rows if r[1] - r[0] == 700)
+    assert cut > 0, "some document was cut"
+
+
+def test_a_script_without_a_main_guard_gets_the_fix(repos, tmp_path):
+    with MirrorThread(repos) as m:
+        script = tmp_path / "no_guard.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import bolmo_async
+                bolmo_async.prepare({str(tmp_path / "o")!r}, endpoint={m.endpoint!r}, data_fraction=0.1,
+                                    progress=False, processes=2)
+                """
+            )
+        )
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        assert '__name__ == "__main__"' in r.stderr and "processes=1" in r.stderr
+        script.write_text(script.read_text().replace("processes=2", "processes=1"))
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_workers_die_with_a_killed_coordinator(repos, tmp_path):
+    import psutil
+
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("stall",), stall_seconds=20)
+    with MirrorThread(repos, faults=faults) as m:
+        proc = subprocess.Popen(
+            cli(
+                "fetch", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            children: list = []
+            while time.monotonic() < deadline and len(children) < 2:
+                time.sleep(0.2)
+                children = psutil.Process(proc.pid).children()
+            assert len(children) >= 2
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            gone, alive = psutil.wait_procs(children, timeout=10)
+            assert alive == []
+        finally:
+            if proc.poll() is None:
+                proc.kill()
