@@ -222,7 +222,7 @@ def test_workers_die_with_a_killed_coordinator(repos, tmp_path):
             assert len(children) >= 2
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-            gone, alive = psutil.wait_procs(children, timeout=10)
+            _, alive = psutil.wait_procs(children, timeout=10)
             assert alive == []
         finally:
             if proc.poll() is None:
