@@ -1,45 +1,56 @@
-# Every target installs what it needs first (a venv in .venv with the dev extras).
+# Every target installs what it needs first, into .venv: the package for `demo`, the package with
+# its dev extras (and Ray, to test `--ray`) for `test`, `lint` and `bench`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+BASE_STAMP := $(VENV)/.installed-base
+DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo lint bench engines clean
 
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE_STAMP)
+
+$(DEV_STAMP): $(BASE_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check bolmo_async tests bench cli.py
 	$(PY) -m ruff format --check bolmo_async tests bench cli.py
 	$(PY) -m mypy bolmo_async
 
-# The baseline needs HF datasets/transformers: they live in a bench-only venv.
-BENCH_VENV ?= .venv-bench
-$(BENCH_VENV)/.installed-stamp: pyproject.toml
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+# `dolma tokens` is the side-by-side anchor of the benchmark; it lives in its own venv.
+DOLMA_VENV ?= .venv-dolma
+$(DOLMA_VENV)/.installed-stamp:
+	$(PYTHON) -m venv $(DOLMA_VENV)
+	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' || echo "dolma could not be installed: the benchmark runs without it"
 	touch $@
 
-bench: $(BENCH_VENV)/.installed-stamp
-	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Judge a subword engine (e.g. after a fastokens upgrade) against the tokenizers reference.
+ENGINE ?= fastokens
+TOKENIZER_JSON ?= ../shared/tokenizers/dolma2-tokenizer.json
+engines: $(DEV_STAMP)
+	$(PY) -m bolmo_async.exactness --tokenizer $(TOKENIZER_JSON) --engine $(ENGINE)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DOLMA_VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,19 +1,29 @@
-"""`make bench`: our pipeline against a baseline that works like the original tool, and against
-this machine's limits, side by side in one run, on a >= 100 MB-of-text mix served over HTTP.
+"""`make bench`: bolmo-async side by side with `dolma tokens`, in one run, on the same files.
 
-Writes bench/results.json and bench/results.md and prints the table. Each measurement runs at
-least twice; the best run counts. Figures are ratios measured in the same run, never absolute
-targets baked into tests.
+The mix is >= 500 MB of unique, real-looking web-sized documents (bench/textgen.py), served
+over HTTP by the project's Hub mirror on loopback. For each mode (byte, subword) it measures,
+interleaving rounds (this shared machine's speed drifts) and keeping each measurement's best:
+
+- fixed cost: a 0.1% run end to end (`prepare --data-fraction 0.001`);
+- steady state: from two sizes (fraction 1.0 and 0.1): extra work / extra seconds;
+- CPU: the coordinator's own CPU against its worker processes' (getrusage), and the projected
+  throughput at 8, 16 and 64 cores, tokens / max(coordinator CPU, total CPU / cores);
+- peak RSS of the whole process tree, and how it moves when the fraction or
+  --max-tokens-per-file grows 10x;
+- `dolma tokens --processes 2` on the same .jsonl.zst files (subword, dolma2, EOS 100257).
+
+Writes bench/results.json and bench/results.md and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +31,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOLMA2 = ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json"
-REPO = "allenai/bolmo_mix"
+DOLMA_VENV = ROOT / ".venv-dolma"
 
 
-def peak_rss_of(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd``: wall seconds and peak RSS (MB) of the whole process tree (sampled every 50 ms,
-    summed over the process and its children, e.g. tokenizer workers)."""
-    import threading
-
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``: wall seconds and peak RSS (MB) of its whole process tree (sampled every 50 ms)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -54,28 +61,22 @@ def peak_rss_of(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
     for t in threads:
         t.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:5])} failed:\n{bufs.get('err', b'').decode()[-3000:]}")
-    return {
-        "seconds": seconds,
-        "peak_rss_mb": peak / 2**20,
-        "stdout": bufs.get("out", b"").decode(),
-        "stderr": bufs.get("err", b"").decode(),
-    }
+        raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n{bufs.get('err', b'').decode()[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "stderr": bufs.get("err", b"").decode()}
 
 
-def best(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return min(results, key=lambda r: r["seconds"])
+def ensure_mix(folder: Path, size_mb: float) -> dict[str, Any]:
+    marker = folder / ".built.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    sys.path.insert(0, str(HERE))
+    from textgen import build_bench_mix
 
-
-def ensure_mix(folder: Path, size_mb: float) -> None:
-    marker = folder / ".built"
-    if marker.exists() and marker.read_text() == str(size_mb):
-        return
-    from bolmo_async.mirror import build_sample
-
-    print(f"building a {size_mb:g} MB benchmark mix in {folder} ...", flush=True)
-    build_sample(folder, size_mb=size_mb, seed=1)
-    marker.write_text(str(size_mb))
+    print(f"building a {size_mb:g} MB mix of unique documents in {folder} (once; cached) ...", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    info = build_bench_mix(folder, size_mb)
+    marker.write_text(json.dumps(info))
+    return info
 
 
 def start_mirror(mix: Path, tok_dir: Path | None) -> tuple[subprocess.Popen[bytes], str]:
@@ -85,7 +86,7 @@ def start_mirror(mix: Path, tok_dir: Path | None) -> tuple[subprocess.Popen[byte
     if tok_dir is not None:
         cmd += ["--model-repo", f"allenai/dolma2-tokenizer={tok_dir}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    for _ in range(3000):
         if ready.exists():
             return proc, ready.read_text().strip()
         time.sleep(0.1)
@@ -93,163 +94,78 @@ def start_mirror(mix: Path, tok_dir: Path | None) -> tuple[subprocess.Popen[byte
     raise RuntimeError("the mirror did not start")
 
 
-def ours(endpoint: str, mode: str, out: Path, fraction: float = 1.0, max_tokens: int = 100_000_000) -> dict[str, Any]:
+def ours(
+    endpoint: str, mode: str, out: Path, fraction: float, bound: int = 100_000_000, processes: int = 0
+) -> dict[str, Any]:
     env = {**os.environ, "HF_HOME": str(HERE / "out" / "hf-home")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "bolmo_async",
-        "prepare",
-        "--output-dir",
-        str(out),
-        "--endpoint",
-        endpoint,
-        "--data-fraction",
-        str(fraction),
-        "--tokenizer",
-        mode,
-        "--max-tokens-per-file",
-        str(max_tokens),
-        "--no-progress",
-        "--force",
-    ]
-    r = peak_rss_of(cmd, env)
+    cpu = out.with_suffix(".cpu.json")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(HERE / "cpu_of.py"), str(cpu), "prepare", "--output-dir", str(out)]
+    cmd += ["--endpoint", endpoint, "--data-fraction", str(fraction), "--tokenizer", mode]
+    cmd += ["--max-tokens-per-file", str(bound), "--no-progress"]
+    if processes:
+        cmd += ["--processes", str(processes)]
+    r = run_measured(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
+    r.update(json.loads(cpu.read_text()))
     r.update(tokens=m["totals"]["tokens"], documents=m["totals"]["documents"])
-    r.pop("stdout"), r.pop("stderr")
+    r["work"] = r["tokens"] - r["documents"] if mode == "byte" else r["tokens"]  # text bytes / tokens
+    r.pop("stderr")
+    shutil.rmtree(out, ignore_errors=True)
     return r
 
 
-def baseline(endpoint: str, mode: str, out: Path, tok_json: Path) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "HF_HOME": str(HERE / "out" / "hf-home-baseline"),
-        "HF_DATASETS_CACHE": str(HERE / "out" / "ds-cache"),
-    }
-    r = peak_rss_of(
-        [sys.executable, str(HERE / "baseline_original.py"), str(out), endpoint, REPO, mode, str(tok_json)], env
-    )
-    info = json.loads(r["stdout"].strip().splitlines()[-1])
-    r.update(tokens=info["tokens"], documents=info["documents"], text_bytes=info["text_bytes"])
-    r.pop("stdout"), r.pop("stderr")
+def dolma_tokens(mix: Path, out: Path) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(DOLMA_VENV / "bin" / "dolma"), "tokens", "--documents", str(mix / "data" / "*" / "*.jsonl.zst")]
+    cmd += ["--destination", str(out), "--tokenizer.name_or_path", str(DOLMA2)]
+    cmd += ["--tokenizer.eos_token_id", "100257", "--tokenizer.pad_token_id", "100277", "--processes", "2"]
+    cmd += ["--dtype", "uint32", "--max_size", str(1 << 30)]
+    r = run_measured(cmd)
+    r.pop("stderr")
+    r["tokens"] = sum(p.stat().st_size // 4 for p in out.rglob("*.npy"))
+    r["work"] = r["tokens"]
+    shutil.rmtree(out, ignore_errors=True)
     return r
-
-
-def load_texts(mix: Path) -> tuple[list[str], int]:
-    from bolmo_async.decode import LineDecoder
-    from bolmo_async.models import SkipCounter, data_suffix
-
-    texts: list[str] = []
-    for p in sorted(mix.rglob("data/*/*")):
-        suffix = data_suffix(p.name) or ""
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            texts += [t for t in pq.read_table(p, columns=["text"])["text"].to_pylist() if t]
-            continue
-        dec = LineDecoder(p.name, suffix, SkipCounter())
-        batches = dec.feed(p.read_bytes()) + dec.finish()
-        texts += [t for b in batches for t in b.column("text").to_pylist()]
-    return texts, sum(len(t.encode("utf-8")) for t in texts)
-
-
-def limit_parse(mix: Path) -> dict[str, Any]:
-    """zstd decompress + Arrow JSON-lines parse of the .jsonl.zst files, one thread."""
-    import pyarrow.compute as pc
-    import pyarrow.json as pj
-    import zstandard
-
-    files = sorted(mix.rglob("data/*/*.jsonl.zst"))
-    blobs = [f.read_bytes() for f in files]
-    t0 = time.perf_counter()
-    text_bytes = 0
-    for blob in blobs:
-        data = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
-        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(use_threads=False, block_size=8 << 20))
-        text_bytes += int(pc.sum(pc.binary_length(table.column("text"))).as_py() or 0)
-    return {"seconds": time.perf_counter() - t0, "text_bytes": text_bytes}
-
-
-def _tiktoken_worker(texts: list[str]) -> tuple[int, float]:
-    """Plain tiktoken with dolma2's ranks (the encoder our converter builds), one text at a time."""
-    from bolmo_async.tokenize import SubwordTokenizer, load_tokenizer_source
-
-    enc = SubwordTokenizer(load_tokenizer_source(str(DOLMA2)), engine="tiktoken", threads=1)._tt
-    t0 = time.perf_counter()
-    n = sum(len(enc.encode_ordinary(t)) for t in texts)
-    return n, time.perf_counter() - t0
-
-
-def limit_tiktoken(texts: list[str], processes: int) -> dict[str, Any]:
-    """tiktoken alone, in ``processes`` processes at once (both cores busy when 2)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    parts = [texts[i::processes] for i in range(processes)]
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        res = list(pool.map(_tiktoken_worker, parts))
-    return {"seconds": max(s for _, s in res), "tokens": sum(n for n, _ in res)}
-
-
-def limit_tokenizers(texts: list[str], threads: int) -> dict[str, Any]:
-    """`tokenizers` encode_batch (its own thread pool), ``threads`` threads."""
-    os.environ["RAYON_NUM_THREADS"] = str(threads)
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(DOLMA2))
-    t0 = time.perf_counter()
-    n = 0
-    for i in range(0, len(texts), 2000):
-        n += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 2000], add_special_tokens=False))
-    return {"seconds": time.perf_counter() - t0, "tokens": n}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mb", type=float, default=120.0)
+    ap.add_argument("--size-mb", type=float, default=500.0)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--modes", default="byte,subword")
+    ap.add_argument("--skip-dolma", action="store_true", help="leave `dolma tokens` out (it takes minutes)")
     args = ap.parse_args()
-    (HERE / "out").mkdir(parents=True, exist_ok=True)
-    mix = HERE / "data" / f"mix-{args.size_mb:g}"
-    ensure_mix(mix, args.size_mb)
-    tok_dir = None
-    if DOLMA2.exists():
-        tok_dir = HERE / "out" / "dolma2"
-        tok_dir.mkdir(exist_ok=True)
-        (tok_dir / "tokenizer.json").write_bytes(DOLMA2.read_bytes())
-        (tok_dir / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
-    results: dict[str, Any] = {
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-        "size_mb": args.size_mb,
-    }
-    texts, text_bytes = load_texts(mix)
-    results["text_bytes"] = text_bytes
-    results["documents"] = len(texts)
-    print(f"mix: {len(texts)} documents, {text_bytes / 1e6:.1f} MB of text", flush=True)
-    mirror, endpoint = start_mirror(mix, tok_dir)
     out = HERE / "out"
-    jobs: list[tuple[str, Any]] = [
-        ("limit_parse", lambda: limit_parse(mix)),
-        ("ours_byte", lambda: ours(endpoint, "byte", out / "ours-byte")),
-        ("ours_byte_f0.1", lambda: ours(endpoint, "byte", out / "ours-byte-small", fraction=0.1)),
-        ("ours_byte_shard10M", lambda: ours(endpoint, "byte", out / "ours-byte-10m", max_tokens=10_000_000)),
-    ]
-    if tok_dir is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    mix = HERE / "data" / f"unique-{args.size_mb:g}"
+    info = ensure_mix(mix, args.size_mb)
+    print(f"mix: {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB of text", flush=True)
+    modes = [m for m in args.modes.split(",") if m]
+    tok_dir = None
+    if "subword" in modes:
+        if not DOLMA2.exists():
+            print(f"subword mode needs {DOLMA2}; measuring byte mode only", flush=True)
+            modes.remove("subword")
+        else:
+            tok_dir = out / "dolma2"
+            tok_dir.mkdir(exist_ok=True)
+            (tok_dir / "tokenizer.json").write_bytes(DOLMA2.read_bytes())
+            (tok_dir / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    mirror, endpoint = start_mirror(mix, tok_dir)
+    cores = len(os.sched_getaffinity(0))
+    jobs: list[tuple[str, Any]] = []
+    for mode in modes:
         jobs += [
-            ("limit_tokenizers_2t", lambda: limit_tokenizers(texts, 2)),
-            ("limit_tiktoken_1t", lambda: limit_tiktoken(texts, 1)),
-            ("limit_tiktoken_2t", lambda: limit_tiktoken(texts, 2)),
-            ("ours_subword", lambda: ours(endpoint, "subword", out / "ours-subword")),
-            ("ours_subword_f0.1", lambda: ours(endpoint, "subword", out / "ours-subword-small", fraction=0.1)),
+            (f"{mode}_f0.001", lambda m=mode: ours(endpoint, m, out / f"{m}-small", 0.001)),
+            # The two sizes of the steady state run with the same pool (auto would give the 0.1
+            # run fewer processes on a small mix).
+            (f"{mode}_f0.1", lambda m=mode: ours(endpoint, m, out / f"{m}-mid", 0.1, processes=cores)),
+            (f"{mode}_f1", lambda m=mode: ours(endpoint, m, out / f"{m}-full", 1.0, processes=cores)),
+            (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
-        if not args.skip_baseline:
-            jobs += [
-                ("baseline_byte", lambda: baseline(endpoint, "byte", out / "base-byte", DOLMA2)),
-                ("baseline_subword", lambda: baseline(endpoint, "subword", out / "base-subword", DOLMA2)),
-            ]
-    # Rounds interleave every measurement: this machine's speed drifts (shared host), so a ratio
-    # compares runs made minutes apart at most, never a fast period with a slow one.
+    if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
+        jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
     try:
         for round_no in range(args.repeats):
@@ -259,116 +175,69 @@ def main() -> None:
     finally:
         mirror.terminate()
         mirror.wait()
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "mix": info}
     for key, rs in runs.items():
-        r = best(rs)
-        r["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
-        results[key] = r
-    report(results)
+        results[key] = min(rs, key=lambda r: r["seconds"])
+        results[key]["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
+    report(results, modes)
 
 
-def report(r: dict[str, Any]) -> None:
-    tb = r["text_bytes"]
-    sub_tokens = r.get("ours_subword", {}).get("tokens")
-
-    def row(name: str, key: str, kind: str) -> dict[str, Any] | None:
-        x = r.get(key)
-        if not x:
-            return None
-        s = x["seconds"]
-        text = x.get("text_bytes", tb if kind != "parse" else x["text_bytes"])
-        toks = x.get("tokens")
-        if kind == "byte" and key.startswith("ours"):
-            text = toks - x["documents"]  # a byte id per text byte, plus one EOS per document
-        if key == "ours_subword_f0.1" and r.get("ours_byte_f0.1"):
-            text = r["ours_byte_f0.1"]["tokens"] - r["ours_byte_f0.1"]["documents"]  # the same plan's text
-        d = {"pipeline": name, "seconds": round(s, 2), "text_MB_s": round(text / s / 1e6, 2)}
-        if kind == "subword" and toks:
-            d["dolma2_tokens_s"] = round(toks / s)
-        if kind == "byte" and toks:
-            d["byte_ids_s"] = round(toks / s)
-        if "peak_rss_mb" in x:
-            d["peak_rss_mb"] = round(x["peak_rss_mb"])
-        return d
-
-    rows = [
-        row("ours, byte, prepare end to end", "ours_byte", "byte"),
-        row("ours, byte, fraction 0.1", "ours_byte_f0.1", "byte"),
-        row("ours, byte, --max-tokens-per-file 10M", "ours_byte_shard10M", "byte"),
-        row("ours, subword (dolma2), prepare end to end", "ours_subword", "subword"),
-        row("ours, subword, fraction 0.1", "ours_subword_f0.1", "subword"),
-        row("baseline (original's way), byte", "baseline_byte", "byte"),
-        row("baseline (original's way), subword", "baseline_subword", "subword"),
-        row("limit: zstd + JSON-lines parse, 1 thread", "limit_parse", "parse"),
-        row("limit: tokenizers encode_batch, 2 threads", "limit_tokenizers_2t", "subword"),
-        row("limit: tiktoken, 1 process", "limit_tiktoken_1t", "subword"),
-        row("limit: tiktoken, 2 processes", "limit_tiktoken_2t", "subword"),
+def report(r: dict[str, Any], modes: list[str]) -> None:
+    lines = [
+        f"Benchmark: {r['mix']['documents']} unique documents, {r['mix']['text_bytes'] / 1e6:.0f} MB of text, "
+        f"{r['machine']['cores']} cores; best of each measurement's rounds.",
+        "",
     ]
-    rows = [x for x in rows if x]
-    ratios: dict[str, float] = {}
-
-    def ratio(name: str, a: str, b: str, field: str) -> None:
-        ra, rb = (
-            next((x for x in rows if x["pipeline"] == a), None),
-            next((x for x in rows if x["pipeline"] == b), None),
+    summary: dict[str, Any] = {}
+    unit = {"byte": ("MB/s of text", 1e6), "subword": ("M dolma2 tokens/s", 1e6)}
+    for mode in modes:
+        small, mid, full, b10 = (r.get(f"{mode}_{k}") for k in ("f0.001", "f0.1", "f1", "f1_bound10M"))
+        if not (small and mid and full):
+            continue
+        name, scale = unit[mode]
+        steady = (full["work"] - mid["work"]) / max(1e-9, full["seconds"] - mid["seconds"])
+        total_cpu = full["coordinator"] + full["workers"]
+        share = full["coordinator"] / total_cpu
+        proj = {n: full["work"] / max(full["coordinator"], total_cpu / n) for n in (2, 8, 16, 64)}
+        s = {
+            "fixed_cost_s (0.1% run end to end)": round(small["seconds"], 2),
+            f"end_to_end ({name})": round(full["work"] / full["seconds"] / scale, 2),
+            f"steady_state ({name}, fraction 1.0 vs 0.1)": round(steady / scale, 2),
+            "coordinator_cpu_s": round(full["coordinator"], 2),
+            "workers_cpu_s": round(full["workers"], 2),
+            "coordinator_share_of_cpu": round(share, 3),
+            **{f"projected_{n}_cores ({name}, CPU-bound)": round(v / scale, 1) for n, v in proj.items()},
+            "projection_64_over_2": round(proj[64] / proj[2], 1),
+            "peak_rss_mb (fraction 1.0)": round(full["peak_rss_mb"]),
+            "peak_rss_mb (fraction 0.1)": round(mid["peak_rss_mb"]),
+            "rss_ratio fraction 1.0/0.1": round(full["peak_rss_mb"] / mid["peak_rss_mb"], 2),
+        }
+        if b10:
+            s["rss_ratio shard bound 100M/10M"] = round(full["peak_rss_mb"] / b10["peak_rss_mb"], 2)
+        d = r.get("dolma_tokens_2p")
+        if mode == "subword" and d:
+            dolma_rate = d["work"] / d["seconds"]
+            s["dolma_tokens_2p (M tokens/s)"] = round(dolma_rate / scale, 3)
+            s["steady_state / dolma_tokens"] = round(steady / dolma_rate, 1)
+            s["end_to_end / dolma_tokens"] = round(full["work"] / full["seconds"] / dolma_rate, 1)
+        summary[mode] = s
+        lines += (
+            [f"## {mode}", "", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
         )
-        if ra and rb and ra.get(field) and rb.get(field):
-            ratios[name] = round(ra[field] / rb[field], 2)
-
-    ratio(
-        "byte: ours / baseline (text MB/s)",
-        "ours, byte, prepare end to end",
-        "baseline (original's way), byte",
-        "text_MB_s",
-    )
-    ratio(
-        "byte: ours / parse limit (text MB/s)",
-        "ours, byte, prepare end to end",
-        "limit: zstd + JSON-lines parse, 1 thread",
-        "text_MB_s",
-    )
-    ratio(
-        "subword: ours / baseline (tokens/s)",
-        "ours, subword (dolma2), prepare end to end",
-        "baseline (original's way), subword",
-        "dolma2_tokens_s",
-    )
-    ratio(
-        "subword: ours / tiktoken 2-process limit (tokens/s)",
-        "ours, subword (dolma2), prepare end to end",
-        "limit: tiktoken, 2 processes",
-        "dolma2_tokens_s",
-    )
-    ratio(
-        "subword: ours / tokenizers 2-thread limit (tokens/s)",
-        "ours, subword (dolma2), prepare end to end",
-        "limit: tokenizers encode_batch, 2 threads",
-        "dolma2_tokens_s",
-    )
-    ratio("byte RSS: fraction 1.0 / 0.1", "ours, byte, prepare end to end", "ours, byte, fraction 0.1", "peak_rss_mb")
-    ratio(
-        "byte RSS: shard 100M / 10M",
-        "ours, byte, prepare end to end",
-        "ours, byte, --max-tokens-per-file 10M",
-        "peak_rss_mb",
-    )
-    ratio(
-        "subword RSS: fraction 1.0 / 0.1",
-        "ours, subword (dolma2), prepare end to end",
-        "ours, subword, fraction 0.1",
-        "peak_rss_mb",
-    )
-    out = {"rows": rows, "ratios": ratios, "raw": r, "subword_tokens": sub_tokens}
-    (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
-    cols = ["pipeline", "seconds", "text_MB_s", "dolma2_tokens_s", "byte_ids_s", "peak_rss_mb"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for x in rows:
-        lines.append("| " + " | ".join(str(x.get(c, "")) for c in cols) + " |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in ratios.items()]
-    md = (
-        f"Benchmark: {r['documents']} documents, {tb / 1e6:.1f} MB of text, {r['machine']['cores']} cores\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
+    lines += [
+        "## runs (seconds of each round)",
+        "",
+        "| run | seconds | tokens | peak RSS MB | coordinator CPU s | workers CPU s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, v in r.items():
+        if isinstance(v, dict) and "runs_seconds" in v:
+            lines.append(
+                f"| {k} | {v['runs_seconds']} | {v.get('tokens', '')} | {round(v['peak_rss_mb'])} | "
+                f"{round(v.get('coordinator', 0), 2)} | {round(v.get('workers', 0), 2)} |"
+            )
+    md = "\n".join(lines) + "\n"
+    (HERE / "results.json").write_text(json.dumps({"summary": summary, "raw": r}, indent=1) + "\n")
     (HERE / "results.md").write_text(md)
     print(md)
 

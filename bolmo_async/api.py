@@ -11,11 +11,12 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from .errors import DiskSpaceError, FetchIncomplete, StateError, UsageError
+from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .filetask import planned_read_bytes
 from .finalizer import (
     _SHARD_RE,
@@ -27,7 +28,16 @@ from .finalizer import (
     finalize_dir,
     source_prefix,
 )
-from .hub import HubClient, RetryPolicy, data_files, default_endpoint, listing_digest, make_session, read_token
+from .hub import (
+    HubClient,
+    RetryPolicy,
+    data_files,
+    default_endpoint,
+    fetch_small,
+    listing_digest,
+    make_session,
+    read_token,
+)
 from .inspector import inspect_dir
 from .models import (
     DEFAULT_DATA_FRACTION,
@@ -46,6 +56,7 @@ from .staging import Staging
 from .tokenize import (
     DEFAULT_CHECK_EVERY,
     ENGINES,
+    MAX_TOKENIZER_BYTES,
     ByteTokenizer,
     SubwordTokenizer,
     TokenizerSpec,
@@ -96,6 +107,27 @@ def _endpoint(explicit: str | None) -> str:
     """The endpoint of this run: ``--endpoint``, else ``HF_ENDPOINT``, else the Hub. Never the one a
     plan.json names: a shared folder must not decide where a user's token is sent."""
     return default_endpoint(explicit or os.environ.get("HF_ENDPOINT") or None)
+
+
+async def _fetch_model_file(endpoint: str, repo_id: str, name: str) -> bytes | None:
+    """A tokenizer file from a model repo, through the run's own Hub client (the same token rules
+    as the data: sent to the endpoint only; huggingface_hub's downloader would also contact
+    huggingface.co for its own purposes)."""
+    retry = RetryPolicy(max_attempts=4)
+    try:
+        async with make_session(2, retry) as session:
+            client = HubClient(
+                session, endpoint=endpoint, repo_id=repo_id, repo_type="model", token=read_token(), retry=retry
+            )
+            return await fetch_small(client, "main", name, MAX_TOKENIZER_BYTES)
+    except UsageError as exc:
+        raise TokenizerError(f"--tokenizer-identifier {repo_id!r}: {exc}") from exc
+    except (HubError, DownloadError) as exc:
+        raise TokenizerError(
+            f"could not fetch tokenizer {repo_id} from {endpoint}: {exc} Pass a local tokenizer.json (or its folder) as "
+            "--tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve it from a mirror with "
+            "`mirror serve --model-repo ID=FOLDER`."
+        ) from exc
 
 
 def _same_endpoint(plan: Plan, endpoint: str) -> None:
@@ -306,7 +338,9 @@ def _tokenizer_spec(
     read here (and checked once); the engines are built in the workers."""
     if kind == "byte":
         return TokenizerSpec("byte"), ByteTokenizer().info
-    src = load_tokenizer_source(identifier, endpoint=endpoint, token=read_token())
+    src = load_tokenizer_source(
+        identifier, fetch=lambda repo, name: run_interruptible(_fetch_model_file(endpoint, repo, name))
+    )
     probe = SubwordTokenizer(
         src,
         eos_token_id=eos_token_id,
@@ -346,6 +380,19 @@ def validate_fetch_options(
         raise UsageError(f"--check-every must be 0 (off) or more, got {check_every}")
     if max_document_bytes < 0:
         raise UsageError(f"--max-document-bytes must be 0 (the default) or more, got {max_document_bytes}")
+
+
+#: With ``processes=0``, a worker process per this many planned download bytes, up to the cores:
+#: starting a process costs about a second of CPU (imports, the BPE engine), which a small
+#: plan does not win back.
+BYTES_PER_PROCESS = 16 * 1024 * 1024
+
+
+def auto_processes(plan: Plan | None) -> int:
+    if plan is None:
+        return usable_cores()
+    planned = sum(planned_read_bytes(pf) for pf in plan.files)
+    return max(1, min(usable_cores(), len(plan.files), -(-planned // BYTES_PER_PROCESS)))
 
 
 @dataclass
@@ -432,8 +479,20 @@ def _fetch(
     )
     ep = _endpoint(endpoint)
     existing = None if force else load_plan(out)
-    n = processes or usable_cores()
-    with Pool(n) as pool:  # workers import while the repo is listed and the tokenizer loaded
+    n = processes or auto_processes(existing)
+    # The tokenizer JSON loads (a download on the real Hub) while the repo is listed.
+    loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
+    tok_future = loader.submit(
+        _tokenizer_spec,
+        tokenizer,
+        tokenizer_identifier,
+        endpoint=ep,
+        eos_token_id=eos_token_id,
+        special_tokens_as_text=special_tokens_as_text,
+        engine=engine,
+        check_every=check_every,
+    )
+    with loader, Pool(n) as pool:  # workers import while the repo is listed and the tokenizer loaded
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
             _same_endpoint(the_plan, ep)
@@ -445,15 +504,7 @@ def _fetch(
         if worker is not None:
             share = {pf.path for pf in assign_workers(the_plan, worker[1])[worker[0]]}
             units = [u for u in units if the_plan.files[u].path in share]
-        spec_tok, info = _tokenizer_spec(
-            tokenizer,
-            tokenizer_identifier,
-            endpoint=ep,
-            eos_token_id=eos_token_id,
-            special_tokens_as_text=special_tokens_as_text,
-            engine=engine,
-            check_every=check_every,
-        )
+        spec_tok, info = tok_future.result()
         _check_state(out, info, force)
         if spec_tok.source is not None:
             atomic_write_text(out / "tokenizer" / "tokenizer.json", spec_tok.source.json_text)

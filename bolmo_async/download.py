@@ -25,7 +25,7 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
-from .errors import AuthError, DownloadError, IntegrityError
+from .errors import AuthError, DownloadError, IntegrityError, NotFoundError
 from .hub import RETRY_EXCEPTIONS, RETRY_STATUSES, HubClient, status_error
 
 log = logging.getLogger("bolmo_async")
@@ -66,10 +66,12 @@ async def stream(
     on_bytes: Callable[[int], None] | None = None,
     verify: Callable[[], None] | None = None,
     size: int | None = None,
+    max_bytes: int | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
 
-    ``size``: the file's size as listed; no more than that is ever read. ``verify`` runs (in the
+    ``size``: the file's size as listed; no more than that is ever read (nor more than
+    ``max_bytes`` when the size is not known). ``verify`` runs (in the
     worker) after the last byte; IntegrityError from it restarts the file. Returns the number
     of bytes fed.
     """
@@ -136,7 +138,7 @@ async def stream(
                     raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                 if r.status not in (200, 206):
                     err = status_error(r.status, what, await _short_text(r), r.headers)
-                    if isinstance(err, AuthError):
+                    if isinstance(err, AuthError | NotFoundError):
                         raise err
                     raise DownloadError(str(err))
                 if r.status == 200 and "Range" in headers:
@@ -153,7 +155,7 @@ async def stream(
                         total = int(size_s)
                 elif end is None and r.content_length is not None and size is None:
                     total = r.content_length
-                limit = end if end is not None else size
+                limit = end if end is not None else size if size is not None else max_bytes
                 async for chunk in r.content.iter_chunked(READ_CHUNK):
                     buf += chunk
                     if limit is not None and pos + len(buf) > limit:

@@ -297,6 +297,19 @@ def _listed_file(item: dict[str, Any], endpoint: str) -> RepoFile:
     return RepoFile(path=path, size=size, oid=oid, sha256=sha256)
 
 
+async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
+    """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
+    not exist. Same client, headers, token rules and retries as the data files."""
+    from .download import BytesSink, stream
+
+    sink = BytesSink()
+    try:
+        await stream(client, client.resolve_url(revision, path), sink, what=f"{client.repo_id}/{path}", max_bytes=cap)
+    except NotFoundError:
+        return None
+    return bytes(sink.buf)
+
+
 class RetryableStatus(Exception):
     def __init__(self, status: int, headers: Any):
         super().__init__(f"HTTP {status}")

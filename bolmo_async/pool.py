@@ -199,10 +199,12 @@ class Pool:
         elif kind == "log":
             log.log(msg[2], "%s", msg[3])
         elif kind == "ready":
+            log.debug("worker %d ready (engine %s)", wid, msg[2])
             member.ready = True
             result.engines.add(msg[2])
         elif kind == "staged":
             unit, rec, read = msg[2], msg[3], msg[4]
+            log.debug("worker %d staged %s", wid, self._spec.files[unit].path)
             member.tasks.discard(("file", unit))
             result.staged[unit] = rec
             result.fetched_now += read is not None
@@ -224,6 +226,7 @@ class Pool:
                 progress.file_done()
             return 1
         elif kind == "shard":
+            log.debug("worker %d wrote shard %d", wid, msg[2])
             member.tasks.discard(("shard", msg[2]))
             result.shards[msg[2]] = msg[3]
         elif kind == "shard_failed":

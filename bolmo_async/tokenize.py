@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +162,13 @@ def _read_tokenizer_file(identifier: str, path: Path) -> str:
         raise TokenizerError(f"{identifier}: cannot read {path} ({exc}); check --tokenizer-identifier.") from exc
 
 
-def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token: str | None = None) -> TokenizerSource:
-    """A local ``tokenizer.json``, a folder holding one, or a Hub repo id (fetched with huggingface_hub)."""
+#: ``fetch(repo_id, filename) -> bytes | None`` (None: the repo has no such file); raises
+#: TokenizerError for anything else. ``api`` gives one that uses the run's Hub client.
+Fetch = Callable[[str, str], "bytes | None"]
+
+
+def load_tokenizer_source(identifier: str, *, fetch: Fetch | None = None) -> TokenizerSource:
+    """A local ``tokenizer.json``, a folder holding one, or a Hub repo id (read with ``fetch``)."""
     p = Path(identifier).expanduser()
     if p.is_file():
         return TokenizerSource(
@@ -174,34 +180,28 @@ def load_tokenizer_source(identifier: str, *, endpoint: str | None = None, token
         return TokenizerSource(
             identifier, _read_tokenizer_file(identifier, p / "tokenizer.json"), _read_json(p / "tokenizer_config.json")
         )
-    if identifier.count("/") != 1 or identifier.startswith((".", "/")):
+    if identifier.count("/") != 1 or identifier.startswith((".", "/")) or fetch is None:
         raise TokenizerError(
             f"--tokenizer-identifier {identifier!r} is neither a file, a folder nor a Hub repo id like 'allenai/dolma2-tokenizer'."
         )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
-    where = endpoint or "the Hub"
-    fixes = (
-        "pass a local tokenizer.json (or its folder) as --tokenizer-identifier, set HF_TOKEN if the repo is gated, "
-        "or serve it from a mirror with `mirror serve --model-repo ID=FOLDER`."
-    )
+    data = fetch(identifier, "tokenizer.json")
+    if data is None:
+        raise TokenizerError(
+            f"tokenizer {identifier} has no tokenizer.json: pass a local tokenizer.json (or its folder) as "
+            "--tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve it from a mirror with "
+            "`mirror serve --model-repo ID=FOLDER`."
+        )
     try:
-        path = hf_hub_download(identifier, "tokenizer.json", endpoint=endpoint, token=token or False)
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        what = f"HTTP {status}" if status else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TokenizerError(f"tokenizer {identifier} not found at {where} ({what}): {fixes}") from exc
-    except (OSError, ValueError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TokenizerError(f"could not fetch tokenizer {identifier} from {where} ({first}): {fixes}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"tokenizer {identifier}: tokenizer.json is not UTF-8 text") from exc
     config: dict[str, Any] = {}
-    try:
-        cfg = hf_hub_download(identifier, "tokenizer_config.json", endpoint=endpoint, token=token or False)
-        config = _read_json(Path(cfg))
-    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
-        pass
-    return TokenizerSource(identifier, _read_tokenizer_file(identifier, Path(path)), config)
+    raw_config = fetch(identifier, "tokenizer_config.json")
+    if raw_config is not None:
+        with contextlib.suppress(ValueError, RecursionError):
+            loaded = json.loads(raw_config)
+            config = loaded if isinstance(loaded, dict) else {}
+    return TokenizerSource(identifier, text, config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -319,6 +319,7 @@ class SubwordTokenizer:
         self.check_every = check_every
         self._engine_obj: Any = None
         self._hf_obj: Any = None
+        self._build_lock = threading.Lock()  # engines are built once, whichever thread asks first
         self._seen = 0
         added = spec.get("added_tokens", [])
         self._special = {a["content"]: a["id"] for a in added if a.get("special")}
@@ -349,6 +350,12 @@ class SubwordTokenizer:
     # -- engines, built on first use ------------------------------------------------------
     def _reference(self) -> Any:
         """The ``tokenizers`` engine (the reference and the general path)."""
+        if self._hf_obj is not None:
+            return self._hf_obj
+        with self._build_lock:
+            return self._build_reference()
+
+    def _build_reference(self) -> Any:
         if self._hf_obj is None:
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -365,9 +372,15 @@ class SubwordTokenizer:
         return self._reference()
 
     def _engine(self) -> Any:
+        if self._engine_obj is not None:
+            return self._engine_obj
+        with self._build_lock:
+            return self._build_engine()
+
+    def _build_engine(self) -> Any:
         if self._engine_obj is None:
             if self.engine == "tokenizers":
-                self._engine_obj = self._reference()
+                self._engine_obj = self._build_reference()
             elif self.engine == "fastokens":
                 import fastokens
 
@@ -401,7 +414,12 @@ class SubwordTokenizer:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_engine_obj"] = state["_hf_obj"] = None  # rebuilt where they are used
+        del state["_build_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build_lock = threading.Lock()
 
     def _find_eos(self, config: dict[str, Any], vocab: dict[str, int]) -> int:
         eos = config.get("eos_token")
@@ -579,8 +597,7 @@ def make_tokenizer(
     kind: str,
     identifier: str,
     *,
-    endpoint: str | None = None,
-    token: str | None = None,
+    fetch: Fetch | None = None,
     eos_token_id: int | None = None,
     special_tokens_as_text: bool = True,
     engine: str = "auto",
@@ -591,5 +608,5 @@ def make_tokenizer(
         return ByteTokenizer()
     if kind != "subword":
         raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
-    src = load_tokenizer_source(identifier, endpoint=endpoint, token=token)
+    src = load_tokenizer_source(identifier, fetch=fetch)
     return TokenizerSpec(kind, src, eos_token_id, special_tokens_as_text, engine, check_every).build()

@@ -100,7 +100,8 @@ class Worker:
         """Stop now (from any thread): tasks in flight are aborted, their temporaries removed."""
         self._stop_shards.set()
         if self._loop is not None and self._main is not None:
-            self._loop.call_soon_threadsafe(self._main.cancel)
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                self._loop.call_soon_threadsafe(self._main.cancel)
 
     def run(self) -> None:
         asyncio.run(self._run())
@@ -292,6 +293,9 @@ def process_main(wid: int, inbox: Any, outbox: Any) -> None:
     root.handlers[:] = [_Forward(wid, outbox.put)]
     root.setLevel(logging.INFO)
     root.propagate = False
+    # Import everything a task needs while the coordinator lists the repo (not after the spec).
+    from . import filetask, finalizer, hub, staging, tokenize  # noqa: F401
+
     spec = inbox.get()
     if spec is None:
         outbox.put(("exit", wid))

@@ -67,7 +67,7 @@ def clean(repos, tmp_path_factory):
 def test_faulty_network_gives_identical_shards(repos, tmp_path, clean, seed):
     faults = FaultConfig(rate=0.6, seed=seed, retry_after=0.1)
     with MirrorThread(repos, faults=faults) as m:
-        manifest = _prepare(tmp_path / "o", m.endpoint, concurrency=4)
+        manifest = _prepare(tmp_path / "o", m.endpoint, concurrency=4, processes=seed)
     assert manifest["complete"] and shard_hashes(manifest) == clean
     assert sum(faults.injected.values()) >= 5, faults.injected
 
@@ -168,7 +168,7 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
     out = tmp_path / "o"
     rng = random.Random(20261125)
     with MirrorThread(repos, faults=faults) as m:
-        cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2")
+        cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2", "--processes", "2")
         stops = 0
         for round_ in range(8):
             started = time.time()

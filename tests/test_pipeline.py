@@ -104,6 +104,22 @@ def test_concurrency_and_streaming_give_identical_shards(tmp_path, mirror):
     assert len(mirror.cdn_requests) == before
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", pytest.param("subword", marks=needs_dolma2)])
+def test_any_number_of_worker_processes_gives_identical_shards(tmp_path, mirror, tokenizer):
+    """One worker in this process, or 2 or 3 worker processes each doing whole files (and
+    writing shards while others fetch): byte-identical shards and csv.gz."""
+    runs = [
+        _prepare(
+            tmp_path / f"p{n}", mirror, data_fraction=0.5, max_tokens_per_file=50_000, tokenizer=tokenizer, processes=n
+        )
+        for n in (1, 2, 3)
+    ]
+    assert len(runs[0]["shards"]) > 3
+    assert shard_hashes(runs[0]) == shard_hashes(runs[1]) == shard_hashes(runs[2])
+    csvs = [[gzip.decompress(Path(s["csv"]).read_bytes()) for s in r["shards"]] for r in runs]
+    assert csvs[0] == csvs[1] == csvs[2]
+
+
 def test_partial_plan_is_a_prefix_of_each_partial_file(tmp_path, mirror, sample_dir):
     _prepare(tmp_path / "o", mirror, data_fraction=0.05)
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())

@@ -1,0 +1,34 @@
+"""Run the bolmo-async CLI in this process and write its CPU split to a file.
+
+    python bench/cpu_of.py OUT.json prepare --output-dir ...
+
+``coordinator`` is this process's own CPU time (user + system), ``workers`` the CPU time of
+its finished children (the worker processes, which it waits for), both from getrusage.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def main() -> None:
+    out, args = sys.argv[1], sys.argv[2:]
+    sys.argv = ["bolmo-async", *args]
+    from bolmo_async.cli import main as cli_main
+
+    code = 0
+    try:
+        cli_main()
+    except SystemExit as exc:
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(out, "w") as f:
+        json.dump({"coordinator": me.ru_utime + me.ru_stime, "workers": kids.ru_utime + kids.ru_stime, "exit": code}, f)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
