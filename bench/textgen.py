@@ -9,6 +9,7 @@ gain on real web text. Laid out like bolmo_mix: ``data/<source>/<source>-NNNN.js
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -30,7 +31,7 @@ def _model(prose: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         if not words:
             continue
         starts.append(words[0])
-        for a, b in zip(words, words[1:], strict=False):
+        for a, b in itertools.pairwise(words):
             nxt[a].append(b)
     return dict(nxt), starts
 
