@@ -35,11 +35,12 @@ lint: $(DEV_STAMP)
 	$(PY) -m ruff format --check bolmo_async tests bench cli.py
 	$(PY) -m mypy bolmo_async
 
-# `dolma tokens` is the side-by-side anchor of the benchmark; it lives in its own venv.
+# `dolma tokens` is the side-by-side anchor of the benchmark; it lives in its own venv (its
+# smart_open reads .zst only with backports.zstd: without it dolma silently reads 0 documents).
 DOLMA_VENV ?= .venv-dolma
 $(DOLMA_VENV)/.installed-stamp:
 	$(PYTHON) -m venv $(DOLMA_VENV)
-	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' || echo "dolma could not be installed: the benchmark runs without it"
+	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' zstandard backports.zstd || echo "dolma could not be installed: the benchmark runs without it"
 	touch $@
 
 bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp
