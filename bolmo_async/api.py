@@ -62,7 +62,7 @@ from .tokenize import (
     TokenizerSpec,
     load_tokenizer_source,
 )
-from .util import atomic_write_text, folder_lock, human_bytes
+from .util import LOCK_NAME, atomic_write_text, folder_lock, human_bytes
 from .worker import WorkerSpec
 
 log = logging.getLogger("bolmo_async")
@@ -153,7 +153,7 @@ async def _check_listing(plan: Plan, endpoint: str) -> None:
 async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None = None) -> tuple[str, list[Any]]:
     retry = RetryPolicy()
     async with make_session(4, retry) as session:
-        client = HubClient(session, endpoint=endpoint, repo_id=repo_id, token=read_token(), retry=retry)
+        client = HubClient(session, endpoint=endpoint, repo_id=repo_id, token=read_token(), retry=retry, fail_fast=True)
         sha = commit or await client.resolve_commit(revision)
         return sha, data_files(await client.list_files(sha))
 
@@ -171,7 +171,15 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             out = Path(args[0] if args else kwargs["output_dir"]).resolve()  # type: ignore[arg-type]
             if create:
-                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    probe = out / LOCK_NAME
+                    probe.touch()
+                except OSError as exc:
+                    why = "it is a file" if out.exists() and not out.is_dir() else (exc.strerror or str(exc))
+                    raise UsageError(
+                        f"--output-dir {out} cannot be used ({why}); choose another --output-dir."
+                    ) from None
             elif not out.is_dir():
                 return fn(*args, **kwargs)  # nothing there to protect; fn says what is missing
             with folder_lock(out, shared=kwargs.get("worker") is not None):
@@ -618,13 +626,24 @@ def finalize(
     allow_incomplete: bool = False,
     ray: bool = False,
     ray_address: str | None = None,
+    drop_staging: bool = False,
 ) -> dict[str, Any]:
     """Write the shards, their csv.gz, ``manifest.json`` and ``data_sources.txt`` from the staging
     (shards written by local threads, or by Ray tasks with ``ray=True``). ``max_tokens_per_file``
-    None: the bound this folder was finalized with before (else 100M)."""
-    return finalize_dir(
+    None: the bound this folder was finalized with before (else 100M). ``drop_staging``: then
+    delete ``staging/`` (only after a complete finalize)."""
+    manifest = finalize_dir(
         output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete, ray=ray, ray_address=ray_address
     )
+    return _drop_staging(Path(output_dir).resolve(), manifest) if drop_staging else manifest
+
+
+def _drop_staging(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    if not manifest["complete"]:
+        log.warning("staging/ kept: the output is incomplete, and the missing files are fetched into it")
+        return manifest
+    shutil.rmtree(out / "staging", ignore_errors=True)
+    return manifest
 
 
 @_one_run_per_folder(create=True)
@@ -639,6 +658,7 @@ def prepare(
     endpoint: str | None = None,
     force: bool = False,
     allow_incomplete: bool = False,
+    drop_staging: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -671,7 +691,8 @@ def prepare(
                 len(manifest["missing_files"]),
             )
         raise
-    return finalize_dir(out, max_tokens_per_file, written=report.written, verified=report.verified)
+    manifest = finalize_dir(out, max_tokens_per_file, written=report.written, verified=report.verified)
+    return _drop_staging(out, manifest) if drop_staging else manifest
 
 
 _VALIDATED = (

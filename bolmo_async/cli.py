@@ -79,16 +79,18 @@ def _print_plan(plan: Any) -> None:
     _say(
         f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}"
     )
+    width = max(34, *(len(name) + 2 for name in est))
     _say(
-        f"{'source':<34}{'files':>8}{'download':>12}{'est. byte tokens':>18}{'est. dolma2 tokens':>20}{'est. shard disk':>17}"
+        f"{'source':<{width}} {'files':>7}  {'download':>10}  {'est. byte tokens':>16}  {'est. dolma2 tokens':>18}  "
+        f"{'est. shard disk (subword / byte)':>32}"
     )
     for name, row in est.items():
+        disk = human_bytes(4 * row["subword_tokens"]) + " / " + human_bytes(4 * row["byte_tokens"])
         _say(
-            f"{name:<34}{int(row['files']):>8}{human_bytes(row['download_bytes']):>12}"
-            f"{human_count(row['byte_tokens']):>18}{human_count(row['subword_tokens']):>20}"
-            f"{human_bytes(4 * row['subword_tokens']) + ' / ' + human_bytes(4 * row['byte_tokens']):>17}"
+            f"{name:<{width}} {int(row['files']):>7}  {human_bytes(row['download_bytes']):>10}  "
+            f"{human_count(row['byte_tokens']):>16}  {human_count(row['subword_tokens']):>18}  {disk:>32}"
         )
-    _say("(disk: subword / byte shards; estimates from typical compression ratios)")
+    _say("(estimates from typical compression ratios)")
 
 
 def _summary(manifest: dict[str, Any], out: Path) -> None:
@@ -114,7 +116,15 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
             "These shards hold Bolmo BYTE ids (utf8 + 4, EOS 1) for byte-level trainers only. bolmo-core's stage 1/2 "
             "launchers read dolma2 SUBWORD ids and would silently misread these: use --tokenizer subword for them."
         )
-    _say(f"export DATA_SOURCE={out / 'data_sources.txt'}")
+    staging = out / "staging"
+    if staging.is_dir():
+        size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file())
+        _say(
+            f"staging/ holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
+            f"--data-fraction reuse; `bolmo-async finalize --output-dir {out} --drop-staging` removes it."
+        )
+    if manifest["complete"]:
+        _say(f"export DATA_SOURCE={out / 'data_sources.txt'}")
 
 
 def _run(fn: Any) -> Any:
@@ -206,6 +216,11 @@ MAX_DOC = typer.Option(
     min=0,
     help=f"Skip (and count) documents larger than this (0: {DEFAULT_MAX_DOCUMENT_BYTES >> 20} MiB).",
 )
+DROP_STAGING = typer.Option(
+    False,
+    "--drop-staging",
+    help="After a complete finalize, delete staging/ (saves its disk; re-finalizing then needs a full refetch).",
+)
 SKIP_DISK = typer.Option(
     False, "--skip-disk-check", help="Do not refuse a run whose estimated size exceeds the free disk."
 )
@@ -295,10 +310,14 @@ def fetch_cmd(
             worker=parse_worker(worker),
         )
     )
-    _say(
-        f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens). "
-        f"Next: bolmo-async finalize --output-dir {output_dir}"
-    )
+    done = f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
+    if worker is not None:
+        _say(
+            f"{done} Share {worker} is done. Once all shares are staged, run once: "
+            f"bolmo-async finalize --output-dir {output_dir}"
+        )
+    else:
+        _say(f"{done} Next: bolmo-async finalize --output-dir {output_dir}")
 
 
 def _fetch_ray(
@@ -330,6 +349,7 @@ def finalize_cmd(
     ),
     ray: bool = typer.Option(False, "--ray", help="Write the shards as Ray tasks (pip install 'bolmo-async[ray]')."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    drop_staging: bool = DROP_STAGING,
 ) -> None:
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
     m = _run(
@@ -339,6 +359,7 @@ def finalize_cmd(
             allow_incomplete=allow_incomplete,
             ray=ray,
             ray_address=ray_address,
+            drop_staging=drop_staging,
         )
     )
     _summary(m, output_dir.resolve())
@@ -373,6 +394,7 @@ def prepare_cmd(
         "--allow-incomplete",
         help="If files fail or the run is stopped, still write shards and data_sources.txt from what was staged.",
     ),
+    drop_staging: bool = DROP_STAGING,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
 ) -> None:
@@ -391,7 +413,9 @@ def prepare_cmd(
             processes=processes,
             force=force,
             allow_incomplete=allow_incomplete,
+            drop_staging=drop_staging,
             progress=not no_progress,
+            on_plan=_print_plan,
         )
     )
     _summary(m, output_dir.resolve())
@@ -453,25 +477,31 @@ def mirror_serve(
         fc = FaultConfig.parse(faults, seed=fault_seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
-    run_mirror(
-        str(folder),
-        repo_id=repo_id,
-        host=host,
-        port=port,
-        cdn_port=cdn_port,
-        model_repos=model_repo,
-        page_size=page_size,
-        faults=fc,
-        token=token,
-        url_ttl=url_ttl,
-        ready_file=str(ready_file) if ready_file else None,
-    )
+    try:
+        run_mirror(
+            str(folder),
+            repo_id=repo_id,
+            host=host,
+            port=port,
+            cdn_port=cdn_port,
+            model_repos=model_repo,
+            page_size=page_size,
+            faults=fc,
+            token=token,
+            url_ttl=url_ttl,
+            ready_file=str(ready_file) if ready_file else None,
+        )
+    except (OSError, ValueError) as exc:  # a port in use, a bad --model-repo, a missing folder
+        if os.environ.get("BOLMO_ASYNC_DEBUG"):
+            raise
+        typer.secho(f"error: mirror serve: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
 
 
 @mirror_app.command("sample")
 def mirror_sample(
     folder: Path = typer.Argument(..., help="Folder to write the sample mix into."),
-    size_mb: float = typer.Option(8.0, "--size-mb", help="Megabytes of text."),
+    size_mb: float = typer.Option(8.0, "--size-mb", min=0.01, help="Megabytes of text."),
     seed: int = typer.Option(0, "--seed", help="Seed (same seed -> same files)."),
 ) -> None:
     """Write a deterministic sample in bolmo_mix's shape (zst/gz/plain JSON lines, parquet)."""

@@ -60,9 +60,8 @@ class Hasher:
         digest = self._h.hexdigest()
         expected = self.pf.sha256 or self.pf.oid
         if self.size != self.pf.size or digest != expected:
-            raise IntegrityError(
-                f"{self.pf.path}: got {self.size} bytes with hash {digest[:12]}…, the listing says "
-                f"{self.pf.size} bytes, {str(expected)[:12]}…"
+            raise IntegrityError(  # the caller names the file
+                f"got {self.size} bytes with hash {digest[:12]}…, the listing says {self.pf.size} bytes, {str(expected)[:12]}…"
             )
         return digest
 

@@ -142,7 +142,10 @@ class HubClient:
         repo_type: str = "dataset",
         token: str | None = None,
         retry: RetryPolicy | None = None,
+        fail_fast: bool = False,
     ):
+        """``fail_fast``: a refused connection or an unknown host is an error at once (the first
+        request of a run: nothing listens there), instead of being retried."""
         if repo_id.count("/") != 1 or any(c in repo_id for c in " ?#\\"):
             raise UsageError(f"--repo-id must look like 'namespace/name', got {repo_id!r}")
         self.session = session
@@ -151,6 +154,7 @@ class HubClient:
         self.repo_type = repo_type
         self._token = token
         self.retry = retry or RetryPolicy()
+        self.fail_fast = fail_fast
         self._origin = URL(self.endpoint).origin()
 
     def __repr__(self) -> str:  # never shows the token
@@ -189,6 +193,13 @@ class HubClient:
                     "%s: HTTP %s [retry %d/%d in %.1fs]", what, exc.status, attempt, self.retry.max_attempts, delay
                 )
             except RETRY_EXCEPTIONS as exc:
+                if self.fail_fast and isinstance(exc, aiohttp.ClientConnectorError):
+                    why = (
+                        "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
+                    )
+                    raise HubError(
+                        f"cannot reach {self.endpoint} ({why}). Check --endpoint / HF_ENDPOINT and that the server runs."
+                    ) from exc
                 if attempt >= self.retry.max_attempts:
                     raise HubError(
                         f"{what}: {type(exc).__name__} after {attempt} attempts; check the network and --endpoint."

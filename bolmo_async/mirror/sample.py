@@ -160,26 +160,27 @@ def build_sample(folder: str | os.PathLike[str], size_mb: float = 8.0, seed: int
         raise ValueError("--size-mb must be positive")
     out = Path(folder)
     total = int(size_mb * 1_000_000)
-    big_doc = int(min(3_000_000, max(50_000, total * 0.3)))
+    big_doc = int(min(3_000_000, max(50_000, total * 0.1)))
     prose, code = _corpus(max(total // 2, big_doc) + 200_000)
     rng = random.Random(seed)
     summary: dict[str, Any] = {"files": [], "documents": 0, "text_bytes": 0}
     for source, share, kind, layout in SOURCES:
         src_dir = out / "data" / source
         src_dir.mkdir(parents=True, exist_ok=True)
-        budget = int(total * share)
+        budget = int(total * share) - (big_doc if source == "stack_edu" else 0)  # the big document counts
         # Varying file sizes: weights 1, 2, 3, ... over the source's files.
         weights = [i + 1 for i in range(len(layout))]
         for file_idx, suffix in enumerate(layout):
             file_budget = budget * weights[file_idx] // sum(weights)
-            texts = list(_documents(kind, file_budget, rng, prose, code))
+            big_here = source == "stack_edu" and file_idx == len(layout) - 1
+            texts = list(_documents(kind, max(1, file_budget), rng, prose, code))
             if source == "common_crawl" and file_idx == 0:
                 texts[1:1] = [
                     "",
                     "A model card once said: documents end with <|endoftext|> and then <|pad|> follows.",
                     "Contact us at |||EMAIL_ADDRESS||| or |||PHONE_NUMBER||| for details.",
                 ]
-            if source == "stack_edu" and file_idx == len(layout) - 1:
+            if big_here:
                 parts: list[str] = []
                 n = 0
                 for src in code:
