@@ -46,6 +46,7 @@ from .models import (
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
     Plan,
+    Selection,
     TokenizerInfo,
     validate_fraction,
 )
@@ -213,12 +214,14 @@ def plan(
     data_fraction: float = DEFAULT_DATA_FRACTION,
     seed: int = DEFAULT_SEED,
     force: bool = False,
+    selection: Selection | None = None,
 ) -> Plan:
     """List the repo, pin the revision, write ``plan.json``; reuse a matching plan already there.
 
-    A plan for the same repo, revision and seed but another fraction is re-made at the same
-    pinned commit (staged whole files are reused). Anything else different needs ``force``.
-    """
+    A plan for the same repo, revision, seed and selection but other fractions is re-made at
+    the same pinned commit (staged whole files are reused). Anything else different needs
+    ``force``. ``selection``: include/exclude globs, source grouping, per-source fractions,
+    record field names (see ``models.Selection``)."""
     return _plan(
         output_dir,
         repo_id=repo_id,
@@ -227,6 +230,7 @@ def plan(
         data_fraction=data_fraction,
         seed=seed,
         force=force,
+        selection=selection or Selection(),
     )[0]
 
 
@@ -239,6 +243,7 @@ def _plan(
     data_fraction: float,
     seed: int,
     force: bool,
+    selection: Selection,
 ) -> tuple[Plan, bool]:
     """``plan``, and whether the repo was listed just now."""
     validate_fraction(data_fraction)
@@ -254,15 +259,15 @@ def _plan(
                 f"{out} holds a plan for {existing.repo_id}@{existing.revision} seed {existing.seed}, not "
                 f"{repo_id}@{revision} seed {seed}. Use another --output-dir, or --force to reset this one."
             )
-        if existing.data_fraction == data_fraction:
+        if existing.selection.without_fractions() != selection.without_fractions():
+            raise StateError(
+                f"{out} holds a plan with another selection ({_describe(existing.selection)}) than this run's "
+                f"({_describe(selection)}). Use another --output-dir, or --force to reset this one."
+            )
+        if (existing.data_fraction, existing.selection) == (data_fraction, selection):
             _same_endpoint(existing, _endpoint(endpoint))
             return existing, False
-        log.info(
-            "data fraction %g -> %g: re-planning at the pinned commit %s",
-            existing.data_fraction,
-            data_fraction,
-            existing.commit[:12],
-        )
+        log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
     if existing is not None:
         _same_endpoint(existing, ep)
@@ -278,9 +283,15 @@ def _plan(
         commit=commit,
         listing_digest=listing_digest(files),
         endpoint=ep,
+        selection=selection,
     )
     save_plan(p, out)
     return p, True
+
+
+def _describe(sel: Selection) -> str:
+    parts = [f"{k} {v}" for k, v in sel.to_json().items() if v not in ((), [], {}, None, "text", "id")]
+    return ", ".join(parts) or "everything, default fields"
 
 
 def ensure_plan(
@@ -308,6 +319,7 @@ def ensure_plan(
         if data_fraction is not None
         else (existing.data_fraction if existing else DEFAULT_DATA_FRACTION),
         seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
+        selection=existing.selection if existing else None,
     )
 
 
@@ -535,6 +547,8 @@ def _fetch(
                 slots=slots,
                 max_document_bytes=max_document_bytes,
                 src_prefix=source_prefix(the_plan),
+                text_field=the_plan.selection.text_field,
+                id_field=the_plan.selection.id_field,
             )
         )
         shards = ShardPlanner(out, the_plan, shard_bound) if shard_bound is not None else None
@@ -660,6 +674,7 @@ def prepare(
     allow_incomplete: bool = False,
     drop_staging: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
+    selection: Selection | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """plan + fetch + finalize; shards are written by the workers while files are still being
@@ -676,6 +691,7 @@ def prepare(
         data_fraction=data_fraction,
         seed=seed,
         force=force,
+        selection=selection or Selection(),
     )
     if on_plan is not None:
         on_plan(the_plan)

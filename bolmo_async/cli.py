@@ -24,6 +24,7 @@ from .models import (
     DEFAULT_REPO_ID,
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
+    Selection,
     validate_fraction,
 )
 from .planner import parse_worker
@@ -61,6 +62,55 @@ FRACTION = typer.Option(
 SEED = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the file order (same seed + fraction -> same plan).")
 
 
+INCLUDE = typer.Option(
+    [], "--include", help="Take only repo paths matching this glob (repeatable), before the fraction."
+)
+EXCLUDE = typer.Option([], "--exclude", help="Leave out repo paths matching this glob (repeatable).")
+SOURCE_DEPTH = typer.Option(
+    None,
+    "--source-depth",
+    min=1,
+    help="A source is a file's first N folders (default: the top-level folders holding data).",
+)
+SOURCE_FRACTION = typer.Option(
+    [], "--source-fraction", help="SOURCE=F: this fraction for one source or folder prefix (repeatable)."
+)
+TEXT_FIELD = typer.Option("text", "--text-field", help="The documents' text field (JSON key or parquet column).")
+ID_FIELD = typer.Option("id", "--id-field", help="The documents' id field (absent: path:line).")
+
+
+def _selection(
+    include: list[str],
+    exclude: list[str],
+    source_depth: int | None,
+    source_fraction: list[str],
+    text_field: str,
+    id_field: str,
+) -> Selection:
+    pairs = []
+    for spec in source_fraction:
+        name, sep, value = spec.rpartition("=")
+        try:
+            pairs.append((name, float(value)))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise typer.BadParameter(
+                f"takes SOURCE=F, e.g. data/finemath=0.5; got {spec!r}", param_hint="--source-fraction"
+            )
+    try:
+        return Selection(
+            include=tuple(include),
+            exclude=tuple(exclude),
+            source_depth=source_depth,
+            source_fractions=tuple(sorted(pairs)),
+            text_field=text_field,
+            id_field=id_field,
+        )
+    except BolmoError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose or os.environ.get("BOLMO_ASYNC_DEBUG") else logging.INFO
     logging.basicConfig(level=level, format="bolmo-async: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
@@ -90,6 +140,11 @@ def _print_plan(plan: Any) -> None:
             f"{name:<{width}} {int(row['files']):>7}  {human_bytes(row['download_bytes']):>10}  "
             f"{human_count(row['byte_tokens']):>16}  {human_count(row['subword_tokens']):>18}  {disk:>32}"
         )
+    for pattern, n in plan.matched:
+        _say(f"{pattern}: {n} file(s)")
+    fractions = {s.source: s.target_bytes / s.bytes_total for s in plan.sources if s.bytes_total}
+    if len({round(f, 9) for f in fractions.values()}) > 1:
+        _say("fractions: " + ", ".join(f"{k} {v:.3g}" for k, v in fractions.items()))
     _say("(estimates from typical compression ratios)")
 
 
@@ -163,9 +218,16 @@ def plan_cmd(
     endpoint: str | None = ENDPOINT,
     data_fraction: float = FRACTION,
     seed: int = SEED,
+    include: list[str] = INCLUDE,
+    exclude: list[str] = EXCLUDE,
+    source_depth: int | None = SOURCE_DEPTH,
+    source_fraction: list[str] = SOURCE_FRACTION,
+    text_field: str = TEXT_FIELD,
+    id_field: str = ID_FIELD,
     force: bool = typer.Option(False, "--force", help="Reset an output folder holding another plan."),
 ) -> None:
     """List the repo, pin the revision and write plan.json with a summary table."""
+    sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     p = _run(
         lambda: api.plan(
             output_dir,
@@ -175,6 +237,7 @@ def plan_cmd(
             data_fraction=data_fraction,
             seed=seed,
             force=force,
+            selection=sel,
         )
     )
     _print_plan(p)
@@ -395,11 +458,18 @@ def prepare_cmd(
         help="If files fail or the run is stopped, still write shards and data_sources.txt from what was staged.",
     ),
     drop_staging: bool = DROP_STAGING,
+    include: list[str] = INCLUDE,
+    exclude: list[str] = EXCLUDE,
+    source_depth: int | None = SOURCE_DEPTH,
+    source_fraction: list[str] = SOURCE_FRACTION,
+    text_field: str = TEXT_FIELD,
+    id_field: str = ID_FIELD,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
 ) -> None:
     """plan + fetch + finalize in one command (the original tool's flags and defaults)."""
     opts = _fetch_options(locals())
+    sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     m = _run(
         lambda: api.prepare(
             output_dir,
@@ -416,6 +486,7 @@ def prepare_cmd(
             drop_staging=drop_staging,
             progress=not no_progress,
             on_plan=_print_plan,
+            selection=sel,
         )
     )
     _summary(m, output_dir.resolve())

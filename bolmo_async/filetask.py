@@ -77,6 +77,8 @@ class TaskContext:
     executor: Executor
     streaming: bool = True
     max_document_bytes: int = 0
+    text_field: str = "text"
+    id_field: str = "id"
     on_bytes: Callable[[int], None] | None = None
     on_documents: Callable[[int, int], None] | None = None
 
@@ -99,7 +101,13 @@ class Processor:
         self.skips = SkipCounter()
         self.hasher = Hasher(self.pf)
         self.decoder = LineDecoder(
-            self.pf.path, self.suffix, self.skips, limit=self.pf.limit, max_document_bytes=self.ctx.max_document_bytes
+            self.pf.path,
+            self.suffix,
+            self.skips,
+            limit=self.pf.limit,
+            max_document_bytes=self.ctx.max_document_bytes,
+            text_field=self.ctx.text_field,
+            id_field=self.ctx.id_field,
         )
         info = self.ctx.tokenizer.info
         self._writer = self.ctx.staging.writer(self.pf, info.fingerprint, info.kind)
@@ -162,7 +170,7 @@ class Processor:
         with self._lock:
             self._check()
             first = sum(pfile.metadata.row_group(j).num_rows for j in range(i))
-            cols = [c for c in ("id", "text") if c in pfile.schema_arrow.names]
+            cols = [c for c in (self.ctx.id_field, self.ctx.text_field) if c in pfile.schema_arrow.names]
             try:
                 table = pfile.read_row_group(i, columns=cols)
             except (pa.ArrowException, OSError) as exc:
@@ -170,7 +178,17 @@ class Processor:
                     n = pfile.metadata.row_group(i).num_rows
                     self.skips.add("corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=n)
                 return False
-            self._emit(parquet_batch(table, self.pf.path, first, self.skips, self.ctx.max_document_bytes))
+            self._emit(
+                parquet_batch(
+                    table,
+                    self.pf.path,
+                    first,
+                    self.skips,
+                    self.ctx.max_document_bytes,
+                    self.ctx.text_field,
+                    self.ctx.id_field,
+                )
+            )
             return True
 
     # -- common --------------------------------------------------------------------------

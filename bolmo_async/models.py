@@ -78,11 +78,6 @@ class RepoFile:
     oid: str  # git blob sha1
     sha256: str | None = None  # LFS sha256, when the file is in LFS
 
-    @property
-    def source(self) -> str:
-        """A file's source is its folder (``"."`` at the repo root)."""
-        return posixpath.dirname(self.path) or "."
-
 
 @dataclass(frozen=True, slots=True)
 class PlannedFile:
@@ -137,6 +132,53 @@ class SourceSummary:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """What a plan takes from a listing, besides the fraction: which files (``include`` /
+    ``exclude`` globs on repo paths), how files group into sources (``source_depth`` folders;
+    None: the top-level folders holding data), per-source fractions, and the record fields."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    source_depth: int | None = None
+    source_fractions: tuple[tuple[str, float], ...] = ()
+    text_field: str = "text"
+    id_field: str = "id"
+
+    def __post_init__(self) -> None:
+        if self.source_depth is not None and self.source_depth < 1:
+            raise UsageError(f"--source-depth must be 1 or more, got {self.source_depth}")
+        for name, fraction in self.source_fractions:
+            if not name or name.startswith("/"):
+                raise UsageError(f"--source-fraction takes SOURCE=F with a source folder, got {name!r}")
+            validate_fraction(fraction, flag=f"--source-fraction {name}")
+        for field_name, flag in ((self.text_field, "--text-field"), (self.id_field, "--id-field")):
+            if not field_name or not isinstance(field_name, str):
+                raise UsageError(f"{flag} must be a field name, got {field_name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["source_fractions"] = dict(self.source_fractions)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Selection:
+        d = d or {}
+        return cls(
+            include=tuple(d.get("include", ())),
+            exclude=tuple(d.get("exclude", ())),
+            source_depth=d.get("source_depth"),
+            source_fractions=tuple(sorted((str(k), float(v)) for k, v in (d.get("source_fractions") or {}).items())),
+            text_field=d.get("text_field", "text"),
+            id_field=d.get("id_field", "id"),
+        )
+
+    def without_fractions(self) -> Selection:
+        """What must match for two plans to share staged files (fractions may grow)."""
+        return Selection(self.include, self.exclude, self.source_depth, (), self.text_field, self.id_field)
+
+
+@dataclass(frozen=True)
 class Plan:
     repo_id: str
     revision: str
@@ -149,6 +191,8 @@ class Plan:
     repo_type: str = "dataset"
     endpoint: str | None = None
     version: int = 1
+    selection: Selection = field(default_factory=Selection)
+    matched: tuple[tuple[str, int], ...] = ()  # (include/exclude pattern, files it matched)
 
     def __post_init__(self) -> None:
         validate_fraction(self.data_fraction)
@@ -179,6 +223,8 @@ class Plan:
             "listing_digest": self.listing_digest,
             "sources": [asdict(s) for s in self.sources],
             "files": [f.to_json() for f in self.files],
+            "selection": self.selection.to_json(),
+            "matched": [list(m) for m in self.matched],
         }
 
     @classmethod
@@ -195,14 +241,14 @@ class Plan:
             listing_digest=d["listing_digest"],
             sources=tuple(SourceSummary(**s) for s in d["sources"]),
             files=tuple(PlannedFile.from_json(f) for f in d["files"]),
+            selection=Selection.from_json(d.get("selection")),
+            matched=tuple((str(p), int(n)) for p, n in d.get("matched", [])),
         )
 
 
-def validate_fraction(fraction: float) -> float:
+def validate_fraction(fraction: float, flag: str = "--data-fraction") -> float:
     if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0):
-        raise UsageError(
-            f"--data-fraction must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% or 1.0 for all."
-        )
+        raise UsageError(f"{flag} must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% or 1.0 for all.")
     return float(fraction)
 
 

@@ -1,6 +1,9 @@
 """The deterministic file-level fraction plan.
 
-Per source (a file's folder) the plan takes ``fraction`` of the source's compressed bytes:
+Files are first selected (``--include`` / ``--exclude`` globs) and grouped into sources (their
+first ``--source-depth`` folders; by default the top-level folders holding data). Per source
+the plan takes its fraction (``--source-fraction``, else ``--data-fraction``) of the source's
+compressed bytes:
 files ordered by ``sha256(f"{seed}:{path}")``, whole files in that order while they fit, then
 a prefix of the next file (``limit`` compressed bytes, at least one document) to reach the
 target. Same listing, fraction and seed -> the same plan; a larger fraction with the same seed
@@ -9,6 +12,7 @@ keeps every whole file of the smaller plan (monotone), so staged work is reused.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateError, UsageError
-from .models import Plan, PlannedFile, RepoFile, SourceSummary, data_suffix, validate_fraction
+from .models import Plan, PlannedFile, RepoFile, Selection, SourceSummary, data_suffix, validate_fraction
 from .util import atomic_write_text
 
 PLAN_FILE = "plan.json"
@@ -32,6 +36,57 @@ def order_key(seed: int, path: str) -> str:
     return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
 
 
+def default_source_depth(files: list[RepoFile]) -> int:
+    """The shallowest folder depth at which the data files fall into more than one group (the
+    top-level folders holding data: ``data/<source>/...`` gives 2), or the deepest folder."""
+    dirs = [f.path.split("/")[:-1] for f in files]
+    deepest = max((len(d) for d in dirs), default=0)
+    for depth in range(1, deepest + 1):
+        if len({tuple(d[:depth]) for d in dirs}) > 1:
+            return depth
+    return max(1, deepest)
+
+
+def source_of(path: str, depth: int) -> str:
+    """The source (group) of ``path``: its first ``depth`` folders (``"."`` at the repo root)."""
+    return "/".join(path.split("/")[:-1][:depth]) or "."
+
+
+def select(files: list[RepoFile], selection: Selection) -> tuple[list[RepoFile], list[tuple[str, int]]]:
+    """The files ``--include`` / ``--exclude`` keep (globs on repo paths), and each pattern's match count."""
+    matched: list[tuple[str, int]] = []
+    kept = files
+    if selection.include:
+        hits = {p: {f.path for f in files if fnmatch.fnmatchcase(f.path, p)} for p in selection.include}
+        matched += [(f"include {p}", len(h)) for p, h in hits.items()]
+        keep = set().union(*hits.values())
+        kept = [f for f in kept if f.path in keep]
+    for p in selection.exclude:
+        gone = {f.path for f in kept if fnmatch.fnmatchcase(f.path, p)}
+        matched.append((f"exclude {p}", len(gone)))
+        kept = [f for f in kept if f.path not in gone]
+    return kept, matched
+
+
+def source_fractions(sources: list[str], selection: Selection, default: float) -> dict[str, float]:
+    """Each source's fraction: ``--source-fraction SOURCE=F`` for a source or any folder prefix of
+    it (the longest prefix wins), else ``--data-fraction``. A name that is no source and no
+    prefix of one is a usage error listing the sources."""
+    out = dict.fromkeys(sources, default)
+    best: dict[str, int] = {}
+    for name, fraction in selection.source_fractions:
+        key = name.strip("/")
+        hits = [s for s in sources if s == key or s.startswith(key + "/") or key.startswith(s + "/")]
+        if not hits:
+            raise UsageError(
+                f"--source-fraction {name}: no such source. Sources (at --source-depth): {', '.join(sources)}"
+            )
+        for s in hits:
+            if len(key) >= best.get(s, -1):
+                out[s], best[s] = fraction, len(key)
+    return out
+
+
 def make_plan(
     files: list[RepoFile],
     *,
@@ -42,18 +97,30 @@ def make_plan(
     commit: str,
     listing_digest: str,
     endpoint: str | None = None,
+    selection: Selection | None = None,
 ) -> Plan:
     """Pure function: listing -> plan. ``files`` must be the data files (see ``hub.data_files``)."""
     fraction = validate_fraction(data_fraction)
+    selection = selection or Selection()
+    files, matched = select(files, selection)
+    if not files:
+        raise UsageError(
+            "--include/--exclude leave no data files: "
+            + ", ".join(f"{p} matched {n}" for p, n in matched)
+            + ". Check the globs against the repo's paths (e.g. 'data/stack_edu/**')."
+        )
+    depth = selection.source_depth or default_source_depth(files)
     by_source: dict[str, list[RepoFile]] = defaultdict(list)
     for f in files:
-        by_source[f.source].append(f)
+        by_source[source_of(f.path, depth)].append(f)
+    fractions = source_fractions(sorted(by_source), selection, fraction)
     planned: list[PlannedFile] = []
     summaries: list[SourceSummary] = []
     for source in sorted(by_source):
         ordered = sorted(by_source[source], key=lambda f: (order_key(seed, f.path), f.path))
         total = sum(f.size for f in ordered)
-        target = total if fraction >= 1.0 else round(total * fraction)
+        share = fractions[source]
+        target = total if share >= 1.0 else round(total * share)
         taken: list[PlannedFile] = []
         used = 0
         for f in ordered:
@@ -88,6 +155,8 @@ def make_plan(
         sources=tuple(summaries),
         listing_digest=listing_digest,
         endpoint=endpoint,
+        selection=selection,
+        matched=tuple(matched),
     )
 
 

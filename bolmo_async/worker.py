@@ -57,6 +57,8 @@ class WorkerSpec:
     slots: int = 4  # tasks at once in one worker
     max_document_bytes: int = 0
     src_prefix: str = ""  # csv.gz ``src`` prefix (shard tasks)
+    text_field: str = "text"  # the record fields (JSON key and parquet column alike)
+    id_field: str = "id"
 
 
 Send = Callable[[tuple[Any, ...]], None]
@@ -160,6 +162,8 @@ class Worker:
                     executor=executor,
                     streaming=spec.streaming,
                     max_document_bytes=spec.max_document_bytes,
+                    text_field=spec.text_field,
+                    id_field=spec.id_field,
                     on_bytes=lambda n: self._add(0, n),
                     on_documents=self._on_documents,
                 )

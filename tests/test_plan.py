@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from bolmo_async.errors import UnsafePathError, UsageError
 from bolmo_async.hub import HubClient, RetryPolicy, make_session
 from bolmo_async.models import RepoFile, check_repo_path, validate_fraction
-from bolmo_async.planner import make_plan
+from bolmo_async.planner import default_source_depth, make_plan, source_of
 
 files_st = st.lists(st.tuples(st.sampled_from(["a", "b/c", "d"]), st.integers(1, 10_000)), min_size=1, max_size=40).map(
     lambda xs: [RepoFile(f"{src}/f{i:03d}.jsonl.zst", size, f"oid{i}") for i, (src, size) in enumerate(xs)]
@@ -44,9 +44,10 @@ def test_plan_is_monotone_and_deterministic(files, f1, f2, seed):
 @given(files_st, st.floats(0.0001, 1.0))
 def test_each_source_gets_its_share(files, fraction):
     p = _plan(files, fraction)
+    depth = default_source_depth(files)
     by_source = {}
     for f in files:
-        by_source.setdefault(f.source, []).append(f)
+        by_source.setdefault(source_of(f.path, depth), []).append(f)
     for s in p.sources:
         total = sum(f.size for f in by_source[s.source])
         target = total * fraction
