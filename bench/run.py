@@ -131,6 +131,31 @@ def dolma_tokens(mix: Path, out: Path) -> dict[str, Any]:
     return r
 
 
+def limit_write(out: Path, gib: float = 2.0) -> dict[str, Any]:
+    """This machine's floor for byte mode: writing uint32 ids (4 bytes per text byte) to the
+    output disk, as the shards are written; and sha256 of them, on one core."""
+    import hashlib
+
+    import numpy as np
+
+    block = np.random.default_rng(0).integers(4, 260, size=64 << 20, dtype=np.uint32)  # 256 MiB
+    n = max(1, int(gib * 4))
+    path = out / "write-floor.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(block.data)
+    write_s = time.perf_counter() - t0
+    path.unlink()
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    for _ in range(n):
+        h.update(block.data)
+    sha_s = time.perf_counter() - t0
+    size = n * block.nbytes
+    return {"seconds": write_s, "bytes": size, "sha256_seconds": sha_s, "peak_rss_mb": 0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=float, default=500.0)
@@ -167,6 +192,7 @@ def main() -> None:
             (f"{mode}_f1", lambda m=mode: ours(endpoint, m, out / f"{m}-full", 1.0, processes=cores)),
             (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
+    jobs.append(("limit_write", lambda: limit_write(out)))
     if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
         jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
@@ -219,6 +245,18 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
         }
         if b10:
             s["rss_ratio shard bound 100M/10M"] = round(full["peak_rss_mb"] / b10["peak_rss_mb"], 2)
+        marginal = (full["coordinator"] - mid["coordinator"]) / max(
+            1e-9, total_cpu - mid["coordinator"] - mid["workers"]
+        )
+        s["coordinator_share_of_marginal_cpu (fraction 1.0 vs 0.1)"] = round(max(0.0, marginal), 3)
+        w = r.get("limit_write")
+        if mode == "byte" and w:
+            s["floor: writing the uint32 output to this disk (MB/s of text)"] = round(
+                w["bytes"] / 4 / w["seconds"] / 1e6, 1
+            )
+            s["floor: sha256 of the uint32 output, 1 core (MB/s of text)"] = round(
+                w["bytes"] / 4 / w["sha256_seconds"] / 1e6, 1
+            )
         d = r.get("dolma_tokens_2p")
         if mode == "subword" and d:
             dolma_rate = d["work"] / d["seconds"]

@@ -584,6 +584,19 @@ def mirror_sample(
     )
 
 
+@mirror_app.command("demo-tokenizer")
+def mirror_demo_tokenizer(
+    sample: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder written by `mirror sample`."),
+    folder: Path = typer.Argument(..., help="Where to write tokenizer.json (serve it with --model-repo ID=FOLDER)."),
+    vocab_size: int = typer.Option(4000, "--vocab-size", min=300, help="Vocabulary size."),
+) -> None:
+    """Train a small byte-level BPE on the sample (dolma2's shape), for demos without dolma2."""
+    from .mirror.sample import train_demo_tokenizer
+
+    path = train_demo_tokenizer(sample, folder, vocab_size)
+    _say(f"wrote {path} ({vocab_size} ids, EOS <|endoftext|>)")
+
+
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

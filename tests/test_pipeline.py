@@ -347,3 +347,37 @@ def test_shard_layout_is_bounded_ordered_and_splits_only_oversized_documents(uni
         for d, n in enumerate(lens)
     ]
     assert list(merged.items()) == expected  # every token once, documents in plan order
+
+
+def test_subword_mode_with_a_bpe_trained_on_the_sample(tmp_path, sample_dir):
+    """Subword mode end to end without the dolma2 file: the demo's BPE, served as a model repo and
+    fetched by the run's own client; shards equal `tokenizers` + EOS, document for document."""
+    from tokenizers import Tokenizer
+
+    from bolmo_async.mirror import MirrorRepo, MirrorThread
+    from bolmo_async.mirror.sample import train_demo_tokenizer
+    from bolmo_async.models import DEFAULT_REPO_ID
+
+    from .helpers import read_documents
+
+    path = train_demo_tokenizer(sample_dir, tmp_path / "bpe", vocab_size=600)
+    ref = Tokenizer.from_file(str(path))
+    ref.encode_special_tokens = True
+    eos = ref.token_to_id("<|endoftext|>")
+    repos = [MirrorRepo(DEFAULT_REPO_ID, sample_dir), MirrorRepo("demo/bpe", tmp_path / "bpe", "model")]
+    with MirrorThread(repos) as m:
+        manifest = bolmo_async.prepare(
+            tmp_path / "o", endpoint=m.endpoint, data_fraction=0.3, tokenizer="subword",
+            tokenizer_identifier="demo/bpe", progress=False, max_tokens_per_file=10_000_000,
+        )  # fmt: skip
+    assert manifest["tokenizer"]["eos_token_id"] == eos and manifest["tokenizer"]["engine"] == "fastokens"
+    texts = {
+        (p.relative_to(sample_dir).as_posix(), loc): t
+        for p in sample_dir.rglob("data/*/*")
+        for loc, _, t in read_documents(p)
+    }
+    docs = shard_documents(manifest)
+    assert len(docs) > 50
+    for _doc_id, src, loc, ids in docs[:300]:
+        text = texts[(src.split("@", 1)[1].split("/", 1)[1], loc)]
+        assert ids.tolist() == [*ref.encode(text, add_special_tokens=False).ids, eos]

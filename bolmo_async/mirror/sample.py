@@ -205,3 +205,43 @@ def build_sample(folder: str | os.PathLike[str], size_mb: float = 8.0, seed: int
         f"(size_mb={size_mb}, seed={seed}), built by `bolmo-async mirror sample`.\n"
     )
     return summary
+
+
+def train_demo_tokenizer(
+    sample: str | os.PathLike[str], folder: str | os.PathLike[str], vocab_size: int = 4000
+) -> Path:
+    """A small byte-level BPE trained on the sample's text with ``tokenizers``' trainer (for the
+    demo where the real dolma2 tokenizer is not at hand): GPT-style split regex + ByteLevel, like
+    dolma2, with ``<|endoftext|>`` as its EOS and no post-processor. Writes ``folder/tokenizer.json``
+    and ``tokenizer_config.json``; deterministic for the same sample."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts: list[str] = []
+    for path in sorted(Path(sample).rglob("*.jsonl*")):
+        raw = path.read_bytes()
+        if path.name.endswith(".zst"):
+            raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        elif path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        texts += [json.loads(line).get("text") or "" for line in raw.splitlines() if line.strip()]
+    tok = Tokenizer(models.BPE())
+    split = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}\n')
+    return out / "tokenizer.json"
