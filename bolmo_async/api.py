@@ -63,7 +63,7 @@ from .tokenize import (
     TokenizerSpec,
     load_tokenizer_source,
 )
-from .util import LOCK_NAME, atomic_write_text, folder_lock, human_bytes
+from .util import LOCK_NAME, atomic_write_text, folder_lock, human_bytes, release_free_memory
 from .worker import WorkerSpec
 
 log = logging.getLogger("bolmo_async")
@@ -368,8 +368,11 @@ def _tokenizer_spec(
         engine=engine,
         check_every=check_every,
     )
-    spec = TokenizerSpec("subword", src, probe.eos, special_tokens_as_text, probe.engine, check_every)
-    return spec, probe.info
+    spec = TokenizerSpec("subword", src, probe.eos, special_tokens_as_text, probe.engine, check_every, probe.info)
+    info = probe.info
+    del probe
+    release_free_memory(0)  # the parsed JSON's objects: tens of MB this process no longer needs
+    return spec, info
 
 
 def validate_fetch_options(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, LineDecoder, parquet_batch
@@ -209,6 +210,14 @@ class Processor:
         else:
             whole = pa.Table.from_batches(self._small).combine_chunks().to_batches()[0]
         self._small, self._small_bytes = [], 0
+        keep = self.ctx.tokenizer.keep(whole.column("text"))
+        if keep is not None:  # documents the tokenizer refuses (a BPE word of megabytes)
+            ids, locs = whole.column("id"), whole.column("loc")
+            for i in pc.indices_nonzero(pc.invert(keep)).to_pylist():
+                self.skips.add("word_too_long", f"{self.pf.path}:{locs[i].as_py()} ({ids[i].as_py()})")
+            whole = whole.filter(keep)
+            if not whole.num_rows:
+                return
         tokens_col = self.ctx.tokenizer.tokens_column(whole.column("text"))
         assert self._writer is not None
         tokens = self._writer.write(whole.column("id"), whole.column("loc"), tokens_col)

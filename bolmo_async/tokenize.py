@@ -99,6 +99,10 @@ class ByteTokenizer:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
         return texts.cast(pa.large_binary())
 
+    def keep(self, texts: pa.Array) -> pa.Array | None:
+        """Every document is kept (no BPE, nothing to refuse)."""
+        return None
+
     def __init__(self) -> None:
         self.info = TokenizerInfo(
             kind="byte",
@@ -271,6 +275,24 @@ def tiktoken_convertible(spec: dict[str, Any]) -> tuple[dict[bytes, int], str] |
 
 #: A tokenizer JSON larger than this is refused (dolma2's is 2.7 MB; the largest common ones ~35 MB).
 MAX_TOKENIZER_BYTES = 128 * 1024 * 1024
+#: A document holding a run without whitespace longer than this (UTF-8 bytes) is not tokenized
+#: in subword mode (see ``SubwordTokenizer.keep``).
+MAX_WORD_BYTES = 1 << 20
+
+
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20]] = True
+
+
+def _longest_run(data: np.ndarray) -> int:
+    """Bytes of the longest run of ``data`` (UTF-8) without ASCII whitespace."""
+    spaces = np.flatnonzero(_ASCII_SPACE[data])
+    if not len(spaces):
+        return len(data)
+    edges = np.concatenate(([-1], spaces, [len(data)]))
+    return int(np.diff(edges).max()) - 1
+
+
 #: Engines in the order ``auto`` tries them (tiktoken only on request: see ``tiktoken_exact``).
 ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
 #: One document in this many is encoded again by the reference engine (0: never).
@@ -308,8 +330,10 @@ class SubwordTokenizer:
         special_tokens_as_text: bool = True,
         engine: str = "auto",
         check_every: int = DEFAULT_CHECK_EVERY,
+        checked: TokenizerInfo | None = None,
     ):
-        spec = parse_tokenizer_json(source)
+        """``checked``: what the coordinator already found for this very source and these
+        options; a worker then skips parsing the JSON (tens of MB of Python objects per process)."""
         self.engine = resolve_engine(engine)
         if check_every < 0:
             raise TokenizerError("--check-every must be 0 (off) or a positive number of documents")
@@ -321,6 +345,12 @@ class SubwordTokenizer:
         self._hf_obj: Any = None
         self._build_lock = threading.Lock()  # engines are built once, whichever thread asks first
         self._seen = 0
+        if checked is not None and self.engine != "tiktoken":
+            self._special = self._nonspecial = {}
+            self._allowed: set[str] = set()
+            self.eos, self.info = checked.eos_token_id, checked
+            return
+        spec = parse_tokenizer_json(source)
         added = spec.get("added_tokens", [])
         self._special = {a["content"]: a["id"] for a in added if a.get("special")}
         self._nonspecial = {a["content"]: a["id"] for a in added if not a.get("special")}
@@ -484,6 +514,26 @@ class SubwordTokenizer:
         """The staged ``large_list<uint32>`` column (EOS included)."""
         return tokens_column(*self.encode_batch(texts))
 
+    def keep(self, texts: pa.Array) -> pa.Array | None:
+        """None, or a mask of the documents to tokenize: a document holding a "word" (a run with
+        no ASCII whitespace) longer than ``MAX_WORD_BYTES`` is refused. BPE cost and memory grow
+        with the longest pre-token (one 50 MB run of a letter: 31 s and 2.6 GB in fastokens), and
+        such runs are not text. Only documents longer than the cap are looked at, in place."""
+        arr = texts.cast(pa.large_binary())
+        offsets = large_offsets(arr)
+        lengths = np.diff(offsets)
+        big = np.flatnonzero(lengths > MAX_WORD_BYTES)
+        if not len(big):
+            return None
+        mask = np.ones(len(arr), dtype=bool)
+        data = arr.buffers()[2]
+        for i in big.tolist():
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            mask[i] = (
+                _longest_run(np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start)) <= MAX_WORD_BYTES
+            )
+        return pa.array(mask)
+
     def _cross_check(self, docs: list[str], ids: np.ndarray, offs: np.ndarray) -> None:
         """Every ``check_every``-th document (counted over this tokenizer's life) is encoded again by
         the reference; a difference stops the run (an engine that is wrong must never be quiet)."""
@@ -580,6 +630,7 @@ class TokenizerSpec:
     special_tokens_as_text: bool = True
     engine: str = "auto"
     check_every: int = DEFAULT_CHECK_EVERY
+    checked: TokenizerInfo | None = None  # set by the coordinator once it has checked the source
 
     def build(self) -> AnyTokenizer:
         if self.kind == "byte":
@@ -592,6 +643,7 @@ class TokenizerSpec:
             special_tokens_as_text=self.special_tokens_as_text,
             engine=self.engine,
             check_every=self.check_every,
+            checked=self.checked,
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -380,3 +381,80 @@ def test_the_mirror_never_serves_outside_its_folder(tmp_path):
         info.value.close()
         assert info.value.code == 404
     shutil.rmtree(tmp_path / "repo")
+
+
+def _peak_rss_of_prepare(endpoint: str, out: Path, mode: str) -> int:
+    """Run `prepare` (2 worker processes) as a user would; the peak RSS of its process tree."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "bolmo_async", "prepare", "-o", str(out), "--endpoint", endpoint]
+    cmd += ["--data-fraction", "1", "--tokenizer", mode, "--processes", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            p = psutil.Process(proc.pid)
+            peak = max(peak, p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    return peak
+
+
+NORMAL = "\n".join(json.dumps({"id": str(i), "text": f"a normal document {i}"}) for i in range(100))
+
+
+@pytest.mark.slow
+def test_a_200_mb_line_in_byte_mode_is_skipped_within_memory(tmp_path):
+    """A 200 MB JSON line is skipped by the document cap as it streams in, never held whole; the
+    run's whole process tree stays under 1 GiB."""
+    d = tmp_path / "repo" / "data" / "big"
+    d.mkdir(parents=True)
+    with open(d / "huge.jsonl.zst", "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as w:
+        w.write(NORMAL.encode() + b'\n{"id": "huge", "text": "')
+        for i in range(200):  # not one repeated byte: a realistic compression ratio
+            w.write(bytes(random_block(i)))
+        w.write(b'"}\n' + NORMAL.encode() + b"\n")
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        peak = _peak_rss_of_prepare(m.endpoint, tmp_path / "o", "byte")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["totals"]["skipped_documents"] == {"document_too_large": 1}
+    assert manifest["totals"]["documents"] == 200
+    assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MB"
+
+
+def random_block(seed: int) -> bytes:
+    import numpy as np
+
+    letters = np.frombuffer(b"abcdefghij klmnopqrstuvwxyz", dtype=np.uint8)
+    return letters[np.random.default_rng(seed).integers(0, len(letters), size=1_000_000)].tobytes()
+
+
+@pytest.mark.slow
+def test_a_50_mb_word_in_subword_mode_is_refused_within_memory(tmp_path):
+    """A 50 MB document of one repeated letter (BPE cost grows with the longest word: 31 s and
+    2.6 GB in fastokens) is refused as `word_too_long`; the process tree stays under 1 GiB."""
+    from .conftest import DOLMA2
+
+    if not DOLMA2.exists():
+        pytest.skip("needs the dolma2 tokenizer")
+    d = tmp_path / "repo" / "data" / "big"
+    d.mkdir(parents=True)
+    (d / "word.jsonl").write_text(json.dumps({"id": "word", "text": "a" * 50_000_000}) + "\n" + NORMAL + "\n")
+    (tmp_path / "tok").mkdir()
+    shutil.copy(DOLMA2, tmp_path / "tok" / "tokenizer.json")
+    repos = [
+        MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo"),
+        MirrorRepo("allenai/dolma2-tokenizer", tmp_path / "tok", "model"),
+    ]
+    with MirrorThread(repos) as m:
+        peak = _peak_rss_of_prepare(m.endpoint, tmp_path / "o", "subword")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["totals"]["skipped_documents"] == {"word_too_long": 1}
+    assert manifest["totals"]["documents"] == 100
+    assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MB"
