@@ -271,6 +271,7 @@ def _plan(
     ep = _endpoint(endpoint)
     if existing is not None:
         _same_endpoint(existing, ep)
+    log.info("listing %s@%s at %s ...", repo_id, existing.commit[:12] if existing else revision, ep)
     commit, files = run_interruptible(_list(ep, repo_id, revision, existing.commit if existing else None))
     if not files:
         raise StateError(f"{repo_id}@{revision} lists no data files ({', '.join(('.jsonl.zst', '.parquet', '...'))}).")
@@ -358,6 +359,7 @@ def _tokenizer_spec(
     read here (and checked once); the engines are built in the workers."""
     if kind == "byte":
         return TokenizerSpec("byte"), ByteTokenizer().info
+    log.info("loading tokenizer %s ...", identifier)
     src = load_tokenizer_source(
         identifier, fetch=lambda repo, name: run_interruptible(_fetch_model_file(endpoint, repo, name))
     )

@@ -526,6 +526,8 @@ def finalize_dir(
         "requested_revision": plan.revision,
         "data_fraction": plan.data_fraction,
         "seed": plan.seed,
+        "selection": plan.selection.to_json(),
+        "sources": [{"source": s.source, "files": s.files_planned, "bytes": s.bytes_planned} for s in plan.sources],
         "dtype": "uint32",
         "layout": "raw little-endian memmap (no .npy header); np.memmap(path, dtype=np.uint32, mode='r')",
         "max_tokens_per_file": bound,

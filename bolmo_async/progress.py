@@ -28,6 +28,8 @@ class Progress:
         self._last_log = self._t0
         self._rich: Any = None
         self._task: Any = None
+        self._restreamed: list[logging.StreamHandler[Any]] = []
+        self._original_stderr: Any = None
         self.kind = kind
 
     def __enter__(self) -> Progress:
@@ -52,8 +54,19 @@ class Progress:
                 TextColumn("{task.fields[stats]}"),
                 transient=False,
             )
-            self._rich.start()
+            original = sys.stderr
+            self._rich.start()  # from here sys.stderr is rich's proxy, which prints above the bar
             self._task = self._rich.add_task("fetch", total=self.total_bytes, stats="")
+            # Log lines go through the display too: a handler still holding the real stderr would
+            # write into the bar's line and leave a stale bar behind.
+            self._restreamed = [
+                h
+                for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is original
+            ]
+            for h in self._restreamed:
+                h.setStream(sys.stderr)
+            self._original_stderr = original
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,6 +74,8 @@ class Progress:
             self._refresh()
             self._rich.stop()
             self._rich = None
+            for h in self._restreamed:
+                h.setStream(self._original_stderr)
         elif self.enabled:
             self._log_line()
 

@@ -72,7 +72,7 @@ def test_finalize_without_fetch_names_the_command_to_run(tmp_path):
     r = _run("cli.py", "finalize", "--output-dir", str(tmp_path))
     assert r.returncode == 1
     assert "bolmo-async fetch" in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len([x for x in r.stderr.strip().splitlines() if not x.startswith("bolmo-async: INFO:")]) == 1
 
 
 def test_progress_degrades_to_log_lines_off_a_terminal(tmp_path, mirror, caplog):
@@ -91,3 +91,35 @@ def test_plan_prints_a_summary_table(tmp_path, mirror):
     for source in ("data/common_crawl", "data/finemath", "TOTAL"):
         assert source in r.stdout
     assert "download" in r.stdout and "tokens" in r.stdout
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [x for x in stderr.strip().splitlines() if not x.startswith("bolmo-async: INFO:")]
+
+
+def test_first_hour_errors_are_one_line_with_the_fix(tmp_path, mirror):
+    import socket
+    import time
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    r = run_cli("prepare", "-o", str(a_file), "--endpoint", mirror.endpoint)
+    assert r.returncode == 2 and "choose another --output-dir" in r.stderr and len(_error_lines(r.stderr)) == 1
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = run_cli("plan", "-o", str(tmp_path / "o"), "--endpoint", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10 and r.returncode == 1
+    assert "connection refused" in r.stderr and "--endpoint" in r.stderr and len(_error_lines(r.stderr)) == 1
+
+    r = run_cli(
+        "prepare", "-o", str(tmp_path / "t"), "--endpoint", mirror.endpoint, "--tokenizer", "subword",
+        "--tokenizer-identifier", "allenai/nope-tokenizer", "--data-fraction", "0.05",
+    )  # fmt: skip
+    assert r.returncode == 1 and len(_error_lines(r.stderr)) == 1, r.stderr
+    assert "allenai/nope-tokenizer" in r.stderr and "--model-repo" in r.stderr and "HF_TOKEN" in r.stderr
+
+    r = run_cli("prepare", "-o", str(tmp_path / "u"), "--endpoint", mirror.endpoint, "--tokenizer", "bpe")
+    assert r.returncode == 2 and not (tmp_path / "u" / "plan.json").exists()

@@ -235,3 +235,31 @@ def test_worker_shares_run_together_but_no_other_command_beside_them(repos, tmp_
         _, err = w0.communicate(timeout=300)
         assert w0.returncode == 0, err
         assert bolmo_async.finalize(out)["complete"]
+
+
+def test_overlapping_shares_never_touch_each_others_files(repos, tmp_path):
+    """Two runs of overlapping shares (0/2 and 0/3) at once against a slow mirror: no run removes
+    or trips over the other's temporaries (a per-file lock); a file held by one is reported by the
+    other, clearly; what both leave is consistent and completes to a single run's shards."""
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.01)
+    with MirrorThread(repos) as clean_m:
+        single = bolmo_async.prepare(
+            tmp_path / "single", endpoint=clean_m.endpoint, data_fraction=FRACTION, progress=False
+        )
+    out = tmp_path / "shared"
+    with MirrorThread(repos, faults=faults) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        args = ["fetch", "-o", str(out), "--endpoint", m.endpoint, "--processes", "1"]
+        procs = [
+            subprocess.Popen(cli(*args, "--worker", w), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for w in ("0/2", "0/3")
+        ]
+        results = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, results, strict=True):
+            assert p.returncode in (0, 1), err
+            assert "unexpected" not in err and "Traceback" not in err, err
+            if p.returncode == 1:
+                assert "being staged by another bolmo-async run" in err
+        r = run_cli(*args)  # the rest of the plan
+        assert r.returncode == 0, r.stderr
+    assert shard_hashes(bolmo_async.finalize(out, max_tokens_per_file=100_000_000)) == shard_hashes(single)
