@@ -165,11 +165,16 @@ R = TypeVar("R")
 
 def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Hold the output folder's lock for the call (see ``util.folder_lock``): shared for
-    ``--worker`` shares, exclusive otherwise. ``create``: make the folder first if needed."""
+    ``--worker`` shares, exclusive otherwise. ``create``: make the folder first if needed, once
+    the call's options are valid (nothing touches the disk for a usage error)."""
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            given: dict[str, Any] = dict(kwargs)
+            validate_fetch_options(**{k: v for k, v in given.items() if k in _VALIDATED})
+            if (given.get("max_tokens_per_file") or 2) < 2:
+                raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
             out = Path(args[0] if args else kwargs["output_dir"]).resolve()  # type: ignore[arg-type]
             if create:
                 try:

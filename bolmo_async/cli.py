@@ -33,11 +33,14 @@ from .util import human_bytes, human_count, prefer_system_allocator
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags read as flags, [ray] stays as written
     no_args_is_help=True,
     help="Prepare allenai/bolmo_mix token shards for Bolmo / OLMo-core training.",
 )
 mirror_app = typer.Typer(
-    no_args_is_help=True, help="A local Hub-compatible mirror and a generated sample mix (tests, demo, benchmarks)."
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="A local Hub-compatible mirror and a generated sample mix (tests, demo, benchmarks).",
 )
 app.add_typer(mirror_app, name="mirror")
 
@@ -244,7 +247,9 @@ def plan_cmd(
 
 
 TOKENIZER = typer.Option(
-    "byte", "--tokenizer", help="byte (Bolmo byte ids) or subword (dolma2 ids: what bolmo-core stage 1/2 read)."
+    "byte",
+    "--tokenizer",
+    help="byte | subword: byte (Bolmo byte ids) or subword (dolma2 ids: what bolmo-core stage 1/2 read).",
 )
 TOKENIZER_ID = typer.Option(
     DEFAULT_TOKENIZER_ID, "--tokenizer-identifier", help="Hub repo id, tokenizer.json file or folder (subword)."
@@ -258,7 +263,7 @@ SPECIAL = typer.Option(
 ENGINE = typer.Option(
     "auto",
     "--engine",
-    help="Subword engine: auto (fastokens when installed, else tokenizers), fastokens, tokenizers, tiktoken.",
+    help="auto | fastokens | tokenizers | tiktoken: the subword engine (auto: fastokens when installed, else tokenizers).",
 )
 CHECK_EVERY = typer.Option(
     DEFAULT_CHECK_EVERY,
@@ -494,8 +499,8 @@ def prepare_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    output_dir: Path = typer.Argument(..., help="An output folder written by finalize/prepare."),
-    decode: int = typer.Option(0, "--decode", help="Print the first N documents decoded back to text."),
+    output_dir: Path = typer.Argument(..., metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."),
+    decode: int = typer.Option(0, "--decode", min=0, help="Print the first N documents decoded back to text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Shard table, size/sha256 checks against the manifest and data_sources.txt, decoded documents."""

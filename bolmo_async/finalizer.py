@@ -52,8 +52,6 @@ DATA_SOURCES = "data_sources.txt"
 RUN_STATE = "run.json"
 #: Token ids built and queued for writing at a time (4 MB of uint32).
 WRITE_TOKENS = 1 << 20
-#: The same while fetching (``ShardStream``): smaller, as the fetch's own buffers are live too.
-STREAM_WRITE_TOKENS = 1 << 18
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")

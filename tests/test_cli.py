@@ -123,3 +123,14 @@ def test_first_hour_errors_are_one_line_with_the_fix(tmp_path, mirror):
 
     r = run_cli("prepare", "-o", str(tmp_path / "u"), "--endpoint", mirror.endpoint, "--tokenizer", "bpe")
     assert r.returncode == 2 and not (tmp_path / "u" / "plan.json").exists()
+
+
+def test_help_matches_the_cli():
+    r = run_cli("fetch", "--help")
+    assert r.returncode == 0
+    assert "<bool>" not in r.stdout and "'bolmo-async[ray]'" in r.stdout
+    assert "byte | subword" in r.stdout and "auto | fastokens | tokenizers | tiktoken" in r.stdout
+    assert "OUTPUT_DIR" in run_cli("inspect", "--help").stdout
+    for args in (["inspect", ".", "--decode", "-1"], ["fetch", "-o", "x", "--read-timeout", "0"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
