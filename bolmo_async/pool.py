@@ -106,7 +106,10 @@ class Pool:
         for m in self.members:
             m.inbox = ctx.Queue()
             m.process = ctx.Process(
-                target=process_main, args=(m.wid, m.inbox, self.outbox), name=f"bolmo-worker-{m.wid}", daemon=True
+                target=process_main,
+                args=(m.wid, m.inbox, self.outbox, os.getpid()),
+                name=f"bolmo-worker-{m.wid}",
+                daemon=True,
             )
             m.process.start()
 

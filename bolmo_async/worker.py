@@ -259,7 +259,7 @@ class _Forward(logging.Handler):
             self._send(("log", self.wid, record.levelno, record.getMessage()))
 
 
-def _die_with_parent(current: Callable[[], Worker | None]) -> None:
+def _die_with_parent(current: Callable[[], Worker | None], parent: int) -> None:
     """A worker never outlives its coordinator (kill -9 included): the kernel sends it SIGTERM
     when the parent dies (Linux), and a watchdog thread checks the parent everywhere. Before its
     spec arrives SIGTERM simply ends it; afterwards it aborts its files first."""
@@ -268,7 +268,8 @@ def _die_with_parent(current: Callable[[], Worker | None]) -> None:
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    parent = os.getppid()
+    if os.getppid() != parent:  # it died while this process was starting (before the line above)
+        os._exit(1)
 
     def watch() -> None:
         while True:
@@ -283,12 +284,12 @@ def _die_with_parent(current: Callable[[], Worker | None]) -> None:
     threading.Thread(target=watch, name="bolmo-watchdog", daemon=True).start()
 
 
-def process_main(wid: int, inbox: Any, outbox: Any) -> None:
+def process_main(wid: int, inbox: Any, outbox: Any, parent: int) -> None:
     """Entry point of a spawned worker process: imports first (meanwhile the coordinator lists
     the repo), then waits for its ``WorkerSpec``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     holder: list[Worker] = []
-    _die_with_parent(lambda: holder[0] if holder else None)
+    _die_with_parent(lambda: holder[0] if holder else None, parent)
     from .util import prefer_system_allocator
 
     prefer_system_allocator()

@@ -199,27 +199,36 @@ def test_a_script_without_a_main_guard_gets_the_fix(repos, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_workers_die_with_a_killed_coordinator(repos, tmp_path):
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when):
+    """kill -9 of the coordinator while its workers are still starting (importing, before any
+    spec) or in the middle of their files: none of them outlives it."""
     import psutil
 
     from bolmo_async.mirror import FaultConfig
 
-    faults = FaultConfig(rate=1.0, seed=0, kinds=("stall",), stall_seconds=20)
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("stall",), stall_seconds=4)
+    out = tmp_path / "o"
     with MirrorThread(repos, faults=faults) as m:
         proc = subprocess.Popen(
-            cli(
-                "fetch", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
-            ),
+            cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 30
             children: list = []
-            while time.monotonic() < deadline and len(children) < 2:
-                time.sleep(0.2)
-                children = psutil.Process(proc.pid).children()
-            assert len(children) >= 2
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+                children = psutil.Process(proc.pid).children(recursive=True)
+                workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+                if when == "starting" and workers:
+                    break
+                if when == "running" and len(workers) >= 2 and (out / "run.json").exists():
+                    time.sleep(1.0)
+                    children = psutil.Process(proc.pid).children(recursive=True)
+                    break
+            assert any("spawn_main" in " ".join(c.cmdline()) for c in children)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             _, alive = psutil.wait_procs(children, timeout=10)
