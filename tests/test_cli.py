@@ -53,7 +53,7 @@ def test_prepare_keeps_the_original_flags_and_defaults():
     ):
         assert flag in text, flag
         if default:
-            assert re.search(re.escape(flag.strip()) + r"\b.*?\[default: " + re.escape(default) + r"\]", text), flag
+            assert re.search(re.escape(flag.strip()) + r"\b.*?\[default: " + re.escape(default) + r"[\];]", text), flag
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "-0.1"])

@@ -263,3 +263,27 @@ def test_overlapping_shares_never_touch_each_others_files(repos, tmp_path):
         r = run_cli(*args)  # the rest of the plan
         assert r.returncode == 0, r.stderr
     assert shard_hashes(bolmo_async.finalize(out, max_tokens_per_file=100_000_000)) == shard_hashes(single)
+
+
+def test_a_share_accepts_the_plans_own_flags_and_refuses_others(tmp_path, mirror):
+    """A job array uses one command line: the plan's own --data-fraction/--seed are accepted,
+    another value is refused naming both; the share then says finalize runs once all are staged."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2, seed=7)
+    with pytest.raises(UsageError, match=r"--data-fraction 0.5 \(the plan has 0.2\)"):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), data_fraction=0.5, progress=False)
+    r = run_cli(
+        "fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--worker", "0/2", "--data-fraction", "0.2",
+        "--seed", "7", "--processes", "1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Share 0/2 is done" in r.stdout and "Once all shares are staged" in r.stdout
+
+
+def test_drop_staging_after_a_complete_output(tmp_path, mirror):
+    out = tmp_path / "o"
+    r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.1")
+    assert r.returncode == 0 and "staging/ holds" in r.stdout and "--drop-staging" in r.stdout
+    m = bolmo_async.finalize(out, drop_staging=True)
+    assert not (out / "staging").exists() and m["complete"]
+    assert bolmo_async.inspect(out)["problems"] == []
