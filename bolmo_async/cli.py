@@ -164,10 +164,15 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish."
         )
     tok = manifest["tokenizer"]
-    if tok["kind"] == "subword":
+    if tok["kind"] == "subword" and tok.get("vocab_size") == 100278 and tok["eos_token_id"] == 100257:
         _say(
             f"These shards hold {tok['identifier']} subword ids (EOS {tok['eos_token_id']}): bolmo-core's stage 1/2 "
             "launchers (NumpyByteFSLDataset expands them to bytes) and OLMo-core read them."
+        )
+    elif tok["kind"] == "subword":
+        _say(
+            f"These shards hold {tok['identifier']} subword ids (EOS {tok['eos_token_id']}), not dolma2's: bolmo-core's "
+            "stage 1/2 launchers expect allenai/dolma2-tokenizer ids (vocabulary 100278, EOS 100257)."
         )
     else:
         _say(
