@@ -412,6 +412,10 @@ def validate_fetch_options(
         raise UsageError(f"--max-document-bytes must be 0 (the default) or more, got {max_document_bytes}")
 
 
+#: ``--engine auto`` runs the ``tokenizers`` reference itself on plans of fewer compressed bytes
+#: than this (the same ids; fastokens' longer build only pays off on more text).
+SMALL_PLAN_BYTES = 1 << 20
+
 #: With ``processes=0``, a worker process per this many planned download bytes, up to the cores:
 #: starting a process costs about a second of CPU (imports, the BPE engine), which a small
 #: plan does not win back.
@@ -510,6 +514,8 @@ def _fetch(
     ep = _endpoint(endpoint)
     existing = None if force else load_plan(out)
     n = processes or auto_processes(existing)
+    if engine == "auto" and existing is not None and sum(pf.planned_bytes for pf in existing.files) < SMALL_PLAN_BYTES:
+        engine = "tokenizers"  # a smoke test: building fastokens (0.6 s) would cost more than it saves
     # The tokenizer JSON loads (a download on the real Hub) while the repo is listed.
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
     tok_future = loader.submit(

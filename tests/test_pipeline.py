@@ -158,8 +158,9 @@ def test_output_dir_with_other_seed_or_tokenizer_is_refused(tmp_path, mirror):
 
 @needs_dolma2
 def test_subword_shards_equal_an_independent_encoding(tmp_path, mirror, sample_dir):
-    m = _prepare(tmp_path / "o", mirror, data_fraction=0.3, tokenizer="subword")
+    m = _prepare(tmp_path / "o", mirror, data_fraction=0.3, tokenizer="subword", engine="fastokens", processes=2)
     assert m["tokenizer"]["eos_token_id"] == 100257 and m["tokenizer"]["identifier"] == "allenai/dolma2-tokenizer"
+    assert m["tokenizer"]["engine"] == "fastokens"
     ref = SubwordTokenizer(load_tokenizer_source(str(DOLMA2)), engine="tokenizers")
     texts = {}
     for p in (sample_dir / "data").rglob("*"):
@@ -368,9 +369,15 @@ def test_subword_mode_with_a_bpe_trained_on_the_sample(tmp_path, sample_dir):
     with MirrorThread(repos) as m:
         manifest = bolmo_async.prepare(
             tmp_path / "o", endpoint=m.endpoint, data_fraction=0.3, tokenizer="subword",
-            tokenizer_identifier="demo/bpe", progress=False, max_tokens_per_file=10_000_000,
+            tokenizer_identifier="demo/bpe", progress=False, max_tokens_per_file=10_000_000, engine="fastokens",
         )  # fmt: skip
     assert manifest["tokenizer"]["eos_token_id"] == eos and manifest["tokenizer"]["engine"] == "fastokens"
+    with MirrorThread(repos) as m:  # auto: a plan this small runs the reference engine itself, same ids
+        small = bolmo_async.prepare(
+            tmp_path / "auto", endpoint=m.endpoint, data_fraction=0.3, tokenizer="subword",
+            tokenizer_identifier="demo/bpe", progress=False, max_tokens_per_file=10_000_000,
+        )  # fmt: skip
+    assert small["tokenizer"]["engine"] == "tokenizers" and shard_hashes(small) == shard_hashes(manifest)
     texts = {
         (p.relative_to(sample_dir).as_posix(), loc): t
         for p in sample_dir.rglob("data/*/*")
