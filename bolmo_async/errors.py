@@ -15,6 +15,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     │   └── IntegrityError          sha256/size mismatch that retries did not fix
     ├── DecodeError                 a file that cannot be read as documents (fails that file only)
     ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
+    ├── BusyError                   another run is staging this file right now (fails that file only)
     ├── DiskSpaceError              not enough free disk for the plan, or the disk filled up
     ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or an engine disagreed
     ├── WorkerError                 a worker process died or could not start
@@ -68,6 +69,10 @@ class StateError(BolmoError):
     pass
 
 
+class BusyError(BolmoError):
+    pass
+
+
 class DiskSpaceError(BolmoError):
     pass
 
@@ -105,6 +110,7 @@ def rebuild(name: str, message: str) -> BolmoError:
 __all__ = [
     "AuthError",
     "BolmoError",
+    "BusyError",
     "DecodeError",
     "DiskSpaceError",
     "DownloadError",

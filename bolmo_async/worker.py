@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AuthError, BolmoError, DiskSpaceError, StateError, TokenizerError
+from .errors import AuthError, BolmoError, BusyError, DiskSpaceError, StateError, TokenizerError
 
 log = logging.getLogger("bolmo_async")
 
@@ -198,7 +198,7 @@ class Worker:
         try:
             with ctx.staging.unit_lock(pf) as mine:
                 if not mine:
-                    raise StateError(
+                    raise BusyError(
                         f"{pf.path} is being staged by another bolmo-async run in this folder right now "
                         "(overlapping --worker shares?); it is left to that run."
                     )
@@ -209,9 +209,6 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except FATAL as exc:
-            if isinstance(exc, StateError) and "being staged by another" in str(exc):
-                self._send(("failed", self.wid, unit, str(exc)))
-                return
             self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
             self.cancel()
         except BolmoError as exc:
