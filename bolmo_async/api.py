@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
-from .filetask import planned_read_bytes
 from .finalizer import (
     _SHARD_RE,
     DATA_SOURCES,
@@ -425,7 +424,7 @@ BYTES_PER_PROCESS = 16 * 1024 * 1024
 def auto_processes(plan: Plan | None) -> int:
     if plan is None:
         return usable_cores()
-    planned = sum(planned_read_bytes(pf) for pf in plan.files)
+    planned = sum(pf.read_bytes for pf in plan.files)
     return max(1, min(usable_cores(), len(plan.files), -(-planned // BYTES_PER_PROCESS)))
 
 
@@ -568,7 +567,7 @@ def _fetch(
             )
         )
         shards = ShardPlanner(out, the_plan, shard_bound) if shard_bound is not None else None
-        total = sum(planned_read_bytes(the_plan.files[u]) for u in units)
+        total = sum(the_plan.files[u].read_bytes for u in units)
         with Progress(len(units), total, enabled=progress, kind=f"{info.kind} tokens") as prog:
             try:
                 result = pool.run(
@@ -696,9 +695,6 @@ def prepare(
     """plan + fetch + finalize; shards are written by the workers while files are still being
     fetched. On interruption or failed files it stops (exit non-zero) without writing
     ``data_sources.txt``; ``allow_incomplete`` then finalizes what was staged (``complete: false``)."""
-    if max_tokens_per_file < 2:
-        raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
-    validate_fetch_options(**{k: v for k, v in options.items() if k in _VALIDATED})
     the_plan, listed = _plan(
         output_dir,
         repo_id=repo_id,

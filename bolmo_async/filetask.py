@@ -533,13 +533,4 @@ async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc
     return True
 
 
-def planned_read_bytes(pf: PlannedFile) -> int:
-    """Bytes a task will really download for ``pf`` (progress totals): a JSON-lines prefix is
-    read whole (it is verified against the file's hash), a parquet prefix only up to its limit
-    (roughly: whole row groups plus the footer)."""
-    if pf.limit is not None and (data_suffix(pf.path) or "").endswith(".parquet"):
-        return min(pf.size, pf.limit)
-    return pf.size
-
-
-__all__ = ["Processor", "TaskContext", "file_matches", "planned_read_bytes", "raw_path", "run_file_task"]
+__all__ = ["Processor", "TaskContext", "file_matches", "raw_path", "run_file_task"]

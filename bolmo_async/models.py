@@ -99,6 +99,14 @@ class PlannedFile:
         return self.size if self.limit is None else min(self.limit, self.size)
 
     @property
+    def read_bytes(self) -> int:
+        """Bytes a task downloads for this file: a JSON-lines prefix is read whole (it is verified
+        against the file's hash), a parquet prefix only up to its limit (whole row groups and the
+        footer make the real figure a little different; progress follows what is really read)."""
+        parquet = self.path.lower().endswith(".parquet")
+        return self.planned_bytes if parquet else self.size
+
+    @property
     def key(self) -> str:
         """Stable name of this unit of work in ``staging/`` (path digest + limit)."""
         import hashlib

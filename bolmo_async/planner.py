@@ -173,8 +173,7 @@ def estimate_files(files: list[PlannedFile]) -> dict[str, dict[str, float]]:
         text = f.planned_bytes * factor
         row = rows.setdefault(f.source, {"files": 0, "download_bytes": 0, "text_bytes": 0.0})
         row["files"] += 1
-        # Prefixes are verified against the whole file's sha256, so the whole file is read.
-        row["download_bytes"] += f.size if not suffix.endswith(".parquet") else f.planned_bytes
+        row["download_bytes"] += f.read_bytes
         row["text_bytes"] += text
     total = {"files": 0.0, "download_bytes": 0.0, "text_bytes": 0.0}
     for row in rows.values():

@@ -212,7 +212,7 @@ class Pool:
             result.staged[unit] = rec
             result.fetched_now += read is not None
             if progress is not None:
-                expected = progress_bytes(self._spec.files[unit])
+                expected = self._spec.files[unit].read_bytes
                 if read is None:
                     progress.add_bytes(expected)
                 else:  # parquet prefixes read whole row groups and the footer: the total follows
@@ -309,12 +309,6 @@ class Pool:
             self.close()
         else:
             self.stop()
-
-
-def progress_bytes(pf: Any) -> int:
-    from .filetask import planned_read_bytes
-
-    return planned_read_bytes(pf)
 
 
 __all__ = ["BolmoError", "Pool", "RunResult", "WorkerSpec", "check_not_bootstrapping", "usable_cores"]

@@ -645,22 +645,3 @@ class TokenizerSpec:
             check_every=self.check_every,
             checked=self.checked,
         )
-
-
-def make_tokenizer(
-    kind: str,
-    identifier: str,
-    *,
-    fetch: Fetch | None = None,
-    eos_token_id: int | None = None,
-    special_tokens_as_text: bool = True,
-    engine: str = "auto",
-    check_every: int = DEFAULT_CHECK_EVERY,
-) -> AnyTokenizer:
-    """The tokenizer of a run, built here (tests, inspection, library use)."""
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind != "subword":
-        raise TokenizerError(f"--tokenizer must be 'byte' or 'subword', got {kind!r}")
-    src = load_tokenizer_source(identifier, fetch=fetch)
-    return TokenizerSpec(kind, src, eos_token_id, special_tokens_as_text, engine, check_every).build()

@@ -77,12 +77,9 @@ class Worker:
         self._stop_shards = threading.Event()
 
     # -- progress ----------------------------------------------------------------------
-    def _add(self, i: int, n: int) -> None:
+    def _count(self, nbytes: int = 0, documents: int = 0, tokens: int = 0) -> None:
         with self._counts_lock:
-            self._counts[i] += n
-
-    def _on_documents(self, documents: int, tokens: int) -> None:
-        with self._counts_lock:
+            self._counts[0] += nbytes
             self._counts[1] += documents
             self._counts[2] += tokens
 
@@ -164,8 +161,8 @@ class Worker:
                     max_document_bytes=spec.max_document_bytes,
                     text_field=spec.text_field,
                     id_field=spec.id_field,
-                    on_bytes=lambda n: self._add(0, n),
-                    on_documents=self._on_documents,
+                    on_bytes=lambda n: self._count(nbytes=n),
+                    on_documents=lambda documents, tokens: self._count(0, documents, tokens),
                 )
                 while True:
                     msg = await inbox.get()
