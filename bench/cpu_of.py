@@ -26,7 +26,16 @@ def main() -> None:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out, "w") as f:
-        json.dump({"coordinator": me.ru_utime + me.ru_stime, "workers": kids.ru_utime + kids.ru_stime, "exit": code}, f)
+        json.dump(
+            {
+                "coordinator": me.ru_utime + me.ru_stime,
+                "workers": kids.ru_utime + kids.ru_stime,
+                "coordinator_sys": me.ru_stime,
+                "workers_sys": kids.ru_stime,
+                "exit": code,
+            },
+            f,
+        )
     sys.exit(code)
 
 

@@ -388,3 +388,59 @@ def test_subword_mode_with_a_bpe_trained_on_the_sample(tmp_path, sample_dir):
     for _doc_id, src, loc, ids in docs[:300]:
         text = texts[(src.split("@", 1)[1].split("/", 1)[1], loc)]
         assert ids.tolist() == [*ref.encode(text, add_special_tokens=False).ids, eos]
+
+
+def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, monkeypatch):
+    """Shards go to disk in page-aligned blocks with O_DIRECT where the filesystem takes it; the
+    bytes on disk (read back as the trainer reads them) and their manifest checksums are the
+    same with it off and with blocks of one page (every block boundary, an unaligned tail)."""
+    import hashlib
+    import sys
+
+    import bolmo_async.util as util
+
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.3, max_tokens_per_file=150_000)
+
+    def on_disk(manifest):
+        files = [Path(s["path"]).read_bytes() for s in manifest["shards"]]
+        for s, data in zip(manifest["shards"], files, strict=True):
+            assert hashlib.sha256(data).hexdigest() == s["sha256"]
+            assert len(data) == 4 * s["tokens"]
+        return files
+
+    direct = on_disk(m)
+    monkeypatch.setattr(util, "DIRECT_IO", False)
+    assert on_disk(bolmo_async.finalize(out, max_tokens_per_file=150_000)) == direct
+    monkeypatch.setattr(util, "DIRECT_IO", True)
+    monkeypatch.setattr(sys.modules["bolmo_async.finalizer"], "BLOCK_BYTES", 4096)
+    assert on_disk(bolmo_async.finalize(out, max_tokens_per_file=150_000)) == direct
+    assert any(s["tokens"] % 1024 for s in m["shards"])  # a tail that is not a whole page
+
+
+def test_output_file_falls_back_to_ordinary_writes(tmp_path):
+    """Memory O_DIRECT refuses (not page-aligned), an unaligned tail, and a filesystem without
+    O_DIRECT all end with the same bytes on disk."""
+    from bolmo_async.util import OutputFile, aligned_buffer
+
+    block = aligned_buffer(8192)
+    block[:] = bytes(range(256)) * 32
+    unaligned = memoryview(b"x" + bytes(range(256)) * 16)[1:]  # 4096 bytes, off by one in memory
+    path = tmp_path / "f.bin"
+    f = OutputFile(path)
+    f.write(block)
+    f.write(unaligned)
+    f.write(block[:100])
+    f.close(fsync=True)
+    assert path.read_bytes() == bytes(block) + bytes(unaligned) + bytes(block[:100])
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        p = shm / f"bolmo-async-test-{tmp_path.name}.bin"
+        try:
+            g = OutputFile(p)
+            g.write(block)
+            g.write(block[:10])
+            g.close(fsync=False)
+            assert p.read_bytes() == bytes(block) + bytes(block[:10])
+        finally:
+            p.unlink(missing_ok=True)
