@@ -16,10 +16,10 @@ from typing import Any
 import typer
 
 from . import api
-from .decode import DEFAULT_MAX_DOCUMENT_BYTES
 from .errors import BolmoError
 from .models import (
     DEFAULT_DATA_FRACTION,
+    DEFAULT_MAX_DOCUMENT_BYTES,
     DEFAULT_MAX_TOKENS_PER_FILE,
     DEFAULT_REPO_ID,
     DEFAULT_SEED,

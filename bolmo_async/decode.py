@@ -27,14 +27,12 @@ import pyarrow.json as pj
 import zstandard
 
 from .errors import DecodeError
-from .models import SkipCounter
+from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
 
 #: Compressed bytes decompressed at a time, at offsets that are multiples of it.
 FEED_SLICE = 64 * 1024
 #: Text per batch of documents.
 BATCH_BYTES = 1 << 20
-#: Documents (JSON lines, parquet texts) larger than this are skipped and counted.
-DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
 

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import StateError, UsageError
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
@@ -195,6 +194,8 @@ _NEEDS_QUOTES = r'[,"\r\n]'
 
 def _csv_field(values: pa.Array) -> pa.Array:
     """Strings as CSV fields: quoted (``"`` doubled) only when they hold ``,`` ``"`` CR or LF."""
+    import pyarrow.compute as pc  # not at import: the coordinator only plans shards (start-up CPU)
+
     data = value_bytes(values.cast(pa.large_string()))
     if not any(c in data for c in (b",", b'"', b"\r", b"\n")):
         return values  # nothing to quote (the usual case): skip the kernels
@@ -206,6 +207,8 @@ def csv_rows(starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs
     """``start,end,id,src,loc\n`` per row, the way ``csv.writer`` writes them."""
     if not len(ids):
         return b""
+    import pyarrow.compute as pc
+
     src_field = _csv_field(pa.array([src]))[0]
     lines = pc.binary_join_element_wise(
         pa.array(starts, pa.int64()).cast(pa.string()),

@@ -12,6 +12,9 @@ from typing import Any
 
 from .errors import UnsafePathError, UsageError
 
+#: Documents (JSON lines, parquet texts) larger than this are skipped and counted.
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+
 DEFAULT_REPO_ID = "allenai/bolmo_mix"
 DEFAULT_TOKENIZER_ID = "allenai/dolma2-tokenizer"
 DEFAULT_MAX_TOKENS_PER_FILE = 100_000_000

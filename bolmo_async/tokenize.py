@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import TokenizerError
 from .models import TokenizerInfo
@@ -65,6 +64,8 @@ def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
 def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Bolmo byte ids of string/binary ``texts``: flat ``utf8 + 4`` with EOS ``1`` after each
     document, and the int64 document offsets into it (len n + 1). No Python loop per document."""
+    import pyarrow.compute as pc  # not at import: the coordinator never needs it (start-up CPU)
+
     arr = texts.cast(pa.large_binary())
     n = len(arr)
     if arr.null_count:
