@@ -134,7 +134,7 @@ class ShardWriter:
         """The current block's ids to the lanes (hash, write); the other block fills next."""
         if not self._fill:
             return
-        view = memoryview(self._blocks[self._block][: self._fill])
+        view = memoryview(self._blocks[self._block][: self._fill].data)
         self._hash_lane.put(self.sha.update, view)
         self._lane.put(self._write, view)
         self._block ^= 1

@@ -144,3 +144,63 @@ def test_corrupt_gzip_is_reported_not_raised():
 def test_not_a_zstd_file():
     rows, skips = _decode(b"this is not zstd at all\n" * 10, ".jsonl.zst")
     assert rows == [] and skips.counts == {"corrupt_stream": 1}
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["id", "text", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_ODD_LINES = st.sampled_from(
+    [
+        b"",
+        b"   ",
+        b'{"text": "a"}{"text": "b"}',
+        b'{"text": "dup", "text": "last"}',
+        b'{"id": 7, "text": "int id"}',
+        b'{"id": null, "text": "null id"}',
+        b'{"id": "x", "text": ""}',
+        b'{"text": "lone \\ud800"}',
+        b'{"id": "\\udc00", "text": "bad id"}',
+        b'{"text": "bad \xff utf8"}',
+        b'{"text": "ctl \x01"}',
+        b'{"text": "nan", "x": NaN}',
+        b'\xef\xbb\xbf{"text": "bom"}',
+        b'{"text": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"text": "\\u0000 nul"}',
+        b'{"text": "cr"}\r',
+        b"[1]",
+        b'"text"',
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        _ODD_LINES
+        | _JSON_VALUES.map(lambda v: json.dumps(v).encode())
+        | st.dictionaries(st.sampled_from(["id", "text", "x"]), _JSON_VALUES, max_size=3).map(
+            lambda d: json.dumps(d, ensure_ascii=False).encode()
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_typed_fast_path_and_json_path_agree_on_every_line(monkeypatch_lines):
+    """Each line is parsed by msgspec (typed to id/text) or, when it does not take it, by json +
+    check_doc. Whatever the line, the result is what json + check_doc alone give."""
+    import bolmo_async.decode as decode
+
+    blob = b"\n".join(monkeypatch_lines) + b"\n"
+    fast = _decode(blob, ".jsonl")
+    original = decode._doc_decoder
+    decode._doc_decoder = lambda *_: None  # json + check_doc only
+    try:
+        slow = _decode(blob, ".jsonl")
+    finally:
+        decode._doc_decoder = original
+    assert fast[0] == slow[0]
+    assert fast[1].counts == slow[1].counts and fast[1].examples == slow[1].examples
