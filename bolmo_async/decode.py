@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import zstandard
 
@@ -115,15 +116,59 @@ def check_doc(
     return None, _doc_id(obj.get(id_field), path, loc), text
 
 
-def _empty_batch() -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([pa.array([], t) for t in BATCH_SCHEMA.types], schema=BATCH_SCHEMA)
+class Docs:
+    """A batch of documents: ``id`` (string) and ``loc`` (int64) as Arrow, the texts as Python
+    str, which is what BPE engines take (the Arrow ``text`` column, which byte mode stages, is
+    built on first use). ``column(name)`` reads like a record batch of ``BATCH_SCHEMA``."""
+
+    __slots__ = ("_text", "ids", "locs", "texts")
+
+    def __init__(self, ids: pa.Array, locs: pa.Array, texts: list[str]):
+        self.ids, self.locs, self.texts = ids, locs, texts
+        self._text: pa.Array | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def text_chars(self) -> int:
+        return sum(map(len, self.texts))
+
+    def text_array(self) -> pa.Array:
+        if self._text is None:
+            self._text = pa.array(self.texts, pa.large_string())
+        return self._text
+
+    def column(self, name: str) -> pa.Array:
+        return {"id": self.ids, "loc": self.locs}.get(name) or self.text_array()
+
+    def filter(self, mask: Any) -> Docs:
+        keep = np.asarray(mask, dtype=bool)
+        flags = pa.array(keep)
+        return Docs(
+            self.ids.filter(flags),
+            self.locs.filter(flags),
+            [t for t, k in zip(self.texts, keep.tolist(), strict=True) if k],
+        )
+
+    @staticmethod
+    def concat(parts: list[Docs]) -> Docs:
+        if len(parts) == 1:
+            return parts[0]
+        return Docs(
+            pa.concat_arrays([p.ids for p in parts]),
+            pa.concat_arrays([p.locs for p in parts]),
+            [t for p in parts for t in p.texts],
+        )
 
 
-def _batch(ids: list[str], locs: list[int], texts: list[str]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(
-        [pa.array(ids, pa.string()), pa.array(locs, pa.int64()), pa.array(texts, pa.large_string())],
-        schema=BATCH_SCHEMA,
-    )
+def _empty_batch() -> Docs:
+    return _batch([], [], [])
+
+
+def _batch(ids: list[str], locs: list[int], texts: list[str]) -> Docs:
+    return Docs(pa.array(ids, pa.string()), pa.array(locs, pa.int64()), texts)
 
 
 class LineDecoder:
@@ -161,9 +206,9 @@ class LineDecoder:
         self._prefix_reached = False
 
     # -- feeding -------------------------------------------------------------------------
-    def feed(self, data: bytes) -> list[pa.RecordBatch]:
+    def feed(self, data: bytes) -> list[Docs]:
         """Feed bytes; return the batches that became ready."""
-        out: list[pa.RecordBatch] = []
+        out: list[Docs] = []
         if self.done:
             self.fed += len(data)
             return out
@@ -185,11 +230,11 @@ class LineDecoder:
             self.done = True
         return out
 
-    def _take(self, data: bytes) -> list[pa.RecordBatch]:
+    def _take(self, data: bytes) -> list[Docs]:
         """Decompress whole aligned slices of what was fed; keep the rest for later."""
         self.fed += len(data)
         self._carry += data
-        out: list[pa.RecordBatch] = []
+        out: list[Docs] = []
         while not self.done:
             need = FEED_SLICE - (self._consumed % FEED_SLICE)
             if len(self._carry) < need:
@@ -204,7 +249,7 @@ class LineDecoder:
                     break
         return out
 
-    def _decompress(self, piece: bytes) -> list[pa.RecordBatch]:
+    def _decompress(self, piece: bytes) -> list[Docs]:
         if not piece or self.done:
             return []
         self._consumed += len(piece)
@@ -221,10 +266,10 @@ class LineDecoder:
             out += self._flush_lines()
         return out
 
-    def _split(self, plain: bytes) -> list[pa.RecordBatch]:
+    def _split(self, plain: bytes) -> list[Docs]:
         """Append decompressed bytes; complete lines go to ``_blocks``. Linear in the input: only
         the new bytes are searched, and a line over the size cap is dropped as it arrives."""
-        out: list[pa.RecordBatch] = []
+        out: list[Docs] = []
         if self._skipping_line:
             nl = plain.find(b"\n")
             if nl < 0:
@@ -253,11 +298,11 @@ class LineDecoder:
             self._skipping_line = True
         return out
 
-    def _drop_long_lines(self) -> list[pa.RecordBatch]:
+    def _drop_long_lines(self) -> list[Docs]:
         """The last block holds a line over the cap (it arrived in one piece): skip it, keep the rest."""
         block = self._blocks.pop()
         self._lines_size -= len(block)
-        out: list[pa.RecordBatch] = []
+        out: list[Docs] = []
         for line in block.split(b"\n"):
             if len(line) > self.max_document_bytes:
                 out += self._flush_lines()
@@ -268,7 +313,7 @@ class LineDecoder:
                 self._lines_size += len(line)
         return out
 
-    def finish(self) -> list[pa.RecordBatch]:
+    def finish(self) -> list[Docs]:
         """End of file: the last line without a newline counts; a truncated stream is reported."""
         if self.done:
             return []
@@ -290,7 +335,7 @@ class LineDecoder:
         return out
 
     # -- parsing -------------------------------------------------------------------------
-    def _flush_lines(self) -> list[pa.RecordBatch]:
+    def _flush_lines(self) -> list[Docs]:
         if not self._blocks:
             return []
         blocks = self._blocks
@@ -307,7 +352,7 @@ class LineDecoder:
         self.documents += batch.num_rows
         return [batch] if batch.num_rows else []
 
-    def _parse(self, lines: list[bytes], first: int, stop_after_first: bool = False) -> pa.RecordBatch:
+    def _parse(self, lines: list[bytes], first: int, stop_after_first: bool = False) -> Docs:
         """One document per line, or a counted skip. Each line goes to msgspec, typed to the two
         fields wanted (the rest is checked as JSON and dropped, never built); a line it does not
         take (not an object, a missing or non-string field, invalid UTF-8, a lone surrogate...)
@@ -405,7 +450,7 @@ def parquet_batch(
     max_document_bytes: int = 0,
     text_field: str = "text",
     id_field: str = "id",
-) -> pa.RecordBatch:
+) -> Docs:
     """A parquet row group (``text`` and maybe ``id``) -> a document batch; ``loc`` is the 1-based row."""
     if text_field not in table.column_names:
         skips.add("missing_text", f"{path}: no {text_field!r} column", n=table.num_rows)

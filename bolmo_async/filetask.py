@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .decode import BATCH_BYTES, LineDecoder, parquet_batch
+from .decode import BATCH_BYTES, Docs, LineDecoder, parquet_batch
 from .download import BytesSink, RangeIgnored, stream
 from .errors import IntegrityError
 from .hub import HubClient
@@ -113,7 +113,7 @@ class Processor:
         info = self.ctx.tokenizer.info
         self._writer = self.ctx.staging.writer(self.pf, info.fingerprint, info.kind)
         self.sha256: str | None = None
-        self._small: list[pa.RecordBatch] = []  # small batches (parquet row groups) waiting to be coalesced
+        self._small: list[Docs] = []  # small batches (parquet row groups) waiting to be coalesced
         self._small_bytes = 0
 
     # -- Sink protocol (streaming) ------------------------------------------------------
@@ -193,34 +193,31 @@ class Processor:
             return True
 
     # -- common --------------------------------------------------------------------------
-    def _emit(self, batch: pa.RecordBatch) -> None:
+    def _emit(self, batch: Docs) -> None:
         """Tokenize and stage ``batch``; small batches (parquet row groups) are coalesced to
         ``BATCH_BYTES`` first."""
         if batch.num_rows:
             self._small.append(batch)
-            self._small_bytes += batch.column("text").nbytes
+            self._small_bytes += batch.text_chars
         if self._small_bytes >= BATCH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if not self._small:
             return
-        if len(self._small) == 1:
-            whole = self._small[0]
-        else:
-            whole = pa.Table.from_batches(self._small).combine_chunks().to_batches()[0]
+        whole = Docs.concat(self._small)
         self._small, self._small_bytes = [], 0
-        keep = self.ctx.tokenizer.keep(whole.column("text"))
+        keep = self.ctx.tokenizer.keep(whole.texts)
         if keep is not None:  # documents the tokenizer refuses (a BPE word of megabytes)
-            ids, locs = whole.column("id"), whole.column("loc")
-            for i in pc.indices_nonzero(pc.invert(keep)).to_pylist():
+            ids, locs = whole.ids, whole.locs
+            for i in np.flatnonzero(~keep).tolist():
                 self.skips.add("word_too_long", f"{self.pf.path}:{locs[i].as_py()} ({ids[i].as_py()})")
             whole = whole.filter(keep)
             if not whole.num_rows:
                 return
-        tokens_col = self.ctx.tokenizer.tokens_column(whole.column("text"))
+        tokens_col = self.ctx.tokenizer.tokens_column(whole.texts)
         assert self._writer is not None
-        tokens = self._writer.write(whole.column("id"), whole.column("loc"), tokens_col)
+        tokens = self._writer.write(whole.ids, whole.locs, tokens_col)
         del tokens_col
         release_free_memory()
         if self.ctx.on_documents:

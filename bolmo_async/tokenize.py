@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -93,14 +93,26 @@ def byte_ids_slice(data: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.append(body, np.uint32(BYTE_EOS)) if hi > len(data) else body
 
 
+#: Document texts: an Arrow string column, or Python str (what BPE engines take).
+Texts: TypeAlias = "pa.Array | list[str]"
+
+
+def _arrow_texts(texts: Texts) -> pa.Array:
+    return pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts
+
+
+def _python_texts(texts: Texts) -> list[str]:
+    return texts if isinstance(texts, list) else texts.to_pylist()
+
+
 class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
-    def tokens_column(self, texts: pa.Array) -> pa.Array:
+    def tokens_column(self, texts: Texts) -> pa.Array:
         """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
-        return texts.cast(pa.large_binary())
+        return _arrow_texts(texts).cast(pa.large_binary())
 
-    def keep(self, texts: pa.Array) -> pa.Array | None:
+    def keep(self, texts: Texts) -> np.ndarray | None:
         """Every document is kept (no BPE, nothing to refuse)."""
         return None
 
@@ -114,8 +126,8 @@ class ByteTokenizer:
             engine="numpy",
         )
 
-    def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        return byte_ids(texts)
+    def encode_batch(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
+        return byte_ids(_arrow_texts(texts))
 
     def close(self) -> None:
         pass
@@ -496,9 +508,9 @@ class SubwordTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._reference().decode(ids, skip_special_tokens=False))
 
-    def encode_batch(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
         """Flat uint32 ids with an EOS after every document, and the int64 document offsets."""
-        docs = texts.to_pylist()
+        docs = _python_texts(texts)
         ids, offs = self._ids(docs)
         self._cross_check(docs, ids, offs)
         n = len(docs)
@@ -511,29 +523,26 @@ class SubwordTokenizer:
         out[eos_at] = self.eos
         return out, new_offs
 
-    def tokens_column(self, texts: pa.Array) -> pa.Array:
+    def tokens_column(self, texts: Texts) -> pa.Array:
         """The staged ``large_list<uint32>`` column (EOS included)."""
         return tokens_column(*self.encode_batch(texts))
 
-    def keep(self, texts: pa.Array) -> pa.Array | None:
+    def keep(self, texts: Texts) -> np.ndarray | None:
         """None, or a mask of the documents to tokenize: a document holding a "word" (a run with
         no ASCII whitespace) longer than ``MAX_WORD_BYTES`` is refused. BPE cost and memory grow
         with the longest pre-token (one 50 MB run of a letter: 31 s and 2.6 GB in fastokens), and
-        such runs are not text. Only documents longer than the cap are looked at, in place."""
-        arr = texts.cast(pa.large_binary())
-        offsets = large_offsets(arr)
-        lengths = np.diff(offsets)
-        big = np.flatnonzero(lengths > MAX_WORD_BYTES)
-        if not len(big):
-            return None
-        mask = np.ones(len(arr), dtype=bool)
-        data = arr.buffers()[2]
-        for i in big.tolist():
-            start, end = int(offsets[i]), int(offsets[i + 1])
-            mask[i] = (
-                _longest_run(np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start)) <= MAX_WORD_BYTES
-            )
-        return pa.array(mask)
+        such runs are not text. Only documents that may be longer than the cap are looked at."""
+        docs = _python_texts(texts)
+        mask: np.ndarray | None = None
+        for i, text in enumerate(docs):
+            if len(text) * 4 <= MAX_WORD_BYTES:  # UTF-8 is at most 4 bytes a character
+                continue
+            data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+            if len(data) > MAX_WORD_BYTES and _longest_run(data) > MAX_WORD_BYTES:
+                if mask is None:
+                    mask = np.ones(len(docs), dtype=bool)
+                mask[i] = False
+        return mask
 
     def _cross_check(self, docs: list[str], ids: np.ndarray, offs: np.ndarray) -> None:
         """Every ``check_every``-th document (counted over this tokenizer's life) is encoded again by
