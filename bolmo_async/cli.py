@@ -29,7 +29,7 @@ from .models import (
 )
 from .planner import parse_worker
 from .tokenize import DEFAULT_CHECK_EVERY
-from .util import human_bytes, human_count, prefer_system_allocator
+from .util import human_bytes, human_count, prefer_system_allocator, record_absent_imports
 
 app = typer.Typer(
     add_completion=False,
@@ -616,6 +616,7 @@ def main() -> None:
     # inside a fetch the event loop's own handlers take over and cancel the downloads.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     prefer_system_allocator()
+    record_absent_imports()
     try:
         app()
     except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import StateError
 from .finalizer import DATA_SOURCES, MANIFEST
 from .tokenize import decode_bytes
-from .util import sha256_file
+from .util import CHECKSUM, checksum_file
 
 
 def read_index(csv_path: str | os.PathLike[str]) -> list[tuple[int, int, str, str, int]]:
@@ -27,7 +27,7 @@ def read_index(csv_path: str | os.PathLike[str]) -> list[tuple[int, int, str, st
 
 def inspect_dir(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True) -> dict[str, Any]:
     """Check the output folder ``output_dir`` itself (also a copy or a moved folder): each shard
-    the manifest names, looked up in this folder, against its recorded size and sha256;
+    the manifest names, looked up in this folder, against its recorded size and checksum;
     ``data_sources.txt`` against the folder. ``problems`` is empty when all is well."""
     out = Path(output_dir).resolve()
     if not out.is_dir():
@@ -58,8 +58,8 @@ def inspect_dir(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: 
             mine.append(f"{p} is {size} bytes, not a whole number of uint32 tokens (truncated?): {refinalize}")
         elif size != 4 * s["tokens"]:
             mine.append(f"{p} holds {size // 4} tokens, the manifest says {s['tokens']}: {refinalize}")
-        elif verify and sha256_file(p) != s["sha256"]:
-            mine.append(f"{p}: sha256 differs from the manifest: {refinalize}")
+        elif verify and checksum_file(p) != s.get(CHECKSUM):
+            mine.append(f"{p}: its {CHECKSUM} checksum differs from the manifest: {refinalize}")
         if not csv_path.exists():
             mine.append(f"{csv_path} is missing: {refinalize}")
         problems += mine

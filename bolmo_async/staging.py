@@ -2,7 +2,7 @@
 
 ``staging/{key}.arrow`` holds record batches ``(id, loc, tokens)``; ``staging/{key}.json`` is the
 completion marker written after the Arrow file is in place (counts, skips, the verified sha256
-of the download, and the size and sha256 of the staged file itself). A unit without its marker
+of the download, and the size and checksum (``util.CHECKSUM``) of the staged file itself). A unit without its marker
 is not done and is redone; a staged file that no longer matches its marker is damaged and is
 redone too; temporary files are never mistaken for finished ones.
 
@@ -17,7 +17,6 @@ The ``tokens`` column per tokenizer kind:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -32,12 +31,12 @@ import pyarrow as pa
 
 from .models import PlannedFile, SkipCounter
 from .tokenize import byte_ids, byte_ids_slice, large_offsets
-from .util import FSYNC, atomic_write_text, ordinary_mode, raise_if_disk_full, sha256_file
+from .util import CHECKSUM, FSYNC, atomic_write_text, checksum_file, new_checksum, ordinary_mode, raise_if_disk_full
 
 log = logging.getLogger("bolmo_async")
 
 #: Bumped when the staged layout changes: markers of another format are not "done" (refetched).
-STAGING_FORMAT = 3
+STAGING_FORMAT = 4
 
 
 def staging_schema(kind: str) -> pa.Schema:
@@ -51,19 +50,27 @@ def token_lengths(col: pa.Array) -> np.ndarray:
     return lengths + 1 if pa.types.is_large_binary(col.type) else lengths
 
 
-def expand(col: pa.Array, lo: int, hi: int, tok_lo: int = -1, tok_hi: int = -1) -> np.ndarray:
-    """The uint32 ids of documents ``[lo, hi)``, or tokens ``[tok_lo, tok_hi)`` of document ``lo``."""
+def expand(
+    col: pa.Array, lo: int, hi: int, tok_lo: int = -1, tok_hi: int = -1, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The uint32 ids of documents ``[lo, hi)``, or tokens ``[tok_lo, tok_hi)`` of document ``lo``;
+    written into ``out`` (exactly that many uint32) when given."""
     offsets = large_offsets(col)
     if pa.types.is_large_binary(col.type):
         if tok_lo >= 0:
             start, end = int(offsets[lo]), int(offsets[lo + 1])
             data = np.frombuffer(col.buffers()[2], dtype=np.uint8, count=end - start, offset=start)
-            return byte_ids_slice(data, tok_lo, tok_hi)
-        return byte_ids(col.slice(lo, hi - lo))[0]
+            return byte_ids_slice(data, tok_lo, tok_hi, out)
+        return byte_ids(col.slice(lo, hi - lo), out)[0]
     values = np.frombuffer(col.buffers()[3], dtype="<u4", count=int(offsets[-1]))
     if tok_lo >= 0:
-        return values[int(offsets[lo]) + tok_lo : int(offsets[lo]) + tok_hi]
-    return values[int(offsets[lo]) : int(offsets[hi])]
+        ids = values[int(offsets[lo]) + tok_lo : int(offsets[lo]) + tok_hi]
+    else:
+        ids = values[int(offsets[lo]) : int(offsets[hi])]
+    if out is None:
+        return ids
+    out[:] = ids
+    return out
 
 
 class Staging:
@@ -92,9 +99,9 @@ class Staging:
         return rec if rec.get("staged_bytes") == size else None
 
     def intact(self, pf: PlannedFile, rec: dict[str, Any]) -> bool:
-        """The staged file still has the sha256 its marker vouches for."""
+        """The staged file still has the checksum its marker vouches for."""
         try:
-            return sha256_file(self.arrow_path(pf)) == rec.get("staged_sha256")
+            return checksum_file(self.arrow_path(pf)) == rec.get(f"staged_{CHECKSUM}")
         except OSError:
             return False
 
@@ -218,7 +225,7 @@ class StagingWriter:
             "tokens": self.tokens,
             "tokenizer_fingerprint": self.fingerprint,
             "staged_bytes": self._file.size,
-            "staged_sha256": self._file.sha.hexdigest(),
+            f"staged_{CHECKSUM}": self._file.checksum.hexdigest(),
             "skipped": skips.to_json(),
             **extra,
         }
@@ -239,14 +246,14 @@ class _HashingFile(io.RawIOBase):
 
     def __init__(self, f: io.BufferedWriter):
         self._f = f
-        self.sha = hashlib.sha256()
+        self.checksum = new_checksum()
         self.size = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
-        self.sha.update(b)
+        self.checksum.update(b)
         n = self._f.write(b)
         self.size += n
         return n

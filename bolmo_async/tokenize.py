@@ -61,9 +61,10 @@ def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))
 
 
-def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def byte_ids(texts: pa.Array, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Bolmo byte ids of string/binary ``texts``: flat ``utf8 + 4`` with EOS ``1`` after each
-    document, and the int64 document offsets into it (len n + 1). No Python loop per document."""
+    document, and the int64 document offsets into it (len n + 1). No Python loop per document.
+    ``out``: where to put the ids (exactly their number of uint32), instead of a new array."""
     import pyarrow.compute as pc  # not at import: the coordinator never needs it (start-up CPU)
 
     arr = texts.cast(pa.large_binary())
@@ -71,7 +72,7 @@ def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if arr.null_count:
         raise ValueError("byte_ids: texts must not be null")
     if n == 0:
-        return np.empty(0, np.uint32), np.zeros(1, np.int64)
+        return (np.empty(0, np.uint32) if out is None else out), np.zeros(1, np.int64)
     # One Arrow kernel call lays each document's bytes out followed by a placeholder byte, i.e.
     # exactly the id layout; then one vectorised add, and the EOS ids go where the placeholders are.
     nothing = pa.LargeBinaryArray.from_buffers(
@@ -81,16 +82,21 @@ def byte_ids(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     offsets = large_offsets(joined)
     start, end = int(offsets[0]), int(offsets[-1])
     data = np.frombuffer(joined.buffers()[2], dtype=np.uint8, count=end - start, offset=start)
-    out = np.add(data, BYTE_OFFSET, dtype=np.uint32)
+    out = np.add(data, BYTE_OFFSET, dtype=np.uint32, out=out)
     rel = offsets - start
     out[rel[1:] - 1] = BYTE_EOS
     return out, rel
 
 
-def byte_ids_slice(data: np.ndarray, lo: int, hi: int) -> np.ndarray:
+def byte_ids_slice(data: np.ndarray, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
     """Ids ``[lo, hi)`` of one document whose UTF-8 bytes are ``data`` (its EOS is id ``len(data)``)."""
-    body = np.add(data[lo : min(hi, len(data))], BYTE_OFFSET, dtype=np.uint32)
-    return np.append(body, np.uint32(BYTE_EOS)) if hi > len(data) else body
+    if out is None:
+        out = np.empty(hi - lo, dtype=np.uint32)
+    body = min(hi, len(data)) - lo
+    np.add(data[lo : lo + body], BYTE_OFFSET, dtype=np.uint32, out=out[:body])
+    if hi > len(data):
+        out[body] = BYTE_EOS
+    return out
 
 
 #: Document texts: an Arrow string column, or Python str (what BPE engines take).

@@ -284,9 +284,10 @@ def process_main(wid: int, inbox: Any, outbox: Any, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     holder: list[Worker] = []
     _die_with_parent(lambda: holder[0] if holder else None, parent)
-    from .util import prefer_system_allocator
+    from .util import prefer_system_allocator, record_absent_imports
 
     prefer_system_allocator()
+    record_absent_imports()
     logging.getLogger().handlers[:] = []
     root = logging.getLogger("bolmo_async")
     root.handlers[:] = [_Forward(wid, outbox.put)]

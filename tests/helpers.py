@@ -47,7 +47,7 @@ def shard_documents(manifest: dict) -> list[tuple[str, str, int, np.ndarray]]:
 
 
 def shard_hashes(manifest: dict) -> list[str]:
-    return [s["sha256"] for s in manifest["shards"]]
+    return [s["xxh3_128"] for s in manifest["shards"]]
 
 
 def cli(*args: str) -> list[str]:

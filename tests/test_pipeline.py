@@ -187,7 +187,7 @@ def test_inspect_detects_tampering(tmp_path, mirror):
     data = bytearray(p.read_bytes())
     data[0] ^= 1
     p.write_bytes(bytes(data))
-    assert any("sha256" in x for x in bolmo_async.inspect(out)["problems"])
+    assert any("xxh3_128" in x for x in bolmo_async.inspect(out)["problems"])
 
 
 def test_step_by_step_api_equals_prepare(tmp_path, mirror):
@@ -269,7 +269,7 @@ def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_pat
     """prepare writes each shard as soon as the files before it are staged; those are the very
     shards (and csv.gz) that a separate fetch + finalize writes, and finalize rewrites none of them.
     A bound of 20k tokens also cuts documents larger than a shard across shards."""
-    import hashlib
+    import xxhash
 
     import bolmo_async.api as api_module
 
@@ -292,7 +292,7 @@ def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_pat
     assert len(m["shards"]) == len(m2["shards"]) and (bound > 1e6 or len(m["shards"]) > 10)
     for s1, s2 in zip(m["shards"], m2["shards"], strict=True):
         data = Path(s1["path"]).read_bytes()
-        assert data == Path(s2["path"]).read_bytes() and hashlib.sha256(data).hexdigest() == s1["sha256"]
+        assert data == Path(s2["path"]).read_bytes() and xxhash.xxh3_128(data).hexdigest() == s1["xxh3_128"]
         assert gzip.decompress(Path(s1["csv"]).read_bytes()) == gzip.decompress(Path(s2["csv"]).read_bytes())
     if bound == 20_000:
         rows = [r for s in m["shards"] for r in read_index(Path(s["csv"]))]
@@ -394,7 +394,7 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
     """Shards go to disk in page-aligned blocks with O_DIRECT where the filesystem takes it; the
     bytes on disk (read back as the trainer reads them) and their manifest checksums are the
     same with it off and with blocks of one page (every block boundary, an unaligned tail)."""
-    import hashlib
+    import xxhash
     import sys
 
     import bolmo_async.util as util
@@ -405,7 +405,7 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
     def on_disk(manifest):
         files = [Path(s["path"]).read_bytes() for s in manifest["shards"]]
         for s, data in zip(manifest["shards"], files, strict=True):
-            assert hashlib.sha256(data).hexdigest() == s["sha256"]
+            assert xxhash.xxh3_128(data).hexdigest() == s["xxh3_128"]
             assert len(data) == 4 * s["tokens"]
         return files
 
