@@ -394,8 +394,9 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
     """Shards go to disk in page-aligned blocks with O_DIRECT where the filesystem takes it; the
     bytes on disk (read back as the trainer reads them) and their manifest checksums are the
     same with it off and with blocks of one page (every block boundary, an unaligned tail)."""
-    import xxhash
     import sys
+
+    import xxhash
 
     import bolmo_async.util as util
 
