@@ -58,11 +58,11 @@ SHARD_PREFIX = "bolmo_data_"
 MANIFEST = "manifest.json"
 DATA_SOURCES = "data_sources.txt"
 RUN_STATE = "run.json"
-#: Token ids built and queued for writing at a time (4 MB of uint32).
-WRITE_TOKENS = 1 << 20
+#: Token ids built at a time (1 MiB of uint32).
+WRITE_TOKENS = 1 << 18
 #: A shard is hashed and written in blocks of this size (page-aligned; two per shard being written).
-#: Four times the ids built at a time, so that most are built right into a block.
-BLOCK_BYTES = 16 << 20
+#: Eight times the ids built at a time, so that most are built right into a block.
+BLOCK_BYTES = 8 << 20
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
 _SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
@@ -101,6 +101,21 @@ class _Lane:
         self._pool.shutdown(wait=True)
 
 
+_free_blocks: list[np.ndarray] = []
+_free_lock = threading.Lock()
+
+
+def _take_block() -> np.ndarray:
+    """A page-aligned block of ``BLOCK_BYTES``: one a finished shard gave back (its pages are
+    already mapped), else a new one."""
+    with _free_lock:
+        while _free_blocks:
+            block = _free_blocks.pop()
+            if len(block) * 4 == BLOCK_BYTES:
+                return block
+    return np.frombuffer(aligned_buffer(BLOCK_BYTES), dtype="<u4")
+
+
 class ShardWriter:
     """One shard being written to a temporary name, with its csv.gz rows and running checksum.
 
@@ -123,7 +138,7 @@ class ShardWriter:
         self.documents = 0  # csv rows (pieces of documents)
         # Two blocks: with lanes of depth 1, a block handed to them is done with by the time the
         # next one has been handed over, so the two alternate safely.
-        self._blocks = [np.frombuffer(aligned_buffer(BLOCK_BYTES), dtype="<u4") for _ in range(2)]
+        self._blocks = [_take_block() for _ in range(2)]
         self._block = 0
         self._fill = 0  # ids in the current block
 
@@ -162,6 +177,12 @@ class ShardWriter:
         self._block ^= 1
         self._fill = 0
 
+    def _give_back(self) -> None:
+        """The blocks go back to the process's free list (once the lanes are done with them)."""
+        blocks, self._blocks = self._blocks, []
+        with _free_lock:
+            _free_blocks.extend(b for b in blocks if len(b) * 4 == BLOCK_BYTES)
+
     def _write(self, data: memoryview) -> None:
         try:
             self._f.write(data)
@@ -180,6 +201,7 @@ class ShardWriter:
             for lane in (self._lane, self._hash_lane):
                 lane.drain()
                 lane.close()
+            self._give_back()
             self._gz.close()
             self._f.close(FSYNC)
             self._raw_csv.flush()
@@ -202,6 +224,7 @@ class ShardWriter:
     def abort(self) -> None:
         self._lane.close()
         self._hash_lane.close()
+        self._give_back()
         with contextlib.suppress(Exception):
             self._f.close(False)
         with contextlib.suppress(Exception):
