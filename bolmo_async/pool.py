@@ -3,9 +3,9 @@
 It knows nothing about bytes or tokens. Workers are spawned first, so that they import while
 the coordinator lists the repo and loads the tokenizer; each then receives the ``WorkerSpec``
 and builds its own tokenizer. Files go out largest first (shards do not depend on completion
-order), at most ``spec.slots`` tasks per worker at a time; shard tasks go first once a shard's
-files are staged. A worker that dies fails only the files it held; a fatal error (auth, disk
-full, tokenizer) stops every worker.
+order), at most ``spec.slots`` tasks per worker at a time; a shard whose files are staged goes
+first to a worker not already writing one (one shard per worker at a time). A worker that dies
+fails only the files it held; a fatal error (auth, disk full, tokenizer) stops every worker.
 
 ``processes=1`` runs the one worker on a thread of this process: no spawn (fast start, works
 from any script, and it is what a Ray task or a ``--worker`` share on a small machine runs).
@@ -154,15 +154,19 @@ class Pool:
                         todo.clear()
                     break
                 for m in live:
-                    while len(m.tasks) < slots and (shard_tasks or todo):
-                        if shard_tasks:
+                    while len(m.tasks) < slots:
+                        # One shard at a time per worker: writing one is CPU-bound (its disk I/O
+                        # already overlaps on its own threads), and each holds its write blocks.
+                        if shard_tasks and not any(kind == "shard" for kind, _ in m.tasks):
                             k, pieces = shard_tasks.popleft()
                             m.tasks.add(("shard", k))
                             m.inbox.put(("shard", k, pieces))
-                        else:
+                        elif todo:
                             u = todo.popleft()
                             m.tasks.add(("file", u))
                             m.inbox.put(("file", u))
+                        else:
+                            break
                 if files_left == 0 and not ended:
                     ended = True
                     if on_files_done is not None:
