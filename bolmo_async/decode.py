@@ -137,7 +137,9 @@ class Docs:
 
     def text_array(self) -> pa.Array:
         if self._text is None:
-            self._text = pa.array(self.texts, pa.large_string())
+            from .tokenize import string_array
+
+            self._text = string_array(self.texts)
         return self._text
 
     def column(self, name: str) -> pa.Array:
