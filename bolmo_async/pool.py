@@ -2,8 +2,9 @@
 
 It knows nothing about bytes or tokens. Workers are spawned first, so that they import while
 the coordinator lists the repo and loads the tokenizer; each then receives the ``WorkerSpec``
-and builds its own tokenizer. Files go out largest first (shards do not depend on completion
-order), at most ``spec.slots`` tasks per worker at a time; a shard whose files are staged goes
+and builds its own tokenizer. Files go out in plan order, the shards' order: a shard is complete,
+and written, while later files are still fetching (not all at the end, when only the disk is
+busy). At most ``spec.slots`` tasks per worker at a time; a shard whose files are staged goes
 first to a worker not already writing one (one shard per worker at a time). A worker that dies
 fails only the files it held; a fatal error (auth, disk full, tokenizer) stops every worker.
 
@@ -137,7 +138,7 @@ class Pool:
         assert self._spec is not None, "start() first"
         files = self._spec.files
         result = RunResult()
-        todo = deque(sorted(units, key=lambda u: (-files[u].size, u)))
+        todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
         slots = self._spec.slots
         files_left = len(todo)
