@@ -1,13 +1,13 @@
-"""File bytes -> batches of documents (``id``, ``loc``, ``text``) as Arrow record batches.
+"""File bytes -> batches of documents (``Docs``: ``id``, ``loc`` as Arrow, texts as Python str).
 
 Two readers behind one small interface (``feed(bytes) -> batches``, ``finish() -> batches``
 for JSON lines; ``parquet_batch(table)`` per row group): pure functions of the file's bytes.
 
 JSON lines (zstd, gzip or plain) are decompressed in fixed slices aligned to offsets in the
 file, so what comes out, even of a damaged stream, never depends on how the network chunked
-the bytes. Complete lines are parsed by Arrow's C++ reader in blocks (fast path) and, when a
-block has something odd in it, line by line with ``json`` to count and report each bad line
-exactly. A line longer than ``max_document_bytes`` is skipped and counted without being held.
+the bytes. Each complete line is parsed by msgspec, typed to the two fields wanted; a line it
+does not take goes to ``json`` and ``check_doc``, which count and report it by reason. A line
+longer than ``max_document_bytes`` is skipped and counted without being held.
 
 A prefix decoder (``limit``) stops taking documents once ``limit`` compressed bytes have been
 fed (the lines complete at that point are taken, at least one document).
