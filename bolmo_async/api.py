@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -415,7 +416,12 @@ def validate_fetch_options(
 #: than this (the same ids; fastokens' longer build only pays off on more text).
 SMALL_PLAN_BYTES = 1 << 20
 
-#: With ``processes=0``, a worker process per this many planned download bytes, up to the cores:
+
+def _small(plan: Plan) -> bool:
+    return sum(pf.planned_bytes for pf in plan.files) < SMALL_PLAN_BYTES
+
+
+#: With ``processes=0``, a worker process per this many planned compressed bytes, up to the cores:
 #: starting a process costs about a second of CPU (imports, the BPE engine), which a small
 #: plan does not win back.
 BYTES_PER_PROCESS = 16 * 1024 * 1024
@@ -424,7 +430,9 @@ BYTES_PER_PROCESS = 16 * 1024 * 1024
 def auto_processes(plan: Plan | None) -> int:
     if plan is None:
         return usable_cores()
-    planned = sum(pf.read_bytes for pf in plan.files)
+    # The bytes to decode, not to download: a JSON-lines prefix is downloaded whole (to verify
+    # it) but only decoded up to the prefix, and hashing is cheap next to decoding.
+    planned = sum(pf.planned_bytes for pf in plan.files)
     return max(1, min(usable_cores(), len(plan.files), -(-planned // BYTES_PER_PROCESS)))
 
 
@@ -512,9 +520,10 @@ def _fetch(
     )
     ep = _endpoint(endpoint)
     existing = None if force else load_plan(out)
-    n = processes or auto_processes(existing)
-    if engine == "auto" and existing is not None and sum(pf.planned_bytes for pf in existing.files) < SMALL_PLAN_BYTES:
-        engine = "tokenizers"  # a smoke test: building fastokens (0.6 s) would cost more than it saves
+    # With a plan on disk (or --processes) the workers are spawned now and import while the repo is
+    # listed; a new plan's size is known only after the listing, and a small one (a smoke test)
+    # runs in this process rather than pay for spawning.
+    n = processes or (auto_processes(existing) if existing is not None else 0)
     # The tokenizer JSON loads (a download on the real Hub) while the repo is listed.
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
     tok_future = loader.submit(
@@ -527,7 +536,8 @@ def _fetch(
         engine=engine,
         check_every=check_every,
     )
-    with loader, Pool(n) as pool:  # workers import while the repo is listed and the tokenizer loaded
+    with loader, contextlib.ExitStack() as stack:
+        pool = stack.enter_context(Pool(n)) if n else None
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
             _same_endpoint(the_plan, ep)
@@ -539,7 +549,15 @@ def _fetch(
         if worker is not None:
             share = {pf.path for pf in assign_workers(the_plan, worker[1])[worker[0]]}
             units = [u for u in units if the_plan.files[u].path in share]
+        if pool is None:
+            n = auto_processes(the_plan)
+            pool = stack.enter_context(Pool(n))
         spec_tok, info = tok_future.result()
+        if engine == "auto" and info.kind == "subword" and _small(the_plan):
+            # A smoke test: building fastokens (0.5 s a process) would cost more than it saves;
+            # the reference gives the same ids.
+            info = dataclasses.replace(info, engine="tokenizers")
+            spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
         _check_state(out, info, force)
         if spec_tok.source is not None:
             atomic_write_text(out / "tokenizer" / "tokenizer.json", spec_tok.source.json_text)

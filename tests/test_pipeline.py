@@ -445,3 +445,25 @@ def test_output_file_falls_back_to_ordinary_writes(tmp_path):
             assert p.read_bytes() == bytes(block) + bytes(block[:10])
         finally:
             p.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", pytest.param("subword", marks=needs_dolma2)])
+def test_a_small_new_plan_runs_in_process_with_the_cheapest_engine(tmp_path, mirror, monkeypatch, tokenizer):
+    """With --processes 0 and no plan yet, the pool is sized once the plan is known: a smoke
+    test (here the whole sample, a few MB to decode) runs in this process instead of spawning,
+    and in subword mode `--engine auto` runs the tokenizers reference (no fastokens build)."""
+    import bolmo_async.api as api
+
+    sizes: list[int] = []
+    real = api.Pool
+
+    def sized_pool(processes: int):
+        sizes.append(processes)
+        return real(processes)
+
+    monkeypatch.setattr(api, "Pool", sized_pool)
+    m = _prepare(tmp_path / "o", mirror, data_fraction=0.05, tokenizer=tokenizer)
+    assert sizes == [1]
+    assert m["totals"]["documents"] > 0
+    if tokenizer == "subword":
+        assert m["tokenizer"]["engine"] == "tokenizers"
