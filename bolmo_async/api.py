@@ -40,6 +40,7 @@ from .hub import (
 )
 from .inspector import inspect_dir
 from .models import (
+    DEFAULT_CONCURRENCY,
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_TOKENS_PER_FILE,
     DEFAULT_REPO_ID,
@@ -386,7 +387,7 @@ def validate_fetch_options(
     *,
     tokenizer: str = "byte",
     engine: str = "auto",
-    concurrency: int = 8,
+    concurrency: int = DEFAULT_CONCURRENCY,
     retries: int = 8,
     read_timeout: float = 60.0,
     processes: int = 0,
@@ -493,7 +494,7 @@ def _fetch(
     special_tokens_as_text: bool = True,
     engine: str = "auto",
     check_every: int = DEFAULT_CHECK_EVERY,
-    concurrency: int = 8,
+    concurrency: int = DEFAULT_CONCURRENCY,
     streaming: bool = True,
     endpoint: str | None = None,
     retries: int = 8,

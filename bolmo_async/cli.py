@@ -18,6 +18,7 @@ import typer
 from . import api
 from .errors import BolmoError
 from .models import (
+    DEFAULT_CONCURRENCY,
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_DOCUMENT_BYTES,
     DEFAULT_MAX_TOKENS_PER_FILE,
@@ -297,7 +298,11 @@ DROP_STAGING = typer.Option(
 SKIP_DISK = typer.Option(
     False, "--skip-disk-check", help="Do not refuse a run whose estimated size exceeds the free disk."
 )
-CONCURRENCY = typer.Option(8, "--concurrency", help="Files downloaded at once.")
+CONCURRENCY = typer.Option(
+    DEFAULT_CONCURRENCY,
+    "--concurrency",
+    help="Files in flight (downloading and decoding), shared out over the workers.",
+)
 STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
 )

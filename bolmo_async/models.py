@@ -12,6 +12,11 @@ from typing import Any
 
 from .errors import UnsafePathError, UsageError
 
+#: Files in flight (downloading and decoding), shared out over the workers: two per worker on 2
+#: cores, one decoding while the next downloads. More only interleaves files on the same core, so
+#: they finish together and the shards they complete wait (and are then written while the disk
+#: alone is busy, at the end).
+DEFAULT_CONCURRENCY = 4
 #: Documents (JSON lines, parquet texts) larger than this are skipped and counted.
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 
