@@ -336,3 +336,15 @@ def test_importing_the_tokenizer_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "bolmo_async.api", "bolmo_async.api", "prepare"]
+
+
+def test_string_array_is_the_utf8_of_every_text():
+    """Byte mode stages the texts' UTF-8 built from one bytes (not Arrow's builder): the same
+    column Arrow would build, for ASCII, multi-byte, astral and empty texts alike."""
+    from bolmo_async.tokenize import string_array
+
+    texts = ["plain", "", "é東", "🚀 rocket", "x" * 70_000, "\x00nul"]
+    got = string_array(texts)
+    assert got.type == pa.large_string()
+    assert got.equals(pa.array(texts, pa.large_string()))
+    assert string_array([]).to_pylist() == []
