@@ -48,6 +48,8 @@ def maybe_fsync(fd: int) -> None:
 DIRECT_IO = os.environ.get("BOLMO_ASYNC_DIRECT_IO", "1") not in ("", "0")
 #: O_DIRECT wants memory, file offsets and sizes aligned to the device's block; 4096 covers them.
 DIRECT_ALIGN = 4096
+#: How filesystems refuse O_DIRECT (at open or at a write): then ordinary writes.
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def aligned_buffer(nbytes: int) -> memoryview:
@@ -75,7 +77,7 @@ class OutputFile:
                 self.direct = True
                 return
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in _NO_DIRECT:
                     raise
         self.fd = os.open(path, flags, ordinary_mode())
 
@@ -93,7 +95,7 @@ class OutputFile:
             try:
                 n = os.write(self.fd, data)
             except OSError as exc:
-                if self.direct and exc.errno == errno.EINVAL:
+                if self.direct and exc.errno in _NO_DIRECT:
                     self._ordinary()
                     continue
                 raise
