@@ -241,7 +241,8 @@ class LineDecoder:
             need = FEED_SLICE - (self._consumed % FEED_SLICE)
             if len(self._carry) < need:
                 break
-            piece = bytes(self._carry[:need])
+            with memoryview(self._carry) as view:
+                piece = bytes(view[:need])
             del self._carry[:need]
             out += self._decompress(piece)
             if self._prefix_reached:
@@ -280,14 +281,14 @@ class LineDecoder:
             self._skipping_line = False
         if not plain:
             return out
-        start = len(self._pending)
-        self._pending += plain
         nl = plain.rfind(b"\n")
-        if nl >= 0:
-            end = start + nl
-            with memoryview(self._pending) as view:
-                block = bytes(view[:end])
-            del self._pending[: end + 1]
+        if nl < 0:
+            self._pending += plain
+        else:
+            # The complete lines are copied once (the partial line before them joined in front).
+            with memoryview(plain) as view:
+                block = b"".join((self._pending, view[:nl])) if self._pending else plain[:nl]
+                self._pending = bytearray(view[nl + 1 :])
             self._blocks.append(block)
             self._lines_size += len(block)
             if len(block) > self.max_document_bytes:
