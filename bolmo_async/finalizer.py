@@ -101,6 +101,9 @@ class _Lane:
         self._pool.shutdown(wait=True)
 
 
+#: Blocks a process keeps for its next shards (a worker writes one shard at a time; finalize's
+#: threads, one per core, let the rest go).
+MAX_FREE_BLOCKS = 4
 _free_blocks: list[np.ndarray] = []
 _free_lock = threading.Lock()
 
@@ -181,7 +184,9 @@ class ShardWriter:
         """The blocks go back to the process's free list (once the lanes are done with them)."""
         blocks, self._blocks = self._blocks, []
         with _free_lock:
-            _free_blocks.extend(b for b in blocks if len(b) * 4 == BLOCK_BYTES)
+            for b in blocks:
+                if len(b) * 4 == BLOCK_BYTES and len(_free_blocks) < MAX_FREE_BLOCKS:
+                    _free_blocks.append(b)
 
     def _write(self, data: memoryview) -> None:
         try:
