@@ -15,7 +15,15 @@ import numpy as np
 from .errors import StateError
 from .finalizer import DATA_SOURCES, MANIFEST
 from .tokenize import decode_bytes
-from .util import CHECKSUM, checksum_file
+from .util import CHECKSUM, checksum_file, sha256_file
+
+
+def _same_checksum(path: Path, shard: dict[str, Any]) -> bool:
+    """The shard file against its manifest entry: XXH3-128, or sha256 in a manifest written by
+    an earlier version."""
+    if CHECKSUM in shard:
+        return checksum_file(path) == shard[CHECKSUM]
+    return "sha256" in shard and sha256_file(path) == shard["sha256"]
 
 
 def read_index(csv_path: str | os.PathLike[str]) -> list[tuple[int, int, str, str, int]]:
@@ -58,8 +66,9 @@ def inspect_dir(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: 
             mine.append(f"{p} is {size} bytes, not a whole number of uint32 tokens (truncated?): {refinalize}")
         elif size != 4 * s["tokens"]:
             mine.append(f"{p} holds {size // 4} tokens, the manifest says {s['tokens']}: {refinalize}")
-        elif verify and checksum_file(p) != s.get(CHECKSUM):
-            mine.append(f"{p}: its {CHECKSUM} checksum differs from the manifest: {refinalize}")
+        elif verify and not _same_checksum(p, s):
+            kind = CHECKSUM if CHECKSUM in s else "sha256"
+            mine.append(f"{p}: its {kind} checksum differs from the manifest: {refinalize}")
         if not csv_path.exists():
             mine.append(f"{csv_path} is missing: {refinalize}")
         problems += mine

@@ -190,6 +190,24 @@ def test_inspect_detects_tampering(tmp_path, mirror):
     assert any("xxh3_128" in x for x in bolmo_async.inspect(out)["problems"])
 
 
+def test_inspect_reads_a_manifest_with_sha256_checksums(tmp_path, mirror):
+    """Folders finalized by earlier versions recorded sha256: inspect still verifies them."""
+    import hashlib
+
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.1)
+    for s in m["shards"]:
+        s["sha256"] = hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest()
+        del s["xxh3_128"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert bolmo_async.inspect(out)["problems"] == []
+    p = Path(m["shards"][0]["path"])
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+    assert any("sha256" in x for x in bolmo_async.inspect(out)["problems"])
+
+
 def test_step_by_step_api_equals_prepare(tmp_path, mirror):
     out = tmp_path / "o"
     bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2)
