@@ -37,7 +37,7 @@ from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .staging import Staging, StagingWriter
 from .tokenize import AnyTokenizer
-from .util import maybe_fsync, raise_if_disk_full, release_free_memory, sha256_file
+from .util import maybe_fsync, naming_a_full_disk, release_free_memory, sha256_file
 
 log = logging.getLogger("bolmo_async")
 
@@ -336,11 +336,8 @@ class RawFileSink:
         self.sha: str | None = None
 
     def feed(self, data: bytes) -> None:
-        try:
+        with naming_a_full_disk(self.tmp):
             self._f.write(data)
-        except OSError as exc:
-            raise_if_disk_full(exc, self.tmp)
-            raise
         self.hasher.update(data)
 
     def reset(self) -> None:

@@ -48,6 +48,7 @@ from .util import (
     aligned_buffer,
     atomic_write_text,
     maybe_fsync,
+    naming_a_full_disk,
     new_checksum,
     raise_if_disk_full,
 )
@@ -189,11 +190,8 @@ class ShardWriter:
                     _free_blocks.append(b)
 
     def _write(self, data: memoryview) -> None:
-        try:
+        with naming_a_full_disk(self.tmp):
             self._f.write(data)
-        except OSError as exc:
-            raise_if_disk_full(exc, self.tmp)
-            raise
 
     def rows(self, starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs: pa.Array) -> None:
         """csv.gz rows ``start,end,id,src,loc`` (no header), built by Arrow kernels, not per row."""
@@ -401,7 +399,7 @@ def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: s
         shard.rows(np.array([shard.tokens]), np.array([shard.tokens + size]), ids, src, locs)
         for a in range(piece.tok_lo, piece.tok_hi, chunk):
             b = min(a + chunk, piece.tok_hi)
-            shard.put(b - a, functools.partial(_expand_into, tok, lo, lo + 1, a, b))
+            shard.put(b - a, functools.partial(expand, tok, lo, lo + 1, a, b))
         if cut:
             shard.write(np.array([eos], dtype=np.uint32))
         return
@@ -416,17 +414,13 @@ def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: s
         if lens[i] > chunk:
             for a in range(0, int(lens[i]), chunk):
                 b = min(a + chunk, int(lens[i]))
-                shard.put(b - a, functools.partial(_expand_into, tok, lo + i, lo + i + 1, a, b))
+                shard.put(b - a, functools.partial(expand, tok, lo + i, lo + i + 1, a, b))
             i += 1
             continue
         base = int(cum[i - 1]) if i else 0
         j = max(i + 1, int(np.searchsorted(cum, base + chunk, side="right")))
-        shard.put(int(cum[j - 1]) - base, functools.partial(_expand_into, tok, lo + i, lo + j, -1, -1))
+        shard.put(int(cum[j - 1]) - base, functools.partial(expand, tok, lo + i, lo + j, -1, -1))
         i = j
-
-
-def _expand_into(col: pa.Array, lo: int, hi: int, tok_lo: int, tok_hi: int, out: np.ndarray | None) -> np.ndarray:
-    return expand(col, lo, hi, tok_lo, tok_hi, out)
 
 
 #: Shards already written while fetching: index -> (their pieces, their record).

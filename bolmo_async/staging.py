@@ -31,7 +31,16 @@ import pyarrow as pa
 
 from .models import PlannedFile, SkipCounter
 from .tokenize import byte_ids, byte_ids_slice, large_offsets
-from .util import CHECKSUM, FSYNC, atomic_write_text, checksum_file, new_checksum, ordinary_mode, raise_if_disk_full
+from .util import (
+    CHECKSUM,
+    FSYNC,
+    atomic_write_text,
+    checksum_file,
+    naming_a_full_disk,
+    new_checksum,
+    ordinary_mode,
+    raise_if_disk_full,
+)
 
 log = logging.getLogger("bolmo_async")
 
@@ -198,11 +207,8 @@ class StagingWriter:
     def write(self, ids: pa.Array, locs: pa.Array, tokens: pa.Array) -> int:
         """Stage one batch; returns its number of tokens."""
         batch = pa.RecordBatch.from_arrays([ids, locs, tokens], schema=self.schema)
-        try:
+        with naming_a_full_disk(self.tmp):
             self._writer.write_batch(batch)
-        except OSError as exc:
-            raise_if_disk_full(exc, self.tmp)
-            raise
         n = int(token_lengths(tokens).sum())
         self.documents += len(ids)
         self.tokens += n

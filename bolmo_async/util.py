@@ -173,6 +173,16 @@ def checksum_file(path: str | os.PathLike[str]) -> str:
     return str(h.hexdigest())
 
 
+@contextlib.contextmanager
+def naming_a_full_disk(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Writes inside: a full disk becomes ``DiskSpaceError`` naming ``path``; other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
