@@ -17,6 +17,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
     ├── BusyError                   another run is staging this file right now (fails that file only)
     ├── DiskSpaceError              not enough free disk for the plan, or the disk filled up
+    ├── OutputError                 the output folder (or bucket) refuses a write or cannot be reached
     ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or an engine disagreed
     ├── WorkerError                 a worker process died or could not start
     └── FetchIncomplete             some planned files failed; rerunning resumes
@@ -77,6 +78,10 @@ class DiskSpaceError(BolmoError):
     pass
 
 
+class OutputError(BolmoError):
+    pass
+
+
 class TokenizerError(BolmoError):
     pass
 
@@ -118,6 +123,7 @@ __all__ = [
     "HubError",
     "IntegrityError",
     "NotFoundError",
+    "OutputError",
     "StateError",
     "TokenizerError",
     "UnsafePathError",

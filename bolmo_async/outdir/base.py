@@ -1,0 +1,230 @@
+"""The output folder as an object: every name in it, and every way it is read and written.
+
+The folder is the protocol between the coordinator, its workers, ``--worker I/N`` shares on
+other machines, Ray tasks, a later ``finalize`` and ``inspect``. No other module spells one of
+its file names or opens a file in it: they ask an ``OutputDir``. Its layout::
+
+    .bolmo-async.lock            held by the run using the folder (local backend only)
+    plan.json                    the plan (PLAN)
+    run.json                     the tokenizer of the staged data (RUN_STATE)
+    tokenizer/tokenizer.json     a subword run's tokenizer, for inspect's decoding (TOKENIZER)
+    staging/<key>.arrow          a planned file's staged batches   } a unit is done when its
+    staging/<key>.json           its completion marker, last        } marker vouches for it
+    raw/<digest>/<name>          --no-streaming downloads (local scratch on object storage)
+    bolmo_data_00000.npy         the shards (raw uint32) and their dolma-style index
+    bolmo_data_00000.csv.gz
+    manifest.json                what finalize wrote (MANIFEST)
+    data_sources.txt             one shard location per line, last, only for complete output
+
+Backends: ``LocalDir`` (a POSIX folder: temp-then-rename writes, O_DIRECT shards, flock,
+O_NOFOLLOW) and ``StoreDir`` (object storage). ``open_output`` picks one from the location.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+PLAN = "plan.json"
+RUN_STATE = "run.json"
+MANIFEST = "manifest.json"
+DATA_SOURCES = "data_sources.txt"
+TOKENIZER = "tokenizer/tokenizer.json"
+LOCK = ".bolmo-async.lock"
+STAGING = "staging"
+RAW = "raw"
+SHARD_PREFIX = "bolmo_data_"
+SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
+#: The folder's own documents (small, written whole, atomically).
+DOCUMENTS = (PLAN, RUN_STATE, MANIFEST, DATA_SOURCES, TOKENIZER)
+#: The longest name (in UTF-8 bytes) this module makes for one path component: ext4, XFS, btrfs and
+#: most others allow 255; room is left for the temporary prefix and suffix.
+MAX_NAME_BYTES = 200
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARD_PREFIX}{i:05d}.npy"
+
+
+def csv_name(shard: str) -> str:
+    """The dolma-style index beside a shard: ``.npy`` -> ``.csv.gz``."""
+    return shard[: -len(".npy")] + ".csv.gz"
+
+
+def staged_name(key: str) -> str:
+    return f"{STAGING}/{key}.arrow"
+
+
+def marker_name(key: str) -> str:
+    return f"{STAGING}/{key}.json"
+
+
+def fit_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """``name`` cut to at most ``max_bytes`` of UTF-8, keeping its end (the suffix says what the
+    file is) and whole characters."""
+    data = name.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return name
+    tail = data[-max_bytes:]
+    while tail and (tail[0] & 0xC0) == 0x80:  # not in the middle of a character
+        tail = tail[1:]
+    return tail.decode("utf-8", "surrogatepass")
+
+
+class NewFile(Protocol):
+    """A file being written front to back; invisible under its name until ``commit``.
+
+    ``write`` takes bytes-like objects (page-aligned memory when the file was opened ``direct``);
+    ``commit`` puts it in place whole (a rename, or a completed multipart upload) and returns
+    its size; ``abort`` removes every trace. Disk full / quota errors arrive as DiskSpaceError.
+    """
+
+    name: str
+
+    def write(self, data: Any) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def commit(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
+class OutputDir:
+    """What every backend offers. Names are relative, POSIX, made by the functions above."""
+
+    #: Where the folder is, as the user wrote it after resolution: an absolute path or a URL.
+    location: str
+    #: True for a POSIX folder on this machine.
+    local: bool = False
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __reduce__(self) -> Any:  # workers, shares and Ray tasks rebuild it from its location
+        from . import open_output
+
+        return (open_output, (self.location,))
+
+    # -- the folder ----------------------------------------------------------------------
+    def create(self) -> None:
+        """Make the folder usable for writing (UsageError naming the fix when it cannot be)."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        raise NotImplementedError
+
+    def lock(self, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+        """One run per folder (``--worker`` shares of one plan share it); StateError when taken."""
+        raise NotImplementedError
+
+    def claim(self, key: str) -> contextlib.AbstractContextManager[bool]:
+        """Hold one unit of staging while it is staged: False when another run holds it now."""
+        raise NotImplementedError
+
+    def wait_claim(self, key: str, poll: float = 1.0) -> None:
+        """Block until nobody holds ``key`` (another run finishing it)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """``--force``: remove everything a run left (plan, state, staging, raw, shards, metadata)."""
+        raise NotImplementedError
+
+    def free_bytes(self) -> int | None:
+        """Free space for the output (None: unbounded / unknown, e.g. object storage)."""
+        raise NotImplementedError
+
+    def is_output(self) -> bool:
+        """The folder holds something of this tool's (a plan or a manifest)."""
+        return any(self.exists_file(n) for n in (PLAN, MANIFEST, RUN_STATE))
+
+    # -- files -----------------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes | None:
+        """A whole file, None when absent."""
+        raise NotImplementedError
+
+    def read_text(self, name: str) -> str | None:
+        data = self.read_bytes(name)
+        return None if data is None else data.decode("utf-8")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically: readers see the old file or the whole new one."""
+        f = self.new_file(name)
+        try:
+            f.write(data)
+            f.commit()
+        except BaseException:
+            f.abort()
+            raise
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def new_file(self, name: str, *, direct: bool = False) -> NewFile:
+        raise NotImplementedError
+
+    def size(self, name: str) -> int | None:
+        raise NotImplementedError
+
+    def exists_file(self, name: str) -> bool:
+        return self.size(name) is not None
+
+    def remove(self, name: str) -> None:
+        """Remove a file; absent is fine."""
+        raise NotImplementedError
+
+    def checksum(self, name: str) -> str | None:
+        """The file's XXH3-128 (``util.CHECKSUM``), None when absent."""
+        raise NotImplementedError
+
+    def open_input(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A pyarrow random-access file of ``name`` (a memory map on local disk)."""
+        raise NotImplementedError
+
+    def ref(self, name: str) -> str:
+        """What a trainer is given for ``name``: an absolute path, or a URL."""
+        raise NotImplementedError
+
+    # -- staging ---------------------------------------------------------------------------
+    def clean_temporaries(self, key: str) -> int:
+        """Remove what killed runs left for unit ``key`` (only while holding its claim)."""
+        raise NotImplementedError
+
+    def staging_bytes(self) -> int:
+        raise NotImplementedError
+
+    def remove_staging(self) -> None:
+        raise NotImplementedError
+
+    def scratch(self, key: str) -> Path:
+        """A local folder for a unit's whole-file downloads (kept ``--no-streaming`` raw files on
+        local disk live in the output folder's ``raw/``; on object storage, in local scratch)."""
+        raise NotImplementedError
+
+    def raw_path(self, key: str, repo_path: str) -> Path:
+        """Where ``--no-streaming`` keeps a verified download of ``repo_path`` (a local path whose
+        every component fits the filesystem, however long or odd the listed path)."""
+        name = fit_name(repo_path.rsplit("/", 1)[-1])
+        return self.scratch(key) / name
+
+    def new_local_file(self, path: Path) -> NewFile:
+        """A file under ``scratch`` written through a temporary, like ``new_file``."""
+        raise NotImplementedError
+
+    # -- shards ----------------------------------------------------------------------------
+    def shards(self) -> dict[str, int]:
+        """Shard and index files present: name -> size."""
+        raise NotImplementedError
+
+    def remove_shards_except(self, keep: set[str]) -> None:
+        for name in self.shards():
+            if name not in keep:
+                self.remove(name)
+
+    def iter_lines(self, name: str) -> Iterator[str]:
+        text = self.read_text(name)
+        if text is not None:
+            yield from (line for line in text.splitlines() if line.strip())

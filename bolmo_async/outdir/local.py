@@ -1,0 +1,516 @@
+"""The output folder on a POSIX filesystem.
+
+- Every file is written to a unique temporary name in its own folder and renamed into place
+  (``os.replace``): a reader sees the old file or the whole new one, a killed run leaves only
+  temporaries, which ``clean_temporaries`` removes.
+- Shards are written with O_DIRECT where the filesystem takes it (see ``DIRECT_IO``).
+- Nothing follows a symbolic link this module did not make: files are created with
+  ``O_EXCL | O_NOFOLLOW`` and renamed over whatever stands at their name (a link is replaced,
+  never written through), locks are opened with ``O_NOFOLLOW``, a link where a sub-folder
+  belongs is replaced by the folder, and reads refuse links.
+- A full disk or quota becomes ``DiskSpaceError``, a refused write ``OutputError``, naming
+  the folder and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import io
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import DiskSpaceError, OutputError, StateError, UsageError
+from .base import (
+    DOCUMENTS,
+    LOCK,
+    RAW,
+    SHARD_RE,
+    STAGING,
+    NewFile,
+    OutputDir,
+    fit_name,
+)
+
+#: fsync every file before renaming it into place. Off by default: the atomic rename survives a
+#: killed process (a reader sees the old file or the whole new one), and fsync on every staged
+#: file and shard costs a large share of the run's time on common disks. Without it a power
+#: loss or kernel crash can leave a renamed file empty or short; staged files are then caught
+#: by their marker's checksum and fetched again. Set BOLMO_ASYNC_FSYNC=1 where power-loss
+#: durability of the shards matters more than speed.
+FSYNC = os.environ.get("BOLMO_ASYNC_FSYNC", "") not in ("", "0")
+
+#: Shards are written with O_DIRECT where the filesystem takes it (BOLMO_ASYNC_DIRECT_IO=0 turns
+#: it off). A run writes 4 bytes of shard per byte of text and nothing reads them back before the
+#: trainer: through the page cache every one of those pages is allocated, copied into and later
+#: evicted (in the kernel, on the writing core: half the CPU of byte mode, measured), and it
+#: pushes the staged files the shards are made from out of the cache.
+DIRECT_IO = os.environ.get("BOLMO_ASYNC_DIRECT_IO", "1") not in ("", "0")
+#: O_DIRECT wants memory, file offsets and sizes aligned to the device's block; 4096 covers them.
+DIRECT_ALIGN = 4096
+#: How filesystems refuse O_DIRECT (at open or at a write): then ordinary writes.
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: A temporary's name: ``.<target name, cut>.<pid>-<random>.tmp``; the cut keeps it under the
+#: filesystem's 255-byte limit whatever the target is called.
+_TMP_NAME_BYTES = 100
+
+
+@functools.cache
+def ordinary_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file under this process's umask
+    (``mkstemp`` makes 0600 files: a training job under another user could not read them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def translate(exc: OSError, where: str | os.PathLike[str], folder: str) -> BaseException:
+    """An OSError of a write as our error: a full disk, a refused write, or itself."""
+    if exc.errno in _FULL:
+        return DiskSpaceError(
+            f"The disk holding {where} is full. Free space (or choose another --output-dir) and rerun "
+            "the same command: finished files are kept and the run resumes."
+        )
+    if exc.errno in _REFUSED:
+        return OutputError(
+            f"{where} cannot be written ({exc.strerror or exc}): give this user write permission on {folder} "
+            "(or mount it read-write), or choose another --output-dir."
+        )
+    return exc
+
+
+def temp_name(target: Path) -> Path:
+    return target.with_name(f".{fit_name(target.name, _TMP_NAME_BYTES)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def real_dir(path: Path, root: Path) -> Path:
+    """``path`` (inside ``root``) as a real folder: made where missing; a link or a file standing at
+    one of its components below ``root`` is removed first (never written through)."""
+    rel = path.relative_to(root)
+    cur = root
+    for part in rel.parts:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(cur)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        os.unlink(cur)  # a link or a file where our folder belongs
+        os.mkdir(cur)
+    return path
+
+
+class LocalNewFile:
+    """A new file written through a temporary beside its target (see ``NewFile``).
+
+    ``direct``: O_DIRECT where the filesystem takes it; ``write`` then wants page-aligned memory
+    (``aligned_buffer``) and every write but the last a multiple of ``DIRECT_ALIGN`` bytes. A
+    filesystem that refuses O_DIRECT at open (tmpfs, some FUSE mounts) or at a write gets
+    ordinary writes from then on: same bytes either way."""
+
+    def __init__(self, target: Path, folder: str, *, direct: bool = False):
+        self.target = target
+        self.name = target.name
+        self.folder = folder
+        self.tmp = temp_name(target)
+        self.size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+        odirect = getattr(os, "O_DIRECT", 0) if direct and DIRECT_IO else 0
+        self.direct = False
+        self._buffer: io.BufferedWriter | None = None
+        try:
+            if odirect:
+                try:
+                    self.fd = os.open(self.tmp, flags | odirect, ordinary_mode())
+                    self.direct = True
+                    return
+                except OSError as exc:
+                    if exc.errno not in _NO_DIRECT:
+                        raise
+            self.fd = os.open(self.tmp, flags, ordinary_mode())
+        except OSError as exc:
+            raise translate(exc, target, folder) from exc
+        if not direct:  # many small writes (Arrow's, gzip's): buffered
+            self._buffer = io.BufferedWriter(io.FileIO(self.fd, "wb", closefd=False), 1 << 20)
+
+    def _ordinary(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        try:
+            if self._buffer is not None:
+                self._buffer.write(view)
+            else:
+                self._write_direct(view)
+        except OSError as exc:
+            raise translate(exc, self.target, self.folder) from exc
+        self.size += n
+        return n
+
+    def _write_direct(self, view: memoryview) -> None:
+        if self.direct and len(view) % DIRECT_ALIGN:
+            self._ordinary()  # the unaligned tail of the file
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if self.direct and exc.errno in _NO_DIRECT:
+                    self._ordinary()
+                    continue
+                raise
+            view = view[n:]
+
+    def flush(self) -> None:
+        if self._buffer is not None:
+            try:
+                self._buffer.flush()
+            except OSError as exc:
+                raise translate(exc, self.target, self.folder) from exc
+
+    def commit(self) -> int:
+        try:
+            if self._buffer is not None:
+                self._buffer.flush()
+            if FSYNC:
+                os.fsync(self.fd)
+            self._close()
+            os.replace(self.tmp, self.target)  # replaces a link at the target, never follows it
+        except OSError as exc:
+            self.abort()
+            raise translate(exc, self.target, self.folder) from exc
+        return self.size
+
+    def _close(self) -> None:
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        buffer, self._buffer = self._buffer, None
+        try:
+            if buffer is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    buffer.close()  # closefd=False: closes only the wrapper
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+_held: set[str] = set()  # folder locks this process holds (prepare runs plan, fetch, finalize inside)
+_held_guard = threading.Lock()
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    """Open (creating) a lock file; a link standing at its name is replaced by a file."""
+    for _ in range(3):
+        try:
+            return os.open(path, flags | os.O_CREAT | _NOFOLLOW | _CLOEXEC, ordinary_mode())
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    raise StateError(f"{path} keeps being replaced by a symbolic link; remove it and rerun.")
+
+
+class LocalDir(OutputDir):
+    local = True
+
+    def __init__(self, location: str | os.PathLike[str]):
+        self.root = Path(location).expanduser().resolve()
+        self.location = str(self.root)
+        self._created = False
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def _parent(self, name: str) -> Path:
+        target = self.root / name
+        if target.parent != self.root:
+            real_dir(target.parent, self.root)
+        return target
+
+    # -- the folder ----------------------------------------------------------------------
+    def create(self) -> None:
+        try:
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                self._created = True
+            fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
+            os.close(fd)
+        except OSError as exc:
+            if self.root.exists() and not self.root.is_dir():
+                why = "it is a file"
+            else:
+                why = exc.strerror or str(exc)
+            fix = (
+                f"give this user write permission on {self.root} or choose another --output-dir"
+                if exc.errno in _REFUSED
+                else "choose another --output-dir"
+            )
+            raise UsageError(f"--output-dir {self.root} cannot be used ({why}); {fix}.") from None
+
+    def discard_if_unused(self) -> None:
+        """A folder this run made and left holding nothing but its lock goes again (a failed
+        first command leaves nothing behind)."""
+        if not self._created:
+            return
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.root.iterdir()} <= {LOCK}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / LOCK)
+                self.root.rmdir()
+                self._created = False
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    @contextlib.contextmanager
+    def lock(self, *, shared: bool = False) -> Iterator[None]:
+        """``plan``, ``fetch``, ``finalize`` and ``prepare`` hold an exclusive flock; ``fetch
+        --worker I/N`` shares of one plan hold shared ones, so they run together but never beside
+        another command. Released when the run ends, however it ends (the kernel drops a dead
+        process's locks). Where the filesystem has no ``flock`` (some network filesystems), runs
+        are not locked."""
+        path = str(self.root / LOCK)
+        with _held_guard:
+            nested = path in _held
+        if nested:  # the outer call of this process holds the lock (and releases it)
+            yield
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        try:
+            fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
+        except OSError as exc:
+            raise translate(exc, path, self.location) from exc
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                who = f"process {holder}" if holder.isdigit() else "`fetch --worker` shares"
+                raise StateError(
+                    f"another bolmo-async run ({who}) is using {self.root}. Wait for it to finish or stop it, "
+                    "or use another --output-dir (only --worker shares of one plan may run together)."
+                ) from None
+            except OSError:
+                pass  # no flock here: unlocked
+            if not shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with _held_guard:
+                _held.add(path)
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    _held.discard(path)
+                if not shared:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # drops the lock
+
+    def _claim_fd(self, key: str) -> int:
+        return _open_nofollow(real_dir(self.root / STAGING, self.root) / f".{key}.lock", os.O_RDWR)
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: unlocked
+            yield True
+            return
+        fd = self._claim_fd(key)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError:
+                pass  # no flock on this filesystem: unlocked, as the folder lock
+            yield True
+        finally:
+            os.close(fd)
+
+    def wait_claim(self, key: str, poll: float = 1.0) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = self._claim_fd(key)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    time.sleep(poll)
+                except OSError:
+                    return
+        finally:
+            os.close(fd)
+
+    def reset(self) -> None:
+        for name in DOCUMENTS:
+            self.remove(name)
+        for d in (STAGING, RAW, "tokenizer"):
+            self._remove_tree(self.root / d)
+        for name in self.shards():
+            self.remove(name)
+
+    def _remove_tree(self, path: Path) -> None:
+        try:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+                return
+        except FileNotFoundError:
+            return
+        shutil.rmtree(path, ignore_errors=True)
+
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self.root).free
+
+    # -- files -----------------------------------------------------------------------------
+    def _open_read(self, name: str) -> int | None:
+        try:
+            return os.open(self.root / name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return None  # a link where our file belongs: not ours
+            raise
+
+    def read_bytes(self, name: str) -> bytes | None:
+        fd = self._open_read(name)
+        if fd is None:
+            return None
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def new_file(self, name: str, *, direct: bool = False) -> NewFile:
+        try:
+            target = self._parent(name)
+        except OSError as exc:
+            raise translate(exc, self.root / name, self.location) from exc
+        return LocalNewFile(target, self.location, direct=direct)
+
+    def new_local_file(self, path: Path) -> NewFile:
+        try:
+            real_dir(path.parent, self.root) if path.is_relative_to(self.root) else path.parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        except OSError as exc:
+            raise translate(exc, path, self.location) from exc
+        return LocalNewFile(path, self.location)
+
+    def size(self, name: str) -> int | None:
+        try:
+            st = os.lstat(self.root / name)
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(self.root / name)
+
+    def checksum(self, name: str) -> str | None:
+        from ..util import new_checksum
+
+        fd = self._open_read(name)
+        if fd is None:
+            return None
+        h = new_checksum()
+        with open(fd, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        return str(h.hexdigest())
+
+    @contextlib.contextmanager
+    def open_input(self, name: str) -> Iterator[Any]:
+        import pyarrow as pa
+
+        path = self.root / name
+        if path.is_symlink():
+            raise FileNotFoundError(errno.ENOENT, "a symbolic link stands where a staged file belongs", str(path))
+        with pa.memory_map(str(path), "r") as source:
+            yield source
+
+    def ref(self, name: str) -> str:
+        return str(self.root / name)
+
+    # -- staging ---------------------------------------------------------------------------
+    def scratch(self, key: str) -> Path:
+        return self.root / RAW / key.split("-")[0]
+
+    def clean_temporaries(self, key: str) -> int:
+        n = 0
+        staging = self.root / STAGING
+        leftovers = list(staging.glob(f".{key}.*.tmp")) if staging.is_dir() else []
+        scratch = self.scratch(key)
+        if scratch.is_dir() and not scratch.is_symlink():
+            leftovers += scratch.glob(".*.tmp")
+            leftovers += scratch.glob(f".{key}.whole")
+        for p in leftovers:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        return n
+
+    def staging_bytes(self) -> int:
+        d = self.root / STAGING
+        if not d.is_dir() or d.is_symlink():
+            return 0
+        return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and not p.is_symlink())
+
+    def remove_staging(self) -> None:
+        self._remove_tree(self.root / STAGING)
+
+    # -- shards ----------------------------------------------------------------------------
+    def shards(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if not self.root.is_dir():
+            return out
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if SHARD_RE.match(entry.name):
+                    out[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return dict(sorted(out.items()))
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """``nbytes`` of zeroed, page-aligned memory (anonymous mmap), writable."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, nbytes))
