@@ -133,23 +133,23 @@ def dolma_tokens(mix: Path, out: Path) -> dict[str, Any]:
 
 def limit_write(out: Path, gib: float = 2.0) -> dict[str, Any]:
     """This machine's floors for byte mode's output: writing uint32 ids (4 bytes per text byte)
-    the way shards are written (``OutputFile``: page-aligned blocks, O_DIRECT where the disk takes
+    the way shards are written (``outdir.local.LocalNewFile``: page-aligned blocks, O_DIRECT where the disk takes
     it), and through the page cache as a plain ``write`` does; and sha256 of them, on one core."""
     import hashlib
 
     import numpy as np
 
-    from bolmo_async.util import OutputFile, aligned_buffer
+    from bolmo_async.outdir.local import LocalNewFile, aligned_buffer
 
     block = np.frombuffer(aligned_buffer(8 << 20), dtype=np.uint32)
     block[:] = np.random.default_rng(0).integers(4, 260, size=len(block), dtype=np.uint32)
     n = max(1, int(gib * 128))
     path = out / "write-floor.bin"
     t0 = time.perf_counter()
-    f = OutputFile(path)
+    f = LocalNewFile(path, str(out), direct=True)
     for _ in range(n):
         f.write(memoryview(block.data))
-    f.close(fsync=False)
+    f.commit()
     write_s = time.perf_counter() - t0
     path.unlink()
     t0 = time.perf_counter()

@@ -9,25 +9,15 @@ import functools
 import json
 import logging
 import os
-import shutil
 import signal
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
-from .finalizer import (
-    _SHARD_RE,
-    DATA_SOURCES,
-    MANIFEST,
-    RUN_STATE,
-    ShardPlanner,
-    Written,
-    finalize_dir,
-    source_prefix,
-)
+from .executors import Executor, choose, usable_cores
+from .finalizer import ShardPlanner, Written, finalize_dir, source_prefix
 from .hub import (
     HubClient,
     RetryPolicy,
@@ -51,8 +41,8 @@ from .models import (
     TokenizerInfo,
     validate_fraction,
 )
-from .planner import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
-from .pool import Pool, usable_cores
+from .outdir import RUN_STATE, TOKENIZER, OutputDir, open_output
+from .planner import disk_needed, load_plan, make_plan, save_plan
 from .progress import Progress
 from .staging import Staging
 from .tokenize import (
@@ -64,7 +54,7 @@ from .tokenize import (
     TokenizerSpec,
     load_tokenizer_source,
 )
-from .util import LOCK_NAME, atomic_write_text, folder_lock, human_bytes, release_free_memory
+from .util import human_bytes, release_free_memory
 from .worker import WorkerSpec
 
 log = logging.getLogger("bolmo_async")
@@ -176,43 +166,30 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
             validate_fetch_options(**{k: v for k, v in given.items() if k in _VALIDATED})
             if (given.get("max_tokens_per_file") or 2) < 2:
                 raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
-            out = Path(args[0] if args else kwargs["output_dir"]).resolve()  # type: ignore[arg-type]
+            out = open_output(args[0] if args else kwargs["output_dir"])  # type: ignore[arg-type]
+            if args:
+                args = (out, *args[1:])  # type: ignore[assignment]
+            else:
+                kwargs["output_dir"] = out
             if create:
-                try:
-                    out.mkdir(parents=True, exist_ok=True)
-                    probe = out / LOCK_NAME
-                    probe.touch()
-                except OSError as exc:
-                    why = "it is a file" if out.exists() and not out.is_dir() else (exc.strerror or str(exc))
-                    raise UsageError(
-                        f"--output-dir {out} cannot be used ({why}); choose another --output-dir."
-                    ) from None
-            elif not out.is_dir():
+                out.create()
+            elif not out.exists():
                 return fn(*args, **kwargs)  # nothing there to protect; fn says what is missing
-            with folder_lock(out, shared=kwargs.get("worker") is not None):
-                return fn(*args, **kwargs)
+            try:
+                with out.lock(shared=kwargs.get("worker") is not None):
+                    return fn(*args, **kwargs)
+            except BaseException:
+                out.discard_if_unused()  # a failed first command leaves no folder behind
+                raise
 
         return run
 
     return wrap
 
 
-def reset_output(out: Path) -> None:
-    """``--force``: remove what an earlier run left (plan, staging, raw, shards, metadata)."""
-    for name in (PLAN_FILE, RUN_STATE, MANIFEST, DATA_SOURCES):
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    for d in ("staging", "raw", "tokenizer"):
-        shutil.rmtree(out / d, ignore_errors=True)
-    if out.exists():
-        for p in out.iterdir():
-            if _SHARD_RE.match(p.name):
-                p.unlink()
-
-
 @_one_run_per_folder(create=True)
 def plan(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     repo_id: str = DEFAULT_REPO_ID,
     revision: str = "main",
@@ -241,7 +218,7 @@ def plan(
 
 
 def _plan(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     repo_id: str,
     revision: str,
@@ -253,10 +230,9 @@ def _plan(
 ) -> tuple[Plan, bool]:
     """``plan``, and whether the repo was listed just now."""
     validate_fraction(data_fraction)
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output(output_dir)
     if force:
-        reset_output(out)
+        out.reset()
     existing = load_plan(out)
     if existing is not None:
         same = (existing.repo_id, existing.revision, existing.seed) == (repo_id, revision, seed)
@@ -302,7 +278,7 @@ def _describe(sel: Selection) -> str:
 
 
 def ensure_plan(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     endpoint: str | None = None,
     force: bool = False,
@@ -313,7 +289,7 @@ def ensure_plan(
 ) -> Plan:
     """The plan in ``output_dir``; planned (or re-planned) when absent, forced or when plan options are given.
     Options left None keep the existing plan's values, or the defaults."""
-    existing = None if force else load_plan(output_dir)
+    existing = None if force else load_plan(open_output(output_dir))
     if existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
         return existing
     return plan(
@@ -330,11 +306,12 @@ def ensure_plan(
     )
 
 
-def _check_state(out: Path, info: TokenizerInfo, force: bool) -> None:
-    path = out / RUN_STATE
-    if path.exists():
+def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
+    raw = out.read_bytes(RUN_STATE)
+    path = out.ref(RUN_STATE)
+    if raw is not None:
         try:
-            prev = json.loads(path.read_text()).get("tokenizer", {})
+            prev = json.loads(raw).get("tokenizer", {})
         except (OSError, ValueError, AttributeError) as exc:
             raise StateError(f"{path} is unreadable ({exc}); rerun with --force to reset {out}.") from exc
         now = info.to_json()
@@ -348,7 +325,7 @@ def _check_state(out: Path, info: TokenizerInfo, force: bool) -> None:
                 f"{out} was fetched with tokenizer {desc(prev)}, this run uses {desc(now)}. "
                 "Use another --output-dir, or --force to reset this one."
             )
-    atomic_write_text(path, json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n")
+    out.write_text(RUN_STATE, json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n")
 
 
 def _tokenizer_spec(
@@ -457,7 +434,7 @@ class FetchReport:
         }
 
 
-def _check_disk(out: Path, plan: Plan, units: list[int], kind: str, streaming: bool, shards: bool) -> None:
+def _check_disk(out: OutputDir, plan: Plan, units: list[int], kind: str, streaming: bool, shards: bool) -> None:
     """Refuse a run that cannot fit: only the work left counts (files not staged yet, shards not
     written yet), estimated from what is staged already when anything is."""
     staging = Staging(out)
@@ -475,9 +452,9 @@ def _check_disk(out: Path, plan: Plan, units: list[int], kind: str, streaming: b
         if not streaming:
             need += sum(pf.size for pf in left)
     if shards:
-        need -= sum(p.stat().st_size for p in out.glob("bolmo_data_*.npy"))
-    free = shutil.disk_usage(out).free
-    if free < need:
+        need -= sum(size for name, size in out.shards().items() if name.endswith(".npy"))
+    free = out.free_bytes()
+    if free is not None and free < need:
         raise DiskSpaceError(
             f"{out} has {human_bytes(free)} free; the {len(left)} file(s) left to fetch need about {human_bytes(need)} "
             "(staging" + (" + shards" if shards else "") + "). Free space, choose another --output-dir or a smaller "
@@ -486,7 +463,7 @@ def _check_disk(out: Path, plan: Plan, units: list[int], kind: str, streaming: b
 
 
 def _fetch(
-    out: Path,
+    out: OutputDir,
     *,
     tokenizer: str = "byte",
     tokenizer_identifier: str = DEFAULT_TOKENIZER_ID,
@@ -505,6 +482,9 @@ def _fetch(
     plan_options: dict[str, Any] | None = None,
     processes: int = 0,
     worker: tuple[int, int] | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_tasks: int = 0,
     max_document_bytes: int = 0,
     shard_bound: int | None = None,
     listing_checked: bool = False,
@@ -537,8 +517,14 @@ def _fetch(
         engine=engine,
         check_every=check_every,
     )
+
+    def executor_for(n: int) -> Executor:  # the one place that picks who runs the files
+        return stack.enter_context(
+            choose(processes=n, worker=worker, ray=ray, ray_address=ray_address, ray_tasks=ray_tasks)
+        )
+
     with loader, contextlib.ExitStack() as stack:
-        pool = stack.enter_context(Pool(n)) if n else None
+        pool = executor_for(n) if n or ray else None
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
             _same_endpoint(the_plan, ep)
@@ -546,13 +532,10 @@ def _fetch(
                 run_interruptible(_check_listing(the_plan, ep))
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
-        units = list(range(len(the_plan.files)))
-        if worker is not None:
-            share = {pf.path for pf in assign_workers(the_plan, worker[1])[worker[0]]}
-            units = [u for u in units if the_plan.files[u].path in share]
         if pool is None:
             n = auto_processes(the_plan)
-            pool = stack.enter_context(Pool(n))
+            pool = executor_for(n)
+        units = pool.units(the_plan)
         spec_tok, info = tok_future.result()
         if engine == "auto" and info.kind == "subword" and _small(the_plan):
             # A smoke test: building fastokens (0.5 s a process) would cost more than it saves;
@@ -561,13 +544,13 @@ def _fetch(
             spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
         _check_state(out, info, force)
         if spec_tok.source is not None:
-            atomic_write_text(out / "tokenizer" / "tokenizer.json", spec_tok.source.json_text)
+            out.write_text(TOKENIZER, spec_tok.source.json_text)
         if check_disk:
             _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
-        slots = max(1, -(-concurrency // n))
+        slots = max(1, -(-concurrency // max(1, n)))
         pool.start(
             WorkerSpec(
-                output_dir=str(out),
+                output_dir=out.location,
                 files=the_plan.files,
                 repo_id=the_plan.repo_id,
                 repo_type=the_plan.repo_type,
@@ -624,13 +607,16 @@ def _fetch(
 
 @_one_run_per_folder(create=True)
 def fetch(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     repo_id: str | None = None,
     revision: str | None = None,
     data_fraction: float | None = None,
     seed: int | None = None,
     worker: tuple[int, int] | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_tasks: int = 0,
     force: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
@@ -640,8 +626,12 @@ def fetch(
     ``special_tokens_as_text``, ``engine``, ``check_every``, ``concurrency``, ``streaming``,
     ``endpoint``, ``retries``, ``read_timeout``, ``progress``, ``check_disk``, ``processes``
     (worker processes; 0: one per usable core; 1: one worker in this process),
-    ``max_document_bytes``. ``worker=(I, N)``: only share I of N of the plan."""
-    out = Path(output_dir).resolve()
+    ``max_document_bytes``. Who runs the files: a local pool of worker processes (default),
+    ``worker=(I, N)``: only share I of N of the plan (a job array), or ``ray=True``: Ray tasks on
+    the cluster at ``ray_address`` (local when None; ``ray_tasks``: 0 for two per cluster CPU)."""
+    if ray and worker is not None:
+        raise UsageError("--ray and --worker do not go together: Ray spreads the shares itself.")
+    out = open_output(output_dir)
     plan_options = {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}
     if worker is not None:
         existing = load_plan(out)
@@ -662,13 +652,22 @@ def fetch(
                 + ". Drop these options, or plan again first (without --worker)."
             )
         plan_options = {}
-    report = _fetch(out, force=force, plan_options=plan_options, worker=worker, **options)
+    report = _fetch(
+        out,
+        force=force,
+        plan_options=plan_options,
+        worker=worker,
+        ray=ray,
+        ray_address=ray_address,
+        ray_tasks=ray_tasks,
+        **options,
+    )
     return report.to_json()
 
 
 @_one_run_per_folder(create=False)
 def finalize(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     max_tokens_per_file: int | None = None,
     allow_incomplete: bool = False,
@@ -680,23 +679,23 @@ def finalize(
     (shards written by local threads, or by Ray tasks with ``ray=True``). ``max_tokens_per_file``
     None: the bound this folder was finalized with before (else 100M). ``drop_staging``: then
     delete ``staging/`` (only after a complete finalize)."""
-    manifest = finalize_dir(
-        output_dir, max_tokens_per_file, allow_incomplete=allow_incomplete, ray=ray, ray_address=ray_address
-    )
-    return _drop_staging(Path(output_dir).resolve(), manifest) if drop_staging else manifest
+    out = open_output(output_dir)
+    write_shards = choose(processes=1, ray=True, ray_address=ray_address).write_shards if ray else None
+    manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=allow_incomplete, write_shards=write_shards)
+    return _drop_staging(out, manifest) if drop_staging else manifest
 
 
-def _drop_staging(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _drop_staging(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:
     if not manifest["complete"]:
-        log.warning("staging/ kept: the output is incomplete, and the missing files are fetched into it")
+        log.warning("staging kept: the output is incomplete, and the missing files are fetched into it")
         return manifest
-    shutil.rmtree(out / "staging", ignore_errors=True)
+    out.remove_staging()
     return manifest
 
 
 @_one_run_per_folder(create=True)
 def prepare(
-    output_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | OutputDir,
     *,
     data_fraction: float = DEFAULT_DATA_FRACTION,
     max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
@@ -726,11 +725,11 @@ def prepare(
     )
     if on_plan is not None:
         on_plan(the_plan)
-    out = Path(output_dir).resolve()
+    out = open_output(output_dir)
     try:
         report = _fetch(out, endpoint=endpoint, shard_bound=max_tokens_per_file, listing_checked=listed, **options)
     except FetchIncomplete:
-        if allow_incomplete and (out / RUN_STATE).exists():
+        if allow_incomplete and out.exists_file(RUN_STATE):
             manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",

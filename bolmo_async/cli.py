@@ -28,6 +28,7 @@ from .models import (
     Selection,
     validate_fraction,
 )
+from .outdir import DATA_SOURCES, MANIFEST, open_output
 from .planner import parse_worker
 from .tokenize import DEFAULT_CHECK_EVERY
 from .util import human_bytes, human_count, prefer_system_allocator, record_absent_imports
@@ -152,14 +153,15 @@ def _print_plan(plan: Any) -> None:
     _say("(estimates from typical compression ratios)")
 
 
-def _summary(manifest: dict[str, Any], out: Path) -> None:
+def _summary(manifest: dict[str, Any], location: str) -> None:
+    out = open_output(location)
     t = manifest["totals"]
     _say(
-        f"wrote {t['shards']} shard(s): {human_count(t['tokens'])} tokens, {t['documents']} documents -> {out / 'data_sources.txt'}"
+        f"wrote {t['shards']} shard(s): {human_count(t['tokens'])} tokens, {t['documents']} documents -> {out.ref(DATA_SOURCES)}"
     )
     if t["skipped_documents"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in t["skipped_documents"].items())
-        _say(f"skipped documents: {reasons} (examples in manifest.json)")
+        _say(f"skipped documents: {reasons} (examples in {MANIFEST})")
     if not manifest["complete"]:
         _say(
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish."
@@ -180,15 +182,14 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
             "These shards hold Bolmo BYTE ids (utf8 + 4, EOS 1) for byte-level trainers only. bolmo-core's stage 1/2 "
             "launchers read dolma2 SUBWORD ids and would silently misread these: use --tokenizer subword for them."
         )
-    staging = out / "staging"
-    if staging.is_dir():
-        size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file())
+    size = out.staging_bytes()
+    if size:
         _say(
             f"staging/ holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
             f"--data-fraction reuse; `bolmo-async finalize --output-dir {out} --drop-staging` removes it."
         )
     if manifest["complete"]:
-        _say(f"export DATA_SOURCE={out / 'data_sources.txt'}")
+        _say(f"export DATA_SOURCE={out.ref(DATA_SOURCES)}")
 
 
 def _run(fn: Any) -> Any:
@@ -221,7 +222,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 @app.command("plan")
 def plan_cmd(
-    output_dir: Path = OUT,
+    output_dir: str = OUT,
     repo_id: str = REPO,
     revision: str = REVISION,
     endpoint: str | None = ENDPOINT,
@@ -338,7 +339,7 @@ def _fetch_options(args: dict[str, Any]) -> dict[str, Any]:
 
 @app.command("fetch")
 def fetch_cmd(
-    output_dir: Path = OUT,
+    output_dir: str = OUT,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
     eos_token_id: int | None = EOS,
@@ -368,11 +369,6 @@ def fetch_cmd(
 ) -> None:
     """Download, tokenize and stage the planned files (plans first if plan.json is absent)."""
     opts = _fetch_options(locals())
-    if ray:
-        plan_opts = {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}
-        res = _run(lambda: _fetch_ray(output_dir, ray_address, ray_tasks, endpoint, force, plan_opts, **opts))
-        _say(f"staged: {res['files']} planned file(s) with Ray. Next: bolmo-async finalize --output-dir {output_dir}")
-        return
     res = _run(
         lambda: api.fetch(
             output_dir,
@@ -386,6 +382,9 @@ def fetch_cmd(
             data_fraction=data_fraction,
             seed=seed,
             worker=parse_worker(worker),
+            ray=ray,
+            ray_address=ray_address,
+            ray_tasks=ray_tasks,
         )
     )
     done = f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
@@ -398,24 +397,9 @@ def fetch_cmd(
         _say(f"{done} Next: bolmo-async finalize --output-dir {output_dir}")
 
 
-def _fetch_ray(
-    output_dir: Path,
-    address: str | None,
-    tasks: int,
-    endpoint: str | None,
-    force: bool,
-    plan_opts: dict[str, Any],
-    **kw: Any,
-) -> dict[str, Any]:
-    from .ray_exec import fetch_with_ray
-
-    api.ensure_plan(output_dir, endpoint=endpoint, force=force, **plan_opts)
-    return fetch_with_ray(output_dir, address=address, tasks=tasks, endpoint=endpoint, **kw)
-
-
 @app.command("finalize")
 def finalize_cmd(
-    output_dir: Path = OUT,
+    output_dir: str = OUT,
     max_tokens_per_file: int | None = typer.Option(
         None,
         "--max-tokens-per-file",
@@ -440,12 +424,12 @@ def finalize_cmd(
             drop_staging=drop_staging,
         )
     )
-    _summary(m, output_dir.resolve())
+    _summary(m, output_dir)
 
 
 @app.command("prepare")
 def prepare_cmd(
-    output_dir: Path = OUT,
+    output_dir: str = OUT,
     data_fraction: float = FRACTION,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
@@ -504,12 +488,12 @@ def prepare_cmd(
             selection=sel,
         )
     )
-    _summary(m, output_dir.resolve())
+    _summary(m, output_dir)
 
 
 @app.command("inspect")
 def inspect_cmd(
-    output_dir: Path = typer.Argument(..., metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."),
+    output_dir: str = typer.Argument(..., metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."),
     decode: int = typer.Option(0, "--decode", min=0, help="Print the first N documents decoded back to text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -35,9 +34,10 @@ from .download import BytesSink, RangeIgnored, stream
 from .errors import IntegrityError
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
+from .outdir import OutputDir
 from .staging import Staging, StagingWriter
 from .tokenize import AnyTokenizer
-from .util import maybe_fsync, naming_a_full_disk, release_free_memory, sha256_file
+from .util import release_free_memory, sha256_file
 
 log = logging.getLogger("bolmo_async")
 
@@ -325,45 +325,32 @@ class SparseFile(io.RawIOBase):
 
 
 class RawFileSink:
-    """Writes a download to a temporary file, hashing it; ``verify`` renames it into place."""
+    """Writes a download to a new local file (``OutputDir.new_local_file``), hashing it;
+    ``verify`` puts it in place."""
 
-    def __init__(self, pf: PlannedFile, dest: Path):
+    def __init__(self, pf: PlannedFile, dest: Path, out: OutputDir):
         self.pf = pf
         self.dest = dest
-        self.tmp = dest.with_name(f".{dest.name[:64]}.{os.getpid()}.{threading.get_ident()}.tmp")
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in verify/discard
+        self.out = out
+        self._f = out.new_local_file(dest)
         self.hasher = Hasher(pf)
         self.sha: str | None = None
 
     def feed(self, data: bytes) -> None:
-        with naming_a_full_disk(self.tmp):
-            self._f.write(data)
+        self._f.write(data)
         self.hasher.update(data)
 
     def reset(self) -> None:
-        self._f.seek(0)
-        self._f.truncate()
+        self._f.abort()
+        self._f = self.out.new_local_file(self.dest)
         self.hasher = Hasher(self.pf)
 
     def verify(self) -> None:
         self.sha = self.hasher.verify()
-        self._f.flush()
-        maybe_fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.dest)
+        self._f.commit()
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
-
-
-def raw_path(output_dir: Path, pf: PlannedFile) -> Path:
-    """Where ``--no-streaming`` keeps a verified download: ``raw/<key>/<file name>`` (repo paths
-    can be longer than a file name may be, or clash file against folder; the key never does)."""
-    name = check_repo_path(pf.path).rsplit("/", 1)[-1][-200:]
-    return output_dir / "raw" / pf.key.split("-")[0] / name
+        self._f.abort()
 
 
 def file_matches(path: Path, pf: PlannedFile) -> bool:
@@ -444,20 +431,17 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, An
 
 
 async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
-    """The whole file on disk, verified: ``raw/...`` (kept) or a temporary (streaming)."""
+    """The whole file on local disk, verified: kept (``--no-streaming``) or a temporary (streaming)."""
     loop = asyncio.get_running_loop()
-    if ctx.streaming:
-        dest = ctx.staging.dir / f".{pf.key}.raw"
-    else:
-        dest = raw_path(ctx.staging.dir.parent, pf)
-        if dest.exists():
-            if await loop.run_in_executor(ctx.executor, file_matches, dest, pf):
-                if ctx.on_bytes:
-                    ctx.on_bytes(pf.size)
-                return dest, pf.sha256 or pf.oid
-            log.warning("%s: the kept download in raw/ does not match the listing; fetching it again", pf.path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sink = RawFileSink(pf, dest)
+    out = ctx.staging.out
+    dest = out.download_path(pf.key, check_repo_path(pf.path), keep=not ctx.streaming)
+    if not ctx.streaming and dest.exists():
+        if await loop.run_in_executor(ctx.executor, file_matches, dest, pf):
+            if ctx.on_bytes:
+                ctx.on_bytes(pf.size)
+            return dest, pf.sha256 or pf.oid
+        log.warning("%s: the kept download in raw/ does not match the listing; fetching it again", pf.path)
+    sink = RawFileSink(pf, dest, out)
     try:
         await stream(
             ctx.client, url, sink, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=sink.verify
@@ -527,4 +511,4 @@ async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc
     return True
 
 
-__all__ = ["Processor", "TaskContext", "file_matches", "raw_path", "run_file_task"]
+__all__ = ["Processor", "TaskContext", "file_matches", "run_file_task"]

@@ -18,19 +18,16 @@ Everything streams: one staged batch in memory at a time. Shards can be written 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import json
 import logging
 import os
-import re
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,27 +35,25 @@ import pyarrow as pa
 
 from .errors import StateError, UsageError
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
+from .outdir import (
+    DATA_SOURCES,
+    MANIFEST,
+    PLAN,
+    RUN_STATE,
+    OutputDir,
+    aligned_buffer,
+    csv_name,
+    open_output,
+    shard_name,
+    staged_name,
+)
 from .planner import load_plan
 from .staging import Staging, expand, token_lengths
 from .tokenize import value_bytes
-from .util import (
-    CHECKSUM,
-    FSYNC,
-    OutputFile,
-    aligned_buffer,
-    atomic_write_text,
-    maybe_fsync,
-    naming_a_full_disk,
-    new_checksum,
-    raise_if_disk_full,
-)
+from .util import CHECKSUM, new_checksum
 
 log = logging.getLogger("bolmo_async")
 
-SHARD_PREFIX = "bolmo_data_"
-MANIFEST = "manifest.json"
-DATA_SOURCES = "data_sources.txt"
-RUN_STATE = "run.json"
 #: Token ids built at a time (1 MiB of uint32).
 WRITE_TOKENS = 1 << 18
 #: A shard is hashed and written in blocks of this size (page-aligned; two per shard being written).
@@ -66,11 +61,6 @@ WRITE_TOKENS = 1 << 18
 BLOCK_BYTES = 8 << 20
 #: gzip level of the csv.gz index files (1: ~3x faster than 6, the files are small either way).
 CSV_GZIP_LEVEL = 1
-_SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
-
-
-def shard_name(i: int) -> str:
-    return f"{SHARD_PREFIX}{i:05d}.npy"
 
 
 def source_prefix(plan: Plan) -> str:
@@ -127,13 +117,16 @@ class ShardWriter:
     (``OutputFile``: O_DIRECT where possible) on background lanes while the other fills.
     """
 
-    def __init__(self, output_dir: Path, index: int):
-        self.path = (output_dir / shard_name(index)).resolve()
-        self.csv_path = self.path.with_name(self.path.name[: -len(".npy")] + ".csv.gz")
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.csv_tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        self._f = OutputFile(self.tmp)
-        self._raw_csv = open(self.csv_tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+    def __init__(self, out: OutputDir, index: int):
+        self.out = out
+        self.name = shard_name(index)
+        self.csv_name = csv_name(self.name)
+        self._f = out.new_file(self.name, direct=True)
+        try:
+            self._raw_csv = out.new_file(self.csv_name)
+        except BaseException:
+            self._f.abort()
+            raise
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw_csv, mtime=0, compresslevel=CSV_GZIP_LEVEL)
         self._lane = _Lane()  # file writes and gzip, in order
         self._hash_lane = _Lane()  # the running checksum, in order, beside the writes
@@ -190,8 +183,7 @@ class ShardWriter:
                     _free_blocks.append(b)
 
     def _write(self, data: memoryview) -> None:
-        with naming_a_full_disk(self.tmp):
-            self._f.write(data)
+        self._f.write(data)
 
     def rows(self, starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs: pa.Array) -> None:
         """csv.gz rows ``start,end,id,src,loc`` (no header), built by Arrow kernels, not per row."""
@@ -206,19 +198,14 @@ class ShardWriter:
                 lane.close()
             self._give_back()
             self._gz.close()
-            self._f.close(FSYNC)
-            self._raw_csv.flush()
-            maybe_fsync(self._raw_csv.fileno())
-            self._raw_csv.close()
-            os.replace(self.tmp, self.path)
-            os.replace(self.csv_tmp, self.csv_path)
-        except OSError as exc:
+            self._f.commit()
+            self._raw_csv.commit()
+        except BaseException:
             self.abort()
-            raise_if_disk_full(exc, self.path)
             raise
         return {
-            "path": str(self.path),
-            "csv": str(self.csv_path),
+            "path": self.out.ref(self.name),
+            "csv": self.out.ref(self.csv_name),
             "tokens": self.tokens,
             "documents": self.documents,
             CHECKSUM: self.checksum.hexdigest(),
@@ -228,13 +215,8 @@ class ShardWriter:
         self._lane.close()
         self._hash_lane.close()
         self._give_back()
-        with contextlib.suppress(Exception):
-            self._f.close(False)
-        with contextlib.suppress(Exception):
-            self._raw_csv.close()
-        for p in (self.tmp, self.csv_tmp):
-            with contextlib.suppress(OSError):
-                p.unlink()
+        self._f.abort()
+        self._raw_csv.abort()
 
 
 _NEEDS_QUOTES = r'[,"\r\n]'
@@ -360,24 +342,24 @@ def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
 
 
 def write_shard(
-    out: Path,
+    out: OutputDir,
     index: int,
     pieces: list[Piece],
-    arrows: Mapping[int, Path],
+    arrows: Mapping[int, str],
     srcs: Mapping[int, str],
     eos: int,
     stop: threading.Event,
     chunk: int = 0,
 ) -> dict[str, Any]:
     """Write shard ``index`` from its pieces (any thread or process; one staged batch in memory
-    at a time). ``arrows``/``srcs``: staged file and csv ``src`` of each unit the pieces name."""
+    at a time). ``arrows``/``srcs``: staged file name and csv ``src`` of each unit the pieces name."""
     shard = ShardWriter(out, index)
     try:
         for piece in pieces:
             if stop.is_set():
                 raise InterruptedError("shard writing stopped")
             # Map, read one batch, unmap: mapped pages count as this process's memory while mapped.
-            with pa.memory_map(str(arrows[piece.unit]), "r") as source:
+            with out.open_input(arrows[piece.unit]) as source:
                 batch = pa.ipc.open_file(source).get_batch(piece.batch)
                 _write_piece(shard, piece, batch, srcs[piece.unit], eos, chunk)
                 del batch
@@ -427,19 +409,16 @@ def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: s
 Written = dict[int, tuple[list[Piece], dict[str, Any]]]
 
 
-def staged_lengths(staging: Staging, pf: PlannedFile) -> list[np.ndarray]:
-    """Tokens per document of each staged batch of ``pf`` (reads only the offsets)."""
-    return [token_lengths(batch.column("tokens")) for batch in staging.read(pf)]
-
-
-def _write_shards_locally(
-    out: Path,
+def write_shards_locally(
+    out: OutputDir,
     shards: list[list[Piece]],
-    arrows: Mapping[int, Path],
+    arrows: Mapping[int, str],
     srcs: Mapping[int, str],
     eos: int,
-    written: Written,
+    written: Written | None = None,
 ) -> list[dict[str, Any]]:
+    """Every shard of the layout by this process's threads (one per core)."""
+    written = written or {}
     # A shard written meanwhile is kept when it holds exactly the pieces the layout gives it now.
     todo = [k for k, pieces in enumerate(shards) if k not in written or written[k][0] != pieces]
     records = {k: written[k][1] for k in range(len(shards)) if k not in todo}
@@ -467,9 +446,9 @@ class ShardPlanner:
     the ones it would write; anything else (a failed file, an interruption) is rewritten.
     """
 
-    def __init__(self, output_dir: Path, plan: Plan, bound: int):
+    def __init__(self, out: OutputDir, plan: Plan, bound: int):
         self.files = list(plan.files)
-        self.staging = Staging(output_dir)
+        self.staging = Staging(out)
         self._builder = LayoutBuilder(bound)
         self._staged: set[int] = set()
         self._next = 0  # the next unit, in plan order, to lay out
@@ -483,7 +462,7 @@ class ShardPlanner:
         while self._next in self._staged:
             unit = self._next
             self._next += 1
-            for b, lens in enumerate(staged_lengths(self.staging, self.files[unit])):
+            for b, lens in enumerate(self.staging.lengths(self.files[unit])):
                 for k, piece in self._builder.add(unit, b, lens):
                     if self._open is not None and self._open[0] != k:
                         done.append(self._open)
@@ -503,10 +482,10 @@ class ShardPlanner:
         return [last]
 
 
-def remembered_bound(out: Path) -> int:
+def remembered_bound(out: OutputDir) -> int:
     """The ``--max-tokens-per-file`` this folder was finalized with (else the default)."""
     try:
-        m = json.loads((out / MANIFEST).read_text())
+        m = json.loads(out.read_bytes(MANIFEST) or b"")
         bound = int(m["max_tokens_per_file"])
         return bound if bound >= 2 else DEFAULT_MAX_TOKENS_PER_FILE
     except (OSError, ValueError, KeyError, TypeError):
@@ -532,34 +511,41 @@ def _verify_staging(staging: Staging, units: list[tuple[PlannedFile, dict[str, A
         )
 
 
+#: How a layout's shards get written: ``(out, shards, arrows, srcs, eos, written) -> records`` (this
+#: process's threads by default; an executor may spread them, e.g. over Ray tasks).
+ShardWriting = Callable[
+    [OutputDir, list[list[Piece]], Mapping[int, str], Mapping[int, str], int, "Written | None"], list[dict[str, Any]]
+]
+
+
 def finalize_dir(
-    output_dir: str | os.PathLike[str],
+    output_dir: OutputDir | str | os.PathLike[str],
     max_tokens_per_file: int | None = None,
     *,
     allow_incomplete: bool = False,
-    ray: bool = False,
-    ray_address: str | None = None,
+    write_shards: ShardWriting | None = None,
     written: Written | None = None,
     verified: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging.
 
     ``max_tokens_per_file`` None: the bound this folder was finalized with before (else 100M).
+    ``write_shards``: who writes the shards (default: this process's threads).
     ``written``: shards written while fetching, kept where they match; ``verified``: keys of
     staged files this process already checked (the others are checksummed first)."""
-    out = Path(output_dir).resolve()
+    out = open_output(output_dir)
     bound = remembered_bound(out) if max_tokens_per_file is None else max_tokens_per_file
     if bound < 2:
         raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
     plan = load_plan(out)
     if plan is None:
-        raise StateError(f"{out} has no plan.json: run `bolmo-async fetch --output-dir {out}` (or `prepare`) first.")
-    state_path = out / RUN_STATE
-    if not state_path.exists():
+        raise StateError(f"{out} has no {PLAN}: run `bolmo-async fetch --output-dir {out}` (or `prepare`) first.")
+    state_raw = out.read_bytes(RUN_STATE)
+    if state_raw is None:
         raise StateError(
             f"{out} has no {RUN_STATE}: nothing was fetched yet; run `bolmo-async fetch --output-dir {out}`."
         )
-    state = json.loads(state_path.read_text())
+    state = json.loads(state_raw)
     staging = Staging(out)
     records = [(pf, staging.done(pf)) for pf in plan.files]  # each completion marker read once
     missing = [pf.path for pf, rec in records if rec is None]
@@ -578,7 +564,7 @@ def finalize_dir(
     _verify_staging(staging, [(pf, rec) for pf, rec in records if rec is not None and pf.key not in verified])
     skips = SkipCounter()
     src_prefix = source_prefix(plan)
-    arrows: dict[int, Path] = {}
+    arrows: dict[int, str] = {}
     srcs: dict[int, str] = {}
     builder = LayoutBuilder(bound)
     docs = tokens = 0
@@ -586,19 +572,14 @@ def finalize_dir(
         if rec is None:
             continue
         skips.merge(rec.get("skipped", {}))
-        for b, lens in enumerate(staged_lengths(staging, pf)):
+        for b, lens in enumerate(staging.lengths(pf)):
             builder.add(unit, b, lens)
             docs += len(lens)
             tokens += int(lens.sum())
-        arrows[unit] = staging.arrow_path(pf)
+        arrows[unit] = staged_name(pf.key)
         srcs[unit] = src_prefix + pf.path
     plan_of_shards = builder.shards()
-    if ray:
-        from .ray_exec import write_shards_with_ray
-
-        shards = write_shards_with_ray(out, plan_of_shards, arrows, srcs, eos, ray_address)
-    else:
-        shards = _write_shards_locally(out, plan_of_shards, arrows, srcs, eos, written or {})
+    shards = (write_shards or write_shards_locally)(out, plan_of_shards, arrows, srcs, eos, written)
     complete = not missing
     manifest = {
         "format": "bolmo-async/1",
@@ -631,16 +612,14 @@ def finalize_dir(
             f"{dict(sorted(skips.counts.items())) or 'none'}); no data_sources.txt was written. Check --repo-id and "
             "the files' format (JSON lines with a 'text' field, or parquet with a 'text' column)."
         )
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    out.write_text(MANIFEST, json.dumps(manifest, indent=1) + "\n")
     # Shards of an earlier, larger finalize go, and data_sources.txt names exactly these shards:
-    # written only for a complete output (or on request), replacing the old one in one rename.
-    keep = {Path(s["path"]).name for s in shards} | {Path(s["csv"]).name for s in shards}
+    # written only for a complete output (or on request), replacing the old one at once.
+    keep = {shard_name(k) for k in range(len(shards))}
+    keep |= {csv_name(n) for n in keep}
     if complete or allow_incomplete:
-        atomic_write_text(out / DATA_SOURCES, "".join(s["path"] + "\n" for s in shards))
+        out.write_text(DATA_SOURCES, "".join(s["path"] + "\n" for s in shards))
     else:
-        with contextlib.suppress(FileNotFoundError):
-            (out / DATA_SOURCES).unlink()
-    for p in out.iterdir():
-        if _SHARD_RE.match(p.name) and p.name not in keep:
-            p.unlink()
+        out.remove(DATA_SOURCES)
+    out.remove_shards_except(keep)
     return manifest

@@ -15,16 +15,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from .errors import StateError, UsageError
 from .models import Plan, PlannedFile, RepoFile, Selection, SourceSummary, data_suffix, validate_fraction
-from .util import atomic_write_text
-
-PLAN_FILE = "plan.json"
+from .outdir import PLAN, OutputDir
 
 #: Rough text bytes per compressed byte, by format, for estimates only.
 EXPANSION = {".zst": 3.5, ".gz": 3.0, ".parquet": 2.5}
@@ -211,21 +207,20 @@ def _digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def save_plan(plan: Plan, output_dir: str | os.PathLike[str]) -> Path:
-    """``plan.json``, with its own digest: an edited file list, limit or endpoint is noticed."""
-    path = Path(output_dir) / PLAN_FILE
+def save_plan(plan: Plan, out: OutputDir) -> None:
+    """The folder's plan, with its own digest: an edited file list, limit or endpoint is noticed."""
     data = plan.to_json()
     data["digest"] = _digest(data)
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    return path
+    out.write_text(PLAN, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def load_plan(output_dir: str | os.PathLike[str]) -> Plan | None:
-    path = Path(output_dir) / PLAN_FILE
-    if not path.exists():
+def load_plan(out: OutputDir) -> Plan | None:
+    raw = out.read_bytes(PLAN)
+    if raw is None:
         return None
+    path = out.ref(PLAN)
     try:
-        data: Any = json.loads(path.read_text())
+        data: Any = json.loads(raw)
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         if data.get("digest") != _digest(data):

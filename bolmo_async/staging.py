@@ -1,7 +1,7 @@
 """The Arrow staging area: one IPC file per planned file, committed atomically.
 
-``staging/{key}.arrow`` holds record batches ``(id, loc, tokens)``; ``staging/{key}.json`` is the
-completion marker written after the Arrow file is in place (counts, skips, the verified sha256
+A unit's staged file (``outdir.staged_name``) holds record batches ``(id, loc, tokens)``; its
+marker (``outdir.marker_name``) is the completion record written after the Arrow file is in place (counts, skips, the verified sha256
 of the download, and the size and checksum (``util.CHECKSUM``) of the staged file itself). A unit without its marker
 is not done and is redone; a staged file that no longer matches its marker is damaged and is
 redone too; temporary files are never mistaken for finished ones.
@@ -20,27 +20,16 @@ import contextlib
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from .models import PlannedFile, SkipCounter
+from .outdir import NewFile, OutputDir, marker_name, staged_name
 from .tokenize import byte_ids, byte_ids_slice, large_offsets
-from .util import (
-    CHECKSUM,
-    FSYNC,
-    atomic_write_text,
-    checksum_file,
-    naming_a_full_disk,
-    new_checksum,
-    ordinary_mode,
-    raise_if_disk_full,
-)
+from .util import CHECKSUM, new_checksum
 
 log = logging.getLogger("bolmo_async")
 
@@ -83,34 +72,31 @@ def expand(
 
 
 class Staging:
-    def __init__(self, output_dir: str | os.PathLike[str]):
-        self.dir = Path(output_dir) / "staging"
+    """The staging area of an output folder (``outdir.staged_name`` / ``outdir.marker_name``)."""
 
-    def arrow_path(self, pf: PlannedFile) -> Path:
-        return self.dir / f"{pf.key}.arrow"
-
-    def marker_path(self, pf: PlannedFile) -> Path:
-        return self.dir / f"{pf.key}.json"
+    def __init__(self, out: OutputDir):
+        self.out = out
 
     def done(self, pf: PlannedFile) -> dict[str, Any] | None:
         """The completion record of ``pf`` if its marker and a staged file of the recorded size
         are present (cheap: no read of the staged file; ``checked`` reads it)."""
-        marker = self.marker_path(pf)
         try:
-            rec = json.loads(marker.read_text())
-            size = self.arrow_path(pf).stat().st_size
+            raw = self.out.read_bytes(marker_name(pf.key))
+            if raw is None:
+                return None
+            rec = json.loads(raw)
         except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(rec, dict):
             return None
         if rec.get("path") != pf.path or rec.get("limit") != pf.limit or rec.get("format") != STAGING_FORMAT:
             return None
-        return rec if rec.get("staged_bytes") == size else None
+        return rec if rec.get("staged_bytes") == self.out.size(staged_name(pf.key)) else None
 
     def intact(self, pf: PlannedFile, rec: dict[str, Any]) -> bool:
         """The staged file still has the checksum its marker vouches for."""
         try:
-            return checksum_file(self.arrow_path(pf)) == rec.get(f"staged_{CHECKSUM}")
+            return self.out.checksum(staged_name(pf.key)) == rec.get(f"staged_{CHECKSUM}")
         except OSError:
             return False
 
@@ -126,79 +112,43 @@ class Staging:
         return None
 
     def remove(self, pf: PlannedFile) -> None:
-        for p in (self.marker_path(pf), self.arrow_path(pf)):
-            with contextlib.suppress(OSError):
-                p.unlink()
+        self.out.remove(marker_name(pf.key))
+        self.out.remove(staged_name(pf.key))
 
     def writer(self, pf: PlannedFile, fingerprint: str, kind: str) -> StagingWriter:
-        self.dir.mkdir(parents=True, exist_ok=True)
         return StagingWriter(self, pf, fingerprint, kind)
 
     def read(self, pf: PlannedFile) -> Iterator[pa.RecordBatch]:
-        """The staged batches of ``pf`` in order (memory-mapped)."""
-        with pa.memory_map(str(self.arrow_path(pf)), "r") as source:
+        """The staged batches of ``pf`` in order (memory-mapped on local disk)."""
+        with self.out.open_input(staged_name(pf.key)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
                 yield reader.get_batch(i)
 
-    @contextlib.contextmanager
-    def unit_lock(self, pf: PlannedFile) -> Iterator[bool]:
-        """Hold ``pf``'s unit while staging it: yields False when another run holds it now (two
+    def lengths(self, pf: PlannedFile) -> list[np.ndarray]:
+        """Tokens per document of each staged batch of ``pf`` (reads only what it needs)."""
+        return [token_lengths(batch.column("tokens")) for batch in self.read(pf)]
+
+    def claim(self, pf: PlannedFile) -> contextlib.AbstractContextManager[bool]:
+        """Hold ``pf``'s unit while staging it: False when another run holds it now (two
         overlapping ``--worker`` shares), so no run ever touches another's temporaries."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: unlocked
-            yield True
-            return
-        fd = os.open(self.dir / f".{pf.key}.lock", os.O_RDWR | os.O_CREAT, ordinary_mode())
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            except OSError:
-                pass  # no flock on this filesystem: unlocked, as the folder lock
-            yield True
-        finally:
-            os.close(fd)
+        return self.out.claim(pf.key)
 
     def clean_temporaries(self, files: list[PlannedFile]) -> int:
-        """Remove temporary files that killed runs left for ``files``; returns how many.
-
-        Only these files' temporaries, and only while holding their ``unit_lock``: other workers
-        may be writing theirs in the same folder.
-        """
-        n = 0
-        raw_dir = self.dir.parent / "raw"
-        for pf in files:
-            # staged batches, whole-file downloads of streaming runs (and their temporaries)
-            leftovers = [*self.dir.glob(f".{pf.key}.*.tmp"), *self.dir.glob(f"..{pf.key}.raw.*.tmp")]
-            leftovers.append(self.dir / f".{pf.key}.raw")
-            if raw_dir.exists():  # --no-streaming downloads being written (finished ones are kept)
-                raw = raw_dir / pf.key.split("-")[0]
-                if raw.is_dir():
-                    leftovers += raw.glob(".*.tmp")
-            for p in leftovers:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    n += 1
-        return n
+        """Remove temporary files that killed runs left for ``files`` (only while holding their
+        claim: other workers may be writing theirs in the same folder); returns how many."""
+        return sum(self.out.clean_temporaries(pf.key) for pf in files)
 
 
 class StagingWriter:
-    """Writes one planned file's batches to a temporary file; ``commit`` renames it into place."""
+    """Writes one planned file's batches to a new file; ``commit`` puts it in place, then its marker."""
 
     def __init__(self, staging: Staging, pf: PlannedFile, fingerprint: str, kind: str):
         self.staging = staging
         self.pf = pf
         self.fingerprint = fingerprint
         self.schema = staging_schema(kind)
-        fd, tmp = tempfile.mkstemp(prefix=f".{pf.key}.", suffix=".tmp", dir=staging.dir)
-        os.fchmod(fd, ordinary_mode())
-        self.tmp = Path(tmp)
-        self._file = _HashingFile(os.fdopen(fd, "wb"))
+        self._file = _HashingFile(staging.out.new_file(staged_name(pf.key)))
         self._sink: Any = pa.PythonFile(self._file, mode="w")
         self._writer: Any = pa.ipc.new_file(self._sink, self.schema)
         self.documents = 0
@@ -207,8 +157,7 @@ class StagingWriter:
     def write(self, ids: pa.Array, locs: pa.Array, tokens: pa.Array) -> int:
         """Stage one batch; returns its number of tokens."""
         batch = pa.RecordBatch.from_arrays([ids, locs, tokens], schema=self.schema)
-        with naming_a_full_disk(self.tmp):
-            self._writer.write_batch(batch)
+        self._writer.write_batch(batch)
         n = int(token_lengths(tokens).sum())
         self.documents += len(ids)
         self.tokens += n
@@ -217,11 +166,9 @@ class StagingWriter:
     def commit(self, extra: dict[str, Any], skips: SkipCounter) -> dict[str, Any]:
         try:
             self._writer.close()  # closes the Arrow sink, not the file below it
-            self._file.finish(FSYNC)
-            os.replace(self.tmp, self.staging.arrow_path(self.pf))
-        except OSError as exc:
+            self._file.target.commit()
+        except BaseException:
             self.abort()
-            raise_if_disk_full(exc, self.tmp)
             raise
         record = {
             "path": self.pf.path,
@@ -235,23 +182,20 @@ class StagingWriter:
             "skipped": skips.to_json(),
             **extra,
         }
-        atomic_write_text(self.staging.marker_path(self.pf), json.dumps(record, sort_keys=True) + "\n")
+        self.staging.out.write_text(marker_name(self.pf.key), json.dumps(record, sort_keys=True) + "\n")
         return record
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._writer.close()
-        with contextlib.suppress(Exception):
-            self._file.finish(False)
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
+        self._file.target.abort()
 
 
 class _HashingFile(io.RawIOBase):
     """A binary file that hashes what is written through it (the staged file's checksum, for free)."""
 
-    def __init__(self, f: io.BufferedWriter):
-        self._f = f
+    def __init__(self, target: NewFile):
+        self.target = target
         self.checksum = new_checksum()
         self.size = 0
 
@@ -260,18 +204,9 @@ class _HashingFile(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         self.checksum.update(b)
-        n = self._f.write(b)
+        n = self.target.write(b)
         self.size += n
         return n
 
     def flush(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-
-    def finish(self, fsync: bool) -> None:
-        """Flush (and fsync) the file below and close it; ``close`` (Arrow's) leaves it open."""
-        if not self._f.closed:
-            self._f.flush()
-            if fsync:
-                os.fsync(self._f.fileno())
-            self._f.close()
+        self.target.flush()

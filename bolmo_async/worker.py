@@ -1,16 +1,11 @@
 """A worker: the same code everywhere (a local pool's process, an in-process thread, a Ray task).
 
 It holds one ``aiohttp.ClientSession``, the run's tokenizer and a small thread pool for CPU
-work, takes tasks from its inbox and answers on its outbox with small messages only:
-
-    in:  ("file", unit) | ("shard", k, pieces) | ("stop",)
-    out: ("ready", wid, engine) | ("progress", wid, bytes, documents, tokens)
-         | ("staged", wid, unit, record, fetched_now) | ("failed", wid, unit, reason)
-         | ("shard", wid, k, record) | ("shard_failed", wid, k, reason)
-         | ("fatal", wid, error class, message) | ("log", wid, level, message) | ("exit", wid)
-
-A file is done start to finish here (``filetask.run_file_task``); no text or ids ever cross
-the process boundary. Messages are tuples of builtins (and the shard layout's ``Piece``).
+work, takes tasks from its inbox and answers on its outbox with the small named records of
+``messages``. A file is done start to finish here (``filetask.run_file_task``); no text or ids
+ever cross the process boundary. Any exception from one file's work (``BaseException``
+included, such as a tokenizer's Rust panic) becomes that file's failure, or the run's when
+every file would fail the same way (``FATAL``).
 """
 
 from __future__ import annotations
@@ -26,15 +21,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .errors import AuthError, BolmoError, BusyError, DiskSpaceError, StateError, TokenizerError
+from . import messages as m
+from .errors import AuthError, BolmoError, DiskSpaceError, OutputError, StateError, TokenizerError
 
 log = logging.getLogger("bolmo_async")
 
 #: Errors that stop the whole run (every other file would fail the same way).
-FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, StateError, TokenizerError)
+FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, OutputError, StateError, TokenizerError)
+#: Seconds between looks at a file another run is staging.
+CLAIM_POLL = 0.5
 #: Seconds between progress messages.
 PROGRESS_EVERY = 0.25
 
@@ -61,7 +58,7 @@ class WorkerSpec:
     id_field: str = "id"
 
 
-Send = Callable[[tuple[Any, ...]], None]
+Send = Callable[[m.FromWorker], None]
 
 
 class Worker:
@@ -87,7 +84,7 @@ class Worker:
         with self._counts_lock:
             counts, self._counts = self._counts, [0, 0, 0]
         if any(counts):
-            self._send(("progress", self.wid, *counts))
+            self._send(m.Progress(self.wid, *counts))
 
     async def _report(self) -> None:
         while True:
@@ -114,11 +111,12 @@ class Worker:
             pass
         finally:
             self._flush_progress()
-            self._send(("exit", self.wid))
+            self._send(m.Exit(self.wid))
 
     async def _serve(self) -> None:
         from .filetask import TaskContext
         from .hub import HubClient, RetryPolicy, make_session, read_token
+        from .outdir import open_output
         from .staging import Staging
 
         spec = self.spec
@@ -130,7 +128,7 @@ class Worker:
             while True:
                 msg = self._receive()
                 loop.call_soon_threadsafe(inbox.put_nowait, msg)
-                if msg is None or msg[0] == "stop":
+                if msg is None or isinstance(msg, m.Stop):
                     return
 
         threading.Thread(target=read, name="bolmo-inbox", daemon=True).start()
@@ -140,7 +138,7 @@ class Worker:
             tokenizer = spec.tokenizer.build()
             # The BPE engine builds on a thread while the first files download.
             warm = loop.run_in_executor(executor, getattr(tokenizer, "warm", lambda: None))
-            self._send(("ready", self.wid, tokenizer.info.engine))
+            self._send(m.Ready(self.wid, tokenizer.info.engine))
             retry = RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout)
             async with make_session(spec.slots, retry) as session:
                 client = HubClient(
@@ -154,7 +152,7 @@ class Worker:
                 ctx = TaskContext(
                     client=client,
                     commit=spec.commit,
-                    staging=Staging(spec.output_dir),
+                    staging=Staging(open_output(spec.output_dir)),
                     tokenizer=tokenizer,
                     executor=executor,
                     streaming=spec.streaming,
@@ -166,10 +164,12 @@ class Worker:
                 )
                 while True:
                     msg = await inbox.get()
-                    if msg is None or msg[0] == "stop":
+                    if msg is None or isinstance(msg, m.Stop):
                         break
                     task = asyncio.create_task(
-                        self._file(ctx, msg[1]) if msg[0] == "file" else self._shard(msg[1], msg[2], executor)
+                        self._file(ctx, msg.unit)
+                        if isinstance(msg, m.FileTask)
+                        else self._shard(msg.index, msg.pieces, executor)
                     )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -178,7 +178,7 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await warm
         except FATAL as exc:
-            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
+            self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
         finally:
             for task in list(tasks):
                 task.cancel()
@@ -192,48 +192,54 @@ class Worker:
         from .filetask import run_file_task
 
         pf = self.spec.files[unit]
+        loop = asyncio.get_running_loop()
         try:
-            with ctx.staging.unit_lock(pf) as mine:
-                if not mine:
-                    raise BusyError(
-                        f"{pf.path} is being staged by another bolmo-async run in this folder right now "
-                        "(overlapping --worker shares?); it is left to that run."
-                    )
-                await asyncio.get_running_loop().run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
-                rec, read = await run_file_task(ctx, pf)
+            waited = False
+            while True:
+                with ctx.staging.claim(pf) as mine:
+                    if mine:
+                        await loop.run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
+                        rec, read = await run_file_task(ctx, pf)
+                        break
+                # Another run (an overlapping --worker share) is staging it now: wait for it to
+                # finish, then take its result (or stage it, if that run failed or was stopped).
+                if not waited:
+                    log.info("%s is being staged by another run in this folder; waiting for it", pf.path)
+                    waited = True
+                await asyncio.sleep(CLAIM_POLL)
             self._flush_progress()
-            self._send(("staged", self.wid, unit, rec, read))
-        except asyncio.CancelledError:
+            self._send(m.Staged(self.wid, unit, rec, read))
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except FATAL as exc:
-            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
+            self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
             self.cancel()
         except BolmoError as exc:
             log.error("failed: %s", exc)
-            self._send(("failed", self.wid, unit, str(exc)))
-        except Exception as exc:  # one file's bug never stops the others; the run still exits non-zero
+            self._send(m.Failed(self.wid, unit, str(exc)))
+        except BaseException as exc:  # one file's bug (or a Rust panic) never stops the others
             log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
-            self._send(("failed", self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
+            self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
 
     async def _shard(self, k: int, pieces: list[Any], executor: ThreadPoolExecutor) -> None:
         from .finalizer import write_shard
-        from .staging import Staging
+        from .outdir import open_output, staged_name
 
-        staging = Staging(self.spec.output_dir)
-        arrows = {p.unit: staging.arrow_path(self.spec.files[p.unit]) for p in pieces}
+        out = open_output(self.spec.output_dir)
+        arrows = {p.unit: staged_name(self.spec.files[p.unit].key) for p in pieces}
         srcs = {p.unit: self.spec.src_prefix + self.spec.files[p.unit].path for p in pieces}
         eos = self.spec.eos
         try:
             rec = await asyncio.get_running_loop().run_in_executor(
-                executor, write_shard, Path(self.spec.output_dir), k, pieces, arrows, srcs, eos, self._stop_shards
+                executor, write_shard, out, k, pieces, arrows, srcs, eos, self._stop_shards
             )
-            self._send(("shard", self.wid, k, rec))
-        except asyncio.CancelledError:
+            self._send(m.ShardWritten(self.wid, k, rec))
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
-        except DiskSpaceError as exc:
-            self._send(("fatal", self.wid, type(exc).__name__, str(exc)))
-        except Exception as exc:  # finalize writes this shard again
-            self._send(("shard_failed", self.wid, k, f"{type(exc).__name__}: {exc}"))
+        except (DiskSpaceError, OutputError) as exc:
+            self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
+        except BaseException as exc:  # finalize writes this shard again
+            self._send(m.ShardFailed(self.wid, k, f"{type(exc).__name__}: {exc}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +256,7 @@ class _Forward(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self._send(("log", self.wid, record.levelno, record.getMessage()))
+            self._send(m.Log(self.wid, record.levelno, record.getMessage()))
 
 
 def _die_with_parent(current: Callable[[], Worker | None], parent: int) -> None:
@@ -298,7 +304,7 @@ def process_main(wid: int, inbox: Any, outbox: Any, parent: int) -> None:
 
     spec = inbox.get()
     if spec is None:
-        outbox.put(("exit", wid))
+        outbox.put(m.Exit(wid))
         return
     worker = Worker(wid, spec, inbox.get, outbox.put)
     holder.append(worker)
@@ -306,8 +312,8 @@ def process_main(wid: int, inbox: Any, outbox: Any, parent: int) -> None:
     try:
         worker.run()
     except BaseException as exc:
-        outbox.put(("fatal", wid, "WorkerError", f"worker {wid} crashed: {type(exc).__name__}: {exc}"))
-        outbox.put(("exit", wid))
+        outbox.put(m.Fatal(wid, "WorkerError", f"worker {wid} crashed: {type(exc).__name__}: {exc}"))
+        outbox.put(m.Exit(wid))
     finally:
         outbox.close()
         outbox.join_thread()  # every message is out

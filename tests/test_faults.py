@@ -17,11 +17,11 @@ import pytest
 
 import bolmo_async
 from bolmo_async.errors import AuthError, FetchIncomplete, StateError
-from bolmo_async.filetask import raw_path
 from bolmo_async.inspector import read_index
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
 from bolmo_async.mirror.faults import FAULT_KINDS
 from bolmo_async.models import DEFAULT_REPO_ID
+from bolmo_async.outdir import marker_name, open_output, staged_name
 
 from .helpers import run_cli, shard_hashes
 
@@ -227,19 +227,25 @@ def test_a_new_run_removes_what_a_killed_one_was_writing(repos, tmp_path, clean)
     with MirrorThread(repos) as m:
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
         pf = plan.files[0]
-        raw = raw_path(out, pf)
-        raw.parent.mkdir(parents=True)
-        dead = [
-            raw.with_name(f".{raw.name}.4242.1.tmp"),  # --no-streaming download being written
-            out / "staging" / f".{pf.key}.raw",  # a streaming run's whole-file download
-            out / "staging" / f"..{pf.key}.raw.4242.1.tmp",
-            out / "staging" / f".{pf.key}.4242.1.tmp",  # staged batches being written
+        od = open_output(out)
+        # What a killed run leaves, made by the writers themselves (never by copying their names):
+        # a --no-streaming download and staged batches being written, a streaming run's whole file.
+        writers = [
+            od.new_local_file(od.download_path(pf.key, pf.path, keep=True)),
+            od.new_file(staged_name(pf.key)),
+            od.new_file(marker_name(pf.key)),
         ]
-        (out / "staging").mkdir()
+        for w in writers:
+            w.write(b"partial")
+            w.flush()
+        dead = [Path(w.tmp) for w in writers]  # type: ignore[attr-defined]
+        whole = od.download_path(pf.key, pf.path, keep=False)
+        whole.write_bytes(b"partial")
+        dead.append(whole)
         other = out / "raw" / "0123456789abcdef0123"  # another file's folder: another run may own it
         other.mkdir()
-        keep = [raw.with_name("notes.txt"), other / ".other-file.jsonl.zst.1.2.tmp"]
-        for p in dead + keep:
+        keep = [whole.with_name("notes.txt"), other / ".other-file.jsonl.zst.1.2.tmp"]
+        for p in keep:
             p.write_bytes(b"partial")
         manifest = _prepare(out, m.endpoint, streaming=False)
     assert shard_hashes(manifest) == clean

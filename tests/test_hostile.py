@@ -21,10 +21,10 @@ import bolmo_async
 from bolmo_async.decode import LineDecoder, parquet_batch
 from bolmo_async.download import BytesSink, stream
 from bolmo_async.errors import DownloadError, FetchIncomplete, HubError, NotFoundError, StateError
-from bolmo_async.filetask import raw_path
 from bolmo_async.hub import HubClient, RetryPolicy, make_session
 from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID, PlannedFile, SkipCounter
+from bolmo_async.outdir import open_output
 
 FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout=5)
 
@@ -132,13 +132,18 @@ def test_damaged_streams_decode_the_same_whatever_the_chunking(suffix):
 
 
 def test_long_or_clashing_repo_paths_get_safe_raw_names(tmp_path):
-    long_name = "d/" + "x" * 300 + ".jsonl.zst"
-    pf = PlannedFile(long_name, "d", 10, "0" * 40, None)
-    p = raw_path(tmp_path, pf)
-    assert len(p.name) <= 200 and p.parent.parent == tmp_path / "raw"
+    od = open_output(tmp_path)
+    for name in ("x" * 300 + ".jsonl.zst", "\U0001f600" * 100 + ".jsonl.zst", "é" * 150 + ".parquet"):
+        pf = PlannedFile("d/" + name, "d", 10, "0" * 40, None)
+        p = od.download_path(pf.key, pf.path, keep=True)
+        assert len(p.name.encode()) <= 200 and p.name.endswith(name[-8:]) and p.parent.parent == tmp_path / "raw"
+        tmp = od.new_local_file(p)  # the temporary beside it fits too (ext4: 255 bytes a name)
+        tmp.write(b"x")
+        tmp.commit()
+        assert p.read_bytes() == b"x"
     # a file named like another file's folder: different keys, different folders
     a, b = PlannedFile("a", ".", 1, "0" * 40, None), PlannedFile("a/b.jsonl", "a", 1, "0" * 40, None)
-    assert raw_path(tmp_path, a).parent != raw_path(tmp_path, b).parent
+    assert od.download_path(a.key, a.path, keep=True).parent != od.download_path(b.key, b.path, keep=True).parent
 
 
 # -- misbehaving servers ------------------------------------------------------------------

@@ -416,7 +416,7 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
 
     import xxhash
 
-    import bolmo_async.util as util
+    import bolmo_async.outdir.local as outdir_local
 
     out = tmp_path / "o"
     m = _prepare(out, mirror, data_fraction=0.3, max_tokens_per_file=150_000)
@@ -429,9 +429,9 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
         return files
 
     direct = on_disk(m)
-    monkeypatch.setattr(util, "DIRECT_IO", False)
+    monkeypatch.setattr(outdir_local, "DIRECT_IO", False)
     assert on_disk(bolmo_async.finalize(out, max_tokens_per_file=150_000)) == direct
-    monkeypatch.setattr(util, "DIRECT_IO", True)
+    monkeypatch.setattr(outdir_local, "DIRECT_IO", True)
     monkeypatch.setattr(sys.modules["bolmo_async.finalizer"], "BLOCK_BYTES", 4096)
     assert on_disk(bolmo_async.finalize(out, max_tokens_per_file=150_000)) == direct
     assert any(s["tokens"] % 1024 for s in m["shards"])  # a tail that is not a whole page
@@ -440,26 +440,26 @@ def test_direct_io_and_block_size_never_show_in_the_shards(tmp_path, mirror, mon
 def test_output_file_falls_back_to_ordinary_writes(tmp_path):
     """Memory O_DIRECT refuses (not page-aligned), an unaligned tail, and a filesystem without
     O_DIRECT all end with the same bytes on disk."""
-    from bolmo_async.util import OutputFile, aligned_buffer
+    from bolmo_async.outdir.local import LocalNewFile, aligned_buffer
 
     block = aligned_buffer(8192)
     block[:] = bytes(range(256)) * 32
     unaligned = memoryview(b"x" + bytes(range(256)) * 16)[1:]  # 4096 bytes, off by one in memory
     path = tmp_path / "f.bin"
-    f = OutputFile(path)
+    f = LocalNewFile(path, str(tmp_path), direct=True)
     f.write(block)
     f.write(unaligned)
     f.write(block[:100])
-    f.close(fsync=True)
+    f.commit()
     assert path.read_bytes() == bytes(block) + bytes(unaligned) + bytes(block[:100])
     shm = Path("/dev/shm")
     if shm.is_dir():
         p = shm / f"bolmo-async-test-{tmp_path.name}.bin"
         try:
-            g = OutputFile(p)
+            g = LocalNewFile(p, str(shm), direct=True)
             g.write(block)
             g.write(block[:10])
-            g.close(fsync=False)
+            g.commit()
             assert p.read_bytes() == bytes(block) + bytes(block[:10])
         finally:
             p.unlink(missing_ok=True)
@@ -473,13 +473,13 @@ def test_a_small_new_plan_runs_in_process_with_the_cheapest_engine(tmp_path, mir
     import bolmo_async.api as api
 
     sizes: list[int] = []
-    real = api.Pool
+    real = api.choose
 
-    def sized_pool(processes: int):
+    def sized_pool(*, processes: int, **kw):
         sizes.append(processes)
-        return real(processes)
+        return real(processes=processes, **kw)
 
-    monkeypatch.setattr(api, "Pool", sized_pool)
+    monkeypatch.setattr(api, "choose", sized_pool)
     m = _prepare(tmp_path / "o", mirror, data_fraction=0.05, tokenizer=tokenizer)
     assert sizes == [1]
     assert m["totals"]["documents"] > 0

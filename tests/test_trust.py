@@ -18,7 +18,7 @@ import pytest
 import bolmo_async
 from bolmo_async.errors import BolmoError, StateError
 from bolmo_async.mirror import MirrorThread
-from bolmo_async.staging import Staging
+from bolmo_async.outdir import open_output, staged_name
 
 from .helpers import cli, shard_hashes
 
@@ -50,8 +50,7 @@ def test_damaged_staging_is_caught_refetched_and_never_finalized(repos, tmp_path
     with MirrorThread(repos) as m:
         _prepare(out, m.endpoint)
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
-        staging = Staging(out)
-        victims = [staging.arrow_path(pf) for pf in plan.files[:2]]
+        victims = [Path(open_output(out).ref(staged_name(pf.key))) for pf in plan.files[:2]]
         _flip(victims[0], victims[0].stat().st_size // 2)  # one bit pattern in the middle
         _flip(victims[1], 200, 1000)  # 1000 bytes: enough to crash a reader that trusted it
         before = (out / "data_sources.txt").read_text()

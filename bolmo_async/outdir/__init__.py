@@ -30,7 +30,7 @@ from .local import DIRECT_ALIGN, FSYNC, LocalDir, aligned_buffer
 STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "r2")
 
 
-def open_output(location: str | os.PathLike[str]) -> OutputDir:
+def open_output(location: str | os.PathLike[str] | OutputDir) -> OutputDir:
     """The ``OutputDir`` for ``--output-dir LOCATION``."""
     if isinstance(location, OutputDir):
         return location

@@ -117,16 +117,16 @@ class OutputDir:
     def exists(self) -> bool:
         raise NotImplementedError
 
+    def discard_if_unused(self) -> None:
+        """A folder this run made and left holding nothing of its own goes again (a failed first
+        command leaves nothing behind)."""
+
     def lock(self, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
         """One run per folder (``--worker`` shares of one plan share it); StateError when taken."""
         raise NotImplementedError
 
     def claim(self, key: str) -> contextlib.AbstractContextManager[bool]:
         """Hold one unit of staging while it is staged: False when another run holds it now."""
-        raise NotImplementedError
-
-    def wait_claim(self, key: str, poll: float = 1.0) -> None:
-        """Block until nobody holds ``key`` (another run finishing it)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -204,11 +204,13 @@ class OutputDir:
         local disk live in the output folder's ``raw/``; on object storage, in local scratch)."""
         raise NotImplementedError
 
-    def raw_path(self, key: str, repo_path: str) -> Path:
-        """Where ``--no-streaming`` keeps a verified download of ``repo_path`` (a local path whose
-        every component fits the filesystem, however long or odd the listed path)."""
-        name = fit_name(repo_path.rsplit("/", 1)[-1])
-        return self.scratch(key) / name
+    def download_path(self, key: str, repo_path: str, *, keep: bool) -> Path:
+        """Where a whole-file download of unit ``key`` goes, on local disk: kept (``--no-streaming``:
+        named after ``repo_path``, every component fitting the filesystem however long or odd the
+        listed path) or a temporary one (a streaming run's parquet), removed once decoded."""
+        if not keep:
+            return self.scratch(key) / f".{key}.whole"
+        return self.scratch(key) / fit_name(repo_path.rsplit("/", 1)[-1])
 
     def new_local_file(self, path: Path) -> NewFile:
         """A file under ``scratch`` written through a temporary, like ``new_file``."""

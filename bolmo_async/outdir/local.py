@@ -23,7 +23,6 @@ import secrets
 import shutil
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,10 +261,7 @@ class LocalDir(OutputDir):
             fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
             os.close(fd)
         except OSError as exc:
-            if self.root.exists() and not self.root.is_dir():
-                why = "it is a file"
-            else:
-                why = exc.strerror or str(exc)
+            why = "it is a file" if self.root.exists() and not self.root.is_dir() else exc.strerror or str(exc)
             fix = (
                 f"give this user write permission on {self.root} or choose another --output-dir"
                 if exc.errno in _REFUSED
@@ -359,24 +355,6 @@ class LocalDir(OutputDir):
             except OSError:
                 pass  # no flock on this filesystem: unlocked, as the folder lock
             yield True
-        finally:
-            os.close(fd)
-
-    def wait_claim(self, key: str, poll: float = 1.0) -> None:
-        try:
-            import fcntl
-        except ImportError:
-            return
-        fd = self._claim_fd(key)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    time.sleep(poll)
-                except OSError:
-                    return
         finally:
             os.close(fd)
 

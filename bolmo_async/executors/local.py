@@ -1,4 +1,6 @@
-"""The coordinator: hands planned files (and shard writes) to workers, gathers small results.
+"""The local executor: a pool of worker processes on this machine (the coordinator's side).
+
+It hands planned files (and shard writes) to workers and gathers their small results.
 
 It knows nothing about bytes or tokens. Workers are spawned first, so that they import while
 the coordinator lists the repo and loads the tokenizer; each then receives the ``WorkerSpec``
@@ -25,12 +27,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BolmoError, WorkerError, rebuild
-from .progress import Progress
-from .worker import Worker, WorkerSpec, process_main
+from .. import messages as m
+from ..errors import WorkerError, rebuild
+from ..finalizer import write_shards_locally
+from ..models import Plan
+from ..progress import Progress
+from ..worker import Worker, WorkerSpec, process_main
+from .base import RunResult, ShardCallback
 
 log = logging.getLogger("bolmo_async")
 
@@ -58,17 +63,6 @@ def check_not_bootstrapping() -> None:
         )
 
 
-@dataclass
-class RunResult:
-    """What the workers reported back."""
-
-    staged: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit -> completion record
-    fetched_now: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # path -> reason
-    shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
-    engines: set[str] = field(default_factory=set)
-
-
 class _Member:
     """One worker as the coordinator sees it."""
 
@@ -91,7 +85,12 @@ class _Member:
 
 
 class Pool:
-    """``processes`` workers (spawned now; ``start`` gives them the spec)."""
+    """``processes`` workers (spawned now; ``start`` gives them the spec).
+
+    As an executor: ``units`` are every planned file, ``run`` stages them, ``write_shards`` writes
+    a finalize's shards on this process's threads."""
+
+    name = "local"
 
     def __init__(self, processes: int):
         check_not_bootstrapping()
@@ -104,25 +103,31 @@ class Pool:
             return
         ctx = multiprocessing.get_context("spawn")
         self.outbox = ctx.Queue()
-        for m in self.members:
-            m.inbox = ctx.Queue()
-            m.process = ctx.Process(
+        for mem in self.members:
+            mem.inbox = ctx.Queue()
+            mem.process = ctx.Process(
                 target=process_main,
-                args=(m.wid, m.inbox, self.outbox, os.getpid()),
-                name=f"bolmo-worker-{m.wid}",
+                args=(mem.wid, mem.inbox, self.outbox, os.getpid()),
+                name=f"bolmo-worker-{mem.wid}",
                 daemon=True,
             )
-            m.process.start()
+            mem.process.start()
+
+    def units(self, plan: Plan) -> list[int]:
+        return list(range(len(plan.files)))
+
+    def write_shards(self, *args: Any) -> list[dict[str, Any]]:
+        return write_shards_locally(*args)
 
     def start(self, spec: WorkerSpec) -> None:
         self._spec = spec
-        for m in self.members:
-            if m.process is None:
-                m.worker = Worker(m.wid, spec, m.inbox.get, self.outbox.put)
-                m.thread = threading.Thread(target=m.worker.run, name="bolmo-worker", daemon=True)
-                m.thread.start()
+        for mem in self.members:
+            if mem.process is None:
+                mem.worker = Worker(mem.wid, spec, mem.inbox.get, self.outbox.put)
+                mem.thread = threading.Thread(target=mem.worker.run, name="bolmo-worker", daemon=True)
+                mem.thread.start()
             else:
-                m.inbox.put(spec)
+                mem.inbox.put(spec)
 
     # -- the run ---------------------------------------------------------------------------
     def run(
@@ -131,7 +136,7 @@ class Pool:
         *,
         progress: Progress | None = None,
         on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
-        on_files_done: Callable[[], list[tuple[int, Any]]] | None = None,
+        on_files_done: ShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` (indices into ``spec.files``). ``on_staged(unit, rec)`` and, once every
         file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out."""
@@ -145,27 +150,27 @@ class Pool:
         ended = False
         try:
             while True:
-                live = [m for m in self.members if m.alive()]
+                live = [mem for mem in self.members if mem.alive()]
                 if not live:
-                    for m in self.members:
-                        self._lost(m, result, progress)
+                    for mem in self.members:
+                        self._lost(mem, result, progress)
                     if todo:
                         for u in todo:
                             result.failed[files[u].path] = "no worker process was left to fetch it"
                         todo.clear()
                     break
-                for m in live:
-                    while len(m.tasks) < slots:
+                for mem in live:
+                    while len(mem.tasks) < slots:
                         # One shard at a time per worker: writing one is CPU-bound (its disk I/O
                         # already overlaps on its own threads), and each holds its write blocks.
-                        if shard_tasks and not any(kind == "shard" for kind, _ in m.tasks):
+                        if shard_tasks and not any(kind == "shard" for kind, _ in mem.tasks):
                             k, pieces = shard_tasks.popleft()
-                            m.tasks.add(("shard", k))
-                            m.inbox.put(("shard", k, pieces))
+                            mem.tasks.add(("shard", k))
+                            mem.inbox.put(m.ShardTask(k, pieces))
                         elif todo:
                             u = todo.popleft()
-                            m.tasks.add(("file", u))
-                            m.inbox.put(("file", u))
+                            mem.tasks.add(("file", u))
+                            mem.inbox.put(m.FileTask(u))
                         else:
                             break
                 if files_left == 0 and not ended:
@@ -173,14 +178,14 @@ class Pool:
                     if on_files_done is not None:
                         shard_tasks.extend(on_files_done())
                         continue
-                if ended and not shard_tasks and not any(m.tasks for m in self.members):
+                if ended and not shard_tasks and not any(mem.tasks for mem in self.members):
                     break
                 try:
                     msg = self.outbox.get(timeout=0.5)
                 except queue.Empty:
-                    for m in self.members:
-                        if m.tasks and not m.alive():
-                            files_left -= self._lost(m, result, progress)
+                    for mem in self.members:
+                        if mem.tasks and not mem.alive():
+                            files_left -= self._lost(mem, result, progress)
                     continue
                 files_left -= self._handle(msg, result, progress, on_staged, shard_tasks)
         except BaseException:
@@ -190,7 +195,7 @@ class Pool:
 
     def _handle(
         self,
-        msg: tuple[Any, ...],
+        msg: m.FromWorker,
         result: RunResult,
         progress: Progress | None,
         on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None,
@@ -198,53 +203,51 @@ class Pool:
     ) -> int:
         """Handle one message; returns the number of files it finished (staged or failed)."""
         assert self._spec is not None
-        kind, wid = msg[0], msg[1]
-        member = self.members[wid]
-        if kind == "progress":
-            if progress is not None:
-                progress.add_bytes(msg[2])
-                progress.add_documents(msg[3], msg[4])
-        elif kind == "log":
-            log.log(msg[2], "%s", msg[3])
-        elif kind == "ready":
-            log.debug("worker %d ready (engine %s)", wid, msg[2])
-            member.ready = True
-            result.engines.add(msg[2])
-        elif kind == "staged":
-            unit, rec, read = msg[2], msg[3], msg[4]
-            log.debug("worker %d staged %s", wid, self._spec.files[unit].path)
-            member.tasks.discard(("file", unit))
-            result.staged[unit] = rec
-            result.fetched_now += read is not None
-            if progress is not None:
-                expected = self._spec.files[unit].read_bytes
-                if read is None:
-                    progress.add_bytes(expected)
-                else:  # parquet prefixes read whole row groups and the footer: the total follows
-                    progress.add_total(read - expected)
-                progress.file_done(sum(rec.get("skipped", {}).get("counts", {}).values()))
-            if on_staged is not None:
-                shard_tasks.extend(on_staged(unit, rec))
-            return 1
-        elif kind == "failed":
-            unit, why = msg[2], msg[3]
-            member.tasks.discard(("file", unit))
-            result.failed[self._spec.files[unit].path] = why
-            if progress is not None:
-                progress.file_done()
-            return 1
-        elif kind == "shard":
-            log.debug("worker %d wrote shard %d", wid, msg[2])
-            member.tasks.discard(("shard", msg[2]))
-            result.shards[msg[2]] = msg[3]
-        elif kind == "shard_failed":
-            member.tasks.discard(("shard", msg[2]))
-            log.debug("shard %d was not written while fetching (%s); finalize writes it", msg[2], msg[3])
-        elif kind == "fatal":
-            raise rebuild(msg[2], msg[3])
-        elif kind == "exit":
-            member.exited = True
-            return self._lost(member, result, progress)
+        member = self.members[msg.wid]
+        match msg:
+            case m.Progress():
+                if progress is not None:
+                    progress.add_bytes(msg.nbytes)
+                    progress.add_documents(msg.documents, msg.tokens)
+            case m.Log():
+                log.log(msg.level, "%s", msg.message)
+            case m.Ready():
+                log.debug("worker %d ready (engine %s)", msg.wid, msg.engine)
+                member.ready = True
+                result.engines.add(msg.engine)
+            case m.Staged():
+                log.debug("worker %d staged %s", msg.wid, self._spec.files[msg.unit].path)
+                member.tasks.discard(("file", msg.unit))
+                result.staged[msg.unit] = msg.record
+                result.fetched_now += msg.read is not None
+                if progress is not None:
+                    expected = self._spec.files[msg.unit].read_bytes
+                    if msg.read is None:
+                        progress.add_bytes(expected)
+                    else:  # parquet prefixes read whole row groups and the footer: the total follows
+                        progress.add_total(msg.read - expected)
+                    progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
+                if on_staged is not None:
+                    shard_tasks.extend(on_staged(msg.unit, msg.record))
+                return 1
+            case m.Failed():
+                member.tasks.discard(("file", msg.unit))
+                result.failed[self._spec.files[msg.unit].path] = msg.reason
+                if progress is not None:
+                    progress.file_done()
+                return 1
+            case m.ShardWritten():
+                log.debug("worker %d wrote shard %d", msg.wid, msg.index)
+                member.tasks.discard(("shard", msg.index))
+                result.shards[msg.index] = msg.record
+            case m.ShardFailed():
+                member.tasks.discard(("shard", msg.index))
+                log.debug("shard %d was not written while fetching (%s); finalize writes it", msg.index, msg.reason)
+            case m.Fatal():
+                raise rebuild(msg.error, msg.message)
+            case m.Exit():
+                member.exited = True
+                return self._lost(member, result, progress)
         return 0
 
     def _lost(self, member: _Member, result: RunResult, progress: Progress | None) -> int:
@@ -272,39 +275,39 @@ class Pool:
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop every worker now: in-flight files are aborted and their temporaries removed."""
-        for m in self.members:
-            if m.worker is not None:
-                m.worker.cancel()
-                m.inbox.put(("stop",))  # ends its inbox reader
-            elif m.process is not None and m.process.is_alive():
+        for mem in self.members:
+            if mem.worker is not None:
+                mem.worker.cancel()
+                mem.inbox.put(m.Stop())  # ends its inbox reader
+            elif mem.process is not None and mem.process.is_alive():
                 with contextlib.suppress(OSError):
-                    os.kill(m.process.pid, signal.SIGTERM)
+                    os.kill(mem.process.pid, signal.SIGTERM)
         self._join(STOP_GRACE)
 
     def close(self) -> None:
         """Let idle workers finish and exit (after ``run``), or stop them."""
-        for m in self.members:
+        for mem in self.members:
             with contextlib.suppress(Exception):
-                m.inbox.put(("stop",) if self._spec is not None else None)
+                mem.inbox.put(m.Stop() if self._spec is not None else None)
         self._join(STOP_GRACE)
 
     def _join(self, grace: float) -> None:
         deadline = time.monotonic() + grace
-        for m in self.members:
-            if m.thread is not None:
-                m.thread.join(max(0.1, deadline - time.monotonic()))
-            elif m.process is not None:
-                m.process.join(max(0.1, deadline - time.monotonic()))
-                if m.process.is_alive():
-                    m.process.kill()
-                    m.process.join(1.0)
+        for mem in self.members:
+            if mem.thread is not None:
+                mem.thread.join(max(0.1, deadline - time.monotonic()))
+            elif mem.process is not None:
+                mem.process.join(max(0.1, deadline - time.monotonic()))
+                if mem.process.is_alive():
+                    mem.process.kill()
+                    mem.process.join(1.0)
         with contextlib.suppress(Exception):
             while True:  # drain, so that no feeder thread waits on a full pipe
                 self.outbox.get_nowait()
         if self.processes > 1:
             self.outbox.cancel_join_thread()
-            for m in self.members:
-                m.inbox.cancel_join_thread()
+            for mem in self.members:
+                mem.inbox.cancel_join_thread()
 
     def __enter__(self) -> Pool:
         return self
@@ -316,4 +319,4 @@ class Pool:
             self.stop()
 
 
-__all__ = ["BolmoError", "Pool", "RunResult", "WorkerSpec", "check_not_bootstrapping", "usable_cores"]
+__all__ = ["Pool", "check_not_bootstrapping", "usable_cores"]

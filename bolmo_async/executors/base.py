@@ -1,0 +1,68 @@
+"""What every executor offers: run these planned files, write these shards, report results.
+
+Three siblings implement it: ``local.Pool`` (worker processes on this machine, or one worker on
+a thread), ``share.Share`` (``--worker I/N``: one balanced share of the plan, on a local pool)
+and ``ray.RayExecutor`` (Ray tasks, each running the same worker in-process). All of them run
+``worker.Worker``, so staging, resume and determinism are the same whoever runs a file.
+``executors.choose`` is the one place that picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..models import Plan
+from ..progress import Progress
+from ..worker import WorkerSpec
+
+#: Shard writes ``(k, pieces)`` ready to hand out.
+ShardCallback = Callable[[], list[tuple[int, Any]]]
+
+
+@dataclass
+class RunResult:
+    """What the workers reported back."""
+
+    staged: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit -> completion record
+    fetched_now: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # path -> reason
+    shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
+    engines: set[str] = field(default_factory=set)
+
+    def merge(self, other: RunResult) -> None:
+        self.staged.update(other.staged)
+        self.fetched_now += other.fetched_now
+        self.failed.update(other.failed)
+        self.shards.update(other.shards)
+        self.engines |= other.engines
+
+
+class Executor(Protocol):
+    name: str
+
+    def units(self, plan: Plan) -> list[int]:
+        """The planned files (indices) this executor is to stage."""
+        ...
+
+    def start(self, spec: WorkerSpec) -> None: ...
+
+    def run(
+        self,
+        units: list[int],
+        *,
+        progress: Progress | None = None,
+        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
+        on_files_done: ShardCallback | None = None,
+    ) -> RunResult:
+        """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out."""
+        ...
+
+    def write_shards(self, *args: Any) -> list[dict[str, Any]]:
+        """A finalize's shards (``finalizer.ShardWriting``'s arguments)."""
+        ...
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -1,0 +1,193 @@
+"""The Ray executor: planned files and shard writes as Ray tasks.
+
+Each fetch task runs the same worker as a local run, in-process on its one CPU, over a balanced
+share of the files (the same staging, claims, resume and determinism as ``--worker I/N``); each
+shard task writes one shard of a finalize's layout (boundaries are fixed first, so any order
+gives the same bytes). Ray only schedules and retries. The output folder must be one every node
+reaches: a shared filesystem, or a bucket (``--output-dir s3://...``). An error a task raises on
+purpose comes back as the same class with the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import BolmoError, UsageError, rebuild
+from ..finalizer import Piece, Written, write_shard
+from ..models import Plan
+from ..outdir import OutputDir, open_output
+from ..progress import Progress
+from ..worker import WorkerSpec
+from .base import RunResult, ShardCallback
+from .local import Pool
+
+log = logging.getLogger("bolmo_async")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError("--ray needs Ray: pip install 'bolmo-async[ray]' (or pip install 'ray[default]').") from exc
+    return ray
+
+
+def run_units(spec: WorkerSpec, units: list[int]) -> tuple[str, Any, str]:
+    """A Ray task: stage ``units`` with one in-process worker. ``("ok", RunResult, "")``, or
+    ``("error", class name, message)`` for an error raised on purpose (rebuilt by the caller)."""
+    logging.basicConfig(level=logging.INFO, format="bolmo-async[ray]: %(levelname)s: %(message)s")
+    try:
+        with Pool(1) as pool:
+            pool.start(spec)
+            return "ok", pool.run(units), ""
+    except BolmoError as exc:
+        return "error", type(exc).__name__, str(exc)
+
+
+def write_one_shard(
+    location: str, index: int, pieces: list[Piece], arrows: dict[int, str], srcs: dict[int, str], eos: int
+) -> tuple[str, Any, str]:
+    try:
+        return "ok", write_shard(open_output(location), index, pieces, arrows, srcs, eos, threading.Event()), ""
+    except BolmoError as exc:
+        return "error", type(exc).__name__, str(exc)
+
+
+def _balanced(units: list[int], plan_files: tuple[Any, ...], n: int) -> list[list[int]]:
+    """``units`` split into ``n`` lists balanced by planned bytes (largest first, then path)."""
+    loads = [0] * n
+    out: list[list[int]] = [[] for _ in range(n)]
+    for u in sorted(units, key=lambda u: (-plan_files[u].planned_bytes, plan_files[u].path)):
+        k = min(range(n), key=lambda i: (loads[i], i))
+        out[k].append(u)
+        loads[k] += plan_files[u].planned_bytes
+    return [sorted(x) for x in out if x]
+
+
+class _Session:
+    """Ray initialised for the duration (and shut down if this process started it)."""
+
+    def __init__(self, address: str | None):
+        self.ray = _import_ray()
+        self.address = address
+        self.started = False
+
+    def __enter__(self) -> Any:
+        if not self.ray.is_initialized():
+            self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+            self.started = True
+        return self.ray
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def _result(value: tuple[str, Any, str]) -> Any:
+    kind, payload, message = value
+    if kind == "error":
+        raise rebuild(payload, message)
+    return payload
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, tasks: int = 0, retries: int = 3):
+        self.address = address
+        self.tasks = tasks
+        self.retries = retries
+        self._spec: WorkerSpec | None = None
+        _import_ray()  # a missing Ray is a usage error before anything starts
+
+    def units(self, plan: Plan) -> list[int]:
+        return list(range(len(plan.files)))
+
+    def start(self, spec: WorkerSpec) -> None:
+        self._spec = spec
+
+    def run(
+        self,
+        units: list[int],
+        *,
+        progress: Progress | None = None,
+        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
+        on_files_done: ShardCallback | None = None,
+    ) -> RunResult:
+        """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize)."""
+        assert self._spec is not None, "start() first"
+        spec = self._spec
+        result = RunResult()
+        with _Session(self.address) as ray:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            n = self.tasks or max(1, min(len(units), 2 * cpus))
+            shares = _balanced(units, spec.files, n)
+            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(run_units)
+            refs = {remote.remote(spec, share): share for share in shares}
+            log.info("ray: %d task(s) over %d CPU(s) for %d planned file(s)", len(refs), cpus, len(units))
+            t0 = time.monotonic()
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                share = refs[ready[0]]
+                try:
+                    part: RunResult = _result(ray.get(ready[0]))
+                except BolmoError:
+                    raise
+                except Exception as exc:  # a task that failed after Ray's retries
+                    why = (str(exc).splitlines() or [type(exc).__name__])[-1][:500]
+                    for u in share:
+                        part_failed = f"its Ray task failed: {why}"
+                        result.failed[spec.files[u].path] = part_failed
+                        if progress is not None:
+                            progress.file_done()
+                    continue
+                result.merge(part)
+                if progress is not None:
+                    for u in share:
+                        if u in part.staged:
+                            progress.add_bytes(spec.files[u].read_bytes)
+                            skipped = part.staged[u].get("skipped", {}).get("counts", {})
+                            progress.add_documents(
+                                int(part.staged[u].get("documents", 0)), int(part.staged[u].get("tokens", 0))
+                            )
+                            progress.file_done(sum(skipped.values()))
+                        else:
+                            progress.file_done()
+                log.info("ray: a task finished %d file(s) (%.0fs)", len(share), time.monotonic() - t0)
+        return result
+
+    def write_shards(
+        self,
+        out: OutputDir,
+        shards: list[list[Piece]],
+        arrows: Mapping[int, str],
+        srcs: Mapping[int, str],
+        eos: int,
+        written: Written | None = None,
+    ) -> list[dict[str, Any]]:
+        """One Ray task per shard."""
+        with _Session(self.address) as ray:
+            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(write_one_shard)
+            refs = [
+                remote.remote(
+                    out.location,
+                    k,
+                    pieces,
+                    {p.unit: arrows[p.unit] for p in pieces},
+                    {p.unit: srcs[p.unit] for p in pieces},
+                    eos,
+                )
+                for k, pieces in enumerate(shards)
+            ]
+            return [_result(v) for v in ray.get(refs)]
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
