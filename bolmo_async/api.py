@@ -13,10 +13,11 @@ import signal
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from inspect import signature as inspect_signature
 from typing import Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
-from .executors import Executor, choose, usable_cores
+from .executors import Executor, check_not_bootstrapping, choose, usable_cores
 from .finalizer import ShardPlanner, Written, finalize_dir, source_prefix
 from .hub import (
     HubClient,
@@ -41,7 +42,7 @@ from .models import (
     TokenizerInfo,
     validate_fraction,
 )
-from .outdir import RUN_STATE, TOKENIZER, OutputDir, open_output
+from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, open_output
 from .planner import disk_needed, load_plan, make_plan, save_plan
 from .progress import Progress
 from .staging import Staging
@@ -150,6 +151,22 @@ async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None =
         return sha, data_files(await client.list_files(sha))
 
 
+def _known_keywords(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """A wrong keyword is a TypeError naming the public function, before anything is touched."""
+    params = inspect_signature(fn).parameters
+    named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    allowed = named | (_FETCH_KEYWORDS if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set())
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        raise TypeError(
+            f"{fn.__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -162,6 +179,8 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            check_not_bootstrapping()  # before the folder: a re-imported script must not take its lock
+            _known_keywords(fn, kwargs)
             given: dict[str, Any] = dict(kwargs)
             validate_fetch_options(**{k: v for k, v in given.items() if k in _VALIDATED})
             if (given.get("max_tokens_per_file") or 2) < 2:
@@ -325,7 +344,9 @@ def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
                 f"{out} was fetched with tokenizer {desc(prev)}, this run uses {desc(now)}. "
                 "Use another --output-dir, or --force to reset this one."
             )
-    out.write_text(RUN_STATE, json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n")
+    text = json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n"
+    if raw is None or raw.decode("utf-8", "replace") != text:
+        out.write_text(RUN_STATE, text)
 
 
 def _tokenizer_spec(
@@ -423,6 +444,7 @@ class FetchReport:
     written: Written
     verified: frozenset[str]
     engines: tuple[str, ...]
+    finished: dict[str, Any] | None = None  # the manifest of an output already complete and current
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -543,8 +565,21 @@ def _fetch(
             info = dataclasses.replace(info, engine="tokenizers")
             spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
         _check_state(out, info, force)
-        if spec_tok.source is not None:
+        if spec_tok.source is not None and out.read_text(TOKENIZER) != spec_tok.source.json_text:
             out.write_text(TOKENIZER, spec_tok.source.json_text)
+        staging = Staging(out)
+        already = sum(staging.done(the_plan.files[u]) is not None for u in units)
+        if shard_bound is not None and already == len(units):
+            finished = _finished_output(out, the_plan, shard_bound)
+            if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
+                return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)
+        if already:
+            log.info(
+                "%d of %d planned file(s) already staged: fetching the other %d",
+                already,
+                len(units),
+                len(units) - already,
+            )
         if check_disk:
             _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
         slots = max(1, -(-concurrency // max(1, n)))
@@ -603,6 +638,10 @@ def _fetch(
         verified=frozenset(the_plan.files[u].key for u in result.staged),
         engines=tuple(sorted(result.engines)),
     )
+
+
+#: The options ``fetch`` and ``prepare`` take as keywords (``**options``).
+_FETCH_KEYWORDS = set(inspect_signature(_fetch).parameters) - {"out", "plan_options", "shard_bound", "listing_checked"}
 
 
 @_one_run_per_folder(create=True)
@@ -737,8 +776,44 @@ def prepare(
                 len(manifest["missing_files"]),
             )
         raise
+    if report.finished is not None:
+        log.info(
+            "the output in %s is complete and current (%d shard(s)): nothing to do, nothing rewritten "
+            "(--force starts over)",
+            out,
+            len(report.finished["shards"]),
+        )
+        return _drop_staging(out, report.finished) if drop_staging else report.finished
     manifest = finalize_dir(out, max_tokens_per_file, written=report.written, verified=report.verified)
     return _drop_staging(out, manifest) if drop_staging else manifest
+
+
+def _finished_output(out: OutputDir, plan: Plan, bound: int) -> dict[str, Any] | None:
+    """The manifest of ``out`` when it is a complete finalize of this very plan at ``bound`` and its
+    shards, indexes and ``data_sources.txt`` are all there at their recorded sizes; else None."""
+    try:
+        manifest = json.loads(out.read_bytes(MANIFEST) or b"null")
+        if not isinstance(manifest, dict) or not manifest.get("complete"):
+            return None
+        same = (
+            manifest.get("max_tokens_per_file") == bound
+            and manifest.get("revision") == plan.commit
+            and manifest.get("data_fraction") == plan.data_fraction
+            and manifest.get("seed") == plan.seed
+            and manifest.get("selection") == plan.selection.to_json()
+            and manifest.get("planned_files") == len(plan.files)
+        )
+        shards = manifest["shards"]
+        sizes = out.shards()
+        names = [str(s["path"]).replace(os.sep, "/").rsplit("/", 1)[-1] for s in shards]
+        intact = all(
+            sizes.get(n) == 4 * int(s["tokens"]) and csv_name(n) in sizes for n, s in zip(names, shards, strict=True)
+        )
+        listed = out.read_text(DATA_SOURCES)
+        current = listed is not None and listed.split() == [out.ref(n) for n in names]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return manifest if same and intact and current else None
 
 
 _VALIDATED = (

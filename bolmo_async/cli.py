@@ -387,7 +387,8 @@ def fetch_cmd(
             ray_tasks=ray_tasks,
         )
     )
-    done = f"staged: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
+    how = " with Ray" if ray else ""
+    done = f"staged{how}: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
     if worker is not None:
         _say(
             f"{done} Share {worker} is done. Once all shares are staged, run once: "

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from .errors import DecodeError
+from .errors import DecodeError, StreamError
 from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
 
 #: Compressed bytes decompressed at a time, at offsets that are multiples of it.
@@ -37,10 +37,6 @@ ZSTD_WRITE_SIZE = 1048576
 BATCH_BYTES = 1 << 20
 
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
-
-
-class StreamError(Exception):
-    """The compressed stream itself is corrupt or truncated (raised by ``Decompressor``)."""
 
 
 class Decompressor:

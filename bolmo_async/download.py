@@ -25,7 +25,7 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
-from .errors import AuthError, DownloadError, IntegrityError, NotFoundError
+from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
 from .hub import RETRY_EXCEPTIONS, RETRY_STATUSES, HubClient, status_error
 
 log = logging.getLogger("bolmo_async")
@@ -130,10 +130,10 @@ async def stream(
                 if r.status == 403 and cdn_url is not None:
                     failure = "signed URL refused (expired?), resolving again"
                     cdn_url = None
-                    raise _Retry(failure)
+                    raise Retry(failure)
                 if r.status in RETRY_STATUSES:
                     hint = r.headers
-                    raise _Retry(f"HTTP {r.status}")
+                    raise Retry(f"HTTP {r.status}")
                 if r.status == 416:
                     raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                 if r.status not in (200, 206):
@@ -161,7 +161,7 @@ async def stream(
                     if limit is not None and pos + len(buf) > limit:
                         buf.clear()
                         await restart()
-                        raise _Retry(f"the body is longer than the {limit - start} bytes listed")
+                        raise Retry(f"the body is longer than the {limit - start} bytes listed")
                     if len(buf) >= FEED_BYTES:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)
@@ -169,14 +169,14 @@ async def stream(
                     data, buf = bytes(buf), bytearray()
                     await feed(data)
                 if total is not None and pos < total:
-                    raise _Retry(f"body cut short at byte {pos} of {total}")
+                    raise Retry(f"body cut short at byte {pos} of {total}")
             try:
                 await _verified(loop, executor, verify)
             except IntegrityError as exc:
                 await restart()
-                raise _Retry(str(exc)) from exc
+                raise Retry(str(exc)) from exc
             return pos - start
-        except _Retry as exc:
+        except Retry as exc:
             failure = str(exc)
             if buf:
                 await feed(bytes(buf))
@@ -217,12 +217,4 @@ async def _short_text(r: aiohttp.ClientResponse) -> str:
     return " ".join(data.decode("utf-8", "replace").split())[:200]
 
 
-class _Retry(Exception):
-    pass
-
-
-class RangeIgnored(DownloadError):
-    """The server answered a Range request with the whole body."""
-
-
-__all__ = ["BytesSink", "RangeIgnored", "Sink", "stream"]
+__all__ = ["BytesSink", "Sink", "stream"]

@@ -12,17 +12,25 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     │   ├── NotFoundError           repo, revision or file does not exist
     │   └── UnsafePathError         the file listing holds a hostile path
     ├── DownloadError               a file failed after its retry budget
-    │   └── IntegrityError          sha256/size mismatch that retries did not fix
+    │   ├── IntegrityError          sha256/size mismatch that retries did not fix
+    │   └── RangeIgnored            the server answered a Range request with the whole body
     ├── DecodeError                 a file that cannot be read as documents (fails that file only)
     ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
-    ├── BusyError                   another run is staging this file right now (fails that file only)
     ├── DiskSpaceError              not enough free disk for the plan, or the disk filled up
     ├── OutputError                 the output folder (or bucket) refuses a write or cannot be reached
-    ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or an engine disagreed
+    ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or panics
+    │   └── EngineMismatch          a run-time cross-check found an engine disagreeing with the reference
     ├── WorkerError                 a worker process died or could not start
     └── FetchIncomplete             some planned files failed; rerunning resumes
 
-Errors cross process boundaries as (class name, message) and are rebuilt with ``rebuild``.
+Internal signals, never shown to a user (not BolmoErrors):
+
+    StreamError                     the compressed stream itself is corrupt or truncated
+    RetryableStatus                 an HTTP status worth retrying (with its headers)
+    Retry                           one attempt of a transfer failed; the retry loop decides
+
+Errors cross process, thread and Ray task boundaries as (class name, message) and are rebuilt
+as the same class with ``rebuild``.
 """
 
 from __future__ import annotations
@@ -62,15 +70,15 @@ class IntegrityError(DownloadError):
     pass
 
 
+class RangeIgnored(DownloadError):
+    """The server answered a Range request with the whole body."""
+
+
 class DecodeError(BolmoError):
     pass
 
 
 class StateError(BolmoError):
-    pass
-
-
-class BusyError(BolmoError):
     pass
 
 
@@ -84,6 +92,10 @@ class OutputError(BolmoError):
 
 class TokenizerError(BolmoError):
     pass
+
+
+class EngineMismatch(TokenizerError):
+    """A run-time cross-check found an engine disagreeing with the reference."""
 
 
 class WorkerError(BolmoError):
@@ -101,6 +113,23 @@ class FetchIncomplete(BolmoError):
             self.exit_code = 130
 
 
+class StreamError(Exception):
+    """The compressed stream itself is corrupt or truncated (raised by ``decode.Decompressor``)."""
+
+
+class RetryableStatus(Exception):
+    """An HTTP status worth retrying, with the response's headers (Retry-After, RateLimit)."""
+
+    def __init__(self, status: int, headers: object):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.headers = headers
+
+
+class Retry(Exception):
+    """One attempt of a transfer failed in a way worth retrying; the message says how."""
+
+
 def rebuild(name: str, message: str) -> BolmoError:
     """The error a worker process reported as ``(type(exc).__name__, str(exc))``."""
     cls = globals().get(name)
@@ -115,16 +144,20 @@ def rebuild(name: str, message: str) -> BolmoError:
 __all__ = [
     "AuthError",
     "BolmoError",
-    "BusyError",
     "DecodeError",
     "DiskSpaceError",
     "DownloadError",
+    "EngineMismatch",
     "FetchIncomplete",
     "HubError",
     "IntegrityError",
     "NotFoundError",
     "OutputError",
+    "RangeIgnored",
+    "Retry",
+    "RetryableStatus",
     "StateError",
+    "StreamError",
     "TokenizerError",
     "UnsafePathError",
     "UsageError",

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, Docs, LineDecoder, parquet_batch
-from .download import BytesSink, RangeIgnored, stream
-from .errors import IntegrityError
+from .download import BytesSink, stream
+from .errors import IntegrityError, RangeIgnored
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .outdir import OutputDir

@@ -271,7 +271,7 @@ class LayoutBuilder:
     Documents fill a shard in order; one that does not fit opens the next shard; one larger than
     the bound alone is cut, starting in a fresh shard, into pieces that each end with an EOS. Greedy, so a piece
     never moves once placed: shards can be written while later batches are still to come
-    (``ShardStream``) or all at once in parallel (``layout``), byte-identical either way.
+    (``ShardPlanner``) or all at once in parallel (``finalize_dir``), byte-identical either way.
     """
 
     def __init__(self, bound: int):
@@ -329,16 +329,6 @@ class LayoutBuilder:
 
     def shards(self) -> list[list[Piece]]:
         return [list(s) for s in self._shards if s]
-
-
-def layout(lengths: list[list[np.ndarray]], bound: int) -> list[list[Piece]]:
-    """All shard boundaries at once (``lengths[unit][batch]`` = tokens per document), computed before
-    any shard is written so that shards can be written in parallel."""
-    builder = LayoutBuilder(bound)
-    for unit, batches in enumerate(lengths):
-        for b, lens in enumerate(batches):
-            builder.add(unit, b, lens)
-    return builder.shards()
 
 
 def write_shard(

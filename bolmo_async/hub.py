@@ -22,7 +22,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from .errors import AuthError, HubError, NotFoundError, UsageError
+from .errors import AuthError, HubError, NotFoundError, RetryableStatus, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
 
 log = logging.getLogger("bolmo_async")
@@ -332,13 +332,6 @@ async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> 
     except NotFoundError:
         return None
     return bytes(sink.buf)
-
-
-class RetryableStatus(Exception):
-    def __init__(self, status: int, headers: Any):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.headers = headers
 
 
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')

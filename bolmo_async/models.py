@@ -217,15 +217,6 @@ class Plan:
     def planned_bytes(self) -> int:
         return sum(f.planned_bytes for f in self.files)
 
-    def identity(self) -> dict[str, Any]:
-        """What must match for two runs to share an output folder."""
-        return {
-            "repo_id": self.repo_id,
-            "commit": self.commit,
-            "data_fraction": self.data_fraction,
-            "seed": self.seed,
-        }
-
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,

@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from .errors import TokenizerError
+from .errors import EngineMismatch, TokenizerError
 from .models import TokenizerInfo
 
 log = logging.getLogger("bolmo_async")
@@ -578,10 +578,6 @@ class SubwordTokenizer:
                     f"({len(docs[i])} characters, starting {docs[i][:40]!r}). Nothing wrong was staged for it. Rerun "
                     "with --engine tokenizers, and please report the document."
                 )
-
-
-class EngineMismatch(TokenizerError):
-    """A run-time cross-check found an engine disagreeing with the reference."""
 
 
 def parse_tokenizer_json(source: TokenizerSource) -> dict[str, Any]:

@@ -162,12 +162,15 @@ def _staging_is_consistent(out: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clean):
-    """SIGINT/SIGTERM at random points of a `prepare` against a faulty, slow mirror; each stop takes
-    under 2 s and leaves consistent staging; the final shards equal an undisturbed run's."""
-    faults = FaultConfig(rate=0.7, seed=11, trickle_delay=0.04, max_per_path=6, retry_after=0.1)
+    """SIGINT/SIGTERM at random points of a `prepare` against a faulty, slow mirror, always while
+    files are still being fetched: every stop exits 130 with consistent staging; the final shards
+    equal an undisturbed run's."""
+    # Every body trickles (a whole run takes tens of seconds), and some requests fail on top.
+    faults = FaultConfig(rate=1.0, seed=11, trickle_delay=0.15, max_per_path=6, retry_after=0.1)
     out = tmp_path / "o"
     rng = random.Random(20261125)
     with MirrorThread(repos, faults=faults) as m:
+        plan_files = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION).files
         cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2", "--processes", "2")
         stops = 0
         for round_ in range(8):
@@ -179,28 +182,32 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
                 if state.exists() and state.stat().st_mtime >= started:
                     break
                 time.sleep(0.01)  # interpreter start-up and imports are not a point of the run
-            time.sleep(rng.uniform(0.0, 2.0))
-            if proc.poll() is not None:
+            time.sleep(rng.uniform(0.0, 1.0))
+            if _staged(out) >= len(plan_files):  # nothing left to interrupt: the rounds are over
                 proc.communicate()
                 break
             sig = signal.SIGINT if round_ % 2 == 0 else signal.SIGTERM
-            t0 = time.monotonic()
             proc.send_signal(sig)
-            _, err = proc.communicate(timeout=30)
-            took = time.monotonic() - t0
+            _, err = proc.communicate(timeout=30)  # a hang fails here
             stops += 1
-            assert proc.returncode in (130, 0), err
-            assert took < 2.0, f"stopping took {took:.2f}s"
-            if proc.returncode == 130:
-                assert "resume" in err and "Traceback" not in err
-                _staging_is_consistent(out)
-                if (out / "manifest.json").exists():
-                    manifest = json.loads((out / "manifest.json").read_text())
-                    assert manifest["complete"] is False or not manifest["missing_files"]
+            assert proc.returncode == 130, err
+            assert "resume" in err and "Traceback" not in err
+            _staging_is_consistent(out)
+            assert not (out / "data_sources.txt").exists()
         final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr
     assert stops >= 2
     assert shard_hashes(json.loads((out / "manifest.json").read_text())) == clean
+
+
+def _staged(out: Path) -> int:
+    """Planned files staged now (a marker vouching for a staged file of the recorded size)."""
+    from bolmo_async.planner import load_plan
+    from bolmo_async.staging import Staging
+
+    od = open_output(out)
+    plan = load_plan(od)
+    return 0 if plan is None else sum(Staging(od).done(pf) is not None for pf in plan.files)
 
 
 def test_finalize_after_interrupted_fetch_marks_incomplete(repos, tmp_path, clean):

@@ -4,6 +4,7 @@ HTTP cases run against real in-process aiohttp servers that misbehave on purpose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -393,22 +394,40 @@ def _peak_rss_of_prepare(endpoint: str, out: Path, mode: str) -> int:
     import subprocess
     import sys
 
-    import psutil
-
     cmd = [sys.executable, "-m", "bolmo_async", "prepare", "-o", str(out), "--endpoint", endpoint]
     cmd += ["--data-fraction", "1", "--tokenizer", mode, "--processes", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            p = psutil.Process(proc.pid)
-            peak = max(peak, p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
+    peaks = _tree_peaks(proc)
     _, err = proc.communicate()
     assert proc.returncode == 0, err[-2000:]
-    return peak
+    return sum(peaks.values())
+
+
+def _tree_peaks(proc) -> dict[int, int]:
+    """Each process of ``proc``'s tree: its own peak resident memory (the kernel's high-water mark,
+    VmHWM), last seen before it ended. Their sum bounds the tree's peak from above, and no spike
+    between two looks is missed (a sampled RSS can miss one)."""
+    import psutil
+
+    peaks: dict[int, int] = {}
+
+    def hwm(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    while proc.poll() is None:
+        try:
+            tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        except psutil.Error:
+            tree = [proc.pid]
+        for pid in tree:
+            with contextlib.suppress(OSError, ValueError):
+                peaks[pid] = max(peaks.get(pid, 0), hwm(pid))
+        time.sleep(0.02)
+    return peaks
 
 
 NORMAL = "\n".join(json.dumps({"id": str(i), "text": f"a normal document {i}"}) for i in range(100))

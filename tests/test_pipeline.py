@@ -336,10 +336,14 @@ def test_shard_layout_is_bounded_ordered_and_splits_only_oversized_documents(uni
     """Shards hold at most ``bound`` tokens, documents in plan order, each token once; only
     documents over the bound are cut, and every piece of a cut one but the last gets its own EOS
     (counted in the shard's size), so every shard ends with an EOS."""
-    from bolmo_async.finalizer import layout
+    from bolmo_async.finalizer import LayoutBuilder
 
     lengths = [[np.array(b, dtype=np.int64) for b in batches] for batches in units]
-    shards = layout(lengths, bound)
+    builder = LayoutBuilder(bound)
+    for unit, batches in enumerate(lengths):
+        for b, lens in enumerate(batches):
+            builder.add(unit, b, lens)
+    shards = builder.shards()
     flat = []  # (unit, batch, doc, tokens) in shard order
     for pieces in shards:
         assert pieces

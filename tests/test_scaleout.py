@@ -17,7 +17,9 @@ import bolmo_async
 from bolmo_async.errors import StateError, UsageError
 from bolmo_async.mirror import FaultConfig, MirrorThread
 from bolmo_async.models import RepoFile
+from bolmo_async.outdir import open_output
 from bolmo_async.planner import assign_workers, make_plan, parse_worker
+from bolmo_async.staging import Staging
 
 from .helpers import cli, run_cli, shard_hashes
 
@@ -92,28 +94,61 @@ def test_two_workers_at_once_then_finalize_equals_single_run(repos, tmp_path):
 def test_killed_worker_rerun_completes_and_finalize_waits_for_it(repos, tmp_path):
     with MirrorThread(repos) as m:
         single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+    # Share 1's bodies trickle until it is killed: it is always caught holding a file.
+    faults = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.2, max_per_path=10**6)
+    with MirrorThread(repos, faults=faults) as m:
         out = tmp_path / "shared"
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
         share1 = {f.path for f in assign_workers(plan, 3)[1]}
-        # Worker 1 is killed outright (SIGKILL: no clean-up at all); workers 0 and 2 finish.
+        faults.only = tuple(share1)
+        # Worker 1 is killed outright (SIGKILL: no clean-up at all) while it downloads a file.
         victim = subprocess.Popen(_worker_cmd(out, m.endpoint, 1, 3), stderr=subprocess.DEVNULL)
-        time.sleep(1.2)
+        deadline = time.monotonic() + 120
+        while not faults.injected.get("trickle"):
+            assert victim.poll() is None and time.monotonic() < deadline, "share 1 never started a download"
+            time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+        faults.rate = 0.0
         for i in (0, 2):
             r = subprocess.run(_worker_cmd(out, m.endpoint, i, 3), capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr
-        staged = {json.loads(p.read_text())["path"] for p in (out / "staging").glob("*.json")}
-        missing = share1 - staged
-        if missing:
-            with pytest.raises(StateError) as info:
-                bolmo_async.finalize(out)
-            assert all(path in str(info.value) for path in list(missing)[:20])
+        staging = Staging(open_output(out))
+        missing = sorted(pf.path for pf in plan.files if pf.path in share1 and staging.done(pf) is None)
+        assert missing  # the killed share left work undone, always
+        with pytest.raises(StateError) as info:
+            bolmo_async.finalize(out)
+        assert all(path in str(info.value) for path in missing[:20])
         r = subprocess.run(_worker_cmd(out, m.endpoint, 1, 3), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         manifest = bolmo_async.finalize(out)
     assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(single)
-    assert not list((out / "staging").glob(".*.tmp"))
+    assert not [p for p in (out / "staging").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_overlapping_shares_both_finish_once_the_share_is_staged(repos, tmp_path):
+    """The same share started twice at once (a job array retry): both exit 0, and say so."""
+    with MirrorThread(repos) as m:
+        single = bolmo_async.prepare(tmp_path / "single", endpoint=m.endpoint, data_fraction=FRACTION, progress=False)
+    faults = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    with MirrorThread(repos, faults=faults) as m:
+        out = tmp_path / "shared"
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        procs = [
+            subprocess.Popen(
+                _worker_cmd(out, m.endpoint, 0, 2), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (so, se) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, se
+            assert "Share 0/2 is done" in so
+        r = subprocess.run(_worker_cmd(out, m.endpoint, 1, 2), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        manifest = bolmo_async.finalize(out)
+    assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(single)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -53,14 +53,12 @@ def usable_cores() -> int:
 def check_not_bootstrapping() -> None:
     """Refuse to start workers from a spawned child that is re-running the user's script (a script
     that calls the API at top level, without ``if __name__ == "__main__":``)."""
-    if (
-        multiprocessing.parent_process() is not None
-        and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__"
-    ):
-        raise WorkerError(
-            "bolmo_async was called while a worker process was starting: the calling script runs it at import time. "
-            'Put the call under `if __name__ == "__main__":`, or pass processes=1 (no worker processes).'
-        )
+    # multiprocessing's own test (spawn._check_not_importing_main): set while a spawned child
+    # prepares, i.e. re-runs the script as ``__mp_main__``.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # Quietly: the coordinator sees this worker end before it started and says what to do
+        # (a traceback here, one per worker, would bury that one line).
+        raise SystemExit(1)
 
 
 class _Member:
@@ -222,8 +220,8 @@ class Pool:
                 result.fetched_now += msg.read is not None
                 if progress is not None:
                     expected = self._spec.files[msg.unit].read_bytes
-                    if msg.read is None:
-                        progress.add_bytes(expected)
+                    if msg.read is None:  # staged before: not part of this run's transfer rate
+                        progress.add_total(-expected)
                     else:  # parquet prefixes read whole row groups and the footer: the total follows
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
@@ -261,7 +259,7 @@ class Pool:
                 f"worker process {member.wid} ended before it started ({how}). If you call bolmo_async from a "
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
                 "pass processes=1; otherwise rerun with BOLMO_ASYNC_DEBUG=1 and report its output."
-            )
+            ) from None
         for kind, i in sorted(member.tasks):
             if kind == "file":
                 result.failed[self._spec.files[i].path] = f"its worker process died ({how}); rerun to fetch it again"

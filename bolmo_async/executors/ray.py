@@ -150,7 +150,7 @@ class RayExecutor:
                 if progress is not None:
                     for u in share:
                         if u in part.staged:
-                            progress.add_bytes(spec.files[u].read_bytes)
+                            progress.add_bytes(spec.files[u].read_bytes)  # (a task reports at its end)
                             skipped = part.staged[u].get("skipped", {}).get("counts", {})
                             progress.add_documents(
                                 int(part.staged[u].get("documents", 0)), int(part.staged[u].get("tokens", 0))

@@ -1,0 +1,343 @@
+"""The output folder's owner (``bolmo_async.outdir``): links are replaced, never written through;
+every name fits the filesystem; a failed first command leaves nothing; errors cross executors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import bolmo_async
+from bolmo_async import errors
+from bolmo_async.mirror import MirrorRepo, MirrorThread
+from bolmo_async.outdir import DATA_SOURCES, MANIFEST, shard_name
+from bolmo_async.outdir.local import LOCK
+
+from .helpers import shard_hashes
+
+
+def _prepare(out: Path, endpoint: str, **kw):
+    kw.setdefault("progress", False)
+    return bolmo_async.prepare(out, endpoint=endpoint, data_fraction=0.2, max_tokens_per_file=200_000, **kw)
+
+
+def test_a_link_planted_at_a_shard_name_is_replaced_not_written_through(mirror, tmp_path):
+    out, outside = tmp_path / "o", tmp_path / "outside"
+    outside.mkdir()
+    clean = _prepare(tmp_path / "clean", mirror.endpoint)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False)
+    victim = outside / "precious.bin"
+    victim.write_bytes(b"do not touch")
+    (out / shard_name(0)).symlink_to(victim)
+    (out / "bolmo_data_00000.csv.gz").symlink_to(outside / "index.csv.gz")  # a dangling link too
+    (out / MANIFEST).symlink_to(outside / "m.json")
+    manifest = bolmo_async.finalize(out, max_tokens_per_file=200_000)
+    assert victim.read_bytes() == b"do not touch"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.bin"]  # nothing created outside
+    for s in manifest["shards"]:
+        for p in (Path(s["path"]), Path(s["csv"])):
+            assert p.parent == out.resolve() and p.is_file() and not p.is_symlink()
+    listed = (out / DATA_SOURCES).read_text().split()
+    assert listed and all(Path(p).parent == out.resolve() for p in listed)
+    assert not (out / MANIFEST).is_symlink()
+    assert shard_hashes(manifest) == shard_hashes(clean)
+    assert bolmo_async.inspect(out)["problems"] == []
+
+
+@pytest.mark.parametrize("command", ["plan", "fetch", "prepare", "finalize"])
+def test_a_link_at_the_lock_never_truncates_its_target(mirror, tmp_path, command):
+    out = tmp_path / "o"
+    if command == "finalize":
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.05, progress=False)
+        (out / LOCK).unlink()
+    else:
+        out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / LOCK).symlink_to(victim)
+    if command == "plan":
+        bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05)
+    elif command == "fetch":
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.05, progress=False)
+    elif command == "prepare":
+        _prepare(out, mirror.endpoint)
+    else:
+        bolmo_async.finalize(out)
+    assert victim.read_text() == "precious\n"
+    assert not (out / LOCK).is_symlink()
+
+
+def test_a_listed_name_longer_than_the_filesystem_allows_is_kept_under_a_name_that_fits(tmp_path, sample_dir):
+    """100 emoji: 406 bytes as a file name, which no common filesystem takes (255 a name)."""
+    src = tmp_path / "src" / "data" / "web"
+    src.mkdir(parents=True)
+    real = next(p for p in sorted((sample_dir / "data").rglob("*.jsonl.zst")))
+    shutil.copy(real, src / "f.jsonl.zst")
+    repo = MirrorRepo("allenai/bolmo_mix", tmp_path / "src")
+    long = "data/web/" + "\U0001f600" * 100 + ".jsonl"  # served under a name no disk could hold
+    (entry,) = repo.files.values()
+    repo.files = {long: dataclasses.replace(entry, path=long)}
+    # The .zst content under a .jsonl name would not decode: serve a plain JSON-lines file instead.
+    import zstandard
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(real.read_bytes()))
+    from bolmo_async.mirror.server import _hash_file
+
+    oid, sha, size = _hash_file(str(plain))
+    repo.files = {long: dataclasses.replace(entry, abspath=str(plain), oid=oid, sha256=sha, size=size)}
+    assert len(long.rsplit("/", 1)[1].encode()) == 406
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m:
+        manifest = bolmo_async.prepare(
+            out, endpoint=m.endpoint, data_fraction=1.0, streaming=False, progress=False, processes=1
+        )
+    assert manifest["complete"] and manifest["totals"]["documents"] > 0
+    kept = [p for p in (out / "raw").rglob("*") if p.is_file()]
+    assert len(kept) == 1 and len(kept[0].name.encode()) <= 200 and kept[0].name.endswith(".jsonl")
+
+
+def test_a_failed_first_command_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "e1"
+    with pytest.raises(errors.BolmoError):
+        bolmo_async.plan(out, endpoint="http://127.0.0.1:9")  # nothing listens there
+    assert not out.exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    with pytest.raises(errors.BolmoError):
+        bolmo_async.plan(existing, endpoint="http://127.0.0.1:9")
+    assert existing.is_dir()  # the user's own folder stays
+
+
+def test_an_unwritable_folder_names_the_folder_and_the_permission(mirror, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere: a read-only folder needs another user")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(errors.UsageError, match=r"permission") as info:
+            bolmo_async.plan(out, endpoint=mirror.endpoint)
+        assert str(out) in str(info.value)
+    finally:
+        out.chmod(0o755)
+
+
+def test_a_read_only_mount_names_the_folder_and_the_permission(mirror, tmp_path):
+    """As root a chmod does not stop writes: a read-only bind mount does."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount")
+    import subprocess
+
+    out = tmp_path / "ro"
+    _prepare(out, mirror.endpoint)
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(out), str(out)], capture_output=True).returncode:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(out)], capture_output=True)
+        with pytest.raises(errors.UsageError) as info:
+            _prepare(out, mirror.endpoint)
+        assert str(out.resolve()) in str(info.value) and "read-only" in str(info.value).lower()
+        assert "rerun" not in str(info.value)
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(errors.StateError, match="not an output folder of bolmo-async"):
+        bolmo_async.inspect(tmp_path)
+
+
+# -- errors cross executors as themselves ----------------------------------------------------
+
+
+def _raise(name: str, message: str) -> None:
+    raise getattr(errors, name)(message)
+
+
+CROSSING = sorted(
+    n
+    for n in errors.__all__
+    if isinstance(getattr(errors, n), type) and issubclass(getattr(errors, n), errors.BolmoError)
+    if n not in ("BolmoError", "FetchIncomplete")
+)
+
+
+def test_every_error_class_is_in_errors_py():
+    import importlib
+    import inspect as pyinspect
+    import pkgutil
+
+    import bolmo_async as pkg
+
+    outside = []
+    for info in pkgutil.walk_packages(pkg.__path__, "bolmo_async."):
+        if info.name.endswith(("__main__", ".errors")):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if pyinspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                outside.append(f"{info.name}.{name}")
+    assert outside == [], "exceptions outside errors.py"
+    assert set(CROSSING) <= set(errors.__all__)
+
+
+@pytest.mark.parametrize("name", CROSSING)
+def test_an_error_rebuilt_from_a_worker_is_the_same_class_with_the_same_message(name):
+    cls = getattr(errors, name)
+    rebuilt = errors.rebuild(name, "the message")
+    assert type(rebuilt) is cls and str(rebuilt) == "the message"
+
+
+def _readme_bpe(path: Path) -> Path:
+    """The README's example BPE: vocabulary a b c bc ab abc, merges `b c`, `a b`, `ab c`, no
+    pre-tokenizer: fastokens and tokenizers disagree on text with characters outside it."""
+    import json
+
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": 6,
+                "content": "<|endoftext|>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": vocab,
+            "merges": ["b c", "a b", "ab c"],
+        },
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_an_engine_mismatch_in_a_worker_process_arrives_as_engine_mismatch(mirror, tmp_path):
+    """A worker process's fatal error reaches the coordinator as the same class and message."""
+    tok = _readme_bpe(tmp_path / "tokenizer.json")
+    with pytest.raises(errors.EngineMismatch) as info:
+        bolmo_async.fetch(
+            tmp_path / "o",
+            endpoint=mirror.endpoint,
+            data_fraction=0.2,
+            progress=False,
+            processes=2,
+            tokenizer="subword",
+            tokenizer_identifier=str(tok),
+            engine="fastokens",
+            check_every=1,
+        )
+    assert type(info.value) is errors.EngineMismatch and "fastokens" in str(info.value)
+
+
+def test_a_worker_process_dying_in_a_local_pool_fails_only_its_files_and_a_rerun_finishes(repos, tmp_path):
+    import threading
+
+    import psutil
+
+    from bolmo_async.mirror import FaultConfig
+
+    with MirrorThread(repos) as m:
+        clean = _prepare(tmp_path / "clean", m.endpoint)
+    faults = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=0.2)
+        caught: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                bolmo_async.fetch(out, endpoint=m.endpoint, progress=False, processes=2)
+            except BaseException as exc:
+                caught.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = __import__("time").monotonic() + 60
+        while not faults.injected.get("trickle"):  # a worker holds a file now
+            assert t.is_alive() and __import__("time").monotonic() < deadline
+            __import__("time").sleep(0.01)
+        workers = [
+            p
+            for p in psutil.Process().children()
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        workers[0].kill()
+        t.join(120)
+        assert not t.is_alive()
+        faults.rate = 0.0
+        (exc,) = caught
+        assert isinstance(exc, errors.FetchIncomplete)
+        assert exc.failed and all("worker process died" in why for why in exc.failed.values())
+        manifest = _prepare(out, m.endpoint)
+    assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(clean)
+
+
+def test_rerunning_a_finished_prepare_touches_nothing(mirror, tmp_path, caplog):
+    out = tmp_path / "o"
+    first = _prepare(out, mirror.endpoint)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != LOCK}
+    caplog.set_level("INFO", logger="bolmo_async")
+    again = bolmo_async.prepare(
+        out, endpoint=mirror.endpoint, data_fraction=0.2, max_tokens_per_file=200_000, progress=False
+    )
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != LOCK}
+    assert again == first and after == before
+    assert "complete and current" in caplog.text and "nothing rewritten" in caplog.text
+    # Another bound is not "finished": the shards are rewritten for it.
+    other = bolmo_async.prepare(
+        out, endpoint=mirror.endpoint, data_fraction=0.2, max_tokens_per_file=100_000, progress=False
+    )
+    assert other["max_tokens_per_file"] == 100_000 and len(other["shards"]) > len(first["shards"])
+
+
+def test_a_wrong_keyword_names_the_public_function_and_touches_nothing(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(
+        TypeError, match=r"^prepare\(\) got an unexpected keyword argument 'tokeniser'; did you mean 'tokenizer'"
+    ):
+        bolmo_async.prepare(out, tokeniser="byte")
+    with pytest.raises(TypeError, match=r"^fetch\(\) got an unexpected keyword argument 'fraction'"):
+        bolmo_async.fetch(out, fraction=0.1)
+    assert not out.exists()
+
+
+def test_a_script_without_the_main_guard_gets_one_clear_error(mirror, tmp_path):
+    """Worker processes import the calling script again; one that calls the API at top level must
+    not stack up tracebacks or blame another run for the folder."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import bolmo_async\n"
+        f"bolmo_async.prepare({str(tmp_path / 'o')!r}, endpoint={mirror.endpoint!r}, data_fraction=0.3, "
+        "processes=2, progress=False)\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1
+    assert 'if __name__ == "__main__":' in r.stderr and "another bolmo-async run" not in r.stderr
+    assert r.stderr.count("Traceback") <= 1, r.stderr
