@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .finalizer import (
     _SHARD_RE,
@@ -30,10 +31,8 @@ from .finalizer import (
 )
 from .hub import (
     HubClient,
-    RetryPolicy,
     data_files,
     default_endpoint,
-    fetch_small,
     listing_digest,
     make_session,
     read_token,
@@ -54,6 +53,7 @@ from .models import (
 from .planner import PLAN_FILE, assign_workers, disk_needed, load_plan, make_plan, save_plan
 from .pool import Pool, usable_cores
 from .progress import Progress
+from .retry import RetryPolicy
 from .staging import Staging
 from .tokenize import (
     DEFAULT_CHECK_EVERY,

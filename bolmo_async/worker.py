@@ -118,7 +118,8 @@ class Worker:
 
     async def _serve(self) -> None:
         from .filetask import TaskContext
-        from .hub import HubClient, RetryPolicy, make_session, read_token
+        from .hub import HubClient, make_session, read_token
+        from .retry import RetryPolicy
         from .staging import Staging
 
         spec = self.spec

@@ -1,0 +1,231 @@
+"""The one retry helper: every request the tool makes (Hub API calls, file bodies, ranged reads,
+and blocking callers such as an object-store backend) retries through here.
+
+The policy is data (``RetryPolicy``): an attempt budget, capped exponential backoff with
+jitter, ``Retry-After`` and the Hub's ``RateLimit: "..." ;r=0;t=<seconds>`` honoured, and a
+progress deadline for bodies (``Progress``). An attempt signals "failed, try again" by raising
+``Retry`` (with the response's headers when it has them) or one of the policy's transient
+exceptions; anything else propagates at once. Each retry is logged as
+``<what>: <reason> [retry n/max in Xs<note>]``; when the budget is spent, the caller's
+``fail(reason, attempts)`` error is raised.
+
+This module imports nothing of the project but ``errors``: every other module may use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from .errors import BolmoError, UsageError
+
+log = logging.getLogger("bolmo_async")
+T = TypeVar("T")
+
+#: Statuses worth retrying, and exceptions meaning "the connection broke, try again".
+RETRY_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+#: What a blocking caller's attempt may raise to be retried (besides ``Retry``).
+SYNC_RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter; ``Retry-After`` and ``RateLimit`` honoured.
+
+    ``min_rate`` / ``progress_window``: a body must bring at least ``min_rate`` bytes a second,
+    counted over each ``progress_window`` seconds, or the attempt fails (and is retried within
+    ``max_attempts``); a trickle can therefore hold one file for at most about
+    ``max_attempts * progress_window`` seconds plus the backoff sleeps (see ``worst_case``).
+    """
+
+    max_attempts: int = 8
+    base_delay: float = 0.25
+    max_delay: float = 30.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
+    min_rate: float = 1024.0  # bytes/s a body must sustain over each progress window
+    progress_window: float = 10.0
+    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError("--retries must be at least 1")
+
+    def delay(self, attempt: int, response_headers: Any = None) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        hinted = retry_hint(response_headers) if response_headers is not None else None
+        if hinted is not None:
+            return min(self.max_delay, hinted) + self._rng.uniform(0, 0.1)
+        d = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
+        return d * (0.5 + self._rng.random() / 2)
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+
+    def worst_case(self) -> float:
+        """An upper bound on the seconds a body that trickles can hold one transfer: every
+        attempt ends within its progress window (or a connect timeout), plus every backoff."""
+        sleeps = sum(min(self.max_delay, self.base_delay * 2**i) for i in range(self.max_attempts - 1))
+        per_attempt = max(self.progress_window, self.connect_timeout)
+        return self.max_attempts * per_attempt + sleeps + 0.1 * self.max_attempts
+
+
+_RATELIMIT_T = re.compile(r";\s*t=(\d+(?:\.\d+)?)")
+
+
+def retry_hint(headers: Any) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds form) or the Hub's ``RateLimit: ...;t=N``."""
+    if not headers:
+        return None
+    ra = headers.get("Retry-After")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    rl = headers.get("RateLimit")
+    if rl:
+        m = _RATELIMIT_T.search(rl)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+class Retry(Exception):
+    """Raised by an attempt: it failed for a transient reason (the message); try again.
+    ``headers``: the response's, for ``Retry-After`` / ``RateLimit``."""
+
+    def __init__(self, reason: str, headers: Any = None, status: int | None = None):
+        super().__init__(reason)
+        self.headers = headers
+        self.status = status
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Retry):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError) and not str(exc):
+        return "TimeoutError (no data for the read timeout)"
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+def _default_fail(what: str) -> Callable[[str, int], BaseException]:
+    return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
+
+
+def _next_delay(
+    policy: RetryPolicy, what: str, n: int, exc: BaseException, note: Callable[[], str] | None, fail: Any
+) -> float:
+    """Log the retry and return its delay, or raise the caller's error when the budget is spent."""
+    reason = _reason(exc)
+    if n >= policy.max_attempts:
+        raise (fail or _default_fail(what))(reason, n) from exc
+    delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
+    log.warning("%s: %s [retry %d/%d in %.1fs%s]", what, reason, n, policy.max_attempts, delay, note() if note else "")
+    return delay
+
+
+async def retrying(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    fail: Callable[[str, int], BaseException] | None = None,
+    retry_on: tuple[type[BaseException], ...] = RETRY_EXCEPTIONS,
+    note: Callable[[], str] | None = None,
+) -> T:
+    """Await ``attempt()`` until it returns, at most ``policy.max_attempts`` times.
+
+    ``Retry`` and ``retry_on`` exceptions are retried after ``policy.delay``; ``fail(reason,
+    attempts)`` builds the error raised when the budget is spent; ``note()`` adds context to the
+    retry line (e.g. ", resuming at byte N")."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return await attempt()
+        except Retry as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        except retry_on as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        await asyncio.sleep(delay)
+
+
+def retrying_sync(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[], T],
+    *,
+    fail: Callable[[str, int], BaseException] | None = None,
+    retry_on: tuple[type[BaseException], ...] = SYNC_RETRY_EXCEPTIONS,
+    note: Callable[[], str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``retrying`` for blocking callers (threads): the same policy, budget, hints and log line."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt()
+        except Retry as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        except retry_on as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        sleep(delay)
+
+
+class Progress:
+    """The progress deadline of one body: call ``got(n)`` per chunk received; ``Retry`` is
+    raised when a window of ``policy.progress_window`` seconds brought fewer than
+    ``min_rate * window`` bytes. Checked per chunk (one clock read), and by the caller's
+    timeout at ``deadline`` so that a body that sends nothing at all fails on time too."""
+
+    __slots__ = ("_got", "_need", "_window", "deadline", "what")
+
+    def __init__(self, policy: RetryPolicy, what: str = "the body"):
+        self._window = policy.progress_window
+        self._need = policy.min_rate * policy.progress_window
+        self._got = 0
+        self.deadline = time.monotonic() + self._window
+        self.what = what
+
+    def got(self, n: int) -> None:
+        self._got += n
+        if self._got >= self._need:
+            self._got = 0
+            self.deadline = time.monotonic() + self._window
+        elif time.monotonic() > self.deadline:
+            raise self.failure()
+
+    def failure(self) -> Retry:
+        return Retry(
+            f"{self.what} came slower than {self._need / self._window:g} bytes/s for {self._window:g}s (a stalled "
+            "or trickling connection)"
+        )
+
+
+__all__ = [
+    "RETRY_EXCEPTIONS",
+    "RETRY_STATUSES",
+    "SYNC_RETRY_EXCEPTIONS",
+    "Progress",
+    "Retry",
+    "RetryPolicy",
+    "retry_hint",
+    "retrying",
+    "retrying_sync",
+]
