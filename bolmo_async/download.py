@@ -7,7 +7,8 @@
   server ignored it, so the sink is reset and the file starts over.
 - 429 and 5xx are retried by the one retry helper (``retry.py``: capped exponential backoff
   and jitter, honouring ``Retry-After`` and the Hub's ``RateLimit: ...;t=<s>``); stalled
-  reads time out.
+  reads time out, and a body must keep a minimum rate (``retry.Progress``: a trickle fails the
+  attempt, which is retried within the budget, so one file's time is bounded).
 - The sink verifies the whole file (sha256 / git oid) at the end; a mismatch starts over.
 - A bounded number of attempts per file, then ``DownloadError`` with the reason.
 - A body is never longer than the listing says: more bytes than that is a broken download
@@ -28,7 +29,7 @@ from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, NotFoundError
 from .hub import HubClient, status_error
-from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Retry, retrying
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, Retry, retrying
 
 log = logging.getLogger("bolmo_async")
 
@@ -161,15 +162,19 @@ async def stream(
                     elif end is None and r.content_length is not None and size is None:
                         total = r.content_length
                     limit = end if end is not None else size if size is not None else max_bytes
-                    async for chunk in r.content.iter_chunked(READ_CHUNK):
-                        buf += chunk
-                        if limit is not None and pos + len(buf) > limit:
-                            buf.clear()
-                            await restart()
-                            raise Retry(f"the body is longer than the {limit - start} bytes listed")
-                        if len(buf) >= FEED_BYTES:
-                            data, buf = bytes(buf), bytearray()
-                            await feed(data)
+                    async with Progress(policy, what) as progress:
+                        async for chunk in r.content.iter_chunked(READ_CHUNK):
+                            progress.got(len(chunk))
+                            buf += chunk
+                            if limit is not None and pos + len(buf) > limit:
+                                buf.clear()
+                                await restart()
+                                raise Retry(f"the body is longer than the {limit - start} bytes listed")
+                            if len(buf) >= FEED_BYTES:
+                                data, buf = bytes(buf), bytearray()
+                                progress.pause()  # the sink's time is not the server's
+                                await feed(data)
+                                progress.resume()
                     if buf:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)

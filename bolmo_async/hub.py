@@ -8,7 +8,9 @@ Hub endpoint's own origin, and never logged or written anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ from yarl import URL
 
 from .errors import AuthError, HubError, NotFoundError, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
-from .retry import RETRY_STATUSES, Retry, RetryPolicy, retrying
+from .retry import RETRY_STATUSES, Progress, Retry, RetryPolicy, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -162,12 +164,30 @@ class HubClient:
                     raise status_error(
                         r.status, what, (await r.content.read(2000)).decode("utf-8", "replace"), r.headers
                     )
+                if r.content_length is not None and r.content_length > MAX_API_BYTES:
+                    raise self._too_long(url, what)
+                body = bytearray()
+                async with Progress(self.retry, what) as progress:
+                    async for chunk in r.content.iter_chunked(256 * 1024):
+                        progress.got(len(chunk))
+                        body += chunk
+                        if len(body) > MAX_API_BYTES:
+                            raise self._too_long(url, what)
                 try:
-                    return await r.json(content_type=None), r.headers
+                    if len(body) < 1 << 20:
+                        return json.loads(body), r.headers
+                    loop = asyncio.get_running_loop()  # a large listing page: parsed off the event loop
+                    return await loop.run_in_executor(None, json.loads, bytes(body)), r.headers
                 except (ValueError, RecursionError) as exc:
                     raise HubError(f"{what}: {self.endpoint} did not answer JSON; is --endpoint a Hub?") from exc
 
         return await self.with_retries(what, once)
+
+    def _too_long(self, url: str, what: str) -> HubError:
+        return HubError(
+            f"{what}: the answer of {URL(url).path} is longer than {MAX_API_BYTES >> 20} MiB, more than any Hub API "
+            f"answer; is --endpoint ({self.endpoint}) a Hub-compatible server?"
+        )
 
     async def resolve_commit(self, revision: str) -> str:
         """Branch, tag or sha -> the 40-hex commit sha."""
@@ -222,6 +242,10 @@ class HubClient:
         log.debug("listed %d files in %d pages", len(found), pages)
         return list(found.values())
 
+
+#: The most bytes any API (JSON) answer may have: a listing page of the Hub is ~0.3 MB, and a
+#: mirror that lists 100k files on one page ~20 MB. Read incrementally, never past this.
+MAX_API_BYTES = 64 << 20
 
 #: Pages of a tree listing at most (1000 entries each on the Hub).
 MAX_PAGES = 100_000

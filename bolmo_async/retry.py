@@ -48,8 +48,9 @@ class RetryPolicy:
 
     ``min_rate`` / ``progress_window``: a body must bring at least ``min_rate`` bytes a second,
     counted over each ``progress_window`` seconds, or the attempt fails (and is retried within
-    ``max_attempts``); a trickle can therefore hold one file for at most about
-    ``max_attempts * progress_window`` seconds plus the backoff sleeps (see ``worst_case``).
+    ``max_attempts``); a trickle can therefore hold one transfer for at most
+    ``max_attempts * progress_window`` seconds plus the backoff sleeps (``worst_case``): with
+    the defaults 8 x 10 s + 32 s, under two minutes.
     """
 
     max_attempts: int = 8
@@ -77,11 +78,10 @@ class RetryPolicy:
         return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
 
     def worst_case(self) -> float:
-        """An upper bound on the seconds a body that trickles can hold one transfer: every
-        attempt ends within its progress window (or a connect timeout), plus every backoff."""
+        """An upper bound on the seconds a body that trickles (once its headers arrived) can hold
+        one transfer: every attempt ends within one progress window, plus every backoff sleep."""
         sleeps = sum(min(self.max_delay, self.base_delay * 2**i) for i in range(self.max_attempts - 1))
-        per_attempt = max(self.progress_window, self.connect_timeout)
-        return self.max_attempts * per_attempt + sleeps + 0.1 * self.max_attempts
+        return self.max_attempts * self.progress_window + sleeps
 
 
 _RATELIMIT_T = re.compile(r";\s*t=(\d+(?:\.\d+)?)")
@@ -189,32 +189,62 @@ def retrying_sync(
 
 
 class Progress:
-    """The progress deadline of one body: call ``got(n)`` per chunk received; ``Retry`` is
-    raised when a window of ``policy.progress_window`` seconds brought fewer than
-    ``min_rate * window`` bytes. Checked per chunk (one clock read), and by the caller's
-    timeout at ``deadline`` so that a body that sends nothing at all fails on time too."""
+    """The progress deadline of one body (an async context manager around its read loop):
+    the next ``min_rate * progress_window`` bytes must arrive within ``progress_window``
+    seconds, or the attempt fails with ``Retry`` (so it is retried within the attempt budget).
+    A timer enforces it, so a body that sends nothing at all fails on time too; ``got(n)`` per
+    chunk costs an addition and, once per window's worth of bytes, a clock read. ``pause()``
+    / ``resume()`` bracket waits that are not the server's fault (the consumer is busy)."""
 
-    __slots__ = ("_got", "_need", "_window", "deadline", "what")
+    __slots__ = ("_cm", "_got", "_loop", "_need", "_next", "_window", "what")
 
-    def __init__(self, policy: RetryPolicy, what: str = "the body"):
+    def __init__(self, policy: RetryPolicy, what: str):
         self._window = policy.progress_window
-        self._need = policy.min_rate * policy.progress_window
+        self._need = max(1.0, policy.min_rate * policy.progress_window)
         self._got = 0
-        self.deadline = time.monotonic() + self._window
+        self._loop = asyncio.get_running_loop()
+        self._next = 0.0  # when the timer was last moved
+        self._cm: asyncio.Timeout | None = None
         self.what = what
+
+    async def __aenter__(self) -> Progress:
+        self._next = self._loop.time()
+        self._cm = asyncio.timeout_at(self._next + self._window)
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
+        assert self._cm is not None
+        try:
+            await self._cm.__aexit__(et, exc, tb)
+        except TimeoutError:
+            if not self._cm.expired():
+                raise
+            raise self.failure() from None
 
     def got(self, n: int) -> None:
         self._got += n
         if self._got >= self._need:
             self._got = 0
-            self.deadline = time.monotonic() + self._window
-        elif time.monotonic() > self.deadline:
-            raise self.failure()
+            now = self._loop.time()
+            if now - self._next > self._window / 8:  # move the timer at most 8 times a window
+                self._next = now
+                assert self._cm is not None
+                self._cm.reschedule(now + self._window)
+
+    def pause(self) -> None:
+        assert self._cm is not None
+        self._cm.reschedule(None)
+
+    def resume(self) -> None:
+        assert self._cm is not None
+        self._got = 0
+        self._next = self._loop.time()
+        self._cm.reschedule(self._next + self._window)
 
     def failure(self) -> Retry:
         return Retry(
-            f"{self.what} came slower than {self._need / self._window:g} bytes/s for {self._window:g}s (a stalled "
-            "or trickling connection)"
+            f"{self.what}: less than {self._need:.0f} bytes in {self._window:g}s (a stalled or trickling connection)"
         )
 
 

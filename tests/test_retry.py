@@ -14,7 +14,7 @@ from aiohttp import web
 
 import bolmo_async
 from bolmo_async.download import BytesSink, stream
-from bolmo_async.errors import HubError
+from bolmo_async.errors import DownloadError, HubError
 from bolmo_async.hub import HubClient, make_session
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID
@@ -136,3 +136,75 @@ def test_the_network_layers_import_only_downwards():
     for i, name in enumerate(order):
         above = set(order[i + 1 :])
         assert not (_imports(pkg / f"{name}.py") & above), name
+
+
+# -- hostile bodies: every API answer capped, every body held to a minimum rate ------------
+
+
+async def _endless(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b"[")
+    for _ in range(100_000):  # 6.5 GB if nobody stops reading
+        await resp.write(b'{"type": "file", "path": "x"},' * 2048)
+    return resp
+
+
+@pytest.mark.parametrize("endpoint", ["revision", "tree"])
+async def test_an_endless_api_body_is_stopped_at_the_cap(aiohttp_server, endpoint):
+    app = web.Application()
+    app.router.add_get(f"/api/datasets/a/b/{endpoint}/{{rev}}", _endless)
+    server = await aiohttp_server(app)
+    t0 = time.monotonic()
+    async with make_session(2, FAST) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=FAST)
+        with pytest.raises(HubError, match=f"/api/datasets/a/b/{endpoint}/.* is longer than 64 MiB") as info:
+            if endpoint == "revision":
+                await asyncio.wait_for(client.resolve_commit("main"), 30)
+            else:
+                await asyncio.wait_for(client.list_files("0" * 40), 30)
+    assert time.monotonic() - t0 < 10 and "\n" not in str(info.value)
+
+
+def _trickle(total: int, every: float, step: int = 1) -> web.Application:
+    """A body of ``total`` bytes sent ``step`` bytes every ``every`` seconds."""
+
+    async def body(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(total)})
+        await resp.prepare(request)
+        for _ in range(0, total, step):
+            await resp.write(b"x" * step)
+            await asyncio.sleep(every)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/f", body)
+    app.router.add_get("/api/datasets/a/b/revision/{rev}", body)
+    return app
+
+
+SLOW = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout=5, min_rate=1000, progress_window=1.0)
+
+
+async def test_a_body_trickling_one_byte_a_second_fails_within_its_bound(aiohttp_server):
+    """Each read returns within --read-timeout, yet the body would take 12 hours: each attempt
+    fails after one progress window, the file after the attempt budget, with a clear message."""
+    server = await aiohttp_server(_trickle(46_000, 1.0))
+    t0 = time.monotonic()
+    async with make_session(2, SLOW) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=SLOW)
+        with pytest.raises(DownloadError, match=r"f: gave up after 2 attempts; .*less than 1000 bytes in 1s"):
+            await asyncio.wait_for(stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=46_000), 30)
+        with pytest.raises(HubError, match=r"less than 1000 bytes in 1s.* after 2 attempts"):
+            await asyncio.wait_for(client.resolve_commit("main"), 30)
+    assert time.monotonic() - t0 < 2 * (SLOW.worst_case() + 1)
+
+
+async def test_a_slow_but_honest_body_completes(aiohttp_server):
+    """4 KB/s sustained, over several windows, against a minimum of 1000 bytes a second."""
+    server = await aiohttp_server(_trickle(12_000, 0.25, 1000))
+    async with make_session(2, SLOW) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=SLOW)
+        sink = BytesSink()
+        await asyncio.wait_for(stream(client, str(server.make_url("/f")), sink, what="f", size=12_000), 30)
+    assert bytes(sink.buf) == b"x" * 12_000
