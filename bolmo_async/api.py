@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from inspect import signature as inspect_signature
 from typing import Any, ParamSpec, TypeVar
 
+from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, check_not_bootstrapping, choose, usable_cores
 from .finalizer import ShardPlanner, Written, finalize_dir, source_prefix
 from .hub import (
     HubClient,
-    RetryPolicy,
     data_files,
     default_endpoint,
-    fetch_small,
     listing_digest,
     make_session,
     read_token,
@@ -45,6 +44,7 @@ from .models import (
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, open_output
 from .planner import disk_needed, load_plan, make_plan, save_plan
 from .progress import Progress
+from .retry import RetryPolicy
 from .staging import Staging
 from .tokenize import (
     DEFAULT_CHECK_EVERY,

@@ -5,8 +5,10 @@
   the file again.
 - A broken body resumes with ``Range: bytes=<next>-``; a 200 to a Range request means the
   server ignored it, so the sink is reset and the file starts over.
-- 429 and 5xx are retried with capped exponential backoff and jitter, honouring
-  ``Retry-After`` and the Hub's ``RateLimit: ...;t=<s>``; stalled reads time out.
+- 429 and 5xx are retried by the one retry helper (``retry.py``: capped exponential backoff
+  and jitter, honouring ``Retry-After`` and the Hub's ``RateLimit: ...;t=<s>``); stalled
+  reads time out, and a body must keep a minimum rate (``retry.Progress``: a trickle fails the
+  attempt, which is retried within the budget, so one file's time is bounded).
 - The sink verifies the whole file (sha256 / git oid) at the end; a mismatch starts over.
 - A bounded number of attempts per file, then ``DownloadError`` with the reason.
 - A body is never longer than the listing says: more bytes than that is a broken download
@@ -26,12 +28,14 @@ import aiohttp
 from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
-from .hub import RETRY_EXCEPTIONS, RETRY_STATUSES, HubClient, status_error
+from .hub import HubClient, status_error
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, retrying
 
 log = logging.getLogger("bolmo_async")
 
 FEED_BYTES = 1 << 20  # hand the sink about this much at a time (worker thread)
 READ_CHUNK = 256 * 1024
+_RESUMABLE: tuple[type[BaseException], ...] = (Retry, *RETRY_EXCEPTIONS)
 MAX_REDIRECTS = 10
 
 
@@ -73,14 +77,12 @@ async def stream(
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
     worker) after the last byte; IntegrityError from it restarts the file. Returns the number
-    of bytes fed.
+    of bytes fed. Every attempt goes through the one retry helper (``retry.retrying``).
     """
     loop = asyncio.get_running_loop()
     policy = client.retry
     pos = start
     cdn_url: str | None = None
-    attempt = 0
-    redirects = 0
     total: int | None = end if end is not None else size
 
     async def feed(data: bytes) -> None:
@@ -97,108 +99,108 @@ async def stream(
             on_bytes(-(pos - start))
         pos = start
 
-    while True:
-        target = cdn_url or url
-        headers = client.headers_for(target)
-        if total is not None and pos >= total and pos > start:
-            # Every byte arrived before the connection broke: nothing to ask for, verify it.
-            headers = {}
-        elif pos > 0 or end is not None:
-            headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
-        buf = bytearray()
-        hint = None
-        failure: str
+    async def verified() -> int:
         try:
-            if not headers:  # complete already (see above)
-                await _verified(loop, executor, verify)
-                return pos - start
-            async with client.session.get(
-                target, headers=headers, allow_redirects=False, timeout=policy.timeout()
-            ) as r:
-                if r.status in (301, 302, 303, 307, 308):
-                    loc = r.headers.get("Location")
-                    redirects += 1
-                    if not loc or redirects > MAX_REDIRECTS:
-                        raise DownloadError(f"{what}: too many or empty redirects from {URL(target).host}")
-                    nxt = URL(target).join(URL(loc))
-                    if nxt.scheme not in ("http", "https") or not nxt.host:
-                        raise DownloadError(
-                            f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
-                        )
-                    cdn_url = str(nxt)
-                    continue
-                if r.status == 403 and cdn_url is not None:
-                    failure = "signed URL refused (expired?), resolving again"
-                    cdn_url = None
-                    raise Retry(failure)
-                if r.status in RETRY_STATUSES:
-                    hint = r.headers
-                    raise Retry(f"HTTP {r.status}")
-                if r.status == 416:
-                    raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
-                if r.status not in (200, 206):
-                    err = status_error(r.status, what, await _short_text(r), r.headers)
-                    if isinstance(err, AuthError | NotFoundError):
-                        raise err
-                    raise DownloadError(str(err))
-                if r.status == 200 and "Range" in headers:
-                    if start != 0 or end is not None:
-                        raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
-                    log.info("%s: server ignored Range, starting over", what)
-                    await restart()
-                if r.status == 206:
-                    cr = r.headers.get("Content-Range", "")
-                    if not cr.startswith(f"bytes {pos}-"):
-                        raise DownloadError(f"{what}: server answered Range {pos}- with {cr!r}")
-                    size_s = cr.rpartition("/")[2]
-                    if end is None and size_s.isdigit():
-                        total = int(size_s)
-                elif end is None and r.content_length is not None and size is None:
-                    total = r.content_length
-                limit = end if end is not None else size if size is not None else max_bytes
-                async for chunk in r.content.iter_chunked(READ_CHUNK):
-                    buf += chunk
-                    if limit is not None and pos + len(buf) > limit:
-                        buf.clear()
+            await _verified(loop, executor, verify)
+        except IntegrityError as exc:
+            await restart()
+            raise Retry(str(exc)) from exc
+        return pos - start
+
+    async def attempt() -> int:
+        nonlocal cdn_url, total
+        redirects = 0  # the redirect budget is per attempt
+        while True:
+            if total is not None and pos >= total and pos > start:
+                # Every byte arrived before the connection broke: nothing to ask for, verify it.
+                return await verified()
+            target = cdn_url or url
+            headers = client.headers_for(target)
+            if pos > 0 or end is not None:
+                headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
+            buf = bytearray()
+            try:
+                async with client.session.get(
+                    target, headers=headers, allow_redirects=False, timeout=policy.timeout()
+                ) as r:
+                    if r.status in (301, 302, 303, 307, 308):
+                        loc = r.headers.get("Location")
+                        redirects += 1
+                        if not loc or redirects > MAX_REDIRECTS:
+                            raise DownloadError(f"{what}: too many or empty redirects from {URL(target).host}")
+                        nxt = URL(target).join(URL(loc))
+                        if nxt.scheme not in ("http", "https") or not nxt.host:
+                            raise DownloadError(
+                                f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
+                            )
+                        cdn_url = str(nxt)
+                        continue
+                    if r.status == 403 and cdn_url is not None:
+                        cdn_url = None
+                        raise Retry("signed URL refused (expired?), resolving again")
+                    if r.status in RETRY_STATUSES:
+                        raise Retry(f"HTTP {r.status}", r.headers, r.status)
+                    if r.status == 416:
+                        raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
+                    if r.status not in (200, 206):
+                        err = status_error(r.status, what, await _short_text(r), r.headers)
+                        if isinstance(err, AuthError | NotFoundError):
+                            raise err
+                        raise DownloadError(str(err))
+                    if r.status == 200 and "Range" in headers:
+                        if start != 0 or end is not None:
+                            raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
+                        log.info("%s: server ignored Range, starting over", what)
                         await restart()
-                        raise Retry(f"the body is longer than the {limit - start} bytes listed")
-                    if len(buf) >= FEED_BYTES:
+                    if r.status == 206:
+                        cr = r.headers.get("Content-Range", "")
+                        if not cr.startswith(f"bytes {pos}-"):
+                            raise DownloadError(f"{what}: server answered Range {pos}- with {cr!r}")
+                        size_s = cr.rpartition("/")[2]
+                        if end is None and size_s.isdigit():
+                            total = int(size_s)
+                    elif end is None and r.content_length is not None and size is None:
+                        total = r.content_length
+                    limit = end if end is not None else size if size is not None else max_bytes
+                    async with Progress(policy, what) as progress:
+                        async for chunk in r.content.iter_chunked(READ_CHUNK):
+                            progress.got(len(chunk))
+                            buf += chunk
+                            if limit is not None and pos + len(buf) > limit:
+                                buf.clear()
+                                await restart()
+                                raise Retry(f"the body is longer than the {limit - start} bytes listed")
+                            if len(buf) >= FEED_BYTES:
+                                data, buf = bytes(buf), bytearray()
+                                progress.pause()  # the sink's time is not the server's
+                                await feed(data)
+                                progress.resume()
+                    if buf:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)
-                if buf:
-                    data, buf = bytes(buf), bytearray()
-                    await feed(data)
-                if total is not None and pos < total:
-                    raise Retry(f"body cut short at byte {pos} of {total}")
-            try:
-                await _verified(loop, executor, verify)
-            except IntegrityError as exc:
-                await restart()
-                raise Retry(str(exc)) from exc
-            return pos - start
-        except Retry as exc:
-            failure = str(exc)
-            if buf:
-                await feed(bytes(buf))
-        except RETRY_EXCEPTIONS as exc:
-            failure = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            if buf:
-                await feed(bytes(buf))
-        attempt += 1
-        redirects = 0  # the redirect budget is per attempt
-        if attempt >= policy.max_attempts:
-            raise DownloadError(f"{what}: gave up after {attempt} attempts; last error: {failure}")
-        delay = policy.delay(attempt, hint)
-        log.warning(
-            "%s: %s [retry %d/%d in %.1fs, resuming at byte %d]",
-            what,
-            failure,
-            attempt,
-            policy.max_attempts,
-            delay,
-            pos,
-        )
-        await asyncio.sleep(delay)
+                    if total is not None and pos < total:
+                        raise Retry(f"body cut short at byte {pos} of {total}")
+            except _RESUMABLE:
+                if buf:  # keep what arrived: the next attempt resumes after it
+                    await feed(bytes(buf))
+                raise
+            return await verified()
+
+    def fail(reason: str, n: int) -> DownloadError:
+        return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
+
+    return await retrying(policy, what, attempt, fail=fail, note=lambda: f", resuming at byte {pos}")
+
+
+async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
+    """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
+    not exist. Same client, headers, token rules and retries as the data files."""
+    sink = BytesSink()
+    try:
+        await stream(client, client.resolve_url(revision, path), sink, what=f"{client.repo_id}/{path}", max_bytes=cap)
+    except NotFoundError:
+        return None
+    return bytes(sink.buf)
 
 
 async def _verified(
@@ -217,4 +219,4 @@ async def _short_text(r: aiohttp.ClientResponse) -> str:
     return " ".join(data.decode("utf-8", "replace").split())[:200]
 
 
-__all__ = ["BytesSink", "Sink", "stream"]
+__all__ = ["BytesSink", "Sink", "fetch_small", "stream"]

@@ -26,8 +26,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
 Internal signals, never shown to a user (not BolmoErrors):
 
     StreamError                     the compressed stream itself is corrupt or truncated
-    RetryableStatus                 an HTTP status worth retrying (with its headers)
-    Retry                           one attempt of a transfer failed; the retry loop decides
+    Retry                           one attempt failed for a transient reason; ``retry.retrying`` decides
 
 Errors cross process, thread and Ray task boundaries as (class name, message) and are rebuilt
 as the same class with ``rebuild``.
@@ -117,17 +116,14 @@ class StreamError(Exception):
     """The compressed stream itself is corrupt or truncated (raised by ``decode.Decompressor``)."""
 
 
-class RetryableStatus(Exception):
-    """An HTTP status worth retrying, with the response's headers (Retry-After, RateLimit)."""
-
-    def __init__(self, status: int, headers: object):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.headers = headers
-
-
 class Retry(Exception):
-    """One attempt of a transfer failed in a way worth retrying; the message says how."""
+    """Raised by an attempt: it failed for a transient reason (the message); try again.
+    ``headers``: the response's, for ``Retry-After`` / ``RateLimit``."""
+
+    def __init__(self, reason: str, headers: object = None, status: int | None = None):
+        super().__init__(reason)
+        self.headers = headers
+        self.status = status
 
 
 def rebuild(name: str, message: str) -> BolmoError:
@@ -155,7 +151,6 @@ __all__ = [
     "OutputError",
     "RangeIgnored",
     "Retry",
-    "RetryableStatus",
     "StateError",
     "StreamError",
     "TokenizerError",

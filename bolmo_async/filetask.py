@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, Docs, LineDecoder, parquet_batch
 from .download import BytesSink, stream
-from .errors import IntegrityError, RangeIgnored
+from .errors import IntegrityError, RangeIgnored, Retry
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .outdir import OutputDir
+from .retry import retrying
 from .staging import Staging, StagingWriter
 from .tokenize import AnyTokenizer
 from .util import release_free_memory, sha256_file
@@ -456,15 +457,24 @@ async def _parquet_ranges(ctx: TaskContext, url: str, pf: PlannedFile, proc: Pro
     """A parquet prefix: the footer, then only the row groups needed, by Range requests.
 
     A prefix cannot be checked against the file's sha256, so bytes that do not decode (or fail
-    parquet's page checksums) are fetched again, twice, before they are counted as corrupt.
+    parquet's page checksums) are fetched again through the one retry helper (with its backoff),
+    ``PARQUET_ATTEMPTS`` times in all, before they are counted as corrupt.
     """
     loop = asyncio.get_running_loop()
-    attempts = 3
-    for attempt in range(1, attempts + 1):
-        if await _parquet_ranges_once(ctx, url, pf, proc, final=attempt == attempts):
-            return
-        log.warning("%s: parquet bytes did not decode, fetching again [retry %d/%d]", pf.path, attempt, attempts - 1)
-        await loop.run_in_executor(ctx.executor, proc.reset)
+    policy = dataclasses.replace(ctx.client.retry, max_attempts=PARQUET_ATTEMPTS)
+    tries = [0]
+
+    async def attempt() -> None:
+        tries[0] += 1
+        if not await _parquet_ranges_once(ctx, url, pf, proc, final=tries[0] >= PARQUET_ATTEMPTS):
+            await loop.run_in_executor(ctx.executor, proc.reset)
+            raise Retry("parquet bytes did not decode, fetching again")
+
+    await retrying(policy, pf.path, attempt, retry_on=())
+
+
+#: Whole reads of a parquet prefix whose bytes do not decode, before they count as corrupt.
+PARQUET_ATTEMPTS = 3
 
 
 async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, final: bool) -> bool:

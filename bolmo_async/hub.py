@@ -1,5 +1,5 @@
 """Talking to the Hub (or a mirror): endpoint and token, revision -> commit, the file listing,
-resolve URLs, and the retry policy every request shares.
+and resolve URLs. Retries go through ``retry.py``, the one retry helper.
 
 The token is read the usual way (``HF_TOKEN`` or ``huggingface-cli login``'s file, through
 ``huggingface_hub.get_token``), sent as a per-request ``Authorization`` header only to the
@@ -10,33 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
-import random
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
-from .errors import AuthError, HubError, NotFoundError, RetryableStatus, UsageError
+from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
+from .retry import RETRY_STATUSES, Progress, RetryPolicy, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
-
-#: Statuses worth retrying, and exceptions meaning "the connection broke, try again".
-RETRY_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
-RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-    asyncio.TimeoutError,
-    ConnectionError,
-)
-
 
 #: huggingface_hub's default endpoint (``constants.ENDPOINT`` without ``HF_ENDPOINT``).
 HUB_ENDPOINT = "https://huggingface.co"
@@ -72,54 +62,6 @@ def read_token() -> str | None:
 
     tok = get_token()
     return tok or None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter; ``Retry-After`` and ``RateLimit`` honoured."""
-
-    max_attempts: int = 8
-    base_delay: float = 0.25
-    max_delay: float = 30.0
-    connect_timeout: float = 30.0
-    read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
-    seed: int | None = None
-    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise UsageError("--retries must be at least 1")
-
-    def delay(self, attempt: int, response_headers: Any = None) -> float:
-        hinted = retry_hint(response_headers) if response_headers is not None else None
-        if hinted is not None:
-            return min(self.max_delay, hinted) + self._rng.uniform(0, 0.1)
-        d = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
-        return d * (0.5 + self._rng.random() / 2)
-
-    def timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
-
-
-_RATELIMIT_T = re.compile(r";\s*t=(\d+(?:\.\d+)?)")
-
-
-def retry_hint(headers: Any) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds form) or the Hub's ``RateLimit: ...;t=N``."""
-    if not headers:
-        return None
-    ra = headers.get("Retry-After")
-    if ra:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
-            pass
-    rl = headers.get("RateLimit")
-    if rl:
-        m = _RATELIMIT_T.search(rl)
-        if m:
-            return float(m.group(1))
-    return None
 
 
 def status_error(status: int, what: str, body: str = "", headers: Any = None) -> HubError:
@@ -192,52 +134,60 @@ class HubClient:
 
     # -- JSON API with retries -----------------------------------------------------------
     async def with_retries(self, what: str, attempt_fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt_fn`` until it succeeds, retrying connection errors and retryable statuses."""
-        attempt = 0
-        while True:
-            attempt += 1
+        """Run ``attempt_fn`` through the one retry helper (``retry.retrying``); with
+        ``fail_fast``, a refused connection or unknown host is an error at once."""
+
+        async def attempt() -> T:
             try:
                 return await attempt_fn()
-            except RetryableStatus as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise HubError(f"{what}: HTTP {exc.status} after {attempt} attempts; try again later.") from exc
-                delay = self.retry.delay(attempt, exc.headers)
-                log.warning(
-                    "%s: HTTP %s [retry %d/%d in %.1fs]", what, exc.status, attempt, self.retry.max_attempts, delay
-                )
-            except RETRY_EXCEPTIONS as exc:
-                if self.fail_fast and isinstance(exc, aiohttp.ClientConnectorError):
-                    why = (
-                        "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
-                    )
-                    raise HubError(
-                        f"cannot reach {self.endpoint} ({why}). Check --endpoint / HF_ENDPOINT and that the server runs."
-                    ) from exc
-                if attempt >= self.retry.max_attempts:
-                    raise HubError(
-                        f"{what}: {type(exc).__name__} after {attempt} attempts; check the network and --endpoint."
-                    ) from exc
-                delay = self.retry.delay(attempt)
-                log.warning(
-                    "%s: %s [retry %d/%d in %.1fs]", what, type(exc).__name__, attempt, self.retry.max_attempts, delay
-                )
-            await asyncio.sleep(delay)
+            except aiohttp.ClientConnectorError as exc:
+                if not self.fail_fast:
+                    raise
+                why = "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
+                raise HubError(
+                    f"cannot reach {self.endpoint} ({why}). Check --endpoint / HF_ENDPOINT and that the server runs."
+                ) from exc
+
+        def fail(reason: str, n: int) -> HubError:
+            return HubError(
+                f"{what}: {reason} after {n} attempts; check the network and --endpoint, or try again later."
+            )
+
+        return await retrying(self.retry, what, attempt, fail=fail)
 
     async def _get_json(self, url: str, what: str) -> tuple[Any, Any]:
         async def once() -> tuple[Any, Any]:
             async with self.session.get(url, headers=self.headers_for(url), timeout=self.retry.timeout()) as r:
                 if r.status in RETRY_STATUSES:
-                    raise RetryableStatus(r.status, r.headers)
+                    raise Retry(f"HTTP {r.status}", r.headers, r.status)
                 if r.status != 200:
                     raise status_error(
                         r.status, what, (await r.content.read(2000)).decode("utf-8", "replace"), r.headers
                     )
+                if r.content_length is not None and r.content_length > MAX_API_BYTES:
+                    raise self._too_long(url, what)
+                body = bytearray()
+                async with Progress(self.retry, what) as progress:
+                    async for chunk in r.content.iter_chunked(256 * 1024):
+                        progress.got(len(chunk))
+                        body += chunk
+                        if len(body) > MAX_API_BYTES:
+                            raise self._too_long(url, what)
                 try:
-                    return await r.json(content_type=None), r.headers
+                    if len(body) < 1 << 20:
+                        return json.loads(body), r.headers
+                    loop = asyncio.get_running_loop()  # a large listing page: parsed off the event loop
+                    return await loop.run_in_executor(None, json.loads, bytes(body)), r.headers
                 except (ValueError, RecursionError) as exc:
                     raise HubError(f"{what}: {self.endpoint} did not answer JSON; is --endpoint a Hub?") from exc
 
         return await self.with_retries(what, once)
+
+    def _too_long(self, url: str, what: str) -> HubError:
+        return HubError(
+            f"{what}: the answer of {URL(url).path} is longer than {MAX_API_BYTES >> 20} MiB, more than any Hub API "
+            f"answer; is --endpoint ({self.endpoint}) a Hub-compatible server?"
+        )
 
     async def resolve_commit(self, revision: str) -> str:
         """Branch, tag or sha -> the 40-hex commit sha."""
@@ -293,6 +243,10 @@ class HubClient:
         return list(found.values())
 
 
+#: The most bytes any API (JSON) answer may have: a listing page of the Hub is ~0.3 MB, and a
+#: mirror that lists 100k files on one page ~20 MB. Read incrementally, never past this.
+MAX_API_BYTES = 64 << 20
+
 #: Pages of a tree listing at most (1000 entries each on the Hub).
 MAX_PAGES = 100_000
 
@@ -319,19 +273,6 @@ def _listed_file(item: dict[str, Any], endpoint: str) -> RepoFile:
             )
         oid = ""
     return RepoFile(path=path, size=size, oid=oid, sha256=sha256)
-
-
-async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
-    """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
-    not exist. Same client, headers, token rules and retries as the data files."""
-    from .download import BytesSink, stream
-
-    sink = BytesSink()
-    try:
-        await stream(client, client.resolve_url(revision, path), sink, what=f"{client.repo_id}/{path}", max_bytes=cap)
-    except NotFoundError:
-        return None
-    return bytes(sink.buf)
 
 
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')

@@ -115,8 +115,9 @@ class Worker:
 
     async def _serve(self) -> None:
         from .filetask import TaskContext
-        from .hub import HubClient, RetryPolicy, make_session, read_token
+        from .hub import HubClient, make_session, read_token
         from .outdir import open_output
+        from .retry import RetryPolicy
         from .staging import Staging
 
         spec = self.spec

@@ -22,10 +22,11 @@ import bolmo_async
 from bolmo_async.decode import LineDecoder, parquet_batch
 from bolmo_async.download import BytesSink, stream
 from bolmo_async.errors import DownloadError, FetchIncomplete, HubError, NotFoundError, StateError
-from bolmo_async.hub import HubClient, RetryPolicy, make_session
+from bolmo_async.hub import HubClient, make_session
 from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID, PlannedFile, SkipCounter
 from bolmo_async.outdir import open_output
+from bolmo_async.retry import RetryPolicy
 
 FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout=5)
 

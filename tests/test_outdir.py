@@ -276,7 +276,7 @@ def test_a_worker_process_dying_in_a_local_pool_fails_only_its_files_and_a_rerun
         t = threading.Thread(target=run)
         t.start()
         deadline = __import__("time").monotonic() + 60
-        while not faults.injected.get("trickle"):  # a worker holds a file now
+        while len(faults._per_path) < 3:  # 3 files in flight, at most 2 a worker: both hold files
             assert t.is_alive() and __import__("time").monotonic() < deadline
             __import__("time").sleep(0.01)
         workers = [

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bolmo_async.errors import UnsafePathError, UsageError
-from bolmo_async.hub import HubClient, RetryPolicy, make_session
+from bolmo_async.hub import HubClient, make_session
 from bolmo_async.models import RepoFile, check_repo_path, validate_fraction
 from bolmo_async.planner import default_source_depth, make_plan, source_of
+from bolmo_async.retry import RetryPolicy
 
 files_st = st.lists(st.tuples(st.sampled_from(["a", "b/c", "d"]), st.integers(1, 10_000)), min_size=1, max_size=40).map(
     lambda xs: [RepoFile(f"{src}/f{i:03d}.jsonl.zst", size, f"oid{i}") for i, (src, size) in enumerate(xs)]

@@ -253,7 +253,9 @@ class Pool:
         n = 0
         code = member.process.exitcode if member.process is not None else None
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
-        if not member.ready and member.process is not None and not member.exited:
+        # A worker that exits (not killed by a signal) before it is ready could not start at all:
+        # the whole run would fail the same way. One killed meanwhile only loses its files.
+        if not member.ready and member.process is not None and not member.exited and code is not None and code >= 0:
             raise WorkerError(
                 f"worker process {member.wid} ended before it started ({how}). If you call bolmo_async from a "
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '

@@ -35,6 +35,8 @@ class FaultConfig:
     max_per_path: int = 3
     only: tuple[str, ...] = ()  # when set, only paths containing one of these strings get faults
     retry_after: float = 0.2
+    #: False: a 429 carries only the Hub's ``RateLimit: ...;t=N`` header, no ``Retry-After``.
+    retry_after_header: bool = True
     trickle_delay: float = 0.02
     stall_seconds: float = 5.0
     _rng: random.Random = field(init=False, repr=False)

@@ -263,11 +263,10 @@ class Mirror:
         if fault == "http429":
             assert self.faults is not None
             ra = self.faults.retry_after
-            return web.Response(
-                status=429,
-                text="rate limited",
-                headers={"Retry-After": f"{ra:g}", "RateLimit": f'"resolvers";r=0;t={ra:g}'},
-            )
+            headers = {"RateLimit": f'"resolvers";r=0;t={ra:g}'}
+            if self.faults.retry_after_header:
+                headers["Retry-After"] = f"{ra:g}"
+            return web.Response(status=429, text="rate limited", headers=headers)
         if fault == "cdn_expired":
             return web.Response(
                 status=403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"

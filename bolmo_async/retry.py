@@ -1,0 +1,251 @@
+"""The one retry helper: every request the tool makes (Hub API calls, file bodies, ranged reads,
+and blocking callers such as an object-store backend) retries through here.
+
+The policy is data (``RetryPolicy``): an attempt budget, capped exponential backoff with
+jitter, ``Retry-After`` and the Hub's ``RateLimit: "..." ;r=0;t=<seconds>`` honoured, and a
+progress deadline for bodies (``Progress``). An attempt signals "failed, try again" by raising
+``Retry`` (with the response's headers when it has them) or one of the policy's transient
+exceptions; anything else propagates at once. Each retry is logged as
+``<what>: <reason> [retry n/max in Xs<note>]``; when the budget is spent, the caller's
+``fail(reason, attempts)`` error is raised.
+
+This module imports nothing of the project but ``errors``: every other module may use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from .errors import BolmoError, Retry, UsageError
+
+log = logging.getLogger("bolmo_async")
+T = TypeVar("T")
+
+#: Statuses worth retrying, and exceptions meaning "the connection broke, try again".
+RETRY_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+#: What a blocking caller's attempt may raise to be retried (besides ``Retry``).
+SYNC_RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter; ``Retry-After`` and ``RateLimit`` honoured.
+
+    ``min_rate`` / ``progress_window``: a body must bring at least ``min_rate`` bytes a second,
+    counted over each ``progress_window`` seconds, or the attempt fails (and is retried within
+    ``max_attempts``); a trickle can therefore hold one transfer for at most
+    ``max_attempts * progress_window`` seconds plus the backoff sleeps (``worst_case``): with
+    the defaults 8 x 10 s + 32 s, under two minutes.
+    """
+
+    max_attempts: int = 8
+    base_delay: float = 0.25
+    max_delay: float = 30.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
+    min_rate: float = 1024.0  # bytes/s a body must sustain over each progress window
+    progress_window: float = 10.0
+    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError("--retries must be at least 1")
+
+    def delay(self, attempt: int, response_headers: Any = None) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        hinted = retry_hint(response_headers) if response_headers is not None else None
+        if hinted is not None:
+            return min(self.max_delay, hinted) + self._rng.uniform(0, 0.1)
+        d = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
+        return d * (0.5 + self._rng.random() / 2)
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+
+    def worst_case(self) -> float:
+        """An upper bound on the seconds a body that trickles (once its headers arrived) can hold
+        one transfer: every attempt ends within one progress window, plus every backoff sleep."""
+        sleeps = sum(min(self.max_delay, self.base_delay * 2**i) for i in range(self.max_attempts - 1))
+        return self.max_attempts * self.progress_window + sleeps
+
+
+_RATELIMIT_T = re.compile(r";\s*t=(\d+(?:\.\d+)?)")
+
+
+def retry_hint(headers: Any) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds form) or the Hub's ``RateLimit: ...;t=N``."""
+    if not headers:
+        return None
+    ra = headers.get("Retry-After")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    rl = headers.get("RateLimit")
+    if rl:
+        m = _RATELIMIT_T.search(rl)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Retry):
+        return str(exc)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError) and not str(exc):
+        return "TimeoutError (no data for the read timeout)"
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+def _default_fail(what: str) -> Callable[[str, int], BaseException]:
+    return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
+
+
+def _next_delay(
+    policy: RetryPolicy, what: str, n: int, exc: BaseException, note: Callable[[], str] | None, fail: Any
+) -> float:
+    """Log the retry and return its delay, or raise the caller's error when the budget is spent."""
+    reason = _reason(exc)
+    if n >= policy.max_attempts:
+        raise (fail or _default_fail(what))(reason, n) from exc
+    delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
+    log.warning("%s: %s [retry %d/%d in %.1fs%s]", what, reason, n, policy.max_attempts, delay, note() if note else "")
+    return delay
+
+
+async def retrying(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    fail: Callable[[str, int], BaseException] | None = None,
+    retry_on: tuple[type[BaseException], ...] = RETRY_EXCEPTIONS,
+    note: Callable[[], str] | None = None,
+) -> T:
+    """Await ``attempt()`` until it returns, at most ``policy.max_attempts`` times.
+
+    ``Retry`` and ``retry_on`` exceptions are retried after ``policy.delay``; ``fail(reason,
+    attempts)`` builds the error raised when the budget is spent; ``note()`` adds context to the
+    retry line (e.g. ", resuming at byte N")."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return await attempt()
+        except Retry as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        except retry_on as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        await asyncio.sleep(delay)
+
+
+def retrying_sync(
+    policy: RetryPolicy,
+    what: str,
+    attempt: Callable[[], T],
+    *,
+    fail: Callable[[str, int], BaseException] | None = None,
+    retry_on: tuple[type[BaseException], ...] = SYNC_RETRY_EXCEPTIONS,
+    note: Callable[[], str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``retrying`` for blocking callers (threads): the same policy, budget, hints and log line."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt()
+        except Retry as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        except retry_on as exc:
+            delay = _next_delay(policy, what, n, exc, note, fail)
+        sleep(delay)
+
+
+class Progress:
+    """The progress deadline of one body (an async context manager around its read loop):
+    the next ``min_rate * progress_window`` bytes must arrive within ``progress_window``
+    seconds, or the attempt fails with ``Retry`` (so it is retried within the attempt budget).
+    A timer enforces it, so a body that sends nothing at all fails on time too; ``got(n)`` per
+    chunk costs an addition and, once per window's worth of bytes, a clock read. ``pause()``
+    / ``resume()`` bracket waits that are not the server's fault (the consumer is busy)."""
+
+    __slots__ = ("_cm", "_got", "_loop", "_need", "_next", "_window", "what")
+
+    def __init__(self, policy: RetryPolicy, what: str):
+        self._window = policy.progress_window
+        self._need = max(1.0, policy.min_rate * policy.progress_window)
+        self._got = 0
+        self._loop = asyncio.get_running_loop()
+        self._next = 0.0  # when the timer was last moved
+        self._cm: asyncio.Timeout | None = None
+        self.what = what
+
+    async def __aenter__(self) -> Progress:
+        self._next = self._loop.time()
+        self._cm = asyncio.timeout_at(self._next + self._window)
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
+        assert self._cm is not None
+        try:
+            await self._cm.__aexit__(et, exc, tb)
+        except TimeoutError:
+            if not self._cm.expired():
+                raise
+            raise self.failure() from None
+
+    def got(self, n: int) -> None:
+        self._got += n
+        if self._got >= self._need:
+            self._got = 0
+            now = self._loop.time()
+            if now - self._next > self._window / 8:  # move the timer at most 8 times a window
+                self._next = now
+                assert self._cm is not None
+                self._cm.reschedule(now + self._window)
+
+    def pause(self) -> None:
+        assert self._cm is not None
+        self._cm.reschedule(None)
+
+    def resume(self) -> None:
+        assert self._cm is not None
+        self._got = 0
+        self._next = self._loop.time()
+        self._cm.reschedule(self._next + self._window)
+
+    def failure(self) -> Retry:
+        return Retry(
+            f"{self.what}: less than {self._need:.0f} bytes in {self._window:g}s (a stalled or trickling connection)"
+        )
+
+
+__all__ = [
+    "RETRY_EXCEPTIONS",
+    "RETRY_STATUSES",
+    "SYNC_RETRY_EXCEPTIONS",
+    "Progress",
+    "Retry",
+    "RetryPolicy",
+    "retry_hint",
+    "retrying",
+    "retrying_sync",
+]
