@@ -32,7 +32,7 @@ FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout
 def _decode(data: bytes, suffix: str = ".jsonl", **kw) -> tuple[list[pa.RecordBatch], SkipCounter]:
     skips = SkipCounter()
     dec = LineDecoder("f" + suffix, suffix, skips, **kw)
-    out = dec.feed(data) + dec.finish()
+    out = [*dec.feed(data), *dec.finish()]
     return out, skips
 
 
@@ -73,7 +73,7 @@ def test_a_line_over_the_document_cap_is_skipped_without_being_held():
     for chunk in (len(data), 1000, 7):  # the same whatever the chunking
         skips = SkipCounter()
         dec = LineDecoder("f.jsonl", ".jsonl", skips, max_document_bytes=100_000)
-        out = [b for i in range(0, len(data), chunk) for b in dec.feed(data[i : i + chunk])] + dec.finish()
+        out = [b for i in range(0, len(data), chunk) for b in dec.feed(data[i : i + chunk])] + list(dec.finish())
         assert [(b.column("id").to_pylist(), b.column("loc").to_pylist()) for b in out if b.num_rows] in (
             [(["a"], [1]), (["b"], [3])],
             [(["a", "b"], [1, 3])],
