@@ -162,6 +162,11 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     if t["skipped_documents"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in t["skipped_documents"].items())
         _say(f"skipped documents: {reasons} (examples in {MANIFEST})")
+    if t.get("unreadable_files"):
+        bad = t["unreadable_files"]
+        _say(f"UNREADABLE: {len(bad)} file(s) gave no data at all (listed in {MANIFEST}):")
+        for path, why in list(bad.items())[:10]:
+            _say(f"  {why}" if why.startswith(path) else f"  {path}: {why}")
     if not manifest["complete"]:
         _say(
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish."

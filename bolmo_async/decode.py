@@ -18,21 +18,26 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
 import numpy as np
 import pyarrow as pa
-import zstandard
+
+try:  # Python 3.14+: the standard library's zstd (it has ``max_length``; python-zstandard has not)
+    from compression import zstd as _zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from backports import zstd as _zstd  # type: ignore[no-redef,unused-ignore]
 
 from .errors import DecodeError, StreamError
 from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
 
 #: Compressed bytes decompressed at a time, at offsets that are multiples of it.
 FEED_SLICE = 64 * 1024
-#: Output buffer of each zstd decompression call (a 64 KiB slice of text is rarely more).
-ZSTD_WRITE_SIZE = 1048576
+#: Most decompressed bytes one decompression call gives (whatever the compression ratio: a
+#: 64 KiB slice of a bomb can hold gigabytes).
+OUT_PIECE = 1 << 20
 #: Text per batch of documents.
 BATCH_BYTES = 1 << 20
 
@@ -40,41 +45,67 @@ BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.
 
 
 class Decompressor:
-    """zstd / gzip / identity, across concatenated frames or members."""
+    """zstd / gzip / identity, across concatenated frames or members, with bounded output.
 
-    def __init__(self, suffix: str):
+    ``give(data)`` hands over compressed bytes; ``read()`` returns the next at most ``out_piece``
+    decompressed bytes, or ``b""`` once everything given so far is decompressed. The output of
+    one call never depends on the compression ratio, so a bomb costs time linear in its output,
+    never memory.
+    """
+
+    def __init__(self, suffix: str, out_piece: int = OUT_PIECE):
         self.kind = "zst" if suffix.endswith(".zst") else "gz" if suffix.endswith(".gz") else "raw"
+        self.out_piece = out_piece
         self._obj: Any = None
+        self._input = b""  # given, not yet passed to the codec
+        self._more = False  # the last call was cut at out_piece: output may be waiting in the codec
         self._new()
 
     def _new(self) -> None:
         if self.kind == "zst":
-            # One 1 MiB output buffer per slice instead of 128 KiB pieces joined.
-            self._obj = zstandard.ZstdDecompressor().decompressobj(write_size=ZSTD_WRITE_SIZE)
+            self._obj = _zstd.ZstdDecompressor()
         elif self.kind == "gz":
             self._obj = zlib.decompressobj(wbits=47)
-        self._started = False
+        self._started = False  # the current frame/member has been given bytes
+        self._more = False
 
-    def feed(self, data: bytes) -> bytes:
+    def give(self, data: bytes) -> None:
+        if data:
+            self._input = self._input + data if self._input else data
+
+    def read(self) -> bytes:
         if self.kind == "raw":
-            return data
-        out = []
-        while data:
-            self._started = True
-            try:
-                out.append(self._obj.decompress(data))
-            except (zstandard.ZstdError, zlib.error) as exc:
-                raise StreamError(f"corrupt {self.kind} stream: {exc}") from exc
-            if self._obj.eof:
-                data = self._obj.unused_data
-                self._new()
-            else:
-                data = b""
-        return b"".join(out)
+            out, self._input = self._input[: self.out_piece], self._input[self.out_piece :]
+            return out
+        try:
+            while True:
+                if self._obj.eof:  # a frame/member ended: the next one starts with what followed it
+                    rest = self._obj.unused_data
+                    self._new()
+                    self._input = rest + self._input if rest else self._input
+                if self.kind == "gz" and self._obj.unconsumed_tail:
+                    data = self._obj.unconsumed_tail
+                elif self.kind == "zst" and not self._obj.needs_input:
+                    data = b""
+                elif self._input:
+                    data, self._input = self._input, b""
+                elif self._more:
+                    data = b""
+                else:
+                    return b""
+                self._started = self._started or bool(data)
+                out = self._obj.decompress(data, self.out_piece)
+                self._more = len(out) >= self.out_piece
+                if out:
+                    return bytes(out)
+                if not data and not self._obj.eof:
+                    return b""  # nothing was waiting after all
+        except (_zstd.ZstdError, zlib.error) as exc:
+            raise StreamError(f"corrupt {self.kind} stream: {exc}") from exc
 
     def finish(self) -> None:
-        """At end of file: raise if a frame/member was left incomplete."""
-        if self.kind != "raw" and self._started:
+        """At end of file (after ``read`` gave ``b""``): raise if a frame/member was left incomplete."""
+        if self.kind != "raw" and self._started and not self._obj.eof:
             raise StreamError(f"truncated {self.kind} stream (the file ends inside a frame)")
 
 
@@ -174,7 +205,13 @@ def _batch(ids: list[str], locs: list[int], texts: list[str]) -> Docs:
 
 
 class LineDecoder:
-    """Feed compressed bytes; get parsed batches of the complete JSON lines."""
+    """Feed compressed bytes; get parsed batches of the complete JSON lines.
+
+    ``feed`` and ``finish`` return iterators that decode as they are consumed (at most
+    ``OUT_PIECE`` decompressed bytes at a time, one batch at a time): consume each before
+    feeding more. Memory stays bounded by the batch size and the document cap whatever the
+    compression ratio; what is decoded never depends on how the bytes were chunked.
+    """
 
     def __init__(
         self,
@@ -195,8 +232,10 @@ class LineDecoder:
         self.text_field, self.id_field = text_field, id_field
         self._json_array_possible = suffix.startswith(".json") and not suffix.startswith(".jsonl")
         self._dec = Decompressor(suffix)
+        self._queue = bytearray()  # fed, not yet looked at
+        self._taken = 0  # compressed bytes moved from the queue to ``_carry``
         self._carry = bytearray()  # compressed bytes not yet decompressed (up to the next slice boundary)
-        self._consumed = 0  # compressed bytes decompressed so far
+        self._consumed = 0  # compressed bytes given to the decompressor so far
         self._pending = bytearray()  # decompressed bytes after the last newline
         self._skipping_line = False  # inside a line longer than max_document_bytes
         self._blocks: list[bytes] = []  # runs of complete lines, without their final newline
@@ -208,79 +247,75 @@ class LineDecoder:
         self._prefix_reached = False
 
     # -- feeding -------------------------------------------------------------------------
-    def feed(self, data: bytes) -> list[Docs]:
-        """Feed bytes; return the batches that became ready."""
-        out: list[Docs] = []
-        if self.done:
-            self.fed += len(data)
-            return out
-        if self.limit is not None and not self._prefix_reached and self.fed + len(data) >= self.limit:
-            cut = self.limit - self.fed
-            out += self._take(data[:cut])
-            out += self._decompress(bytes(self._carry))  # everything up to the limit
-            self._carry.clear()
-            out += self._flush_lines()  # every line complete within the prefix is taken
-            self._prefix_reached = True
-            data = data[cut:]
-            if self.documents > 0 or self.done:
-                self.done = True
-                self.fed += len(data)
-                return out
-        out += self._take(data)
-        if self._prefix_reached and self.documents > 0:
-            out += self._flush_lines()
-            self.done = True
-        return out
-
-    def _take(self, data: bytes) -> list[Docs]:
-        """Decompress whole aligned slices of what was fed; keep the rest for later."""
+    def feed(self, data: bytes) -> Iterator[Docs]:
+        """Feed bytes; an iterator of the batches that become ready (consume it)."""
         self.fed += len(data)
-        self._carry += data
-        out: list[Docs] = []
+        if not self.done:
+            self._queue += data
+        return self._run()
+
+    def _run(self) -> Iterator[Docs]:
+        while not self.done and self._queue:
+            if self.limit is not None and not self._prefix_reached:
+                room = self.limit - self._taken
+                if len(self._queue) >= room:
+                    self._move(room)
+                    yield from self._pump(partial=True)  # everything up to the limit
+                    yield from self._flush_lines()  # every line complete within the prefix is taken
+                    self._prefix_reached = True
+                    if self.documents > 0:
+                        self.done = True
+                    continue
+            self._move(len(self._queue))
+            yield from self._pump()
+
+    def _move(self, n: int) -> None:
+        self._carry += self._queue[:n]
+        del self._queue[:n]
+        self._taken += n
+
+    def _pump(self, partial: bool = False) -> Iterator[Docs]:
+        """Decompress what was taken, one bounded piece at a time: whole aligned slices (and, if
+        ``partial``, the rest too); stops when the decompressor needs bytes not yet fed."""
         while not self.done:
+            try:
+                plain = self._dec.read()
+            except StreamError as exc:
+                yield from self._flush_lines()
+                self.skips.add("corrupt_stream", f"{self.path}: {exc} after line {self._next_line - 1}")
+                self._pending.clear()
+                self.done = True
+                return
+            if plain:
+                yield from self._split(plain)
+                if self._prefix_reached:
+                    # Past the prefix only the first document is wanted.
+                    yield from self._flush_lines()
+                    if self.documents:
+                        self.done = True
+                elif self._lines_size >= self.batch_bytes:
+                    yield from self._flush_lines()
+                continue
             need = FEED_SLICE - (self._consumed % FEED_SLICE)
-            if len(self._carry) < need:
-                break
+            if len(self._carry) < need and not (partial and self._carry):
+                return
             with memoryview(self._carry) as view:
                 piece = bytes(view[:need])
             del self._carry[:need]
-            out += self._decompress(piece)
-            if self._prefix_reached:
-                # Past the prefix only the first document is wanted.
-                out += self._flush_lines()
-                if self.documents:
-                    break
-        return out
+            self._consumed += len(piece)
+            self._dec.give(piece)
 
-    def _decompress(self, piece: bytes) -> list[Docs]:
-        if not piece or self.done:
-            return []
-        self._consumed += len(piece)
-        try:
-            plain = self._dec.feed(piece)
-        except StreamError as exc:
-            out = self._flush_lines()
-            self.skips.add("corrupt_stream", f"{self.path}: {exc} after line {self._next_line - 1}")
-            self._pending.clear()
-            self.done = True
-            return out
-        out = self._split(plain)
-        if self._lines_size >= self.batch_bytes and not self._prefix_reached:
-            out += self._flush_lines()
-        return out
-
-    def _split(self, plain: bytes) -> list[Docs]:
+    def _split(self, plain: bytes) -> Iterator[Docs]:
         """Append decompressed bytes; complete lines go to ``_blocks``. Linear in the input: only
         the new bytes are searched, and a line over the size cap is dropped as it arrives."""
-        out: list[Docs] = []
         if self._skipping_line:
             nl = plain.find(b"\n")
             if nl < 0:
-                return out
+                return
             plain = plain[nl + 1 :]
             self._skipping_line = False
         if not plain:
-            return out
+            return
         nl = plain.rfind(b"\n")
         if nl < 0:
             self._pending += plain
@@ -292,38 +327,44 @@ class LineDecoder:
             self._blocks.append(block)
             self._lines_size += len(block)
             if len(block) > self.max_document_bytes:
-                out += self._drop_long_lines()
+                yield from self._drop_long_lines()
         if len(self._pending) > self.max_document_bytes:
-            out += self._flush_lines()
+            yield from self._flush_lines()
             self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
             self._next_line += 1
             self._pending.clear()
             self._skipping_line = True
-        return out
 
-    def _drop_long_lines(self) -> list[Docs]:
-        """The last block holds a line over the cap (it arrived in one piece): skip it, keep the rest."""
+    def _drop_long_lines(self) -> Iterator[Docs]:
+        """The last block holds a line over the cap (it arrived in one piece): skip it, keep the rest
+        (found with numpy: a block can hold a million short lines)."""
         block = self._blocks.pop()
         self._lines_size -= len(block)
-        out: list[Docs] = []
-        for line in block.split(b"\n"):
-            if len(line) > self.max_document_bytes:
-                out += self._flush_lines()
-                self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
-                self._next_line += 1
-            else:
-                self._blocks.append(line)
-                self._lines_size += len(line)
-        return out
+        starts, ends = _line_bounds(block)
+        seg = 0  # the first line not yet kept or skipped
+        for k in np.flatnonzero(ends - starts > self.max_document_bytes).tolist():
+            if k > seg:
+                self._blocks.append(block[starts[seg] : ends[k - 1]])
+                self._lines_size += int(ends[k - 1] - starts[seg])
+            yield from self._flush_lines()
+            self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
+            self._next_line += 1
+            seg = k + 1
+        if seg < len(starts):
+            self._blocks.append(block[starts[seg] :])
+            self._lines_size += len(block) - int(starts[seg])
 
-    def finish(self) -> list[Docs]:
+    def finish(self) -> Iterator[Docs]:
         """End of file: the last line without a newline counts; a truncated stream is reported."""
+        return self._finish()
+
+    def _finish(self) -> Iterator[Docs]:
+        yield from self._run()
         if self.done:
-            return []
-        out = self._decompress(bytes(self._carry))
-        self._carry.clear()
+            return
+        yield from self._pump(partial=True)
         if self.done:
-            return out
+            return
         try:
             self._dec.finish()
         except StreamError as exc:
@@ -333,14 +374,13 @@ class LineDecoder:
         if self._pending and not self._skipping_line:
             self._blocks.append(bytes(self._pending))
             self._pending.clear()
-        out += self._flush_lines()
+        yield from self._flush_lines()
         self.done = True
-        return out
 
     # -- parsing -------------------------------------------------------------------------
-    def _flush_lines(self) -> list[Docs]:
+    def _flush_lines(self) -> Iterator[Docs]:
         if not self._blocks:
-            return []
+            return
         blocks = self._blocks
         first = self._next_line
         self._blocks, self._lines_size = [], 0
@@ -349,13 +389,33 @@ class LineDecoder:
                 f"{self.path} holds a JSON array, not JSON lines (one document object per line). "
                 "Convert it to JSON lines, or leave it out of the plan."
             )
-        lines = blocks[0].split(b"\n") if len(blocks) == 1 else [x for blk in blocks for x in blk.split(b"\n")]
-        self._next_line += len(lines)
-        batch = self._parse(lines, first, stop_after_first=self._prefix_reached and self.documents == 0)
+        stop_after_first = self._prefix_reached and self.documents == 0
+        data = blocks[0] if len(blocks) == 1 else b"\n".join(blocks)
+        del blocks
+        if data.count(b"\n") * SHORT_LINE < len(data):
+            lines = data.split(b"\n")
+            self._next_line += len(lines)
+            batch = self._parse(lines, range(first, first + len(lines)), stop_after_first)
+        else:
+            # Short lines on average (a run of blank lines, a bomb of newlines): the blank ones are
+            # found and counted in bulk, never one Python object each.
+            n = data.count(b"\n") + 1
+            self._next_line += n
+            if not data.strip():  # nothing but whitespace
+                self.skips.add("blank_line", f"{self.path}:{first}", n=n)
+                return
+            starts, ends = _line_bounds(data)
+            blank = _blank_lines(data, starts, ends)
+            if blank.any():
+                self.skips.add("blank_line", f"{self.path}:{first + int(np.argmax(blank))}", n=int(blank.sum()))
+            keep = np.flatnonzero(~blank)
+            lines = [data[s:e] for s, e in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True)]
+            batch = self._parse(lines, (keep + first).tolist(), stop_after_first)
         self.documents += batch.num_rows
-        return [batch] if batch.num_rows else []
+        if batch.num_rows:
+            yield batch
 
-    def _parse(self, lines: list[bytes], first: int, stop_after_first: bool = False) -> Docs:
+    def _parse(self, lines: list[bytes], locs_in: Iterable[int], stop_after_first: bool = False) -> Docs:
         """One document per line, or a counted skip. Each line goes to msgspec, typed to the two
         fields wanted (the rest is checked as JSON and dropped, never built); a line it does not
         take (not an object, a missing or non-string field, invalid UTF-8, a lone surrogate...)
@@ -366,8 +426,7 @@ class LineDecoder:
         locs: list[int] = []
         texts: list[str] = []
         fast = _doc_decoder(self.text_field, self.id_field)
-        for i, line in enumerate(lines):
-            loc = first + i
+        for loc, line in zip(locs_in, lines):  # noqa: B905 - locs_in may be a range
             doc: Any = None
             if fast is not None:
                 try:
@@ -402,6 +461,32 @@ class LineDecoder:
         except ValueError:
             return "invalid_json", "", ""
         return check_doc(obj, self.path, loc, self.text_field, self.id_field, self.max_document_bytes)
+
+
+#: Average bytes a line under which a batch's blank lines are found in bulk (a JSON document line
+#: is longer: ``{"text":"a"}`` is 12 bytes).
+SHORT_LINE = 16
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True  # what ``bytes.strip`` strips
+
+
+def _line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end offsets of every line of ``data`` (newline-separated, none at the end)."""
+    nls = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+    starts = np.empty(len(nls) + 1, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = nls + 1
+    ends = np.empty(len(nls) + 1, dtype=np.int64)
+    ends[:-1] = nls
+    ends[-1] = len(data)
+    return starts, ends
+
+
+def _blank_lines(data: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which lines hold nothing but ASCII whitespace (``not line.strip()``)."""
+    solid = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum(~_WHITESPACE[np.frombuffer(data, dtype=np.uint8)], out=solid[1:])
+    return solid[ends] == solid[starts]
 
 
 @functools.cache

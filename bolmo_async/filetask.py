@@ -168,30 +168,57 @@ class Processor:
             self.parquet_row_group(pfile, i)
 
     def parquet_row_group(self, pfile: pq.ParquetFile, i: int, record_failure: bool = True) -> bool:
-        """Decode and stage row group ``i``; False if it is unreadable (counted when ``record_failure``)."""
-        with self._lock:
-            self._check()
-            first = sum(pfile.metadata.row_group(j).num_rows for j in range(i))
-            cols = [c for c in (self.ctx.id_field, self.ctx.text_field) if c in pfile.schema_arrow.names]
+        """Decode and stage row group ``i``; False if it is unreadable (the rows not read are counted
+        when ``record_failure``). Read in batches of about ``BATCH_BYTES`` of text, sized from the
+        footer's uncompressed sizes, so a row group of gigabytes (from a few KB of file) is never
+        decompressed whole: only a batch at a time, its oversized documents skipped and counted."""
+        meta = pfile.metadata
+        rg = meta.row_group(i)
+        first = sum(meta.row_group(j).num_rows for j in range(i))
+        names = pfile.schema_arrow.names
+        if self.ctx.text_field not in names:
+            with self._lock:
+                self._check()
+                self.skips.add("missing_text", f"{self.pf.path}: no {self.ctx.text_field!r} column", n=rg.num_rows)
+            return True
+        cols = [c for c in (self.ctx.id_field, self.ctx.text_field) if c in names]
+        bomb = parquet_bomb(rg, cols)
+        if bomb:
+            with self._lock:
+                self._check()
+                self.skips.add("oversized_row_group", f"{self.pf.path}: row group {i}: {bomb}", n=rg.num_rows)
+            return True
+        batches = pfile.iter_batches(
+            batch_size=parquet_batch_rows(rg, cols), row_groups=[i], columns=cols, use_threads=False
+        )
+        done = 0
+        while True:
             try:
-                table = pfile.read_row_group(i, columns=cols)
+                batch = next(batches, None)
             except (pa.ArrowException, OSError) as exc:
                 if record_failure:
-                    n = pfile.metadata.row_group(i).num_rows
-                    self.skips.add("corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=n)
+                    with self._lock:
+                        self._check()
+                        self.skips.add(
+                            "corrupt_row_group", f"{self.pf.path}: row group {i} ({exc})", n=rg.num_rows - done
+                        )
                 return False
-            self._emit(
-                parquet_batch(
-                    table,
-                    self.pf.path,
-                    first,
-                    self.skips,
-                    self.ctx.max_document_bytes,
-                    self.ctx.text_field,
-                    self.ctx.id_field,
+            if batch is None:
+                return True
+            with self._lock:  # per batch, so that abort() never waits for a whole row group
+                self._check()
+                self._emit(
+                    parquet_batch(
+                        pa.Table.from_batches([batch]),
+                        self.pf.path,
+                        first + done,
+                        self.skips,
+                        self.ctx.max_document_bytes,
+                        self.ctx.text_field,
+                        self.ctx.id_field,
+                    )
                 )
-            )
-            return True
+            done += batch.num_rows
 
     # -- common --------------------------------------------------------------------------
     def _emit(self, batch: Docs) -> None:
@@ -242,7 +269,15 @@ class Processor:
                         reason,
                         "; ".join(examples),
                     )
-            rec = self._writer.commit({"sha256": self.sha256}, self.skips)
+            extra: dict[str, Any] = {"sha256": self.sha256}
+            # A file that could not be read at all (no parquet footer...) holds an unknown number of
+            # documents: it is not a skipped document but an unreadable file, said as such.
+            unreadable = self.skips.examples.pop("corrupt_file", None)
+            if unreadable is not None:
+                self.skips.counts.pop("corrupt_file", None)
+                extra["unreadable"] = unreadable[0]
+                log.warning("%s: could not be read at all, no documents taken from it: %s", self.pf.path, unreadable[0])
+            rec = self._writer.commit(extra, self.skips)
             self._writer = None
             return rec
 
@@ -252,6 +287,44 @@ class Processor:
             if self._writer is not None:
                 self._writer.abort()
                 self._writer = None
+
+
+#: A column chunk larger than this (uncompressed) that its file holds more than
+#: ``PARQUET_MAX_RATIO`` times smaller is a bomb: its pages (which pyarrow decompresses whole,
+#: and a writer may make as large as the chunk) are never read. Text compresses 3-10x.
+PARQUET_MAX_CHUNK = 256 << 20
+PARQUET_MAX_RATIO = 100
+#: A column chunk compressed more than this is read a row at a time (``parquet_batch_rows``).
+PARQUET_DENSE_RATIO = 20
+
+
+def _chunks(rg: pq.RowGroupMetaData, cols: list[str]) -> list[pq.ColumnChunkMetaData]:
+    return [rg.column(c) for c in range(rg.num_columns) if rg.column(c).path_in_schema in cols]
+
+
+def parquet_bomb(rg: pq.RowGroupMetaData, cols: list[str]) -> str | None:
+    """Why the columns ``cols`` of row group ``rg`` must not be read (from the footer), or None."""
+    for col in _chunks(rg, cols):
+        size, packed = col.total_uncompressed_size, max(col.total_compressed_size, 1)
+        if size > PARQUET_MAX_CHUNK and size > PARQUET_MAX_RATIO * packed:
+            return (
+                f"column {col.path_in_schema!r} is {size / 1e6:.0f} MB of data from {packed / 1e3:.0f} KB "
+                f"(compression ratio {size // packed}); not read"
+            )
+    return None
+
+
+def parquet_batch_rows(rg: pq.RowGroupMetaData, cols: list[str], target: int = BATCH_BYTES) -> int:
+    """Rows a batch of row group ``rg`` holds so that its columns ``cols`` come to about ``target``
+    bytes, from the footer's sizes: the average row, or, for a chunk that compresses more than
+    text does (``PARQUET_DENSE_RATIO``: a dictionary of one large value repeated on every row is a
+    row group a thousand times its file), a row as large as the whole chunk."""
+    per_row = 0
+    for col in _chunks(rg, cols):
+        size = max(col.total_uncompressed_size, 1)
+        dense = size > PARQUET_DENSE_RATIO * max(col.total_compressed_size, 1)
+        per_row += size if dense else -(-size // max(rg.num_rows, 1))
+    return max(1, min(rg.num_rows, 65536, target // max(per_row, 1)))
 
 
 def select_row_groups(meta: pq.FileMetaData, limit: int | None) -> list[int]:

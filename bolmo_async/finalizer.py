@@ -553,6 +553,7 @@ def finalize_dir(
             raise StateError(f"staged {pf.path} was made with another tokenizer; rerun fetch with --force.")
     _verify_staging(staging, [(pf, rec) for pf, rec in records if rec is not None and pf.key not in verified])
     skips = SkipCounter()
+    unreadable: dict[str, str] = {}  # files that gave no data at all: path -> why
     src_prefix = source_prefix(plan)
     arrows: dict[int, str] = {}
     srcs: dict[int, str] = {}
@@ -562,6 +563,8 @@ def finalize_dir(
         if rec is None:
             continue
         skips.merge(rec.get("skipped", {}))
+        if rec.get("unreadable"):
+            unreadable[pf.path] = rec["unreadable"]
         for b, lens in enumerate(staging.lengths(pf)):
             builder.add(unit, b, lens)
             docs += len(lens)
@@ -591,6 +594,7 @@ def finalize_dir(
             "shards": len(shards),
             "skipped_documents": dict(sorted(skips.counts.items())),
             "skipped_examples": skips.examples,
+            "unreadable_files": unreadable,
         },
         "complete": complete,
         "missing_files": missing,

@@ -204,3 +204,104 @@ def test_typed_fast_path_and_json_path_agree_on_every_line(monkeypatch_lines):
         decode._doc_decoder = original
     assert fast[0] == slow[0]
     assert fast[1].counts == slow[1].counts and fast[1].examples == slow[1].examples
+
+
+# -- decompression bombs: bounded output per call, bounded memory and time ---------------------
+
+_BOMB_SCRIPT = r"""
+import io, resource, sys, time, zlib
+import zstandard
+from bolmo_async.decode import LineDecoder
+from bolmo_async.models import SkipCounter
+
+shape, mib, suffix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def pieces():
+    if shape == "newlines":
+        for _ in range(mib):
+            yield b"\n" * (1 << 20)
+    elif shape == "crlf":
+        for _ in range(mib):
+            yield b"\r\n" * (1 << 19)
+    elif shape == "spaces":  # one line
+        yield b'{"text": "'
+        for _ in range(mib):
+            yield b" " * (1 << 20)
+        yield b'"}\n{"text": "after"}\n'
+    else:  # invalid lines of 1 MiB
+        for _ in range(mib):
+            yield b'{"text": "' + b"x" * ((1 << 20) - 11) + b"\n"
+buf = io.BytesIO()
+if suffix.endswith(".zst"):
+    with zstandard.ZstdCompressor(level=3).stream_writer(buf, closefd=False) as w:
+        for p in pieces():
+            w.write(p)
+else:
+    z = zlib.compressobj(1, wbits=31)
+    for p in pieces():
+        buf.write(z.compress(p))
+    buf.write(z.flush())
+data = buf.getvalue()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+skips = SkipCounter()
+dec = LineDecoder("bomb" + suffix, suffix, skips)
+docs = 0
+for i in range(0, len(data), 65536):  # as the network hands it over
+    docs += sum(b.num_rows for b in dec.feed(data[i : i + 65536]))
+docs += sum(b.num_rows for b in dec.finish())
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+print(len(data), grew, docs, dict(skips.counts))
+"""
+
+
+def _decode_bomb(shape: str, mib: int, suffix: str) -> tuple[int, int, int, dict]:
+    """Decode a bomb of ``mib`` MiB in a fresh process: compressed size, how much its peak RSS grew
+    while decoding (VmHWM, which no polling can miss), documents, skips."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _BOMB_SCRIPT, shape, str(mib), suffix], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    size, grew, docs, skips = done.stdout.split(" ", 3)
+    return int(size), int(grew), int(docs), eval(skips)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+@pytest.mark.parametrize(
+    ("shape", "skips"),
+    [
+        ("newlines", {"blank_line": 256 << 20}),
+        ("crlf", {"blank_line": 128 << 20}),
+        ("spaces", {"document_too_large": 1}),
+        ("invalid", {"invalid_json": 256}),
+    ],
+)
+def test_a_decompression_bomb_decodes_in_bounded_memory(shape, skips, suffix):
+    """256 MiB from a few KB (the issue's 2 GiB, scaled down): decompressed at most ``OUT_PIECE``
+    at a time and split without a Python object per blank line, so memory grows by far less than
+    the bomb (the document cap, 64 MiB, is the largest thing held: the line of spaces) and a
+    newline bomb takes seconds, not minutes (the subprocess's timeout)."""
+    size, grew, docs, got = _decode_bomb(shape, 256, suffix)
+    assert size < 4 << 20  # a bomb: tens of KB (zstd), about 1 MB (gzip)
+    assert got == skips and docs == (1 if shape == "spaces" else 0)
+    assert grew < 100 << 20, f"peak RSS grew by {grew >> 20} MiB decoding a 256 MiB bomb"
+
+
+def test_the_decompressor_never_returns_more_than_a_piece():
+    """Every codec, across frames / members: each ``read`` is at most ``out_piece`` bytes, and the
+    concatenation is the whole stream."""
+    from bolmo_async.decode import Decompressor
+
+    plain = b"\n" * (3 << 20) + b"tail"
+    for suffix in (".zst", ".gz", ".jsonl"):
+        blob = _compress(plain, suffix) * 2 if suffix != ".jsonl" else plain * 2
+        dec = Decompressor(suffix, out_piece=1 << 16)
+        out = []
+        for i in range(0, len(blob), 100):
+            dec.give(blob[i : i + 100])
+            while piece := dec.read():
+                assert len(piece) <= 1 << 16
+                out.append(piece)
+        dec.finish()
+        assert b"".join(out) == plain * 2, suffix

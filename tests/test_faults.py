@@ -315,7 +315,8 @@ def test_bad_data_is_counted_and_the_rest_survives(tmp_path):
     skipped = manifest["totals"]["skipped_documents"]
     assert skipped["corrupt_stream"] >= 1  # garbage.zst, maybe corrupt.gz
     assert skipped["truncated_stream"] == 1
-    assert skipped["corrupt_file"] == 1  # notparquet
+    assert "corrupt_file" not in skipped  # notparquet: an unreadable file, not a skipped document
+    assert list(manifest["totals"]["unreadable_files"]) == ["data/bad/notparquet.parquet"]
     assert skipped["invalid_json"] == 1 and skipped["invalid_utf8"] == 1 and skipped["lone_surrogate"] == 1
     assert skipped["missing_text"] == 3  # a line without text, a null parquet text, a parquet without a text column
     assert skipped["empty_text"] == 1 + 1  # a line + a parquet row

@@ -34,7 +34,7 @@ FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout
 def _decode(data: bytes, suffix: str = ".jsonl", **kw) -> tuple[list[pa.RecordBatch], SkipCounter]:
     skips = SkipCounter()
     dec = LineDecoder("f" + suffix, suffix, skips, **kw)
-    out = dec.feed(data) + dec.finish()
+    out = [*dec.feed(data), *dec.finish()]
     return out, skips
 
 
@@ -75,7 +75,7 @@ def test_a_line_over_the_document_cap_is_skipped_without_being_held():
     for chunk in (len(data), 1000, 7):  # the same whatever the chunking
         skips = SkipCounter()
         dec = LineDecoder("f.jsonl", ".jsonl", skips, max_document_bytes=100_000)
-        out = [b for i in range(0, len(data), chunk) for b in dec.feed(data[i : i + chunk])] + dec.finish()
+        out = [b for i in range(0, len(data), chunk) for b in dec.feed(data[i : i + chunk])] + list(dec.finish())
         assert [(b.column("id").to_pylist(), b.column("loc").to_pylist()) for b in out if b.num_rows] in (
             [(["a"], [1]), (["b"], [3])],
             [(["a", "b"], [1, 3])],
@@ -483,3 +483,89 @@ def test_a_50_mb_word_in_subword_mode_is_refused_within_memory(tmp_path):
     assert manifest["totals"]["skipped_documents"] == {"word_too_long": 1}
     assert manifest["totals"]["documents"] == 100
     assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MB"
+
+
+_PEAK = r"""
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(done.stdout + done.stderr)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10)
+sys.exit(done.returncode)
+"""
+
+
+def _largest_process_peak(*args: str, timeout: float = 120) -> tuple[int, str, int]:
+    """Run ``bolmo-async ARGS`` under a fresh parent: (exit code, output, the largest peak RSS of
+    any process of its tree: VmHWM, kept by the kernel, which no polling can miss)."""
+    import subprocess
+    import sys
+
+    from .helpers import cli
+
+    done = subprocess.run([sys.executable, "-c", _PEAK, *cli(*args)], capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr, int(done.stdout.strip() or 0)
+
+
+def test_a_parquet_row_group_bomb_is_never_read_whole(tmp_path):
+    """Row groups hundreds of times their file (the issue's: 1.5 GB in 60 KB, scaled down): one
+    large value repeated (dictionary-encoded: read a row at a time, each skipped by the document
+    cap) and near-copies of it (a plain chunk of 280 MB from 20 KB: refused from the footer,
+    never decompressed). With one worker the tree is two processes, each well under 400 MiB."""
+    big = "a" * 2_000_000
+    d = tmp_path / "repo" / "data"
+    (d / "pq").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [str(i) for i in range(300)], "text": [big] * 300}), d / "pq" / "same.parquet",
+                   compression="zstd", row_group_size=300)  # fmt: skip
+    pq.write_table(pa.table({"id": [str(i) for i in range(140)], "text": [big + str(i) for i in range(140)]}),
+                   d / "pq" / "near.parquet", compression="zstd", row_group_size=140)  # fmt: skip
+    pq.write_table(pa.table({"id": ["n"], "text": ["a normal document"]}), d / "pq" / "normal.parquet")
+    assert (d / "pq" / "same.parquet").stat().st_size + (d / "pq" / "near.parquet").stat().st_size < 100_000
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        code, err, peak = _largest_process_peak(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1",
+            "--processes", "1", "--max-document-bytes", "1000000", "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err[-3000:]
+    totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
+    assert totals["documents"] == 1
+    assert totals["skipped_documents"] == {"document_too_large": 300, "oversized_row_group": 140}
+    assert "near.parquet: row group 0: column 'text' is 280 MB" in totals["skipped_examples"]["oversized_row_group"][0]
+    assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
+
+
+def _truncated_parquet(tmp_path: Path) -> dict[str, bytes]:
+    table = pa.table({"id": [str(i) for i in range(5000)], "text": [f"document number {i}" for i in range(5000)]})
+    pq.write_table(table, tmp_path / "whole.parquet", row_group_size=1000)
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    good = "\n".join(json.dumps({"id": f"g{i}", "text": f"good {i}"}) for i in range(10)).encode()
+    # A footer intact but the bytes of row group 2 zeroed: what is lost is known from the footer.
+    meta = pq.ParquetFile(tmp_path / "whole.parquet").metadata
+    from bolmo_async.filetask import row_group_span
+
+    lo, hi = row_group_span(meta, 2)
+    damaged = whole[:lo] + bytes(hi - lo) + whole[hi:]
+    return {"data/a/good.jsonl": good, "data/b/cut.parquet": whole[: len(whole) // 2], "data/b/holed.parquet": damaged}
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_truncated_parquet_file_stands_out_in_the_summary_and_manifest(tmp_path, streaming):
+    """A parquet file cut in half (no footer: how many documents it held is unknown) is an
+    unreadable file, named in the summary and the manifest, not "1 document skipped"; a file whose
+    footer is readable counts the rows it lost (here a row group of 1000)."""
+    from .helpers import run_cli
+
+    repo = _repo_with(tmp_path, _truncated_parquet(tmp_path))
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m:
+        done = run_cli(
+            "prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--no-progress",
+            *([] if streaming else ["--no-streaming"]),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    assert list(totals["unreadable_files"]) == ["data/b/cut.parquet"]
+    assert "corrupt_file" not in totals["skipped_documents"]
+    assert totals["skipped_documents"]["corrupt_row_group"] == 1000
+    assert totals["documents"] == 10 + 4000
+    said = done.stdout + done.stderr
+    assert "UNREADABLE: 1 file(s) gave no data at all" in said and "data/b/cut.parquet" in said
