@@ -163,6 +163,11 @@ class OutputDir:
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
 
+    def create_bytes(self, name: str, data: bytes) -> bool:
+        """Write ``name`` whole only if nothing stands there (a conditional create: of two runs
+        racing, exactly one wins). False when it exists."""
+        raise NotImplementedError
+
     def new_file(self, name: str, *, direct: bool = False) -> NewFile:
         raise NotImplementedError
 
