@@ -15,6 +15,7 @@ from bolmo_async.errors import OutputError, StateError, UsageError
 from bolmo_async.outdir import LocalDir, open_output
 from bolmo_async.outdir.store import PART, StoreDir
 from tests.conftest import S3
+from tests.helpers import cli
 from tests.s3server import SECRET, Fault
 
 pytest.importorskip("obstore")
@@ -157,8 +158,7 @@ def test_claims(s3: S3) -> None:
             assert not theirs
         with b.claim("k-2") as other:
             assert other
-    b.wait_claim("k-1", poll=0.05)
-    with b.claim("k-1") as now:
+    with b.claim("k-1") as now:  # released
         assert now
 
 
@@ -216,3 +216,154 @@ def test_missing_bucket_and_unreachable_store_fail_in_one_line(s3: S3, monkeypat
         open_output(s3.url()).create()
     assert "\n" not in str(err.value) and SECRET not in str(err.value)
     assert time.monotonic() - t < 10
+
+
+# -- whole runs: the command line a user runs, the bucket compared with a local run ------------------
+FRACTION = "0.3"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _local_run(tmp_path: Path, mirror: object) -> dict[str, str]:
+    """sha256 of every shard and index file of a local run of the same plan."""
+    import bolmo_async
+
+    out = tmp_path / "local"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=float(FRACTION), progress=False)  # type: ignore[attr-defined]
+    return {p.name: _sha(p.read_bytes()) for p in sorted(out.iterdir()) if p.name.startswith("bolmo_data_")}
+
+
+def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300):  # type: ignore[no-untyped-def]
+    import subprocess
+
+    return subprocess.run(
+        cli(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})}
+    )
+
+
+def _shards_of(s3: S3, prefix: str = "run") -> dict[str, str]:
+    return {n: _sha(b) for n, b in sorted(s3.objects(prefix).items()) if n.startswith("bolmo_data_")}
+
+
+def _no_credentials_anywhere(s3: S3, *texts: str) -> None:
+    from tests.s3server import KEY_ID
+
+    for text in texts:
+        assert SECRET not in text and KEY_ID not in text
+    for name, data in s3.objects("").items():
+        assert SECRET.encode() not in data and KEY_ID.encode() not in data, name
+
+
+@pytest.mark.slow
+def test_prepare_to_a_bucket_equals_a_local_run_and_inspects(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    local = _local_run(tmp_path, mirror)
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert _shards_of(s3) == local  # object by object, byte for byte
+    objects = s3.objects()
+    assert {"plan.json", "run.json", "manifest.json", "data_sources.txt"} <= set(objects)
+    assert any(n.startswith("staging/") and n.endswith(".json") for n in objects)
+    sources = objects["data_sources.txt"].decode().split()
+    assert sources == [f"{s3.url()}/{n}" for n in sorted(local) if n.endswith(".npy")]
+    for url in sources:
+        name = url.rsplit("/", 1)[1]
+        assert name in objects and name.replace(".npy", ".csv.gz") in objects
+    assert f"{s3.url()}/data_sources.txt" in r.stdout
+    ok = _cli("inspect", s3.url())
+    assert ok.returncode == 0, ok.stderr
+    _no_credentials_anywhere(s3, r.stdout, r.stderr, ok.stdout, ok.stderr)
+    # A truncated shard is found (the store has no partial objects of ours: someone else wrote it).
+    shard = next(n for n in sorted(objects) if n.endswith(".npy"))
+    s3.client.put_object(Bucket=s3.bucket, Key=f"run/{shard}", Body=objects[shard][:-4])
+    bad = _cli("inspect", s3.url())
+    assert bad.returncode != 0 and shard in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_shares_on_machines_sharing_only_the_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """share 0 and share 1 at once, each from its own working directory and scratch, then finalize
+    from a third: the same bytes as one local run."""
+    import subprocess
+
+    local = _local_run(tmp_path, mirror)
+    r = _cli("plan", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION)
+    assert r.returncode == 0, r.stderr
+    machines = [tmp_path / f"machine{i}" for i in range(3)]
+    for m in machines:
+        (m / "scratch").mkdir(parents=True)
+    shares = [
+        subprocess.Popen(
+            cli(
+                "--scratch-dir",
+                str(machines[i] / "scratch"),
+                "fetch",
+                "-o",
+                s3.url(),
+                "--worker",
+                f"{i}/2",
+                "--endpoint",
+                mirror.endpoint,
+                "--no-progress",
+            ),
+            cwd=machines[i],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in shares:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        _no_credentials_anywhere(s3, out, err)
+    fin = _cli("finalize", "-o", s3.url(), cwd=machines[2], env={"BOLMO_ASYNC_SCRATCH": str(machines[2] / "scratch")})
+    assert fin.returncode == 0, fin.stderr
+    assert _shards_of(s3) == local
+    for m in machines:  # nothing of the output on any machine's disk
+        assert not [p for p in m.rglob("*") if p.name.startswith(("bolmo_data_", "plan.json", "manifest.json"))]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3: S3, repos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    with MirrorThread(repos) as m:
+        local = _local_run(tmp_path, m)
+    slow = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    with MirrorThread(repos, faults=slow) as m:
+        args = ("prepare", "-o", s3.url(), "--endpoint", m.endpoint, "--data-fraction", FRACTION, "--no-progress")
+        victim = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until some files are staged, not all
+            staged = [n for n in _names(s3) if n.startswith("staging/") and n.endswith(".json")]
+            if staged:
+                break
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        names = _names(s3)
+        assert staged and "data_sources.txt" not in names  # killed mid-run
+        time.sleep(2.5)  # the killed run's lease (2 s here, 60 s by default) expires
+        r = _cli(*args)
+        assert r.returncode == 0, r.stderr
+    assert _shards_of(s3) == local
+
+
+def _names(s3: S3, prefix: str = "run") -> list[str]:
+    got = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix + "/").get("Contents", [])
+    return [o["Key"][len(prefix) + 1 :] for o in got]
+
+
+def test_wrong_credentials_stop_before_any_hub_request(s3: S3, mirror, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "InvalidAccessKeyId" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], r.stderr
+    assert SECRET not in r.stderr + r.stdout
+    assert not mirror.hub_requests and not mirror.cdn_requests

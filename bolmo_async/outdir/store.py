@@ -582,11 +582,6 @@ class StoreDir(OutputDir):
         finally:
             self._release(name)
 
-    def wait_claim(self, key: str, poll: float = 1.0) -> None:
-        name = self._claim_name(key)
-        while self._fresh(name) is not None:
-            time.sleep(poll)
-
     def reset(self) -> None:
         mine = {LOCK}
         doomed = [
