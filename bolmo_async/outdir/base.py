@@ -4,7 +4,7 @@ The folder is the protocol between the coordinator, its workers, ``--worker I/N`
 other machines, Ray tasks, a later ``finalize`` and ``inspect``. No other module spells one of
 its file names or opens a file in it: they ask an ``OutputDir``. Its layout::
 
-    .bolmo-async.lock            held by the run using the folder (local backend only)
+    .bolmo-async.lock            held by the run using the folder (a flock; a lease on object storage)
     plan.json                    the plan (PLAN)
     run.json                     the tokenizer of the staged data (RUN_STATE)
     tokenizer/tokenizer.json     a subword run's tokenizer, for inspect's decoding (TOKENIZER)

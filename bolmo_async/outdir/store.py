@@ -72,8 +72,9 @@ _STATUS = re.compile(r"status code: (\d{3})")
 
 
 def scratch_root() -> Path:
-    """Local scratch: ``BOLMO_ASYNC_SCRATCH`` (``--scratch-dir``), or a temporary folder of this
-    process's, removed at exit."""
+    """Local scratch: ``BOLMO_ASYNC_SCRATCH`` (``--scratch-dir``), or a temporary folder made by the
+    first process that needs one (the coordinator: ``StoreDir`` makes it when opened), handed to
+    its worker processes through the environment and removed when that process exits."""
     configured = os.environ.get("BOLMO_ASYNC_SCRATCH")
     if configured:
         root = Path(configured).expanduser().resolve()
@@ -92,6 +93,7 @@ def _own_scratch() -> Path:
 
         path = Path(tempfile.mkdtemp(prefix="bolmo-async-scratch-"))
         _own[pid] = path
+        os.environ["BOLMO_ASYNC_SCRATCH"] = str(path)  # workers (which exit without clean-up) share it
         atexit.register(shutil.rmtree, path, True)
     return _own[pid]
 
@@ -283,6 +285,7 @@ class StoreDir(OutputDir):
         self._stores: dict[tuple[int, bool], Any] = {}
         #: Who holds our leases: this process (its nested commands share them, as with flock).
         self._holder = _process_holder()
+        scratch_root()  # made now, before any worker process starts, so that they share it
 
     # -- the client ------------------------------------------------------------------------------
     def key(self, name: str) -> str:
