@@ -18,6 +18,7 @@ Writes bench/results.json and bench/results.md and prints the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -174,6 +175,137 @@ def limit_write(out: Path, gib: float = 2.0) -> dict[str, Any]:
     }
 
 
+# -- object storage: the same run writing to an S3 server on loopback vs to local disk -----------------
+S3_KEY, S3_SECRET = "BENCHKEYBOLMOASYNC01", "bench-secret-not-a-credential"
+
+
+def start_s3() -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server in its own process on a free loopback port, with a bucket ``bench``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = f"from moto.server import main; main(['-H', '127.0.0.1', '-p', '{port}'])"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        "bench", endpoint=endpoint, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region="us-east-1",
+        client_options={"allow_http": True},
+    )  # fmt: skip
+    for _ in range(300):
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"), timeout=1)
+            obstore.put(store, ".ready", b"")
+            return proc, endpoint
+        except Exception:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the S3 server did not start")
+
+
+def ours_s3(endpoint: str, s3: str, mode: str, run: str, fraction: float, scratch: Path) -> dict[str, Any]:
+    """``prepare --output-dir s3://bench/RUN`` as ``ours`` measures it, plus the peak size of its local
+    scratch (sampled every 50 ms) and the bytes it put in the bucket."""
+    import obstore
+    from obstore.store import S3Store
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "HF_HOME": str(HERE / "out" / "hf-home"),
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3,
+        "BOLMO_ASYNC_SCRATCH": str(scratch),
+    }
+    cpu = scratch.with_suffix(".cpu.json")
+    cmd = [sys.executable, str(HERE / "cpu_of.py"), str(cpu), "prepare", "--output-dir", f"s3://bench/{run}"]
+    cmd += ["--endpoint", endpoint, "--data-fraction", str(fraction), "--tokenizer", mode, "--no-progress"]
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            size = 0
+            for p in scratch.rglob("*"):
+                with contextlib.suppress(OSError):  # a file gone between listing and stat
+                    size += p.stat().st_size if p.is_file() else 0
+            peak[0] = max(peak[0], size)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = run_measured(cmd, env)
+    finally:
+        done.set()
+        sampler.join()
+    store = S3Store(
+        "bench", endpoint=s3, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region="us-east-1",
+        client_options={"allow_http": True},
+    )  # fmt: skip
+    m = json.loads(bytes(obstore.get(store, f"{run}/manifest.json").bytes()))
+    listed = [o for chunk in obstore.list(store, f"{run}/") for o in chunk]
+    r.update(json.loads(cpu.read_text()))
+    r.update(tokens=m["totals"]["tokens"], documents=m["totals"]["documents"])
+    r["work"] = r["tokens"] - r["documents"] if mode == "byte" else r["tokens"]
+    r["checksums"] = [sh["xxh3_128"] for sh in m["shards"]]
+    r["bucket_mb"] = sum(o["size"] for o in listed) / 1e6
+    r["peak_scratch_mb"] = peak[0] / 1e6
+    r.pop("stderr")
+    obstore.delete(store, [o["path"] for o in listed])
+    return r
+
+
+def s3_rows(endpoint: str, out: Path, repeats: int, mode: str = "byte", fraction: float = 1.0) -> dict[str, Any]:
+    """The same run to local disk and to the S3 server, interleaved, best of ``repeats`` each."""
+    proc, s3 = start_s3()
+    disk: list[dict[str, Any]] = []
+    bucket: list[dict[str, Any]] = []
+    try:
+        for i in range(repeats):
+            print(f"round {i + 1}/{repeats}: {mode} f{fraction:g} to local disk, then to s3:// ...", flush=True)
+            d = ours(endpoint, mode, out / f"{mode}-disk", fraction)
+            disk.append(d)
+            bucket.append(ours_s3(endpoint, s3, mode, f"r{i}", fraction, out / "s3-scratch"))
+    finally:
+        proc.terminate()
+        proc.wait()
+    best_d, best_b = min(disk, key=lambda r: r["seconds"]), min(bucket, key=lambda r: r["seconds"])
+    return {
+        "disk": {**best_d, "runs_seconds": [round(x["seconds"], 3) for x in disk]},
+        "s3": {**best_b, "runs_seconds": [round(x["seconds"], 3) for x in bucket]},
+        "s3_over_disk_throughput": round(best_d["seconds"] / best_b["seconds"], 3),
+    }
+
+
+def s3_report(r: dict[str, Any]) -> list[str]:
+    d, b = r["disk"], r["s3"]
+    return [
+        "## object storage (prepare to an S3 server on loopback vs to local disk, byte mode, fraction 1.0)",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| local disk seconds (rounds) | {d['runs_seconds']} |",
+        f"| s3:// seconds (rounds) | {b['runs_seconds']} |",
+        f"| s3:// throughput / local-disk throughput | {r['s3_over_disk_throughput']} |",
+        f"| output in the bucket (MB) | {round(b['bucket_mb'], 1)} |",
+        f"| peak local scratch (MB) | {round(b['peak_scratch_mb'], 1)} |",
+        f"| peak RSS MB disk / s3 | {round(d['peak_rss_mb'])} / {round(b['peak_rss_mb'])} |",
+        f"| CPU s (coordinator + workers) disk / s3 | {round(d['coordinator'] + d['workers'], 2)} / "
+        f"{round(b['coordinator'] + b['workers'], 2)} |",
+        "",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=float, default=500.0)
@@ -181,6 +313,7 @@ def main() -> None:
     ap.add_argument("--modes", default="byte,subword")
     ap.add_argument("--skip-dolma", action="store_true", help="leave `dolma tokens` out (it takes minutes)")
     ap.add_argument("--repeat-dolma", action="store_true", help="run `dolma tokens` in every round too")
+    ap.add_argument("--only", choices=["s3"], help="only this row (s3: to an S3 server vs to local disk)")
     args = ap.parse_args()
     out = HERE / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +332,15 @@ def main() -> None:
             (tok_dir / "tokenizer.json").write_bytes(DOLMA2.read_bytes())
             (tok_dir / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     mirror, endpoint = start_mirror(mix, tok_dir)
+    if args.only == "s3":
+        try:
+            row = s3_rows(endpoint, out, args.repeats)
+        finally:
+            mirror.terminate()
+            mirror.wait()
+        (HERE / "results_s3.json").write_text(json.dumps(row, indent=1) + "\n")
+        print("\n".join(s3_report(row)))
+        return
     cores = len(os.sched_getaffinity(0))
     jobs: list[tuple[str, Any]] = []
     for mode in modes:
@@ -211,6 +353,7 @@ def main() -> None:
             (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
     jobs.append(("limit_write", lambda: limit_write(out)))
+    jobs.append(("s3_vs_disk", lambda: s3_rows(endpoint, out, 1)))
     if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
         jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
@@ -226,6 +369,9 @@ def main() -> None:
         mirror.wait()
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "mix": info}
     for key, rs in runs.items():
+        if key == "s3_vs_disk":
+            results[key] = max(rs, key=lambda r: r["s3_over_disk_throughput"])
+            continue
         results[key] = min(rs, key=lambda r: r["seconds"])
         results[key]["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
     report(results, modes)
@@ -313,6 +459,8 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
                 f"| {k} | {v['runs_seconds']} | {v.get('tokens', '')} | {round(v['peak_rss_mb'])} | "
                 f"{round(v.get('coordinator', 0), 2)} | {round(v.get('workers', 0), 2)} |"
             )
+    if "s3_vs_disk" in r:
+        lines += s3_report(r["s3_vs_disk"])
     md = "\n".join(lines) + "\n"
     (HERE / "results.json").write_text(json.dumps({"summary": summary, "raw": r}, indent=1) + "\n")
     (HERE / "results.md").write_text(md)

@@ -46,7 +46,9 @@ mirror_app = typer.Typer(
 )
 app.add_typer(mirror_app, name="mirror")
 
-OUT = typer.Option(..., "--output-dir", "-o", help="Folder for plan, staging, shards, data_sources.txt.")
+OUT = typer.Option(
+    ..., "--output-dir", "-o", help="Folder (or s3://BUCKET/PREFIX, r2://, gs://, az://) for plan, staging, shards."
+)
 ENDPOINT = typer.Option(None, "--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co).")
 REPO = typer.Option(DEFAULT_REPO_ID, "--repo-id", help="Dataset repo to read.")
 REVISION = typer.Option("main", "--revision", help="Branch, tag or commit; pinned to its commit sha in plan.json.")
@@ -221,8 +223,18 @@ def _run(fn: Any) -> Any:
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    scratch_dir: str | None = typer.Option(
+        None,
+        "--scratch-dir",
+        envvar="BOLMO_ASYNC_SCRATCH",
+        help="Local scratch for an object-store --output-dir (files in flight only; default: a temporary folder).",
+    ),
+) -> None:
     _setup_logging(verbose)
+    if scratch_dir:
+        os.environ["BOLMO_ASYNC_SCRATCH"] = scratch_dir  # worker processes inherit it
 
 
 @app.command("plan")

@@ -60,3 +60,57 @@ def repos(sample_dir: Path, tokenizer_dir: Path | None) -> list[MirrorRepo]:
 def mirror(repos: list[MirrorRepo]) -> Iterator[Mirror]:
     with MirrorThread(repos) as m:
         yield m
+
+
+# -- object storage: moto's S3 server on loopback behind a fault proxy (tests/s3server.py) ------------
+@pytest.fixture(scope="session")
+def s3_upstream() -> Iterator[str]:
+    pytest.importorskip("moto.server")
+    from tests.s3server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_upstream: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """A fresh bucket reached through the fault proxy with the usual AWS variables set (as a user's
+    run would be); ``s3.url(prefix)`` is an ``--output-dir``; locks expire after 2 s."""
+    from tests.s3server import KEY_ID, REGION, SECRET, fault_proxy, make_bucket
+
+    bucket = f"bolmo-{os.getpid()}-{next(_buckets)}"
+    make_bucket(s3_upstream, bucket)
+    with fault_proxy(s3_upstream) as (endpoint, proxy):
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        monkeypatch.setenv("AWS_REGION", REGION)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("BOLMO_ASYNC_LEASE", "2")
+        monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", str(tmp_path_factory.mktemp("scratch")))
+        monkeypatch.setattr("bolmo_async.outdir.store.LEASE", 2.0)
+        yield S3(bucket, endpoint, s3_upstream, proxy)
+
+
+class S3:
+    def __init__(self, bucket: str, endpoint: str, upstream: str, proxy: object):
+        from tests.s3server import client
+
+        self.bucket, self.endpoint, self.upstream, self.proxy = bucket, endpoint, upstream, proxy
+        self.client = client(upstream)  # the tests' own view of the bucket (boto3, straight to moto)
+
+    def url(self, prefix: str = "run") -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def objects(self, prefix: str = "run") -> dict[str, bytes]:
+        """Every object under ``prefix``: name relative to it -> bytes."""
+        out: dict[str, bytes] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix + "/"):
+            for o in page.get("Contents", []):
+                body = self.client.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+                out[o["Key"][len(prefix) + 1 :]] = body
+        return out
+
+
+_buckets = __import__("itertools").count()

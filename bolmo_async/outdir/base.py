@@ -4,7 +4,7 @@ The folder is the protocol between the coordinator, its workers, ``--worker I/N`
 other machines, Ray tasks, a later ``finalize`` and ``inspect``. No other module spells one of
 its file names or opens a file in it: they ask an ``OutputDir``. Its layout::
 
-    .bolmo-async.lock            held by the run using the folder (local backend only)
+    .bolmo-async.lock            held by the run using the folder (a flock; a lease on object storage)
     plan.json                    the plan (PLAN)
     run.json                     the tokenizer of the staged data (RUN_STATE)
     tokenizer/tokenizer.json     a subword run's tokenizer, for inspect's decoding (TOKENIZER)
@@ -162,6 +162,11 @@ class OutputDir:
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
+
+    def create_bytes(self, name: str, data: bytes) -> bool:
+        """Write ``name`` whole only if nothing stands there (a conditional create: of two runs
+        racing, exactly one wins). False when it exists."""
+        raise NotImplementedError
 
     def new_file(self, name: str, *, direct: bool = False) -> NewFile:
         raise NotImplementedError

@@ -403,6 +403,22 @@ class LocalDir(OutputDir):
             raise translate(exc, self.root / name, self.location) from exc
         return LocalNewFile(target, self.location, direct=direct)
 
+    def create_bytes(self, name: str, data: bytes) -> bool:
+        f = self.new_file(name)
+        assert isinstance(f, LocalNewFile)
+        try:
+            f.write(data)
+            f.flush()
+            f._close()
+            os.link(f.tmp, f.target)  # fails when anything (a link too) stands at the name
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise translate(exc, f.target, self.location) from exc
+        finally:
+            f.abort()  # the temporary goes; the linked name stays
+        return True
+
     def new_local_file(self, path: Path) -> NewFile:
         try:
             real_dir(path.parent, self.root) if path.is_relative_to(self.root) else path.parent.mkdir(

@@ -1,0 +1,801 @@
+"""The output folder on object storage (``s3://``, ``r2://``, ``gs://``, ``az://``), through obstore.
+
+Why obstore (``bench/store_libs.py``, the README's cloud section has the numbers): against one
+S3 server it streamed a multipart upload for 2.4-3.5x less client CPU than pyarrow's and s3fs's
+clients, read ranges for 1.8-4x less and listed for 2-24x less; it has the conditional create
+(``If-None-Match: *``) and conditional overwrite (``If-Match``) this module locks with; one
+library covers S3 and the stores that speak it (R2, MinIO, Weka), GCS and Azure by configuration.
+
+Everything the folder holds lives in the bucket. Local scratch (``BOLMO_ASYNC_SCRATCH``, default a
+temporary folder) holds only what is in flight: ``--no-streaming`` downloads and a bounded cache of
+staged objects being read (``BOLMO_ASYNC_SCRATCH_CACHE`` bytes, default 2 GiB).
+
+The guarantees of the local folder, kept on a store that has no rename and no ``flock``:
+
+- **Atomic objects.** ``new_file`` streams a multipart upload (parts of ``PART`` bytes, a few in
+  flight, none kept after it is sent); the object appears whole when the upload completes, never
+  before. A failed or killed writer leaves no object (an aborted or orphaned upload is invisible;
+  a bucket lifecycle rule "abort incomplete multipart uploads after 1 day" reclaims orphans).
+- **Locks are leases.** The folder lock, ``--worker`` shares and unit claims are small objects
+  made with a conditional create, kept fresh by a heartbeat thread, and taken over (conditional
+  overwrite of the stale version) once older than ``LEASE`` seconds: a killed run blocks the
+  folder for at most that long. Every write of ours is also idempotent (same plan, same bytes),
+  so a lease lost to a stalled clock costs work, not data.
+- **Retries.** Every request that can be replayed (small objects, reads, listings, deletes,
+  downloads) is retried through ``retry.retrying_sync``; the parts of a streamed upload, whose
+  bytes are not kept, by obstore's per-request retry set from the same ``RetryPolicy``. An error
+  left over names the object and the fix (``OutputError``).
+- **Credentials** come from the environment the usual way (``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``,
+  ``AWS_ENDPOINT_URL``; GCS and Azure their own) and are never logged or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import OutputError, StateError, UsageError
+from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, fit_name
+from .local import LocalNewFile, translate
+
+log = logging.getLogger("bolmo_async")
+T = TypeVar("T")
+
+#: Multipart part size: the shard writer's 8 MiB blocks go out as they come.
+PART = 8 << 20
+#: Parts of one upload in flight at once (memory per open object: about (1 + this) * PART).
+UPLOAD_CONCURRENCY = 4
+#: Seconds a lock or claim lives without its heartbeat (BOLMO_ASYNC_LEASE).
+LEASE = float(os.environ.get("BOLMO_ASYNC_LEASE", "60"))
+#: The scratch cache of staged objects being read, in bytes (BOLMO_ASYNC_SCRATCH_CACHE).
+CACHE_BYTES = int(float(os.environ.get("BOLMO_ASYNC_SCRATCH_CACHE", str(2 << 30))))
+SHARES = LOCK + ".shares"
+#: Statuses in an error message that are worth another attempt.
+_TRANSIENT_STATUS = re.compile(
+    r"status code: (5\d\d|408|429)|SlowDown|error sending request|connection|timed? ?out", re.I
+)
+_STATUS = re.compile(r"status code: (\d{3})")
+
+
+def scratch_root() -> Path:
+    """Local scratch: ``BOLMO_ASYNC_SCRATCH`` (``--scratch-dir``), or a temporary folder made by the
+    first process that needs one (the coordinator: ``StoreDir`` makes it when opened), handed to
+    its worker processes through the environment and removed when that process exits."""
+    configured = os.environ.get("BOLMO_ASYNC_SCRATCH")
+    if configured:
+        root = Path(configured).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return _own_scratch()
+
+
+_own: dict[int, Path] = {}
+
+
+def _own_scratch() -> Path:
+    pid = os.getpid()
+    if pid not in _own:
+        import atexit
+
+        path = Path(tempfile.mkdtemp(prefix="bolmo-async-scratch-"))
+        _own[pid] = path
+        os.environ["BOLMO_ASYNC_SCRATCH"] = str(path)  # workers (which exit without clean-up) share it
+        atexit.register(shutil.rmtree, path, True)
+    return _own[pid]
+
+
+# -- the retry helper ------------------------------------------------------------------------------
+def _retry_module() -> Any:
+    try:
+        from .. import retry
+    except ImportError:  # the one retry helper not on this branch yet: a minimal stand-in
+        return None
+    return retry
+
+
+class _Transient(Exception):
+    """The stand-in's "try again" (``retry.Retry`` when the helper is there)."""
+
+
+def transient(reason: str) -> Exception:
+    mod = _retry_module()
+    return mod.Retry(reason) if mod is not None else _Transient(reason)
+
+
+def retrying(what: str, attempt: Callable[[], T], fail: Callable[[str, int], BaseException], attempts: int = 0) -> T:
+    """``attempt()`` through the project's retry helper (``retry.retrying_sync``)."""
+    mod = _retry_module()
+    if mod is not None:
+        policy = mod.RetryPolicy(max_attempts=attempts) if attempts else mod.RetryPolicy()
+        return mod.retrying_sync(policy, what, attempt, fail=fail, retry_on=(_Transient, *mod.SYNC_RETRY_EXCEPTIONS))
+    n, budget = 0, attempts or 8
+    while True:
+        n += 1
+        try:
+            return attempt()
+        except (_Transient, ConnectionError, TimeoutError) as exc:
+            if n >= budget:
+                raise fail(str(exc), n) from exc
+            delay = min(30.0, 0.25 * 2 ** (n - 1))
+            log.warning("%s: %s [retry %d/%d in %.1fs]", what, exc, n, budget, delay)
+            time.sleep(delay)
+
+
+def _policy_config() -> dict[str, Any]:
+    """obstore's per-request retry, for the parts of streamed uploads, from the same policy."""
+    mod = _retry_module()
+    attempts, base, cap = 8, 0.25, 30.0
+    if mod is not None:
+        p = mod.RetryPolicy()
+        attempts, base, cap = p.max_attempts, p.base_delay, p.max_delay
+    return {
+        "max_retries": attempts - 1,
+        "backoff": {"init_backoff": dt.timedelta(seconds=base), "max_backoff": dt.timedelta(seconds=cap), "base": 2},
+        "retry_timeout": dt.timedelta(seconds=300),
+    }
+
+
+def _short(exc: BaseException) -> str:
+    """An obstore error in one line, without its debug dump (never holds a credential: obstore
+    prints the method and URL, and S3 URLs carry no secret unless presigned, which we never use)."""
+    text = str(exc).split("\n\nDebug source:")[0].strip()
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = re.sub(r"\s+in [\d.]+\S*s - ", " - ", first)
+    first = first.split(": <?xml")[0]
+    return (f"{first} ({code.group(1)})" if code else first)[:300]
+
+
+# -- leases ----------------------------------------------------------------------------------------
+class _Heartbeat:
+    """One thread per process keeps every held lease fresh (rewrites it every LEASE/4 s)."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[int, str], tuple[StoreDir, bytes]] = {}
+        self.guard = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    def add(self, d: StoreDir, key: str, body: bytes) -> None:
+        with self.guard:
+            self.held[(id(d), key)] = (d, body)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="bolmo-async-leases", daemon=True)
+                self.thread.start()
+
+    def drop(self, d: StoreDir, key: str) -> None:
+        with self.guard:
+            self.held.pop((id(d), key), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(max(0.2, LEASE / 4))
+            with self.guard:
+                items = list(self.held.items())
+            for (_, key), (d, body) in items:
+                try:
+                    d._put(key, body)
+                except Exception as exc:  # the next beat tries again; a lost lease costs work only
+                    log.warning("%s: could not renew a lease (%s)", d.ref(key), _short(exc))
+
+
+_beats: dict[int, _Heartbeat] = {}
+
+
+def _heartbeat() -> _Heartbeat:
+    pid = os.getpid()
+    if pid not in _beats:  # a forked child starts its own thread
+        _beats[pid] = _Heartbeat()
+    return _beats[pid]
+
+
+_held_locks: set[tuple[str, str]] = set()
+_held_guard = threading.Lock()
+_holders: dict[int, str] = {}
+
+
+def _process_holder() -> str:
+    pid = os.getpid()
+    if pid not in _holders:
+        _holders[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
+    return _holders[pid]
+
+
+class StoreNewFile:
+    """An object written front to back as a streamed multipart upload (see ``NewFile``)."""
+
+    def __init__(self, d: StoreDir, name: str):
+        self.dir = d
+        self.name = name
+        self.key = d.key(name)
+        self.size = 0
+        self._writer: Any = None
+        self._done = False
+
+    def write(self, data: Any) -> int:
+        import obstore
+
+        view = memoryview(data).cast("B")
+        try:
+            if self._writer is None:
+                self._writer = obstore.open_writer(
+                    self.dir.upload_store(), self.key, buffer_size=PART, max_concurrency=UPLOAD_CONCURRENCY
+                )
+            # obstore keeps a reference to the memory it is given until the part is sent: a copy,
+            # so that the caller may reuse its block (the shard writer does) at once
+            self._writer.write(bytes(view))
+        except Exception as exc:
+            self.abort()
+            raise self.dir.failed(self.name, exc, "upload") from exc
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass  # parts go out as they fill; the object exists only after commit
+
+    def commit(self) -> int:
+        if self._done:
+            return self.size
+        try:
+            if self._writer is None:  # nothing written: an empty object
+                self.dir._put(self.key, b"")
+            else:
+                writer, self._writer = self._writer, None
+                writer.close()  # completes the multipart upload: the object appears whole
+        except Exception as exc:
+            self.abort()
+            raise self.dir.failed(self.name, exc, "upload") from exc
+        self._done = True
+        return self.size
+
+    def abort(self) -> None:
+        writer, self._writer = self._writer, None
+        self._done = True
+        if writer is not None:
+            with contextlib.suppress(Exception):  # an exception through __exit__ aborts the upload
+                writer.__exit__(OutputError, OutputError("aborted"), None)
+
+
+class StoreDir(OutputDir):
+    local = False
+
+    def __init__(self, location: str):
+        scheme, _, rest = location.partition("://")
+        self.scheme = scheme.lower()
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise UsageError(f"--output-dir {location}: name a bucket, e.g. {self.scheme}://BUCKET/PREFIX.")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.location = f"{self.scheme}://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self._stores: dict[tuple[int, bool], Any] = {}
+        #: Who holds our leases: this process (its nested commands share them, as with flock).
+        self._holder = _process_holder()
+        scratch_root()  # made now, before any worker process starts, so that they share it
+
+    # -- the client ------------------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _store(self, upload: bool = False) -> Any:
+        """The obstore client of this process (rebuilt after a fork: its runtime does not survive
+        one). ``upload``: the one whose per-request retry covers streamed parts; the other makes
+        single attempts, retried by ``retrying``."""
+        slot = (os.getpid(), upload)
+        if slot not in self._stores:
+            self._stores[slot] = self._make_store({"max_retries": 0} if not upload else _policy_config())
+        return self._stores[slot]
+
+    def upload_store(self) -> Any:
+        return self._store(upload=True)
+
+    def _make_store(self, retry_config: Any) -> Any:
+        from obstore.store import AzureStore, GCSStore, S3Store
+
+        client: Any = {"connect_timeout": "30s", "timeout": "300s"}
+        if self.scheme in ("gs", "gcs"):
+            return GCSStore(self.bucket, client_options=client, retry_config=retry_config)
+        if self.scheme in ("az", "abfs"):
+            return AzureStore(self.bucket, client_options=client, retry_config=retry_config)
+        config: Any = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if self.scheme == "r2" and not endpoint:
+            raise UsageError(
+                f"--output-dir {self.location}: set AWS_ENDPOINT_URL to your R2 endpoint "
+                "(https://ACCOUNT_ID.r2.cloudflarestorage.com) and the R2 token as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+            )
+        if endpoint:
+            config["endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                client["allow_http"] = True
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            config["region"] = region
+        elif self.scheme == "r2" or endpoint:
+            config["region"] = "auto" if self.scheme == "r2" else "us-east-1"
+        provider = None
+        if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            provider = self._profile_credentials()
+        return S3Store(
+            self.bucket, config=config, client_options=client, retry_config=retry_config, credential_provider=provider
+        )
+
+    def _profile_credentials(self) -> Any:
+        """``AWS_PROFILE`` through boto3 when it is installed (SSO, assumed roles, everything the
+        AWS config files can say); else the profile's static keys from ``~/.aws/credentials``."""
+        try:
+            import boto3
+            from obstore.auth.boto3 import Boto3CredentialProvider
+        except ImportError:
+            pass
+        else:
+            return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
+        import configparser
+
+        profile = os.environ["AWS_PROFILE"]
+        path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser()
+        cfg = configparser.ConfigParser()
+        cfg.read(path)
+        if profile not in cfg or "aws_access_key_id" not in cfg[profile]:
+            raise UsageError(
+                f"AWS_PROFILE={profile}: no static keys for it in {path}; install boto3 "
+                "(pip install boto3) for SSO or role profiles, or set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+            )
+        sec = cfg[profile]
+        creds = {"access_key_id": sec["aws_access_key_id"], "secret_access_key": sec.get("aws_secret_access_key", "")}
+        if sec.get("aws_session_token"):
+            creds["token"] = sec["aws_session_token"]
+        return lambda: {**creds, "expires_at": None}
+
+    # -- errors and retries ----------------------------------------------------------------------
+    def failed(self, name: str, exc: BaseException, doing: str) -> BaseException:
+        """An error of the store as one line naming the object and the fix."""
+        import obstore.exceptions as oe
+
+        if isinstance(exc, OutputError | UsageError | StateError):
+            return exc
+        what = self.ref(name) if name else self.location
+        reason = _short(exc)
+        if isinstance(exc, oe.UnauthenticatedError | oe.PermissionDeniedError) or re.search(
+            r"status code: (401|403)", str(exc)
+        ):
+            return UsageError(
+                f"{what}: the store refused this {doing} ({reason}). Check the credentials (AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE) and that they may read and write "
+                f"{self.location}."
+            )
+        if "NoSuchBucket" in str(exc):
+            return UsageError(
+                f"--output-dir {self.location}: the bucket {self.bucket} does not exist; create it first."
+            )
+        return OutputError(
+            f"{what}: {doing} failed ({reason}). Check that the store is reachable (AWS_ENDPOINT_URL, the network) "
+            "and rerun the same command: finished objects are kept and the run resumes."
+        )
+
+    def _call(self, what: str, name: str, fn: Callable[[], T], attempts: int = 0) -> T:
+        """``fn()`` with transient store errors retried by the retry helper."""
+        import obstore.exceptions as oe
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except (FileNotFoundError, oe.NotFoundError, oe.AlreadyExistsError, oe.PreconditionError):
+                raise
+            except (oe.UnauthenticatedError, oe.PermissionDeniedError) as exc:
+                raise self.failed(name, exc, what) from exc
+            except (oe.GenericError, oe.JoinError, OSError) as exc:
+                status = _STATUS.search(str(exc))
+                if _TRANSIENT_STATUS.search(str(exc)) and not (
+                    status and status.group(1).startswith("4") and status.group(1) not in ("408", "429")
+                ):
+                    raise transient(f"{self.ref(name) if name else self.location}: {_short(exc)}") from exc
+                raise self.failed(name, exc, what) from exc
+
+        def fail(reason: str, n: int) -> BaseException:
+            return OutputError(
+                f"{self.ref(name) if name else self.location}: {what} still failing after {n} attempts ({reason}). "
+                "Check the store's health and endpoint (AWS_ENDPOINT_URL), then rerun the same command: "
+                "finished objects are kept and the run resumes."
+            )
+
+        return retrying(f"{self.ref(name) if name else self.location}: {what}", attempt, fail, attempts)
+
+    def _put(self, key: str, data: bytes, mode: Any = None) -> Any:
+        import obstore
+
+        name = key[len(self.prefix) + 1 :] if self.prefix else key
+        return self._call("write", name, lambda: obstore.put(self._store(), key, data, mode=mode, use_multipart=False))
+
+    def _head(self, name: str) -> dict[str, Any] | None:
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            return dict(self._call("head", name, lambda: obstore.head(self._store(), self.key(name))))
+        except (FileNotFoundError, oe.NotFoundError):
+            return None
+
+    def _list(self, sub: str) -> list[dict[str, Any]]:
+        import obstore
+
+        prefix = self.key(sub).rstrip("/") + "/" if sub else (self.prefix + "/" if self.prefix else "")
+
+        def run() -> list[dict[str, Any]]:
+            return [dict(m) for chunk in obstore.list(self._store(), prefix, chunk_size=1000) for m in chunk]
+
+        return self._call("list", sub, run)
+
+    def _names(self, sub: str = "") -> list[tuple[str, int]]:
+        """Every object under ``sub``: (name relative to the folder, size)."""
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return [(m["path"][cut:], int(m["size"])) for m in self._list(sub)]
+
+    def _delete(self, names: list[str]) -> None:
+        import obstore
+
+        def batch(keys: list[str]) -> Callable[[], None]:
+            return lambda: obstore.delete(self._store(), keys)
+
+        for i in range(0, len(names), 1000):  # S3 deletes at most 1000 keys a request
+            keys = [self.key(n) for n in names[i : i + 1000]]
+            self._call("delete", names[i] if len(keys) == 1 else "", batch(keys))
+
+    # -- the folder ----------------------------------------------------------------------------
+    def create(self) -> None:
+        """Probe: write and remove a small object, so that wrong credentials, a missing bucket or
+        an unreachable store stop the run here, in one line, before any download."""
+        import obstore
+
+        probe = f".bolmo-async.probe.{secrets.token_hex(4)}"
+        try:
+            self._store()
+            self._call("probe write", probe, lambda: obstore.put(self._store(), self.key(probe), b""), attempts=3)
+            self._delete([probe])
+        except OutputError as exc:
+            raise UsageError(
+                f"--output-dir {self.location}: the store cannot be reached ({str(exc).split('(', 1)[-1].split(')')[0]}). "
+                "Check AWS_ENDPOINT_URL / AWS_REGION and the network, then rerun."
+            ) from None
+        except (UsageError, StateError):
+            raise
+        except Exception as exc:
+            raise UsageError(str(self.failed("", exc, "probe write"))) from None
+
+    def exists(self) -> bool:
+        return bool(self._names_limited())
+
+    def _names_limited(self) -> list[str]:
+        import obstore
+
+        prefix = self.prefix + "/" if self.prefix else ""
+
+        def run() -> list[str]:
+            for chunk in obstore.list(self._store(), prefix, chunk_size=1):
+                return [m["path"] for m in chunk]
+            return []
+
+        return self._call("list", "", run)
+
+    def _lease_body(self) -> bytes:
+        return json.dumps({"holder": self._holder, "since": time.time()}).encode()
+
+    def _fresh(self, name: str) -> dict[str, Any] | None:
+        """The lease at ``name`` when it is held (renewed within LEASE seconds), else None."""
+        meta = self._head(name)
+        if meta is None:
+            return None
+        age = (dt.datetime.now(dt.timezone.utc) - meta["last_modified"]).total_seconds()
+        return meta if age < LEASE else None
+
+    def _acquire(self, name: str) -> bool:
+        """Make the lease ``name`` ours: a conditional create, or a conditional overwrite of a stale
+        one (of the version we saw: of two runs taking it over, one wins)."""
+        import obstore.exceptions as oe
+
+        body = self._lease_body()
+        for _ in range(3):
+            try:
+                self._put(self.key(name), body, mode="create")
+            except (oe.AlreadyExistsError, oe.PreconditionError):
+                meta = self._head(name)
+                if meta is None:
+                    continue
+                age = (dt.datetime.now(dt.timezone.utc) - meta["last_modified"]).total_seconds()
+                if age < LEASE:
+                    return False
+                try:
+                    version = {"e_tag": meta["e_tag"]} | ({"version": meta["version"]} if meta.get("version") else {})
+                    self._put(self.key(name), body, mode=version)
+                except (oe.AlreadyExistsError, oe.PreconditionError, FileNotFoundError, oe.NotFoundError):
+                    continue
+                except oe.NotSupportedError:
+                    self._put(self.key(name), body)
+            _heartbeat().add(self, self.key(name), body)
+            return True
+        return False
+
+    def _release(self, name: str) -> None:
+        _heartbeat().drop(self, self.key(name))
+        with contextlib.suppress(Exception):
+            self._delete([name])
+
+    @contextlib.contextmanager
+    def lock(self, *, shared: bool = False) -> Iterator[None]:
+        """A lease instead of ``flock``: an exclusive run holds ``LOCK``; each ``--worker`` share
+        holds its own lease under ``SHARES``. Each side makes its lease, then looks for the
+        other's: of two racing runs at least one sees the other and stops."""
+        with _held_guard:
+            nested = (self.location, self._holder) in _held_locks
+        if nested:
+            yield
+            return
+        mine = f"{SHARES}/{self._holder.replace(':', '-')}" if shared else LOCK
+        busy = StateError(
+            f"another bolmo-async run is using {self.location}. Wait for it to finish or stop it, or use another "
+            f"--output-dir (only --worker shares of one plan may run together). A killed run's lock expires "
+            f"{LEASE:g} s after it died."
+        )
+        if shared:
+            self._put(self.key(mine), self._lease_body())
+            _heartbeat().add(self, self.key(mine), self._lease_body())
+            if self._fresh(LOCK) is not None:
+                self._release(mine)
+                raise busy
+        else:
+            if not self._acquire(LOCK):
+                raise busy
+            if any(self._fresh(n) is not None for n, _ in self._names(SHARES)):
+                self._release(LOCK)
+                raise busy
+        with _held_guard:
+            _held_locks.add((self.location, self._holder))
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held_locks.discard((self.location, self._holder))
+            self._release(mine)
+
+    def _claim_name(self, key: str) -> str:
+        return f"{STAGING}/.{key}.claim"
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        name = self._claim_name(key)
+        if not self._acquire(name):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release(name)
+
+    def reset(self) -> None:
+        mine = {LOCK}
+        doomed = [
+            n
+            for n, _ in self._names()
+            if n not in mine
+            and not n.startswith(SHARES + "/")
+            and (n in DOCUMENTS or n.startswith((STAGING + "/", "tokenizer/")) or SHARD_RE.match(n))
+        ]
+        self._delete(doomed)
+        shutil.rmtree(self._scratch_dir() / RAW, ignore_errors=True)
+
+    def free_bytes(self) -> int | None:
+        return None
+
+    # -- files -----------------------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes | None:
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            return self._call("read", name, lambda: bytes(obstore.get(self._store(), self.key(name)).bytes()))
+        except (FileNotFoundError, oe.NotFoundError):
+            return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        if len(data) <= PART:  # one PUT: atomic, and replayable by the retry helper
+            self._put(self.key(name), data)
+        else:
+            super().write_bytes(name, data)
+
+    def create_bytes(self, name: str, data: bytes) -> bool:
+        import obstore.exceptions as oe
+
+        try:
+            self._put(self.key(name), data, mode="create")
+        except (oe.AlreadyExistsError, oe.PreconditionError):
+            return False
+        return True
+
+    def new_file(self, name: str, *, direct: bool = False) -> NewFile:
+        return StoreNewFile(self, name)
+
+    def size(self, name: str) -> int | None:
+        meta = self._head(name)
+        return None if meta is None else int(meta["size"])
+
+    def remove(self, name: str) -> None:
+        self._delete([name])
+
+    def _download(self, name: str, sink: Callable[[Any], None], restart: Callable[[], None]) -> bool:
+        """Stream object ``name`` into ``sink`` (chunks of about PART bytes); False when absent.
+        A broken download starts again from the top (``restart``) through the retry helper."""
+        import obstore
+        import obstore.exceptions as oe
+
+        def run() -> bool:
+            restart()
+            for chunk in obstore.get(self._store(), self.key(name)).stream(min_chunk_size=PART):
+                sink(chunk)
+            return True
+
+        try:
+            return self._call("read", name, run)
+        except (FileNotFoundError, oe.NotFoundError):
+            return False
+
+    def checksum(self, name: str) -> str | None:
+        from ..util import new_checksum
+
+        cached = self._cached_path(name, fetch=False)
+        if cached is not None:
+            h = new_checksum()
+            with open(cached, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            return str(h.hexdigest())
+        box = [new_checksum()]
+
+        def restart() -> None:
+            box[0] = new_checksum()
+
+        if not self._download(name, lambda chunk: box[0].update(chunk), restart):
+            return None
+        return str(box[0].hexdigest())
+
+    @contextlib.contextmanager
+    def open_input(self, name: str) -> Iterator[Any]:
+        """The object through the scratch cache, memory-mapped (one download however often it is
+        read while it stays cached)."""
+        import pyarrow as pa
+
+        path = self._cached_path(name, fetch=True)
+        if path is None:
+            raise FileNotFoundError(2, "no such object", self.ref(name))
+        with pa.memory_map(str(path), "r") as source:
+            yield source
+
+    def ref(self, name: str) -> str:
+        return f"{self.location}/{name}"
+
+    # -- local scratch -------------------------------------------------------------------------
+    def _scratch_dir(self) -> Path:
+        import hashlib
+
+        return scratch_root() / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+
+    def _cache_dir(self) -> Path:
+        d = self._scratch_dir() / "cache"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _cached_path(self, name: str, *, fetch: bool) -> Path | None:
+        """A local copy of object ``name`` in the scratch cache: the copy's name carries the
+        object's ETag, so a rewritten object is fetched again. Evicts the least recently used
+        copies beyond CACHE_BYTES."""
+        import hashlib
+
+        meta = self._head(name)
+        if meta is None:
+            return None
+        tag = hashlib.sha256(f"{name}\0{meta.get('e_tag')}\0{meta['size']}".encode()).hexdigest()[:24]
+        path = self._cache_dir() / f"{tag}-{fit_name(name.replace('/', '_'), 150)}"
+        if path.exists():
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            return path
+        if not fetch:
+            return None
+        self._evict(int(meta["size"]))
+        tmp = path.with_name(f".{path.name[:100]}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        box: list[Any] = [None]
+
+        def restart() -> None:
+            if box[0] is not None:
+                box[0].close()
+            box[0] = open(tmp, "wb")  # noqa: SIM115 (closed below)
+
+        try:
+            try:
+                found = self._download(name, lambda chunk: box[0].write(chunk), restart)
+            finally:
+                if box[0] is not None:
+                    box[0].close()
+            if not found:
+                return None
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise translate(exc, tmp, str(scratch_root())) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return path
+
+    def _evict(self, incoming: int) -> None:
+        d = self._cache_dir()
+        entries = []
+        for p in d.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                entries.append((st.st_mtime, st.st_size, p))
+        total = sum(s for _, s, _ in entries) + incoming
+        for _, s, p in sorted(entries):  # oldest first; a copy another reader maps stays valid
+            if total <= CACHE_BYTES:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            total -= s
+
+    def scratch(self, key: str) -> Path:
+        return self._scratch_dir() / RAW / key.split("-")[0]
+
+    def new_local_file(self, path: Path) -> NewFile:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise translate(exc, path, str(scratch_root())) from exc
+        return LocalNewFile(path, str(scratch_root()))
+
+    def scratch_bytes(self) -> int:
+        """Bytes in this folder's local scratch now (the bench's peak-scratch probe)."""
+        root = self._scratch_dir()
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+    # -- staging ---------------------------------------------------------------------------------
+    def clean_temporaries(self, key: str) -> int:
+        """A killed run's uploads never became objects; only local scratch has leftovers."""
+        n = 0
+        scratch = self.scratch(key)
+        if scratch.is_dir():
+            for p in [*scratch.glob(".*.tmp"), *scratch.glob(f".{key}.whole")]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    n += 1
+        return n
+
+    def staging_bytes(self) -> int:
+        return sum(size for name, size in self._names(STAGING) if not name.endswith(".claim"))
+
+    def remove_staging(self) -> None:
+        self._delete([name for name, _ in self._names(STAGING) if not name.endswith(".claim")])
+
+    # -- shards ----------------------------------------------------------------------------------
+    def shards(self) -> dict[str, int]:
+        import obstore
+
+        prefix = self.prefix + "/" if self.prefix else None
+
+        def run() -> dict[str, int]:
+            listed = obstore.list_with_delimiter(self._store(), prefix)
+            cut = len(prefix) if prefix else 0
+            return {m["path"][cut:]: int(m["size"]) for m in listed["objects"] if SHARD_RE.match(m["path"][cut:])}
+
+        return dict(sorted(self._call("list", "", run).items()))

@@ -1,0 +1,378 @@
+"""The output folder on object storage (``StoreDir``), against a real S3 server on loopback (moto's
+server mode) behind a fault proxy, through the client code a user's run uses."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bolmo_async.errors import OutputError, StateError, UsageError
+from bolmo_async.outdir import LocalDir, open_output
+from bolmo_async.outdir.store import PART, StoreDir
+from tests.conftest import S3
+from tests.helpers import cli
+from tests.s3server import SECRET, Fault
+
+pytest.importorskip("obstore")
+
+
+def test_open_output_routes_bucket_urls(s3: S3) -> None:
+    d = open_output(s3.url("a/b/"))
+    assert isinstance(d, StoreDir)
+    assert d.location == f"s3://{s3.bucket}/a/b"
+    assert d.ref("bolmo_data_00000.npy") == f"s3://{s3.bucket}/a/b/bolmo_data_00000.npy"
+    with pytest.raises(UsageError, match="name a bucket"):
+        open_output("s3://")
+
+
+def test_documents_roundtrip_and_listing(s3: S3) -> None:
+    d = open_output(s3.url())
+    d.create()
+    assert not d.exists()  # the probe leaves nothing
+    assert d.read_bytes("plan.json") is None and d.size("plan.json") is None
+    d.write_text("plan.json", '{"a": 1}')
+    assert d.read_text("plan.json") == '{"a": 1}' and d.is_output() and d.exists()
+    d.write_bytes("bolmo_data_00001.npy", b"\1" * 8)
+    d.write_bytes("bolmo_data_00000.npy", b"\0" * 4)
+    d.write_bytes("bolmo_data_00000.csv.gz", b"gz")
+    d.write_bytes("staging/k-1.arrow", b"x" * 10)
+    d.write_bytes("notes.txt", b"not ours")
+    assert d.shards() == {"bolmo_data_00000.csv.gz": 2, "bolmo_data_00000.npy": 4, "bolmo_data_00001.npy": 8}
+    assert d.staging_bytes() == 10
+    d.remove_shards_except({"bolmo_data_00000.npy"})
+    assert list(d.shards()) == ["bolmo_data_00000.npy"]
+    d.reset()
+    assert set(s3.objects()) == {"notes.txt"}  # what is not the tool's stays
+
+
+def test_streamed_upload_is_invisible_until_commit_and_exact(s3: S3) -> None:
+    d = open_output(s3.url())
+    block = bytearray(PART)
+    f = d.new_file("bolmo_data_00000.npy", direct=True)
+    h = hashlib.sha256()
+    for i in range(3):
+        block[:] = bytes([i]) * PART  # the writer reuses its block after each write
+        f.write(block)
+        h.update(block)
+    f.write(b"tail")
+    h.update(b"tail")
+    time.sleep(0.3)
+    assert d.size("bolmo_data_00000.npy") is None  # parts are up, the object is not
+    assert f.commit() == 3 * PART + 4
+    assert hashlib.sha256(s3.objects()["bolmo_data_00000.npy"]).hexdigest() == h.hexdigest()
+    assert d.checksum("bolmo_data_00000.npy") == LocalDir_checksum(s3.objects()["bolmo_data_00000.npy"])
+
+
+def LocalDir_checksum(data: bytes) -> str:
+    from bolmo_async.util import new_checksum
+
+    h = new_checksum()
+    h.update(data)
+    return str(h.hexdigest())
+
+
+def test_aborted_upload_leaves_nothing(s3: S3) -> None:
+    d = open_output(s3.url())
+    f = d.new_file("staging/k-1.arrow")
+    f.write(b"a" * (2 * PART + 1))
+    f.abort()
+    assert d.size("staging/k-1.arrow") is None
+    assert not s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads")
+
+
+def test_open_input_is_a_random_access_arrow_file(s3: S3) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"id": ["a", "b"], "n": [1, 2]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    d = open_output(s3.url())
+    d.write_bytes("staging/k.arrow", sink.getvalue().to_pybytes())
+    for _ in range(2):  # the second read comes from the scratch cache
+        with d.open_input("staging/k.arrow") as source:
+            assert pa.ipc.open_file(source).read_all().equals(table)
+    with pytest.raises(FileNotFoundError):
+        d.open_input("staging/absent.arrow").__enter__()
+
+
+def test_conditional_create_on_both_backends(s3: S3, tmp_path: Path) -> None:
+    for d in (open_output(s3.url()), LocalDir(tmp_path / "out")):
+        d.create()
+        assert d.create_bytes("staging/x.json", b"first")
+        assert not d.create_bytes("staging/x.json", b"second")
+        assert d.read_bytes("staging/x.json") == b"first"
+    link = tmp_path / "out" / "staging" / "y.json"
+    os.symlink(tmp_path / "elsewhere", link)
+    assert not LocalDir(tmp_path / "out").create_bytes("staging/y.json", b"z")  # a link is never written through
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def two_runs(s3: S3, n: int = 2) -> list[StoreDir]:
+    """``n`` runs on one folder, as from separate processes (each its own lease holder)."""
+    runs = [StoreDir(s3.url()) for _ in range(n)]
+    for i, d in enumerate(runs):
+        d._holder = f"run-{i}"
+    return runs
+
+
+def test_lock_is_a_lease_between_runs(s3: S3) -> None:
+    a, b, c = two_runs(s3, 3)
+    with a.lock():
+        with pytest.raises(StateError, match="another bolmo-async run"), b.lock():
+            pass
+        with pytest.raises(StateError), b.lock(shared=True):
+            pass
+    with a.lock(shared=True), b.lock(shared=True), pytest.raises(StateError), c.lock():  # shares run together
+        pass
+    with b.lock():
+        pass
+    assert not any(n.startswith(".bolmo-async") for n in s3.objects())  # released leases go
+
+
+def test_a_killed_runs_lock_expires_and_a_live_one_is_renewed(s3: S3) -> None:
+    a, b = two_runs(s3)
+    held = a.lock()
+    held.__enter__()
+    time.sleep(3.0)  # past the 2 s lease: the heartbeat kept it
+    with pytest.raises(StateError), b.lock():
+        pass
+    from bolmo_async.outdir import store
+
+    store._heartbeat().drop(a, a.key(".bolmo-async.lock"))  # the holder "dies": no more heartbeats
+    time.sleep(2.5)
+    with b.lock():  # taken over
+        pass
+
+
+def test_claims(s3: S3) -> None:
+    a, b = two_runs(s3)
+    with a.claim("k-1") as mine:
+        assert mine
+        with b.claim("k-1") as theirs:
+            assert not theirs
+        with b.claim("k-2") as other:
+            assert other
+    with b.claim("k-1") as now:  # released
+        assert now
+
+
+def test_transient_faults_are_retried(s3: S3, caplog: pytest.LogCaptureFixture) -> None:
+    d = open_output(s3.url())
+    s3.proxy.faults += [Fault("PUT", r"plan\.json", "503", 2), Fault("GET", r"plan\.json", "cut", 1)]
+    s3.proxy.faults += [Fault("PUT", r"partNumber=2", "500", 1), Fault("PUT", r"partNumber=3", "cut", 1)]
+    with caplog.at_level(logging.WARNING, "bolmo_async"):
+        d.write_text("plan.json", "{}")
+        assert d.read_text("plan.json") == "{}"
+        f = d.new_file("bolmo_data_00000.npy")
+        data = os.urandom(3 * PART + 5)
+        f.write(data)
+        f.commit()
+    assert s3.objects()["bolmo_data_00000.npy"] == data
+    assert s3.proxy.injected == 5, s3.proxy.faults
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 3 and "SlowDown" in retries[0], retries
+
+
+def test_an_exhausted_budget_names_the_object_and_the_fix(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bolmo_async.outdir import store
+
+    monkeypatch.setattr(store, "retrying", _fast(store.retrying))
+    s3.proxy.faults.append(Fault("PUT", r"manifest\.json", "503", 100))
+    with pytest.raises(OutputError, match=r"manifest\.json: write still failing after 3 attempts .*SlowDown.*rerun"):
+        open_output(s3.url()).write_text("manifest.json", "{}")
+
+
+def _fast(real):  # type: ignore[no-untyped-def]
+    def call(what, attempt, fail, attempts=0):  # type: ignore[no-untyped-def]
+        return real(what, attempt, fail, 3)
+
+    return call
+
+
+def test_wrong_credentials_fail_in_one_line_without_the_secret(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    with pytest.raises(UsageError) as err:
+        open_output(s3.url()).create()
+    msg = str(err.value)
+    assert "\n" not in msg and "InvalidAccessKeyId" in msg and "AWS_ACCESS_KEY_ID" in msg
+    assert SECRET not in msg
+
+
+def test_missing_bucket_and_unreachable_store_fail_in_one_line(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UsageError, match="does not exist; create it first") as err:
+        open_output(f"s3://no-such-bucket-{os.getpid()}/run").create()
+    assert "\n" not in str(err.value)
+    from tests.s3server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    t = time.monotonic()
+    with pytest.raises(UsageError, match="cannot be reached") as err:
+        open_output(s3.url()).create()
+    assert "\n" not in str(err.value) and SECRET not in str(err.value)
+    assert time.monotonic() - t < 10
+
+
+# -- whole runs: the command line a user runs, the bucket compared with a local run ------------------
+FRACTION = "0.3"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _local_run(tmp_path: Path, mirror: object) -> dict[str, str]:
+    """sha256 of every shard and index file of a local run of the same plan."""
+    import bolmo_async
+
+    out = tmp_path / "local"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=float(FRACTION), progress=False)  # type: ignore[attr-defined]
+    return {p.name: _sha(p.read_bytes()) for p in sorted(out.iterdir()) if p.name.startswith("bolmo_data_")}
+
+
+def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300):  # type: ignore[no-untyped-def]
+    import subprocess
+
+    return subprocess.run(
+        cli(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})}
+    )
+
+
+def _shards_of(s3: S3, prefix: str = "run") -> dict[str, str]:
+    return {n: _sha(b) for n, b in sorted(s3.objects(prefix).items()) if n.startswith("bolmo_data_")}
+
+
+def _no_credentials_anywhere(s3: S3, *texts: str) -> None:
+    from tests.s3server import KEY_ID
+
+    for text in texts:
+        assert SECRET not in text and KEY_ID not in text
+    for name, data in s3.objects("").items():
+        assert SECRET.encode() not in data and KEY_ID.encode() not in data, name
+
+
+@pytest.mark.slow
+def test_prepare_to_a_bucket_equals_a_local_run_and_inspects(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    local = _local_run(tmp_path, mirror)
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert _shards_of(s3) == local  # object by object, byte for byte
+    objects = s3.objects()
+    assert {"plan.json", "run.json", "manifest.json", "data_sources.txt"} <= set(objects)
+    assert any(n.startswith("staging/") and n.endswith(".json") for n in objects)
+    sources = objects["data_sources.txt"].decode().split()
+    assert sources == [f"{s3.url()}/{n}" for n in sorted(local) if n.endswith(".npy")]
+    for url in sources:
+        name = url.rsplit("/", 1)[1]
+        assert name in objects and name.replace(".npy", ".csv.gz") in objects
+    assert f"{s3.url()}/data_sources.txt" in r.stdout
+    ok = _cli("inspect", s3.url())
+    assert ok.returncode == 0, ok.stderr
+    _no_credentials_anywhere(s3, r.stdout, r.stderr, ok.stdout, ok.stderr)
+    # A truncated shard is found (the store has no partial objects of ours: someone else wrote it).
+    shard = next(n for n in sorted(objects) if n.endswith(".npy"))
+    s3.client.put_object(Bucket=s3.bucket, Key=f"run/{shard}", Body=objects[shard][:-4])
+    bad = _cli("inspect", s3.url())
+    assert bad.returncode != 0 and shard in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_shares_on_machines_sharing_only_the_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """share 0 and share 1 at once, each from its own working directory and scratch, then finalize
+    from a third: the same bytes as one local run."""
+    import subprocess
+
+    local = _local_run(tmp_path, mirror)
+    r = _cli("plan", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION)
+    assert r.returncode == 0, r.stderr
+    machines = [tmp_path / f"machine{i}" for i in range(3)]
+    for m in machines:
+        (m / "scratch").mkdir(parents=True)
+    shares = [
+        subprocess.Popen(
+            cli(
+                "--scratch-dir",
+                str(machines[i] / "scratch"),
+                "fetch",
+                "-o",
+                s3.url(),
+                "--worker",
+                f"{i}/2",
+                "--endpoint",
+                mirror.endpoint,
+                "--no-progress",
+            ),
+            cwd=machines[i],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in shares:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        _no_credentials_anywhere(s3, out, err)
+    # The third machine's scratch may cache one staged object at a time: scratch stays bounded.
+    fin = _cli(
+        "finalize",
+        "-o",
+        s3.url(),
+        cwd=machines[2],
+        env={"BOLMO_ASYNC_SCRATCH": str(machines[2] / "scratch"), "BOLMO_ASYNC_SCRATCH_CACHE": "1"},
+    )
+    assert fin.returncode == 0, fin.stderr
+    assert _shards_of(s3) == local
+    cached = [p for p in (machines[2] / "scratch").rglob("*") if p.is_file()]
+    assert len(cached) <= 1, cached
+    for m in machines:  # nothing of the output on any machine's disk
+        assert not [p for p in m.rglob("*") if p.name.startswith(("bolmo_data_", "plan.json", "manifest.json"))]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3: S3, repos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    with MirrorThread(repos) as m:
+        local = _local_run(tmp_path, m)
+    slow = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    with MirrorThread(repos, faults=slow) as m:
+        args = ("prepare", "-o", s3.url(), "--endpoint", m.endpoint, "--data-fraction", FRACTION, "--no-progress")
+        victim = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until some files are staged, not all
+            staged = [n for n in _names(s3) if n.startswith("staging/") and n.endswith(".json")]
+            if staged:
+                break
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        names = _names(s3)
+        assert staged and "data_sources.txt" not in names  # killed mid-run
+        time.sleep(2.5)  # the killed run's lease (2 s here, 60 s by default) expires
+        r = _cli(*args)
+        assert r.returncode == 0, r.stderr
+    assert _shards_of(s3) == local
+
+
+def _names(s3: S3, prefix: str = "run") -> list[str]:
+    got = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix + "/").get("Contents", [])
+    return [o["Key"][len(prefix) + 1 :] for o in got]
+
+
+def test_wrong_credentials_stop_before_any_hub_request(s3: S3, mirror, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "InvalidAccessKeyId" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], r.stderr
+    assert SECRET not in r.stderr + r.stdout
+    assert not mirror.hub_requests and not mirror.cdn_requests
