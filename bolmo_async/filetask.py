@@ -5,7 +5,7 @@ Ray task): download (streamed, with Range resume, retries and verification), dec
 parse, tokenize, stage. CPU work runs on the worker's threads, never on its event loop; only
 small results (the completion record, skip counts) leave the worker.
 
-A file already staged is checked against its marker (size and sha256 of the staged file)
+A file already staged is checked against its marker (size and XXH3-128 checksum of the staged file)
 before it is trusted; a damaged one is fetched again.
 """
 

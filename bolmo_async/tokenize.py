@@ -426,10 +426,6 @@ class SubwordTokenizer:
             self._hf_obj = hf
         return self._hf_obj
 
-    @property
-    def _hf(self) -> Any:
-        return self._reference()
-
     def _engine(self) -> Any:
         if self._engine_obj is not None:
             return self._engine_obj
@@ -511,11 +507,6 @@ class SubwordTokenizer:
         np.cumsum([len(p) for p in pieces], out=offsets[1:])
         flat = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
         return flat.astype(np.uint32, copy=False), offsets
-
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Ids without EOS, one list per text (tests, inspection)."""
-        flat, offsets = self._ids(texts)
-        return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
 
     def encode_reference(self, text: str) -> list[int]:
         """The ``tokenizers`` engine on one text, whatever engine is in use."""
