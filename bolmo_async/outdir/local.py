@@ -263,7 +263,8 @@ class LocalDir(OutputDir):
         except OSError as exc:
             why = "it is a file" if self.root.exists() and not self.root.is_dir() else exc.strerror or str(exc)
             fix = (
-                f"give this user write permission on {self.root} or choose another --output-dir"
+                f"give this user write permission on {self.root} (or mount it read-write), or choose another "
+                "--output-dir"
                 if exc.errno in _REFUSED
                 else "choose another --output-dir"
             )
