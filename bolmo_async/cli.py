@@ -2,16 +2,33 @@
 
 Errors print one line naming the fix; ``BOLMO_ASYNC_DEBUG=1`` shows the traceback.
 """
+# ruff: noqa: E402  (a quiet Ctrl+C handler is installed before the slow imports)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
+
+
+def _interrupted_at_start(signum: int, frame: Any) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+# Ctrl+C while the imports below run (a second or so) ends quietly, not with a traceback from
+# inside a library; the usual handler is back once they are done.
+_START_HANDLER = threading.current_thread() is threading.main_thread() and (
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
+if _START_HANDLER:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import typer
 
@@ -391,9 +408,8 @@ def _fetch_options(args: dict[str, Any]) -> dict[str, Any]:
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given on the command line (not left at its default)."""
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "COMMANDLINE"  # typer may carry its own copy of click's enum
 
 
 def _unused(ctx: typer.Context, unused: dict[str, str]) -> None:
@@ -712,6 +728,10 @@ def _mirror_run(what: str, fn: Any) -> Any:
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
 
 
+if _START_HANDLER:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -726,7 +746,22 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)
         typer.secho("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        _exit_now(130)
+    except SystemExit as exc:
+        if exc.code == 130:
+            _exit_now(130)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """After a stop, exit without joining threads still inside a CPU step (a BPE encode, a
+    tokenizer build: seconds, and uninterruptible): everything kept is on disk already (atomic
+    renames), a lock goes with the process."""
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

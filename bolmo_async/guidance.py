@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection
 from .tokenize import DEFAULT_CHECK_EVERY
 
@@ -98,6 +99,8 @@ def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     ident = kw.get("tokenizer_identifier")
     if isinstance(ident, str | Path):
         kw["tokenizer_identifier"] = absolute_tokenizer_path(str(ident))
+        if kw.get("tokenizer") == "subword":
+            check_local_tokenizer(str(ident), kw["tokenizer_identifier"])
     if kw.get("tokenizer", "byte") == "byte":
         idle = [k for k, default in SUBWORD_ONLY.items() if k in kw and kw[k] != default]
         if not kw.get("special_tokens_as_text", True):
@@ -113,6 +116,36 @@ def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 2:
         warn_short_shards(bound)
     return kw
+
+
+def check_local_tokenizer(given: str, resolved: str) -> None:
+    """What can be told of a local tokenizer before any listing or download: that it exists and
+    is a JSON object (the full load, on a thread, races the listing)."""
+    if resolved == given and not Path(given).expanduser().exists():
+        return  # a Hub repo id: fetched (and checked) while the repo is listed
+    p = Path(resolved)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+        if not p.is_file():
+            raise UsageError(
+                f"--tokenizer-identifier {given}: the folder has no tokenizer.json; point it at a tokenizer.json, "
+                "a folder holding one, or a Hub repo id like allenai/dolma2-tokenizer."
+            )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096).lstrip()
+    except FileNotFoundError:
+        raise UsageError(
+            f"--tokenizer-identifier {given}: no such file or folder ({p}); pass a tokenizer.json, a folder holding "
+            "one, or a Hub repo id like allenai/dolma2-tokenizer."
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"--tokenizer-identifier {given}: cannot be read ({exc.strerror or exc}).") from None
+    if not head.startswith(b"{"):
+        raise UsageError(
+            f"--tokenizer-identifier {given}: {p} is not a tokenizers JSON file (a tokenizer.json, as "
+            "`tokenizer.save()` writes it, starts with '{')."
+        )
 
 
 def absolute_tokenizer_path(identifier: str) -> str:
