@@ -34,6 +34,7 @@ import typer
 
 from . import api
 from .errors import BolmoError
+from .guidance import absolute_tokenizer_path
 from .models import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DATA_FRACTION,
@@ -167,6 +168,7 @@ def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAU
     )
     width = max(34, *(len(name) + 2 for name in est))
     other = tokenizer == "subword" and identifier != DEFAULT_TOKENIZER_ID
+    identifier = absolute_tokenizer_path(identifier)
     subword = "subword*" if other else "dolma2"  # another tokenizer: estimated at dolma2's ratio, and said so
     columns: list[tuple[str, str]] = []  # (header, estimate key)
     if tokenizer in (None, "byte"):

@@ -121,7 +121,7 @@ def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def check_local_tokenizer(given: str, resolved: str) -> None:
     """What can be told of a local tokenizer before any listing or download: that it exists and
     is a JSON object (the full load, on a thread, races the listing)."""
-    if resolved == given and not Path(given).expanduser().exists():
+    if not _looks_local(given):
         return  # a Hub repo id: fetched (and checked) while the repo is listed
     p = Path(resolved)
     if p.is_dir():
@@ -151,10 +151,17 @@ def check_local_tokenizer(given: str, resolved: str) -> None:
 def absolute_tokenizer_path(identifier: str) -> str:
     """A tokenizer file or folder as an absolute path (kept in run.json and the manifest);
     a Hub repo id unchanged."""
-    p = Path(identifier).expanduser()
-    if p.exists() or identifier.startswith((".", "/", "~")) or identifier.endswith(".json"):
-        return str(p.resolve())
-    return identifier
+    return str(Path(identifier).expanduser().resolve()) if _looks_local(identifier) else identifier
+
+
+def _looks_local(identifier: str) -> bool:
+    """A path rather than a Hub repo id (``namespace/name``)."""
+    return (
+        Path(identifier).expanduser().exists()
+        or identifier.startswith((".", "/", "~"))
+        or identifier.endswith(".json")
+        or identifier.count("/") != 1
+    )
 
 
 def selection_from(fn_name: str, selection: Selection | None, **fields: Any) -> Selection:
