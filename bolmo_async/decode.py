@@ -470,8 +470,10 @@ class LineDecoder:
 
     def _check_field(self, batch: Docs) -> None:
         """The file's first batch (its first megabyte, or all of a small file) gave no document
-        and its records lack the text field: the field asked for is not this data's. That stops
-        the run (every file would be skipped the same way), naming the fields found."""
+        and its records lack a text field the user named (``--text-field``, not the default):
+        the field asked for is not this data's. That stops the run (every file would be skipped
+        the same way), naming the fields found. Under the default field such a file is an odd
+        one in the mix: its records are counted skips (``missing_text``), like any bad data."""
         if batch.num_rows or not self._fields_seen or self.text_field == DEFAULT_TEXT_FIELD:
             return
         raise missing_field_error(self.path, self.text_field, list(self._fields_seen), "records")

@@ -94,7 +94,7 @@ def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
             "special_tokens_as_text is deprecated: pass special_tokens_as_ids (the CLI's --special-tokens-as-ids), "
             "its reverse",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
     ident = kw.get("tokenizer_identifier")
     if isinstance(ident, str | Path):
