@@ -1,8 +1,8 @@
 """What a user is told before a run starts, and what a trainer will make of the output.
 
-- the Python API's keywords: a wrong one names the public function (not an internal one), the
-  CLI's spelling ``special_tokens_as_ids`` is the API's too, a relative tokenizer path is made
-  absolute (the manifest must name a file a later reader can find);
+- the Python API's keywords: the CLI's spelling ``special_tokens_as_ids`` is the API's too, a
+  relative tokenizer path is made absolute (the manifest must name a file a later reader can
+  find), a local tokenizer is checked before any listing;
 - options that have no effect in this run (a subword option with ``tokenizer="byte"``);
 - shard bounds that fixed-length trainers waste: OLMo-core's fixed-length numpy datasets cut
   each shard (each file of ``data_sources.txt``) into ``tokens // sequence_length`` instances
@@ -24,29 +24,6 @@ from .tokenize import DEFAULT_CHECK_EVERY
 
 log = logging.getLogger("bolmo_async")
 
-#: The keywords ``fetch(**options)`` and ``prepare(**options)`` take besides their named ones.
-FETCH_OPTIONS = frozenset(
-    {
-        "tokenizer",
-        "tokenizer_identifier",
-        "eos_token_id",
-        "special_tokens_as_ids",
-        "special_tokens_as_text",  # deprecated spelling (the reverse of the CLI's flag)
-        "engine",
-        "check_every",
-        "concurrency",
-        "streaming",
-        "endpoint",
-        "retries",
-        "read_timeout",
-        "progress",
-        "check_disk",
-        "processes",
-        "max_document_bytes",
-        "on_plan",
-    }
-)
-
 #: Options that only a subword tokenizer reads, with their defaults (besides special_tokens_as_ids).
 SUBWORD_ONLY: dict[str, Any] = {
     "tokenizer_identifier": DEFAULT_TOKENIZER_ID,
@@ -66,17 +43,6 @@ SHORT_SHARD_BOUND = 64 * 4096
 
 def flag(keyword: str) -> str:
     return "--" + keyword.replace("_", "-")
-
-
-def check_keywords(fn_name: str, given: Iterable[str], named: Iterable[str], takes_options: bool) -> None:
-    """A keyword that ``fn_name`` does not take -> TypeError naming ``fn_name`` and what it takes."""
-    allowed = set(named) | (FETCH_OPTIONS if takes_options else set())
-    wrong = sorted(k for k in given if k not in allowed)
-    if wrong:
-        shown = sorted(k for k in allowed if k != "special_tokens_as_text")
-        raise TypeError(
-            f"bolmo_async.{fn_name}() got an unexpected keyword argument {wrong[0]!r}; it takes: {', '.join(shown)}"
-        )
 
 
 def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -228,11 +194,9 @@ def fixed_length_loss(shard_tokens: Iterable[int], sequence_length: int) -> dict
 
 
 __all__ = [
-    "FETCH_OPTIONS",
     "SELECTION_KEYWORDS",
     "TYPICAL_SEQUENCE_LENGTHS",
     "absolute_tokenizer_path",
-    "check_keywords",
     "fixed_length_loss",
     "normalize",
     "selection_from",

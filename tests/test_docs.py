@@ -18,8 +18,10 @@ FLAG = re.compile(r"(?<![\w-])(--?[a-z][a-z0-9-]*)")
 
 
 def _commands() -> dict[str, click.Command]:
-    """Every command by its full name ("prepare", "mirror serve")."""
-    out: dict[str, click.Command] = {}
+    """Every command by its full name ("prepare", "mirror serve"); "bolmo-async": the options
+    taken before the command."""
+    root = typer.main.get_command(app)
+    out: dict[str, click.Command] = {"bolmo-async": root}
 
     def walk(group: click.Group, prefix: str) -> None:
         for name, cmd in group.commands.items():
@@ -28,7 +30,7 @@ def _commands() -> dict[str, click.Command]:
             else:
                 out[prefix + name] = cmd
 
-    walk(typer.main.get_command(app), "")
+    walk(root, "")  # type: ignore[arg-type]
     return out
 
 
@@ -133,6 +135,9 @@ def test_every_readme_command_line_parses():
     assert len(lines) >= 5, lines
     for line in lines:
         words = ["X" if w.startswith("$") else w.strip("'") for w in re.findall(r"'[^']*'|\S+", line)[1:]]
+        root = {f: p for p in commands["bolmo-async"].params for f in p.opts}
+        while words and words[0] in root:  # options before the command
+            words = words[1 if root[words[0]].is_flag else 2 :]
         for n in (2, 1):
             if " ".join(words[:n]) in commands:
                 cmd = commands[" ".join(words[:n])]

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 import bolmo_async
-from bolmo_async.pool import Pool
-from bolmo_async.staging import Staging
+from bolmo_async import messages
+from bolmo_async.executors.local import Pool
 from bolmo_async.tokenize import ByteTokenizer
 from bolmo_async.worker import Worker, WorkerSpec
 
@@ -63,7 +63,7 @@ def _spec(out: Any, mirror: Any, entered: threading.Event, gate: threading.Event
 
 def _left_behind(out: Any) -> list[str]:
     """What the staging folder holds besides the per-file lock files (kept by design)."""
-    staging = Staging(out).dir
+    staging = out / "staging"
     return sorted(p.name for p in staging.iterdir() if not p.name.endswith(".lock")) if staging.is_dir() else []
 
 
@@ -77,18 +77,18 @@ def test_a_worker_stops_without_waiting_for_the_encode_in_progress(tmp_path, mir
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        inbox.put(("file", 0))
+        inbox.put(messages.FileTask(0))
         assert entered.wait(60), "the file never reached its encode"
         worker.cancel()
-        inbox.put(("stop",))
+        inbox.put(messages.Stop())
         thread.join(30)
         assert not thread.is_alive(), "the worker waited for the encode in progress"
         assert not gate.is_set()
         assert _left_behind(out) == [], "the aborted file's temporary is removed at once"
         kinds = []
         while not outbox.empty():
-            kinds.append(outbox.get()[0])
-        assert "exit" in kinds and "staged" not in kinds
+            kinds.append(type(outbox.get()))
+        assert messages.Exit in kinds and messages.Staged not in kinds
     finally:
         gate.set()
     # the encode ends later, into an unlinked file: still nothing staged, nothing left behind
