@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from inspect import signature as inspect_signature
 from typing import Any, ParamSpec, TypeVar
@@ -19,7 +20,8 @@ from typing import Any, ParamSpec, TypeVar
 from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, check_not_bootstrapping, choose, usable_cores
-from .finalizer import ShardPlanner, Written, finalize_dir, source_prefix
+from .finalizer import ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
+from .guidance import fixed_length_loss, normalize, selection_from, warn_short_shards
 from .hub import (
     HubClient,
     data_files,
@@ -32,7 +34,6 @@ from .inspector import inspect_dir
 from .models import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DATA_FRACTION,
-    DEFAULT_MAX_TOKENS_PER_FILE,
     DEFAULT_REPO_ID,
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
@@ -143,7 +144,28 @@ async def _check_listing(plan: Plan, endpoint: str) -> None:
         )
 
 
+#: The tokenizer this run is loading (on a thread), raced against the repo listing: a bad
+#: tokenizer (missing file, not JSON, unknown repo) stops the run before the listing ends.
+_TOKENIZER_LOAD: contextvars.ContextVar[Future[Any] | None] = contextvars.ContextVar("tokenizer_load", default=None)
+
+
 async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None = None) -> tuple[str, list[Any]]:
+    listing = asyncio.ensure_future(_list_now(endpoint, repo_id, revision, commit))
+    tok = _TOKENIZER_LOAD.get()
+    try:
+        while tok is not None and not listing.done():
+            if tok.done() and not tok.cancelled() and tok.exception() is not None:
+                raise tok.exception()  # type: ignore[misc]
+            await asyncio.wait({listing}, timeout=0.05)
+        return await listing
+    finally:
+        if not listing.done():
+            listing.cancel()
+            with contextlib.suppress(BaseException):
+                await listing
+
+
+async def _list_now(endpoint: str, repo_id: str, revision: str, commit: str | None) -> tuple[str, list[Any]]:
     retry = RetryPolicy()
     async with make_session(4, retry) as session:
         client = HubClient(session, endpoint=endpoint, repo_id=repo_id, token=read_token(), retry=retry, fail_fast=True)
@@ -180,7 +202,8 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             check_not_bootstrapping()  # before the folder: a re-imported script must not take its lock
-            _known_keywords(fn, kwargs)
+            _known_keywords(fn, kwargs)  # a wrong keyword names this public function, before any disk
+            kwargs = normalize(fn.__name__, kwargs)  # type: ignore[assignment]
             given: dict[str, Any] = dict(kwargs)
             validate_fetch_options(**{k: v for k, v in given.items() if k in _VALIDATED})
             if (given.get("max_tokens_per_file") or 2) < 2:
@@ -217,13 +240,30 @@ def plan(
     seed: int = DEFAULT_SEED,
     force: bool = False,
     selection: Selection | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    source_depth: int | None = None,
+    source_fractions: Mapping[str, float] | None = None,
+    text_field: str | None = None,
+    id_field: str | None = None,
 ) -> Plan:
     """List the repo, pin the revision, write ``plan.json``; reuse a matching plan already there.
 
     A plan for the same repo, revision, seed and selection but other fractions is re-made at
     the same pinned commit (staged whole files are reused). Anything else different needs
-    ``force``. ``selection``: include/exclude globs, source grouping, per-source fractions,
-    record field names (see ``models.Selection``)."""
+    ``force``. The selection, as keywords or as one ``selection=bolmo_async.Selection(...)``:
+    ``include`` / ``exclude`` (lists of globs on repo paths), ``source_depth``,
+    ``source_fractions`` ({source: fraction}), ``text_field`` / ``id_field`` (record fields)."""
+    sel = selection_from(
+        "plan",
+        selection,
+        include=include,
+        exclude=exclude,
+        source_depth=source_depth,
+        source_fractions=source_fractions,
+        text_field=text_field,
+        id_field=id_field,
+    )
     return _plan(
         output_dir,
         repo_id=repo_id,
@@ -232,7 +272,7 @@ def plan(
         data_fraction=data_fraction,
         seed=seed,
         force=force,
-        selection=selection or Selection(),
+        selection=sel,
     )[0]
 
 
@@ -510,6 +550,8 @@ def _fetch(
     max_document_bytes: int = 0,
     shard_bound: int | None = None,
     listing_checked: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    tok_future: Future[tuple[TokenizerSpec, TokenizerInfo]] | None = None,
 ) -> FetchReport:
     validate_fetch_options(
         tokenizer=tokenizer,
@@ -529,23 +571,26 @@ def _fetch(
     n = processes or (auto_processes(existing) if existing is not None else 0)
     # The tokenizer JSON loads (a download on the real Hub) while the repo is listed.
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
-    tok_future = loader.submit(
-        _tokenizer_spec,
-        tokenizer,
-        tokenizer_identifier,
-        endpoint=ep,
-        eos_token_id=eos_token_id,
-        special_tokens_as_text=special_tokens_as_text,
-        engine=engine,
-        check_every=check_every,
-    )
+    if tok_future is None:
+        tok_future = loader.submit(
+            _tokenizer_spec,
+            tokenizer,
+            tokenizer_identifier,
+            endpoint=ep,
+            eos_token_id=eos_token_id,
+            special_tokens_as_text=special_tokens_as_text,
+            engine=engine,
+            check_every=check_every,
+        )
 
     def executor_for(n: int) -> Executor:  # the one place that picks who runs the files
         return stack.enter_context(
             choose(processes=n, worker=worker, ray=ray, ray_address=ray_address, ray_tasks=ray_tasks)
         )
 
-    with loader, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        stack.callback(loader.shutdown, wait=False, cancel_futures=True)  # an error does not wait for it
+        stack.callback(_TOKENIZER_LOAD.reset, _TOKENIZER_LOAD.set(tok_future))
         pool = executor_for(n) if n or ray else None
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
@@ -554,6 +599,9 @@ def _fetch(
                 run_interruptible(_check_listing(the_plan, ep))
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
+            if on_plan is not None:
+                tok_future.result()  # a bad tokenizer is reported instead of the plan table
+                on_plan(the_plan)
         if pool is None:
             n = auto_processes(the_plan)
             pool = executor_for(n)
@@ -641,7 +689,9 @@ def _fetch(
 
 
 #: The options ``fetch`` and ``prepare`` take as keywords (``**options``).
-_FETCH_KEYWORDS = set(inspect_signature(_fetch).parameters) - {"out", "plan_options", "shard_bound", "listing_checked"}
+_FETCH_KEYWORDS = (
+    set(inspect_signature(_fetch).parameters) - {"out", "plan_options", "shard_bound", "listing_checked", "tok_future"}
+) | {"special_tokens_as_ids"}  # the CLI's spelling (``guidance.normalize`` turns it into special_tokens_as_text)
 
 
 @_one_run_per_folder(create=True)
@@ -661,13 +711,16 @@ def fetch(
 ) -> dict[str, Any]:
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
-    Options (all keywords): ``tokenizer``, ``tokenizer_identifier``, ``eos_token_id``,
-    ``special_tokens_as_text``, ``engine``, ``check_every``, ``concurrency``, ``streaming``,
-    ``endpoint``, ``retries``, ``read_timeout``, ``progress``, ``check_disk``, ``processes``
-    (worker processes; 0: one per usable core; 1: one worker in this process),
-    ``max_document_bytes``. Who runs the files: a local pool of worker processes (default),
-    ``worker=(I, N)``: only share I of N of the plan (a job array), or ``ray=True``: Ray tasks on
-    the cluster at ``ray_address`` (local when None; ``ray_tasks``: 0 for two per cluster CPU)."""
+    Options (all keywords, the CLI's flags): ``tokenizer`` ("byte" | "subword"),
+    ``tokenizer_identifier``, ``eos_token_id``, ``special_tokens_as_ids``, ``engine``,
+    ``check_every``, ``concurrency``, ``streaming``, ``endpoint``, ``retries``, ``read_timeout``,
+    ``progress``, ``check_disk``, ``processes`` (worker processes; 0: one per 16 MB planned, up to
+    the usable cores; 1: one worker in this process), ``max_document_bytes``, ``on_plan`` (called
+    with the plan when this call plans; ``special_tokens_as_text``, the reverse of
+    ``special_tokens_as_ids``, still works but is deprecated). Who runs the files: a local pool of
+    worker processes (default), ``worker=(I, N)``: only share I of N of the plan (a job array), or
+    ``ray=True``: Ray tasks on the cluster at ``ray_address`` (local when None; ``ray_tasks``: 0
+    for two per cluster CPU)."""
     if ray and worker is not None:
         raise UsageError("--ray and --worker do not go together: Ray spreads the shares itself.")
     out = open_output(output_dir)
@@ -737,7 +790,7 @@ def prepare(
     output_dir: str | os.PathLike[str] | OutputDir,
     *,
     data_fraction: float = DEFAULT_DATA_FRACTION,
-    max_tokens_per_file: int = DEFAULT_MAX_TOKENS_PER_FILE,
+    max_tokens_per_file: int | None = None,
     seed: int = DEFAULT_SEED,
     repo_id: str = DEFAULT_REPO_ID,
     revision: str = "main",
@@ -747,26 +800,78 @@ def prepare(
     drop_staging: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     selection: Selection | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    source_depth: int | None = None,
+    source_fractions: Mapping[str, float] | None = None,
+    text_field: str | None = None,
+    id_field: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """plan + fetch + finalize; shards are written by the workers while files are still being
     fetched. On interruption or failed files it stops (exit non-zero) without writing
-    ``data_sources.txt``; ``allow_incomplete`` then finalizes what was staged (``complete: false``)."""
-    the_plan, listed = _plan(
-        output_dir,
-        repo_id=repo_id,
-        revision=revision,
-        endpoint=endpoint,
-        data_fraction=data_fraction,
-        seed=seed,
-        force=force,
-        selection=selection or Selection(),
+    ``data_sources.txt``; ``allow_incomplete`` then finalizes what was staged (``complete: false``).
+    ``max_tokens_per_file`` None: the bound this folder was finalized with before (else 100M).
+    The selection keywords are ``plan``'s; the fetch options ``fetch``'s."""
+    sel = selection_from(
+        "prepare",
+        selection,
+        include=include,
+        exclude=exclude,
+        source_depth=source_depth,
+        source_fractions=source_fractions,
+        text_field=text_field,
+        id_field=id_field,
     )
+    out = open_output(output_dir)
+    if max_tokens_per_file is None:
+        max_tokens_per_file = remembered_bound(out)
+        if out.exists_file(MANIFEST):
+            log.info(
+                "--max-tokens-per-file %d: the bound this folder was finalized with (pass the flag to change it)",
+                max_tokens_per_file,
+            )
+            warn_short_shards(max_tokens_per_file)
+    # The tokenizer loads while the repo is listed; a bad one stops the listing and is reported
+    # before the plan table.
+    loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
+    tok_future = loader.submit(
+        _tokenizer_spec,
+        options.get("tokenizer", "byte"),
+        options.get("tokenizer_identifier", DEFAULT_TOKENIZER_ID),
+        endpoint=_endpoint(endpoint),
+        eos_token_id=options.get("eos_token_id"),
+        special_tokens_as_text=options.get("special_tokens_as_text", True),
+        engine=options.get("engine", "auto"),
+        check_every=options.get("check_every", DEFAULT_CHECK_EVERY),
+    )
+    loader.shutdown(wait=False)  # its one task runs on; an error below does not wait for it
+    token = _TOKENIZER_LOAD.set(tok_future)
+    try:
+        the_plan, listed = _plan(
+            output_dir,
+            repo_id=repo_id,
+            revision=revision,
+            endpoint=endpoint,
+            data_fraction=data_fraction,
+            seed=seed,
+            force=force,
+            selection=sel,
+        )
+    finally:
+        _TOKENIZER_LOAD.reset(token)
+    tok_future.result()
     if on_plan is not None:
         on_plan(the_plan)
-    out = open_output(output_dir)
     try:
-        report = _fetch(out, endpoint=endpoint, shard_bound=max_tokens_per_file, listing_checked=listed, **options)
+        report = _fetch(
+            out,
+            endpoint=endpoint,
+            shard_bound=max_tokens_per_file,
+            listing_checked=listed,
+            tok_future=tok_future,
+            **options,
+        )
     except FetchIncomplete:
         if allow_incomplete and out.exists_file(RUN_STATE):
             manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
@@ -828,8 +933,23 @@ _VALIDATED = (
 )
 
 
-def inspect(output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True) -> dict[str, Any]:
-    return inspect_dir(output_dir, decode=decode, verify=verify)
+def inspect(
+    output_dir: str | os.PathLike[str], *, decode: int = 0, verify: bool = True, sequence_length: int | None = None
+) -> dict[str, Any]:
+    """Check an output folder written by ``finalize`` / ``prepare`` (read only).
+
+    Returns ``{"manifest", "shards", "documents", "problems", ...}``: every shard checked against
+    the manifest (size, whole uint32 tokens, XXH3-128 checksum unless ``verify=False``),
+    ``data_sources.txt`` checked to point into the folder, the first ``decode`` documents decoded
+    back to text; ``problems`` is empty when all is well. ``sequence_length=N`` adds
+    ``fixed_length``: the instances a fixed-length reader (OLMo-core's) makes at N tokens and the
+    tokens it drops (each shard's tail shorter than N)."""
+    if sequence_length is not None and sequence_length < 1:
+        raise UsageError(f"--sequence-length must be 1 or more, got {sequence_length}")
+    rep = inspect_dir(output_dir, decode=decode, verify=verify)
+    if sequence_length is not None:
+        rep["fixed_length"] = fixed_length_loss((int(s["tokens"]) for s in rep["shards"]), sequence_length)
+    return rep
 
 
 __all__ = ["fetch", "finalize", "inspect", "plan", "prepare"]

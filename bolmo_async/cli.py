@@ -2,21 +2,39 @@
 
 Errors print one line naming the fix; ``BOLMO_ASYNC_DEBUG=1`` shows the traceback.
 """
+# ruff: noqa: E402  (a quiet Ctrl+C handler is installed before the slow imports)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
+
+
+def _interrupted_at_start(signum: int, frame: Any) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+# Ctrl+C while the imports below run (a second or so) ends quietly, not with a traceback from
+# inside a library; the usual handler is back once they are done.
+_START_HANDLER = threading.current_thread() is threading.main_thread() and (
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
+if _START_HANDLER:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import typer
 
 from . import api
 from .errors import BolmoError
+from .guidance import absolute_tokenizer_path
 from .models import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DATA_FRACTION,
@@ -118,6 +136,16 @@ def _selection(
         raise typer.BadParameter(str(exc)) from exc
 
 
+def _verbose(value: bool) -> bool:
+    if value:  # -v after the command: the group's callback has set up logging already
+        logging.getLogger().setLevel(logging.DEBUG)
+    return value
+
+
+#: ``-v`` is taken before the command (``bolmo-async -v prepare``) and after it alike.
+VERBOSE = typer.Option(False, "--verbose", "-v", callback=_verbose, help="Debug logging.")
+
+
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose or os.environ.get("BOLMO_ASYNC_DEBUG") else logging.INFO
     logging.basicConfig(level=level, format="bolmo-async: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
@@ -129,7 +157,9 @@ def _say(msg: str = "") -> None:
     typer.echo(msg)
 
 
-def _print_plan(plan: Any) -> None:
+def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
+    """The plan table: per source, files, download, and estimated tokens and shard disk for the
+    run's tokenizer (``plan`` does not know it yet: byte and dolma2 side by side)."""
     from .planner import estimate
 
     est = estimate(plan)
@@ -137,22 +167,36 @@ def _print_plan(plan: Any) -> None:
         f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}"
     )
     width = max(34, *(len(name) + 2 for name in est))
+    other = tokenizer == "subword" and identifier != DEFAULT_TOKENIZER_ID
+    identifier = absolute_tokenizer_path(identifier)
+    subword = "subword*" if other else "dolma2"  # another tokenizer: estimated at dolma2's ratio, and said so
+    columns: list[tuple[str, str]] = []  # (header, estimate key)
+    if tokenizer in (None, "byte"):
+        columns.append(("est. byte tokens", "byte_tokens"))
+    if tokenizer in (None, "subword"):
+        columns.append((f"est. {subword} tokens", "subword_tokens"))
+    disk_header = "est. shard disk" + (" (byte / dolma2)" if tokenizer is None else "")
     _say(
-        f"{'source':<{width}} {'files':>7}  {'download':>10}  {'est. byte tokens':>16}  {'est. dolma2 tokens':>18}  "
-        f"{'est. shard disk (subword / byte)':>32}"
+        f"{'source':<{width}} {'files':>7}  {'download':>10}  "
+        + "".join(f"{h:>{max(16, len(h))}}  " for h, _ in columns)
+        + f"{disk_header:>{max(16, len(disk_header))}}"
     )
     for name, row in est.items():
-        disk = human_bytes(4 * row["subword_tokens"]) + " / " + human_bytes(4 * row["byte_tokens"])
+        disk = " / ".join(human_bytes(4 * row[key]) for _, key in columns)
         _say(
             f"{name:<{width}} {int(row['files']):>7}  {human_bytes(row['download_bytes']):>10}  "
-            f"{human_count(row['byte_tokens']):>16}  {human_count(row['subword_tokens']):>18}  {disk:>32}"
+            + "".join(f"{human_count(row[key]):>{max(16, len(h))}}  " for h, key in columns)
+            + f"{disk:>{max(16, len(disk_header))}}"
         )
     for pattern, n in plan.matched:
         _say(f"{pattern}: {n} file(s)")
     fractions = {s.source: s.target_bytes / s.bytes_total for s in plan.sources if s.bytes_total}
     if len({round(f, 9) for f in fractions.values()}) > 1:
         _say("fractions: " + ", ".join(f"{k} {v:.3g}" for k, v in fractions.items()))
-    _say("(estimates from typical compression ratios)")
+    _say(
+        "(estimates from typical compression ratios"
+        + (f"; * {identifier}, estimated at dolma2's tokens per byte)" if other else ")")
+    )
 
 
 def _summary(manifest: dict[str, Any], location: str) -> None:
@@ -252,6 +296,7 @@ def plan_cmd(
     text_field: str = TEXT_FIELD,
     id_field: str = ID_FIELD,
     force: bool = typer.Option(False, "--force", help="Reset an output folder holding another plan."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """List the repo, pin the revision and write plan.json with a summary table."""
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
@@ -268,6 +313,10 @@ def plan_cmd(
         )
     )
     _print_plan(p)
+    _say(
+        f"Next: bolmo-async fetch --output-dir {output_dir} --tokenizer subword (or byte; as a job array: "
+        f"--worker I/N in each task), then bolmo-async finalize --output-dir {output_dir}"
+    )
 
 
 TOKENIZER = typer.Option(
@@ -300,7 +349,8 @@ PROCESSES = typer.Option(
     "--processes",
     "--tokenizer-processes",
     min=0,
-    help="Worker processes, each doing whole files (0: one per usable core; 1: one worker in this process).",
+    help="Worker processes, each doing whole files (0: one per 16 MB of planned download, up to the usable cores; "
+    "1: one worker in this process).",
 )
 MAX_DOC = typer.Option(
     0,
@@ -327,7 +377,11 @@ STREAMING = typer.Option(
 RETRIES = typer.Option(8, "--retries", help="Attempts per file before it is reported failed.")
 READ_TIMEOUT = typer.Option(60.0, "--read-timeout", help="Seconds a download may stall before it is resumed.")
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
-NO_PROGRESS = typer.Option(False, "--no-progress", help="No live progress display.")
+NO_PROGRESS = typer.Option(
+    False,
+    "--no-progress",
+    help="No live bar and no periodic progress lines (the plan table, warnings, errors and the summary still print).",
+)
 
 
 #: Tokenizer and download options that fetch, fetch --ray and prepare pass on alike.
@@ -349,13 +403,29 @@ def _fetch_options(args: dict[str, Any]) -> dict[str, Any]:
     """Those options, as the API's keywords, from a command's arguments (its ``locals()``)."""
     return {
         **{k: args[k] for k in _FETCH_OPTIONS},
-        "special_tokens_as_text": not args["special_tokens_as_ids"],
+        "special_tokens_as_ids": args["special_tokens_as_ids"],
         "check_disk": not args["skip_disk_check"],
     }
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "COMMANDLINE"  # typer may carry its own copy of click's enum
+
+
+def _unused(ctx: typer.Context, unused: dict[str, str]) -> None:
+    """A warning line for each option given on the command line that has no effect in this run
+    (``unused``: parameter name -> why)."""
+    for name, why in unused.items():
+        if _given(ctx, name):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            typer.secho(f"warning: {flag} has no effect {why}", err=True, fg=typer.colors.YELLOW)
+
+
 @app.command("fetch")
 def fetch_cmd(
+    ctx: typer.Context,
     output_dir: str = OUT,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
@@ -383,9 +453,14 @@ def fetch_cmd(
     ray: bool = typer.Option(False, "--ray", help="Run the fetch as Ray tasks (pip install 'bolmo-async[ray]')."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
     ray_tasks: int = typer.Option(0, "--ray-tasks", min=0, help="Ray tasks (0: two per cluster CPU)."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Download, tokenize and stage the planned files (plans first if plan.json is absent)."""
     opts = _fetch_options(locals())
+    if ray:
+        _unused(ctx, {"processes": "with --ray (each Ray task is one worker)"})
+    else:
+        _unused(ctx, {"ray_address": "without --ray", "ray_tasks": "without --ray"})
     res = _run(
         lambda: api.fetch(
             output_dir,
@@ -402,6 +477,7 @@ def fetch_cmd(
             ray=ray,
             ray_address=ray_address,
             ray_tasks=ray_tasks,
+            on_plan=lambda p: _print_plan(p, tokenizer, opts["tokenizer_identifier"]),
         )
     )
     how = " with Ray" if ray else ""
@@ -417,6 +493,7 @@ def fetch_cmd(
 
 @app.command("finalize")
 def finalize_cmd(
+    ctx: typer.Context,
     output_dir: str = OUT,
     max_tokens_per_file: int | None = typer.Option(
         None,
@@ -430,8 +507,11 @@ def finalize_cmd(
     ray: bool = typer.Option(False, "--ray", help="Write the shards as Ray tasks (pip install 'bolmo-async[ray]')."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
     drop_staging: bool = DROP_STAGING,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
+    if not ray:
+        _unused(ctx, {"ray_address": "without --ray"})
     m = _run(
         lambda: api.finalize(
             output_dir,
@@ -447,12 +527,16 @@ def finalize_cmd(
 
 @app.command("prepare")
 def prepare_cmd(
+    ctx: typer.Context,
     output_dir: str = OUT,
     data_fraction: float = FRACTION,
     tokenizer: str = TOKENIZER,
     tokenizer_identifier: str = TOKENIZER_ID,
     max_tokens_per_file: int = typer.Option(
-        DEFAULT_MAX_TOKENS_PER_FILE, "--max-tokens-per-file", min=2, help="Tokens per shard at most."
+        DEFAULT_MAX_TOKENS_PER_FILE,
+        "--max-tokens-per-file",
+        min=2,
+        help="Tokens per shard at most (a folder finalized before keeps its bound unless this is given).",
     ),
     seed: int = SEED,
     streaming: bool = STREAMING,
@@ -483,16 +567,18 @@ def prepare_cmd(
     id_field: str = ID_FIELD,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
+    verbose: bool = VERBOSE,
 ) -> None:
     """plan + fetch + finalize in one command (the original tool's flags and defaults)."""
     opts = _fetch_options(locals())
+    bound = max_tokens_per_file if _given(ctx, "max_tokens_per_file") else None  # None: the folder's own
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     m = _run(
         lambda: api.prepare(
             output_dir,
             **opts,
             data_fraction=data_fraction,
-            max_tokens_per_file=max_tokens_per_file,
+            max_tokens_per_file=bound,
             seed=seed,
             repo_id=repo_id,
             revision=revision,
@@ -502,7 +588,7 @@ def prepare_cmd(
             allow_incomplete=allow_incomplete,
             drop_staging=drop_staging,
             progress=not no_progress,
-            on_plan=_print_plan,
+            on_plan=lambda p: _print_plan(p, tokenizer, opts["tokenizer_identifier"]),
             selection=sel,
         )
     )
@@ -514,9 +600,17 @@ def inspect_cmd(
     output_dir: str = typer.Argument(..., metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."),
     decode: int = typer.Option(0, "--decode", min=0, help="Print the first N documents decoded back to text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    sequence_length: int | None = typer.Option(
+        None,
+        "--sequence-length",
+        min=1,
+        help="Also count what a fixed-length reader (OLMo-core's) makes of the shards at N tokens per instance: "
+        "instances, and tokens dropped (each shard's tail shorter than N).",
+    ),
+    verbose: bool = VERBOSE,
 ) -> None:
-    """Shard table, size/sha256 checks against the manifest and data_sources.txt, decoded documents."""
-    rep = _run(lambda: api.inspect(output_dir, decode=decode))
+    """Shard table, size/XXH3-128 checks against the manifest and data_sources.txt, decoded documents."""
+    rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length))
     if as_json:
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
     else:
@@ -531,6 +625,13 @@ def inspect_cmd(
         for d in rep["documents"]:
             text = d["text"] if len(d["text"]) <= 300 else d["text"][:300] + "…"
             _say(f"--- {d['id']} ({d['src']}:{d['loc']}, {d['tokens']} tokens)\n{text}")
+        fl = rep.get("fixed_length")
+        if fl:
+            _say(
+                f"at sequence length {fl['sequence_length']}: {fl['instances']} instance(s); a fixed-length reader drops "
+                f"{fl['dropped_tokens']} of {fl['tokens']} tokens ({100 * fl['dropped_fraction']:.2f}%), "
+                f"{fl['shards_dropped_whole']} of {len(rep['shards'])} shard(s) whole"
+            )
         for p in rep["problems"]:
             typer.secho(f"problem: {p}", err=True, fg=typer.colors.RED)
     if rep["problems"]:
@@ -555,6 +656,7 @@ def mirror_serve(
     token: str | None = typer.Option(None, "--require-token", help="Answer 401 unless this bearer token is sent."),
     url_ttl: float = typer.Option(3600.0, "--url-ttl", help="Seconds a signed CDN URL stays valid."),
     ready_file: Path | None = typer.Option(None, "--ready-file", help="Write the endpoint URL here once listening."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Serve FOLDER as a Hub dataset repo on loopback (prints the endpoint to use)."""
     from .mirror import FaultConfig, run_mirror
@@ -591,11 +693,12 @@ def mirror_sample(
     folder: Path = typer.Argument(..., help="Folder to write the sample mix into."),
     size_mb: float = typer.Option(8.0, "--size-mb", min=0.01, help="Megabytes of text."),
     seed: int = typer.Option(0, "--seed", help="Seed (same seed -> same files)."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Write a deterministic sample in bolmo_mix's shape (zst/gz/plain JSON lines, parquet)."""
     from .mirror import build_sample
 
-    s = build_sample(folder, size_mb=size_mb, seed=seed)
+    s = _mirror_run("mirror sample", lambda: build_sample(folder, size_mb=size_mb, seed=seed))
     _say(
         f"wrote {len(s['files'])} files, {s['documents']} documents, {human_bytes(s['text_bytes'])} of text to {folder}"
     )
@@ -606,12 +709,29 @@ def mirror_demo_tokenizer(
     sample: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder written by `mirror sample`."),
     folder: Path = typer.Argument(..., help="Where to write tokenizer.json (serve it with --model-repo ID=FOLDER)."),
     vocab_size: int = typer.Option(4000, "--vocab-size", min=300, help="Vocabulary size."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Train a small byte-level BPE on the sample (dolma2's shape), for demos without dolma2."""
     from .mirror.sample import train_demo_tokenizer
 
-    path = train_demo_tokenizer(sample, folder, vocab_size)
+    path = _mirror_run("mirror demo-tokenizer", lambda: train_demo_tokenizer(sample, folder, vocab_size))
     _say(f"wrote {path} ({vocab_size} ids, EOS <|endoftext|>)")
+
+
+def _mirror_run(what: str, fn: Any) -> Any:
+    """A mirror helper's errors as one line: a folder that cannot be used (exit 2, checked before
+    any work), a write that failed midway (exit 1)."""
+    try:
+        return fn()
+    except (ValueError, OSError) as exc:
+        if os.environ.get("BOLMO_ASYNC_DEBUG"):
+            raise
+        typer.secho(f"error: {what}: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+
+
+if _START_HANDLER:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
@@ -628,7 +748,22 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)
         typer.secho("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        _exit_now(130)
+    except SystemExit as exc:
+        if exc.code == 130:
+            _exit_now(130)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """After a stop, exit without joining threads still inside a CPU step (a BPE encode, a
+    tokenizer build: seconds, and uninterruptible): everything kept is on disk already (atomic
+    renames), a lock goes with the process."""
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

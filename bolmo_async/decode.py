@@ -30,7 +30,7 @@ try:  # Python 3.14+: the standard library's zstd (it has ``max_length``; python
 except ImportError:
     from backports import zstd as _zstd  # type: ignore[no-redef,unused-ignore]
 
-from .errors import DecodeError, StreamError
+from .errors import DecodeError, StreamError, UsageError
 from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
 
 #: Compressed bytes decompressed at a time, at offsets that are multiples of it.
@@ -245,6 +245,7 @@ class LineDecoder:
         self.documents = 0
         self.done = False  # no more documents wanted (prefix reached, or corrupt stream)
         self._prefix_reached = False
+        self._fields_seen: dict[str, None] = {}  # fields of records without the text field (first seen first)
 
     # -- feeding -------------------------------------------------------------------------
     def feed(self, data: bytes) -> Iterator[Docs]:
@@ -411,6 +412,8 @@ class LineDecoder:
             keep = np.flatnonzero(~blank)
             lines = [data[s:e] for s, e in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True)]
             batch = self._parse(lines, (keep + first).tolist(), stop_after_first)
+        if first == 1:
+            self._check_field(batch)
         self.documents += batch.num_rows
         if batch.num_rows:
             yield batch
@@ -460,7 +463,34 @@ class LineDecoder:
             return "json_too_deep", "", ""
         except ValueError:
             return "invalid_json", "", ""
-        return check_doc(obj, self.path, loc, self.text_field, self.id_field, self.max_document_bytes)
+        reason, doc_id, text = check_doc(obj, self.path, loc, self.text_field, self.id_field, self.max_document_bytes)
+        if reason == "missing_text" and len(self._fields_seen) < 32:
+            self._fields_seen.update(dict.fromkeys(k for k in obj if isinstance(k, str)))
+        return reason, doc_id, text
+
+    def _check_field(self, batch: Docs) -> None:
+        """The file's first batch (its first megabyte, or all of a small file) gave no document
+        and its records lack a text field the user named (``--text-field``, not the default):
+        the field asked for is not this data's. That stops the run (every file would be skipped
+        the same way), naming the fields found. Under the default field such a file is an odd
+        one in the mix: its records are counted skips (``missing_text``), like any bad data."""
+        if batch.num_rows or not self._fields_seen or self.text_field == DEFAULT_TEXT_FIELD:
+            return
+        raise missing_field_error(self.path, self.text_field, list(self._fields_seen), "records")
+
+
+#: The text field of bolmo_mix (and dolma) records: the default of ``--text-field``.
+DEFAULT_TEXT_FIELD = "text"
+
+
+def missing_field_error(path: str, field: str, found: list[str], what: str) -> UsageError:
+    shown = ", ".join(repr(f) for f in found[:12]) + (", ..." if len(found) > 12 else "")
+    hint = next((f for f in found if f in ("text", "content", "body", "document", "raw_content")), None)
+    return UsageError(
+        f"--text-field {field!r}: {path} has no such field; its {what} have {shown}. "
+        + (f"Pass --text-field {hint}" if hint else "Pass --text-field with the field holding the text")
+        + " (or --exclude the files laid out otherwise)."
+    )
 
 
 #: Average bytes a line under which a batch's blank lines are found in bulk (a JSON document line

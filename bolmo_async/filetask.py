@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .decode import BATCH_BYTES, Docs, LineDecoder, parquet_batch
+from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
 from .download import BytesSink, stream
 from .errors import IntegrityError, RangeIgnored, Retry
 from .hub import HubClient
@@ -177,6 +178,9 @@ class Processor:
         first = sum(meta.row_group(j).num_rows for j in range(i))
         names = pfile.schema_arrow.names
         if self.ctx.text_field not in names:
+            if self.ctx.text_field != DEFAULT_TEXT_FIELD:
+                # a field the user named that this data lacks: stops the run, naming the columns
+                raise missing_field_error(self.pf.path, self.ctx.text_field, names, "columns")
             with self._lock:
                 self._check()
                 self.skips.add("missing_text", f"{self.pf.path}: no {self.ctx.text_field!r} column", n=rg.num_rows)
@@ -282,11 +286,31 @@ class Processor:
             return rec
 
     def abort(self) -> None:
+        """Stop this file now, from the event loop: never waits for a step in progress (one BPE
+        encode can take seconds). A busy thread stops at its next step; the temporary goes now."""
+        self._aborted = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_writer()
+            finally:
+                self._lock.release()
+            return
+        # A local temporary goes now (the busy thread writes on into an unlinked file, then drops
+        # it); an object-store upload is aborted when the thread lets go (or dies with its process).
+        tmp = getattr(getattr(getattr(self._writer, "_file", None), "target", None), "tmp", None)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        threading.Thread(target=self._drop_when_idle, name="bolmo-abort", daemon=True).start()
+
+    def _drop_when_idle(self) -> None:
         with self._lock:
-            self._aborted = True
-            if self._writer is not None:
-                self._writer.abort()
-                self._writer = None
+            self._drop_writer()
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
 
 
 #: A column chunk larger than this (uncompressed) that its file holds more than

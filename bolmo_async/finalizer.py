@@ -604,7 +604,8 @@ def finalize_dir(
         raise StateError(
             f"the plan's {len(plan.files)} file(s) gave no documents at all (skipped: "
             f"{dict(sorted(skips.counts.items())) or 'none'}); no data_sources.txt was written. Check --repo-id and "
-            "the files' format (JSON lines with a 'text' field, or parquet with a 'text' column)."
+            f"the files' format (JSON lines with a {plan.selection.text_field!r} field, or parquet with a "
+            f"{plan.selection.text_field!r} column: --text-field)."
         )
     out.write_text(MANIFEST, json.dumps(manifest, indent=1) + "\n")
     # Shards of an earlier, larger finalize go, and data_sources.txt names exactly these shards:

@@ -24,12 +24,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import messages as m
-from .errors import AuthError, BolmoError, DiskSpaceError, OutputError, StateError, TokenizerError
+from .errors import AuthError, BolmoError, DiskSpaceError, OutputError, StateError, TokenizerError, UsageError
 
 log = logging.getLogger("bolmo_async")
 
-#: Errors that stop the whole run (every other file would fail the same way).
-FATAL: tuple[type[BaseException], ...] = (AuthError, DiskSpaceError, OutputError, StateError, TokenizerError)
+#: Errors that stop the whole run (every other file would fail the same way; UsageError: a
+#: --text-field the data does not have).
+FATAL: tuple[type[BaseException], ...] = (
+    AuthError,
+    DiskSpaceError,
+    OutputError,
+    StateError,
+    TokenizerError,
+    UsageError,
+)
 #: Seconds between looks at a file another run is staging.
 CLAIM_POLL = 0.5
 #: Seconds between progress messages.
@@ -187,7 +195,9 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             reporter.cancel()
             self._stop_shards.set()
-            executor.shutdown(wait=True, cancel_futures=True)
+            # Never wait for a CPU step in progress (a BPE encode or the engine's build can take
+            # seconds): a stop is prompt; a worker process then exits (os._exit) under it.
+            executor.shutdown(wait=False, cancel_futures=True)
 
     async def _file(self, ctx: Any, unit: int) -> None:
         from .filetask import run_file_task

@@ -39,3 +39,7 @@ bolmo-async prepare --output-dir "$out/bolmo_subword" --data-fraction 0.1 --toke
   --tokenizer-identifier "$tok_id" --endpoint "$endpoint"
 bolmo-async inspect "$out/bolmo_subword" --decode 2
 echo "== demo done: outputs under $out"
+venv_bin="$(dirname "$(command -v bolmo-async)")"
+echo "   the tool is installed in $(dirname "$venv_bin"), not on your PATH: run"
+echo "     $venv_bin/bolmo-async --help"
+echo "   or first: source $venv_bin/activate"

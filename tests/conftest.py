@@ -16,7 +16,18 @@ DOLMA2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "dolma2
 if not DOLMA2.exists():  # a clean clone sits beside shared/ too, under another folder name
     DOLMA2 = Path(os.environ.get("BOLMO_DOLMA2_JSON", DOLMA2))
 
-needs_dolma2 = pytest.mark.skipif(not DOLMA2.exists(), reason="../shared/tokenizers/dolma2-tokenizer.json is absent")
+#: Marks a test that needs the real dolma2 tokenizer: `-m needs_dolma2` selects these tests, and
+#: they are skipped when the file is absent (below).
+needs_dolma2 = pytest.mark.needs_dolma2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if DOLMA2.exists():
+        return
+    skip = pytest.mark.skip(reason="../shared/tokenizers/dolma2-tokenizer.json is absent (or set BOLMO_DOLMA2_JSON)")
+    for item in items:
+        if item.get_closest_marker("needs_dolma2") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

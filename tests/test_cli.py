@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 import bolmo_async
 
-from .helpers import run_cli
+from .conftest import DOLMA2, needs_dolma2
+from .helpers import cli, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,3 +136,185 @@ def test_help_matches_the_cli():
     for args in (["inspect", ".", "--decode", "-1"], ["fetch", "-o", "x", "--read-timeout", "0"]):
         r = run_cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+# -- issue 23: the first hour, round 2 ---------------------------------------------------------
+
+
+def test_verbose_is_taken_after_the_command_too(tmp_path):
+    for args in (["-v", "finalize", "-o", str(tmp_path)], ["finalize", "-o", str(tmp_path), "-v"]):
+        r = run_cli(*args)
+        assert r.returncode == 1 and "No such option" not in r.stderr, r.stderr
+        assert "bolmo-async fetch" in r.stderr  # the command ran: it names what to run first
+
+
+def test_mirror_sample_into_a_file_fails_at_once_in_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, why in ((a_file, "is a file"), (a_file / "sub", "cannot be written")):
+        r = run_cli("mirror", "sample", str(target))
+        assert r.returncode == 2, r.stderr
+        assert _error_lines(r.stderr) == [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(_error_lines(r.stderr)) == 1 and why in r.stderr and str(target) in r.stderr
+        assert "Traceback" not in r.stderr
+    assert a_file.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_text_field_the_data_lacks_stops_the_run_naming_the_fields_found(tmp_path, mirror):
+    out = tmp_path / "o"
+    r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1",
+                "--text-field", "content", "--concurrency", "1", "--processes", "1")  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    [line] = _error_lines(r.stderr)
+    assert "--text-field 'content'" in line and "'text'" in line and "'id'" in line
+    assert "Pass --text-field text" in line
+    assert not (out / "data_sources.txt").exists() and not list((out / "staging").glob("*.done*"))
+    planned = len(json.loads((out / "plan.json").read_text())["files"])
+    fetched = {req["path"] for req in mirror.cdn_requests}
+    assert len(fetched) < planned / 2, "the run stops at the first file, not after fetching everything"
+
+    # parquet: the columns there are
+    r = run_cli("prepare", "-o", str(tmp_path / "p"), "--endpoint", mirror.endpoint, "--include",
+                "data/finemath/*", "--text-field", "content")  # fmt: skip
+    assert r.returncode == 2 and "columns have" in r.stderr and "'text'" in r.stderr, r.stderr
+
+
+def test_a_bad_tokenizer_is_reported_before_the_listing_and_the_plan_table(tmp_path, mirror):
+    import socket
+
+    with socket.socket() as s:  # nothing listens there: an error naming the network would be too late
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    not_json = tmp_path / "tokenizer.model"
+    not_json.write_bytes(b"\x0a\x0bsentencepiece")
+    cases = (
+        (str(tmp_path / "nope.json"), "no such file"),
+        (str(not_json), "not a tokenizers JSON file"),
+        (str(tmp_path), "has no tokenizer.json"),
+    )
+    for ident, why in cases:
+        for cmd in ("prepare", "fetch"):
+            out = tmp_path / f"o-{cmd}"
+            r = run_cli(cmd, "-o", str(out), "--endpoint", dead, "--tokenizer", "subword",
+                        "--tokenizer-identifier", ident)  # fmt: skip
+            assert r.returncode == 2, r.stderr
+            assert len(_error_lines(r.stderr)) == 1 and why in r.stderr and "refused" not in r.stderr
+            assert not out.exists()
+    # A repo that does not exist: found while listing, before the plan table.
+    r = run_cli("prepare", "-o", str(tmp_path / "r"), "--endpoint", mirror.endpoint, "--tokenizer", "subword",
+                "--tokenizer-identifier", "allenai/no-such-tokenizer")  # fmt: skip
+    assert r.returncode == 1 and "allenai/no-such-tokenizer" in r.stderr and "plan:" not in r.stdout
+
+
+def test_an_option_without_effect_is_named(tmp_path, mirror):
+    r = run_cli("fetch", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
+                "--tokenizer", "byte", "--tokenizer-identifier", "./nope.json", "--engine", "tokenizers",
+                "--ray-tasks", "3", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stderr.splitlines() if "no effect" in x]
+    assert any("--tokenizer-identifier, --engine have no effect with --tokenizer byte" in x for x in warned), warned
+    assert any("--ray-tasks has no effect without --ray" in x for x in warned), warned
+
+
+def test_plan_says_what_next_and_a_fetch_that_plans_prints_the_plan(tmp_path, mirror):
+    r = run_cli("plan", "-o", str(tmp_path / "p"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("Next: bolmo-async fetch --output-dir")
+    assert "est. byte tokens" in r.stdout and "est. dolma2 tokens" in r.stdout  # no tokenizer yet: both
+
+    r = run_cli("fetch", "-o", str(tmp_path / "f"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "plan: allenai/bolmo_mix@" in r.stdout and "TOTAL" in r.stdout
+    assert "est. byte tokens" in r.stdout and "dolma2" not in r.stdout  # the run's tokenizer only
+    r = run_cli("fetch", "-o", str(tmp_path / "f"), "--endpoint", mirror.endpoint)
+    assert r.returncode == 0 and "plan:" not in r.stdout  # planned already: no table
+
+
+@needs_dolma2
+def test_a_relative_tokenizer_path_is_recorded_absolute_and_named_in_the_plan_table(tmp_path, mirror):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(DOLMA2.read_bytes())
+    r = subprocess.run(
+        cli("prepare", "-o", "out", "--endpoint", mirror.endpoint, "--data-fraction", "0.02",
+            "--tokenizer", "subword", "--tokenizer-identifier", "tok/tokenizer.json", "--no-progress"),
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    absolute = str(tmp_path / "tok" / "tokenizer.json")
+    assert "est. subword* tokens" in r.stdout and f"* {absolute}, estimated at dolma2's" in r.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["identifier"] == absolute
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["tokenizer"]["identifier"] == absolute
+    assert f"hold {absolute} subword ids" in r.stdout
+
+
+def test_prepare_keeps_the_bound_a_folder_was_finalized_with(tmp_path, mirror):
+    out = tmp_path / "o"
+    base = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    r = run_cli(*base, "--max-tokens-per-file", "3000")
+    assert r.returncode == 0, r.stderr
+    [warning] = [x for x in r.stderr.splitlines() if "is small for training" in x]
+    assert "952 (32%) at 2048" in warning and "3000 (100%) at 4096" in warning and "--sequence-length" in warning
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    assert len(shards) > 1
+    r = run_cli(*base)
+    assert r.returncode == 0, r.stderr
+    assert "--max-tokens-per-file 3000: the bound this folder was finalized with" in r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["max_tokens_per_file"] == 3000 and len(m["shards"]) == len(shards)
+    assert max(s["tokens"] for s in m["shards"]) <= 3000
+
+    # what a fixed-length reader makes of them, counted from the shard files themselves
+    sizes = [Path(s["path"]).stat().st_size // 4 for s in m["shards"]]
+    r = run_cli("inspect", str(out), "--sequence-length", "2048", "--json")
+    assert r.returncode == 0, r.stderr
+    fl = json.loads(r.stdout)["fixed_length"]
+    assert fl["instances"] == sum(n // 2048 for n in sizes)
+    assert fl["dropped_tokens"] == sum(n % 2048 for n in sizes) and fl["tokens"] == sum(sizes)
+    assert fl["shards_dropped_whole"] == sum(n < 2048 for n in sizes)
+    r = run_cli("inspect", str(out), "--sequence-length", "2048")
+    assert f"drops {fl['dropped_tokens']} of {fl['tokens']} tokens" in r.stdout
+    assert run_cli("inspect", str(out), "--sequence-length", "0").returncode == 2
+
+
+def test_help_says_what_the_readme_says():
+    assert "XXH3-128" in run_cli("inspect", "--help").stdout
+    text = re.sub(r"\s+", " ", run_cli("prepare", "--help").stdout)
+    assert "one per 16 MB of planned download, up to the usable cores" in text
+    assert "the plan table, warnings, errors and the summary still print" in text
+
+
+# -- the Python API -----------------------------------------------------------------------------
+
+
+def test_api_names_itself_for_a_wrong_keyword_and_touches_nothing(tmp_path):
+    for fn, kw in ((bolmo_async.fetch, {"tokenizr": "subword"}), (bolmo_async.prepare, {"data_fractoin": 0.1}),
+                   (bolmo_async.plan, {"tokenizer": "byte"}), (bolmo_async.finalize, {"max_tokens": 5})):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}\(\) got an unexpected keyword") as e:
+            fn(tmp_path / "o", **kw)
+        assert "_fetch" not in str(e.value) and next(iter(kw)) in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_takes_the_selection_as_keywords_and_the_cli_spelling_of_special_tokens(tmp_path, mirror):
+    p = bolmo_async.plan(tmp_path / "o", endpoint=mirror.endpoint, include=["data/stack_edu/*"], data_fraction=0.5)
+    assert p.selection == bolmo_async.Selection(include=("data/stack_edu/*",))
+    assert p.files and all(f.path.startswith("data/stack_edu/") for f in p.files)
+    with pytest.raises(TypeError, match="selection= and include"):
+        bolmo_async.plan(tmp_path / "x", include=["a"], selection=bolmo_async.Selection())
+    with pytest.warns(DeprecationWarning, match="special_tokens_as_ids"):
+        bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, special_tokens_as_text=True, progress=False)
+    with pytest.raises(TypeError, match="pass special_tokens_as_ids only"):
+        bolmo_async.fetch(tmp_path / "o", special_tokens_as_ids=True, special_tokens_as_text=False)
+    seen = []
+    bolmo_async.fetch(tmp_path / "n", endpoint=mirror.endpoint, data_fraction=0.05, on_plan=seen.append, progress=False)
+    assert len(seen) == 1 and seen[0].data_fraction == 0.05
+
+
+def test_api_is_discoverable():
+    names = dir(bolmo_async)
+    for name in ("plan", "fetch", "finalize", "prepare", "inspect", "Selection", "BolmoError"):
+        assert name in names and getattr(bolmo_async, name).__doc__, name
+    assert "sequence_length" in bolmo_async.inspect.__doc__
+    assert "special_tokens_as_ids" in bolmo_async.fetch.__doc__

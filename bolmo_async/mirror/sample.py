@@ -151,6 +151,22 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def writable_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder``, created if needed, once a file could be written in it; else ValueError naming
+    why (checked before any work: generating the sample takes seconds)."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; choose a folder path (it is created if needed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".bolmo-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{out} cannot be written ({exc.strerror or exc}); choose another folder") from None
+    return out
+
+
 def build_sample(folder: str | os.PathLike[str], size_mb: float = 8.0, seed: int = 0) -> dict[str, Any]:
     """Write the sample mix into ``folder`` (``folder/data/<source>/...``) and return a summary.
 
@@ -158,7 +174,7 @@ def build_sample(folder: str | os.PathLike[str], size_mb: float = 8.0, seed: int
     """
     if size_mb <= 0:
         raise ValueError("--size-mb must be positive")
-    out = Path(folder)
+    out = writable_folder(folder)
     total = int(size_mb * 1_000_000)
     big_doc = int(min(3_000_000, max(50_000, total * 0.1)))
     prose, code = _corpus(max(total // 2, big_doc) + 200_000)
@@ -216,6 +232,7 @@ def train_demo_tokenizer(
     and ``tokenizer_config.json``; deterministic for the same sample."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    out = writable_folder(folder)
     texts: list[str] = []
     for path in sorted(Path(sample).rglob("*.jsonl*")):
         raw = path.read_bytes()
@@ -240,8 +257,6 @@ def train_demo_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}\n')
     return out / "tokenizer.json"

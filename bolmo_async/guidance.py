@@ -1,0 +1,205 @@
+"""What a user is told before a run starts, and what a trainer will make of the output.
+
+- the Python API's keywords: the CLI's spelling ``special_tokens_as_ids`` is the API's too, a
+  relative tokenizer path is made absolute (the manifest must name a file a later reader can
+  find), a local tokenizer is checked before any listing;
+- options that have no effect in this run (a subword option with ``tokenizer="byte"``);
+- shard bounds that fixed-length trainers waste: OLMo-core's fixed-length numpy datasets cut
+  each shard (each file of ``data_sources.txt``) into ``tokens // sequence_length`` instances
+  and drop the rest of the file, so a shard barely longer than a sequence loses a large part
+  of itself, and one shorter than a sequence all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection
+from .tokenize import DEFAULT_CHECK_EVERY
+
+log = logging.getLogger("bolmo_async")
+
+#: Options that only a subword tokenizer reads, with their defaults (besides special_tokens_as_ids).
+SUBWORD_ONLY: dict[str, Any] = {
+    "tokenizer_identifier": DEFAULT_TOKENIZER_ID,
+    "eos_token_id": None,
+    "engine": "auto",
+    "check_every": DEFAULT_CHECK_EVERY,
+}
+
+#: The selection keywords ``plan`` and ``prepare`` take directly (or as one ``Selection``).
+SELECTION_KEYWORDS = ("include", "exclude", "source_depth", "source_fractions", "text_field", "id_field")
+
+#: Sequence lengths trainers commonly read Bolmo / OLMo data at (tokens).
+TYPICAL_SEQUENCE_LENGTHS = (2048, 4096, 8192)
+#: Below this bound a full shard loses more than 1.5% at sequence length 4096: warn.
+SHORT_SHARD_BOUND = 64 * 4096
+
+
+def flag(keyword: str) -> str:
+    return "--" + keyword.replace("_", "-")
+
+
+def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords as the implementation takes them; warnings for options without effect."""
+    kw = dict(kwargs)
+    if "special_tokens_as_ids" in kw:
+        if "special_tokens_as_text" in kw:
+            raise TypeError(
+                f"bolmo_async.{fn_name}() got both special_tokens_as_ids and special_tokens_as_text: "
+                "pass special_tokens_as_ids only"
+            )
+        kw["special_tokens_as_text"] = not kw.pop("special_tokens_as_ids")
+    elif "special_tokens_as_text" in kw:
+        warnings.warn(
+            "special_tokens_as_text is deprecated: pass special_tokens_as_ids (the CLI's --special-tokens-as-ids), "
+            "its reverse",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    ident = kw.get("tokenizer_identifier")
+    if isinstance(ident, str | Path):
+        kw["tokenizer_identifier"] = absolute_tokenizer_path(str(ident))
+        if kw.get("tokenizer") == "subword":
+            check_local_tokenizer(str(ident), kw["tokenizer_identifier"])
+    if kw.get("tokenizer", "byte") == "byte":
+        idle = [k for k, default in SUBWORD_ONLY.items() if k in kw and kw[k] != default]
+        if not kw.get("special_tokens_as_text", True):
+            idle.append("special_tokens_as_ids")
+        if idle:
+            log.warning(
+                "%s %s no effect with --tokenizer byte (byte ids need no tokenizer); pass --tokenizer subword to use %s",
+                ", ".join(flag(k) for k in idle),
+                "has" if len(idle) == 1 else "have",
+                "it" if len(idle) == 1 else "them",
+            )
+    bound = kw.get("max_tokens_per_file")
+    if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 2:
+        warn_short_shards(bound)
+    return kw
+
+
+def check_local_tokenizer(given: str, resolved: str) -> None:
+    """What can be told of a local tokenizer before any listing or download: that it exists and
+    is a JSON object (the full load, on a thread, races the listing)."""
+    if not _looks_local(given):
+        return  # a Hub repo id: fetched (and checked) while the repo is listed
+    p = Path(resolved)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+        if not p.is_file():
+            raise UsageError(
+                f"--tokenizer-identifier {given}: the folder has no tokenizer.json; point it at a tokenizer.json, "
+                "a folder holding one, or a Hub repo id like allenai/dolma2-tokenizer."
+            )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096).lstrip()
+    except FileNotFoundError:
+        raise UsageError(
+            f"--tokenizer-identifier {given}: no such file or folder ({p}); pass a tokenizer.json, a folder holding "
+            "one, or a Hub repo id like allenai/dolma2-tokenizer."
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"--tokenizer-identifier {given}: cannot be read ({exc.strerror or exc}).") from None
+    if not head.startswith(b"{"):
+        raise UsageError(
+            f"--tokenizer-identifier {given}: {p} is not a tokenizers JSON file (a tokenizer.json, as "
+            "`tokenizer.save()` writes it, starts with '{')."
+        )
+
+
+def absolute_tokenizer_path(identifier: str) -> str:
+    """A tokenizer file or folder as an absolute path (kept in run.json and the manifest);
+    a Hub repo id unchanged."""
+    return str(Path(identifier).expanduser().resolve()) if _looks_local(identifier) else identifier
+
+
+def _looks_local(identifier: str) -> bool:
+    """A path rather than a Hub repo id (``namespace/name``)."""
+    return (
+        Path(identifier).expanduser().exists()
+        or identifier.startswith((".", "/", "~"))
+        or identifier.endswith(".json")
+        or identifier.count("/") != 1
+    )
+
+
+def selection_from(fn_name: str, selection: Selection | None, **fields: Any) -> Selection:
+    """``selection=`` or the selection keywords given directly (not both)."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if selection is not None:
+        if given:
+            raise TypeError(
+                f"bolmo_async.{fn_name}() got selection= and {', '.join(sorted(given))}: pass one or the other"
+            )
+        return selection
+    fractions = given.get("source_fractions") or {}
+    pairs = fractions.items() if isinstance(fractions, Mapping) else fractions
+    for name in ("include", "exclude"):
+        if isinstance(given.get(name), str):  # one glob, not its characters
+            given[name] = (given[name],)
+    return Selection(
+        include=tuple(given.get("include", ())),
+        exclude=tuple(given.get("exclude", ())),
+        source_depth=given.get("source_depth"),
+        source_fractions=tuple(sorted((str(k), float(v)) for k, v in pairs)),
+        text_field=given.get("text_field", "text"),
+        id_field=given.get("id_field", "id"),
+    )
+
+
+def short_shard_warning(bound: int) -> str | None:
+    """The warning for a ``--max-tokens-per-file`` that fixed-length trainers would waste, or None."""
+    if bound >= SHORT_SHARD_BOUND:
+        return None
+    parts = []
+    for n in TYPICAL_SEQUENCE_LENGTHS:
+        lost = bound % n if bound >= n else bound
+        parts.append(f"{lost} ({100 * lost / bound:.0f}%) at {n}")
+    return (
+        f"--max-tokens-per-file {bound} is small for training: OLMo-core's fixed-length datasets drop the tail of "
+        f"every shard shorter than one sequence, so a full shard of {bound} tokens loses, by sequence length, "
+        f"{', '.join(parts)}. Use at least {SHORT_SHARD_BOUND} (default {DEFAULT_MAX_TOKENS_PER_FILE}); "
+        "`bolmo-async inspect DIR --sequence-length N` counts what a finished output loses."
+    )
+
+
+def warn_short_shards(bound: int) -> None:
+    msg = short_shard_warning(bound)
+    if msg:
+        log.warning("%s", msg)
+
+
+def fixed_length_loss(shard_tokens: Iterable[int], sequence_length: int) -> dict[str, Any]:
+    """What a fixed-length reader at ``sequence_length`` makes of shards of these token counts:
+    ``size // sequence_length`` instances per shard, the rest of each shard dropped."""
+    tokens = list(shard_tokens)
+    instances = sum(t // sequence_length for t in tokens)
+    total = sum(tokens)
+    dropped = total - instances * sequence_length
+    return {
+        "sequence_length": sequence_length,
+        "instances": instances,
+        "tokens": total,
+        "dropped_tokens": dropped,
+        "dropped_fraction": dropped / total if total else 0.0,
+        "shards_dropped_whole": sum(1 for t in tokens if t < sequence_length),
+    }
+
+
+__all__ = [
+    "SELECTION_KEYWORDS",
+    "TYPICAL_SEQUENCE_LENGTHS",
+    "absolute_tokenizer_path",
+    "fixed_length_loss",
+    "normalize",
+    "selection_from",
+    "short_shard_warning",
+    "warn_short_shards",
+]

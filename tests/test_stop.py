@@ -1,0 +1,123 @@
+"""A stop never waits on a CPU step in progress.
+
+One BPE encode of a large document, or building the fastokens engine, takes seconds in native
+code that cannot be interrupted. The worker below tokenizes with the real byte tokenizer behind
+a gate: its encode is "in progress" for as long as the test keeps the gate closed. The stop must
+complete (file aborted, temporary removed, worker ended) while the gate is still closed. No
+timing bound: the assertion is that the stop did not wait for the encode.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+import bolmo_async
+from bolmo_async import messages
+from bolmo_async.executors.local import Pool
+from bolmo_async.tokenize import ByteTokenizer
+from bolmo_async.worker import Worker, WorkerSpec
+
+
+class _Gated:
+    """The real byte tokenizer, whose encode waits at ``gate`` (after setting ``entered``)."""
+
+    def __init__(self, entered: threading.Event, gate: threading.Event):
+        self.inner = ByteTokenizer()
+        self.entered, self.gate = entered, gate
+
+    def tokens_column(self, texts: Any) -> Any:
+        self.entered.set()
+        self.gate.wait(120)
+        return self.inner.tokens_column(texts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _GatedSpec:
+    def __init__(self, entered: threading.Event, gate: threading.Event):
+        self.entered, self.gate = entered, gate
+
+    def build(self) -> _Gated:
+        return _Gated(self.entered, self.gate)
+
+
+def _spec(out: Any, mirror: Any, entered: threading.Event, gate: threading.Event) -> WorkerSpec:
+    p = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2, include=["data/common_crawl/*"])
+    return WorkerSpec(
+        output_dir=str(out),
+        files=p.files,
+        repo_id=p.repo_id,
+        commit=p.commit,
+        endpoint=mirror.endpoint,
+        tokenizer=_GatedSpec(entered, gate),
+        eos=1,
+    )
+
+
+def _left_behind(out: Any) -> list[str]:
+    """What the staging folder holds besides the per-file lock files (kept by design)."""
+    staging = out / "staging"
+    return sorted(p.name for p in staging.iterdir() if not p.name.endswith(".lock")) if staging.is_dir() else []
+
+
+def test_a_worker_stops_without_waiting_for_the_encode_in_progress(tmp_path, mirror):
+    entered, gate = threading.Event(), threading.Event()
+    out = tmp_path / "o"
+    spec = _spec(out, mirror, entered, gate)
+    inbox: queue.Queue[Any] = queue.Queue()
+    outbox: queue.Queue[Any] = queue.Queue()
+    worker = Worker(0, spec, inbox.get, outbox.put)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        inbox.put(messages.FileTask(0))
+        assert entered.wait(60), "the file never reached its encode"
+        worker.cancel()
+        inbox.put(messages.Stop())
+        thread.join(30)
+        assert not thread.is_alive(), "the worker waited for the encode in progress"
+        assert not gate.is_set()
+        assert _left_behind(out) == [], "the aborted file's temporary is removed at once"
+        kinds = []
+        while not outbox.empty():
+            kinds.append(type(outbox.get()))
+        assert messages.Exit in kinds and messages.Staged not in kinds
+    finally:
+        gate.set()
+    # the encode ends later, into an unlinked file: still nothing staged, nothing left behind
+    for t in threading.enumerate():
+        if t.name.startswith("bolmo-abort"):
+            t.join(30)
+    assert _left_behind(out) == []
+
+
+def test_ctrl_c_stops_an_in_process_run_while_an_encode_is_in_progress(tmp_path, mirror):
+    """A real SIGINT to this process, as Ctrl+C sends it, while the worker (on a thread of this
+    process, as small plans run) is inside an encode."""
+    entered, gate = threading.Event(), threading.Event()
+    out = tmp_path / "o"
+    spec = _spec(out, mirror, entered, gate)
+
+    def interrupt() -> None:
+        if entered.wait(60):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    pool = Pool(1)
+    pool.start(spec)
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.run(list(range(len(spec.files))))
+        assert entered.is_set() and not gate.is_set()
+        member = pool.members[0]
+        assert member.thread is not None and not member.thread.is_alive(), "the stop waited for the encode"
+        assert _left_behind(out) == []
+    finally:
+        gate.set()
