@@ -48,7 +48,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import OutputError, StateError, UsageError
+from ..errors import OutputError, Retry, StateError, UsageError
+from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
 from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, fit_name
 from .local import LocalNewFile, translate
 
@@ -99,52 +100,26 @@ def _own_scratch() -> Path:
 
 
 # -- the retry helper ------------------------------------------------------------------------------
-def _retry_module() -> Any:
-    try:
-        from .. import retry
-    except ImportError:  # the one retry helper not on this branch yet: a minimal stand-in
-        return None
-    return retry
-
-
-class _Transient(Exception):
-    """The stand-in's "try again" (``retry.Retry`` when the helper is there)."""
-
-
 def transient(reason: str) -> Exception:
-    mod = _retry_module()
-    return mod.Retry(reason) if mod is not None else _Transient(reason)
+    return Retry(reason)
 
 
 def retrying(what: str, attempt: Callable[[], T], fail: Callable[[str, int], BaseException], attempts: int = 0) -> T:
-    """``attempt()`` through the project's retry helper (``retry.retrying_sync``)."""
-    mod = _retry_module()
-    if mod is not None:
-        policy = mod.RetryPolicy(max_attempts=attempts) if attempts else mod.RetryPolicy()
-        return mod.retrying_sync(policy, what, attempt, fail=fail, retry_on=(_Transient, *mod.SYNC_RETRY_EXCEPTIONS))
-    n, budget = 0, attempts or 8
-    while True:
-        n += 1
-        try:
-            return attempt()
-        except (_Transient, ConnectionError, TimeoutError) as exc:
-            if n >= budget:
-                raise fail(str(exc), n) from exc
-            delay = min(30.0, 0.25 * 2 ** (n - 1))
-            log.warning("%s: %s [retry %d/%d in %.1fs]", what, exc, n, budget, delay)
-            time.sleep(delay)
+    """``attempt()`` through the project's one retry helper (``attempts``: a smaller budget)."""
+    policy = RetryPolicy(max_attempts=attempts) if attempts else RetryPolicy()
+    return retrying_sync(policy, what, attempt, fail=fail, retry_on=SYNC_RETRY_EXCEPTIONS)
 
 
 def _policy_config() -> dict[str, Any]:
     """obstore's per-request retry, for the parts of streamed uploads, from the same policy."""
-    mod = _retry_module()
-    attempts, base, cap = 8, 0.25, 30.0
-    if mod is not None:
-        p = mod.RetryPolicy()
-        attempts, base, cap = p.max_attempts, p.base_delay, p.max_delay
+    p = RetryPolicy()
     return {
-        "max_retries": attempts - 1,
-        "backoff": {"init_backoff": dt.timedelta(seconds=base), "max_backoff": dt.timedelta(seconds=cap), "base": 2},
+        "max_retries": p.max_attempts - 1,
+        "backoff": {
+            "init_backoff": dt.timedelta(seconds=p.base_delay),
+            "max_backoff": dt.timedelta(seconds=p.max_delay),
+            "base": 2,
+        },
         "retry_timeout": dt.timedelta(seconds=300),
     }
 
