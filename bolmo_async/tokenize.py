@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
+import itertools
 import json
 import logging
 import os
@@ -584,9 +584,9 @@ class SubwordTokenizer:
                 f"{self.identifier}: the tokenizer's vocabulary is empty: every document would become just EOS. "
                 "Check --tokenizer-identifier (a tokenizer.json with its model's vocabulary)."
             )
-        entries = heapq.nsmallest(8, (vocab or {}).items(), key=lambda kv: kv[1] if isinstance(kv[1], int) else 0)
-        texts = [*PROBE_TEXTS, *(k for k, _ in entries)]
+        texts = [*PROBE_TEXTS, *itertools.islice(vocab or {}, 8)]
         with _stderr_held(), _panics_as_errors(self.identifier):
+            # Built in the coordinator (0.3 s for dolma2, on a thread while the repo is listed).
             encodings = self._reference().encode_batch(texts, add_special_tokens=False)
         if not any(e.ids for e in encodings):
             raise TokenizerError(
