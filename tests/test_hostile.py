@@ -675,3 +675,56 @@ def test_the_readmes_bpe_gives_the_reference_shards_with_default_flags(tmp_path)
             )  # fmt: skip
     assert got["auto"]["tokenizer"]["engine"] == "tokenizers"
     assert [s["xxh3_128"] for s in got["auto"]["shards"]] == [s["xxh3_128"] for s in got["tokenizers"]["shards"]]
+
+
+def _write_bomb(path: Path, shape: str, mib: int) -> None:
+    """``mib`` MiB of ``shape`` compressed into ``path`` (.zst or .gz) as a stream: never in memory."""
+    piece = {
+        "newlines": b"\n" * (1 << 20),
+        "spaces": b" " * (1 << 20),
+        "invalid": b'{"text": "' + b"x" * ((1 << 20) - 11) + b"\n",
+    }[shape]
+    with open(path, "wb") as f:
+        if path.suffix == ".zst":
+            with zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False) as w:
+                w.write(b'{"text": "' if shape == "spaces" else b"")
+                for _ in range(mib):
+                    w.write(piece)
+                w.write(b'"}\n' if shape == "spaces" else b"")
+        else:
+            z = zlib.compressobj(1, wbits=31)
+            f.write(z.compress(b'{"text": "' if shape == "spaces" else b""))
+            for _ in range(mib):
+                f.write(z.compress(piece))
+            f.write(z.compress(b'"}\n' if shape == "spaces" else b"") + z.flush())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "shape", "skips"),
+    [
+        ("nl.jsonl.zst", "newlines", {"blank_line": 2 << 30}),
+        ("nl.jsonl.gz", "newlines", {"blank_line": 2 << 30}),
+        ("line.jsonl.zst", "spaces", {"document_too_large": 1}),
+        ("bad.jsonl.gz", "invalid", {"invalid_json": 2048}),
+    ],
+)
+def test_a_2_gib_decompression_bomb_is_skipped_within_memory_and_a_minute(tmp_path, name, shape, skips):
+    """The issue's bombs at full size through `prepare` (one worker): each run over within 60 s,
+    every process of the tree under 400 MiB (so the tree of two under 1 GiB), what it held counted."""
+    d = tmp_path / "repo" / "data" / "bomb"
+    d.mkdir(parents=True)
+    _write_bomb(d / name, shape, 2048)
+    (d / "normal.jsonl").write_text(NORMAL + "\n")
+    start = time.monotonic()
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        code, err, peak = _largest_process_peak(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1",
+            "--processes", "1", "--no-progress", timeout=120,
+        )  # fmt: skip
+    took = time.monotonic() - start
+    assert code == 0, err[-3000:]
+    totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
+    assert totals["skipped_documents"] == skips and totals["documents"] == 100
+    assert took < 60, f"{took:.0f} s"
+    assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
