@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import os
+import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -334,13 +338,107 @@ def fastokens_available() -> bool:
     return importlib.util.find_spec("fastokens") is not None
 
 
-def resolve_engine(engine: str) -> str:
-    """``auto`` -> the engine a run uses; an unknown name is a usage error."""
+def fastokens_fit(spec: dict[str, Any]) -> str | None:
+    """None if ``spec`` is of the kind fastokens is proven to encode exactly as the reference
+    (byte-level BPE where every byte has a token, as dolma2 and GPT-2-style tokenizers are: the
+    exactness harness and the tests run it on them), else why it is not. Elsewhere it can differ
+    where no sampled check looks: with no pre-tokenizer, a character outside the vocabulary makes
+    fastokens split the word where ``tokenizers`` drops it and merges across."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return "its model is not BPE"
+    if spec.get("normalizer") is not None:
+        return "it has a normalizer"
+    if model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix"):
+        return "its BPE has byte_fallback, dropout or a subword prefix"
+    if model.get("end_of_word_suffix"):
+        return "its BPE has an end-of-word suffix"
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(isinstance(x, dict) for x in steps):
+        return "its pre-tokenizer is malformed"
+    kinds = [x.get("type") for x in steps]
+    if "ByteLevel" not in kinds or not set(kinds) <= {"ByteLevel", "Split"}:
+        return "its pre-tokenizer is not byte-level (ByteLevel, optionally after a Split regex)"
+    vocab = model.get("vocab") or {}
+    if any(ch not in vocab for ch in _bytes_to_unicode().values()):
+        return "not every byte has a token"
+    return None
+
+
+def resolve_engine(engine: str, spec: dict[str, Any] | None = None) -> str:
+    """``auto`` -> the engine a run uses: fastokens for the kind of tokenizer it is proven equal to
+    the reference on (``fastokens_fit``), the reference for any other; an unknown name is a usage
+    error."""
     if engine not in ENGINES:
         raise TokenizerError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "auto":
-        return "fastokens" if fastokens_available() else "tokenizers"
+        if not fastokens_available():
+            return "tokenizers"
+        why = fastokens_fit(spec) if spec is not None else None
+        if why is not None:
+            log.info("engine: tokenizers, the reference (%s; --engine fastokens to insist)", why)
+            return "tokenizers"
+        return "fastokens"
     return engine
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic inside a tokenizer library (pyo3's PanicException, a BaseException)."""
+    return type(exc).__name__ == "PanicException"
+
+
+@contextlib.contextmanager
+def _panics_as_errors(identifier: str) -> Iterator[None]:
+    """A panic of the tokenizer library -> TokenizerError (one line; the run stops on it)."""
+    try:
+        yield
+    except BaseException as exc:
+        if not _is_panic(exc):
+            raise
+        raise TokenizerError(
+            f"{identifier}: the tokenizer library crashed on this tokenizer (a panic: {str(exc)[:200]}). "
+            "Fix the tokenizer JSON (its normalizer or pre-tokenizer) or choose another --tokenizer-identifier."
+        ) from None
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file for the block, and what it got is written out
+    after it, unless the block raised (then it was a Rust panic's backtrace, which the error
+    replaces)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok and held.tell():
+                held.seek(0)
+                with contextlib.suppress(OSError):
+                    os.write(2, held.read())
+
+
+#: Texts every tokenizer encodes once when it is loaded: a tokenizer that panics on them, or that
+#: cannot be built, is refused before anything is downloaded.
+PROBE_TEXTS = (
+    "Hello world",
+    "  two  spaces\tand a tab\n\nnew lines\r\n",
+    "é东京 ß ж ह 🚀 👩‍👩‍👧 a\u0301 'll 's 123456",
+    "<|endoftext|>",
+    "",
+)
 
 
 class SubwordTokenizer:
@@ -363,7 +461,8 @@ class SubwordTokenizer:
     ):
         """``checked``: what the coordinator already found for this very source and these
         options; a worker then skips parsing the JSON (tens of MB of Python objects per process)."""
-        self.engine = resolve_engine(engine)
+        if engine not in ENGINES:
+            resolve_engine(engine)  # the usage error
         if check_every < 0:
             raise TokenizerError("--check-every must be 0 (off) or a positive number of documents")
         self.identifier = source.identifier
@@ -374,17 +473,20 @@ class SubwordTokenizer:
         self._hf_obj: Any = None
         self._build_lock = threading.Lock()  # engines are built once, whichever thread asks first
         self._seen = 0
-        if checked is not None and self.engine != "tiktoken":
+        if checked is not None and engine != "tiktoken":
+            self.engine = checked.engine if engine == "auto" else engine
             self._special = self._nonspecial = {}
             self._allowed: set[str] = set()
             self.eos, self.info = checked.eos_token_id, checked
             return
         spec = parse_tokenizer_json(source)
+        self.engine = resolve_engine(engine, spec)
         added = spec.get("added_tokens", [])
         self._special = {a["content"]: a["id"] for a in added if a.get("special")}
         self._nonspecial = {a["content"]: a["id"] for a in added if not a.get("special")}
         if self.engine == "fastokens" and not fastokens_available():
             raise TokenizerError("--engine fastokens: the fastokens package is not installed (pip install fastokens).")
+        self._probe(spec)
         if self.engine == "tiktoken":
             why = tiktoken_exact(spec, self._reference)
             if why is not None:
@@ -420,8 +522,10 @@ class SubwordTokenizer:
 
             try:
                 hf = HFTokenizer.from_str(self.source_json)
-            except Exception as exc:  # tokenizers raises plain Exception on bad JSON
-                raise TokenizerError(f"{self.identifier}: not a valid tokenizers JSON ({exc})") from exc
+            except BaseException as exc:  # tokenizers raises plain Exception on bad JSON, or panics
+                if not isinstance(exc, Exception) and not _is_panic(exc):
+                    raise
+                raise TokenizerError(f"{self.identifier}: not a valid tokenizers JSON ({exc})") from None
             hf.encode_special_tokens = self.special_tokens_as_text
             self._hf_obj = hf
         return self._hf_obj
@@ -464,7 +568,31 @@ class SubwordTokenizer:
 
     def warm(self) -> None:
         """Build the engine now (worker start-up) instead of at the first batch."""
-        self._engine()
+        with _panics_as_errors(self.identifier):
+            self._engine()
+
+    def _probe(self, spec: dict[str, Any]) -> None:
+        """Build the reference engine and encode ``PROBE_TEXTS`` and a few vocabulary entries with
+        it, once, where the tokenizer is loaded: a JSON it refuses (negative ids, bad merges, a bad
+        regex), one it panics on (pyo3's PanicException, a BaseException that would escape every
+        handler of a worker), or one that encodes text to nothing is a TokenizerError before
+        anything is downloaded. The panic's own message (written to stderr by Rust) is held back:
+        the error says it in one line."""
+        vocab = spec["model"].get("vocab")
+        if vocab is not None and not vocab:
+            raise TokenizerError(
+                f"{self.identifier}: the tokenizer's vocabulary is empty: every document would become just EOS. "
+                "Check --tokenizer-identifier (a tokenizer.json with its model's vocabulary)."
+            )
+        texts = [*PROBE_TEXTS, *itertools.islice(vocab or {}, 8)]
+        with _stderr_held(), _panics_as_errors(self.identifier):
+            # Built in the coordinator (0.3 s for dolma2, on a thread while the repo is listed).
+            encodings = self._reference().encode_batch(texts, add_special_tokens=False)
+        if not any(e.ids for e in encodings):
+            raise TokenizerError(
+                f"{self.identifier}: the tokenizer encodes every probe text (and its own vocabulary) to no tokens: "
+                "every document would become just EOS. Check --tokenizer-identifier."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -490,19 +618,21 @@ class SubwordTokenizer:
     # -- encoding -------------------------------------------------------------------------
     def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids without EOS, flat, and the int64 offsets of each text (len n + 1)."""
-        eng = self._engine()
-        if self.engine == "fastokens":
-            ids, offs = eng.encode_batch_flat(
-                texts, add_special_tokens=False, split_special_tokens=self.special_tokens_as_text
-            )
-            return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offs, dtype="<u8").astype(np.int64)
-        if self.engine == "tokenizers":
-            pieces = [np.asarray(e.ids, dtype=np.uint32) for e in eng.encode_batch(texts, add_special_tokens=False)]
-        else:
-            pieces = [
-                np.asarray(eng.encode(t, allowed_special=self._allowed, disallowed_special=()), dtype=np.uint32)
-                for t in texts
-            ]
+        with _panics_as_errors(self.identifier):
+            eng = self._engine()
+            if self.engine == "fastokens":
+                ids, offs = eng.encode_batch_flat(
+                    texts, add_special_tokens=False, split_special_tokens=self.special_tokens_as_text
+                )
+                return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offs, dtype="<u8").astype(np.int64)
+            if self.engine == "tokenizers":
+                encodings = eng.encode_batch(texts, add_special_tokens=False)
+                pieces = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+            else:
+                pieces = [
+                    np.asarray(eng.encode(t, allowed_special=self._allowed, disallowed_special=()), dtype=np.uint32)
+                    for t in texts
+                ]
         offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in pieces], out=offsets[1:])
         flat = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
@@ -510,10 +640,12 @@ class SubwordTokenizer:
 
     def encode_reference(self, text: str) -> list[int]:
         """The ``tokenizers`` engine on one text, whatever engine is in use."""
-        return list(self._reference().encode(text, add_special_tokens=False).ids)
+        with _panics_as_errors(self.identifier):
+            return list(self._reference().encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
-        return str(self._reference().decode(ids, skip_special_tokens=False))
+        with _panics_as_errors(self.identifier):
+            return str(self._reference().decode(ids, skip_special_tokens=False))
 
     def encode_batch(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
         """Flat uint32 ids with an EOS after every document, and the int64 document offsets."""

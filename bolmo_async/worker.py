@@ -147,6 +147,8 @@ class Worker:
             tokenizer = spec.tokenizer.build()
             # The BPE engine builds on a thread while the first files download.
             warm = loop.run_in_executor(executor, getattr(tokenizer, "warm", lambda: None))
+            # Its error is the first file's too (said once, by that file): never "never retrieved".
+            warm.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._send(m.Ready(self.wid, tokenizer.info.engine))
             retry = RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout)
             async with make_session(spec.slots, retry) as session:

@@ -569,3 +569,162 @@ def test_a_truncated_parquet_file_stands_out_in_the_summary_and_manifest(tmp_pat
     assert totals["documents"] == 10 + 4000
     said = done.stdout + done.stderr
     assert "UNREADABLE: 1 file(s) gave no data at all" in said and "data/b/cut.parquet" in said
+
+
+def _tokenizer_json(kind: str) -> dict:
+    """Tokenizer JSONs that `tokenizers` refuses, panics on, or that hold no vocabulary."""
+    byte_vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
+    spec: dict = {
+        "version": "1.0",
+        "added_tokens": [
+            {
+                "id": 256,
+                "content": "<|endoftext|>",
+                "special": True,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": byte_vocab,
+            "merges": [],
+        },
+    }
+    if kind == "negative_id":
+        spec["model"]["vocab"]["a"] = -5
+    elif kind == "bad_merge":
+        spec["model"]["merges"] = ["zz qq"]
+    elif kind == "bad_regex":
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(["}, "behavior": "Isolated", "invert": False}
+    elif kind == "panics":
+        spec["normalizer"] = {"type": "Replace", "pattern": {"Regex": ""}, "content": "x"}
+    elif kind == "empty_vocabulary":
+        spec["model"]["vocab"] = {}
+        spec["added_tokens"][0]["id"] = 0
+    return spec
+
+
+def _byte_level_alphabet() -> list[str]:
+    from bolmo_async.tokenize import _bytes_to_unicode
+
+    return list(_bytes_to_unicode().values())
+
+
+@pytest.mark.parametrize("kind", ["negative_id", "bad_merge", "bad_regex", "panics", "empty_vocabulary"])
+def test_a_bad_tokenizer_ends_the_run_in_one_line(tmp_path, kind):
+    """Refused where the tokenizer is loaded, before any download: exit 1 with one error line, no
+    traceback, no "Future exception was never retrieved", no Rust panic message, and never a hang
+    (the panicking one hung until killed; the empty vocabulary gave only EOS tokens, exit 0)."""
+    from .helpers import run_cli
+
+    docs = "\n".join(json.dumps({"id": str(i), "text": f"hello world {i}"}) for i in range(400))
+    repo = _repo_with(tmp_path, {"data/a/x.jsonl": docs.encode()})
+    (tmp_path / "tok.json").write_text(json.dumps(_tokenizer_json(kind)))
+    start = time.monotonic()
+    with MirrorThread([repo]) as m:
+        done = run_cli(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1", "--no-progress",
+            "--tokenizer", "subword", "--tokenizer-identifier", str(tmp_path / "tok.json"), timeout=60,
+        )  # fmt: skip
+    assert time.monotonic() - start < 30
+    assert done.returncode == 1, done.stderr[-2000:]
+    said = done.stdout + done.stderr
+    assert [line for line in said.splitlines() if line.startswith("error:")] != []
+    assert len([line for line in said.splitlines() if "error" in line.lower()]) == 1, said
+    for noise in ("Traceback", "never retrieved", "panicked"):
+        assert noise not in said, said
+    assert not list((tmp_path / "o").glob("staging/*.arrow"))  # refused before anything was staged
+
+
+def test_the_readmes_bpe_gives_the_reference_shards_with_default_flags(tmp_path):
+    """The README's BPE (vocabulary a b c bc ab abc, merges b c, a b, ab c, no pre-tokenizer) and
+    one document "ab c" among 2000: fastokens splits at the unknown space, tokenizers drops it and
+    merges across, and the sampled check (one in 1000) never looks at it. Default flags must give
+    exactly the reference engine's shards (the plan is over 1 MB: no smoke-test shortcut)."""
+    import random
+
+    rng = random.Random(0)
+    docs = ["".join(rng.choice("abc") for _ in range(600)) for _ in range(2000)]
+    docs[500] = "ab c"
+    data = "\n".join(json.dumps({"id": str(i), "text": t}) for i, t in enumerate(docs)).encode()
+    assert len(data) > 1 << 20
+    repo = _repo_with(tmp_path, {"data/a/x.jsonl": data})
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
+    spec = _tokenizer_json("none")
+    spec.update(pre_tokenizer=None)
+    spec["model"].update(vocab=vocab, merges=["b c", "a b", "ab c"])
+    spec["added_tokens"][0]["id"] = 6
+    (tmp_path / "tok.json").write_text(json.dumps(spec))
+    got = {}
+    with MirrorThread([repo]) as m:
+        for engine in ("auto", "tokenizers"):
+            got[engine] = bolmo_async.prepare(
+                tmp_path / engine, endpoint=m.endpoint, data_fraction=1.0, progress=False, tokenizer="subword",
+                tokenizer_identifier=str(tmp_path / "tok.json"), engine=engine, processes=1,
+            )  # fmt: skip
+    assert got["auto"]["tokenizer"]["engine"] == "tokenizers"
+    assert [s["xxh3_128"] for s in got["auto"]["shards"]] == [s["xxh3_128"] for s in got["tokenizers"]["shards"]]
+
+
+def _write_bomb(path: Path, shape: str, mib: int) -> None:
+    """``mib`` MiB of ``shape`` compressed into ``path`` (.zst or .gz) as a stream: never in memory."""
+    piece = {
+        "newlines": b"\n" * (1 << 20),
+        "spaces": b" " * (1 << 20),
+        "invalid": b'{"text": "' + b"x" * ((1 << 20) - 11) + b"\n",
+    }[shape]
+    with open(path, "wb") as f:
+        if path.suffix == ".zst":
+            with zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False) as w:
+                w.write(b'{"text": "' if shape == "spaces" else b"")
+                for _ in range(mib):
+                    w.write(piece)
+                w.write(b'"}\n' if shape == "spaces" else b"")
+        else:
+            z = zlib.compressobj(1, wbits=31)
+            f.write(z.compress(b'{"text": "' if shape == "spaces" else b""))
+            for _ in range(mib):
+                f.write(z.compress(piece))
+            f.write(z.compress(b'"}\n' if shape == "spaces" else b"") + z.flush())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "shape", "skips"),
+    [
+        ("nl.jsonl.zst", "newlines", {"blank_line": 2 << 30}),
+        ("nl.jsonl.gz", "newlines", {"blank_line": 2 << 30}),
+        ("line.jsonl.zst", "spaces", {"document_too_large": 1}),
+        ("bad.jsonl.gz", "invalid", {"invalid_json": 2048}),
+    ],
+)
+def test_a_2_gib_decompression_bomb_is_skipped_within_memory_and_a_minute(tmp_path, name, shape, skips):
+    """The issue's bombs at full size through `prepare` (one worker): each run over within 60 s,
+    every process of the tree under 400 MiB (so the tree of two under 1 GiB), what it held counted."""
+    d = tmp_path / "repo" / "data" / "bomb"
+    d.mkdir(parents=True)
+    _write_bomb(d / name, shape, 2048)
+    (d / "normal.jsonl").write_text(NORMAL + "\n")
+    start = time.monotonic()
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        code, err, peak = _largest_process_peak(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1",
+            "--processes", "1", "--no-progress", timeout=120,
+        )  # fmt: skip
+    took = time.monotonic() - start
+    assert code == 0, err[-3000:]
+    totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
+    assert totals["skipped_documents"] == skips and totals["documents"] == 100
+    assert took < 60, f"{took:.0f} s"
+    assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"

@@ -354,3 +354,102 @@ def test_string_array_is_the_utf8_of_every_text():
     assert got.type == pa.large_string()
     assert got.equals(pa.array(texts, pa.large_string()))
     assert string_array([]).to_pylist() == []
+
+
+# -- hostile tokenizers: refused at load, in one line -------------------------------------------
+
+
+def _with(src: TokenizerSource, **changes) -> TokenizerSource:
+    spec = json.loads(src.json_text)
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        node = spec
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return TokenizerSource("crafted", json.dumps(spec), {})
+
+
+PANICS = {"normalizer": {"type": "Replace", "pattern": {"Regex": ""}, "content": "x"}}
+
+
+def test_a_tokenizer_that_panics_is_refused_at_load_in_one_line(capfd):
+    """A Replace normalizer with an empty pattern makes `tokenizers` panic (pyo3's PanicException,
+    a BaseException that escaped every handler and hung the run). The load-time probe refuses it
+    with a TokenizerError, and Rust's own panic message is not printed."""
+    src = _with(_tiny_bpe({}, []), **PANICS)
+    for engine in ("auto", "fastokens", "tokenizers"):
+        with pytest.raises(TokenizerError, match=r"crashed on this tokenizer.*panic"):
+            SubwordTokenizer(src, engine=engine, check_every=1)
+    assert "panicked" not in capfd.readouterr().err
+
+
+def test_a_panic_while_encoding_is_a_tokenizer_error():
+    """Past the probe (a worker builds from what the coordinator checked), a panic on some document
+    is a TokenizerError, which stops the run in one line, never a BaseException."""
+    from bolmo_async.models import TokenizerInfo
+
+    src = _with(_tiny_bpe({}, []), **PANICS)
+    info = TokenizerInfo("subword", "crafted", 256, 257, "f", "tokenizers")
+    tok = SubwordTokenizer(src, engine="tokenizers", checked=info)
+    with pytest.raises(TokenizerError, match="panic"):
+        tok.encode_batch(["hello world"])
+
+
+def test_an_empty_vocabulary_is_refused():
+    """Every document would become just EOS (400 documents -> 400 tokens, exit 0, before)."""
+    src = _with(_tiny_bpe({}, []), model__vocab={}, model__merges=[])
+    with pytest.raises(TokenizerError, match="vocabulary is empty"):
+        SubwordTokenizer(src)
+
+
+def _readme_bpe() -> TokenizerSource:
+    """The README's BPE: vocabulary a b c bc ab abc, merges b c, a b, ab c, no pre-tokenizer."""
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
+    eos = {"id": 6, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}
+    spec = {
+        "version": "1.0",
+        "added_tokens": [{**eos, "rstrip": False, "normalized": False}],
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": vocab,
+            "merges": ["b c", "a b", "ab c"],
+        },
+    }
+    return TokenizerSource("readme-bpe", json.dumps(spec), {})
+
+
+def test_auto_picks_fastokens_only_for_byte_level_bpe_with_every_byte():
+    """fastokens splits "ab c" at the unknown space where tokenizers drops it and merges across:
+    auto runs such a tokenizer on the reference; a GPT-2-style byte-level BPE gets fastokens."""
+    from bolmo_async.tokenize import fastokens_available
+
+    if not fastokens_available():
+        pytest.skip("fastokens is not installed")
+    readme = SubwordTokenizer(_readme_bpe())
+    assert readme.info.engine == "tokenizers"
+    assert encode_texts(readme, ["ab c"]) == encode_texts(
+        SubwordTokenizer(_readme_bpe(), engine="tokenizers"), ["ab c"]
+    )
+    assert SubwordTokenizer(_readme_bpe(), engine="fastokens").info.engine == "fastokens"  # when asked
+    assert SubwordTokenizer(_tiny_bpe({"ab": 256}, ["a b"])).info.engine == "fastokens"
+    missing_byte = _with(_tiny_bpe({}, []), model__vocab={c: i for i, c in enumerate("abcdefghij")})
+    assert SubwordTokenizer(missing_byte).info.engine == "tokenizers"
+    assert SubwordTokenizer(_with(_tiny_bpe({}, []), normalizer={"type": "NFC"})).info.engine == "tokenizers"
+
+
+@needs_dolma2
+def test_dolma2_still_gets_fastokens():
+    from bolmo_async.tokenize import fastokens_available
+
+    if not fastokens_available():
+        pytest.skip("fastokens is not installed")
+    assert SubwordTokenizer(load_tokenizer_source(str(DOLMA2))).info.engine == "fastokens"
