@@ -40,6 +40,7 @@ from .hub import (
 from .inspector import inspect_dir
 from .models import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_TOKENS_PER_FILE,
     DEFAULT_REPO_ID,
@@ -388,6 +389,7 @@ def validate_fetch_options(
     tokenizer: str = "byte",
     engine: str = "auto",
     concurrency: int = DEFAULT_CONCURRENCY,
+    connections: int = DEFAULT_CONNECTIONS,
     retries: int = 8,
     read_timeout: float = 60.0,
     processes: int = 0,
@@ -401,6 +403,8 @@ def validate_fetch_options(
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not 1 <= concurrency <= 256:
         raise UsageError(f"--concurrency must be between 1 and 256, got {concurrency}")
+    if not 1 <= connections <= 1024:
+        raise UsageError(f"--connections must be between 1 and 1024, got {connections}")
     if retries < 1:
         raise UsageError(f"--retries must be at least 1, got {retries}")
     if not read_timeout > 0:
@@ -495,6 +499,7 @@ def _fetch(
     engine: str = "auto",
     check_every: int = DEFAULT_CHECK_EVERY,
     concurrency: int = DEFAULT_CONCURRENCY,
+    connections: int = DEFAULT_CONNECTIONS,
     streaming: bool = True,
     endpoint: str | None = None,
     retries: int = 8,
@@ -513,6 +518,7 @@ def _fetch(
         tokenizer=tokenizer,
         engine=engine,
         concurrency=concurrency,
+        connections=connections,
         retries=retries,
         read_timeout=read_timeout,
         processes=processes,
@@ -564,7 +570,8 @@ def _fetch(
             atomic_write_text(out / "tokenizer" / "tokenizer.json", spec_tok.source.json_text)
         if check_disk:
             _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
-        slots = max(1, -(-concurrency // n))
+        slots = max(1, -(-concurrency // n))  # files decoding at once per worker
+        per_worker = max(1, -(-connections // n))  # its connections: files in flight, or segments
         pool.start(
             WorkerSpec(
                 output_dir=str(out),
@@ -578,7 +585,9 @@ def _fetch(
                 streaming=streaming,
                 retries=retries,
                 read_timeout=read_timeout,
-                slots=slots,
+                slots=max(slots, per_worker),
+                decoders=slots,
+                connections=per_worker,
                 max_document_bytes=max_document_bytes,
                 src_prefix=source_prefix(the_plan),
                 text_field=the_plan.selection.text_field,
@@ -637,7 +646,7 @@ def fetch(
     """Fetch and stage every planned file not staged yet (planning first if needed).
 
     Options (all keywords): ``tokenizer``, ``tokenizer_identifier``, ``eos_token_id``,
-    ``special_tokens_as_text``, ``engine``, ``check_every``, ``concurrency``, ``streaming``,
+    ``special_tokens_as_text``, ``engine``, ``check_every``, ``concurrency``, ``connections``, ``streaming``,
     ``endpoint``, ``retries``, ``read_timeout``, ``progress``, ``check_disk``, ``processes``
     (worker processes; 0: one per usable core; 1: one worker in this process),
     ``max_document_bytes``. ``worker=(I, N)``: only share I of N of the plan."""
@@ -746,6 +755,7 @@ _VALIDATED = (
     "tokenizer",
     "engine",
     "concurrency",
+    "connections",
     "retries",
     "read_timeout",
     "processes",

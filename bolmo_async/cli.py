@@ -19,6 +19,7 @@ from . import api
 from .errors import BolmoError
 from .models import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_DOCUMENT_BYTES,
     DEFAULT_MAX_TOKENS_PER_FILE,
@@ -303,6 +304,12 @@ CONCURRENCY = typer.Option(
     "--concurrency",
     help="Files in flight (downloading and decoding), shared out over the workers.",
 )
+CONNECTIONS = typer.Option(
+    DEFAULT_CONNECTIONS,
+    "--connections",
+    help="Connections for file bodies at once (the run's total): files in flight, or Range segments of a large "
+    "file when few are. Lower it to stay under a limit.",
+)
 STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
 )
@@ -320,6 +327,7 @@ _FETCH_OPTIONS = (
     "engine",
     "check_every",
     "concurrency",
+    "connections",
     "streaming",
     "retries",
     "read_timeout",
@@ -347,6 +355,7 @@ def fetch_cmd(
     check_every: int = CHECK_EVERY,
     processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
+    connections: int = CONNECTIONS,
     streaming: bool = STREAMING,
     endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
@@ -463,6 +472,7 @@ def prepare_cmd(
     check_every: int = CHECK_EVERY,
     processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
+    connections: int = CONNECTIONS,
     retries: int = RETRIES,
     read_timeout: float = READ_TIMEOUT,
     max_document_bytes: int = MAX_DOC,

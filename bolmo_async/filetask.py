@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, Docs, LineDecoder, parquet_batch
-from .download import BytesSink, RangeIgnored, stream
+from .download import BytesSink, Link, RangeIgnored, fetch_file, stream
 from .errors import IntegrityError
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
@@ -83,6 +83,8 @@ class TaskContext:
     id_field: str = "id"
     on_bytes: Callable[[int], None] | None = None
     on_documents: Callable[[int, int], None] | None = None
+    link: Link | None = None  # the worker's connections for file bodies
+    decoding: asyncio.Semaphore | None = None  # files decoding at once; the others transfer ahead
 
 
 class Processor:
@@ -427,15 +429,17 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, An
                     with contextlib.suppress(OSError):
                         raw.unlink()
         else:
-            await stream(
+            await fetch_file(
                 ctx.client,
                 url,
                 proc,
                 what=pf.path,
+                size=pf.size,
                 executor=ctx.executor,
                 on_bytes=ctx.on_bytes,
                 verify=proc.verify,
-                size=pf.size,
+                link=ctx.link,
+                decoding=ctx.decoding,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
         return rec, read[0]
@@ -460,8 +464,16 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     sink = RawFileSink(pf, dest)
     try:
-        await stream(
-            ctx.client, url, sink, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=sink.verify
+        await fetch_file(
+            ctx.client,
+            url,
+            sink,
+            what=pf.path,
+            size=pf.size,
+            executor=ctx.executor,
+            on_bytes=ctx.on_bytes,
+            verify=sink.verify,
+            link=ctx.link,
         )
     except BaseException:
         sink.discard()
