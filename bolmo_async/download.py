@@ -49,6 +49,8 @@ class Sink(Protocol):
 class BytesSink:
     """Collects bytes in memory (small ranges: parquet footers and row groups)."""
 
+    inline = True  # ``stream`` feeds it on the event loop: an append, no thread hop
+
     def __init__(self) -> None:
         self.buf = bytearray()
 
@@ -79,7 +81,7 @@ async def stream(
 
     ``cdn``: a URL ``url`` resolved to before (a signed CDN URL): asked directly, no resolve,
     and ``url`` is resolved again only if it is refused. ``resolved(u)``: called with the URL
-    that answered with the body (after the redirects).
+    that answered with the body, and with each URL redirected to.
 
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
@@ -149,6 +151,8 @@ async def stream(
                                 f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
                             )
                         cdn_url = str(nxt)
+                        if resolved is not None:
+                            resolved(cdn_url)
                         continue
                     if r.status == 403 and cdn_url is not None:
                         cdn_url = None
@@ -241,7 +245,7 @@ BLOCK = 2 << 20
 MAX_LANES = 16
 #: A decoder waiting this long for the next segment means the network is the limit: the file
 #: takes every free connection of its worker's ``Link``.
-STARVED = 0.15
+STARVED = 0.1
 
 
 async def fetch_file(

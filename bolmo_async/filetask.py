@@ -510,7 +510,16 @@ async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc
     sparse = SparseFile(pf.size)
     tail_len = min(pf.size, 64 * 1024)
     tail = BytesSink()
-    get = functools.partial(stream, ctx.client, url, executor=ctx.executor)
+    cdn: list[str] = []  # the signed URL of the first resolve: every later range asks it directly
+
+    async def get(sink: BytesSink, **kw: Any) -> int:
+        return await stream(
+            ctx.client, url, sink, executor=ctx.executor, cdn=cdn[0] if cdn else None, resolved=note, **kw
+        )
+
+    def note(u: str) -> None:
+        cdn[:] = [u]
+
     await get(tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size)
     data = bytes(tail.buf)
     if len(data) < 12 or data[-4:] != b"PAR1":

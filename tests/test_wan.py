@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,17 @@ def test_segmented_and_faulty_wan_runs_give_the_loopback_shards(sample_dir, tmp_
     with MirrorThread([repo], wan=wan) as m:
         bolmo_async.prepare(tmp_path / "wan", endpoint=m.endpoint, **opts)
         assert sum(1 for r in m.cdn_requests if r["range"]) > 50
+        # One resolve per LFS file, whatever its segments and parquet ranges (the Hub's
+        # resolver budget); non-LFS files are served by the Hub itself.
+        lfs = {p for p, e in repo.files.items() if e.lfs}
+        resolves = Counter(p.split("/resolve/")[1].split("/", 1)[1] for _, p in m.hub_requests if "/resolve/" in p)
+        assert {p: n for p, n in resolves.items() if p in lfs} == dict.fromkeys(lfs, 1)
+        # A prefix of a parquet file: its footer and row groups by Range, from one resolve too.
+        m.hub_requests.clear()
+        bolmo_async.prepare(tmp_path / "part", endpoint=m.endpoint, **{**opts, "data_fraction": 0.3})
+        resolves = Counter(p.split("/resolve/")[1].split("/", 1)[1] for _, p in m.hub_requests if "/resolve/" in p)
+        parquet = {p: n for p, n in resolves.items() if p.endswith(".parquet")}
+        assert parquet and set(parquet.values()) == {1}
     assert _shards(tmp_path / "wan") == want
     faults = FaultConfig(rate=0.05, seed=3, kinds=("reset", "cut", "http503", "http429", "corrupt"), max_per_path=2)
     with MirrorThread([repo], wan=wan, faults=faults) as m:
