@@ -10,7 +10,12 @@ interleaving rounds (this shared machine's speed drifts) and keeping each measur
   throughput at 8, 16 and 64 cores, tokens / max(coordinator CPU, total CPU / cores);
 - peak RSS of the whole process tree, and how it moves when the fraction or
   --max-tokens-per-file grows 10x;
-- `dolma tokens --processes 2` on the same .jsonl.zst files (subword, dolma2, EOS 100257).
+- `dolma tokens --processes 2` on the same .jsonl.zst files (subword, dolma2, EOS 100257);
+- WAN (`--only wan` runs it alone): the mirror emulates a wide-area link (a round trip before
+  every answer, a per-response rate cap, a total link rate); on it, side by side in the same run,
+  `prepare --tokenizer byte` end to end against huggingface_hub's `snapshot_download` (download
+  only, `max_workers=8`) on one large file and on the same bytes in many small files, and the
+  download side alone against the link's ceiling (bench/results-wan.md).
 
 Writes bench/results.json and bench/results.md and prints the tables.
 """
@@ -63,7 +68,12 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
         t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n{bufs.get('err', b'').decode()[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "stderr": bufs.get("err", b"").decode()}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak / 2**20,
+        "stderr": bufs.get("err", b"").decode(),
+        "stdout": bufs.get("out", b"").decode(),
+    }
 
 
 def ensure_mix(folder: Path, size_mb: float) -> dict[str, Any]:
@@ -112,6 +122,7 @@ def ours(
     r.update(tokens=m["totals"]["tokens"], documents=m["totals"]["documents"])
     r["work"] = r["tokens"] - r["documents"] if mode == "byte" else r["tokens"]  # text bytes / tokens
     r.pop("stderr")
+    r.pop("stdout")
     shutil.rmtree(out, ignore_errors=True)
     return r
 
@@ -306,6 +317,202 @@ def s3_report(r: dict[str, Any]) -> list[str]:
     ]
 
 
+# -- WAN: the same emulated wide-area link for every tool, side by side --------------------
+
+WAN_LARGE_REPO = "bench/wan-large"
+WAN_SMALL_REPO = "bench/wan-small"
+
+
+def ensure_wan_corpus(folder: Path, compressed_mb: float, small_files: int) -> dict[str, Any]:
+    """One large .jsonl.zst of >= ``compressed_mb`` MB (``large/``), and the same documents
+    cut into ``small_files`` files (``small/``): two repos of the same bytes of text."""
+    marker = folder / ".built.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    import random
+
+    import zstandard
+
+    sys.path.insert(0, str(HERE))
+    from textgen import _corpus, _document, _model
+
+    print(f"building the WAN corpus ({compressed_mb:g} MB compressed; once, cached) ...", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    prose, _ = _corpus(8_000_000)
+    nxt, starts = _model(prose)
+    rng = random.Random(7)
+    lines: list[bytes] = []
+    text = 0
+    cctx = zstandard.ZstdCompressor(level=3, threads=-1)
+    compressed = 0
+    while compressed < compressed_mb * 1e6:
+        for _ in range(2000):
+            t = _document(rng, nxt, starts, rng.randint(1000, 8000))
+            lines.append(json.dumps({"id": f"doc-{len(lines):08d}", "text": t}).encode())
+            text += len(t.encode())
+        compressed = len(cctx.compress(b"\n".join(lines) + b"\n"))  # cheap next to generating
+    large = folder / "large" / "data" / "web"
+    large.mkdir(parents=True)
+    (large / "web-0000.jsonl.zst").write_bytes(cctx.compress(b"\n".join(lines) + b"\n"))
+    small = folder / "small" / "data" / "web"
+    small.mkdir(parents=True)
+    per = -(-len(lines) // small_files)
+    for k in range(small_files):
+        part = lines[k * per : (k + 1) * per]
+        if part:
+            (small / f"web-{k:04d}.jsonl.zst").write_bytes(cctx.compress(b"\n".join(part) + b"\n"))
+    info = {
+        "documents": len(lines),
+        "text_bytes": text,
+        "large_bytes": sum(f.stat().st_size for f in large.iterdir()),
+        "small_bytes": sum(f.stat().st_size for f in small.iterdir()),
+        "small_files": len(list(small.iterdir())),
+    }
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def wan_ours(endpoint: str, repo: str, out: Path) -> dict[str, Any]:
+    """``prepare --tokenizer byte`` end to end over the emulated link."""
+    env = {**os.environ, "HF_HOME": str(HERE / "out" / "hf-home")}
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "bolmo_async", "prepare", "--output-dir", str(out), "--endpoint", endpoint]
+    cmd += ["--repo-id", repo, "--data-fraction", "1.0", "--tokenizer", "byte", "--no-progress"]
+    r = run_measured(cmd, env)
+    m = json.loads((out / "manifest.json").read_text())
+    r.update(tokens=m["totals"]["tokens"])
+    r.pop("stderr")
+    r.pop("stdout")
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def wan_snapshot(endpoint: str, repo: str, out: Path) -> dict[str, Any]:
+    """huggingface_hub's ``snapshot_download`` (download only, ``max_workers=8``)."""
+    shutil.rmtree(out, ignore_errors=True)
+    code = (
+        "import sys; from huggingface_hub import snapshot_download; "
+        "snapshot_download(sys.argv[1], repo_type='dataset', endpoint=sys.argv[2], cache_dir=sys.argv[3], "
+        "max_workers=8)"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(out / "home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_ENABLE_HF_TRANSFER": "0",
+    }
+    r = run_measured([sys.executable, "-c", code, repo, endpoint, str(out / "cache")], env)
+    r.pop("stderr")
+    r.pop("stdout")
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def wan_download(endpoint: str, repo: str, connections: int) -> dict[str, Any]:
+    """bolmo-async's download side alone (resolve, transfer, verify; nothing decoded), in a
+    separate process: bytes/s."""
+    code = f"""
+import asyncio, hashlib, json, sys, time
+from bolmo_async.download import Link, fetch_file
+from bolmo_async.hub import HubClient, make_session
+from bolmo_async.retry import RetryPolicy
+class Hash:
+    def __init__(s): s.h = hashlib.sha256()
+    def feed(s, d): s.h.update(d)
+    def reset(s): s.h = hashlib.sha256()
+async def main(endpoint, repo):
+    retry = RetryPolicy()
+    async with make_session({connections}, retry) as session:
+        client = HubClient(session, endpoint=endpoint, repo_id=repo, retry=retry)
+        commit = await client.resolve_commit("main")
+        files = [f for f in await client.list_files(commit) if f.path.endswith(".zst")]
+        link = Link({connections}); sem = asyncio.Semaphore({connections})
+        t0 = time.perf_counter()
+        async def one(f):
+            async with sem:
+                await fetch_file(client, client.resolve_url(commit, f.path), Hash(), what=f.path, size=f.size, link=link)
+        await asyncio.gather(*(one(f) for f in files))
+        took = time.perf_counter() - t0
+        print(json.dumps({{"bytes": sum(f.size for f in files), "transfer_seconds": took}}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+    r = run_measured([sys.executable, "-c", code, endpoint, repo], {**os.environ, "PYTHONPATH": str(ROOT)})
+    r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+    r.pop("stderr")
+    r["seconds"] = r["transfer_seconds"]
+    return r
+
+
+def wan_section(args: argparse.Namespace) -> dict[str, Any]:
+    """``prepare`` vs ``snapshot_download`` on one large file and on the same bytes in many
+    small files, then the download side alone against the link's ceiling; same link, same run."""
+    sys.path.insert(0, str(ROOT))
+    from bolmo_async.mirror import MirrorRepo, MirrorThread, WanConfig
+    from bolmo_async.models import DEFAULT_CONNECTIONS
+
+    wan = WanConfig(
+        rtt=args.wan_rtt_ms / 1000, response_rate=args.wan_conn_mbs * 1e6, link_rate=args.wan_link_mbs * 1e6
+    )
+    folder = HERE / "data" / f"wan-{args.wan_mb:g}-{args.wan_small_files}"
+    info = ensure_wan_corpus(folder, args.wan_mb, args.wan_small_files)
+    out = HERE / "out"
+    repos = [MirrorRepo(WAN_LARGE_REPO, folder / "large"), MirrorRepo(WAN_SMALL_REPO, folder / "small")]
+    jobs: list[tuple[str, Any]] = []
+    for case, repo in (("large", WAN_LARGE_REPO), ("small", WAN_SMALL_REPO)):
+        jobs.append((f"{case}_prepare", lambda r=repo, c=case: wan_ours(endpoint, r, out / f"wan-{c}")))
+        jobs.append((f"{case}_snapshot", lambda r=repo, c=case: wan_snapshot(endpoint, r, out / f"wan-snap-{c}")))
+        jobs.append((f"{case}_download", lambda r=repo: wan_download(endpoint, r, DEFAULT_CONNECTIONS)))
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k, _ in jobs}
+    with MirrorThread(repos, wan=wan) as m:
+        endpoint = m.endpoint
+        for round_no in range(args.repeats):
+            for key, job in jobs:
+                print(f"WAN round {round_no + 1}/{args.repeats}: {key} ...", flush=True)
+                runs[key].append(job())
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    ceiling = wan.ceiling(DEFAULT_CONNECTIONS)
+    summary: dict[str, Any] = {
+        "link": f"round trip {args.wan_rtt_ms:g} ms, {args.wan_conn_mbs:g} MB/s per response, "
+        f"{args.wan_link_mbs:g} MB/s in all",
+        "corpus": info,
+    }
+    for case in ("large", "small"):
+        ours, snap, dl = best[f"{case}_prepare"], best[f"{case}_snapshot"], best[f"{case}_download"]
+        rate = dl
+        summary[case] = {
+            "prepare_byte_s (end to end)": round(ours["seconds"], 2),
+            "snapshot_download_s (download only, max_workers=8)": round(snap["seconds"], 2),
+            "snapshot / prepare": round(snap["seconds"] / ours["seconds"], 2),
+            "prepare_peak_rss_mb": round(ours["peak_rss_mb"]),
+            "runs_s": {k: [round(x["seconds"], 2) for x in runs[f"{case}_{k}"]] for k in ("prepare", "snapshot")},
+        }
+        if rate:
+            mbs = rate["bytes"] / rate["transfer_seconds"] / 1e6
+            summary[case]["download_only_MB/s"] = round(mbs, 1)
+            summary[case]["download / link ceiling"] = round(mbs * 1e6 / ceiling, 3)
+    summary["link_ceiling_MB/s"] = round(ceiling / 1e6, 1)
+    return summary
+
+
+def report_wan(summary: dict[str, Any]) -> None:
+    lines = [f"## WAN ({summary['link']}; link ceiling {summary['link_ceiling_MB/s']} MB/s)", ""]
+    c = summary["corpus"]
+    lines += [
+        f"Corpus: {c['text_bytes'] / 1e6:.0f} MB of text; one file of {c['large_bytes'] / 1e6:.1f} MB, or "
+        f"{c['small_files']} files of {c['small_bytes'] / 1e6:.1f} MB in all. Best of each measurement's rounds.",
+        "",
+        "| case | measure | value |",
+        "|---|---|---|",
+    ]
+    for case in ("large", "small"):
+        for k, v in summary[case].items():
+            lines.append(f"| {case} | {k} | {v} |")
+    md = "\n".join(lines) + "\n"
+    (HERE / "results-wan.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (HERE / "results-wan.md").write_text(md)
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=float, default=500.0)
@@ -313,8 +520,23 @@ def main() -> None:
     ap.add_argument("--modes", default="byte,subword")
     ap.add_argument("--skip-dolma", action="store_true", help="leave `dolma tokens` out (it takes minutes)")
     ap.add_argument("--repeat-dolma", action="store_true", help="run `dolma tokens` in every round too")
-    ap.add_argument("--only", choices=["s3"], help="only this row (s3: to an S3 server vs to local disk)")
+    ap.add_argument(
+        "--only",
+        choices=["s3", "wan"],
+        help="only this section (s3: to an S3 server vs to local disk; wan: the emulated wide-area link)",
+    )
+    ap.add_argument("--skip-wan", action="store_true", help="leave the WAN section out")
+    ap.add_argument("--wan-rtt-ms", type=float, default=80.0)
+    ap.add_argument("--wan-conn-mbs", type=float, default=6.0, help="MB/s per response (a CDN's per-connection cap)")
+    ap.add_argument("--wan-link-mbs", type=float, default=40.0, help="MB/s of the whole link")
+    ap.add_argument("--wan-mb", type=float, default=55.0, help="compressed MB of the large file")
+    ap.add_argument("--wan-small-files", type=int, default=150)
     args = ap.parse_args()
+    if args.only == "wan":
+        (HERE / "out").mkdir(parents=True, exist_ok=True)
+        wan = wan_section(args)
+        report_wan(wan)
+        return
     out = HERE / "out"
     out.mkdir(parents=True, exist_ok=True)
     mix = HERE / "data" / f"unique-{args.size_mb:g}"
@@ -375,6 +597,8 @@ def main() -> None:
         results[key] = min(rs, key=lambda r: r["seconds"])
         results[key]["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
     report(results, modes)
+    if not args.skip_wan:
+        report_wan(wan_section(args))
 
 
 def report(r: dict[str, Any], modes: list[str]) -> None:

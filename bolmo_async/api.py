@@ -33,6 +33,7 @@ from .hub import (
 from .inspector import inspect_dir
 from .models import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
     DEFAULT_REPO_ID,
     DEFAULT_SEED,
@@ -426,6 +427,7 @@ def validate_fetch_options(
     tokenizer: str = "byte",
     engine: str = "auto",
     concurrency: int = DEFAULT_CONCURRENCY,
+    connections: int = DEFAULT_CONNECTIONS,
     retries: int = 8,
     read_timeout: float = 60.0,
     processes: int = 0,
@@ -439,6 +441,8 @@ def validate_fetch_options(
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not 1 <= concurrency <= 256:
         raise UsageError(f"--concurrency must be between 1 and 256, got {concurrency}")
+    if not 1 <= connections <= 1024:
+        raise UsageError(f"--connections must be between 1 and 1024, got {connections}")
     if retries < 1:
         raise UsageError(f"--retries must be at least 1, got {retries}")
     if not read_timeout > 0:
@@ -534,6 +538,7 @@ def _fetch(
     engine: str = "auto",
     check_every: int = DEFAULT_CHECK_EVERY,
     concurrency: int = DEFAULT_CONCURRENCY,
+    connections: int = DEFAULT_CONNECTIONS,
     streaming: bool = True,
     endpoint: str | None = None,
     retries: int = 8,
@@ -557,6 +562,7 @@ def _fetch(
         tokenizer=tokenizer,
         engine=engine,
         concurrency=concurrency,
+        connections=connections,
         retries=retries,
         read_timeout=read_timeout,
         processes=processes,
@@ -630,7 +636,8 @@ def _fetch(
             )
         if check_disk:
             _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
-        slots = max(1, -(-concurrency // max(1, n)))
+        slots = max(1, -(-concurrency // max(1, n)))  # files decoding at once per worker
+        per_worker = max(1, -(-connections // max(1, n)))  # its connections: files in flight, or segments
         pool.start(
             WorkerSpec(
                 output_dir=out.location,
@@ -644,7 +651,9 @@ def _fetch(
                 streaming=streaming,
                 retries=retries,
                 read_timeout=read_timeout,
-                slots=slots,
+                slots=max(slots, per_worker),
+                decoders=slots,
+                connections=per_worker,
                 max_document_bytes=max_document_bytes,
                 src_prefix=source_prefix(the_plan),
                 text_field=the_plan.selection.text_field,
@@ -713,11 +722,11 @@ def fetch(
 
     Options (all keywords, the CLI's flags): ``tokenizer`` ("byte" | "subword"),
     ``tokenizer_identifier``, ``eos_token_id``, ``special_tokens_as_ids``, ``engine``,
-    ``check_every``, ``concurrency``, ``streaming``, ``endpoint``, ``retries``, ``read_timeout``,
-    ``progress``, ``check_disk``, ``processes`` (worker processes; 0: one per 16 MB planned, up to
-    the usable cores; 1: one worker in this process), ``max_document_bytes``, ``on_plan`` (called
-    with the plan when this call plans; ``special_tokens_as_text``, the reverse of
-    ``special_tokens_as_ids``, still works but is deprecated). Who runs the files: a local pool of
+    ``check_every``, ``concurrency``, ``connections``, ``streaming``, ``endpoint``, ``retries``,
+    ``read_timeout``, ``progress``, ``check_disk``, ``processes`` (worker processes; 0: one per 16 MB
+    planned, up to the usable cores; 1: one worker in this process), ``max_document_bytes``,
+    ``on_plan`` (called with the plan when this call plans; ``special_tokens_as_text``, the reverse
+    of ``special_tokens_as_ids``, still works but is deprecated). Who runs the files: a local pool of
     worker processes (default), ``worker=(I, N)``: only share I of N of the plan (a job array), or
     ``ray=True``: Ray tasks on the cluster at ``ray_address`` (local when None; ``ray_tasks``: 0
     for two per cluster CPU)."""
@@ -925,6 +934,7 @@ _VALIDATED = (
     "tokenizer",
     "engine",
     "concurrency",
+    "connections",
     "retries",
     "read_timeout",
     "processes",

@@ -37,6 +37,7 @@ from .errors import BolmoError
 from .guidance import absolute_tokenizer_path
 from .models import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
     DEFAULT_MAX_DOCUMENT_BYTES,
     DEFAULT_MAX_TOKENS_PER_FILE,
@@ -371,6 +372,12 @@ CONCURRENCY = typer.Option(
     "--concurrency",
     help="Files in flight (downloading and decoding), shared out over the workers.",
 )
+CONNECTIONS = typer.Option(
+    DEFAULT_CONNECTIONS,
+    "--connections",
+    help="Connections for file bodies at once (the run's total): files in flight, or Range segments of a large "
+    "file when few are. Lower it to stay under a limit.",
+)
 STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
 )
@@ -392,6 +399,7 @@ _FETCH_OPTIONS = (
     "engine",
     "check_every",
     "concurrency",
+    "connections",
     "streaming",
     "retries",
     "read_timeout",
@@ -435,6 +443,7 @@ def fetch_cmd(
     check_every: int = CHECK_EVERY,
     processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
+    connections: int = CONNECTIONS,
     streaming: bool = STREAMING,
     endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
@@ -549,6 +558,7 @@ def prepare_cmd(
     check_every: int = CHECK_EVERY,
     processes: int = PROCESSES,
     concurrency: int = CONCURRENCY,
+    connections: int = CONNECTIONS,
     retries: int = RETRIES,
     read_timeout: float = READ_TIMEOUT,
     max_document_bytes: int = MAX_DOC,

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -48,6 +49,8 @@ class Sink(Protocol):
 class BytesSink:
     """Collects bytes in memory (small ranges: parquet footers and row groups)."""
 
+    inline = True  # ``stream`` feeds it on the event loop: an append, no thread hop
+
     def __init__(self) -> None:
         self.buf = bytearray()
 
@@ -71,8 +74,14 @@ async def stream(
     verify: Callable[[], None] | None = None,
     size: int | None = None,
     max_bytes: int | None = None,
+    cdn: str | None = None,
+    resolved: Callable[[str], None] | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
+
+    ``cdn``: a URL ``url`` resolved to before (a signed CDN URL): asked directly, no resolve,
+    and ``url`` is resolved again only if it is refused. ``resolved(u)``: called with the URL
+    that answered with the body, and with each URL redirected to.
 
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
@@ -82,19 +91,27 @@ async def stream(
     loop = asyncio.get_running_loop()
     policy = client.retry
     pos = start
-    cdn_url: str | None = None
+    cdn_url: str | None = cdn
     total: int | None = end if end is not None else size
+
+    inline = getattr(sink, "inline", False)
 
     async def feed(data: bytes) -> None:
         nonlocal pos
-        await loop.run_in_executor(executor, sink.feed, data)
+        if inline:
+            sink.feed(data)
+        else:
+            await loop.run_in_executor(executor, sink.feed, data)
         pos += len(data)
         if on_bytes:
             on_bytes(len(data))
 
     async def restart() -> None:
         nonlocal pos
-        await loop.run_in_executor(executor, sink.reset)
+        if inline:
+            sink.reset()
+        else:
+            await loop.run_in_executor(executor, sink.reset)
         if on_bytes and pos > start:
             on_bytes(-(pos - start))
         pos = start
@@ -134,6 +151,8 @@ async def stream(
                                 f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
                             )
                         cdn_url = str(nxt)
+                        if resolved is not None:
+                            resolved(cdn_url)
                         continue
                     if r.status == 403 and cdn_url is not None:
                         cdn_url = None
@@ -147,6 +166,8 @@ async def stream(
                         if isinstance(err, AuthError | NotFoundError):
                             raise err
                         raise DownloadError(str(err))
+                    if resolved is not None:
+                        resolved(target)
                     if r.status == 200 and "Range" in headers:
                         if start != 0 or end is not None:
                             raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
@@ -192,6 +213,241 @@ async def stream(
     return await retrying(policy, what, attempt, fail=fail, note=lambda: f", resuming at byte {pos}")
 
 
+class Link:
+    """One worker's connections for file bodies: at most ``connections`` at once. Each file in
+    flight holds one; a large file borrows more, for parallel Range segments, only while some
+    are free (so few files in flight get the whole link, many get one each)."""
+
+    def __init__(self, connections: int):
+        self.connections = max(1, connections)
+        self.busy = 0
+
+    def hold(self) -> None:
+        self.busy += 1
+
+    def take(self) -> bool:
+        if self.busy >= self.connections:
+            return False
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+
+
+#: A file up to this size is fetched whole (one request, no Range) as soon as it is handed
+#: out, ahead of its decoding; a larger one as Range segments of ``BLOCK`` bytes once it may
+#: decode (each segment one request on a kept-alive connection to the same signed CDN URL),
+#: reassembled in order for the decoder.
+WHOLE = 8 << 20
+BLOCK = 2 << 20
+#: Parallel segments of one file at most; its read-ahead is at most (segments + 1) blocks.
+MAX_LANES = 16
+#: A decoder waiting this long for the next segment means the network is the limit: the file
+#: takes every free connection of its worker's ``Link``.
+STARVED = 0.1
+
+
+async def fetch_file(
+    client: HubClient,
+    url: str,
+    sink: Sink,
+    *,
+    what: str,
+    size: int,
+    executor: Executor | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    verify: Callable[[], None] | None = None,
+    link: Link | None = None,
+    decoding: asyncio.Semaphore | None = None,
+) -> int:
+    """A whole file into ``sink``, in order, verified (``verify`` after the last byte; an
+    ``IntegrityError`` fetches it again within the attempt budget). Returns the bytes fed.
+
+    The transfer runs ahead of the sink, bounded: a file of ``WHOLE`` bytes or less is fetched
+    whole while it waits for a ``decoding`` slot; a larger one waits for its slot first, then
+    keeps up to (segments + 1) blocks of ``BLOCK`` bytes ahead of its decoder, so the
+    connection does not wait for decoding. When the decoder is starved for bytes (the link, not the CPU, is the limit),
+    the file is fetched as several Range segments in parallel over the free connections of
+    ``link``, all from the URL the first request resolved to (no extra resolve per segment). A
+    server that ignores Range gets one plain stream."""
+    loop = asyncio.get_running_loop()
+    counted = [0]
+
+    def count(n: int) -> None:
+        counted[0] += n
+        if on_bytes is not None:
+            on_bytes(n)
+
+    async def once() -> int:
+        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding)
+        try:
+            await _verified(loop, executor, verify)
+        except IntegrityError as exc:
+            await loop.run_in_executor(executor, sink.reset)
+            count(-counted[0])
+            raise Retry(str(exc)) from exc
+        return n
+
+    def fail(reason: str, n: int) -> DownloadError:
+        return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
+
+    try:
+        return await retrying(client.retry, what, once, fail=fail, retry_on=())
+    except RangeIgnored:
+        log.info("%s: the server ignores Range requests; one plain stream", what)
+        await loop.run_in_executor(executor, sink.reset)
+        count(-counted[0])
+        return await stream(
+            client, url, sink, what=what, executor=executor, on_bytes=on_bytes, verify=verify, size=size
+        )
+
+
+class _Parts:
+    """A block's bytes as the pieces ``stream`` handed over (no copy); fed in place."""
+
+    inline = True  # ``stream`` calls feed on the event loop: an append
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def reset(self) -> None:
+        self.parts.clear()
+
+
+async def _fetch_blocks(
+    client: HubClient,
+    url: str,
+    sink: Sink,
+    what: str,
+    size: int,
+    executor: Executor | None,
+    count: Callable[[int], None],
+    link: Link | None,
+    decoding: asyncio.Semaphore | None,
+) -> int:
+    """One pass over the file: lanes fetch blocks (each lane takes the next block not taken,
+    within the read-ahead window), this task feeds them to the sink in order."""
+    loop = asyncio.get_running_loop()
+    nblocks = 1 if size <= WHOLE else -(-size // BLOCK)
+    done: dict[int, list[bytes]] = {}
+    st = {"taken": 0, "fed": 0, "window": 1}
+    changed = asyncio.Event()
+    cdn: list[str] = []
+    lanes: set[asyncio.Task[None]] = set()
+    errors: list[BaseException] = []
+
+    def note_url(u: str) -> None:
+        if not cdn or (u != cdn[0] and u != url):
+            cdn[:] = [u]
+            changed.set()
+
+    async def lane(borrowed: bool) -> None:
+        try:
+            while st["taken"] < nblocks:
+                if st["taken"] >= st["fed"] + st["window"]:
+                    if borrowed:
+                        return  # the decoder is behind: give the connection back
+                    await _wait(changed)
+                    continue
+                i = st["taken"]
+                st["taken"] = i + 1
+                part = _Parts()
+                if nblocks == 1:  # the whole file: no Range, as any client asks for it
+                    await stream(client, url, part, what=what, size=size, on_bytes=count, resolved=note_url)
+                else:
+                    lo, hi = i * BLOCK, min(size, (i + 1) * BLOCK)
+                    await stream(
+                        client,
+                        url,
+                        part,
+                        what=f"{what} (bytes {lo}-{hi - 1})",
+                        start=lo,
+                        end=hi,
+                        on_bytes=count,
+                        cdn=cdn[0] if cdn else None,
+                        resolved=note_url,
+                    )
+                done[i] = part.parts
+                changed.set()
+        except BaseException as exc:
+            errors.append(exc)
+            changed.set()
+            raise
+        finally:
+            if link is not None:
+                link.give()
+
+    def start_lane(borrowed: bool) -> None:
+        t = asyncio.create_task(lane(borrowed))
+        lanes.add(t)
+        t.add_done_callback(lanes.discard)
+
+    slot = False
+
+    async def decode_slot() -> None:
+        nonlocal slot
+        if decoding is not None:
+            await decoding.acquire()
+        slot = True
+        st["window"] = 2
+        changed.set()
+
+    fed = 0
+    try:
+        if nblocks > 1:
+            await decode_slot()  # a large file does not hold blocks while it waits to decode
+        if link is not None:
+            link.hold()
+        start_lane(False)
+        for i in range(nblocks):
+            waited = loop.time()
+            while i not in done:
+                if errors:
+                    raise errors[0]
+                if link is not None and cdn and slot and loop.time() - waited >= STARVED:
+                    want = min(MAX_LANES - len(lanes), nblocks - st["taken"])
+                    grew = 0
+                    while grew < want and link.take():
+                        start_lane(True)
+                        grew += 1
+                    if grew:
+                        st["window"] = max(st["window"], len(lanes) + 1)
+                        changed.set()
+                    waited = loop.time()
+                await _wait(changed, STARVED)
+            if not slot:
+                await decode_slot()
+            parts = done.pop(i)
+            st["fed"] = i + 1
+            changed.set()
+            for data in parts:
+                await loop.run_in_executor(executor, sink.feed, data)
+                fed += len(data)
+        return fed
+    finally:
+        for t in list(lanes):
+            t.cancel()
+        if lanes:
+            await asyncio.gather(*lanes, return_exceptions=True)
+        if slot and decoding is not None:
+            decoding.release()
+
+
+async def _wait(event: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait for ``event`` (at most ``timeout`` seconds), then clear it for the next wait."""
+    if timeout is None:
+        await event.wait()
+    else:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+    event.clear()
+
+
 async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
     """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
     not exist. Same client, headers, token rules and retries as the data files."""
@@ -219,4 +475,4 @@ async def _short_text(r: aiohttp.ClientResponse) -> str:
     return " ".join(data.decode("utf-8", "replace").split())[:200]
 
 
-__all__ = ["BytesSink", "Sink", "fetch_small", "stream"]
+__all__ = ["BytesSink", "Link", "Sink", "fetch_file", "fetch_small", "stream"]

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
-from .download import BytesSink, stream
+from .download import BytesSink, Link, fetch_file, stream
 from .errors import IntegrityError, RangeIgnored, Retry
 from .hub import HubClient
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
@@ -84,6 +84,8 @@ class TaskContext:
     id_field: str = "id"
     on_bytes: Callable[[int], None] | None = None
     on_documents: Callable[[int, int], None] | None = None
+    link: Link | None = None  # the worker's connections for file bodies
+    decoding: asyncio.Semaphore | None = None  # files decoding at once; the others transfer ahead
 
 
 class Processor:
@@ -511,15 +513,17 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, An
                     with contextlib.suppress(OSError):
                         raw.unlink()
         else:
-            await stream(
+            await fetch_file(
                 ctx.client,
                 url,
                 proc,
                 what=pf.path,
+                size=pf.size,
                 executor=ctx.executor,
                 on_bytes=ctx.on_bytes,
                 verify=proc.verify,
-                size=pf.size,
+                link=ctx.link,
+                decoding=ctx.decoding,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
         return rec, read[0]
@@ -541,8 +545,16 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
         log.warning("%s: the kept download in raw/ does not match the listing; fetching it again", pf.path)
     sink = RawFileSink(pf, dest, out)
     try:
-        await stream(
-            ctx.client, url, sink, what=pf.path, executor=ctx.executor, on_bytes=ctx.on_bytes, verify=sink.verify
+        await fetch_file(
+            ctx.client,
+            url,
+            sink,
+            what=pf.path,
+            size=pf.size,
+            executor=ctx.executor,
+            on_bytes=ctx.on_bytes,
+            verify=sink.verify,
+            link=ctx.link,
         )
     except BaseException:
         sink.discard()
@@ -579,7 +591,16 @@ async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc
     sparse = SparseFile(pf.size)
     tail_len = min(pf.size, 64 * 1024)
     tail = BytesSink()
-    get = functools.partial(stream, ctx.client, url, executor=ctx.executor)
+    cdn: list[str] = []  # the signed URL of the first resolve: every later range asks it directly
+
+    async def get(sink: BytesSink, **kw: Any) -> int:
+        return await stream(
+            ctx.client, url, sink, executor=ctx.executor, cdn=cdn[0] if cdn else None, resolved=note, **kw
+        )
+
+    def note(u: str) -> None:
+        cdn[:] = [u]
+
     await get(tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size)
     data = bytes(tail.buf)
     if len(data) < 12 or data[-4:] != b"PAR1":

@@ -17,6 +17,10 @@ from .errors import UnsafePathError, UsageError
 #: they finish together and the shards they complete wait (and are then written while the disk
 #: alone is busy, at the end).
 DEFAULT_CONCURRENCY = 4
+#: Connections for file bodies at once, the run's total: files in flight, or the Range segments
+#: of a large file when few are in flight (``--connections``). 16 fills a link of 16 x a CDN's
+#: per-connection cap; lower it to stay under a limit.
+DEFAULT_CONNECTIONS = 16
 #: Documents (JSON lines, parquet texts) larger than this are skipped and counted.
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 

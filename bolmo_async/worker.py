@@ -60,6 +60,8 @@ class WorkerSpec:
     retries: int = 8
     read_timeout: float = 60.0
     slots: int = 4  # tasks at once in one worker
+    decoders: int = 0  # files decoding at once (0: slots); the others transfer ahead, bounded
+    connections: int = 0  # connections for file bodies (0: slots)
     max_document_bytes: int = 0
     src_prefix: str = ""  # csv.gz ``src`` prefix (shard tasks)
     text_field: str = "text"  # the record fields (JSON key and parquet column alike)
@@ -122,6 +124,7 @@ class Worker:
             self._send(m.Exit(self.wid))
 
     async def _serve(self) -> None:
+        from .download import Link
         from .filetask import TaskContext
         from .hub import HubClient, make_session, read_token
         from .outdir import open_output
@@ -130,7 +133,7 @@ class Worker:
 
         spec = self.spec
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max(2, min(spec.slots, 4)), thread_name_prefix="bolmo-cpu")
+        executor = ThreadPoolExecutor(max(2, min(spec.decoders or spec.slots, 4)), thread_name_prefix="bolmo-cpu")
         inbox: asyncio.Queue[Any] = asyncio.Queue()
 
         def read() -> None:  # a daemon thread: blocked on the inbox, it never holds up an exit
@@ -151,7 +154,7 @@ class Worker:
             warm.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._send(m.Ready(self.wid, tokenizer.info.engine))
             retry = RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout)
-            async with make_session(spec.slots, retry) as session:
+            async with make_session(max(spec.slots, spec.connections), retry) as session:
                 client = HubClient(
                     session,
                     endpoint=spec.endpoint,
@@ -172,6 +175,8 @@ class Worker:
                     id_field=spec.id_field,
                     on_bytes=lambda n: self._count(nbytes=n),
                     on_documents=lambda documents, tokens: self._count(0, documents, tokens),
+                    link=Link(spec.connections or spec.slots),
+                    decoding=asyncio.Semaphore(spec.decoders or spec.slots),
                 )
                 while True:
                     msg = await inbox.get()

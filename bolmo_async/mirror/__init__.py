@@ -6,6 +6,6 @@ use, so tests and the demo exercise the real client code with no internet.
 
 from .faults import FaultConfig
 from .sample import build_sample
-from .server import Mirror, MirrorRepo, MirrorThread, run_mirror
+from .server import Mirror, MirrorRepo, MirrorThread, WanConfig, run_mirror
 
-__all__ = ["FaultConfig", "Mirror", "MirrorRepo", "MirrorThread", "build_sample", "run_mirror"]
+__all__ = ["FaultConfig", "Mirror", "MirrorRepo", "MirrorThread", "WanConfig", "build_sample", "run_mirror"]

@@ -9,6 +9,8 @@ It implements what huggingface_hub and our fetcher call:
   model repos) with ``ETag``, ``X-Repo-Commit``, ``X-Linked-Size``, ``X-Linked-Etag``, ``Range``;
   LFS files answer 302 to a second listener standing in for the CDN, with a signed URL that
   expires like the Hub's.
+- Optionally a wide-area link (``WanConfig``): a round trip before every answer, a per-response
+  rate cap (a CDN's per-connection cap) and a total link rate; still on loopback only.
 
 Paths are looked up in the index built at start-up, never joined to the folder, and symbolic
 links are neither indexed nor followed (files are opened with ``O_NOFOLLOW`` and checked to
@@ -40,6 +42,29 @@ from .faults import FaultConfig
 LFS_SUFFIXES = (".zst", ".gz", ".parquet", ".arrow", ".bin", ".npy", ".safetensors")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 CHUNK = 256 * 1024
+WAN_CHUNK = 64 * 1024  # finer steps when pacing to a rate
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """A wide-area link, emulated on loopback: ``rtt`` seconds before every answer (the Hub's
+    and the CDN's: a request's round trip), at most ``response_rate`` bytes/s per response (a
+    CDN's per-connection cap) and ``link_rate`` bytes/s over all responses together (the
+    link). 0 turns a part off. Connection set-up is not delayed (kept-alive connections
+    dominate a long run)."""
+
+    rtt: float = 0.0
+    response_rate: float = 0.0
+    link_rate: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.rtt > 0 or self.response_rate > 0 or self.link_rate > 0
+
+    def ceiling(self, connections: int) -> float:
+        """The most bytes/s ``connections`` parallel responses can get through this link."""
+        per = self.response_rate * connections if self.response_rate > 0 else float("inf")
+        return min(per, self.link_rate) if self.link_rate > 0 else per
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +190,12 @@ class Mirror:
         faults: FaultConfig | None = None,
         token: str | None = None,
         url_ttl: float = 3600.0,
+        wan: WanConfig | None = None,
     ):
         self.repos = {(r.repo_type, r.repo_id): r for r in repos}
+        #: Wide-area emulation (round trip, per-response and total rates); None: loopback speed.
+        self.wan = wan if wan is not None and wan.active else None
+        self._link_free_at = 0.0  # the shared link's next free instant (loop time)
         #: LFS objects by sha256, for the CDN listener.
         self._by_sha = {e.sha256: e for r in repos for e in r.files.values()}
         self.host, self.port, self.cdn_port = host, port, cdn_port
@@ -187,14 +216,15 @@ class Mirror:
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self) -> str:
-        hub = web.Application()
+        middlewares = [self._round_trip] if self.wan is not None and self.wan.rtt > 0 else []
+        hub = web.Application(middlewares=middlewares)
         for rtype, prefix in (("dataset", "/api/datasets"), ("model", "/api/models")):
             hub.router.add_get(prefix + "/{ns}/{name}/revision/{rev}", self._revision(rtype))
             hub.router.add_get(prefix + "/{ns}/{name}/tree/{rev}", self._tree(rtype))
             hub.router.add_get(prefix + "/{ns}/{name}/tree/{rev}/{path:.+}", self._tree(rtype))
         hub.router.add_route("*", "/datasets/{ns}/{name}/resolve/{rev}/{path:.+}", self._resolve("dataset"))
         hub.router.add_route("*", "/{ns}/{name}/resolve/{rev}/{path:.+}", self._resolve("model"))
-        cdn = web.Application()
+        cdn = web.Application(middlewares=middlewares)
         cdn.router.add_route("*", "/lfs/{sha256}", self._cdn)
         self._runners = [web.AppRunner(hub, access_log=None), web.AppRunner(cdn, access_log=None)]
         ports = [self.port, self.cdn_port]
@@ -222,6 +252,31 @@ class Mirror:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- WAN emulation ------------------------------------------------------------------
+    @web.middleware
+    async def _round_trip(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every answer waits one round trip first (request there, first byte back)."""
+        assert self.wan is not None
+        await asyncio.sleep(self.wan.rtt)
+        return await handler(request)
+
+    async def _pace(self, started: float, sent: int, n: int) -> None:
+        """Wait until ``n`` more bytes may go out: at most ``response_rate`` for this response
+        (``sent`` of it so far since ``started``) and ``link_rate`` over all responses."""
+        wan = self.wan
+        assert wan is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = now
+        if wan.response_rate > 0:
+            at = max(at, started + (sent + n) / wan.response_rate)
+        if wan.link_rate > 0:
+            slot = max(now, self._link_free_at)
+            self._link_free_at = slot + n / wan.link_rate
+            at = max(at, self._link_free_at)
+        if at > now:
+            await asyncio.sleep(at - now)
 
     # -- helpers ------------------------------------------------------------------------
     def _repo(self, rtype: str, request: web.Request) -> MirrorRepo:
@@ -445,11 +500,13 @@ class Mirror:
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         sent = 0
+        started = loop.time()
+        chunk = CHUNK if self.wan is None else WAN_CHUNK
         stop_at = length // 2 if fault in ("reset", "cut") else None
         stall_at = length // 2 if fault == "stall" else None
         f.seek(start)
         while sent < length:
-            n = min(CHUNK, length - sent)
+            n = min(chunk, length - sent)
             for cut in (stop_at, stall_at):
                 if cut is not None:
                     n = min(n, max(1, cut - sent))
@@ -459,6 +516,8 @@ class Mirror:
             if fault == "corrupt" and sent <= length // 2 < sent + len(block):
                 i = length // 2 - sent
                 block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1 :]
+            if self.wan is not None:
+                await self._pace(started, sent, len(block))
             if fault == "trickle" and sent < 64 * 1024:
                 assert self.faults is not None
                 for j in range(0, len(block), 4096):
