@@ -164,7 +164,7 @@ def test_mirror_sample_into_a_file_fails_at_once_in_one_line(tmp_path):
 def test_a_text_field_the_data_lacks_stops_the_run_naming_the_fields_found(tmp_path, mirror):
     out = tmp_path / "o"
     r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1",
-                "--text-field", "content", "--concurrency", "1", "--processes", "1")  # fmt: skip
+                "--text-field", "content", "--concurrency", "1", "--connections", "1", "--processes", "1")  # fmt: skip
     assert r.returncode == 2, r.stderr
     [line] = _error_lines(r.stderr)
     assert "--text-field 'content'" in line and "'text'" in line and "'id'" in line
