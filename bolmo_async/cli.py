@@ -237,7 +237,7 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     size = out.staging_bytes()
     if size:
         _say(
-            f"staging/ holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
+            f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
             f"--data-fraction reuse; `bolmo-async finalize --output-dir {out} --drop-staging` removes it."
         )
     if manifest["complete"]:

@@ -542,7 +542,7 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
             if ctx.on_bytes:
                 ctx.on_bytes(pf.size)
             return dest, pf.sha256 or pf.oid
-        log.warning("%s: the kept download in raw/ does not match the listing; fetching it again", pf.path)
+        log.warning("%s: the kept download %s does not match the listing; fetching it again", pf.path, dest)
     sink = RawFileSink(pf, dest, out)
     try:
         await fetch_file(

@@ -603,7 +603,7 @@ def finalize_dir(
     if complete and not docs:
         raise StateError(
             f"the plan's {len(plan.files)} file(s) gave no documents at all (skipped: "
-            f"{dict(sorted(skips.counts.items())) or 'none'}); no data_sources.txt was written. Check --repo-id and "
+            f"{dict(sorted(skips.counts.items())) or 'none'}); no {DATA_SOURCES} was written. Check --repo-id and "
             f"the files' format (JSON lines with a {plan.selection.text_field!r} field, or parquet with a "
             f"{plan.selection.text_field!r} column: --text-field)."
         )

@@ -341,3 +341,30 @@ def test_a_script_without_the_main_guard_gets_one_clear_error(mirror, tmp_path):
     assert r.returncode == 1
     assert 'if __name__ == "__main__":' in r.stderr and "another bolmo-async run" not in r.stderr
     assert r.stderr.count("Traceback") <= 1, r.stderr
+
+
+def test_only_outdir_spells_the_folders_names():
+    """Code (not docstrings, comments or --help text) outside ``outdir/`` names no file of the folder."""
+    import ast
+
+    import bolmo_async as pkg
+
+    names = ("plan.json", "run.json", "manifest.json", "data_sources.txt", ".bolmo-async.lock", "staging/", "raw/")
+    root = Path(pkg.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "outdir" in path.parts or "mirror" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        skip: set[int] = set()
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            first = body[0] if isinstance(body, list) and body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                skip.add(id(first.value))  # a docstring
+            if isinstance(node, ast.keyword) and node.arg == "help":
+                skip.update(id(n) for n in ast.walk(node.value))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+                found += [f"{path.relative_to(root)}:{node.lineno}: {n}" for n in names if n in node.value]
+    assert found == []
