@@ -768,7 +768,12 @@ def main() -> None:
 def _exit_now(code: int) -> None:
     """After a stop, exit without joining threads still inside a CPU step (a BPE encode, a
     tokenizer build: seconds, and uninterruptible): everything kept is on disk already (atomic
-    renames), a lock goes with the process."""
+    renames), a lock goes with the process. The exit handlers still run (an object-store run's
+    own scratch folder is removed; worker processes are reaped): only the thread joins are skipped."""
+    import atexit
+
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
     logging.shutdown()
     with contextlib.suppress(Exception):
         sys.stdout.flush()

@@ -121,3 +121,31 @@ def test_ctrl_c_stops_an_in_process_run_while_an_encode_is_in_progress(tmp_path,
         assert _left_behind(out) == []
     finally:
         gate.set()
+
+
+def test_ctrl_c_still_runs_the_exit_handlers(s3, mirror, tmp_path):  # type: ignore[no-untyped-def]
+    """The command line exits after a stop without joining busy threads, but its exit handlers
+    still run: an object-store run's own scratch folder (made in TMPDIR) does not stay behind."""
+    import subprocess
+    import time
+
+    from .helpers import cli
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "BOLMO_ASYNC_SCRATCH"} | {"TMPDIR": str(tmp)}
+    p = subprocess.Popen(
+        cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", "1", "--no-progress"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("bolmo-async-scratch-*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp.glob("bolmo-async-scratch-*")) or p.poll() is not None, "no scratch folder was made"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode in (0, 130), err
+    assert list(tmp.glob("bolmo-async-scratch-*")) == [], "the run's own scratch folder stayed behind"
