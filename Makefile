@@ -21,7 +21,7 @@ $(DEV_STAMP): $(BASE_STAMP)
 
 install: $(DEV_STAMP)
 
-# `make test` takes about 6 minutes on 2 cores; `make test-fast` leaves out the tests marked slow.
+# `make test` takes 10-15 minutes on 2 cores (15 measured with the cores shared); `make test-fast` leaves out the tests marked slow.
 test: $(DEV_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@echo "the tool is in $(VENV): $(VENV)/bin/bolmo-async --help (or: source $(VENV)/bin/activate)"
