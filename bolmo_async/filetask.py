@@ -18,7 +18,6 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -299,10 +298,9 @@ class Processor:
             return
         # A local temporary goes now (the busy thread writes on into an unlinked file, then drops
         # it); an object-store upload is aborted when the thread lets go (or dies with its process).
-        tmp = getattr(getattr(getattr(self._writer, "_file", None), "target", None), "tmp", None)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        writer = self._writer
+        if writer is not None:
+            writer.unlink_early()
         threading.Thread(target=self._drop_when_idle, name="bolmo-abort", daemon=True).start()
 
     def _drop_when_idle(self) -> None:

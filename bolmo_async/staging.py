@@ -185,6 +185,10 @@ class StagingWriter:
         self.staging.out.write_text(marker_name(self.pf.key), json.dumps(record, sort_keys=True) + "\n")
         return record
 
+    def unlink_early(self) -> None:
+        """From another thread while a batch may be being written: the temporary goes now."""
+        self._file.target.unlink_early()
+
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._writer.close()

@@ -92,6 +92,11 @@ class NewFile(Protocol):
 
     def abort(self) -> None: ...
 
+    def unlink_early(self) -> None:
+        """From any thread, while a write may be in progress: make the file's trace in the folder
+        go now (a write going on lands in an unlinked file); ``abort`` still follows."""
+        ...
+
 
 class OutputDir:
     """What every backend offers. Names are relative, POSIX, made by the functions above."""

@@ -211,6 +211,10 @@ class LocalNewFile:
         finally:
             os.close(fd)
 
+    def unlink_early(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self._close()

@@ -237,6 +237,9 @@ class StoreNewFile:
         self._done = True
         return self.size
 
+    def unlink_early(self) -> None:
+        """Nothing to do: an upload is invisible until it completes."""
+
     def abort(self) -> None:
         writer, self._writer = self._writer, None
         self._done = True
