@@ -316,7 +316,7 @@ class Processor:
 #: A column chunk larger than this (uncompressed) that its file holds more than
 #: ``PARQUET_MAX_RATIO`` times smaller is a bomb: its pages (which pyarrow decompresses whole,
 #: and a writer may make as large as the chunk) are never read. Text compresses 3-10x.
-PARQUET_MAX_CHUNK = 256 << 20
+PARQUET_MAX_CHUNK = 64 << 20
 PARQUET_MAX_RATIO = 100
 #: A column chunk compressed more than this is read a row at a time (``parquet_batch_rows``).
 PARQUET_DENSE_RATIO = 20

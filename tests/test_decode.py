@@ -227,6 +227,9 @@ def pieces():
         for _ in range(mib):
             yield b" " * (1 << 20)
         yield b'"}\n{"text": "after"}\n'
+    elif shape == "tiny":  # "x" on every line
+        for _ in range(mib):
+            yield b"x\n" * (1 << 19)
     else:  # invalid lines of 1 MiB
         for _ in range(mib):
             yield b'{"text": "' + b"x" * ((1 << 20) - 11) + b"\n"
@@ -305,3 +308,29 @@ def test_the_decompressor_never_returns_more_than_a_piece():
                 out.append(piece)
         dec.finish()
         assert b"".join(out) == plain * 2, suffix
+
+
+def test_a_flood_of_short_bad_lines_stops_decoding_the_file():
+    """Lines that are not documents cost microseconds each in Python: a bomb of a billion ``x``
+    lines would take hours. Past ``max_bad_lines`` of them with a hundred times fewer documents,
+    the file is not decoded further (counted once); a file with some bad lines is untouched."""
+    bad = b"x\n" * 100_000 + b'{"text": "late"}\n'
+    skips = SkipCounter()
+    dec = LineDecoder("f.jsonl", ".jsonl", skips, max_bad_lines=1000, batch_bytes=2000)
+    docs = [t for b in [*dec.feed(bad), *dec.finish()] for t in b.texts]
+    assert docs == [] and skips.counts["too_many_bad_lines"] == 1
+    assert skips.counts["invalid_json"] == 1001
+    assert "not decoded past line" in skips.examples["too_many_bad_lines"][0]
+    mixed = (b"x\n" + b'{"text": "ok"}\n') * 3000
+    skips = SkipCounter()
+    dec = LineDecoder("f.jsonl", ".jsonl", skips, max_bad_lines=1000, batch_bytes=2000)
+    assert sum(b.num_rows for b in [*dec.feed(mixed), *dec.finish()]) == 3000
+    assert skips.counts == {"invalid_json": 3000}
+
+
+def test_a_bomb_of_short_bad_lines_ends_within_seconds():
+    """256 MiB of ``x`` lines (134M lines, from a few KB): stopped after a hundred thousand of them."""
+    size, grew, docs, got = _decode_bomb("tiny", 256, ".jsonl.zst")
+    assert size < 1 << 20 and docs == 0
+    assert got == {"invalid_json": 100_001, "too_many_bad_lines": 1}
+    assert grew < 100 << 20

@@ -509,15 +509,14 @@ def _largest_process_peak(*args: str, timeout: float = 120) -> tuple[int, str, i
 def test_a_parquet_row_group_bomb_is_never_read_whole(tmp_path):
     """Row groups hundreds of times their file (the issue's: 1.5 GB in 60 KB, scaled down): one
     large value repeated (dictionary-encoded: read a row at a time, each skipped by the document
-    cap) and near-copies of it (a plain chunk of 280 MB from 20 KB: refused from the footer,
+    cap) and near-copies of it (a plain chunk of 80 MB from a few KB: refused from the footer,
     never decompressed). With one worker the tree is two processes, each well under 400 MiB."""
     big = "a" * 2_000_000
     d = tmp_path / "repo" / "data"
     (d / "pq").mkdir(parents=True)
-    pq.write_table(pa.table({"id": [str(i) for i in range(300)], "text": [big] * 300}), d / "pq" / "same.parquet",
-                   compression="zstd", row_group_size=300)  # fmt: skip
-    pq.write_table(pa.table({"id": [str(i) for i in range(140)], "text": [big + str(i) for i in range(140)]}),
-                   d / "pq" / "near.parquet", compression="zstd", row_group_size=140)  # fmt: skip
+    _write_repeated_parquet(d / "pq" / "same.parquet", big, 300)
+    pq.write_table(pa.table({"id": [str(i) for i in range(40)], "text": [big + str(i) for i in range(40)]}),
+                   d / "pq" / "near.parquet", compression="zstd", row_group_size=40)  # fmt: skip
     pq.write_table(pa.table({"id": ["n"], "text": ["a normal document"]}), d / "pq" / "normal.parquet")
     assert (d / "pq" / "same.parquet").stat().st_size + (d / "pq" / "near.parquet").stat().st_size < 100_000
     with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
@@ -528,8 +527,37 @@ def test_a_parquet_row_group_bomb_is_never_read_whole(tmp_path):
     assert code == 0, err[-3000:]
     totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
     assert totals["documents"] == 1
-    assert totals["skipped_documents"] == {"document_too_large": 300, "oversized_row_group": 140}
-    assert "near.parquet: row group 0: column 'text' is 280 MB" in totals["skipped_examples"]["oversized_row_group"][0]
+    assert totals["skipped_documents"] == {"document_too_large": 300, "oversized_row_group": 40}
+    assert "near.parquet: row group 0: column 'text' is 80 MB" in totals["skipped_examples"]["oversized_row_group"][0]
+    assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
+
+
+def _write_repeated_parquet(path: Path, text: str, rows: int) -> None:
+    """One row group of ``rows`` rows all holding ``text`` (dictionary-encoded: a few KB on disk,
+    ``rows x len(text)`` once read; written without ever holding it)."""
+    col = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array([text]))
+    table = pa.table({"id": [str(i) for i in range(rows)], "text": col})
+    pq.write_table(table, path, compression="zstd", row_group_size=rows)
+
+
+@pytest.mark.slow
+def test_the_issues_parquet_bomb_is_read_within_memory_and_a_minute(tmp_path):
+    """The issue's case at full size: one row group of 750 rows of 2 MB (1.5 GB) in a file of a
+    few KB, --max-document-bytes 1000000: every row skipped, each process under 400 MiB."""
+    d = tmp_path / "repo" / "data" / "pq"
+    d.mkdir(parents=True)
+    _write_repeated_parquet(d / "bomb.parquet", "a" * 2_000_000, 750)
+    pq.write_table(pa.table({"id": ["n"], "text": ["a normal document"]}), d / "normal.parquet")
+    start = time.monotonic()
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        code, err, peak = _largest_process_peak(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1",
+            "--processes", "1", "--max-document-bytes", "1000000", "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert time.monotonic() - start < 60
+    totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
+    assert totals["skipped_documents"] == {"document_too_large": 750} and totals["documents"] == 1
     assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
 
 
