@@ -317,7 +317,7 @@ def test_a_share_accepts_the_plans_own_flags_and_refuses_others(tmp_path, mirror
 def test_drop_staging_after_a_complete_output(tmp_path, mirror):
     out = tmp_path / "o"
     r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.1")
-    assert r.returncode == 0 and "staging/ holds" in r.stdout and "--drop-staging" in r.stdout
+    assert r.returncode == 0 and "the staging holds" in r.stdout and "--drop-staging" in r.stdout
     m = bolmo_async.finalize(out, drop_staging=True)
     assert not (out / "staging").exists() and m["complete"]
     assert bolmo_async.inspect(out)["problems"] == []
