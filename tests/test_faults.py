@@ -171,7 +171,7 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
     rng = random.Random(20261125)
     with MirrorThread(repos, faults=faults) as m:
         plan_files = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION).files
-        cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2", "--processes", "2")
+        cmd = _cli_prepare(out, m.endpoint, "--concurrency", "2", "--connections", "2", "--processes", "2")
         stops = 0
         for round_ in range(8):
             started = time.time()
