@@ -42,9 +42,12 @@ DOLMA_VENV = ROOT / ".venv-dolma"
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd``: wall seconds and peak RSS (MB) of its whole process tree (sampled every 50 ms)."""
+    import resource
+
     import psutil
 
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     bufs: dict[str, bytes] = {}
 
@@ -68,8 +71,10 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
         t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n{bufs.get('err', b'').decode()[-3000:]}")
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "seconds": seconds,
+        "cpu_seconds": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
         "peak_rss_mb": peak / 2**20,
         "stderr": bufs.get("err", b"").decode(),
         "stdout": bufs.get("out", b"").decode(),
@@ -463,18 +468,21 @@ def wan_section(args: argparse.Namespace) -> dict[str, Any]:
         jobs.append((f"{case}_snapshot", lambda r=repo, c=case: wan_snapshot(endpoint, r, out / f"wan-snap-{c}")))
         jobs.append((f"{case}_download", lambda r=repo: wan_download(endpoint, r, DEFAULT_CONNECTIONS)))
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k, _ in jobs}
+    load = [os.getloadavg()[0]]  # this machine is shared: a busy one slows the CPU-bound side only
     with MirrorThread(repos, wan=wan) as m:
         endpoint = m.endpoint
         for round_no in range(args.repeats):
             for key, job in jobs:
                 print(f"WAN round {round_no + 1}/{args.repeats}: {key} ...", flush=True)
                 runs[key].append(job())
+    load.append(os.getloadavg()[0])
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
     ceiling = wan.ceiling(DEFAULT_CONNECTIONS)
     summary: dict[str, Any] = {
         "link": f"round trip {args.wan_rtt_ms:g} ms, {args.wan_conn_mbs:g} MB/s per response, "
         f"{args.wan_link_mbs:g} MB/s in all",
         "corpus": info,
+        "load average (1 min) before / after": f"{load[0]:.1f} / {load[1]:.1f} on {len(os.sched_getaffinity(0))} cores",
     }
     for case in ("large", "small"):
         ours, snap, dl = best[f"{case}_prepare"], best[f"{case}_snapshot"], best[f"{case}_download"]
@@ -484,6 +492,7 @@ def wan_section(args: argparse.Namespace) -> dict[str, Any]:
             "snapshot_download_s (download only, max_workers=8)": round(snap["seconds"], 2),
             "snapshot / prepare": round(snap["seconds"] / ours["seconds"], 2),
             "prepare_peak_rss_mb": round(ours["peak_rss_mb"]),
+            "CPU s (prepare / snapshot_download)": f"{ours['cpu_seconds']:.1f} / {snap['cpu_seconds']:.1f}",
             "runs_s": {k: [round(x["seconds"], 2) for x in runs[f"{case}_{k}"]] for k in ("prepare", "snapshot")},
         }
         if rate:
@@ -496,6 +505,7 @@ def wan_section(args: argparse.Namespace) -> dict[str, Any]:
 
 def report_wan(summary: dict[str, Any]) -> None:
     lines = [f"## WAN ({summary['link']}; link ceiling {summary['link_ceiling_MB/s']} MB/s)", ""]
+    lines += [f"Load average (1 min) before / after: {summary['load average (1 min) before / after']}.", ""]
     c = summary["corpus"]
     lines += [
         f"Corpus: {c['text_bytes'] / 1e6:.0f} MB of text; one file of {c['large_bytes'] / 1e6:.1f} MB, or "

@@ -377,14 +377,13 @@ async def _fetch_blocks(
             errors.append(exc)
             changed.set()
             raise
-        finally:
-            if link is not None:
-                link.give()
 
     def start_lane(borrowed: bool) -> None:
         t = asyncio.create_task(lane(borrowed))
         lanes.add(t)
         t.add_done_callback(lanes.discard)
+        if link is not None:  # also when it is cancelled before it ever ran
+            t.add_done_callback(lambda _: link.give())
 
     slot = False
 

@@ -95,11 +95,10 @@ def test_a_large_file_comes_in_parallel_segments_from_one_resolve(blob, monkeypa
         async with make_session(connections, FAST) as session:
             client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
             sink = Hash()
+            link = Link(connections)
             t0 = time.monotonic()
-            n = await fetch_file(
-                client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=Link(connections)
-            )
-            assert n == entry.size
+            n = await fetch_file(client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=link)
+            assert n == entry.size and link.busy == 0  # every connection given back
             return sink, time.monotonic() - t0
 
     with MirrorThread([repo], wan=wan) as m:
