@@ -286,7 +286,12 @@ def s3_rows(endpoint: str, out: Path, repeats: int, mode: str = "byte", fraction
             print(f"round {i + 1}/{repeats}: {mode} f{fraction:g} to local disk, then to s3:// ...", flush=True)
             d = ours(endpoint, mode, out / f"{mode}-disk", fraction)
             disk.append(d)
+            import psutil
+
+            server = psutil.Process(proc.pid)
+            before = sum(server.cpu_times()[:2])
             bucket.append(ours_s3(endpoint, s3, mode, f"r{i}", fraction, out / "s3-scratch"))
+            bucket[-1]["server_cpu_s"] = sum(server.cpu_times()[:2]) - before  # moto's own CPU
     finally:
         proc.terminate()
         proc.wait()
@@ -313,6 +318,7 @@ def s3_report(r: dict[str, Any]) -> list[str]:
         f"| peak RSS MB disk / s3 | {round(d['peak_rss_mb'])} / {round(b['peak_rss_mb'])} |",
         f"| CPU s (coordinator + workers) disk / s3 | {round(d['coordinator'] + d['workers'], 2)} / "
         f"{round(b['coordinator'] + b['workers'], 2)} |",
+        f"| CPU s of the S3 server (moto, same machine) | {round(b.get('server_cpu_s', 0), 2)} |",
         "",
     ]
 

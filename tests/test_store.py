@@ -99,6 +99,14 @@ def test_open_input_is_a_random_access_arrow_file(s3: S3) -> None:
             assert pa.ipc.open_file(source).read_all().equals(table)
     with pytest.raises(FileNotFoundError):
         d.open_input("staging/absent.arrow").__enter__()
+    # A staged file written on this machine is kept in the scratch cache as it streams out: the
+    # shards made from it here read it without a download.
+    f = d.new_file("staging/mine.arrow")
+    f.write(sink.getvalue())
+    f.commit()
+    with d.open_input("staging/mine.arrow") as source:
+        assert pa.ipc.open_file(source).read_all().equals(table)
+    assert not [r for r in s3.proxy.seen if r.startswith("GET") and "mine.arrow" in r]
 
 
 def test_conditional_create_on_both_backends(s3: S3, tmp_path: Path) -> None:
@@ -376,3 +384,19 @@ def test_wrong_credentials_stop_before_any_hub_request(s3: S3, mirror, monkeypat
     assert len(lines) == 1 and "InvalidAccessKeyId" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], r.stderr
     assert SECRET not in r.stderr + r.stdout
     assert not mirror.hub_requests and not mirror.cdn_requests
+
+
+@pytest.mark.slow
+def test_ray_with_a_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``fetch --ray`` then ``finalize --ray`` into the bucket: Ray tasks read and write it (a local
+    Ray cluster inherits the AWS variables; a real one needs them, or a role, on every node)."""
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`; without it this cannot run")
+    local = _local_run(tmp_path, mirror)
+    env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    args = ("-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION)
+    r = _cli("fetch", *args, "--ray", "--ray-tasks", "2", "--no-progress", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("finalize", "-o", s3.url(), "--ray", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _shards_of(s3) == local
+    _no_credentials_anywhere(s3, r.stdout, r.stderr)
