@@ -214,6 +214,7 @@ class StoreNewFile:
         self.size = 0
         self._writer: Any = None
         self._done = False
+        self._started = time.monotonic()
         #: ``keep_copy``: a staged file is also written into the scratch cache as it streams out
         #: (while it fits the cache), so that the shards made from it on this machine need no
         #: download of it.
@@ -276,6 +277,7 @@ class StoreNewFile:
         self._done = True
         if self._copy is not None:
             self._keep_copy()
+        log.debug("%s: %d bytes uploaded in %.2fs", self.name, self.size, time.monotonic() - self._started)
         return self.size
 
     def unlink_early(self) -> None:
