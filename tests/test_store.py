@@ -400,3 +400,42 @@ def test_ray_with_a_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ign
     assert r.returncode == 0, r.stderr[-3000:]
     assert _shards_of(s3) == local
     _no_credentials_anywhere(s3, r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_a_whole_run_through_store_faults_gives_the_same_bytes(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """503 SlowDown, 500 and connections cut mid-request on staged files, markers, shard parts and
+    reads, during a real `prepare`: retried, and the output is the local run's."""
+    local = _local_run(tmp_path, mirror)
+    s3.proxy.faults += [
+        Fault("PUT", r"staging/[^.?]+\.arrow", "503", 3),
+        Fault("PUT", r"staging/[^.?]+\.json", "cut", 2),
+        Fault("GET", r"staging/[^.?]+\.json", "500", 2),
+        Fault("HEAD", r"staging/", "503", 2),
+        Fault("PUT", r"bolmo_data_\d+\.csv\.gz", "cut", 1),
+        Fault("GET", r"plan\.json", "503", 1),
+    ]
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert s3.proxy.injected == 11, s3.proxy.faults
+    assert "retry" in r.stderr
+    assert _shards_of(s3) == local
+
+
+def test_aws_profile_from_the_credentials_file(s3: S3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.s3server import KEY_ID
+
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[train]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "train")
+    d = open_output(s3.url())
+    d.create()
+    d.write_text("plan.json", "{}")
+    assert d.read_text("plan.json") == "{}"
+    creds.write_text("[train]\naws_access_key_id = AKIAWRONGWRONGWRONG1\naws_secret_access_key = x\n")
+    with pytest.raises(UsageError, match="InvalidAccessKeyId"):
+        open_output(s3.url()).create()
