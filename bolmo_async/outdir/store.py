@@ -362,28 +362,30 @@ class StoreDir(OutputDir):
             config["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        provider, profile_region = None, None
+        if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            provider, profile_region = self._profile_credentials()
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or profile_region
         if region:
             config["region"] = region
         elif self.scheme == "r2" or endpoint:
             config["region"] = "auto" if self.scheme == "r2" else "us-east-1"
-        provider = None
-        if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-            provider = self._profile_credentials()
         return S3Store(
             self.bucket, config=config, client_options=client, retry_config=retry_config, credential_provider=provider
         )
 
-    def _profile_credentials(self) -> Any:
-        """``AWS_PROFILE`` through boto3 when it is installed (SSO, assumed roles, everything the
-        AWS config files can say); else the profile's static keys from ``~/.aws/credentials``."""
+    def _profile_credentials(self) -> tuple[Any, str | None]:
+        """``AWS_PROFILE`` (credentials, region) through boto3 when it is installed (SSO, assumed
+        roles, everything the AWS config files can say); else the profile's static keys from
+        ``~/.aws/credentials``."""
         try:
             import boto3
             from obstore.auth.boto3 import Boto3CredentialProvider
         except ImportError:
             pass
         else:
-            return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
+            session = boto3.Session(profile_name=os.environ["AWS_PROFILE"])
+            return Boto3CredentialProvider(session), session.region_name
         import configparser
 
         profile = os.environ["AWS_PROFILE"]
@@ -399,7 +401,7 @@ class StoreDir(OutputDir):
         creds = {"access_key_id": sec["aws_access_key_id"], "secret_access_key": sec.get("aws_secret_access_key", "")}
         if sec.get("aws_session_token"):
             creds["token"] = sec["aws_session_token"]
-        return lambda: {**creds, "expires_at": None}
+        return (lambda: {**creds, "expires_at": None}), None
 
     # -- errors and retries ----------------------------------------------------------------------
     def failed(self, name: str, exc: BaseException, doing: str) -> BaseException:
@@ -417,6 +419,10 @@ class StoreDir(OutputDir):
                 f"{what}: the store refused this {doing} ({reason}). Check the credentials (AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE) and that they may read and write "
                 f"{self.location}."
+            )
+        if re.search(r"PermanentRedirect|AuthorizationHeaderMalformed|status code: 301", str(exc)):
+            return UsageError(
+                f"--output-dir {self.location}: the bucket {self.bucket} is in another region; set AWS_REGION to it."
             )
         if "NoSuchBucket" in str(exc):
             return UsageError(
