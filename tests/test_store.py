@@ -439,3 +439,27 @@ def test_aws_profile_from_the_credentials_file(s3: S3, monkeypatch: pytest.Monke
     creds.write_text("[train]\naws_access_key_id = AKIAWRONGWRONGWRONG1\naws_secret_access_key = x\n")
     with pytest.raises(UsageError, match="InvalidAccessKeyId"):
         open_output(s3.url()).create()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_bucket_folder_is_refused(s3: S3, repos) -> None:  # type: ignore[no-untyped-def]
+    """No flock on a bucket: the lease (a conditional create) refuses a second `prepare` at once,
+    in one line, while the first runs; the first finishes as if alone."""
+    import subprocess
+
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    slow = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    with MirrorThread(repos, faults=slow) as m:
+        args = ("prepare", "-o", s3.url(), "--endpoint", m.endpoint, "--data-fraction", FRACTION, "--no-progress")
+        first = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while ".bolmo-async.lock" not in _names(s3):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = _cli(*args)
+        _out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode != 0 and len(lines) == 1 and "another bolmo-async run" in lines[0], second.stderr
+    assert "data_sources.txt" in _names(s3) and ".bolmo-async.lock" not in _names(s3)
