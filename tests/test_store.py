@@ -168,6 +168,10 @@ def test_claims(s3: S3) -> None:
             assert other
     with b.claim("k-1") as now:  # released
         assert now
+    # A conditional create done by the store whose answer was lost: the retry finds our own lease.
+    s3.proxy.faults.append(Fault("PUT", r"\.k-3\.claim", "lose", 1))
+    with a.claim("k-3") as mine:
+        assert mine and s3.proxy.injected == 1
 
 
 def test_transient_faults_are_retried(s3: S3, caplog: pytest.LogCaptureFixture) -> None:

@@ -555,9 +555,8 @@ class StoreDir(OutputDir):
 
         body = self._lease_body()
         for _ in range(3):
-            try:
-                self._put(self.key(name), body, mode="create")
-            except (oe.AlreadyExistsError, oe.PreconditionError):
+            if not self.create_bytes(name, body) and self.read_bytes(name) != body:
+                # (the same body: our own create, retried after its answer was lost)
                 meta = self._head(name)
                 if meta is None:
                     continue
