@@ -225,7 +225,9 @@ def start_s3() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the S3 server did not start")
 
 
-def ours_s3(endpoint: str, s3: str, mode: str, run: str, fraction: float, scratch: Path) -> dict[str, Any]:
+def ours_s3(
+    endpoint: str, s3: str, mode: str, run: str, fraction: float, scratch: Path, bound: int = 100_000_000
+) -> dict[str, Any]:
     """``prepare --output-dir s3://bench/RUN`` as ``ours`` measures it, plus the peak size of its local
     scratch (sampled every 50 ms) and the bytes it put in the bucket."""
     import obstore
@@ -245,6 +247,7 @@ def ours_s3(endpoint: str, s3: str, mode: str, run: str, fraction: float, scratc
     cpu = scratch.with_suffix(".cpu.json")
     cmd = [sys.executable, str(HERE / "cpu_of.py"), str(cpu), "prepare", "--output-dir", f"s3://bench/{run}"]
     cmd += ["--endpoint", endpoint, "--data-fraction", str(fraction), "--tokenizer", mode, "--no-progress"]
+    cmd += ["--max-tokens-per-file", str(bound)]
     peak = [0]
     done = threading.Event()
 
@@ -281,22 +284,58 @@ def ours_s3(endpoint: str, s3: str, mode: str, run: str, fraction: float, scratc
     return r
 
 
-def s3_rows(endpoint: str, out: Path, repeats: int, mode: str = "byte", fraction: float = 1.0) -> dict[str, Any]:
-    """The same run to local disk and to the S3 server, interleaved, best of ``repeats`` each."""
+def server_ingest(s3: str, mb: int = 128) -> float:
+    """MB/s the S3 server takes a streamed multipart upload at, alone (8 MiB parts, as shards go):
+    the ceiling of any run writing to it."""
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        "bench", endpoint=s3, access_key_id=S3_KEY, secret_access_key=S3_SECRET, region="us-east-1",
+        client_options={"allow_http": True},
+    )  # fmt: skip
+    block = os.urandom(8 << 20)
+    t = time.perf_counter()
+    with obstore.open_writer(store, "ingest-probe", buffer_size=8 << 20, max_concurrency=4) as f:
+        for _ in range(mb // 8):
+            f.write(block)
+    rate = mb * 1.048576 / (time.perf_counter() - t)
+    obstore.delete(store, "ingest-probe")
+    return rate
+
+
+def s3_rows(
+    endpoint: str, out: Path, repeats: int, mode: str = "byte", fraction: float = 1.0, bound: int = 10_000_000
+) -> dict[str, Any]:
+    """The same run to local disk and to the S3 server, interleaved, best of ``repeats`` each.
+    Shards of ``bound`` tokens (10M: 40 MB of byte-mode shard), so that, as in a long run, shards
+    go out while later files are fetched; the last shard's upload is the tail of either run."""
     proc, s3 = start_s3()
     disk: list[dict[str, Any]] = []
     bucket: list[dict[str, Any]] = []
     try:
         for i in range(repeats):
             print(f"round {i + 1}/{repeats}: {mode} f{fraction:g} to local disk, then to s3:// ...", flush=True)
-            d = ours(endpoint, mode, out / f"{mode}-disk", fraction)
+            d = ours(endpoint, mode, out / f"{mode}-disk", fraction, bound)
             disk.append(d)
-            bucket.append(ours_s3(endpoint, s3, mode, f"r{i}", fraction, out / "s3-scratch"))
+            import psutil
+
+            server = psutil.Process(proc.pid)
+            before = sum(server.cpu_times()[:2])
+            bucket.append(ours_s3(endpoint, s3, mode, f"r{i}", fraction, out / "s3-scratch", bound))
+            bucket[-1]["server_cpu_s"] = sum(server.cpu_times()[:2]) - before  # moto's own CPU
+        ingest = server_ingest(s3)
     finally:
         proc.terminate()
         proc.wait()
     best_d, best_b = min(disk, key=lambda r: r["seconds"]), min(bucket, key=lambda r: r["seconds"])
+    floor = best_b["bucket_mb"] / ingest  # seconds just to put the output into this server
     return {
+        "bound": bound,
+        "server_ingest_mb_s": round(ingest, 1),
+        "server_floor_s": round(floor, 2),
+        "ceiling_over_disk": round(best_d["seconds"] / floor, 3),
+        "s3_over_floor": round(best_b["seconds"] / floor, 3),
         "disk": {**best_d, "runs_seconds": [round(x["seconds"], 3) for x in disk]},
         "s3": {**best_b, "runs_seconds": [round(x["seconds"], 3) for x in bucket]},
         "s3_over_disk_throughput": round(best_d["seconds"] / best_b["seconds"], 3),
@@ -306,7 +345,8 @@ def s3_rows(endpoint: str, out: Path, repeats: int, mode: str = "byte", fraction
 def s3_report(r: dict[str, Any]) -> list[str]:
     d, b = r["disk"], r["s3"]
     return [
-        "## object storage (prepare to an S3 server on loopback vs to local disk, byte mode, fraction 1.0)",
+        f"## object storage (prepare to an S3 server on loopback vs to local disk, byte mode, fraction 1.0, "
+        f"shards of {r['bound'] // 1_000_000}M tokens)",
         "",
         "| measure | value |",
         "|---|---|",
@@ -318,6 +358,11 @@ def s3_report(r: dict[str, Any]) -> list[str]:
         f"| peak RSS MB disk / s3 | {round(d['peak_rss_mb'])} / {round(b['peak_rss_mb'])} |",
         f"| CPU s (coordinator + workers) disk / s3 | {round(d['coordinator'] + d['workers'], 2)} / "
         f"{round(b['coordinator'] + b['workers'], 2)} |",
+        f"| CPU s of the S3 server (moto, same machine) | {round(b.get('server_cpu_s', 0), 2)} |",
+        f"| the server's ingest alone, one streamed upload (MB/s) | {r['server_ingest_mb_s']} |",
+        f"| seconds just to put the output into this server | {r['server_floor_s']} |",
+        f"| best possible s3:// / local-disk throughput on this server | {r['ceiling_over_disk']} |",
+        f"| s3:// run seconds / that floor | {r['s3_over_floor']} |",
         "",
     ]
 

@@ -57,7 +57,8 @@ def client(endpoint: str):  # type: ignore[no-untyped-def]
 @dataclass
 class Fault:
     """``count`` requests matching ``method`` and ``path`` (a regex on the request target) get
-    ``action``: "503" (SlowDown), "500", or "cut" (the connection closed before any answer)."""
+    ``action``: "503" (SlowDown), "500", "cut" (the connection closed before the request reaches
+    the store) or "lose" (the store does it; the answer is lost)."""
 
     method: str
     path: str
@@ -125,6 +126,11 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if action == "lose":  # done by the store, its answer lost on the way back
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):

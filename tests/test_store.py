@@ -99,6 +99,14 @@ def test_open_input_is_a_random_access_arrow_file(s3: S3) -> None:
             assert pa.ipc.open_file(source).read_all().equals(table)
     with pytest.raises(FileNotFoundError):
         d.open_input("staging/absent.arrow").__enter__()
+    # A staged file written on this machine is kept in the scratch cache as it streams out: the
+    # shards made from it here read it without a download.
+    f = d.new_file("staging/mine.arrow")
+    f.write(sink.getvalue())
+    f.commit()
+    with d.open_input("staging/mine.arrow") as source:
+        assert pa.ipc.open_file(source).read_all().equals(table)
+    assert not [r for r in s3.proxy.seen if r.startswith("GET") and "mine.arrow" in r]
 
 
 def test_conditional_create_on_both_backends(s3: S3, tmp_path: Path) -> None:
@@ -160,6 +168,10 @@ def test_claims(s3: S3) -> None:
             assert other
     with b.claim("k-1") as now:  # released
         assert now
+    # A conditional create done by the store whose answer was lost: the retry finds our own lease.
+    s3.proxy.faults.append(Fault("PUT", r"\.k-3\.claim", "lose", 1))
+    with a.claim("k-3") as mine:
+        assert mine and s3.proxy.injected == 1
 
 
 def test_transient_faults_are_retried(s3: S3, caplog: pytest.LogCaptureFixture) -> None:
@@ -376,3 +388,82 @@ def test_wrong_credentials_stop_before_any_hub_request(s3: S3, mirror, monkeypat
     assert len(lines) == 1 and "InvalidAccessKeyId" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0], r.stderr
     assert SECRET not in r.stderr + r.stdout
     assert not mirror.hub_requests and not mirror.cdn_requests
+
+
+@pytest.mark.slow
+def test_ray_with_a_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``fetch --ray`` then ``finalize --ray`` into the bucket: Ray tasks read and write it (a local
+    Ray cluster inherits the AWS variables; a real one needs them, or a role, on every node)."""
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`; without it this cannot run")
+    local = _local_run(tmp_path, mirror)
+    env = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    args = ("-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION)
+    r = _cli("fetch", *args, "--ray", "--ray-tasks", "2", "--no-progress", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("finalize", "-o", s3.url(), "--ray", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _shards_of(s3) == local
+    _no_credentials_anywhere(s3, r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_a_whole_run_through_store_faults_gives_the_same_bytes(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """503 SlowDown, 500 and connections cut mid-request on staged files, markers, shard parts and
+    reads, during a real `prepare`: retried, and the output is the local run's."""
+    local = _local_run(tmp_path, mirror)
+    s3.proxy.faults += [
+        Fault("PUT", r"staging/[^.?]+\.arrow", "503", 3),
+        Fault("PUT", r"staging/[^.?]+\.json", "cut", 2),
+        Fault("GET", r"staging/[^.?]+\.json", "500", 2),
+        Fault("HEAD", r"staging/", "503", 2),
+        Fault("PUT", r"bolmo_data_\d+\.csv\.gz", "cut", 1),
+        Fault("GET", r"plan\.json", "503", 1),
+    ]
+    r = _cli("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert s3.proxy.injected == 11, s3.proxy.faults
+    assert "retry" in r.stderr
+    assert _shards_of(s3) == local
+
+
+def test_aws_profile_from_the_credentials_file(s3: S3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.s3server import KEY_ID
+
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[train]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "train")
+    d = open_output(s3.url())
+    d.create()
+    d.write_text("plan.json", "{}")
+    assert d.read_text("plan.json") == "{}"
+    creds.write_text("[train]\naws_access_key_id = AKIAWRONGWRONGWRONG1\naws_secret_access_key = x\n")
+    with pytest.raises(UsageError, match="InvalidAccessKeyId"):
+        open_output(s3.url()).create()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_bucket_folder_is_refused(s3: S3, repos) -> None:  # type: ignore[no-untyped-def]
+    """No flock on a bucket: the lease (a conditional create) refuses a second `prepare` at once,
+    in one line, while the first runs; the first finishes as if alone."""
+    import subprocess
+
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    slow = FaultConfig(rate=1.0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    with MirrorThread(repos, faults=slow) as m:
+        args = ("prepare", "-o", s3.url(), "--endpoint", m.endpoint, "--data-fraction", FRACTION, "--no-progress")
+        first = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while ".bolmo-async.lock" not in _names(s3):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = _cli(*args)
+        _out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode != 0 and len(lines) == 1 and "another bolmo-async run" in lines[0], second.stderr
+    assert "data_sources.txt" in _names(s3) and ".bolmo-async.lock" not in _names(s3)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -137,17 +138,19 @@ def _short(exc: BaseException) -> str:
 
 # -- leases ----------------------------------------------------------------------------------------
 class _Heartbeat:
-    """One thread per process keeps every held lease fresh (rewrites it every LEASE/4 s)."""
+    """One thread per process keeps every held lease fresh: each is rewritten once it is LEASE/4
+    seconds old (checked every 0.2 s)."""
 
     def __init__(self) -> None:
-        self.held: dict[tuple[int, str], tuple[StoreDir, bytes]] = {}
+        #: (id of the StoreDir, key) -> (the StoreDir, the lease's body, when it was last written)
+        self.held: dict[tuple[int, str], tuple[StoreDir, bytes, float]] = {}
         self.guard = threading.Lock()
+        self.renewing = threading.Lock()  # held while leases are rewritten
         self.thread: threading.Thread | None = None
-        self.pid = os.getpid()
 
     def add(self, d: StoreDir, key: str, body: bytes) -> None:
         with self.guard:
-            self.held[(id(d), key)] = (d, body)
+            self.held[(id(d), key)] = (d, body, time.monotonic())
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="bolmo-async-leases", daemon=True)
                 self.thread.start()
@@ -155,17 +158,28 @@ class _Heartbeat:
     def drop(self, d: StoreDir, key: str) -> None:
         with self.guard:
             self.held.pop((id(d), key), None)
+        with self.renewing:  # a rewrite under way ends first: a released lease is not made again
+            pass
 
     def _run(self) -> None:
         while True:
-            time.sleep(max(0.2, LEASE / 4))
-            with self.guard:
-                items = list(self.held.items())
-            for (_, key), (d, body) in items:
-                try:
-                    d._put(key, body)
-                except Exception as exc:  # the next beat tries again; a lost lease costs work only
-                    log.warning("%s: could not renew a lease (%s)", d.ref(key), _short(exc))
+            time.sleep(0.2)
+            now = time.monotonic()
+            with self.renewing:
+                with self.guard:
+                    due = [(k, v) for k, v in self.held.items() if now - v[2] >= LEASE / 4]
+                for slot, (d, body, _) in due:
+                    with self.guard:
+                        if slot not in self.held:
+                            continue  # released meanwhile
+                    try:
+                        d._put(slot[1], body)
+                    except Exception as exc:  # the next beat tries again; a lost lease costs work only
+                        log.warning("%s: could not renew a lease (%s)", d.location, _short(exc))
+                        continue
+                    with self.guard:
+                        if slot in self.held:
+                            self.held[slot] = (d, body, now)
 
 
 _beats: dict[int, _Heartbeat] = {}
@@ -193,13 +207,32 @@ def _process_holder() -> str:
 class StoreNewFile:
     """An object written front to back as a streamed multipart upload (see ``NewFile``)."""
 
-    def __init__(self, d: StoreDir, name: str):
+    def __init__(self, d: StoreDir, name: str, *, keep_copy: bool = False):
         self.dir = d
         self.name = name
         self.key = d.key(name)
         self.size = 0
         self._writer: Any = None
         self._done = False
+        self._started = time.monotonic()
+        #: ``keep_copy``: a staged file is also written into the scratch cache as it streams out
+        #: (while it fits the cache), so that the shards made from it on this machine need no
+        #: download of it.
+        self._copy: Any = None
+        self._copy_path: Path | None = None
+        if keep_copy:
+            with contextlib.suppress(OSError):  # no local copy: the object is downloaded when read
+                self._copy_path = d._cache_dir() / f".{secrets.token_hex(8)}.{os.getpid()}.tmp"
+                self._copy = open(self._copy_path, "wb")  # noqa: SIM115 (closed by commit/abort)
+
+    def _drop_copy(self) -> None:
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            with contextlib.suppress(OSError):
+                copy.close()
+        if self._copy_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._copy_path)
 
     def write(self, data: Any) -> int:
         import obstore
@@ -217,6 +250,13 @@ class StoreNewFile:
             self.abort()
             raise self.dir.failed(self.name, exc, "upload") from exc
         self.size += len(view)
+        if self._copy is not None:
+            try:
+                if self.size > CACHE_BYTES:
+                    raise OSError("larger than the scratch cache")
+                self._copy.write(view)
+            except OSError:
+                self._drop_copy()
         return len(view)
 
     def flush(self) -> None:
@@ -235,14 +275,36 @@ class StoreNewFile:
             self.abort()
             raise self.dir.failed(self.name, exc, "upload") from exc
         self._done = True
+        if self._copy is not None:
+            self._keep_copy()
+        log.debug("%s: %d bytes uploaded in %.2fs", self.name, self.size, time.monotonic() - self._started)
         return self.size
 
     def unlink_early(self) -> None:
-        """Nothing to do: an upload is invisible until it completes."""
+        """Nothing in the bucket to remove: an upload is invisible until it completes (the local
+        copy's temporary goes; a write going on lands in the unlinked file)."""
+        if self._copy_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._copy_path)
+
+    def _keep_copy(self) -> None:
+        """The local copy into the cache under the name of the object's version (its ETag)."""
+        try:
+            self._copy.close()
+            self._copy = None
+            meta = self.dir._head(self.name)
+            if meta is None or int(meta["size"]) != self.size or self._copy_path is None:
+                raise OSError("the object changed")
+            self.dir._evict(self.size)
+            os.replace(self._copy_path, self.dir._cache_name(self.name, meta))
+            self._copy_path = None
+        except (OSError, OutputError):
+            self._drop_copy()  # only a cache: the object is downloaded when read
 
     def abort(self) -> None:
         writer, self._writer = self._writer, None
         self._done = True
+        self._drop_copy()
         if writer is not None:
             with contextlib.suppress(Exception):  # an exception through __exit__ aborts the upload
                 writer.__exit__(OutputError, OutputError("aborted"), None)
@@ -300,28 +362,30 @@ class StoreDir(OutputDir):
             config["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        provider, profile_region = None, None
+        if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            provider, profile_region = self._profile_credentials()
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or profile_region
         if region:
             config["region"] = region
         elif self.scheme == "r2" or endpoint:
             config["region"] = "auto" if self.scheme == "r2" else "us-east-1"
-        provider = None
-        if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-            provider = self._profile_credentials()
         return S3Store(
             self.bucket, config=config, client_options=client, retry_config=retry_config, credential_provider=provider
         )
 
-    def _profile_credentials(self) -> Any:
-        """``AWS_PROFILE`` through boto3 when it is installed (SSO, assumed roles, everything the
-        AWS config files can say); else the profile's static keys from ``~/.aws/credentials``."""
+    def _profile_credentials(self) -> tuple[Any, str | None]:
+        """``AWS_PROFILE`` (credentials, region) through boto3 when it is installed (SSO, assumed
+        roles, everything the AWS config files can say); else the profile's static keys from
+        ``~/.aws/credentials``."""
         try:
             import boto3
             from obstore.auth.boto3 import Boto3CredentialProvider
         except ImportError:
             pass
         else:
-            return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
+            session = boto3.Session(profile_name=os.environ["AWS_PROFILE"])
+            return Boto3CredentialProvider(session), session.region_name
         import configparser
 
         profile = os.environ["AWS_PROFILE"]
@@ -337,7 +401,7 @@ class StoreDir(OutputDir):
         creds = {"access_key_id": sec["aws_access_key_id"], "secret_access_key": sec.get("aws_secret_access_key", "")}
         if sec.get("aws_session_token"):
             creds["token"] = sec["aws_session_token"]
-        return lambda: {**creds, "expires_at": None}
+        return (lambda: {**creds, "expires_at": None}), None
 
     # -- errors and retries ----------------------------------------------------------------------
     def failed(self, name: str, exc: BaseException, doing: str) -> BaseException:
@@ -355,6 +419,10 @@ class StoreDir(OutputDir):
                 f"{what}: the store refused this {doing} ({reason}). Check the credentials (AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE) and that they may read and write "
                 f"{self.location}."
+            )
+        if re.search(r"PermanentRedirect|AuthorizationHeaderMalformed|status code: 301", str(exc)):
+            return UsageError(
+                f"--output-dir {self.location}: the bucket {self.bucket} is in another region; set AWS_REGION to it."
             )
         if "NoSuchBucket" in str(exc):
             return UsageError(
@@ -487,9 +555,8 @@ class StoreDir(OutputDir):
 
         body = self._lease_body()
         for _ in range(3):
-            try:
-                self._put(self.key(name), body, mode="create")
-            except (oe.AlreadyExistsError, oe.PreconditionError):
+            if not self.create_bytes(name, body) and self.read_bytes(name) != body:
+                # (the same body: our own create, retried after its answer was lost)
                 meta = self._head(name)
                 if meta is None:
                     continue
@@ -604,7 +671,8 @@ class StoreDir(OutputDir):
         return True
 
     def new_file(self, name: str, *, direct: bool = False) -> NewFile:
-        return StoreNewFile(self, name)
+        staged = name.startswith(STAGING + "/") and name.endswith(".arrow")
+        return StoreNewFile(self, name, keep_copy=staged)
 
     def size(self, name: str) -> int | None:
         meta = self._head(name)
@@ -655,19 +723,27 @@ class StoreDir(OutputDir):
         read while it stays cached)."""
         import pyarrow as pa
 
-        path = self._cached_path(name, fetch=True)
-        if path is None:
-            raise FileNotFoundError(2, "no such object", self.ref(name))
-        with pa.memory_map(str(path), "r") as source:
-            yield source
+        for _ in range(3):
+            path = self._cached_path(name, fetch=True)
+            if path is None:
+                raise FileNotFoundError(2, "no such object", self.ref(name))
+            try:
+                source = pa.memory_map(str(path), "r")
+            except FileNotFoundError:
+                continue  # evicted by another process between its download and this open: again
+            with source:
+                yield source
+            return
+        raise OutputError(
+            f"{self.ref(name)}: its local copy keeps being evicted from the scratch cache; raise "
+            "BOLMO_ASYNC_SCRATCH_CACHE (bytes) above the largest staged object."
+        )
 
     def ref(self, name: str) -> str:
         return f"{self.location}/{name}"
 
     # -- local scratch -------------------------------------------------------------------------
     def _scratch_dir(self) -> Path:
-        import hashlib
-
         return scratch_root() / hashlib.sha256(self.location.encode()).hexdigest()[:16]
 
     def _cache_dir(self) -> Path:
@@ -675,17 +751,18 @@ class StoreDir(OutputDir):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def _cache_name(self, name: str, meta: dict[str, Any]) -> Path:
+        tag = hashlib.sha256(f"{name}\0{meta.get('e_tag')}\0{meta['size']}".encode()).hexdigest()[:24]
+        return self._cache_dir() / f"{tag}-{fit_name(name.replace('/', '_'), 150)}"
+
     def _cached_path(self, name: str, *, fetch: bool) -> Path | None:
         """A local copy of object ``name`` in the scratch cache: the copy's name carries the
         object's ETag, so a rewritten object is fetched again. Evicts the least recently used
         copies beyond CACHE_BYTES."""
-        import hashlib
-
         meta = self._head(name)
         if meta is None:
             return None
-        tag = hashlib.sha256(f"{name}\0{meta.get('e_tag')}\0{meta['size']}".encode()).hexdigest()[:24]
-        path = self._cache_dir() / f"{tag}-{fit_name(name.replace('/', '_'), 150)}"
+        path = self._cache_name(name, meta)
         if path.exists():
             with contextlib.suppress(OSError):
                 os.utime(path)
@@ -721,6 +798,8 @@ class StoreDir(OutputDir):
         d = self._cache_dir()
         entries = []
         for p in d.iterdir():
+            if p.name.startswith("."):
+                continue  # another process's download in flight
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
                 entries.append((st.st_mtime, st.st_size, p))
