@@ -660,14 +660,14 @@ def _fetch(
                 id_field=the_plan.selection.id_field,
             )
         )
-        shards = ShardPlanner(out, the_plan, shard_bound) if shard_bound is not None else None
+        shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
         total = sum(the_plan.files[u].read_bytes for u in units)
         with Progress(len(units), total, enabled=progress, kind=f"{info.kind} tokens") as prog:
             try:
                 result = pool.run(
                     units,
                     progress=prog,
-                    on_staged=(lambda u, rec: shards.staged(u)) if shards is not None else None,
+                    on_staged=shards.staged if shards is not None else None,
                     on_files_done=shards.finish if shards is not None else None,
                 )
             except KeyboardInterrupt:

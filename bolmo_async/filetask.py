@@ -116,6 +116,7 @@ class Processor:
         info = self.ctx.tokenizer.info
         self._writer = self.ctx.staging.writer(self.pf, info.fingerprint, info.kind)
         self.sha256: str | None = None
+        self.lengths: list[np.ndarray] = []  # of the staged batches, once committed
         self._small: list[Docs] = []  # small batches (parquet row groups) waiting to be coalesced
         self._small_bytes = 0
 
@@ -283,6 +284,7 @@ class Processor:
                 extra["unreadable"] = unreadable[0]
                 log.warning("%s: could not be read at all, no documents taken from it: %s", self.pf.path, unreadable[0])
             rec = self._writer.commit(extra, self.skips)
+            self.lengths = self._writer.lengths
             self._writer = None
             return rec
 
@@ -468,13 +470,18 @@ def file_matches(path: Path, pf: PlannedFile) -> bool:
         return False
 
 
-async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, Any], int | None]:
-    """Stage ``pf`` unless it is staged and intact: its completion record, and the bytes read
-    for it now (None when it was staged already)."""
+#: What a file task gives back: its completion record, the bytes read for it now (None when it
+#: was staged already) and the tokens per document of each staged batch (the shard layout's input,
+#: so that the coordinator never reads a staged file).
+TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray]]
+
+
+async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
+    """Stage ``pf`` unless it is staged and intact (see ``TaskResult``)."""
     loop = asyncio.get_running_loop()
     rec = await loop.run_in_executor(ctx.executor, ctx.staging.checked, pf)
-    if rec is not None:
-        return rec, None
+    if rec is not None:  # just read whole for its checksum: its lengths come from the page cache
+        return rec, None, await loop.run_in_executor(ctx.executor, ctx.staging.lengths, pf)
     read = [0]
     outer = ctx.on_bytes
 
@@ -524,7 +531,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> tuple[dict[str, An
                 decoding=ctx.decoding,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
-        return rec, read[0]
+        return rec, read[0], proc.lengths
     except BaseException:
         proc.abort()
         raise

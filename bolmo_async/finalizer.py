@@ -436,23 +436,23 @@ class ShardPlanner:
     the ones it would write; anything else (a failed file, an interruption) is rewritten.
     """
 
-    def __init__(self, out: OutputDir, plan: Plan, bound: int):
+    def __init__(self, plan: Plan, bound: int):
         self.files = list(plan.files)
-        self.staging = Staging(out)
         self._builder = LayoutBuilder(bound)
-        self._staged: set[int] = set()
+        self._staged: dict[int, list[np.ndarray]] = {}  # units staged but not laid out yet
         self._next = 0  # the next unit, in plan order, to lay out
         self._open: tuple[int, list[Piece]] | None = None  # the shard being filled
         self.handed_out: dict[int, list[Piece]] = {}  # shard index -> its pieces, once complete
 
-    def staged(self, unit: int) -> list[tuple[int, list[Piece]]]:
-        """``unit`` is staged; the shards now complete."""
-        self._staged.add(unit)
+    def staged(self, unit: int, lengths: list[np.ndarray]) -> list[tuple[int, list[Piece]]]:
+        """``unit`` is staged, with ``lengths`` (tokens per document of each of its batches, as its
+        worker wrote them: the coordinator never reads a staged file); the shards now complete."""
+        self._staged[unit] = lengths
         done: list[tuple[int, list[Piece]]] = []
         while self._next in self._staged:
             unit = self._next
             self._next += 1
-            for b, lens in enumerate(self.staging.lengths(self.files[unit])):
+            for b, lens in enumerate(self._staged.pop(unit)):
                 for k, piece in self._builder.add(unit, b, lens):
                     if self._open is not None and self._open[0] != k:
                         done.append(self._open)

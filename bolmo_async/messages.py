@@ -51,6 +51,7 @@ class Staged:
     unit: int
     record: dict[str, Any]
     read: int | None  # bytes read for it now; None when it was staged already
+    lengths: list[Any]  # numpy arrays: tokens per document of each staged batch
 
 
 @dataclass(frozen=True, slots=True)

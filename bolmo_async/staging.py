@@ -153,12 +153,15 @@ class StagingWriter:
         self._writer: Any = pa.ipc.new_file(self._sink, self.schema)
         self.documents = 0
         self.tokens = 0
+        self.lengths: list[np.ndarray] = []  # tokens per document of each batch written
 
     def write(self, ids: pa.Array, locs: pa.Array, tokens: pa.Array) -> int:
         """Stage one batch; returns its number of tokens."""
         batch = pa.RecordBatch.from_arrays([ids, locs, tokens], schema=self.schema)
         self._writer.write_batch(batch)
-        n = int(token_lengths(tokens).sum())
+        lengths = token_lengths(tokens)
+        self.lengths.append(lengths)
+        n = int(lengths.sum())
         self.documents += len(ids)
         self.tokens += n
         return n

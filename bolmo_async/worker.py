@@ -217,7 +217,7 @@ class Worker:
                 with ctx.staging.claim(pf) as mine:
                     if mine:
                         await loop.run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
-                        rec, read = await run_file_task(ctx, pf)
+                        rec, read, lengths = await run_file_task(ctx, pf)
                         break
                 # Another run (an overlapping --worker share) is staging it now: wait for it to
                 # finish, then take its result (or stage it, if that run failed or was stopped).
@@ -226,7 +226,7 @@ class Worker:
                     waited = True
                 await asyncio.sleep(CLAIM_POLL)
             self._flush_progress()
-            self._send(m.Staged(self.wid, unit, rec, read))
+            self._send(m.Staged(self.wid, unit, rec, read, lengths))
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except FATAL as exc:

@@ -19,6 +19,8 @@ from ..worker import WorkerSpec
 
 #: Shard writes ``(k, pieces)`` ready to hand out.
 ShardCallback = Callable[[], list[tuple[int, Any]]]
+#: A file staged: ``(unit, tokens per document of each staged batch)`` -> shard writes to hand out.
+StagedCallback = Callable[[int, list[Any]], list[tuple[int, Any]]]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Executor(Protocol):
         units: list[int],
         *,
         progress: Progress | None = None,
-        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
+        on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out."""

@@ -25,7 +25,6 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from .. import messages as m
@@ -34,7 +33,7 @@ from ..finalizer import write_shards_locally
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
-from .base import RunResult, ShardCallback
+from .base import RunResult, ShardCallback, StagedCallback
 
 log = logging.getLogger("bolmo_async")
 
@@ -132,11 +131,12 @@ class Pool:
         units: list[int],
         *,
         progress: Progress | None = None,
-        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
+        on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` (indices into ``spec.files``). ``on_staged(unit, rec)`` and, once every
-        file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out."""
+        file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out (``lengths``: the
+        staged file's tokens per document, per batch)."""
         assert self._spec is not None, "start() first"
         files = self._spec.files
         result = RunResult()
@@ -195,7 +195,7 @@ class Pool:
         msg: m.FromWorker,
         result: RunResult,
         progress: Progress | None,
-        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None,
+        on_staged: StagedCallback | None,
         shard_tasks: deque[tuple[int, Any]],
     ) -> int:
         """Handle one message; returns the number of files it finished (staged or failed)."""
@@ -225,7 +225,7 @@ class Pool:
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
                 if on_staged is not None:
-                    shard_tasks.extend(on_staged(msg.unit, msg.record))
+                    shard_tasks.extend(on_staged(msg.unit, msg.lengths))
                 return 1
             case m.Failed():
                 member.tasks.discard(("file", msg.unit))

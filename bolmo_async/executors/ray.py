@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import BolmoError, UsageError, rebuild
@@ -22,7 +22,7 @@ from ..models import Plan
 from ..outdir import OutputDir, open_output
 from ..progress import Progress
 from ..worker import WorkerSpec
-from .base import RunResult, ShardCallback
+from .base import RunResult, ShardCallback, StagedCallback
 from .local import Pool
 
 log = logging.getLogger("bolmo_async")
@@ -115,7 +115,7 @@ class RayExecutor:
         units: list[int],
         *,
         progress: Progress | None = None,
-        on_staged: Callable[[int, dict[str, Any]], list[tuple[int, Any]]] | None = None,
+        on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize)."""
