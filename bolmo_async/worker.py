@@ -214,11 +214,17 @@ class Worker:
         try:
             waited = False
             while True:
-                with ctx.staging.claim(pf) as mine:
+                # Taking and letting go of a claim is I/O (a flock, or requests to a bucket): not on
+                # the event loop.
+                claim = ctx.staging.claim(pf)
+                mine = await loop.run_in_executor(ctx.executor, claim.__enter__)
+                try:
                     if mine:
                         await loop.run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
                         rec, read, lengths = await run_file_task(ctx, pf)
                         break
+                finally:
+                    await asyncio.shield(loop.run_in_executor(ctx.executor, claim.__exit__, None, None, None))
                 # Another run (an overlapping --worker share) is staging it now: wait for it to
                 # finish, then take its result (or stage it, if that run failed or was stopped).
                 if not waited:
