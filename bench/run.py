@@ -111,7 +111,13 @@ def start_mirror(mix: Path, tok_dir: Path | None) -> tuple[subprocess.Popen[byte
 
 
 def ours(
-    endpoint: str, mode: str, out: Path, fraction: float, bound: int = 100_000_000, processes: int = 0
+    endpoint: str,
+    mode: str,
+    out: Path,
+    fraction: float,
+    bound: int = 100_000_000,
+    processes: int = 0,
+    include: str = "",
 ) -> dict[str, Any]:
     env = {**os.environ, "HF_HOME": str(HERE / "out" / "hf-home")}
     cpu = out.with_suffix(".cpu.json")
@@ -121,6 +127,8 @@ def ours(
     cmd += ["--max-tokens-per-file", str(bound), "--no-progress"]
     if processes:
         cmd += ["--processes", str(processes)]
+    if include:
+        cmd += ["--include", include]
     r = run_measured(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     r.update(json.loads(cpu.read_text()))
