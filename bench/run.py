@@ -1,6 +1,7 @@
 """`make bench`: bolmo-async side by side with `dolma tokens`, in one run, on the same files.
 
-The mix is >= 500 MB of unique, real-looking web-sized documents (bench/textgen.py), served
+The mix is >= 500 MB of unique, real-looking web-sized documents that look like bolmo_mix
+(bench/textgen.py: prose, code, markup and tables, non-Latin scripts, one source each), served
 over HTTP by the project's Hub mirror on loopback. For each mode (byte, subword) it measures,
 interleaving rounds (this shared machine's speed drifts) and keeping each measurement's best:
 
@@ -10,6 +11,8 @@ interleaving rounds (this shared machine's speed drifts) and keeping each measur
   throughput at 8, 16 and 64 cores, tokens / max(coordinator CPU, total CPU / cores);
 - peak RSS of the whole process tree, and how it moves when the fraction or
   --max-tokens-per-file grows 10x;
+- the steady state and end to end of each kind of text alone (its source's files, fraction 1.0
+  vs 0.1; `--skip-kinds` leaves them out);
 - `dolma tokens --processes 2` on the same .jsonl.zst files (subword, dolma2, EOS 100257);
 - WAN (`--only wan` runs it alone): the mirror emulates a wide-area link (a round trip before
   every answer, a per-response rate cap, a total link rate); on it, side by side in the same run,
@@ -36,7 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DOLMA2 = ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json"
+DOLMA2 = Path(os.environ.get("BENCH_DOLMA2", str(ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json")))
 DOLMA_VENV = ROOT / ".venv-dolma"
 
 
@@ -140,9 +143,9 @@ def ours(
     return r
 
 
-def dolma_tokens(mix: Path, out: Path) -> dict[str, Any]:
+def dolma_tokens(mix: Path, out: Path, source: str = "*") -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(DOLMA_VENV / "bin" / "dolma"), "tokens", "--documents", str(mix / "data" / "*" / "*.jsonl.zst")]
+    cmd = [str(DOLMA_VENV / "bin" / "dolma"), "tokens", "--documents", str(mix / "data" / source / "*.jsonl.zst")]
     cmd += ["--destination", str(out), "--tokenizer.name_or_path", str(DOLMA2)]
     cmd += ["--tokenizer.eos_token_id", "100257", "--tokenizer.pad_token_id", "100277", "--processes", "2"]
     cmd += ["--dtype", "uint32", "--max_size", str(1 << 30)]
@@ -594,6 +597,7 @@ def main() -> None:
     ap.add_argument("--wan-link-mbs", type=float, default=40.0, help="MB/s of the whole link")
     ap.add_argument("--wan-mb", type=float, default=55.0, help="compressed MB of the large file")
     ap.add_argument("--wan-small-files", type=int, default=150)
+    ap.add_argument("--skip-kinds", action="store_true", help="leave out the runs per kind of text")
     args = ap.parse_args()
     if args.only == "wan":
         (HERE / "out").mkdir(parents=True, exist_ok=True)
@@ -602,7 +606,7 @@ def main() -> None:
         return
     out = HERE / "out"
     out.mkdir(parents=True, exist_ok=True)
-    mix = HERE / "data" / f"unique-{args.size_mb:g}"
+    mix = HERE / "data" / f"mix-{args.size_mb:g}"  # bench/textgen.py's mix-like corpus
     info = ensure_mix(mix, args.size_mb)
     print(f"mix: {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB of text", flush=True)
     modes = [m for m in args.modes.split(",") if m]
@@ -637,10 +641,16 @@ def main() -> None:
             (f"{mode}_f1", lambda m=mode: ours(endpoint, m, out / f"{m}-full", 1.0, processes=cores)),
             (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
+    jobs += kind_jobs(endpoint, modes, info, out, cores, args.skip_kinds)
     jobs.append(("limit_write", lambda: limit_write(out)))
     jobs.append(("s3_vs_disk", lambda: s3_rows(endpoint, out, 1)))
     if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
-        jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
+        # Per kind of text (their sum is the whole mix): the ratio per kind is against `dolma
+        # tokens` on the same files.
+        for kind, k in info.get("kinds", {}).items():
+            jobs.append((f"dolma_tokens_2p_{kind}", lambda s=k["source"]: dolma_tokens(mix, out / "dolma", s)))
+        if not info.get("kinds"):
+            jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
     try:
         for round_no in range(args.repeats):
@@ -654,20 +664,100 @@ def main() -> None:
         mirror.wait()
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "mix": info}
     for key, rs in runs.items():
+        if not rs:
+            continue
         if key == "s3_vs_disk":
             results[key] = max(rs, key=lambda r: r["s3_over_disk_throughput"])
             continue
         results[key] = min(rs, key=lambda r: r["seconds"])
         results[key]["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
+    dolma_overall(results)
     report(results, modes)
     if not args.skip_wan:
         report_wan(wan_section(args))
 
 
+def kind_jobs(
+    endpoint: str, modes: list[str], info: dict[str, Any], out: Path, cores: int, skip: bool
+) -> list[tuple[str, Any]]:
+    """Each kind of text of the mix (one source each) alone: fraction 0.1 and 1.0 of its files,
+    with the pool of the whole-mix runs, for its steady state."""
+    jobs: list[tuple[str, Any]] = []
+    if skip:
+        return jobs
+    for mode in modes:
+        for kind, k in info.get("kinds", {}).items():
+            inc = f"data/{k['source']}/*"
+            for frac, tag in ((0.1, "f0.1"), (1.0, "f1")):
+                jobs.append(
+                    (
+                        f"{mode}_{kind}_{tag}",
+                        lambda m=mode, f=frac, i=inc, t=tag, kd=kind: ours(
+                            endpoint, m, out / f"{m}-{kd}-{t}", f, processes=cores, include=i
+                        ),
+                    )
+                )
+    return jobs
+
+
+def dolma_overall(r: dict[str, Any]) -> None:
+    """`dolma tokens` on the whole mix = the sum of its runs on each kind (same files)."""
+    parts = [v for k, v in r.items() if k.startswith("dolma_tokens_2p_")]
+    if parts and "dolma_tokens_2p" not in r:
+        r["dolma_tokens_2p"] = {
+            "seconds": sum(p["seconds"] for p in parts),
+            "tokens": sum(p["tokens"] for p in parts),
+            "work": sum(p["work"] for p in parts),
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in parts),
+            "runs_seconds": [round(sum(p["seconds"] for p in parts), 3)],
+        }
+
+
+def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The table per kind of text: its share, escapes, steady state and end to end."""
+    kinds = r["mix"].get("kinds", {})
+    unit = {"byte": ("MB/s of text", 1e6), "subword": ("M dolma2 tokens/s", 1e6)}
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for mode in modes:
+        rows = []
+        for kind, k in kinds.items():
+            mid, full = r.get(f"{mode}_{kind}_f0.1"), r.get(f"{mode}_{kind}_f1")
+            if not (mid and full):
+                continue
+            name, scale = unit[mode]
+            steady = (full["work"] - mid["work"]) / max(1e-9, full["seconds"] - mid["seconds"])
+            s: dict[str, Any] = {
+                "text MB": round(k["text_bytes"] / 1e6, 1),
+                "escapes / JSON byte": k.get("escapes_per_json_byte"),
+                f"steady state ({name})": round(steady / scale, 2),
+                f"end to end ({name})": round(full["work"] / full["seconds"] / scale, 2),
+                "workers CPU s / MB of text": round(full["workers"] / (k["text_bytes"] / 1e6), 4),
+                "peak RSS MB": round(full["peak_rss_mb"]),
+            }
+            d = r.get(f"dolma_tokens_2p_{kind}")
+            if mode == "subword" and d:
+                rate = d["work"] / d["seconds"]
+                s["dolma tokens (M tokens/s)"] = round(rate / scale, 3)
+                s["steady state / dolma tokens"] = round(steady / rate, 1)
+            out.setdefault(mode, {})[kind] = s
+            rows.append((kind, s))
+        if rows:
+            cols = list(rows[0][1])
+            lines += [f"## {mode}, per kind of text (each kind's files alone, fraction 1.0 vs 0.1)", ""]
+            lines += ["| kind | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {kind} | " + " | ".join(str(s.get(c, "")) for c in cols) + " |" for kind, s in rows]
+            lines.append("")
+    return lines, out
+
+
 def report(r: dict[str, Any], modes: list[str]) -> None:
+    kinds = r["mix"].get("kinds", {})
+    mix = ", ".join(f"{k} {v['text_bytes'] / r['mix']['text_bytes']:.0%}" for k, v in kinds.items())
     lines = [
-        f"Benchmark: {r['mix']['documents']} unique documents, {r['mix']['text_bytes'] / 1e6:.0f} MB of text, "
-        f"{r['machine']['cores']} cores; best of each measurement's rounds.",
+        f"Benchmark: {r['mix']['documents']} unique documents, {r['mix']['text_bytes'] / 1e6:.0f} MB of text"
+        + (f" ({mix})" if mix else "")
+        + f", {r['machine']['cores']} cores; best of each measurement's rounds.",
         "",
     ]
     summary: dict[str, Any] = {}
@@ -734,6 +824,9 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
         lines += (
             [f"## {mode}", "", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
         )
+    kind_lines, per_kind = kind_report(r, modes)
+    lines += kind_lines
+    summary["per_kind"] = per_kind
     lines += [
         "## runs (seconds of each round)",
         "",

@@ -145,7 +145,7 @@ class _Gen:
                 break
         text = "\n".join(out)
         # A third of the identifiers get names no document had; numbers change.
-        names = {w: _name(rng) + "_" + w[:3] for w in set(_IDENT.findall(text)) if rng.random() < 0.33}
+        names = {w: _name(rng) + "_" + w[:3] for w in sorted(set(_IDENT.findall(text))) if rng.random() < 0.33}
         names = {k: v for k, v in names.items() if k not in keyword.kwlist}
         text = _IDENT.sub(lambda m: names.get(m.group(), m.group()), text)
         text = _NUMBER.sub(lambda m: str(rng.randint(0, 4096)) if rng.random() < 0.5 else m.group(), text)
