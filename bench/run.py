@@ -39,7 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DOLMA2 = Path(os.environ.get("BENCH_DOLMA2", str(ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json")))
+DOLMA2 = Path(os.environ.get("BOLMO_DOLMA2_JSON", str(ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json")))
 DOLMA_VENV = ROOT / ".venv-dolma"
 
 
@@ -597,7 +597,8 @@ def main() -> None:
     ap.add_argument("--wan-link-mbs", type=float, default=40.0, help="MB/s of the whole link")
     ap.add_argument("--wan-mb", type=float, default=55.0, help="compressed MB of the large file")
     ap.add_argument("--wan-small-files", type=int, default=150)
-    ap.add_argument("--skip-kinds", action="store_true", help="leave out the runs per kind of text")
+    ap.add_argument("--kinds", default="all", help="kinds of text measured alone (comma-separated; '' for none)")
+    ap.add_argument("--dolma-kinds", default="code", help="kinds also run through `dolma tokens` alone ('all')")
     args = ap.parse_args()
     if args.only == "wan":
         (HERE / "out").mkdir(parents=True, exist_ok=True)
@@ -641,16 +642,18 @@ def main() -> None:
             (f"{mode}_f1", lambda m=mode: ours(endpoint, m, out / f"{m}-full", 1.0, processes=cores)),
             (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
-    jobs += kind_jobs(endpoint, modes, info, out, cores, args.skip_kinds)
+    kinds = [k for k in info.get("kinds", {}) if args.kinds == "all" or k in args.kinds.split(",")]
+    dolma_kinds = [k for k in kinds if args.dolma_kinds == "all" or k in args.dolma_kinds.split(",")]
+    jobs += kind_jobs(endpoint, modes, info, out, cores, kinds)
     jobs.append(("limit_write", lambda: limit_write(out)))
     jobs.append(("s3_vs_disk", lambda: s3_rows(endpoint, out, 1)))
     if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
-        # Per kind of text (their sum is the whole mix): the ratio per kind is against `dolma
-        # tokens` on the same files.
+        jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
+        # And on the files of each kind measured alone (by default code, the issue's target):
+        # each kind's ratio is against `dolma tokens` on the same files.
         for kind, k in info.get("kinds", {}).items():
-            jobs.append((f"dolma_tokens_2p_{kind}", lambda s=k["source"]: dolma_tokens(mix, out / "dolma", s)))
-        if not info.get("kinds"):
-            jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
+            if kind in dolma_kinds:
+                jobs.append((f"dolma_tokens_2p_{kind}", lambda s=k["source"]: dolma_tokens(mix, out / "dolma", s)))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
     try:
         for round_no in range(args.repeats):
@@ -671,22 +674,21 @@ def main() -> None:
             continue
         results[key] = min(rs, key=lambda r: r["seconds"])
         results[key]["runs_seconds"] = [round(x["seconds"], 3) for x in rs]
-    dolma_overall(results)
     report(results, modes)
     if not args.skip_wan:
         report_wan(wan_section(args))
 
 
 def kind_jobs(
-    endpoint: str, modes: list[str], info: dict[str, Any], out: Path, cores: int, skip: bool
+    endpoint: str, modes: list[str], info: dict[str, Any], out: Path, cores: int, kinds: list[str]
 ) -> list[tuple[str, Any]]:
     """Each kind of text of the mix (one source each) alone: fraction 0.1 and 1.0 of its files,
     with the pool of the whole-mix runs, for its steady state."""
     jobs: list[tuple[str, Any]] = []
-    if skip:
-        return jobs
     for mode in modes:
         for kind, k in info.get("kinds", {}).items():
+            if kind not in kinds:
+                continue
             inc = f"data/{k['source']}/*"
             for frac, tag in ((0.1, "f0.1"), (1.0, "f1")):
                 jobs.append(
@@ -700,17 +702,17 @@ def kind_jobs(
     return jobs
 
 
-def dolma_overall(r: dict[str, Any]) -> None:
-    """`dolma tokens` on the whole mix = the sum of its runs on each kind (same files)."""
-    parts = [v for k, v in r.items() if k.startswith("dolma_tokens_2p_")]
-    if parts and "dolma_tokens_2p" not in r:
-        r["dolma_tokens_2p"] = {
-            "seconds": sum(p["seconds"] for p in parts),
-            "tokens": sum(p["tokens"] for p in parts),
-            "work": sum(p["work"] for p in parts),
-            "peak_rss_mb": max(p["peak_rss_mb"] for p in parts),
-            "runs_seconds": [round(sum(p["seconds"] for p in parts), 3)],
-        }
+def steady_cpu(mid: dict[str, Any], full: dict[str, Any], cores: int = 2) -> float:
+    """The steady state from CPU, not wall time: the extra work of ``full`` over ``mid`` over the
+    extra CPU it took, on ``cores`` cores (bounded by the coordinator's own extra CPU)."""
+    d_coord = max(1e-9, full["coordinator"] - mid["coordinator"])
+    d_total = full["coordinator"] + full["workers"] - mid["coordinator"] - mid["workers"]
+    return float((full["work"] - mid["work"]) / max(d_coord, d_total / cores))
+
+
+def dolma_cpu_rate(d: dict[str, Any], cores: int = 2) -> float:
+    """`dolma tokens`' tokens per second at ``cores`` cores, from its process tree's CPU."""
+    return float(d["work"] / (d["cpu_seconds"] / cores)) if d.get("cpu_seconds") else 0.0
 
 
 def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -727,12 +729,13 @@ def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[st
                 continue
             name, scale = unit[mode]
             steady = (full["work"] - mid["work"]) / max(1e-9, full["seconds"] - mid["seconds"])
+            cpu = steady_cpu(mid, full)
             s: dict[str, Any] = {
                 "text MB": round(k["text_bytes"] / 1e6, 1),
                 "escapes / JSON byte": k.get("escapes_per_json_byte"),
                 f"steady state ({name})": round(steady / scale, 2),
+                f"steady state from CPU, 2 cores ({name})": round(cpu / scale, 2),
                 f"end to end ({name})": round(full["work"] / full["seconds"] / scale, 2),
-                "workers CPU s / MB of text": round(full["workers"] / (k["text_bytes"] / 1e6), 4),
                 "peak RSS MB": round(full["peak_rss_mb"]),
             }
             d = r.get(f"dolma_tokens_2p_{kind}")
@@ -740,6 +743,8 @@ def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[st
                 rate = d["work"] / d["seconds"]
                 s["dolma tokens (M tokens/s)"] = round(rate / scale, 3)
                 s["steady state / dolma tokens"] = round(steady / rate, 1)
+                if dolma_cpu_rate(d):
+                    s["from CPU: steady state / dolma tokens"] = round(cpu / dolma_cpu_rate(d), 1)
             out.setdefault(mode, {})[kind] = s
             rows.append((kind, s))
         if rows:
@@ -801,6 +806,9 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
         s["steady-state projection_64_over_2 (marginal CPU, fraction 1.0 vs 0.1)"] = round(
             steady_proj[64] / steady_proj[2], 1
         )
+        s[f"steady state from CPU, 2 cores ({name}, marginal CPU, fraction 1.0 vs 0.1)"] = round(
+            steady_cpu(mid, full) / scale, 2
+        )
         w = r.get("limit_write")
         if mode == "byte" and w:
             how = "O_DIRECT blocks, as shards are written" if w.get("direct") else "ordinary writes"
@@ -820,6 +828,9 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
             s["dolma_tokens_2p (M tokens/s)"] = round(dolma_rate / scale, 3)
             s["steady_state / dolma_tokens"] = round(steady / dolma_rate, 1)
             s["end_to_end / dolma_tokens"] = round(full["work"] / full["seconds"] / dolma_rate, 1)
+            if dolma_cpu_rate(d):
+                s["dolma_tokens_2p from CPU, 2 cores (M tokens/s)"] = round(dolma_cpu_rate(d) / scale, 3)
+                s["from CPU: steady state / dolma_tokens"] = round(steady_cpu(mid, full) / dolma_cpu_rate(d), 1)
         summary[mode] = s
         lines += (
             [f"## {mode}", "", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
