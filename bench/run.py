@@ -1,6 +1,7 @@
 """`make bench`: bolmo-async side by side with `dolma tokens`, in one run, on the same files.
 
-The mix is >= 500 MB of unique, real-looking web-sized documents (bench/textgen.py), served
+The mix is >= 500 MB of unique, real-looking web-sized documents that look like bolmo_mix
+(bench/textgen.py: prose, code, markup and tables, non-Latin scripts, one source each), served
 over HTTP by the project's Hub mirror on loopback. For each mode (byte, subword) it measures,
 interleaving rounds (this shared machine's speed drifts) and keeping each measurement's best:
 
@@ -10,6 +11,8 @@ interleaving rounds (this shared machine's speed drifts) and keeping each measur
   throughput at 8, 16 and 64 cores, tokens / max(coordinator CPU, total CPU / cores);
 - peak RSS of the whole process tree, and how it moves when the fraction or
   --max-tokens-per-file grows 10x;
+- the steady state and end to end of each kind of text alone (its source's files, fraction 1.0
+  vs 0.1; `--skip-kinds` leaves them out);
 - `dolma tokens --processes 2` on the same .jsonl.zst files (subword, dolma2, EOS 100257);
 - WAN (`--only wan` runs it alone): the mirror emulates a wide-area link (a round trip before
   every answer, a per-response rate cap, a total link rate); on it, side by side in the same run,
@@ -36,7 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DOLMA2 = ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json"
+DOLMA2 = Path(os.environ.get("BOLMO_DOLMA2_JSON", str(ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json")))
 DOLMA_VENV = ROOT / ".venv-dolma"
 
 
@@ -111,7 +114,13 @@ def start_mirror(mix: Path, tok_dir: Path | None) -> tuple[subprocess.Popen[byte
 
 
 def ours(
-    endpoint: str, mode: str, out: Path, fraction: float, bound: int = 100_000_000, processes: int = 0
+    endpoint: str,
+    mode: str,
+    out: Path,
+    fraction: float,
+    bound: int = 100_000_000,
+    processes: int = 0,
+    include: str = "",
 ) -> dict[str, Any]:
     env = {**os.environ, "HF_HOME": str(HERE / "out" / "hf-home")}
     cpu = out.with_suffix(".cpu.json")
@@ -121,6 +130,8 @@ def ours(
     cmd += ["--max-tokens-per-file", str(bound), "--no-progress"]
     if processes:
         cmd += ["--processes", str(processes)]
+    if include:
+        cmd += ["--include", include]
     r = run_measured(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     r.update(json.loads(cpu.read_text()))
@@ -132,9 +143,9 @@ def ours(
     return r
 
 
-def dolma_tokens(mix: Path, out: Path) -> dict[str, Any]:
+def dolma_tokens(mix: Path, out: Path, source: str = "*") -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(DOLMA_VENV / "bin" / "dolma"), "tokens", "--documents", str(mix / "data" / "*" / "*.jsonl.zst")]
+    cmd = [str(DOLMA_VENV / "bin" / "dolma"), "tokens", "--documents", str(mix / "data" / source / "*.jsonl.zst")]
     cmd += ["--destination", str(out), "--tokenizer.name_or_path", str(DOLMA2)]
     cmd += ["--tokenizer.eos_token_id", "100257", "--tokenizer.pad_token_id", "100277", "--processes", "2"]
     cmd += ["--dtype", "uint32", "--max_size", str(1 << 30)]
@@ -586,6 +597,8 @@ def main() -> None:
     ap.add_argument("--wan-link-mbs", type=float, default=40.0, help="MB/s of the whole link")
     ap.add_argument("--wan-mb", type=float, default=55.0, help="compressed MB of the large file")
     ap.add_argument("--wan-small-files", type=int, default=150)
+    ap.add_argument("--kinds", default="all", help="kinds of text measured alone (comma-separated; '' for none)")
+    ap.add_argument("--dolma-kinds", default="code", help="kinds also run through `dolma tokens` alone ('all')")
     args = ap.parse_args()
     if args.only == "wan":
         (HERE / "out").mkdir(parents=True, exist_ok=True)
@@ -594,7 +607,7 @@ def main() -> None:
         return
     out = HERE / "out"
     out.mkdir(parents=True, exist_ok=True)
-    mix = HERE / "data" / f"unique-{args.size_mb:g}"
+    mix = HERE / "data" / f"mix-{args.size_mb:g}"  # bench/textgen.py's mix-like corpus
     info = ensure_mix(mix, args.size_mb)
     print(f"mix: {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB of text", flush=True)
     modes = [m for m in args.modes.split(",") if m]
@@ -629,10 +642,18 @@ def main() -> None:
             (f"{mode}_f1", lambda m=mode: ours(endpoint, m, out / f"{m}-full", 1.0, processes=cores)),
             (f"{mode}_f1_bound10M", lambda m=mode: ours(endpoint, m, out / f"{m}-10m", 1.0, 10_000_000, cores)),
         ]
+    kinds = [k for k in info.get("kinds", {}) if args.kinds == "all" or k in args.kinds.split(",")]
+    dolma_kinds = [k for k in kinds if args.dolma_kinds == "all" or k in args.dolma_kinds.split(",")]
+    jobs += kind_jobs(endpoint, modes, info, out, cores, kinds)
     jobs.append(("limit_write", lambda: limit_write(out)))
     jobs.append(("s3_vs_disk", lambda: s3_rows(endpoint, out, 1)))
     if "subword" in modes and not args.skip_dolma and (DOLMA_VENV / "bin" / "dolma").exists():
         jobs.append(("dolma_tokens_2p", lambda: dolma_tokens(mix, out / "dolma")))
+        # And on the files of each kind measured alone (by default code, the issue's target):
+        # each kind's ratio is against `dolma tokens` on the same files.
+        for kind, k in info.get("kinds", {}).items():
+            if kind in dolma_kinds:
+                jobs.append((f"dolma_tokens_2p_{kind}", lambda s=k["source"]: dolma_tokens(mix, out / "dolma", s)))
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in jobs}
     try:
         for round_no in range(args.repeats):
@@ -646,6 +667,8 @@ def main() -> None:
         mirror.wait()
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "mix": info}
     for key, rs in runs.items():
+        if not rs:
+            continue
         if key == "s3_vs_disk":
             results[key] = max(rs, key=lambda r: r["s3_over_disk_throughput"])
             continue
@@ -656,10 +679,90 @@ def main() -> None:
         report_wan(wan_section(args))
 
 
+def kind_jobs(
+    endpoint: str, modes: list[str], info: dict[str, Any], out: Path, cores: int, kinds: list[str]
+) -> list[tuple[str, Any]]:
+    """Each kind of text of the mix (one source each) alone: fraction 0.1 and 1.0 of its files,
+    with the pool of the whole-mix runs, for its steady state."""
+    jobs: list[tuple[str, Any]] = []
+    for mode in modes:
+        for kind, k in info.get("kinds", {}).items():
+            if kind not in kinds:
+                continue
+            inc = f"data/{k['source']}/*"
+            for frac, tag in ((0.1, "f0.1"), (1.0, "f1")):
+                jobs.append(
+                    (
+                        f"{mode}_{kind}_{tag}",
+                        lambda m=mode, f=frac, i=inc, t=tag, kd=kind: ours(
+                            endpoint, m, out / f"{m}-{kd}-{t}", f, processes=cores, include=i
+                        ),
+                    )
+                )
+    return jobs
+
+
+def steady_cpu(mid: dict[str, Any], full: dict[str, Any], cores: int = 2) -> float:
+    """The steady state from CPU, not wall time: the extra work of ``full`` over ``mid`` over the
+    extra CPU it took, on ``cores`` cores (bounded by the coordinator's own extra CPU)."""
+    d_coord = max(1e-9, full["coordinator"] - mid["coordinator"])
+    d_total = full["coordinator"] + full["workers"] - mid["coordinator"] - mid["workers"]
+    return float((full["work"] - mid["work"]) / max(d_coord, d_total / cores))
+
+
+def dolma_cpu_rate(d: dict[str, Any], cores: int = 2) -> float:
+    """`dolma tokens`' tokens per second at ``cores`` cores, from its process tree's CPU."""
+    return float(d["work"] / (d["cpu_seconds"] / cores)) if d.get("cpu_seconds") else 0.0
+
+
+def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The table per kind of text: its share, escapes, steady state and end to end."""
+    kinds = r["mix"].get("kinds", {})
+    unit = {"byte": ("MB/s of text", 1e6), "subword": ("M dolma2 tokens/s", 1e6)}
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for mode in modes:
+        rows = []
+        for kind, k in kinds.items():
+            mid, full = r.get(f"{mode}_{kind}_f0.1"), r.get(f"{mode}_{kind}_f1")
+            if not (mid and full):
+                continue
+            name, scale = unit[mode]
+            steady = (full["work"] - mid["work"]) / max(1e-9, full["seconds"] - mid["seconds"])
+            cpu = steady_cpu(mid, full)
+            s: dict[str, Any] = {
+                "text MB": round(k["text_bytes"] / 1e6, 1),
+                "escapes / JSON byte": k.get("escapes_per_json_byte"),
+                f"steady state ({name})": round(steady / scale, 2),
+                f"steady state from CPU, 2 cores ({name})": round(cpu / scale, 2),
+                f"end to end ({name})": round(full["work"] / full["seconds"] / scale, 2),
+                "peak RSS MB": round(full["peak_rss_mb"]),
+            }
+            d = r.get(f"dolma_tokens_2p_{kind}")
+            if mode == "subword" and d:
+                rate = d["work"] / d["seconds"]
+                s["dolma tokens (M tokens/s)"] = round(rate / scale, 3)
+                s["steady state / dolma tokens"] = round(steady / rate, 1)
+                if dolma_cpu_rate(d):
+                    s["from CPU: steady state / dolma tokens"] = round(cpu / dolma_cpu_rate(d), 1)
+            out.setdefault(mode, {})[kind] = s
+            rows.append((kind, s))
+        if rows:
+            cols = list(rows[0][1])
+            lines += [f"## {mode}, per kind of text (each kind's files alone, fraction 1.0 vs 0.1)", ""]
+            lines += ["| kind | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {kind} | " + " | ".join(str(s.get(c, "")) for c in cols) + " |" for kind, s in rows]
+            lines.append("")
+    return lines, out
+
+
 def report(r: dict[str, Any], modes: list[str]) -> None:
+    kinds = r["mix"].get("kinds", {})
+    mix = ", ".join(f"{k} {v['text_bytes'] / r['mix']['text_bytes']:.0%}" for k, v in kinds.items())
     lines = [
-        f"Benchmark: {r['mix']['documents']} unique documents, {r['mix']['text_bytes'] / 1e6:.0f} MB of text, "
-        f"{r['machine']['cores']} cores; best of each measurement's rounds.",
+        f"Benchmark: {r['mix']['documents']} unique documents, {r['mix']['text_bytes'] / 1e6:.0f} MB of text"
+        + (f" ({mix})" if mix else "")
+        + f", {r['machine']['cores']} cores; best of each measurement's rounds.",
         "",
     ]
     summary: dict[str, Any] = {}
@@ -703,6 +806,9 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
         s["steady-state projection_64_over_2 (marginal CPU, fraction 1.0 vs 0.1)"] = round(
             steady_proj[64] / steady_proj[2], 1
         )
+        s[f"steady state from CPU, 2 cores ({name}, marginal CPU, fraction 1.0 vs 0.1)"] = round(
+            steady_cpu(mid, full) / scale, 2
+        )
         w = r.get("limit_write")
         if mode == "byte" and w:
             how = "O_DIRECT blocks, as shards are written" if w.get("direct") else "ordinary writes"
@@ -722,10 +828,16 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
             s["dolma_tokens_2p (M tokens/s)"] = round(dolma_rate / scale, 3)
             s["steady_state / dolma_tokens"] = round(steady / dolma_rate, 1)
             s["end_to_end / dolma_tokens"] = round(full["work"] / full["seconds"] / dolma_rate, 1)
+            if dolma_cpu_rate(d):
+                s["dolma_tokens_2p from CPU, 2 cores (M tokens/s)"] = round(dolma_cpu_rate(d) / scale, 3)
+                s["from CPU: steady state / dolma_tokens"] = round(steady_cpu(mid, full) / dolma_cpu_rate(d), 1)
         summary[mode] = s
         lines += (
             [f"## {mode}", "", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
         )
+    kind_lines, per_kind = kind_report(r, modes)
+    lines += kind_lines
+    summary["per_kind"] = per_kind
     lines += [
         "## runs (seconds of each round)",
         "",

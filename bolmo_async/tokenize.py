@@ -71,7 +71,8 @@ def byte_ids(texts: pa.Array, out: np.ndarray | None = None) -> tuple[np.ndarray
     ``out``: where to put the ids (exactly their number of uint32), instead of a new array."""
     import pyarrow.compute as pc  # not at import: the coordinator never needs it (start-up CPU)
 
-    arr = texts.cast(pa.large_binary())
+    # Staged byte columns are large_binary already: no cast call (a tenth of this function's time).
+    arr = texts if texts.type == pa.large_binary() else texts.cast(pa.large_binary())
     n = len(arr)
     if arr.null_count:
         raise ValueError("byte_ids: texts must not be null")

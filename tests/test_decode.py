@@ -7,7 +7,7 @@ import json
 
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bolmo_async.decode import LineDecoder
@@ -334,3 +334,94 @@ def test_a_bomb_of_short_bad_lines_ends_within_seconds():
     assert size < 1 << 20 and docs == 0
     assert got == {"invalid_json": 100_001, "too_many_bad_lines": 1}
     assert grew < 100 << 20
+
+
+# Lines shaped like documents (they begin with "{" and end with "}") yet not one document each:
+# what a whole-block decode would read differently from the lines one by one if it trusted the
+# shape alone (two values on a line, a value over two lines, a blank line, an empty text...).
+_BLOCK_TRAPS = st.sampled_from(
+    [
+        b'{"id": "a", "text": "one"}',
+        b'{"text": "two"}',
+        b'{"text": "esc \\" \\\\ \\n \\t \\u00e9 \\ud83d\\ude80 end"}',
+        b'{"text": "a"}{"text": "b"}',
+        b'{"text": "a"} {"text": "b"}',
+        b'{"text": "a"},{"text": "b"}',
+        b'{"text": "c", "x": [{}',
+        b"{}]}",
+        b'{"text": "c", "x": {"y": {}',
+        b'{"z": 1}}',
+        b'{"text": "c", "x": [',
+        b'{"text": "d"}]}',
+        b'{"text": "e", "x":',
+        b'{"y": 1}}',
+        b"{}",
+        b'{"text": ""}',
+        b'{"id": 5, "text": "int id"}',
+        b'{"id": null, "text": "null id"}',
+        b'{"text": "lone \\ud800"}',
+        b'{"text": "bad \xff utf8"}',
+        b'{"text": "ctl \x01"}',
+        b'{"text": "cr"}\r',
+        b"",
+        b" ",
+        b'{"text": "x" }',
+        b' {"text": "lead"}',
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            _BLOCK_TRAPS,
+            _BLOCK_TRAPS,
+            _BLOCK_TRAPS,
+            st.text(min_size=1).map(lambda t: json.dumps({"text": t}).encode()),
+            st.dictionaries(st.sampled_from(["id", "text", "x"]), _JSON_VALUES, max_size=3).map(
+                lambda d: json.dumps(d, ensure_ascii=False).encode()
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from([".jsonl", ".jsonl.zst"]),
+)
+@example([b'{"text": "a"} {"text": "b"}', b""], ".jsonl")
+@example([b'{"text": "a"} {"text": "b"}', b'{"text": "c", "x": [', b'{"text": "d"}]}'], ".jsonl")
+@example([b'{"text": "a"},{"text": "b"}', b'{"text": "c", "x": [{}', b"{}]}"], ".jsonl")
+@example([b'{"text": "a"}{"text": "b"}', b'{"text": "c", "x": {"y": {}', b'{"z": 1}}'], ".jsonl")
+def test_whole_block_decoding_equals_the_lines_one_by_one(lines, suffix):
+    """A run of lines decoded in one msgspec call gives exactly what the reference path (each
+    line alone) gives: the same documents, ids, line numbers, skip reasons and examples."""
+    import bolmo_async.decode as decode
+
+    blob = _compress(b"\n".join(lines) + b"\n", suffix)
+    fast = _decode(blob, suffix)
+    original = decode._lines_decoder
+    decode._lines_decoder = lambda *_: None  # the line-by-line path only
+    try:
+        slow = _decode(blob, suffix)
+    finally:
+        decode._lines_decoder = original
+    assert fast[0] == slow[0]
+    assert fast[1].counts == slow[1].counts and fast[1].examples == slow[1].examples
+
+
+def test_a_block_of_plain_documents_is_decoded_in_one_call(monkeypatch):
+    """The fast path is really taken on ordinary lines (escapes included), and gives the same."""
+    import bolmo_async.decode as decode
+
+    calls = []
+    original = decode._lines_decoder
+
+    def counting(*args):
+        dec = original(*args)
+        return lambda block: calls.append(len(block)) or dec(block)
+
+    monkeypatch.setattr(decode, "_lines_decoder", counting)
+    docs = [{"id": f"c{i}", "text": f'def f{i}(x):\n\treturn "a\\\\b" + x  # {i}'} for i in range(300)]
+    rows, skips = _decode(_compress(_jsonl(docs), ".jsonl.zst"), ".jsonl.zst")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(d["id"], i + 1, d["text"]) for i, d in enumerate(docs)]
+    assert skips.total == 0 and calls
