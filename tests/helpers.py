@@ -67,3 +67,28 @@ def cli(*args: str) -> list[str]:
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m bolmo_async ARGS`` as a user runs it, output captured as text."""
     return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def readme_bpe_json() -> str:
+    """The README's example BPE: vocabulary a b c bc ab abc, merges `b c`, `a b`, `ab c`, no
+    pre-tokenizer (fastokens and tokenizers disagree on text with characters outside it)."""
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
+    eos = {"id": 6, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}
+    spec = {
+        "version": "1.0",
+        "added_tokens": [{**eos, "rstrip": False, "normalized": False}],
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": vocab,
+            "merges": ["b c", "a b", "ab c"],
+        },
+    }
+    return json.dumps(spec)

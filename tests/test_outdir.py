@@ -16,7 +16,7 @@ from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.outdir import DATA_SOURCES, MANIFEST, shard_name
 from bolmo_async.outdir.local import LOCK
 
-from .helpers import shard_hashes
+from .helpers import readme_bpe_json, shard_hashes
 
 
 def _prepare(out: Path, endpoint: str, **kw):
@@ -194,43 +194,7 @@ def test_an_error_rebuilt_from_a_worker_is_the_same_class_with_the_same_message(
 
 
 def _readme_bpe(path: Path) -> Path:
-    """The README's example BPE: vocabulary a b c bc ab abc, merges `b c`, `a b`, `ab c`, no
-    pre-tokenizer: fastokens and tokenizers disagree on text with characters outside it."""
-    import json
-
-    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5}
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {
-                "id": 6,
-                "content": "<|endoftext|>",
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }
-        ],
-        "normalizer": None,
-        "pre_tokenizer": None,
-        "post_processor": None,
-        "decoder": None,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "vocab": vocab,
-            "merges": ["b c", "a b", "ab c"],
-        },
-    }
-    path.write_text(json.dumps(spec))
+    path.write_text(readme_bpe_json())
     return path
 
 

@@ -21,6 +21,7 @@ from bolmo_async.tokenize import (
 )
 
 from .conftest import DOLMA2, needs_dolma2
+from .helpers import readme_bpe_json
 
 
 def encode_texts(tok: SubwordTokenizer, texts: list[str]) -> list[list[int]]:
@@ -404,27 +405,7 @@ def test_an_empty_vocabulary_is_refused():
 
 
 def _readme_bpe() -> TokenizerSource:
-    """The README's BPE: vocabulary a b c bc ab abc, merges b c, a b, ab c, no pre-tokenizer."""
-    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
-    eos = {"id": 6, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}
-    spec = {
-        "version": "1.0",
-        "added_tokens": [{**eos, "rstrip": False, "normalized": False}],
-        "normalizer": None,
-        "pre_tokenizer": None,
-        "post_processor": None,
-        "decoder": None,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "vocab": vocab,
-            "merges": ["b c", "a b", "ab c"],
-        },
-    }
-    return TokenizerSource("readme-bpe", json.dumps(spec), {})
+    return TokenizerSource("readme-bpe", readme_bpe_json(), {})
 
 
 def test_auto_picks_fastokens_only_for_byte_level_bpe_with_every_byte():
