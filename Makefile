@@ -38,11 +38,12 @@ lint: $(DEV_STAMP)
 	$(PY) -m mypy bolmo_async
 
 # `dolma tokens` is the side-by-side anchor of the benchmark; it lives in its own venv (its
-# smart_open reads .zst only with backports.zstd: without it dolma silently reads 0 documents).
+# smart_open reads .zst only with backports.zstd: without it dolma silently reads 0 documents; boto3
+# pinned: newer releases send pip backtracking for over 20 minutes before dolma 1.2.1 resolves).
 DOLMA_VENV ?= .venv-dolma
 $(DOLMA_VENV)/.installed-stamp:
 	$(PYTHON) -m venv $(DOLMA_VENV)
-	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' zstandard backports.zstd || echo "dolma could not be installed: the benchmark runs without it"
+	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' 'boto3==1.26.76' zstandard backports.zstd || echo "dolma could not be installed: the benchmark runs without it"
 	touch $@
 
 bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp
