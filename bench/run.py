@@ -390,27 +390,41 @@ def ensure_wan_corpus(folder: Path, compressed_mb: float, small_files: int) -> d
     marker = folder / ".built.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    import random
-
     import zstandard
-
-    sys.path.insert(0, str(HERE))
-    from textgen import _corpus, _document, _model
 
     print(f"building the WAN corpus ({compressed_mb:g} MB compressed; once, cached) ...", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    prose, _ = _corpus(8_000_000)
-    nxt, starts = _model(prose)
-    rng = random.Random(7)
+    # The documents of the mix-like corpus (prose, code, markup, scripts; unique), interleaved
+    # across its sources until the target compressed size.
+    built = sorted(
+        (HERE / "data").glob("mix-*/.built.json"), key=lambda p: json.loads(p.read_text()).get("text_bytes", 0)
+    )
+    mix = built[-1].parent if built else HERE / "data" / "mix-200"
+    if not built:
+        ensure_mix(mix, 200.0)
+    sources = [sorted(d.rglob("*.jsonl.zst")) for d in sorted((mix / "data").iterdir())]
+    streams = [
+        (
+            line
+            for f in files
+            for line in zstandard.ZstdDecompressor().decompress(f.read_bytes(), max_output_size=1 << 30).splitlines()
+            if line
+        )
+        for files in sources
+    ]
     lines: list[bytes] = []
     text = 0
     cctx = zstandard.ZstdCompressor(level=3, threads=-1)
     compressed = 0
-    while compressed < compressed_mb * 1e6:
-        for _ in range(2000):
-            t = _document(rng, nxt, starts, rng.randint(1000, 8000))
-            lines.append(json.dumps({"id": f"doc-{len(lines):08d}", "text": t}).encode())
-            text += len(t.encode())
+    while compressed < compressed_mb * 1e6 and streams:
+        for stream in list(streams):
+            for _ in range(500):
+                line = next(stream, None)
+                if line is None:
+                    streams.remove(stream)
+                    break
+                lines.append(line)
+                text += len(json.loads(line)["text"].encode())
         compressed = len(cctx.compress(b"\n".join(lines) + b"\n"))  # cheap next to generating
     large = folder / "large" / "data" / "web"
     large.mkdir(parents=True)
