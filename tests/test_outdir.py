@@ -332,3 +332,26 @@ def test_only_outdir_spells_the_folders_names():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
                 found += [f"{path.relative_to(root)}:{node.lineno}: {n}" for n in names if n in node.value]
     assert found == []
+
+
+def test_a_staging_folder_replaced_by_a_link_is_neither_read_nor_written_through(mirror, tmp_path):
+    out, elsewhere = tmp_path / "o", tmp_path / "elsewhere"
+    first = _prepare(out, mirror.endpoint)
+    shutil.move(out / "staging", elsewhere)
+    (out / "staging").symlink_to(elsewhere)
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()}
+    with pytest.raises(errors.StateError, match="not staged"):
+        bolmo_async.finalize(out)  # what lies behind the link is not this folder's staging
+    again = _prepare(out, mirror.endpoint)  # fetched again into a real folder
+    assert not (out / "staging").is_symlink() and (out / "staging").is_dir()
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()} == before
+    assert shard_hashes(again) == shard_hashes(first)
+
+
+@pytest.mark.parametrize(
+    ("location", "says"), [("", "is empty"), ("  ", "is empty"), ("s3:/bucket/run", "did you mean s3://bucket/run")]
+)
+def test_output_locations_that_are_mistakes_are_usage_errors(tmp_path, location, says):
+    with pytest.raises(errors.UsageError, match=says):
+        bolmo_async.plan(location)
+    assert list(tmp_path.iterdir()) == []

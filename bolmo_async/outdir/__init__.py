@@ -35,7 +35,15 @@ def open_output(location: str | os.PathLike[str] | OutputDir) -> OutputDir:
     if isinstance(location, OutputDir):
         return location
     text = os.fspath(location)
+    if not text.strip():
+        raise UsageError("--output-dir is empty (an unset variable?): name the output folder, e.g. -o bolmo_out.")
     scheme, sep, _ = text.partition("://")
+    one_slash = text.partition(":/")[0]
+    if not sep and one_slash.lower() in STORE_SCHEMES and text.startswith(one_slash + ":/"):
+        raise UsageError(
+            f"--output-dir {text}: did you mean {one_slash}://{text[len(one_slash) + 2 :].lstrip('/')}? "
+            "(a bucket location has two slashes after the scheme)"
+        )
     if sep and scheme.lower() in STORE_SCHEMES:
         from .store import StoreDir
 

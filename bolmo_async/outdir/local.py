@@ -109,9 +109,21 @@ def real_dir(path: Path, root: Path) -> Path:
             continue
         if stat.S_ISDIR(st.st_mode):
             continue
-        os.unlink(cur)  # a link or a file where our folder belongs
-        os.mkdir(cur)
+        with contextlib.suppress(FileNotFoundError):  # another thread may be replacing it too
+            os.unlink(cur)  # a link or a file where our folder belongs
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(cur)
     return path
+
+
+def through_link(name: str, root: Path) -> bool:
+    """A folder of ``name`` below ``root`` is a symbolic link (what lies behind it is not ours)."""
+    cur = root
+    for part in Path(name).parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            return True
+    return False
 
 
 class LocalNewFile:
@@ -385,6 +397,8 @@ class LocalDir(OutputDir):
 
     # -- files -----------------------------------------------------------------------------
     def _open_read(self, name: str) -> int | None:
+        if through_link(name, self.root):
+            return None
         try:
             return os.open(self.root / name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
         except FileNotFoundError:
@@ -434,6 +448,8 @@ class LocalDir(OutputDir):
         return LocalNewFile(path, self.location)
 
     def size(self, name: str) -> int | None:
+        if through_link(name, self.root):
+            return None
         try:
             st = os.lstat(self.root / name)
         except OSError:
@@ -461,7 +477,7 @@ class LocalDir(OutputDir):
         import pyarrow as pa
 
         path = self.root / name
-        if path.is_symlink():
+        if path.is_symlink() or through_link(name, self.root):
             raise FileNotFoundError(errno.ENOENT, "a symbolic link stands where a staged file belongs", str(path))
         with pa.memory_map(str(path), "r") as source:
             yield source
