@@ -136,13 +136,12 @@ class RayExecutor:
                 share = refs[ready[0]]
                 try:
                     part: RunResult = _result(ray.get(ready[0]))
-                except BolmoError:
+                except BolmoError:  # raised on purpose in the task: the run's error, as itself
                     raise
-                except Exception as exc:  # a task that failed after Ray's retries
+                except Exception as exc:  # a task that failed after Ray's retries: its files fail
                     why = (str(exc).splitlines() or [type(exc).__name__])[-1][:500]
                     for u in share:
-                        part_failed = f"its Ray task failed: {why}"
-                        result.failed[spec.files[u].path] = part_failed
+                        result.failed[spec.files[u].path] = f"its Ray task failed: {why}"
                         if progress is not None:
                             progress.file_done()
                     continue

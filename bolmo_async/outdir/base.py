@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -235,8 +234,3 @@ class OutputDir:
         for name in self.shards():
             if name not in keep:
                 self.remove(name)
-
-    def iter_lines(self, name: str) -> Iterator[str]:
-        text = self.read_text(name)
-        if text is not None:
-            yield from (line for line in text.splitlines() if line.strip())

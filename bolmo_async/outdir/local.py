@@ -440,9 +440,10 @@ class LocalDir(OutputDir):
 
     def new_local_file(self, path: Path) -> NewFile:
         try:
-            real_dir(path.parent, self.root) if path.is_relative_to(self.root) else path.parent.mkdir(
-                parents=True, exist_ok=True
-            )
+            if path.is_relative_to(self.root):
+                real_dir(path.parent, self.root)  # inside the folder: no link is followed
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)  # a scratch folder elsewhere
         except OSError as exc:
             raise translate(exc, path, self.location) from exc
         return LocalNewFile(path, self.location)

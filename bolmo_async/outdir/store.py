@@ -821,11 +821,6 @@ class StoreDir(OutputDir):
             raise translate(exc, path, str(scratch_root())) from exc
         return LocalNewFile(path, str(scratch_root()))
 
-    def scratch_bytes(self) -> int:
-        """Bytes in this folder's local scratch now (the bench's peak-scratch probe)."""
-        root = self._scratch_dir()
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
-
     # -- staging ---------------------------------------------------------------------------------
     def clean_temporaries(self, key: str) -> int:
         """A killed run's uploads never became objects; only local scratch has leftovers."""
