@@ -28,9 +28,13 @@ def _compress(data: bytes, suffix: str) -> bytes:
     return data
 
 
-def _decode(blob: bytes, suffix: str, chunks: list[int] | None = None, limit: int | None = None):
+def _decode(
+    blob: bytes, suffix: str, chunks: list[int] | None = None, limit: int | None = None, piece: int | None = None
+):
     skips = SkipCounter()
     dec = LineDecoder("f" + suffix, suffix, skips, limit=limit, batch_bytes=4096)
+    if piece:  # decompressed bytes come in pieces this small: lines begin in one piece, end in another
+        dec._dec.out_piece = piece
     batches = []
     pos = 0
     sizes = iter(chunks or [])
@@ -387,18 +391,22 @@ _BLOCK_TRAPS = st.sampled_from(
         max_size=8,
     ),
     st.sampled_from([".jsonl", ".jsonl.zst"]),
+    st.sampled_from([None, None, 1, 3, 16, 40]),
 )
-@example([b'{"text": "a"} {"text": "b"}', b""], ".jsonl")
-@example([b'{"text": "a"} {"text": "b"}', b'{"text": "c", "x": [', b'{"text": "d"}]}'], ".jsonl")
-@example([b'{"text": "a"},{"text": "b"}', b'{"text": "c", "x": [{}', b"{}]}"], ".jsonl")
-@example([b'{"text": "a"}{"text": "b"}', b'{"text": "c", "x": {"y": {}', b'{"z": 1}}'], ".jsonl")
-def test_whole_block_decoding_equals_the_lines_one_by_one(lines, suffix):
+@example([b'{"text": "a"} {"text": "b"}', b""], ".jsonl", None)
+@example([b'{"text": "a"} {"text": "b"}', b'{"text": "c", "x": [', b'{"text": "d"}]}'], ".jsonl", None)
+@example([b'{"text": "a"},{"text": "b"}', b'{"text": "c", "x": [{}', b"{}]}"], ".jsonl", None)
+@example([b'{"text": "a"}{"text": "b"}', b'{"text": "c", "x": {"y": {}', b'{"z": 1}}'], ".jsonl", None)
+@example([b'{"text": "one"}', b'{"text": "two"}', b'{"text": "three"}'], ".jsonl", 20)
+@example([b'{"text": "one"}', b'{"text": "two"} {"text": "x"}'], ".jsonl", 20)
+def test_whole_block_decoding_equals_the_lines_one_by_one(lines, suffix, piece):
     """A run of lines decoded in one msgspec call gives exactly what the reference path (each
-    line alone) gives: the same documents, ids, line numbers, skip reasons and examples."""
+    line alone) gives: the same documents, ids, line numbers, skip reasons and examples; also
+    when the decompressed bytes come in small pieces (lines cut across pieces)."""
     import bolmo_async.decode as decode
 
     blob = _compress(b"\n".join(lines) + b"\n", suffix)
-    fast = _decode(blob, suffix)
+    fast = _decode(blob, suffix, piece=piece)
     original = decode._lines_decoder
     decode._lines_decoder = lambda *_: None  # the line-by-line path only
     try:
