@@ -93,17 +93,6 @@ def byte_ids(texts: pa.Array, out: np.ndarray | None = None) -> tuple[np.ndarray
     return out, rel
 
 
-def byte_ids_slice(data: np.ndarray, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Ids ``[lo, hi)`` of one document whose UTF-8 bytes are ``data`` (its EOS is id ``len(data)``)."""
-    if out is None:
-        out = np.empty(hi - lo, dtype=np.uint32)
-    body = min(hi, len(data)) - lo
-    np.add(data[lo : lo + body], BYTE_OFFSET, dtype=np.uint32, out=out[:body])
-    if hi > len(data):
-        out[body] = BYTE_EOS
-    return out
-
-
 #: Document texts: an Arrow string column, or Python str (what BPE engines take).
 Texts: TypeAlias = "pa.Array | list[str]"
 
@@ -118,6 +107,17 @@ def string_array(texts: list[str]) -> pa.Array:
     return pa.LargeStringArray.from_buffers(len(parts), pa.py_buffer(offsets), pa.py_buffer(b"".join(parts)))
 
 
+def terminated_bytes(texts: list[str]) -> pa.Array:
+    """Byte mode's staged column (``staging``): each text's UTF-8 followed by a byte ``0``, as a
+    ``large_binary`` array, built like ``string_array`` (the join puts the zeros in)."""
+    parts = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1, out=offsets[1:])
+    parts.append(b"")  # the last text's 0 too, in the same one copy
+    data = b"\0".join(parts)
+    return pa.Array.from_buffers(pa.large_binary(), len(texts), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 def _arrow_texts(texts: Texts) -> pa.Array:
     return string_array(texts) if isinstance(texts, list) else texts
 
@@ -130,8 +130,9 @@ class ByteTokenizer:
     """Bolmo byte ids: ``utf8 + 4`` then EOS ``1``."""
 
     def tokens_column(self, texts: Texts) -> pa.Array:
-        """The staged tokens column: the UTF-8 bytes themselves (see ``staging``)."""
-        return _arrow_texts(texts).cast(pa.large_binary())
+        """The staged tokens column: the UTF-8 bytes themselves, a ``0`` after each document (see
+        ``staging``)."""
+        return terminated_bytes(_python_texts(texts))
 
     def keep(self, texts: Texts) -> np.ndarray | None:
         """Every document is kept (no BPE, nothing to refuse)."""

@@ -222,8 +222,9 @@ def test_step_by_step_api_equals_prepare(tmp_path, mirror):
 
 
 def test_byte_mode_stages_utf8_bytes_and_older_staging_is_refetched(tmp_path, mirror):
-    """Byte staging holds the text bytes (a quarter of the ids' size); a staged unit written in
-    another staging format is redone, never misread, and the shards come out the same."""
+    """Byte staging holds the text bytes and a 0 where each EOS goes (a quarter of the ids'
+    size); a staged unit written in another staging format is redone, never misread, and the
+    shards come out the same."""
     import pyarrow as pa
 
     out = tmp_path / "o"
@@ -234,8 +235,10 @@ def test_byte_mode_stages_utf8_bytes_and_older_staging_is_refetched(tmp_path, mi
         with pa.memory_map(str(a)) as src:
             table = pa.ipc.open_file(src).read_all()
         assert table.schema.field("tokens").type == pa.large_binary()
-        staged_bytes += sum(len(x) for x in table.column("tokens").to_pylist())
-    assert staged_bytes == m["totals"]["tokens"] - m["totals"]["documents"]  # one id per byte, plus EOS
+        values = table.column("tokens").to_pylist()
+        assert all(v.endswith(b"\0") and b"\0" not in v[:-1] for v in values)  # the EOS's place
+        staged_bytes += sum(len(x) for x in values)
+    assert staged_bytes == m["totals"]["tokens"]  # one id per byte, and the EOS
     marker = arrows[0].with_suffix(".json")
     rec = json.loads(marker.read_text())
     marker.write_text(json.dumps({**rec, "format": 1}))

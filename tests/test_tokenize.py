@@ -309,14 +309,20 @@ def test_the_tokenizer_pickles_as_its_recipe(dolma2_source):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=50), min_size=1, max_size=10), st.data())
-def test_staged_byte_documents_expand_to_the_byte_layout(docs, data):
-    """Byte mode stages UTF-8 bytes; `expand` gives the ids of any range of documents, or any
-    token range of one document (a document split across shards), exactly."""
+@given(st.lists(st.text(max_size=50), min_size=1, max_size=10), st.data())
+def test_staged_byte_documents_expand_to_the_byte_layout(texts, data):
+    """Byte mode stages each document's UTF-8 bytes and a 0 where its EOS goes; `expand` gives the
+    ids of any range of documents, or any token range of one document (a document split across
+    shards), exactly, and the same as `byte_ids` on the texts."""
     from bolmo_async.staging import expand, token_lengths
+    from bolmo_async.tokenize import byte_ids, string_array
 
-    col = pa.array(docs, pa.large_binary())
+    texts = [t.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for t in texts]
+    docs = [t.encode("utf-8") for t in texts]
+    col = ByteTokenizer().tokens_column(texts)
+    assert col.type == pa.large_binary() and col.to_pylist() == [d + b"\0" for d in docs]
     ref = [[b + 4 for b in d] + [1] for d in docs]
+    assert byte_ids(string_array(texts))[0].tolist() == [i for r in ref for i in r]
     assert token_lengths(col).tolist() == [len(r) for r in ref]
     lo = data.draw(st.integers(0, len(docs) - 1))
     hi = data.draw(st.integers(lo + 1, len(docs)))
@@ -324,6 +330,8 @@ def test_staged_byte_documents_expand_to_the_byte_layout(docs, data):
     a = data.draw(st.integers(0, len(ref[lo]) - 1))
     b = data.draw(st.integers(a + 1, len(ref[lo])))
     assert expand(col, lo, lo + 1, a, b).tolist() == ref[lo][a:b]
+    out = np.full(b - a, 7, dtype=np.uint32)  # into a block, as shards are written
+    assert expand(col, lo, lo + 1, a, b, out=out) is out and out.tolist() == ref[lo][a:b]
     sliced = col.slice(1)
     assert expand(sliced, 0, len(sliced)).tolist() == [i for r in ref[1:] for i in r]
 
