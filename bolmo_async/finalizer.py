@@ -113,8 +113,9 @@ def _take_block() -> np.ndarray:
 class ShardWriter:
     """One shard being written to a temporary name, with its csv.gz rows and running checksum.
 
-    Ids are copied into one of two page-aligned blocks; a full block is hashed and written
-    (``OutputFile``: O_DIRECT where possible) on background lanes while the other fills.
+    Ids are built into one of two page-aligned blocks and hashed as they are built (while they
+    are in the CPU's cache: hashing a whole block later read it back from memory); a full block is
+    written (``OutputFile``: O_DIRECT where possible) on a background lane while the other fills.
     """
 
     def __init__(self, out: OutputDir, index: int):
@@ -129,11 +130,10 @@ class ShardWriter:
             raise
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw_csv, mtime=0, compresslevel=CSV_GZIP_LEVEL)
         self._lane = _Lane()  # file writes and gzip, in order
-        self._hash_lane = _Lane()  # the running checksum, in order, beside the writes
         self.checksum = new_checksum()
         self.tokens = 0
         self.documents = 0  # csv rows (pieces of documents)
-        # Two blocks: with lanes of depth 1, a block handed to them is done with by the time the
+        # Two blocks: with a lane of depth 1, a block handed to it is done with by the time the
         # next one has been handed over, so the two alternate safely.
         self._blocks = [_take_block() for _ in range(2)]
         self._block = 0
@@ -143,7 +143,7 @@ class ShardWriter:
         """``n`` ids that ``make(out)`` builds: right into the current block when they fit there
         (no copy), else built apart and written."""
         if self._fill + n <= BLOCK_BYTES // 4:
-            make(self._blocks[self._block][self._fill : self._fill + n])
+            self.checksum.update(make(self._blocks[self._block][self._fill : self._fill + n]))
             self.tokens += n
             self._fill += n
             if self._fill == BLOCK_BYTES // 4:
@@ -153,6 +153,7 @@ class ShardWriter:
 
     def write(self, values: np.ndarray) -> None:
         data = np.asarray(values, dtype="<u4")
+        self.checksum.update(data)
         self.tokens += len(data)
         cap = BLOCK_BYTES // 4
         while len(data):
@@ -165,12 +166,10 @@ class ShardWriter:
                 self._hand_over()
 
     def _hand_over(self) -> None:
-        """The current block's ids to the lanes (hash, write); the other block fills next."""
+        """The current block's ids to the lane (write); the other block fills next."""
         if not self._fill:
             return
-        view = memoryview(self._blocks[self._block][: self._fill].data)
-        self._hash_lane.put(self.checksum.update, view)
-        self._lane.put(self._write, view)
+        self._lane.put(self._write, memoryview(self._blocks[self._block][: self._fill].data))
         self._block ^= 1
         self._fill = 0
 
@@ -193,9 +192,8 @@ class ShardWriter:
     def close(self) -> dict[str, Any]:
         try:
             self._hand_over()
-            for lane in (self._lane, self._hash_lane):
-                lane.drain()
-                lane.close()
+            self._lane.drain()
+            self._lane.close()
             self._give_back()
             self._gz.close()
             self._f.commit()
@@ -213,7 +211,6 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._lane.close()
-        self._hash_lane.close()
         self._give_back()
         self._f.abort()
         self._raw_csv.abort()
