@@ -6,7 +6,8 @@ Each stage runs alone over the whole input held in memory, so the numbers add up
 one worker spends per file: decompress (64 KiB slices, as fed), split lines, JSON decode (per
 line, msgspec typed, with unescaping and the UTF-8 check), the whole decoder (``LineDecoder``:
 all of the above plus batching), the staged column (UTF-8 of the texts), the staging write
-(Arrow IPC + checksum, to a temporary file), and the shard side (byte ids + the write).
+(Arrow IPC + checksum, to a temporary file), and the shard side (byte ids, checksum, csv.gz
+and the O_DIRECT writes, by the finalizer's own ``write_shard``).
 Prints MB/s of text per stage.
 """
 
@@ -16,8 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import zstandard
 
 from bolmo_async import decode
 from bolmo_async.models import SkipCounter
@@ -48,10 +47,13 @@ def one_round(paths: list[str]) -> tuple[dict[str, float], float]:
     for blob in raw:
 
         def dec(blob: bytes = blob) -> bytes:
-            d = zstandard.ZstdDecompressor().decompressobj(write_size=decode.ZSTD_WRITE_SIZE)
-            return b"".join(
-                d.decompress(blob[i : i + decode.FEED_SLICE]) for i in range(0, len(blob), decode.FEED_SLICE)
-            )
+            d = decode.Decompressor(".jsonl.zst")
+            out = []
+            for i in range(0, len(blob), decode.FEED_SLICE):  # as fed: aligned slices, bounded pieces
+                d.give(blob[i : i + decode.FEED_SLICE])
+                while piece := d.read():
+                    out.append(piece)
+            return b"".join(out)
 
         plain.append(timed("decompress", dec))
     lines = [timed("split lines", lambda p=p: p.split(b"\n")) for p in plain]
@@ -67,34 +69,46 @@ def one_round(paths: list[str]) -> tuple[dict[str, float], float]:
             out = []
             for k in range(0, len(blob), 1 << 20):
                 out += d.feed(blob[k : k + (1 << 20)])
-            return out + d.finish()
+            return out + list(d.finish())
 
         batches += timed("LineDecoder total (decompress+split+decode+batch)", whole)
     text = sum(b.num_rows and int(b.text_array().nbytes) for b in batches)  # warm, and count
     batches = [decode.Docs(b.ids, b.locs, b.texts) for b in batches]  # cold again
     tok = ByteTokenizer()
-    cols = [timed("staged column (UTF-8 of the texts)", lambda b=b: tok.tokens_column(b.texts)) for b in batches]
+    cols = [
+        timed("staged column (UTF-8 of the texts, 0 after each)", lambda b=b: tok.tokens_column(b.texts))
+        for b in batches
+    ]
+    import threading
+
     import pyarrow as pa
 
+    from bolmo_async import finalizer
+    from bolmo_async.outdir import open_output
+    from bolmo_async.staging import _HashingFile, token_lengths
+
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        from bolmo_async.staging import _HashingFile
+        out = open_output(tmp)
+        out.create()
 
         def stage() -> None:
-            f = _HashingFile(open(Path(tmp) / "s.arrow", "wb"))  # noqa: SIM115
-            w = pa.ipc.new_file(pa.PythonFile(f, mode="w"), staging_schema("byte"))
+            f = out.new_file("staging/s.arrow")
+            w = pa.ipc.new_file(pa.PythonFile(_HashingFile(f), mode="w"), staging_schema("byte"))
             for b, c in zip(batches, cols, strict=True):
                 w.write_batch(pa.RecordBatch.from_arrays([b.ids, b.locs, c], schema=staging_schema("byte")))
             w.close()
-            f.finish(False)
+            f.commit()
 
         timed("staging write (IPC + checksum)", stage)
+        layout = finalizer.LayoutBuilder(10**12)
+        for k, c in enumerate(cols):
+            layout.add(0, k, token_lengths(c))
 
-        def shard() -> None:
-            with open(Path(tmp) / "shard.bin", "wb") as g:
-                for c in cols:
-                    g.write(expand(c, 0, len(c)).data)
+        def shard() -> None:  # as a worker writes them: O_DIRECT blocks, XXH3, csv.gz
+            for k, pieces in enumerate(layout.shards()):
+                finalizer.write_shard(out, k, pieces, {0: "staging/s.arrow"}, {0: "src"}, 1, threading.Event())
 
-        timed("byte ids + shard write (page cache)", shard)
+        timed("byte ids + shard write (as shards are written)", shard)
         ids = [expand(c, 0, len(c)) for c in cols]
         timed("byte ids only", lambda: [expand(c, 0, len(c)) for c in cols])
         del ids
