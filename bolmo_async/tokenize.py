@@ -53,13 +53,6 @@ def large_offsets(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
 
 
-def value_bytes(arr: pa.Array) -> bytes:
-    """The concatenated values of a large string/binary array (one copy, only its own slice)."""
-    offsets = large_offsets(arr)
-    start, end = int(offsets[0]), int(offsets[-1])
-    return arr.buffers()[2].slice(start, end - start).to_pybytes() if end > start else b""
-
-
 def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
     """Flat ids + document offsets -> the staged ``large_list<uint32>`` column (no copy)."""
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))

@@ -248,6 +248,28 @@ def test_byte_mode_stages_utf8_bytes_and_older_staging_is_refetched(tmp_path, mi
     assert shard_hashes(again) == shard_hashes(m)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(st.sampled_from('ab,"\r\n é東'), max_size=6), min_size=1, max_size=8), st.text(max_size=5))
+def test_csv_rows_are_what_csv_writer_writes(ids, src):
+    """Byte for byte what ``csv.writer`` writes with minimal quoting (CR and LF quoted too),
+    each row ended by LF, whatever the ids."""
+    import csv
+    import io
+
+    import pyarrow as pa
+
+    from bolmo_async.finalizer import csv_rows
+
+    starts = np.arange(len(ids), dtype=np.int64) * 7
+    want = ""
+    for s, i, n in zip(starts.tolist(), ids, range(1, len(ids) + 1), strict=True):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerow([s, s + 7, i, src, n])
+        want += buf.getvalue()[:-2] + "\n"
+    got = csv_rows(starts, starts + 7, pa.array(ids, pa.string()), src, pa.array(range(1, len(ids) + 1), pa.int64()))
+    assert got == want.encode("utf-8")
+
+
 def test_csv_rows_quote_hostile_ids_and_read_back():
     """Document ids are data: commas, quotes, CR and LF must survive a csv reader."""
     import csv
