@@ -403,9 +403,10 @@ class LineDecoder:
         stop_after_first = self._prefix_reached and self.documents == 0
         data = blocks[0] if len(blocks) == 1 else b"\n".join(blocks)
         del blocks
-        newlines = data.count(b"\n")
+        nls = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)  # the newlines, found once
+        newlines = len(nls)
         if newlines * SHORT_LINE < len(data):
-            whole = None if stop_after_first else self._whole_block(data, newlines + 1, first)
+            whole = None if stop_after_first else self._whole_block(data, nls, first)
             if whole is not None:
                 self._next_line += newlines + 1
                 batch = whole
@@ -416,7 +417,7 @@ class LineDecoder:
         else:
             # Short lines on average (a run of blank lines, a bomb of newlines): the blank ones are
             # found and counted in bulk, never one Python object each.
-            n = data.count(b"\n") + 1
+            n = newlines + 1
             self._next_line += n
             if not data.strip():  # nothing but whitespace
                 self.skips.add("blank_line", f"{self.path}:{first}", n=n)
@@ -479,9 +480,10 @@ class LineDecoder:
                 break
         return _batch(ids, locs, texts)
 
-    def _whole_block(self, data: bytes, n: int, first: int) -> Docs | None:
-        """The ``n`` lines of ``data`` decoded by one msgspec ``decode_lines`` call, if that is
-        exactly what the lines one by one give (then none is a skip); else None (line by line).
+    def _whole_block(self, data: bytes, nls: np.ndarray, first: int) -> Docs | None:
+        """The lines of ``data`` (``nls``: the offsets of its newlines) decoded by one msgspec
+        ``decode_lines`` call, if that is exactly what the lines one by one give (then none is a
+        skip); else None (line by line).
 
         ``decode_lines`` reads a stream of JSON values, not lines: it skips blank lines, takes
         two values on one line, or one value over two lines. So the block is taken only when
@@ -496,9 +498,9 @@ class LineDecoder:
         decode_lines = _lines_decoder(self.text_field, self.id_field)
         if decode_lines is None or data[:1] != b"{" or data[-1:] != b"}":
             return None
+        n = len(nls) + 1
         if n > 1:
             view = np.frombuffer(data, dtype=np.uint8)
-            nls = np.flatnonzero(view == 0x0A)
             if not ((view[nls - 1] == 0x7D).all() and (view[nls + 1] == 0x7B).all()):
                 return None
         try:
