@@ -30,9 +30,10 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,7 @@ from .errors import EngineMismatch, TokenizerError
 from .models import TokenizerInfo
 
 log = logging.getLogger("bolmo_async")
+T = TypeVar("T")
 
 BYTE_OFFSET = 4
 BYTE_EOS = 1
@@ -321,6 +323,9 @@ def _longest_run(data: np.ndarray) -> int:
     return int(np.diff(edges).max()) - 1
 
 
+#: The name (prefix) of a subword tokenizer's one encoding thread (``SubwordTokenizer._on_bpe_thread``).
+BPE_THREAD = "bolmo-bpe"
+
 #: Engines in the order ``auto`` tries them (tiktoken only on request: see ``tiktoken_exact``).
 ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
 #: One document in this many is encoded again by the reference engine (0: never).
@@ -436,6 +441,17 @@ PROBE_TEXTS = (
 )
 
 
+#: The reference engine this process's last probe built (JSON text, special_tokens_as_text,
+#: engine), for a worker on a thread of the same process (a small run, ``processes=1``): building
+#: dolma2's again took 0.3 s of its 0.1% run. ``forget_probed`` lets it go (tens of MB) where the
+#: workers are other processes.
+_PROBED: list[tuple[str, bool, Any]] = []
+
+
+def forget_probed() -> None:
+    _PROBED.clear()
+
+
 class SubwordTokenizer:
     """A ``tokenizers`` JSON tokenizer with EOS appended after each document.
 
@@ -467,6 +483,7 @@ class SubwordTokenizer:
         self._engine_obj: Any = None
         self._hf_obj: Any = None
         self._build_lock = threading.Lock()  # engines are built once, whichever thread asks first
+        self._bpe_thread: ThreadPoolExecutor | None = None  # see ``_on_bpe_thread``
         self._seen = 0
         if checked is not None and engine != "tiktoken":
             self.engine = checked.engine if engine == "auto" else engine
@@ -502,6 +519,7 @@ class SubwordTokenizer:
             engine=self.engine,
             special_tokens_as_text=special_tokens_as_text,
         )
+        _PROBED[:] = [(self.source_json, special_tokens_as_text, self._hf_obj)]
 
     # -- engines, built on first use ------------------------------------------------------
     def _reference(self) -> Any:
@@ -512,6 +530,9 @@ class SubwordTokenizer:
             return self._build_reference()
 
     def _build_reference(self) -> Any:
+        for json_text, special, probed in _PROBED:  # built by this process's probe: no second build
+            if self._hf_obj is None and special == self.special_tokens_as_text and json_text == self.source_json:
+                self._hf_obj = probed
         if self._hf_obj is None:
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -591,13 +612,33 @@ class SubwordTokenizer:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_engine_obj"] = state["_hf_obj"] = None  # rebuilt where they are used
+        state["_engine_obj"] = state["_hf_obj"] = state["_bpe_thread"] = None  # rebuilt where they are used
         del state["_build_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._build_lock = threading.Lock()
+
+    def _on_bpe_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (an engine's encode) on this tokenizer's one BPE thread, whichever thread asks.
+
+        fastokens keeps its caches of encoded words per thread (a table of up to 2M entries, its
+        long-word cache and scratch: 100-200 MB each on text whose words do not repeat, as
+        unspaced CJK or Thai runs), so a worker whose decoding threads all encoded held one set of
+        caches per thread, and worker processes grew with the threads that ever encoded (600 MB on
+        the bench's scripts). Encoding on one thread bounds them to one set, as warm as if every
+        file went through it (its hit rate is the same or better). The engine releases the GIL,
+        so the calling thread's decoding of other files goes on meanwhile."""
+        if threading.current_thread().name.startswith(BPE_THREAD):
+            return fn()
+        pool = self._bpe_thread
+        if pool is None:
+            with self._build_lock:
+                if self._bpe_thread is None:
+                    self._bpe_thread = ThreadPoolExecutor(1, thread_name_prefix=BPE_THREAD)
+                pool = self._bpe_thread
+        return pool.submit(fn).result()
 
     def _find_eos(self, config: dict[str, Any], vocab: dict[str, int]) -> int:
         eos = config.get("eos_token")
@@ -616,8 +657,10 @@ class SubwordTokenizer:
         with _panics_as_errors(self.identifier):
             eng = self._engine()
             if self.engine == "fastokens":
-                ids, offs = eng.encode_batch_flat(
-                    texts, add_special_tokens=False, split_special_tokens=self.special_tokens_as_text
+                ids, offs = self._on_bpe_thread(
+                    lambda: eng.encode_batch_flat(
+                        texts, add_special_tokens=False, split_special_tokens=self.special_tokens_as_text
+                    )
                 )
                 return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offs, dtype="<u8").astype(np.int64)
             if self.engine == "tokenizers":

@@ -308,10 +308,15 @@ def _die_with_parent(current: Callable[[], Worker | None], parent: int) -> None:
     threading.Thread(target=watch, name="bolmo-watchdog", daemon=True).start()
 
 
-def process_main(wid: int, inbox: Any, outbox: Any, parent: int) -> None:
+def process_main(wid: int, inbox: Any, outbox: Any, parent: int, bpe_threads: int = 0) -> None:
     """Entry point of a spawned worker process: imports first (meanwhile the coordinator lists
-    the repo), then waits for its ``WorkerSpec``."""
+    the repo), then waits for its ``WorkerSpec``. ``bpe_threads``: the threads fastokens may split
+    one batch over in this process (its share of the cores; 0: fastokens' default, every core).
+    Each such thread keeps its own caches of encoded words (100-200 MB on text whose words do not
+    repeat), so processes x threads stays at the cores, not their square."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    if bpe_threads > 0:  # read by fastokens once, when it first encodes; a user's own setting wins
+        os.environ.setdefault("FASTOKENS_BPE_THREADS", str(bpe_threads))
     holder: list[Worker] = []
     _die_with_parent(lambda: holder[0] if holder else None, parent)
     from .util import prefer_system_allocator, record_absent_imports
