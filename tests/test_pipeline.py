@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,17 @@ def test_output_dir_with_other_seed_or_tokenizer_is_refused(tmp_path, mirror):
         _prepare(out, mirror, data_fraction=0.1, seed=7)
     m = _prepare(out, mirror, data_fraction=0.1, seed=7, force=True)
     assert m["seed"] == 7
+
+
+def test_a_small_run_gives_every_worker_process_files(tmp_path, mirror, caplog):
+    """Files go one at a time to the least busy worker. Filling each worker's slots in turn (sized
+    for a wide-area link's read-ahead: 8 per worker here) gave a small run's every file to the
+    first worker while the second idled."""
+    caplog.set_level(logging.DEBUG, logger="bolmo_async")
+    m = _prepare(tmp_path / "o", mirror, data_fraction=1.0, processes=2, include=["data/common_crawl/*"])
+    staged = [r.getMessage().split() for r in caplog.records if r.getMessage().startswith("worker ")]
+    by_worker = {int(words[1]) for words in staged if words[2] == "staged"}
+    assert m["complete"] and by_worker == {0, 1}
 
 
 @needs_dolma2

@@ -103,7 +103,7 @@ class Pool:
             mem.inbox = ctx.Queue()
             mem.process = ctx.Process(
                 target=process_main,
-                args=(mem.wid, mem.inbox, self.outbox, os.getpid()),
+                args=(mem.wid, mem.inbox, self.outbox, os.getpid(), max(1, usable_cores() // self.processes)),
                 name=f"bolmo-worker-{mem.wid}",
                 daemon=True,
             )
@@ -156,20 +156,26 @@ class Pool:
                             result.failed[files[u].path] = "no worker process was left to fetch it"
                         todo.clear()
                     break
-                for mem in live:
-                    while len(mem.tasks) < slots:
-                        # One shard at a time per worker: writing one is CPU-bound (its disk I/O
-                        # already overlaps on its own threads), and each holds its write blocks.
-                        if shard_tasks and not any(kind == "shard" for kind, _ in mem.tasks):
-                            k, pieces = shard_tasks.popleft()
-                            mem.tasks.add(("shard", k))
-                            mem.inbox.put(m.ShardTask(k, pieces))
-                        elif todo:
-                            u = todo.popleft()
-                            mem.tasks.add(("file", u))
-                            mem.inbox.put(m.FileTask(u))
-                        else:
-                            break
+                # One task at a time, to the least busy worker: filling each worker's slots in turn
+                # (``slots`` is sized for a wide-area link's read-ahead) gave a small run's every
+                # file to the first worker while the others idled.
+                while True:
+                    free = [w for w in live if len(w.tasks) < slots]
+                    # One shard at a time per worker: writing one is CPU-bound (its disk I/O
+                    # already overlaps on its own threads), and each holds its write blocks.
+                    writers = [w for w in free if not any(kind == "shard" for kind, _ in w.tasks)]
+                    if shard_tasks and writers:
+                        mem = min(writers, key=lambda w: len(w.tasks))
+                        k, pieces = shard_tasks.popleft()
+                        mem.tasks.add(("shard", k))
+                        mem.inbox.put(m.ShardTask(k, pieces))
+                    elif todo and free:
+                        mem = min(free, key=lambda w: len(w.tasks))
+                        u = todo.popleft()
+                        mem.tasks.add(("file", u))
+                        mem.inbox.put(m.FileTask(u))
+                    else:
+                        break
                 if files_left == 0 and not ended:
                     ended = True
                     if on_files_done is not None:
