@@ -8,6 +8,7 @@ its finished children (the worker processes, which it waits for), both from getr
 
 from __future__ import annotations
 
+import atexit
 import json
 import resource
 import sys
@@ -18,25 +19,22 @@ def main() -> None:
     sys.argv = ["bolmo-async", *args]
     from bolmo_async.cli import main as cli_main
 
-    code = 0
-    try:
-        cli_main()
-    except SystemExit as exc:
-        code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "coordinator": me.ru_utime + me.ru_stime,
-                "workers": kids.ru_utime + kids.ru_stime,
-                "coordinator_sys": me.ru_stime,
-                "workers_sys": kids.ru_stime,
-                "exit": code,
-            },
-            f,
-        )
-    sys.exit(code)
+    def write() -> None:  # at exit: the CLI ends with os._exit after running the exit handlers
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with open(out, "w") as f:
+            json.dump(
+                {
+                    "coordinator": me.ru_utime + me.ru_stime,
+                    "workers": kids.ru_utime + kids.ru_stime,
+                    "coordinator_sys": me.ru_stime,
+                    "workers_sys": kids.ru_stime,
+                },
+                f,
+            )
+
+    atexit.register(write)
+    cli_main()
 
 
 if __name__ == "__main__":

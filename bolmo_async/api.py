@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
-from .executors import Executor, check_not_bootstrapping, choose, usable_cores
+from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
 from .finalizer import ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
 from .guidance import fixed_length_loss, normalize, selection_from, warn_short_shards
 from .hub import (
@@ -55,6 +55,7 @@ from .tokenize import (
     ByteTokenizer,
     SubwordTokenizer,
     TokenizerSpec,
+    forget_probed,
     load_tokenizer_source,
 )
 from .util import human_bytes, release_free_memory
@@ -613,6 +614,11 @@ def _fetch(
             pool = executor_for(n)
         units = pool.units(the_plan)
         spec_tok, info = tok_future.result()
+        stack.callback(forget_probed)
+        if not (isinstance(pool, Pool) and pool.processes == 1):
+            # The probe's reference engine serves only a worker on a thread of this process.
+            forget_probed()
+            release_free_memory(0)
         if engine == "auto" and info.kind == "subword" and _small(the_plan):
             # A smoke test: building fastokens (0.5 s a process) would cost more than it saves;
             # the reference gives the same ids.
