@@ -320,6 +320,35 @@ def test_every_encode_runs_on_the_tokenizers_one_thread_whichever_thread_asks():
     assert len(threads) == 1 and threads.pop().startswith("bolmo-bpe")
 
 
+def test_the_bpe_thread_is_replaced_once_the_process_grew_past_the_budget(monkeypatch):
+    """fastokens' caches live as long as their thread: past ``BPE_CACHE_BUDGET`` of growth the
+    thread is replaced after its batch (its caches freed with it), with the same ids."""
+    import threading
+
+    from bolmo_async import tokenize
+
+    tok = SubwordTokenizer(_tiny_bpe({"ab": 256}, ["a b"]), engine="fastokens", check_every=0)
+    tok.warm()
+    engine, threads = tok._engine_obj, []
+
+    class Recorder:  # the real engine, noting which thread runs it
+        def encode_batch_flat(self, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return engine.encode_batch_flat(*args, **kwargs)
+
+    tok._engine_obj = Recorder()
+    want = encode_texts(tok, ["ab a"])
+    assert [encode_texts(tok, ["ab a"]) for _ in range(2)] == [want] * 2
+    assert len(set(threads)) == 1  # within the budget: one thread
+    monkeypatch.setattr(tokenize, "BPE_CACHE_BUDGET", -1)  # every batch is past it
+    assert [encode_texts(tok, ["ab a"]) for _ in range(3)] == [want] * 3
+    replaced = threads[2:]  # the first thread's last batch, then three on new threads
+    assert len(set(replaced)) == 3
+    for t in replaced[:-1]:
+        t.join(5)  # ended: its caches are gone with it
+        assert not t.is_alive()
+
+
 def test_a_worker_in_the_probing_process_reuses_the_probes_reference_engine():
     """A small run's worker runs on a thread of the coordinator, which has just built the reference
     engine to probe the tokenizer: it takes that one (building dolma2's again was 0.3 s of a 0.1%
