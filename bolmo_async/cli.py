@@ -666,12 +666,28 @@ def mirror_serve(
     token: str | None = typer.Option(None, "--require-token", help="Answer 401 unless this bearer token is sent."),
     url_ttl: float = typer.Option(3600.0, "--url-ttl", help="Seconds a signed CDN URL stays valid."),
     ready_file: Path | None = typer.Option(None, "--ready-file", help="Write the endpoint URL here once listening."),
+    wan_rtt_ms: float = typer.Option(
+        0.0, "--wan-rtt-ms", min=0, help="Emulate a wide-area link: milliseconds before every answer (a round trip)."
+    ),
+    wan_response_mbs: float = typer.Option(
+        0.0, "--wan-response-mbs", min=0, help="Emulate a CDN's per-connection cap: MB/s per response (0: none)."
+    ),
+    wan_link_mbs: float = typer.Option(
+        0.0, "--wan-link-mbs", min=0, help="Emulate the link's total rate: MB/s over all responses (0: none)."
+    ),
     verbose: bool = VERBOSE,
 ) -> None:
     """Serve FOLDER as a Hub dataset repo on loopback (prints the endpoint to use)."""
-    from .mirror import FaultConfig, run_mirror
+    from .mirror import FaultConfig, WanConfig, run_mirror
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    wan = WanConfig(rtt=wan_rtt_ms / 1000, response_rate=wan_response_mbs * 1e6, link_rate=wan_link_mbs * 1e6)
+    if wan.active and not loopback:
+        raise typer.BadParameter(
+            f"the WAN emulation (--wan-*) is for loopback only; drop it or bind to 127.0.0.1 (not {host})",
+            param_hint="--host",
+        )
+    if not loopback:
         typer.secho(f"warning: binding to {host}, not loopback", err=True, fg=typer.colors.YELLOW)
     try:
         fc = FaultConfig.parse(faults, seed=fault_seed)
@@ -690,6 +706,7 @@ def mirror_serve(
             token=token,
             url_ttl=url_ttl,
             ready_file=str(ready_file) if ready_file else None,
+            wan=wan if wan.active else None,
         )
     except (OSError, ValueError) as exc:  # a port in use, a bad --model-repo, a missing folder
         if os.environ.get("BOLMO_ASYNC_DEBUG"):

@@ -563,12 +563,22 @@ def run_mirror(
     token: str | None = None,
     url_ttl: float = 3600.0,
     ready_file: str | None = None,
+    wan: WanConfig | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. Prints the endpoint; writes it to ``ready_file`` too."""
+    """Serve until SIGINT/SIGTERM. Prints the endpoint; writes it to ``ready_file`` too.
+    ``wan``: emulate a wide-area link (round trip, per-response and total rates)."""
     repos = [MirrorRepo(repo_id, folder, "dataset")]
     repos += [MirrorRepo(rid, f, "model") for rid, f in iter_model_specs(model_repos or [])]
     mirror = Mirror(
-        repos, host=host, port=port, cdn_port=cdn_port, page_size=page_size, faults=faults, token=token, url_ttl=url_ttl
+        repos,
+        host=host,
+        port=port,
+        cdn_port=cdn_port,
+        page_size=page_size,
+        faults=faults,
+        token=token,
+        url_ttl=url_ttl,
+        wan=wan,
     )
 
     async def main() -> None:
@@ -580,6 +590,13 @@ def run_mirror(
         endpoint = await mirror.start()
         print(f"Serving {folder} as dataset {repo_id} at commit {repos[0].commit}", flush=True)
         print(f"  endpoint: {endpoint}   (CDN stand-in: {mirror.cdn_endpoint})", flush=True)
+        if mirror.wan is not None:
+            w = mirror.wan
+            print(
+                f"  emulating a wide-area link: round trip {w.rtt * 1000:g} ms, "
+                f"{w.response_rate / 1e6:g} MB/s per response, {w.link_rate / 1e6:g} MB/s in all (0: no cap)",
+                flush=True,
+            )
         print(f"  use it with: HF_ENDPOINT={endpoint} bolmo-async prepare ...   or --endpoint {endpoint}", flush=True)
         if ready_file:
             tmp = f"{ready_file}.tmp"
