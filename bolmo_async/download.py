@@ -30,7 +30,7 @@ from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
-from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, retrying
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, retrying
 
 log = logging.getLogger("bolmo_async")
 
@@ -260,6 +260,7 @@ async def fetch_file(
     verify: Callable[[], None] | None = None,
     link: Link | None = None,
     decoding: asyncio.Semaphore | None = None,
+    cdn: str | None = None,
 ) -> int:
     """A whole file into ``sink``, in order, verified (``verify`` after the last byte; an
     ``IntegrityError`` fetches it again within the attempt budget). Returns the bytes fed.
@@ -270,7 +271,8 @@ async def fetch_file(
     connection does not wait for decoding. When the decoder is starved for bytes (the link, not the CPU, is the limit),
     the file is fetched as several Range segments in parallel over the free connections of
     ``link``, all from the URL the first request resolved to (no extra resolve per segment). A
-    server that ignores Range gets one plain stream."""
+    server that ignores Range gets one plain stream. ``cdn``: the signed URL ``url`` was
+    resolved to ahead (``ResolveAhead``): asked directly, ``url`` only if it is refused."""
     loop = asyncio.get_running_loop()
     counted = [0]
 
@@ -280,7 +282,7 @@ async def fetch_file(
             on_bytes(n)
 
     async def once() -> int:
-        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding)
+        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn)
         try:
             await _verified(loop, executor, verify)
         except IntegrityError as exc:
@@ -299,7 +301,7 @@ async def fetch_file(
         await loop.run_in_executor(executor, sink.reset)
         count(-counted[0])
         return await stream(
-            client, url, sink, what=what, executor=executor, on_bytes=on_bytes, verify=verify, size=size
+            client, url, sink, what=what, executor=executor, on_bytes=on_bytes, verify=verify, size=size, cdn=cdn
         )
 
 
@@ -328,6 +330,7 @@ async def _fetch_blocks(
     count: Callable[[int], None],
     link: Link | None,
     decoding: asyncio.Semaphore | None,
+    signed: str | None = None,
 ) -> int:
     """One pass over the file: lanes fetch blocks (each lane takes the next block not taken,
     within the read-ahead window), this task feeds them to the sink in order."""
@@ -336,7 +339,7 @@ async def _fetch_blocks(
     done: dict[int, list[bytes]] = {}
     st = {"taken": 0, "fed": 0, "window": 1}
     changed = asyncio.Event()
-    cdn: list[str] = []
+    cdn: list[str] = [signed] if signed else []
     lanes: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
 
@@ -357,7 +360,16 @@ async def _fetch_blocks(
                 st["taken"] = i + 1
                 part = _Parts()
                 if nblocks == 1:  # the whole file: no Range, as any client asks for it
-                    await stream(client, url, part, what=what, size=size, on_bytes=count, resolved=note_url)
+                    await stream(
+                        client,
+                        url,
+                        part,
+                        what=what,
+                        size=size,
+                        on_bytes=count,
+                        cdn=cdn[0] if cdn else None,
+                        resolved=note_url,
+                    )
                 else:
                     lo, hi = i * BLOCK, min(size, (i + 1) * BLOCK)
                     await stream(
@@ -447,6 +459,146 @@ async def _wait(event: asyncio.Event, timeout: float | None = None) -> None:
     event.clear()
 
 
+async def resolve(client: HubClient, url: str, what: str) -> str | None:
+    """One resolve of ``url``: the signed URL the Hub redirects it to (a CDN's), or None when it
+    does not redirect (the Hub serves the file itself) or fails; the transfer then resolves it
+    itself, and meets and reports the same error. 429s and 5xx are retried as everywhere."""
+
+    async def attempt() -> str | None:
+        async with client.session.get(
+            url, headers=client.headers_for(url), allow_redirects=False, timeout=client.retry.timeout()
+        ) as r:
+            if r.status in (301, 302, 303, 307, 308):
+                loc = r.headers.get("Location")
+                nxt = URL(url).join(URL(loc)) if loc else None
+                if nxt is None or nxt.scheme not in ("http", "https") or not nxt.host:
+                    return None
+                return str(nxt)
+            if r.status in RETRY_STATUSES:
+                raise Retry(f"HTTP {r.status}", r.headers, r.status)
+            return None
+
+    try:
+        return await retrying(client.retry, what, attempt)
+    except Exception as exc:  # the transfer resolves it again and reports what is wrong
+        log.debug("%s: resolving ahead failed (%s); its transfer resolves it", what, exc)
+        return None
+
+
+class ResolveAhead:
+    """Resolves the files of a run ahead of their hand-out, on a thread of its own (for the
+    synchronous coordinator): the next ``window`` files in hand-out ``order`` are resolved while
+    the ones handed out transfer, so a file's transfer starts at the CDN (one round trip) instead
+    of at the Hub (two). ``take(unit)`` gives the signed URL to fetch it from; each file is
+    resolved once, here or (when this failed or has no answer for it) by its transfer.
+
+    ``paths``: unit -> its path in the repo, only for files the Hub redirects (LFS files); the
+    others are never asked here. One kept-alive connection pool of its own, to the Hub only."""
+
+    #: Longest a hand-out waits for its file's resolve (then the transfer resolves it).
+    WAIT = 10.0
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        repo_id: str,
+        repo_type: str,
+        token: str | None,
+        retry: RetryPolicy,
+        commit: str,
+        paths: dict[int, str],
+        order: list[int],
+        window: int,
+    ):
+        import concurrent.futures
+        import threading
+
+        self._commit = commit
+        self._paths = paths
+        self._order = [u for u in order if u in paths]
+        self._window = max(1, window)
+        self._next = 0  # the next position of ``_order`` to resolve
+        self._pos = {u: i for i, u in enumerate(self._order)}
+        self._futures: dict[int, concurrent.futures.Future[str | None]] = {}
+        self.resolved = 0  # how many answered with a signed URL
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bolmo-resolve", daemon=True)
+        self._thread.start()
+        self._client: HubClient | None = None
+
+        async def open_client() -> HubClient:
+            from .hub import make_session
+
+            self._client = HubClient(
+                make_session(self._window, retry),
+                endpoint=endpoint,
+                repo_id=repo_id,
+                repo_type=repo_type,
+                token=token,
+                retry=retry,
+            )
+            return self._client
+
+        self._ready = asyncio.run_coroutine_threadsafe(open_client(), self._loop)
+        self._fill(0)
+
+    async def _resolve(self, unit: int) -> str | None:
+        client = await asyncio.wrap_future(self._ready)
+        path = self._paths[unit]
+        try:
+            url = client.resolve_url(self._commit, path)
+        except Exception:  # a path the transfer refuses, with its own message
+            return None
+        signed = await resolve(client, url, f"{client.repo_id}/{path} (resolving ahead)")
+        self.resolved += signed is not None
+        return signed
+
+    def _fill(self, upto: int) -> None:
+        while self._next < min(len(self._order), upto + self._window):
+            u = self._order[self._next]
+            self._next += 1
+            self._futures[u] = asyncio.run_coroutine_threadsafe(self._resolve(u), self._loop)
+
+    def take(self, unit: int) -> str | None:
+        """The signed URL of ``unit`` (waiting for its resolve if it is under way), or None: its
+        transfer resolves it. Starts the resolves of the files after it."""
+        pos = self._pos.get(unit)
+        if pos is None:
+            return None
+        self._fill(pos + 1)
+        fut = self._futures.pop(unit, None)
+        if fut is None:
+            return None
+        try:
+            return fut.result(timeout=self.WAIT)
+        except Exception:  # a slow or failed resolve: the transfer resolves it
+            fut.cancel()
+            return None
+
+    def close(self) -> None:
+        for fut in self._futures.values():
+            fut.cancel()
+        self._futures.clear()
+
+        async def shut() -> None:
+            if self._client is not None:
+                await self._client.session.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> ResolveAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
     """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
     not exist. Same client, headers, token rules and retries as the data files."""
@@ -474,4 +626,4 @@ async def _short_text(r: aiohttp.ClientResponse) -> str:
     return " ".join(data.decode("utf-8", "replace").split())[:200]
 
 
-__all__ = ["BytesSink", "Link", "Sink", "fetch_file", "fetch_small", "stream"]
+__all__ = ["BytesSink", "Link", "ResolveAhead", "Sink", "fetch_file", "fetch_small", "resolve", "stream"]

@@ -476,8 +476,9 @@ def file_matches(path: Path, pf: PlannedFile) -> bool:
 TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray]]
 
 
-async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
-    """Stage ``pf`` unless it is staged and intact (see ``TaskResult``)."""
+async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = None) -> TaskResult:
+    """Stage ``pf`` unless it is staged and intact (see ``TaskResult``). ``cdn``: the signed URL
+    its resolve URL was resolved to ahead, if it was."""
     loop = asyncio.get_running_loop()
     rec = await loop.run_in_executor(ctx.executor, ctx.staging.checked, pf)
     if rec is not None:  # just read whole for its checksum: its lengths come from the page cache
@@ -496,7 +497,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
         url = ctx.client.resolve_url(ctx.commit, pf.path)
         suffix = data_suffix(pf.path) or ""
         if not ctx.streaming or (suffix == ".parquet" and pf.whole):
-            raw, sha = await _raw(ctx, url, pf)
+            raw, sha = await _raw(ctx, url, pf, cdn)
             try:
                 await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
             finally:
@@ -505,13 +506,13 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
                         raw.unlink()
         elif suffix == ".parquet":
             try:
-                await _parquet_ranges(ctx, url, pf, proc)
+                await _parquet_ranges(ctx, url, pf, proc, cdn)
             except RangeIgnored:
                 # A server without Range support (some mirrors): the whole file, verified, then
                 # the same row groups from it.
                 log.info("%s: the server ignores Range requests; reading the whole file", pf.path)
                 await loop.run_in_executor(ctx.executor, proc.reset)
-                raw, sha = await _raw(ctx, url, pf)
+                raw, sha = await _raw(ctx, url, pf, cdn)
                 try:
                     await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
                 finally:
@@ -529,6 +530,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
                 verify=proc.verify,
                 link=ctx.link,
                 decoding=ctx.decoding,
+                cdn=cdn,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
         return rec, read[0], proc.lengths
@@ -537,7 +539,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile) -> TaskResult:
         raise
 
 
-async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
+async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = None) -> tuple[Path, str]:
     """The whole file on local disk, verified: kept (``--no-streaming``) or a temporary (streaming)."""
     loop = asyncio.get_running_loop()
     out = ctx.staging.out
@@ -560,6 +562,7 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
             on_bytes=ctx.on_bytes,
             verify=sink.verify,
             link=ctx.link,
+            cdn=cdn,
         )
     except BaseException:
         sink.discard()
@@ -567,7 +570,9 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile) -> tuple[Path, str]:
     return dest, sink.sha or ""
 
 
-async def _parquet_ranges(ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor) -> None:
+async def _parquet_ranges(
+    ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, signed: str | None = None
+) -> None:
     """A parquet prefix: the footer, then only the row groups needed, by Range requests.
 
     A prefix cannot be checked against the file's sha256, so bytes that do not decode (or fail
@@ -580,7 +585,7 @@ async def _parquet_ranges(ctx: TaskContext, url: str, pf: PlannedFile, proc: Pro
 
     async def attempt() -> None:
         tries[0] += 1
-        if not await _parquet_ranges_once(ctx, url, pf, proc, final=tries[0] >= PARQUET_ATTEMPTS):
+        if not await _parquet_ranges_once(ctx, url, pf, proc, tries[0] >= PARQUET_ATTEMPTS, signed):
             await loop.run_in_executor(ctx.executor, proc.reset)
             raise Retry("parquet bytes did not decode, fetching again")
 
@@ -591,12 +596,15 @@ async def _parquet_ranges(ctx: TaskContext, url: str, pf: PlannedFile, proc: Pro
 PARQUET_ATTEMPTS = 3
 
 
-async def _parquet_ranges_once(ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, final: bool) -> bool:
+async def _parquet_ranges_once(
+    ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, final: bool, signed: str | None
+) -> bool:
     loop = asyncio.get_running_loop()
     sparse = SparseFile(pf.size)
     tail_len = min(pf.size, 64 * 1024)
     tail = BytesSink()
-    cdn: list[str] = []  # the signed URL of the first resolve: every later range asks it directly
+    # The signed URL of the first resolve (or of the one ahead): every later range asks it directly.
+    cdn: list[str] = [signed] if signed else []
 
     async def get(sink: BytesSink, **kw: Any) -> int:
         return await stream(

@@ -18,6 +18,7 @@ from typing import Any
 @dataclass(frozen=True, slots=True)
 class FileTask:
     unit: int  # index into the plan's files
+    cdn: str | None = None  # the signed URL its resolve answered with, when resolved ahead
 
 
 @dataclass(frozen=True, slots=True)

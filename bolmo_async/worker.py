@@ -183,7 +183,7 @@ class Worker:
                     if msg is None or isinstance(msg, m.Stop):
                         break
                     task = asyncio.create_task(
-                        self._file(ctx, msg.unit)
+                        self._file(ctx, msg.unit, msg.cdn)
                         if isinstance(msg, m.FileTask)
                         else self._shard(msg.index, msg.pieces, executor)
                     )
@@ -206,7 +206,7 @@ class Worker:
             # seconds): a stop is prompt; a worker process then exits (os._exit) under it.
             executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _file(self, ctx: Any, unit: int) -> None:
+    async def _file(self, ctx: Any, unit: int, cdn: str | None = None) -> None:
         from .filetask import run_file_task
 
         pf = self.spec.files[unit]
@@ -221,7 +221,7 @@ class Worker:
                 try:
                     if mine:
                         await loop.run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
-                        rec, read, lengths = await run_file_task(ctx, pf)
+                        rec, read, lengths = await run_file_task(ctx, pf, cdn)
                         break
                 finally:
                     await asyncio.shield(loop.run_in_executor(ctx.executor, claim.__exit__, None, None, None))

@@ -145,6 +145,7 @@ class Pool:
         slots = self._spec.slots
         files_left = len(todo)
         ended = False
+        ahead = self._resolve_ahead(list(todo))
         try:
             while True:
                 live = [mem for mem in self.members if mem.alive()]
@@ -173,7 +174,7 @@ class Pool:
                         mem = min(free, key=lambda w: len(w.tasks))
                         u = todo.popleft()
                         mem.tasks.add(("file", u))
-                        mem.inbox.put(m.FileTask(u))
+                        mem.inbox.put(m.FileTask(u, ahead.take(u) if ahead is not None else None))
                     else:
                         break
                 if files_left == 0 and not ended:
@@ -194,7 +195,34 @@ class Pool:
         except BaseException:
             self.stop()
             raise
+        finally:
+            if ahead is not None:
+                ahead.close()
         return result
+
+    def _resolve_ahead(self, order: list[int]) -> Any:
+        """The files the Hub redirects (LFS: their sha256 is listed), resolved ahead of their
+        hand-out, as many ahead as files are in flight at once (``download.ResolveAhead``)."""
+        spec = self._spec
+        assert spec is not None
+        from ..download import ResolveAhead
+        from ..hub import read_token
+        from ..retry import RetryPolicy
+
+        paths = {u: spec.files[u].path for u in order if spec.files[u].sha256}
+        if not paths:
+            return None
+        return ResolveAhead(
+            endpoint=spec.endpoint,
+            repo_id=spec.repo_id,
+            repo_type=spec.repo_type,
+            token=read_token(),
+            retry=RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout),
+            commit=spec.commit,
+            paths=paths,
+            order=order,
+            window=spec.slots * self.processes,
+        )
 
     def _handle(
         self,
