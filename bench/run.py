@@ -18,7 +18,8 @@ interleaving rounds (this shared machine's speed drifts) and keeping each measur
   every answer, a per-response rate cap, a total link rate); on it, side by side in the same run,
   `prepare --tokenizer byte` end to end against huggingface_hub's `snapshot_download` (download
   only, `max_workers=8`) on one large file and on the same bytes in many small files, and the
-  download side alone against the link's ceiling (bench/results-wan.md).
+  download side alone against the link's ceiling (bench/results-wan.md); then the same on a
+  second link and file size (`--wan-also`, default 30 ms, 12 MB/s per response, 60 MB/s, 35 MB).
 
 Writes bench/results.json and bench/results.md and prints the tables.
 """
@@ -484,11 +485,11 @@ def wan_snapshot(endpoint: str, repo: str, out: Path) -> dict[str, Any]:
 
 
 def wan_download(endpoint: str, repo: str, connections: int) -> dict[str, Any]:
-    """bolmo-async's download side alone (resolve, transfer, verify; nothing decoded), in a
-    separate process: bytes/s."""
+    """bolmo-async's download side alone (resolve ahead, transfer, verify; nothing decoded), in a
+    separate process, the files handed out in order as ``prepare``'s coordinator does: bytes/s."""
     code = f"""
 import asyncio, hashlib, json, sys, time
-from bolmo_async.download import Link, fetch_file
+from bolmo_async.download import Link, ResolveAhead, fetch_file
 from bolmo_async.hub import HubClient, make_session
 from bolmo_async.retry import RetryPolicy
 class Hash:
@@ -497,16 +498,28 @@ class Hash:
     def reset(s): s.h = hashlib.sha256()
 async def main(endpoint, repo):
     retry = RetryPolicy()
+    loop = asyncio.get_running_loop()
     async with make_session({connections}, retry) as session:
         client = HubClient(session, endpoint=endpoint, repo_id=repo, retry=retry)
         commit = await client.resolve_commit("main")
         files = [f for f in await client.list_files(commit) if f.path.endswith(".zst")]
         link = Link({connections}); sem = asyncio.Semaphore({connections})
         t0 = time.perf_counter()
-        async def one(f):
-            async with sem:
-                await fetch_file(client, client.resolve_url(commit, f.path), Hash(), what=f.path, size=f.size, link=link)
-        await asyncio.gather(*(one(f) for f in files))
+        paths = dict(enumerate(f.path for f in files))
+        with ResolveAhead(endpoint=endpoint, repo_id=repo, repo_type="dataset", token=None, retry=retry,
+                          commit=commit, paths=paths, order=list(paths), window={connections}) as ahead:
+            async def one(i, f, cdn):
+                try:
+                    await fetch_file(client, client.resolve_url(commit, f.path), Hash(), what=f.path, size=f.size,
+                                     link=link, cdn=cdn)
+                finally:
+                    sem.release()
+            tasks = []
+            for i, f in enumerate(files):  # handed out in order, as a slot frees
+                await sem.acquire()
+                cdn = await loop.run_in_executor(None, ahead.take, i)
+                tasks.append(asyncio.create_task(one(i, f, cdn)))
+            await asyncio.gather(*tasks)
         took = time.perf_counter() - t0
         print(json.dumps({{"bytes": sum(f.size for f in files), "transfer_seconds": took}}))
 asyncio.run(main(sys.argv[1], sys.argv[2]))
@@ -518,18 +531,32 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     return r
 
 
-def wan_section(args: argparse.Namespace) -> dict[str, Any]:
+def wan_links(args: argparse.Namespace) -> list[tuple[float, float, float, float]]:
+    """The emulated links measured: ``--wan-rtt-ms``/``--wan-conn-mbs``/``--wan-link-mbs`` with a
+    ``--wan-mb`` file (the issue's), then each ``--wan-also RTT:CONN:LINK:MB`` (another link and
+    file size, as a held-out server would have)."""
+    links = [(args.wan_rtt_ms, args.wan_conn_mbs, args.wan_link_mbs, args.wan_mb)]
+    for spec in filter(None, args.wan_also.split(",")):
+        rtt, conn, link, mb = (float(x) for x in spec.split(":"))
+        links.append((rtt, conn, link, mb))
+    return links
+
+
+def wan_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``prepare`` vs ``snapshot_download`` on one large file and on the same bytes in many
-    small files, then the download side alone against the link's ceiling; same link, same run."""
+    small files, then the download side alone against the link's ceiling; same link, same run;
+    once per link of ``wan_links``."""
+    return [wan_link(args, *link) for link in wan_links(args)]
+
+
+def wan_link(args: argparse.Namespace, rtt_ms: float, conn_mbs: float, link_mbs: float, mb: float) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from bolmo_async.mirror import MirrorRepo, MirrorThread, WanConfig
     from bolmo_async.models import DEFAULT_CONNECTIONS
 
-    wan = WanConfig(
-        rtt=args.wan_rtt_ms / 1000, response_rate=args.wan_conn_mbs * 1e6, link_rate=args.wan_link_mbs * 1e6
-    )
-    folder = HERE / "data" / f"wan-{args.wan_mb:g}-{args.wan_small_files}"
-    info = ensure_wan_corpus(folder, args.wan_mb, args.wan_small_files)
+    wan = WanConfig(rtt=rtt_ms / 1000, response_rate=conn_mbs * 1e6, link_rate=link_mbs * 1e6)
+    folder = HERE / "data" / f"wan-{mb:g}-{args.wan_small_files}"
+    info = ensure_wan_corpus(folder, mb, args.wan_small_files)
     out = HERE / "out"
     repos = [MirrorRepo(WAN_LARGE_REPO, folder / "large"), MirrorRepo(WAN_SMALL_REPO, folder / "small")]
     jobs: list[tuple[str, Any]] = []
@@ -543,14 +570,13 @@ def wan_section(args: argparse.Namespace) -> dict[str, Any]:
         endpoint = m.endpoint
         for round_no in range(args.repeats):
             for key, job in jobs:
-                print(f"WAN round {round_no + 1}/{args.repeats}: {key} ...", flush=True)
+                print(f"WAN {rtt_ms:g} ms, round {round_no + 1}/{args.repeats}: {key} ...", flush=True)
                 runs[key].append(job())
     load.append(os.getloadavg()[0])
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
     ceiling = wan.ceiling(DEFAULT_CONNECTIONS)
     summary: dict[str, Any] = {
-        "link": f"round trip {args.wan_rtt_ms:g} ms, {args.wan_conn_mbs:g} MB/s per response, "
-        f"{args.wan_link_mbs:g} MB/s in all",
+        "link": f"round trip {rtt_ms:g} ms, {conn_mbs:g} MB/s per response, {link_mbs:g} MB/s in all",
         "corpus": info,
         "load average (1 min) before / after": f"{load[0]:.1f} / {load[1]:.1f} on {len(os.sched_getaffinity(0))} cores",
     }
@@ -573,23 +599,25 @@ def wan_section(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def report_wan(summary: dict[str, Any]) -> None:
-    lines = [f"## WAN ({summary['link']}; link ceiling {summary['link_ceiling_MB/s']} MB/s)", ""]
-    lines += [f"Load average (1 min) before / after: {summary['load average (1 min) before / after']}.", ""]
-    c = summary["corpus"]
-    lines += [
-        f"Corpus: {c['text_bytes'] / 1e6:.0f} MB of text; one file of {c['large_bytes'] / 1e6:.1f} MB, or "
-        f"{c['small_files']} files of {c['small_bytes'] / 1e6:.1f} MB in all. Best of each measurement's rounds.",
-        "",
-        "| case | measure | value |",
-        "|---|---|---|",
-    ]
-    for case in ("large", "small"):
-        for k, v in summary[case].items():
-            lines.append(f"| {case} | {k} | {v} |")
-    md = "\n".join(lines) + "\n"
-    (HERE / "results-wan.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (HERE / "results-wan.md").write_text(md)
+def report_wan(summaries: list[dict[str, Any]]) -> None:
+    md = ""
+    for summary in summaries:
+        lines = [f"## WAN ({summary['link']}; link ceiling {summary['link_ceiling_MB/s']} MB/s)", ""]
+        lines += [f"Load average (1 min) before / after: {summary['load average (1 min) before / after']}.", ""]
+        c = summary["corpus"]
+        lines += [
+            f"Corpus: {c['text_bytes'] / 1e6:.0f} MB of text; one file of {c['large_bytes'] / 1e6:.1f} MB, or "
+            f"{c['small_files']} files of {c['small_bytes'] / 1e6:.1f} MB in all. Best of each measurement's rounds.",
+            "",
+            "| case | measure | value |",
+            "|---|---|---|",
+        ]
+        for case in ("large", "small"):
+            for k, v in summary[case].items():
+                lines.append(f"| {case} | {k} | {v} |")
+        md += "\n".join(lines) + "\n\n"
+    (HERE / "results-wan.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    (HERE / "results-wan.md").write_text(md.rstrip("\n") + "\n")
     print(md)
 
 
@@ -611,6 +639,11 @@ def main() -> None:
     ap.add_argument("--wan-link-mbs", type=float, default=40.0, help="MB/s of the whole link")
     ap.add_argument("--wan-mb", type=float, default=55.0, help="compressed MB of the large file")
     ap.add_argument("--wan-small-files", type=int, default=150)
+    ap.add_argument(
+        "--wan-also",
+        default="30:12:60:35",
+        help="more links, each RTT_MS:CONN_MB/S:LINK_MB/S:FILE_MB (comma-separated; '' for none)",
+    )
     ap.add_argument("--kinds", default="all", help="kinds of text measured alone (comma-separated; '' for none)")
     ap.add_argument("--dolma-kinds", default="code", help="kinds also run through `dolma tokens` alone ('all')")
     args = ap.parse_args()
