@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -95,6 +95,7 @@ async def stream(
     total: int | None = end if end is not None else size
 
     inline = getattr(sink, "inline", False)
+    feed_bytes = getattr(sink, "feed_bytes", FEED_BYTES)
 
     async def feed(data: bytes) -> None:
         nonlocal pos
@@ -191,7 +192,7 @@ async def stream(
                                 buf.clear()
                                 await restart()
                                 raise Retry(f"the body is longer than the {limit - start} bytes listed")
-                            if len(buf) >= FEED_BYTES:
+                            if len(buf) >= feed_bytes:
                                 data, buf = bytes(buf), bytearray()
                                 progress.pause()  # the sink's time is not the server's
                                 await feed(data)
@@ -241,11 +242,17 @@ class Link:
 #: reassembled in order for the decoder.
 WHOLE = 8 << 20
 BLOCK = 2 << 20
-#: Parallel segments of one file at most; its read-ahead is at most (segments + 1) blocks.
-MAX_LANES = 16
+#: Parallel segments of one file at most (``--connections`` caps them first); its read-ahead is
+#: at most (2 x segments + 1) blocks.
+MAX_LANES = 64
 #: A decoder waiting this long for the next segment means the network is the limit: the file
-#: takes every free connection of its worker's ``Link``.
+#: opens ``FIRST_LANES`` segments (within the free connections of its worker's ``Link``), then
+#: doubles them while the aggregate rate still grows (``_Growth``).
 STARVED = 0.1
+FIRST_LANES = 8
+#: No first byte after this long: a round trip no loopback has, so the link is a wide-area one
+#: and the first segments open at once.
+FAR = 0.03
 
 
 async def fetch_file(
@@ -261,6 +268,7 @@ async def fetch_file(
     link: Link | None = None,
     decoding: asyncio.Semaphore | None = None,
     cdn: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> int:
     """A whole file into ``sink``, in order, verified (``verify`` after the last byte; an
     ``IntegrityError`` fetches it again within the attempt budget). Returns the bytes fed.
@@ -268,9 +276,10 @@ async def fetch_file(
     The transfer runs ahead of the sink, bounded: a file of ``WHOLE`` bytes or less is fetched
     whole while it waits for a ``decoding`` slot; a larger one waits for its slot first, then
     keeps up to (segments + 1) blocks of ``BLOCK`` bytes ahead of its decoder, so the
-    connection does not wait for decoding. When the decoder is starved for bytes (the link, not the CPU, is the limit),
-    the file is fetched as several Range segments in parallel over the free connections of
-    ``link``, all from the URL the first request resolved to (no extra resolve per segment). A
+    connection does not wait for decoding. When the decoder is starved for bytes (the link, not
+    the CPU, is the limit), the file is fetched as several Range segments in parallel over free
+    connections of ``link``, as many as still raise its rate (``_Growth``), all from the URL
+    the first request resolved to (no extra resolve per segment). A
     server that ignores Range gets one plain stream. ``cdn``: the signed URL ``url`` was
     resolved to ahead (``ResolveAhead``): asked directly, ``url`` only if it is refused."""
     loop = asyncio.get_running_loop()
@@ -282,7 +291,7 @@ async def fetch_file(
             on_bytes(n)
 
     async def once() -> int:
-        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn)
+        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn, stats)
         try:
             await _verified(loop, executor, verify)
         except IntegrityError as exc:
@@ -309,6 +318,7 @@ class _Parts:
     """A block's bytes as the pieces ``stream`` handed over (no copy); fed in place."""
 
     inline = True  # ``stream`` calls feed on the event loop: an append
+    feed_bytes = 0  # every chunk as it comes: the file's rate is measured from these
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -318,6 +328,75 @@ class _Parts:
 
     def reset(self) -> None:
         self.parts.clear()
+
+
+class _Growth:
+    """How many parallel segments a file gets: as many as still raise its rate.
+
+    Once its decoder starves (the link, not the CPU, is the limit) the file opens up to
+    ``FIRST_LANES`` segments. Each step is then judged by the aggregate rate measured over a
+    window that starts 1.5 round trips after it (the new requests' first bytes have come) and
+    lasts at least one round trip and 0.1 s: when the rate grew by at least half of what the
+    added segments would bring at the rate per segment before the step, the link has room and
+    the count doubles; otherwise growth stops for this file (the link, or the server's cap,
+    is full). The round trip is measured from the file's first request to its first byte."""
+
+    def __init__(self, now: float):
+        self.started = now
+        self.total = 0  # bytes arrived for this file
+        self.first_byte: float | None = None
+        self.steps = 0
+        self.growing = True
+        self.lanes_before = 1
+        self.rate_before: float | None = None  # the aggregate rate before the last step
+        self.window: tuple[float, float] | None = None  # (start, end) of the current measurement
+        self.mark = 0  # ``total`` at the window's start
+        self.history: list[tuple[int, float]] = []  # (segments, measured rate) per judged step
+
+    def got(self, n: int, now: float) -> None:
+        self.total += n
+        if self.first_byte is None and n > 0:
+            self.first_byte = now
+
+    @property
+    def rtt(self) -> float:
+        return (self.first_byte - self.started) if self.first_byte is not None else 0.1
+
+    def first(self, now: float) -> None:
+        """The first step (1 segment -> FIRST_LANES): the rate of the one segment so far."""
+        if self.first_byte is not None and now - self.first_byte >= 0.02:
+            self.rate_before = self.total / (now - self.first_byte)
+        self._stepped(now, 1)
+
+    def _stepped(self, now: float, lanes_before: int) -> None:
+        self.steps += 1
+        self.lanes_before = lanes_before
+        start = now + 1.5 * self.rtt
+        self.window = (start, start + max(0.1, self.rtt))
+        self.mark = -1
+
+    def judge(self, now: float, lanes: int) -> bool | None:
+        """Whether to double ``lanes`` now (None: not measured yet)."""
+        if self.window is None or not self.growing:
+            return None
+        start, end = self.window
+        if now < start:
+            return None
+        if self.mark < 0:
+            self.mark, self.window = self.total, (now, max(end, now + max(0.1, self.rtt)))
+            return None
+        if now < end:
+            return None
+        rate = (self.total - self.mark) / (now - start)
+        self.history.append((lanes, rate))
+        before, self.rate_before = self.rate_before, rate
+        added = lanes - self.lanes_before
+        if before is not None and added > 0 and rate - before < 0.5 * added * before / self.lanes_before:
+            self.growing = False  # the link is full: more segments would not bring more
+            self.window = None
+            return False
+        self._stepped(now, lanes)
+        return True
 
 
 async def _fetch_blocks(
@@ -331,9 +410,11 @@ async def _fetch_blocks(
     link: Link | None,
     decoding: asyncio.Semaphore | None,
     signed: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> int:
     """One pass over the file: lanes fetch blocks (each lane takes the next block not taken,
-    within the read-ahead window), this task feeds them to the sink in order."""
+    within the read-ahead window), this task feeds them to the sink in order. ``stats`` (if
+    given) receives the most segments at once and the growth steps (``_Growth.history``)."""
     loop = asyncio.get_running_loop()
     nblocks = 1 if size <= WHOLE else -(-size // BLOCK)
     done: dict[int, list[bytes]] = {}
@@ -341,7 +422,13 @@ async def _fetch_blocks(
     changed = asyncio.Event()
     cdn: list[str] = [signed] if signed else []
     lanes: set[asyncio.Task[None]] = set()
+    max_lanes = [0]
     errors: list[BaseException] = []
+    growth = _Growth(loop.time())
+
+    def got(n: int) -> None:
+        growth.got(n, loop.time())
+        count(n)
 
     def note_url(u: str) -> None:
         if not cdn or (u != cdn[0] and u != url):
@@ -366,7 +453,7 @@ async def _fetch_blocks(
                         part,
                         what=what,
                         size=size,
-                        on_bytes=count,
+                        on_bytes=got,
                         cdn=cdn[0] if cdn else None,
                         resolved=note_url,
                     )
@@ -379,7 +466,7 @@ async def _fetch_blocks(
                         what=f"{what} (bytes {lo}-{hi - 1})",
                         start=lo,
                         end=hi,
-                        on_bytes=count,
+                        on_bytes=got,
                         cdn=cdn[0] if cdn else None,
                         resolved=note_url,
                     )
@@ -393,6 +480,7 @@ async def _fetch_blocks(
     def start_lane(borrowed: bool) -> None:
         t = asyncio.create_task(lane(borrowed))
         lanes.add(t)
+        max_lanes[0] = max(max_lanes[0], len(lanes))
         t.add_done_callback(lanes.discard)
         if link is not None:  # also when it is cancelled before it ever ran
             t.add_done_callback(lambda _: link.give())
@@ -407,37 +495,67 @@ async def _fetch_blocks(
         st["window"] = 2
         changed.set()
 
+    def grow(want: int) -> None:
+        """Up to ``want`` more segments, within the free connections of the worker's link."""
+        assert link is not None
+        want = min(want, MAX_LANES - len(lanes), nblocks - st["taken"])
+        grew = 0
+        while grew < want and link.take():
+            start_lane(True)
+            grew += 1
+        if grew:
+            # Twice the segments in flight: a slow block at the head does not stop the others.
+            st["window"] = max(st["window"], 2 * len(lanes) + 1)
+            changed.set()
+
     fed = 0
     try:
         if nblocks > 1:
             await decode_slot()  # a large file does not hold blocks while it waits to decode
         if link is not None:
             link.hold()
+        growth.started = loop.time()
+        target = 1  # the segments this file is to have (while blocks are left)
         start_lane(False)
         for i in range(nblocks):
             waited = loop.time()
             while i not in done:
                 if errors:
                     raise errors[0]
-                if link is not None and cdn and slot and loop.time() - waited >= STARVED:
-                    want = min(MAX_LANES - len(lanes), nblocks - st["taken"])
-                    grew = 0
-                    while grew < want and link.take():
-                        start_lane(True)
-                        grew += 1
-                    if grew:
-                        st["window"] = max(st["window"], len(lanes) + 1)
-                        changed.set()
-                    waited = loop.time()
-                await _wait(changed, STARVED)
+                now = loop.time()
+                if link is not None and cdn and slot and nblocks > 1:
+                    if growth.steps == 0:
+                        # The link, not the decoder, is the limit: the decoder has waited, or the
+                        # first block has not come after a round trip no loopback has.
+                        if now - waited >= STARVED or (i == 0 and now - growth.started >= FAR):
+                            growth.first(now)
+                            grow(FIRST_LANES - len(lanes))
+                            target = len(lanes)
+                    elif growth.judge(now, len(lanes)):
+                        grow(len(lanes))
+                        target = len(lanes)
+                    elif len(lanes) < target and now - waited >= STARVED:
+                        grow(target - len(lanes))  # segments that gave their connection back
+                await _wait(changed, STARVED / 2)
             if not slot:
                 await decode_slot()
             parts = done.pop(i)
             st["fed"] = i + 1
             changed.set()
-            for data in parts:
+            # The pieces as they came (small: the rate is measured from them), fed in slices
+            # of about FEED_BYTES (one thread hop each).
+            k = 0
+            while k < len(parts):
+                j, n = k, 0
+                while j < len(parts) and (n == 0 or n + len(parts[j]) <= FEED_BYTES):
+                    n += len(parts[j])
+                    j += 1
+                data = parts[k] if j == k + 1 else b"".join(parts[k:j])
+                k = j
                 await loop.run_in_executor(executor, sink.feed, data)
                 fed += len(data)
+        if stats is not None:
+            stats.update(lanes_max=max_lanes[0], steps=growth.steps, history=growth.history, rtt=growth.rtt)
         return fed
     finally:
         for t in list(lanes):

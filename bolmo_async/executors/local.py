@@ -146,6 +146,7 @@ class Pool:
         files_left = len(todo)
         ended = False
         ahead = self._resolve_ahead(list(todo))
+        shard_share = max(1, usable_cores() // self.processes)
         try:
             while True:
                 live = [mem for mem in self.members if mem.alive()]
@@ -162,9 +163,13 @@ class Pool:
                 # file to the first worker while the others idled.
                 while True:
                     free = [w for w in live if len(w.tasks) < slots]
-                    # One shard at a time per worker: writing one is CPU-bound (its disk I/O
-                    # already overlaps on its own threads), and each holds its write blocks.
-                    writers = [w for w in free if not any(kind == "shard" for kind, _ in w.tasks)]
+                    # One shard at a time per worker while files are left: writing one is
+                    # CPU-bound (its disk I/O already overlaps on its own threads), and each holds
+                    # its write blocks. Once every file is handed out, a worker takes as many as
+                    # its share of the cores (one large file: one worker, whose shards would
+                    # otherwise be written one after the other at the end).
+                    most = 1 if todo else shard_share
+                    writers = [w for w in free if sum(kind == "shard" for kind, _ in w.tasks) < most]
                     if shard_tasks and writers:
                         mem = min(writers, key=lambda w: len(w.tasks))
                         k, pieces = shard_tasks.popleft()
