@@ -349,6 +349,8 @@ class _Growth:
         self.growing = True
         self.lanes_before = 1
         self.rate_before: float | None = None  # the aggregate rate before the last step
+        self.stepped_at = now
+        self.measuring = False
         self.window: tuple[float, float] | None = None  # (start, end) of the current measurement
         self.mark = 0  # ``total`` at the window's start
         self.history: list[tuple[int, float]] = []  # (segments, measured rate) per judged step
@@ -371,20 +373,21 @@ class _Growth:
     def _stepped(self, now: float, lanes_before: int) -> None:
         self.steps += 1
         self.lanes_before = lanes_before
-        start = now + 1.5 * self.rtt
-        self.window = (start, start + max(0.1, self.rtt))
-        self.mark = -1
+        self.stepped_at = now
+        self.window = None
+        self.measuring = True
 
     def judge(self, now: float, lanes: int) -> bool | None:
         """Whether to double ``lanes`` now (None: not measured yet)."""
-        if self.window is None or not self.growing:
+        if not self.measuring or not self.growing or self.first_byte is None:
+            return None
+        rtt = self.rtt
+        if self.window is None:  # the new segments' first bytes come 1.5 round trips after the step
+            if now < self.stepped_at + 1.5 * rtt:
+                return None
+            self.mark, self.window = self.total, (now, now + max(0.1, rtt))
             return None
         start, end = self.window
-        if now < start:
-            return None
-        if self.mark < 0:
-            self.mark, self.window = self.total, (now, max(end, now + max(0.1, self.rtt)))
-            return None
         if now < end:
             return None
         rate = (self.total - self.mark) / (now - start)
@@ -393,7 +396,6 @@ class _Growth:
         added = lanes - self.lanes_before
         if before is not None and added > 0 and rate - before < 0.5 * added * before / self.lanes_before:
             self.growing = False  # the link is full: more segments would not bring more
-            self.window = None
             return False
         self._stepped(now, lanes)
         return True

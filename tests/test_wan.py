@@ -177,3 +177,126 @@ def test_segmented_and_faulty_wan_runs_give_the_loopback_shards(sample_dir, tmp_
     with MirrorThread([repo], wan=wan, faults=faults) as m:
         bolmo_async.prepare(tmp_path / "faulty", endpoint=m.endpoint, retries=8, **opts)
     assert faults.injected and _shards(tmp_path / "faulty") == want
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Path:
+    """A repo of 10 small .jsonl.zst files (LFS, as the Hub keeps them), ~40 KB each."""
+    import json
+    import random
+
+    import zstandard
+
+    d = tmp_path / "small" / "data" / "web"
+    d.mkdir(parents=True)
+    rng = random.Random(5)
+    for k in range(10):
+        lines = [json.dumps({"id": f"{k}-{i}", "text": rng.randbytes(600).hex()}) for i in range(60)]
+        (d / f"part-{k:02d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    return tmp_path / "small"
+
+
+def test_files_are_resolved_ahead_once_each_over_reused_connections(small_repo, tmp_path):
+    """The next files are resolved while the current ones transfer (a file handed out goes
+    straight to the CDN: its resolve was answered well before its transfer began), exactly once
+    each (the Hub's resolver budget), over a few kept-alive connections."""
+    rtt = 0.1
+    wan = WanConfig(rtt=rtt, response_rate=0.4e6)  # ~40 KB a file: 0.1 s of body after the round trip
+    repo = MirrorRepo(DEFAULT_REPO_ID, small_repo)
+    lfs = {p for p, e in repo.files.items() if e.lfs}
+    assert len(lfs) == 10
+    opts = {"data_fraction": 1.0, "tokenizer": "byte", "progress": False, "processes": 1}
+    with MirrorThread([repo], wan=wan) as m:
+        bolmo_async.prepare(tmp_path / "out", endpoint=m.endpoint, concurrency=2, connections=2, **opts)
+        timeline = list(m.timeline)
+    resolves = {p: t for t, kind, p, _ in timeline if kind == "resolve" and p in lfs}
+    assert Counter(p for _, kind, p, _ in timeline if kind == "resolve" and p in lfs) == dict.fromkeys(lfs, 1)
+    cdn = {p: t for t, kind, p, _ in timeline if kind == "cdn"}
+    assert set(cdn) == lfs
+    # Two files are in flight; each later one was resolved while the ones before it transferred:
+    # at least a round trip and a body before its own transfer (resolving it then would put its
+    # resolve one round trip before its transfer, no more).
+    ahead = sorted(cdn[p] - resolves[p] for p in lfs)
+    assert sum(gap >= 2 * rtt for gap in ahead) >= len(lfs) - 4, ahead
+    # Kept-alive connections: far fewer than one per request.
+    assert len({port for _, kind, p, port in timeline if kind == "resolve"}) <= 4
+    assert len({port for _, kind, p, port in timeline if kind == "cdn"}) <= 4
+
+
+@pytest.fixture
+def blob6(tmp_path: Path) -> Path:
+    """A repo of one 6 MB LFS file (random bytes)."""
+    d = tmp_path / "repo6" / "data" / "x"
+    d.mkdir(parents=True)
+    (d / "big.jsonl.zst").write_bytes(
+        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(3 << 16))
+    )
+    return tmp_path / "repo6"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("link_rate", [0.0, 2e6])
+def test_segments_grow_while_the_rate_grows(blob6, monkeypatch, link_rate):
+    """Over a link that caps each connection at 0.5 MB/s: the segments of a file double while
+    the aggregate rate still grows (no total cap: past 16), and stop growing once it does not
+    (a 2 MB/s link, full at 8 segments: 16 at most, the step that brought nothing)."""
+    monkeypatch.setattr(download, "WHOLE", 32 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 32 * 1024)
+    wan = WanConfig(rtt=0.05, response_rate=0.5e6, link_rate=link_rate)
+    repo = MirrorRepo("a/b", blob6)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+
+    async def go(endpoint: str) -> tuple[Hash, dict]:
+        async with make_session(64, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            sink, stats, link = Hash(), {}, Link(64)
+            await fetch_file(
+                client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=link, stats=stats
+            )
+            assert link.busy == 0
+            return sink, stats
+
+    with MirrorThread([repo], wan=wan) as m:
+        sink, stats = asyncio.run(go(m.endpoint))
+        resolves = [p for _, p in m.hub_requests if "/resolve/" in p]
+    assert sink.h.hexdigest() == entry.sha256 and len(resolves) == 1
+    lanes = [n for n, _ in stats["history"]]
+    if not link_rate:
+        assert stats["lanes_max"] > 16 and lanes[:2] == [8, 16], stats
+    else:
+        assert stats["lanes_max"] == 16 and lanes == [8, 16], stats
+        (_, at8), (_, at16) = stats["history"]
+        assert at16 < 1.25 * at8  # the link was full at 8: 16 brought little, growth stopped
+
+
+def test_mirror_serve_emulates_a_wan_from_the_command_line(blob, tmp_path):
+    """`mirror serve --wan-rtt-ms ...` answers after the round trip; the emulation is refused
+    off loopback with one line naming the fix."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    ready = tmp_path / "ready"
+    cmd = [sys.executable, "-m", "bolmo_async", "mirror", "serve", str(blob), "--repo-id", "a/b"]
+    bad = subprocess.run([*cmd, "--host", "0.0.0.0", "--wan-rtt-ms", "50"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "loopback" in bad.stderr and "Traceback" not in bad.stderr
+    proc = subprocess.Popen(
+        [*cmd, "--wan-rtt-ms", "300", "--wan-response-mbs", "1", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        endpoint = ready.read_text().strip()
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"{endpoint}/api/datasets/a/b/revision/main") as r:
+            r.read()
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "round trip 300 ms" in out

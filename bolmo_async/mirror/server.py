@@ -77,6 +77,11 @@ class Entry:
     lfs: bool
 
 
+def _port(request: web.Request) -> int:
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return int(peer[1]) if peer else 0
+
+
 def _inside(root: Path, path: str) -> bool:
     """``path`` resolves to a regular file inside ``root`` (no link leads out)."""
     real = os.path.realpath(path)
@@ -208,6 +213,9 @@ class Mirror:
         self.cdn_requests: list[dict[str, Any]] = []
         #: One record per Hub request: (method, path).
         self.hub_requests: list[tuple[str, str]] = []
+        #: When each resolve and each CDN request was answered: (time.monotonic(), "resolve" or
+        #: "cdn", repo path, the client's port: one per connection), after the emulated round trip.
+        self.timeline: list[tuple[float, str, str, int]] = []
         #: How many Hub requests carried an Authorization header.
         self.hub_authorized = 0
         self._runners: list[web.AppRunner] = []
@@ -379,6 +387,7 @@ class Mirror:
     def _resolve(self, rtype: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             self.hub_requests.append((request.method, request.path))
+            self.timeline.append((time.monotonic(), "resolve", request.match_info["path"], _port(request)))
             if request.method not in ("GET", "HEAD"):
                 raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
             self._check_auth(request)
@@ -421,6 +430,7 @@ class Mirror:
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         sha256 = request.match_info["sha256"]
+        self.timeline.append((time.monotonic(), "cdn", request.query.get("name", sha256), _port(request)))
         self.cdn_requests.append(
             {
                 "path": request.query.get("name", sha256),
