@@ -628,7 +628,8 @@ def _fetch(
         if spec_tok.source is not None and out.read_text(TOKENIZER) != spec_tok.source.json_text:
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
-        already = sum(staging.done(the_plan.files[u]) is not None for u in units)
+        fresh = [u for u in units if staging.done(the_plan.files[u]) is None]
+        already = len(units) - len(fresh)
         if shard_bound is not None and already == len(units):
             finished = _finished_output(out, the_plan, shard_bound)
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
@@ -672,6 +673,7 @@ def _fetch(
             try:
                 result = pool.run(
                     units,
+                    resolve_ahead=fresh,  # not the staged ones: the Hub's resolver budget
                     progress=prog,
                     on_staged=shards.staged if shards is not None else None,
                     on_files_done=shards.finish if shards is not None else None,

@@ -19,7 +19,10 @@ from bolmo_async.download import Link, fetch_file
 from bolmo_async.hub import HubClient, make_session
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread, WanConfig
 from bolmo_async.models import DEFAULT_REPO_ID
+from bolmo_async.outdir import open_output
+from bolmo_async.planner import load_plan
 from bolmo_async.retry import RetryPolicy
+from bolmo_async.staging import Staging
 
 FAST = RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.05, read_timeout=5)
 
@@ -209,6 +212,17 @@ def test_files_are_resolved_ahead_once_each_over_reused_connections(small_repo, 
     with MirrorThread([repo], wan=wan) as m:
         bolmo_async.prepare(tmp_path / "out", endpoint=m.endpoint, concurrency=2, connections=2, **opts)
         timeline = list(m.timeline)
+        # A resumed run resolves only the files it fetches again, not the staged ones.
+        out = open_output(tmp_path / "out")
+        plan = load_plan(out)
+        assert plan is not None
+        lost = plan.files[3:6]
+        for pf in lost:
+            Staging(out).remove(pf)
+        m.timeline.clear()
+        bolmo_async.prepare(tmp_path / "out", endpoint=m.endpoint, concurrency=2, connections=2, **opts)
+        again = Counter(p for _, kind, p, _ in m.timeline if kind == "resolve" and p in lfs)
+    assert again == {pf.path: 1 for pf in lost}
     resolves = {p: t for t, kind, p, _ in timeline if kind == "resolve" and p in lfs}
     assert Counter(p for _, kind, p, _ in timeline if kind == "resolve" and p in lfs) == dict.fromkeys(lfs, 1)
     cdn = {p: t for t, kind, p, _ in timeline if kind == "cdn"}

@@ -54,11 +54,14 @@ class Executor(Protocol):
         self,
         units: list[int],
         *,
+        resolve_ahead: list[int] | None = None,
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
-        """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out."""
+        """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out.
+        ``resolve_ahead``: the units worth resolving ahead of their hand-out (not staged yet);
+        an executor may ignore it."""
         ...
 
     def write_shards(self, *args: Any) -> list[dict[str, Any]]:

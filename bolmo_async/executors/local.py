@@ -130,13 +130,15 @@ class Pool:
         self,
         units: list[int],
         *,
+        resolve_ahead: list[int] | None = None,
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` (indices into ``spec.files``). ``on_staged(unit, rec)`` and, once every
         file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out (``lengths``: the
-        staged file's tokens per document, per batch)."""
+        staged file's tokens per document, per batch). ``resolve_ahead``: the units to resolve
+        ahead of their hand-out (those not staged yet; None: none)."""
         assert self._spec is not None, "start() first"
         files = self._spec.files
         result = RunResult()
@@ -145,7 +147,8 @@ class Pool:
         slots = self._spec.slots
         files_left = len(todo)
         ended = False
-        ahead = self._resolve_ahead(list(todo))
+        fresh = set(resolve_ahead or ())
+        ahead = self._resolve_ahead([u for u in todo if u in fresh]) if fresh else None
         shard_share = max(1, usable_cores() // self.processes)
         try:
             while True:

@@ -114,11 +114,13 @@ class RayExecutor:
         self,
         units: list[int],
         *,
+        resolve_ahead: list[int] | None = None,
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
     ) -> RunResult:
-        """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize)."""
+        """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize).
+        Each task resolves its own files (``resolve_ahead`` is not used)."""
         assert self._spec is not None, "start() first"
         spec = self._spec
         result = RunResult()
