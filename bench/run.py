@@ -531,6 +531,36 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     return r
 
 
+def wan_raw(endpoint: str, repo: str, connections: int) -> dict[str, Any]:
+    """The emulated link alone: the large file as ``connections`` plain parallel Range GETs of
+    its signed URL (one resolve, aiohttp, nothing else), in a separate process: what this
+    machine's loopback and the mirror's pacing let through, next to the nominal ceiling."""
+    code = f"""
+import asyncio, json, sys, time, aiohttp
+async def main(endpoint, repo):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(endpoint + "/api/datasets/" + repo + "/tree/main/data/web") as r:
+            f = [e for e in await r.json() if e["path"].endswith(".zst")][0]
+        async with s.get(endpoint + "/datasets/" + repo + "/resolve/main/" + f["path"], allow_redirects=False) as r:
+            cdn = r.headers["Location"]
+        size, n = f["size"], {connections}
+        per = -(-size // n)
+        t0 = time.perf_counter()
+        async def one(i):
+            async with s.get(cdn, headers={{"Range": f"bytes={{i * per}}-{{min(size, (i + 1) * per) - 1}}"}}) as r:
+                async for _ in r.content.iter_chunked(1 << 18):
+                    pass
+        await asyncio.gather(*(one(i) for i in range(n)))
+        print(json.dumps({{"bytes": size, "transfer_seconds": time.perf_counter() - t0}}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+    r = run_measured([sys.executable, "-c", code, endpoint, repo])
+    r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+    r.pop("stderr")
+    r["seconds"] = r["transfer_seconds"]
+    return r
+
+
 def wan_links(args: argparse.Namespace) -> list[tuple[float, float, float, float]]:
     """The emulated links measured: ``--wan-rtt-ms``/``--wan-conn-mbs``/``--wan-link-mbs`` with a
     ``--wan-mb`` file (the issue's), then each ``--wan-also RTT:CONN:LINK:MB`` (another link and
@@ -564,6 +594,7 @@ def wan_link(args: argparse.Namespace, rtt_ms: float, conn_mbs: float, link_mbs:
         jobs.append((f"{case}_prepare", lambda r=repo, c=case: wan_ours(endpoint, r, out / f"wan-{c}")))
         jobs.append((f"{case}_snapshot", lambda r=repo, c=case: wan_snapshot(endpoint, r, out / f"wan-snap-{c}")))
         jobs.append((f"{case}_download", lambda r=repo: wan_download(endpoint, r, DEFAULT_CONNECTIONS)))
+    jobs.append(("raw_link", lambda: wan_raw(endpoint, WAN_LARGE_REPO, DEFAULT_CONNECTIONS)))
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k, _ in jobs}
     load = [os.getloadavg()[0]]  # this machine is shared: a busy one slows the CPU-bound side only
     with MirrorThread(repos, wan=wan) as m:
@@ -591,11 +622,14 @@ def wan_link(args: argparse.Namespace, rtt_ms: float, conn_mbs: float, link_mbs:
             "CPU s (prepare / snapshot_download)": f"{ours['cpu_seconds']:.1f} / {snap['cpu_seconds']:.1f}",
             "runs_s": {k: [round(x["seconds"], 2) for x in runs[f"{case}_{k}"]] for k in ("prepare", "snapshot")},
         }
+        raw = best["raw_link"]["bytes"] / best["raw_link"]["transfer_seconds"]
         if rate:
             mbs = rate["bytes"] / rate["transfer_seconds"] / 1e6
             summary[case]["download_only_MB/s"] = round(mbs, 1)
             summary[case]["download / link ceiling"] = round(mbs * 1e6 / ceiling, 3)
+            summary[case]["download / the link alone (plain parallel GETs, same run)"] = round(mbs * 1e6 / raw, 3)
     summary["link_ceiling_MB/s"] = round(ceiling / 1e6, 1)
+    summary["link_alone_MB/s"] = round(best["raw_link"]["bytes"] / best["raw_link"]["transfer_seconds"] / 1e6, 1)
     return summary
 
 
@@ -603,6 +637,11 @@ def report_wan(summaries: list[dict[str, Any]]) -> None:
     md = ""
     for summary in summaries:
         lines = [f"## WAN ({summary['link']}; link ceiling {summary['link_ceiling_MB/s']} MB/s)", ""]
+        lines += [
+            f"The link alone ({summary['link_alone_MB/s']} MB/s): the large file as plain parallel Range GETs, "
+            "no tool around them, in the same run.",
+            "",
+        ]
         lines += [f"Load average (1 min) before / after: {summary['load average (1 min) before / after']}.", ""]
         c = summary["corpus"]
         lines += [
