@@ -336,7 +336,7 @@ class _Growth:
     Once its decoder starves (the link, not the CPU, is the limit) the file opens up to
     ``FIRST_LANES`` segments. Each step is then judged by the aggregate rate measured over a
     window that starts 1.5 round trips after it (the new requests' first bytes have come) and
-    lasts at least one round trip and 0.1 s: when the rate grew by at least half of what the
+    lasts two round trips and at least 0.1 s: when the rate grew by at least half of what the
     added segments would bring at the rate per segment before the step, the link has room and
     the count doubles; otherwise growth stops for this file (the link, or the server's cap,
     is full). The round trip is measured from the file's first request to its first byte."""
@@ -385,7 +385,7 @@ class _Growth:
         if self.window is None:  # the new segments' first bytes come 1.5 round trips after the step
             if now < self.stepped_at + 1.5 * rtt:
                 return None
-            self.mark, self.window = self.total, (now, now + max(0.1, rtt))
+            self.mark, self.window = self.total, (now, now + max(0.1, 2 * rtt))
             return None
         start, end = self.window
         if now < end:

@@ -239,24 +239,24 @@ def test_files_are_resolved_ahead_once_each_over_reused_connections(small_repo, 
 
 @pytest.fixture
 def blob6(tmp_path: Path) -> Path:
-    """A repo of one 6 MB LFS file (random bytes)."""
+    """A repo of one 12 MB LFS file (random bytes)."""
     d = tmp_path / "repo6" / "data" / "x"
     d.mkdir(parents=True)
     (d / "big.jsonl.zst").write_bytes(
-        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(3 << 16))
+        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(3 << 17))
     )
     return tmp_path / "repo6"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("link_rate", [0.0, 2e6])
+@pytest.mark.parametrize("link_rate", [0.0, 4e6])
 def test_segments_grow_while_the_rate_grows(blob6, monkeypatch, link_rate):
-    """Over a link that caps each connection at 0.5 MB/s: the segments of a file double while
-    the aggregate rate still grows (no total cap: past 16), and stop growing once it does not
-    (a 2 MB/s link, full at 8 segments: 16 at most, the step that brought nothing)."""
-    monkeypatch.setattr(download, "WHOLE", 32 * 1024)
-    monkeypatch.setattr(download, "BLOCK", 32 * 1024)
-    wan = WanConfig(rtt=0.05, response_rate=0.5e6, link_rate=link_rate)
+    """Over a link that caps each connection at 1 MB/s: the segments of a file double while the
+    aggregate rate still grows (no total cap: past 16), and stop growing once it does not (a
+    4 MB/s link, full at 8 segments: 16 at most, the step that brought nothing)."""
+    monkeypatch.setattr(download, "WHOLE", 64 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 64 * 1024)
+    wan = WanConfig(rtt=0.05, response_rate=1e6, link_rate=link_rate)
     repo = MirrorRepo("a/b", blob6)
     path = "data/x/big.jsonl.zst"
     entry = repo.files[path]
