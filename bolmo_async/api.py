@@ -634,6 +634,11 @@ def _fetch(
             finished = _finished_output(out, the_plan, shard_bound)
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
                 return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)
+        if ray and already == len(units) and all(staging.checked(the_plan.files[u]) is not None for u in units):
+            # Nothing for Ray to do (every staged file checked against its marker here, as a worker
+            # would): no cluster is contacted.
+            log.info("all %d planned file(s) are staged and intact: nothing to fetch, Ray not started", len(units))
+            return FetchReport(len(units), 0, 0, 0, {}, frozenset(the_plan.files[u].key for u in units), (info.engine,))
         if already:
             log.info(
                 "%d of %d planned file(s) already staged: fetching the other %d",

@@ -18,7 +18,7 @@ from bolmo_async.errors import StateError, UsageError
 from bolmo_async.mirror import FaultConfig, MirrorThread
 from bolmo_async.models import RepoFile
 from bolmo_async.outdir import open_output
-from bolmo_async.planner import assign_workers, make_plan, parse_worker
+from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_worker
 from bolmo_async.staging import Staging
 
 from .helpers import cli, run_cli, shard_hashes
@@ -321,3 +321,66 @@ def test_drop_staging_after_a_complete_output(tmp_path, mirror):
     m = bolmo_async.finalize(out, drop_staging=True)
     assert not (out / "staging").exists() and m["complete"]
     assert bolmo_async.inspect(out)["problems"] == []
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_address_nothing_answers_is_one_line_not_a_hang(mirror, tmp_path, monkeypatch):
+    """Ray's own connect retries for minutes, printing its own lines; the address is probed
+    first: nothing there, something that is not Ray, RAY_ADDRESS behind `auto`: one line each."""
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    port = _closed_port()
+    http = mirror.endpoint.rsplit("/", 1)[-1]  # the mirror's HTTP/1 port: answers, but is not Ray
+    t0 = time.monotonic()
+    for address, expected in [
+        (
+            f"127.0.0.1:{port}",
+            rf"--ray-address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} .*ray start --head",
+        ),
+        (http, rf"--ray-address {http}: {http} answers, but not as a Ray cluster"),
+        (f"ray://127.0.0.1:{port}", "nothing answers"),
+        ("127.0.0.1", "not a Ray address"),
+    ]:
+        with pytest.raises(UsageError, match=expected):
+            bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address=address, progress=False)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(UsageError, match=rf"RAY_ADDRESS=127.0.0.1:{port}: nothing answers.*unset RAY_ADDRESS"):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address="auto", progress=False)
+    assert time.monotonic() - t0 < 60
+    monkeypatch.delenv("RAY_ADDRESS")
+    r = run_cli("fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--ray", "--ray-address", f"127.0.0.1:{port}")
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("bolmo-async: INFO")]
+    assert len(errors) == 1 and errors[0].startswith("error: --ray-address"), r.stderr
+    assert not any(Staging(open_output(out)).done(pf) for pf in load_plan(open_output(out)).files)  # nothing ran
+
+
+@pytest.mark.timeout(120)
+def test_ray_is_not_contacted_when_every_file_is_staged(mirror, tmp_path, monkeypatch):
+    """A rerun of a finished fetch --ray has nothing for the cluster: no connect at all (the
+    address here answers nothing). A damaged staged file is work again, so the cluster is asked."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "o"
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=FRACTION, processes=1, progress=False)
+    address = f"127.0.0.1:{_closed_port()}"
+    res = bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address=address, progress=False)
+    assert res["fetched_now"] == 0 and res["files"] == len(load_plan(open_output(out)).files)
+    assert not ray.is_initialized()
+    staged = sorted((out / "staging").glob("*.arrow"))
+    data = bytearray(staged[0].read_bytes())
+    data[-20] ^= 0xFF  # same size, another checksum
+    staged[0].write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="nothing answers"):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address=address, progress=False)

@@ -11,6 +11,8 @@ purpose comes back as the same class with the same message.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -68,6 +70,82 @@ def _balanced(units: list[int], plan_files: tuple[Any, ...], n: int) -> list[lis
     return [sorted(x) for x in out if x]
 
 
+#: Seconds the cluster's address may take to answer before ``--ray-address`` is refused (Ray's own
+#: connect keeps retrying for minutes, printing its own lines, when nothing answers).
+PROBE_TIMEOUT = 5.0
+#: The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, a Ray Client
+#: server) answers with its own SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _fix(label: str) -> str:
+    local = "unset RAY_ADDRESS" if label.startswith("RAY_ADDRESS") else "leave --ray-address out"
+    return (
+        "start the cluster first (`ray start --head` on its head node), or pass its head node's address "
+        "(HOST:6379 by default, ray://HOST:10001 for Ray Client, `auto` for one started on this machine), "
+        f"or {local} for a local Ray."
+    )
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The ``host:port`` (or ``ray://host:port``) ``ray.init(address)`` would connect to, as Ray
+    resolves it (``RAY_ADDRESS`` first; for ``auto`` the cluster ``ray start`` recorded on this
+    machine), or None when it starts a local Ray instead; and how the user named it."""
+    label = f"--ray-address {address}"
+    env = os.environ.get("RAY_ADDRESS") or None
+    if env is not None and address in (None, "auto"):
+        address, label = env, f"RAY_ADDRESS={env}"
+    if address == "auto":
+        try:
+            from ray._private.utils import read_ray_address  # how Ray itself resolves "auto"
+
+            address = read_ray_address() or None
+        except Exception:  # Ray moved it: its own resolution and errors apply
+            return None, label
+        if address is None:
+            raise UsageError(
+                f"{label}: no Ray cluster was started on this machine (`ray start --head` records one) and "
+                f"RAY_ADDRESS is unset; {_fix(label)}"
+            )
+    if address in (None, "local"):
+        return None, label
+    return address, label
+
+
+def probe_cluster(address: str, label: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """A UsageError naming the fix unless a gRPC server (a Ray cluster's GCS or Ray Client port)
+    answers at ``address`` within ``timeout`` seconds."""
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port_s = hostport.rpartition(":")
+    if not sep:
+        host, port_s = hostport, "10001" if address.startswith("ray://") else ""
+    host = host.strip("[]")
+    try:
+        port = int(port_s)
+        if not (host and 0 < port < 65536):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{label}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto); {_fix(label)}") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except OSError as exc:
+        why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UsageError(f"{label}: nothing answers at {host}:{port} ({why}); {_fix(label)}") from None
+    if len(head) < 9 or head[3] != 0x04:  # an HTTP/1 server (the dashboard on 8265, say), or something else
+        raise UsageError(
+            f"{label}: {host}:{port} answers, but not as a Ray cluster (its GCS port, 6379 by default, or "
+            f"ray://HOST:10001); {_fix(label)}"
+        )
+
+
 class _Session:
     """Ray initialised for the duration (and shut down if this process started it)."""
 
@@ -78,13 +156,25 @@ class _Session:
 
     def __enter__(self) -> Any:
         if not self.ray.is_initialized():
-            self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+            target, label = cluster_address(self.address)
+            if target is not None:
+                probe_cluster(target, label)  # bounded: ray.init would retry for minutes
+            try:
+                self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError) as exc:  # Ray's own refusals of an address
+                if target is None and self.address is None:
+                    raise
+                raise UsageError(f"{label}: {_short(exc)}; {_fix(label)}") from None
             self.started = True
         return self.ray
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
 def _result(value: tuple[str, Any, str]) -> Any:
