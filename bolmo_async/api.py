@@ -21,7 +21,7 @@ from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
 from .finalizer import ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
-from .guidance import fixed_length_loss, normalize, selection_from, warn_short_shards
+from .guidance import check_output_dir, check_types, fixed_length_loss, normalize, selection_from, warn_short_shards
 from .hub import (
     HubClient,
     data_files,
@@ -44,7 +44,7 @@ from .models import (
     validate_fraction,
 )
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, open_output
-from .planner import disk_needed, load_plan, make_plan, save_plan
+from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
 from .progress import Progress
 from .retry import RetryPolicy
 from .staging import Staging
@@ -191,6 +191,14 @@ def _known_keywords(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         )
 
 
+def _none_ok(fn: Callable[..., Any]) -> set[str]:
+    """The keywords of ``fn`` (and of ``_fetch``, for its ``**options``) whose default is None."""
+    params = dict(inspect_signature(fn).parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        params = {**inspect_signature(_fetch).parameters, **params}
+    return {n for n, p in params.items() if p.default is None}
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -205,6 +213,13 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             check_not_bootstrapping()  # before the folder: a re-imported script must not take its lock
             _known_keywords(fn, kwargs)  # a wrong keyword names this public function, before any disk
+            if len(args) + ("output_dir" in kwargs) != 1:
+                raise TypeError(
+                    f"{fn.__name__}() takes the output folder as its one positional argument and the options as "
+                    "keywords, e.g. data_fraction=0.01"
+                )
+            check_output_dir(fn.__name__, args[0] if args else kwargs["output_dir"])
+            kwargs = check_types(fn.__name__, kwargs, _none_ok(fn))  # type: ignore[assignment]
             kwargs = normalize(fn.__name__, kwargs)  # type: ignore[assignment]
             given: dict[str, Any] = dict(kwargs)
             validate_fetch_options(**{k: v for k, v in given.items() if k in _VALIDATED})
@@ -724,7 +739,7 @@ def fetch(
     revision: str | None = None,
     data_fraction: float | None = None,
     seed: int | None = None,
-    worker: tuple[int, int] | None = None,
+    worker: tuple[int, int] | str | None = None,
     ray: bool = False,
     ray_address: str | None = None,
     ray_tasks: int = 0,
@@ -740,11 +755,15 @@ def fetch(
     planned, up to the usable cores; 1: one worker in this process), ``max_document_bytes``,
     ``on_plan`` (called with the plan when this call plans; ``special_tokens_as_text``, the reverse
     of ``special_tokens_as_ids``, still works but is deprecated). Who runs the files: a local pool of
-    worker processes (default), ``worker=(I, N)``: only share I of N of the plan (a job array), or
+    worker processes (default), ``worker=(I, N)`` or ``"I/N"``: only share I of N of the plan (a job array), or
     ``ray=True``: Ray tasks on the cluster at ``ray_address`` (local when None; ``ray_tasks``: 0
     for two per cluster CPU)."""
     if ray and worker is not None:
         raise UsageError("--ray and --worker do not go together: Ray spreads the shares itself.")
+    if ray_tasks < 0:
+        raise UsageError(f"--ray-tasks must be 0 (two per cluster CPU) or more, got {ray_tasks}")
+    if isinstance(worker, str):  # the CLI's form, I/N (the wrapper parsed it; for type checkers)
+        worker = parse_worker(worker)
     out = open_output(output_dir)
     plan_options = {"repo_id": repo_id, "revision": revision, "data_fraction": data_fraction, "seed": seed}
     if worker is not None:
@@ -967,6 +986,14 @@ def inspect(
     back to text; ``problems`` is empty when all is well. ``sequence_length=N`` adds
     ``fixed_length``: the instances a fixed-length reader (OLMo-core's) makes at N tokens and the
     tokens it drops (each shard's tail shorter than N)."""
+    check_output_dir("inspect", output_dir)
+    check_types(
+        "inspect",
+        {"decode": decode, "verify": verify, "sequence_length": sequence_length},
+        none_ok=("sequence_length",),
+    )
+    if decode < 0:
+        raise UsageError(f"--decode must be 0 or more, got {decode}")
     if sequence_length is not None and sequence_length < 1:
         raise UsageError(f"--sequence-length must be 1 or more, got {sequence_length}")
     rep = inspect_dir(output_dir, decode=decode, verify=verify)

@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection
+from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection, validate_fraction
 from .tokenize import DEFAULT_CHECK_EVERY
 
 log = logging.getLogger("bolmo_async")
@@ -43,6 +45,134 @@ SHORT_SHARD_BOUND = 64 * 4096
 
 def flag(keyword: str) -> str:
     return "--" + keyword.replace("_", "-")
+
+
+#: The Python API's keywords by the kind of value they take (the CLI's flags parse the same).
+_BOOLS = frozenset(
+    {
+        "force",
+        "ray",
+        "streaming",
+        "progress",
+        "check_disk",
+        "special_tokens_as_ids",
+        "special_tokens_as_text",
+        "allow_incomplete",
+        "drop_staging",
+        "verify",
+    }
+)
+_INTS = frozenset(
+    {
+        "seed",
+        "check_every",
+        "concurrency",
+        "connections",
+        "retries",
+        "processes",
+        "max_document_bytes",
+        "ray_tasks",
+        "decode",
+        "source_depth",
+        "eos_token_id",
+        "max_tokens_per_file",
+        "sequence_length",
+    }
+)
+_NUMBERS = frozenset({"data_fraction", "read_timeout"})
+_STRINGS = frozenset(
+    {"repo_id", "revision", "endpoint", "tokenizer", "engine", "ray_address", "text_field", "id_field"}
+)
+#: The CLI's spelling of the keywords whose flag is not ``--keyword``.
+_FLAGS = {
+    "streaming": "--streaming / --no-streaming",
+    "progress": "--no-progress, reversed",
+    "check_disk": "--skip-disk-check, reversed",
+    "special_tokens_as_text": "--special-tokens-as-ids, reversed",
+    "source_fractions": "--source-fraction",
+    "tokenizer_identifier": "--tokenizer-identifier",
+}
+
+
+def _cli_flag(keyword: str) -> str:
+    return _FLAGS.get(keyword, flag(keyword))
+
+
+def check_types(fn_name: str, kwargs: dict[str, Any], none_ok: Iterable[str]) -> dict[str, Any]:
+    """The Python API's keywords checked the way the CLI parses its flags: a value of the wrong
+    type (``streaming="no"``, ``data_fraction=True``) is a UsageError naming the keyword and its
+    flag, never taken for something else. ``none_ok``: the keywords whose default is None.
+    Returns the keywords with numbers as plain ``int`` / ``float`` and ``worker="I/N"`` parsed."""
+    from .planner import parse_worker
+
+    kw = dict(kwargs)
+    allowed_none = set(none_ok)
+
+    def refuse(k: str, v: Any, what: str) -> UsageError:
+        also = " or None" if k in allowed_none else ""
+        return UsageError(
+            f"bolmo_async.{fn_name}(): {k} must be {what}{also} (the CLI's {_cli_flag(k)}), got {v!r} "
+            f"({type(v).__name__})"
+        )
+
+    for k, v in kwargs.items():
+        if v is None and k in allowed_none:
+            continue
+        if k in _BOOLS:
+            if not isinstance(v, bool):
+                raise refuse(k, v, "True or False")
+        elif k in _INTS:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise refuse(k, v, "an integer")
+            kw[k] = int(v)
+        elif k in _NUMBERS:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise refuse(k, v, "a number")
+            kw[k] = float(v)
+        elif k in _STRINGS:
+            if not isinstance(v, str):
+                raise refuse(k, v, "a string")
+        elif k == "tokenizer_identifier":
+            if not isinstance(v, str | os.PathLike):
+                raise refuse(k, v, "a Hub repo id or a path")
+        elif k == "worker":
+            if isinstance(v, str):
+                kw[k] = parse_worker(v)
+            elif not (
+                isinstance(v, tuple | list)
+                and len(v) == 2
+                and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v)
+                and 0 <= v[0] < v[1]
+            ):
+                raise UsageError(
+                    f"bolmo_async.{fn_name}(): worker takes (I, N) or 'I/N' with 0 <= I < N (share I of N, 0-based, "
+                    f"as the CLI's --worker I/N), got {v!r}"
+                )
+            else:
+                kw[k] = (int(v[0]), int(v[1]))
+        elif k == "on_plan":
+            if not callable(v):
+                raise UsageError(f"bolmo_async.{fn_name}(): on_plan must be a function taking the plan, got {v!r}")
+        elif k == "selection" and not isinstance(v, Selection):
+            raise UsageError(
+                f"bolmo_async.{fn_name}(): selection must be a bolmo_async.Selection(...), got {type(v).__name__}; "
+                "or pass include=, exclude=, source_depth=, source_fractions=, text_field=, id_field= directly"
+            )
+    return kw
+
+
+def check_output_dir(fn_name: str, output_dir: Any) -> None:
+    """``output_dir``: a path or a location string (or an OutputDir), as ``--output-dir`` takes."""
+    from .outdir import OutputDir
+
+    if not (
+        isinstance(output_dir, OutputDir)
+        or (isinstance(output_dir, str | os.PathLike) and isinstance(os.fspath(output_dir), str))
+    ):
+        raise UsageError(
+            f"bolmo_async.{fn_name}(): output_dir must be a folder path or a location like s3://BUCKET/PREFIX "
+            f"(the CLI's --output-dir), got {output_dir!r} ({type(output_dir).__name__})"
+        )
 
 
 def normalize(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -140,10 +270,36 @@ def selection_from(fn_name: str, selection: Selection | None, **fields: Any) -> 
             )
         return selection
     fractions = given.get("source_fractions") or {}
-    pairs = fractions.items() if isinstance(fractions, Mapping) else fractions
+    try:
+        pairs = list(fractions.items() if isinstance(fractions, Mapping) else fractions)
+        if not all(len(pair) == 2 for pair in pairs):
+            raise TypeError
+    except TypeError:
+        raise UsageError(
+            f"bolmo_async.{fn_name}(): source_fractions takes {{source: fraction}}, e.g. {{'data/finemath': 0.5}} "
+            f"(the CLI's --source-fraction SOURCE=F), got {fractions!r}"
+        ) from None
+    for k, v in pairs:
+        if not isinstance(k, str):
+            raise UsageError(f"bolmo_async.{fn_name}(): source_fractions' sources must be strings, got {k!r}")
+        validate_fraction(v, flag=f"--source-fraction {k}")
     for name in ("include", "exclude"):
-        if isinstance(given.get(name), str):  # one glob, not its characters
-            given[name] = (given[name],)
+        globs = given.get(name)
+        if isinstance(globs, str):  # one glob, not its characters
+            given[name] = (globs,)
+        elif globs is not None:
+            listed = tuple(globs) if isinstance(globs, Iterable) else None
+            if listed is None or not all(isinstance(g, str) for g in listed):
+                raise UsageError(
+                    f"bolmo_async.{fn_name}(): {name} takes a list of globs like ['data/stack_edu/*'] (the CLI's "
+                    f"--{name}, repeatable), got {globs!r}"
+                )
+            given[name] = listed
+    if given.get("source_depth") is not None:
+        check_types(fn_name, {"source_depth": given["source_depth"]}, ())
+    for name in ("text_field", "id_field"):
+        if name in given:
+            check_types(fn_name, {name: given[name]}, ())
     return Selection(
         include=tuple(given.get("include", ())),
         exclude=tuple(given.get("exclude", ())),

@@ -165,6 +165,13 @@ class Selection:
     id_field: str = "id"
 
     def __post_init__(self) -> None:
+        for globs, flag in ((self.include, "--include"), (self.exclude, "--exclude")):
+            if not isinstance(globs, tuple | list) or not all(isinstance(g, str) for g in globs):
+                raise UsageError(f"{flag} takes a tuple of globs like ('data/stack_edu/*',), got {globs!r}")
+        if self.source_depth is not None and (
+            isinstance(self.source_depth, bool) or not isinstance(self.source_depth, int)
+        ):
+            raise UsageError(f"--source-depth must be an integer, got {self.source_depth!r}")
         if self.source_depth is not None and self.source_depth < 1:
             raise UsageError(f"--source-depth must be 1 or more, got {self.source_depth}")
         for name, fraction in self.source_fractions:
@@ -258,7 +265,7 @@ class Plan:
 
 
 def validate_fraction(fraction: float, flag: str = "--data-fraction") -> float:
-    if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0):
+    if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0):
         raise UsageError(f"{flag} must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% or 1.0 for all.")
     return float(fraction)
 

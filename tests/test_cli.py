@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import bolmo_async
+from bolmo_async.errors import UsageError
 
 from .conftest import DOLMA2, needs_dolma2
 from .helpers import cli, run_cli
@@ -295,6 +296,64 @@ def test_api_names_itself_for_a_wrong_keyword_and_touches_nothing(tmp_path):
             fn(tmp_path / "o", **kw)
         assert "_fetch" not in str(e.value) and next(iter(kw)) in str(e.value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda o: bolmo_async.fetch(o, streaming="no"), r"streaming must be True or False .*--no-streaming.*'no'"),
+        (lambda o: bolmo_async.plan(o, data_fraction=True), r"data_fraction must be a number .*got True \(bool\)"),
+        (lambda o: bolmo_async.prepare(o, data_fraction="0.5"), r"data_fraction must be a number .*--data-fraction"),
+        (lambda o: bolmo_async.fetch(o, worker="2/2"), r"--worker takes I/N with 0 <= I < N"),
+        (lambda o: bolmo_async.fetch(o, worker=(0, 2, 1)), r"worker takes \(I, N\) or 'I/N'"),
+        (lambda o: bolmo_async.fetch(o, worker=[True, 2]), r"worker takes \(I, N\) or 'I/N'"),
+        (
+            lambda o: bolmo_async.fetch(o, concurrency="8"),
+            r"concurrency must be an integer \(the CLI's --concurrency\)",
+        ),
+        (lambda o: bolmo_async.fetch(o, processes=1.5), r"processes must be an integer"),
+        (lambda o: bolmo_async.fetch(o, progress="false"), r"progress must be True or False"),
+        (lambda o: bolmo_async.fetch(o, eos_token_id="1"), r"eos_token_id must be an integer or None"),
+        (lambda o: bolmo_async.fetch(o, ray_tasks=-1), r"--ray-tasks must be 0"),
+        (lambda o: bolmo_async.fetch(o, tokenizer=None), r"tokenizer must be a string \(the CLI's --tokenizer\)"),
+        (lambda o: bolmo_async.plan(o, seed="42"), r"seed must be an integer"),
+        (lambda o: bolmo_async.plan(o, include=[1]), r"include takes a list of globs"),
+        (lambda o: bolmo_async.plan(o, source_fractions={"data/a": True}), r"--source-fraction data/a must be in"),
+        (lambda o: bolmo_async.plan(o, source_fractions=["data/a"]), r"source_fractions takes \{source: fraction\}"),
+        (lambda o: bolmo_async.plan(o, source_depth=1.0), r"source_depth must be an integer"),
+        (lambda o: bolmo_async.plan(o, selection={"include": ["a"]}), r"selection must be a bolmo_async.Selection"),
+        (
+            lambda o: bolmo_async.finalize(o, max_tokens_per_file="1000"),
+            r"max_tokens_per_file must be an integer or None",
+        ),
+        (lambda o: bolmo_async.finalize(o, allow_incomplete=1), r"allow_incomplete must be True or False"),
+        (lambda o: bolmo_async.inspect(o, decode="2"), r"decode must be an integer"),
+        (lambda o: bolmo_async.inspect(o, decode=-1), r"--decode must be 0 or more"),
+        (lambda o: bolmo_async.inspect(o, verify="yes"), r"verify must be True or False"),
+        (lambda o: bolmo_async.plan(str(o).encode()), r"output_dir must be a folder path"),
+        (lambda o: bolmo_async.inspect(123), r"output_dir must be a folder path"),
+        (lambda o: bolmo_async.Selection(include="data/*"), r"--include takes a tuple of globs"),
+    ],
+)
+def test_api_refuses_a_value_of_the_wrong_type_naming_it_and_its_flag(tmp_path, call, says):
+    """The CLI's flags parse their values; the API's keywords are checked the same way, before
+    any disk or network: a wrong type is never taken for something else (streaming="no" ran
+    streaming, data_fraction=True planned everything)."""
+    with pytest.raises(UsageError, match=says):
+        call(tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_takes_the_clis_worker_form(tmp_path, mirror):
+    bolmo_async.plan(tmp_path / "o", endpoint=mirror.endpoint, data_fraction=0.5)
+    shares = [
+        bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, worker=w, progress=False) for w in ("0/2", [1, 2])
+    ]
+    assert sum(s["files"] for s in shares) == len(
+        bolmo_async.plan(tmp_path / "o", endpoint=mirror.endpoint, data_fraction=0.5).files
+    )
+    with pytest.raises(TypeError, match=r"^plan\(\) takes the output folder as its one positional argument"):
+        bolmo_async.plan(tmp_path / "o", 0.5)
 
 
 def test_api_takes_the_selection_as_keywords_and_the_cli_spelling_of_special_tokens(tmp_path, mirror):
