@@ -7,6 +7,7 @@ Errors print one line naming the fix; ``BOLMO_ASYNC_DEBUG=1`` shows the tracebac
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -244,7 +245,9 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
         _say(f"export DATA_SOURCE={out.ref(DATA_SOURCES)}")
 
 
-def _run(fn: Any) -> Any:
+def _run(fn: Any, resumes: bool = True) -> Any:
+    """``fn()`` with its errors as one line; ``resumes``: a rerun picks up where this one stopped
+    (not so for ``inspect``, which only reads)."""
     try:
         return fn()
     except BolmoError as exc:
@@ -253,18 +256,30 @@ def _run(fn: Any) -> Any:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", err=True)
+        typer.secho("interrupted; rerun the same command to resume" if resumes else "interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as exc:
+        if os.environ.get("BOLMO_ASYNC_DEBUG") or exc.errno != errno.ENAMETOOLONG:
+            return _unexpected(exc, resumes)
+        # A path the system refuses by its length, wherever it came from (a flag, an environment
+        # variable): a rerun cannot fix it.
+        typer.secho(f"error: {exc.filename or 'a path'}: {exc.strerror}; choose a shorter path.", err=True, fg="red")
+        raise typer.Exit(2) from None
     except Exception as exc:
-        if os.environ.get("BOLMO_ASYNC_DEBUG"):
-            raise
-        typer.secho(
-            f"error: unexpected {type(exc).__name__}: {exc}. Finished files are kept; rerun the same command to resume. "
-            "If it persists, rerun with BOLMO_ASYNC_DEBUG=1 and report the traceback.",
-            err=True,
-            fg=typer.colors.RED,
-        )
-        raise typer.Exit(1) from None
+        return _unexpected(exc, resumes)
+
+
+def _unexpected(exc: Exception, resumes: bool) -> Any:
+    if os.environ.get("BOLMO_ASYNC_DEBUG"):
+        raise exc
+    typer.secho(
+        f"error: unexpected {type(exc).__name__}: {exc}. "
+        + ("Finished files are kept; rerun the same command to resume. " if resumes else "")
+        + "If it persists, rerun with BOLMO_ASYNC_DEBUG=1 and report the traceback.",
+        err=True,
+        fg=typer.colors.RED,
+    )
+    raise typer.Exit(1) from None
 
 
 @app.callback()
@@ -620,7 +635,7 @@ def inspect_cmd(
     verbose: bool = VERBOSE,
 ) -> None:
     """Shard table, size/XXH3-128 checks against the manifest and data_sources.txt, decoded documents."""
-    rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length))
+    rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length), resumes=False)
     if as_json:
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
     else:

@@ -220,9 +220,9 @@ def check_local_tokenizer(given: str, resolved: str) -> None:
     if not _looks_local(given):
         return  # a Hub repo id: fetched (and checked) while the repo is listed
     p = Path(resolved)
-    if p.is_dir():
+    if os.path.isdir(p):  # (never raises, whatever the name)
         p = p / "tokenizer.json"
-        if not p.is_file():
+        if not os.path.isfile(p):
             raise UsageError(
                 f"--tokenizer-identifier {given}: the folder has no tokenizer.json; point it at a tokenizer.json, "
                 "a folder holding one, or a Hub repo id like allenai/dolma2-tokenizer."
@@ -253,7 +253,7 @@ def absolute_tokenizer_path(identifier: str) -> str:
 def _looks_local(identifier: str) -> bool:
     """A path rather than a Hub repo id (``namespace/name``)."""
     return (
-        Path(identifier).expanduser().exists()
+        os.path.exists(os.path.expanduser(identifier))  # (never raises, whatever the name)
         or identifier.startswith((".", "/", "~"))
         or identifier.endswith(".json")
         or identifier.count("/") != 1

@@ -16,7 +16,7 @@ from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.outdir import DATA_SOURCES, MANIFEST, shard_name
 from bolmo_async.outdir.local import LOCK
 
-from .helpers import readme_bpe_json, shard_hashes
+from .helpers import readme_bpe_json, run_cli, shard_hashes
 
 
 def _prepare(out: Path, endpoint: str, **kw):
@@ -355,3 +355,27 @@ def test_output_locations_that_are_mistakes_are_usage_errors(tmp_path, location,
     with pytest.raises(errors.UsageError, match=says):
         bolmo_async.plan(location)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_the_os_refuses_by_name_is_a_usage_error_naming_the_name(tmp_path, monkeypatch):
+    """A name longer than the filesystem takes (or a path too long to hold the folder's own names,
+    or a NUL) is a usage error naming it, for every command, not "unexpected OSError ... rerun"."""
+    long = "a" * 300
+    for call in (
+        lambda: bolmo_async.plan(tmp_path / long / "x"),
+        lambda: bolmo_async.finalize(tmp_path / long),
+        lambda: bolmo_async.inspect(tmp_path / long),
+    ):
+        with pytest.raises(errors.UsageError, match=r"the name 'a{40}\.\.\.' is 300 bytes long, over the 255 bytes"):
+            call()
+    with pytest.raises(errors.UsageError, match=r"the path is \d+ bytes long; .* limit of 4096 bytes"):
+        bolmo_async.plan(tmp_path / ("b/" * 2000))
+    with pytest.raises(errors.UsageError, match="cannot hold a NUL"):
+        bolmo_async.plan(f"{tmp_path}/a\0b")
+    with pytest.raises(errors.UsageError, match=r"--tokenizer-identifier a+: cannot be read \(File name too long\)"):
+        bolmo_async.fetch(tmp_path / "o", tokenizer="subword", tokenizer_identifier=long)
+    assert list(tmp_path.iterdir()) == []
+    r = run_cli("finalize", "-o", str(tmp_path / long / "x"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "300 bytes long" in r.stderr, r.stderr
+    r = run_cli("--scratch-dir", str(tmp_path / long), "inspect", "s3://bucket/run")
+    assert r.returncode == 2 and r.stderr.startswith("error: --scratch-dir") and "300 bytes" in r.stderr, r.stderr

@@ -251,11 +251,56 @@ def _open_nofollow(path: Path, flags: int) -> int:
     raise StateError(f"{path} keeps being replaced by a symbolic link; remove it and rerun.")
 
 
+#: Bytes kept free under PATH_MAX for the names inside the folder (``staging/<name>.arrow`` and
+#: temporaries: at most 255 bytes a name).
+_INNER_PATH_BYTES = 512
+
+
+def _name_max(path: Path) -> int:
+    """The longest name (bytes) the filesystem holding ``path`` (or its nearest existing folder) takes."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.isdir(p):
+                return int(os.pathconf(p, "PC_NAME_MAX"))
+    return 255
+
+
+def _show(name: str, keep: int = 40) -> str:
+    return repr(name if len(name) <= keep else name[:keep] + "...")
+
+
+def check_path_names(text: str, flag: str = "--output-dir") -> None:
+    """A path the OS would refuse by its names, refused before anything is made: a NUL, a name
+    longer than the filesystem takes, a path too long to hold the folder's own names."""
+    if "\0" in text:
+        raise UsageError(f"{flag} {text!r}: a path cannot hold a NUL character; name the folder without it.")
+    path = Path(text)
+    limit = _name_max(path)
+    for part in path.parts[1:] if path.is_absolute() else path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UsageError(
+                f"{flag} {_show(text, 60)}: the name {_show(part)} is {size} bytes long, over the {limit} bytes this "
+                "filesystem takes for one name; choose a shorter name."
+            )
+    size = len(os.fsencode(text))
+    path_max = 4096
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        path_max = int(os.pathconf("/", "PC_PATH_MAX"))
+    if size > path_max - _INNER_PATH_BYTES:
+        raise UsageError(
+            f"{flag} {_show(text, 60)}: the path is {size} bytes long; with the names inside the folder it would pass "
+            f"the system's limit of {path_max} bytes. Choose a shorter path."
+        )
+
+
 class LocalDir(OutputDir):
     local = True
 
     def __init__(self, location: str | os.PathLike[str]):
+        check_path_names(os.path.expanduser(os.fspath(location)))
         self.root = Path(location).expanduser().resolve()
+        check_path_names(str(self.root))  # (a link resolved to a long path)
         self.location = str(self.root)
         self._created = False
 
@@ -277,7 +322,10 @@ class LocalDir(OutputDir):
             fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
             os.close(fd)
         except OSError as exc:
-            why = "it is a file" if self.root.exists() and not self.root.is_dir() else exc.strerror or str(exc)
+            is_file = os.path.exists(self.root) and not os.path.isdir(self.root)  # (these never raise)
+            why = "it is a file" if is_file else exc.strerror or str(exc)
+            if exc.errno in (errno.EINVAL, errno.EILSEQ) and not is_file:
+                why += ": this filesystem refuses a name in it (characters it does not take, like : or \\ on FAT/NTFS)"
             fix = (
                 f"give this user write permission on {self.root} (or mount it read-write), or choose another "
                 "--output-dir"

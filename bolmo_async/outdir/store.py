@@ -79,8 +79,17 @@ def scratch_root() -> Path:
     its worker processes through the environment and removed when that process exits."""
     configured = os.environ.get("BOLMO_ASYNC_SCRATCH")
     if configured:
+        from .local import check_path_names
+
+        check_path_names(os.path.expanduser(configured), "--scratch-dir")
         root = Path(configured).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"--scratch-dir {configured} (BOLMO_ASYNC_SCRATCH) cannot be used ({exc.strerror or exc}); "
+                "name a folder this user can write on a local disk."
+            ) from None
         return root
     return _own_scratch()
 
