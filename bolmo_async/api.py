@@ -996,7 +996,10 @@ def inspect(
         raise UsageError(f"--decode must be 0 or more, got {decode}")
     if sequence_length is not None and sequence_length < 1:
         raise UsageError(f"--sequence-length must be 1 or more, got {sequence_length}")
-    rep = inspect_dir(output_dir, decode=decode, verify=verify)
+    out = open_output(output_dir)
+    out.read_only = True  # its errors' advice: nothing to resume
+    out.check_reachable()
+    rep = inspect_dir(out, decode=decode, verify=verify)
     if sequence_length is not None:
         rep["fixed_length"] = fixed_length_loss((int(s["tokens"]) for s in rep["shards"]), sequence_length)
     return rep

@@ -224,10 +224,26 @@ def test_missing_bucket_and_unreachable_store_fail_in_one_line(s3: S3, monkeypat
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     t = time.monotonic()
-    with pytest.raises(UsageError, match="cannot be reached") as err:
+    with pytest.raises(UsageError, match="cannot reach the store") as err:
         open_output(s3.url()).create()
     assert "\n" not in str(err.value) and SECRET not in str(err.value)
     assert time.monotonic() - t < 10
+    # inspect only reads: the same one line (not 8 attempts, then "rerun ... the run resumes")
+    import bolmo_async
+
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=r"cannot reach the store .*Check the endpoint") as err:
+        bolmo_async.inspect(s3.url())
+    assert "rerun" not in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("prefix", ["../x", "a/./x", "a//x", "a/\x01/x"])
+def test_a_prefix_no_store_takes_is_a_usage_error(prefix: str) -> None:
+    """Not a probe failure with advice to rerun: the location itself is wrong."""
+    with pytest.raises(UsageError, match=r"an object key cannot hold .* name the prefix plainly") as err:
+        open_output(f"s3://bucket/{prefix}")
+    assert "rerun" not in str(err.value)
 
 
 # -- whole runs: the command line a user runs, the bucket compared with a local run ------------------

@@ -104,6 +104,8 @@ class OutputDir:
     location: str
     #: True for a POSIX folder on this machine.
     local: bool = False
+    #: Opened by a command that only reads (``inspect``): errors say nothing of resuming.
+    read_only: bool = False
 
     def __str__(self) -> str:
         return self.location
@@ -120,6 +122,10 @@ class OutputDir:
 
     def exists(self) -> bool:
         raise NotImplementedError
+
+    def check_reachable(self) -> None:
+        """For a command that only reads: UsageError naming what to check when the folder's
+        storage cannot be reached at all (a local folder always can)."""
 
     def discard_if_unused(self) -> None:
         """A folder this run made and left holding nothing of its own goes again (a failed first

@@ -330,6 +330,13 @@ class StoreDir(OutputDir):
             raise UsageError(f"--output-dir {location}: name a bucket, e.g. {self.scheme}://BUCKET/PREFIX.")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        for segment in self.prefix.split("/") if self.prefix else ():
+            if segment in ("", ".", "..") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in segment):
+                what = "an empty segment (//)" if not segment else f"the segment {segment!r}"
+                raise UsageError(
+                    f"--output-dir {location}: an object key cannot hold {what} (a bucket has no parent or current "
+                    f"folders); name the prefix plainly, e.g. {self.scheme}://{bucket}/bolmo_out."
+                )
         self.location = f"{self.scheme}://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._stores: dict[tuple[int, bool], Any] = {}
         #: Who holds our leases: this process (its nested commands share them, as with flock).
@@ -413,7 +420,7 @@ class StoreDir(OutputDir):
         return (lambda: {**creds, "expires_at": None}), None
 
     # -- errors and retries ----------------------------------------------------------------------
-    def failed(self, name: str, exc: BaseException, doing: str) -> BaseException:
+    def failed(self, name: str, exc: BaseException, doing: str, resumes: bool = True) -> BaseException:
         """An error of the store as one line naming the object and the fix."""
         import obstore.exceptions as oe
 
@@ -438,12 +445,24 @@ class StoreDir(OutputDir):
                 f"--output-dir {self.location}: the bucket {self.bucket} does not exist; create it first."
             )
         return OutputError(
-            f"{what}: {doing} failed ({reason}). Check that the store is reachable (AWS_ENDPOINT_URL, the network) "
-            "and rerun the same command: finished objects are kept and the run resumes."
+            f"{what}: {doing} failed ({reason}). Check that the store is reachable (AWS_ENDPOINT_URL, the network)"
+            + (
+                " and rerun the same command: finished objects are kept and the run resumes."
+                if resumes and not self.read_only
+                else "."
+            )
         )
 
-    def _call(self, what: str, name: str, fn: Callable[[], T], attempts: int = 0) -> T:
-        """``fn()`` with transient store errors retried by the retry helper."""
+    def _call(
+        self,
+        what: str,
+        name: str,
+        fn: Callable[[], T],
+        attempts: int = 0,
+        unreachable: Callable[[str], BaseException] | None = None,
+    ) -> T:
+        """``fn()`` with transient store errors retried by the retry helper; ``unreachable(reason)``:
+        the error when they remain."""
         import obstore.exceptions as oe
 
         def attempt() -> T:
@@ -462,10 +481,14 @@ class StoreDir(OutputDir):
                 raise self.failed(name, exc, what) from exc
 
         def fail(reason: str, n: int) -> BaseException:
+            if unreachable is not None:
+                return unreachable(reason)
             return OutputError(
                 f"{self.ref(name) if name else self.location}: {what} still failing after {n} attempts ({reason}). "
-                "Check the store's health and endpoint (AWS_ENDPOINT_URL), then rerun the same command: "
-                "finished objects are kept and the run resumes."
+                "Check the store's health and endpoint (AWS_ENDPOINT_URL)"
+                + (".", ", then rerun the same command: finished objects are kept and the run resumes.")[
+                    not self.read_only
+                ]
             )
 
         return retrying(f"{self.ref(name) if name else self.location}: {what}", attempt, fail, attempts)
@@ -519,17 +542,37 @@ class StoreDir(OutputDir):
         probe = f".bolmo-async.probe.{secrets.token_hex(4)}"
         try:
             self._store()
-            self._call("probe write", probe, lambda: obstore.put(self._store(), self.key(probe), b""), attempts=3)
+            self._call(
+                "probe write",
+                probe,
+                lambda: obstore.put(self._store(), self.key(probe), b""),
+                attempts=3,
+                unreachable=self._unreachable,
+            )
             self._delete([probe])
-        except OutputError as exc:
-            raise UsageError(
-                f"--output-dir {self.location}: the store cannot be reached ({str(exc).split('(', 1)[-1].split(')')[0]}). "
-                "Check AWS_ENDPOINT_URL / AWS_REGION and the network, then rerun."
-            ) from None
         except (UsageError, StateError):
             raise
         except Exception as exc:
-            raise UsageError(str(self.failed("", exc, "probe write"))) from None
+            raise UsageError(str(self.failed("", exc, "probe write", resumes=False))) from None
+
+    def check_reachable(self) -> None:
+        """For a command that only reads: the store answers a listing (a few attempts), else one
+        line naming what to check."""
+        import obstore
+
+        prefix = self.prefix + "/" if self.prefix else ""
+
+        def first() -> None:
+            for _ in obstore.list(self._store(), prefix, chunk_size=1):
+                return
+
+        self._call("list", "", first, attempts=3, unreachable=self._unreachable)
+
+    def _unreachable(self, reason: str) -> UsageError:
+        return UsageError(
+            f"--output-dir {self.location}: cannot reach the store ({reason}). Check the endpoint "
+            "(AWS_ENDPOINT_URL / AWS_REGION), the credentials and the network."
+        )
 
     def exists(self) -> bool:
         return bool(self._names_limited())
