@@ -162,7 +162,7 @@ def _say(msg: str = "") -> None:
 def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
     """The plan table: per source, files, download, and estimated tokens and shard disk for the
     run's tokenizer (``plan`` does not know it yet: byte and dolma2 side by side)."""
-    from .planner import estimate
+    from .planner import estimate, source_fractions
 
     est = estimate(plan)
     _say(
@@ -192,8 +192,10 @@ def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAU
         )
     for pattern, n in plan.matched:
         _say(f"{pattern}: {n} file(s)")
-    fractions = {s.source: s.target_bytes / s.bytes_total for s in plan.sources if s.bytes_total}
-    if len({round(f, 9) for f in fractions.values()}) > 1:
+    # The fractions asked for, per source (not target/total bytes: rounded to whole bytes, those
+    # differ in the tenth digit even when every source has the same fraction).
+    fractions = source_fractions([s.source for s in plan.sources], plan.selection, plan.data_fraction)
+    if len(set(fractions.values())) > 1:
         _say("fractions: " + ", ".join(f"{k} {v:.3g}" for k, v in fractions.items()))
     _say(
         "(estimates from typical compression ratios"

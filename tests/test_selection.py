@@ -125,6 +125,9 @@ def test_cli_code_only_slice_and_math_heavy_mix(tmp_path, mirror):
     assert (
         "data/stack_edu" in r.stdout and "data/common_crawl" not in r.stdout and "include data/stack_edu/*" in r.stdout
     )
+    r = run_cli("plan", "-o", str(tmp_path / "half"), "--endpoint", mirror.endpoint, "--data-fraction", "0.5")
+    assert r.returncode == 0 and "fraction 0.5" in r.stdout, r.stderr
+    assert "fractions:" not in r.stdout  # one fraction for all: said once, in the header
     r = run_cli(
         "plan", "-o", str(tmp_path / "math"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
         "--source-fraction", "data/finemath=1", "--source-fraction", "data/common_crawl=0.01",
