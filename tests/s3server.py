@@ -11,6 +11,7 @@ import http.server
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -58,7 +59,8 @@ def client(endpoint: str):  # type: ignore[no-untyped-def]
 class Fault:
     """``count`` requests matching ``method`` and ``path`` (a regex on the request target) get
     ``action``: "503" (SlowDown), "500", "cut" (the connection closed before the request reaches
-    the store) or "lose" (the store does it; the answer is lost)."""
+    the store), "lose" (the store does it; the answer is lost) or "slow" (it reaches the store
+    1.5 s late, as on a loaded machine)."""
 
     method: str
     path: str
@@ -120,6 +122,8 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
                 code = "SlowDown" if action == "503" else "InternalError"
                 self._error(int(action), code, "Please reduce your request rate.")
                 return
+            if action == "slow":
+                time.sleep(1.5)
             conn = http.client.HTTPConnection(up_host, int(up_port), timeout=60)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}

@@ -143,17 +143,24 @@ def test_lock_is_a_lease_between_runs(s3: S3) -> None:
     assert not any(n.startswith(".bolmo-async") for n in s3.objects())  # released leases go
 
 
-def test_a_killed_runs_lock_expires_and_a_live_one_is_renewed(s3: S3) -> None:
+def test_a_killed_runs_lock_expires_and_a_live_one_is_renewed(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bolmo_async.outdir import store
+
+    # A lease's age is read from the store's Last-Modified, whole seconds (up to 1 s too old), and
+    # it is renewed every LEASE/4 s: at the suite's 2 s lease that left 0.3 s for a renewal's PUT,
+    # which a loaded machine overran once. 5 s leaves 2.5 s; the checks are the same.
+    monkeypatch.setattr(store, "LEASE", 5.0)
+    s3.proxy.faults.append(Fault("PUT", r"\.bolmo-async\.lock", "slow", 1000))  # every renewal lands late
     a, b = two_runs(s3)
     held = a.lock()
     held.__enter__()
-    time.sleep(3.0)  # past the 2 s lease: the heartbeat kept it
-    with pytest.raises(StateError), b.lock():
-        pass
-    from bolmo_async.outdir import store
-
+    deadline = time.monotonic() + store.LEASE + 1.5  # past the lease, looked at all along: kept fresh
+    while time.monotonic() < deadline:
+        with pytest.raises(StateError), b.lock():
+            pass
+        time.sleep(0.5)
     store._heartbeat().drop(a, a.key(".bolmo-async.lock"))  # the holder "dies": no more heartbeats
-    time.sleep(2.5)
+    time.sleep(store.LEASE + 0.5)
     with b.lock():  # taken over
         pass
 
