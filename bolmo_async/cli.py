@@ -217,9 +217,10 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
         _say(f"UNREADABLE: {len(bad)} file(s) gave no data at all (listed in {MANIFEST}):")
         for path, why in list(bad.items())[:10]:
             _say(f"  {why}" if why.startswith(path) else f"  {path}: {why}")
-    if not manifest["complete"]:
+    if not manifest["complete"]:  # (finalize --allow-incomplete: finalizing again fetches nothing)
         _say(
-            f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged; rerun the same command to finish."
+            f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged (listed in {MANIFEST}): "
+            f"`bolmo-async fetch --output-dir {out}` (or the missing --worker shares) fetches them, then finalize again."
         )
     tok = manifest["tokenizer"]
     if tok["kind"] == "subword" and tok.get("vocab_size") == 100278 and tok["eos_token_id"] == 100257:

@@ -384,3 +384,15 @@ def test_ray_is_not_contacted_when_every_file_is_staged(mirror, tmp_path, monkey
     staged[0].write_bytes(bytes(data))
     with pytest.raises(UsageError, match="nothing answers"):
         bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address=address, progress=False)
+
+
+def test_an_incomplete_finalize_says_what_finishes_it(mirror, tmp_path):
+    """finalize --allow-incomplete with a share missing: finalizing again fetches nothing, so the
+    advice is the fetch (not "rerun the same command")."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False)
+    r = run_cli("finalize", "-o", str(out), "--allow-incomplete")
+    assert r.returncode == 0, r.stderr
+    assert f"`bolmo-async fetch --output-dir {out}` (or the missing --worker shares) fetches them" in r.stdout
+    assert "rerun the same command" not in r.stdout and "export DATA_SOURCE" not in r.stdout
