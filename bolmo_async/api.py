@@ -704,9 +704,20 @@ def _fetch(
                 ) from None
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
+        again = set(result.failed) - result.permanent
+        advice = []
+        if again:
+            which = "the others are" if result.permanent else "these are"
+            advice.append(f"Rerun the same command to resume: finished files are kept and only {which} fetched again.")
+        if result.permanent:
+            which = ", ".join(sorted(result.permanent)) if again else "These files"
+            advice.append(
+                f"{which} cannot be read as documents, so a rerun fails them again: `bolmo-async finalize "
+                f"--output-dir {out} --allow-incomplete` writes the shards without them (or plan again with "
+                "--exclude PATH --force, which starts over)."
+            )
         raise FetchIncomplete(
-            f"{len(result.failed)} file(s) failed:\n  {names}\n"
-            "Rerun the same command to resume: finished files are kept and only these are fetched again.",
+            f"{len(result.failed)} file(s) failed:\n  {names}\n" + " ".join(advice),
             failed=result.failed,
         )
     written: Written = {}

@@ -60,6 +60,7 @@ class Failed:
     wid: int
     unit: int
     reason: str
+    permanent: bool = False  # the file itself cannot be read as documents: a rerun fails it again
 
 
 @dataclass(frozen=True, slots=True)

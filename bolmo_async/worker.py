@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import messages as m
-from .errors import AuthError, BolmoError, DiskSpaceError, OutputError, StateError, TokenizerError, UsageError
+from .errors import (
+    AuthError,
+    BolmoError,
+    DecodeError,
+    DiskSpaceError,
+    OutputError,
+    StateError,
+    TokenizerError,
+    UsageError,
+)
 
 log = logging.getLogger("bolmo_async")
 
@@ -240,7 +249,7 @@ class Worker:
             self.cancel()
         except BolmoError as exc:
             log.error("failed: %s", exc)
-            self._send(m.Failed(self.wid, unit, str(exc)))
+            self._send(m.Failed(self.wid, unit, str(exc), permanent=isinstance(exc, DecodeError)))
         except BaseException as exc:  # one file's bug (or a Rust panic) never stops the others
             log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
             self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))

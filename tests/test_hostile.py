@@ -352,6 +352,9 @@ def test_a_bad_file_fails_alone_and_the_run_says_so(tmp_path):
     with MirrorThread([repo]) as m, pytest.raises(FetchIncomplete) as info:
         bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=1.0, progress=False)
     assert list(info.value.failed) == ["data/b/array.json"] and "JSON array" in str(info.value)
+    # a rerun cannot fix this file: the advice says what does
+    assert "Rerun the same command" not in str(info.value) and "a rerun fails them again" in str(info.value)
+    assert "--allow-incomplete" in str(info.value)
     assert not (out / "data_sources.txt").exists()
     assert len(list((out / "staging").glob("*.arrow"))) == 1  # the good file is staged
 

@@ -32,6 +32,7 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)  # path -> reason
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
     engines: set[str] = field(default_factory=set)
+    permanent: set[str] = field(default_factory=set)  # failed paths a rerun fails again (unreadable files)
 
     def merge(self, other: RunResult) -> None:
         self.staged.update(other.staged)
@@ -39,6 +40,7 @@ class RunResult:
         self.failed.update(other.failed)
         self.shards.update(other.shards)
         self.engines |= other.engines
+        self.permanent |= other.permanent
 
 
 class Executor(Protocol):

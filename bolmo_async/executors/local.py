@@ -272,6 +272,8 @@ class Pool:
             case m.Failed():
                 member.tasks.discard(("file", msg.unit))
                 result.failed[self._spec.files[msg.unit].path] = msg.reason
+                if msg.permanent:
+                    result.permanent.add(self._spec.files[msg.unit].path)
                 if progress is not None:
                     progress.file_done()
                 return 1
