@@ -449,6 +449,7 @@ def validate_fetch_options(
     processes: int = 0,
     check_every: int = DEFAULT_CHECK_EVERY,
     max_document_bytes: int = 0,
+    eos_token_id: int | None = None,
 ) -> None:
     """Every fetch option checked before anything touches the network or the disk."""
     if tokenizer not in ("byte", "subword"):
@@ -469,6 +470,8 @@ def validate_fetch_options(
         raise UsageError(f"--check-every must be 0 (off) or more, got {check_every}")
     if max_document_bytes < 0:
         raise UsageError(f"--max-document-bytes must be 0 (the default) or more, got {max_document_bytes}")
+    if eos_token_id is not None and not 0 <= eos_token_id < 1 << 32:
+        raise UsageError(f"--eos-token-id must be a token id (0 or more, below 2**32), got {eos_token_id}")
 
 
 #: ``--engine auto`` runs the ``tokenizers`` reference itself on plans of fewer compressed bytes
@@ -584,6 +587,7 @@ def _fetch(
         processes=processes,
         check_every=check_every,
         max_document_bytes=max_document_bytes,
+        eos_token_id=eos_token_id,
     )
     ep = _endpoint(endpoint)
     existing = None if force else load_plan(out)
@@ -634,6 +638,15 @@ def _fetch(
             # The probe's reference engine serves only a worker on a thread of this process.
             forget_probed()
             release_free_memory(0)
+        if eos_token_id is not None and info.kind == "subword" and eos_token_id >= info.vocab_size:
+            log.warning(
+                "--eos-token-id %d is not one of %s's %d ids: every document will end with an id its vocabulary "
+                "(and a model's embedding sized to it) does not have; pass the tokenizer's own EOS id, or leave "
+                "the flag out",
+                eos_token_id,
+                tokenizer_identifier,
+                info.vocab_size,
+            )
         if engine == "auto" and info.kind == "subword" and _small(the_plan):
             # A smoke test: building fastokens (0.5 s a process) would cost more than it saves;
             # the reference gives the same ids.
@@ -983,6 +996,7 @@ _VALIDATED = (
     "processes",
     "check_every",
     "max_document_bytes",
+    "eos_token_id",
 )
 
 

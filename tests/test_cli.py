@@ -15,7 +15,7 @@ import bolmo_async
 from bolmo_async.errors import UsageError
 
 from .conftest import DOLMA2, needs_dolma2
-from .helpers import cli, run_cli
+from .helpers import cli, readme_bpe_json, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -377,3 +377,21 @@ def test_api_is_discoverable():
         assert name in names and getattr(bolmo_async, name).__doc__, name
     assert "sequence_length" in bolmo_async.inspect.__doc__
     assert "special_tokens_as_ids" in bolmo_async.fetch.__doc__
+
+
+def test_an_eos_id_outside_the_tokenizer_is_refused_or_named(tmp_path, mirror, caplog):
+    """A negative EOS is a usage error before anything runs (it was a TokenizerError after the
+    listing); one past the vocabulary is allowed (a model may have more embeddings) but said."""
+    with pytest.raises(UsageError, match=r"--eos-token-id must be a token id .* got -5"):
+        bolmo_async.fetch(tmp_path / "o", tokenizer="subword", eos_token_id=-5)
+    assert not (tmp_path / "o").exists()
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(readme_bpe_json())
+    with caplog.at_level(logging.WARNING, "bolmo_async"):
+        bolmo_async.fetch(
+            tmp_path / "o", endpoint=mirror.endpoint, data_fraction=0.05, tokenizer="subword",
+            tokenizer_identifier=str(tok), eos_token_id=50, engine="tokenizers", progress=False,
+        )  # fmt: skip
+    assert any(
+        "--eos-token-id 50 is not one of" in r.getMessage() and "7 ids" in r.getMessage() for r in caplog.records
+    )
