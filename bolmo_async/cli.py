@@ -285,9 +285,23 @@ def _unexpected(exc: Exception, resumes: bool) -> Any:
     raise typer.Exit(1) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"bolmo-async {version('bolmo-async')}")
+        except PackageNotFoundError:  # a checkout run without installing it
+            typer.echo("bolmo-async (not installed: a checkout)")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     scratch_dir: str | None = typer.Option(
         None,
         "--scratch-dir",
@@ -625,7 +639,12 @@ def prepare_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    output_dir: str = typer.Argument(..., metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."),
+    folder: str | None = typer.Argument(
+        None, metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."
+    ),
+    output_dir_option: str | None = typer.Option(
+        None, "--output-dir", "-o", help="The same folder, as the other commands take it (OUTPUT_DIR or this)."
+    ),
     decode: int = typer.Option(0, "--decode", min=0, help="Print the first N documents decoded back to text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     sequence_length: int | None = typer.Option(
@@ -638,6 +657,15 @@ def inspect_cmd(
     verbose: bool = VERBOSE,
 ) -> None:
     """Shard table, size/XXH3-128 checks against the manifest and data_sources.txt, decoded documents."""
+    if folder is not None and output_dir_option is not None and folder != output_dir_option:
+        raise typer.BadParameter(
+            f"two folders given ({folder} and -o {output_dir_option}): name one", param_hint="OUTPUT_DIR / --output-dir"
+        )
+    output_dir = folder if folder is not None else output_dir_option
+    if output_dir is None:
+        raise typer.BadParameter(
+            "name the output folder: bolmo-async inspect DIR (or -o DIR)", param_hint="OUTPUT_DIR / --output-dir"
+        )
     rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length), resumes=False)
     if as_json:
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))

@@ -395,3 +395,17 @@ def test_an_eos_id_outside_the_tokenizer_is_refused_or_named(tmp_path, mirror, c
     assert any(
         "--eos-token-id 50 is not one of" in r.getMessage() and "7 ids" in r.getMessage() for r in caplog.records
     )
+
+
+def test_inspect_takes_the_folder_as_the_other_commands_do_and_version(tmp_path):
+    """`inspect -o D` (every other command takes -o) was "No such option: -o"."""
+    missing = tmp_path / "nothing"
+    for args in (["inspect", str(missing)], ["inspect", "-o", str(missing)], ["inspect", "--output-dir", str(missing)]):
+        r = run_cli(*args)
+        assert r.returncode == 1 and "does not exist" in r.stderr, (args, r.stderr)
+    r = run_cli("inspect", str(missing), "-o", str(tmp_path / "other"))
+    assert r.returncode == 2 and "two folders given" in r.stderr
+    r = run_cli("inspect")
+    assert r.returncode == 2 and "name the output folder" in r.stderr
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("bolmo-async ")
