@@ -490,3 +490,13 @@ def test_a_second_run_on_a_busy_bucket_folder_is_refused(s3: S3, repos) -> None:
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert second.returncode != 0 and len(lines) == 1 and "another bolmo-async run" in lines[0], second.stderr
     assert "data_sources.txt" in _names(s3) and ".bolmo-async.lock" not in _names(s3)
+
+
+@pytest.mark.parametrize("setting", ["BOLMO_ASYNC_LEASE=abc", "BOLMO_ASYNC_LEASE=-5", "BOLMO_ASYNC_SCRATCH_CACHE=lots"])
+def test_a_setting_that_is_no_number_is_one_line(setting: str) -> None:
+    """Was "unexpected ValueError ... rerun"; a negative lease would have made every lease stale."""
+    name, _, value = setting.partition("=")
+    r = _cli("plan", "-o", "s3://bucket/run", env={name: value})
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {name}={value!r}: takes") and "unset it" in r.stderr, (
+        r.stderr
+    )

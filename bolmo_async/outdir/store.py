@@ -61,10 +61,30 @@ T = TypeVar("T")
 PART = 8 << 20
 #: Parts of one upload in flight at once (memory per open object: about (1 + this) * PART).
 UPLOAD_CONCURRENCY = 4
+#: Environment settings that are not usable numbers (refused when a store is opened).
+_BAD_SETTINGS: list[str] = []
+
+
+def _setting(name: str, default: float, what: str, zero_ok: bool = False) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+        if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+            raise ValueError
+    except ValueError:
+        _BAD_SETTINGS.append(f"{name}={raw!r}: {what} (unset it for the default, {int(default)})")
+        return default
+    return value
+
+
 #: Seconds a lock or claim lives without its heartbeat (BOLMO_ASYNC_LEASE).
-LEASE = float(os.environ.get("BOLMO_ASYNC_LEASE", "60"))
+LEASE = _setting("BOLMO_ASYNC_LEASE", 60.0, "takes the seconds a lease lives, a positive number")
 #: The scratch cache of staged objects being read, in bytes (BOLMO_ASYNC_SCRATCH_CACHE).
-CACHE_BYTES = int(float(os.environ.get("BOLMO_ASYNC_SCRATCH_CACHE", str(2 << 30))))
+CACHE_BYTES = int(
+    _setting("BOLMO_ASYNC_SCRATCH_CACHE", float(2 << 30), "takes bytes, 0 or more (0: no cache)", zero_ok=True)
+)
 SHARES = LOCK + ".shares"
 #: Statuses in an error message that are worth another attempt.
 _TRANSIENT_STATUS = re.compile(
@@ -323,6 +343,8 @@ class StoreDir(OutputDir):
     local = False
 
     def __init__(self, location: str):
+        if _BAD_SETTINGS:
+            raise UsageError("; ".join(_BAD_SETTINGS) + ".")
         scheme, _, rest = location.partition("://")
         self.scheme = scheme.lower()
         bucket, _, prefix = rest.partition("/")
