@@ -838,8 +838,42 @@ def finalize(
     delete ``staging/`` (only after a complete finalize)."""
     out = open_output(output_dir)
     write_shards = choose(processes=1, ray=True, ray_address=ray_address).write_shards if ray else None
+    _something_staged(out)
     manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=allow_incomplete, write_shards=write_shards)
     return _drop_staging(out, manifest) if drop_staging else manifest
+
+
+def _staged_any(out: OutputDir) -> bool:
+    try:
+        _something_staged(out)
+    except StateError:
+        return False
+    return True
+
+
+def _something_staged(out: OutputDir) -> None:
+    """A finalize needs at least one staged file: with none, ``--allow-incomplete`` would replace
+    the output (a finished one, whose staging ``--drop-staging`` removed) with an empty one."""
+    the_plan = load_plan(out)
+    if the_plan is None:
+        return  # finalize_dir says what is missing
+    staging = Staging(out)
+    if any(staging.done(pf) is not None for pf in the_plan.files):
+        return
+    try:
+        finished = bool(json.loads(out.read_bytes(MANIFEST) or b"{}").get("complete"))
+    except (ValueError, AttributeError):
+        finished = False
+    why = (
+        f"none of {out}'s {len(the_plan.files)} planned file(s) is staged: its staging was removed "
+        "(--drop-staging) after a complete finalize, so the shards there cannot be remade from it"
+        if finished
+        else f"none of {out}'s {len(the_plan.files)} planned file(s) is staged yet"
+    )
+    raise StateError(
+        f"{why}. Run `bolmo-async fetch --output-dir {out}` first{' (it fetches them again)' if finished else ''}, "
+        "then finalize; --allow-incomplete would write an empty output."
+    )
 
 
 def _drop_staging(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -938,7 +972,7 @@ def prepare(
             **options,
         )
     except FetchIncomplete:
-        if allow_incomplete and out.exists_file(RUN_STATE):
+        if allow_incomplete and out.exists_file(RUN_STATE) and _staged_any(out):
             manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
             log.warning(
                 "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",

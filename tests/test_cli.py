@@ -15,7 +15,7 @@ import bolmo_async
 from bolmo_async.errors import UsageError
 
 from .conftest import DOLMA2, needs_dolma2
-from .helpers import cli, readme_bpe_json, run_cli
+from .helpers import cli, readme_bpe_json, run_cli, shard_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -409,3 +409,24 @@ def test_inspect_takes_the_folder_as_the_other_commands_do_and_version(tmp_path)
     assert r.returncode == 2 and "name the output folder" in r.stderr
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("bolmo-async ")
+
+
+def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
+    """After --drop-staging, finalize's advice used to include --allow-incomplete, which then wrote
+    0 shards and an empty data_sources.txt over the finished output, exit 0."""
+    out = tmp_path / "o"
+    done = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, drop_staging=True, progress=False)
+    listed = (out / "data_sources.txt").read_text()
+    for allow in (False, True):
+        with pytest.raises(
+            bolmo_async.BolmoError, match=r"its staging was removed \(--drop-staging\).*fetch --output-dir"
+        ):
+            bolmo_async.finalize(out, max_tokens_per_file=5000, allow_incomplete=allow)
+    assert (out / "data_sources.txt").read_text() == listed and shard_hashes(done)  # the shards are all there
+    assert json.loads((out / "manifest.json").read_text())["shards"] == done["shards"]
+    bolmo_async.plan(tmp_path / "new", endpoint=mirror.endpoint)
+    r = run_cli("finalize", "-o", str(tmp_path / "new"), "--allow-incomplete")
+    assert r.returncode == 1 and "is staged yet. Run `bolmo-async fetch" in r.stderr and "again" not in r.stderr, (
+        r.stderr
+    )
+    assert not (tmp_path / "new" / "data_sources.txt").exists()
