@@ -396,3 +396,17 @@ def test_an_incomplete_finalize_says_what_finishes_it(mirror, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"`bolmo-async fetch --output-dir {out}` (or the missing --worker shares) fetches them" in r.stdout
     assert "rerun the same command" not in r.stdout and "export DATA_SOURCE" not in r.stdout
+
+
+def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, monkeypatch):
+    """`auto` with no cluster recorded on this machine (and no RAY_ADDRESS): named, before Ray."""
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    from bolmo_async.executors.ray import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records its cluster: nothing here
+    with pytest.raises(UsageError, match=r"--ray-address auto: no Ray cluster was started on this machine"):
+        cluster_address("auto")
+    assert cluster_address(None) == (None, "--ray-address None")  # a local Ray: nothing to probe
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address("auto") == ("10.0.0.1:6379", "RAY_ADDRESS=10.0.0.1:6379")

@@ -161,9 +161,14 @@ class _Session:
                 probe_cluster(target, label)  # bounded: ray.init would retry for minutes
             try:
                 self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
-            except (ConnectionError, ValueError) as exc:  # Ray's own refusals of an address
+            except (ConnectionError, ValueError, RuntimeError) as exc:  # Ray's own refusals of a cluster
                 if target is None and self.address is None:
                     raise
+                if isinstance(exc, RuntimeError):  # e.g. the cluster runs another Ray or Python version
+                    raise UsageError(
+                        f"{label}: Ray would not join the cluster ({_short(exc)}); run the same Ray "
+                        f"({self.ray.__version__}) and Python versions here as on the cluster."
+                    ) from None
                 raise UsageError(f"{label}: {_short(exc)}; {_fix(label)}") from None
             self.started = True
         return self.ray
