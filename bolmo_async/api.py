@@ -307,7 +307,7 @@ def _plan(
     """``plan``, and whether the repo was listed just now."""
     validate_fraction(data_fraction)
     out = open_output(output_dir)
-    if force:
+    if force and out.is_output():  # (a folder that holds no run of ours keeps what it holds: raw/ of the user's...)
         out.reset()
     existing = load_plan(out)
     if existing is not None:

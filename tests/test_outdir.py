@@ -379,3 +379,19 @@ def test_a_path_the_os_refuses_by_name_is_a_usage_error_naming_the_name(tmp_path
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "300 bytes long" in r.stderr, r.stderr
     r = run_cli("--scratch-dir", str(tmp_path / long), "inspect", "s3://bucket/run")
     assert r.returncode == 2 and r.stderr.startswith("error: --scratch-dir") and "300 bytes" in r.stderr, r.stderr
+
+
+def test_force_on_a_folder_that_holds_no_run_deletes_nothing(tmp_path, mirror):
+    """`-o .` in a project with --force removed the project's own raw/ and tokenizer/ folders
+    (the names a run uses): --force resets only a folder that holds a run (a plan, a run state
+    or a manifest)."""
+    project = tmp_path / "project"
+    for rel in ("raw/data.txt", "tokenizer/tok.json", "staging/notes.md"):
+        (project / rel).parent.mkdir(parents=True)
+        (project / rel).write_text("mine")
+    bolmo_async.plan(project, endpoint=mirror.endpoint, force=True)
+    assert all(
+        (project / rel).read_text() == "mine" for rel in ("raw/data.txt", "tokenizer/tok.json", "staging/notes.md")
+    )
+    bolmo_async.plan(project, endpoint=mirror.endpoint, force=True, seed=7)  # now it holds a run: reset
+    assert not (project / "raw").exists() and (project / "plan.json").exists()
