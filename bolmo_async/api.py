@@ -233,6 +233,8 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
             if create:
                 out.create()
             elif not out.exists():
+                if out.local and os.path.lexists(out.location):
+                    raise UsageError(f"--output-dir {out}: a file, not an output folder; name the folder of a run.")
                 return fn(*args, **kwargs)  # nothing there to protect; fn says what is missing
             try:
                 with out.lock(shared=kwargs.get("worker") is not None):

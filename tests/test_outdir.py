@@ -395,3 +395,16 @@ def test_force_on_a_folder_that_holds_no_run_deletes_nothing(tmp_path, mirror):
     )
     bolmo_async.plan(project, endpoint=mirror.endpoint, force=True, seed=7)  # now it holds a run: reset
     assert not (project / "raw").exists() and (project / "plan.json").exists()
+
+
+def test_the_root_folder_and_a_file_are_no_output_folders(tmp_path):
+    """-o "$DIR/" with DIR unset is -o /: plan.json and the staging went into the filesystem's root."""
+    from bolmo_async.outdir import open_output
+
+    for root in ("/", "//", "/.."):
+        with pytest.raises(errors.UsageError, match="filesystem's root"):
+            open_output(root)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(errors.UsageError, match="a file, not an output folder"):
+        bolmo_async.finalize(a_file)  # was "has no plan.json: run fetch first"

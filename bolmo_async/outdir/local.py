@@ -301,6 +301,11 @@ class LocalDir(OutputDir):
         check_path_names(os.path.expanduser(os.fspath(location)))
         self.root = Path(location).expanduser().resolve()
         check_path_names(str(self.root))  # (a link resolved to a long path)
+        if self.root == Path(self.root.anchor):
+            raise UsageError(
+                f"--output-dir {os.fspath(location)}: that is the filesystem's root (an unset variable in "
+                '-o "$DIR/"?); name a folder of its own, e.g. -o ./bolmo_out.'
+            )
         self.location = str(self.root)
         self._created = False
 
