@@ -698,8 +698,10 @@ def inspect_cmd(
 def mirror_serve(
     folder: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder to serve as the dataset repo."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(0, "--port", help="Port (0: a free one)."),
-    cdn_port: int = typer.Option(0, "--cdn-port", help="Port of the CDN stand-in that LFS files redirect to."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one)."),
+    cdn_port: int = typer.Option(
+        0, "--cdn-port", min=0, max=65535, help="Port of the CDN stand-in that LFS files redirect to."
+    ),
     repo_id: str = typer.Option(DEFAULT_REPO_ID, "--repo-id", help="Dataset repo id to serve the folder as."),
     model_repo: list[str] = typer.Option(
         [], "--model-repo", help="Also serve REPO_ID=FOLDER as a model repo (e.g. a tokenizer)."

@@ -12,6 +12,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID
 
+from .helpers import run_cli
+
 
 def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -191,3 +193,11 @@ def test_sample_is_deterministic_and_has_the_edge_documents(tmp_path):
     import zstandard
 
     assert b'"text": ""' in zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+
+
+def test_mirror_serve_refuses_a_port_out_of_range(sample_dir):
+    for flag in ("--port", "--cdn-port"):
+        r = run_cli("mirror", "serve", str(sample_dir), flag, "99999", timeout=60)
+        assert r.returncode == 2 and "is not in the range 0<=x<=65535" in r.stderr and "Traceback" not in r.stderr, (
+            r.stderr
+        )
