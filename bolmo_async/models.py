@@ -174,10 +174,17 @@ class Selection:
             raise UsageError(f"--source-depth must be an integer, got {self.source_depth!r}")
         if self.source_depth is not None and self.source_depth < 1:
             raise UsageError(f"--source-depth must be 1 or more, got {self.source_depth}")
+        seen: dict[str, Any] = {}
         for name, fraction in self.source_fractions:
             if not name or name.startswith("/"):
                 raise UsageError(f"--source-fraction takes SOURCE=F with a source folder, got {name!r}")
             validate_fraction(fraction, flag=f"--source-fraction {name}")
+            key = name.strip("/")
+            if key in seen and seen[key] != fraction:
+                raise UsageError(
+                    f"--source-fraction {key} is given twice ({seen[key]:g} and {fraction:g}): give each source once."
+                )
+            seen[key] = fraction
         for field_name, flag in ((self.text_field, "--text-field"), (self.id_field, "--id-field")):
             if not field_name or not isinstance(field_name, str):
                 raise UsageError(f"{flag} must be a field name, got {field_name!r}")

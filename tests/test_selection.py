@@ -138,3 +138,10 @@ def test_cli_code_only_slice_and_math_heavy_mix(tmp_path, mirror):
         "plan", "-o", str(tmp_path / "bad"), "--endpoint", mirror.endpoint, "--source-fraction", "data/nope=0.5"
     )
     assert r.returncode == 2 and "no such source" in r.stderr and "data/finemath" in r.stderr
+
+
+def test_a_source_given_two_fractions_is_refused():
+    """Which of the two won depended on their sorted order, not the command line's."""
+    with pytest.raises(UsageError, match=r"--source-fraction data/arxiv is given twice \(0.5 and 0.7\)"):
+        Selection(source_fractions=(("data/arxiv", 0.5), ("data/arxiv/", 0.7)))
+    assert Selection(source_fractions=(("data/arxiv", 0.5), ("data/arxiv", 0.5))).source_fractions  # the same: fine
