@@ -866,11 +866,12 @@ def _something_staged(out: OutputDir) -> None:
         finished = bool(json.loads(out.read_bytes(MANIFEST) or b"{}").get("complete"))
     except (ValueError, AttributeError):
         finished = False
+    n = len(the_plan.files)
     why = (
-        f"none of {out}'s {len(the_plan.files)} planned file(s) is staged: its staging was removed "
-        "(--drop-staging) after a complete finalize, so the shards there cannot be remade from it"
+        f"{n} of {n} planned file(s) are not staged: the staging of {out}'s finished output is gone "
+        "(--drop-staging removes it), so its shards cannot be remade from it"
         if finished
-        else f"none of {out}'s {len(the_plan.files)} planned file(s) is staged yet"
+        else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
     raise StateError(
         f"{why}. Run `bolmo-async fetch --output-dir {out}` first{' (it fetches them again)' if finished else ''}, "

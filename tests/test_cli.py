@@ -419,14 +419,15 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     listed = (out / "data_sources.txt").read_text()
     for allow in (False, True):
         with pytest.raises(
-            bolmo_async.BolmoError, match=r"its staging was removed \(--drop-staging\).*fetch --output-dir"
+            bolmo_async.BolmoError,
+            match=r"the staging of .* finished output is gone \(--drop-staging removes it\).*fetch --output-dir",
         ):
             bolmo_async.finalize(out, max_tokens_per_file=5000, allow_incomplete=allow)
     assert (out / "data_sources.txt").read_text() == listed and shard_hashes(done)  # the shards are all there
     assert json.loads((out / "manifest.json").read_text())["shards"] == done["shards"]
     bolmo_async.plan(tmp_path / "new", endpoint=mirror.endpoint)
     r = run_cli("finalize", "-o", str(tmp_path / "new"), "--allow-incomplete")
-    assert r.returncode == 1 and "is staged yet. Run `bolmo-async fetch" in r.stderr and "again" not in r.stderr, (
+    assert r.returncode == 1 and "are not staged yet. Run `bolmo-async fetch" in r.stderr and "again" not in r.stderr, (
         r.stderr
     )
     assert not (tmp_path / "new" / "data_sources.txt").exists()
