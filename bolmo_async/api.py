@@ -464,8 +464,8 @@ def validate_fetch_options(
         raise UsageError(f"--connections must be between 1 and 1024, got {connections}")
     if retries < 1:
         raise UsageError(f"--retries must be at least 1, got {retries}")
-    if not read_timeout > 0:
-        raise UsageError(f"--read-timeout must be a positive number of seconds, got {read_timeout}")
+    if not 0 < read_timeout < float("inf"):  # inf: a stalled download would hang the run for good
+        raise UsageError(f"--read-timeout must be a positive, finite number of seconds, got {read_timeout}")
     if processes < 0:
         raise UsageError(f"--processes must be 0 (one per usable core) or more, got {processes}")
     if check_every < 0:

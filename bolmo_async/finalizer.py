@@ -497,6 +497,25 @@ ShardWriting = Callable[
 ]
 
 
+#: The option behind a skip reason, for the message when every document was skipped.
+_SKIP_FLAGS = {
+    "document_too_large": "every document was over --max-document-bytes: raise it",
+    "missing_text": "no record had the text field: name the right one with --text-field",
+    "empty_text": "every text was empty: check --text-field",
+}
+
+
+def _no_documents_hint(skips: SkipCounter, text_field: str) -> str:
+    """What to check when a complete run gave no documents, led by the main skip reason."""
+    main = max(skips.counts.items(), key=lambda kv: (kv[1], kv[0]))[0] if skips.counts else ""
+    if main in _SKIP_FLAGS:
+        return f"Most were {main}: {_SKIP_FLAGS[main]}."
+    return (
+        f"Check --repo-id and the files' format (JSON lines with a {text_field!r} field, or parquet with a "
+        f"{text_field!r} column: --text-field)."
+    )
+
+
 def finalize_dir(
     output_dir: OutputDir | str | os.PathLike[str],
     max_tokens_per_file: int | None = None,
@@ -532,7 +551,7 @@ def finalize_dir(
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise StateError(
             f"{len(missing)} of {len(plan.files)} planned files are not staged yet:\n  {shown}\n"
-            "Run `bolmo-async fetch` again (or the missing --worker shares) to finish them, or pass "
+            f"Run `bolmo-async fetch --output-dir {out}` again (or the missing --worker shares) to finish them, or pass "
             "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
     fingerprint = state["tokenizer"]["fingerprint"]
@@ -592,9 +611,8 @@ def finalize_dir(
     if complete and not docs:
         raise StateError(
             f"the plan's {len(plan.files)} file(s) gave no documents at all (skipped: "
-            f"{dict(sorted(skips.counts.items())) or 'none'}); no {DATA_SOURCES} was written. Check --repo-id and "
-            f"the files' format (JSON lines with a {plan.selection.text_field!r} field, or parquet with a "
-            f"{plan.selection.text_field!r} column: --text-field)."
+            f"{dict(sorted(skips.counts.items())) or 'none'}); no {DATA_SOURCES} was written. "
+            + _no_documents_hint(skips, plan.selection.text_field)
         )
     out.write_text(MANIFEST, json.dumps(manifest, indent=1) + "\n")
     # Shards of an earlier, larger finalize go, and data_sources.txt names exactly these shards:

@@ -134,7 +134,12 @@ def test_help_matches_the_cli():
     assert "<bool>" not in r.stdout and "'bolmo-async[ray]'" in r.stdout
     assert "byte | subword" in r.stdout and "auto | fastokens | tokenizers | tiktoken" in r.stdout
     assert "OUTPUT_DIR" in run_cli("inspect", "--help").stdout
-    for args in (["inspect", ".", "--decode", "-1"], ["fetch", "-o", "x", "--read-timeout", "0"]):
+    for args in (
+        ["inspect", ".", "--decode", "-1"],
+        ["fetch", "-o", "x", "--read-timeout", "0"],
+        ["fetch", "-o", "x", "--read-timeout", "inf"],  # a stall would never be noticed
+        ["fetch", "-o", "x", "--read-timeout", "nan"],
+    ):
         r = run_cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
 

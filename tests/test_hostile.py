@@ -759,3 +759,29 @@ def test_a_2_gib_decompression_bomb_is_skipped_within_memory_and_a_minute(tmp_pa
     assert totals["skipped_documents"] == skips and totals["documents"] == 100
     assert took < 60, f"{took:.0f} s"
     assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize(
+    ("lines", "flag"),
+    [
+        ([{"text": "x" * 5000}, {"text": "y" * 6000}], "--max-document-bytes"),
+        ([{"body": "no text field here"}, {"body": "nor here"}], "--text-field"),
+    ],
+)
+def test_a_run_whose_every_document_was_skipped_names_the_flag_behind_it(tmp_path, lines, flag):
+    """Nothing left after the skips: the one line names the option behind the main skip reason,
+    not a generic 'check --repo-id' that sends the user after the wrong thing."""
+    from .helpers import run_cli
+
+    d = tmp_path / "repo" / "data" / "src"
+    d.mkdir(parents=True)
+    (d / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        done = run_cli(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "1",
+            "--processes", "1", "--max-document-bytes", "1000", "--no-progress",
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "gave no documents at all" in done.stderr and flag in done.stderr.splitlines()[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o" / "data_sources.txt").exists()
