@@ -138,7 +138,7 @@ async def stream(
                 headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
             buf = bytearray()
             try:
-                async with client.session.get(
+                async with client.get(
                     target, headers=headers, allow_redirects=False, timeout=policy.timeout()
                 ) as r:
                     if r.status in (301, 302, 303, 307, 308):
@@ -585,7 +585,7 @@ async def resolve(client: HubClient, url: str, what: str) -> str | None:
     itself, and meets and reports the same error. 429s and 5xx are retried as everywhere."""
 
     async def attempt() -> str | None:
-        async with client.session.get(
+        async with client.get(
             url, headers=client.headers_for(url), allow_redirects=False, timeout=client.retry.timeout()
         ) as r:
             if r.status in (301, 302, 303, 307, 308):

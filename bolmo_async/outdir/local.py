@@ -23,7 +23,7 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,15 @@ class LocalNewFile:
 
 _held: set[str] = set()  # folder locks this process holds (prepare runs plan, fetch, finalize inside)
 _held_guard = threading.Lock()
+
+
+def _entries(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
+    """The entries of ``folder`` whose names ``keep`` accepts ([] when it is not a folder)."""
+    try:
+        with os.scandir(folder) as it:
+            return [folder / e.name for e in it if keep(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _open_nofollow(path: Path, flags: int) -> int:
@@ -544,13 +553,16 @@ class LocalDir(OutputDir):
         return self.root / RAW / key.split("-")[0]
 
     def clean_temporaries(self, key: str) -> int:
+        # Names matched by hand over one scandir (the globs they replace compiled a pattern and
+        # made a Path per entry of the whole staging folder, for every file of the run).
         n = 0
         staging = self.root / STAGING
-        leftovers = list(staging.glob(f".{key}.*.tmp")) if staging.is_dir() else []
+        prefix = f".{key}."
+        leftovers = _entries(staging, lambda e: e.startswith(prefix) and e.endswith(".tmp") and len(e) >= len(prefix) + 4)
         scratch = self.scratch(key)
-        if scratch.is_dir() and not scratch.is_symlink():
-            leftovers += scratch.glob(".*.tmp")
-            leftovers += scratch.glob(f".{key}.whole")
+        if not scratch.is_symlink():
+            whole = f".{key}.whole"
+            leftovers += _entries(scratch, lambda e: e == whole or (e.startswith(".") and e.endswith(".tmp") and len(e) >= 5))
         for p in leftovers:
             with contextlib.suppress(OSError):
                 p.unlink()
