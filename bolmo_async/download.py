@@ -138,9 +138,7 @@ async def stream(
                 headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
             buf = bytearray()
             try:
-                async with client.get(
-                    target, headers=headers, allow_redirects=False, timeout=policy.timeout()
-                ) as r:
+                async with client.get(target, headers=headers, allow_redirects=False, timeout=policy.timeout()) as r:
                     if r.status in (301, 302, 303, 307, 308):
                         loc = r.headers.get("Location")
                         redirects += 1

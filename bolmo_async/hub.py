@@ -125,7 +125,12 @@ class HubClient:
         ``trust_env`` would, but read once per client instead of on every request."""
         if self._net is None:
             self._net = await asyncio.to_thread(_EnvNet)
-        async with self.session.get(url, headers=headers, **self._net.options(url, headers), **kw) as r:
+        opts = self._net.options(url, headers)
+        if "headers" in opts:
+            opts = {**opts, "headers": {**headers, **opts["headers"]}}
+        else:
+            opts = {**opts, "headers": headers}
+        async with self.session.get(url, **opts, **kw) as r:
             yield r
 
     # -- URLs and headers ----------------------------------------------------------------
@@ -338,7 +343,9 @@ class _EnvNet:
                 opts.update(proxy=info.proxy, proxy_auth=info.proxy_auth)
             if self.netrc is not None and not authorized:
                 with contextlib.suppress(LookupError):
-                    opts["auth"] = aiohttp.helpers.basicauth_from_netrc(self.netrc, u.host)
+                    opts["headers"] = {
+                        "Authorization": aiohttp.helpers.basicauth_from_netrc(self.netrc, u.host).encode()
+                    }
             self._hosts[key] = opts
         return opts
 

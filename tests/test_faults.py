@@ -345,6 +345,27 @@ def test_listing_changed_under_pinned_commit_is_detected(repos, sample_dir, tmp_
 TOKEN = "hf_secret_token_do_not_leak_123"
 
 
+def test_netrc_is_honoured_and_a_token_next_to_it_wins(repos, tmp_path, monkeypatch):
+    """~/.netrc and the proxy variables keep aiohttp's ``trust_env`` rules, read once per run
+    instead of on every request: a netrc entry for the Hub's host is sent where there is no token;
+    with a token, the token (aiohttp refused the pair: "Cannot combine AUTHORIZATION header with
+    AUTH argument", so a netrc entry for the Hub ended every authenticated run)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # bypassed by NO_PROXY, as before
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with MirrorThread(repos) as m:
+        assert "127.0.0.1" in m.endpoint
+        manifest = bolmo_async.prepare(tmp_path / "a", endpoint=m.endpoint, data_fraction=0.2, progress=False)
+        assert manifest["complete"] and m.hub_authorized > 0
+    with MirrorThread(repos, token=TOKEN) as m:
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        manifest = bolmo_async.prepare(tmp_path / "b", endpoint=m.endpoint, data_fraction=0.2, progress=False)
+        assert manifest["complete"] and m.hub_authorized > 0
+
+
 def test_token_goes_to_the_hub_only_and_is_never_written(repos, tmp_path, monkeypatch):
     out = tmp_path / "o"
     with MirrorThread(repos, token=TOKEN) as m:
