@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,35 @@ def test_the_root_folder_and_a_file_are_no_output_folders(tmp_path):
     a_file.write_text("x")
     with pytest.raises(errors.UsageError, match="a file, not an output folder"):
         bolmo_async.finalize(a_file)  # was "has no plan.json: run fetch first"
+
+
+def test_cleaning_a_files_temporaries_lists_the_staging_folder_once_not_once_per_file(tmp_path, monkeypatch):
+    """A run of N files used to list ``staging/`` (2N names) for every file: N x 2N names. Now
+    one listing serves a second's worth of files; each file still loses only its own leftovers,
+    and one left after that listing goes at the next (here: a listing at most 0 s old)."""
+    from bolmo_async.outdir import local
+    from bolmo_async.outdir.base import staged_name
+
+    od = local.LocalDir(tmp_path / "o")
+    od.create()
+    keys = [f"{k:020x}" for k in range(50)]
+    for key in keys:
+        od.write_text(staged_name(key), "staged")
+    dead = [od.new_file(staged_name(key)) for key in keys[:2]]  # what a killed run leaves
+    for w in dead:
+        w.write(b"partial")
+        w.flush()
+    listings = []
+    real = local._names
+    monkeypatch.setattr(local, "_names", lambda folder: listings.append(folder) or real(folder))
+    assert od.clean_temporaries(keys[1]) == 1
+    assert [Path(w.tmp).exists() for w in dead] == [True, False]  # type: ignore[attr-defined]
+    assert sum(od.clean_temporaries(key) for key in keys) == 1
+    assert not Path(dead[0].tmp).exists()  # type: ignore[attr-defined]
+    assert sum(folder.name == "staging" for folder in listings) == 1
+    monkeypatch.setattr(local, "_TMP_LIST_AGE", 0.0)
+    late = od.new_file(staged_name(keys[3]))
+    late.write(b"partial")
+    late.flush()
+    time.sleep(0.01)
+    assert od.clean_temporaries(keys[3]) == 1 and not Path(late.tmp).exists()  # type: ignore[attr-defined]

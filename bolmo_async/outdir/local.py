@@ -23,6 +23,7 @@ import secrets
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,13 +239,22 @@ _held: set[str] = set()  # folder locks this process holds (prepare runs plan, f
 _held_guard = threading.Lock()
 
 
-def _entries(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
-    """The entries of ``folder`` whose names ``keep`` accepts ([] when it is not a folder)."""
+def _names(folder: Path) -> list[str]:
+    """The names in ``folder`` ([] when it is not a folder)."""
     try:
-        with os.scandir(folder) as it:
-            return [folder / e.name for e in it if keep(e.name)]
+        return os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _entries(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
+    """The entries of ``folder`` whose names ``keep`` accepts."""
+    return [folder / name for name in _names(folder) if keep(name)]
+
+
+#: Seconds a listing of ``staging/``'s temporaries is reused for (``LocalDir._staging_temporaries``).
+_TMP_LIST_AGE = 1.0
+_tmp_guard = threading.Lock()
 
 
 def _open_nofollow(path: Path, flags: int) -> int:
@@ -317,6 +327,7 @@ class LocalDir(OutputDir):
             )
         self.location = str(self.root)
         self._created = False
+        self._tmp_listing: tuple[float, float, list[str]] | None = None  # when, its cost, names
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -553,21 +564,40 @@ class LocalDir(OutputDir):
         return self.root / RAW / key.split("-")[0]
 
     def clean_temporaries(self, key: str) -> int:
-        # Names matched by hand over one scandir (the globs they replace compiled a pattern and
-        # made a Path per entry of the whole staging folder, for every file of the run).
         n = 0
         staging = self.root / STAGING
         prefix = f".{key}."
-        leftovers = _entries(staging, lambda e: e.startswith(prefix) and e.endswith(".tmp") and len(e) >= len(prefix) + 4)
+        leftovers = [
+            staging / t for t in self._staging_temporaries() if t.startswith(prefix) and len(t) >= len(prefix) + 4
+        ]
         scratch = self.scratch(key)
         if not scratch.is_symlink():
             whole = f".{key}.whole"
-            leftovers += _entries(scratch, lambda e: e == whole or (e.startswith(".") and e.endswith(".tmp") and len(e) >= 5))
+            leftovers += _entries(
+                scratch, lambda e: e == whole or (e.startswith(".") and e.endswith(".tmp") and len(e) >= 5)
+            )
         for p in leftovers:
             with contextlib.suppress(OSError):
                 p.unlink()
                 n += 1
         return n
+
+    def _staging_temporaries(self) -> list[str]:
+        """The temporaries' names in ``staging/``, from a listing at most ``_TMP_LIST_AGE`` old (and
+        at most about 5% of the time spent listing). Listing the folder for every file, as this
+        did, made a run of N files read N x 2N names: quadratic (10,000 files: 200M entries).
+        Leftovers of killed runs are there before this run lists; one killed while this run goes
+        on is seen at the next listing, or by the next run (names are unique per writer, so a
+        stale name never points to someone else's new file)."""
+        now = time.monotonic()
+        with _tmp_guard:
+            listed = self._tmp_listing
+            if listed is not None and now - listed[0] < max(_TMP_LIST_AGE, 20 * listed[1]):
+                return listed[2]
+        names = [e for e in _names(self.root / STAGING) if e.startswith(".") and e.endswith(".tmp")]
+        with _tmp_guard:
+            self._tmp_listing = (now, time.monotonic() - now, names)
+        return names
 
     def staging_bytes(self) -> int:
         d = self.root / STAGING
