@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,11 @@ def readme_bpe_json() -> str:
         },
     }
     return json.dumps(spec)
+
+
+def wait_for_endpoint(ready: Path, seconds: float = 10.0) -> str:
+    """The endpoint a `mirror serve --ready-file READY` wrote once it listens."""
+    deadline = time.monotonic() + seconds
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ready.read_text().strip()

@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID
 
-from .helpers import run_cli
+from .helpers import run_cli, wait_for_endpoint
 
 
 def _sha256(p: Path) -> str:
@@ -129,7 +129,6 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
     """`mirror sample` then `mirror serve` as a user runs them; HfApi lists and downloads in full."""
     import subprocess
     import sys
-    import time
 
     d = tmp_path / "s"
     subprocess.run(
@@ -143,11 +142,7 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
         stdout=subprocess.DEVNULL,
     )
     try:
-        for _ in range(200):
-            if ready.exists():
-                break
-            time.sleep(0.05)
-        endpoint = ready.read_text().strip()
+        endpoint = wait_for_endpoint(ready)
         assert endpoint.startswith("http://127.0.0.1:")
         api = HfApi(endpoint=endpoint)
         files = [

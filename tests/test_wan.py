@@ -24,6 +24,8 @@ from bolmo_async.planner import load_plan
 from bolmo_async.retry import RetryPolicy
 from bolmo_async.staging import Staging
 
+from .helpers import wait_for_endpoint
+
 FAST = RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.05, read_timeout=5)
 
 
@@ -41,15 +43,20 @@ class Hash:
         self.n = 0
 
 
+def _random_repo(root: Path, mb: int) -> Path:
+    """A repo of one LFS file of ``mb`` MB (random bytes: no two segments alike)."""
+    d = root / "data" / "x"
+    d.mkdir(parents=True)
+    (d / "big.jsonl.zst").write_bytes(
+        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(mb << 15))
+    )
+    return root
+
+
 @pytest.fixture
 def blob(tmp_path: Path) -> Path:
     """A repo of one 3 MB LFS file (random bytes: no two segments alike)."""
-    d = tmp_path / "repo" / "data" / "x"
-    d.mkdir(parents=True)
-    (d / "big.jsonl.zst").write_bytes(
-        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(3 << 15))
-    )
-    return tmp_path / "repo"
+    return _random_repo(tmp_path / "repo", 3)
 
 
 def test_the_mirror_emulates_a_round_trip_and_rate_caps(blob):
@@ -240,12 +247,7 @@ def test_files_are_resolved_ahead_once_each_over_reused_connections(small_repo, 
 @pytest.fixture
 def blob6(tmp_path: Path) -> Path:
     """A repo of one 12 MB LFS file (random bytes)."""
-    d = tmp_path / "repo6" / "data" / "x"
-    d.mkdir(parents=True)
-    (d / "big.jsonl.zst").write_bytes(
-        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(3 << 17))
-    )
-    return tmp_path / "repo6"
+    return _random_repo(tmp_path / "repo6", 12)
 
 
 @pytest.mark.slow
@@ -301,11 +303,7 @@ def test_mirror_serve_emulates_a_wan_from_the_command_line(blob, tmp_path):
         text=True,
     )
     try:
-        for _ in range(200):
-            if ready.exists():
-                break
-            time.sleep(0.05)
-        endpoint = ready.read_text().strip()
+        endpoint = wait_for_endpoint(ready)
         t0 = time.monotonic()
         with urllib.request.urlopen(f"{endpoint}/api/datasets/a/b/revision/main") as r:
             r.read()
