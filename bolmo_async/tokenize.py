@@ -656,7 +656,10 @@ class SubwordTokenizer:
                 self._bpe_thread = ThreadPoolExecutor(1, thread_name_prefix=BPE_THREAD)
                 self._bpe_rss = _rss()
             pool = self._bpe_thread
-        out = pool.submit(fn).result()
+            # Submitted under the lock: another caller's replacement shuts ``pool`` down under it,
+            # and a submit after that is a RuntimeError (the batch failed, its file with it).
+            future = pool.submit(fn)
+        out = future.result()
         if _rss() - self._bpe_rss > BPE_CACHE_BUDGET:
             with self._build_lock:
                 if self._bpe_thread is pool:

@@ -349,6 +349,39 @@ def test_the_bpe_thread_is_replaced_once_the_process_grew_past_the_budget(monkey
         assert not t.is_alive()
 
 
+def test_callers_on_several_threads_never_submit_to_a_replaced_bpe_thread(monkeypatch):
+    """Decoding threads encode at once; one of them replacing the BPE thread (past the budget)
+    shut it down between another's taking it and submitting to it: 'cannot schedule new futures
+    after shutdown', a failed batch (a few in 1,800 here)."""
+    import threading
+
+    from bolmo_async import tokenize
+
+    tok = SubwordTokenizer(_tiny_bpe({"ab": 256}, ["a b"]), engine="fastokens", check_every=0)
+    tok.warm()
+    want = encode_texts(tok, ["ab a"])
+    monkeypatch.setattr(tokenize, "BPE_CACHE_BUDGET", -1)  # every batch replaces the thread
+    errors: list[str] = []
+    wrong: list[object] = []
+
+    def caller() -> None:
+        for _ in range(300):
+            try:
+                got = encode_texts(tok, ["ab a"])
+            except Exception as exc:
+                errors.append(repr(exc))
+            else:
+                if got != want:
+                    wrong.append(got)
+
+    threads = [threading.Thread(target=caller) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []
+
+
 def test_a_worker_in_the_probing_process_reuses_the_probes_reference_engine():
     """A small run's worker runs on a thread of the coordinator, which has just built the reference
     engine to probe the tokenizer: it takes that one (building dolma2's again was 0.3 s of a 0.1%
