@@ -43,11 +43,11 @@ from .models import (
     TokenizerInfo,
     validate_fraction,
 )
-from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, open_output
+from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
 from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
 from .progress import Progress
 from .retry import RetryPolicy
-from .staging import Staging
+from .staging import STAGING_FORMAT, Staging
 from .tokenize import (
     DEFAULT_CHECK_EVERY,
     ENGINES,
@@ -867,16 +867,32 @@ def _something_staged(out: OutputDir) -> None:
     except (ValueError, AttributeError):
         finished = False
     n = len(the_plan.files)
+    older = _older_staging_format(out, the_plan)
     why = (
-        f"{n} of {n} planned file(s) are not staged: the staging of {out}'s finished output is gone "
+        f"{n} of {n} planned file(s) are not staged in this version's format: {out}'s staging was written by "
+        f"an earlier bolmo-async (staging format {older}, now {STAGING_FORMAT}), so shards cannot be made from it"
+        if older is not None
+        else f"{n} of {n} planned file(s) are not staged: the staging of {out}'s finished output is gone "
         "(--drop-staging removes it), so its shards cannot be remade from it"
         if finished
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
+    finished = finished or older is not None  # either way, the fetch fetches them again
     raise StateError(
         f"{why}. Run `bolmo-async fetch --output-dir {out}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
     )
+
+
+def _older_staging_format(out: OutputDir, the_plan: Plan) -> Any:
+    """The format of a staged file's marker written in another staging format (an upgrade of
+    bolmo-async between the fetch and this finalize), or None: that staging is there, not gone."""
+    for pf in the_plan.files[:100]:
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            rec = json.loads(out.read_bytes(marker_name(pf.key)) or b"null")
+            if isinstance(rec, dict) and rec.get("path") == pf.path and rec.get("format") != STAGING_FORMAT:
+                return rec.get("format")
+    return None
 
 
 def _drop_staging(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:

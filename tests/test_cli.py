@@ -416,6 +416,21 @@ def test_inspect_takes_the_folder_as_the_other_commands_do_and_version(tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("bolmo-async ")
 
 
+def test_finalize_over_staging_of_an_earlier_format_says_so_not_that_it_is_gone(tmp_path, mirror):
+    """After an upgrade that changed the staging format, finalize said the staging 'is gone
+    (--drop-staging removes it)' while staging/ was there, in the earlier format."""
+    out = tmp_path / "o"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, progress=False)
+    for marker in (out / "staging").glob("*.json"):
+        rec = json.loads(marker.read_text())
+        marker.write_text(json.dumps({**rec, "format": rec["format"] - 1}))
+    with pytest.raises(
+        bolmo_async.BolmoError,
+        match=r"written by an earlier bolmo-async \(staging format \d+, now \d+\).*fetch --output-dir .* again",
+    ):
+        bolmo_async.finalize(out, max_tokens_per_file=5000)
+
+
 def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     """After --drop-staging, finalize's advice used to include --allow-incomplete, which then wrote
     0 shards and an empty data_sources.txt over the finished output, exit 0."""
