@@ -133,8 +133,10 @@ def check_types(fn_name: str, kwargs: dict[str, Any], none_ok: Iterable[str]) ->
             if not isinstance(v, str):
                 raise refuse(k, v, "a string")
         elif k == "tokenizer_identifier":
-            if not isinstance(v, str | os.PathLike):
+            path = os.fspath(v) if isinstance(v, os.PathLike) else v  # any path object, as str
+            if not isinstance(path, str):
                 raise refuse(k, v, "a Hub repo id or a path")
+            kw[k] = path
         elif k == "worker":
             if isinstance(v, str):
                 kw[k] = parse_worker(v)

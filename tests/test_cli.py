@@ -7,7 +7,7 @@ import logging
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -338,6 +338,12 @@ def test_api_names_itself_for_a_wrong_keyword_and_touches_nothing(tmp_path):
         (lambda o: bolmo_async.plan(str(o).encode()), r"output_dir must be a folder path"),
         (lambda o: bolmo_async.inspect(123), r"output_dir must be a folder path"),
         (lambda o: bolmo_async.Selection(include="data/*"), r"--include takes a tuple of globs"),
+        (  # any path object is a path (a PurePath was passed on as is: 'not JSON serializable')
+            lambda o: bolmo_async.fetch(
+                o, tokenizer="subword", tokenizer_identifier=PurePosixPath(f"{o}-nothing/tokenizer.json")
+            ),
+            r"--tokenizer-identifier .*-nothing/tokenizer.json: no such file or folder",
+        ),
     ],
 )
 def test_api_refuses_a_value_of_the_wrong_type_naming_it_and_its_flag(tmp_path, call, says):
