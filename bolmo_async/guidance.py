@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import UsageError
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection, validate_fraction
 from .tokenize import DEFAULT_CHECK_EVERY
@@ -119,8 +121,9 @@ def check_types(fn_name: str, kwargs: dict[str, Any], none_ok: Iterable[str]) ->
         if v is None and k in allowed_none:
             continue
         if k in _BOOLS:
-            if not isinstance(v, bool):
+            if not isinstance(v, bool | np.bool_):  # numpy's too (a config read through pandas)
                 raise refuse(k, v, "True or False")
+            kw[k] = bool(v)
         elif k in _INTS:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise refuse(k, v, "an integer")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
 
 import bolmo_async
@@ -292,6 +293,15 @@ def test_help_says_what_the_readme_says():
 
 
 # -- the Python API -----------------------------------------------------------------------------
+
+
+def test_api_takes_numpys_bools_and_numbers_as_the_plain_ones(tmp_path, mirror):
+    """Values read through numpy or pandas: np.True_ was refused as 'must be True or False, got
+    np.True_ (bool)' while numpy's ints and floats were taken."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=np.float64(0.1), seed=np.int64(42))
+    again = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.1, force=np.bool_(True))
+    assert again.data_fraction == 0.1 and again.seed == 42
 
 
 def test_api_names_itself_for_a_wrong_keyword_and_touches_nothing(tmp_path):
