@@ -70,16 +70,14 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def readme_bpe_json() -> str:
-    """The README's example BPE: vocabulary a b c bc ab abc, merges `b c`, `a b`, `ab c`, no
-    pre-tokenizer (fastokens and tokenizers disagree on text with characters outside it)."""
-    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
-    eos = {"id": 6, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}
-    spec = {
+def bpe_spec(vocab: dict[str, int], merges: list[str], eos_id: int, pre_tokenizer: dict | None = None) -> dict:
+    """A `tokenizers` JSON of a BPE model with ``<|endoftext|>`` as id ``eos_id`` (as a dict)."""
+    eos = {"id": eos_id, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}
+    return {
         "version": "1.0",
         "added_tokens": [{**eos, "rstrip": False, "normalized": False}],
         "normalizer": None,
-        "pre_tokenizer": None,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
         "decoder": None,
         "model": {
@@ -89,10 +87,16 @@ def readme_bpe_json() -> str:
             "fuse_unk": False,
             "byte_fallback": False,
             "vocab": vocab,
-            "merges": ["b c", "a b", "ab c"],
+            "merges": merges,
         },
     }
-    return json.dumps(spec)
+
+
+def readme_bpe_json() -> str:
+    """The README's example BPE: vocabulary a b c bc ab abc, merges `b c`, `a b`, `ab c`, no
+    pre-tokenizer (fastokens and tokenizers disagree on text with characters outside it)."""
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5, "<|endoftext|>": 6}
+    return json.dumps(bpe_spec(vocab, ["b c", "a b", "ab c"], 6))
 
 
 def wait_for_endpoint(ready: Path, seconds: float = 10.0) -> str:

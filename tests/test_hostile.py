@@ -28,6 +28,8 @@ from bolmo_async.models import DEFAULT_REPO_ID, PlannedFile, SkipCounter
 from bolmo_async.outdir import open_output
 from bolmo_async.retry import RetryPolicy
 
+from .helpers import bpe_spec
+
 FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, read_timeout=5)
 
 
@@ -605,33 +607,8 @@ def test_a_truncated_parquet_file_stands_out_in_the_summary_and_manifest(tmp_pat
 def _tokenizer_json(kind: str) -> dict:
     """Tokenizer JSONs that `tokenizers` refuses, panics on, or that hold no vocabulary."""
     byte_vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
-    spec: dict = {
-        "version": "1.0",
-        "added_tokens": [
-            {
-                "id": 256,
-                "content": "<|endoftext|>",
-                "special": True,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-            }
-        ],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": None,
-        "decoder": None,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "vocab": byte_vocab,
-            "merges": [],
-        },
-    }
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    spec = bpe_spec(byte_vocab, [], 256, level)
     if kind == "negative_id":
         spec["model"]["vocab"]["a"] = -5
     elif kind == "bad_merge":
