@@ -441,3 +441,53 @@ def test_cleaning_a_files_temporaries_lists_the_staging_folder_once_not_once_per
     late.flush()
     time.sleep(0.01)
     assert od.clean_temporaries(keys[3]) == 1 and not Path(late.tmp).exists()  # type: ignore[attr-defined]
+
+
+def test_workers_replacing_the_same_linked_folder_at_once_all_succeed(tmp_path):
+    """Workers replace a link standing at staging/ by a real folder when they first write there.
+    Two at once: the second found the first's new folder where it had seen the link, and its
+    unlink failed with "Is a directory" (the flaky failure of the test above, seen in a suite run)."""
+    import threading
+
+    from bolmo_async.outdir.local import real_dir
+
+    for i in range(60):
+        root, behind = tmp_path / f"r{i}", tmp_path / f"behind{i}"
+        root.mkdir()
+        behind.mkdir()
+        (behind / "theirs").write_text("x")
+        (root / "staging").symlink_to(behind)
+        start, failures = threading.Barrier(4), []
+
+        def replace(root: Path = root, start: threading.Barrier = start, failures: list = failures) -> None:
+            start.wait()
+            try:
+                real_dir(root / "staging", root)
+            except OSError as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=replace) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        assert (root / "staging").is_dir() and not (root / "staging").is_symlink()
+        assert [p.name for p in behind.iterdir()] == ["theirs"]
+
+
+def test_cleaning_temporaries_never_lists_or_removes_through_a_linked_staging_folder(tmp_path):
+    from bolmo_async.outdir import local
+    from bolmo_async.outdir.base import staged_name
+
+    od = local.LocalDir(tmp_path / "o")
+    od.create()
+    key = f"{7:020x}"
+    od.write_text(staged_name(key), "staged")
+    behind = tmp_path / "behind"
+    shutil.move(tmp_path / "o" / "staging", behind)
+    (tmp_path / "o" / "staging").symlink_to(behind)
+    theirs = behind / f".{key}.1234-abcd.tmp"  # named like our temporaries, but not in our folder
+    theirs.write_text("not ours")
+    assert od.clean_temporaries(key) == 0
+    assert theirs.read_text() == "not ours"

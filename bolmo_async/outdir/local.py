@@ -102,18 +102,21 @@ def real_dir(path: Path, root: Path) -> Path:
     cur = root
     for part in rel.parts:
         cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
+        for _ in range(8):
+            try:
+                if stat.S_ISDIR(os.lstat(cur).st_mode):
+                    break
+                # A link or a file where our folder belongs. Other threads or workers may be
+                # replacing it too: whoever comes second finds it gone (FileNotFoundError) or
+                # already a folder (IsADirectoryError), and looks again.
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(cur)
+            except FileNotFoundError:
+                pass
             with contextlib.suppress(FileExistsError):
                 os.mkdir(cur)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        with contextlib.suppress(FileNotFoundError):  # another thread may be replacing it too
-            os.unlink(cur)  # a link or a file where our folder belongs
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(cur)
+        else:
+            raise FileExistsError(errno.EEXIST, "something keeps replacing this folder", str(cur))
     return path
 
 
@@ -594,7 +597,9 @@ class LocalDir(OutputDir):
             listed = self._tmp_listing
             if listed is not None and now - listed[0] < max(_TMP_LIST_AGE, 20 * listed[1]):
                 return listed[2]
-        names = [e for e in _names(self.root / STAGING) if e.startswith(".") and e.endswith(".tmp")]
+        staging = self.root / STAGING
+        # Not through a link standing at staging/: what lies behind it is not ours to clean.
+        names = [] if staging.is_symlink() else [e for e in _names(staging) if e.startswith(".") and e.endswith(".tmp")]
         with _tmp_guard:
             self._tmp_listing = (now, time.monotonic() - now, names)
         return names
