@@ -467,3 +467,21 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
         r.stderr
     )
     assert not (tmp_path / "new" / "data_sources.txt").exists()
+
+
+def test_planning_into_a_folder_of_the_users_own_files_says_so_once(mirror, tmp_path):
+    """`-o ~/project` puts plan.json, staging/, raw/, shards and data_sources.txt among the
+    project's own files: said once, when the folder is first planned, naming what was there."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("notes.txt", "train.py", "configs", "data"):
+        (project / name).write_text("mine")
+    args = ("plan", "-o", str(project), "--endpoint", mirror.endpoint, "--data-fraction", "0.1")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "already holds files of its own (configs, data, notes.txt and 1 more)" in r.stderr, r.stderr
+    assert "a new --output-dir keeps them apart" in r.stderr
+    assert (project / "notes.txt").read_text() == "mine"
+    for again in (args, ("plan", "-o", str(tmp_path / "fresh"), "--endpoint", mirror.endpoint)):
+        r = run_cli(*again)  # planned already / an empty new folder: nothing to say
+        assert r.returncode == 0 and "files of its own" not in r.stderr, r.stderr

@@ -151,6 +151,11 @@ class OutputDir:
         """The folder holds something of this tool's (a plan or a manifest)."""
         return any(self.exists_file(n) for n in (PLAN, MANIFEST, RUN_STATE))
 
+    def others(self) -> list[str]:
+        """Names in the folder that no run of this tool writes (the user's own files), sorted;
+        [] where listing is not cheap (object storage)."""
+        return []
+
     # -- files -----------------------------------------------------------------------------
     def read_bytes(self, name: str) -> bytes | None:
         """A whole file, None when absent."""

@@ -471,6 +471,14 @@ class LocalDir(OutputDir):
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free
 
+    def others(self) -> list[str]:
+        ours = {d.split("/")[0] for d in DOCUMENTS} | {STAGING, RAW, LOCK}
+        return sorted(
+            n
+            for n in _names(self.root)
+            if n not in ours and not SHARD_RE.match(n) and not (n.startswith(".") and n.endswith(".tmp"))
+        )
+
     # -- files -----------------------------------------------------------------------------
     def _open_read(self, name: str) -> int | None:
         if through_link(name, self.root):
