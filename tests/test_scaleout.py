@@ -410,3 +410,25 @@ def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, monkeypatch):
     assert cluster_address(None) == (None, "--ray-address None")  # a local Ray: nothing to probe
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cluster_address("auto") == ("10.0.0.1:6379", "RAY_ADDRESS=10.0.0.1:6379")
+
+
+@pytest.mark.parametrize(("users", "expected"), [(None, "1"), ("3", "3")])
+def test_a_ray_task_encodes_on_its_one_cpu_unless_the_user_says_otherwise(users, expected):
+    """A Ray task has one CPU (num_cpus=1), but fastokens splits a batch over every core of the
+    node by default, each thread with its own 100-200 MB of word caches: 64 tasks on a 64-core
+    node held 64 x 64 cache sets. A task now sets one BPE thread before it encodes (as the local
+    pool gives each worker its share); a user's own FASTOKENS_BPE_THREADS wins."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTOKENS_BPE_THREADS"}
+    if users is not None:
+        env["FASTOKENS_BPE_THREADS"] = users
+    code = (
+        "import os\n"
+        "from bolmo_async.executors.ray import run_units\n"
+        "try:\n    run_units(None, [])\nexcept Exception:\n    pass\n"  # no spec: it stops at once
+        "print(os.environ.get('FASTOKENS_BPE_THREADS'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip() == expected, r.stderr
