@@ -332,13 +332,7 @@ def _plan(
     if existing is not None:
         _same_endpoint(existing, ep)
     elif others := out.others():
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        log.warning(
-            "%s already holds files of its own (%s): this run's files (plan, staging/, raw/, shards, "
-            "data_sources.txt) go beside them; a new --output-dir keeps them apart",
-            out,
-            shown,
-        )
+        log.warning("%s", out.others_warning(others))
     log.info("listing %s@%s at %s ...", repo_id, existing.commit[:12] if existing else revision, ep)
     commit, files = run_interruptible(_list(ep, repo_id, revision, existing.commit if existing else None))
     if not files:

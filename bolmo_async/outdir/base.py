@@ -156,6 +156,14 @@ class OutputDir:
         [] where listing is not cheap (object storage)."""
         return []
 
+    def others_warning(self, others: list[str]) -> str:
+        """What planning into a folder of the user's own files (``others``) tells the user."""
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return (
+            f"{self} already holds files of its own ({shown}): this run's files ({PLAN}, {STAGING}/, "
+            f"{RAW}/, shards, {DATA_SOURCES}) go beside them; a new --output-dir keeps them apart"
+        )
+
     # -- files -----------------------------------------------------------------------------
     def read_bytes(self, name: str) -> bytes | None:
         """A whole file, None when absent."""
