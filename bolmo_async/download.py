@@ -31,6 +31,7 @@ from yarl import URL
 from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
 from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, retrying
+from .util import DecodingSlot
 
 log = logging.getLogger("bolmo_async")
 
@@ -264,7 +265,7 @@ async def fetch_file(
     on_bytes: Callable[[int], None] | None = None,
     verify: Callable[[], None] | None = None,
     link: Link | None = None,
-    decoding: asyncio.Semaphore | None = None,
+    decoding: DecodingSlot | None = None,
     cdn: str | None = None,
     stats: dict[str, Any] | None = None,
 ) -> int:
@@ -408,7 +409,7 @@ async def _fetch_blocks(
     executor: Executor | None,
     count: Callable[[int], None],
     link: Link | None,
-    decoding: asyncio.Semaphore | None,
+    decoding: DecodingSlot | None,
     signed: str | None = None,
     stats: dict[str, Any] | None = None,
 ) -> int:

@@ -38,7 +38,7 @@ from .outdir import OutputDir
 from .retry import retrying
 from .staging import Staging, StagingWriter
 from .tokenize import AnyTokenizer
-from .util import release_free_memory, sha256_file
+from .util import DecodingSlot, release_free_memory, sha256_file
 
 log = logging.getLogger("bolmo_async")
 
@@ -84,7 +84,7 @@ class TaskContext:
     on_bytes: Callable[[int], None] | None = None
     on_documents: Callable[[int, int], None] | None = None
     link: Link | None = None  # the worker's connections for file bodies
-    decoding: asyncio.Semaphore | None = None  # files decoding at once; the others transfer ahead
+    decoding: DecodingSlot | None = None  # files decoding at once; the others transfer ahead
 
 
 class Processor:

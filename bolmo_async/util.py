@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 #: The checksum of what this tool writes (staged files, shards): xxHash's XXH3-128, 25 GB/s a
 #: core here against 1.6 for sha256, which cost a fifth of byte mode's CPU on shards that are
@@ -106,3 +106,88 @@ def release_free_memory(interval: float = 5.0) -> None:
         return
     _last_trim = now
     trim(0)
+
+
+class DecodingSlot(Protocol):
+    """What a file's download waits on before its bytes go to its decoder (``asyncio.Semaphore``
+    fits)."""
+
+    async def acquire(self) -> Any: ...
+
+    def release(self) -> None: ...
+
+
+class PlanOrderSlots:
+    """At most ``n`` files of a worker decoding at once, each free slot going to the file earliest
+    in plan order among those handed to the worker (``turn(unit)``, until ``retire``): if that
+    one has not asked yet (a small file still being fetched whole), the slot waits for it.
+
+    Shards are made of the files in plan order: a shard can be written once its files are
+    staged, so files staged in that order let shards go to disk while later files decode. In the
+    order their downloads happened to ask, a worker's first shard waited for most of the run's
+    files, and the shards were written at the end, the disk alone busy (the run took the CPU time
+    plus the disk time, not the larger of the two)."""
+
+    def __init__(self, n: int):
+        self._free = n
+        self._due: set[int] = set()  # units handed to this worker, not decoding now nor done
+        self._asking: dict[int, Any] = {}  # unit -> the future its ``acquire`` waits on
+
+    def turn(self, unit: int) -> _Turn:
+        self._due.add(unit)
+        return _Turn(self, unit)
+
+    async def _acquire(self, unit: int) -> None:
+        import asyncio
+
+        fut = asyncio.get_running_loop().create_future()
+        self._due.add(unit)  # again, on a retry
+        self._asking[unit] = fut
+        self._grant()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._asking.pop(unit, None)
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed the slot as it was cancelled: the next one takes it
+            raise
+
+    def _grant(self) -> None:
+        while self._free > 0 and self._due:
+            first = min(self._due)  # a worker holds a few files: no heap needed
+            fut = self._asking.pop(first, None)
+            if fut is None:
+                return  # the earliest file has not asked yet: the slot waits for it
+            self._due.discard(first)
+            if not fut.done():
+                self._free -= 1
+                fut.set_result(None)
+
+    def _release(self) -> None:
+        self._free += 1
+        self._grant()
+
+    def _retire(self, unit: int) -> None:
+        """``unit``'s task ended (staged, failed or cancelled): the slot no longer waits for it."""
+        self._due.discard(unit)
+        self._grant()
+
+
+class _Turn:
+    """One file's place in ``PlanOrderSlots``: a ``DecodingSlot`` for its download, and
+    ``retire`` once its task ends, whatever happened."""
+
+    __slots__ = ("_slots", "_unit")
+
+    def __init__(self, slots: PlanOrderSlots, unit: int):
+        self._slots, self._unit = slots, unit
+
+    async def acquire(self) -> bool:
+        await self._slots._acquire(self._unit)
+        return True
+
+    def release(self) -> None:
+        self._slots._release()
+
+    def retire(self) -> None:
+        self._slots._retire(self._unit)

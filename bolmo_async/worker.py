@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from .errors import (
     TokenizerError,
     UsageError,
 )
+from .util import PlanOrderSlots
 
 log = logging.getLogger("bolmo_async")
 
@@ -91,6 +93,7 @@ class Worker:
         self._main: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_shards = threading.Event()
+        self._decoding = PlanOrderSlots(1)  # files decoding at once, in plan order (set per spec)
 
     # -- progress ----------------------------------------------------------------------
     def _count(self, nbytes: int = 0, documents: int = 0, tokens: int = 0) -> None:
@@ -172,6 +175,7 @@ class Worker:
                     token=read_token(),
                     retry=retry,
                 )
+                self._decoding = PlanOrderSlots(spec.decoders or spec.slots)  # each file takes a turn
                 ctx = TaskContext(
                     client=client,
                     commit=spec.commit,
@@ -185,7 +189,6 @@ class Worker:
                     on_bytes=lambda n: self._count(nbytes=n),
                     on_documents=lambda documents, tokens: self._count(0, documents, tokens),
                     link=Link(spec.connections or spec.slots),
-                    decoding=asyncio.Semaphore(spec.decoders or spec.slots),
                 )
                 while True:
                     msg = await inbox.get()
@@ -220,6 +223,9 @@ class Worker:
 
         pf = self.spec.files[unit]
         loop = asyncio.get_running_loop()
+        # Its place among this worker's files decoding in plan order (``PlanOrderSlots``).
+        turn = self._decoding.turn(unit)
+        ctx = dataclasses.replace(ctx, decoding=turn)
         try:
             waited = False
             while True:
@@ -239,6 +245,7 @@ class Worker:
                 if not waited:
                     log.info("%s is being staged by another run in this folder; waiting for it", pf.path)
                     waited = True
+                turn.retire()  # the slot does not wait for it meanwhile (it asks again, if it decodes)
                 await asyncio.sleep(CLAIM_POLL)
             self._flush_progress()
             self._send(m.Staged(self.wid, unit, rec, read, lengths))
@@ -253,6 +260,8 @@ class Worker:
         except BaseException as exc:  # one file's bug (or a Rust panic) never stops the others
             log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
             self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
+        finally:
+            turn.retire()
 
     async def _shard(self, k: int, pieces: list[Any], executor: ThreadPoolExecutor) -> None:
         from .finalizer import write_shard

@@ -105,6 +105,58 @@ def test_concurrency_and_streaming_give_identical_shards(tmp_path, mirror):
     assert len(mirror.cdn_requests) == before
 
 
+def test_decoding_slots_go_to_the_earliest_file_in_plan_order():
+    """A worker's files decode in plan order (shards, made in that order, can then be written
+    while later files decode), whatever order their downloads ask in; a slot waits for an earlier
+    file that has not asked yet, and goes on past a file whose task ends without decoding or is
+    cancelled while waiting."""
+    import asyncio
+
+    from bolmo_async.util import PlanOrderSlots
+
+    async def run() -> tuple[list[int], list[int]]:
+        slots = PlanOrderSlots(1)
+        turns = {u: slots.turn(u) for u in range(8)}
+        order: list[int] = []
+
+        async def decode(u: int, ask_after: float) -> None:
+            await asyncio.sleep(ask_after)
+            await turns[u].acquire()
+            order.append(u)
+            await asyncio.sleep(0.01)
+            turns[u].release()
+            turns[u].retire()
+
+        # Asks come in a scrambled order; 0 asks last of all; 3 never asks (staged before: its
+        # task just ends); 5 is cancelled while it waits.
+        delays = {0: 0.05, 1: 0.0, 2: 0.01, 4: 0.02, 5: 0.0, 6: 0.03, 7: 0.0}
+        tasks = {u: asyncio.create_task(decode(u, d)) for u, d in delays.items()}
+        await asyncio.sleep(0.04)
+        assert order == []  # 0, the earliest, has not asked: the slot waits for it
+        tasks[5].cancel()
+        turns[5].retire()
+        turns[3].retire()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        # Two at once: the two earliest that asked, then each freed slot to the next in order.
+        two = PlanOrderSlots(2)
+        held: list[int] = []
+        t2 = {u: two.turn(u) for u in (10, 11, 12)}
+
+        async def hold(u: int) -> None:
+            await t2[u].acquire()
+            held.append(u)
+
+        waiting = [asyncio.create_task(hold(u)) for u in (12, 11, 10)]
+        await asyncio.sleep(0.01)
+        for t in waiting:
+            t.cancel()
+        return order, held
+
+    order, held = asyncio.run(run())
+    assert order == [0, 1, 2, 4, 6, 7]
+    assert held == [10, 11]
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", pytest.param("subword", marks=needs_dolma2)])
 def test_any_number_of_worker_processes_gives_identical_shards(tmp_path, mirror, tokenizer):
     """One worker in this process, or 2 or 3 worker processes each doing whole files (and
