@@ -12,11 +12,12 @@ from typing import Any
 
 from .errors import UnsafePathError, UsageError
 
-#: Files in flight (downloading and decoding), shared out over the workers: two per worker on 2
-#: cores, one decoding while the next downloads. More only interleaves files on the same core, so
-#: they finish together and the shards they complete wait (and are then written while the disk
-#: alone is busy, at the end).
-DEFAULT_CONCURRENCY = 4
+#: Files decoding at once, shared out over the workers (at least one each): one per worker on 2
+#: cores (the next files transfer ahead meanwhile, ``--connections``). More only interleaves files
+#: on the same core, so they finish together and the shards they complete wait: with two per
+#: worker, byte mode's first shard started once most of the text was decoded, and its shards were
+#: then written while the disk alone was busy, at the end (the run took CPU time + disk time).
+DEFAULT_CONCURRENCY = 2
 #: Connections for file bodies at once, the run's total: files in flight, or the Range segments
 #: of a large file when few are in flight (``--connections``). 16 fills a link of 16 x a CDN's
 #: per-connection cap; lower it to stay under a limit.
