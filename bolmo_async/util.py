@@ -119,8 +119,10 @@ class DecodingSlot(Protocol):
 
 class PlanOrderSlots:
     """At most ``n`` files of a worker decoding at once, each free slot going to the file earliest
-    in plan order among those handed to the worker (``turn(unit)``, until ``retire``): if that
-    one has not asked yet (a small file still being fetched whole), the slot waits for it.
+    in plan order among those handed to the worker (``turn(unit)``, until ``retire``). If that one
+    has not asked yet (a small file still being fetched whole, or its task just starting), the slot
+    waits for it up to ``HOLD`` seconds, then goes to the earliest file asking: a slow download at
+    the head never idles the worker longer than that.
 
     Shards are made of the files in plan order: a shard can be written once its files are
     staged, so files staged in that order let shards go to disk while later files decode. In the
@@ -128,10 +130,14 @@ class PlanOrderSlots:
     files, and the shards were written at the end, the disk alone busy (the run took the CPU time
     plus the disk time, not the larger of the two)."""
 
+    #: Seconds a free slot waits for an earlier file that has not asked yet.
+    HOLD = 0.1
+
     def __init__(self, n: int):
         self._free = n
         self._due: set[int] = set()  # units handed to this worker, not decoding now nor done
         self._asking: dict[int, Any] = {}  # unit -> the future its ``acquire`` waits on
+        self._timer: Any = None  # the HOLD of a slot kept for an earlier file
 
     def turn(self, unit: int) -> _Turn:
         self._due.add(unit)
@@ -152,16 +158,29 @@ class PlanOrderSlots:
                 self._release()  # handed the slot as it was cancelled: the next one takes it
             raise
 
-    def _grant(self) -> None:
-        while self._free > 0 and self._due:
-            first = min(self._due)  # a worker holds a few files: no heap needed
-            fut = self._asking.pop(first, None)
-            if fut is None:
-                return  # the earliest file has not asked yet: the slot waits for it
+    def _grant(self, held_long_enough: bool = False) -> None:
+        while self._free > 0 and self._asking:
+            first = min(self._due | self._asking.keys())  # a worker holds a few files: no heap
+            if first not in self._asking:
+                if not held_long_enough:
+                    if self._timer is None:
+                        import asyncio
+
+                        self._timer = asyncio.get_running_loop().call_later(self.HOLD, self._held)
+                    return  # the earliest file has not asked yet: the slot waits for it
+                first = min(self._asking)
+            fut = self._asking.pop(first)
             self._due.discard(first)
-            if not fut.done():
+            if not fut.done():  # not cancelled while it waited
                 self._free -= 1
                 fut.set_result(None)
+        if self._timer is not None and (self._free == 0 or not self._asking):
+            self._timer.cancel()
+            self._timer = None
+
+    def _held(self) -> None:
+        self._timer = None
+        self._grant(held_long_enough=True)
 
     def _release(self) -> None:
         self._free += 1

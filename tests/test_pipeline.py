@@ -108,8 +108,8 @@ def test_concurrency_and_streaming_give_identical_shards(tmp_path, mirror):
 def test_decoding_slots_go_to_the_earliest_file_in_plan_order():
     """A worker's files decode in plan order (shards, made in that order, can then be written
     while later files decode), whatever order their downloads ask in; a slot waits for an earlier
-    file that has not asked yet, and goes on past a file whose task ends without decoding or is
-    cancelled while waiting."""
+    file that has not asked yet (briefly), and goes on past a file whose task ends without
+    decoding or is cancelled while it waits."""
     import asyncio
 
     from bolmo_async.util import PlanOrderSlots
@@ -137,6 +137,14 @@ def test_decoding_slots_go_to_the_earliest_file_in_plan_order():
         turns[5].retire()
         turns[3].retire()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        # An earlier file that does not ask (its download is slow) holds a free slot only briefly.
+        late = PlanOrderSlots(1)
+        head, nxt = late.turn(20), late.turn(21)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(nxt.acquire(), 5)
+        waited = asyncio.get_running_loop().time() - started
+        assert PlanOrderSlots.HOLD * 0.9 <= waited < PlanOrderSlots.HOLD + 1.0
+        head.retire()
         # Two at once: the two earliest that asked, then each freed slot to the next in order.
         two = PlanOrderSlots(2)
         held: list[int] = []
