@@ -3,7 +3,9 @@
     python bench/cpu_of.py OUT.json prepare --output-dir ...
 
 ``coordinator`` is this process's own CPU time (user + system), ``workers`` the CPU time of
-its finished children (the worker processes, which it waits for), both from getrusage.
+its finished children, both from getrusage. Its children are the worker processes (spawned) or the
+fork server the workers are forked from, with the workers it reaped: the pool stops and reaps
+that server when it closes, so its imports and every worker's CPU time count here.
 """
 
 from __future__ import annotations

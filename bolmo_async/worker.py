@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -301,22 +300,46 @@ class _Forward(logging.Handler):
             self._send(m.Log(self.wid, record.levelno, record.getMessage()))
 
 
-def _die_with_parent(current: Callable[[], Worker | None], parent: int) -> None:
-    """A worker never outlives its coordinator (kill -9 included): the kernel sends it SIGTERM
-    when the parent dies (Linux), and a watchdog thread checks the parent everywhere. Before its
-    spec arrives SIGTERM simply ends it; afterwards it aborts its files first."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+#: Thread pools of numeric libraries a worker never needs (its numpy does no linear algebra):
+#: OpenBLAS starts a thread per core when numpy loads, which showed in workers' profiles. One
+#: thread each unless the user set them; read when the library loads (``limit_library_threads``).
+LIBRARY_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died while this process was starting (before the line above)
+
+def limit_library_threads() -> None:
+    """One thread for the numeric libraries of ``LIBRARY_THREAD_VARS`` (the user's own settings
+    win); before numpy loads in a worker process (the fork server's preload, ``bolmo_async.preload``,
+    or a spawned worker's first step). Never in the coordinator: a library user's process keeps
+    its own."""
+    for var in LIBRARY_THREAD_VARS:
+        os.environ.setdefault(var, "1")
+
+
+def import_task_modules() -> None:
+    """Import every module a worker's tasks need (aiohttp with its SSL context, numpy, pyarrow,
+    the decoders: 0.8 CPU s)."""
+    from . import filetask, finalizer, hub, staging, tokenize  # noqa: F401
+
+
+def _die_with_parent(current: Callable[[], Worker | None]) -> None:
+    """A worker never outlives its coordinator (kill -9 included). It holds the read end of a pipe
+    whose write end only the coordinator holds (multiprocessing's parent sentinel, under spawn and
+    forkserver alike): it reads as closed the moment the coordinator is gone, whatever killed it,
+    and a watchdog thread waits on it. (Under forkserver the parent process is the fork server, so
+    ``os.getppid()`` says nothing about the coordinator; the fork server dying ends the worker too,
+    as its coordinator counts it lost then.) Before its spec arrives the worker simply ends;
+    afterwards it aborts its files first."""
+    import multiprocessing
+
+    coordinator = multiprocessing.parent_process()
+    starter = os.getppid()
+    if coordinator is None or not coordinator.is_alive():  # it died while this process was starting
         os._exit(1)
 
     def watch() -> None:
         while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
+            coordinator.join(1.0)  # returns at once when the coordinator is gone
+            if not coordinator.is_alive() or os.getppid() != starter:
                 worker = current()
                 if worker is not None:
                     worker.cancel()
@@ -326,17 +349,20 @@ def _die_with_parent(current: Callable[[], Worker | None], parent: int) -> None:
     threading.Thread(target=watch, name="bolmo-watchdog", daemon=True).start()
 
 
-def process_main(wid: int, inbox: Any, outbox: Any, parent: int, bpe_threads: int = 0) -> None:
-    """Entry point of a spawned worker process: imports first (meanwhile the coordinator lists
-    the repo), then waits for its ``WorkerSpec``. ``bpe_threads``: the threads fastokens may split
-    one batch over in this process (its share of the cores; 0: fastokens' default, every core).
-    Each such thread keeps its own caches of encoded words (100-200 MB on text whose words do not
-    repeat), so processes x threads stays at the cores, not their square."""
+def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> None:
+    """Entry point of a worker process (forked from the fork server, where its modules are
+    imported already, or spawned: it imports them while the coordinator lists the repo), then
+    waits for its ``WorkerSpec``. ``bpe_threads``: the threads fastokens may split one batch over
+    in this process (its share of the cores; 0: fastokens' default, every core). Each such thread
+    keeps its own caches of encoded words (100-200 MB on text whose words do not repeat), so
+    processes x threads stays at the cores, not their square."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (bolmo_async.preload)
+    limit_library_threads()  # spawned: before numpy loads; forked: set by the fork server already
     if bpe_threads > 0:  # read by fastokens once, when it first encodes; a user's own setting wins
         os.environ.setdefault("FASTOKENS_BPE_THREADS", str(bpe_threads))
     holder: list[Worker] = []
-    _die_with_parent(lambda: holder[0] if holder else None, parent)
+    _die_with_parent(lambda: holder[0] if holder else None)
     from .util import prefer_system_allocator, record_absent_imports
 
     prefer_system_allocator()
@@ -346,8 +372,9 @@ def process_main(wid: int, inbox: Any, outbox: Any, parent: int, bpe_threads: in
     root.handlers[:] = [_Forward(wid, outbox.put)]
     root.setLevel(logging.INFO)
     root.propagate = False
-    # Import everything a task needs while the coordinator lists the repo (not after the spec).
-    from . import filetask, finalizer, hub, staging, tokenize  # noqa: F401
+    # Everything a task needs, imported while the coordinator lists the repo (not after the spec);
+    # nothing to do in a worker forked from the fork server, which imported it all once.
+    import_task_modules()
 
     spec = inbox.get()
     if spec is None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -63,6 +64,23 @@ def shard_hashes(manifest: dict) -> list[str]:
 def cli(*args: str) -> list[str]:
     """The command line ``bolmo-async ARGS`` (as ``python -m bolmo_async``)."""
     return [sys.executable, "-m", "bolmo_async", *args]
+
+
+def worker_processes(root: Any) -> list[Any]:
+    """The local worker processes below ``root`` (a ``psutil.Process``, their coordinator): spawned
+    ones, or those forked from the fork server (its children); never the fork server itself nor
+    multiprocessing's resource tracker."""
+    import psutil
+
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if "spawn_main" in cmd or ("multiprocessing.forkserver" in cmd and p.ppid() != root.pid):
+                found.append(p)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return found
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

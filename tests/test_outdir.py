@@ -17,7 +17,7 @@ from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.outdir import DATA_SOURCES, MANIFEST, shard_name
 from bolmo_async.outdir.local import LOCK
 
-from .helpers import readme_bpe_json, run_cli, shard_hashes
+from .helpers import readme_bpe_json, run_cli, shard_hashes, worker_processes
 
 
 def _prepare(out: Path, endpoint: str, **kw):
@@ -244,11 +244,7 @@ def test_a_worker_process_dying_in_a_local_pool_fails_only_its_files_and_a_rerun
         while len(faults._per_path) < 3:  # 3 files in flight, at most 2 a worker: both hold files
             assert t.is_alive() and __import__("time").monotonic() < deadline
             __import__("time").sleep(0.01)
-        workers = [
-            p
-            for p in psutil.Process().children()
-            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
-        ]
+        workers = worker_processes(psutil.Process())
         assert len(workers) == 2
         workers[0].kill()
         t.join(120)

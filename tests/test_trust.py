@@ -20,7 +20,7 @@ from bolmo_async.errors import BolmoError, StateError
 from bolmo_async.mirror import MirrorThread
 from bolmo_async.outdir import open_output, staged_name
 
-from .helpers import cli, shard_hashes
+from .helpers import cli, shard_hashes, worker_processes
 
 FRACTION = 0.3
 BOUND = 60_000
@@ -198,10 +198,12 @@ def test_a_script_without_a_main_guard_gets_the_fix(repos, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
 @pytest.mark.parametrize("when", ["starting", "running"])
-def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when):
-    """kill -9 of the coordinator while its workers are still starting (importing, before any
-    spec) or in the middle of their files: none of them outlives it."""
+def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when, method):
+    """kill -9 of the coordinator while its workers are still starting (the fork server importing,
+    or spawned workers importing, before any spec) or in the middle of their files: none of its
+    processes (workers, fork server) outlives it."""
     import psutil
 
     from bolmo_async.mirror import FaultConfig
@@ -213,21 +215,23 @@ def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when):
             cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "BOLMO_ASYNC_START_METHOD": method},
         )
         try:
             deadline = time.monotonic() + 30
             children: list = []
+            coordinator = psutil.Process(proc.pid)
             while time.monotonic() < deadline:
                 time.sleep(0.02)
-                children = psutil.Process(proc.pid).children(recursive=True)
-                workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-                if when == "starting" and workers:
+                children = coordinator.children(recursive=True)
+                starting = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+                if when == "starting" and starting:
                     break
-                if when == "running" and len(workers) >= 2 and (out / "run.json").exists():
+                if when == "running" and len(worker_processes(coordinator)) >= 2 and (out / "run.json").exists():
                     time.sleep(1.0)
-                    children = psutil.Process(proc.pid).children(recursive=True)
+                    children = coordinator.children(recursive=True)
                     break
-            assert any("spawn_main" in " ".join(c.cmdline()) for c in children)
+            assert any(("spawn_main" if method == "spawn" else "forkserver") in " ".join(c.cmdline()) for c in children)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             _, alive = psutil.wait_procs(children, timeout=10)

@@ -1,0 +1,170 @@
+"""The local pool's worker processes: forked from one fork server that imported their modules once
+(or spawned, the way back), reaped with the pool, stopped as a group."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from bolmo_async.errors import UsageError
+from bolmo_async.executors.local import START_METHOD_ENV, Pool, start_method
+from bolmo_async.mirror import MirrorThread
+
+from .helpers import cli, shard_hashes, worker_processes
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def test_workers_are_forked_from_one_preloaded_server_reaped_with_the_pool(monkeypatch):
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with Pool(2) as pool:
+        pool._started()
+        workers = [psutil.Process(mem.process.pid) for mem in pool.members]
+        (server_pid,) = {w.ppid() for w in workers}  # one server for both
+        server = psutil.Process(server_pid)
+        assert server.ppid() == os.getpid() and "multiprocessing.forkserver" in " ".join(server.cmdline())
+        time.sleep(1.0)  # the workers are waiting for their spec by now
+        # The server paid the imports (numpy, pyarrow, aiohttp: ~0.8 CPU s); a worker forked from
+        # it has them already (a spawned one pays them all itself).
+        assert all(_cpu(w) < _cpu(server) / 3 for w in workers), (
+            [_cpu(w) for w in workers],
+            _cpu(server),
+        )
+        server_cpu = _cpu(server)
+    # Closed: the server is stopped and reaped, so its CPU time (and its workers') counts in this
+    # process's RUSAGE_CHILDREN (bench/cpu_of.py), and nothing is left behind.
+    assert server_pid not in {c.pid for c in psutil.Process().children()}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    grew = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert grew >= 0.9 * server_cpu
+
+
+def test_spawn_is_the_way_back_and_a_bad_value_says_what_to_use(monkeypatch):
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert start_method() == "spawn"
+    with Pool(2) as pool:
+        cmds = [" ".join(psutil.Process(mem.process.pid).cmdline()) for mem in pool.members]
+        assert all("spawn_main" in c for c in cmds)
+    monkeypatch.setenv(START_METHOD_ENV, "fork")
+    with pytest.raises(UsageError, match="forkserver or spawn"):
+        start_method()
+
+
+def test_numeric_libraries_get_one_thread_in_workers_unless_the_user_said(tmp_path):
+    """The fork server's preload sets the thread count before numpy loads (OpenBLAS starts its
+    threads then); the user's own setting wins; the coordinator is never touched."""
+    code = (
+        "import os, sys\n"
+        "import bolmo_async.worker, bolmo_async.executors\n"  # the coordinator's side: nothing set
+        "assert 'OPENBLAS_NUM_THREADS' not in os.environ, 'set in the coordinator'\n"
+        "import bolmo_async.worker as w\n"
+        "w.limit_library_threads()\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+    r = subprocess.run(
+        [sys.executable, "-c", code.replace("assert 'OPENBLAS", "#")],
+        capture_output=True,
+        text=True,
+        env={**env, "OPENBLAS_NUM_THREADS": "3"},
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+    # The preload, as the fork server runs it: numpy loads after the setting, so OpenBLAS starts
+    # no thread of its own (it would start one per other core).
+    code = (
+        "import os, sys\n"
+        "import bolmo_async.worker\n"
+        "assert 'numpy' not in sys.modules, 'numpy loads before the thread count is set'\n"
+        "import bolmo_async.preload\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'], names.count('python'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "1"], (r.stdout, r.stderr)
+
+
+def test_the_fork_server_outlasts_a_sigterm_so_its_pool_still_sees_its_workers(monkeypatch):
+    """A SIGTERM to the whole process group reaches the fork server too: it lives on until the
+    pool is done (it reports the workers' exits: without it the pool would count them all lost
+    and not wait for them); the workers still stop on SIGTERM."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    with Pool(2) as pool:
+        pool._started()
+        (server_pid,) = {psutil.Process(mem.process.pid).ppid() for mem in pool.members}
+        os.kill(server_pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert psutil.Process(server_pid).status() != psutil.STATUS_ZOMBIE
+        assert all(mem.alive() for mem in pool.members)
+        victim = pool.members[0].process
+        os.kill(victim.pid, signal.SIGTERM)  # a worker waiting for its spec just ends
+        victim.join(10)
+        assert victim.exitcode == -signal.SIGTERM and pool.members[1].alive()
+    assert server_pid not in {c.pid for c in psutil.Process().children()}
+
+
+@pytest.mark.slow
+def test_forkserver_and_spawn_give_the_same_shards(repos, tmp_path):
+    hashes = {}
+    with MirrorThread(repos) as m:
+        for method in ("forkserver", "spawn"):
+            out = tmp_path / method
+            args = ["prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "0.5", "--processes", "2"]
+            r = subprocess.run(
+                cli(*args, "--no-progress", "--max-tokens-per-file", "100000"),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, START_METHOD_ENV: method},
+            )
+            assert r.returncode == 0, r.stderr[-2000:]
+            hashes[method] = shard_hashes(json.loads((out / "manifest.json").read_text()))
+    assert hashes["forkserver"] == hashes["spawn"] and len(hashes["spawn"]) > 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repos, tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job (the fork server too): the run still
+    stops as one, exits 130, and has ended its workers and the fork server by then."""
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        proc = subprocess.Popen(
+            cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(1.0)  # files in flight
+            tree = [c for c in coordinator.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            os.killpg(proc.pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, err
+            left = [c for c in tree if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+            assert left == [], "still running after the coordinator exited"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
