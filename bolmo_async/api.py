@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
-from .finalizer import ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
+from .finalizer import Layout, ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
 from .guidance import check_output_dir, check_types, fixed_length_loss, normalize, selection_from, warn_short_shards
 from .hub import (
     HubClient,
@@ -512,6 +512,7 @@ class FetchReport:
     verified: frozenset[str]
     engines: tuple[str, ...]
     finished: dict[str, Any] | None = None  # the manifest of an output already complete and current
+    layout: Layout | None = None  # every planned file's shard layout, from the workers' reports
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -523,11 +524,12 @@ class FetchReport:
         }
 
 
-def _check_disk(out: OutputDir, plan: Plan, units: list[int], kind: str, streaming: bool, shards: bool) -> None:
+def _check_disk(
+    out: OutputDir, plan: Plan, recs: dict[int, dict[str, Any] | None], kind: str, streaming: bool, shards: bool
+) -> None:
     """Refuse a run that cannot fit: only the work left counts (files not staged yet, shards not
-    written yet), estimated from what is staged already when anything is."""
-    staging = Staging(out)
-    recs = {u: staging.done(plan.files[u]) for u in units}
+    written yet), estimated from what is staged already when anything is (``recs``: each unit's
+    completion record, None when not staged)."""
     left = [plan.files[u] for u, rec in recs.items() if rec is None]
     need = disk_needed(left, kind, streaming, shards_for=list(plan.files) if shards else [])
     done = [(plan.files[u], rec) for u, rec in recs.items() if rec is not None]
@@ -660,7 +662,8 @@ def _fetch(
         if spec_tok.source is not None and out.read_text(TOKENIZER) != spec_tok.source.json_text:
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
-        fresh = [u for u in units if staging.done(the_plan.files[u]) is None]
+        recs = {u: staging.done(the_plan.files[u]) for u in units}  # each marker read once
+        fresh = [u for u, rec in recs.items() if rec is None]
         already = len(units) - len(fresh)
         if shard_bound is not None and already == len(units):
             finished = _finished_output(out, the_plan, shard_bound)
@@ -679,7 +682,7 @@ def _fetch(
                 len(units) - already,
             )
         if check_disk:
-            _check_disk(out, the_plan, units, info.kind, streaming, shards=shard_bound is not None)
+            _check_disk(out, the_plan, recs, info.kind, streaming, shards=shard_bound is not None)
         slots = max(1, -(-concurrency // max(1, n)))  # files decoding at once per worker
         per_worker = max(1, -(-connections // max(1, n)))  # its connections: files in flight, or segments
         pool.start(
@@ -750,6 +753,7 @@ def _fetch(
         written=written,
         verified=frozenset(the_plan.files[u].key for u in result.staged),
         engines=tuple(sorted(result.engines)),
+        layout=shards.layout() if shards is not None else None,
     )
 
 
@@ -1009,7 +1013,9 @@ def prepare(
             len(report.finished["shards"]),
         )
         return _drop_staging(out, report.finished) if drop_staging else report.finished
-    manifest = finalize_dir(out, max_tokens_per_file, written=report.written, verified=report.verified)
+    manifest = finalize_dir(
+        out, max_tokens_per_file, written=report.written, verified=report.verified, layout=report.layout
+    )
     return _drop_staging(out, manifest) if drop_staging else manifest
 
 

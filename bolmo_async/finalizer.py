@@ -415,14 +415,27 @@ def write_shards_locally(
             raise
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The shards of a whole plan as a fetch laid them out from its workers' reports
+    (``ShardPlanner.layout``), with the documents and tokens they hold: exactly what
+    ``finalize_dir`` computes from the staged files' lengths, which it then need not read again."""
+
+    bound: int
+    shards: list[list[Piece]]
+    documents: int
+    tokens: int
+
+
 class ShardPlanner:
     """Shard boundaries while the fetch runs (the coordinator's side of writing shards early).
 
     Staged files are taken in plan order as they complete and laid out by the same
     ``LayoutBuilder`` as ``finalize``; each shard whose pieces are all known is handed out as a
-    task ``(k, pieces)`` for any worker to write. Only an optimisation: ``finalize_dir`` lays out
-    the whole staging again and keeps a shard written meanwhile only when its pieces are exactly
-    the ones it would write; anything else (a failed file, an interruption) is rewritten.
+    task ``(k, pieces)`` for any worker to write. ``finalize_dir`` keeps a shard written meanwhile
+    only when its pieces are exactly the ones it would write; anything else (a failed file, an
+    interruption) is rewritten. Once every planned file is laid out, ``layout`` is the whole
+    layout: ``finalize_dir`` takes it instead of reading every staged file's lengths again.
     """
 
     def __init__(self, plan: Plan, bound: int):
@@ -432,6 +445,8 @@ class ShardPlanner:
         self._next = 0  # the next unit, in plan order, to lay out
         self._open: tuple[int, list[Piece]] | None = None  # the shard being filled
         self.handed_out: dict[int, list[Piece]] = {}  # shard index -> its pieces, once complete
+        self._documents = 0  # of the units laid out
+        self._tokens = 0
 
     def staged(self, unit: int, lengths: list[np.ndarray]) -> list[tuple[int, list[Piece]]]:
         """``unit`` is staged, with ``lengths`` (tokens per document of each of its batches, as its
@@ -442,6 +457,8 @@ class ShardPlanner:
             unit = self._next
             self._next += 1
             for b, lens in enumerate(self._staged.pop(unit)):
+                self._documents += len(lens)
+                self._tokens += int(lens.sum())
                 for k, piece in self._builder.add(unit, b, lens):
                     if self._open is not None and self._open[0] != k:
                         done.append(self._open)
@@ -459,6 +476,14 @@ class ShardPlanner:
         last, self._open = self._open, None
         self.handed_out[last[0]] = last[1]
         return [last]
+
+    def layout(self) -> Layout | None:
+        """The whole layout once every planned file is laid out and ``finish`` was called, else
+        None."""
+        if self._next < len(self.files) or self._open is not None:
+            return None
+        shards = [self.handed_out[k] for k in range(len(self.handed_out))]
+        return Layout(self._builder.bound, shards, self._documents, self._tokens)
 
 
 def remembered_bound(out: OutputDir) -> int:
@@ -524,13 +549,16 @@ def finalize_dir(
     write_shards: ShardWriting | None = None,
     written: Written | None = None,
     verified: frozenset[str] = frozenset(),
+    layout: Layout | None = None,
 ) -> dict[str, Any]:
     """Write shards, csv.gz files, the manifest and ``data_sources.txt`` from the staging.
 
     ``max_tokens_per_file`` None: the bound this folder was finalized with before (else 100M).
     ``write_shards``: who writes the shards (default: this process's threads).
     ``written``: shards written while fetching, kept where they match; ``verified``: keys of
-    staged files this process already checked (the others are checksummed first)."""
+    staged files this process already checked (the others are checksummed first); ``layout``:
+    the fetch's own layout of every planned file (``ShardPlanner.layout``), taken instead of
+    reading each staged file's lengths again when every file is staged, at the same bound."""
     out = open_output(output_dir)
     bound = remembered_bound(out) if max_tokens_per_file is None else max_tokens_per_file
     if bound < 2:
@@ -567,19 +595,25 @@ def finalize_dir(
     srcs: dict[int, str] = {}
     builder = LayoutBuilder(bound)
     docs = tokens = 0
+    if layout is not None and (missing or layout.bound != bound):
+        layout = None  # not this finalize's layout
     for unit, (pf, rec) in enumerate(records):
         if rec is None:
             continue
         skips.merge(rec.get("skipped", {}))
         if rec.get("unreadable"):
             unreadable[pf.path] = rec["unreadable"]
-        for b, lens in enumerate(staging.lengths(pf)):
-            builder.add(unit, b, lens)
-            docs += len(lens)
-            tokens += int(lens.sum())
+        if layout is None:
+            for b, lens in enumerate(staging.lengths(pf)):
+                builder.add(unit, b, lens)
+                docs += len(lens)
+                tokens += int(lens.sum())
         arrows[unit] = staged_name(pf.key)
         srcs[unit] = src_prefix + pf.path
-    plan_of_shards = builder.shards()
+    if layout is not None:
+        plan_of_shards, docs, tokens = layout.shards, layout.documents, layout.tokens
+    else:
+        plan_of_shards = builder.shards()
     shards = (write_shards or write_shards_locally)(out, plan_of_shards, arrows, srcs, eos, written)
     complete = not missing
     manifest = {

@@ -586,3 +586,57 @@ def test_a_small_new_plan_runs_in_process_with_the_cheapest_engine(tmp_path, mir
     assert m["totals"]["documents"] > 0
     if tokenizer == "subword":
         assert m["tokenizer"]["engine"] == "tokenizers"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.lists(st.integers(1, 60), min_size=0, max_size=8), min_size=0, max_size=3), min_size=1, max_size=5
+    ),
+    st.integers(2, 80),
+    st.randoms(use_true_random=False),
+)
+def test_the_fetchs_layout_is_finalizes_whatever_order_files_are_staged_in(units, bound, rng):
+    """``ShardPlanner``, fed files as they are staged (any order), ends with exactly the layout and
+    totals ``finalize`` computes from the staged lengths in plan order; not before the last file."""
+    from bolmo_async.finalizer import LayoutBuilder, ShardPlanner
+    from bolmo_async.models import Plan, PlannedFile
+
+    lengths = [[np.array(b, dtype=np.int64) for b in batches] for batches in units]
+    builder = LayoutBuilder(bound)
+    for unit, batches in enumerate(lengths):
+        for b, lens in enumerate(batches):
+            builder.add(unit, b, lens)
+    files = tuple(PlannedFile(f"data/f{i}.jsonl", "data", 1, "oid", None) for i in range(len(units)))
+    plan = Plan("r", "main", "c" * 40, 1.0, 0, files, (), "")
+    planner = ShardPlanner(plan, bound)
+    order = list(range(len(units)))
+    rng.shuffle(order)
+    for u in order:
+        assert planner.layout() is None
+        planner.staged(u, lengths[u])
+    planner.finish()
+    layout = planner.layout()
+    assert layout is not None and layout.bound == bound
+    assert layout.shards == builder.shards()
+    assert layout.documents == sum(len(x) for b in lengths for x in b)
+    assert layout.tokens == sum(int(x.sum()) for b in lengths for x in b)
+
+
+def test_prepare_finalizes_from_its_workers_reports_without_reading_the_staging_again(tmp_path, mirror, monkeypatch):
+    """A complete prepare's finalize lays shards out from what its worker processes reported (no
+    staged file's lengths read again in the coordinator: 1-2 ms a file, serial, at the very end);
+    a finalize that reads them all gives the same shards and totals."""
+    from bolmo_async.staging import Staging
+
+    reads: list[str] = []
+    lengths = Staging.lengths
+    monkeypatch.setattr(Staging, "lengths", lambda self, pf: reads.append(pf.path) or lengths(self, pf))
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.5, max_tokens_per_file=100_000, processes=2)
+    assert m["complete"] and len(m["shards"]) > 1
+    assert reads == []
+    again = bolmo_async.finalize(out, max_tokens_per_file=100_000)
+    assert len(reads) == m["planned_files"]  # this one read every staged file's lengths
+    assert shard_hashes(again) == shard_hashes(m) and again["totals"] == m["totals"]
+    assert [s["tokens"] for s in again["shards"]] == [s["tokens"] for s in m["shards"]]
