@@ -480,9 +480,6 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
     """Stage ``pf`` unless it is staged and intact (see ``TaskResult``). ``cdn``: the signed URL
     its resolve URL was resolved to ahead, if it was."""
     loop = asyncio.get_running_loop()
-    rec = await loop.run_in_executor(ctx.executor, ctx.staging.checked, pf)
-    if rec is not None:  # just read whole for its checksum: its lengths come from the page cache
-        return rec, None, await loop.run_in_executor(ctx.executor, ctx.staging.lengths, pf)
     read = [0]
     outer = ctx.on_bytes
 
@@ -491,8 +488,27 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
         if outer is not None:
             outer(n)
 
-    ctx = dataclasses.replace(ctx, on_bytes=count)
-    proc = Processor(pf, ctx)
+    task_ctx = dataclasses.replace(ctx, on_bytes=count)
+
+    def begin() -> tuple[dict[str, Any] | None, Any]:
+        """One trip to a thread: the record and lengths of a staged, intact ``pf`` (just read whole
+        for its checksum: its lengths come from the page cache), else its Processor (which makes
+        its staging temporary: file I/O, never on the event loop)."""
+        rec = ctx.staging.checked(pf)
+        if rec is not None:
+            return rec, ctx.staging.lengths(pf)
+        return None, Processor(pf, task_ctx)
+
+    started = loop.run_in_executor(ctx.executor, begin)
+    try:
+        rec, got = await asyncio.shield(started)
+    except asyncio.CancelledError:  # its thread goes on: a Processor it makes is dropped at once
+        started.add_done_callback(_abort_processor)
+        raise
+    if rec is not None:
+        return rec, None, got
+    proc: Processor = got
+    ctx = task_ctx
     try:
         url = ctx.client.resolve_url(ctx.commit, pf.path)
         suffix = data_suffix(pf.path) or ""
@@ -537,6 +553,11 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
     except BaseException:
         proc.abort()
         raise
+
+
+def _abort_processor(done: asyncio.Future[tuple[dict[str, Any] | None, Any]]) -> None:
+    if not done.cancelled() and done.exception() is None and isinstance(done.result()[1], Processor):
+        done.result()[1].abort()
 
 
 async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = None) -> tuple[Path, str]:

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -231,10 +232,9 @@ class Worker:
                 # Taking and letting go of a claim is I/O (a flock, or requests to a bucket): not on
                 # the event loop.
                 claim = ctx.staging.claim(pf)
-                mine = await loop.run_in_executor(ctx.executor, claim.__enter__)
+                mine = await loop.run_in_executor(ctx.executor, _take, claim, ctx.staging, pf)
                 try:
                     if mine:
-                        await loop.run_in_executor(ctx.executor, ctx.staging.clean_temporaries, [pf])
                         rec, read, lengths = await run_file_task(ctx, pf, cdn)
                         break
                 finally:
@@ -281,6 +281,19 @@ class Worker:
             self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
         except BaseException as exc:  # finalize writes this shard again
             self._send(m.ShardFailed(self.wid, k, f"{type(exc).__name__}: {exc}"))
+
+
+def _take(claim: Any, staging: Any, pf: Any) -> bool:
+    """Enter ``claim`` (``Staging.claim``); when this run holds it, remove what killed runs left of
+    ``pf``: one trip to a thread for both (a file's every trip costs thread handoffs)."""
+    mine = bool(claim.__enter__())
+    if mine:
+        try:
+            staging.clean_temporaries([pf])
+        except BaseException:
+            claim.__exit__(*sys.exc_info())
+            raise
+    return mine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -640,3 +640,22 @@ def test_prepare_finalizes_from_its_workers_reports_without_reading_the_staging_
     assert len(reads) == m["planned_files"]  # this one read every staged file's lengths
     assert shard_hashes(again) == shard_hashes(m) and again["totals"] == m["totals"]
     assert [s["tokens"] for s in again["shards"]] == [s["tokens"] for s in m["shards"]]
+
+
+def test_a_workers_event_loop_never_creates_a_file(tmp_path, mirror, monkeypatch):
+    """Staging files (and markers, claims) are made on the worker's threads, never on its event
+    loop (file I/O there holds up every download of the worker)."""
+    import threading
+
+    from bolmo_async.outdir.local import LocalDir
+
+    where: list[str] = []
+    new_file = LocalDir.new_file
+
+    def spy(self, name, **kw):  # type: ignore[no-untyped-def]
+        where.append(threading.current_thread().name)
+        return new_file(self, name, **kw)
+
+    monkeypatch.setattr(LocalDir, "new_file", spy)
+    _prepare(tmp_path / "o", mirror, data_fraction=0.3, processes=1)  # the worker on a thread of this process
+    assert where and "bolmo-worker" not in where, sorted(set(where))
