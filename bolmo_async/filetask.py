@@ -490,6 +490,10 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
 
     task_ctx = dataclasses.replace(ctx, on_bytes=count)
 
+    made: list[Processor] = []  # the Processor ``begin`` made, once it is handed over
+    dropped = threading.Event()  # the task was stopped meanwhile
+    lock = threading.Lock()
+
     def begin() -> tuple[dict[str, Any] | None, Any]:
         """One trip to a thread: the record and lengths of a staged, intact ``pf`` (just read whole
         for its checksum: its lengths come from the page cache), else its Processor (which makes
@@ -497,13 +501,21 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
         rec = ctx.staging.checked(pf)
         if rec is not None:
             return rec, ctx.staging.lengths(pf)
-        return None, Processor(pf, task_ctx)
+        new = Processor(pf, task_ctx)
+        with lock:
+            if not dropped.is_set():
+                made.append(new)
+                return None, new
+        new.abort()  # stopped while it was being made: its temporary goes now
+        return None, None
 
-    started = loop.run_in_executor(ctx.executor, begin)
     try:
-        rec, got = await asyncio.shield(started)
-    except asyncio.CancelledError:  # its thread goes on: a Processor it makes is dropped at once
-        started.add_done_callback(_abort_processor)
+        rec, got = await loop.run_in_executor(ctx.executor, begin)
+    except asyncio.CancelledError:  # its thread may go on: what it makes is dropped, by it or here
+        with lock:
+            dropped.set()
+        for made_one in made:
+            made_one.abort()
         raise
     if rec is not None:
         return rec, None, got
@@ -553,11 +565,6 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
     except BaseException:
         proc.abort()
         raise
-
-
-def _abort_processor(done: asyncio.Future[tuple[dict[str, Any] | None, Any]]) -> None:
-    if not done.cancelled() and done.exception() is None and isinstance(done.result()[1], Processor):
-        done.result()[1].abort()
 
 
 async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = None) -> tuple[Path, str]:

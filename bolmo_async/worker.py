@@ -343,9 +343,19 @@ def _die_with_parent(current: Callable[[], Worker | None]) -> None:
     as its coordinator counts it lost then.) Before its spec arrives the worker simply ends;
     afterwards it aborts its files first."""
     import multiprocessing
+    from multiprocessing import forkserver
 
     coordinator = multiprocessing.parent_process()
     starter = os.getppid()
+    # A forked worker inherits the fork server's "alive" pipe, which the server waits on to end:
+    # closed here, the server ends as soon as its coordinator lets go of it, whatever the workers
+    # do (they then end too: their starter is gone). Private, hence guarded.
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive, int):
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
     if coordinator is None or not coordinator.is_alive():  # it died while this process was starting
         os._exit(1)
 

@@ -168,3 +168,32 @@ def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repo
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_while_the_fork_server_imports_still_stops_every_worker(monkeypatch):
+    """Ctrl+C lands while the pool waits for its workers to start (the fork server importing): the
+    stop that follows still waits for them, then ends them and the server. (A ``Thread.join``
+    interrupted by Ctrl+C counts the thread ended on Python 3.11: the stop went on while workers
+    were still being started, and waited forever for a server kept alive by one of them.)"""
+    import threading
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    me = psutil.Process()
+    before = {c.pid for c in me.children(recursive=True)}
+    pool = Pool(2)
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        pool._started()
+        time.sleep(5)  # (the fork server was quicker than the timer)
+    stopper = threading.Thread(target=pool.stop, daemon=True)
+    stopper.start()
+    stopper.join(60)
+    assert not stopper.is_alive(), "the stop hung"
+    assert all(mem.process.pid is not None and not mem.process.is_alive() for mem in pool.members)
+    time.sleep(0.5)
+    left = [
+        c
+        for c in me.children(recursive=True)
+        if c.pid not in before and "resource_tracker" not in " ".join(c.cmdline())
+    ]
+    assert [c for c in left if c.status() != psutil.STATUS_ZOMBIE] == []

@@ -152,7 +152,7 @@ class Pool:
         self.processes = max(1, processes)
         self.members = [_Member(i) for i in range(self.processes)]
         self._spec: WorkerSpec | None = None
-        self._starter: threading.Thread | None = None
+        self._starting: threading.Event | None = None  # set once every worker process is started
         self._forked = False
         if self.processes == 1:
             self.outbox: Any = queue.Queue()
@@ -172,8 +172,8 @@ class Pool:
             return
         # A fork waits for the fork server's imports (the first pool of a process: ~1 s): on a
         # thread, while this one lists the repo and loads the tokenizer.
-        self._starter = threading.Thread(target=self._start_forked, name="bolmo-start", daemon=True)
-        self._starter.start()
+        self._starting = threading.Event()
+        threading.Thread(target=self._start_forked, name="bolmo-start", daemon=True).start()
 
     def _process(self, ctx: Any, mem: _Member, share: int) -> Any:
         return ctx.Process(
@@ -184,20 +184,26 @@ class Pool:
         )
 
     def _start_forked(self) -> None:
-        for mem in self.members:
-            try:
-                mem.process.start()
-            except Exception as exc:  # the fork server could not start or died: this one is spawned
-                log.debug("worker %d: no fork server (%s: %s); spawning it", mem.wid, type(exc).__name__, exc)
-                mem.process = self._process(
-                    multiprocessing.get_context("spawn"), mem, max(1, usable_cores() // self.processes)
-                )
-                mem.process.start()
+        assert self._starting is not None
+        try:
+            for mem in self.members:
+                try:
+                    mem.process.start()
+                except Exception as exc:  # the fork server could not start or died: this one is spawned
+                    log.debug("worker %d: no fork server (%s: %s); spawning it", mem.wid, type(exc).__name__, exc)
+                    mem.process = self._process(
+                        multiprocessing.get_context("spawn"), mem, max(1, usable_cores() // self.processes)
+                    )
+                    mem.process.start()
+        finally:
+            self._starting.set()
 
     def _started(self) -> None:
-        """Every worker process has been started (the fork server's imports are done)."""
-        if self._starter is not None:
-            self._starter.join(START_TIMEOUT)
+        """Every worker process has been started (the fork server's imports are done). An Event,
+        not ``Thread.join``: a join that Ctrl+C interrupts marks the thread ended on Python 3.11
+        while it still runs (a worker then started after the stop would be left running)."""
+        if self._starting is not None:
+            self._starting.wait(START_TIMEOUT)
 
     def units(self, plan: Plan) -> list[int]:
         return list(range(len(plan.files)))
