@@ -151,7 +151,10 @@ class Worker:
         def read() -> None:  # a daemon thread: blocked on the inbox, it never holds up an exit
             while True:
                 msg = self._receive()
-                loop.call_soon_threadsafe(inbox.put_nowait, msg)
+                try:
+                    loop.call_soon_threadsafe(inbox.put_nowait, msg)
+                except RuntimeError:  # the loop ended (a fatal error) while this message came: nobody reads it
+                    return
                 if msg is None or isinstance(msg, m.Stop):
                     return
 

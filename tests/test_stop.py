@@ -9,6 +9,7 @@ timing bound: the assertion is that the stop did not wait for the encode.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -149,3 +150,36 @@ def test_ctrl_c_still_runs_the_exit_handlers(s3, mirror, tmp_path):  # type: ign
     _, err = p.communicate(timeout=120)
     assert p.returncode in (0, 130), err
     assert list(tmp.glob("bolmo-async-scratch-*")) == [], "the run's own scratch folder stayed behind"
+
+
+class _Broken:
+    def build(self) -> Any:
+        raise RuntimeError("this tokenizer cannot be built")
+
+
+def test_a_message_that_comes_after_the_worker_ended_is_dropped_quietly(tmp_path, mirror):
+    """A worker that ended (here its tokenizer failed) while the coordinator still sent it a
+    message: the thread that reads its inbox printed "Exception in thread bolmo-inbox ...
+    RuntimeError: Event loop is closed" under the run's one-line error (seen in a suite run)."""
+    out = tmp_path / "o"
+    spec = dataclasses.replace(_spec(out, mirror, threading.Event(), threading.Event()), tokenizer=_Broken())
+    late = threading.Event()
+
+    def receive() -> Any:
+        late.wait(60)
+        return messages.FileTask(0)
+
+    outbox: queue.Queue[Any] = queue.Queue()
+    worker = Worker(0, spec, receive, outbox.put)
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        worker.run()
+    failures: list[Any] = []
+    hook, threading.excepthook = threading.excepthook, failures.append
+    try:
+        late.set()  # the coordinator's message arrives now, the worker's loop closed
+        for t in threading.enumerate():
+            if t.name == "bolmo-inbox":
+                t.join(30)
+    finally:
+        threading.excepthook = hook
+    assert failures == []
