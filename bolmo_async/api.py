@@ -717,6 +717,7 @@ def _fetch(
                     progress=prog,
                     on_staged=shards.staged if shards is not None else None,
                     on_files_done=shards.finish if shards is not None else None,
+                    layout_at=shards.layout_at if shards is not None else None,
                 )
             except KeyboardInterrupt:
                 raise FetchIncomplete(

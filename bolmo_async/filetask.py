@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -31,8 +32,10 @@ import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
 from .download import BytesSink, Link, fetch_file, stream
-from .errors import IntegrityError, RangeIgnored, Retry
+from .errors import DiskSpaceError, IntegrityError, OutputError, RangeIgnored, Retry
+from .finalizer import LayoutBuilder, Piece, ShardWriter, _write_piece
 from .hub import HubClient
+from .messages import LayoutAt
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .outdir import OutputDir
 from .retry import retrying
@@ -87,21 +90,217 @@ class TaskContext:
     decoding: DecodingSlot | None = None  # files decoding at once; the others transfer ahead
 
 
-class Processor:
-    """Decodes, tokenizes and stages one planned file. Thread-safe against ``abort``."""
+#: What a file's worker wrote of the shards while staging it: index -> (pieces, record).
+ShardsWritten = dict[int, tuple[list[Piece], dict[str, Any]]]
 
-    def __init__(self, pf: PlannedFile, ctx: TaskContext):
+
+class ShardsAhead:
+    """The shards one file fills, written while the file is staged, when its worker knows where
+    its documents start in the layout (``messages.LayoutAt``: every file before it is laid out).
+    Without it a file's shards wait until it is staged whole, then its worker writes them
+    while the disk alone is busy (one large file: seconds at the end of the run).
+
+    Each staged batch is laid out by the same ``LayoutBuilder`` as ``finalize``, from the same
+    lengths, and its pieces are written from the batch in memory by the same code as a shard
+    written later from the staging (``finalizer._write_piece``): byte-identical. On a thread of
+    its own, a bounded queue behind the decoder (``DEPTH`` batches), so that the decoder does
+    not wait for the disk. Temporaries only: ``commit`` puts them in place once the file is
+    verified and staged, and the coordinator keeps a shard only when its pieces are exactly the
+    layout's (else it is written again). The shard still open at the file's end is complete only
+    for the plan's last file; otherwise it is dropped (the next file's pieces go in it too)."""
+
+    #: Staged batches waiting for the thread at most (about ``BATCH_BYTES`` of text each).
+    DEPTH = 4
+
+    def __init__(
+        self,
+        out: OutputDir,
+        unit: int,
+        layout: LayoutAt,
+        arrows: dict[int, str],
+        srcs: dict[int, str],
+        eos: int,
+    ):
+        self.out = out
+        self.unit = unit
+        self.layout = layout
+        self.arrows = arrows  # staged file of each unit before it in the open shard
+        self.srcs = srcs  # csv ``src`` of each unit, this one's included
+        self.eos = eos
+        self._builder = LayoutBuilder.resumed(layout.bound, layout.shard, layout.used, layout.pieces)
+        self._queue: queue.Queue[tuple[int, pa.RecordBatch, np.ndarray] | None] = queue.Queue(self.DEPTH)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()  # the writers: the thread (on error), finish/commit, abort
+        self._open: tuple[int, list[Piece], ShardWriter] | None = None
+        self._done: list[tuple[int, list[Piece], ShardWriter]] = []
+        self._error: BaseException | None = None
+
+    def put(self, index: int, batch: pa.RecordBatch, lengths: np.ndarray) -> None:
+        """Staged batch ``index`` of the file (``lengths``: its tokens per document), in order."""
+        if self._stop.is_set() or self._error is not None:
+            return  # given up: the coordinator hands these shards out after the file
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bolmo-shards-ahead", daemon=True)
+            self._thread.start()
+        while not self._stop.is_set():
+            try:
+                self._queue.put((index, batch, lengths), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        # Holds ``_mutex`` while it writes, so that ``abort`` drops the writers only between pieces.
+        try:
+            if self.layout.pieces:  # the open shard's pieces of earlier files, from their staging
+                with self._mutex:
+                    self._writer_for(self.layout.shard, carried=True)
+                    for piece in self.layout.pieces:
+                        self._check()
+                        assert self._open is not None
+                        with self.out.open_input(self.arrows[piece.unit]) as source:
+                            batch = pa.ipc.open_file(source).get_batch(piece.batch)
+                            _write_piece(self._open[2], piece, batch, self.srcs[piece.unit], self.eos)
+                            del batch
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    self._check()
+                    continue
+                if item is None:
+                    with self._mutex:
+                        if self._stop.is_set():
+                            self._drop()
+                    return
+                index, batch, lengths = item
+                with self._mutex:
+                    for k, piece in self._builder.add(self.unit, index, lengths):
+                        self._check()
+                        self._writer_for(k)
+                        assert self._open is not None
+                        self._open[1].append(piece)
+                        _write_piece(self._open[2], piece, batch, self.srcs[self.unit], self.eos)
+                del batch, item
+        except BaseException as exc:
+            self._error = exc
+            with self._mutex:
+                self._drop()
+            while True:  # a producer blocked on a full queue goes on
+                try:
+                    if self._queue.get(timeout=0.5) is None:
+                        return
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise InterruptedError("shards ahead stopped")
+
+    def _writer_for(self, k: int, carried: bool = False) -> None:
+        """The writer of shard ``k`` (the one before it is complete: finished, not in place)."""
+        if self._open is not None and self._open[0] == k:
+            return
+        if self._open is not None:
+            self._open[2].finish()
+            self._done.append(self._open)
+            self._open = None
+        self._open = (k, list(self.layout.pieces) if carried else [], ShardWriter(self.out, k))
+
+    def finish(self) -> None:
+        """After the file's last batch: wait for every piece to be written. A disk that is full or
+        refuses stops the run (as any shard write); any other error only drops these shards."""
+        if self._thread is None:
+            return
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        with self._mutex:
+            error, self._error = self._error, None
+            if error is None and self._stop.is_set():
+                error = InterruptedError("shards ahead stopped")
+            try:
+                if error is None and self._open is not None:
+                    if self.layout.last:
+                        self._open[2].finish()
+                        self._done.append(self._open)
+                    else:
+                        self._open[2].abort()
+                    self._open = None
+            except BaseException as exc:
+                error = exc
+            if error is not None:
+                self._drop()
+                if isinstance(error, DiskSpaceError | OutputError):
+                    raise error
+                log.debug("shards ahead of %s dropped (%s: %s)", self.srcs[self.unit], type(error).__name__, error)
+
+    def commit(self) -> ShardsWritten:
+        """After ``finish`` and the file's staging commit: the finished shards in place."""
+        written: ShardsWritten = {}
+        with self._mutex:
+            try:
+                while self._done and not self._stop.is_set():
+                    k, pieces, writer = self._done[0]
+                    written[k] = (pieces, writer.commit())
+                    self._done.pop(0)
+            except (DiskSpaceError, OutputError):
+                self._drop()
+                raise
+            except Exception as exc:
+                log.debug("shards ahead of %s: %s; the others are written after it", self.srcs[self.unit], exc)
+            self._drop()
+        return written
+
+    def abort(self) -> None:
+        """Stop now, from any thread, never waiting: the temporaries go now when no piece is being
+        written, else the thread drops them at its next piece."""
+        self._stop.set()
+        if self._mutex.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._mutex.release()
+
+    def _drop(self) -> None:
+        """(holding ``_mutex``) every temporary of these shards goes."""
+        for _, _, writer in self._done:
+            writer.abort()
+        self._done.clear()
+        if self._open is not None:
+            self._open[2].abort()
+            self._open = None
+
+
+class Processor:
+    """Decodes, tokenizes and stages one planned file. Thread-safe against ``abort``.
+
+    ``ahead``: makes the ``ShardsAhead`` of this file (its shards written while it is staged)."""
+
+    def __init__(self, pf: PlannedFile, ctx: TaskContext, ahead: Callable[[], ShardsAhead] | None = None):
         self.pf = pf
         self.ctx = ctx
         self.suffix = data_suffix(pf.path) or ""
         self._lock = threading.Lock()
         self._aborted = False
         self._writer: StagingWriter | None = None
+        self._make_ahead = ahead
+        self._ahead: ShardsAhead | None = None
+        self.shards: ShardsWritten = {}
         self._new()
 
     def _new(self) -> None:
         if self._writer is not None:
             self._writer.abort()
+        if self._ahead is not None:
+            self._ahead.abort()
+        self._ahead = self._make_ahead() if self._make_ahead is not None else None
         self.skips = SkipCounter()
         self.hasher = Hasher(self.pf)
         self.decoder = LineDecoder(
@@ -252,6 +451,10 @@ class Processor:
         tokens_col = self.ctx.tokenizer.tokens_column(whole.texts)
         assert self._writer is not None
         tokens = self._writer.write(whole.ids, whole.locs, tokens_col)
+        if self._ahead is not None:
+            batch = pa.RecordBatch.from_arrays([whole.ids, whole.locs, tokens_col], schema=self._writer.schema)
+            self._ahead.put(len(self._writer.lengths) - 1, batch, self._writer.lengths[-1])
+            del batch
         del tokens_col
         release_free_memory()
         if self.ctx.on_documents:
@@ -265,6 +468,8 @@ class Processor:
         with self._lock:
             self._check()
             self._flush()
+            if self._ahead is not None:
+                self._ahead.finish()
             assert self._writer is not None
             if self.skips.total:
                 for reason, examples in self.skips.examples.items():
@@ -286,12 +491,17 @@ class Processor:
             rec = self._writer.commit(extra, self.skips)
             self.lengths = self._writer.lengths
             self._writer = None
+            if self._ahead is not None:  # once the file is staged: the shards it filled in place
+                self.shards = self._ahead.commit()
+                self._ahead = None
             return rec
 
     def abort(self) -> None:
         """Stop this file now, from the event loop: never waits for a step in progress (one BPE
         encode can take seconds). A busy thread stops at its next step; the temporary goes now."""
         self._aborted = True
+        if self._ahead is not None:
+            self._ahead.abort()
         if self._lock.acquire(blocking=False):
             try:
                 self._drop_writer()
@@ -471,14 +681,17 @@ def file_matches(path: Path, pf: PlannedFile) -> bool:
 
 
 #: What a file task gives back: its completion record, the bytes read for it now (None when it
-#: was staged already) and the tokens per document of each staged batch (the shard layout's input,
-#: so that the coordinator never reads a staged file).
-TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray]]
+#: was staged already), the tokens per document of each staged batch (the shard layout's input,
+#: so that the coordinator never reads a staged file) and the shards written while staging it.
+TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray], ShardsWritten]
 
 
-async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = None) -> TaskResult:
+async def run_file_task(
+    ctx: TaskContext, pf: PlannedFile, cdn: str | None = None, ahead: Callable[[], ShardsAhead] | None = None
+) -> TaskResult:
     """Stage ``pf`` unless it is staged and intact (see ``TaskResult``). ``cdn``: the signed URL
-    its resolve URL was resolved to ahead, if it was."""
+    its resolve URL was resolved to ahead, if it was; ``ahead``: makes its ``ShardsAhead`` (the
+    shards it fills written while it is staged)."""
     loop = asyncio.get_running_loop()
     read = [0]
     outer = ctx.on_bytes
@@ -501,7 +714,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
         rec = ctx.staging.checked(pf)
         if rec is not None:
             return rec, ctx.staging.lengths(pf)
-        new = Processor(pf, task_ctx)
+        new = Processor(pf, task_ctx, ahead)
         with lock:
             if not dropped.is_set():
                 made.append(new)
@@ -518,7 +731,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
             made_one.abort()
         raise
     if rec is not None:
-        return rec, None, got
+        return rec, None, got, {}
     proc: Processor = got
     ctx = task_ctx
     try:
@@ -561,7 +774,7 @@ async def run_file_task(ctx: TaskContext, pf: PlannedFile, cdn: str | None = Non
                 cdn=cdn,
             )
         rec = await loop.run_in_executor(ctx.executor, proc.commit)
-        return rec, read[0], proc.lengths
+        return rec, read[0], proc.lengths, proc.shards
     except BaseException:
         proc.abort()
         raise
@@ -680,4 +893,4 @@ async def _parquet_ranges_once(
     return True
 
 
-__all__ = ["Processor", "TaskContext", "file_matches", "run_file_task"]
+__all__ = ["Processor", "ShardsAhead", "TaskContext", "file_matches", "run_file_task"]

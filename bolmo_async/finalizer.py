@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import StateError, UsageError
+from .messages import LayoutAt
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
 from .outdir import (
     DATA_SOURCES,
@@ -189,12 +190,24 @@ class ShardWriter:
         self.documents += len(ids)
 
     def close(self) -> dict[str, Any]:
+        self.finish()
+        return self.commit()
+
+    def finish(self) -> None:
+        """Every id and row written to the temporaries (not in place yet: ``commit``)."""
         try:
             self._hand_over()
             self._lane.drain()
             self._lane.close()
             self._give_back()
             self._gz.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> dict[str, Any]:
+        """After ``finish``: the shard and its csv.gz in place; its record."""
+        try:
             self._f.commit()
             self._raw_csv.commit()
         except BaseException:
@@ -318,6 +331,18 @@ class LayoutBuilder:
 
     def shards(self) -> list[list[Piece]]:
         return [list(s) for s in self._shards if s]
+
+    def state(self) -> tuple[int, int, list[Piece]]:
+        """Where the next document goes: the shard being filled, its tokens and its pieces so far."""
+        return len(self._shards) - 1, self._used, list(self._shards[-1])
+
+    @classmethod
+    def resumed(cls, bound: int, shard: int, used: int, pieces: list[Piece]) -> LayoutBuilder:
+        """A builder that goes on from ``state()`` of another (the same shards from there on)."""
+        builder = cls(bound)
+        builder._shards = [[] for _ in range(shard)] + [list(pieces)]
+        builder._used = used
+        return builder
 
 
 def write_shard(
@@ -468,6 +493,14 @@ class ShardPlanner:
                         self._open = (k, [])
                     self._open[1].append(piece)
         return done
+
+    def layout_at(self, unit: int) -> LayoutAt | None:
+        """Where ``unit``'s documents start in the layout, when every file before it is laid out
+        (else None): its worker can then write the shards it fills while it stages it."""
+        if unit != self._next:
+            return None
+        shard, used, pieces = self._builder.state()
+        return LayoutAt(self._builder.bound, shard, used, pieces, last=unit == len(self.files) - 1)
 
     def finish(self) -> list[tuple[int, list[Piece]]]:
         """After the last file: the shard still open, if every file was laid out."""

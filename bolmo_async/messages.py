@@ -1,6 +1,6 @@
 """What the coordinator and its workers say to each other: small named records (picklable).
 
-    coordinator -> worker:  FileTask | ShardTask | Stop
+    coordinator -> worker:  FileTask (with LayoutAt) | ShardTask | Stop
     worker -> coordinator:  Ready | Progress | Staged | Failed | ShardWritten | ShardFailed
                             | Fatal | Log | Exit
 
@@ -11,14 +11,27 @@ rebuilt as the same class by ``errors.rebuild``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutAt:
+    """Where a file's documents start in the shard layout, known when every file before it is
+    laid out: its worker then writes the shards they fill while it stages the file."""
+
+    bound: int  # --max-tokens-per-file
+    shard: int  # the shard being filled
+    used: int  # its tokens so far
+    pieces: list[Any]  # its pieces so far (finalizer.Piece, of earlier files)
+    last: bool  # the plan's last file: the shard open at its end is complete
 
 
 @dataclass(frozen=True, slots=True)
 class FileTask:
     unit: int  # index into the plan's files
     cdn: str | None = None  # the signed URL its resolve answered with, when resolved ahead
+    layout: LayoutAt | None = None  # where its documents go in the shards, when known now
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +66,8 @@ class Staged:
     record: dict[str, Any]
     read: int | None  # bytes read for it now; None when it was staged already
     lengths: list[Any]  # numpy arrays: tokens per document of each staged batch
+    # Shards its worker wrote while staging it (``FileTask.layout``): index -> (pieces, record).
+    shards: dict[int, tuple[list[Any], dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

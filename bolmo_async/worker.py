@@ -198,7 +198,7 @@ class Worker:
                     if msg is None or isinstance(msg, m.Stop):
                         break
                     task = asyncio.create_task(
-                        self._file(ctx, msg.unit, msg.cdn)
+                        self._file(ctx, msg.unit, msg.cdn, msg.layout)
                         if isinstance(msg, m.FileTask)
                         else self._shard(msg.index, msg.pieces, executor)
                     )
@@ -221,7 +221,7 @@ class Worker:
             # seconds): a stop is prompt; a worker process then exits (os._exit) under it.
             executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _file(self, ctx: Any, unit: int, cdn: str | None = None) -> None:
+    async def _file(self, ctx: Any, unit: int, cdn: str | None = None, layout: m.LayoutAt | None = None) -> None:
         from .filetask import run_file_task
 
         pf = self.spec.files[unit]
@@ -229,6 +229,7 @@ class Worker:
         # Its place among this worker's files decoding in plan order (``PlanOrderSlots``).
         turn = self._decoding.turn(unit)
         ctx = dataclasses.replace(ctx, decoding=turn)
+        ahead = self._shards_ahead(ctx, unit, layout) if layout is not None else None
         try:
             waited = False
             while True:
@@ -238,7 +239,7 @@ class Worker:
                 mine = await loop.run_in_executor(ctx.executor, _take, claim, ctx.staging, pf)
                 try:
                     if mine:
-                        rec, read, lengths = await run_file_task(ctx, pf, cdn)
+                        rec, read, lengths, shards = await run_file_task(ctx, pf, cdn, ahead)
                         break
                 finally:
                     await asyncio.shield(loop.run_in_executor(ctx.executor, claim.__exit__, None, None, None))
@@ -250,7 +251,7 @@ class Worker:
                 turn.retire()  # the slot does not wait for it meanwhile (it asks again, if it decodes)
                 await asyncio.sleep(CLAIM_POLL)
             self._flush_progress()
-            self._send(m.Staged(self.wid, unit, rec, read, lengths))
+            self._send(m.Staged(self.wid, unit, rec, read, lengths, shards))
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except FATAL as exc:
@@ -264,6 +265,18 @@ class Worker:
             self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
         finally:
             turn.retire()
+
+    def _shards_ahead(self, ctx: Any, unit: int, layout: m.LayoutAt) -> Callable[[], Any]:
+        """Makes the ``filetask.ShardsAhead`` of ``unit``: the shards it fills, written while it is
+        staged, from ``layout`` (where its documents start: the coordinator's)."""
+        from .filetask import ShardsAhead
+        from .outdir import staged_name
+
+        files = self.spec.files
+        units = {p.unit for p in layout.pieces} | {unit}
+        arrows = {u: staged_name(files[u].key) for u in units}
+        srcs = {u: self.spec.src_prefix + files[u].path for u in units}
+        return lambda: ShardsAhead(ctx.staging.out, unit, layout, arrows, srcs, self.spec.eos)
 
     async def _shard(self, k: int, pieces: list[Any], executor: ThreadPoolExecutor) -> None:
         from .finalizer import write_shard

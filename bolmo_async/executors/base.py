@@ -21,6 +21,9 @@ from ..worker import WorkerSpec
 ShardCallback = Callable[[], list[tuple[int, Any]]]
 #: A file staged: ``(unit, tokens per document of each staged batch)`` -> shard writes to hand out.
 StagedCallback = Callable[[int, list[Any]], list[tuple[int, Any]]]
+#: A file handed out: ``unit`` -> where its documents start in the shards (``messages.LayoutAt``),
+#: or None when files before it are not laid out yet.
+LayoutCallback = Callable[[int], Any]
 
 
 @dataclass
@@ -60,10 +63,13 @@ class Executor(Protocol):
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
+        layout_at: LayoutCallback | None = None,
     ) -> RunResult:
         """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out.
         ``resolve_ahead``: the units worth resolving ahead of their hand-out (not staged yet);
-        an executor may ignore it."""
+        ``layout_at(unit)``: where a file's documents start in the shards, when known at its
+        hand-out (its worker then writes the shards it fills while staging it). An executor
+        may ignore both."""
         ...
 
     def write_shards(self, *args: Any) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from ..finalizer import write_shards_locally
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
-from .base import RunResult, ShardCallback, StagedCallback
+from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
 
 log = logging.getLogger("bolmo_async")
 
@@ -154,6 +154,8 @@ class Pool:
         self._spec: WorkerSpec | None = None
         self._starting: threading.Event | None = None  # set once every worker process is started
         self._forked = False
+        # Shards workers wrote while staging their file (``FileTask.layout``): index -> (pieces, record).
+        self._written_ahead: dict[int, tuple[list[Any], dict[str, Any]]] = {}
         if self.processes == 1:
             self.outbox: Any = queue.Queue()
             self.members[0].inbox = queue.Queue()
@@ -230,17 +232,22 @@ class Pool:
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
+        layout_at: LayoutCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` (indices into ``spec.files``). ``on_staged(unit, rec)`` and, once every
         file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out (``lengths``: the
         staged file's tokens per document, per batch). ``resolve_ahead``: the units to resolve
-        ahead of their hand-out (those not staged yet; None: none)."""
+        ahead of their hand-out (those not staged yet; None: none). ``layout_at(unit)``: where
+        a file's documents start in the shards, when known as it is handed out (its worker then
+        writes the shards it fills while staging it; such a shard is kept when its pieces are
+        the ones handed out here, else written again)."""
         assert self._spec is not None, "start() first"
         self._started()
         files = self._spec.files
         result = RunResult()
         todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
+        self._written_ahead = {}
         slots = self._spec.slots
         files_left = len(todo)
         ended = False
@@ -279,13 +286,14 @@ class Pool:
                         mem = min(free, key=lambda w: len(w.tasks))
                         u = todo.popleft()
                         mem.tasks.add(("file", u))
-                        mem.inbox.put(m.FileTask(u, ahead.take(u) if ahead is not None else None))
+                        cdn = ahead.take(u) if ahead is not None else None
+                        mem.inbox.put(m.FileTask(u, cdn, layout_at(u) if layout_at is not None else None))
                     else:
                         break
                 if files_left == 0 and not ended:
                     ended = True
                     if on_files_done is not None:
-                        shard_tasks.extend(on_files_done())
+                        self._hand_out(on_files_done(), result, shard_tasks)
                         continue
                 if ended and not shard_tasks and not any(mem.tasks for mem in self.members):
                     break
@@ -363,8 +371,9 @@ class Pool:
                     else:  # parquet prefixes read whole row groups and the footer: the total follows
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
+                self._written_ahead.update(msg.shards)
                 if on_staged is not None:
-                    shard_tasks.extend(on_staged(msg.unit, msg.lengths))
+                    self._hand_out(on_staged(msg.unit, msg.lengths), result, shard_tasks)
                 return 1
             case m.Failed():
                 member.tasks.discard(("file", msg.unit))
@@ -387,6 +396,16 @@ class Pool:
                 member.exited = True
                 return self._lost(member, result, progress)
         return 0
+
+    def _hand_out(self, tasks: list[tuple[int, Any]], result: RunResult, shard_tasks: deque[tuple[int, Any]]) -> None:
+        """Shard tasks to hand out, less those a worker wrote while staging their file with
+        exactly these pieces (their records are kept as written)."""
+        for k, pieces in tasks:
+            done = self._written_ahead.pop(k, None)
+            if done is not None and done[0] == pieces:
+                result.shards[k] = done[1]
+            else:
+                shard_tasks.append((k, pieces))
 
     def _lost(self, member: _Member, result: RunResult, progress: Progress | None) -> int:
         """A worker ended with tasks in hand: its files fail (a rerun resumes them)."""

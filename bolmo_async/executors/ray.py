@@ -24,7 +24,7 @@ from ..models import Plan
 from ..outdir import OutputDir, open_output
 from ..progress import Progress
 from ..worker import WorkerSpec
-from .base import RunResult, ShardCallback, StagedCallback
+from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
 from .local import Pool
 
 log = logging.getLogger("bolmo_async")
@@ -227,6 +227,7 @@ class RayExecutor:
         progress: Progress | None = None,
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
+        layout_at: LayoutCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize).
         Each task resolves its own files (``resolve_ahead`` is not used)."""
