@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiohttp import ClientSession, web
 
@@ -312,3 +313,131 @@ def test_mirror_serve_emulates_a_wan_from_the_command_line(blob, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "round trip 300 ms" in out
+
+
+def _text_repo(root: Path, files: int, docs: int, seed: int = 7) -> Path:
+    """A repo of ``files`` .jsonl.zst files of real-looking text (words, code lines, escapes),
+    ``docs`` documents each (~1.2 MB of text a file), one document of ~700 KB in each (larger
+    than the shards of the tests below: cut across shards)."""
+    import json
+    import random
+
+    import zstandard
+
+    rng = random.Random(seed)
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "that",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "def",
+        "return",
+        "self",
+        "if",
+        "else",
+    ]
+    d = root / "data" / "web"
+    d.mkdir(parents=True)
+    for f in range(files):
+        lines = []
+        for i in range(docs):
+            n = 240_000 if i == docs // 2 else rng.randint(50, 4000)
+            text = " ".join(rng.choice(words) for _ in range(n // 4))
+            if i % 7 == 0:
+                text += '\n    print("a\\tb", x["k"])\n'
+            lines.append(json.dumps({"id": f"{f}-{i}", "text": text}))
+        (d / f"part-{f}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    return root
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.endswith((".npy", ".csv.gz"))}
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_a_file_placed_in_the_layout_writes_its_shards_while_it_is_staged(tmp_path, monkeypatch, files):
+    """A file handed out when every file before it is laid out writes the shards it fills while
+    it is staged (one large file: its shards no longer wait for all of it, then the disk alone):
+    no shard is left for a shard task, every shard is one the run keeps, and they are
+    byte-identical (shards and csv.gz) to a finalize writing them all from the staging. With
+    three files handed out one at a time, a shard opened by one file is carried into the next
+    (its earlier pieces read from the staging), and the last file completes the last shard."""
+    import bolmo_async.api as api_module
+    from bolmo_async.worker import Worker
+
+    repo = MirrorRepo("a/b", _text_repo(tmp_path / "repo", files, docs=700))
+    shard_tasks: list[int] = []
+    real_shard = Worker._shard
+
+    async def counted(self, k, pieces, executor):  # the real shard writer, counted
+        shard_tasks.append(k)
+        await real_shard(self, k, pieces, executor)
+
+    monkeypatch.setattr(Worker, "_shard", counted)
+    kept: dict = {}
+    real_finalize_dir = api_module.finalize_dir
+
+    def observe(*args, **kw):
+        kept.update(kw.get("written") or {})
+        return real_finalize_dir(*args, **kw)
+
+    monkeypatch.setattr(api_module, "finalize_dir", observe)
+    bound = 300_000
+    out = tmp_path / "out"
+    with MirrorThread([repo]) as m:
+        # One file at a time: each later file is handed out once the ones before are laid out.
+        manifest = bolmo_async.prepare(
+            out,
+            endpoint=m.endpoint,
+            repo_id="a/b",
+            data_fraction=1.0,
+            tokenizer="byte",
+            progress=False,
+            processes=1,
+            concurrency=1,
+            connections=1,
+            max_tokens_per_file=bound,
+        )
+    shards = manifest["shards"]
+    assert len(shards) >= 4 * files and shard_tasks == []
+    assert sorted(kept) == list(range(len(shards)))
+    assert not [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+    ahead = _shard_bytes(out)
+    again = bolmo_async.finalize(out, max_tokens_per_file=bound)  # every shard from the staging
+    assert again["shards"] == shards and _shard_bytes(out) == ahead
+    cut = [s for s in shards if np.memmap(s["path"], dtype=np.uint32, mode="r")[-1] != 1]
+    assert not cut  # every shard ends with an EOS, the cut document's pieces too
+
+
+@pytest.mark.slow
+def test_shards_written_ahead_survive_restarts_and_worker_processes(tmp_path):
+    """Over a WAN link with corrupted bodies (the file fails its sha256 and starts over, so its
+    shards ahead are dropped and written again), in a worker process: the same shards as a
+    loopback run, and no temporary left behind."""
+    repo = MirrorRepo("a/b", _text_repo(tmp_path / "repo", 1, docs=1500, seed=3))
+    opts = {"repo_id": "a/b", "data_fraction": 1.0, "tokenizer": "byte", "progress": False}
+    bound = 250_000
+    with MirrorThread([repo]) as m:
+        bolmo_async.prepare(tmp_path / "ref", endpoint=m.endpoint, max_tokens_per_file=bound, processes=1, **opts)
+    want = _shard_bytes(tmp_path / "ref")
+    assert len(want) >= 16
+    wan = WanConfig(rtt=0.02, response_rate=2e6, link_rate=8e6)
+    faults = FaultConfig(rate=1.0, seed=5, kinds=("corrupt", "cut"), max_per_path=2)
+    with MirrorThread([repo], wan=wan, faults=faults) as m:
+        bolmo_async.prepare(
+            tmp_path / "wan", endpoint=m.endpoint, max_tokens_per_file=bound, processes=2, retries=8, **opts
+        )
+    assert sum(faults.injected.values()) == 2
+    assert _shard_bytes(tmp_path / "wan") == want
+    assert not [p.name for p in (tmp_path / "wan").rglob("*") if p.name.endswith(".tmp")]
