@@ -109,8 +109,9 @@ class ShardsAhead:
     layout's (else it is written again). The shard still open at the file's end is complete only
     for the plan's last file; otherwise it is dropped (the next file's pieces go in it too)."""
 
-    #: Staged batches waiting for the thread at most (about ``BATCH_BYTES`` of text each).
-    DEPTH = 4
+    #: Staged batches waiting for the thread at most (about ``BATCH_BYTES`` of text each): the
+    #: decoder goes on through a moment of a busy disk.
+    DEPTH = 8
 
     def __init__(
         self,
