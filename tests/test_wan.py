@@ -441,3 +441,70 @@ def test_shards_written_ahead_survive_restarts_and_worker_processes(tmp_path):
     assert sum(faults.injected.values()) == 2
     assert _shard_bytes(tmp_path / "wan") == want
     assert not [p.name for p in (tmp_path / "wan").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_shards_ahead_keep_only_complete_shards_and_leave_nothing_when_stopped(tmp_path):
+    """``ShardsAhead`` on its own, with a real output folder: the shards a file closes are put in
+    place with exactly the pieces ``LayoutBuilder`` gives, byte-identical to ``write_shard``
+    from the staged file; the shard open at the file's end is dropped (it is not the plan's
+    last file); stopped halfway (abort, from another thread), it leaves no temporary."""
+    import random
+    import threading
+
+    import pyarrow as pa
+
+    from bolmo_async.filetask import ShardsAhead
+    from bolmo_async.finalizer import LayoutBuilder, write_shard
+    from bolmo_async.messages import LayoutAt
+    from bolmo_async.models import PlannedFile, SkipCounter
+    from bolmo_async.outdir import staged_name
+    from bolmo_async.staging import Staging, staging_schema
+    from bolmo_async.tokenize import ByteTokenizer
+
+    rng = random.Random(1)
+    tok = ByteTokenizer()
+    batches = []
+    for b in range(6):
+        texts = pa.array(["x" * rng.randint(1, 90) + "\\é" for _ in range(40)], pa.large_string())
+        ids = pa.array([f"{b}-{i}" for i in range(40)])
+        locs = pa.array(range(b * 40 + 1, b * 40 + 41), pa.int64())
+        batches.append(pa.RecordBatch.from_arrays([ids, locs, tok.tokens_column(texts)], schema=staging_schema("byte")))
+    lengths = [np.diff(np.frombuffer(b.column(2).buffers()[1], np.int64, len(b) + 1)) for b in batches]
+    out = open_output(tmp_path / "o")
+    out.create()
+    # The same batches staged, for write_shard to read back.
+    pf = PlannedFile(path="data/a.jsonl", source="data", size=1, oid="0" * 40, sha256=None)
+    writer = Staging(out).writer(pf, "f", "byte")
+    for b in batches:
+        writer.write(b.column(0), b.column(1), b.column(2))
+    writer.commit({}, SkipCounter())
+    bound = 1500
+    want = LayoutBuilder(bound)
+    for i, lens in enumerate(lengths):
+        want.add(0, i, lens)
+    layout = want.shards()
+    ahead = ShardsAhead(out, 0, LayoutAt(bound, 0, 0, [], last=False), {0: staged_name(pf.key)}, {0: "s"}, 1)
+    for i, (b, lens) in enumerate(zip(batches, lengths, strict=True)):
+        ahead.put(i, b, lens)
+    ahead.finish()
+    written = ahead.commit()
+    assert sorted(written) == list(range(len(layout) - 1))  # every shard but the open one
+    for k, (pieces, rec) in written.items():
+        assert pieces == layout[k]
+        data = Path(rec["path"]).read_bytes()
+        again = write_shard(out, k, pieces, {0: staged_name(pf.key)}, {0: "s"}, 1, threading.Event())
+        assert Path(again["path"]).read_bytes() == data and again == rec
+    assert not (tmp_path / "o" / f"part-{len(layout) - 1:05d}.npy").exists()
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+    for p in (tmp_path / "o").iterdir():
+        if p.name.startswith("part-"):
+            p.unlink()
+    stopped = ShardsAhead(out, 0, LayoutAt(bound, 0, 0, [], last=True), {}, {0: "s"}, 1)
+    for i, (b, lens) in enumerate(zip(batches[:4], lengths[:4], strict=True)):
+        stopped.put(i, b, lens)
+    threading.Thread(target=stopped.abort).start()
+    assert stopped._thread is not None
+    stopped._thread.join(10)
+    stopped.finish()
+    assert stopped.commit() == {}
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp") or p.name.startswith("part-")]
