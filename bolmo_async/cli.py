@@ -1,6 +1,10 @@
 """The ``bolmo-async`` command line: a thin layer over ``bolmo_async.api``.
 
 Errors print one line naming the fix; ``BOLMO_ASYNC_DEBUG=1`` shows the traceback.
+
+Only typer and the small modules load at start: ``--help``, ``--version`` and a usage error
+answer at once. The API (the HTTP stack, numpy, pyarrow: half a second of CPU) is imported by
+the command that runs, after its arguments are parsed.
 """
 # ruff: noqa: E402  (a quiet Ctrl+C handler is installed before the slow imports)
 
@@ -33,10 +37,9 @@ if _START_HANDLER:
 
 import typer
 
-from . import api
 from .errors import BolmoError
-from .guidance import absolute_tokenizer_path
 from .models import (
+    DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
     DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
@@ -48,10 +51,7 @@ from .models import (
     Selection,
     validate_fraction,
 )
-from .outdir import DATA_SOURCES, MANIFEST, open_output
-from .planner import parse_worker
-from .tokenize import DEFAULT_CHECK_EVERY
-from .util import human_bytes, human_count, prefer_system_allocator, record_absent_imports
+from .util import human_bytes, human_count
 
 app = typer.Typer(
     add_completion=False,
@@ -162,6 +162,7 @@ def _say(msg: str = "") -> None:
 def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
     """The plan table: per source, files, download, and estimated tokens and shard disk for the
     run's tokenizer (``plan`` does not know it yet: byte and dolma2 side by side)."""
+    from .guidance import absolute_tokenizer_path
     from .planner import estimate, source_fractions
 
     est = estimate(plan)
@@ -204,6 +205,8 @@ def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAU
 
 
 def _summary(manifest: dict[str, Any], location: str) -> None:
+    from .outdir import DATA_SOURCES, MANIFEST, open_output
+
     out = open_output(location)
     t = manifest["totals"]
     _say(
@@ -272,6 +275,15 @@ def _run(fn: Any, resumes: bool = True) -> Any:
         return _unexpected(exc, resumes)
 
 
+def _before_api() -> None:
+    """What a command sets up before it imports the API (once its arguments are parsed):
+    Arrow's allocator, chosen before Arrow allocates anything."""
+    from .util import prefer_system_allocator, record_absent_imports
+
+    prefer_system_allocator()
+    record_absent_imports()
+
+
 def _unexpected(exc: Exception, resumes: bool) -> Any:
     if os.environ.get("BOLMO_ASYNC_DEBUG"):
         raise exc
@@ -333,6 +345,9 @@ def plan_cmd(
 ) -> None:
     """List the repo, pin the revision and write plan.json with a summary table."""
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
+    _before_api()
+    from . import api
+
     p = _run(
         lambda: api.plan(
             output_dir,
@@ -502,6 +517,9 @@ def fetch_cmd(
         _unused(ctx, {"processes": "with --ray (each Ray task is one worker)"})
     else:
         _unused(ctx, {"ray_address": "without --ray", "ray_tasks": "without --ray"})
+    _before_api()
+    from . import api
+
     res = _run(
         lambda: api.fetch(
             output_dir,
@@ -514,7 +532,7 @@ def fetch_cmd(
             revision=revision,
             data_fraction=data_fraction,
             seed=seed,
-            worker=parse_worker(worker),
+            worker=worker,
             ray=ray,
             ray_address=ray_address,
             ray_tasks=ray_tasks,
@@ -553,6 +571,9 @@ def finalize_cmd(
     """Write bolmo_data_XXXXX.npy shards, their .csv.gz, manifest.json and data_sources.txt."""
     if not ray:
         _unused(ctx, {"ray_address": "without --ray"})
+    _before_api()
+    from . import api
+
     m = _run(
         lambda: api.finalize(
             output_dir,
@@ -615,6 +636,9 @@ def prepare_cmd(
     opts = _fetch_options(locals())
     bound = max_tokens_per_file if _given(ctx, "max_tokens_per_file") else None  # None: the folder's own
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
+    _before_api()
+    from . import api
+
     m = _run(
         lambda: api.prepare(
             output_dir,
@@ -666,6 +690,9 @@ def inspect_cmd(
         raise typer.BadParameter(
             "name the output folder: bolmo-async inspect DIR (or -o DIR)", param_hint="OUTPUT_DIR / --output-dir"
         )
+    _before_api()
+    from . import api
+
     rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length), resumes=False)
     if as_json:
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
@@ -817,8 +844,6 @@ def main() -> None:
     # SIGTERM (job schedulers, `kill`) stops as cleanly as Ctrl+C, whatever phase the run is in;
     # inside a fetch the event loop's own handlers take over and cancel the downloads.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    prefer_system_allocator()
-    record_absent_imports()
     try:
         app()
     except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)

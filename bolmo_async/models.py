@@ -30,6 +30,8 @@ DEFAULT_TOKENIZER_ID = "allenai/dolma2-tokenizer"
 DEFAULT_MAX_TOKENS_PER_FILE = 100_000_000
 DEFAULT_DATA_FRACTION = 0.01
 DEFAULT_SEED = 42
+#: One document in this many is encoded again by the reference engine (0: never).
+DEFAULT_CHECK_EVERY = 1000
 
 #: Suffixes of data files we read, longest first so ".jsonl.zst" wins over ".zst".
 DATA_SUFFIXES: tuple[str, ...] = (

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import EngineMismatch, TokenizerError
-from .models import TokenizerInfo
+from .models import DEFAULT_CHECK_EVERY, TokenizerInfo
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -345,8 +345,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 #: Engines in the order ``auto`` tries them (tiktoken only on request: see ``tiktoken_exact``).
 ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
-#: One document in this many is encoded again by the reference engine (0: never).
-DEFAULT_CHECK_EVERY = 1000
 
 
 def fastokens_available() -> bool:

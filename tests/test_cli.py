@@ -40,6 +40,34 @@ def test_entry_points_from_a_checkout():
             assert cmd in r.stdout
 
 
+def test_help_and_usage_errors_answer_without_loading_the_api():
+    """``--help``, ``--version`` and a bad flag answer from typer and the small modules: the API
+    (the HTTP stack, numpy, pyarrow: half a second of CPU) loads only for a command that runs."""
+    script = (
+        "import sys\n"
+        "from bolmo_async import cli\n"
+        "sys.argv = ['bolmo-async', *sys.argv[1:]]\n"
+        "try:\n"
+        "    cli.app()\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = ('bolmo_async.api', 'aiohttp', 'numpy', 'pyarrow', 'bolmo_async.tokenize')\n"
+        "print('LOADED', code, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    for args, status in (
+        (["--help"], 0),
+        (["--version"], 0),
+        (["prepare", "--help"], 0),
+        (["fetch", "--help"], 0),
+        (["prepare", "-o", "x", "--processes", "-1"], 2),
+        (["prepare", "-o", "x", "--data-fraction", "2"], 2),
+        (["plan", "-o", "x", "--source-fraction", "nonsense"], 2),
+        (["inspect"], 2),
+    ):
+        r = _run("-c", script, *args)
+        assert f"LOADED {status} []" in r.stdout, (args, r.stdout, r.stderr)
+
+
 def test_prepare_keeps_the_original_flags_and_defaults():
     r = _run("cli.py", "prepare", "--help")
     text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", r.stdout))
