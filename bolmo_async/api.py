@@ -53,8 +53,8 @@ from .tokenize import (
     ENGINES,
     MAX_TOKENIZER_BYTES,
     ByteTokenizer,
-    SubwordTokenizer,
     TokenizerSpec,
+    checked_info,
     forget_probed,
     load_tokenizer_source,
 )
@@ -428,17 +428,15 @@ def _tokenizer_spec(
     src = load_tokenizer_source(
         identifier, fetch=lambda repo, name: run_interruptible(_fetch_model_file(endpoint, repo, name))
     )
-    probe = SubwordTokenizer(
+    info = checked_info(
         src,
         eos_token_id=eos_token_id,
         special_tokens_as_text=special_tokens_as_text,
         engine=engine,
         check_every=check_every,
     )
-    spec = TokenizerSpec("subword", src, probe.eos, special_tokens_as_text, probe.engine, check_every, probe.info)
-    info = probe.info
-    del probe
-    release_free_memory(0)  # the parsed JSON's objects: tens of MB this process no longer needs
+    spec = TokenizerSpec("subword", src, info.eos_token_id, special_tokens_as_text, info.engine, check_every, info)
+    release_free_memory(0)  # the parsed JSON's objects (when probed): tens of MB this process no longer needs
     return spec, info
 
 

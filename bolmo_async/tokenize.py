@@ -766,6 +766,140 @@ class SubwordTokenizer:
                 )
 
 
+# ---------------------------------------------------------------------------------------------
+# the probe's result, remembered
+
+
+#: The version of what the probe checks (``SubwordTokenizer.__init__``, ``_probe``, ``PROBE_TEXTS``):
+#: bump it when a check changes, and every remembered result is probed again.
+PROBE_VERSION = 1
+
+
+def probe_cache_dir() -> Path | None:
+    """Where passed probes are remembered: ``$BOLMO_ASYNC_CACHE``, else
+    ``$XDG_CACHE_HOME/bolmo-async``, else ``~/.cache/bolmo-async`` (never the output folder);
+    None when ``BOLMO_ASYNC_CACHE`` is set empty (nothing remembered)."""
+    explicit = os.environ.get("BOLMO_ASYNC_CACHE")
+    if explicit is not None:
+        return Path(explicit).expanduser() if explicit else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bolmo-async"
+
+
+def _package_identity(name: str) -> str:
+    """An installed package as the probe's result depends on it: its version (the name of its
+    dist-info folder) and the size and time of each of its top-level files (a rebuild of the
+    same version counts as another engine); ``absent`` when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            return f"{name}: absent"
+        pkg = Path(locations[0])
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(pkg) if e.is_file())
+        dists = sorted(
+            e.name for e in os.scandir(pkg.parent) if e.name.startswith(f"{name}-") and e.name.endswith(".dist-info")
+        )
+    except (OSError, ImportError, ValueError) as exc:
+        return f"{name}: unknown ({exc})"  # a key no entry is stored under twice alike: probed again
+    return json.dumps([name, dists, files])
+
+
+def _probe_key(source: TokenizerSource, eos_token_id: int | None, special_tokens_as_text: bool, engine: str) -> str:
+    """Everything the probe's result depends on, hashed: the tokenizer JSON and config, the
+    options, what the probe checks and the engines installed (the reference runs the probe;
+    fastokens' presence decides ``auto``)."""
+    material = {
+        "probe": PROBE_VERSION,
+        "texts": list(PROBE_TEXTS),
+        "tokenizer_json": hashlib.sha256(source.json_text.encode("utf-8", "surrogatepass")).hexdigest(),
+        "config": json.dumps(source.config, sort_keys=True, default=repr),
+        "eos_token_id": eos_token_id,
+        "special_tokens_as_text": special_tokens_as_text,
+        "engine": engine,
+        "engines": [_package_identity("tokenizers"), _package_identity("fastokens")],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _remembered(folder: Path, key: str, identifier: str) -> TokenizerInfo | None:
+    """The result stored under ``key`` (None: none, or one that does not read back whole)."""
+    try:
+        entry = json.loads((folder / f"probe-{key}.json").read_text(encoding="utf-8"))
+        if entry.get("key") != key:
+            return None
+        info = TokenizerInfo(**{**entry["info"], "identifier": identifier})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.debug("probe cache: entry %s unreadable (%s): probing again", key[:12], exc)
+        return None
+    if info.kind != "subword" or not isinstance(info.eos_token_id, int) or not isinstance(info.vocab_size, int):
+        return None
+    return info
+
+
+def _remember(folder: Path, key: str, info: TokenizerInfo) -> None:
+    """Store a passed probe's result (written whole, then renamed; a failure only costs a probe)."""
+    record = {k: v for k, v in info.to_json().items() if k != "identifier"}
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "info": record}, f)
+        os.replace(tmp, folder / f"probe-{key}.json")
+        tmp = None
+    except OSError as exc:
+        log.debug("probe cache: could not write to %s (%s)", folder, exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def checked_info(
+    source: TokenizerSource,
+    *,
+    eos_token_id: int | None = None,
+    special_tokens_as_text: bool = True,
+    engine: str = "auto",
+    check_every: int = DEFAULT_CHECK_EVERY,
+) -> TokenizerInfo:
+    """What the coordinator checks once per run: the tokenizer loads, passes the probe, has an EOS
+    (``SubwordTokenizer``'s checks), as the ``TokenizerInfo`` workers build from (``checked``).
+
+    A passed probe is remembered (``probe_cache_dir``) under everything that decides its result
+    (``_probe_key``): the same tokenizer and options with the same engines installed are not
+    probed again (parsing the JSON and building the reference engine: 0.4 s of a 0.1% run for
+    dolma2, holding the GIL). Another tokenizer file, config, option, engine version or probe
+    version is another key, probed afresh; a refused tokenizer is never remembered. tiktoken's
+    own exactness check is not remembered (its engine needs the parsed JSON anyway)."""
+    if engine not in ENGINES:
+        resolve_engine(engine)  # the usage error
+    if check_every < 0:
+        raise TokenizerError("--check-every must be 0 (off) or a positive number of documents")
+    folder = probe_cache_dir() if engine != "tiktoken" else None
+    key = _probe_key(source, eos_token_id, special_tokens_as_text, engine) if folder is not None else ""
+    if folder is not None:
+        info = _remembered(folder, key, source.identifier)
+        if info is not None:
+            log.debug("tokenizer %s: passed the probe before (%s): not probed again", source.identifier, key[:12])
+            return info
+    probe = SubwordTokenizer(
+        source,
+        eos_token_id=eos_token_id,
+        special_tokens_as_text=special_tokens_as_text,
+        engine=engine,
+        check_every=check_every,
+    )
+    if folder is not None:
+        _remember(folder, key, probe.info)
+    return probe.info
+
+
 def parse_tokenizer_json(source: TokenizerSource) -> dict[str, Any]:
     """The tokenizer JSON as a dict, or a TokenizerError naming what is wrong with it."""
     if len(source.json_text) > MAX_TOKENIZER_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -547,3 +548,93 @@ def test_dolma2_still_gets_fastokens():
     if not fastokens_available():
         pytest.skip("fastokens is not installed")
     assert SubwordTokenizer(load_tokenizer_source(str(DOLMA2))).info.engine == "fastokens"
+
+
+# -- the probe's result, remembered ----------------------------------------------------------
+
+
+def _probed_now(src: TokenizerSource, **options) -> bool:
+    """``checked_info`` on ``src``: whether it probed (built the reference engine) this time."""
+    from bolmo_async import tokenize
+
+    tokenize.forget_probed()
+    tokenize.checked_info(src, **options)
+    return bool(tokenize._PROBED)
+
+
+def test_a_passed_probe_is_remembered_outside_the_output(tmp_path, monkeypatch):
+    """The same tokenizer, options and engines: probed once, then read back (the same info, named
+    by this run's identifier), from the user's cache folder ($XDG_CACHE_HOME/bolmo-async)."""
+    from bolmo_async.tokenize import checked_info, probe_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert probe_cache_dir() == tmp_path / "xdg" / "bolmo-async"
+    src = _tiny_bpe({"ab": 256}, ["a b"])
+    first = checked_info(src, engine="tokenizers")
+    assert len(list((tmp_path / "xdg" / "bolmo-async").glob("probe-*.json"))) == 1
+    assert not _probed_now(src, engine="tokenizers")
+    again = checked_info(TokenizerSource("elsewhere/same", src.json_text, src.config), engine="tokenizers")
+    assert again == dataclasses.replace(first, identifier="elsewhere/same")
+    # Other options are other results: probed.
+    assert _probed_now(src, engine="tokenizers", special_tokens_as_text=False)
+    assert _probed_now(src, engine="tokenizers", eos_token_id=5)
+    assert _probed_now(TokenizerSource(src.identifier, src.json_text, {"eos_token": "a"}), engine="tokenizers")
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", "")  # set empty: nothing remembered, nothing read
+    assert probe_cache_dir() is None
+    assert _probed_now(src, engine="tokenizers")
+
+
+def test_a_changed_tokenizer_file_is_probed_again(tmp_path):
+    """One byte of the JSON changed (even a space): probed again, and a tokenizer the probe
+    refuses is refused, though a passing one of the same name was remembered."""
+    from bolmo_async.tokenize import checked_info
+
+    good = _tiny_bpe({"ab": 256}, ["a b"])
+    assert _probed_now(good, engine="tokenizers")
+    assert not _probed_now(good, engine="tokenizers")
+    other = TokenizerSource(good.identifier, good.json_text + " ", good.config)
+    assert _probed_now(other, engine="tokenizers")
+    panics = _with(good, **PANICS)
+    for _ in range(2):  # refused, and never remembered
+        with pytest.raises(TokenizerError, match="crashed on this tokenizer"):
+            checked_info(panics, engine="tokenizers")
+
+
+def test_another_engine_version_is_probed_again(monkeypatch):
+    """An entry stands for the engines installed when it was probed: another version of the
+    reference (or fastokens installed, removed, rebuilt) probes again."""
+    from bolmo_async import tokenize
+
+    src = _tiny_bpe({"ab": 256}, ["a b"])
+    assert _probed_now(src)
+    assert not _probed_now(src)
+    real = tokenize._package_identity
+    assert "tokenizers-" in real("tokenizers") and real("no_such_engine_pkg") == "no_such_engine_pkg: absent"
+    monkeypatch.setattr(
+        tokenize, "_package_identity", lambda name: real(name) + (" upgraded" if name == "tokenizers" else "")
+    )
+    assert _probed_now(src)
+    assert not _probed_now(src)
+    monkeypatch.setattr(
+        tokenize, "_package_identity", lambda name: real(name) + (" rebuilt" if name == "fastokens" else "")
+    )
+    assert _probed_now(src)
+    monkeypatch.setattr(tokenize, "PROBE_VERSION", tokenize.PROBE_VERSION + 1)  # what the probe checks changed
+    assert _probed_now(src)
+
+
+def test_a_damaged_entry_is_probed_again_and_replaced(tmp_path, monkeypatch):
+    from bolmo_async.tokenize import checked_info
+
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", str(tmp_path / "c"))
+    src = _tiny_bpe({"ab": 256}, ["a b"])
+    info = checked_info(src, engine="tokenizers")
+    (entry,) = (tmp_path / "c").glob("probe-*.json")
+    for damage in ("", "{", '{"key": "x", "info": {}}', json.dumps({"key": entry.stem[6:], "info": {"kind": 1}})):
+        entry.write_text(damage)
+        assert _probed_now(src, engine="tokenizers")
+        assert checked_info(src, engine="tokenizers") == info
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", str(tmp_path / "a-file"))  # a cache it cannot write: probed, no error
+    assert checked_info(src, engine="tokenizers") == info
+    assert _probed_now(src, engine="tokenizers")
