@@ -580,6 +580,7 @@ def _fetch(
     listing_checked: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     tok_future: Future[tuple[TokenizerSpec, TokenizerInfo]] | None = None,
+    pool: Executor | None = None,
 ) -> FetchReport:
     validate_fetch_options(
         tokenizer=tokenizer,
@@ -621,7 +622,8 @@ def _fetch(
     with contextlib.ExitStack() as stack:
         stack.callback(loader.shutdown, wait=False, cancel_futures=True)  # an error does not wait for it
         stack.callback(_TOKENIZER_LOAD.reset, _TOKENIZER_LOAD.set(tok_future))
-        pool = executor_for(n) if n or ray else None
+        # ``pool``: spawned by ``prepare`` before it listed the repo; this call owns it from here.
+        pool = stack.enter_context(pool) if pool is not None else executor_for(n) if n or ray else None
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
             _same_endpoint(the_plan, ep)
@@ -758,7 +760,8 @@ def _fetch(
 
 #: The options ``fetch`` and ``prepare`` take as keywords (``**options``).
 _FETCH_KEYWORDS = (
-    set(inspect_signature(_fetch).parameters) - {"out", "plan_options", "shard_bound", "listing_checked", "tok_future"}
+    set(inspect_signature(_fetch).parameters)
+    - {"out", "plan_options", "shard_bound", "listing_checked", "tok_future", "pool"}
 ) | {"special_tokens_as_ids"}  # the CLI's spelling (``guidance.normalize`` turns it into special_tokens_as_text)
 
 
@@ -955,6 +958,69 @@ def prepare(
                 max_tokens_per_file,
             )
             warn_short_shards(max_tokens_per_file)
+    # Worker processes asked for are spawned first: they import (half a second of CPU each) while
+    # the repo is listed and the tokenizer loads, instead of after. (With processes=0 their number
+    # depends on the plan's size, known only after the listing.)
+    processes = options.get("processes", 0)
+    local = not options.get("ray") and options.get("worker") is None
+    pool = choose(processes=processes) if processes > 1 and local else None
+    try:
+        tok_future, the_plan, listed = _plan_while_loading(
+            output_dir, out, repo_id, revision, endpoint, data_fraction, seed, force, sel, options
+        )
+        if on_plan is not None:
+            on_plan(the_plan)
+    except BaseException as exc:
+        if pool is not None:
+            pool.__exit__(type(exc), exc, exc.__traceback__)  # stops the workers
+        raise
+    try:
+        report = _fetch(
+            out,
+            endpoint=endpoint,
+            shard_bound=max_tokens_per_file,
+            listing_checked=listed,
+            tok_future=tok_future,
+            pool=pool,
+            **options,
+        )
+    except FetchIncomplete:
+        if allow_incomplete and out.exists_file(RUN_STATE) and _staged_any(out):
+            manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
+            log.warning(
+                "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
+                len(manifest["shards"]),
+                len(manifest["missing_files"]),
+            )
+        raise
+    if report.finished is not None:
+        log.info(
+            "the output in %s is complete and current (%d shard(s)): nothing to do, nothing rewritten "
+            "(--force starts over)",
+            out,
+            len(report.finished["shards"]),
+        )
+        return _drop_staging(out, report.finished) if drop_staging else report.finished
+    manifest = finalize_dir(
+        out, max_tokens_per_file, written=report.written, verified=report.verified, layout=report.layout
+    )
+    return _drop_staging(out, manifest) if drop_staging else manifest
+
+
+def _plan_while_loading(
+    output_dir: str | os.PathLike[str] | OutputDir,
+    out: OutputDir,
+    repo_id: str,
+    revision: str,
+    endpoint: str | None,
+    data_fraction: float,
+    seed: int,
+    force: bool,
+    sel: Selection,
+    options: dict[str, Any],
+) -> tuple[Future[tuple[TokenizerSpec, TokenizerInfo]], Plan, bool]:
+    """``prepare``'s plan, made while the tokenizer loads: the tokenizer's future, the plan, and
+    whether the repo was listed just now."""
     # The tokenizer loads while the repo is listed; a bad one stops the listing and is reported
     # before the plan table.
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
@@ -984,38 +1050,7 @@ def prepare(
     finally:
         _TOKENIZER_LOAD.reset(token)
     tok_future.result()
-    if on_plan is not None:
-        on_plan(the_plan)
-    try:
-        report = _fetch(
-            out,
-            endpoint=endpoint,
-            shard_bound=max_tokens_per_file,
-            listing_checked=listed,
-            tok_future=tok_future,
-            **options,
-        )
-    except FetchIncomplete:
-        if allow_incomplete and out.exists_file(RUN_STATE) and _staged_any(out):
-            manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
-            log.warning(
-                "wrote %d shard(s) from what was staged (manifest marked incomplete: %d planned file(s) missing)",
-                len(manifest["shards"]),
-                len(manifest["missing_files"]),
-            )
-        raise
-    if report.finished is not None:
-        log.info(
-            "the output in %s is complete and current (%d shard(s)): nothing to do, nothing rewritten "
-            "(--force starts over)",
-            out,
-            len(report.finished["shards"]),
-        )
-        return _drop_staging(out, report.finished) if drop_staging else report.finished
-    manifest = finalize_dir(
-        out, max_tokens_per_file, written=report.written, verified=report.verified, layout=report.layout
-    )
-    return _drop_staging(out, manifest) if drop_staging else manifest
+    return tok_future, the_plan, listed
 
 
 def _finished_output(out: OutputDir, plan: Plan, bound: int) -> dict[str, Any] | None:
