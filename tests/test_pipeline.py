@@ -228,6 +228,28 @@ def test_a_small_run_gives_every_worker_process_files(tmp_path, mirror, caplog):
     assert m["complete"] and by_worker == {0, 1}
 
 
+def test_worker_processes_asked_for_start_before_the_listing(tmp_path, mirror):
+    """``processes=N``: the workers are spawned before the repo is listed (they import meanwhile,
+    half a second of CPU each), so they are there when the plan is made; a run that stops before
+    handing them anything (a tokenizer that does not load) stops them too."""
+    import multiprocessing
+
+    from bolmo_async.errors import TokenizerError
+
+    def workers() -> list[str]:
+        return sorted(p.name for p in multiprocessing.active_children() if p.name.startswith("bolmo-worker"))
+
+    seen: list[list[str]] = []
+    m = _prepare(tmp_path / "o", mirror, data_fraction=0.1, processes=2, on_plan=lambda p: seen.append(workers()))
+    assert m["complete"] and seen == [["bolmo-worker-0", "bolmo-worker-1"]]
+    assert workers() == []
+    bad = tmp_path / "empty-vocabulary.json"
+    bad.write_text('{"model": {"type": "BPE", "vocab": {}, "merges": []}}')
+    with pytest.raises(TokenizerError, match="vocabulary is empty"):
+        _prepare(tmp_path / "o2", mirror, processes=2, tokenizer="subword", tokenizer_identifier=str(bad))
+    assert workers() == []
+
+
 @needs_dolma2
 def test_subword_shards_equal_an_independent_encoding(tmp_path, mirror, sample_dir):
     m = _prepare(tmp_path / "o", mirror, data_fraction=0.3, tokenizer="subword", engine="fastokens", processes=2)
