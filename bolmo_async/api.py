@@ -15,29 +15,20 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from inspect import signature as inspect_signature
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from .download import fetch_small
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
-from .finalizer import Layout, ShardPlanner, Written, finalize_dir, remembered_bound, source_prefix
 from .guidance import check_output_dir, check_types, fixed_length_loss, normalize, selection_from, warn_short_shards
-from .hub import (
-    HubClient,
-    data_files,
-    default_endpoint,
-    listing_digest,
-    make_session,
-    read_token,
-)
-from .inspector import inspect_dir
 from .models import (
+    DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
     DEFAULT_CONNECTIONS,
     DEFAULT_DATA_FRACTION,
     DEFAULT_REPO_ID,
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
+    ENGINES,
     Plan,
     Selection,
     TokenizerInfo,
@@ -46,20 +37,16 @@ from .models import (
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
 from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
 from .progress import Progress
-from .retry import RetryPolicy
-from .staging import STAGING_FORMAT, Staging
-from .tokenize import (
-    DEFAULT_CHECK_EVERY,
-    ENGINES,
-    MAX_TOKENIZER_BYTES,
-    ByteTokenizer,
-    TokenizerSpec,
-    checked_info,
-    forget_probed,
-    load_tokenizer_source,
-)
 from .util import human_bytes, release_free_memory
 from .worker import WorkerSpec
+
+# The network (aiohttp), the data path (numpy, pyarrow) and the tokenizers load where they are
+# first used, not with this module: ``prepare`` spawns the worker processes it is asked for before
+# it needs any of them, so that the workers import while the coordinator does (half a second of
+# CPU each, on other cores).
+if TYPE_CHECKING:
+    from .finalizer import Layout, Written
+    from .tokenize import TokenizerSpec
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -102,6 +89,8 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
 def _endpoint(explicit: str | None) -> str:
     """The endpoint of this run: ``--endpoint``, else ``HF_ENDPOINT``, else the Hub. Never the one a
     plan.json names: a shared folder must not decide where a user's token is sent."""
+    from .hub import default_endpoint
+
     return default_endpoint(explicit or os.environ.get("HF_ENDPOINT") or None)
 
 
@@ -109,6 +98,11 @@ async def _fetch_model_file(endpoint: str, repo_id: str, name: str) -> bytes | N
     """A tokenizer file from a model repo, through the run's own Hub client (the same token rules
     as the data: sent to the endpoint only; huggingface_hub's downloader would also contact
     huggingface.co for its own purposes)."""
+    from .download import fetch_small
+    from .hub import HubClient, make_session, read_token
+    from .retry import RetryPolicy
+    from .tokenize import MAX_TOKENIZER_BYTES
+
     retry = RetryPolicy(max_attempts=4)
     try:
         async with make_session(2, retry) as session:
@@ -137,6 +131,8 @@ def _same_endpoint(plan: Plan, endpoint: str) -> None:
 
 async def _check_listing(plan: Plan, endpoint: str) -> None:
     """The pinned commit must still list the files the plan was made from."""
+    from .hub import listing_digest
+
     _, files = await _list(endpoint, plan.repo_id, plan.revision, plan.commit)
     digest = listing_digest(files)
     if digest != plan.listing_digest:
@@ -168,6 +164,9 @@ async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None =
 
 
 async def _list_now(endpoint: str, repo_id: str, revision: str, commit: str | None) -> tuple[str, list[Any]]:
+    from .hub import HubClient, data_files, make_session, read_token
+    from .retry import RetryPolicy
+
     retry = RetryPolicy()
     async with make_session(4, retry) as session:
         client = HubClient(session, endpoint=endpoint, repo_id=repo_id, token=read_token(), retry=retry, fail_fast=True)
@@ -307,6 +306,8 @@ def _plan(
     selection: Selection,
 ) -> tuple[Plan, bool]:
     """``plan``, and whether the repo was listed just now."""
+    from .hub import listing_digest
+
     validate_fraction(data_fraction)
     out = open_output(output_dir)
     if force and out.is_output():  # (a folder that holds no run of ours keeps what it holds: raw/ of the user's...)
@@ -422,6 +423,8 @@ def _tokenizer_spec(
 ) -> tuple[TokenizerSpec, TokenizerInfo]:
     """The recipe workers build the tokenizer from, and what run.json records. Only the JSON is
     read here (and checked once); the engines are built in the workers."""
+    from .tokenize import ByteTokenizer, TokenizerSpec, checked_info, load_tokenizer_source
+
     if kind == "byte":
         return TokenizerSpec("byte"), ByteTokenizer().info
     log.info("loading tokenizer %s ...", identifier)
@@ -624,6 +627,11 @@ def _fetch(
         stack.callback(_TOKENIZER_LOAD.reset, _TOKENIZER_LOAD.set(tok_future))
         # ``pool``: spawned by ``prepare`` before it listed the repo; this call owns it from here.
         pool = stack.enter_context(pool) if pool is not None else executor_for(n) if n or ray else None
+        # (after the workers are spawned: they import while this process does)
+        from .finalizer import ShardPlanner, source_prefix
+        from .staging import Staging
+        from .tokenize import forget_probed
+
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
             _same_endpoint(the_plan, ep)
@@ -846,6 +854,8 @@ def finalize(
     (shards written by local threads, or by Ray tasks with ``ray=True``). ``max_tokens_per_file``
     None: the bound this folder was finalized with before (else 100M). ``drop_staging``: then
     delete ``staging/`` (only after a complete finalize)."""
+    from .finalizer import finalize_dir
+
     out = open_output(output_dir)
     write_shards = choose(processes=1, ray=True, ray_address=ray_address).write_shards if ray else None
     _something_staged(out)
@@ -864,6 +874,8 @@ def _staged_any(out: OutputDir) -> bool:
 def _something_staged(out: OutputDir) -> None:
     """A finalize needs at least one staged file: with none, ``--allow-incomplete`` would replace
     the output (a finished one, whose staging ``--drop-staging`` removed) with an empty one."""
+    from .staging import STAGING_FORMAT, Staging
+
     the_plan = load_plan(out)
     if the_plan is None:
         return  # finalize_dir says what is missing
@@ -895,6 +907,8 @@ def _something_staged(out: OutputDir) -> None:
 def _older_staging_format(out: OutputDir, the_plan: Plan) -> Any:
     """The format of a staged file's marker written in another staging format (an upgrade of
     bolmo-async between the fetch and this finalize), or None: that staging is there, not gone."""
+    from .staging import STAGING_FORMAT
+
     for pf in the_plan.files[:100]:
         with contextlib.suppress(OSError, ValueError, RecursionError):
             rec = json.loads(out.read_bytes(marker_name(pf.key)) or b"null")
@@ -950,21 +964,24 @@ def prepare(
         id_field=id_field,
     )
     out = open_output(output_dir)
-    if max_tokens_per_file is None:
-        max_tokens_per_file = remembered_bound(out)
-        if out.exists_file(MANIFEST):
-            log.info(
-                "--max-tokens-per-file %d: the bound this folder was finalized with (pass the flag to change it)",
-                max_tokens_per_file,
-            )
-            warn_short_shards(max_tokens_per_file)
-    # Worker processes asked for are spawned first: they import (half a second of CPU each) while
-    # the repo is listed and the tokenizer loads, instead of after. (With processes=0 their number
-    # depends on the plan's size, known only after the listing.)
+    # Worker processes asked for are spawned first, before this process imports the network and
+    # the data path: they import (half a second of CPU each) while it does and while it lists the
+    # repo and loads the tokenizer, instead of after. (With processes=0 their number depends on
+    # the plan's size, known only after the listing.)
     processes = options.get("processes", 0)
     local = not options.get("ray") and options.get("worker") is None
     pool = choose(processes=processes) if processes > 1 and local else None
     try:
+        from .finalizer import finalize_dir, remembered_bound
+
+        if max_tokens_per_file is None:
+            max_tokens_per_file = remembered_bound(out)
+            if out.exists_file(MANIFEST):
+                log.info(
+                    "--max-tokens-per-file %d: the bound this folder was finalized with (pass the flag to change it)",
+                    max_tokens_per_file,
+                )
+                warn_short_shards(max_tokens_per_file)
         tok_future, the_plan, listed = _plan_while_loading(
             output_dir, out, repo_id, revision, endpoint, data_fraction, seed, force, sel, options
         )
@@ -1106,6 +1123,8 @@ def inspect(
     back to text; ``problems`` is empty when all is well. ``sequence_length=N`` adds
     ``fixed_length``: the instances a fixed-length reader (OLMo-core's) makes at N tokens and the
     tokens it drops (each shard's tail shorter than N)."""
+    from .inspector import inspect_dir
+
     check_output_dir("inspect", output_dir)
     check_types(
         "inspect",

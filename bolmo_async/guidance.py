@@ -15,16 +15,20 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import UsageError
-from .models import DEFAULT_MAX_TOKENS_PER_FILE, DEFAULT_TOKENIZER_ID, Selection, validate_fraction
-from .tokenize import DEFAULT_CHECK_EVERY
+from .models import (
+    DEFAULT_CHECK_EVERY,
+    DEFAULT_MAX_TOKENS_PER_FILE,
+    DEFAULT_TOKENIZER_ID,
+    Selection,
+    validate_fraction,
+)
 
 log = logging.getLogger("bolmo_async")
 
@@ -121,7 +125,10 @@ def check_types(fn_name: str, kwargs: dict[str, Any], none_ok: Iterable[str]) ->
         if v is None and k in allowed_none:
             continue
         if k in _BOOLS:
-            if not isinstance(v, bool | np.bool_):  # numpy's too (a config read through pandas)
+            # numpy's too (a config read through pandas); not imported for it: without numpy
+            # loaded, no value is one of its bools.
+            np = sys.modules.get("numpy")
+            if not (isinstance(v, bool) or (np is not None and isinstance(v, np.bool_))):
                 raise refuse(k, v, "True or False")
             kw[k] = bool(v)
         elif k in _INTS:

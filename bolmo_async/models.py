@@ -32,6 +32,9 @@ DEFAULT_DATA_FRACTION = 0.01
 DEFAULT_SEED = 42
 #: One document in this many is encoded again by the reference engine (0: never).
 DEFAULT_CHECK_EVERY = 1000
+#: Subword engines, in the order ``auto`` tries them (tiktoken only on request: see
+#: ``tokenize.tiktoken_exact``).
+ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
 
 #: Suffixes of data files we read, longest first so ".jsonl.zst" wins over ".zst".
 DATA_SUFFIXES: tuple[str, ...] = (

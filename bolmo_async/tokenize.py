@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import EngineMismatch, TokenizerError
-from .models import DEFAULT_CHECK_EVERY, TokenizerInfo
+from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -342,9 +342,6 @@ def _rss() -> int:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-#: Engines in the order ``auto`` tries them (tiktoken only on request: see ``tiktoken_exact``).
-ENGINES = ("auto", "fastokens", "tokenizers", "tiktoken")
 
 
 def fastokens_available() -> bool:

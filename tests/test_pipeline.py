@@ -408,16 +408,16 @@ def test_prepare_writes_shards_while_fetching_byte_identical_to_finalize(tmp_pat
     A bound of 20k tokens also cuts documents larger than a shard across shards."""
     import xxhash
 
-    import bolmo_async.api as api_module
+    import bolmo_async.finalizer as finalizer_module  # (the API imports it where it is used)
 
     streamed: dict = {}
-    real_finalize_dir = api_module.finalize_dir
+    real_finalize_dir = finalizer_module.finalize_dir
 
     def observe(*args, **kw):
         streamed.update(kw.get("written") or {})
         return real_finalize_dir(*args, **kw)
 
-    monkeypatch.setattr(api_module, "finalize_dir", observe)
+    monkeypatch.setattr(finalizer_module, "finalize_dir", observe)
     m = _prepare(tmp_path / "a", mirror, data_fraction=1.0, max_tokens_per_file=bound)
     assert sorted(streamed) == list(range(len(m["shards"])))
     assert all(rec == s for (_, rec), s in zip((streamed[k] for k in sorted(streamed)), m["shards"], strict=True))

@@ -34,7 +34,6 @@ from typing import Any
 
 from .. import messages as m
 from ..errors import UsageError, WorkerError, rebuild
-from ..finalizer import write_shards_locally
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
@@ -211,6 +210,8 @@ class Pool:
         return list(range(len(plan.files)))
 
     def write_shards(self, *args: Any) -> list[dict[str, Any]]:
+        from ..finalizer import write_shards_locally  # numpy, pyarrow: not before the workers are spawned
+
         return write_shards_locally(*args)
 
     def start(self, spec: WorkerSpec) -> None:
