@@ -94,30 +94,60 @@ def _endpoint(explicit: str | None) -> str:
     return default_endpoint(explicit or os.environ.get("HF_ENDPOINT") or None)
 
 
-async def _fetch_model_file(endpoint: str, repo_id: str, name: str) -> bytes | None:
-    """A tokenizer file from a model repo, through the run's own Hub client (the same token rules
-    as the data: sent to the endpoint only; huggingface_hub's downloader would also contact
-    huggingface.co for its own purposes)."""
+#: The files of a tokenizer repo, fetched together (``load_tokenizer_source`` asks for them in turn).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+async def _fetch_model_files(endpoint: str, repo_id: str, names: tuple[str, ...]) -> list[Any]:
+    """Files of a model repo (a tokenizer's), through the run's own Hub client (the same token
+    rules as the data: sent to the endpoint only; huggingface_hub's downloader would also contact
+    huggingface.co for its own purposes). At the same time, in one session: each is a resolve
+    and a download, whose round trips do not wait for the other file's. Per file its bytes, None
+    (the repo has no such file) or its TokenizerError, raised by whoever asks for that file."""
     from .download import fetch_small
     from .hub import HubClient, make_session, read_token
     from .retry import RetryPolicy
     from .tokenize import MAX_TOKENIZER_BYTES
 
+    async def one(client: HubClient, name: str) -> bytes | None:
+        try:
+            return await fetch_small(client, "main", name, MAX_TOKENIZER_BYTES)
+        except UsageError as exc:
+            raise TokenizerError(f"--tokenizer-identifier {repo_id!r}: {exc}") from exc
+        except (HubError, DownloadError) as exc:
+            raise TokenizerError(
+                f"could not fetch tokenizer {repo_id} from {endpoint}: {exc} Pass a local tokenizer.json (or its "
+                "folder) as --tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve it from a mirror "
+                "with `mirror serve --model-repo ID=FOLDER`."
+            ) from exc
+
     retry = RetryPolicy(max_attempts=4)
     try:
-        async with make_session(2, retry) as session:
+        async with make_session(2 * len(names), retry) as session:
             client = HubClient(
                 session, endpoint=endpoint, repo_id=repo_id, repo_type="model", token=read_token(), retry=retry
             )
-            return await fetch_small(client, "main", name, MAX_TOKENIZER_BYTES)
-    except UsageError as exc:
+            return list(await asyncio.gather(*(one(client, name) for name in names), return_exceptions=True))
+    except UsageError as exc:  # (the client's own checks: a repo id it refuses)
         raise TokenizerError(f"--tokenizer-identifier {repo_id!r}: {exc}") from exc
-    except (HubError, DownloadError) as exc:
-        raise TokenizerError(
-            f"could not fetch tokenizer {repo_id} from {endpoint}: {exc} Pass a local tokenizer.json (or its folder) as "
-            "--tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve it from a mirror with "
-            "`mirror serve --model-repo ID=FOLDER`."
-        ) from exc
+
+
+def _model_file_fetcher(endpoint: str) -> Callable[[str, str], bytes | None]:
+    """``load_tokenizer_source``'s ``fetch``: the first file asked for fetches the tokenizer's
+    files together; each answer (or error) is given when its file is asked for."""
+    fetched: dict[tuple[str, str], Any] = {}
+
+    def fetch(repo_id: str, name: str) -> bytes | None:
+        if (repo_id, name) not in fetched:
+            names = _TOKENIZER_FILES if name in _TOKENIZER_FILES else (name,)
+            got = run_interruptible(_fetch_model_files(endpoint, repo_id, names))
+            fetched.update(((repo_id, n), r) for n, r in zip(names, got, strict=True))
+        answer = fetched[(repo_id, name)]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    return fetch
 
 
 def _same_endpoint(plan: Plan, endpoint: str) -> None:
@@ -428,9 +458,7 @@ def _tokenizer_spec(
     if kind == "byte":
         return TokenizerSpec("byte"), ByteTokenizer().info
     log.info("loading tokenizer %s ...", identifier)
-    src = load_tokenizer_source(
-        identifier, fetch=lambda repo, name: run_interruptible(_fetch_model_file(endpoint, repo, name))
-    )
+    src = load_tokenizer_source(identifier, fetch=_model_file_fetcher(endpoint))
     info = checked_info(
         src,
         eos_token_id=eos_token_id,

@@ -638,3 +638,30 @@ def test_a_damaged_entry_is_probed_again_and_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("BOLMO_ASYNC_CACHE", str(tmp_path / "a-file"))  # a cache it cannot write: probed, no error
     assert checked_info(src, engine="tokenizers") == info
     assert _probed_now(src, engine="tokenizers")
+
+
+def test_a_tokenizer_repos_files_are_fetched_together(tmp_path):
+    """tokenizer.json and tokenizer_config.json of a Hub repo: requested at the same time (on a
+    link with a 1 s round trip, one after the other took 2 s), each answer or error given when its
+    file is asked for."""
+    import time
+
+    from bolmo_async.api import _model_file_fetcher
+    from bolmo_async.mirror import MirrorRepo, MirrorThread, WanConfig
+    from bolmo_async.tokenize import load_tokenizer_source
+
+    src = _tiny_bpe({"ab": 256}, ["a b"])
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(src.json_text)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no tokenizer here")
+    repos = [MirrorRepo("demo/tok", tmp_path / "tok", "model"), MirrorRepo("demo/empty", tmp_path / "empty", "model")]
+    with MirrorThread(repos, wan=WanConfig(rtt=1.0)) as m:
+        started = time.perf_counter()
+        got = load_tokenizer_source("demo/tok", fetch=_model_file_fetcher(m.endpoint))
+        took = time.perf_counter() - started
+        assert got.json_text == src.json_text and got.config == {"eos_token": "<|endoftext|>"}
+        assert took < 1.8, f"{took:.2f} s: the two files were fetched one after the other"
+        with pytest.raises(TokenizerError, match=r"has no tokenizer\.json"):
+            load_tokenizer_source("demo/empty", fetch=_model_file_fetcher(m.endpoint))
