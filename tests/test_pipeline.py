@@ -228,13 +228,17 @@ def test_a_small_run_gives_every_worker_process_files(tmp_path, mirror, caplog):
     assert m["complete"] and by_worker == {0, 1}
 
 
-def test_worker_processes_asked_for_start_before_the_listing(tmp_path, mirror):
-    """``processes=N``: the workers are spawned before the repo is listed (they import meanwhile,
-    half a second of CPU each), so they are there when the plan is made; a run that stops before
-    handing them anything (a tokenizer that does not load) stops them too."""
+def test_worker_processes_asked_for_start_before_the_listing(tmp_path, mirror, monkeypatch):
+    """``processes=N``: the workers are started before the repo is listed (they import meanwhile,
+    or the fork server does), so they are there when the plan is made; a run that stops before
+    handing them anything (a tokenizer that does not load) stops them too. (Spawned here: a fork
+    server's workers appear only once its imports are done, on a thread of their own.)"""
     import multiprocessing
 
     from bolmo_async.errors import TokenizerError
+    from bolmo_async.executors.local import START_METHOD_ENV
+
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
 
     def workers() -> list[str]:
         return sorted(p.name for p in multiprocessing.active_children() if p.name.startswith("bolmo-worker"))
