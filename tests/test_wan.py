@@ -373,7 +373,7 @@ def test_a_file_placed_in_the_layout_writes_its_shards_while_it_is_staged(tmp_pa
     byte-identical (shards and csv.gz) to a finalize writing them all from the staging. With
     three files handed out one at a time, a shard opened by one file is carried into the next
     (its earlier pieces read from the staging), and the last file completes the last shard."""
-    import bolmo_async.api as api_module
+    import bolmo_async.finalizer as finalizer_module
     from bolmo_async.worker import Worker
 
     repo = MirrorRepo("a/b", _text_repo(tmp_path / "repo", files, docs=700))
@@ -386,13 +386,13 @@ def test_a_file_placed_in_the_layout_writes_its_shards_while_it_is_staged(tmp_pa
 
     monkeypatch.setattr(Worker, "_shard", counted)
     kept: dict = {}
-    real_finalize_dir = api_module.finalize_dir
+    real_finalize_dir = finalizer_module.finalize_dir  # (the API imports it where it uses it)
 
     def observe(*args, **kw):
         kept.update(kw.get("written") or {})
         return real_finalize_dir(*args, **kw)
 
-    monkeypatch.setattr(api_module, "finalize_dir", observe)
+    monkeypatch.setattr(finalizer_module, "finalize_dir", observe)
     bound = 300_000
     out = tmp_path / "out"
     with MirrorThread([repo]) as m:
