@@ -487,3 +487,26 @@ def test_cleaning_temporaries_never_lists_or_removes_through_a_linked_staging_fo
     theirs.write_text("not ours")
     assert od.clean_temporaries(key) == 0
     assert theirs.read_text() == "not ours"
+
+
+def test_temporaries_a_killed_run_left_beside_the_shards_go_when_a_run_next_holds_the_folder_alone(tmp_path):
+    """A file that writes its shards while it is staged leaves, when killed, up to all of them as
+    temporaries in the folder (gigabytes). The next run that holds the folder alone (plan, fetch,
+    finalize, prepare) removes them; `fetch --worker` shares (a shared lock: others may be writing)
+    and files of the user's own that merely look alike are left."""
+    from bolmo_async.outdir import local
+
+    od = local.LocalDir(tmp_path / "o")
+    od.create()
+    dead = [od.new_file(shard_name(0)), od.new_file("bolmo_data_00000.csv.gz"), od.new_file(MANIFEST)]
+    for w in dead:
+        w.write(b"partial")
+        w.flush()
+    names = [Path(w.tmp).name for w in dead]  # type: ignore[attr-defined]
+    mine = tmp_path / "o" / ".my-notes.tmp"
+    mine.write_text("mine")
+    with od.lock(shared=True):
+        assert all((tmp_path / "o" / n).exists() for n in names)
+    with od.lock():
+        assert not any((tmp_path / "o" / n).exists() for n in names)
+    assert mine.read_text() == "mine"

@@ -19,6 +19,7 @@ import errno
 import functools
 import io
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -93,6 +94,10 @@ def translate(exc: OSError, where: str | os.PathLike[str], folder: str) -> BaseE
 
 def temp_name(target: Path) -> Path:
     return target.with_name(f".{fit_name(target.name, _TMP_NAME_BYTES)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+#: The shape of ``temp_name``'s names (what a killed writer leaves).
+_TMP_RE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
 
 
 def real_dir(path: Path, root: Path) -> Path:
@@ -410,11 +415,15 @@ class LocalDir(OutputDir):
                     "or use another --output-dir (only --worker shares of one plan may run together)."
                 ) from None
             except OSError:
-                pass  # no flock here: unlocked
+                locked = False  # no flock here: unlocked
+            else:
+                locked = True
             if not shared:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
                     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                if locked:
+                    self._remove_dead_temporaries()
             with _held_guard:
                 _held.add(path)
             try:
@@ -427,6 +436,15 @@ class LocalDir(OutputDir):
                         os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # drops the lock
+
+    def _remove_dead_temporaries(self) -> None:
+        """The temporaries of the folder's own files (shards, their csv.gz, metadata) that a killed
+        run left: a file whose shards were being written while it was staged leaves up to all of
+        them (gigabytes). Only under the exclusive lock, so no writer of this folder is alive."""
+        for name in _names(self.root):
+            if _TMP_RE.match(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.root / name)
 
     def _claim_fd(self, key: str) -> int:
         return _open_nofollow(real_dir(self.root / STAGING, self.root) / f".{key}.lock", os.O_RDWR)
