@@ -55,8 +55,15 @@ def test_spawn_is_the_way_back_and_a_bad_value_says_what_to_use(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "spawn")
     assert start_method() == "spawn"
     with Pool(2) as pool:
-        cmds = [" ".join(psutil.Process(mem.process.pid).cmdline()) for mem in pool.members]
-        assert all("spawn_main" in c for c in cmds)
+        # A spawned child shows its own command line once it has exec'd (under load, a moment
+        # after the Pool returns: before that, it is a copy of this process).
+        deadline = time.monotonic() + 60
+        while True:
+            cmds = [" ".join(psutil.Process(mem.process.pid).cmdline()) for mem in pool.members]
+            if all("spawn_main" in c for c in cmds) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert all("spawn_main" in c for c in cmds), cmds
     monkeypatch.setenv(START_METHOD_ENV, "fork")
     with pytest.raises(UsageError, match="forkserver or spawn"):
         start_method()
