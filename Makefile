@@ -7,7 +7,7 @@ BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint bench engines clean
+.PHONY: install compile test test-fast demo lint bench engines clean
 
 $(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,21 +15,27 @@ $(BASE_STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(BASE_STAMP)
 
+# The package's bytecode, written once: an editable install leaves it to the interpreter, which
+# does not write it where PYTHONDONTWRITEBYTECODE is set, and then every process (the CLI, each
+# worker) compiles the package again: 0.13 s of CPU each. Only changed files are recompiled.
+compile: $(BASE_STAMP)
+	@$(PY) -m compileall -q bolmo_async cli.py > /dev/null
+
 $(DEV_STAMP): $(BASE_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(DEV_STAMP)
 
-install: $(DEV_STAMP)
+install: $(DEV_STAMP) compile
 
 # `make test` takes 10-15 minutes on 2 cores (15 measured with the cores shared); `make test-fast` leaves out the tests marked slow.
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) compile
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@echo "the tool is in $(VENV): $(VENV)/bin/bolmo-async --help (or: source $(VENV)/bin/activate)"
 
-test-fast: $(DEV_STAMP)
+test-fast: $(DEV_STAMP) compile
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: $(BASE_STAMP)
+demo: $(BASE_STAMP) compile
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 lint: $(DEV_STAMP)
@@ -46,7 +52,7 @@ $(DOLMA_VENV)/.installed-stamp:
 	$(DOLMA_VENV)/bin/python -m pip install --quiet 'dolma==1.2.1' 'boto3==1.26.76' zstandard backports.zstd || echo "dolma could not be installed: the benchmark runs without it"
 	touch $@
 
-bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp
+bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp compile
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Judge a subword engine (e.g. after a fastokens upgrade) against the tokenizers reference.
