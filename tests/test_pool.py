@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -204,3 +205,39 @@ def test_ctrl_c_while_the_fork_server_imports_still_stops_every_worker(monkeypat
         if c.pid not in before and "resource_tracker" not in " ".join(c.cmdline())
     ]
     assert [c for c in left if c.status() != psutil.STATUS_ZOMBIE] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_ctrl_c_to_the_process_group_while_the_fork_server_imports_prints_no_traceback(repos, tmp_path, monkeypatch):
+    """A terminal's Ctrl+C reaches the fork server too, and it is still importing the workers'
+    modules (bolmo_async.preload, ~0.8 CPU s) when prepare has just started: the run stops with its
+    one line, not a KeyboardInterrupt traceback from the server's import."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        proc = subprocess.Popen(
+            cli("prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            server = None
+            while server is None:
+                assert time.monotonic() < deadline and proc.poll() is None
+                for c in coordinator.children():
+                    with contextlib.suppress(psutil.Error):
+                        if "multiprocessing.forkserver" in " ".join(c.cmdline()):
+                            server = c
+                time.sleep(0.005)
+            time.sleep(0.05)  # in the middle of its imports
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

@@ -186,6 +186,12 @@ class Pool:
 
     def _start_forked(self) -> None:
         assert self._starting is not None
+        # The fork server (started by the first ``start``) inherits this thread's signal mask: with
+        # SIGINT blocked, a terminal's Ctrl+C, which reaches the whole process group, does not
+        # interrupt its start-up and imports with a KeyboardInterrupt traceback (or a "Fatal Python
+        # error"); the coordinator stops the run, and the server then ignores SIGINT itself, as do
+        # the workers forked from it. Only this thread's mask: the main thread still gets Ctrl+C.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for mem in self.members:
                 try:
