@@ -821,19 +821,41 @@ def _probe_key(source: TokenizerSource, eos_token_id: int | None, special_tokens
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _remembered(folder: Path, key: str, identifier: str) -> TokenizerInfo | None:
-    """The result stored under ``key`` (None: none, or one that does not read back whole)."""
+def _remembered(
+    folder: Path,
+    key: str,
+    source: TokenizerSource,
+    eos_token_id: int | None,
+    special_tokens_as_text: bool,
+    engine: str,
+) -> TokenizerInfo | None:
+    """The result stored under ``key`` (None: none, one that does not read back whole, or one that
+    contradicts what can be checked without parsing the JSON: this file's fingerprint, the
+    options, an engine the probe could have chosen, an EOS that fits uint32). Workers build
+    from it as it is: an entry copied under another key must not give its EOS to these shards."""
     try:
         entry = json.loads((folder / f"probe-{key}.json").read_text(encoding="utf-8"))
         if entry.get("key") != key:
             return None
-        info = TokenizerInfo(**{**entry["info"], "identifier": identifier})
+        info = TokenizerInfo(**{**entry["info"], "identifier": source.identifier})
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         log.debug("probe cache: entry %s unreadable (%s): probing again", key[:12], exc)
         return None
     if info.kind != "subword" or not isinstance(info.eos_token_id, int) or not isinstance(info.vocab_size, int):
+        return None
+    consistent = (
+        info.fingerprint == hashlib.sha256(source.json_text.encode("utf-8")).hexdigest()[:16]
+        and info.special_tokens_as_text is special_tokens_as_text
+        and info.engine in ("fastokens", "tokenizers")
+        and engine in ("auto", info.engine)
+        and eos_token_id in (None, info.eos_token_id)
+        and 0 <= info.eos_token_id < 2**32
+        and info.vocab_size > 0
+    )
+    if not consistent:
+        log.debug("probe cache: entry %s does not match its tokenizer: probing again", key[:12])
         return None
     return info
 
@@ -881,7 +903,7 @@ def checked_info(
     folder = probe_cache_dir() if engine != "tiktoken" else None
     key = _probe_key(source, eos_token_id, special_tokens_as_text, engine) if folder is not None else ""
     if folder is not None:
-        info = _remembered(folder, key, source.identifier)
+        info = _remembered(folder, key, source, eos_token_id, special_tokens_as_text, engine)
         if info is not None:
             log.debug("tokenizer %s: passed the probe before (%s): not probed again", source.identifier, key[:12])
             return info

@@ -665,3 +665,28 @@ def test_a_tokenizer_repos_files_are_fetched_together(tmp_path):
         assert took < 1.8, f"{took:.2f} s: the two files were fetched one after the other"
         with pytest.raises(TokenizerError, match=r"has no tokenizer\.json"):
             load_tokenizer_source("demo/empty", fetch=_model_file_fetcher(m.endpoint))
+
+
+def test_an_entry_that_contradicts_its_tokenizer_is_probed_again(tmp_path, monkeypatch):
+    """Workers build from a remembered entry as it is (its EOS goes after every document): one
+    that reads back whole but does not belong to this file and these options (copied under
+    another key, another tool's, edited) is probed again and replaced, never used."""
+    from bolmo_async.tokenize import checked_info
+
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", str(tmp_path / "c"))
+    src = _tiny_bpe({"ab": 256}, ["a b"])
+    info = checked_info(src, engine="tokenizers")
+    (entry,) = (tmp_path / "c").glob("probe-*.json")
+    good = json.loads(entry.read_text())
+    for change in (
+        {"fingerprint": "0" * 16},  # another tokenizer file's result
+        {"special_tokens_as_text": not info.special_tokens_as_text},
+        {"engine": "tiktoken"},
+        {"engine": "no-such-engine"},
+        {"eos_token_id": -1},
+        {"eos_token_id": 2**32},
+        {"vocab_size": 0},
+    ):
+        entry.write_text(json.dumps({**good, "info": {**good["info"], **change}}))
+        assert _probed_now(src, engine="tokenizers"), change
+        assert checked_info(src, engine="tokenizers") == info
