@@ -208,11 +208,13 @@ def test_ctrl_c_while_the_fork_server_imports_still_stops_every_worker(monkeypat
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
-def test_ctrl_c_to_the_process_group_while_the_fork_server_imports_prints_no_traceback(repos, tmp_path, monkeypatch):
-    """A terminal's Ctrl+C reaches the fork server too, and it is still importing the workers'
-    modules (bolmo_async.preload, ~0.8 CPU s) when prepare has just started: the run stops with its
-    one line, not a KeyboardInterrupt traceback from the server's import."""
-    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(repos, tmp_path, monkeypatch, method):
+    """A terminal's Ctrl+C reaches the fork server (or a spawned worker) too, and it is still
+    importing the workers' modules (~0.8 CPU s) when prepare has just started: the run stops with
+    its one line, not a KeyboardInterrupt traceback from that import."""
+    monkeypatch.setenv(START_METHOD_ENV, method)
+    marker = "multiprocessing.forkserver" if method == "forkserver" else "spawn_main"
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
         proc = subprocess.Popen(
@@ -230,7 +232,7 @@ def test_ctrl_c_to_the_process_group_while_the_fork_server_imports_prints_no_tra
                 assert time.monotonic() < deadline and proc.poll() is None
                 for c in coordinator.children():
                     with contextlib.suppress(psutil.Error):
-                        if "multiprocessing.forkserver" in " ".join(c.cmdline()):
+                        if marker in " ".join(c.cmdline()):
                             server = c
                 time.sleep(0.005)
             time.sleep(0.05)  # in the middle of its imports

@@ -168,8 +168,16 @@ class Pool:
             mem.inbox = ctx.Queue()
             mem.process = self._process(ctx, mem, share)
         if not self._forked:
-            for mem in self.members:  # a spawn returns at once: its child imports on its own
-                mem.process.start()
+            # A spawn returns at once: its child imports on its own. Started with SIGINT blocked
+            # (inherited: a Ctrl+C to the process group does not interrupt a child's imports with
+            # a traceback; the worker then ignores SIGINT), here only deferred: it is delivered
+            # when the mask is restored.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                for mem in self.members:
+                    mem.process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
             return
         # A fork waits for the fork server's imports (the first pool of a process: ~1 s): on a
         # thread, while this one lists the repo and loads the tokenizer.
