@@ -503,10 +503,11 @@ def test_temporaries_a_killed_run_left_beside_the_shards_go_when_a_run_next_hold
         w.write(b"partial")
         w.flush()
     names = [Path(w.tmp).name for w in dead]  # type: ignore[attr-defined]
-    mine = tmp_path / "o" / ".my-notes.tmp"
-    mine.write_text("mine")
+    mine = [tmp_path / "o" / n for n in (".my-notes.tmp", ".notes.txt.123-deadbeef.tmp")]  # shaped alike
+    for p in mine:
+        p.write_text("mine")
     with od.lock(shared=True):
         assert all((tmp_path / "o" / n).exists() for n in names)
     with od.lock():
         assert not any((tmp_path / "o" / n).exists() for n in names)
-    assert mine.read_text() == "mine"
+    assert [p.read_text() for p in mine] == ["mine", "mine"]

@@ -248,3 +248,35 @@ def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when, method):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_worker_killed_while_writing_shards_leaves_no_temporaries_behind(mirror, tmp_path):
+    """kill -9 of a worker while it writes the shards of the file it stages (and stages files):
+    the run fails its files (rerun resumes), and the temporaries that worker left, up to a file's
+    whole shards, are removed when its loss is seen, not only by the next run."""
+    import re
+
+    out = tmp_path / "o"
+    args = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1")
+    proc = subprocess.Popen(
+        cli(*args, "--processes", "2", "--max-tokens-per-file", "50000", "--no-progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid = None
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        names = [n for n in (os.listdir(out) if out.is_dir() else []) if re.match(r"^\.bolmo_data.*\.tmp$", n)]
+        if names:
+            pid = int(re.search(r"\.(\d+)-[0-9a-f]{8}\.tmp$", names[0]).group(1))  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    if pid is None:
+        pytest.skip("the run ended before a shard was written ahead (nothing to kill)")
+    assert proc.returncode == 1, err
+    assert "its worker process died" in err and "Traceback" not in err
+    left = [n for d in (out, out / "staging") for n in os.listdir(d) if f".{pid}-" in n]
+    assert left == []

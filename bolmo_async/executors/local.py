@@ -444,6 +444,15 @@ class Pool:
                     progress.file_done()
         member.tasks.clear()
         member.exited = True
+        if member.process is not None and member.process.pid is not None:
+            # What it was writing stays behind as temporaries (up to a file's whole shards when
+            # they were written while it was staged): removed now, not at the next run.
+            from ..outdir import open_output
+
+            with contextlib.suppress(Exception):
+                gone = open_output(self._spec.output_dir).remove_temporaries_of(member.process.pid)
+                if gone:
+                    log.info("removed %d temporaries of worker %d", gone, member.wid)
         return n
 
     # -- stopping --------------------------------------------------------------------------

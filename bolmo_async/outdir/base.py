@@ -151,6 +151,12 @@ class OutputDir:
         """The folder holds something of this tool's (a plan or a manifest)."""
         return any(self.exists_file(n) for n in (PLAN, MANIFEST, RUN_STATE))
 
+    def remove_temporaries_of(self, pid: int) -> int:
+        """Remove the temporaries a dead writer process ``pid`` of this run left (shards written
+        while their file was staged, staged files); how many. Object storage: nothing to do (an
+        upload that was not completed leaves no object)."""
+        return 0
+
     def others(self) -> list[str]:
         """Names in the folder that no run of this tool writes (the user's own files), sorted;
         [] where listing is not cheap (object storage)."""

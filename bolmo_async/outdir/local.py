@@ -34,6 +34,7 @@ from .base import (
     DOCUMENTS,
     LOCK,
     RAW,
+    SHARD_PREFIX,
     SHARD_RE,
     STAGING,
     NewFile,
@@ -96,8 +97,10 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{fit_name(target.name, _TMP_NAME_BYTES)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-#: The shape of ``temp_name``'s names (what a killed writer leaves).
-_TMP_RE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
+#: ``temp_name``'s names for the folder's own files (shards, their csv.gz, the metadata): what a
+#: killed writer leaves in the folder (a file of the user's own that merely looks alike is not one).
+_OWN_NAMES = "|".join([rf"{SHARD_PREFIX}\d{{5,}}\.(?:npy|csv\.gz)", *(re.escape(n) for n in DOCUMENTS if "/" not in n)])
+_TMP_RE = re.compile(rf"^\.(?:{_OWN_NAMES})\.\d+-[0-9a-f]{{8}}\.tmp$")
 
 
 def real_dir(path: Path, root: Path) -> Path:
@@ -445,6 +448,21 @@ class LocalDir(OutputDir):
             if _TMP_RE.match(name):
                 with contextlib.suppress(OSError):
                     os.unlink(self.root / name)
+
+    def remove_temporaries_of(self, pid: int) -> int:
+        n = 0
+        for folder, mine in (
+            (self.root, re.compile(rf"^\.(?:{_OWN_NAMES})\.{pid}-[0-9a-f]{{8}}\.tmp$")),
+            (self.root / STAGING, re.compile(rf"^\..+\.{pid}-[0-9a-f]{{8}}\.tmp$")),
+        ):
+            if folder.is_symlink():
+                continue
+            for name in _names(folder):
+                if mine.match(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(folder / name)
+                        n += 1
+        return n
 
     def _claim_fd(self, key: str) -> int:
         return _open_nofollow(real_dir(self.root / STAGING, self.root) / f".{key}.lock", os.O_RDWR)
