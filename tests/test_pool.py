@@ -144,6 +144,14 @@ def test_forkserver_and_spawn_give_the_same_shards(repos, tmp_path):
     assert hashes["forkserver"] == hashes["spawn"] and len(hashes["spawn"]) > 1
 
 
+def _in_own_group(*args: str) -> subprocess.Popen[str]:
+    """The CLI as a job scheduler or a terminal runs it: a process group of its own (a signal to
+    the group reaches the fork server and the workers too), stderr kept."""
+    return subprocess.Popen(
+        cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
 def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repos, tmp_path):
     """A scheduler's SIGTERM reaches every process of the job (the fork server too): the run still
@@ -153,12 +161,8 @@ def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repo
     faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
     out = tmp_path / "o"
     with MirrorThread(repos, faults=faults) as m:
-        proc = subprocess.Popen(
-            cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        proc = _in_own_group(
+            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
         )
         try:
             coordinator = psutil.Process(proc.pid)
@@ -217,12 +221,8 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
     marker = "multiprocessing.forkserver" if method == "forkserver" else "spawn_main"
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
-        proc = subprocess.Popen(
-            cli("prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        proc = _in_own_group(
+            "prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
         )
         try:
             coordinator = psutil.Process(proc.pid)
