@@ -100,7 +100,14 @@ def temp_name(target: Path) -> Path:
 #: ``temp_name``'s names for the folder's own files (shards, their csv.gz, the metadata): what a
 #: killed writer leaves in the folder (a file of the user's own that merely looks alike is not one).
 _OWN_NAMES = "|".join([rf"{SHARD_PREFIX}\d{{5,}}\.(?:npy|csv\.gz)", *(re.escape(n) for n in DOCUMENTS if "/" not in n)])
-_TMP_RE = re.compile(rf"^\.(?:{_OWN_NAMES})\.\d+-[0-9a-f]{{8}}\.tmp$")
+
+
+def _temporaries(names: str, pid: str = r"\d+") -> re.Pattern[str]:
+    """``temp_name``'s temporaries of the files ``names`` (a regex) written by process ``pid``."""
+    return re.compile(rf"^\.(?:{names})\.{pid}-[0-9a-f]{{8}}\.tmp$")
+
+
+_TMP_RE = _temporaries(_OWN_NAMES)
 
 
 def real_dir(path: Path, root: Path) -> Path:
@@ -256,6 +263,17 @@ def _names(folder: Path) -> list[str]:
         return os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _unlink_matching(folder: Path, pattern: re.Pattern[str]) -> int:
+    """Remove the entries of ``folder`` whose names match ``pattern``; how many went."""
+    n = 0
+    for name in _names(folder):
+        if pattern.match(name):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+                n += 1
+    return n
 
 
 def _entries(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
@@ -444,24 +462,13 @@ class LocalDir(OutputDir):
         """The temporaries of the folder's own files (shards, their csv.gz, metadata) that a killed
         run left: a file whose shards were being written while it was staged leaves up to all of
         them (gigabytes). Only under the exclusive lock, so no writer of this folder is alive."""
-        for name in _names(self.root):
-            if _TMP_RE.match(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(self.root / name)
+        _unlink_matching(self.root, _TMP_RE)
 
     def remove_temporaries_of(self, pid: int) -> int:
-        n = 0
-        for folder, mine in (
-            (self.root, re.compile(rf"^\.(?:{_OWN_NAMES})\.{pid}-[0-9a-f]{{8}}\.tmp$")),
-            (self.root / STAGING, re.compile(rf"^\..+\.{pid}-[0-9a-f]{{8}}\.tmp$")),
-        ):
-            if folder.is_symlink():
-                continue
-            for name in _names(folder):
-                if mine.match(name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(folder / name)
-                        n += 1
+        n = _unlink_matching(self.root, _temporaries(_OWN_NAMES, str(pid)))
+        staging = self.root / STAGING
+        if not staging.is_symlink():  # what lies behind a link at staging/ is not ours to clean
+            n += _unlink_matching(staging, _temporaries(".+", str(pid)))
         return n
 
     def _claim_fd(self, key: str) -> int:
