@@ -136,7 +136,7 @@ def ours(
     r = run_measured(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     r.update(json.loads(cpu.read_text()))
-    r.update(tokens=m["totals"]["tokens"], documents=m["totals"]["documents"])
+    r.update(tokens=m["totals"]["tokens"], documents=m["totals"]["documents"], processes=processes)
     r["work"] = r["tokens"] - r["documents"] if mode == "byte" else r["tokens"]  # text bytes / tokens
     r.pop("stderr")
     r.pop("stdout")
@@ -722,6 +722,8 @@ def main() -> None:
     for mode in modes:
         jobs += [
             (f"{mode}_f0.001", lambda m=mode: ours(endpoint, m, out / f"{m}-small", 0.001)),
+            # Issue 24's check: the 0.1% run on `--processes 2` (the fork server's start included).
+            (f"{mode}_f0.001_pN", lambda m=mode: ours(endpoint, m, out / f"{m}-small", 0.001, processes=cores)),
             # The two sizes of the steady state run with the same pool (auto would give the 0.1
             # run fewer processes on a small mix).
             (f"{mode}_f0.1", lambda m=mode: ours(endpoint, m, out / f"{m}-mid", 0.1, processes=cores)),
@@ -855,6 +857,7 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
     unit = {"byte": ("MB/s of text", 1e6), "subword": ("M dolma2 tokens/s", 1e6)}
     for mode in modes:
         small, mid, full, b10 = (r.get(f"{mode}_{k}") for k in ("f0.001", "f0.1", "f1", "f1_bound10M"))
+        small_pn = r.get(f"{mode}_f0.001_pN")
         if not (small and mid and full):
             continue
         name, scale = unit[mode]
@@ -864,6 +867,16 @@ def report(r: dict[str, Any], modes: list[str]) -> None:
         proj = {n: full["work"] / max(full["coordinator"], total_cpu / n) for n in (2, 8, 16, 64)}
         s = {
             "fixed_cost_s (0.1% run end to end)": round(small["seconds"], 2),
+            **(
+                {
+                    f"fixed_cost_s (0.1% run, --processes {small_pn['processes']})": round(small_pn["seconds"], 2),
+                    f"steady_state ({name}, fraction 1.0 vs that 0.1% run: the issue's measure)": round(
+                        (full["work"] - small_pn["work"]) / max(1e-9, full["seconds"] - small_pn["seconds"]) / scale, 2
+                    ),
+                }
+                if small_pn
+                else {}
+            ),
             f"end_to_end ({name})": round(full["work"] / full["seconds"] / scale, 2),
             f"steady_state ({name}, fraction 1.0 vs 0.1)": round(steady / scale, 2),
             "coordinator_cpu_s": round(full["coordinator"], 2),
