@@ -366,6 +366,41 @@ def test_netrc_is_honoured_and_a_token_next_to_it_wins(repos, tmp_path, monkeypa
         assert manifest["complete"] and m.hub_authorized > 0
 
 
+def test_the_environment_is_read_once_however_many_requests_start_together(repos, monkeypatch):
+    """The proxies and ~/.netrc are read once per client: a run's first requests start together
+    (a worker's files in flight, the files resolved ahead), and each read its own copy (2 ms of
+    CPU each)."""
+    import asyncio
+
+    from bolmo_async import hub
+    from bolmo_async.retry import RetryPolicy
+
+    made: list[int] = []
+
+    class Counted(hub._EnvNet):
+        def __init__(self) -> None:
+            made.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(hub, "_EnvNet", Counted)
+
+    async def requests(endpoint: str) -> list[int]:
+        async with hub.make_session(8, RetryPolicy()) as session:
+            client = hub.HubClient(session, endpoint=endpoint, repo_id=DEFAULT_REPO_ID)
+            url = client.resolve_url(repos[0].commit, sorted(repos[0].files)[0])
+
+            async def one() -> int:
+                async with client.get(url, headers=client.headers_for(url)) as r:
+                    await r.read()
+                    return r.status
+
+            return await asyncio.gather(*(one() for _ in range(8)))
+
+    with MirrorThread(repos) as m:
+        assert asyncio.run(requests(m.endpoint)) == [200] * 8
+    assert len(made) == 1
+
+
 def test_token_goes_to_the_hub_only_and_is_never_written(repos, tmp_path, monkeypatch):
     out = tmp_path / "o"
     with MirrorThread(repos, token=TOKEN) as m:
