@@ -741,6 +741,10 @@ def _fetch(
                 src_prefix=source_prefix(the_plan),
                 text_field=the_plan.selection.text_field,
                 id_field=the_plan.selection.id_field,
+                # A --worker share holds the folder's lock shared, and Ray's tasks may run a file
+                # twice (a task retried while the first still runs): per-file claims. Otherwise
+                # this run holds the lock exclusively (``_one_run_per_folder``): none needed.
+                claims=worker is not None or ray,
             )
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None

@@ -688,11 +688,16 @@ TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray], ShardsWritten]
 
 
 async def run_file_task(
-    ctx: TaskContext, pf: PlannedFile, cdn: str | None = None, ahead: Callable[[], ShardsAhead] | None = None
+    ctx: TaskContext,
+    pf: PlannedFile,
+    cdn: str | None = None,
+    ahead: Callable[[], ShardsAhead] | None = None,
+    clean: bool = False,
 ) -> TaskResult:
     """Stage ``pf`` unless it is staged and intact (see ``TaskResult``). ``cdn``: the signed URL
     its resolve URL was resolved to ahead, if it was; ``ahead``: makes its ``ShardsAhead`` (the
-    shards it fills written while it is staged)."""
+    shards it fills written while it is staged); ``clean``: first remove what killed runs left of
+    it (``Staging.clean_temporaries``; only when no other run may be writing it now)."""
     loop = asyncio.get_running_loop()
     read = [0]
     outer = ctx.on_bytes
@@ -712,6 +717,8 @@ async def run_file_task(
         """One trip to a thread: the record and lengths of a staged, intact ``pf`` (just read whole
         for its checksum: its lengths come from the page cache), else its Processor (which makes
         its staging temporary: file I/O, never on the event loop)."""
+        if clean:
+            ctx.staging.clean_temporaries([pf])
         rec = ctx.staging.checked(pf)
         if rec is not None:
             return rec, ctx.staging.lengths(pf)

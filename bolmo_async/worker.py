@@ -77,6 +77,11 @@ class WorkerSpec:
     src_prefix: str = ""  # csv.gz ``src`` prefix (shard tasks)
     text_field: str = "text"  # the record fields (JSON key and parquet column alike)
     id_field: str = "id"
+    # Each file is staged under a claim (``Staging.claim``) when another run may stage in the same
+    # folder at once (``--worker`` shares, Ray tasks); False when this run holds the folder's
+    # lock exclusively: no other writer is alive there (a lock file opened and locked, and two
+    # thread trips, per file saved).
+    claims: bool = True
 
 
 Send = Callable[[m.FromWorker], None]
@@ -233,6 +238,9 @@ class Worker:
         try:
             waited = False
             while True:
+                if not self.spec.claims:  # this run alone writes in the folder: nothing to wait for
+                    rec, read, lengths, shards = await run_file_task(ctx, pf, cdn, ahead, clean=True)
+                    break
                 # Taking and letting go of a claim is I/O (a flock, or requests to a bucket): not on
                 # the event loop.
                 claim = ctx.staging.claim(pf)

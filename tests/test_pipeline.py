@@ -685,3 +685,17 @@ def test_a_workers_event_loop_never_creates_a_file(tmp_path, mirror, monkeypatch
     monkeypatch.setattr(LocalDir, "new_file", spy)
     _prepare(tmp_path / "o", mirror, data_fraction=0.3, processes=1)  # the worker on a thread of this process
     assert where and "bolmo-worker" not in where, sorted(set(where))
+
+
+def test_a_run_that_holds_its_folder_stages_without_claims(tmp_path, mirror):
+    """``prepare`` and ``fetch`` hold the folder's lock exclusively, so no other run writes in it:
+    their files are staged without a per-file claim (a lock file opened and locked, and two trips
+    to a thread, per file). A ``--worker`` share holds the lock shared: it claims every file."""
+    out = tmp_path / "o"
+    m = _prepare(out, mirror, data_fraction=0.5, processes=2)
+    assert m["complete"] and m["planned_files"] > 1
+    assert not list((out / "staging").glob(".*.lock"))
+    share = tmp_path / "s"
+    plan = bolmo_async.plan(share, endpoint=mirror.endpoint, data_fraction=0.5)
+    bolmo_async.fetch(share, endpoint=mirror.endpoint, worker="0/1", progress=False)
+    assert len(list((share / "staging").glob(".*.lock"))) == len(plan.files)
