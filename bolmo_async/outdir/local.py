@@ -665,7 +665,8 @@ class LocalDir(OutputDir):
         d = self.root / STAGING
         if not d.is_dir() or d.is_symlink():
             return 0
-        return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and not p.is_symlink())
+        with os.scandir(d) as entries:  # one lstat per file (three through pathlib)
+            return sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
 
     def remove_staging(self) -> None:
         self._remove_tree(self.root / STAGING)
