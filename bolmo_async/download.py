@@ -77,8 +77,13 @@ async def stream(
     max_bytes: int | None = None,
     cdn: str | None = None,
     resolved: Callable[[str], None] | None = None,
+    cut: Callable[[], int] | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
+
+    ``cut()``: the current end, which may move down from ``end`` while the body comes (a
+    segment split: another request fetches the rest); the body stops there (its connection is
+    closed, not reused) and a retry asks only up to it.
 
     ``cdn``: a URL ``url`` resolved to before (a signed CDN URL): asked directly, no resolve,
     and ``url`` is resolved again only if it is refused. ``resolved(u)``: called with the URL
@@ -130,13 +135,16 @@ async def stream(
         nonlocal cdn_url, total
         redirects = 0  # the redirect budget is per attempt
         while True:
+            if cut is not None:
+                total = cut()
             if total is not None and pos >= total and pos > start:
                 # Every byte arrived before the connection broke: nothing to ask for, verify it.
                 return await verified()
             target = cdn_url or url
             headers = client.headers_for(target)
-            if pos > 0 or end is not None:
-                headers["Range"] = f"bytes={pos}-" + (str(end - 1) if end is not None else "")
+            stop = cut() if cut is not None else end
+            if pos > 0 or stop is not None:
+                headers["Range"] = f"bytes={pos}-" + (str(stop - 1) if stop is not None else "")
             buf = bytearray()
             try:
                 async with client.get(target, headers=headers, allow_redirects=False, timeout=policy.timeout()) as r:
@@ -187,6 +195,10 @@ async def stream(
                         async for chunk in r.content.iter_chunked(READ_CHUNK):
                             progress.got(len(chunk))
                             buf += chunk
+                            if cut is not None and pos + len(buf) >= (cut_at := cut()):
+                                del buf[max(0, cut_at - pos) :]  # split: the rest is another request's
+                                total = cut_at
+                                break
                             if limit is not None and pos + len(buf) > limit:
                                 buf.clear()
                                 await restart()
@@ -252,6 +264,11 @@ FIRST_LANES = 8
 #: No first byte after this long: a round trip no loopback has, so the link is a wide-area one
 #: and the first segments open at once.
 FAR = 0.03
+#: The end phase: a lane with no block left takes the second part of the piece that would end
+#: last, when that ends the file at least this much sooner (and half a round trip), leaving
+#: either part at least ``SPLIT_MIN`` bytes.
+SPLIT_GAIN = 0.02
+SPLIT_MIN = 64 * 1024
 
 
 async def fetch_file(
@@ -327,6 +344,25 @@ class _Parts:
 
     def reset(self) -> None:
         self.parts.clear()
+
+
+class _Piece:
+    """Bytes ``[lo, hi)`` of block ``block``, fetched by one lane; ``hi`` moves down when the
+    piece is split (the rest becomes a piece of its own, on another lane)."""
+
+    __slots__ = ("block", "done", "first", "hi", "lo", "part", "pos")
+
+    def __init__(self, block: int, lo: int, hi: int):
+        self.block, self.lo, self.hi, self.pos = block, lo, hi, lo
+        self.part = _Parts()
+        self.first: float | None = None  # when its first byte came
+        self.done = False
+
+    def rate(self, now: float) -> float | None:
+        """Bytes/s since its first byte (None: too early to tell)."""
+        if self.first is None or now - self.first < 0.02:
+            return None
+        return (self.pos - self.lo) / (now - self.first)
 
 
 class _Growth:
@@ -419,7 +455,9 @@ async def _fetch_blocks(
     loop = asyncio.get_running_loop()
     nblocks = 1 if size <= WHOLE else -(-size // BLOCK)
     done: dict[int, list[bytes]] = {}
-    st = {"taken": 0, "fed": 0, "window": 1}
+    st = {"taken": 0, "fed": 0, "window": 1, "splits": 0}
+    pieces: dict[int, list[_Piece]] = {}  # block -> its pieces (more than one once split)
+    flying: set[_Piece] = set()
     changed = asyncio.Event()
     cdn: list[str] = [signed] if signed else []
     lanes: set[asyncio.Task[None]] = set()
@@ -436,42 +474,91 @@ async def _fetch_blocks(
             cdn[:] = [u]
             changed.set()
 
+    def split(now: float) -> _Piece | None:
+        """The end phase (no block left to take): the piece in flight that would end last is cut
+        in two when that ends the file sooner, its second part for the idle lane asking."""
+        rtt = growth.rtt
+        rates = [r for p in flying if (r := p.rate(now))]
+        mean = sum(rates) / len(rates) if rates else 0.0
+        best: _Piece | None = None
+        best_left = best_rate = 0.0
+        for p in flying:
+            r = p.rate(now) or mean
+            if r > 0 and (p.hi - p.pos) / r > best_left:
+                best, best_left, best_rate = p, (p.hi - p.pos) / r, r
+        # Cut so that both parts end together: the new request's first byte comes a round trip
+        # later. It ends the piece (left - rtt) / 2 sooner; worth a request (and the old one's
+        # connection, closed) only when that is at least half a round trip.
+        if best is None or best_left < max(2 * rtt, rtt + 2 * SPLIT_GAIN):
+            return None
+        mid = best.pos + (best.hi - best.pos + int(best_rate * rtt)) // 2
+        if best.hi - mid < SPLIT_MIN or mid <= best.pos:
+            return None
+        piece = _Piece(best.block, mid, best.hi)
+        best.hi = mid
+        pieces[best.block].append(piece)
+        st["splits"] += 1
+        return piece
+
+    async def fetch(piece: _Piece) -> None:
+        def got_piece(n: int) -> None:
+            if piece.first is None and n > 0:
+                piece.first = loop.time()
+            piece.pos += n
+            got(n)
+
+        if nblocks == 1:  # the whole file: no Range, as any client asks for it
+            await stream(
+                client,
+                url,
+                piece.part,
+                what=what,
+                size=size,
+                on_bytes=got_piece,
+                cdn=cdn[0] if cdn else None,
+                resolved=note_url,
+            )
+        else:
+            await stream(
+                client,
+                url,
+                piece.part,
+                what=f"{what} (bytes {piece.lo}-{piece.hi - 1})",
+                start=piece.lo,
+                end=piece.hi,
+                on_bytes=got_piece,
+                cdn=cdn[0] if cdn else None,
+                resolved=note_url,
+                cut=lambda: piece.hi,
+            )
+
     async def lane(borrowed: bool) -> None:
         try:
-            while st["taken"] < nblocks:
-                if st["taken"] >= st["fed"] + st["window"]:
-                    if borrowed:
-                        return  # the decoder is behind: give the connection back
-                    await _wait(changed)
-                    continue
-                i = st["taken"]
-                st["taken"] = i + 1
-                part = _Parts()
-                if nblocks == 1:  # the whole file: no Range, as any client asks for it
-                    await stream(
-                        client,
-                        url,
-                        part,
-                        what=what,
-                        size=size,
-                        on_bytes=got,
-                        cdn=cdn[0] if cdn else None,
-                        resolved=note_url,
-                    )
+            while True:
+                if st["taken"] < nblocks:
+                    if st["taken"] >= st["fed"] + st["window"]:
+                        if borrowed:
+                            return  # the decoder is behind: give the connection back
+                        await _wait(changed)
+                        continue
+                    i = st["taken"]
+                    st["taken"] = i + 1
+                    piece = _Piece(i, i * BLOCK, size if nblocks == 1 else min(size, (i + 1) * BLOCK))
+                    pieces[i] = [piece]
+                elif nblocks == 1 or (stolen := split(loop.time())) is None:
+                    return
                 else:
-                    lo, hi = i * BLOCK, min(size, (i + 1) * BLOCK)
-                    await stream(
-                        client,
-                        url,
-                        part,
-                        what=f"{what} (bytes {lo}-{hi - 1})",
-                        start=lo,
-                        end=hi,
-                        on_bytes=got,
-                        cdn=cdn[0] if cdn else None,
-                        resolved=note_url,
-                    )
-                done[i] = part.parts
+                    piece = stolen
+                flying.add(piece)
+                try:
+                    await fetch(piece)
+                finally:
+                    flying.discard(piece)
+                piece.done = True
+                block = pieces[piece.block]
+                if all(p.done for p in block):
+                    done[piece.block] = [d for p in sorted(block, key=lambda p: p.lo) for d in p.part.parts]
+                    del pieces[piece.block]
                 changed.set()
         except BaseException as exc:
             errors.append(exc)
@@ -556,7 +643,9 @@ async def _fetch_blocks(
                 await loop.run_in_executor(executor, sink.feed, data)
                 fed += len(data)
         if stats is not None:
-            stats.update(lanes_max=max_lanes[0], steps=growth.steps, history=growth.history, rtt=growth.rtt)
+            stats.update(
+                lanes_max=max_lanes[0], splits=st["splits"], steps=growth.steps, history=growth.history, rtt=growth.rtt
+            )
         return fed
     finally:
         for t in list(lanes):
