@@ -479,7 +479,11 @@ async def _fetch_blocks(
         in two when that ends the file sooner, its second part for the idle lane asking."""
         rtt = growth.rtt
         rates = [r for p in flying if (r := p.rate(now))]
-        mean = sum(rates) / len(rates) if rates else 0.0
+        if rates:
+            mean = sum(rates) / len(rates)
+        else:  # every piece just asked (no rate of its own yet): the file's rate per piece so far
+            since = now - growth.first_byte if growth.first_byte is not None else 0.0
+            mean = growth.total / since / max(1, len(flying)) if since >= 0.02 else 0.0
         best: _Piece | None = None
         best_left = best_rate = 0.0
         for p in flying:
