@@ -284,6 +284,14 @@ def _before_api() -> None:
     record_absent_imports()
 
 
+def _before_network() -> None:
+    """A command that talks to the Hub: aiohttp imported with its CA certificates loaded only if a
+    connection needs them (``lazycerts``; this process is the tool's own, no library user's)."""
+    from .lazycerts import import_aiohttp
+
+    import_aiohttp()
+
+
 def _unexpected(exc: Exception, resumes: bool) -> Any:
     if os.environ.get("BOLMO_ASYNC_DEBUG"):
         raise exc
@@ -346,6 +354,7 @@ def plan_cmd(
     """List the repo, pin the revision and write plan.json with a summary table."""
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     _before_api()
+    _before_network()
     from . import api
 
     p = _run(
@@ -518,6 +527,7 @@ def fetch_cmd(
     else:
         _unused(ctx, {"ray_address": "without --ray", "ray_tasks": "without --ray"})
     _before_api()
+    _before_network()
     from . import api
 
     res = _run(
@@ -637,6 +647,7 @@ def prepare_cmd(
     bound = max_tokens_per_file if _given(ctx, "max_tokens_per_file") else None  # None: the folder's own
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     _before_api()
+    _before_network()
     from . import api
 
     m = _run(

@@ -23,6 +23,7 @@ from urllib.request import proxy_bypass
 import aiohttp
 from yarl import URL
 
+from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
 from .retry import RETRY_STATUSES, Progress, RetryPolicy, retrying
@@ -135,6 +136,8 @@ class HubClient:
             except Exception:
                 self._net_reading = None  # the next request reads it again
                 raise
+        if url.startswith("https:") and lazycerts.deferred():  # loaded off the loop (``lazycerts``)
+            await asyncio.to_thread(lazycerts.load_deferred)
         opts = self._net.options(url, headers)
         if "headers" in opts:
             opts = {**opts, "headers": {**headers, **opts["headers"]}}

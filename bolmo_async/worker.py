@@ -354,7 +354,11 @@ def limit_library_threads() -> None:
 
 def import_task_modules() -> None:
     """Import every module a worker's tasks need (aiohttp with its SSL context, numpy, pyarrow,
-    the decoders: 0.8 CPU s)."""
+    the decoders: 0.8 CPU s). aiohttp's CA certificates load only if a connection needs them
+    (``lazycerts``: this is a worker process of the tool's own)."""
+    from .lazycerts import import_aiohttp
+
+    import_aiohttp()
     from . import filetask, finalizer, hub, staging, tokenize  # noqa: F401
 
 
