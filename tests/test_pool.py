@@ -266,3 +266,77 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+# A probe of when the fork server starts: the modules the coordinator had imported by then.
+_WHEN_SERVER_STARTS = """
+import json, sys
+import multiprocessing.forkserver as fs
+seen = []
+real = fs.ForkServer.ensure_running
+def probe(self):
+    if self._forkserver_pid is None and not seen:
+        seen.append(sorted(m for m in ("bolmo_async.api", "aiohttp", "numpy") if m in sys.modules))
+    return real(self)
+fs.ForkServer.ensure_running = probe
+fs.ensure_running = fs._forkserver.ensure_running
+import atexit
+atexit.register(lambda: print(json.dumps(seen)))
+sys.argv = ["bolmo-async", *sys.argv[1:]]
+from bolmo_async.cli import main
+main()
+"""
+
+
+def test_prepare_with_processes_starts_the_fork_server_before_its_own_imports(repos, tmp_path, monkeypatch):
+    """``--processes 2``: the fork server starts before the coordinator imports the API, the HTTP
+    stack and numpy, so that its imports (the workers') run meanwhile on another core."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    with MirrorThread(repos) as m:
+        args = ["prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "0.2"]
+        r = subprocess.run(
+            [sys.executable, "-c", _WHEN_SERVER_STARTS, *args, "--processes", "2", "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == [[]], r.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_CHILD_SUBREAPER)")
+def test_a_fork_server_started_early_that_no_pool_took_is_stopped_and_reaped_at_exit(tmp_path):
+    """The command failed before it made its pool (here: an output folder it cannot create): the
+    server it started early is stopped and reaped by the exit, not left to end on its own. The
+    run is made from a subreaper, which an orphan would be handed to."""
+    code = (
+        "import ctypes, json, os, subprocess, sys, time\n"
+        "assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0\n"  # PR_SET_CHILD_SUBREAPER
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "time.sleep(1.0)\n"  # an orphaned server ends once its pipe reads EOF: handed to this process
+        "orphans = []\n"
+        "while True:\n"
+        "    try:\n"
+        "        pid, _ = os.waitpid(-1, os.WNOHANG)\n"
+        "    except ChildProcessError:\n"
+        "        break\n"
+        "    if not pid:\n"
+        "        break\n"
+        "    orphans.append(pid)\n"
+        "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr, 'orphans': orphans}))\n"
+    )
+    child = (
+        "import multiprocessing.forkserver as fs, sys\n"
+        "from bolmo_async.executors.local import start_fork_server\n"
+        "start_fork_server()\n"
+        "print(fs._forkserver._forkserver_pid, flush=True)\n"
+        "sys.exit(2)\n"  # as the CLI ends after an error: exit handlers run
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, sys.executable, "-c", child], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["rc"] == 2, got["err"]
+    server = int(got["out"].split()[0])
+    assert server not in got["orphans"], got

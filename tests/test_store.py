@@ -316,6 +316,22 @@ def test_prepare_to_a_bucket_equals_a_local_run_and_inspects(s3: S3, mirror, tmp
     assert bad.returncode != 0 and shard in bad.stdout + bad.stderr, bad.stdout + bad.stderr
 
 
+def test_worker_processes_share_the_coordinators_scratch_which_it_removes(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``--processes 2`` to a bucket: the workers (which exit without clean-up) write in the
+    scratch folder the coordinator made before they started, and removes at exit: none is left."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "BOLMO_ASYNC_SCRATCH"}
+    args = ("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    import subprocess
+
+    r = subprocess.run(
+        cli(*args, "--processes", "2"), capture_output=True, text=True, timeout=300, env={**env, "TMPDIR": str(tmp)}
+    )
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp.iterdir()] == []
+
+
 @pytest.mark.slow
 def test_shares_on_machines_sharing_only_the_bucket(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """share 0 and share 1 at once, each from its own working directory and scratch, then finalize
