@@ -91,7 +91,7 @@ def _run(tmp_path: Path, trusted: bool, first: str) -> dict:
     env["SSL_CERT_FILE"] = str(tmp_path / ("ca.pem" if trusted else "other.pem"))
     env["SSL_CERT_DIR"] = str(tmp_path / "no-such-dir")
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "server.pem"), str(tmp_path / "server.pem"), str(tmp_path / "ca.pem"), first],
+        [sys.executable, "-c", SCRIPT, *(str(tmp_path / n) for n in ("server.pem", "server.pem", "ca.pem")), first],
         capture_output=True,
         text=True,
         env=env,
