@@ -291,7 +291,7 @@ def _start_workers_early(processes: int, output_dir: str) -> None:
     (``s3://``...): opening one sets the scratch folder its workers share in the environment,
     which they inherit from the server (``outdir.store``), so the pool starts it after that."""
     if processes > 1 and "://" not in output_dir:
-        from .executors.local import start_fork_server
+        from .executors.forkserver import start_fork_server
 
         start_fork_server()
 

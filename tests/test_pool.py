@@ -276,7 +276,7 @@ seen = []
 real = fs.ForkServer.ensure_running
 def probe(self):
     if self._forkserver_pid is None and not seen:
-        seen.append(sorted(m for m in ("bolmo_async.api", "aiohttp", "numpy") if m in sys.modules))
+        seen.append(sorted(m for m in ("asyncio", "bolmo_async.api", "aiohttp", "numpy") if m in sys.modules))
     return real(self)
 fs.ForkServer.ensure_running = probe
 fs.ensure_running = fs._forkserver.ensure_running
@@ -289,8 +289,8 @@ main()
 
 
 def test_prepare_with_processes_starts_the_fork_server_before_its_own_imports(repos, tmp_path, monkeypatch):
-    """``--processes 2``: the fork server starts before the coordinator imports the API, the HTTP
-    stack and numpy, so that its imports (the workers') run meanwhile on another core."""
+    """``--processes 2``: the fork server starts before the coordinator imports the API, asyncio,
+    the HTTP stack and numpy, so that its imports (the workers') run meanwhile on another core."""
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
     with MirrorThread(repos) as m:
         args = ["prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "0.2"]

@@ -3,12 +3,18 @@
 - ``local.Pool``: worker processes on this machine (one worker on a thread for ``processes=1``);
 - ``share.Share``: ``fetch --worker I/N``, one balanced share of the plan on a local pool;
 - ``ray.RayExecutor``: Ray tasks running the same worker (``--ray``).
+
+The executors load on first use (asyncio, the worker's records): ``executors.forkserver``, which
+the CLI imports first to start the fork server early, needs none of them.
 """
 
 from __future__ import annotations
 
-from .base import Executor, RunResult
-from .local import Pool, check_not_bootstrapping, usable_cores
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import Executor, RunResult
+    from .local import Pool, check_not_bootstrapping, usable_cores
 
 
 def choose(
@@ -28,7 +34,21 @@ def choose(
         from .share import Share
 
         return Share(processes, *worker)
+    from .local import Pool
+
     return Pool(processes)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Executor", "RunResult"):
+        from . import base
+
+        return getattr(base, name)
+    if name in ("Pool", "check_not_bootstrapping", "usable_cores"):
+        from . import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module 'bolmo_async.executors' has no attribute {name!r}")
 
 
 __all__ = ["Executor", "Pool", "RunResult", "check_not_bootstrapping", "choose", "usable_cores"]

@@ -21,7 +21,6 @@ from any script, and it is what a Ray task or a ``--worker`` share on a small ma
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -34,130 +33,19 @@ from collections import deque
 from typing import Any
 
 from .. import messages as m
-from ..errors import UsageError, WorkerError, rebuild
+from ..errors import WorkerError, rebuild
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
 from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
+from .forkserver import FORK_SERVER, START_METHOD_ENV, start_fork_server, start_method
 
 log = logging.getLogger("bolmo_async")
 
 #: Seconds workers get to stop (abort their files, remove temporaries) before they are killed.
 STOP_GRACE = 3.0
-#: How worker processes start: ``forkserver`` (the default where the platform has it) or ``spawn``.
-START_METHOD_ENV = "BOLMO_ASYNC_START_METHOD"
 #: Seconds a pool waits for its workers to have started (the fork server imports first: ~1 s).
 START_TIMEOUT = 120.0
-
-
-def start_method() -> str:
-    """``forkserver`` unless ``BOLMO_ASYNC_START_METHOD=spawn`` or the platform has no fork server."""
-    wanted = os.environ.get(START_METHOD_ENV, "").strip().lower() or "forkserver"
-    if wanted not in ("forkserver", "spawn"):
-        raise UsageError(f"{START_METHOD_ENV}={wanted!r}: use forkserver or spawn (or leave it unset)")
-    if wanted == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    return wanted
-
-
-class _ForkServer:
-    """multiprocessing's fork server (one per process), shared by the pools alive at once: started
-    by the first with ``bolmo_async.preload`` as its preload, stopped and reaped when the last ends.
-    One that something else in this process started is used as it is and left alone."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._ours = False
-        self._early = 0  # holds of ``start_early`` that no pool has taken over yet
-
-    def start_early(self) -> None:
-        """Start the server now, before any pool asks for it: its imports (0.5 CPU s) run on
-        another core while this process imports and lists the repo, instead of after. Held as a
-        user until the first pool takes it over; one no pool took is stopped at exit."""
-        from multiprocessing import forkserver
-
-        try:
-            if start_method() != "forkserver":
-                return
-        except UsageError:  # said by the pool, as one line
-            return
-        self.acquire()
-        with self._lock:
-            self._early += 1
-            ours = self._ours
-        if ours:
-            # With SIGINT blocked, as ``Pool._start_forked`` starts it (the server inherits the mask):
-            # a Ctrl+C is only deferred to the restored mask. The resource tracker first: starting
-            # it unblocks SIGINT on its way out (multiprocessing's own), which the server would
-            # then start with.
-            from multiprocessing import resource_tracker
-
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                resource_tracker.ensure_running()
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                forkserver.ensure_running()
-            except Exception as exc:  # the pool tries again, or spawns its workers
-                log.debug("fork server: not started early (%s: %s)", type(exc).__name__, exc)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        atexit.register(self._drop_early)  # (twice registered, it runs twice: the second finds nothing)
-
-    def _drop_early(self) -> None:
-        with self._lock:
-            held, self._early = self._early, 0
-        for _ in range(held):
-            self.release(reap=True)
-
-    def acquire(self) -> Any:
-        from multiprocessing import forkserver
-
-        with self._lock:
-            if self._early:  # a pool takes over a hold of ``start_early``
-                self._early -= 1
-                return multiprocessing.get_context("forkserver")
-            if self._users == 0:
-                # Private, but the only way to know: a server already running is someone else's.
-                self._ours = getattr(forkserver._forkserver, "_forkserver_pid", None) is None
-                if self._ours:
-                    forkserver.set_forkserver_preload(["bolmo_async.preload"])
-            self._users += 1
-        return multiprocessing.get_context("forkserver")
-
-    def release(self, reap: bool) -> None:
-        """A pool is done with it; the last one stops it and reaps it (``reap``: every worker of
-        that pool has ended: with one left, waiting for the server could wait for that worker)."""
-        from multiprocessing import forkserver
-
-        with self._lock:
-            self._users -= 1
-            if self._users or not self._ours or not reap:
-                return
-            server = forkserver._forkserver
-            stop = getattr(server, "_stop", None)  # closes its pipe, then waitpid
-            if stop is None:
-                return
-            pid = getattr(server, "_forkserver_pid", None)
-            if isinstance(pid, int):
-                # Killed first: on its pipe's EOF it would tear its interpreter down, numpy, pyarrow
-                # and aiohttp loaded (0.1 s the run waited for at its very end), for nothing: it
-                # holds no data, and every worker it forked has ended and been reaped by it (this
-                # pool read their exit codes, which it sends once it has reaped them), so their CPU
-                # time is in its own and reaches RUSAGE_CHILDREN with the reap below.
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                stop()
-
-
-_FORK_SERVER = _ForkServer()
-
-
-def start_fork_server() -> None:
-    """For a command that will start worker processes (``--processes N``, N > 1): the fork server
-    they are forked from starts now, before the coordinator's own imports (``_ForkServer.start_early``)."""
-    _FORK_SERVER.start_early()
 
 
 def usable_cores() -> int:
@@ -221,7 +109,7 @@ class Pool:
             self.members[0].inbox = queue.Queue()
             return
         method = start_method()
-        ctx = _FORK_SERVER.acquire() if method == "forkserver" else multiprocessing.get_context("spawn")
+        ctx = FORK_SERVER.acquire() if method == "forkserver" else multiprocessing.get_context("spawn")
         self._forked = method == "forkserver"
         self.outbox = ctx.Queue()
         share = max(1, usable_cores() // self.processes)
@@ -557,7 +445,7 @@ class Pool:
         if self._forked:
             self._forked = False  # released once, whether by close or by stop
             ended = all(mem.process.pid is None or not mem.process.is_alive() for mem in self.members)
-            _FORK_SERVER.release(reap=ended)
+            FORK_SERVER.release(reap=ended)
 
     def __enter__(self) -> Pool:
         return self
@@ -569,4 +457,11 @@ class Pool:
             self.stop()
 
 
-__all__ = ["Pool", "check_not_bootstrapping", "start_fork_server", "usable_cores"]
+__all__ = [
+    "START_METHOD_ENV",
+    "Pool",
+    "check_not_bootstrapping",
+    "start_fork_server",
+    "start_method",
+    "usable_cores",
+]

@@ -1,0 +1,139 @@
+"""The fork server the local pool's worker processes are forked from (``local.Pool``).
+
+multiprocessing's one fork server per process, with ``bolmo_async.preload`` as its preload: started
+by the first pool (or earlier, by a command that will start worker processes:
+``start_fork_server``), shared by the pools alive at once, killed and reaped by the last. A module
+of its own, light to import (no asyncio, no worker): the CLI starts the server before it imports
+anything else of the run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Any
+
+from ..errors import UsageError
+
+log = logging.getLogger("bolmo_async")
+
+#: How worker processes start: ``forkserver`` (the default where the platform has it) or ``spawn``.
+START_METHOD_ENV = "BOLMO_ASYNC_START_METHOD"
+
+
+def start_method() -> str:
+    """``forkserver`` unless ``BOLMO_ASYNC_START_METHOD=spawn`` or the platform has no fork server."""
+    wanted = os.environ.get(START_METHOD_ENV, "").strip().lower() or "forkserver"
+    if wanted not in ("forkserver", "spawn"):
+        raise UsageError(f"{START_METHOD_ENV}={wanted!r}: use forkserver or spawn (or leave it unset)")
+    if wanted == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return wanted
+
+
+class _ForkServer:
+    """multiprocessing's fork server (one per process), shared by the pools alive at once: started
+    by the first with ``bolmo_async.preload`` as its preload, stopped and reaped when the last ends.
+    One that something else in this process started is used as it is and left alone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._ours = False
+        self._early = 0  # holds of ``start_early`` that no pool has taken over yet
+
+    def start_early(self) -> None:
+        """Start the server now, before any pool asks for it: its imports (0.5 CPU s) run on
+        another core while this process imports and lists the repo, instead of after. Held as a
+        user until the first pool takes it over; one no pool took is stopped at exit."""
+        from multiprocessing import forkserver
+
+        try:
+            if start_method() != "forkserver":
+                return
+        except UsageError:  # said by the pool, as one line
+            return
+        self.acquire()
+        with self._lock:
+            self._early += 1
+            ours = self._ours
+        if ours:
+            # With SIGINT blocked, as ``Pool._start_forked`` starts it (the server inherits the mask):
+            # a Ctrl+C is only deferred to the restored mask. The resource tracker first: starting
+            # it unblocks SIGINT on its way out (multiprocessing's own), which the server would
+            # then start with.
+            from multiprocessing import resource_tracker
+
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                resource_tracker.ensure_running()
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                forkserver.ensure_running()
+            except Exception as exc:  # the pool tries again, or spawns its workers
+                log.debug("fork server: not started early (%s: %s)", type(exc).__name__, exc)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        atexit.register(self._drop_early)  # (twice registered, it runs twice: the second finds nothing)
+
+    def _drop_early(self) -> None:
+        with self._lock:
+            held, self._early = self._early, 0
+        for _ in range(held):
+            self.release(reap=True)
+
+    def acquire(self) -> Any:
+        from multiprocessing import forkserver
+
+        with self._lock:
+            if self._early:  # a pool takes over a hold of ``start_early``
+                self._early -= 1
+                return multiprocessing.get_context("forkserver")
+            if self._users == 0:
+                # Private, but the only way to know: a server already running is someone else's.
+                self._ours = getattr(forkserver._forkserver, "_forkserver_pid", None) is None
+                if self._ours:
+                    forkserver.set_forkserver_preload(["bolmo_async.preload"])
+            self._users += 1
+        return multiprocessing.get_context("forkserver")
+
+    def release(self, reap: bool) -> None:
+        """A pool is done with it; the last one stops it and reaps it (``reap``: every worker of
+        that pool has ended: with one left, waiting for the server could wait for that worker)."""
+        from multiprocessing import forkserver
+
+        with self._lock:
+            self._users -= 1
+            if self._users or not self._ours or not reap:
+                return
+            server = forkserver._forkserver
+            stop = getattr(server, "_stop", None)  # closes its pipe, then waitpid
+            if stop is None:
+                return
+            pid = getattr(server, "_forkserver_pid", None)
+            if isinstance(pid, int):
+                # Killed first: on its pipe's EOF it would tear its interpreter down, numpy, pyarrow
+                # and aiohttp loaded (0.1 s the run waited for at its very end), for nothing: it
+                # holds no data, and every worker it forked has ended and been reaped by it (this
+                # pool read their exit codes, which it sends once it has reaped them), so their CPU
+                # time is in its own and reaches RUSAGE_CHILDREN with the reap below.
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                stop()
+
+
+FORK_SERVER = _ForkServer()
+
+
+def start_fork_server() -> None:
+    """For a command that will start worker processes (``--processes N``, N > 1): the fork server
+    they are forked from starts now, before the coordinator's own imports (``_ForkServer.start_early``)."""
+    FORK_SERVER.start_early()
+
+
+__all__ = ["FORK_SERVER", "START_METHOD_ENV", "start_fork_server", "start_method"]
