@@ -340,3 +340,16 @@ def test_a_fork_server_started_early_that_no_pool_took_is_stopped_and_reaped_at_
     assert got["rc"] == 2, got["err"]
     server = int(got["out"].split()[0])
     assert server not in got["orphans"], got
+
+
+def test_a_pool_stopped_before_its_workers_have_their_spec_ends_them_without_the_kill(monkeypatch):
+    """A run that fails or is stopped right after its workers are forked (a 404 at the listing,
+    Ctrl+C): a worker forked a moment ago still ignores SIGTERM (inherited from the fork server
+    until it sets its own), so the stop's SIGTERM was lost and each worker waited on its inbox for
+    the whole grace, then was killed (3-4 s of every such run). The stop tells it by its inbox too."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    pool = Pool(2)
+    pool._started()
+    pool.stop()
+    codes = [mem.process.exitcode for mem in pool.members]
+    assert all(code is not None and code != -signal.SIGKILL for code in codes), codes

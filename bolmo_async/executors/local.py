@@ -415,6 +415,12 @@ class Pool:
             elif mem.process is not None and mem.process.is_alive():
                 with contextlib.suppress(OSError):
                     os.kill(mem.process.pid, signal.SIGTERM)
+                # And by its inbox: a worker forked a moment ago ignores SIGTERM until it has set
+                # its own handler (the fork server ignores it); a SIGTERM sent then is lost, and the
+                # worker waited on its inbox until the grace ran out and it was killed (3 s of every
+                # run that failed or was stopped before its workers had their spec).
+                with contextlib.suppress(Exception):
+                    mem.inbox.put(m.Stop() if self._spec is not None else None)
         self._join(STOP_GRACE)
 
     def close(self) -> None:
