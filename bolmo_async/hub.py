@@ -26,7 +26,7 @@ from yarl import URL
 from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
-from .retry import RETRY_STATUSES, Progress, RetryPolicy, retrying
+from .retry import RETRY_STATUSES, Progress, RetryPolicy, certificate_error, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -171,6 +171,8 @@ class HubClient:
         async def attempt() -> T:
             try:
                 return await attempt_fn()
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise certificate_error(exc) from exc
             except aiohttp.ClientConnectorError as exc:
                 if not self.fail_fast:
                     raise

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from .errors import BolmoError, Retry, UsageError
+from .errors import BolmoError, HubError, Retry, UsageError
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -150,9 +150,22 @@ async def retrying(
             return await attempt()
         except Retry as exc:
             delay = _next_delay(policy, what, n, exc, note, fail)
+        except aiohttp.ClientConnectorCertificateError as exc:  # not transient: no retry
+            raise certificate_error(exc) from exc
         except retry_on as exc:
             delay = _next_delay(policy, what, n, exc, note, fail)
         await asyncio.sleep(delay)
+
+
+def certificate_error(exc: aiohttp.ClientConnectorCertificateError) -> HubError:
+    """A server whose certificate does not verify against the default CAs: the host, why, the fix
+    (not "cannot reach": the server answered; retrying would get the same certificate)."""
+    host = getattr(exc, "host", "") or "the server"
+    why = getattr(exc, "certificate_error", None) or exc
+    return HubError(
+        f"the TLS certificate of {host} could not be verified ({why}). If it is signed by a private CA, "
+        "point SSL_CERT_FILE at a CA bundle that holds it; otherwise check --endpoint / HF_ENDPOINT."
+    )
 
 
 def retrying_sync(

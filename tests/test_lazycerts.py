@@ -123,3 +123,58 @@ def test_https_is_still_verified_against_the_default_cas(tmp_path, first):
     assert got["https_client"] == "certificate refused"
     assert got["https_default"] == "certificate refused"
     assert got["http"] == "ok" and got["https_own_context"] == "ok"
+
+
+def test_a_certificate_that_does_not_verify_is_named_as_such_at_once_not_as_an_unreachable_server(tmp_path):
+    """The server answered with a certificate the default CAs do not vouch for: the error names
+    the host and the fix (SSL_CERT_FILE), at the first attempt; it read "cannot reach ... check
+    that the server runs" and a download retried it."""
+    import os
+    import socket
+    import ssl
+    import threading
+
+    ca = trustme.CA()
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(tmp_path / "server.pem"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    handshakes = []
+
+    def serve() -> None:  # a TLS server: each connection's handshake, then closed
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+            handshakes.append(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSL_CERT", "HTTP", "HTTPS", "http", "https"))}
+    env.update(
+        SSL_CERT_FILE=str(tmp_path / "other.pem"), SSL_CERT_DIR=str(tmp_path / "none"), HF_HOME=str(tmp_path / "hf")
+    )
+    try:
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "bolmo_async", "plan", "--output-dir", str(tmp_path / "out")),
+                *("--endpoint", f"https://localhost:{port}", "--repo-id", "a/b"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        listener.close()
+    assert r.returncode != 0
+    assert "TLS certificate of localhost could not be verified" in r.stderr and "SSL_CERT_FILE" in r.stderr, r.stderr
+    assert "cannot reach" not in r.stderr and "Traceback" not in r.stderr
+    assert len(handshakes) == 1  # not retried
