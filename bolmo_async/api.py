@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
-from .guidance import check_output_dir, check_types, fixed_length_loss, normalize, selection_from, warn_short_shards
+from .guidance import (
+    check_output_dir,
+    check_types,
+    fetch_command,
+    fixed_length_loss,
+    normalize,
+    selection_from,
+    warn_short_shards,
+)
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
@@ -931,7 +939,7 @@ def _something_staged(out: OutputDir) -> None:
     )
     finished = finished or older is not None  # either way, the fetch fetches them again
     raise StateError(
-        f"{why}. Run `bolmo-async fetch --output-dir {out}` first{' (it fetches them again)' if finished else ''}, "
+        f"{why}. Run `{fetch_command(out, the_plan.endpoint)}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
     )
 

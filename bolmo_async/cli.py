@@ -382,8 +382,10 @@ def plan_cmd(
         )
     )
     _print_plan(p)
+    from .guidance import fetch_command
+
     _say(
-        f"Next: bolmo-async fetch --output-dir {output_dir} --tokenizer subword (or byte; as a job array: "
+        f"Next: {fetch_command(output_dir, p.endpoint)} --tokenizer subword (or byte; as a job array: "
         f"--worker I/N in each task), then bolmo-async finalize --output-dir {output_dir}"
     )
 

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import StateError, UsageError
+from .guidance import fetch_command
 from .messages import LayoutAt
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
 from .outdir import (
@@ -612,7 +613,7 @@ def finalize_dir(
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise StateError(
             f"{len(missing)} of {len(plan.files)} planned files are not staged yet:\n  {shown}\n"
-            f"Run `bolmo-async fetch --output-dir {out}` again (or the missing --worker shares) to finish them, or pass "
+            f"Run `{fetch_command(out, plan.endpoint)}` again (or the missing --worker shares) to finish them, or pass "
             "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
     fingerprint = state["tokenizer"]["fingerprint"]

@@ -371,3 +371,15 @@ __all__ = [
     "short_shard_warning",
     "warn_short_shards",
 ]
+
+
+def fetch_command(output_dir: Any, endpoint: str | None) -> str:
+    """The fetch a user is told to run next for a folder planned against ``endpoint``: with that
+    ``--endpoint`` unless it is the Hub's own (without it the fetch would talk to the Hub, and
+    refuse a folder planned against a mirror)."""
+    from .hub import HUB_ENDPOINT  # (aiohttp: only when a hint is printed)
+
+    cmd = f"bolmo-async fetch --output-dir {output_dir}"
+    if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT:
+        cmd += f" --endpoint {endpoint}"
+    return cmd

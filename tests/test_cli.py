@@ -255,8 +255,18 @@ def test_an_option_without_effect_is_named(tmp_path, mirror):
 def test_plan_says_what_next_and_a_fetch_that_plans_prints_the_plan(tmp_path, mirror):
     r = run_cli("plan", "-o", str(tmp_path / "p"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].startswith("Next: bolmo-async fetch --output-dir")
+    nxt = r.stdout.strip().splitlines()[-1]
+    assert nxt.startswith("Next: bolmo-async fetch --output-dir")
     assert "est. byte tokens" in r.stdout and "est. dolma2 tokens" in r.stdout  # no tokenizer yet: both
+    # The next step runs as printed: planned against a mirror, it names the mirror (without it, the
+    # fetch talked to the Hub and refused the folder).
+    fetch = nxt.removeprefix("Next: bolmo-async ").split(" (or byte")[0].split()
+    assert fetch[fetch.index("--endpoint") + 1] == mirror.endpoint
+    fetch[fetch.index("subword")] = "byte"
+    r = run_cli(*fetch, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("finalize", "-o", str(tmp_path / "p"), "--max-tokens-per-file", "1000000")
+    assert r.returncode == 0, r.stderr
 
     r = run_cli("fetch", "-o", str(tmp_path / "f"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
     assert r.returncode == 0, r.stderr
@@ -494,6 +504,7 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     assert r.returncode == 1 and "are not staged yet. Run `bolmo-async fetch" in r.stderr and "again" not in r.stderr, (
         r.stderr
     )
+    assert f"--endpoint {mirror.endpoint}`" in r.stderr  # the fetch to run, as it must be run
     assert not (tmp_path / "new" / "data_sources.txt").exists()
 
 
