@@ -26,7 +26,7 @@ from yarl import URL
 from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
-from .retry import RETRY_STATUSES, Progress, RetryPolicy, certificate_error, retrying
+from .retry import RETRY_STATUSES, Progress, RetryPolicy, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -171,10 +171,9 @@ class HubClient:
         async def attempt() -> T:
             try:
                 return await attempt_fn()
-            except aiohttp.ClientConnectorCertificateError as exc:
-                raise certificate_error(exc) from exc
             except aiohttp.ClientConnectorError as exc:
-                if not self.fail_fast:
+                # (a certificate that does not verify: ``retrying`` names it, whatever fail_fast says)
+                if not self.fail_fast or isinstance(exc, aiohttp.ClientConnectorCertificateError):
                     raise
                 why = "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
                 raise HubError(
