@@ -209,6 +209,7 @@ class ShardsAhead:
             self._done.append(self._open)
             self._open = None
         self._open = (k, list(self.layout.pieces) if carried else [], ShardWriter(self.out, k))
+        self._check()  # stopped while it was made: ``abort`` may have missed it (dropped by the caller)
 
     def finish(self) -> None:
         """After the file's last batch: wait for every piece to be written. A disk that is full or
@@ -260,14 +261,20 @@ class ShardsAhead:
         return written
 
     def abort(self) -> None:
-        """Stop now, from any thread, never waiting: the temporaries go now when no piece is being
-        written, else the thread drops them at its next piece."""
+        """Stop now, from any thread, never waiting: the temporaries go now. When a piece is being
+        written their names are unlinked (the piece lands in unlinked files) and the thread drops
+        the writers at its next piece: a process that exits meanwhile (a stopped worker does not
+        join its threads) leaves nothing behind."""
         self._stop.set()
         if self._mutex.acquire(blocking=False):
             try:
                 self._drop()
             finally:
                 self._mutex.release()
+            return
+        busy = self._open
+        for _, _, writer in [*self._done, *([busy] if busy is not None else [])]:
+            writer.unlink_early()
 
     def _drop(self) -> None:
         """(holding ``_mutex``) every temporary of these shards goes."""

@@ -18,6 +18,7 @@ Everything streams: one staged batch in memory at a time. Shards can be written 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gzip
 import json
@@ -111,6 +112,27 @@ def _take_block() -> np.ndarray:
     return np.frombuffer(aligned_buffer(BLOCK_BYTES), dtype="<u4")
 
 
+#: The shards this process is writing (neither committed nor aborted): ``abandon_unfinished``.
+_unfinished: set[ShardWriter] = set()
+_unfinished_lock = threading.Lock()
+
+
+def abandon_unfinished() -> int:
+    """Unlink now the temporaries of every shard this process has not committed or aborted (how
+    many): for a process about to exit without joining the threads writing them (a stopped run
+    never waits for a step in progress). A write going on lands in an unlinked file. Run at exit
+    (``atexit``: the command line's ``_exit_now`` runs it too) and by a worker process before its
+    ``os._exit``."""
+    with _unfinished_lock:
+        writers = list(_unfinished)
+    for writer in writers:
+        writer.unlink_early()
+    return len(writers)
+
+
+atexit.register(abandon_unfinished)
+
+
 class ShardWriter:
     """One shard being written to a temporary name, with its csv.gz rows and running checksum.
 
@@ -129,6 +151,8 @@ class ShardWriter:
         except BaseException:
             self._f.abort()
             raise
+        with _unfinished_lock:
+            _unfinished.add(self)
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw_csv, mtime=0, compresslevel=CSV_GZIP_LEVEL)
         self._lane = _Lane()  # file writes and gzip, in order
         self.checksum = new_checksum()
@@ -214,6 +238,8 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
+        with _unfinished_lock:
+            _unfinished.discard(self)
         return {
             "path": self.out.ref(self.name),
             "csv": self.out.ref(self.csv_name),
@@ -227,6 +253,14 @@ class ShardWriter:
         self._give_back()
         self._f.abort()
         self._raw_csv.abort()
+        with _unfinished_lock:
+            _unfinished.discard(self)
+
+    def unlink_early(self) -> None:
+        """From any thread, while a piece may be being written: the temporaries' names go now
+        (``NewFile.unlink_early``); ``abort`` still follows, by whoever writes it."""
+        self._f.unlink_early()
+        self._raw_csv.unlink_early()
 
 
 _NEEDS_QUOTES = (",", '"', "\r", "\n")

@@ -440,6 +440,11 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
         outbox.put(m.Fatal(wid, "WorkerError", f"worker {wid} crashed: {type(exc).__name__}: {exc}"))
         outbox.put(m.Exit(wid))
     finally:
+        # A shard a thread still writes (a stopped file's, a stopped shard task's: they are never
+        # joined) goes with this process: its temporaries' names now.
+        from .finalizer import abandon_unfinished
+
+        abandon_unfinished()
         outbox.close()
         outbox.join_thread()  # every message is out
     os._exit(0)  # no interpreter teardown: nothing left to wait for

@@ -183,3 +183,160 @@ def test_a_message_that_comes_after_the_worker_ended_is_dropped_quietly(tmp_path
     finally:
         threading.excepthook = hook
     assert failures == []
+
+
+class _GatedDir:
+    """A real output folder whose csv.gz writes by a shard's I/O lane wait at ``gate`` (after
+    setting ``entered``): a shard being written while the disk is busy."""
+
+    def __init__(self, root: Any, entered: threading.Event, gate: threading.Event):
+        from bolmo_async.outdir import open_output
+
+        self.inner = open_output(root)
+        self.entered, self.gate = entered, gate
+
+    def new_file(self, name: str, **kw: Any) -> Any:
+        f = self.inner.new_file(name, **kw)
+        if name.endswith(".csv.gz"):
+            write = f.write
+
+            def gated(data: Any) -> int:
+                if threading.current_thread().name.startswith("bolmo-shard-io"):  # not gzip's header
+                    self.entered.set()
+                    self.gate.wait(120)
+                return write(data)
+
+            f.write = gated
+        return f
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _byte_batch(first: int, n: int) -> Any:
+    import pyarrow as pa
+
+    from bolmo_async.staging import staging_schema
+
+    texts = [f"document {first + i} ".encode() * 3 + b"\0" for i in range(n)]
+    return pa.record_batch(
+        [
+            pa.array([f"d{first + i}" for i in range(n)]),
+            pa.array(range(first, first + n), pa.int64()),
+            pa.array(texts, pa.large_binary()),
+        ],
+        schema=staging_schema("byte"),
+    )
+
+
+def test_a_stopped_shard_written_ahead_leaves_no_temporary_while_its_disk_is_busy(tmp_path):
+    """``ShardsAhead.abort`` while its thread is inside a piece (holding its writers): the
+    temporaries went only when the thread reached its next piece, so a worker process that exited
+    first (it never joins that thread) left them at the top of the folder (3 stops in 14)."""
+    import time
+
+    from bolmo_async.filetask import ShardsAhead
+    from bolmo_async.staging import token_lengths
+
+    entered, gate = threading.Event(), threading.Event()
+    root = tmp_path / "o"
+    root.mkdir()
+    out = _GatedDir(root, entered, gate)
+    layout = messages.LayoutAt(bound=10_000_000, shard=0, used=0, pieces=[], last=False)
+    ahead = ShardsAhead(out, 0, layout, {}, {0: "src"}, eos=1)  # type: ignore[arg-type]
+    temporaries = lambda: sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp"))  # noqa: E731
+    try:
+        for i in range(2):
+            batch = _byte_batch(100 * i, 100)
+            ahead.put(i, batch, token_lengths(batch.column("tokens")))
+        assert entered.wait(60), "no piece reached the disk"
+        deadline = time.monotonic() + 60
+        while not (ahead._queue.empty() and ahead._mutex.locked()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ahead._mutex.locked(), "the thread is not inside a piece"
+        assert len(temporaries()) == 2, "the shard and its csv.gz are being written"
+        ahead.abort()
+        assert temporaries() == [], "a stopped shard's temporaries go at once, not at its next piece"
+    finally:
+        gate.set()
+    assert ahead._thread is not None
+    ahead._thread.join(30)
+    assert not ahead._thread.is_alive() and temporaries() == []
+
+
+def test_a_process_exiting_under_a_shard_being_written_leaves_no_temporary(tmp_path):
+    """A shard a thread still writes when its process exits without joining it (a stopped worker,
+    the command line after a stop): ``abandon_unfinished`` (run at exit) unlinks its temporaries."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading, time
+from bolmo_async.finalizer import ShardWriter
+from bolmo_async.outdir import open_output
+w = ShardWriter(open_output({str(tmp_path)!r}), 0)
+w.write(__import__("numpy").arange(1000, dtype="uint32"))
+print("writing", flush=True)
+time.sleep(0.2)
+import os, atexit
+atexit._run_exitfuncs()
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "writing" in r.stdout, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.slow
+def test_a_worker_killed_after_the_grace_leaves_no_temporary(repos, tmp_path):
+    """A stop whose worker does not end within the grace (frozen here; in life a process stuck on
+    a dead NFS mount) is killed: nothing of it cleans up, so its coordinator removes what it was
+    writing (the staging temporary of its file in flight) before exiting."""
+    import re
+    import subprocess
+    import time
+
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    from .helpers import cli
+
+    out = tmp_path / "o"
+    faults = FaultConfig(rate=1.0, seed=3, kinds=("trickle",), trickle_delay=0.2, max_per_path=100)
+    with MirrorThread(repos, faults=faults) as m:
+        p = subprocess.Popen(
+            cli(
+                "fetch",
+                "-o",
+                str(out),
+                "--endpoint",
+                m.endpoint,
+                "--data-fraction",
+                "1",
+                "--processes",
+                "2",
+                "--no-progress",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        frozen = None
+        try:
+            deadline = time.monotonic() + 120
+            while frozen is None and p.poll() is None and time.monotonic() < deadline:
+                for name in os.listdir(out / "staging") if (out / "staging").is_dir() else []:
+                    hit = re.match(r"^\..*\.(\d+)-[0-9a-f]{8}\.tmp$", name)
+                    if hit and int(hit.group(1)) != p.pid:
+                        frozen = int(hit.group(1))
+                        os.kill(frozen, signal.SIGSTOP)
+                        break
+                time.sleep(0.01)
+            assert frozen is not None, "no worker was staging a file"
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 130, err
+    left = [q.name for q in [*out.iterdir(), *(out / "staging").iterdir()] if q.name.endswith(".tmp")]
+    assert left == [], f"worker {frozen}, killed after the grace, left {left}"

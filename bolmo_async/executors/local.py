@@ -393,16 +393,20 @@ class Pool:
                     progress.file_done()
         member.tasks.clear()
         member.exited = True
-        if member.process is not None and member.process.pid is not None:
-            # What it was writing stays behind as temporaries (up to a file's whole shards when
-            # they were written while it was staged): removed now, not at the next run.
-            from ..outdir import open_output
-
-            with contextlib.suppress(Exception):
-                gone = open_output(self._spec.output_dir).remove_temporaries_of(member.process.pid)
-                if gone:
-                    log.info("removed %d temporaries of worker %d", gone, member.wid)
+        self._remove_temporaries_of(member)
         return n
+
+    def _remove_temporaries_of(self, member: _Member) -> None:
+        """What a dead worker process was writing stays behind as temporaries (up to a file's
+        whole shards when they were written while it was staged): removed now, not at the next run."""
+        if self._spec is None or member.process is None or member.process.pid is None:
+            return
+        from ..outdir import open_output
+
+        with contextlib.suppress(Exception):
+            gone = open_output(self._spec.output_dir).remove_temporaries_of(member.process.pid)
+            if gone:
+                log.info("removed %d temporaries of worker %d", gone, member.wid)
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -441,6 +445,7 @@ class Pool:
                 if mem.process.is_alive():
                     mem.process.kill()
                     mem.process.join(1.0)
+                    self._remove_temporaries_of(mem)  # killed: it cleaned up nothing
         with contextlib.suppress(Exception):
             while True:  # drain, so that no feeder thread waits on a full pipe
                 self.outbox.get_nowait()
