@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from inspect import signature as inspect_signature
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from .errors import DiskSpaceError, DownloadError, FetchIncomplete, HubError, StateError, TokenizerError, UsageError
+from .errors import (
+    DiskSpaceError,
+    DownloadError,
+    FetchIncomplete,
+    HubError,
+    StateError,
+    TokenizerError,
+    UsageError,
+    signal_of,
+)
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
 from .guidance import (
     check_output_dir,
@@ -60,22 +69,35 @@ log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
 
 
+#: The signals that stop a run (SIGHUP: its terminal was closed), where the platform has them.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; SIGINT/SIGTERM cancel it (finished work is kept) -> FetchIncomplete(interrupted)."""
+    """Run ``coro``; a stop signal (``STOP_SIGNALS``, except one this process ignores: ``nohup``)
+    cancels it (finished work is kept) -> FetchIncomplete(interrupted)."""
 
     async def main() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         installed = []
+        stopped_by: list[int] = []
 
         def on_signal(sig: int) -> None:
+            if stopped_by:  # a second signal: the stop under way is not cut short
+                return
+            stopped_by.append(sig)
             log.warning("%s received: stopping; finished files are kept", signal.Signals(sig).name)
             if task is not None:
                 task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 previous = signal.getsignal(sig)
+                if previous == signal.SIG_IGN:
+                    continue
                 loop.add_signal_handler(sig, on_signal, sig)
                 installed.append((sig, previous))
             except (NotImplementedError, RuntimeError, ValueError):
@@ -84,7 +106,9 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
             return await coro
         except asyncio.CancelledError as exc:
             raise FetchIncomplete(
-                "Interrupted. Finished files are staged; rerun the same command to resume.", interrupted=True
+                "Interrupted. Finished files are staged; rerun the same command to resume.",
+                interrupted=True,
+                signum=stopped_by[0] if stopped_by else signal.SIGINT,
             ) from exc
         finally:
             for sig, previous in installed:
@@ -767,9 +791,11 @@ def _fetch(
                     on_files_done=shards.finish if shards is not None else None,
                     layout_at=shards.layout_at if shards is not None else None,
                 )
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 raise FetchIncomplete(
-                    "Interrupted. Finished files are staged; rerun the same command to resume.", interrupted=True
+                    "Interrupted. Finished files are staged; rerun the same command to resume.",
+                    interrupted=True,
+                    signum=signal_of(exc),
                 ) from None
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))

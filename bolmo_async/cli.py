@@ -21,23 +21,33 @@ import threading
 from pathlib import Path
 from typing import Any
 
+#: The signals that stop a command: Ctrl+C, SIGTERM (``kill``, job schedulers), SIGHUP (its
+#: terminal was closed). One this process inherited as ignored (``nohup``) stays ignored.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 
 def _interrupted_at_start(signum: int, frame: Any) -> None:
-    os.write(2, b"interrupted\n")
-    os._exit(130)
+    os.write(2, f"interrupted ({signal.Signals(signum).name})\n".encode())
+    os._exit(128 + signum)
 
 
-# Ctrl+C while the imports below run (a second or so) ends quietly, not with a traceback from
-# inside a library; the usual handler is back once they are done.
-_START_HANDLER = threading.current_thread() is threading.main_thread() and (
-    signal.getsignal(signal.SIGINT) is signal.default_int_handler
-)
-if _START_HANDLER:
-    signal.signal(signal.SIGINT, _interrupted_at_start)
+def _stoppable() -> list[signal.Signals]:
+    """The stop signals whose handling is this command's to set: not ignored (``nohup``), not a
+    library user's own handler (the command line imported into another program)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    return [s for s in _STOP_SIGNALS if signal.getsignal(s) in (signal.default_int_handler, signal.SIG_DFL)]
+
+
+# A stop while the imports below run (a second or so) ends quietly, not with a traceback from
+# inside a library; the usual handlers are back once they are done.
+_AT_START = _stoppable()
+for _sig in _AT_START:
+    signal.signal(_sig, _interrupted_at_start)
 
 import typer
 
-from .errors import BolmoError
+from .errors import BolmoError, Interrupted, signal_of
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
@@ -259,11 +269,12 @@ def _run(fn: Any, resumes: bool = True) -> Any:
     except BolmoError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG"):
             raise
+        global _stop_said
+        _stop_said = _stop_said or getattr(exc, "interrupted", False)
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume" if resumes else "interrupted", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        raise typer.Exit(_say_stopped(signal_of(exc), resumes)) from None
     except OSError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG") or exc.errno != errno.ENAMETOOLONG:
             return _unexpected(exc, resumes)
@@ -860,26 +871,62 @@ def _mirror_run(what: str, fn: Any) -> Any:
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
 
 
-if _START_HANDLER:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+for _sig in _AT_START:
+    signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
+#: The stop signal this command received first (None: none), and when.
+_stopped_by: int | None = None
+_stopped_at = 0.0
+#: The stop was said (one line on stderr) already.
+_stop_said = False
+#: Seconds after a stop signal during which another one is only noted: the clean-up the first one
+#: started (workers given ``STOP_GRACE``, temporaries removed) is not cut short by a second
+#: Ctrl+C, or by the SIGHUP of a terminal closed meanwhile.
+_REPEAT_IGNORED = 10.0
 
 
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """Every stop signal as Ctrl+C: a ``KeyboardInterrupt`` (``Interrupted``, naming it), which
+    every phase of a run handles; inside a fetch the event loop's own handlers take over
+    (``api.run_interruptible``)."""
+    global _stopped_by, _stopped_at
+    import time
+
+    now = time.monotonic()
+    if _stopped_by is not None and now - _stopped_at < _REPEAT_IGNORED:
+        return
+    _stopped_by, _stopped_at = signum, now
+    raise Interrupted(signum)
+
+
+def _say_stopped(signum: int, resumes: bool = True) -> int:
+    """The stop's one line (once); its exit code, 128 + the signal (the shell's convention)."""
+    global _stop_said
+    if not _stop_said:
+        _stop_said = True
+        name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no more output
+            typer.secho(f"interrupted{name}; rerun the same command to resume" if resumes else "interrupted", err=True)
+    return 128 + signum
 
 
 def main() -> None:
-    # SIGTERM (job schedulers, `kill`) stops as cleanly as Ctrl+C, whatever phase the run is in;
-    # inside a fetch the event loop's own handlers take over and cancel the downloads.
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # SIGTERM (job schedulers, `kill`) and SIGHUP (the terminal closed) stop as cleanly as Ctrl+C,
+    # whatever phase the run is in; one inherited as ignored (nohup) stays ignored.
+    for sig in _stoppable():
+        signal.signal(sig, _on_stop_signal)
     try:
         app()
-    except KeyboardInterrupt:  # between commands' own handling (argument parsing, summaries)
-        typer.secho("interrupted; rerun the same command to resume", err=True)
-        _exit_now(130)
+    except KeyboardInterrupt as exc:  # between commands' own handling (argument parsing, summaries)
+        _exit_now(_say_stopped(signal_of(exc)))
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
-            _exit_now(exc.code or 0)
+            code = exc.code or 0
+            if _stopped_by is not None and code:
+                # Typer turns a KeyboardInterrupt raised outside a command's own handling (its
+                # imports, a summary) into a silent exit 130, whatever the signal.
+                code = _say_stopped(_stopped_by)
+            _exit_now(code)
         raise
 
 

@@ -23,6 +23,9 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     ├── WorkerError                 a worker process died or could not start
     └── FetchIncomplete             some planned files failed; rerunning resumes
 
+A stop signal (Ctrl+C's SIGINT, SIGTERM, SIGHUP) is a ``KeyboardInterrupt``: ``Interrupted``
+where the tool raises it itself, carrying the signal; the command line exits 128 + its number.
+
 Internal signals, never shown to a user (not BolmoErrors):
 
     StreamError                     the compressed stream itself is corrupt or truncated
@@ -101,15 +104,37 @@ class WorkerError(BolmoError):
     pass
 
 
-class FetchIncomplete(BolmoError):
-    """Raised at the end of a fetch when some files failed or the run was interrupted."""
+#: Ctrl+C's signal number (POSIX): what a ``KeyboardInterrupt`` that names none was.
+SIGINT = 2
 
-    def __init__(self, message: str, failed: dict[str, str] | None = None, interrupted: bool = False):
+
+class FetchIncomplete(BolmoError):
+    """Raised at the end of a fetch when some files failed or the run was interrupted
+    (``signum``: by that stop signal; exit code 128 + it, the shell's convention)."""
+
+    def __init__(
+        self, message: str, failed: dict[str, str] | None = None, interrupted: bool = False, signum: int = SIGINT
+    ):
         super().__init__(message)
         self.failed = dict(failed or {})
         self.interrupted = interrupted
+        self.signum = signum
         if interrupted:
-            self.exit_code = 130
+            self.exit_code = 128 + signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised as Ctrl+C's ``KeyboardInterrupt`` is (so that every clean-up that
+    handles Ctrl+C handles it alike), naming the signal."""
+
+    def __init__(self, signum: int = SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def signal_of(exc: BaseException) -> int:
+    """The stop signal a ``KeyboardInterrupt`` stands for (SIGINT unless it says another)."""
+    return getattr(exc, "signum", SIGINT)
 
 
 class StreamError(Exception):
@@ -147,6 +172,7 @@ __all__ = [
     "FetchIncomplete",
     "HubError",
     "IntegrityError",
+    "Interrupted",
     "NotFoundError",
     "OutputError",
     "RangeIgnored",
@@ -158,4 +184,5 @@ __all__ = [
     "UsageError",
     "WorkerError",
     "rebuild",
+    "signal_of",
 ]

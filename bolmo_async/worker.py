@@ -408,6 +408,8 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     keeps its own caches of encoded words (100-200 MB on text whose words do not repeat), so
     processes x threads stays at the cores, not their square."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    if hasattr(signal, "SIGHUP"):  # a closed terminal's reaches the whole group: the same
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it (bolmo_async.preload)
     limit_library_threads()  # spawned: before numpy loads; forked: set by the fork server already
     if bpe_threads > 0:  # read by fastokens once, when it first encodes; a user's own setting wins

@@ -167,18 +167,33 @@ def test_forkserver_and_spawn_give_the_same_shards(repos, tmp_path):
     assert hashes["forkserver"] == hashes["spawn"] and len(hashes["spawn"]) > 1
 
 
-def _in_own_group(*args: str) -> subprocess.Popen[str]:
+def _in_own_group(*args: str, ignore: tuple[int, ...] = ()) -> subprocess.Popen[str]:
     """The CLI as a job scheduler or a terminal runs it: a process group of its own (a signal to
-    the group reaches the fork server and the workers too), stderr kept."""
+    the group reaches the fork server and the workers too), stderr kept; ``ignore``: signals it
+    inherits as ignored (``nohup`` ignores SIGHUP)."""
+
+    def ignored() -> None:
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+
     return subprocess.Popen(
-        cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cli(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=ignored if ignore else None,
     )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
-def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repos, tmp_path):
-    """A scheduler's SIGTERM reaches every process of the job (the fork server too): the run still
-    stops as one, exits 130, and has ended its workers and the fork server by then."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_nothing(repos, tmp_path, sig):
+    """A scheduler's SIGTERM, or the SIGHUP of a closed terminal, reaches every process of the job
+    (the fork server too): the run still stops as one, exits 128 + the signal (143, 129: the
+    shell's convention) with the one line saying how to resume, and has ended its workers and the
+    fork server and removed every temporary by then. (SIGTERM exited 130; SIGHUP killed every
+    process where it stood, leaving staging temporaries.)"""
     from bolmo_async.mirror import FaultConfig
 
     faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
@@ -195,11 +210,14 @@ def test_sigterm_to_the_whole_process_group_exits_130_and_leaves_no_process(repo
                 time.sleep(0.05)
             time.sleep(1.0)  # files in flight
             tree = [c for c in coordinator.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
             _, err = proc.communicate(timeout=60)
-            assert proc.returncode == 130, err
+            assert proc.returncode == 128 + sig, err
+            assert "rerun the same command to resume" in err and "Traceback" not in err, err
             left = [c for c in tree if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
             assert left == [], "still running after the coordinator exited"
+            temporaries = [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")]
+            assert temporaries == []
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -353,3 +371,67 @@ def test_a_pool_stopped_before_its_workers_have_their_spec_ends_them_without_the
     pool.stop()
     codes = [mem.process.exitcode for mem in pool.members]
     assert all(code is not None and code != -signal.SIGKILL for code in codes), codes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_sighup_ignored_as_nohup_does_is_left_ignored(repos, tmp_path):
+    """``nohup bolmo-async ...``: the run inherits SIGHUP ignored and must keep it so (its
+    workers and fork server too): the terminal closing does not stop it."""
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.02, max_per_path=10**6)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        proc = _in_own_group(
+            "fetch",
+            "-o",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            "0.3",
+            "--processes",
+            "2",
+            ignore=(signal.SIGHUP,),
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            for _ in range(3):
+                time.sleep(0.3)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGHUP)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "Share" not in err and "interrupted" not in err.lower()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repos, tmp_path):
+    """SIGTERM while ``--processes 2`` starts its fork server and imports the API (before the run's
+    own handling: 0.35-0.5 s after start here) exited 130 without a word (Typer's own handling of
+    a KeyboardInterrupt)."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        proc = _in_own_group(
+            "prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while not coordinator.children():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err, err

@@ -67,12 +67,10 @@ class _ForkServer:
             # a Ctrl+C is only deferred to the restored mask. The resource tracker first: starting
             # it unblocks SIGINT on its way out (multiprocessing's own), which the server would
             # then start with.
-            from multiprocessing import resource_tracker
-
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                resource_tracker.ensure_running()
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                start_resource_tracker()
+                signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
                 forkserver.ensure_running()
             except Exception as exc:  # the pool tries again, or spawns its workers
                 log.debug("fork server: not started early (%s: %s)", type(exc).__name__, exc)
@@ -129,6 +127,24 @@ class _ForkServer:
 
 FORK_SERVER = _ForkServer()
 
+#: Blocked in a thread that starts a helper process, which inherits the mask: Ctrl+C and a closed
+#: terminal's SIGHUP, which reach the whole process group, do not end it where it stands (a
+#: traceback from its imports, a resource tracker "relaunching" with a KeyError per semaphore);
+#: the coordinator stops the run and then ends them. Only deferred in the starting thread.
+TERMINAL_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name)}
+
+
+def start_resource_tracker() -> None:
+    """multiprocessing's resource tracker (started by the first queue of a pool, or the fork
+    server), with SIGHUP blocked: it ignores SIGINT and SIGTERM itself, not SIGHUP."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
 
 def start_fork_server() -> None:
     """For a command that will start worker processes (``--processes N``, N > 1): the fork server
@@ -136,4 +152,4 @@ def start_fork_server() -> None:
     FORK_SERVER.start_early()
 
 
-__all__ = ["FORK_SERVER", "START_METHOD_ENV", "start_fork_server", "start_method"]
+__all__ = ["FORK_SERVER", "START_METHOD_ENV", "start_fork_server", "start_method", "start_resource_tracker"]

@@ -38,7 +38,14 @@ from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
 from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
-from .forkserver import FORK_SERVER, START_METHOD_ENV, start_fork_server, start_method
+from .forkserver import (
+    FORK_SERVER,
+    START_METHOD_ENV,
+    TERMINAL_SIGNALS,
+    start_fork_server,
+    start_method,
+    start_resource_tracker,
+)
 
 log = logging.getLogger("bolmo_async")
 
@@ -109,6 +116,7 @@ class Pool:
             self.members[0].inbox = queue.Queue()
             return
         method = start_method()
+        start_resource_tracker()  # before the first queue starts it, with SIGHUP blocked
         ctx = FORK_SERVER.acquire() if method == "forkserver" else multiprocessing.get_context("spawn")
         self._forked = method == "forkserver"
         self.outbox = ctx.Queue()
@@ -121,7 +129,7 @@ class Pool:
             # (inherited: a Ctrl+C to the process group does not interrupt a child's imports with
             # a traceback; the worker then ignores SIGINT), here only deferred: it is delivered
             # when the mask is restored.
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
             try:
                 for mem in self.members:
                     mem.process.start()
@@ -148,7 +156,7 @@ class Pool:
         # interrupt its start-up and imports with a KeyboardInterrupt traceback (or a "Fatal Python
         # error"); the coordinator stops the run, and the server then ignores SIGINT itself, as do
         # the workers forked from it. Only this thread's mask: the main thread still gets Ctrl+C.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)  # and a closed terminal's SIGHUP
         try:
             for mem in self.members:
                 try:
