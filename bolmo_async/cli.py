@@ -165,8 +165,21 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _OutputClosed(Exception):
+    """stdout's reader has gone (``bolmo-async inspect ... | head``)."""
+
+
+#: The exit code of a Unix tool whose output's reader has gone: 128 + SIGPIPE (which ends ``cat``,
+#: ``seq``, ``yes`` ... | head without a word). This process ignores SIGPIPE (Python does: a
+#: connection closed under a write is an error, not an end), so it exits so by itself.
+_PIPE_CLOSED_EXIT = 141
+
+
 def _say(msg: str = "") -> None:
-    typer.echo(msg)
+    try:
+        typer.echo(msg)
+    except BrokenPipeError:
+        raise _OutputClosed from None
 
 
 def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
@@ -275,6 +288,8 @@ def _run(fn: Any, resumes: bool = True) -> Any:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         raise typer.Exit(_say_stopped(signal_of(exc), resumes)) from None
+    except _OutputClosed:  # (from a callback that prints: the plan table) the run ends, quietly
+        raise
     except OSError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG") or exc.errno != errno.ENAMETOOLONG:
             return _unexpected(exc, resumes)
@@ -919,6 +934,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt as exc:  # between commands' own handling (argument parsing, summaries)
         _exit_now(_say_stopped(signal_of(exc)))
+    except _OutputClosed:
+        with contextlib.suppress(OSError):  # what is still buffered for it goes nowhere, quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _exit_now(_PIPE_CLOSED_EXIT)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0

@@ -524,3 +524,25 @@ def test_planning_into_a_folder_of_the_users_own_files_says_so_once(mirror, tmp_
     for again in (args, ("plan", "-o", str(tmp_path / "fresh"), "--endpoint", mirror.endpoint)):
         r = run_cli(*again)  # planned already / an empty new folder: nothing to say
         assert r.returncode == 0 and "files of its own" not in r.stderr, r.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly_as_unix_tools_do(tmp_path, mirror):
+    """`bolmo-async inspect DIR | head`: the reader goes after a few lines. It exited 1 (Typer's
+    handling of the broken pipe); it ends as `cat` or `seq` do there: without a word, status 141
+    (128 + SIGPIPE). Every command prints through the same ``_say``."""
+    import shlex
+    import shutil
+
+    if shutil.which("bash") is None or shutil.which("head") is None:
+        pytest.skip("a shell pipeline")
+    out = tmp_path / "o"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=1, progress=False)
+    err = tmp_path / "stderr"
+    for args in (["inspect", str(out), "--decode", "100000"], ["inspect", str(out), "--json", "--decode", "100000"]):
+        full = run_cli(*args)
+        assert full.returncode == 0 and len(full.stdout) > 1 << 18, ("more than a pipe holds", len(full.stdout))
+        line = f"{shlex.join(cli(*args))} 2>{shlex.quote(str(err))} | head -2 >/dev/null; exit ${{PIPESTATUS[0]}}"
+        r = subprocess.run(["bash", "-c", line], timeout=120)
+        # (one large write, the JSON, can come back whole though its reader went: nothing to say)
+        assert r.returncode == 141 or (r.returncode == 0 and "--json" in args), err.read_text()
+        assert err.read_text() == ""
