@@ -733,6 +733,7 @@ class ResolveAhead:
         self._next = 0  # the next position of ``_order`` to resolve
         self._pos = {u: i for i, u in enumerate(self._order)}
         self._futures: dict[int, concurrent.futures.Future[str | None]] = {}
+        self._waiting: dict[int, float] = {}  # unit -> when its hand-out began to wait (``ready``)
         self.resolved = 0  # how many answered with a signed URL
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bolmo-resolve", daemon=True)
@@ -772,18 +773,45 @@ class ResolveAhead:
             self._next += 1
             self._futures[u] = asyncio.run_coroutine_threadsafe(self._resolve(u), self._loop)
 
+    def ready(self, unit: int, timeout: float) -> bool:
+        """Whether ``take(unit)`` answers at once: its resolve is done, not asked here, or waited
+        for ``WAIT`` already; else False after waiting up to ``timeout`` for it. A coordinator
+        waits in such slices, reading its workers' messages in between (a fatal error, a lost
+        worker, progress), instead of blocked for up to ``WAIT``."""
+        import concurrent.futures
+        import time
+
+        pos = self._pos.get(unit)
+        if pos is None:
+            return True
+        self._fill(pos + 1)
+        fut = self._futures.get(unit)
+        if fut is None or fut.done():
+            return True
+        now = time.monotonic()
+        since = self._waiting.setdefault(unit, now)
+        left = self.WAIT - (now - since)
+        if left > 0:
+            concurrent.futures.wait([fut], timeout=min(timeout, left))
+        return fut.done() or time.monotonic() - since >= self.WAIT
+
     def take(self, unit: int) -> str | None:
-        """The signed URL of ``unit`` (waiting for its resolve if it is under way), or None: its
-        transfer resolves it. Starts the resolves of the files after it."""
+        """The signed URL of ``unit`` (waiting for its resolve if it is under way, up to ``WAIT``
+        in all with ``ready``'s waits), or None: its transfer resolves it. Starts the resolves of
+        the files after it."""
+        import time
+
         pos = self._pos.get(unit)
         if pos is None:
             return None
         self._fill(pos + 1)
         fut = self._futures.pop(unit, None)
+        since = self._waiting.pop(unit, None)
         if fut is None:
             return None
+        left = self.WAIT if since is None else self.WAIT - (time.monotonic() - since)
         try:
-            return fut.result(timeout=self.WAIT)
+            return fut.result(timeout=max(0.0, left))
         except Exception:  # a slow or failed resolve: the transfer resolves it
             fut.cancel()
             return None

@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+import bolmo_async
 from bolmo_async.errors import UsageError
 from bolmo_async.executors.local import START_METHOD_ENV, Pool, start_method
 from bolmo_async.mirror import MirrorThread
@@ -435,3 +436,26 @@ def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repo
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err
     assert "interrupted (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err, err
+
+
+def test_a_fatal_error_is_seen_while_a_hand_out_waits_for_its_resolve(repos, tmp_path):
+    """The coordinator waits up to ``ResolveAhead.WAIT`` (10 s) for a file's resolve before it
+    hands the file out. It waited blocked: a worker's fatal error (here a --text-field the data
+    does not have), a worker's death or progress went unread meanwhile, and the run failed 10 s
+    late. Every resolve but the first file's is held up by a 429 (Retry-After 30 s)."""
+    from bolmo_async.errors import UsageError
+    from bolmo_async.mirror import FaultConfig
+
+    out = tmp_path / "o"
+    with MirrorThread(repos) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=1, text_field="body")
+        first = plan.files[0].path
+        assert plan.files[0].sha256 and len(plan.files) > 4, "LFS files: resolved ahead"
+        others = tuple(pf.path for pf in plan.files[1:])
+        m.faults = FaultConfig(rate=1.0, seed=0, kinds=("http429",), retry_after=30.0, max_per_path=1, only=others)
+        started = time.monotonic()
+        with pytest.raises(UsageError, match="--text-field 'body'") as info:
+            bolmo_async.fetch(out, endpoint=m.endpoint, processes=2, concurrency=2, connections=2, progress=False)
+        took = time.monotonic() - started
+    assert first in str(info.value) or "has no such field" in str(info.value)
+    assert took < 6.0, f"the fatal error was seen {took:.1f} s after the run started"

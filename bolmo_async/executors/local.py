@@ -53,6 +53,8 @@ log = logging.getLogger("bolmo_async")
 STOP_GRACE = 3.0
 #: Seconds a pool waits for its workers to have started (the fork server imports first: ~1 s).
 START_TIMEOUT = 120.0
+#: Seconds a hand-out waits for its file's resolve at a time, its workers' messages read in between.
+RESOLVE_SLICE = 0.05
 
 
 def usable_cores() -> int:
@@ -237,6 +239,7 @@ class Pool:
                             result.failed[files[u].path] = "no worker process was left to fetch it"
                         todo.clear()
                     break
+                resolving = False
                 # One task at a time, to the least busy worker: filling each worker's slots in turn
                 # (``slots`` is sized for a wide-area link's read-ahead) gave a small run's every
                 # file to the first worker while the others idled.
@@ -255,6 +258,9 @@ class Pool:
                         mem.tasks.add(("shard", k))
                         mem.inbox.put(m.ShardTask(k, pieces))
                     elif todo and free:
+                        if ahead is not None and not ahead.ready(todo[0], RESOLVE_SLICE):
+                            resolving = True  # its resolve is under way: the messages meanwhile
+                            break
                         mem = min(free, key=lambda w: len(w.tasks))
                         u = todo.popleft()
                         mem.tasks.add(("file", u))
@@ -270,7 +276,7 @@ class Pool:
                 if ended and not shard_tasks and not any(mem.tasks for mem in self.members):
                     break
                 try:
-                    msg = self.outbox.get(timeout=0.5)
+                    msg = self.outbox.get(timeout=0.0 if resolving else 0.5)
                 except queue.Empty:
                     for mem in self.members:
                         if mem.tasks and not mem.alive():
