@@ -57,6 +57,22 @@ START_TIMEOUT = 120.0
 RESOLVE_SLICE = 0.05
 
 
+def _death(wid: int, pid: int | None, code: int | None) -> str:
+    """How worker process ``wid`` ended, as a user can check it: its exit code, or the signal that
+    killed it (SIGKILL: most often the kernel's out-of-memory killer, which ``dmesg`` names)."""
+    who = f"worker process {wid}" + (f" (pid {pid})" if pid is not None else "")
+    if code is None:
+        return f"{who} stopped"
+    if code >= 0:
+        return f"{who} exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = " (the kernel's out-of-memory killer, or a kill -9: `dmesg` says which)" if -code == signal.SIGKILL else ""
+    return f"{who} was killed by {name}{why}"
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0)) or 1
@@ -399,12 +415,22 @@ class Pool:
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
                 "pass processes=1; otherwise rerun with BOLMO_ASYNC_DEBUG=1 and report its output."
             ) from None
+        died = _death(member.wid, member.process.pid if member.process is not None else None, code)
         for kind, i in sorted(member.tasks):
             if kind == "file":
-                result.failed[self._spec.files[i].path] = f"its worker process died ({how}); rerun to fetch it again"
+                result.failed[self._spec.files[i].path] = f"its {died}; rerun to fetch it again"
                 n += 1
                 if progress is not None:
                     progress.file_done()
+        if n:
+            # Said as it happens (the run's end may be long after): its files are not handed to the
+            # other workers (one that killed its worker, by its memory, would kill them in turn).
+            log.warning(
+                "%s holding %d file(s): they fail; the other workers go on, and a rerun of the same command "
+                "fetches them again",
+                died[0].upper() + died[1:],
+                n,
+            )
         member.tasks.clear()
         member.exited = True
         self._remove_temporaries_of(member)
