@@ -459,3 +459,42 @@ def test_a_fatal_error_is_seen_while_a_hand_out_waits_for_its_resolve(repos, tmp
         took = time.monotonic() - started
     assert first in str(info.value) or "has no such field" in str(info.value)
     assert took < 6.0, f"the fatal error was seen {took:.1f} s after the run started"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_second_signal_does_not_cut_the_stop_short(repos, tmp_path):
+    """SIGTERM, then the SIGHUP of the terminal closing (or a second Ctrl+C) while the first stop
+    still waits for its workers: the second is only noted. It was a KeyboardInterrupt inside the
+    stop's own clean-up (the workers' join, the temporaries' removal)."""
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        proc = _in_own_group(
+            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(1.0)  # files in flight
+            workers = worker_processes(coordinator)
+            for w in workers:
+                w.suspend()  # slow to stop: the stop waits for them (its grace)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            for w in workers:
+                w.resume()
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
+    assert [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")] == []
