@@ -27,7 +27,9 @@ _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "S
 
 
 def _interrupted_at_start(signum: int, frame: Any) -> None:
-    os.write(2, f"interrupted ({signal.Signals(signum).name})\n".encode())
+    os.write(
+        2, b"interrupted\n" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})\n".encode()
+    )
     os._exit(128 + signum)
 
 
