@@ -49,7 +49,7 @@ for _sig in _AT_START:
 
 import typer
 
-from .errors import BolmoError, Interrupted, signal_of
+from .errors import BolmoError, Interrupted, OutputClosed, signal_of
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
@@ -167,10 +167,6 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class _OutputClosed(Exception):
-    """stdout's reader has gone (``bolmo-async inspect ... | head``)."""
-
-
 #: The exit code of a Unix tool whose output's reader has gone: 128 + SIGPIPE (which ends ``cat``,
 #: ``seq``, ``yes`` ... | head without a word). This process ignores SIGPIPE (Python does: a
 #: connection closed under a write is an error, not an end), so it exits so by itself.
@@ -181,7 +177,7 @@ def _say(msg: str = "") -> None:
     try:
         typer.echo(msg)
     except BrokenPipeError:
-        raise _OutputClosed from None
+        raise OutputClosed from None
 
 
 def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
@@ -290,7 +286,7 @@ def _run(fn: Any, resumes: bool = True) -> Any:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         raise typer.Exit(_say_stopped(signal_of(exc), resumes)) from None
-    except _OutputClosed:  # (from a callback that prints: the plan table) the run ends, quietly
+    except OutputClosed:  # (from a callback that prints: the plan table) the run ends, quietly
         raise
     except OSError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG") or exc.errno != errno.ENAMETOOLONG:
@@ -936,7 +932,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt as exc:  # between commands' own handling (argument parsing, summaries)
         _exit_now(_say_stopped(signal_of(exc)))
-    except _OutputClosed:
+    except OutputClosed:
         with contextlib.suppress(OSError):  # what is still buffered for it goes nowhere, quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _exit_now(_PIPE_CLOSED_EXIT)

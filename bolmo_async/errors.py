@@ -30,6 +30,7 @@ Internal signals, never shown to a user (not BolmoErrors):
 
     StreamError                     the compressed stream itself is corrupt or truncated
     Retry                           one attempt failed for a transient reason; ``retry.retrying`` decides
+    OutputClosed                    the reader of the command line's output has gone (``... | head``)
 
 Errors cross process, thread and Ray task boundaries as (class name, message) and are rebuilt
 as the same class with ``rebuild``.
@@ -151,6 +152,11 @@ class Retry(Exception):
         self.status = status
 
 
+class OutputClosed(Exception):
+    """The reader of the command line's output has gone (``bolmo-async inspect ... | head``): the
+    command ends quietly, as Unix tools do."""
+
+
 def rebuild(name: str, message: str) -> BolmoError:
     """The error a worker process reported as ``(type(exc).__name__, str(exc))``."""
     cls = globals().get(name)
@@ -174,6 +180,7 @@ __all__ = [
     "IntegrityError",
     "Interrupted",
     "NotFoundError",
+    "OutputClosed",
     "OutputError",
     "RangeIgnored",
     "Retry",
