@@ -253,6 +253,16 @@ class Link:
 #: reassembled in order for the decoder.
 WHOLE = 8 << 20
 BLOCK = 2 << 20
+#: The blocks of a file fetched in parallel segments (the link, not the decoder, is the limit),
+#: and its first block (before that is known), are ``SEGMENT_BLOCK`` bytes (at most ``BLOCK``).
+#: Its decoder takes them in order: with n segments sharing a link each comes at a n-th of it,
+#: so the first block, hence the decoder's start, comes sooner the smaller they are, and the
+#: decoder, when it is the slower, never waits again. Smaller still costs the link: each block
+#: is a request, a round trip its segment sits idle. Measured against 2 MB blocks, a decoder of
+#: 33 MB/s: the decoder starts at 0.11 s instead of 0.28 (30 ms round trip, 12 MB/s per
+#: connection) and 0.23 instead of 0.49 (80 ms, 6 MB/s); the transfer ends 0.06 s later with no
+#: decoder at all (80 ms).
+SEGMENT_BLOCK = 768 << 10
 #: Parallel segments of one file at most (``--connections`` caps them first); its read-ahead is
 #: at most (2 x segments + 1) blocks.
 MAX_LANES = 64
@@ -453,7 +463,8 @@ async def _fetch_blocks(
     within the read-ahead window), this task feeds them to the sink in order. ``stats`` (if
     given) receives the most segments at once and the growth steps (``_Growth.history``)."""
     loop = asyncio.get_running_loop()
-    nblocks = 1 if size <= WHOLE else -(-size // BLOCK)
+    whole = size <= WHOLE  # one block, one request without Range
+    bounds = [0]  # where each block taken so far starts, then where the last one ends
     done: dict[int, list[bytes]] = {}
     st = {"taken": 0, "fed": 0, "window": 1, "splits": 0}
     pieces: dict[int, list[_Piece]] = {}  # block -> its pieces (more than one once split)
@@ -511,7 +522,7 @@ async def _fetch_blocks(
             piece.pos += n
             got(n)
 
-        if nblocks == 1:  # the whole file: no Range, as any client asks for it
+        if whole:  # the whole file: no Range, as any client asks for it
             await stream(
                 client,
                 url,
@@ -536,10 +547,19 @@ async def _fetch_blocks(
                 cut=lambda: piece.hi,
             )
 
+    def left() -> bool:
+        """Blocks are left to take."""
+        return st["taken"] == 0 if whole else bounds[-1] < size
+
+    def segment() -> int:
+        """The size of the next block: ``SEGMENT_BLOCK`` for the first and once segments were
+        opened, else ``BLOCK`` (one connection, fewer requests)."""
+        return min(SEGMENT_BLOCK, BLOCK) if bounds[-1] == 0 or growth.steps else BLOCK
+
     async def lane(borrowed: bool) -> None:
         try:
             while True:
-                if st["taken"] < nblocks:
+                if left():
                     if st["taken"] >= st["fed"] + st["window"]:
                         if borrowed:
                             return  # the decoder is behind: give the connection back
@@ -547,9 +567,10 @@ async def _fetch_blocks(
                         continue
                     i = st["taken"]
                     st["taken"] = i + 1
-                    piece = _Piece(i, i * BLOCK, size if nblocks == 1 else min(size, (i + 1) * BLOCK))
+                    bounds.append(size if whole else min(size, bounds[-1] + segment()))
+                    piece = _Piece(i, bounds[i], bounds[i + 1])
                     pieces[i] = [piece]
-                elif nblocks == 1 or (stolen := split(loop.time())) is None:
+                elif whole or (stolen := split(loop.time())) is None:
                     return
                 else:
                     piece = stolen
@@ -590,7 +611,7 @@ async def _fetch_blocks(
     def grow(want: int) -> None:
         """Up to ``want`` more segments, within the free connections of the worker's link."""
         assert link is not None
-        want = min(want, MAX_LANES - len(lanes), nblocks - st["taken"])
+        want = min(want, MAX_LANES - len(lanes), -(-(size - bounds[-1]) // segment()))
         grew = 0
         while grew < want and link.take():
             start_lane(True)
@@ -602,20 +623,22 @@ async def _fetch_blocks(
 
     fed = 0
     try:
-        if nblocks > 1:
+        if not whole:
             await decode_slot()  # a large file does not hold blocks while it waits to decode
         if link is not None:
             link.hold()
         growth.started = loop.time()
         target = 1  # the segments this file is to have (while blocks are left)
         start_lane(False)
-        for i in range(nblocks):
+        i = -1
+        while left() or i + 1 < st["taken"]:  # blocks left to take, or to feed
+            i += 1
             waited = loop.time()
             while i not in done:
                 if errors:
                     raise errors[0]
                 now = loop.time()
-                if link is not None and cdn and slot and nblocks > 1:
+                if link is not None and cdn and slot and not whole:
                     if growth.steps == 0:
                         # The link, not the decoder, is the limit: the decoder has waited, or the
                         # first block has not come after a round trip no loopback has.

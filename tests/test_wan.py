@@ -123,6 +123,91 @@ def test_a_large_file_comes_in_parallel_segments_from_one_resolve(blob, monkeypa
     assert took < 1.8  # one connection alone needs 3 s
 
 
+class SlowSink(Hash):
+    """A decoder slower than the link (it sleeps per byte): notes when its first bytes came."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+        self.first: float | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        super().feed(data)
+        time.sleep(len(data) / self.rate)
+
+
+def test_segmented_files_come_in_small_blocks_so_that_decoding_starts_sooner(blob, monkeypatch):
+    """Over a wide-area link a file's segments share the link, so its first block comes at a
+    fraction of it: its first block, and every block once segments are open, is
+    ``SEGMENT_BLOCK`` (not ``BLOCK``), and its decoder gets bytes after one small block. The
+    file still arrives whole, verified, from one resolve."""
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(download, "SEGMENT_BLOCK", 96 * 1024)
+    wan = WanConfig(rtt=0.04, response_rate=0.5e6, link_rate=2e6)  # a 512 KB block: over a second
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+
+    async def go(endpoint: str) -> tuple[SlowSink, float, dict]:
+        async with make_session(8, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            sink, stats, link = SlowSink(4e6), {}, Link(8)
+            t0 = time.monotonic()
+            await fetch_file(
+                client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=link, stats=stats
+            )
+            assert link.busy == 0
+            assert sink.first is not None
+            return sink, sink.first - t0, stats
+
+    with MirrorThread([repo], wan=wan) as m:
+        sink, first, stats = asyncio.run(go(m.endpoint))
+        resolves = [p for _, p in m.hub_requests if "/resolve/" in p]
+        spans = [tuple(int(x) for x in r["range"][6:].split("-")) for r in m.cdn_requests if r["range"]]
+    assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size and len(resolves) == 1
+    assert stats["lanes_max"] >= 8, stats
+    block = 96 * 1024
+    assert spans[0] == (0, block - 1)
+    # Blocks start at multiples of the segment block (pieces split off at the end excepted),
+    # and none is larger.
+    starts = {lo for lo, _ in spans}
+    assert set(range(0, entry.size, block)) <= starts, sorted(starts)
+    assert all(hi - lo < block for lo, hi in spans)
+    assert first < 0.5, first  # one 512 KB block first: a second at least
+
+
+def test_one_connection_takes_full_blocks_after_the_first(blob, monkeypatch):
+    """On loopback (the decoder, not the link, is the limit) a file keeps one connection: after
+    its first small block, its blocks are ``BLOCK`` (fewer requests)."""
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(download, "SEGMENT_BLOCK", 96 * 1024)
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+
+    async def go(endpoint: str) -> Hash:
+        async with make_session(8, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            sink, link, stats = SlowSink(60e6), Link(8), {}
+            await fetch_file(
+                client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=link, stats=stats
+            )
+            assert stats["lanes_max"] == 1, stats
+            return sink
+
+    with MirrorThread([repo]) as m:
+        sink = asyncio.run(go(m.endpoint))
+        spans = [tuple(int(x) for x in r["range"][6:].split("-")) for r in m.cdn_requests if r["range"]]
+    assert sink.h.hexdigest() == entry.sha256
+    block, big = 96 * 1024, 512 * 1024
+    want = [(0, block - 1)] + [(lo, min(entry.size, lo + big) - 1) for lo in range(block, entry.size, big)]
+    assert spans == want
+
+
 @pytest.mark.parametrize("faults", [None, "reset,cut,http503"])
 def test_the_last_pieces_are_split_across_idle_connections(blob, monkeypatch, faults):
     """The end phase: 6 blocks on 4 connections, so two lanes are idle while the last two
