@@ -652,7 +652,7 @@ async def _fetch_blocks(
                     elif len(lanes) < target and now - waited >= STARVED:
                         grow(target - len(lanes))  # segments that gave their connection back
                 # While the first block is awaited, looked at as soon as a far link would show (FAR).
-                await _wait(changed, FAR if growth.steps == 0 and i == 0 else STARVED / 2)
+                await _wait(changed, FAR if i == 0 and not whole and growth.steps == 0 else STARVED / 2)
             if not slot:
                 await decode_slot()
             parts = done.pop(i)
