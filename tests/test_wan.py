@@ -209,6 +209,60 @@ def test_one_connection_takes_full_blocks_after_the_first(blob, monkeypatch):
 
 
 @pytest.mark.parametrize("faults", [None, "reset,cut,http503"])
+def test_blocks_shrink_when_segments_open_mid_file(blob, monkeypatch, faults):
+    """A link whose round trip hides (block 0 comes within 30 ms) but whose connections are
+    capped: the first block is small, the next ``BLOCK`` on one connection, until the decoder
+    starves; then segments open and the blocks after are small. Blocks of both sizes make up
+    the file, which arrives byte-identical and verified, also when pieces break and resume."""
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(download, "SEGMENT_BLOCK", 32 * 1024)
+    monkeypatch.setattr(download, "FAR", 0.25)  # block 0 (12 ms) comes before the link shows as far
+    wan = WanConfig(rtt=0.004, response_rate=3e6)  # a 512 KB block: 0.17 s, so the decoder starves
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+    kinds = tuple(faults.split(",")) if faults else ()
+    fault = FaultConfig(rate=0.2, seed=4, kinds=kinds, max_per_path=4) if kinds else None
+
+    async def go(endpoint: str) -> tuple[Hash, list[str], dict]:
+        async with make_session(8, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            sink, link, verified, stats = Hash(), Link(8), [], {}
+
+            def verify() -> None:
+                verified.append(sink.h.hexdigest())
+                if verified[-1] != entry.sha256:
+                    raise IntegrityError("sha256 mismatch")
+
+            await fetch_file(
+                client,
+                client.resolve_url("main", path),
+                sink,
+                what=path,
+                size=entry.size,
+                link=link,
+                verify=verify,
+                stats=stats,
+            )
+            assert link.busy == 0
+            return sink, verified, stats
+
+    with MirrorThread([repo], wan=wan, faults=fault) as m:
+        sink, verified, stats = asyncio.run(go(m.endpoint))
+        spans = [tuple(int(x) for x in r["range"][6:].split("-")) for r in m.cdn_requests if r["range"]]
+    assert verified[-1] == entry.sha256 and sink.n == entry.size
+    assert stats["steps"] >= 1 and stats["lanes_max"] > 1, stats
+    small, big = 32 * 1024, 512 * 1024
+    if fault is None:
+        assert spans[0] == (0, small - 1)
+        assert spans[1] == (small, small + big - 1)  # one connection: a full block
+        assert sum(hi - lo + 1 == small for lo, hi in spans) >= 10  # segments: small blocks
+    else:
+        assert fault.injected
+
+
+@pytest.mark.parametrize("faults", [None, "reset,cut,http503"])
 def test_the_last_pieces_are_split_across_idle_connections(blob, monkeypatch, faults):
     """The end phase: 6 blocks on 4 connections, so two lanes are idle while the last two
     blocks come at one connection's cap; each takes the second part of one of them (a Range
