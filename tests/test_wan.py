@@ -176,7 +176,7 @@ def test_segmented_files_come_in_small_blocks_so_that_decoding_starts_sooner(blo
     starts = {lo for lo, _ in spans}
     assert set(range(0, entry.size, block)) <= starts, sorted(starts)
     assert all(hi - lo < block for lo, hi in spans)
-    assert first < 0.5, first  # one 512 KB block first: a second at least
+    assert first < 0.8, first  # one 512 KB block first: a second at least
 
 
 def test_one_connection_takes_full_blocks_after_the_first(blob, monkeypatch):
@@ -185,6 +185,9 @@ def test_one_connection_takes_full_blocks_after_the_first(blob, monkeypatch):
     monkeypatch.setattr(download, "WHOLE", 256 * 1024)
     monkeypatch.setattr(download, "BLOCK", 512 * 1024)
     monkeypatch.setattr(download, "SEGMENT_BLOCK", 96 * 1024)
+    # Never judged starved or far (a loaded machine's loopback can pause): one connection.
+    monkeypatch.setattr(download, "STARVED", 30.0)
+    monkeypatch.setattr(download, "FAR", 30.0)
     repo = MirrorRepo("a/b", blob)
     path = "data/x/big.jsonl.zst"
     entry = repo.files[path]
