@@ -790,6 +790,7 @@ def _fetch(
                     on_staged=shards.staged if shards is not None else None,
                     on_files_done=shards.finish if shards is not None else None,
                     layout_at=shards.layout_at if shards is not None else None,
+                    open_shard=shards.open_shard if shards is not None else None,
                 )
             except KeyboardInterrupt as exc:
                 raise FetchIncomplete(

@@ -394,18 +394,33 @@ def write_shard(
     at a time). ``arrows``/``srcs``: staged file name and csv ``src`` of each unit the pieces name."""
     shard = ShardWriter(out, index)
     try:
-        for piece in pieces:
-            if stop.is_set():
-                raise InterruptedError("shard writing stopped")
-            # Map, read one batch, unmap: mapped pages count as this process's memory while mapped.
-            with out.open_input(arrows[piece.unit]) as source:
-                batch = pa.ipc.open_file(source).get_batch(piece.batch)
-                _write_piece(shard, piece, batch, srcs[piece.unit], eos, chunk)
-                del batch
+        append_pieces(shard, pieces, arrows, srcs, eos, stop, chunk)
         return shard.close()
     except BaseException:
         shard.abort()
         raise
+
+
+def append_pieces(
+    shard: ShardWriter,
+    pieces: list[Piece],
+    arrows: Mapping[int, str],
+    srcs: Mapping[int, str],
+    eos: int,
+    stop: threading.Event,
+    chunk: int = 0,
+) -> None:
+    """Append ``pieces`` to ``shard`` from their staged files (a shard written at once, or one
+    streamed as its pieces become known: the same bytes)."""
+    out = shard.out
+    for piece in pieces:
+        if stop.is_set():
+            raise InterruptedError("shard writing stopped")
+        # Map, read one batch, unmap: mapped pages count as this process's memory while mapped.
+        with out.open_input(arrows[piece.unit]) as source:
+            batch = pa.ipc.open_file(source).get_batch(piece.batch)
+            _write_piece(shard, piece, batch, srcs[piece.unit], eos, chunk)
+            del batch
 
 
 def _write_piece(shard: ShardWriter, piece: Piece, batch: pa.RecordBatch, src: str, eos: int, chunk: int = 0) -> None:
@@ -528,6 +543,11 @@ class ShardPlanner:
                         self._open = (k, [])
                     self._open[1].append(piece)
         return done
+
+    def open_shard(self) -> tuple[int, list[Piece]] | None:
+        """The shard being filled and its pieces so far (they never move: ``LayoutBuilder``), or
+        None: the coordinator streams them to a worker while later files are staged."""
+        return self._open
 
     def layout_at(self, unit: int) -> LayoutAt | None:
         """Where ``unit``'s documents start in the layout, when every file before it is laid out

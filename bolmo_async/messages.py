@@ -1,6 +1,6 @@
 """What the coordinator and its workers say to each other: small named records (picklable).
 
-    coordinator -> worker:  FileTask (with LayoutAt) | ShardTask | Stop
+    coordinator -> worker:  FileTask (with LayoutAt) | ShardTask | ShardStream | Stop
     worker -> coordinator:  Ready | Progress | Staged | Failed | ShardWritten | ShardFailed
                             | Fatal | Log | Exit
 
@@ -38,6 +38,20 @@ class FileTask:
 class ShardTask:
     index: int
     pieces: list[Any]  # finalizer.Piece
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStream:
+    """Append ``pieces`` to shard ``index`` (the shard still being filled: its pieces so far,
+    in order, opening it on the first); ``end``: it is complete, put it in place and answer
+    ``ShardWritten``; ``drop``: it will not complete in this run, remove its temporaries. A
+    message out of sequence (``at``) fails the stream: a shard never misses a piece."""
+
+    index: int
+    at: int  # the place of ``pieces[0]`` among the shard's pieces (0: it opens the shard)
+    pieces: list[Any]  # finalizer.Piece
+    end: bool = False
+    drop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,5 +125,5 @@ class Exit:
     wid: int
 
 
-ToWorker = FileTask | ShardTask | Stop
+ToWorker = FileTask | ShardTask | ShardStream | Stop
 FromWorker = Ready | Progress | Staged | Failed | ShardWritten | ShardFailed | Fatal | Log | Exit

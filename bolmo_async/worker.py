@@ -99,6 +99,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_shards = threading.Event()
         self._decoding = PlanOrderSlots(1)  # files decoding at once, in plan order (set per spec)
+        self._closed_streams: set[int] = set()  # shards streamed here that ended, failed or were dropped
 
     # -- progress ----------------------------------------------------------------------
     def _count(self, nbytes: int = 0, documents: int = 0, tokens: int = 0) -> None:
@@ -165,6 +166,7 @@ class Worker:
 
         threading.Thread(target=read, name="bolmo-inbox", daemon=True).start()
         tasks: set[asyncio.Task[None]] = set()
+        streams: dict[int, asyncio.Queue[m.ShardStream]] = {}  # shards streamed to this worker
         reporter = asyncio.create_task(self._report())
         try:
             tokenizer = spec.tokenizer.build()
@@ -202,6 +204,18 @@ class Worker:
                     msg = await inbox.get()
                     if msg is None or isinstance(msg, m.Stop):
                         break
+                    if isinstance(msg, m.ShardStream):
+                        if msg.index in streams:
+                            streams[msg.index].put_nowait(msg)
+                            continue
+                        if msg.index in self._closed_streams:
+                            continue
+                        streams[msg.index] = asyncio.Queue()
+                        streams[msg.index].put_nowait(msg)
+                        task = asyncio.create_task(self._stream(msg.index, streams))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        continue
                     task = asyncio.create_task(
                         self._file(ctx, msg.unit, msg.cdn, msg.layout)
                         if isinstance(msg, m.FileTask)
@@ -209,6 +223,8 @@ class Worker:
                     )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                for q in streams.values():  # a shard still streaming will not complete in this run
+                    q.put_nowait(m.ShardStream(-1, 0, [], drop=True))
                 if tasks:
                     await asyncio.gather(*tasks)
                 with contextlib.suppress(Exception):
@@ -305,6 +321,62 @@ class Worker:
             self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
         except BaseException as exc:  # finalize writes this shard again
             self._send(m.ShardFailed(self.wid, k, f"{type(exc).__name__}: {exc}"))
+
+    async def _stream(self, k: int, streams: dict[int, asyncio.Queue[m.ShardStream]]) -> None:
+        """Shard ``k`` streamed to this worker (``messages.ShardStream``): its pieces appended as the
+        coordinator lays them out, while later files are still staged, by the same code as a shard
+        written at once (``finalizer.append_pieces``: the same bytes); in place at its end. On a
+        thread of its own (the decoders keep theirs), which also removes its temporaries when the
+        stream is dropped, fails or is stopped (after the append in progress, never during it)."""
+        from .finalizer import ShardWriter, append_pieces
+        from .outdir import open_output, staged_name
+
+        loop = asyncio.get_running_loop()
+        queue = streams[k]
+        out = open_output(self.spec.output_dir)
+        files, prefix, eos = self.spec.files, self.spec.src_prefix, self.spec.eos
+        lane = ThreadPoolExecutor(1, thread_name_prefix="bolmo-shard-stream")
+        writer: ShardWriter | None = None
+        count = 0  # pieces appended
+        try:
+            while True:
+                msg = await queue.get()
+                if msg.drop:
+                    break
+                if msg.at != count:
+                    raise ValueError(f"shard {k}: pieces from {msg.at} came after {count}")
+                if msg.pieces:
+                    arrows = {p.unit: staged_name(files[p.unit].key) for p in msg.pieces}
+                    srcs = {p.unit: prefix + files[p.unit].path for p in msg.pieces}
+                    if writer is None:
+                        writer = await loop.run_in_executor(lane, ShardWriter, out, k)
+                    await loop.run_in_executor(
+                        lane, append_pieces, writer, msg.pieces, arrows, srcs, eos, self._stop_shards
+                    )
+                    count += len(msg.pieces)
+                if msg.end:
+                    if writer is None:
+                        raise ValueError(f"shard {k} ended without pieces")
+                    done, writer = writer, None
+                    rec = await loop.run_in_executor(lane, done.close)
+                    self._send(m.ShardWritten(self.wid, k, rec))
+                    return
+            # Dropped: its temporaries go before this worker may exit.
+            if writer is not None:
+                dropped, writer = writer, None
+                await loop.run_in_executor(lane, dropped.abort)
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except (DiskSpaceError, OutputError) as exc:
+            self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
+        except BaseException as exc:  # the coordinator has it written at once (or finalize does)
+            self._send(m.ShardFailed(self.wid, k, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._closed_streams.add(k)  # later messages for it are ignored: it never restarts here
+            streams.pop(k, None)
+            if writer is not None:  # after the append in progress, on its thread
+                lane.submit(writer.abort)
+            lane.shutdown(wait=False)
 
 
 def _take(claim: Any, staging: Any, pf: Any) -> bool:

@@ -24,6 +24,8 @@ StagedCallback = Callable[[int, list[Any]], list[tuple[int, Any]]]
 #: A file handed out: ``unit`` -> where its documents start in the shards (``messages.LayoutAt``),
 #: or None when files before it are not laid out yet.
 LayoutCallback = Callable[[int], Any]
+#: The shard being filled and its pieces so far (``finalizer.ShardPlanner.open_shard``), or None.
+OpenShardCallback = Callable[[], tuple[int, list[Any]] | None]
 
 
 @dataclass
@@ -64,12 +66,14 @@ class Executor(Protocol):
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
         layout_at: LayoutCallback | None = None,
+        open_shard: OpenShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units``; ``on_staged``/``on_files_done`` may return shard writes to hand out.
         ``resolve_ahead``: the units worth resolving ahead of their hand-out (not staged yet);
         ``layout_at(unit)``: where a file's documents start in the shards, when known at its
-        hand-out (its worker then writes the shards it fills while staging it). An executor
-        may ignore both."""
+        hand-out (its worker then writes the shards it fills while staging it); ``open_shard()``:
+        the shard being filled and its pieces so far (which a worker may write as they come).
+        An executor may ignore all three."""
         ...
 
     def write_shards(self, *args: Any) -> list[dict[str, Any]]:

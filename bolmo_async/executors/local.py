@@ -37,7 +37,7 @@ from ..errors import WorkerError, rebuild
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
-from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
+from .base import LayoutCallback, OpenShardCallback, RunResult, ShardCallback, StagedCallback
 from .forkserver import (
     FORK_SERVER,
     START_METHOD_ENV,
@@ -129,6 +129,9 @@ class Pool:
         self._forked = False
         # Shards workers wrote while staging their file (``FileTask.layout``): index -> (pieces, record).
         self._written_ahead: dict[int, tuple[list[Any], dict[str, Any]]] = {}
+        self._open_shard: OpenShardCallback | None = None
+        self._stream: tuple[int, _Member, int] | None = None  # shard streamed, its worker, pieces sent
+        self._no_stream: set[int] = set()  # shards whose stream failed: written at once
         if self.processes == 1:
             self.outbox: Any = queue.Queue()
             self.members[0].inbox = queue.Queue()
@@ -223,6 +226,7 @@ class Pool:
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
         layout_at: LayoutCallback | None = None,
+        open_shard: OpenShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` (indices into ``spec.files``). ``on_staged(unit, rec)`` and, once every
         file is done, ``on_files_done()`` return shard tasks ``(k, pieces)`` to hand out (``lengths``: the
@@ -230,7 +234,8 @@ class Pool:
         ahead of their hand-out (those not staged yet; None: none). ``layout_at(unit)``: where
         a file's documents start in the shards, when known as it is handed out (its worker then
         writes the shards it fills while staging it; such a shard is kept when its pieces are
-        the ones handed out here, else written again)."""
+        the ones handed out here, else written again). ``open_shard()``: the shard being filled and
+        its pieces so far, streamed to one worker as they become known (``_stream_step``)."""
         assert self._spec is not None, "start() first"
         self._started()
         files = self._spec.files
@@ -238,6 +243,9 @@ class Pool:
         todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
         self._written_ahead = {}
+        self._open_shard = open_shard
+        self._stream = None
+        self._no_stream = set()
         slots = self._spec.slots
         files_left = len(todo)
         ended = False
@@ -288,6 +296,12 @@ class Pool:
                     ended = True
                     if on_files_done is not None:
                         self._hand_out(on_files_done(), result, shard_tasks)
+                    if self._stream is not None:  # files failed: the shard it streams will not complete
+                        k, mem, _ = self._stream
+                        self._stream = None
+                        mem.tasks.discard(("shard", k))
+                        mem.inbox.put(m.ShardStream(k, 0, [], drop=True))
+                    if on_files_done is not None:
                         continue
                 if ended and not shard_tasks and not any(mem.tasks for mem in self.members):
                     break
@@ -299,6 +313,8 @@ class Pool:
                             files_left -= self._lost(mem, result, progress)
                     continue
                 files_left -= self._handle(msg, result, progress, on_staged, shard_tasks)
+                if files_left > 0:  # (the last file's shard is handed out whole, or was written ahead)
+                    self._stream_step()
         except BaseException:
             self.stop()
             raise
@@ -383,6 +399,9 @@ class Pool:
                 result.shards[msg.index] = msg.record
             case m.ShardFailed():
                 member.tasks.discard(("shard", msg.index))
+                if self._stream is not None and self._stream[0] == msg.index:  # written at once instead
+                    self._stream = None
+                    self._no_stream.add(msg.index)
                 log.debug("shard %d was not written while fetching (%s); finalize writes it", msg.index, msg.reason)
             case m.Fatal():
                 raise rebuild(msg.error, msg.message)
@@ -396,15 +415,53 @@ class Pool:
         exactly these pieces (their records are kept as written)."""
         for k, pieces in tasks:
             done = self._written_ahead.pop(k, None)
+            stream = self._stream if self._stream is not None and self._stream[0] == k else None
+            if stream is not None:
+                self._stream = None
             if done is not None and done[0] == pieces:
                 result.shards[k] = done[1]
+                if stream is not None:
+                    stream[1].tasks.discard(("shard", k))
+                    stream[1].inbox.put(m.ShardStream(k, 0, [], drop=True))
+            elif stream is not None:  # its last pieces, then in place (ShardWritten)
+                _, mem, sent = stream
+                mem.inbox.put(m.ShardStream(k, sent, list(pieces[sent:]), end=True))
             else:
                 shard_tasks.append((k, pieces))
+
+    def _stream_step(self) -> None:
+        """The shard being filled goes to one worker as its pieces become known (a shard of many
+        small files was written only once its last file was staged, by one worker, the disk
+        alone busy at the end of the run): the pieces laid out since the last step. A stream
+        that failed is not started again (its shard is written at once when complete); one whose
+        worker died starts again from its first piece on another."""
+        if self._open_shard is None:
+            return
+        cur = self._open_shard()
+        if cur is None:
+            return
+        k, pieces = cur
+        if self._stream is not None and self._stream[0] == k:
+            _, mem, sent = self._stream
+            if len(pieces) > sent:
+                mem.inbox.put(m.ShardStream(k, sent, list(pieces[sent:])))
+                self._stream = (k, mem, len(pieces))
+            return
+        live = [w for w in self.members if w.alive()]
+        if k in self._no_stream or not live or not pieces:
+            return
+        mem = min(live, key=lambda w: (sum(kind == "shard" for kind, _ in w.tasks), len(w.tasks)))
+        mem.tasks.add(("shard", k))
+        log.debug("streaming shard %d to worker %d while its files are staged", k, mem.wid)
+        mem.inbox.put(m.ShardStream(k, 0, list(pieces)))
+        self._stream = (k, mem, len(pieces))
 
     def _lost(self, member: _Member, result: RunResult, progress: Progress | None) -> int:
         """A worker ended with tasks in hand: its files fail (a rerun resumes them)."""
         assert self._spec is not None
         n = 0
+        if self._stream is not None and self._stream[1] is member:  # streamed again from its first piece
+            self._stream = None
         code = member.process.exitcode if member.process is not None else None
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
         # A worker that exits (not killed by a signal) before it is ready could not start at all:

@@ -24,7 +24,7 @@ from ..models import Plan
 from ..outdir import OutputDir, open_output
 from ..progress import Progress
 from ..worker import WorkerSpec
-from .base import LayoutCallback, RunResult, ShardCallback, StagedCallback
+from .base import LayoutCallback, OpenShardCallback, RunResult, ShardCallback, StagedCallback
 from .local import Pool
 
 log = logging.getLogger("bolmo_async")
@@ -228,6 +228,7 @@ class RayExecutor:
         on_staged: StagedCallback | None = None,
         on_files_done: ShardCallback | None = None,
         layout_at: LayoutCallback | None = None,
+        open_shard: OpenShardCallback | None = None,
     ) -> RunResult:
         """Stage ``units`` as Ray tasks (progress per finished task; shards are left to finalize).
         Each task resolves its own files (``resolve_ahead`` is not used)."""

@@ -1,0 +1,174 @@
+"""The shard being filled is streamed to one worker while later files are staged (``ShardStream``):
+the same bytes as a shard written at once, never a shard missing a piece, no temporaries left."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bolmo_async
+from bolmo_async import messages as m
+from bolmo_async.finalizer import LayoutBuilder, Piece, write_shard
+from bolmo_async.mirror import MirrorThread
+from bolmo_async.outdir import open_output, staged_name
+from bolmo_async.planner import load_plan
+from bolmo_async.staging import Staging
+from bolmo_async.tokenize import TokenizerSpec
+from bolmo_async.util import CHECKSUM
+from bolmo_async.worker import Worker, WorkerSpec
+
+from .helpers import cli, shard_hashes
+
+BOUND = 150_000
+
+
+@pytest.fixture(scope="module")
+def staged(repos: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[Piece]]]:
+    """A folder staged by a real run, and its layout (every shard's pieces)."""
+    out = tmp_path_factory.mktemp("staged") / "o"
+    with MirrorThread(repos) as mirror:
+        bolmo_async.prepare(
+            out, endpoint=mirror.endpoint, data_fraction=0.5, max_tokens_per_file=BOUND, progress=False, processes=1
+        )
+    folder = open_output(out)
+    plan = load_plan(folder)
+    assert plan is not None
+    staging = Staging(folder)
+    layout = LayoutBuilder(BOUND)
+    for u, pf in enumerate(plan.files):
+        for b, lens in enumerate(staging.lengths(pf)):
+            layout.add(u, b, lens)
+    return out, layout.shards()
+
+
+def _worker(out: Path) -> tuple[queue.Queue[Any], queue.Queue[Any], threading.Thread]:
+    folder = open_output(out)
+    plan = load_plan(folder)
+    assert plan is not None
+    spec = WorkerSpec(
+        output_dir=str(out),
+        files=plan.files,
+        repo_id=plan.repo_id,
+        commit=plan.commit,
+        endpoint=plan.endpoint,
+        tokenizer=TokenizerSpec("byte"),
+        eos=1,
+        claims=False,
+    )
+    inbox: queue.Queue[Any] = queue.Queue()
+    outbox: queue.Queue[Any] = queue.Queue()
+    worker = Worker(0, spec, inbox.get, outbox.put)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return inbox, outbox, thread
+
+
+def _answers(outbox: queue.Queue[Any], kinds: tuple[type, ...]) -> Any:
+    while True:
+        msg = outbox.get(timeout=60)
+        if isinstance(msg, kinds):
+            return msg
+
+
+def _temporaries(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def _longest(shards: list[list[Piece]]) -> tuple[int, list[Piece]]:
+    k = max(range(len(shards)), key=lambda i: len(shards[i]))
+    assert len(shards[k]) >= 3, "the sample gives a shard of several pieces"
+    return k, shards[k]
+
+
+def test_a_streamed_shard_is_byte_identical_to_one_written_at_once(staged):
+    out, shards = staged
+    k, pieces = _longest(shards)
+    folder = open_output(out)
+    plan = load_plan(folder)
+    assert plan is not None
+    prefix = json.loads((out / "manifest.json").read_text())
+    arrows = {p.unit: staged_name(plan.files[p.unit].key) for p in pieces}
+    srcs = {p.unit: plan.files[p.unit].path for p in pieces}
+    assert prefix  # the run finished
+    whole = write_shard(folder, k, pieces, arrows, srcs, 1, threading.Event())
+    inbox, outbox, thread = _worker(out)
+    try:
+        # In three messages, the last one empty but for the end (a shard completed by a file
+        # whose pieces were all streamed already).
+        inbox.put(m.ShardStream(k, 0, pieces[:1]))
+        inbox.put(m.ShardStream(k, 1, pieces[1:]))
+        inbox.put(m.ShardStream(k, len(pieces), [], end=True))
+        got = _answers(outbox, (m.ShardWritten, m.ShardFailed, m.Fatal))
+        assert isinstance(got, m.ShardWritten) and got.index == k
+        assert got.record[CHECKSUM] == whole[CHECKSUM] and got.record["tokens"] == whole["tokens"]
+        assert got.record["documents"] == whole["documents"]
+    finally:
+        inbox.put(m.Stop())
+        thread.join(30)
+    assert _temporaries(out) == []
+
+
+def test_a_stream_missing_a_piece_fails_and_a_dropped_one_leaves_no_temporaries(staged):
+    out, shards = staged
+    k, pieces = _longest(shards)
+    inbox, outbox, thread = _worker(out)
+    try:
+        inbox.put(m.ShardStream(k, 0, pieces[:1]))
+        inbox.put(m.ShardStream(k, 2, pieces[2:], end=True))  # piece 1 never came
+        got = _answers(outbox, (m.ShardWritten, m.ShardFailed, m.Fatal))
+        assert isinstance(got, m.ShardFailed) and got.index == k and "came after" in got.reason
+        # Messages still in flight for it do not start it again from the middle.
+        inbox.put(m.ShardStream(k, 3, pieces[3:], end=True))
+        other = (k + 1) % len(shards)
+        inbox.put(m.ShardStream(other, 0, shards[other][:1]))
+        inbox.put(m.ShardStream(other, 0, [], drop=True))
+        inbox.put(m.Stop())
+        thread.join(30)
+        assert not thread.is_alive()
+        rest = []
+        while not outbox.empty():
+            rest.append(outbox.get())
+        assert not any(isinstance(r, m.ShardWritten | m.ShardFailed) for r in rest), rest
+    finally:
+        inbox.put(m.Stop())
+        thread.join(30)
+    assert _temporaries(out) == []
+
+
+def test_a_stream_left_open_when_the_worker_stops_leaves_no_temporaries(staged):
+    out, shards = staged
+    k, pieces = _longest(shards)
+    inbox, _, thread = _worker(out)
+    inbox.put(m.ShardStream(k, 0, pieces[:2]))
+    inbox.put(m.Stop())  # the coordinator stops this worker while the shard waits for its next files
+    thread.join(30)
+    assert not thread.is_alive() and _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_prepare_streams_the_shard_being_filled_and_finalize_writes_the_same_bytes(repos, tmp_path):
+    """Real processes over the mirror: the shard being filled goes to a worker while the next files
+    are staged, and every shard is what ``finalize`` writes from the staging at once."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as mirror:
+        args = ["prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1", "--processes", "2"]
+        r = subprocess.run(
+            cli(*args, "--max-tokens-per-file", str(BOUND), "--no-progress", "-v"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "streaming shard" in r.stderr
+    streamed = shard_hashes(json.loads((out / "manifest.json").read_text()))
+    for shard in out.glob("bolmo_data_*"):
+        shard.unlink()
+    again = bolmo_async.finalize(out)
+    assert shard_hashes(again) == streamed and len(streamed) > 2
+    assert _temporaries(out) == []
