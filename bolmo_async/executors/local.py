@@ -237,7 +237,6 @@ class Pool:
         the ones handed out here, else written again). ``open_shard()``: the shard being filled and
         its pieces so far, streamed to one worker as they become known (``_stream_step``)."""
         assert self._spec is not None, "start() first"
-        self._started()
         files = self._spec.files
         result = RunResult()
         todo = deque(sorted(units))
@@ -253,6 +252,9 @@ class Pool:
         ahead = self._resolve_ahead([u for u in todo if u in fresh]) if fresh else None
         shard_share = max(1, usable_cores() // self.processes)
         try:
+            # The first files are resolved while the worker processes start (the fork server's
+            # imports): their transfers then start at the CDN as soon as the workers are up.
+            self._started()
             while True:
                 live = [mem for mem in self.members if mem.alive()]
                 if not live:
