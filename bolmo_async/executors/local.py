@@ -291,7 +291,10 @@ class Pool:
                         u = todo.popleft()
                         mem.tasks.add(("file", u))
                         cdn = ahead.take(u) if ahead is not None else None
-                        mem.inbox.put(m.FileTask(u, cdn, layout_at(u) if layout_at is not None else None))
+                        layout = layout_at(u) if layout_at is not None else None
+                        if layout is not None and self._stream is not None and self._stream[0] == layout.shard:
+                            self._drop_stream()  # this file writes that shard while it is staged
+                        mem.inbox.put(m.FileTask(u, cdn, layout))
                     else:
                         break
                 if files_left == 0 and not ended:
@@ -299,10 +302,7 @@ class Pool:
                     if on_files_done is not None:
                         self._hand_out(on_files_done(), result, shard_tasks)
                     if self._stream is not None:  # files failed: the shard it streams will not complete
-                        k, mem, _ = self._stream
-                        self._stream = None
-                        mem.tasks.discard(("shard", k))
-                        mem.inbox.put(m.ShardStream(k, 0, [], drop=True))
+                        self._drop_stream()
                     if on_files_done is not None:
                         continue
                 if ended and not shard_tasks and not any(mem.tasks for mem in self.members):
@@ -423,13 +423,22 @@ class Pool:
             if done is not None and done[0] == pieces:
                 result.shards[k] = done[1]
                 if stream is not None:
-                    stream[1].tasks.discard(("shard", k))
                     stream[1].inbox.put(m.ShardStream(k, 0, [], drop=True))
-            elif stream is not None:  # its last pieces, then in place (ShardWritten)
+            elif stream is not None:  # its last pieces, then in place: a shard task from now on
                 _, mem, sent = stream
+                mem.tasks.add(("shard", k))
                 mem.inbox.put(m.ShardStream(k, sent, list(pieces[sent:]), end=True))
             else:
                 shard_tasks.append((k, pieces))
+
+    def _drop_stream(self) -> None:
+        """The shard being streamed is not to be completed by its stream (its files failed, or a
+        file placed in the layout writes it while staged): its worker removes its temporaries."""
+        assert self._stream is not None
+        k, mem, _ = self._stream
+        self._stream = None
+        self._no_stream.add(k)
+        mem.inbox.put(m.ShardStream(k, 0, [], drop=True))
 
     def _stream_step(self) -> None:
         """The shard being filled goes to one worker as its pieces become known (a shard of many
@@ -452,8 +461,8 @@ class Pool:
         live = [w for w in self.members if w.alive()]
         if k in self._no_stream or not live or not pieces:
             return
+        # Not one of its tasks until it ends: a stream waits for files, which need the slots.
         mem = min(live, key=lambda w: (sum(kind == "shard" for kind, _ in w.tasks), len(w.tasks)))
-        mem.tasks.add(("shard", k))
         log.debug("streaming shard %d to worker %d while its files are staged", k, mem.wid)
         mem.inbox.put(m.ShardStream(k, 0, list(pieces)))
         self._stream = (k, mem, len(pieces))
