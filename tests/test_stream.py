@@ -4,7 +4,10 @@ the same bytes as a shard written at once, never a shard missing a piece, no tem
 from __future__ import annotations
 
 import json
+import os
 import queue
+import re
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import bolmo_async
 from bolmo_async import messages as m
 from bolmo_async.finalizer import LayoutBuilder, Piece, write_shard
-from bolmo_async.mirror import MirrorThread
+from bolmo_async.mirror import MirrorThread, WanConfig
 from bolmo_async.outdir import open_output, staged_name
 from bolmo_async.planner import load_plan
 from bolmo_async.staging import Staging
@@ -171,4 +174,41 @@ def test_prepare_streams_the_shard_being_filled_and_finalize_writes_the_same_byt
         shard.unlink()
     again = bolmo_async.finalize(out)
     assert shard_hashes(again) == streamed and len(streamed) > 2
+    assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_the_streaming_worker_killed_mid_run_loses_nothing_and_a_rerun_gives_the_same_shards(repos, tmp_path):
+    """kill -9 of the worker a shard streams to, while its files are still staged (a slow link):
+    the run goes on or fails only that worker's files, never a shard missing a piece, no temporary
+    left; the rerun resumes to the shards of a run never interrupted."""
+    clean, out = tmp_path / "clean", tmp_path / "o"
+    opts = ("--data-fraction", "1", "--processes", "2", "--max-tokens-per-file", str(BOUND), "--no-progress")
+    with MirrorThread(repos, wan=WanConfig(rtt=0.03, response_rate=2e6)) as mirror:
+        r = subprocess.run(cli("prepare", "-o", str(clean), "--endpoint", mirror.endpoint, *opts), capture_output=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        args = cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, *opts, "-v")
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        killed = None
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            found = re.search(r"streaming shard \d+ to worker \d+ \(pid (\d+)\)", line)
+            if found:
+                killed = int(found.group(1))
+                os.kill(killed, signal.SIGKILL)
+                break
+        err.append(proc.communicate(timeout=120)[1])
+        assert killed is not None, "".join(err)[-2000:]
+        assert proc.returncode in (0, 1), "".join(err)[-2000:]
+        assert "Traceback" not in "".join(err)
+        assert not [n for n in os.listdir(out) if f".{killed}-" in n]
+        again = subprocess.run(
+            cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, *opts), capture_output=True
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert shard_hashes(json.loads((out / "manifest.json").read_text())) == shard_hashes(
+        json.loads((clean / "manifest.json").read_text())
+    )
     assert _temporaries(out) == []

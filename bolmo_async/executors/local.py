@@ -463,7 +463,8 @@ class Pool:
             return
         # Not one of its tasks until it ends: a stream waits for files, which need the slots.
         mem = min(live, key=lambda w: (sum(kind == "shard" for kind, _ in w.tasks), len(w.tasks)))
-        log.debug("streaming shard %d to worker %d while its files are staged", k, mem.wid)
+        pid = mem.process.pid if mem.process is not None else os.getpid()
+        log.debug("streaming shard %d to worker %d (pid %d) while its files are staged", k, mem.wid, pid)
         mem.inbox.put(m.ShardStream(k, 0, list(pieces)))
         self._stream = (k, mem, len(pieces))
 
