@@ -485,6 +485,7 @@ def _tokenizer_spec(
 ) -> tuple[TokenizerSpec, TokenizerInfo]:
     """The recipe workers build the tokenizer from, and what run.json records. Only the JSON is
     read here (and checked once); the engines are built in the workers."""
+    from .tokcache import remember_json
     from .tokenize import ByteTokenizer, TokenizerSpec, checked_info, load_tokenizer_source
 
     if kind == "byte":
@@ -498,6 +499,7 @@ def _tokenizer_spec(
         engine=engine,
         check_every=check_every,
     )
+    remember_json(identifier, src.json_text)  # the next run's fork server builds its engine from it
     spec = TokenizerSpec("subword", src, info.eos_token_id, special_tokens_as_text, info.engine, check_every, info)
     release_free_memory(0)  # the parsed JSON's objects (when probed): tens of MB this process no longer needs
     return spec, info

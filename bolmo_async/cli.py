@@ -308,16 +308,20 @@ def _before_api() -> None:
     record_absent_imports()
 
 
-def _start_workers_early(processes: int, output_dir: str) -> None:
+def _start_workers_early(processes: int, output_dir: str, tokenizer: str, identifier: str) -> None:
     """``--processes N`` (N > 1): the fork server the workers are forked from starts now, before
     the API's imports, so that its own imports (0.5 CPU s) run on another core meanwhile; with
     ``--processes 0`` their number is known only once the repo is listed. Not for a location
     (``s3://``...): opening one sets the scratch folder its workers share in the environment,
-    which they inherit from the server (``outdir.store``), so the pool starts it after that."""
+    which they inherit from the server (``outdir.store``), so the pool starts it after that.
+    In subword mode it also builds the reference engine for its workers, from the tokenizer's
+    JSON as this machine knows it (``tokcache.json_to_prebuild``): each would build its own."""
     if processes > 1 and "://" not in output_dir:
         from .executors.forkserver import start_fork_server
+        from .tokcache import json_to_prebuild
 
-        start_fork_server()
+        known = json_to_prebuild(identifier) if tokenizer == "subword" else None
+        start_fork_server(str(known) if known is not None else None)
 
 
 def _before_network() -> None:
@@ -566,7 +570,7 @@ def fetch_cmd(
         _unused(ctx, {"ray_address": "without --ray", "ray_tasks": "without --ray"})
     _before_api()
     if not ray:
-        _start_workers_early(processes, output_dir)
+        _start_workers_early(processes, output_dir, tokenizer, tokenizer_identifier)
     _before_network()
     from . import api
 
@@ -687,7 +691,7 @@ def prepare_cmd(
     bound = max_tokens_per_file if _given(ctx, "max_tokens_per_file") else None  # None: the folder's own
     sel = _selection(include, exclude, source_depth, source_fraction, text_field, id_field)
     _before_api()
-    _start_workers_early(processes, output_dir)
+    _start_workers_early(processes, output_dir, tokenizer, tokenizer_identifier)
     _before_network()
     from . import api
 

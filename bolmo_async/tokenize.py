@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from .errors import EngineMismatch, TokenizerError
 from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo
+from .tokcache import PREBUILD_ENV, cache_dir
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -464,6 +465,46 @@ def forget_probed() -> None:
     _PROBED.clear()
 
 
+#: The reference engine the fork server built ahead (``prebuild_reference``): the sha256 of its
+#: JSON's UTF-8 and the engine, taken by the first tokenizer of a worker forked from the server
+#: whose JSON is exactly that one.
+_PREBUILT: list[tuple[bytes, Any]] = []
+
+
+def _json_digest(json_text: str) -> bytes:
+    return hashlib.sha256(json_text.encode("utf-8", "surrogatepass")).digest()
+
+
+def prebuild_reference() -> None:
+    """In the fork server (``bolmo_async.preload``), when the command line named a tokenizer JSON
+    (``tokcache.PREBUILD_ENV``: the local file, or the copy the last run kept of the Hub's): the
+    ``tokenizers`` reference engine is built from it once, before any worker is forked, and every
+    worker starts with it (copy-on-write) instead of building its own: 0.3 s of CPU each for
+    dolma2, holding the GIL (nothing else of the worker ran meanwhile), on the path of every run
+    whose engine it is (small plans) or that cross-checks. It is only built here, never used: the
+    library's thread pool does not exist before the fork (``tokenizers`` turns its parallelism
+    off in a child forked after it had used it). A guess: a worker takes it only when its own JSON
+    is exactly this one (``SubwordTokenizer._build_reference``); anything wrong here (a file
+    unreadable, too large, refused, a panic) only means each worker builds its own, as before."""
+    path = os.environ.pop(PREBUILD_ENV, "")
+    if not path:
+        return
+    try:
+        if os.stat(path).st_size > MAX_TOKENIZER_BYTES:
+            return
+        text = Path(path).read_text(encoding="utf-8")
+        from tokenizers import Tokenizer as HFTokenizer
+
+        with _stderr_held():  # a panic's backtrace: a file the run would refuse, said by the run itself
+            engine = HFTokenizer.from_str(text)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        log.debug("tokenizer not built ahead from %s (%s: %s)", path, type(exc).__name__, exc)
+        return
+    _PREBUILT[:] = [(_json_digest(text), engine)]
+
+
 class SubwordTokenizer:
     """A ``tokenizers`` JSON tokenizer with EOS appended after each document.
 
@@ -546,6 +587,11 @@ class SubwordTokenizer:
         for json_text, special, probed in _PROBED:  # built by this process's probe: no second build
             if self._hf_obj is None and special == self.special_tokens_as_text and json_text == self.source_json:
                 self._hf_obj = probed
+        if self._hf_obj is None and _PREBUILT and _PREBUILT[0][0] == _json_digest(self.source_json):
+            # Built by the fork server this worker was forked from, from this very JSON.
+            hf = _PREBUILT.pop()[1]
+            hf.encode_special_tokens = self.special_tokens_as_text
+            self._hf_obj = hf
         if self._hf_obj is None:
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -772,15 +818,8 @@ class SubwordTokenizer:
 PROBE_VERSION = 1
 
 
-def probe_cache_dir() -> Path | None:
-    """Where passed probes are remembered: ``$BOLMO_ASYNC_CACHE``, else
-    ``$XDG_CACHE_HOME/bolmo-async``, else ``~/.cache/bolmo-async`` (never the output folder);
-    None when ``BOLMO_ASYNC_CACHE`` is set empty (nothing remembered)."""
-    explicit = os.environ.get("BOLMO_ASYNC_CACHE")
-    if explicit is not None:
-        return Path(explicit).expanduser() if explicit else None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bolmo-async"
+#: Where passed probes are remembered (``tokcache.cache_dir``).
+probe_cache_dir = cache_dir
 
 
 def _package_identity(name: str) -> str:

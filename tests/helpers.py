@@ -123,3 +123,17 @@ def wait_for_endpoint(ready: Path, seconds: float = 10.0) -> str:
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return ready.read_text().strip()
+
+
+def report_prebuilt(json_path: str, special_tokens_as_text: bool, texts: list[str], out: Any) -> None:
+    """In a worker forked from the fork server: whether it found the reference engine built ahead,
+    whether its tokenizer took it, and that tokenizer's ids for ``texts`` (through the batch path,
+    the reference's thread pool included)."""
+    from bolmo_async import tokenize
+
+    had = len(tokenize._PREBUILT)
+    tok = tokenize.SubwordTokenizer(
+        tokenize.load_tokenizer_source(json_path), engine="tokenizers", special_tokens_as_text=special_tokens_as_text
+    )
+    ids, offsets = tok.encode_batch(texts)
+    out.put((special_tokens_as_text, had, len(tokenize._PREBUILT), ids.tolist(), offsets.tolist()))

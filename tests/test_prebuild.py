@@ -1,0 +1,116 @@
+"""The subword reference engine built once, by the fork server, for every worker forked from it
+(``tokenize.prebuild_reference``), from the tokenizer JSON this machine knows (``tokcache``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bolmo_async import tokcache, tokenize
+from bolmo_async.executors.forkserver import FORK_SERVER
+from bolmo_async.executors.local import START_METHOD_ENV
+
+from .conftest import DOLMA2, needs_dolma2
+from .helpers import readme_bpe_json, report_prebuilt
+
+TEXTS = ["Hello world", "def f(x):\n    return x  # <|endoftext|>", "é东京 ß 🚀", ""]
+
+
+@pytest.fixture
+def no_prebuilt():
+    tokenize._PREBUILT.clear()
+    yield
+    tokenize._PREBUILT.clear()
+    tokenize.forget_probed()
+
+
+def _reference_ids(special_tokens_as_text: bool) -> tuple[list[int], list[int]]:
+    """The ids and offsets of ``TEXTS`` from a reference engine built here."""
+    tok = tokenize.SubwordTokenizer(
+        tokenize.load_tokenizer_source(str(DOLMA2)), engine="tokenizers", special_tokens_as_text=special_tokens_as_text
+    )
+    ids, offsets = tok.encode_batch(TEXTS)
+    tokenize.forget_probed()
+    return ids.tolist(), offsets.tolist()
+
+
+@needs_dolma2
+def test_workers_forked_from_the_server_start_with_the_reference_engine_it_built(monkeypatch, capfd, no_prebuilt):
+    """Started with a tokenizer JSON to build ahead, the fork server builds the reference engine
+    once; each worker forked from it takes it (with its own special-tokens option) instead of
+    building its own, and encodes exactly as a fresh build does, its thread pool working: the
+    server only built it, so ``tokenizers`` did not turn its parallelism off after the fork."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    FORK_SERVER.start_early(str(DOLMA2))
+    assert tokcache.PREBUILD_ENV not in os.environ  # for the server only
+    ctx = FORK_SERVER.acquire()  # takes over the early hold, as a pool does
+    try:
+        out = ctx.Queue()
+        procs = [ctx.Process(target=report_prebuilt, args=(str(DOLMA2), s, TEXTS, out)) for s in (True, False)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+    finally:
+        FORK_SERVER.release(reap=True)
+    results = {g[0]: g[1:] for g in got}
+    for special in (True, False):
+        had, left, ids, offsets = results[special]
+        assert (had, left) == (1, 0)  # found it, took it
+        assert (ids, offsets) == _reference_ids(special)
+    assert results[True] != results[False]  # each took it with its own option (<|endoftext|> in TEXTS)
+    assert "parallelism" not in capfd.readouterr().err
+
+
+@needs_dolma2
+def test_a_tokenizer_takes_the_engine_built_ahead_only_for_its_very_json(tmp_path, monkeypatch, no_prebuilt):
+    src = tokenize.load_tokenizer_source(str(DOLMA2))
+    info = tokenize.checked_info(src, engine="tokenizers")  # the coordinator's check
+    tokenize.forget_probed()
+    monkeypatch.setenv(tokcache.PREBUILD_ENV, str(DOLMA2))
+    tokenize.prebuild_reference()
+    assert tokcache.PREBUILD_ENV not in os.environ and len(tokenize._PREBUILT) == 1
+    built = tokenize._PREBUILT[0][1]
+    other = tmp_path / "tokenizer.json"
+    other.write_text(readme_bpe_json())
+    small = tokenize.SubwordTokenizer(tokenize.load_tokenizer_source(str(other)), engine="tokenizers")
+    assert small._reference() is not built and len(tokenize._PREBUILT) == 1
+    # A worker's tokenizer: built from what the coordinator checked (no probe of its own).
+    spec = tokenize.TokenizerSpec("subword", src, info.eos_token_id, False, "tokenizers", 1000, info)
+    worker = spec.build()
+    assert worker._reference() is built and not tokenize._PREBUILT
+    assert built.encode_special_tokens is False
+
+
+@pytest.mark.parametrize("content", ["not json", '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}'])
+def test_a_file_the_engine_refuses_is_not_built_ahead_and_says_nothing(
+    tmp_path, monkeypatch, capfd, content, no_prebuilt
+):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(content)
+    monkeypatch.setenv(tokcache.PREBUILD_ENV, str(bad))
+    tokenize.prebuild_reference()
+    assert not tokenize._PREBUILT
+    assert capfd.readouterr().err == ""  # the run itself says what is wrong with a tokenizer, once
+
+
+def test_the_json_a_hub_identifier_gave_is_kept_for_the_next_run(tmp_path, monkeypatch):
+    assert tokcache.json_to_prebuild("allenai/dolma2-tokenizer") is None  # nothing yet
+    tokcache.remember_json("allenai/dolma2-tokenizer", '{"a": "é"}')
+    kept = tokcache.json_to_prebuild("allenai/dolma2-tokenizer")
+    assert kept is not None and kept.read_text(encoding="utf-8") == '{"a": "é"}'
+    assert tokcache.json_to_prebuild("someone/else") is None
+    tokcache.remember_json("allenai/dolma2-tokenizer", '{"a": "b"}')  # the repo changed: the copy follows
+    assert kept.read_text(encoding="utf-8") == '{"a": "b"}'
+    # A local file is built from as it is, and never copied.
+    local = tmp_path / "tok"
+    local.mkdir()
+    (local / "tokenizer.json").write_text("{}")
+    assert tokcache.json_to_prebuild(str(local)) == local / "tokenizer.json"
+    before = sorted(p.name for p in kept.parent.iterdir())
+    tokcache.remember_json(str(local), "{}")
+    assert sorted(p.name for p in kept.parent.iterdir()) == before
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", "")  # nothing remembered
+    assert tokcache.json_to_prebuild("allenai/dolma2-tokenizer") is None
