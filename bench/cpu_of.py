@@ -19,7 +19,7 @@ import sys
 def main() -> None:
     out, args = sys.argv[1], sys.argv[2:]
     sys.argv = ["bolmo-async", *args]
-    from bolmo_async.cli import main as cli_main
+    from bolmo_async.entry import main as cli_main
 
     def write() -> None:  # at exit: the CLI ends with os._exit after running the exit handlers
         me = resource.getrusage(resource.RUSAGE_SELF)

@@ -309,19 +309,12 @@ def _before_api() -> None:
 
 
 def _start_workers_early(processes: int, output_dir: str, tokenizer: str, identifier: str) -> None:
-    """``--processes N`` (N > 1): the fork server the workers are forked from starts now, before
-    the API's imports, so that its own imports (0.5 CPU s) run on another core meanwhile; with
-    ``--processes 0`` their number is known only once the repo is listed. Not for a location
-    (``s3://``...): opening one sets the scratch folder its workers share in the environment,
-    which they inherit from the server (``outdir.store``), so the pool starts it after that.
-    In subword mode it also builds the reference engine for its workers, from the tokenizer's
-    JSON as this machine knows it (``tokcache.json_to_prebuild``): each would build its own."""
-    if processes > 1 and "://" not in output_dir:
-        from .executors.forkserver import start_fork_server
-        from .tokcache import json_to_prebuild
+    """``--processes N`` (N > 1): the workers' fork server starts now, before the API's imports
+    (``entry.start_workers_early``; the entry point has started it already when it could read
+    the arguments)."""
+    from .entry import start_workers_early
 
-        known = json_to_prebuild(identifier) if tokenizer == "subword" else None
-        start_fork_server(str(known) if known is not None else None)
+    start_workers_early(processes, output_dir, tokenizer, identifier)
 
 
 def _before_network() -> None:

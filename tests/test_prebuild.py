@@ -1,5 +1,6 @@
 """The subword reference engine built once, by the fork server, for every worker forked from it
-(``tokenize.prebuild_reference``), from the tokenizer JSON this machine knows (``tokcache``)."""
+(``tokenize.prebuild_reference``), from the tokenizer JSON this machine knows (``tokcache``), and
+the entry point that starts that server before anything else loads (``entry``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pytest
 
 from bolmo_async import tokcache, tokenize
+from bolmo_async.entry import early_workers
 from bolmo_async.executors.forkserver import FORK_SERVER
 from bolmo_async.executors.local import START_METHOD_ENV
 
@@ -114,3 +116,23 @@ def test_the_json_a_hub_identifier_gave_is_kept_for_the_next_run(tmp_path, monke
     assert sorted(p.name for p in kept.parent.iterdir()) == before
     monkeypatch.setenv("BOLMO_ASYNC_CACHE", "")  # nothing remembered
     assert tokcache.json_to_prebuild("allenai/dolma2-tokenizer") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["prepare", "-o", "out", "--processes", "2"], (2, "out", "byte", None)),
+        (["-v", "prepare", "--output-dir=out", "--processes=4", "--tokenizer", "subword"], (4, "out", "subword", None)),
+        (
+            ["--scratch-dir", "s", "fetch", "-o", "o", "--tokenizer-processes", "2", "--tokenizer-identifier", "x/y"],
+            (2, "o", "byte", "x/y"),
+        ),
+        (["prepare", "-o", "out"], None),  # --processes 0: known once the repo is listed
+        (["fetch", "-o", "out", "--processes", "2", "--ray"], None),
+        (["finalize", "-o", "out", "--processes", "2"], None),
+        (["prepare", "-o", "out", "--processes", "two"], None),  # typer says what is wrong
+        (["prepare", "--", "-o", "out", "--processes", "2"], None),
+    ],
+)
+def test_the_entry_point_reads_only_what_starts_the_workers(argv, want):
+    assert early_workers(argv) == want

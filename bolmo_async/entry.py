@@ -1,0 +1,91 @@
+"""The ``bolmo-async`` command's entry point: starts the worker processes' fork server, when the
+command line asks for worker processes, before anything else loads, then runs the CLI (``cli``).
+
+typer and the CLI module take 0.1-0.15 s to load; the fork server's imports (0.5 s of CPU), and
+in subword mode its build of the tokenizer's reference engine (0.3 s), are the longest thing a
+small ``--processes 2`` run waits for, so they start first, on the other core. Only a reading of
+the arguments that cannot be wrong in a harmful way: ``prepare`` or ``fetch`` with ``--processes
+N`` (N > 1) and an output folder that is no location (``s3://``...), as ``cli._start_workers_early``
+decides; a server started for arguments typer then refuses is stopped at exit, and the command
+itself starts it as before when this reading found nothing (an option's value that looks like a
+flag, say).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: Options of ``prepare``/``fetch`` that take a value, as this reading needs them.
+_VALUED = ("--processes", "--tokenizer-processes", "--output-dir", "-o", "--tokenizer", "--tokenizer-identifier")
+#: Options before the command that take a value (``cli._main``).
+_GLOBAL_VALUED = ("--scratch-dir",)
+
+
+def early_workers(argv: list[str]) -> tuple[int, str, str, str | None] | None:
+    """(processes, output folder, tokenizer, identifier or None: the default) when ``argv`` is a
+    ``prepare`` or ``fetch`` command with ``--processes`` and ``--output-dir`` given, else None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # global options (``-v``, ``--scratch-dir DIR``)
+        i += 2 if argv[i] in _GLOBAL_VALUED else 1
+    if i >= len(argv) or argv[i] not in ("prepare", "fetch"):
+        return None
+    found: dict[str, str] = {}
+    args = iter(argv[i + 1 :])
+    for arg in args:
+        if arg == "--":
+            break
+        if arg == "--ray":
+            return None
+        name, eq, value = arg.partition("=")
+        if name in _VALUED and name.startswith("--") and eq:
+            found[name] = value
+        elif arg in _VALUED:
+            found[arg] = next(args, "")
+    processes = found.get("--processes", found.get("--tokenizer-processes", ""))
+    output_dir = found.get("--output-dir", found.get("-o", ""))
+    if not processes.isdigit() or not output_dir:
+        return None
+    return int(processes), output_dir, found.get("--tokenizer", "byte"), found.get("--tokenizer-identifier")
+
+
+def start_workers_early(processes: int, output_dir: str, tokenizer: str, identifier: str | None) -> None:
+    """``--processes N`` (N > 1): the fork server the workers are forked from starts now, so that
+    its imports (0.5 CPU s) run on another core while this process imports and lists the repo;
+    with ``--processes 0`` their number is known only once the repo is listed. Not for a
+    location (``s3://``...): opening one sets the scratch folder its workers share in the
+    environment, which they inherit from the server (``outdir.store``), so the pool starts it
+    after that. In subword mode the server also builds the reference engine for its workers,
+    from the tokenizer's JSON as this machine knows it (``tokcache.json_to_prebuild``): each
+    would build its own. Once per process (a second call finds it started)."""
+    if processes <= 1 or "://" in output_dir:
+        return
+    from .util import prefer_system_allocator
+
+    prefer_system_allocator()  # the server inherits this process's environment as it starts
+    from .executors.forkserver import start_fork_server
+
+    known = None
+    if tokenizer == "subword":
+        from .models import DEFAULT_TOKENIZER_ID
+        from .tokcache import json_to_prebuild
+
+        known = json_to_prebuild(identifier or DEFAULT_TOKENIZER_ID)
+    start_fork_server(str(known) if known is not None else None)
+
+
+def main() -> None:
+    early = early_workers(sys.argv[1:])
+    if early is not None:
+        try:
+            start_workers_early(*early)
+        except KeyboardInterrupt:  # quietly, as ``cli`` does while it loads
+            os.write(2, b"interrupted\n")
+            os._exit(130)
+    from .cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
