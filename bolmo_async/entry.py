@@ -71,7 +71,7 @@ def start_workers_early(processes: int, output_dir: str, tokenizer: str, identif
         from .tokcache import json_to_prebuild
 
         known = json_to_prebuild(identifier or DEFAULT_TOKENIZER_ID)
-    start_fork_server(str(known) if known is not None else None)
+    start_fork_server(str(known) if known is not None else None, processes)
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ log = logging.getLogger("bolmo_async")
 #: Set (to a tokenizer JSON's path) for the fork server only, while it starts: its preload builds
 #: the reference engine from that file for the workers it forks (``tokenize.prebuild_reference``).
 PREBUILD_ENV = "BOLMO_ASYNC_PREBUILD_TOKENIZER"
+#: With it: the number of workers the server forks with that engine; then it lets its own go.
+PREBUILD_WORKERS_ENV = "BOLMO_ASYNC_PREBUILD_WORKERS"
 
 
 def cache_dir() -> Path | None:
@@ -88,4 +90,4 @@ def remember_json(identifier: str, json_text: str) -> None:
                 os.unlink(tmp)
 
 
-__all__ = ["PREBUILD_ENV", "cache_dir", "json_to_prebuild", "remember_json"]
+__all__ = ["PREBUILD_ENV", "PREBUILD_WORKERS_ENV", "cache_dir", "json_to_prebuild", "remember_json"]

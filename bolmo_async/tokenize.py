@@ -40,7 +40,8 @@ import pyarrow as pa
 
 from .errors import EngineMismatch, TokenizerError
 from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo
-from .tokcache import PREBUILD_ENV, cache_dir
+from .tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV, cache_dir
+from .util import release_free_memory
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -485,8 +486,13 @@ def prebuild_reference() -> None:
     library's thread pool does not exist before the fork (``tokenizers`` turns its parallelism
     off in a child forked after it had used it). A guess: a worker takes it only when its own JSON
     is exactly this one (``SubwordTokenizer._build_reference``); anything wrong here (a file
-    unreadable, too large, refused, a panic) only means each worker builds its own, as before."""
+    unreadable, too large, refused, a panic) only means each worker builds its own, as before.
+
+    Once it has forked the workers it was built for (``PREBUILD_WORKERS_ENV``), the server lets
+    its own copy go: each worker keeps its copy-on-write one, and the server's resident memory,
+    which a sum of the tree's RSS counts once more, is back to its imports."""
     path = os.environ.pop(PREBUILD_ENV, "")
+    workers = os.environ.pop(PREBUILD_WORKERS_ENV, "")
     if not path:
         return
     try:
@@ -503,6 +509,17 @@ def prebuild_reference() -> None:
         log.debug("tokenizer not built ahead from %s (%s: %s)", path, type(exc).__name__, exc)
         return
     _PREBUILT[:] = [(_json_digest(text), engine)]
+    del engine, text
+    if workers.isdigit() and int(workers) > 0:
+        left = [int(workers)]
+
+        def forked() -> None:  # in the server, after each fork (the child has the engine)
+            left[0] -= 1
+            if not left[0] and _PREBUILT:
+                _PREBUILT.clear()
+                release_free_memory(0)
+
+        os.register_at_fork(after_in_parent=forked)
 
 
 class SubwordTokenizer:

@@ -42,9 +42,11 @@ def test_workers_forked_from_the_server_start_with_the_reference_engine_it_built
     """Started with a tokenizer JSON to build ahead, the fork server builds the reference engine
     once; each worker forked from it takes it (with its own special-tokens option) instead of
     building its own, and encodes exactly as a fresh build does, its thread pool working: the
-    server only built it, so ``tokenizers`` did not turn its parallelism off after the fork."""
+    server only built it, so ``tokenizers`` did not turn its parallelism off after the fork. The
+    server lets its own copy go once it has forked the workers it was built for: a third builds
+    its own."""
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
-    FORK_SERVER.start_early(str(DOLMA2))
+    FORK_SERVER.start_early(str(DOLMA2), 2)
     assert tokcache.PREBUILD_ENV not in os.environ  # for the server only
     ctx = FORK_SERVER.acquire()  # takes over the early hold, as a pool does
     try:
@@ -55,6 +57,10 @@ def test_workers_forked_from_the_server_start_with_the_reference_engine_it_built
         got = [out.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)
+        third = ctx.Process(target=report_prebuilt, args=(str(DOLMA2), True, TEXTS, out))
+        third.start()
+        late = out.get(timeout=120)
+        third.join(30)
     finally:
         FORK_SERVER.release(reap=True)
     results = {g[0]: g[1:] for g in got}
@@ -63,6 +69,7 @@ def test_workers_forked_from_the_server_start_with_the_reference_engine_it_built
         assert (had, left) == (1, 0)  # found it, took it
         assert (ids, offsets) == _reference_ids(special)
     assert results[True] != results[False]  # each took it with its own option (<|endoftext|> in TEXTS)
+    assert late[1:3] == (0, 0) and tuple(late[3:]) == _reference_ids(True)  # built its own
     assert "parallelism" not in capfd.readouterr().err
 
 

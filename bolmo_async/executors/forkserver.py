@@ -47,15 +47,15 @@ class _ForkServer:
         self._ours = False
         self._early = 0  # holds of ``start_early`` that no pool has taken over yet
 
-    def start_early(self, prebuild: str | None = None) -> None:
+    def start_early(self, prebuild: str | None = None, workers: int = 0) -> None:
         """Start the server now, before any pool asks for it: its imports (0.5 CPU s) run on
         another core while this process imports and lists the repo, instead of after. Held as a
         user until the first pool takes it over; one no pool took is stopped at exit.
         ``prebuild``: a tokenizer JSON the server builds the reference engine from, for its
-        workers (``tokenize.prebuild_reference``)."""
+        ``workers`` (``tokenize.prebuild_reference``)."""
         from multiprocessing import forkserver
 
-        from ..tokcache import PREBUILD_ENV
+        from ..tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV
 
         try:
             if start_method() != "forkserver":
@@ -80,11 +80,13 @@ class _ForkServer:
                 signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
                 if prebuild:  # read by the server's preload: its environment is this one, as it starts
                     os.environ[PREBUILD_ENV] = prebuild
+                    os.environ[PREBUILD_WORKERS_ENV] = str(workers)
                 forkserver.ensure_running()
             except Exception as exc:  # the pool tries again, or spawns its workers
                 log.debug("fork server: not started early (%s: %s)", type(exc).__name__, exc)
             finally:
                 os.environ.pop(PREBUILD_ENV, None)
+                os.environ.pop(PREBUILD_WORKERS_ENV, None)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         atexit.register(self._drop_early)  # (twice registered, it runs twice: the second finds nothing)
 
@@ -156,11 +158,11 @@ def start_resource_tracker() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def start_fork_server(prebuild: str | None = None) -> None:
+def start_fork_server(prebuild: str | None = None, workers: int = 0) -> None:
     """For a command that will start worker processes (``--processes N``, N > 1): the fork server
     they are forked from starts now, before the coordinator's own imports (``_ForkServer.start_early``);
-    ``prebuild``: the tokenizer JSON it builds the reference engine from for them."""
-    FORK_SERVER.start_early(prebuild)
+    ``prebuild``: the tokenizer JSON it builds the reference engine from for them (``workers``)."""
+    FORK_SERVER.start_early(prebuild, workers)
 
 
 __all__ = ["FORK_SERVER", "START_METHOD_ENV", "start_fork_server", "start_method", "start_resource_tracker"]
