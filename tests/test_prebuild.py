@@ -5,13 +5,17 @@ the entry point that starts that server before anything else loads (``entry``)."
 from __future__ import annotations
 
 import os
+import queue
+from typing import Any
 
 import pytest
 
-from bolmo_async import tokcache, tokenize
+import bolmo_async
+from bolmo_async import messages, tokcache, tokenize
 from bolmo_async.entry import early_workers
 from bolmo_async.executors.forkserver import FORK_SERVER
 from bolmo_async.executors.local import START_METHOD_ENV
+from bolmo_async.worker import Worker, WorkerSpec
 
 from .conftest import DOLMA2, needs_dolma2
 from .helpers import readme_bpe_json, report_prebuilt
@@ -91,6 +95,35 @@ def test_a_tokenizer_takes_the_engine_built_ahead_only_for_its_very_json(tmp_pat
     worker = spec.build()
     assert worker._reference() is built and not tokenize._PREBUILT
     assert built.encode_special_tokens is False
+
+
+@needs_dolma2
+def test_a_worker_holds_its_engine_to_its_end(tmp_path, mirror, no_prebuilt):
+    """Freeing dolma2's reference engine took 50-60 ms at the end of every worker process, which
+    then ends with os._exit anyway: the worker keeps its tokenizer, engine built, past its loop."""
+    out = tmp_path / "o"
+    p = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2, include=["data/common_crawl/*"])
+    src = tokenize.load_tokenizer_source(str(DOLMA2))
+    info = tokenize.checked_info(src, engine="tokenizers")
+    tokenize.forget_probed()
+    spec = WorkerSpec(
+        output_dir=str(out),
+        files=p.files,
+        repo_id=p.repo_id,
+        commit=p.commit,
+        endpoint=mirror.endpoint,
+        tokenizer=tokenize.TokenizerSpec("subword", src, info.eos_token_id, True, "tokenizers", 1000, info),
+        eos=info.eos_token_id,
+    )
+    inbox: queue.Queue[Any] = queue.Queue()
+    outbox: queue.Queue[Any] = queue.Queue()
+    worker = Worker(0, spec, inbox.get, outbox.put)
+    inbox.put(messages.FileTask(0))
+    inbox.put(messages.Stop())  # after its file
+    worker.run()
+    sent = [type(outbox.get_nowait()) for _ in range(outbox.qsize())]
+    assert messages.Staged in sent and sent[-1] is messages.Exit
+    assert worker._tokenizer is not None and worker._tokenizer._hf_obj is not None
 
 
 @pytest.mark.parametrize("content", ["not json", '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}'])
