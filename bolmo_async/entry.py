@@ -35,7 +35,7 @@ def early_workers(argv: list[str]) -> tuple[int, str, str, str | None] | None:
     for arg in args:
         if arg == "--":
             break
-        if arg == "--ray":
+        if arg in ("--ray", "--help", "-h"):  # no worker process to start
             return None
         name, eq, value = arg.partition("=")
         if name in _VALUED and name.startswith("--") and eq:

@@ -169,6 +169,7 @@ def test_the_json_a_hub_identifier_gave_is_kept_for_the_next_run(tmp_path, monke
         ),
         (["prepare", "-o", "out"], None),  # --processes 0: known once the repo is listed
         (["fetch", "-o", "out", "--processes", "2", "--ray"], None),
+        (["prepare", "-o", "out", "--processes", "2", "--help"], None),
         (["finalize", "-o", "out", "--processes", "2"], None),
         (["prepare", "-o", "out", "--processes", "two"], None),  # typer says what is wrong
         (["prepare", "--", "-o", "out", "--processes", "2"], None),
