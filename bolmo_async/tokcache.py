@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger("bolmo_async")
@@ -70,6 +69,8 @@ def remember_json(identifier: str, json_text: str) -> None:
     path = _remembered_path(identifier)
     if path is None:
         return
+    import tempfile  # not at import: the entry point reads this module before the fork server starts
+
     data = json_text.encode("utf-8", "surrogatepass")
     tmp = None
     try:
