@@ -485,8 +485,9 @@ def prebuild_reference() -> None:
     whose engine it is (small plans) or that cross-checks. It is only built here, never used: the
     library's thread pool does not exist before the fork (``tokenizers`` turns its parallelism
     off in a child forked after it had used it). A guess: a worker takes it only when its own JSON
-    is exactly this one (``SubwordTokenizer._build_reference``); anything wrong here (a file
-    unreadable, too large, refused, a panic) only means each worker builds its own, as before.
+    is exactly this one, and lets it go otherwise (``SubwordTokenizer._build_reference``);
+    anything wrong here (a file unreadable, too large, refused, a panic) only means each worker
+    builds its own, as before.
 
     Once it has forked the workers it was built for (``PREBUILD_WORKERS_ENV``), the server lets
     its own copy go: each worker keeps its copy-on-write one, and the server's resident memory,
@@ -604,11 +605,13 @@ class SubwordTokenizer:
         for json_text, special, probed in _PROBED:  # built by this process's probe: no second build
             if self._hf_obj is None and special == self.special_tokens_as_text and json_text == self.source_json:
                 self._hf_obj = probed
-        if self._hf_obj is None and _PREBUILT and _PREBUILT[0][0] == _json_digest(self.source_json):
-            # Built by the fork server this worker was forked from, from this very JSON.
-            hf = _PREBUILT.pop()[1]
-            hf.encode_special_tokens = self.special_tokens_as_text
-            self._hf_obj = hf
+        if self._hf_obj is None and _PREBUILT:
+            # Built by the fork server this worker was forked from: taken for this very JSON; for
+            # another (the Hub's changed since the last run) let go, as no other is built here.
+            digest, prebuilt = _PREBUILT.pop()
+            if digest == _json_digest(self.source_json):
+                prebuilt.encode_special_tokens = self.special_tokens_as_text
+                self._hf_obj = prebuilt
         if self._hf_obj is None:
             from tokenizers import Tokenizer as HFTokenizer
 

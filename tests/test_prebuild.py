@@ -89,7 +89,10 @@ def test_a_tokenizer_takes_the_engine_built_ahead_only_for_its_very_json(tmp_pat
     other = tmp_path / "tokenizer.json"
     other.write_text(readme_bpe_json())
     small = tokenize.SubwordTokenizer(tokenize.load_tokenizer_source(str(other)), engine="tokenizers")
-    assert small._reference() is not built and len(tokenize._PREBUILT) == 1
+    assert small._reference() is not built and not tokenize._PREBUILT  # not its JSON: let go
+    monkeypatch.setenv(tokcache.PREBUILD_ENV, str(DOLMA2))
+    tokenize.prebuild_reference()
+    built = tokenize._PREBUILT[0][1]
     # A worker's tokenizer: built from what the coordinator checked (no probe of its own).
     spec = tokenize.TokenizerSpec("subword", src, info.eos_token_id, False, "tokenizers", 1000, info)
     worker = spec.build()
