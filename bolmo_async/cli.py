@@ -17,29 +17,11 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-#: The signals that stop a command: Ctrl+C, SIGTERM (``kill``, job schedulers), SIGHUP (its
-#: terminal was closed). One this process inherited as ignored (``nohup``) stays ignored.
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-def _interrupted_at_start(signum: int, frame: Any) -> None:
-    os.write(
-        2, b"interrupted\n" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})\n".encode()
-    )
-    os._exit(128 + signum)
-
-
-def _stoppable() -> list[signal.Signals]:
-    """The stop signals whose handling is this command's to set: not ignored (``nohup``), not a
-    library user's own handler (the command line imported into another program)."""
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    return [s for s in _STOP_SIGNALS if signal.getsignal(s) in (signal.default_int_handler, signal.SIG_DFL)]
-
+from .entry import interrupted_at_start as _interrupted_at_start  # light: before the imports below
+from .entry import stoppable as _stoppable
 
 # A stop while the imports below run (a second or so) ends quietly, not with a traceback from
 # inside a library; the usual handlers are back once they are done.

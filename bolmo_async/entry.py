@@ -14,7 +14,33 @@ flag, say).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from typing import Any
+
+#: The signals that stop a command: Ctrl+C, SIGTERM (``kill``, job schedulers), SIGHUP (its
+#: terminal was closed). One this process inherited as ignored (``nohup``) stays ignored.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def interrupted_at_start(signum: int, frame: Any) -> None:
+    """A stop while the command loads: one line, exit 128 + the signal (no traceback from inside
+    a library's import)."""
+    os.write(
+        2, b"interrupted\n" if signum == signal.SIGINT else f"interrupted ({signal.Signals(signum).name})\n".encode()
+    )
+    os._exit(128 + signum)
+
+
+def stoppable() -> list[signal.Signals]:
+    """The stop signals whose handling is the command's to set: not ignored (``nohup``), not a
+    library user's own handler (the command line imported into another program)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    ours = (signal.default_int_handler, signal.SIG_DFL, interrupted_at_start)
+    return [s for s in STOP_SIGNALS if signal.getsignal(s) in ours]
+
 
 #: Options of ``prepare``/``fetch`` that take a value, as this reading needs them.
 _VALUED = ("--processes", "--tokenizer-processes", "--output-dir", "-o", "--tokenizer", "--tokenizer-identifier")
@@ -75,13 +101,11 @@ def start_workers_early(processes: int, output_dir: str, tokenizer: str, identif
 
 
 def main() -> None:
+    for sig in stoppable():  # until the CLI has loaded and set its own (``cli``)
+        signal.signal(sig, interrupted_at_start)
     early = early_workers(sys.argv[1:])
     if early is not None:
-        try:
-            start_workers_early(*early)
-        except KeyboardInterrupt:  # quietly, as ``cli`` does while it loads
-            os.write(2, b"interrupted\n")
-            os._exit(130)
+        start_workers_early(*early)
     from .cli import main as cli_main
 
     cli_main()

@@ -418,7 +418,8 @@ def test_sighup_ignored_as_nohup_does_is_left_ignored(repos, tmp_path):
 def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repos, tmp_path):
     """SIGTERM while ``--processes 2`` starts its fork server and imports the API (before the run's
     own handling: 0.35-0.5 s after start here) exited 130 without a word (Typer's own handling of
-    a KeyboardInterrupt)."""
+    a KeyboardInterrupt). The entry point starts the server before the CLI loads, so the signal
+    may also land while it loads: then the start-up line ("interrupted (SIGTERM)"), same code."""
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
         proc = _in_own_group(
@@ -436,7 +437,7 @@ def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repo
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err
-    assert "interrupted (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err, err
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err, err
 
 
 def test_a_fatal_error_is_seen_while_a_hand_out_waits_for_its_resolve(repos, tmp_path):
