@@ -4,6 +4,7 @@ in-process mirror (aiohttp) on loopback."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("needs_dolma2") is not None:
             item.add_marker(skip)
+
+
+#: The stop signals' handlers as the session started: a test that changes one in this process (a
+#: module imported for its side effects, an API run's handler) must not leave it to the next, nor
+#: to the CLIs later tests start, which inherit an ignored signal as under nohup.
+_STOP_SIGNALS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_restored() -> Iterator[None]:
+    yield
+    for sig, handler in _STOP_SIGNALS.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)
