@@ -31,6 +31,7 @@ from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_c
 from .guidance import (
     check_output_dir,
     check_types,
+    command,
     fetch_command,
     fixed_length_loss,
     normalize,
@@ -810,8 +811,8 @@ def _fetch(
         if result.permanent:
             which = ", ".join(sorted(result.permanent)) if again else "These files"
             advice.append(
-                f"{which} cannot be read as documents, so a rerun fails them again: `bolmo-async finalize "
-                f"--output-dir {out} --allow-incomplete` writes the shards without them (or plan again with "
+                f"{which} cannot be read as documents, so a rerun fails them again: "
+                f"`{command('finalize', '--output-dir', out, '--allow-incomplete')}` writes the shards without them (or plan again with "
                 "--exclude PATH --force, which starts over)."
             )
         raise FetchIncomplete(

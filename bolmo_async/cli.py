@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -208,6 +209,7 @@ def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAU
 
 
 def _summary(manifest: dict[str, Any], location: str) -> None:
+    from .guidance import command, fetch_command
     from .outdir import DATA_SOURCES, MANIFEST, open_output
 
     out = open_output(location)
@@ -226,7 +228,7 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     if not manifest["complete"]:  # (finalize --allow-incomplete: finalizing again fetches nothing)
         _say(
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged (listed in {MANIFEST}): "
-            f"`bolmo-async fetch --output-dir {out}` (or the missing --worker shares) fetches them, then finalize again."
+            f"`{fetch_command(out, None)}` (or the missing --worker shares) fetches them, then finalize again."
         )
     tok = manifest["tokenizer"]
     if tok["kind"] == "subword" and tok.get("vocab_size") == 100278 and tok["eos_token_id"] == 100257:
@@ -248,10 +250,10 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     if size:
         _say(
             f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
-            f"--data-fraction reuse; `bolmo-async finalize --output-dir {out} --drop-staging` removes it."
+            f"--data-fraction reuse; `{command('finalize', '--output-dir', out, '--drop-staging')}` removes it."
         )
     if manifest["complete"]:
-        _say(f"export DATA_SOURCE={out.ref(DATA_SOURCES)}")
+        _say(f"export DATA_SOURCE={shlex.quote(out.ref(DATA_SOURCES))}")
 
 
 def _run(fn: Any, resumes: bool = True) -> Any:
@@ -385,11 +387,14 @@ def plan_cmd(
         )
     )
     _print_plan(p)
-    from .guidance import fetch_command
+    from .guidance import command, fetch_command, next_steps
 
     _say(
-        f"Next: {fetch_command(output_dir, p.endpoint)} --tokenizer subword (or byte; as a job array: "
-        f"--worker I/N in each task), then bolmo-async finalize --output-dir {output_dir}"
+        next_steps(
+            f"{fetch_command(output_dir, p.endpoint)} --tokenizer subword"
+            "  # or --tokenizer byte; in a job array, add --worker I/N to each task",
+            command("finalize", "--output-dir", output_dir),
+        )
     )
 
 
@@ -570,13 +575,15 @@ def fetch_cmd(
     )
     how = " with Ray" if ray else ""
     done = f"staged{how}: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
+    from .guidance import command, next_steps
+
+    finalize = command("finalize", "--output-dir", output_dir)
     if worker is not None:
-        _say(
-            f"{done} Share {worker} is done. Once all shares are staged, run once: "
-            f"bolmo-async finalize --output-dir {output_dir}"
-        )
+        _say(f"{done} Share {worker} is done. Once all shares are staged, run the next step once.")
+        _say(next_steps(finalize))
     else:
-        _say(f"{done} Next: bolmo-async finalize --output-dir {output_dir}")
+        _say(done)
+        _say(next_steps(finalize))
 
 
 @app.command("finalize")

@@ -653,12 +653,10 @@ def finalize_dir(
         raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
     plan = load_plan(out)
     if plan is None:
-        raise StateError(f"{out} has no {PLAN}: run `bolmo-async fetch --output-dir {out}` (or `prepare`) first.")
+        raise StateError(f"{out} has no {PLAN}: run `{fetch_command(out, None)}` (or `prepare`) first.")
     state_raw = out.read_bytes(RUN_STATE)
     if state_raw is None:
-        raise StateError(
-            f"{out} has no {RUN_STATE}: nothing was fetched yet; run `bolmo-async fetch --output-dir {out}`."
-        )
+        raise StateError(f"{out} has no {RUN_STATE}: nothing was fetched yet; run `{fetch_command(out, None)}`.")
     state = json.loads(state_raw)
     staging = Staging(out)
     records = [(pf, staging.done(pf)) for pf in plan.files]  # each completion marker read once

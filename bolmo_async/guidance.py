@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
@@ -379,7 +380,18 @@ def fetch_command(output_dir: Any, endpoint: str | None) -> str:
     refuse a folder planned against a mirror)."""
     from .hub import HUB_ENDPOINT  # (aiohttp: only when a hint is printed)
 
-    cmd = f"bolmo-async fetch --output-dir {output_dir}"
+    cmd = command("fetch", "--output-dir", output_dir)
     if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT:
-        cmd += f" --endpoint {endpoint}"
+        cmd += " " + command("--endpoint", endpoint).removeprefix("bolmo-async ")
     return cmd
+
+
+def command(*args: Any) -> str:
+    """``bolmo-async ARGS`` as a shell line a user can paste: every argument quoted as the shell
+    needs (a folder with a space or a ``$`` stays one argument)."""
+    return shlex.join(["bolmo-async", *(str(a) for a in args)])
+
+
+def next_steps(*steps: str) -> str:
+    """``Next:`` and the commands to run, one a line (a comment after ``#``), each pasteable as is."""
+    return "\n".join(["Next:", *(f"  {s}" for s in steps)])

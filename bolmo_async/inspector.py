@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StateError
+from .guidance import command
 from .outdir import DATA_SOURCES, MANIFEST, PLAN, TOKENIZER, OutputDir, csv_name, open_output
 from .tokenize import decode_bytes
 from .util import CHECKSUM
@@ -64,18 +65,18 @@ def inspect_dir(
                 "--output-dir of a run (`bolmo-async prepare --output-dir DIR` makes one)."
             )
         raise StateError(
-            f"{out} has no {MANIFEST}: no finalize has finished here yet; run `bolmo-async finalize --output-dir {out}`."
+            f"{out} has no {MANIFEST}: no finalize has finished here yet; run `{command('finalize', '--output-dir', out)}`."
         )
     try:
         manifest = json.loads(raw)
         shards = manifest["shards"]
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(
-            f"{out.ref(MANIFEST)} is unreadable ({exc}); run `bolmo-async finalize --output-dir {out}` again."
+            f"{out.ref(MANIFEST)} is unreadable ({exc}); run `{command('finalize', '--output-dir', out)}` again."
         ) from exc
     problems: list[str] = []
     rows = []
-    refinalize = f"run `bolmo-async finalize --output-dir {out}` (it rewrites what is wrong from the staging)"
+    refinalize = f"run `{command('finalize', '--output-dir', out)}` (it rewrites what is wrong from the staging)"
     for s in shards:
         name = _base(s["path"])  # this folder's shard, wherever the manifest was written
         index = csv_name(name)

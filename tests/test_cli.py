@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -252,21 +253,55 @@ def test_an_option_without_effect_is_named(tmp_path, mirror):
     assert any("--ray-tasks has no effect without --ray" in x for x in warned), warned
 
 
+def _next_steps(stdout: str) -> list[list[str]]:
+    """The commands after the last ``Next:``, each checked pasteable as printed: one command a
+    line that bash parses, whose words (comment dropped) are ``bolmo-async`` and its arguments."""
+    lines = stdout.splitlines()
+    start = max(i for i, x in enumerate(lines) if x == "Next:") + 1
+    steps = [x.strip() for x in lines[start:] if x.startswith("  ")]
+    assert steps, stdout
+    argvs = []
+    for step in steps:
+        checked = subprocess.run(["bash", "-n", "-c", step], capture_output=True, text=True)
+        assert checked.returncode == 0, (step, checked.stderr)
+        argv = shlex.split(step, comments=True)
+        assert argv[0] == "bolmo-async", step
+        argvs.append(argv[1:])
+    return argvs
+
+
+def _accepted(argv: list[str]) -> None:
+    """The CLI takes these arguments (a wrong command or option fails its parse, --help or not)."""
+    r = run_cli(*argv, "--help")
+    assert r.returncode == 0, (argv, r.stderr)
+
+
 def test_plan_says_what_next_and_a_fetch_that_plans_prints_the_plan(tmp_path, mirror):
-    r = run_cli("plan", "-o", str(tmp_path / "p"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
+    out = tmp_path / "my run $HOME"  # a space and a $: the printed commands quote it
+    r = run_cli("plan", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
     assert r.returncode == 0, r.stderr
-    nxt = r.stdout.strip().splitlines()[-1]
-    assert nxt.startswith("Next: bolmo-async fetch --output-dir")
     assert "est. byte tokens" in r.stdout and "est. dolma2 tokens" in r.stdout  # no tokenizer yet: both
+    fetch, finalize = _next_steps(r.stdout)
+    for argv in (fetch, finalize):
+        _accepted(argv)
+        assert argv[argv.index("--output-dir") + 1] == str(out)
+    assert fetch[0] == "fetch" and finalize[0] == "finalize"
     # The next step runs as printed: planned against a mirror, it names the mirror (without it, the
     # fetch talked to the Hub and refused the folder).
-    fetch = nxt.removeprefix("Next: bolmo-async ").split(" (or byte")[0].split()
     assert fetch[fetch.index("--endpoint") + 1] == mirror.endpoint
     fetch[fetch.index("subword")] = "byte"
     r = run_cli(*fetch, "--no-progress")
     assert r.returncode == 0, r.stderr
-    r = run_cli("finalize", "-o", str(tmp_path / "p"), "--max-tokens-per-file", "1000000")
+    assert _next_steps(r.stdout) == [finalize]
+    r = run_cli(*fetch, "--worker", "0/2", "--no-progress")  # a share says the same finalize, once
     assert r.returncode == 0, r.stderr
+    assert _next_steps(r.stdout) == [finalize]
+    r = run_cli(*finalize, "--max-tokens-per-file", "1000000")
+    assert r.returncode == 0, r.stderr
+    drop = re.search(r"`(bolmo-async [^`]*--drop-staging)`", r.stdout)
+    assert drop and shlex.split(drop[1])[1:] == [*finalize, "--drop-staging"], r.stdout
+    export = next(x for x in r.stdout.splitlines() if x.startswith("export DATA_SOURCE="))
+    assert shlex.split(export) == ["export", f"DATA_SOURCE={out / 'data_sources.txt'}"], export
 
     r = run_cli("fetch", "-o", str(tmp_path / "f"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05")
     assert r.returncode == 0, r.stderr
