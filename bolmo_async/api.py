@@ -413,7 +413,29 @@ def _plan(
         selection=selection,
     )
     save_plan(p, out)
+    if existing is not None:
+        _say_unreused(out, existing, p)
     return p, True
+
+
+def _say_unreused(out: OutputDir, old: Plan, new: Plan) -> None:
+    """One line when files staged for the old fractions are not what the new plan stages (a
+    partly-taken file is staged under its prefix length): they stay in ``staging/`` unused."""
+    from .staging import Staging
+
+    keys = {f.key for f in new.files}
+    staging = Staging(out)
+    left = [f for f in old.files if f.key not in keys and staging.done(f) is not None]
+    if left:
+        log.info(
+            "%d file(s) staged for --data-fraction %g are not reused by this plan (a partly-taken file is staged "
+            "per prefix length; %d of them partly taken): they stay in staging/ unused until `%s` (after a "
+            "complete finalize) removes the whole staging",
+            len(left),
+            old.data_fraction,
+            sum(1 for f in left if not f.whole),
+            command("finalize", "--output-dir", out, "--drop-staging"),
+        )
 
 
 def _describe(sel: Selection) -> str:

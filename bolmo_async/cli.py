@@ -249,8 +249,8 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     size = out.staging_bytes()
     if size:
         _say(
-            f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) and a larger "
-            f"--data-fraction reuse; `{command('finalize', '--output-dir', out, '--drop-staging')}` removes it."
+            f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) reuses, and "
+            f"another --data-fraction for the files it takes whole; `{command('finalize', '--output-dir', out, '--drop-staging')}` removes it."
         )
     if manifest["complete"]:
         _say(f"export DATA_SOURCE={shlex.quote(out.ref(DATA_SOURCES))}")

@@ -699,3 +699,31 @@ def test_a_run_that_holds_its_folder_stages_without_claims(tmp_path, mirror):
     plan = bolmo_async.plan(share, endpoint=mirror.endpoint, data_fraction=0.5)
     bolmo_async.fetch(share, endpoint=mirror.endpoint, worker="0/1", progress=False)
     assert len(list((share / "staging").glob(".*.lock"))) == len(plan.files)
+
+
+def test_another_fraction_reuses_whole_files_and_names_the_staged_prefixes_it_leaves(tmp_path, mirror, caplog):
+    """A larger fraction reuses the whole files staged before; each source's partly-taken file is
+    staged per prefix length, so it is fetched again, and the run says the old prefixes stay."""
+    from bolmo_async.outdir import open_output
+    from bolmo_async.planner import load_plan
+
+    out = tmp_path / "o"
+    small = bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.05, progress=False)
+    old = load_plan(open_output(out))
+    with caplog.at_level(logging.INFO, logger="bolmo_async"):
+        big = bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False)
+    new = load_plan(open_output(out))
+    assert old is not None and new is not None
+    reused = {f.key for f in old.files} & {f.key for f in new.files}
+    assert all(f.whole for f in old.files if f.key in reused)
+    assert big["fetched_now"] == len(new.files) - len(reused) and small["fetched_now"] == len(old.files)
+    prefixes = [f for f in old.files if not f.whole]
+    assert prefixes and not reused & {f.key for f in prefixes}
+    said = [r.getMessage() for r in caplog.records if "not reused by this plan" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{len(old.files) - len(reused)} file(s) staged for --data-fraction 0.05"), said
+    assert "--drop-staging" in said[0], said
+    with caplog.at_level(logging.INFO, logger="bolmo_async"):  # the same fraction again: nothing to say
+        caplog.clear()
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False)
+    assert not [r for r in caplog.records if "not reused" in r.getMessage()]
