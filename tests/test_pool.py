@@ -500,3 +500,42 @@ def test_a_second_signal_does_not_cut_the_stop_short(repos, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
     assert [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_their_temporaries_go(repos, tmp_path):
+    """kill -9 of the fork server closes every worker's status pipe, which multiprocessing reads
+    as exit code 255: the run blamed the workers ("exited with code 255") and removed their
+    temporaries while they still ran. It names the server's death and stops the workers first."""
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        proc = _in_own_group(
+            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(1.0)  # files in flight
+            workers = worker_processes(coordinator)
+            server = next(
+                p
+                for p in coordinator.children()
+                if "multiprocessing.forkserver" in " ".join(p.cmdline()) and p not in workers
+            )
+            server.kill()
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, err
+    assert "Traceback" not in err, err
+    assert f"the fork server (pid {server.pid}) was killed by SIGKILL" in err, err
+    assert "exited with code 255" not in err, err
+    assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
+    assert [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")] == []

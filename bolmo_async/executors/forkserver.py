@@ -139,6 +139,31 @@ class _ForkServer:
 
 FORK_SERVER = _ForkServer()
 
+
+def server_death() -> str | None:
+    """How the fork server ended, if it has (``None``: running, or none of ours). Its end closes
+    every worker's status pipe, which ``multiprocessing`` reads as exit code 255 of each worker
+    although they run on. Looked at without reaping it (``release`` reaps it)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not isinstance(pid, int):
+        return None
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (OSError, AttributeError):
+        return None
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return f"the fork server (pid {pid}) exited with code {info.si_status}"
+    try:
+        name = signal.Signals(info.si_status).name
+    except ValueError:
+        name = f"signal {info.si_status}"
+    return f"the fork server (pid {pid}) was killed by {name}"
+
+
 #: Blocked in a thread that starts a helper process, which inherits the mask: Ctrl+C and a closed
 #: terminal's SIGHUP, which reach the whole process group, do not end it where it stands (a
 #: traceback from its imports, a resource tracker "relaunching" with a KeyError per semaphore);

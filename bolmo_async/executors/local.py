@@ -42,6 +42,7 @@ from .forkserver import (
     FORK_SERVER,
     START_METHOD_ENV,
     TERMINAL_SIGNALS,
+    server_death,
     start_fork_server,
     start_method,
     start_resource_tracker,
@@ -71,6 +72,33 @@ def _death(wid: int, pid: int | None, code: int | None) -> str:
         name = f"signal {-code}"
     why = " (the kernel's out-of-memory killer, or a kill -9: `dmesg` says which)" if -code == signal.SIGKILL else ""
     return f"{who} was killed by {name}{why}"
+
+
+def _running(pid: int) -> bool:
+    """Process ``pid`` runs (not a zombie); not a child of ours, so no exit code to wait for."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+def _end_orphan(pid: int) -> None:
+    """Stop a worker whose fork server died (no pipe says when it ends): SIGTERM, by which it
+    aborts its files and removes its own temporaries; after the grace, SIGKILL. Returns once it
+    is gone, so that its temporaries are never removed under it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_GRACE
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _running(pid):
+            return
 
 
 def usable_cores() -> int:
@@ -476,18 +504,26 @@ class Pool:
             self._stream = None
         code = member.process.exitcode if member.process is not None else None
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
+        pid = member.process.pid if member.process is not None else None
+        server = server_death() if self._forked and code == 255 and pid is not None else None
         # A worker that exits (not killed by a signal) before it is ready could not start at all:
         # the whole run would fail the same way. One killed meanwhile only loses its files.
         if not member.ready and member.process is not None and not member.exited and code is not None and code >= 0:
+            if server is not None and pid is not None:
+                _end_orphan(pid)  # (the server's death, not the worker's start, failed)
+                raise WorkerError(f"{server} before worker process {member.wid} was ready; rerun the same command")
             raise WorkerError(
                 f"worker process {member.wid} ended before it started ({how}). If you call bolmo_async from a "
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
                 "pass processes=1; otherwise rerun with BOLMO_ASYNC_DEBUG=1 and report its output."
             ) from None
-        died = _death(member.wid, member.process.pid if member.process is not None else None, code)
+        died = _death(member.wid, pid, code)
+        why = f"its {died}"
+        if server is not None:  # its status pipe closed (read as code 255): the worker may still run
+            why = died = f"{server}; worker process {member.wid} (pid {pid}), which it had started, is stopped"
         for kind, i in sorted(member.tasks):
             if kind == "file":
-                result.failed[self._spec.files[i].path] = f"its {died}; rerun to fetch it again"
+                result.failed[self._spec.files[i].path] = f"{why}; rerun to fetch it again"
                 n += 1
                 if progress is not None:
                     progress.file_done()
@@ -495,13 +531,15 @@ class Pool:
             # Said as it happens (the run's end may be long after): its files are not handed to the
             # other workers (one that killed its worker, by its memory, would kill them in turn).
             log.warning(
-                "%s holding %d file(s): they fail; the other workers go on, and a rerun of the same command "
-                "fetches them again",
+                "%s holding %d file(s): they fail; %sa rerun of the same command fetches them again",
                 died[0].upper() + died[1:],
                 n,
+                "" if server is not None else "the other workers go on, and ",
             )
         member.tasks.clear()
         member.exited = True
+        if server is not None and pid is not None:
+            _end_orphan(pid)
         self._remove_temporaries_of(member)
         return n
 
