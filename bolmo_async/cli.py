@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .entry import interrupted_at_start as _interrupted_at_start  # light: before the imports below
+from .entry import STOP_SIGNALS
 from .entry import stoppable as _stoppable
 
 # A stop while the imports below run (a second or so) ends quietly, not with a traceback from
@@ -898,6 +899,15 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def _note_stop_signal(signum: int, frame: Any) -> None:
+    """A stop signal while the command exits: noted, never raised (``_exit_now``)."""
+    global _stopped_by, _stopped_at
+    if _stopped_by is None:
+        import time
+
+        _stopped_by, _stopped_at = signum, time.monotonic()
+
+
 def _say_stopped(signum: int, resumes: bool = True) -> int:
     """The stop's one line (once); its exit code, 128 + the signal (the shell's convention)."""
     global _stop_said
@@ -942,6 +952,12 @@ def _exit_now(code: int) -> None:
     only the thread joins and the teardown are skipped."""
     import atexit
 
+    # From here a stop signal is only noted: raised inside an exit handler (multiprocessing's
+    # finalizers), it would print a traceback and skip the handlers after it (worker processes
+    # not reaped, semaphores reported leaked). The exit code is the run's, decided already.
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (no handler to set)
+        for sig in _stoppable() + [s for s in STOP_SIGNALS if signal.getsignal(s) is _on_stop_signal]:
+            signal.signal(sig, _note_stop_signal)
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
     logging.shutdown()

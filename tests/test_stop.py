@@ -340,3 +340,24 @@ def test_a_worker_killed_after_the_grace_leaves_no_temporary(repos, tmp_path):
     assert p.returncode == 130, err
     left = [q.name for q in [*out.iterdir(), *(out / "staging").iterdir()] if q.name.endswith(".tmp")]
     assert left == [], f"worker {frozen}, killed after the grace, left {left}"
+
+
+def test_a_stop_signal_during_the_exit_handlers_is_only_noted():
+    """A stop signal that lands while the command runs its exit handlers (multiprocessing's
+    finalizers reaping workers, say) raises nowhere: no traceback, and the handlers after it
+    still run."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, os, signal, sys\n"
+        "from bolmo_async import cli\n"
+        "atexit.register(lambda: print('the last handler ran', flush=True))\n"  # runs last (LIFO)
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "sys.argv = ['bolmo-async', '--version']\n"
+        "cli.main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    assert "the last handler ran" in p.stdout, p.stderr
+    assert p.returncode == 0, p.stderr
