@@ -361,3 +361,40 @@ def test_a_stop_signal_during_the_exit_handlers_is_only_noted():
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
     assert "the last handler ran" in p.stdout, p.stderr
     assert p.returncode == 0, p.stderr
+
+
+def test_the_worker_thread_starts_with_its_modules_imported(tmp_path, mirror):
+    """An in-process worker (``--processes 1``) finds the modules its loop needs imported before
+    its thread starts: a stop landing in an import the main thread and the worker thread were
+    both inside left the worker a half-made module and a traceback ("cannot import name 'Link'").
+    In a fresh interpreter, as the command line starts."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2, include=["data/common_crawl/*"])
+    script = (
+        "import sys, threading\n"
+        "import bolmo_async\n"
+        "from bolmo_async.executors.local import Pool\n"
+        "from bolmo_async.worker import WorkerSpec\n"
+        "from bolmo_async.models import Plan\n"
+        "from bolmo_async.tokenize import TokenizerSpec\n"
+        "seen = []\n"
+        "start = threading.Thread.start\n"
+        "def watched(self):\n"
+        "    if self.name == 'bolmo-worker':\n"
+        "        seen.append([m for m in ('download', 'filetask', 'hub', 'staging')\n"
+        "                     if 'bolmo_async.' + m not in sys.modules])\n"
+        "    start(self)\n"
+        "threading.Thread.start = watched\n"
+        f"p = bolmo_async.plan({str(out)!r}, endpoint={mirror.endpoint!r}, data_fraction=0.2,\n"
+        "                      include=['data/common_crawl/*'])\n"
+        f"spec = WorkerSpec(output_dir={str(out)!r}, files=p.files, repo_id=p.repo_id, commit=p.commit,\n"
+        f"                  endpoint={mirror.endpoint!r}, tokenizer=TokenizerSpec('byte'), eos=1)\n"
+        "Pool(1).start(spec)\n"
+        "print(seen)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[[]]", p.stdout + p.stderr

@@ -238,6 +238,12 @@ class Pool:
         self._spec = spec
         for mem in self.members:
             if mem.process is None:
+                # What the worker thread imports first, imported on this thread before it starts:
+                # a stop landing in an import both threads were inside left the worker thread a
+                # half-made module ("cannot import name ...", a traceback). Here it is a plain
+                # stop (the worker thread would import the same modules at once anyway).
+                from .. import download, filetask, hub, outdir, retry, staging  # noqa: F401
+
                 mem.worker = Worker(mem.wid, spec, mem.inbox.get, self.outbox.put)
                 mem.thread = threading.Thread(target=mem.worker.run, name="bolmo-worker", daemon=True)
                 mem.thread.start()
