@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .entry import interrupted_at_start as _interrupted_at_start  # light: before the imports below
 from .entry import STOP_SIGNALS
+from .entry import interrupted_at_start as _interrupted_at_start  # light: before the imports below
 from .entry import stoppable as _stoppable
 
 # A stop while the imports below run (a second or so) ends quietly, not with a traceback from
