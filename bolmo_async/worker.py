@@ -180,7 +180,9 @@ class Worker:
             warm.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._send(m.Ready(self.wid, tokenizer.info.engine))
             retry = RetryPolicy(max_attempts=spec.retries, read_timeout=spec.read_timeout)
-            async with make_session(max(spec.slots, spec.connections), retry) as session:
+            # The tasks end (a stop cancels them) before their session closes: closed under them,
+            # it failed a file cut short by the stop ("Session is closed") as if it had failed.
+            async with make_session(max(spec.slots, spec.connections), retry) as session, _ended_first(tasks):
                 client = HubClient(
                     session,
                     endpoint=spec.endpoint,
@@ -285,12 +287,15 @@ class Worker:
         except FATAL as exc:
             self._send(m.Fatal(self.wid, type(exc).__name__, str(exc)))
             self.cancel()
-        except BolmoError as exc:
-            log.error("failed: %s", exc)
-            self._send(m.Failed(self.wid, unit, str(exc), permanent=isinstance(exc, DecodeError)))
-        except BaseException as exc:  # one file's bug (or a Rust panic) never stops the others
-            log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
-            self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
+        except BaseException as exc:
+            if self._stop_shards.is_set():  # cut short by the stop (not staged: the rerun fetches it)
+                log.debug("%s stopped: %s: %s", pf.path, type(exc).__name__, exc)
+            elif isinstance(exc, BolmoError):
+                log.error("failed: %s", exc)
+                self._send(m.Failed(self.wid, unit, str(exc), permanent=isinstance(exc, DecodeError)))
+            else:  # one file's bug (or a Rust panic) never stops the others
+                log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
+                self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
         finally:
             turn.retire()
 
@@ -426,6 +431,18 @@ def limit_library_threads() -> None:
     its own."""
     for var in LIBRARY_THREAD_VARS:
         os.environ.setdefault(var, "1")
+
+
+@contextlib.asynccontextmanager
+async def _ended_first(tasks: set[asyncio.Task[None]]) -> Any:
+    """On the way out (a stop, an error), cancels ``tasks`` and waits for them to end."""
+    try:
+        yield
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def import_task_modules() -> None:

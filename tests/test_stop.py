@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -398,3 +399,45 @@ def test_the_worker_thread_starts_with_its_modules_imported(tmp_path, mirror):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[[]]", p.stdout + p.stderr
+
+
+def test_a_file_cut_short_by_a_stop_is_not_reported_failed(tmp_path, repos):
+    """A stop while files are still downloading (a slow link): they end as stopped (not staged,
+    fetched again by the rerun), never as failed because their session closed under them
+    ("unexpected RuntimeError: Session is closed")."""
+    from bolmo_async.mirror.server import MirrorThread, WanConfig
+    from bolmo_async.tokenize import TokenizerSpec
+
+    with MirrorThread(repos, wan=WanConfig(response_rate=100_000)) as mirror:
+        out = tmp_path / "o"
+        p = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=1)
+        spec = WorkerSpec(
+            output_dir=str(out),
+            files=p.files,
+            repo_id=p.repo_id,
+            commit=p.commit,
+            endpoint=mirror.endpoint,
+            tokenizer=TokenizerSpec("byte"),
+            eos=1,
+            slots=4,
+            connections=4,
+        )
+        inbox: queue.Queue[Any] = queue.Queue()
+        outbox: queue.Queue[Any] = queue.Queue()
+        worker = Worker(0, spec, inbox.get, outbox.put)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        for unit in range(len(spec.files)):
+            inbox.put(messages.FileTask(unit))
+        deadline = time.monotonic() + 60
+        while len(mirror.cdn_requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the responses are under way
+        worker.cancel()
+        inbox.put(messages.Stop())
+        thread.join(60)
+        assert not thread.is_alive()
+        sent = []
+        while not outbox.empty():
+            sent.append(outbox.get())
+        assert [msg for msg in sent if isinstance(msg, messages.Failed)] == []
