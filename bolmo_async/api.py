@@ -421,6 +421,7 @@ def _plan(
 def _say_unreused(out: OutputDir, old: Plan, new: Plan) -> None:
     """One line when files staged for the old fractions are not what the new plan stages (a
     partly-taken file is staged under its prefix length): they stay in ``staging/`` unused."""
+    from .outdir import STAGING
     from .staging import Staging
 
     keys = {f.key for f in new.files}
@@ -429,11 +430,12 @@ def _say_unreused(out: OutputDir, old: Plan, new: Plan) -> None:
     if left:
         log.info(
             "%d file(s) staged for --data-fraction %g are not reused by this plan (a partly-taken file is staged "
-            "per prefix length; %d of them partly taken): they stay in staging/ unused until `%s` (after a "
+            "per prefix length; %d of them partly taken): they stay in %s unused until `%s` (after a "
             "complete finalize) removes the whole staging",
             len(left),
             old.data_fraction,
             sum(1 for f in left if not f.whole),
+            out.ref(STAGING),
             command("finalize", "--output-dir", out, "--drop-staging"),
         )
 
