@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -187,6 +189,48 @@ def _in_own_group(*args: str, ignore: tuple[int, ...] = ()) -> subprocess.Popen[
     )
 
 
+@contextlib.contextmanager
+def _fetch_in_flight(
+    repos: object,
+    out: Path,
+    *,
+    fraction: str = "1",
+    trickle: float = 0.05,
+    ignore: tuple[int, ...] = (),
+    settle: float = 1.0,
+) -> Iterator[tuple[subprocess.Popen[str], psutil.Process]]:
+    """``fetch --processes 2`` from a mirror that trickles every body, in a process group of its
+    own (``_in_own_group``): (the process, the coordinator) once both workers run and the folder's
+    run.json exists, ``settle`` s later (files in flight). Killed, with its group, if it still runs."""
+    from bolmo_async.mirror import FaultConfig
+
+    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=trickle, max_per_path=10**6)
+    with MirrorThread(repos, faults=faults) as m:
+        proc = _in_own_group(
+            "fetch",
+            "-o",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            fraction,
+            "--processes",
+            "2",
+            ignore=ignore,
+        )
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(settle)
+            yield proc, coordinator
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_nothing(repos, tmp_path, sig):
@@ -195,33 +239,17 @@ def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_n
     shell's convention) with the one line saying how to resume, and has ended its workers and the
     fork server and removed every temporary by then. (SIGTERM exited 130; SIGHUP killed every
     process where it stood, leaving staging temporaries.)"""
-    from bolmo_async.mirror import FaultConfig
-
-    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
     out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        proc = _in_own_group(
-            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
-        )
-        try:
-            coordinator = psutil.Process(proc.pid)
-            deadline = time.monotonic() + 60
-            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-            time.sleep(1.0)  # files in flight
-            tree = [c for c in coordinator.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
-            os.killpg(proc.pid, sig)
-            _, err = proc.communicate(timeout=60)
-            assert proc.returncode == 128 + sig, err
-            assert "rerun the same command to resume" in err and "Traceback" not in err, err
-            left = [c for c in tree if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-            assert left == [], "still running after the coordinator exited"
-            temporaries = [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")]
-            assert temporaries == []
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with _fetch_in_flight(repos, out) as (proc, coordinator):
+        tree = [c for c in coordinator.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, err
+        assert "rerun the same command to resume" in err and "Traceback" not in err, err
+        left = [c for c in tree if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], "still running after the coordinator exited"
+        temporaries = [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")]
+        assert temporaries == []
 
 
 def test_ctrl_c_while_the_fork_server_imports_still_stops_every_worker(monkeypatch):
@@ -379,37 +407,13 @@ def test_a_pool_stopped_before_its_workers_have_their_spec_ends_them_without_the
 def test_sighup_ignored_as_nohup_does_is_left_ignored(repos, tmp_path):
     """``nohup bolmo-async ...``: the run inherits SIGHUP ignored and must keep it so (its
     workers and fork server too): the terminal closing does not stop it."""
-    from bolmo_async.mirror import FaultConfig
-
-    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.02, max_per_path=10**6)
     out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        proc = _in_own_group(
-            "fetch",
-            "-o",
-            str(out),
-            "--endpoint",
-            m.endpoint,
-            "--data-fraction",
-            "0.3",
-            "--processes",
-            "2",
-            ignore=(signal.SIGHUP,),
-        )
-        try:
-            coordinator = psutil.Process(proc.pid)
-            deadline = time.monotonic() + 60
-            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-            for _ in range(3):
-                time.sleep(0.3)
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGHUP)
-            _, err = proc.communicate(timeout=120)
-        finally:
+    with _fetch_in_flight(repos, out, fraction="0.3", trickle=0.02, ignore=(signal.SIGHUP,), settle=0) as (proc, _):
+        for _ in range(3):
+            time.sleep(0.3)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGHUP)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Share" not in err and "interrupted" not in err.lower()
 
@@ -468,34 +472,18 @@ def test_a_second_signal_does_not_cut_the_stop_short(repos, tmp_path):
     """SIGTERM, then the SIGHUP of the terminal closing (or a second Ctrl+C) while the first stop
     still waits for its workers: the second is only noted. It was a KeyboardInterrupt inside the
     stop's own clean-up (the workers' join, the temporaries' removal)."""
-    from bolmo_async.mirror import FaultConfig
-
-    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
     out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        proc = _in_own_group(
-            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
-        )
-        try:
-            coordinator = psutil.Process(proc.pid)
-            deadline = time.monotonic() + 60
-            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-            time.sleep(1.0)  # files in flight
-            workers = worker_processes(coordinator)
-            for w in workers:
-                w.suspend()  # slow to stop: the stop waits for them (its grace)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGHUP)
-            time.sleep(0.3)
-            for w in workers:
-                w.resume()
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with _fetch_in_flight(repos, out) as (proc, coordinator):
+        workers = worker_processes(coordinator)
+        for w in workers:
+            w.suspend()  # slow to stop: the stop waits for them (its grace)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        for w in workers:
+            w.resume()
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
@@ -507,32 +495,16 @@ def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_t
     """kill -9 of the fork server closes every worker's status pipe, which multiprocessing reads
     as exit code 255: the run blamed the workers ("exited with code 255") and removed their
     temporaries while they still ran. It names the server's death and stops the workers first."""
-    from bolmo_async.mirror import FaultConfig
-
-    faults = FaultConfig(rate=1.0, seed=0, kinds=("trickle",), trickle_delay=0.05, max_per_path=10**6)
     out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        proc = _in_own_group(
-            "fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+    with _fetch_in_flight(repos, out) as (proc, coordinator):
+        workers = worker_processes(coordinator)
+        server = next(
+            p
+            for p in coordinator.children()
+            if "multiprocessing.forkserver" in " ".join(p.cmdline()) and p not in workers
         )
-        try:
-            coordinator = psutil.Process(proc.pid)
-            deadline = time.monotonic() + 60
-            while len(worker_processes(coordinator)) < 2 or not (out / "run.json").exists():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-            time.sleep(1.0)  # files in flight
-            workers = worker_processes(coordinator)
-            server = next(
-                p
-                for p in coordinator.children()
-                if "multiprocessing.forkserver" in " ".join(p.cmdline()) and p not in workers
-            )
-            server.kill()
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        server.kill()
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, err
     assert "Traceback" not in err, err
     assert f"the fork server (pid {server.pid}) was killed by SIGKILL" in err, err
