@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from bolmo_async.inspector import read_index
+from bolmo_async.worker import WorkerSpec
 
 
 def read_documents(path: Path) -> list[tuple[int, str, str]]:
@@ -137,3 +138,18 @@ def report_prebuilt(json_path: str, special_tokens_as_text: bool, texts: list[st
     )
     ids, offsets = tok.encode_batch(texts)
     out.put((special_tokens_as_text, had, len(tokenize._PREBUILT), ids.tolist(), offsets.tolist()))
+
+
+def worker_spec(out: Any, plan: Any, endpoint: str, tokenizer: Any, eos: int, **more: Any) -> WorkerSpec:
+    """The spec of a worker staging ``plan``'s files into ``out`` (what the pool hands it), for
+    tests that drive a ``Worker`` themselves; ``more``: the spec's other fields."""
+    return WorkerSpec(
+        output_dir=str(out),
+        files=plan.files,
+        repo_id=plan.repo_id,
+        commit=plan.commit,
+        endpoint=endpoint,
+        tokenizer=tokenizer,
+        eos=eos,
+        **more,
+    )

@@ -15,10 +15,10 @@ from bolmo_async import messages, tokcache, tokenize
 from bolmo_async.entry import early_workers
 from bolmo_async.executors.forkserver import FORK_SERVER
 from bolmo_async.executors.local import START_METHOD_ENV
-from bolmo_async.worker import Worker, WorkerSpec
+from bolmo_async.worker import Worker
 
 from .conftest import DOLMA2, needs_dolma2
-from .helpers import readme_bpe_json, report_prebuilt
+from .helpers import readme_bpe_json, report_prebuilt, worker_spec
 
 TEXTS = ["Hello world", "def f(x):\n    return x  # <|endoftext|>", "é东京 ß 🚀", ""]
 
@@ -109,15 +109,8 @@ def test_a_worker_holds_its_engine_to_its_end(tmp_path, mirror, no_prebuilt):
     src = tokenize.load_tokenizer_source(str(DOLMA2))
     info = tokenize.checked_info(src, engine="tokenizers")
     tokenize.forget_probed()
-    spec = WorkerSpec(
-        output_dir=str(out),
-        files=p.files,
-        repo_id=p.repo_id,
-        commit=p.commit,
-        endpoint=mirror.endpoint,
-        tokenizer=tokenize.TokenizerSpec("subword", src, info.eos_token_id, True, "tokenizers", 1000, info),
-        eos=info.eos_token_id,
-    )
+    tok = tokenize.TokenizerSpec("subword", src, info.eos_token_id, True, "tokenizers", 1000, info)
+    spec = worker_spec(out, p, mirror.endpoint, tok, info.eos_token_id)
     inbox: queue.Queue[Any] = queue.Queue()
     outbox: queue.Queue[Any] = queue.Queue()
     worker = Worker(0, spec, inbox.get, outbox.put)

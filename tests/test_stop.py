@@ -25,6 +25,8 @@ from bolmo_async.executors.local import Pool
 from bolmo_async.tokenize import ByteTokenizer
 from bolmo_async.worker import Worker, WorkerSpec
 
+from .helpers import worker_spec
+
 
 class _Gated:
     """The real byte tokenizer, whose encode waits at ``gate`` (after setting ``entered``)."""
@@ -52,15 +54,7 @@ class _GatedSpec:
 
 def _spec(out: Any, mirror: Any, entered: threading.Event, gate: threading.Event) -> WorkerSpec:
     p = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2, include=["data/common_crawl/*"])
-    return WorkerSpec(
-        output_dir=str(out),
-        files=p.files,
-        repo_id=p.repo_id,
-        commit=p.commit,
-        endpoint=mirror.endpoint,
-        tokenizer=_GatedSpec(entered, gate),
-        eos=1,
-    )
+    return worker_spec(out, p, mirror.endpoint, _GatedSpec(entered, gate), 1)
 
 
 def _left_behind(out: Any) -> list[str]:
@@ -411,17 +405,7 @@ def test_a_file_cut_short_by_a_stop_is_not_reported_failed(tmp_path, repos):
     with MirrorThread(repos, wan=WanConfig(response_rate=100_000)) as mirror:
         out = tmp_path / "o"
         p = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=1)
-        spec = WorkerSpec(
-            output_dir=str(out),
-            files=p.files,
-            repo_id=p.repo_id,
-            commit=p.commit,
-            endpoint=mirror.endpoint,
-            tokenizer=TokenizerSpec("byte"),
-            eos=1,
-            slots=4,
-            connections=4,
-        )
+        spec = worker_spec(out, p, mirror.endpoint, TokenizerSpec("byte"), 1, slots=4, connections=4)
         inbox: queue.Queue[Any] = queue.Queue()
         outbox: queue.Queue[Any] = queue.Queue()
         worker = Worker(0, spec, inbox.get, outbox.put)

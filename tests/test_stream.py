@@ -24,9 +24,9 @@ from bolmo_async.planner import load_plan
 from bolmo_async.staging import Staging
 from bolmo_async.tokenize import TokenizerSpec
 from bolmo_async.util import CHECKSUM
-from bolmo_async.worker import Worker, WorkerSpec
+from bolmo_async.worker import Worker
 
-from .helpers import cli, shard_hashes
+from .helpers import cli, shard_hashes, worker_spec
 
 BOUND = 150_000
 
@@ -54,16 +54,7 @@ def _worker(out: Path) -> tuple[queue.Queue[Any], queue.Queue[Any], threading.Th
     folder = open_output(out)
     plan = load_plan(folder)
     assert plan is not None
-    spec = WorkerSpec(
-        output_dir=str(out),
-        files=plan.files,
-        repo_id=plan.repo_id,
-        commit=plan.commit,
-        endpoint=plan.endpoint,
-        tokenizer=TokenizerSpec("byte"),
-        eos=1,
-        claims=False,
-    )
+    spec = worker_spec(out, plan, plan.endpoint, TokenizerSpec("byte"), 1, claims=False)
     inbox: queue.Queue[Any] = queue.Queue()
     outbox: queue.Queue[Any] = queue.Queue()
     worker = Worker(0, spec, inbox.get, outbox.put)
