@@ -146,9 +146,11 @@ def test_a_stream_left_open_when_the_worker_stops_leaves_no_temporaries(staged):
 
 
 @pytest.mark.slow
-def test_prepare_streams_the_shard_being_filled_and_finalize_writes_the_same_bytes(repos, tmp_path):
+@pytest.mark.parametrize("stream", ["1", "0"])
+def test_prepare_streams_the_shard_being_filled_and_finalize_writes_the_same_bytes(repos, tmp_path, stream):
     """Real processes over the mirror: the shard being filled goes to a worker while the next files
-    are staged, and every shard is what ``finalize`` writes from the staging at once."""
+    are staged (not with BOLMO_ASYNC_SHARD_STREAM=0: each shard is written once its files are
+    staged), and every shard is what ``finalize`` writes from the staging at once."""
     out = tmp_path / "o"
     with MirrorThread(repos) as mirror:
         args = ["prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1", "--processes", "2"]
@@ -157,9 +159,10 @@ def test_prepare_streams_the_shard_being_filled_and_finalize_writes_the_same_byt
             capture_output=True,
             text=True,
             timeout=300,
+            env={**os.environ, "BOLMO_ASYNC_SHARD_STREAM": stream},
         )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "streaming shard" in r.stderr
+    assert ("streaming shard" in r.stderr) == (stream == "1")
     streamed = shard_hashes(json.loads((out / "manifest.json").read_text()))
     for shard in out.glob("bolmo_data_*"):
         shard.unlink()

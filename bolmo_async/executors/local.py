@@ -56,6 +56,11 @@ STOP_GRACE = 3.0
 START_TIMEOUT = 120.0
 #: Seconds a hand-out waits for its file's resolve at a time, its workers' messages read in between.
 RESOLVE_SLICE = 0.05
+#: The shard being filled is streamed to a worker while its files are staged (``_stream_step``).
+#: BOLMO_ASYNC_SHARD_STREAM=0 turns it off: each shard is then written once its files are staged
+#: (the same bytes), which costs wall time at the end of a run of many small files but less
+#: kernel CPU (its writes no longer overlap the staging's; README, "Performance").
+SHARD_STREAM = os.environ.get("BOLMO_ASYNC_SHARD_STREAM", "1") not in ("", "0")
 
 
 def _death(wid: int, pid: int | None, code: int | None) -> str:
@@ -276,7 +281,7 @@ class Pool:
         todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
         self._written_ahead = {}
-        self._open_shard = open_shard
+        self._open_shard = open_shard if SHARD_STREAM else None
         self._stream = None
         self._no_stream = set()
         slots = self._spec.slots
