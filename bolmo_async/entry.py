@@ -106,6 +106,12 @@ def main() -> None:
     early = early_workers(sys.argv[1:])
     if early is not None:
         start_workers_early(*early)
+    # The command's own process is no library user's: one thread for the numeric libraries here
+    # too, before numpy loads (the coordinator's numpy only lays out shards; OpenBLAS started a
+    # thread per other core that spun, 0.08-0.13 CPU s of a run). The user's setting wins.
+    from .worker import limit_library_threads
+
+    limit_library_threads()
     from .cli import main as cli_main
 
     cli_main()

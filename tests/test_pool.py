@@ -96,6 +96,25 @@ def test_spawn_is_the_way_back_and_a_bad_value_says_what_to_use(monkeypatch):
         start_method()
 
 
+@pytest.mark.parametrize("user", ["", "3"])
+def test_the_command_line_gives_numeric_libraries_one_thread_in_its_own_process_too(user):
+    """The ``bolmo-async`` command's own process (the coordinator) sets the thread count before
+    numpy loads: OpenBLAS started a spinning thread per other core there. A user's setting wins."""
+    code = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('threads', os.environ.get('OPENBLAS_NUM_THREADS')))\n"
+        "sys.argv = ['bolmo-async', '--version']\n"
+        "from bolmo_async.entry import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if user:
+        env["OPENBLAS_NUM_THREADS"] = user
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"threads {user or 1}", r.stdout
+
+
 def test_numeric_libraries_get_one_thread_in_workers_unless_the_user_said(tmp_path):
     """The fork server's preload sets the thread count before numpy loads (OpenBLAS starts its
     threads then); the user's own setting wins; the coordinator is never touched."""
