@@ -347,6 +347,13 @@ class Processor:
             for batch in self.decoder.finish():
                 self._emit(batch)
 
+    def verify_and_commit(self) -> dict[str, Any]:
+        """``verify``, then ``commit`` once it passed: one trip to a thread instead of two (each
+        costs thread handoffs, about 0.15 ms of CPU here: per file, on many small files, that
+        counts). An ``IntegrityError`` is the verify's, as before: nothing is staged then."""
+        self.verify()
+        return self.commit()
+
     # -- local files (--no-streaming, whole parquet) -------------------------------------
     def process_local(self, path: Path, sha: str) -> None:
         with self._lock:
@@ -749,6 +756,7 @@ async def run_file_task(
         return rec, None, got, {}
     proc: Processor = got
     ctx = task_ctx
+    committed: list[dict[str, Any]] = []  # the record, when staged on the verify's trip to a thread
     try:
         url = ctx.client.resolve_url(ctx.commit, pf.path)
         suffix = data_suffix(pf.path) or ""
@@ -783,12 +791,12 @@ async def run_file_task(
                 size=pf.size,
                 executor=ctx.executor,
                 on_bytes=ctx.on_bytes,
-                verify=proc.verify,
+                verify=lambda: committed.append(proc.verify_and_commit()),
                 link=ctx.link,
                 decoding=ctx.decoding,
                 cdn=cdn,
             )
-        rec = await loop.run_in_executor(ctx.executor, proc.commit)
+        rec = committed[0] if committed else await loop.run_in_executor(ctx.executor, proc.commit)
         return rec, read[0], proc.lengths, proc.shards
     except BaseException:
         proc.abort()

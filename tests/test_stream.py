@@ -206,3 +206,38 @@ def test_the_streaming_worker_killed_mid_run_loses_nothing_and_a_rerun_gives_the
         json.loads((clean / "manifest.json").read_text())
     )
     assert _temporaries(out) == []
+
+
+@pytest.mark.slow
+def test_a_file_is_verified_and_staged_in_one_trip_to_a_thread(repos, tmp_path, monkeypatch):
+    """A streamed file's verify and its commit run in one trip to a worker's CPU thread (each trip
+    costs thread handoffs, per file: on many small files that counts): no trip of its own for the
+    commit, and the shards are the same bytes."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bolmo_async.worker as worker_module
+
+    trips: collections.Counter[str] = collections.Counter()
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            if self._thread_name_prefix == "bolmo-cpu":
+                trips[getattr(fn, "__qualname__", type(fn).__name__)] += 1
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "ThreadPoolExecutor", Counting)
+    out = tmp_path / "o"
+    with MirrorThread(repos) as mirror:
+        manifest = bolmo_async.prepare(
+            out, endpoint=mirror.endpoint, data_fraction=0.5, max_tokens_per_file=BOUND, progress=False, processes=1
+        )
+    plan = load_plan(open_output(out))
+    assert plan is not None
+    streamed = [pf for pf in plan.files if not pf.path.endswith(".parquet")]
+    assert streamed, "the sample has files decoded as they stream"
+    assert trips["run_file_task.<locals>.<lambda>"] == len(streamed), trips  # verify, then commit
+    assert trips["Processor.commit"] == len(plan.files) - len(streamed), trips  # parquet's: on its own
+    for shard in out.glob("bolmo_data_*"):
+        shard.unlink()
+    assert shard_hashes(bolmo_async.finalize(out)) == shard_hashes(manifest)
