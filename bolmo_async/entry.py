@@ -68,7 +68,7 @@ def early_workers(argv: list[str]) -> tuple[int, str, str, str | None] | None:
             found[name] = value
         elif arg in _VALUED:
             found[arg] = next(args, "")
-    processes = found.get("--processes", found.get("--tokenizer-processes", ""))
+    processes = found.get("--processes", found.get("--tokenizer-processes", "0"))  # 0: one per core
     output_dir = found.get("--output-dir", found.get("-o", ""))
     if not processes.isdigit() or not output_dir:
         return None
@@ -76,28 +76,34 @@ def early_workers(argv: list[str]) -> tuple[int, str, str, str | None] | None:
 
 
 def start_workers_early(processes: int, output_dir: str, tokenizer: str, identifier: str | None) -> None:
-    """``--processes N`` (N > 1): the fork server the workers are forked from starts now, so that
-    its imports (0.5 CPU s) run on another core while this process imports and lists the repo;
-    with ``--processes 0`` their number is known only once the repo is listed. Not for a
-    location (``s3://``...): opening one sets the scratch folder its workers share in the
-    environment, which they inherit from the server (``outdir.store``), so the pool starts it
-    after that. In subword mode the server also builds the reference engine for its workers,
-    from the tokenizer's JSON as this machine knows it (``tokcache.json_to_prebuild``): each
-    would build its own. Once per process (a second call finds it started)."""
-    if processes <= 1 or "://" in output_dir:
+    """``--processes N`` (N > 1), or 0 (one per core, their number known once the repo is
+    listed) on a machine of more than one core: the fork server the workers are forked from
+    starts now, forked from this process once it has imported what a worker needs (which it
+    needs too: ``forkserver._ForkServer._fork_here``), before it starts any thread. A spawned
+    server imported it all again (0.5 CPU s), which a run with ``--processes 0`` waited for
+    after the listing. Unused (one worker on a thread: a small plan), it is only a fork that is
+    stopped at exit. Not for a location (``s3://``...): opening one sets the scratch folder its
+    workers share in the environment, which they inherit from the server (``outdir.store``), so
+    the pool starts it after that. With ``--processes N``, in subword mode, the server also builds
+    the reference engine for its workers, from the tokenizer's JSON as this machine knows it
+    (``tokcache.json_to_prebuild``): each would build its own. Once per process (a second call
+    finds it started)."""
+    if processes == 1 or "://" in output_dir:
+        return
+    from .executors.forkserver import start_fork_server, usable_cores
+
+    if processes == 0 and usable_cores() < 2:
         return
     from .util import prefer_system_allocator
 
-    prefer_system_allocator()  # the server inherits this process's environment as it starts
-    from .executors.forkserver import start_fork_server
-
+    prefer_system_allocator()  # before pyarrow loads: the server and its workers inherit it
     known = None
-    if tokenizer == "subword":
+    if tokenizer == "subword" and processes > 1:
         from .models import DEFAULT_TOKENIZER_ID
         from .tokcache import json_to_prebuild
 
         known = json_to_prebuild(identifier or DEFAULT_TOKENIZER_ID)
-    start_fork_server(str(known) if known is not None else None, processes)
+    start_fork_server(str(known) if known is not None else None, processes, fork=True)
 
 
 def main() -> None:

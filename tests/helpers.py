@@ -76,12 +76,24 @@ def worker_processes(root: Any) -> list[Any]:
     found = []
     for p in root.children(recursive=True):
         try:
-            cmd = " ".join(p.cmdline())
-            if "spawn_main" in cmd or ("multiprocessing.forkserver" in cmd and p.ppid() != root.pid):
+            if "spawn_main" in " ".join(p.cmdline()) or p.ppid() != root.pid:
                 found.append(p)
         except psutil.Error:  # ended meanwhile
             pass
     return found
+
+
+def is_fork_server(root: Any, p: Any) -> bool:
+    """Whether ``p``, a child of ``root`` (a coordinator), is its fork server: spawned (its own
+    command line) or, the command line's, forked from the coordinator (a copy of its command
+    line, which is no spawned worker's once that has exec'd, nor the resource tracker's)."""
+    import psutil
+
+    try:
+        cmd = p.cmdline()
+        return "multiprocessing.forkserver" in " ".join(cmd) or (p.ppid() == root.pid and cmd == root.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return False
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from bolmo_async.errors import UsageError
 from bolmo_async.executors.local import START_METHOD_ENV, Pool, start_method
 from bolmo_async.mirror import MirrorThread
 
-from .helpers import cli, shard_hashes, worker_processes
+from .helpers import cli, is_fork_server, shard_hashes, worker_processes
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -307,7 +307,7 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
     importing the workers' modules (~0.8 CPU s) when prepare has just started: the run stops with
     its one line, not a KeyboardInterrupt traceback from that import."""
     monkeypatch.setenv(START_METHOD_ENV, method)
-    marker = "multiprocessing.forkserver" if method == "forkserver" else "spawn_main"
+    marker = "spawn_main"
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
         proc = _in_own_group(
@@ -321,7 +321,11 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
                 assert time.monotonic() < deadline and proc.poll() is None
                 for c in coordinator.children():
                     with contextlib.suppress(psutil.Error):
-                        if marker in " ".join(c.cmdline()):
+                        if (
+                            is_fork_server(coordinator, c)
+                            if method == "forkserver"
+                            else marker in " ".join(c.cmdline())
+                        ):
                             server = c
                 time.sleep(0.005)
             time.sleep(0.05)  # in the middle of its imports
@@ -334,18 +338,26 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
 
-# A probe of when the fork server starts: the modules the coordinator had imported by then.
+# A probe of how the fork server starts: spawned (``ensure_running`` with no server yet) or forked
+# (the first ``os.fork`` of this process), and the modules this process had imported by then.
 _WHEN_SERVER_STARTS = """
-import json, sys
+import json, os, sys
 import multiprocessing.forkserver as fs
-seen = []
+seen = {"spawned": [], "forked": []}
+MODULES = ("aiohttp", "numpy", "pyarrow", "bolmo_async.filetask", "typer", "bolmo_async.cli", "bolmo_async.api")
 real = fs.ForkServer.ensure_running
 def probe(self):
-    if self._forkserver_pid is None and not seen:
-        seen.append(sorted(m for m in ("asyncio", "bolmo_async.api", "aiohttp", "numpy", "typer") if m in sys.modules))
+    if self._forkserver_pid is None and not seen["spawned"]:
+        seen["spawned"].append(sorted(m for m in MODULES if m in sys.modules))
     return real(self)
 fs.ForkServer.ensure_running = probe
 fs.ensure_running = fs._forkserver.ensure_running
+real_fork = os.fork
+def fork():
+    if not seen["forked"]:
+        seen["forked"].append(sorted(m for m in MODULES if m in sys.modules))
+    return real_fork()
+os.fork = fork
 import atexit
 atexit.register(lambda: print(json.dumps(seen)))
 sys.argv = ["bolmo-async", *sys.argv[1:]]
@@ -354,21 +366,29 @@ main()
 """
 
 
-def test_prepare_with_processes_starts_the_fork_server_before_its_own_imports(repos, tmp_path, monkeypatch):
-    """``--processes 2``: the fork server starts before the coordinator imports the API, asyncio,
-    the HTTP stack and numpy, so that its imports (the workers') run meanwhile on another core;
-    before typer and the CLI module too (0.1-0.15 s): the entry point reads the arguments first."""
+@pytest.mark.parametrize("processes", [["--processes", "2"], []])
+def test_the_fork_server_is_forked_from_the_command_once_it_has_the_workers_modules(
+    repos, tmp_path, monkeypatch, processes
+):
+    """``--processes 2``, or none given (one per core): the fork server is forked from the command's
+    process once that has imported the workers' modules (which it needs too), before typer, the CLI
+    module and the API: a server spawned as a new interpreter imported them all again (0.5 s of
+    CPU), which a run with ``--processes 0`` waited for after its listing, and a subword run's
+    build of the reference engine waited behind."""
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    if len(os.sched_getaffinity(0)) < 2 and not processes:
+        pytest.skip("one core: --processes 0 starts no worker process")
     with MirrorThread(repos) as m:
         args = ["prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", "0.2"]
         r = subprocess.run(
-            [sys.executable, "-c", _WHEN_SERVER_STARTS, *args, "--processes", "2", "--no-progress"],
+            [sys.executable, "-c", _WHEN_SERVER_STARTS, *args, *processes, "--no-progress"],
             capture_output=True,
             text=True,
             timeout=300,
         )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == [[]], r.stdout
+    seen = json.loads(r.stdout.splitlines()[-1])
+    assert seen == {"spawned": [], "forked": [["aiohttp", "bolmo_async.filetask", "numpy", "pyarrow"]]}, seen
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_CHILD_SUBREAPER)")
@@ -517,11 +537,7 @@ def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_t
     out = tmp_path / "o"
     with _fetch_in_flight(repos, out) as (proc, coordinator):
         workers = worker_processes(coordinator)
-        server = next(
-            p
-            for p in coordinator.children()
-            if "multiprocessing.forkserver" in " ".join(p.cmdline()) and p not in workers
-        )
+        server = next(p for p in coordinator.children() if is_fork_server(coordinator, p) and p not in workers)
         server.kill()
         _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, err

@@ -163,7 +163,7 @@ def test_the_json_a_hub_identifier_gave_is_kept_for_the_next_run(tmp_path, monke
             ["--scratch-dir", "s", "fetch", "-o", "o", "--tokenizer-processes", "2", "--tokenizer-identifier", "x/y"],
             (2, "o", "byte", "x/y"),
         ),
-        (["prepare", "-o", "out"], None),  # --processes 0: known once the repo is listed
+        (["prepare", "-o", "out"], (0, "out", "byte", None)),  # --processes 0: one per core
         (["fetch", "-o", "out", "--processes", "2", "--ray"], None),
         (["prepare", "-o", "out", "--processes", "2", "--help"], None),
         (["finalize", "-o", "out", "--processes", "2"], None),

@@ -20,7 +20,7 @@ from bolmo_async.errors import BolmoError, StateError
 from bolmo_async.mirror import MirrorThread
 from bolmo_async.outdir import open_output, staged_name
 
-from .helpers import cli, shard_hashes, worker_processes
+from .helpers import cli, is_fork_server, shard_hashes, worker_processes
 
 FRACTION = 0.3
 BOUND = 60_000
@@ -233,14 +233,18 @@ def test_workers_die_with_a_killed_coordinator(repos, tmp_path, when, method):
                 time.sleep(0.02)
                 children = coordinator.children(recursive=True)
                 # (a child shows its own command line once it has exec'd: before, a copy of ours)
-                starting = any(marker in cmdline(c) for c in children)
+                starting = any(
+                    is_fork_server(coordinator, c) if method == "forkserver" else marker in cmdline(c) for c in children
+                )
                 if when == "starting" and starting:
                     break
                 if when == "running" and len(worker_processes(coordinator)) >= 2 and (out / "run.json").exists():
                     time.sleep(1.0)
                     children = coordinator.children(recursive=True)
                     break
-            assert any(marker in cmdline(c) for c in children)
+            assert any(
+                is_fork_server(coordinator, c) if method == "forkserver" else marker in cmdline(c) for c in children
+            )
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             _, alive = psutil.wait_procs(children, timeout=20)

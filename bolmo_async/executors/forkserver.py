@@ -36,6 +36,13 @@ def start_method() -> str:
     return wanted
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class _ForkServer:
     """multiprocessing's fork server (one per process), shared by the pools alive at once: started
     by the first with ``bolmo_async.preload`` as its preload, stopped and reaped when the last ends.
@@ -47,12 +54,14 @@ class _ForkServer:
         self._ours = False
         self._early = 0  # holds of ``start_early`` that no pool has taken over yet
 
-    def start_early(self, prebuild: str | None = None, workers: int = 0) -> None:
+    def start_early(self, prebuild: str | None = None, workers: int = 0, fork: bool = False) -> None:
         """Start the server now, before any pool asks for it: its imports (0.5 CPU s) run on
         another core while this process imports and lists the repo, instead of after. Held as a
         user until the first pool takes it over; one no pool took is stopped at exit.
         ``prebuild``: a tokenizer JSON the server builds the reference engine from, for its
-        ``workers`` (``tokenize.prebuild_reference``)."""
+        ``workers`` (``tokenize.prebuild_reference``). ``fork``: the command line's own process,
+        which imports what the workers need anyway: the server is forked from it once it has
+        (``_fork_here``) instead of a new interpreter importing it all again."""
         from multiprocessing import forkserver
 
         from ..tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV
@@ -69,6 +78,7 @@ class _ForkServer:
         with self._lock:
             self._early += 1
             ours = self._ours
+        limited = self._imported_for_fork() if ours and fork else None
         if ours:
             # With SIGINT blocked, as ``Pool._start_forked`` starts it (the server inherits the mask):
             # a Ctrl+C is only deferred to the restored mask. The resource tracker first: starting
@@ -78,10 +88,11 @@ class _ForkServer:
             try:
                 start_resource_tracker()
                 signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
-                if prebuild:  # read by the server's preload: its environment is this one, as it starts
-                    os.environ[PREBUILD_ENV] = prebuild
-                    os.environ[PREBUILD_WORKERS_ENV] = str(workers)
-                forkserver.ensure_running()
+                if limited is None or not self._fork_here(prebuild, workers, limited):
+                    if prebuild:  # read by the server's preload: its environment is this one, as it starts
+                        os.environ[PREBUILD_ENV] = prebuild
+                        os.environ[PREBUILD_WORKERS_ENV] = str(workers)
+                    forkserver.ensure_running()
             except Exception as exc:  # the pool tries again, or spawns its workers
                 log.debug("fork server: not started early (%s: %s)", type(exc).__name__, exc)
             finally:
@@ -89,6 +100,85 @@ class _ForkServer:
                 os.environ.pop(PREBUILD_WORKERS_ENV, None)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         atexit.register(self._drop_early)  # (twice registered, it runs twice: the second finds nothing)
+
+    def _imported_for_fork(self) -> list[str] | None:
+        """Before ``_fork_here``: every module a worker needs imported in this process (which the
+        command imports anyway), with the settings a worker has (``LIBRARY_THREAD_VARS`` set to
+        one thread before numpy loads, set again in the server, not in this process's
+        environment: the variables it set), or None (nothing done) where the server is not to be
+        forked: a Python whose fork server this does not know (3.14 adds an authentication
+        key), numpy loaded before those settings, or a thread running."""
+        import sys
+        from multiprocessing import forkserver
+
+        from ..worker import LIBRARY_THREAD_VARS, import_task_modules
+
+        server = forkserver._forkserver
+        if (
+            not (3, 10) <= sys.version_info[:2] < (3, 14)
+            or getattr(server, "_forkserver_pid", 0) is not None
+            or not hasattr(server, "_forkserver_alive_fd")
+            or "numpy" in sys.modules
+            or threading.active_count() != 1
+        ):
+            return None
+        limited = [var for var in LIBRARY_THREAD_VARS if var not in os.environ]
+        for var in limited:
+            os.environ[var] = "1"
+        try:
+            import_task_modules()
+        finally:
+            for var in limited:
+                os.environ.pop(var, None)
+        return limited
+
+    def _fork_here(self, prebuild: str | None, workers: int, limited: list[str]) -> bool:
+        """The fork server as a fork of this process, which has imported every module a worker
+        needs (``_imported_for_fork``): a server spawned as a new interpreter imported them all
+        again (0.5 s of CPU, on the path of every run with worker processes: the coordinator
+        waited for it after the listing with ``--processes 0``, and a subword run waited for its
+        build of the reference engine behind them). Forked while this process runs no other
+        thread; the server is then what a spawned one is: multiprocessing's server loop
+        (``forkserver.main``) with ``bolmo_async.preload``'s settings (``_serve_forked``), a
+        child of this process that ``release`` kills and reaps. False (nothing done): a thread
+        runs; the caller spawns it then."""
+        import socket
+        from multiprocessing import connection, forkserver, util
+
+        server = forkserver._forkserver
+        if threading.active_count() != 1:
+            return False
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()
+            try:
+                pid = os.fork()
+                if pid == 0:  # the server: never returns, never runs this process's exit handlers
+                    code = 1
+                    try:
+                        os.close(alive_w)
+                        _serve_forked(listener.fileno(), alive_r, prebuild, workers, limited)
+                    except SystemExit:  # its coordinator let go of it
+                        code = 0
+                    except BaseException:
+                        import traceback
+
+                        traceback.print_exc()
+                    finally:
+                        os._exit(code)
+            except BaseException:
+                os.close(alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+        return True
 
     def _drop_early(self) -> None:
         with self._lock:
@@ -140,6 +230,30 @@ class _ForkServer:
 FORK_SERVER = _ForkServer()
 
 
+def _serve_forked(listener_fd: int, alive_r: int, prebuild: str | None, workers: int, limited: list[str]) -> None:
+    """The fork server forked from the command's process (``_ForkServer._fork_here``): what
+    ``bolmo_async.preload`` does in a spawned one but its imports (done), then multiprocessing's
+    server loop, which returns (SystemExit) when the coordinator lets go of it."""
+    from multiprocessing import forkserver
+
+    from ..tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV
+
+    for var in limited:  # the workers' environment, as a spawned server's
+        os.environ[var] = "1"
+    # A new interpreter's Ctrl+C handler, which the server hands its workers (not the command's).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as the preload's: a worker takes it back first thing
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if prebuild:
+        from ..tokenize import prebuild_reference
+
+        os.environ[PREBUILD_ENV] = prebuild
+        os.environ[PREBUILD_WORKERS_ENV] = str(workers)
+        prebuild_reference()
+    forkserver.main(listener_fd, alive_r, [], None, None)
+
+
 def server_death() -> str | None:
     """How the fork server ended, if it has (``None``: running, or none of ours). Its end closes
     every worker's status pipe, which ``multiprocessing`` reads as exit code 255 of each worker
@@ -183,11 +297,19 @@ def start_resource_tracker() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def start_fork_server(prebuild: str | None = None, workers: int = 0) -> None:
+def start_fork_server(prebuild: str | None = None, workers: int = 0, fork: bool = False) -> None:
     """For a command that will start worker processes (``--processes N``, N > 1): the fork server
     they are forked from starts now, before the coordinator's own imports (``_ForkServer.start_early``);
-    ``prebuild``: the tokenizer JSON it builds the reference engine from for them (``workers``)."""
-    FORK_SERVER.start_early(prebuild, workers)
+    ``prebuild``: the tokenizer JSON it builds the reference engine from for them (``workers``);
+    ``fork``: forked from this process, the command line's, once it imported the workers' modules."""
+    FORK_SERVER.start_early(prebuild, workers, fork)
 
 
-__all__ = ["FORK_SERVER", "START_METHOD_ENV", "start_fork_server", "start_method", "start_resource_tracker"]
+__all__ = [
+    "FORK_SERVER",
+    "START_METHOD_ENV",
+    "start_fork_server",
+    "start_method",
+    "start_resource_tracker",
+    "usable_cores",
+]

@@ -46,6 +46,7 @@ from .forkserver import (
     start_fork_server,
     start_method,
     start_resource_tracker,
+    usable_cores,
 )
 
 log = logging.getLogger("bolmo_async")
@@ -104,13 +105,6 @@ def _end_orphan(pid: int) -> None:
             time.sleep(0.02)
         if not _running(pid):
             return
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def check_not_bootstrapping() -> None:
