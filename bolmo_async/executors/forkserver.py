@@ -84,11 +84,18 @@ class _ForkServer:
             # a Ctrl+C is only deferred to the restored mask. The resource tracker first: starting
             # it unblocks SIGINT on its way out (multiprocessing's own), which the server would
             # then start with.
+            # (Not for a forked server: the pool starts the tracker with its first worker, and a
+            # run of one worker on a thread needs none.)
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                start_resource_tracker()
-                signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
-                if limited is None or not self._fork_here(prebuild, workers, limited):
+                forked = False
+                if limited is not None:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+                    forked = self._fork_here(prebuild, workers, limited)
+                if not forked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old | {signal.SIGINT})
+                    start_resource_tracker()
+                    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
                     if prebuild:  # read by the server's preload: its environment is this one, as it starts
                         os.environ[PREBUILD_ENV] = prebuild
                         os.environ[PREBUILD_WORKERS_ENV] = str(workers)
