@@ -4,8 +4,12 @@ the entry point that starts that server before anything else loads (``entry``)."
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,6 +79,58 @@ def test_workers_forked_from_the_server_start_with_the_reference_engine_it_built
     assert results[True] != results[False]  # each took it with its own option (<|endoftext|> in TEXTS)
     assert late[1:3] == (0, 0) and tuple(late[3:]) == _reference_ids(True)  # built its own
     assert "parallelism" not in capfd.readouterr().err
+
+
+# The same through a fork server forked from a fresh process (the command line's way): that
+# process imports the workers' modules, forks the server, which builds the engine and forks them.
+_FORKED_SERVER_PREBUILDS = """
+import json, os, sys
+from multiprocessing import forkserver
+from bolmo_async.executors.forkserver import FORK_SERVER, start_fork_server
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+start_fork_server(path, 2, fork=True)
+from tests.helpers import report_prebuilt  # (numpy: after the server's thread settings)
+pid = forkserver._forkserver._forkserver_pid
+with open(f"/proc/{pid}/cmdline", "rb") as a, open("/proc/self/cmdline", "rb") as b:
+    forked = a.read() == b.read()  # a copy of this process, not a new interpreter
+ctx = FORK_SERVER.acquire()
+out = ctx.Queue()
+procs = [ctx.Process(target=report_prebuilt, args=(path, s, texts, out)) for s in (True, False)]
+for p in procs:
+    p.start()
+got = [out.get(timeout=120) for _ in procs]
+for p in procs:
+    p.join(30)
+FORK_SERVER.release(reap=True)
+print(json.dumps({"forked": forked, "got": got}))
+"""
+
+
+@needs_dolma2
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_fork_server_forked_from_the_command_builds_the_engine_ahead_for_its_workers(monkeypatch):
+    """The command line forks its fork server from its own process once it has imported the
+    workers' modules (``entry.start_workers_early``): that server builds the reference engine
+    ahead as a spawned one does, and its workers take it and encode exactly as a fresh build."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-c", _FORKED_SERVER_PREBUILDS, str(DOLMA2), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.splitlines()[-1])
+    assert seen["forked"]
+    results = {g[0]: g[1:] for g in seen["got"]}
+    for special in (True, False):
+        had, left, ids, offsets = results[special]
+        assert (had, left) == (1, 0)  # found it, took it
+        assert (ids, offsets) == _reference_ids(special)
+    assert "parallelism" not in r.stderr
 
 
 @needs_dolma2
