@@ -152,11 +152,11 @@ class _ForkServer:
         import socket
         from multiprocessing import connection, forkserver, util
 
-        server = forkserver._forkserver
+        server: Any = forkserver._forkserver  # private: its three fields are what a started one sets
         if threading.active_count() != 1:
             return False
         with socket.socket(socket.AF_UNIX) as listener:
-            address = connection.arbitrary_address("AF_UNIX")
+            address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
             listener.bind(address)
             if not util.is_abstract_socket_namespace(address):
                 os.chmod(address, 0o600)
