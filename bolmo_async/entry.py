@@ -109,15 +109,16 @@ def start_workers_early(processes: int, output_dir: str, tokenizer: str, identif
 def main() -> None:
     for sig in stoppable():  # until the CLI has loaded and set its own (``cli``)
         signal.signal(sig, interrupted_at_start)
-    early = early_workers(sys.argv[1:])
-    if early is not None:
-        start_workers_early(*early)
     # The command's own process is no library user's: one thread for the numeric libraries here
     # too, before numpy loads (the coordinator's numpy only lays out shards; OpenBLAS started a
     # thread per other core that spun, 0.08-0.13 CPU s of a run). The user's setting wins.
+    # (Before the workers' start: it imports numpy, for the fork server it forks.)
     from .worker import limit_library_threads
 
     limit_library_threads()
+    early = early_workers(sys.argv[1:])
+    if early is not None:
+        start_workers_early(*early)
     from .cli import main as cli_main
 
     cli_main()
