@@ -154,7 +154,10 @@ class ShardWriter:
         with _unfinished_lock:
             _unfinished.add(self)
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw_csv, mtime=0, compresslevel=CSV_GZIP_LEVEL)
-        self._lane = _Lane()  # file writes and gzip, in order
+        # A lane each: the csv.gz rows queued behind a block's write made every piece's rows
+        # wait for that write (depth 1), so the next block was not built while the disk wrote.
+        self._lane = _Lane()  # the shard's blocks, in order
+        self._csv_lane = _Lane()  # its csv.gz rows, in order
         self.checksum = new_checksum()
         self.tokens = 0
         self.documents = 0  # csv rows (pieces of documents)
@@ -211,7 +214,7 @@ class ShardWriter:
 
     def rows(self, starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs: pa.Array) -> None:
         """csv.gz rows ``start,end,id,src,loc`` (no header), built by Arrow kernels, not per row."""
-        self._lane.put(self._gz.write, csv_rows(starts, ends, ids, src, locs))
+        self._csv_lane.put(self._gz.write, csv_rows(starts, ends, ids, src, locs))
         self.documents += len(ids)
 
     def close(self) -> dict[str, Any]:
@@ -225,6 +228,8 @@ class ShardWriter:
             self._lane.drain()
             self._lane.close()
             self._give_back()
+            self._csv_lane.drain()
+            self._csv_lane.close()
             self._gz.close()
         except BaseException:
             self.abort()
@@ -250,6 +255,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._lane.close()
+        self._csv_lane.close()
         self._give_back()
         self._f.abort()
         self._raw_csv.abort()

@@ -241,3 +241,46 @@ def test_a_file_is_verified_and_staged_in_one_trip_to_a_thread(repos, tmp_path, 
     for shard in out.glob("bolmo_data_*"):
         shard.unlink()
     assert shard_hashes(bolmo_async.finalize(out)) == shard_hashes(manifest)
+
+
+def test_a_shards_csv_rows_never_wait_for_its_block_being_written(tmp_path):
+    """A shard's csv.gz rows go to a lane of their own: queued behind a block's write (depth 1),
+    every piece's rows waited for the disk, and the next block was not built meanwhile (the
+    streamed shard of many small files fell behind, then ended the run alone, disk-bound)."""
+    import gzip
+
+    import numpy as np
+    import pyarrow as pa
+
+    from bolmo_async import finalizer
+    from bolmo_async.finalizer import ShardWriter
+
+    folder = open_output(tmp_path)
+    writer = ShardWriter(folder, 0)
+    held, writing = threading.Event(), threading.Event()
+    real = writer._write
+
+    def slow_disk(data: Any) -> None:  # the block's write takes as long as the test holds it
+        writing.set()
+        held.wait(60)
+        real(data)
+
+    writer._write = slow_disk  # type: ignore[method-assign]
+    ids = np.arange(finalizer.BLOCK_BYTES // 4 + 5, dtype=np.uint32)
+    try:
+        writer.write(ids)  # one whole block handed to the disk, 5 ids in the next
+        assert writing.wait(30)
+        rows = threading.Thread(
+            target=writer.rows,
+            args=(np.array([0]), np.array([len(ids)]), pa.array(["doc"]), "src", pa.array([0])),
+            daemon=True,
+        )
+        rows.start()
+        rows.join(5)
+        assert not rows.is_alive(), "the rows waited for the block's write"
+    finally:
+        held.set()
+    rec = writer.close()
+    assert rec["tokens"] == len(ids) and rec["documents"] == 1
+    assert (tmp_path / Path(rec["path"]).name).read_bytes() == ids.astype("<u4").tobytes()
+    assert gzip.decompress((tmp_path / Path(rec["csv"]).name).read_bytes()) == f"0,{len(ids)},doc,src,0\n".encode()
