@@ -25,6 +25,7 @@ from .errors import (
     StateError,
     TokenizerError,
     UsageError,
+    interrupted_by,
     signal_of,
 )
 from .executors import Executor, Pool, check_not_bootstrapping, choose, usable_cores
@@ -76,9 +77,10 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
 )
 
 
-def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; a stop signal (``STOP_SIGNALS``, except one this process ignores: ``nohup``)
-    cancels it (finished work is kept) -> FetchIncomplete(interrupted)."""
+def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
+    """Run ``coro`` (``doing``: what it does, as the stop's line says it); a stop signal
+    (``STOP_SIGNALS``, except one this process ignores: ``nohup``) cancels it ->
+    FetchIncomplete(interrupted). It runs before a run stages anything."""
 
     async def main() -> T:
         task = asyncio.current_task()
@@ -106,10 +108,11 @@ def run_interruptible(coro: Coroutine[Any, Any, T]) -> T:
         try:
             return await coro
         except asyncio.CancelledError as exc:
+            signum = stopped_by[0] if stopped_by else signal.SIGINT
             raise FetchIncomplete(
-                "Interrupted. Finished files are staged; rerun the same command to resume.",
+                f"{interrupted_by(signum)} while {doing}, before this run staged any file; rerun the same command to resume",
                 interrupted=True,
-                signum=stopped_by[0] if stopped_by else signal.SIGINT,
+                signum=signum,
             ) from exc
         finally:
             for sig, previous in installed:
@@ -173,7 +176,7 @@ def _model_file_fetcher(endpoint: str) -> Callable[[str, str], bytes | None]:
     def fetch(repo_id: str, name: str) -> bytes | None:
         if (repo_id, name) not in fetched:
             names = _TOKENIZER_FILES if name in _TOKENIZER_FILES else (name,)
-            got = run_interruptible(_fetch_model_files(endpoint, repo_id, names))
+            got = run_interruptible(_fetch_model_files(endpoint, repo_id, names), "downloading the tokenizer")
             fetched.update(((repo_id, n), r) for n, r in zip(names, got, strict=True))
         answer = fetched[(repo_id, name)]
         if isinstance(answer, BaseException):
@@ -398,7 +401,9 @@ def _plan(
     elif others := out.others():
         log.warning("%s", out.others_warning(others))
     log.info("listing %s@%s at %s ...", repo_id, existing.commit[:12] if existing else revision, ep)
-    commit, files = run_interruptible(_list(ep, repo_id, revision, existing.commit if existing else None))
+    commit, files = run_interruptible(
+        _list(ep, repo_id, revision, existing.commit if existing else None), "listing the repository"
+    )
     if not files:
         raise StateError(f"{repo_id}@{revision} lists no data files ({', '.join(('.jsonl.zst', '.parquet', '...'))}).")
     p = make_plan(
@@ -723,7 +728,7 @@ def _fetch(
             the_plan = existing
             _same_endpoint(the_plan, ep)
             if not listing_checked:
-                run_interruptible(_check_listing(the_plan, ep))
+                run_interruptible(_check_listing(the_plan, ep), "checking the repository's listing")
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
             if on_plan is not None:
@@ -808,22 +813,37 @@ def _fetch(
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
         total = sum(the_plan.files[u].read_bytes for u in units)
+        staged_now = 0  # files this run staged (said if it is stopped)
+        to_stage = set(fresh)
+
+        def on_staged(unit: int, lengths: Any) -> Any:
+            nonlocal staged_now
+            staged_now += unit in to_stage
+            return shards.staged(unit, lengths) if shards is not None else []
+
         with Progress(len(units), total, enabled=progress, kind=f"{info.kind} tokens") as prog:
             try:
                 result = pool.run(
                     units,
                     resolve_ahead=fresh,  # not the staged ones: the Hub's resolver budget
                     progress=prog,
-                    on_staged=shards.staged if shards is not None else None,
+                    on_staged=on_staged,
                     on_files_done=shards.finish if shards is not None else None,
                     layout_at=shards.layout_at if shards is not None else None,
                     open_shard=shards.open_shard if shards is not None else None,
                 )
             except KeyboardInterrupt as exc:
+                signum = signal_of(exc)
+                kept = already + staged_now
+                said = (
+                    f"{interrupted_by(signum)}: the files staged so far are kept"  # (Ray's are not counted here)
+                    if not isinstance(pool, Pool)
+                    else f"{interrupted_by(signum)}: {kept} of the {len(units)} planned file(s) are staged and kept"
+                    if kept
+                    else f"{interrupted_by(signum)} before any of the {len(units)} planned file(s) was staged"
+                )
                 raise FetchIncomplete(
-                    "Interrupted. Finished files are staged; rerun the same command to resume.",
-                    interrupted=True,
-                    signum=signal_of(exc),
+                    f"{said}; rerun the same command to resume", interrupted=True, signum=signum
                 ) from None
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))

@@ -33,7 +33,7 @@ for _sig in _AT_START:
 
 import typer
 
-from .errors import BolmoError, Interrupted, OutputClosed, signal_of
+from .errors import BolmoError, Interrupted, OutputClosed, interrupted_by, signal_of
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
@@ -913,9 +913,9 @@ def _say_stopped(signum: int, resumes: bool = True) -> int:
     global _stop_said
     if not _stop_said:
         _stop_said = True
-        name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        said = interrupted_by(signum)
         with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no more output
-            typer.secho(f"interrupted{name}; rerun the same command to resume" if resumes else "interrupted", err=True)
+            typer.secho(f"{said}; rerun the same command to resume" if resumes else said, err=True)
     return 128 + signum
 
 

@@ -138,6 +138,19 @@ def signal_of(exc: BaseException) -> int:
     return getattr(exc, "signum", SIGINT)
 
 
+def interrupted_by(signum: int) -> str:
+    """How every stop line starts: "interrupted" (Ctrl+C) or "interrupted (SIGTERM)", naming any
+    other stop signal (a scheduler's SIGTERM, a closed terminal's SIGHUP)."""
+    from signal import Signals
+
+    if signum == SIGINT:
+        return "interrupted"
+    try:
+        return f"interrupted ({Signals(signum).name})"
+    except ValueError:
+        return f"interrupted (signal {signum})"
+
+
 class StreamError(Exception):
     """The compressed stream itself is corrupt or truncated (raised by ``decode.Decompressor``)."""
 

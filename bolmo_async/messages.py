@@ -123,6 +123,7 @@ class Log:
 @dataclass(frozen=True, slots=True)
 class Exit:
     wid: int
+    signum: int = 0  # the stop signal the worker process was sent (0: none; it ended by itself)
 
 
 ToWorker = FileTask | ShardTask | ShardStream | Stop

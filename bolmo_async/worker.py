@@ -98,6 +98,7 @@ class Worker:
         self._main: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_shards = threading.Event()
+        self._stopped_by = 0  # the stop signal this worker process was sent itself (0: none)
         self._decoding = PlanOrderSlots(1)  # files decoding at once, in plan order (set per spec)
         self._closed_streams: set[int] = set()  # shards streamed here that ended, failed or were dropped
         self._tokenizer: Any = None  # the run's tokenizer, once built (``_serve``)
@@ -121,8 +122,10 @@ class Worker:
             self._flush_progress()
 
     # -- running ---------------------------------------------------------------------
-    def cancel(self) -> None:
-        """Stop now (from any thread): tasks in flight are aborted, their temporaries removed."""
+    def cancel(self, signum: int = 0) -> None:
+        """Stop now (from any thread): tasks in flight are aborted, their temporaries removed.
+        ``signum``: the signal this process was sent (its exit says so to the coordinator)."""
+        self._stopped_by = self._stopped_by or signum
         self._stop_shards.set()
         if self._loop is not None and self._main is not None:
             with contextlib.suppress(RuntimeError):  # its loop has ended already
@@ -140,7 +143,7 @@ class Worker:
             pass
         finally:
             self._flush_progress()
-            self._send(m.Exit(self.wid))
+            self._send(m.Exit(self.wid, self._stopped_by))
 
     async def _serve(self) -> None:
         from .download import Link
@@ -528,7 +531,7 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
         return
     worker = Worker(wid, spec, inbox.get, outbox.put)
     holder.append(worker)
-    signal.signal(signal.SIGTERM, lambda *_: worker.cancel())
+    signal.signal(signal.SIGTERM, lambda signum, _: worker.cancel(signum))
     try:
         worker.run()
     except BaseException as exc:

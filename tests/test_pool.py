@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -265,6 +266,11 @@ def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_n
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + sig, err
         assert "rerun the same command to resume" in err and "Traceback" not in err, err
+        # The stop's line names the signal, and what it kept (counted: a stop at once kept none).
+        assert re.search(
+            rf"interrupted \({signal.Signals(sig).name}\)(: \d+ of the \d+ planned file\(s\) are staged and kept| before any of)",
+            err,
+        ), err
         left = [c for c in tree if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert left == [], "still running after the coordinator exited"
         temporaries = [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")]
@@ -546,3 +552,52 @@ def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_t
     assert "exited with code 255" not in err, err
     assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
     assert [p.name for p in [*out.iterdir(), *(out / "staging").iterdir()] if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_staged(repos, tmp_path, sig):
+    """A stop during the repository's listing said "Interrupted. Finished files are staged" (none
+    existed) and never named SIGTERM or SIGHUP: the line says what was stopped, by what, and that
+    this run staged nothing."""
+    from bolmo_async.mirror import WanConfig
+
+    out = tmp_path / "o"
+    with MirrorThread(repos, wan=WanConfig(rtt=1.0)) as m:
+        proc = subprocess.Popen(
+            cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "0.1", "--no-progress"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            port = int(m.endpoint.rsplit(":", 1)[1])
+            listing = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 60
+            # Connected to the mirror: the listing's first request waits its round trip (1 s).
+            while not any(c.raddr and c.raddr.port == port for c in listing.net_connections("tcp")):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.005)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert f"interrupted ({name}) while listing the repository, before this run staged any file" in err, err
+    assert "Finished files are staged" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_sigterm_to_one_worker_is_named_as_what_stopped_it(repos, tmp_path):
+    """``kill PID`` of one worker process: it stops cleanly (its files fail, a rerun fetches them),
+    and its files' reason said only "stopped", not by what."""
+    out = tmp_path / "o"
+    with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
+        worker = worker_processes(coordinator)[0]
+        worker.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"(pid {worker.pid}) was stopped by SIGTERM; rerun to fetch it again" in err, err

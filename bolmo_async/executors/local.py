@@ -64,20 +64,26 @@ RESOLVE_SLICE = 0.05
 SHARD_STREAM = os.environ.get("BOLMO_ASYNC_SHARD_STREAM", "1") not in ("", "0")
 
 
-def _death(wid: int, pid: int | None, code: int | None) -> str:
-    """How worker process ``wid`` ended, as a user can check it: its exit code, or the signal that
-    killed it (SIGKILL: most often the kernel's out-of-memory killer, which ``dmesg`` names)."""
+def _death(wid: int, pid: int | None, code: int | None, stopped_by: int = 0) -> str:
+    """How worker process ``wid`` ended, as a user can check it: its exit code, the signal that
+    killed it (SIGKILL: most often the kernel's out-of-memory killer, which ``dmesg`` names), or
+    the stop signal it was sent (``stopped_by``: it stopped cleanly on it)."""
     who = f"worker process {wid}" + (f" (pid {pid})" if pid is not None else "")
+    if stopped_by:
+        return f"{who} was stopped by {_signal_name(stopped_by)}"
     if code is None:
         return f"{who} stopped"
     if code >= 0:
         return f"{who} exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
     why = " (the kernel's out-of-memory killer, or a kill -9: `dmesg` says which)" if -code == signal.SIGKILL else ""
-    return f"{who} was killed by {name}{why}"
+    return f"{who} was killed by {_signal_name(-code)}{why}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _running(pid: int) -> bool:
@@ -129,6 +135,7 @@ class _Member:
         self.worker: Worker | None = None
         self.tasks: set[tuple[str, int]] = set()
         self.exited = False
+        self.stopped_by = 0  # the stop signal its process said it was sent (``messages.Exit``)
         self.ready = False
 
     def alive(self) -> bool:
@@ -442,6 +449,7 @@ class Pool:
                 raise rebuild(msg.error, msg.message)
             case m.Exit():
                 member.exited = True
+                member.stopped_by = msg.signum
                 return self._lost(member, result, progress)
         return 0
 
@@ -522,7 +530,7 @@ class Pool:
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
                 "pass processes=1; otherwise rerun with BOLMO_ASYNC_DEBUG=1 and report its output."
             ) from None
-        died = _death(member.wid, pid, code)
+        died = _death(member.wid, pid, code, member.stopped_by)
         why = f"its {died}"
         if server is not None:  # its status pipe closed (read as code 255): the worker may still run
             why = died = f"{server}; worker process {member.wid} (pid {pid}), which it had started, is stopped"
