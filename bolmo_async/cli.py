@@ -157,11 +157,42 @@ def _setup_logging(verbose: bool) -> None:
 _PIPE_CLOSED_EXIT = 141
 
 
+#: The command's output is all it does (``inspect``): its reader gone, it ends at once.
+_output_is_the_work = False
+#: Standard output's reader has gone (``... | head``): the rest of the report is dropped.
+_output_closed = False
+
+
 def _say(msg: str = "") -> None:
+    """One line of the command's report on stdout. Its reader gone (``| head``): a command whose
+    output is its work (``inspect``) ends at once, quietly, status 141; every other one finishes
+    its work (a fetch is not stopped by its report's reader), drops the rest of its report and
+    exits 141 where it would have exited 0 (its own failure's status wins)."""
+    global _output_closed
+    if _output_closed:
+        return
     try:
-        typer.echo(msg)
+        _write_out(msg + "\n")
     except BrokenPipeError:
-        raise OutputClosed from None
+        _output_closed = True
+        with contextlib.suppress(OSError):  # what is still buffered for it goes nowhere, quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if _output_is_the_work:
+            raise OutputClosed from None
+
+
+def _write_out(text: str) -> None:
+    """``text`` on stdout, all of it or BrokenPipeError: one large write (``inspect --json``) that
+    the pipe took only in part came back as written in full, the rest lost without an error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation: a captured stdout)
+        typer.echo(text, nl=False)
+        return
+    sys.stdout.flush()
+    data = memoryview(text.encode(sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict"))
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _print_plan(plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID) -> None:
@@ -732,6 +763,8 @@ def inspect_cmd(
     _before_api()
     from . import api
 
+    global _output_is_the_work
+    _output_is_the_work = True
     rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length), resumes=False)
     if as_json:
         _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
@@ -929,12 +962,10 @@ def main() -> None:
     except KeyboardInterrupt as exc:  # between commands' own handling (argument parsing, summaries)
         _exit_now(_say_stopped(signal_of(exc)))
     except OutputClosed:
-        with contextlib.suppress(OSError):  # what is still buffered for it goes nowhere, quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _exit_now(_PIPE_CLOSED_EXIT)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
+            code = exc.code or (_PIPE_CLOSED_EXIT if _output_closed else 0)
             if _stopped_by is not None and code:
                 # Typer turns a KeyboardInterrupt raised outside a command's own handling (its
                 # imports, a summary) into a silent exit 130, whatever the signal.
