@@ -541,8 +541,10 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
         # A shard a thread still writes (a stopped file's, a stopped shard task's: they are never
         # joined) goes with this process: its temporaries' names now.
         from .finalizer import abandon_unfinished
+        from .outdir.local import abandon_temporaries
 
         abandon_unfinished()
+        abandon_temporaries()
         outbox.close()
         outbox.join_thread()  # every message is out
     os._exit(0)  # no interpreter teardown: nothing left to wait for

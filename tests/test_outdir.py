@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -518,3 +519,120 @@ def test_temporaries_a_killed_run_left_beside_the_shards_go_when_a_run_next_hold
     with od.lock():
         assert not any((tmp_path / "o" / n).exists() for n in names)
     assert [p.read_text() for p in mine] == ["mine", "mine"]
+
+
+def _temporaries_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_stop_signal_right_after_a_temporary_is_opened_leaves_nothing(tmp_path, monkeypatch):
+    """A stop right after plan.json left `.run.json.<pid>-<hex>.tmp`: the signal landed between
+    the temporary's open and the ``try`` that would abort it. A real SIGINT to this process, sent
+    as the open returns (Python raises it at once, in the constructor)."""
+    import signal
+
+    from bolmo_async.outdir import local
+
+    od = local.LocalDir(tmp_path / "o")
+    od.create()
+    real_open = os.open
+
+    def open_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(*args, **kwargs)
+        if str(args[0]).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return fd
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(local.os, "open", open_then_signal)
+            with pytest.raises(KeyboardInterrupt):
+                od.write_text("run.json", "{}")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert _temporaries_in(tmp_path / "o") == []
+    assert [t for t in local._open_temporaries if t.is_relative_to(tmp_path)] == []
+
+
+def test_a_stop_signal_after_a_temporary_is_made_leaves_nothing_at_exit(tmp_path):
+    """The signal can also land after the temporary's constructor returned and before its
+    writer's ``try`` (``new_file`` and ``write_bytes`` run no handler there, but any code that
+    makes a file can have such a gap): the process's exit handlers remove what it did not commit
+    or abort. A real SIGINT, raised as a ``NewFile`` is handed back; the interpreter exits on it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from bolmo_async.outdir import local
+        od = local.LocalDir({str(tmp_path / "o")!r})
+        od.create()
+        class Late(local.LocalNewFile):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                os.kill(os.getpid(), signal.SIGINT)
+        local.LocalNewFile = Late
+        od.write_text("run.json", "{{}}")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "KeyboardInterrupt" in r.stderr, r.stderr
+    assert _temporaries_in(tmp_path / "o") == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pid namespaces")
+def test_a_dead_writers_temporaries_are_found_by_pid_and_pid_space_not_pid_alone(tmp_path):
+    """`fetch --worker` shares in containers over one shared folder: a pid means one process only
+    inside its pid namespace. A share removing the temporaries of its dead worker with pid P
+    removed those of another share's live process of the same pid P. A process in a pid namespace
+    of its own (``unshare``) holds a temporary in the folder; the pid it has there is dead here."""
+    import shutil as sh
+    import subprocess
+    import textwrap
+
+    from bolmo_async.outdir import local
+
+    if sh.which("unshare") is None:
+        pytest.skip("unshare(1)")
+    out = tmp_path / "o"
+    od = local.LocalDir(out)
+    od.create()
+    (out / "staging").mkdir(exist_ok=True)
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        from bolmo_async.outdir import local
+        od = local.LocalDir({str(out)!r})
+        f = od.new_file("staging/a.npy")
+        f.write(b"live")
+        f.flush()
+        print(os.getpid(), flush=True)
+        sys.stdin.read()  # alive until told
+        f.abort()
+        """
+    )
+    args = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        if not line:
+            pytest.skip(f"no pid namespace here: {proc.stderr.read() if proc.stderr else ''}")
+        theirs = int(line)
+        live = _temporaries_in(out / "staging")
+        assert len(live) == 1 and f".{theirs}-" in live[0], live
+        assert od.remove_temporaries_of(theirs) == 0  # their pid, but not in this pid space
+        assert _temporaries_in(out / "staging") == live
+        mine = od.new_file("staging/b.npy")  # (a dead writer of this space is still found)
+        mine.write(b"x")
+        mine.flush()
+        assert od.remove_temporaries_of(os.getpid()) == 1
+        assert _temporaries_in(out / "staging") == live
+    finally:
+        if proc.poll() is None:
+            proc.communicate("", timeout=30)
+    assert _temporaries_in(out / "staging") == []

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -64,8 +65,8 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-#: A temporary's name: ``.<target name, cut>.<pid>-<random>.tmp``; the cut keeps it under the
-#: filesystem's 255-byte limit whatever the target is called.
+#: A temporary's name: ``.<target name, cut>.<pid>-<pid space>-<random>.tmp``; the cut keeps it
+#: under the filesystem's 255-byte limit whatever the target is called.
 _TMP_NAME_BYTES = 100
 
 
@@ -93,8 +94,54 @@ def translate(exc: OSError, where: str | os.PathLike[str], folder: str) -> BaseE
     return exc
 
 
+@functools.cache
+def pid_space() -> str:
+    """Where this process's pid means this process: 8 hex digits of the kernel's boot id and this
+    process's pid namespace. ``fetch --worker`` shares in containers (a pid namespace each) or on
+    machines (a boot id each) over one shared folder reuse each other's pids: a dead writer's
+    temporaries are found by its pid in this space, never another share's live ones. The host's
+    name where /proc tells neither."""
+    import hashlib
+
+    parts = []
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id", "rb") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid").encode())
+    if len(parts) < 2:
+        import socket
+
+        parts.append(socket.gethostname().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:8]
+
+
 def temp_name(target: Path) -> Path:
-    return target.with_name(f".{fit_name(target.name, _TMP_NAME_BYTES)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    cut = fit_name(target.name, _TMP_NAME_BYTES)
+    return target.with_name(f".{cut}.{os.getpid()}-{pid_space()}-{secrets.token_hex(4)}.tmp")
+
+
+#: The temporaries this process has created and neither committed nor aborted: removed at exit
+#: (``abandon_temporaries``). A stop signal can land between a temporary's creation and the
+#: ``try`` of the code that would abort it (a stop right after plan.json left
+#: ``.run.json.<pid>-<hex>.tmp``); registered before the file exists, no such window is left.
+_open_temporaries: set[Path] = set()
+
+
+def abandon_temporaries() -> int:
+    """Unlink every temporary this process made and did not commit or abort (how many): at exit
+    (``atexit``: the command line's ``_exit_now`` runs it too), and by a worker process before its
+    ``os._exit``. A write still going on (a thread left to end with its process) lands in an
+    unlinked file."""
+    n = 0
+    for tmp in list(_open_temporaries):
+        _open_temporaries.discard(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+            n += 1
+    return n
+
+
+atexit.register(abandon_temporaries)
 
 
 #: ``temp_name``'s names for the folder's own files (shards, their csv.gz, the metadata): what a
@@ -102,9 +149,10 @@ def temp_name(target: Path) -> Path:
 _OWN_NAMES = "|".join([rf"{SHARD_PREFIX}\d{{5,}}\.(?:npy|csv\.gz)", *(re.escape(n) for n in DOCUMENTS if "/" not in n)])
 
 
-def _temporaries(names: str, pid: str = r"\d+") -> re.Pattern[str]:
-    """``temp_name``'s temporaries of the files ``names`` (a regex) written by process ``pid``."""
-    return re.compile(rf"^\.(?:{names})\.{pid}-[0-9a-f]{{8}}\.tmp$")
+def _temporaries(names: str, pid: str = r"\d+", space: str = r"(?:[0-9a-f]{8}-)?") -> re.Pattern[str]:
+    """``temp_name``'s temporaries of the files ``names`` (a regex) written by process ``pid`` in
+    pid space ``space`` (by default any writer, and those named before pid spaces were)."""
+    return re.compile(rf"^\.(?:{names})\.{pid}-{space}[0-9a-f]{{8}}\.tmp$")
 
 
 _TMP_RE = _temporaries(_OWN_NAMES)
@@ -165,10 +213,12 @@ class LocalNewFile:
         self.folder = folder
         self.tmp = temp_name(target)
         self.size = 0
+        self.fd = -1
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
         odirect = getattr(os, "O_DIRECT", 0) if direct and DIRECT_IO else 0
         self.direct = False
         self._buffer: io.BufferedWriter | None = None
+        _open_temporaries.add(self.tmp)  # before it exists: a stop from here on cannot leave it
         try:
             if odirect:
                 try:
@@ -180,9 +230,17 @@ class LocalNewFile:
                         raise
             self.fd = os.open(self.tmp, flags, ordinary_mode())
         except OSError as exc:
+            _open_temporaries.discard(self.tmp)
             raise translate(exc, target, folder) from exc
+        except BaseException:  # a stop signal right after the open (its fd, maybe not kept: at exit)
+            self.abort()
+            raise
         if not direct:  # many small writes (Arrow's, gzip's): buffered
-            self._buffer = io.BufferedWriter(io.FileIO(self.fd, "wb", closefd=False), 1 << 20)
+            try:
+                self._buffer = io.BufferedWriter(io.FileIO(self.fd, "wb", closefd=False), 1 << 20)
+            except BaseException:
+                self.abort()
+                raise
 
     def _ordinary(self) -> None:
         import fcntl
@@ -231,6 +289,7 @@ class LocalNewFile:
                 os.fsync(self.fd)
             self._close()
             os.replace(self.tmp, self.target)  # replaces a link at the target, never follows it
+            _open_temporaries.discard(self.tmp)
         except OSError as exc:
             self.abort()
             raise translate(exc, self.target, self.folder) from exc
@@ -251,12 +310,14 @@ class LocalNewFile:
     def unlink_early(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+        _open_temporaries.discard(self.tmp)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self._close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
+        _open_temporaries.discard(self.tmp)
 
 
 _held: set[str] = set()  # folder locks this process holds (prepare runs plan, fetch, finalize inside)
@@ -471,10 +532,11 @@ class LocalDir(OutputDir):
         _unlink_matching(self.root, _TMP_RE)
 
     def remove_temporaries_of(self, pid: int) -> int:
-        n = _unlink_matching(self.root, _temporaries(_OWN_NAMES, str(pid)))
+        mine = f"{pid_space()}-"  # (a --worker share elsewhere may have a live process of that pid)
+        n = _unlink_matching(self.root, _temporaries(_OWN_NAMES, str(pid), mine))
         staging = self.root / STAGING
         if not staging.is_symlink():  # what lies behind a link at staging/ is not ours to clean
-            n += _unlink_matching(staging, _temporaries(".+", str(pid)))
+            n += _unlink_matching(staging, _temporaries(".+", str(pid), mine))
         return n
 
     def _claim_fd(self, key: str) -> int:
