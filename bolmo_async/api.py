@@ -1115,7 +1115,15 @@ def prepare(
             pool=pool,
             **options,
         )
-    except FetchIncomplete:
+    except BaseException as exc:
+        # ``_fetch`` ends the pool once it holds it; an error or a stop before (its first lines:
+        # a stop within milliseconds of plan.json) left it to the interpreter's exit, which
+        # unlinks the queues' semaphores before it ends the workers: one still being forked
+        # printed "FileNotFoundError ... SemLock._rebuild". Ending it twice does nothing.
+        if pool is not None:
+            pool.__exit__(type(exc), exc, exc.__traceback__)
+        if not isinstance(exc, FetchIncomplete):
+            raise
         if allow_incomplete and out.exists_file(RUN_STATE) and _staged_any(out):
             manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)
             log.warning(

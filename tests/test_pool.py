@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -601,3 +602,61 @@ def test_sigterm_to_one_worker_is_named_as_what_stopped_it(repos, tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert f"(pid {worker.pid}) was stopped by SIGTERM; rerun to fetch it again" in err, err
+
+
+def test_a_stop_before_the_fetch_holds_prepares_early_workers_still_ends_them(repos, tmp_path, monkeypatch):
+    """``prepare`` starts its worker processes before it plans; ``_fetch`` ends them once it holds
+    them. A stop in between (within milliseconds of plan.json) left them to the interpreter's
+    exit, which unlinks their queues' semaphores first: a worker still being forked printed
+    "FileNotFoundError ... SemLock._rebuild". A real SIGINT, sent as ``_fetch`` is entered."""
+    from bolmo_async import api
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+
+    def at_fetch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is api._fetch.__code__:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with MirrorThread(repos) as m, pytest.raises(KeyboardInterrupt):
+            sys.setprofile(at_fetch)
+            try:
+                bolmo_async.prepare(tmp_path / "o", endpoint=m.endpoint, data_fraction=0.3, processes=2, progress=False)
+            finally:
+                sys.setprofile(None)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert (tmp_path / "o" / "plan.json").exists()
+    me = psutil.Process()
+    until = time.monotonic() + 3.0  # (left alone, they would be up within the fork server's imports)
+    while time.monotonic() < until:
+        left = [w for w in worker_processes(me) if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], "workers left running, to be ended by the interpreter's exit"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_a_stop_just_after_plan_json_with_workers_being_forked_prints_no_traceback(repos, tmp_path):
+    """SIGHUP to the job a few ms after plan.json appears (the workers still being forked): 5 of
+    20 such runs printed a worker's "FileNotFoundError ... SemLock._rebuild" traceback."""
+    with MirrorThread(repos) as m:
+        for i in range(12):
+            out = tmp_path / f"o{i}"
+            proc = _in_own_group(
+                "prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "1", "--processes", "2"
+            )
+            try:
+                while not (out / "plan.json").exists() and proc.poll() is None:
+                    time.sleep(0.0005)
+                time.sleep(0.002)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGHUP)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            assert "Traceback" not in err and "Error" not in err, (i, err)
+            assert [p.name for p in out.rglob("*.tmp")] == [], i

@@ -161,6 +161,7 @@ class Pool:
         self._spec: WorkerSpec | None = None
         self._starting: threading.Event | None = None  # set once every worker process is started
         self._forked = False
+        self._ended = False  # stopped or closed (once: a second call does nothing)
         # Shards workers wrote while staging their file (``FileTask.layout``): index -> (pieces, record).
         self._written_ahead: dict[int, tuple[list[Any], dict[str, Any]]] = {}
         self._open_shard: OpenShardCallback | None = None
@@ -571,6 +572,9 @@ class Pool:
     # -- stopping --------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop every worker now: in-flight files are aborted and their temporaries removed."""
+        if self._ended:
+            return
+        self._ended = True
         self._started()
         for mem in self.members:
             if mem.worker is not None:
@@ -589,6 +593,9 @@ class Pool:
 
     def close(self) -> None:
         """Let idle workers finish and exit (after ``run``), or stop them."""
+        if self._ended:
+            return
+        self._ended = True
         for mem in self.members:
             with contextlib.suppress(Exception):
                 mem.inbox.put(m.Stop() if self._spec is not None else None)
