@@ -660,3 +660,33 @@ def test_a_stop_just_after_plan_json_with_workers_being_forked_prints_no_traceba
                     os.killpg(proc.pid, signal.SIGKILL)
             assert "Traceback" not in err and "Error" not in err, (i, err)
             assert [p.name for p in out.rglob("*.tmp")] == [], i
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_killed_resource_tracker_stops_the_run_with_one_line(repos, tmp_path):
+    """kill -9 of multiprocessing's resource tracker: multiprocessing relaunched it with a warning,
+    and the new one printed a KeyError traceback per semaphore; the run then exited 0, the
+    tracker's duty (removing the semaphores should the run die) silently lost. It is named, and
+    the run stops (a rerun resumes), with no traceback."""
+    out = tmp_path / "o"
+    with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
+        (tracker,) = [p for p in coordinator.children() if "resource_tracker import main" in " ".join(p.cmdline())]
+        tracker.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"multiprocessing's resource tracker (pid {tracker.pid}) was killed by SIGKILL" in err, err
+    assert "rerun the same command to resume" in err, err
+    assert "Traceback" not in err and "relaunching" not in err, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_coordinator_killed_with_kill_9_leaves_no_stdlib_warning(repos, tmp_path):
+    """kill -9 of the coordinator: its workers end with it, and the resource tracker removes the
+    semaphores it leaves, as it should, but said so in a stdlib warning on the terminal ("There
+    appear to be 9 leaked semaphore objects to clean up at shutdown")."""
+    out = tmp_path / "o"
+    with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
+        coordinator.kill()
+        _, err = proc.communicate(timeout=60)  # (until every process of the run has let go of stderr)
+    assert proc.returncode == -signal.SIGKILL
+    assert "leaked" not in err and "Traceback" not in err and "Warning" not in err, err

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -285,6 +286,37 @@ def server_death() -> str | None:
     return f"the fork server (pid {pid}) was killed by {name}"
 
 
+def tracker_death() -> str | None:
+    """How multiprocessing's resource tracker ended, if it has (``None``: running, or none of
+    ours), said once. Killed (``kill -9``), multiprocessing relaunched it at the next semaphore
+    it let go of, with a warning, and the new one printed a KeyError traceback for every
+    semaphore the dead one had held. Seen here, it is not relaunched: each semaphore is still
+    unlinked by whoever lets go of it (``SemLock._cleanup``), only no longer reported."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    pid = getattr(tracker, "_pid", None)
+    if not isinstance(pid, int):
+        return None
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (OSError, AttributeError):
+        return None
+    if info is None:
+        return None
+    with contextlib.suppress(OSError):
+        os.waitpid(pid, 0)  # (reaped: it is not reported twice)
+    tracker._pid = None  # type: ignore[attr-defined]
+    resource_tracker.register = resource_tracker.unregister = lambda name, rtype: None
+    if info.si_code == os.CLD_EXITED:
+        return f"multiprocessing's resource tracker (pid {pid}) exited with code {info.si_status}"
+    try:
+        name = signal.Signals(info.si_status).name
+    except ValueError:
+        name = f"signal {info.si_status}"
+    return f"multiprocessing's resource tracker (pid {pid}) was killed by {name}"
+
+
 #: Blocked in a thread that starts a helper process, which inherits the mask: Ctrl+C and a closed
 #: terminal's SIGHUP, which reach the whole process group, do not end it where it stands (a
 #: traceback from its imports, a resource tracker "relaunching" with a KeyError per semaphore);
@@ -292,11 +324,20 @@ def server_death() -> str | None:
 TERMINAL_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name)}
 
 
+#: The resource tracker's own warnings (all start "resource_tracker"), as a -W option.
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
 def start_resource_tracker() -> None:
     """multiprocessing's resource tracker (started by the first queue of a pool, or the fork
     server), with SIGHUP blocked: it ignores SIGINT and SIGTERM itself, not SIGHUP."""
     from multiprocessing import resource_tracker
 
+    # A coordinator killed with kill -9 leaves its queues' semaphores to the tracker, which removes
+    # them, as it should, and said so in a stdlib warning ("There appear to be 9 leaked semaphore
+    # objects"): quiet (its command line takes this process's -W options; only its own warnings).
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
     try:
         resource_tracker.ensure_running()
@@ -318,5 +359,6 @@ __all__ = [
     "start_fork_server",
     "start_method",
     "start_resource_tracker",
+    "tracker_death",
     "usable_cores",
 ]
