@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -607,3 +608,27 @@ def test_a_run_piped_into_head_finishes_its_work_and_says_its_report_was_cut(tmp
         again = run_cli(*args)  # nothing left to do: the first run did it all
         assert again.returncode == 0, again.stderr
         assert "(0 fetched now" in again.stdout or "nothing to do" in again.stderr, (command, again.stdout)
+
+
+def test_a_stop_signal_handled_inside_a_weakref_callback_is_not_lost():
+    """The stop handler raises where the signal lands; inside a weakref callback (or a ``__del__``
+    the garbage collector calls) Python cannot raise: it printed "Exception ignored in ...
+    Interrupted: 1" and the run went on to exit 0, its SIGHUP lost (1 of 20 SIGHUPs just after
+    plan.json). A real SIGTERM, sent from inside a real weakref callback, still stops."""
+    code = (
+        "import os, signal, time, weakref\n"
+        "from bolmo_async import cli\n"
+        "cli._stop_handling()\n"
+        "class A: pass\n"
+        "a = A()\n"
+        "r = weakref.ref(a, lambda _: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "try:\n"
+        "    del a\n"
+        "    time.sleep(5)\n"
+        "    print('went on')\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    print('stopped by', exc.signum)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == f"stopped by {int(signal.SIGTERM)}", (r.stdout, r.stderr)
+    assert "Exception ignored" not in r.stderr, r.stderr
