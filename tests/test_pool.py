@@ -262,7 +262,11 @@ def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_n
     process where it stood, leaving staging temporaries.)"""
     out = tmp_path / "o"
     with _fetch_in_flight(repos, out) as (proc, coordinator):
-        tree = [c for c in coordinator.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+        tree = [
+            c
+            for c in coordinator.children(recursive=True)
+            if "resource_tracker import main" not in " ".join(c.cmdline())
+        ]
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + sig, err
@@ -302,7 +306,7 @@ def test_ctrl_c_while_the_fork_server_imports_still_stops_every_worker(monkeypat
     left = [
         c
         for c in me.children(recursive=True)
-        if c.pid not in before and "resource_tracker" not in " ".join(c.cmdline())
+        if c.pid not in before and "resource_tracker import main" not in " ".join(c.cmdline())
     ]
     assert [c for c in left if c.status() != psutil.STATUS_ZOMBIE] == []
 

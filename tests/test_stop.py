@@ -324,7 +324,7 @@ def test_a_worker_killed_after_the_grace_leaves_no_temporary(repos, tmp_path):
             deadline = time.monotonic() + 120
             while frozen is None and p.poll() is None and time.monotonic() < deadline:
                 for name in os.listdir(out / "staging") if (out / "staging").is_dir() else []:
-                    hit = re.match(r"^\..*\.(\d+)-[0-9a-f]{8}\.tmp$", name)
+                    hit = re.match(r"^\..*\.(\d+)-[0-9a-f]{8}-[0-9a-f]{8}\.tmp$", name)  # pid, pid space, random
                     if hit and int(hit.group(1)) != p.pid:
                         frozen = int(hit.group(1))
                         os.kill(frozen, signal.SIGSTOP)

@@ -273,7 +273,7 @@ def test_a_worker_killed_while_writing_shards_leaves_no_temporaries_behind(mirro
     while proc.poll() is None and time.monotonic() < deadline:
         names = [n for n in (os.listdir(out) if out.is_dir() else []) if re.match(r"^\.bolmo_data.*\.tmp$", n)]
         if names:
-            pid = int(re.search(r"\.(\d+)-[0-9a-f]{8}\.tmp$", names[0]).group(1))  # type: ignore[union-attr]
+            pid = int(re.search(r"\.(\d+)-[0-9a-f]{8}-[0-9a-f]{8}\.tmp$", names[0]).group(1))  # type: ignore[union-attr]
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.005)
