@@ -694,3 +694,43 @@ def test_a_coordinator_killed_with_kill_9_leaves_no_stdlib_warning(repos, tmp_pa
         _, err = proc.communicate(timeout=60)  # (until every process of the run has let go of stderr)
     assert proc.returncode == -signal.SIGKILL
     assert "leaked" not in err and "Traceback" not in err and "Warning" not in err, err
+
+
+_INTERRUPTED_IN_POOL = """
+import multiprocessing, sys, threading, time
+from bolmo_async.executors.forkserver import start_fork_server
+from bolmo_async.executors.local import Pool
+
+def on_call(frame, event, arg):  # a stop signal as it lands: raised at one exact point
+    if frame.f_code is threading.Thread.start.__code__ and frame.f_back.f_code is Pool.__init__.__code__:
+        return on_return
+    return None
+
+def on_return(frame, event, arg):
+    if event == "return":
+        sys.settrace(None)
+        raise KeyboardInterrupt
+    return on_return
+
+start_fork_server(None, 2, fork=True)  # as the command line does: the server is ready at once
+sys.settrace(on_call)
+try:
+    Pool(2)
+except KeyboardInterrupt:
+    time.sleep(2.0)  # what the starting thread would have started by now
+    print("alive:", [p.name for p in multiprocessing.active_children()], flush=True)
+"""
+
+
+def test_a_stop_while_the_pool_starts_its_thread_stops_the_workers_it_starts(monkeypatch):
+    """A stop signal that lands while ``Pool()`` starts the thread that starts its workers
+    (``Thread.start`` waits for it to run: --processes 2, SIGTERM 0.7 s in, 1 run in 10-20): the
+    pool never reached its caller, so nothing stopped it, and the thread started its workers
+    anyway; the command exited under them, its queues' semaphores removed while a worker still
+    unpickled them, and the fork server's child printed a FileNotFoundError traceback. The pool
+    stops them itself before the stop goes on."""
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_IN_POOL], capture_output=True, text=True, timeout=120)
+    assert "alive: []" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]

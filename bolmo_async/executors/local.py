@@ -188,15 +188,29 @@ class Pool:
             # when the mask is restored.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
             try:
-                for mem in self.members:
-                    mem.process.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                try:
+                    for mem in self.members:
+                        mem.process.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            except BaseException:  # a stop delivered as the mask is restored: see below
+                self.stop()
+                raise
             return
         # A fork waits for the fork server's imports (the first pool of a process: ~1 s): on a
         # thread, while this one lists the repo and loads the tokenizer.
         self._starting = threading.Event()
-        threading.Thread(target=self._start_forked, name="bolmo-start", daemon=True).start()
+        try:
+            threading.Thread(target=self._start_forked, name="bolmo-start", daemon=True).start()
+        except BaseException as exc:
+            # A stop signal while the thread starts (``Thread.start`` waits for it to run): no
+            # caller has this pool to stop, and the thread starts its workers anyway; the command
+            # exited under them, its queues' semaphores removed while a worker still unpickled
+            # them (a FileNotFoundError or EOFError traceback from the fork server's child).
+            if isinstance(exc, Exception):  # the thread could not start: no worker will
+                self._starting.set()
+            self.stop()
+            raise
 
     def _process(self, ctx: Any, mem: _Member, share: int) -> Any:
         return ctx.Process(
