@@ -284,3 +284,36 @@ def test_a_shards_csv_rows_never_wait_for_its_block_being_written(tmp_path):
     assert rec["tokens"] == len(ids) and rec["documents"] == 1
     assert (tmp_path / Path(rec["path"]).name).read_bytes() == ids.astype("<u4").tobytes()
     assert gzip.decompress((tmp_path / Path(rec["csv"]).name).read_bytes()) == f"0,{len(ids)},doc,src,0\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("value", "streams"), [(None, True), ("1", True), ("on", True), ("0", False), ("false", False), ("Off", False)]
+)
+def test_the_stream_switch_reads_on_and_off_when_a_pool_is_made(monkeypatch, value, streams):
+    """``BOLMO_ASYNC_SHARD_STREAM`` is read when a pool is made (an API user may set it between
+    runs), and its usual spellings of on and off mean what they say."""
+    from bolmo_async.executors.local import Pool
+
+    if value is None:
+        monkeypatch.delenv("BOLMO_ASYNC_SHARD_STREAM", raising=False)
+    else:
+        monkeypatch.setenv("BOLMO_ASYNC_SHARD_STREAM", value)
+    assert Pool(1)._streams is streams
+
+
+def test_a_stream_switch_that_is_neither_on_nor_off_is_refused_before_any_work(repos, tmp_path):
+    """``BOLMO_ASYNC_SHARD_STREAM=maybe`` is a usage error naming the variable and its values (exit
+    2, one line, no traceback), not read silently as on."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as mirror:
+        r = subprocess.run(
+            cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.01", "--no-progress"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "BOLMO_ASYNC_SHARD_STREAM": "maybe"},
+        )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "BOLMO_ASYNC_SHARD_STREAM='maybe'" in r.stderr and "use 1" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(out.glob("bolmo_data_*"))

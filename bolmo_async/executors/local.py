@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any
 
 from .. import messages as m
-from ..errors import WorkerError, rebuild
+from ..errors import UsageError, WorkerError, rebuild
 from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
@@ -62,7 +62,20 @@ RESOLVE_SLICE = 0.05
 #: BOLMO_ASYNC_SHARD_STREAM=0 turns it off: each shard is then written once its files are staged
 #: (the same bytes), which costs wall time at the end of a run of many small files but less
 #: kernel CPU (its writes no longer overlap the staging's; README, "Performance").
-SHARD_STREAM = os.environ.get("BOLMO_ASYNC_SHARD_STREAM", "1") not in ("", "0")
+SHARD_STREAM_ENV = "BOLMO_ASYNC_SHARD_STREAM"
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def shard_stream() -> bool:
+    """Whether the shard being filled is streamed (``BOLMO_ASYNC_SHARD_STREAM``, read when a pool is
+    made, so an API user may set it between runs): unset means on; a value that is neither on nor
+    off is refused rather than read as one of them."""
+    wanted = os.environ.get(SHARD_STREAM_ENV, "").strip().lower()
+    if wanted in ("", *_ON):
+        return True
+    if wanted in _OFF:
+        return False
+    raise UsageError(f"{SHARD_STREAM_ENV}={wanted!r}: use 1 (on, the default) or 0 (off), or leave it unset")
 
 
 def _death(wid: int, pid: int | None, code: int | None, stopped_by: int = 0) -> str:
@@ -166,6 +179,7 @@ class Pool:
         # Shards workers wrote while staging their file (``FileTask.layout``): index -> (pieces, record).
         self._written_ahead: dict[int, tuple[list[Any], dict[str, Any]]] = {}
         self._open_shard: OpenShardCallback | None = None
+        self._streams = shard_stream()
         self._stream: tuple[int, _Member, int] | None = None  # shard streamed, its worker, pieces sent
         self._no_stream: set[int] = set()  # shards whose stream failed: written at once
         if self.processes == 1:
@@ -298,7 +312,7 @@ class Pool:
         todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
         self._written_ahead = {}
-        self._open_shard = open_shard if SHARD_STREAM else None
+        self._open_shard = open_shard if self._streams else None
         self._stream = None
         self._no_stream = set()
         slots = self._spec.slots
