@@ -269,21 +269,30 @@ def server_death() -> str | None:
     from multiprocessing import forkserver
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    info = _ended(pid)
+    return None if info is None else _how(f"the fork server (pid {pid})", info)
+
+
+def _ended(pid: object) -> Any:
+    """The exit status of our child ``pid`` if it has ended, left unreaped (``None``: running,
+    not a pid, or not our child)."""
     if not isinstance(pid, int):
         return None
     try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except (OSError, AttributeError):
         return None
-    if info is None:
-        return None
+
+
+def _how(what: str, info: Any) -> str:
+    """``what`` exited with code N / was killed by SIGNAME, from ``os.waitid``'s result."""
     if info.si_code == os.CLD_EXITED:
-        return f"the fork server (pid {pid}) exited with code {info.si_status}"
+        return f"{what} exited with code {info.si_status}"
     try:
         name = signal.Signals(info.si_status).name
     except ValueError:
         name = f"signal {info.si_status}"
-    return f"the fork server (pid {pid}) was killed by {name}"
+    return f"{what} was killed by {name}"
 
 
 def tracker_death() -> str | None:
@@ -296,25 +305,14 @@ def tracker_death() -> str | None:
 
     tracker = resource_tracker._resource_tracker
     pid = getattr(tracker, "_pid", None)
-    if not isinstance(pid, int):
-        return None
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except (OSError, AttributeError):
-        return None
-    if info is None:
+    info = _ended(pid)
+    if info is None or not isinstance(pid, int):
         return None
     with contextlib.suppress(OSError):
         os.waitpid(pid, 0)  # (reaped: it is not reported twice)
     tracker._pid = None  # type: ignore[attr-defined]
     resource_tracker.register = resource_tracker.unregister = lambda name, rtype: None
-    if info.si_code == os.CLD_EXITED:
-        return f"multiprocessing's resource tracker (pid {pid}) exited with code {info.si_status}"
-    try:
-        name = signal.Signals(info.si_status).name
-    except ValueError:
-        name = f"signal {info.si_status}"
-    return f"multiprocessing's resource tracker (pid {pid}) was killed by {name}"
+    return _how(f"multiprocessing's resource tracker (pid {pid})", info)
 
 
 #: Blocked in a thread that starts a helper process, which inherits the mask: Ctrl+C and a closed
