@@ -587,6 +587,10 @@ class Pool:
                 n,
                 "" if server is not None else "the other workers go on, and ",
             )
+        elif code and not member.stopped_by:
+            # No file in hand (it wrote the streamed shard, which another worker writes again): the
+            # run can still complete, but a worker lost to a signal (the OOM killer) is said.
+            log.warning("%s holding no file: the other workers go on", died[0].upper() + died[1:])
         member.tasks.clear()
         member.exited = True
         if server is not None and pid is not None:
