@@ -116,7 +116,6 @@ class _ForkServer:
         environment: the variables it set), or None (nothing done) where the server is not to be
         forked: a Python whose fork server this does not know (3.14 adds an authentication
         key), numpy loaded before those settings, or a thread running."""
-        import sys
         from multiprocessing import forkserver
 
         from ..worker import LIBRARY_THREAD_VARS, import_task_modules
