@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import ClientSession, web
@@ -701,3 +703,180 @@ def test_shards_ahead_keep_only_complete_shards_and_leave_nothing_when_stopped(t
     stopped.finish()
     assert stopped.commit() == {}
     assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp") or p.name.startswith("part-")]
+
+
+# -- the socket's low-water mark (``download.LowWater``) ------------------------------------------
+
+
+def _paced_app(body: bytes) -> web.Application:
+    """``/paced``: ``body`` in 16 KB writes at 8 MB/s (a link delivering a few packets at a
+    time); ``/slowing``: its first 512 KB so, then 4 KB every 20 ms (a connection that slowed
+    down 40-fold); ``/burst``: all but its last 200 KB at once, those 10 ms later, at once (the
+    reader has set a mark below them by then: they come in one read, which ends the body with
+    the mark set); ``/small``: a few bytes."""
+
+    async def send(request: web.Request, steps: list[tuple[int, float]]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
+        await resp.prepare(request)
+        at = 0
+        for size, pause in steps:
+            await resp.write(body[at : at + size])
+            at += size
+            if pause:
+                await asyncio.sleep(pause)
+        return resp
+
+    async def paced(request: web.Request) -> web.StreamResponse:
+        return await send(request, [(16384, 16384 / 8e6)] * (len(body) // 16384))
+
+    async def slowing(request: web.Request) -> web.StreamResponse:
+        fast = 512 * 1024
+        return await send(
+            request, [(16384, 16384 / 8e6)] * (fast // 16384) + [(4096, 0.02)] * ((len(body) - fast) // 4096)
+        )
+
+    async def burst(request: web.Request) -> web.StreamResponse:
+        return await send(request, [(len(body) - 200 * 1024, 0.01), (200 * 1024, 0.0)])
+
+    async def small(request: web.Request) -> web.Response:
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_get("/paced", paced)
+    app.router.add_get("/slowing", slowing)
+    app.router.add_get("/burst", burst)
+    app.router.add_get("/small", small)
+    return app
+
+
+async def _served(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+async def _read(
+    session: ClientSession, url: str, marked: bool, pause: float = 0.0
+) -> tuple[bytes, list[float], list[int], int]:
+    """The body read as ``download.stream`` reads it: (bytes, when each piece came, the pieces'
+    sizes, the socket's low-water mark after the body)."""
+    import socket
+
+    got, times, sizes = bytearray(), [], []
+    async with session.get(url) as r:
+        sock = r.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        water = download.LowWater.of(r) if marked else None
+        async for chunk in r.content.iter_chunked(download.READ_CHUNK):
+            if water is not None:
+                water.update()
+            times.append(time.monotonic())
+            sizes.append(len(chunk))
+            got += chunk
+            if pause and len(sizes) == 1:
+                await asyncio.sleep(pause)  # the rest of the body arrives meanwhile
+    return bytes(got), times, sizes, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+needs_lowat = pytest.mark.skipif(not download._HAS_LOWAT, reason="SO_RCVLOWAT is Linux's")
+
+
+@needs_lowat
+def test_a_body_coming_a_few_packets_at_a_time_is_read_in_large_pieces():
+    """Bytes that come 16 KB at a time wake the reader once per ~256 KB with the mark (each
+    wake-up is Python work on the decoder's GIL), against once per write or so without it, in
+    the same run; the bytes are the same, and the mark is one byte again after the body."""
+    body = hashlib.sha256(b"x").digest() * (3 * 2**20 // 32)
+
+    async def go() -> dict[bool, tuple[bytes, list[float], list[int], int]]:
+        runner, base = await _served(_paced_app(body))
+        try:
+            async with ClientSession() as s:
+                return {marked: await _read(s, f"{base}/paced", marked) for marked in (False, True)}
+        finally:
+            await runner.cleanup()
+
+    runs = asyncio.run(go())
+    for data, _, _, mark in runs.values():
+        assert data == body and mark == 1
+    plain, marked = len(runs[False][2]), len(runs[True][2])
+    assert marked <= 24  # 3 MB in pieces of 256 KB, plus the last 64 KB unmarked
+    assert plain >= 2 * marked
+
+
+@needs_lowat
+def test_a_connection_that_slows_down_is_not_held_back():
+    """After 512 KB at 8 MB/s the body comes at 200 KB/s: the mark set for the fast part would
+    hold its bytes for over a second; they come at most ``LOW_WATER_WAIT`` or so apart instead."""
+    body = hashlib.sha256(b"y").digest() * ((512 + 400) * 1024 // 32)
+
+    async def go() -> tuple[bytes, list[float], list[int], int]:
+        runner, base = await _served(_paced_app(body))
+        try:
+            async with ClientSession() as s:
+                return await _read(s, f"{base}/slowing", True)
+        finally:
+            await runner.cleanup()
+
+    data, times, _, mark = asyncio.run(go())
+    assert data == body and mark == 1
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) < 0.25, max(gaps)  # LOW_WATER_WAIT is 0.05 s
+
+
+@needs_lowat
+def test_the_mark_is_gone_before_the_connection_is_reused():
+    """A body's last 200 KB come at once after its reader set a mark below them: the mark is one
+    byte again when the body ends (its last bytes are never waited for), and the next request
+    on the same connection (a few bytes, which a mark left set would hold back) comes at once.
+    (aiohttp's release callback also resets it, for a body that ends while its reader is away.)"""
+    body = hashlib.sha256(b"z").digest() * (1024 * 1024 // 32)
+
+    async def go() -> tuple[list[int], float]:
+        runner, base = await _served(_paced_app(body))
+        try:
+            connector = aiohttp.TCPConnector(limit=1)  # one connection: the next request reuses it
+            async with ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(sock_read=3)) as s:
+                marks = []
+                for _ in range(5):
+                    data, _, _, mark = await _read(s, f"{base}/burst", True)
+                    assert data == body
+                    marks.append(mark)
+                t0 = time.monotonic()
+                async with s.get(f"{base}/small") as r:
+                    assert await r.read() == b"ok"
+                return marks, time.monotonic() - t0
+        finally:
+            await runner.cleanup()
+
+    marks, took = asyncio.run(go())
+    assert marks == [1] * 5
+    assert took < 1.0
+
+
+@needs_lowat
+def test_a_large_file_over_a_link_is_the_same_with_the_mark(blob, monkeypatch):
+    """Through ``fetch_file`` (segments, splits at the end, one connection's full blocks) over
+    the emulated link, with the mark on and off: the same bytes, verified whole."""
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    wan = WanConfig(rtt=0.02, response_rate=4e6, link_rate=12e6)
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+
+    async def go(endpoint: str) -> Hash:
+        async with make_session(8, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            sink = Hash()
+            n = await fetch_file(
+                client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=Link(8)
+            )
+            assert n == entry.size
+            return sink
+
+    with MirrorThread([repo], wan=wan) as m:
+        for on in (True, False):
+            monkeypatch.setattr(download, "_HAS_LOWAT", on)
+            sink = asyncio.run(go(m.endpoint))
+            assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size
