@@ -708,12 +708,12 @@ def test_shards_ahead_keep_only_complete_shards_and_leave_nothing_when_stopped(t
 # -- the socket's low-water mark (``download.LowWater``) ------------------------------------------
 
 
-def _paced_app(body: bytes) -> web.Application:
+def _paced_app(body: bytes, ends: list[float] | None = None) -> web.Application:
     """``/paced``: ``body`` in 16 KB writes at 8 MB/s (a link delivering a few packets at a
     time); ``/slowing``: its first 512 KB so, then 4 KB every 20 ms (a connection that slowed
     down 40-fold); ``/burst``: all but its last 200 KB at once, those 10 ms later, at once (the
     reader has set a mark below them by then: they come in one read, which ends the body with
-    the mark set); ``/small``: a few bytes."""
+    the mark set); ``/small``: a few bytes. ``ends``: when each body's last write was sent."""
 
     async def send(request: web.Request, steps: list[tuple[int, float]]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
@@ -724,6 +724,8 @@ def _paced_app(body: bytes) -> web.Application:
             at += size
             if pause:
                 await asyncio.sleep(pause)
+        if ends is not None:
+            ends.append(time.monotonic())
         return resp
 
     async def paced(request: web.Request) -> web.StreamResponse:
@@ -880,3 +882,43 @@ def test_a_large_file_over_a_link_is_the_same_with_the_mark(blob, monkeypatch):
             monkeypatch.setattr(download, "_HAS_LOWAT", on)
             sink = asyncio.run(go(m.endpoint))
             assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size
+
+
+@needs_lowat
+def test_over_tls_the_end_of_a_body_is_never_waited_for(tmp_path):
+    """Under TLS the socket carries records, not the body's bytes (a partial record read from it
+    waits in the SSL layer), and a mark must still never hold a body's end: the body's last
+    ``LOW_WATER_MARGIN`` bytes are never marked. Over a real TLS server the bytes are the same,
+    in large pieces, and the last piece comes as soon as the server sent it (a wait at the end
+    would last until the 50 ms timer)."""
+    import ssl
+    import statistics
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    body = hashlib.sha256(b"t").digest() * (3 * 2**20 // 32)
+    ends: list[float] = []
+
+    async def go() -> list[tuple[bytes, list[float], list[int], int]]:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(tmp_path / "server.pem"))
+        runner = web.AppRunner(_paced_app(body, ends))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+        await site.start()
+        url = f"https://localhost:{site._server.sockets[0].getsockname()[1]}/paced"  # type: ignore[union-attr]
+        try:
+            async with ClientSession(connector=aiohttp.TCPConnector(ssl=client_ctx)) as s:
+                return [await _read(s, url, True) for _ in range(5)]
+        finally:
+            await runner.cleanup()
+
+    runs = asyncio.run(go())
+    for data, _, sizes, mark in runs:
+        assert data == body and mark == 1
+        assert len(sizes) <= 48  # 3 MB: large pieces (16 KB writes)
+    late = [times[-1] - sent for (_, times, _, _), sent in zip(runs, ends, strict=True)]
+    assert statistics.median(late) < 0.025, late
