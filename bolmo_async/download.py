@@ -57,15 +57,16 @@ class LowWater:
     reader, on the decoder's GIL (the 30 ms link's one 38 MB file came in 579 pieces of 64 KB,
     in 151 with the mark: 0.15 CPU s and 0.13 s of its 2.1 s less). A connection slower than
     ``LOW_WATER`` per ``LOW_WATER_WAIT`` gets its bytes when that much time passed without a
-    piece (one timer per connection, moved at most once per wait): bytes are never held back for
-    long, the progress deadline and the read timeout see them as before. Never the body's last
+    piece (one timer per connection, moved at most once per wait; a reader away feeding its
+    sink while pieces come keeps the mark): bytes are never held back for long, the progress
+    deadline and the read timeout see them as before. Never the body's last
     ``LOW_WATER_MARGIN`` bytes, nor past what its reader still wants (a segment split moves its
     end down): the end of a body is never waited for. The mark goes back to one byte when the
     connection is released or closed, before it can be reused (the next response's headers must
     never wait), by aiohttp's release callback. Only for a body whose length is known (no chunked
     encoding), on Linux."""
 
-    __slots__ = ("_content", "_last", "_length", "_loop", "_mark", "_sock", "_timer")
+    __slots__ = ("_content", "_last", "_length", "_loop", "_mark", "_seen", "_sock", "_timer")
 
     @classmethod
     def of(cls, r: aiohttp.ClientResponse, wanted: int | None = None) -> LowWater | None:
@@ -86,13 +87,15 @@ class LowWater:
         self._sock, self._content, self._length, self._mark = sock, content, length, 1
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
+        self._seen = content.total_bytes
         self._timer: asyncio.TimerHandle | None = None
 
     def update(self, wanted: int | None = None) -> None:
         """After each piece read (``wanted``: as in ``of``)."""
         self._last = self._loop.time()
+        self._seen = seen = self._content.total_bytes
         end = self._length if wanted is None else min(self._length, wanted)
-        mark = min(LOW_WATER, end - LOW_WATER_MARGIN - self._content.total_bytes)
+        mark = min(LOW_WATER, end - LOW_WATER_MARGIN - seen)
         mark = mark if mark > 4096 else 1
         if mark != self._mark:
             self._set(mark)
@@ -103,8 +106,13 @@ class LowWater:
         self._timer = None
         if self._mark == 1:
             return
-        due = self._last + LOW_WATER_WAIT
-        if self._loop.time() >= due - 0.001:  # no piece for that long: take what has come
+        now, due = self._loop.time(), self._last + LOW_WATER_WAIT
+        if self._content.total_bytes != self._seen:
+            # Pieces came but its reader has not taken them (it feeds its sink): the connection
+            # is not the slow one, and bytes waiting in the socket hold nobody up meanwhile.
+            self._last, self._seen = now, self._content.total_bytes
+            self._timer = self._loop.call_at(now + LOW_WATER_WAIT, self._waited)
+        elif now >= due - 0.001:  # nothing came for that long: take what has come so far
             self._set(1)
         else:
             self._timer = self._loop.call_at(due, self._waited)
