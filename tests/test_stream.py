@@ -108,52 +108,10 @@ def test_a_streamed_shard_is_byte_identical_to_one_written_at_once(staged):
     assert _temporaries(out) == []
 
 
-def test_the_messages_queued_behind_a_streamed_piece_are_appended_in_one_trip(staged, monkeypatch):
-    """Every ShardStream message queued for a shard when its thread is free goes with it in one
-    append (one per file staged: they piled up during an append, and a trip to the thread each
-    kept the stream behind the files); the same bytes, and the end still puts it in place."""
-    import asyncio
-
-    from bolmo_async import finalizer
-
-    out, shards = staged
-    k, pieces = _longest(shards)
-    folder = open_output(out)
-    plan = load_plan(folder)
-    assert plan is not None
-    arrows = {p.unit: staged_name(plan.files[p.unit].key) for p in pieces}
-    srcs = {p.unit: plan.files[p.unit].path for p in pieces}
-    whole = write_shard(folder, k, pieces, arrows, srcs, 1, threading.Event())
-    appends: list[int] = []
-    real = finalizer.append_pieces
-
-    def counted(shard: Any, run: list[Piece], *args: Any) -> None:
-        appends.append(len(run))
-        real(shard, run, *args)
-
-    monkeypatch.setattr(finalizer, "append_pieces", counted)
-    spec = worker_spec(out, plan, plan.endpoint, TokenizerSpec("byte"), 1, claims=False)
-    sent: list[Any] = []
-    worker = Worker(0, spec, lambda: None, sent.append)
-
-    async def stream() -> None:
-        q: asyncio.Queue[m.ShardStream] = asyncio.Queue()
-        for i in range(len(pieces)):  # one message a piece, all queued before the stream's first step
-            q.put_nowait(m.ShardStream(k, i, pieces[i : i + 1]))
-        q.put_nowait(m.ShardStream(k, len(pieces), [], end=True))
-        await worker._stream(k, {k: q})
-
-    asyncio.run(stream())
-    assert appends == [len(pieces)]
-    assert len(sent) == 1 and isinstance(sent[0], m.ShardWritten) and sent[0].index == k
-    assert sent[0].record[CHECKSUM] == whole[CHECKSUM] and sent[0].record["documents"] == whole["documents"]
-    assert _temporaries(out) == []
-
-
-@pytest.mark.parametrize("last", ["drop", "gap"])
-def test_queued_pieces_followed_by_a_drop_or_a_gap_are_not_appended(staged, monkeypatch, last):
-    """Taken together, queued messages ending in a drop append nothing (its temporaries go) and
-    ones with a piece missing fail the stream before any append: never a shard missing a piece."""
+def _counted_stream(staged: Any, monkeypatch: Any, messages: Any) -> tuple[str, int, list[Piece], list[int], list[Any]]:
+    """A worker's ``_stream`` of the longest shard of ``staged``, its messages (``messages(k,
+    pieces)``) all queued before its first step: (output, shard, its pieces, the pieces of each
+    ``append_pieces`` call, what the worker sent)."""
     import asyncio
 
     from bolmo_async import finalizer
@@ -176,14 +134,47 @@ def test_queued_pieces_followed_by_a_drop_or_a_gap_are_not_appended(staged, monk
 
     async def stream() -> None:
         q: asyncio.Queue[m.ShardStream] = asyncio.Queue()
-        q.put_nowait(m.ShardStream(k, 0, pieces[:1]))
-        q.put_nowait(m.ShardStream(k, 1, pieces[1:2]))
-        q.put_nowait(
-            m.ShardStream(k, 0, [], drop=True) if last == "drop" else m.ShardStream(k, 3, pieces[3:], end=True)
-        )
+        for msg in messages(k, pieces):
+            q.put_nowait(msg)
         await worker._stream(k, {k: q})
 
     asyncio.run(stream())
+    return out, k, pieces, appends, sent
+
+
+def test_the_messages_queued_behind_a_streamed_piece_are_appended_in_one_trip(staged, monkeypatch):
+    """Every ShardStream message queued for a shard when its thread is free goes with it in one
+    append (one per file staged: they piled up during an append, and a trip to the thread each
+    kept the stream behind the files); the same bytes, and the end still puts it in place."""
+
+    def messages(k: int, pieces: list[Piece]) -> list[m.ShardStream]:  # one a piece, then the end
+        return [m.ShardStream(k, i, pieces[i : i + 1]) for i in range(len(pieces))] + [
+            m.ShardStream(k, len(pieces), [], end=True)
+        ]
+
+    out, k, pieces, appends, sent = _counted_stream(staged, monkeypatch, messages)
+    assert appends == [len(pieces)]
+    folder = open_output(out)
+    plan = load_plan(folder)
+    assert plan is not None
+    arrows = {p.unit: staged_name(plan.files[p.unit].key) for p in pieces}
+    srcs = {p.unit: plan.files[p.unit].path for p in pieces}
+    whole = write_shard(folder, k, pieces, arrows, srcs, 1, threading.Event())  # the same bytes at once
+    assert len(sent) == 1 and isinstance(sent[0], m.ShardWritten) and sent[0].index == k
+    assert sent[0].record[CHECKSUM] == whole[CHECKSUM] and sent[0].record["documents"] == whole["documents"]
+    assert _temporaries(out) == []
+
+
+@pytest.mark.parametrize("last", ["drop", "gap"])
+def test_queued_pieces_followed_by_a_drop_or_a_gap_are_not_appended(staged, monkeypatch, last):
+    """Taken together, queued messages ending in a drop append nothing (its temporaries go) and
+    ones with a piece missing fail the stream before any append: never a shard missing a piece."""
+
+    def messages(k: int, pieces: list[Piece]) -> list[m.ShardStream]:
+        end = m.ShardStream(k, 0, [], drop=True) if last == "drop" else m.ShardStream(k, 3, pieces[3:], end=True)
+        return [m.ShardStream(k, 0, pieces[:1]), m.ShardStream(k, 1, pieces[1:2]), end]
+
+    out, _, _, appends, sent = _counted_stream(staged, monkeypatch, messages)
     assert appends == []
     if last == "drop":
         assert sent == []
