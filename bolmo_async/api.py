@@ -92,7 +92,8 @@ def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
             if stopped_by:  # a second signal: the stop under way is not cut short
                 return
             stopped_by.append(sig)
-            log.warning("%s received: stopping; finished files are kept", signal.Signals(sig).name)
+            # The stop's one line is FetchIncomplete's, below (nothing is staged yet to be kept).
+            log.debug("%s received: stopping", signal.Signals(sig).name)
             if task is not None:
                 task.cancel()
 

@@ -564,7 +564,8 @@ def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_t
 def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_staged(repos, tmp_path, sig):
     """A stop during the repository's listing said "Interrupted. Finished files are staged" (none
     existed) and never named SIGTERM or SIGHUP: the line says what was stopped, by what, and that
-    this run staged nothing."""
+    this run staged nothing; and it is the only line (a warning before it said "finished files are
+    kept")."""
     from bolmo_async.mirror import WanConfig
 
     out = tmp_path / "o"
@@ -593,6 +594,11 @@ def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_stag
     name = signal.Signals(sig).name
     assert f"interrupted ({name}) while listing the repository, before this run staged any file" in err, err
     assert "Finished files are staged" not in err and "Traceback" not in err, err
+    # One line: no warning before it that claims kept files ("finished files are kept": none are).
+    assert [line for line in err.splitlines() if "INFO" not in line] == [
+        f"error: interrupted ({name}) while listing the repository, before this run staged any file; rerun the"
+        " same command to resume"
+    ], err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
