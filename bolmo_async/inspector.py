@@ -112,10 +112,38 @@ def inspect_dir(
             )
         elif sorted(listed) != sorted(expected):
             problems.append(f"{DATA_SOURCES} and the manifest list different shards: {refinalize}")
+    stale = _earlier_plan(out, manifest)
+    if stale:
+        problems.append(stale)
     docs: list[dict[str, Any]] = []
     if decode > 0:
         docs = _decode(out, manifest, decode)
     return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs}
+
+
+def _earlier_plan(out: OutputDir, manifest: dict[str, Any]) -> str | None:
+    """A problem when the folder was planned again (another fraction, ``plan`` or ``fetch
+    --data-fraction``) after the shards were written: until finalize, they and ``data_sources.txt``
+    are the earlier plan's. None when they are this plan's, or when there is no plan to compare
+    (a copy without ``plan.json``, a manifest of an earlier version)."""
+    from .planner import load_plan
+
+    if "sources" not in manifest:
+        return None
+    try:
+        plan = load_plan(out)
+    except StateError:  # an unreadable plan.json is the next command's to say
+        return None
+    if plan is None:
+        return None
+    planned = [{"source": s.source, "files": s.files_planned, "bytes": s.bytes_planned} for s in plan.sources]
+    if manifest["sources"] == planned and manifest.get("revision") == plan.commit:
+        return None
+    return (
+        f"the shards and {DATA_SOURCES} are of an earlier plan (--data-fraction {manifest.get('data_fraction')}) "
+        f"than {out.ref(PLAN)} (now {plan.data_fraction}): fetch what it lacks, then run "
+        f"`{command('finalize', '--output-dir', out)}` to write this plan's"
+    )
 
 
 def _decode(out: OutputDir, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:

@@ -288,6 +288,24 @@ def test_inspect_detects_tampering(tmp_path, mirror):
     assert any("xxh3_128" in x for x in bolmo_async.inspect(out)["problems"])
 
 
+def test_inspect_says_the_shards_are_of_an_earlier_plan(tmp_path, mirror):
+    """Another fraction re-plans a finalized folder (`plan`, or `fetch --data-fraction`): until
+    finalize, its shards and data_sources.txt are still the old plan's, and inspect said
+    "complete: True", exit 0, for a fraction plan.json no longer holds. It says which plan the
+    shards are of and what to run; once finalized again, all is well."""
+    out = tmp_path / "o"
+    _prepare(out, mirror, data_fraction=0.05)
+    assert bolmo_async.inspect(out)["problems"] == []
+    bolmo_async.plan(out, data_fraction=0.2, endpoint=mirror.endpoint)
+    problems = bolmo_async.inspect(out)["problems"]
+    assert len(problems) == 1, problems
+    assert "of an earlier plan (--data-fraction 0.05)" in problems[0] and "now 0.2" in problems[0], problems
+    assert "finalize --output-dir" in problems[0], problems
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, progress=False)
+    bolmo_async.finalize(out)
+    assert bolmo_async.inspect(out)["problems"] == []
+
+
 def test_inspect_reads_a_manifest_with_sha256_checksums(tmp_path, mirror):
     """Folders finalized by earlier versions recorded sha256: inspect still verifies them."""
     import hashlib
