@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import sys
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
@@ -41,98 +39,6 @@ FEED_BYTES = 1 << 20  # hand the sink about this much at a time (worker thread)
 READ_CHUNK = 256 * 1024
 _RESUMABLE: tuple[type[BaseException], ...] = (Retry, *RETRY_EXCEPTIONS)
 MAX_REDIRECTS = 10
-#: A body's bytes are taken from its socket in pieces of this much (``LowWater``) ...
-LOW_WATER = 256 * 1024
-#: ... or what has come when this long passed without a piece (a slow connection's) ...
-LOW_WATER_WAIT = 0.05
-#: ... and never its last this many bytes: under TLS a partial record read from the socket waits
-#: in the SSL layer, so fewer bytes than the body's rest may be left to come.
-LOW_WATER_MARGIN = 64 * 1024
-
-
-class LowWater:
-    """The socket under a response wakes its reader only once a piece of the body is waiting
-    (Linux's ``SO_RCVLOWAT``), not for every few packets: over a real link bytes come a few
-    packets at a time, and each wake-up is a pass of the event loop, aiohttp's parser and this
-    reader, on the decoder's GIL (the 30 ms link's one 38 MB file came in 579 pieces of 64 KB,
-    in 151 with the mark: 0.15 CPU s and 0.13 s of its 2.1 s less). A connection slower than
-    ``LOW_WATER`` per ``LOW_WATER_WAIT`` gets its bytes when that much time passed without a
-    piece (one timer per connection, moved at most once per wait; a reader away feeding its
-    sink while pieces come keeps the mark): bytes are never held back for long, the progress
-    deadline and the read timeout see them as before. Never the body's last
-    ``LOW_WATER_MARGIN`` bytes, nor past what its reader still wants (a segment split moves its
-    end down): the end of a body is never waited for. The mark goes back to one byte when the
-    connection is released or closed, before it can be reused (the next response's headers must
-    never wait), by aiohttp's release callback. Only for a body whose length is known (no chunked
-    encoding), on Linux."""
-
-    __slots__ = ("_content", "_last", "_length", "_loop", "_mark", "_seen", "_sock", "_timer")
-
-    @classmethod
-    def of(cls, r: aiohttp.ClientResponse, wanted: int | None = None) -> LowWater | None:
-        """For the body of ``r``, of which the reader wants the first ``wanted`` bytes (None: all)."""
-        length, conn = r.content_length, r.connection
-        if not _HAS_LOWAT or not length or length <= LOW_WATER + LOW_WATER_MARGIN or conn is None:
-            return None
-        transport = conn.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return None
-        water = cls(sock, r.content, length)
-        conn.add_callback(water.release)
-        water.update(wanted)
-        return water
-
-    def __init__(self, sock: Any, content: aiohttp.StreamReader, length: int):
-        self._sock, self._content, self._length, self._mark = sock, content, length, 1
-        self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
-        self._seen = content.total_bytes
-        self._timer: asyncio.TimerHandle | None = None
-
-    def update(self, wanted: int | None = None) -> None:
-        """After each piece read (``wanted``: as in ``of``)."""
-        self._last = self._loop.time()
-        self._seen = seen = self._content.total_bytes
-        end = self._length if wanted is None else min(self._length, wanted)
-        mark = min(LOW_WATER, end - LOW_WATER_MARGIN - seen)
-        mark = mark if mark > 4096 else 1
-        if mark != self._mark:
-            self._set(mark)
-        if mark > 1 and self._timer is None:
-            self._timer = self._loop.call_at(self._last + LOW_WATER_WAIT, self._waited)
-
-    def _waited(self) -> None:
-        self._timer = None
-        if self._mark == 1:
-            return
-        now, due = self._loop.time(), self._last + LOW_WATER_WAIT
-        if self._content.total_bytes != self._seen:
-            # Pieces came but its reader has not taken them (it feeds its sink): the connection
-            # is not the slow one, and bytes waiting in the socket hold nobody up meanwhile.
-            self._last, self._seen = now, self._content.total_bytes
-            self._timer = self._loop.call_at(now + LOW_WATER_WAIT, self._waited)
-        elif now >= due - 0.001:  # nothing came for that long: take what has come so far
-            self._set(1)
-        else:
-            self._timer = self._loop.call_at(due, self._waited)
-
-    def release(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._mark != 1:
-            self._set(1)
-
-    def _set(self, mark: int) -> None:
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-            self._mark = mark
-        except OSError:  # closed under it: nothing left to wait for
-            self._mark = 1
-
-
-_HAS_LOWAT = sys.platform == "linux" and hasattr(socket, "SO_RCVLOWAT")
 
 
 class Sink(Protocol):
@@ -285,12 +191,8 @@ async def stream(
                     elif end is None and r.content_length is not None and size is None:
                         total = r.content_length
                     limit = end if end is not None else size if size is not None else max_bytes
-                    body_at = pos  # the file offset of the body's first byte
-                    water = LowWater.of(r, None if cut is None else cut() - body_at)
                     async with Progress(policy, what) as progress:
                         async for chunk in r.content.iter_chunked(READ_CHUNK):
-                            if water is not None:
-                                water.update(None if cut is None else cut() - body_at)
                             progress.got(len(chunk))
                             buf += chunk
                             if cut is not None and pos + len(buf) >= (cut_at := cut()):
