@@ -716,7 +716,7 @@ def finalize_dir(
         "data_fraction": plan.data_fraction,
         "seed": plan.seed,
         "selection": plan.selection.to_json(),
-        "sources": [{"source": s.source, "files": s.files_planned, "bytes": s.bytes_planned} for s in plan.sources],
+        "sources": plan.source_rows(),
         "dtype": "uint32",
         "layout": "raw little-endian memmap (no .npy header); np.memmap(path, dtype=np.uint32, mode='r')",
         "max_tokens_per_file": bound,

@@ -136,8 +136,7 @@ def _earlier_plan(out: OutputDir, manifest: dict[str, Any]) -> str | None:
         return None
     if plan is None:
         return None
-    planned = [{"source": s.source, "files": s.files_planned, "bytes": s.bytes_planned} for s in plan.sources]
-    if manifest["sources"] == planned and manifest.get("revision") == plan.commit:
+    if manifest["sources"] == plan.source_rows() and manifest.get("revision") == plan.commit:
         return None
     return (
         f"the shards and {DATA_SOURCES} are of an earlier plan (--data-fraction {manifest.get('data_fraction')}) "

@@ -247,6 +247,11 @@ class Plan:
     def planned_bytes(self) -> int:
         return sum(f.planned_bytes for f in self.files)
 
+    def source_rows(self) -> list[dict[str, Any]]:
+        """The manifest's ``sources``: per source, the files and bytes planned (``inspect`` reads
+        a manifest whose rows differ from its folder's plan as one of an earlier plan)."""
+        return [{"source": s.source, "files": s.files_planned, "bytes": s.bytes_planned} for s in self.sources]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
