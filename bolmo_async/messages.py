@@ -7,12 +7,24 @@
 No text or ids ever cross: a file is done start to finish by the worker, which reports its
 completion record only. An error crosses as its class name and message (``Fatal``) and is
 rebuilt as the same class by ``errors.rebuild``.
+
+A worker process answers on a pipe of its own (``Outbox``; the coordinator reads them all as one,
+``Replies``): one queue shared by every worker had one write lock between them, and a worker
+killed while it held it (kill -9, the kernel's OOM killer) left every other worker's next message,
+and the run with it, waiting forever.
 """
 
 from __future__ import annotations
 
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +140,83 @@ class Exit:
 
 ToWorker = FileTask | ShardTask | ShardStream | Stop
 FromWorker = Ready | Progress | Staged | Failed | ShardWritten | ShardFailed | Fatal | Log | Exit
+
+
+class Outbox:
+    """A worker process's end of its own pipe to the coordinator. ``put`` never blocks (the event
+    loop's messages wait on a full pipe no more than with multiprocessing's queue): a thread of its
+    own pickles and sends them, in order. Only this process writes to the pipe, so its death, even
+    mid-message, costs no other worker anything: the coordinator reads a message cut short as the
+    pipe's end (``Replies``)."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._items: deque[Any] = deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._closed = False
+        self._thread = threading.Thread(target=self._feed, name="bolmo-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, msg: Any) -> None:
+        with self._ready:
+            self._items.append(msg)
+            self._ready.notify()
+
+    def _feed(self) -> None:
+        while True:
+            with self._ready:
+                while not self._items and not self._closed:
+                    self._ready.wait()
+                if not self._items:
+                    return
+                batch = list(self._items)
+                self._items.clear()
+            for msg in batch:
+                try:
+                    self._conn.send(msg)
+                except OSError:  # the coordinator is gone: nobody reads (this worker ends with it)
+                    return
+                except Exception:  # a message that does not pickle: said, the others still go
+                    traceback.print_exc(file=sys.stderr)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is queued (waiting at most ``timeout`` s for a full pipe), then close."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._conn.close()
+
+
+class Replies:
+    """The coordinator's ends of its worker processes' pipes, read as one queue (``get``). A pipe
+    whose worker ended reads as its end, a message it was cut in the middle of included: that
+    pipe is closed and no longer read (the coordinator learns of the death from the process)."""
+
+    def __init__(self, conns: list[Connection]):
+        self._open = list(conns)
+        self._got: deque[Any] = deque()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next message of any worker; ``queue.Empty`` after ``timeout`` s without one."""
+        if not self._got and not self._open:  # every worker ended: nothing comes
+            time.sleep(timeout or 0.0)
+        elif not self._got:
+            for conn in cast(list[Connection], wait(self._open, timeout)):
+                try:
+                    self._got.append(conn.recv())
+                except (EOFError, OSError):
+                    self._open.remove(conn)
+                    conn.close()
+        if not self._got:
+            raise queue.Empty
+        return self._got.popleft()
+
+    def get_nowait(self) -> Any:
+        return self.get(0.0)
+
+    def close(self) -> None:
+        for conn in self._open:
+            conn.close()
+        self._open.clear()

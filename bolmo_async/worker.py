@@ -519,6 +519,7 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     limit_library_threads()  # spawned: before numpy loads; forked: set by the fork server already
     if bpe_threads > 0:  # read by fastokens once, when it first encodes; a user's own setting wins
         os.environ.setdefault("FASTOKENS_BPE_THREADS", str(bpe_threads))
+    outbox = m.Outbox(outbox)
     holder: list[Worker] = []
     _die_with_parent(lambda: holder[0] if holder else None)
     from .util import prefer_system_allocator, record_absent_imports
@@ -554,6 +555,5 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
 
         abandon_unfinished()
         abandon_temporaries()
-        outbox.close()
-        outbox.join_thread()  # every message is out
+        outbox.close()  # every message is out
     os._exit(0)  # no interpreter teardown: nothing left to wait for

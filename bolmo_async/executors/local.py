@@ -147,10 +147,18 @@ class _Member:
         self.process: Any = None
         self.thread: threading.Thread | None = None
         self.worker: Worker | None = None
+        self.outbox: Any = None  # the write end of its pipe to the coordinator, until it is started
+        self.replies: Any = None  # the read end (``messages.Replies``)
         self.tasks: set[tuple[str, int]] = set()
         self.exited = False
         self.stopped_by = 0  # the stop signal its process said it was sent (``messages.Exit``)
         self.ready = False
+
+    def started(self) -> None:
+        """Its process has its own copy of the pipe's write end: this one is closed, so that the
+        pipe reads as ended once the worker is (a message it was cut in the middle of included)."""
+        if self.outbox is not None:
+            self.outbox.close()
 
     def alive(self) -> bool:
         if self.exited:
@@ -190,11 +198,12 @@ class Pool:
         start_resource_tracker()  # before the first queue starts it, with SIGHUP blocked
         ctx = FORK_SERVER.acquire() if method == "forkserver" else multiprocessing.get_context("spawn")
         self._forked = method == "forkserver"
-        self.outbox = ctx.Queue()
         share = max(1, usable_cores() // self.processes)
         for mem in self.members:
             mem.inbox = ctx.Queue()
+            mem.replies, mem.outbox = ctx.Pipe(duplex=False)  # its own: see ``messages.Outbox``
             mem.process = self._process(ctx, mem, share)
+        self.outbox = m.Replies([mem.replies for mem in self.members])
         if not self._forked:
             # A spawn returns at once: its child imports on its own. Started with SIGINT blocked
             # (inherited: a Ctrl+C to the process group does not interrupt a child's imports with
@@ -205,6 +214,7 @@ class Pool:
                 try:
                     for mem in self.members:
                         mem.process.start()
+                        mem.started()
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
             except BaseException:  # a stop delivered as the mask is restored: see below
@@ -229,7 +239,7 @@ class Pool:
     def _process(self, ctx: Any, mem: _Member, share: int) -> Any:
         return ctx.Process(
             target=process_main,
-            args=(mem.wid, mem.inbox, self.outbox, share),
+            args=(mem.wid, mem.inbox, mem.outbox, share),
             name=f"bolmo-worker-{mem.wid}",
             daemon=True,
         )
@@ -252,6 +262,7 @@ class Pool:
                         multiprocessing.get_context("spawn"), mem, max(1, usable_cores() // self.processes)
                     )
                     mem.process.start()
+                mem.started()
         finally:
             self._starting.set()
 
@@ -660,8 +671,9 @@ class Pool:
             while True:  # drain, so that no feeder thread waits on a full pipe
                 self.outbox.get_nowait()
         if self.processes > 1:
-            self.outbox.cancel_join_thread()
+            self.outbox.close()
             for mem in self.members:
+                mem.started()  # (one never started)
                 mem.inbox.cancel_join_thread()
         if self._forked:
             self._forked = False  # released once, whether by close or by stop
