@@ -24,7 +24,7 @@ from bolmo_async.errors import UsageError
 from bolmo_async.executors.local import START_METHOD_ENV, Pool, start_method
 from bolmo_async.mirror import MirrorThread
 
-from .helpers import cli, is_fork_server, shard_hashes, worker_processes
+from .helpers import cli, finish, is_fork_server, shard_hashes, worker_processes
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -268,7 +268,7 @@ def test_a_stop_signal_to_the_whole_process_group_exits_128_plus_it_and_leaves_n
             if "resource_tracker import main" not in " ".join(c.cmdline())
         ]
         os.killpg(proc.pid, sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
         assert proc.returncode == 128 + sig, err
         assert "rerun the same command to resume" in err and "Traceback" not in err, err
         # The stop's line names the signal, and what it kept (counted: a stop at once kept none).
@@ -341,7 +341,7 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
                 time.sleep(0.005)
             time.sleep(0.05)  # in the middle of its imports
             os.killpg(proc.pid, signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
+            _, err = finish(proc, 60)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -463,7 +463,7 @@ def test_sighup_ignored_as_nohup_does_is_left_ignored(repos, tmp_path):
             time.sleep(0.3)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGHUP)
-        _, err = proc.communicate(timeout=120)
+        _, err = finish(proc, 120)
     assert proc.returncode == 0, err
     assert "Share" not in err and "interrupted" not in err.lower()
 
@@ -486,7 +486,7 @@ def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repo
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.002)
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
+            _, err = finish(proc, 60)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -533,7 +533,7 @@ def test_a_second_signal_does_not_cut_the_stop_short(repos, tmp_path):
         time.sleep(0.3)
         for w in workers:
             w.resume()
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE] == []
@@ -550,7 +550,7 @@ def test_a_killed_fork_server_is_named_and_its_live_workers_are_stopped_before_t
         workers = worker_processes(coordinator)
         server = next(p for p in coordinator.children() if is_fork_server(coordinator, p) and p not in workers)
         server.kill()
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
     assert proc.returncode != 0, err
     assert "Traceback" not in err, err
     assert f"the fork server (pid {server.pid}) was killed by SIGKILL" in err, err
@@ -586,7 +586,7 @@ def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_stag
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.005)
             proc.send_signal(sig)
-            _, err = proc.communicate(timeout=60)
+            _, err = finish(proc, 60)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -609,7 +609,7 @@ def test_sigterm_to_one_worker_is_named_as_what_stopped_it(repos, tmp_path):
     with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
         worker = worker_processes(coordinator)[0]
         worker.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
     assert proc.returncode == 1, err
     assert f"(pid {worker.pid}) was stopped by SIGTERM; rerun to fetch it again" in err, err
 
@@ -664,7 +664,7 @@ def test_a_stop_just_after_plan_json_with_workers_being_forked_prints_no_traceba
                 time.sleep(0.002)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGHUP)
-                _, err = proc.communicate(timeout=60)
+                _, err = finish(proc, 60)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -682,7 +682,7 @@ def test_a_killed_resource_tracker_stops_the_run_with_one_line(repos, tmp_path):
     with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
         (tracker,) = [p for p in coordinator.children() if "resource_tracker import main" in " ".join(p.cmdline())]
         tracker.kill()
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
     assert proc.returncode == 1, err
     assert f"multiprocessing's resource tracker (pid {tracker.pid}) was killed by SIGKILL" in err, err
     assert "rerun the same command to resume" in err, err
@@ -697,7 +697,7 @@ def test_a_coordinator_killed_with_kill_9_leaves_no_stdlib_warning(repos, tmp_pa
     out = tmp_path / "o"
     with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
         coordinator.kill()
-        _, err = proc.communicate(timeout=60)  # (until every process of the run has let go of stderr)
+        _, err = finish(proc, 60)  # (until every process of the run has let go of stderr)
     assert proc.returncode == -signal.SIGKILL
     assert "leaked" not in err and "Traceback" not in err and "Warning" not in err, err
 
@@ -740,3 +740,72 @@ def test_a_stop_while_the_pool_starts_its_thread_stops_the_workers_it_starts(mon
     assert "alive: []" in r.stdout, (r.stdout, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _say(conn: Any, text: str) -> None:
+    """A worker process's outbox, as ``worker.process_main`` makes it: one message, then wait."""
+    from bolmo_async import messages as m
+
+    out = m.Outbox(conn)
+    out.put(m.Log(0, 20, text))
+    time.sleep(60)  # (killed by the test)
+
+
+def test_a_worker_killed_in_the_middle_of_a_message_holds_up_no_other_worker():
+    """kill -9 (or the OOM killer) of a worker process while it sends a message larger than its pipe
+    holds: another worker's messages still come and the cut message reads as that worker's end.
+    (One queue shared by every worker hung them all: the killed worker held its write lock
+    forever; seen as a run that never ended after a worker was killed.)"""
+    import multiprocessing
+    import queue
+    import threading
+
+    from bolmo_async import messages as m
+
+    ctx = multiprocessing.get_context("spawn")
+    ends = [ctx.Pipe(duplex=False) for _ in range(2)]
+    replies = m.Replies([r for r, _ in ends])
+    big = ctx.Process(target=_say, args=(ends[0][1], "x" * 4_000_000), daemon=True)
+    big.start()
+    ends[0][1].close()
+    deadline = time.monotonic() + 30
+    while not ends[0][0].poll(0.05):  # its first bytes are out: it waits in the middle of the message
+        assert time.monotonic() < deadline
+    os.kill(big.pid, signal.SIGKILL)
+    big.join(10)
+    small = ctx.Process(target=_say, args=(ends[1][1], "still heard"), daemon=True)
+    small.start()
+    ends[1][1].close()
+    got: list[Any] = []
+
+    def read() -> None:  # on a thread: a reader stuck on the cut message fails the test, not hangs it
+        while time.monotonic() < deadline and not got:
+            with contextlib.suppress(queue.Empty):
+                got.append(replies.get(0.5))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(40)
+    small.kill()
+    small.join(10)
+    assert not reader.is_alive(), "the coordinator's read hung on the killed worker's cut message"
+    assert [g.message for g in got] == ["still heard"]
+    with pytest.raises(queue.Empty):
+        replies.get(0.1)  # and the killed worker's pipe is no longer read
+    replies.close()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_killed_workers_pipe_reads_as_ended_at_once(monkeypatch, method):
+    """Only the worker holds the write end of its pipe (not the coordinator, the fork server or
+    another worker): once killed, its pipe reads as ended, so that a message it was cut in the
+    middle of can never keep the coordinator waiting for the rest."""
+    monkeypatch.setenv(START_METHOD_ENV, method)
+    with Pool(2) as pool:
+        pool._started()
+        first, second = pool.members
+        os.kill(first.process.pid, signal.SIGKILL)
+        assert first.replies.poll(10), "the killed worker's pipe is still held open by another process"
+        with pytest.raises(EOFError):
+            first.replies.recv()
+        assert not second.replies.poll(0.2) and second.process.is_alive()
