@@ -101,6 +101,17 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def finish(proc: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any]:
+    """``proc.communicate(timeout=...)``; a hang kills the command (its workers end with it) before
+    it fails the test: left running, it failed a later test with "subprocess is still running"."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 def bpe_spec(vocab: dict[str, int], merges: list[str], eos_id: int, pre_tokenizer: dict | None = None) -> dict:
     """A `tokenizers` JSON of a BPE model with ``<|endoftext|>`` as id ``eos_id`` (as a dict)."""
     eos = {"id": eos_id, "content": "<|endoftext|>", "special": True, "single_word": False, "lstrip": False}

@@ -23,7 +23,7 @@ from bolmo_async.mirror.faults import FAULT_KINDS
 from bolmo_async.models import DEFAULT_REPO_ID
 from bolmo_async.outdir import marker_name, open_output, staged_name
 
-from .helpers import run_cli, shard_hashes
+from .helpers import finish, run_cli, shard_hashes
 
 FRACTION = 0.5
 BOUND = 200_000
@@ -189,7 +189,7 @@ def test_kill_and_resume_repeatedly_gives_identical_shards(repos, tmp_path, clea
                 break
             sig = signal.SIGINT if round_ % 2 == 0 else signal.SIGTERM
             proc.send_signal(sig)
-            _, err = proc.communicate(timeout=30)  # a hang fails here
+            _, err = finish(proc, 30)  # a hang fails here
             stops += 1
             assert proc.returncode == 128 + sig, err
             assert "resume" in err and "Traceback" not in err

@@ -21,7 +21,7 @@ from bolmo_async.outdir import open_output
 from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_worker
 from bolmo_async.staging import Staging
 
-from .helpers import cli, run_cli, shard_hashes
+from .helpers import cli, finish, run_cli, shard_hashes
 
 FRACTION = 0.6
 
@@ -83,7 +83,7 @@ def test_two_workers_at_once_then_finalize_equals_single_run(repos, tmp_path):
             subprocess.Popen(_worker_cmd(out, m.endpoint, i, 2), stderr=subprocess.PIPE, text=True) for i in range(2)
         ]
         for p in procs:
-            _, err = p.communicate(timeout=300)
+            _, err = finish(p, 300)
             assert p.returncode == 0, err
         manifest = bolmo_async.finalize(out)
     assert manifest["complete"]
@@ -141,7 +141,7 @@ def test_overlapping_shares_both_finish_once_the_share_is_staged(repos, tmp_path
             )
             for _ in range(2)
         ]
-        outs = [p.communicate(timeout=300) for p in procs]
+        outs = [finish(p, 300) for p in procs]
         for p, (so, se) in zip(procs, outs, strict=True):
             assert p.returncode == 0, se
             assert "Share 0/2 is done" in so
@@ -250,7 +250,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_at_once(repos, tmp_path):
         r = run_cli("finalize", "--output-dir", str(out))
         assert first.poll() is None, "the first run must still be running for this test to mean anything"
         assert r.returncode != 0 and "another bolmo-async run" in r.stderr and "Traceback" not in r.stderr
-        _, err = first.communicate(timeout=300)
+        _, err = finish(first, 300)
         assert first.returncode == 0, err
         assert bolmo_async.finalize(out)["complete"]  # released when the run ended
 
@@ -266,7 +266,7 @@ def test_worker_shares_run_together_but_no_other_command_beside_them(repos, tmp_
             bolmo_async.finalize(out)
         assert w0.poll() is None, "worker 0 must still be running for this test to mean anything"
         bolmo_async.fetch(out, endpoint=m.endpoint, worker=(1, 2), progress=False)  # beside worker 0
-        _, err = w0.communicate(timeout=300)
+        _, err = finish(w0, 300)
         assert w0.returncode == 0, err
         assert bolmo_async.finalize(out)["complete"]
 
@@ -288,7 +288,7 @@ def test_overlapping_shares_never_touch_each_others_files(repos, tmp_path):
             subprocess.Popen(cli(*args, "--worker", w), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for w in ("0/2", "0/3")
         ]
-        results = [p.communicate(timeout=300) for p in procs]
+        results = [finish(p, 300) for p in procs]
         for p, (_, err) in zip(procs, results, strict=True):
             assert p.returncode in (0, 1), err
             assert "unexpected" not in err and "Traceback" not in err, err

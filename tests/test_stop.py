@@ -29,7 +29,7 @@ from bolmo_async.tokenize import ByteTokenizer
 from bolmo_async.worker import Worker, WorkerSpec
 
 from .conftest import needs_dolma2
-from .helpers import worker_spec
+from .helpers import finish, worker_spec
 
 
 class _Gated:
@@ -146,7 +146,7 @@ def test_ctrl_c_still_runs_the_exit_handlers(s3, mirror, tmp_path):  # type: ign
         time.sleep(0.05)
     assert list(tmp.glob("bolmo-async-scratch-*")) or p.poll() is not None, "no scratch folder was made"
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    _, err = finish(p, 120)
     assert p.returncode in (0, 130), err
     assert list(tmp.glob("bolmo-async-scratch-*")) == [], "the run's own scratch folder stayed behind"
 
@@ -332,7 +332,7 @@ def test_a_worker_killed_after_the_grace_leaves_no_temporary(repos, tmp_path):
                 time.sleep(0.01)
             assert frozen is not None, "no worker was staging a file"
             p.send_signal(signal.SIGINT)
-            _, err = p.communicate(timeout=60)
+            _, err = finish(p, 60)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -461,7 +461,7 @@ def test_ctrl_c_as_the_first_shard_appears_reports_no_file_failed(tmp_path, toke
                     time.sleep(0.0005)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C reaches the whole group
-                _, err = proc.communicate(timeout=120)
+                _, err = finish(proc, 120)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)

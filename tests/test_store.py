@@ -15,7 +15,7 @@ from bolmo_async.errors import OutputError, StateError, UsageError
 from bolmo_async.outdir import LocalDir, open_output
 from bolmo_async.outdir.store import PART, StoreDir
 from tests.conftest import S3
-from tests.helpers import cli
+from tests.helpers import cli, finish
 from tests.s3server import SECRET, Fault
 
 pytest.importorskip("obstore")
@@ -366,7 +366,7 @@ def test_shares_on_machines_sharing_only_the_bucket(s3: S3, mirror, tmp_path: Pa
         for i in range(2)
     ]
     for p in shares:
-        out, err = p.communicate(timeout=300)
+        out, err = finish(p, 300)
         assert p.returncode == 0, err
         _no_credentials_anywhere(s3, out, err)
     # The third machine's scratch may cache one staged object at a time: scratch stays bounded.
@@ -501,7 +501,7 @@ def test_a_second_run_on_a_busy_bucket_folder_is_refused(s3: S3, repos) -> None:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         second = _cli(*args)
-        _out, err = first.communicate(timeout=300)
+        _out, err = finish(first, 300)
     assert first.returncode == 0, err
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert second.returncode != 0 and len(lines) == 1 and "another bolmo-async run" in lines[0], second.stderr

@@ -26,7 +26,7 @@ from bolmo_async.tokenize import TokenizerSpec
 from bolmo_async.util import CHECKSUM
 from bolmo_async.worker import Worker
 
-from .helpers import cli, shard_hashes, worker_spec
+from .helpers import cli, finish, shard_hashes, worker_spec
 
 BOUND = 150_000
 
@@ -268,7 +268,7 @@ def test_the_streaming_worker_killed_mid_run_loses_nothing_and_a_rerun_gives_the
                 killed = int(found.group(1))
                 os.kill(killed, signal.SIGKILL)
                 break
-        err.append(proc.communicate(timeout=120)[1])
+        err.append(finish(proc, 120)[1])
         assert killed is not None, "".join(err)[-2000:]
         assert proc.returncode in (0, 1), "".join(err)[-2000:]
         assert "Traceback" not in "".join(err)

@@ -20,7 +20,7 @@ from bolmo_async.errors import BolmoError, StateError
 from bolmo_async.mirror import MirrorThread
 from bolmo_async.outdir import open_output, staged_name
 
-from .helpers import cli, is_fork_server, shard_hashes, worker_processes
+from .helpers import cli, finish, is_fork_server, shard_hashes, worker_processes
 
 FRACTION = 0.3
 BOUND = 60_000
@@ -277,7 +277,7 @@ def test_a_worker_killed_while_writing_shards_leaves_no_temporaries_behind(mirro
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.005)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     if pid is None:
         pytest.skip("the run ended before a shard was written ahead (nothing to kill)")
     # Exit 1: the worker's files failed (rerun resumes). Exit 0 only when the kill found it holding

@@ -26,7 +26,7 @@ from bolmo_async.planner import load_plan
 from bolmo_async.retry import RetryPolicy
 from bolmo_async.staging import Staging
 
-from .helpers import wait_for_endpoint
+from .helpers import finish, wait_for_endpoint
 
 FAST = RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.05, read_timeout=5)
 
@@ -504,7 +504,7 @@ def test_mirror_serve_emulates_a_wan_from_the_command_line(blob, tmp_path):
         assert time.monotonic() - t0 >= 0.3
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
+        out, _ = finish(proc, 10)
     assert proc.returncode == 0 and "round trip 300 ms" in out
 
 
