@@ -17,13 +17,14 @@ and the run with it, waiting forever.
 from __future__ import annotations
 
 import queue
+import selectors
 import sys
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, cast
 
 
@@ -195,19 +196,24 @@ class Replies:
     pipe is closed and no longer read (the coordinator learns of the death from the process)."""
 
     def __init__(self, conns: list[Connection]):
-        self._open = list(conns)
+        self._open = len(conns)
         self._got: deque[Any] = deque()
+        self._selector = selectors.DefaultSelector()  # (once: not a selector made per message)
+        for conn in conns:
+            self._selector.register(conn, selectors.EVENT_READ)
 
     def get(self, timeout: float | None = None) -> Any:
         """The next message of any worker; ``queue.Empty`` after ``timeout`` s without one."""
         if not self._got and not self._open:  # every worker ended: nothing comes
             time.sleep(timeout or 0.0)
         elif not self._got:
-            for conn in cast(list[Connection], wait(self._open, timeout)):
+            for key, _ in self._selector.select(timeout):
+                conn = cast(Connection, key.fileobj)
                 try:
                     self._got.append(conn.recv())
                 except (EOFError, OSError):
-                    self._open.remove(conn)
+                    self._selector.unregister(conn)
+                    self._open -= 1
                     conn.close()
         if not self._got:
             raise queue.Empty
@@ -217,6 +223,7 @@ class Replies:
         return self.get(0.0)
 
     def close(self) -> None:
-        for conn in self._open:
-            conn.close()
-        self._open.clear()
+        for key in list(self._selector.get_map().values()):
+            cast(Connection, key.fileobj).close()
+        self._selector.close()
+        self._open = 0
