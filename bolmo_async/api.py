@@ -480,6 +480,28 @@ def ensure_plan(
     )
 
 
+def _tokenizer_desc(d: dict[str, Any]) -> str:
+    return f"{d.get('kind')} {d.get('identifier')} (eos {d.get('eos_token_id')}, fingerprint {d.get('fingerprint')})"
+
+
+def _refuse_other_kind(out: OutputDir, kind: str, force: bool) -> None:
+    """A folder fetched with the other kind of tokenizer (byte / subword) is refused before the repo
+    is listed: it printed the plan table (and rewrote plan.json for another fraction) before the
+    refusal. The whole check, by fingerprint, follows once the tokenizer is loaded (``_check_state``)."""
+    raw = None if force or kind not in ("byte", "subword") else out.read_bytes(RUN_STATE)
+    if raw is None:
+        return
+    try:
+        prev = json.loads(raw).get("tokenizer", {})
+    except (ValueError, AttributeError):  # (said by ``_check_state``, with the fix)
+        return
+    if isinstance(prev, dict) and prev.get("kind") not in (None, kind):
+        raise StateError(
+            f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}. "
+            "Use another --output-dir, or --force to reset this one."
+        )
+
+
 def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
     raw = out.read_bytes(RUN_STATE)
     path = out.ref(RUN_STATE)
@@ -491,12 +513,8 @@ def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
         now = info.to_json()
         keys = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
         if any(prev.get(k) != now.get(k) for k in keys):
-
-            def desc(d: dict[str, Any]) -> str:
-                return f"{d.get('kind')} {d.get('identifier')} (eos {d.get('eos_token_id')}, fingerprint {d.get('fingerprint')})"
-
             raise StateError(
-                f"{out} was fetched with tokenizer {desc(prev)}, this run uses {desc(now)}. "
+                f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}, this run uses {_tokenizer_desc(now)}. "
                 "Use another --output-dir, or --force to reset this one."
             )
     text = json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n"
@@ -691,6 +709,7 @@ def _fetch(
         eos_token_id=eos_token_id,
     )
     ep = _endpoint(endpoint)
+    _refuse_other_kind(out, tokenizer, force)
     existing = None if force else load_plan(out)
     # With a plan on disk (or --processes) the workers are spawned now and import while the repo is
     # listed; a new plan's size is known only after the listing, and a small one (a smoke test)
@@ -1079,6 +1098,7 @@ def prepare(
         id_field=id_field,
     )
     out = open_output(output_dir)
+    _refuse_other_kind(out, options.get("tokenizer", "byte"), force)
     # Worker processes asked for are spawned first, before this process imports the network and
     # the data path: they import (half a second of CPU each) while it does and while it lists the
     # repo and loads the tokenizer, instead of after. (With processes=0 their number depends on

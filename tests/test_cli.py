@@ -244,6 +244,28 @@ def test_a_bad_tokenizer_is_reported_before_the_listing_and_the_plan_table(tmp_p
     assert r.returncode == 1 and "allenai/no-such-tokenizer" in r.stderr and "plan:" not in r.stdout
 
 
+def test_a_folder_of_the_other_tokenizer_kind_is_refused_before_the_listing_and_the_plan_table(tmp_path, mirror):
+    """prepare / fetch --tokenizer subword into a folder fetched in byte mode: one line naming both,
+    before the repo is listed (a dead endpoint here), no plan table, plan.json left as it was (it was
+    rewritten for the new fraction and the table printed, then the run refused)."""
+    import socket
+
+    out = tmp_path / "o"
+    r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    planned = (out / "plan.json").read_bytes()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for cmd in ("prepare", "fetch"):
+        r = run_cli(cmd, "-o", str(out), "--endpoint", dead, "--data-fraction", "0.1", "--tokenizer", "subword")
+        assert r.returncode == 1, r.stderr
+        (line,) = _error_lines(r.stderr)
+        assert f"{out} was fetched with tokenizer byte" in line and "asks for --tokenizer subword" in line, line
+        assert "--force" in line
+        assert "plan:" not in r.stdout and (out / "plan.json").read_bytes() == planned
+
+
 def test_an_option_without_effect_is_named(tmp_path, mirror):
     r = run_cli("fetch", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
                 "--tokenizer", "byte", "--tokenizer-identifier", "./nope.json", "--engine", "tokenizers",
