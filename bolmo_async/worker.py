@@ -520,6 +520,13 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     if bpe_threads > 0:  # read by fastokens once, when it first encodes; a user's own setting wins
         os.environ.setdefault("FASTOKENS_BPE_THREADS", str(bpe_threads))
     outbox = m.Outbox(outbox)
+
+    def receive() -> Any:  # the next task; None once the coordinator has let go of the pipe (or died)
+        try:
+            return inbox.recv()
+        except (EOFError, OSError):
+            return None
+
     holder: list[Worker] = []
     _die_with_parent(lambda: holder[0] if holder else None)
     from .util import prefer_system_allocator, record_absent_imports
@@ -535,11 +542,11 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     # nothing to do in a worker forked from the fork server, which imported it all once.
     import_task_modules()
 
-    spec = inbox.get()
+    spec = receive()
     if spec is None:
         outbox.put(m.Exit(wid))
         return
-    worker = Worker(wid, spec, inbox.get, outbox.put)
+    worker = Worker(wid, spec, receive, outbox.put)
     holder.append(worker)
     signal.signal(signal.SIGTERM, lambda signum, _: worker.cancel(signum))
     try:

@@ -151,8 +151,10 @@ class _Member:
         self.process: Any = None
         self.thread: threading.Thread | None = None
         self.worker: Worker | None = None
-        self.outbox: Any = None  # the write end of its pipe to the coordinator, until it is started
-        self.replies: Any = None  # the read end (``messages.Replies``)
+        # A worker process's ends of its two pipes (tasks in, answers out), held here until it is
+        # started; the coordinator's: ``inbox`` (``messages.Outbox``) and ``replies``.
+        self.ends: tuple[Any, ...] = ()
+        self.replies: Any = None
         self.tasks: set[tuple[str, int]] = set()
         self.exited = False
         self.stopped_by = 0  # the stop signal its process said it was sent (``messages.Exit``)
@@ -161,10 +163,11 @@ class _Member:
         self._ask_at = 0.0
 
     def started(self) -> None:
-        """Its process has its own copy of the pipe's write end: this one is closed, so that the
-        pipe reads as ended once the worker is (a message it was cut in the middle of included)."""
-        if self.outbox is not None:
-            self.outbox.close()
+        """Its process has its own copies of its pipes' ends: these are closed, so that its answers
+        read as ended once the worker is (a message it was cut in the middle of included), and a
+        task sent to it after its death fails (EPIPE) instead of filling a pipe nobody reads."""
+        for end in self.ends:
+            end.close()
 
     def alive(self) -> bool:
         if self.exited:
@@ -213,8 +216,12 @@ class Pool:
         self._forked = method == "forkserver"
         share = max(1, usable_cores() // self.processes)
         for mem in self.members:
-            mem.inbox = ctx.Queue()
-            mem.replies, mem.outbox = ctx.Pipe(duplex=False)  # its own: see ``messages.Outbox``
+            # Two pipes of its own (``messages``: no multiprocessing queue, whose locks a killed
+            # process held forever and whose semaphores it left behind).
+            tasks, to_worker = ctx.Pipe(duplex=False)
+            mem.replies, answers = ctx.Pipe(duplex=False)
+            mem.inbox = m.Outbox(to_worker)
+            mem.ends = (tasks, answers)
             mem.process = self._process(ctx, mem, share)
         self.outbox = m.Replies([mem.replies for mem in self.members])
         if not self._forked:
@@ -252,7 +259,7 @@ class Pool:
     def _process(self, ctx: Any, mem: _Member, share: int) -> Any:
         return ctx.Process(
             target=process_main,
-            args=(mem.wid, mem.inbox, mem.outbox, share),
+            args=(mem.wid, *mem.ends, share),
             name=f"bolmo-worker-{mem.wid}",
             daemon=True,
         )
@@ -687,7 +694,7 @@ class Pool:
             self.outbox.close()
             for mem in self.members:
                 mem.started()  # (one never started)
-                mem.inbox.cancel_join_thread()
+                mem.inbox.close(0.0)  # (its thread, a daemon, may still wait on a pipe nobody reads)
         if self._forked:
             self._forked = False  # released once, whether by close or by stop
             ended = all(mem.process.pid is None or not mem.process.is_alive() for mem in self.members)
