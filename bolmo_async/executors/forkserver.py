@@ -296,10 +296,9 @@ def _how(what: str, info: Any) -> str:
 
 def tracker_death() -> str | None:
     """How multiprocessing's resource tracker ended, if it has (``None``: running, or none of
-    ours), said once. Killed (``kill -9``), multiprocessing relaunched it at the next semaphore
-    it let go of, with a warning, and the new one printed a KeyError traceback for every
-    semaphore the dead one had held. Seen here, it is not relaunched: each semaphore is still
-    unlinked by whoever lets go of it (``SemLock._cleanup``), only no longer reported."""
+    ours), said once. A pool creates no semaphore (its workers talk over plain pipes), so nothing
+    of a run is in its care; multiprocessing starts it for every worker process it starts anyway.
+    Seen here, it is reaped and not relaunched (with a warning, at the next semaphore let go of)."""
     from multiprocessing import resource_tracker
 
     tracker = resource_tracker._resource_tracker
@@ -330,9 +329,10 @@ def start_resource_tracker() -> None:
     server), with SIGHUP blocked: it ignores SIGINT and SIGTERM itself, not SIGHUP."""
     from multiprocessing import resource_tracker
 
-    # A coordinator killed with kill -9 leaves its queues' semaphores to the tracker, which removes
-    # them, as it should, and said so in a stdlib warning ("There appear to be 9 leaked semaphore
-    # objects"): quiet (its command line takes this process's -W options; only its own warnings).
+    # Its own warnings quiet (its command line takes this process's -W options): a coordinator
+    # killed with kill -9 left its queues' semaphores to it, which it removed with a stdlib warning
+    # ("There appear to be 9 leaked semaphore objects"); a pool now makes none, but a Python
+    # program calling the API may.
     if _QUIET_TRACKER not in sys.warnoptions:
         sys.warnoptions.append(_QUIET_TRACKER)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)

@@ -356,15 +356,7 @@ class Pool:
             # The first files are resolved while the worker processes start (the fork server's
             # imports): their transfers then start at the CDN as soon as the workers are up.
             self._started()
-            tracker_seen = time.monotonic()
             while True:
-                if self.processes > 1 and time.monotonic() - tracker_seen >= 0.5:
-                    tracker_seen = time.monotonic()
-                    if (died := tracker_death()) is not None:
-                        raise WorkerError(
-                            f"{died} (it removes the run's semaphores should the run die): the run stops; "
-                            "rerun the same command to resume"
-                        )
                 live = [mem for mem in self.members if mem.alive()]
                 if not live:
                     for mem in self.members:
@@ -675,8 +667,8 @@ class Pool:
 
     def _join(self, grace: float) -> None:
         self._started()
-        if self.processes > 1 and (died := tracker_death()) is not None:  # (said once, not relaunched)
-            log.warning("%s; this run's semaphores are removed by this process itself", died)
+        if self.processes > 1 and (died := tracker_death()) is not None:  # (reaped, not relaunched)
+            log.debug("%s: nothing of this run was in its care (no semaphore: pipes only)", died)
         deadline = time.monotonic() + grace
         for mem in self.members:
             if mem.thread is not None:
