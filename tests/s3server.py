@@ -143,7 +143,8 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    with contextlib.suppress(ConnectionError):  # the client gave up (a stop, its timeout)
+                        self.wfile.write(data)
             finally:
                 conn.close()
 
