@@ -1138,9 +1138,9 @@ def prepare(
         )
     except BaseException as exc:
         # ``_fetch`` ends the pool once it holds it; an error or a stop before (its first lines:
-        # a stop within milliseconds of plan.json) left it to the interpreter's exit, which
-        # unlinks the queues' semaphores before it ends the workers: one still being forked
-        # printed "FileNotFoundError ... SemLock._rebuild". Ending it twice does nothing.
+        # a stop within milliseconds of plan.json) left it to the interpreter's exit, which ended
+        # the workers last (when they had queues, after unlinking their semaphores: one still being
+        # forked printed "FileNotFoundError ... SemLock._rebuild"). Ending it twice does nothing.
         if pool is not None:
             pool.__exit__(type(exc), exc, exc.__traceback__)
         if not isinstance(exc, FetchIncomplete):

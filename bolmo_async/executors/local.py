@@ -249,7 +249,7 @@ class Pool:
         except BaseException as exc:
             # A stop signal while the thread starts (``Thread.start`` waits for it to run): no
             # caller has this pool to stop, and the thread starts its workers anyway; the command
-            # exited under them, its queues' semaphores removed while a worker still unpickled
+            # exited under them, its pipes (then queues) closed while a worker still unpickled
             # them (a FileNotFoundError or EOFError traceback from the fork server's child).
             if isinstance(exc, Exception):  # the thread could not start: no worker will
                 self._starting.set()
