@@ -144,11 +144,11 @@ FromWorker = Ready | Progress | Staged | Failed | ShardWritten | ShardFailed | F
 
 
 class Outbox:
-    """A worker process's end of its own pipe to the coordinator. ``put`` never blocks (the event
-    loop's messages wait on a full pipe no more than with multiprocessing's queue): a thread of its
-    own pickles and sends them, in order. Only this process writes to the pipe, so its death, even
-    mid-message, costs no other worker anything: the coordinator reads a message cut short as the
-    pipe's end (``Replies``)."""
+    """The write end of one pipe, between the coordinator and one worker process (its answers;
+    the coordinator's tasks for it). ``put`` never blocks (no event loop waits on a full pipe): a
+    thread of its own pickles and sends, in order. Only one process writes to a pipe, so a worker's
+    death, even mid-message, costs no other worker anything: the coordinator reads a message cut
+    short as the pipe's end (``Replies``)."""
 
     def __init__(self, conn: Connection):
         self._conn = conn
@@ -164,30 +164,32 @@ class Outbox:
             self._ready.notify()
 
     def _feed(self) -> None:
-        while True:
-            with self._ready:
-                while not self._items and not self._closed:
-                    self._ready.wait()
-                if not self._items:
-                    return
-                batch = list(self._items)
-                self._items.clear()
-            for msg in batch:
-                try:
-                    self._conn.send(msg)
-                except OSError:  # the coordinator is gone: nobody reads (this worker ends with it)
-                    return
-                except Exception:  # a message that does not pickle: said, the others still go
-                    traceback.print_exc(file=sys.stderr)
+        try:
+            while True:
+                with self._ready:
+                    while not self._items and not self._closed:
+                        self._ready.wait()
+                    if not self._items:
+                        return
+                    batch = list(self._items)
+                    self._items.clear()
+                for msg in batch:
+                    try:
+                        self._conn.send(msg)
+                    except OSError:  # the reader is gone (its process ended): nothing more is read
+                        return
+                    except Exception:  # a message that does not pickle: said, the others still go
+                        traceback.print_exc(file=sys.stderr)
+        finally:
+            self._conn.close()
 
     def close(self, timeout: float | None = None) -> None:
-        """Send what is queued (waiting at most ``timeout`` s for a full pipe), then close."""
+        """Send what is queued, then close the pipe; waits at most ``timeout`` s (None: until then)
+        for a full pipe to take it."""
         with self._ready:
             self._closed = True
             self._ready.notify()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._conn.close()
 
 
 class Replies:

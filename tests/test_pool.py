@@ -810,3 +810,22 @@ def test_a_killed_workers_pipe_reads_as_ended_at_once(monkeypatch, method):
         with pytest.raises(EOFError):
             first.replies.recv()
         assert not second.replies.poll(0.2) and second.process.is_alive()
+
+
+def test_runs_of_worker_processes_one_after_another_leave_no_pipe_or_thread_behind(repos, tmp_path):
+    """The API called again and again in one process (a notebook, a driver script): each pool's
+    pipes (two per worker) and their threads end with it."""
+    import threading
+
+    def threads() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith(("bolmo", "QueueFeeder"))}
+
+    with MirrorThread(repos) as m:
+        seen = []
+        for i in range(3):
+            bolmo_async.prepare(tmp_path / f"o{i}", endpoint=m.endpoint, data_fraction=0.3, processes=2, progress=False)
+            deadline = time.monotonic() + 5
+            while threads() and time.monotonic() < deadline:  # (daemon threads let go of their pipes)
+                time.sleep(0.02)
+            seen.append((psutil.Process().num_fds(), threads()))
+    assert seen[1] == seen[2] == (seen[0][0], set()), seen
