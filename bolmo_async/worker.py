@@ -545,6 +545,7 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     spec = receive()
     if spec is None:
         outbox.put(m.Exit(wid))
+        outbox.close()  # (its thread is a daemon: the interpreter's exit would not wait for it)
         return
     worker = Worker(wid, spec, receive, outbox.put)
     holder.append(worker)
