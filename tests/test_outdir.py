@@ -636,3 +636,50 @@ def test_a_dead_writers_temporaries_are_found_by_pid_and_pid_space_not_pid_alone
         if proc.poll() is None:
             proc.communicate("", timeout=30)
     assert _temporaries_in(out / "staging") == []
+
+
+def test_a_killed_workers_whole_download_temporary_goes_with_its_other_temporaries(tmp_path):
+    """A worker killed -9 while a streaming run's parquet downloaded whole to raw/KEY/ left
+    ``..KEY.whole.<pid>-....tmp`` behind (the coordinator removed its pid's temporaries from the
+    folder and staging/ only) until a rerun cleaned that file's scratch. A real process, killed
+    mid-write; another writer's temporary and a kept raw file beside it stay."""
+    import signal
+    import subprocess
+    import textwrap
+
+    from bolmo_async.outdir import local
+
+    out = tmp_path / "o"
+    od = local.LocalDir(out)
+    od.create()
+    key = f"{9:020x}"
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        from bolmo_async.outdir import local
+        od = local.LocalDir({str(out)!r})
+        f = od.new_local_file(od.download_path({key!r}, "data/a.parquet", keep=False))
+        f.write(b"part of a parquet")
+        f.flush()
+        print(os.getpid(), flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    dead = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)  # (closes its pipes)
+    scratch = od.scratch(key)
+    left = _temporaries_in(scratch)
+    assert len(left) == 1 and f".{dead}-" in left[0], left
+    alive = od.new_local_file(od.download_path(f"{10:020x}", "data/b.parquet", keep=False))  # this process's
+    alive.write(b"live")
+    alive.flush()
+    (od.scratch(f"{11:020x}") / "c.jsonl.zst").parent.mkdir(parents=True)
+    (od.scratch(f"{11:020x}") / "c.jsonl.zst").write_bytes(b"kept raw file")
+    assert od.remove_temporaries_of(dead) == 1
+    assert _temporaries_in(scratch) == []
+    assert len(_temporaries_in(od.scratch(f"{10:020x}"))) == 1
+    assert (od.scratch(f"{11:020x}") / "c.jsonl.zst").read_bytes() == b"kept raw file"
+    alive.abort()

@@ -534,9 +534,17 @@ class LocalDir(OutputDir):
     def remove_temporaries_of(self, pid: int) -> int:
         mine = f"{pid_space()}-"  # (a --worker share elsewhere may have a live process of that pid)
         n = _unlink_matching(self.root, _temporaries(_OWN_NAMES, str(pid), mine))
+        theirs = _temporaries(".+", str(pid), mine)
         staging = self.root / STAGING
         if not staging.is_symlink():  # what lies behind a link at staging/ is not ours to clean
-            n += _unlink_matching(staging, _temporaries(".+", str(pid), mine))
+            n += _unlink_matching(staging, theirs)
+        # And its whole-file downloads (a streaming run's parquet, raw/KEY/..KEY.whole.PID-...tmp):
+        # left until the next run cleaned that file's scratch, were a rerun ever made.
+        raw = self.root / RAW
+        if not raw.is_symlink():
+            for name in _names(raw):
+                if not (raw / name).is_symlink():
+                    n += _unlink_matching(raw / name, theirs)
         return n
 
     def _claim_fd(self, key: str) -> int:
