@@ -829,3 +829,49 @@ def test_runs_of_worker_processes_one_after_another_leave_no_pipe_or_thread_behi
                 time.sleep(0.02)
             seen.append((psutil.Process().num_fds(), threads()))
     assert seen[1] == seen[2] == (seen[0][0], set()), seen
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_killed_workers_whole_download_of_a_file_it_held_goes_when_its_loss_is_seen(
+    repos, tmp_path, monkeypatch, method
+):
+    """A worker killed -9 after a streaming run's parquet was downloaded whole and before it was
+    decoded left ``raw/KEY/.KEY.whole`` (named after the file, not the worker: its pid finds it
+    not) until a rerun cleaned that file's scratch (attack runs: 1 of 50). The loss of the
+    worker, as the run sees it, removes it with the rest, the file's claim taken first; a file
+    whose claim another process holds (a ``--worker`` share took it meanwhile) keeps its own."""
+    from bolmo_async.executors.base import RunResult
+    from bolmo_async.outdir import open_output
+    from bolmo_async.planner import load_plan
+    from bolmo_async.tokenize import TokenizerSpec
+
+    from .helpers import worker_spec
+
+    monkeypatch.setenv(START_METHOD_ENV, method)
+    out = tmp_path / "o"
+    with MirrorThread(repos) as mirror:
+        bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=1)
+        folder = open_output(out)
+        plan = load_plan(folder)
+        assert plan is not None
+        mine, theirs = [u for u, f in enumerate(plan.files) if f.path.endswith(".parquet")][:2]
+        wholes = []
+        for u in (mine, theirs):
+            key = plan.files[u].key
+            whole = folder.download_path(key, plan.files[u].path, keep=False)
+            whole.parent.mkdir(parents=True, exist_ok=True)
+            whole.write_bytes(b"a parquet downloaded whole, not decoded yet")
+            wholes.append(whole)
+        with Pool(2) as pool, folder.claim(plan.files[theirs].key) as held_elsewhere:
+            assert held_elsewhere
+            pool.start(worker_spec(out, plan, mirror.endpoint, TokenizerSpec("byte"), 1))
+            pool._started()
+            dead = pool.members[0]
+            os.kill(dead.process.pid, signal.SIGKILL)
+            dead.process.join(10)
+            dead.tasks |= {("file", mine), ("file", theirs)}
+            result = RunResult()
+            assert pool._lost(dead, result, None) == 2
+    assert not wholes[0].exists()
+    assert wholes[1].exists()
+    assert "was killed by SIGKILL" in result.failed[plan.files[mine].path]

@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from .. import messages as m
@@ -614,22 +615,28 @@ class Pool:
             # No file in hand (it wrote the streamed shard, which another worker writes again): the
             # run can still complete, but a worker lost to a signal (the OOM killer) is said.
             log.warning("%s holding no file: the other workers go on", died[0].upper() + died[1:])
+        held = self._held(member)
         member.tasks.clear()
         member.exited = True
         if server is not None and pid is not None:
             _end_orphan(pid)
-        self._remove_temporaries_of(member)
+        self._remove_temporaries_of(member, held)
         return n
 
-    def _remove_temporaries_of(self, member: _Member) -> None:
+    def _held(self, member: _Member) -> list[str]:
+        """The keys of the files ``member`` holds."""
+        return [self._spec.files[i].key for kind, i in member.tasks if kind == "file"] if self._spec else []
+
+    def _remove_temporaries_of(self, member: _Member, held: Sequence[str] = ()) -> None:
         """What a dead worker process was writing stays behind as temporaries (up to a file's
-        whole shards when they were written while it was staged): removed now, not at the next run."""
+        whole shards when they were written while it was staged): removed now, not at the next run.
+        ``held``: the keys of the files it held (their leftovers not named after it go too)."""
         if self._spec is None or member.process is None or member.process.pid is None:
             return
         from ..outdir import open_output
 
         with contextlib.suppress(Exception):
-            gone = open_output(self._spec.output_dir).remove_temporaries_of(member.process.pid)
+            gone = open_output(self._spec.output_dir).remove_temporaries_of(member.process.pid, held)
             if gone:
                 log.info("removed %d temporaries of worker %d", gone, member.wid)
 
@@ -678,7 +685,7 @@ class Pool:
                 if mem.process.is_alive():
                     mem.process.kill()
                     mem.process.join(1.0)
-                    self._remove_temporaries_of(mem)  # killed: it cleaned up nothing
+                    self._remove_temporaries_of(mem, self._held(mem))  # killed: it cleaned up nothing
         with contextlib.suppress(Exception):
             while True:  # drain, so that no feeder thread waits on a full pipe
                 self.outbox.get_nowait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,10 +152,12 @@ class OutputDir:
         """The folder holds something of this tool's (a plan or a manifest)."""
         return any(self.exists_file(n) for n in (PLAN, MANIFEST, RUN_STATE))
 
-    def remove_temporaries_of(self, pid: int) -> int:
+    def remove_temporaries_of(self, pid: int, held: Sequence[str] = ()) -> int:
         """Remove the temporaries a dead writer process ``pid`` of this run left (shards written
-        while their file was staged, staged files); how many. Object storage: nothing to do (an
-        upload that was not completed leaves no object)."""
+        while their file was staged, staged files), and those of the files it held (``held``, their
+        keys: a whole download not named after it, ``.KEY.whole``), each only while this process
+        can take the file's claim; how many. Object storage: nothing to do (an upload that was not
+        completed leaves no object)."""
         return 0
 
     def others(self) -> list[str]:

@@ -26,7 +26,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -531,7 +531,7 @@ class LocalDir(OutputDir):
         them (gigabytes). Only under the exclusive lock, so no writer of this folder is alive."""
         _unlink_matching(self.root, _TMP_RE)
 
-    def remove_temporaries_of(self, pid: int) -> int:
+    def remove_temporaries_of(self, pid: int, held: Sequence[str] = ()) -> int:
         mine = f"{pid_space()}-"  # (a --worker share elsewhere may have a live process of that pid)
         n = _unlink_matching(self.root, _temporaries(_OWN_NAMES, str(pid), mine))
         theirs = _temporaries(".+", str(pid), mine)
@@ -545,6 +545,10 @@ class LocalDir(OutputDir):
             for name in _names(raw):
                 if not (raw / name).is_symlink():
                     n += _unlink_matching(raw / name, theirs)
+        for key in held:  # (a --worker share may have claimed it since: then it is theirs)
+            with self.claim(key) as claimed:
+                if claimed:
+                    n += self.clean_temporaries(key)
         return n
 
     def _claim_fd(self, key: str) -> int:
