@@ -875,3 +875,51 @@ def test_a_killed_workers_whole_download_of_a_file_it_held_goes_when_its_loss_is
     assert not wholes[0].exists()
     assert wholes[1].exists()
     assert "was killed by SIGKILL" in result.failed[plan.files[mine].path]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waitid")
+def test_a_killed_fork_server_does_not_say_the_other_workers_go_on(repos, tmp_path, monkeypatch, caplog):
+    """kill -9 of the fork server while a ready worker held no file: the run warned "...worker
+    process 1, which it had started, is stopped holding no file: the other workers go on", then
+    failed the other worker's files with the same server's death: every worker it forked ends with
+    it, none goes on. And asked at once, as here, the server's death was not visible yet (its
+    status pipe closes a moment before it can be waited for): "worker process 1 exited with code
+    255", the worker not stopped before its temporaries went (6 of 8 runs of this test)."""
+    import logging
+    import queue
+    from multiprocessing import forkserver
+
+    from bolmo_async import messages as m
+    from bolmo_async.executors.base import RunResult
+    from bolmo_async.outdir import open_output
+    from bolmo_async.planner import load_plan
+    from bolmo_async.tokenize import TokenizerSpec
+
+    from .helpers import worker_spec
+
+    monkeypatch.setenv(START_METHOD_ENV, "forkserver")
+    out = tmp_path / "o"
+    with MirrorThread(repos) as mirror:
+        bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=1)
+        plan = load_plan(open_output(out))
+        assert plan is not None
+        with Pool(2) as pool:
+            pool.start(worker_spec(out, plan, mirror.endpoint, TokenizerSpec("byte"), 1))
+            pool._started()
+            ready: set[int] = set()
+            deadline = time.monotonic() + 60
+            while len(ready) < 2 and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    msg = pool.outbox.get(0.5)
+                    if isinstance(msg, m.Ready):
+                        ready.add(msg.wid)
+                        pool.members[msg.wid].ready = True
+            assert len(ready) == 2
+            os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+            for mem in pool.members:
+                mem.process.join(10)  # (its status pipe closed: read as code 255)
+            with caplog.at_level(logging.WARNING, logger="bolmo_async"):
+                assert pool._lost(pool.members[1], RunResult(), None) == 0
+    said = [r.getMessage() for r in caplog.records if "holding no file" in r.getMessage()]
+    assert len(said) == 1 and "fork server (pid" in said[0], caplog.text
+    assert "go on" not in said[0], said[0]

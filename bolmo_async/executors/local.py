@@ -128,6 +128,21 @@ def _end_orphan(pid: int) -> None:
             return
 
 
+#: Seconds a worker's exit code 255 waits for its fork server's death to show (``_server_death``).
+SERVER_DEATH_WAIT = 0.5
+
+
+def _server_death() -> str | None:
+    """How the fork server ended, for a worker read as exit code 255 (its status pipe, which the
+    server holds, closed). The server closes its files as it exits, a moment before it can be
+    waited for: asked once, a killed server's death was read as the workers' own "exited with code
+    255" (attack runs: 1 of 57 that killed it). Asked again for up to ``SERVER_DEATH_WAIT`` s."""
+    deadline = time.monotonic() + SERVER_DEATH_WAIT
+    while (died := server_death()) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return died
+
+
 def check_not_bootstrapping() -> None:
     """Refuse to start workers from a spawned child that is re-running the user's script (a script
     that calls the API at top level, without ``if __name__ == "__main__":``)."""
@@ -580,7 +595,7 @@ class Pool:
         code = member.process.exitcode if member.process is not None else None
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
         pid = member.process.pid if member.process is not None else None
-        server = server_death() if self._forked and code == 255 and pid is not None else None
+        server = _server_death() if self._forked and code == 255 and pid is not None else None
         # A worker that exits (not killed by a signal) before it is ready could not start at all:
         # the whole run would fail the same way. One killed meanwhile only loses its files.
         if not member.ready and member.process is not None and not member.exited and code is not None and code >= 0:
@@ -613,8 +628,10 @@ class Pool:
             )
         elif code and not member.stopped_by:
             # No file in hand (it wrote the streamed shard, which another worker writes again): the
-            # run can still complete, but a worker lost to a signal (the OOM killer) is said.
-            log.warning("%s holding no file: the other workers go on", died[0].upper() + died[1:])
+            # run can still complete, but a worker lost to a signal (the OOM killer) is said. Not
+            # "the other workers go on" when the fork server died: the others it forked end too.
+            go_on = "" if server is not None else ": the other workers go on"
+            log.warning("%s holding no file%s", died[0].upper() + died[1:], go_on)
         held = self._held(member)
         member.tasks.clear()
         member.exited = True
