@@ -250,6 +250,8 @@ def _fetch_in_flight(
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=10)  # (its pipes closed: no ResourceWarning in a later test)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
@@ -345,6 +347,8 @@ def test_ctrl_c_to_the_process_group_while_workers_import_prints_no_traceback(re
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=10)  # (its pipes closed: no ResourceWarning in a later test)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
@@ -490,6 +494,8 @@ def test_sigterm_while_the_command_starts_its_workers_says_so_and_exits_143(repo
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=10)  # (its pipes closed: no ResourceWarning in a later test)
     assert proc.returncode == 143, err
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err, err
 
@@ -590,6 +596,8 @@ def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_stag
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=10)  # (its pipes closed: no ResourceWarning in a later test)
     assert proc.returncode == 128 + sig, err
     name = signal.Signals(sig).name
     assert f"interrupted ({name}) while listing the repository, before this run staged any file" in err, err
@@ -679,11 +687,28 @@ def test_a_killed_resource_tracker_costs_the_run_nothing(repos, tmp_path):
     "relaunching" warning, and no semaphore was ever made (it once held the queues', and stopped
     the run when it died)."""
     out = tmp_path / "o"
-    with _fetch_in_flight(repos, out, settle=0.3, trickle=0.01) as (proc, coordinator):
+
+    def maps(p: psutil.Process) -> list[str]:
+        with contextlib.suppress(psutil.Error):  # (one that ended meanwhile)
+            return [m.path for m in p.memory_maps()]
+        return []
+
+    def tracker(coordinator: psutil.Process) -> list[psutil.Process]:
+        found = []
+        for p in coordinator.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "resource_tracker import main" in " ".join(p.cmdline()):
+                    found.append(p)
+        return found
+
+    with _fetch_in_flight(repos, out, settle=0.3) as (proc, coordinator):
         run = [coordinator, *coordinator.children(recursive=True)]
-        semaphores = [m.path for p in run for m in p.memory_maps() if "/sem." in m.path]  # (sem_open maps it)
-        (tracker,) = [p for p in coordinator.children() if "resource_tracker import main" in " ".join(p.cmdline())]
-        tracker.kill()
+        semaphores = [path for p in run for path in maps(p) if "/sem." in path]  # (sem_open maps it)
+        deadline = time.monotonic() + 10
+        while not (found := tracker(coordinator)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(found) == 1, found
+        found[0].kill()
         _, err = finish(proc, 120)
     assert semaphores == []
     assert proc.returncode == 0, err
