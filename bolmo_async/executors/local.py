@@ -375,6 +375,12 @@ class Pool:
             while True:
                 live = [mem for mem in self.members if mem.alive()]
                 if not live:
+                    # What they said before they ended first (a file staged a moment before the
+                    # last one died was failed, and found staged by the rerun).
+                    with contextlib.suppress(queue.Empty):
+                        while True:
+                            msg = self.outbox.get_nowait()
+                            files_left -= self._handle(msg, result, progress, on_staged, shard_tasks)
                     for mem in self.members:
                         self._lost(mem, result, progress)
                     if todo:
@@ -698,14 +704,19 @@ class Pool:
             if mem.thread is not None:
                 mem.thread.join(max(0.1, deadline - time.monotonic()))
             elif mem.process is not None and mem.process.pid is not None:
-                mem.process.join(max(0.1, deadline - time.monotonic()))
+                # Its pipe read meanwhile: a worker whose last messages fill it (a large Staged)
+                # waits for them to be read before it exits, and was killed at the grace's end.
+                end = max(deadline, time.monotonic() + 0.1)
+                while True:
+                    self._drain()
+                    mem.process.join(min(0.05, max(0.0, end - time.monotonic())))
+                    if not mem.process.is_alive() or time.monotonic() >= end:
+                        break
                 if mem.process.is_alive():
                     mem.process.kill()
                     mem.process.join(1.0)
                     self._remove_temporaries_of(mem, self._held(mem))  # killed: it cleaned up nothing
-        with contextlib.suppress(Exception):
-            while True:  # drain, so that no feeder thread waits on a full pipe
-                self.outbox.get_nowait()
+        self._drain()
         if self.processes > 1:
             self.outbox.close()
             for mem in self.members:
@@ -715,6 +726,12 @@ class Pool:
             self._forked = False  # released once, whether by close or by stop
             ended = all(mem.process.pid is None or not mem.process.is_alive() for mem in self.members)
             FORK_SERVER.release(reap=ended)
+
+    def _drain(self) -> None:
+        """Read (and drop) what the workers said: no worker waits on a full pipe to exit."""
+        with contextlib.suppress(Exception):
+            while True:
+                self.outbox.get_nowait()
 
     def __enter__(self) -> Pool:
         return self
