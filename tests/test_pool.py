@@ -948,4 +948,3 @@ def test_a_killed_fork_server_does_not_say_the_other_workers_go_on(repos, tmp_pa
     said = [r.getMessage() for r in caplog.records if "holding no file" in r.getMessage()]
     assert len(said) == 1 and "fork server (pid" in said[0], caplog.text
     assert "go on" not in said[0], said[0]
-
