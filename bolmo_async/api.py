@@ -608,8 +608,7 @@ BYTES_PER_PROCESS = 16 * 1024 * 1024
 def auto_processes(plan: Plan | None) -> int:
     if plan is None:
         return usable_cores()
-    # The bytes to decode, not to download: a JSON-lines prefix is downloaded whole (to verify
-    # it) but only decoded up to the prefix, and hashing is cheap next to decoding.
+    # The bytes to decode (a prefix's, not its file's).
     planned = sum(pf.planned_bytes for pf in plan.files)
     return max(1, min(usable_cores(), len(plan.files), -(-planned // BYTES_PER_PROCESS)))
 
@@ -677,6 +676,7 @@ def _fetch(
     concurrency: int = DEFAULT_CONCURRENCY,
     connections: int = DEFAULT_CONNECTIONS,
     streaming: bool = True,
+    verify_prefixes: bool | None = None,
     endpoint: str | None = None,
     retries: int = 8,
     read_timeout: float = 60.0,
@@ -816,6 +816,7 @@ def _fetch(
                 tokenizer=spec_tok,
                 eos=info.eos_token_id,
                 streaming=streaming,
+                verify_prefixes=verify_prefixes,
                 retries=retries,
                 read_timeout=read_timeout,
                 slots=max(slots, per_worker),
@@ -926,7 +927,9 @@ def fetch(
 
     Options (all keywords, the CLI's flags): ``tokenizer`` ("byte" | "subword"),
     ``tokenizer_identifier``, ``eos_token_id``, ``special_tokens_as_ids``, ``engine``,
-    ``check_every``, ``concurrency``, ``connections``, ``streaming``, ``endpoint``, ``retries``,
+    ``check_every``, ``concurrency``, ``connections``, ``streaming``, ``verify_prefixes`` (None:
+    a partly taken JSON-lines file is read whole and hash-checked over plain http, only its prefix
+    over https), ``endpoint``, ``retries``,
     ``read_timeout``, ``progress``, ``check_disk``, ``processes`` (worker processes; 0: one per 16 MB
     planned, up to the usable cores; 1: one worker in this process), ``max_document_bytes``,
     ``on_plan`` (called with the plan when this call plans; ``special_tokens_as_text``, the reverse

@@ -491,6 +491,13 @@ CONNECTIONS = typer.Option(
 STREAMING = typer.Option(
     True, "--streaming/--no-streaming", help="--no-streaming keeps verified raw files under raw/ and reuses them."
 )
+VERIFY_PREFIXES = typer.Option(
+    None,
+    "--verify-prefixes/--no-verify-prefixes",
+    help="A partly taken JSON-lines file: download it whole to check its sha256, or only the prefix taken. "
+    "Default: whole over plain http, only the prefix over https (TLS vouches for the bytes).",
+    show_default=False,
+)
 RETRIES = typer.Option(8, "--retries", help="Attempts per file before it is reported failed.")
 READ_TIMEOUT = typer.Option(60.0, "--read-timeout", help="Seconds a download may stall before it is resumed.")
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
@@ -511,6 +518,7 @@ _FETCH_OPTIONS = (
     "concurrency",
     "connections",
     "streaming",
+    "verify_prefixes",
     "retries",
     "read_timeout",
     "max_document_bytes",
@@ -555,6 +563,7 @@ def fetch_cmd(
     concurrency: int = CONCURRENCY,
     connections: int = CONNECTIONS,
     streaming: bool = STREAMING,
+    verify_prefixes: bool | None = VERIFY_PREFIXES,
     endpoint: str | None = ENDPOINT,
     retries: int = RETRIES,
     read_timeout: float = READ_TIMEOUT,
@@ -670,6 +679,7 @@ def prepare_cmd(
     ),
     seed: int = SEED,
     streaming: bool = STREAMING,
+    verify_prefixes: bool | None = VERIFY_PREFIXES,
     repo_id: str = REPO,
     revision: str = REVISION,
     endpoint: str | None = ENDPOINT,

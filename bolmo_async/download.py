@@ -295,9 +295,17 @@ async def fetch_file(
     decoding: DecodingSlot | None = None,
     cdn: str | None = None,
     stats: dict[str, Any] | None = None,
+    span: int | None = None,
+    more: Callable[[], bool] | None = None,
 ) -> int:
     """A whole file into ``sink``, in order, verified (``verify`` after the last byte; an
     ``IntegrityError`` fetches it again within the attempt budget). Returns the bytes fed.
+
+    ``span`` (less than ``size``): only the file's first ``span`` bytes (a JSON-lines prefix),
+    by Range requests, in segments like a whole file's; then, while ``more()`` (its decoder has
+    no whole document yet), the rest as one stream that stops once ``more()`` is false. A prefix
+    cannot be checked against the whole file's hash: ``verify`` runs after it all the same (the
+    sink knows what it got). A server that ignores Range sends the whole file: verified.
 
     The transfer runs ahead of the sink, bounded: a file of ``WHOLE`` bytes or less is fetched
     whole while it waits for a ``decoding`` slot; a larger one waits for its slot first, then
@@ -316,8 +324,24 @@ async def fetch_file(
         if on_bytes is not None:
             on_bytes(n)
 
+    part = span is not None and span < size
+
     async def once() -> int:
-        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn, stats)
+        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn, stats, span)
+        if part and more is not None and more():
+            # No whole document within the prefix: the rest, up to the first that ends.
+            n += await stream(
+                client,
+                url,
+                sink,
+                what=f"{what} (bytes {span}-)",
+                start=n,
+                size=size,
+                executor=executor,
+                on_bytes=count,
+                cdn=cdn,
+                cut=lambda: size if more() else 0,
+            )
         try:
             await _verified(loop, executor, verify)
         except IntegrityError as exc:
@@ -458,12 +482,17 @@ async def _fetch_blocks(
     decoding: DecodingSlot | None,
     signed: str | None = None,
     stats: dict[str, Any] | None = None,
+    span: int | None = None,
 ) -> int:
-    """One pass over the file: lanes fetch blocks (each lane takes the next block not taken,
-    within the read-ahead window), this task feeds them to the sink in order. ``stats`` (if
-    given) receives the most segments at once and the growth steps (``_Growth.history``)."""
+    """One pass over the file, or over its first ``span`` bytes: lanes fetch blocks (each lane
+    takes the next block not taken, within the read-ahead window), this task feeds them to the
+    sink in order. ``stats`` (if given) receives the most segments at once and the growth steps
+    (``_Growth.history``)."""
     loop = asyncio.get_running_loop()
-    whole = size <= WHOLE  # one block, one request without Range
+    ranged = span is not None and span < size  # a prefix: asked by Range even when small
+    if span is None or span > size:
+        span = size
+    whole = span <= WHOLE  # one block, one request (without Range unless a prefix)
     bounds = [0]  # where each block taken so far starts, then where the last one ends
     done: dict[int, list[bytes]] = {}
     st = {"taken": 0, "fed": 0, "window": 1, "splits": 0}
@@ -522,7 +551,7 @@ async def _fetch_blocks(
             piece.pos += n
             got(n)
 
-        if whole:  # the whole file: no Range, as any client asks for it
+        if whole and not ranged:  # the whole file: no Range, as any client asks for it
             await stream(
                 client,
                 url,
@@ -549,7 +578,7 @@ async def _fetch_blocks(
 
     def left() -> bool:
         """Blocks are left to take."""
-        return st["taken"] == 0 if whole else bounds[-1] < size
+        return st["taken"] == 0 if whole else bounds[-1] < span
 
     def segment() -> int:
         """The size of the next block: ``SEGMENT_BLOCK`` for the first and once segments were
@@ -567,7 +596,7 @@ async def _fetch_blocks(
                         continue
                     i = st["taken"]
                     st["taken"] = i + 1
-                    bounds.append(size if whole else min(size, bounds[-1] + segment()))
+                    bounds.append(span if whole else min(span, bounds[-1] + segment()))
                     piece = _Piece(i, bounds[i], bounds[i + 1])
                     pieces[i] = [piece]
                 elif whole or (stolen := split(loop.time())) is None:
@@ -611,7 +640,7 @@ async def _fetch_blocks(
     def grow(want: int) -> None:
         """Up to ``want`` more segments, within the free connections of the worker's link."""
         assert link is not None
-        want = min(want, MAX_LANES - len(lanes), -(-(size - bounds[-1]) // segment()))
+        want = min(want, MAX_LANES - len(lanes), -(-(span - bounds[-1]) // segment()))
         grew = 0
         while grew < want and link.take():
             start_lane(True)

@@ -124,11 +124,10 @@ class PlannedFile:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes a task downloads for this file: a JSON-lines prefix is read whole (it is verified
-        against the file's hash), a parquet prefix only up to its limit (whole row groups and the
-        footer make the real figure a little different; progress follows what is really read)."""
-        parquet = self.path.lower().endswith(".parquet")
-        return self.planned_bytes if parquet else self.size
+        """Bytes a task downloads for this file: a prefix only up to its limit (a JSON-lines one
+        past it when no document ends within it, a parquet one whole row groups and the footer;
+        ``--no-streaming`` keeps whole files: progress follows what is really read)."""
+        return self.planned_bytes
 
     @property
     def key(self) -> str:

@@ -197,8 +197,8 @@ def disk_needed(
     need = (1 if kind == "byte" else 4) * tokens(left) * 1.1
     if shards_for:
         need += 4 * tokens(shards_for) * 1.1
-    if not streaming:
-        need += estimate_files(left)["TOTAL"]["download_bytes"]
+    if not streaming:  # the downloads are kept whole
+        need += sum(f.size for f in left)
     return int(need)
 
 

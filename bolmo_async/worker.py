@@ -68,6 +68,7 @@ class WorkerSpec:
     eos: int  # appended to each piece of a document cut across shards
     repo_type: str = "dataset"
     streaming: bool = True
+    verify_prefixes: bool | None = None  # filetask.verifies_prefixes's option
     retries: int = 8
     read_timeout: float = 60.0
     slots: int = 4  # tasks at once in one worker
@@ -147,7 +148,7 @@ class Worker:
 
     async def _serve(self) -> None:
         from .download import Link
-        from .filetask import TaskContext
+        from .filetask import TaskContext, verifies_prefixes
         from .hub import HubClient, make_session, read_token
         from .outdir import open_output
         from .retry import RetryPolicy
@@ -202,6 +203,7 @@ class Worker:
                     tokenizer=tokenizer,
                     executor=executor,
                     streaming=spec.streaming,
+                    verify_prefixes=verifies_prefixes(spec.verify_prefixes, spec.endpoint),
                     max_document_bytes=spec.max_document_bytes,
                     text_field=spec.text_field,
                     id_field=spec.id_field,

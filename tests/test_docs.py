@@ -36,9 +36,11 @@ def _commands() -> dict[str, click.Command]:
 
 def _documented_default(p: click.Option) -> str:
     """The default as the README writes it: empty for none (or a flag off), "required", the flag's
-    name for a --x/--no-x pair, else the value."""
+    name for a --x/--no-x pair ("auto" for a pair left unset: decided per run), else the value."""
     if p.required:
         return "required"
+    if p.is_flag and p.secondary_opts and p.default is None:
+        return "auto"
     if p.is_flag and p.secondary_opts:
         return p.opts[0] if p.default else p.secondary_opts[0]
     if p.default is None or p.default is False or (isinstance(p.default, list | tuple) and not p.default):

@@ -1,0 +1,121 @@
+"""A JSON-lines prefix (a plan's partly taken file) unverified asks the server only for its own
+bytes; verified (the default over plain http) it reads the whole file and checks its hash."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import zstandard
+
+import bolmo_async
+from bolmo_async.filetask import verifies_prefixes
+from bolmo_async.mirror import MirrorRepo, MirrorThread
+from bolmo_async.models import DEFAULT_REPO_ID
+from bolmo_async.outdir import marker_name, open_output
+from bolmo_async.planner import load_plan
+
+from .helpers import shard_documents, shard_hashes
+
+
+def _prefixes(out: Path) -> dict[str, dict]:
+    plan = json.loads((out / "plan.json").read_text())
+    return {
+        f["path"]: f
+        for f in plan["files"]
+        if f["limit"] is not None and f["limit"] < f["size"] and not f["path"].endswith(".parquet")
+    }
+
+
+def _markers(out: Path) -> dict[str, dict]:
+    od = open_output(out)
+    return {pf.path: json.loads(od.read_bytes(marker_name(pf.key)) or b"null") for pf in load_plan(od).files}
+
+
+def test_a_json_lines_prefix_asks_only_its_bytes_and_stages_what_the_whole_file_gives(tmp_path, mirror):
+    """Every request for a prefix's file is a Range inside the prefix; the shards equal those of
+    a run that downloads every file whole and verifies it (``--no-streaming``)."""
+    got = bolmo_async.prepare(
+        tmp_path / "a", endpoint=mirror.endpoint, data_fraction=0.3, progress=False, verify_prefixes=False
+    )
+    prefixes = _prefixes(tmp_path / "a")
+    lfs = {p for p in prefixes if p.endswith((".zst", ".gz"))}
+    assert lfs, "the sample's plan at 30% has compressed JSON-lines prefixes"
+    asked = [r for r in mirror.cdn_requests if r["path"] in prefixes]
+    assert {r["path"] for r in asked} == lfs
+    markers = _markers(tmp_path / "a")
+    on = set()  # prefixes whose limit cuts their first document: read on from the limit
+    for r in asked:
+        assert r["range"], r  # never the whole file
+        lo, _, hi = r["range"].removeprefix("bytes=").partition("-")
+        limit = prefixes[r["path"]]["limit"]
+        if int(lo) == limit:
+            on.add(r["path"])
+        else:
+            assert int(lo) < int(hi) < limit, r
+    for path, f in prefixes.items():
+        if path in on and markers[path]["sha256"]:
+            continue  # read on to the file's end (a small file): then it is verified whole
+        assert markers[path]["sha256"] is None, (path, f)
+        assert markers[path]["read_bytes"] > f["limit"] if path in on else markers[path]["read_bytes"] == f["limit"]
+    assert len(on) < len(lfs)
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    whole = [markers[f["path"]] for f in plan["files"] if f["limit"] is None]
+    assert whole and all(m["sha256"] for m in whole)  # whole files are still verified
+
+    want = bolmo_async.prepare(
+        tmp_path / "b", endpoint=mirror.endpoint, data_fraction=0.3, progress=False, streaming=False
+    )
+    assert shard_hashes(got) == shard_hashes(want)
+
+
+def _doc(i: int, rng: random.Random, n: int) -> bytes:
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 \n") for _ in range(n))
+    return json.dumps({"id": f"d{i}", "text": text}).encode() + b"\n"
+
+
+def test_a_prefix_holding_no_whole_document_reads_on_to_its_first_and_stops(tmp_path):
+    """The plan takes at least one document: a prefix shorter than the first document reads past
+    its limit until that document ends, and stops there, not at the end of the file."""
+    rng = random.Random(7)
+    lines = [_doc(0, rng, 600_000)] + [_doc(i, rng, 2_000) for i in range(1, 4_000)]
+    folder = tmp_path / "repo" / "data" / "big"
+    folder.mkdir(parents=True)
+    raw = zstandard.ZstdCompressor(level=3).compress(b"".join(lines))
+    (folder / "big-0000.jsonl.zst").write_bytes(raw)
+    first_end = len(zstandard.ZstdCompressor(level=3).compress(lines[0]))  # roughly where doc 0 ends
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        got = bolmo_async.prepare(
+            tmp_path / "a", endpoint=m.endpoint, data_fraction=0.01, progress=False, verify_prefixes=False
+        )
+        want = bolmo_async.prepare(
+            tmp_path / "b", endpoint=m.endpoint, data_fraction=0.01, progress=False, streaming=False
+        )
+    (f,) = _prefixes(tmp_path / "a").values()
+    assert f["limit"] < first_end < f["size"] // 2
+    assert [d[2] for d in shard_documents(got)] == [1]  # one document, the first
+    assert shard_hashes(got) == shard_hashes(want)
+    read = _markers(tmp_path / "a")[f["path"]]["read_bytes"]
+    # past the document's end by at most what one hand-over holds (1 MiB) and one read (256 KiB)
+    assert first_end <= read <= first_end + (1 << 20) + (256 << 10) + (64 << 10) < f["size"]
+
+
+def test_by_default_a_prefix_is_read_whole_and_verified_over_plain_http(tmp_path, mirror):
+    """Over http nothing but TCP's checksum guards the bytes: the whole file is read and its hash
+    checked, as a corrupting network then still gives the same shards (test_faults)."""
+    bolmo_async.prepare(tmp_path / "a", endpoint=mirror.endpoint, data_fraction=0.3, progress=False)
+    prefixes = _prefixes(tmp_path / "a")
+    asked = [r for r in mirror.cdn_requests if r["path"] in prefixes]
+    assert asked and all(r["range"] is None for r in asked)
+    markers = _markers(tmp_path / "a")
+    for p, f in prefixes.items():  # the LFS sha256, or the git blob id of a small file
+        assert markers[p]["sha256"] == (f["sha256"] or f["oid"]) and "read_bytes" not in markers[p], p
+
+
+def test_over_https_a_prefix_reads_only_its_bytes_unless_asked():
+    assert verifies_prefixes(None, "http://127.0.0.1:8080")
+    assert not verifies_prefixes(None, "https://huggingface.co")
+    assert not verifies_prefixes(None, "HTTPS://hf-mirror.example")
+    assert verifies_prefixes(True, "https://huggingface.co")
+    assert not verifies_prefixes(False, "http://127.0.0.1:8080")
