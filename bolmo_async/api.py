@@ -52,6 +52,7 @@ from .models import (
     Selection,
     TokenizerInfo,
     validate_fraction,
+    verifies_prefixes,
 )
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
 from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
@@ -833,7 +834,8 @@ def _fetch(
             )
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
-        total = sum(the_plan.files[u].read_bytes for u in units)
+        whole = verifies_prefixes(verify_prefixes, ep)
+        total = sum(the_plan.files[u].read_bytes(whole) for u in units)
         staged_now = 0  # files this run staged (said if it is stopped)
         to_stage = set(fresh)
 

@@ -81,7 +81,7 @@ class TaskContext:
     tokenizer: AnyTokenizer
     executor: Executor
     streaming: bool = True
-    #: Read a JSON-lines prefix's whole file to check its hash (see ``verifies_prefixes``).
+    #: Read a JSON-lines prefix's whole file to check its hash (``models.verifies_prefixes``).
     verify_prefixes: bool = True
     max_document_bytes: int = 0
     text_field: str = "text"
@@ -90,16 +90,6 @@ class TaskContext:
     on_documents: Callable[[int, int], None] | None = None
     link: Link | None = None  # the worker's connections for file bodies
     decoding: DecodingSlot | None = None  # files decoding at once; the others transfer ahead
-
-
-def verifies_prefixes(option: bool | None, endpoint: str) -> bool:
-    """Whether a JSON-lines prefix is read whole, to check the file against the listing's hash,
-    or only its own bytes (a prefix cannot be hashed alone). ``option`` None (the default): whole
-    over plain http, where nothing but TCP's checksum guards the bytes; only the prefix over
-    https, where TLS authenticates every byte the Hub's content-addressed storage sends."""
-    if option is not None:
-        return option
-    return not endpoint.lower().startswith("https://")
 
 
 #: What a file's worker wrote of the shards while staging it: index -> (pieces, record).

@@ -103,6 +103,17 @@ class RepoFile:
     sha256: str | None = None  # LFS sha256, when the file is in LFS
 
 
+def verifies_prefixes(option: bool | None, endpoint: str | None) -> bool:
+    """Whether a JSON-lines prefix is read whole, to check the file against the listing's hash,
+    or only its own bytes (a prefix cannot be hashed alone). ``option`` None (the default): whole
+    over plain http, where nothing but TCP's checksum guards the bytes; only the prefix over
+    https (``endpoint`` None: the Hub), where TLS authenticates every byte the Hub's
+    content-addressed storage sends."""
+    if option is not None:
+        return option
+    return endpoint is not None and not endpoint.lower().startswith("https://")
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedFile:
     """A file the plan takes: whole (``limit is None``) or a prefix of ``limit`` compressed bytes."""
@@ -122,11 +133,13 @@ class PlannedFile:
     def planned_bytes(self) -> int:
         return self.size if self.limit is None else min(self.limit, self.size)
 
-    @property
-    def read_bytes(self) -> int:
+    def read_bytes(self, whole_prefixes: bool) -> int:
         """Bytes a task downloads for this file: a prefix only up to its limit (a JSON-lines one
-        past it when no document ends within it, a parquet one whole row groups and the footer;
-        ``--no-streaming`` keeps whole files: progress follows what is really read)."""
+        past it when no document ends within it, a parquet one whole row groups and the footer),
+        or, ``whole_prefixes`` (``verifies_prefixes``), a JSON-lines prefix's whole file.
+        ``--no-streaming`` keeps whole files: progress follows what is really read."""
+        if whole_prefixes and self.limit is not None and not self.path.lower().endswith(".parquet"):
+            return self.size
         return self.planned_bytes
 
     @property

@@ -156,12 +156,13 @@ def make_plan(
     )
 
 
-def estimate(plan: Plan) -> dict[str, dict[str, float]]:
-    """Per source and in total: files, bytes to download, text bytes, tokens (byte, subword), disk."""
-    return estimate_files(list(plan.files))
+def estimate(plan: Plan, whole_prefixes: bool = False) -> dict[str, dict[str, float]]:
+    """Per source and in total: files, bytes to download (``PlannedFile.read_bytes``), text bytes,
+    tokens (byte, subword), disk."""
+    return estimate_files(list(plan.files), whole_prefixes)
 
 
-def estimate_files(files: list[PlannedFile]) -> dict[str, dict[str, float]]:
+def estimate_files(files: list[PlannedFile], whole_prefixes: bool = False) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for f in files:
         suffix = data_suffix(f.path) or ""
@@ -169,7 +170,7 @@ def estimate_files(files: list[PlannedFile]) -> dict[str, dict[str, float]]:
         text = f.planned_bytes * factor
         row = rows.setdefault(f.source, {"files": 0, "download_bytes": 0, "text_bytes": 0.0})
         row["files"] += 1
-        row["download_bytes"] += f.read_bytes
+        row["download_bytes"] += f.read_bytes(whole_prefixes)
         row["text_bytes"] += text
     total = {"files": 0.0, "download_bytes": 0.0, "text_bytes": 0.0}
     for row in rows.values():

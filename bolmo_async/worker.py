@@ -68,7 +68,7 @@ class WorkerSpec:
     eos: int  # appended to each piece of a document cut across shards
     repo_type: str = "dataset"
     streaming: bool = True
-    verify_prefixes: bool | None = None  # filetask.verifies_prefixes's option
+    verify_prefixes: bool | None = None  # models.verifies_prefixes's option
     retries: int = 8
     read_timeout: float = 60.0
     slots: int = 4  # tasks at once in one worker
@@ -148,8 +148,9 @@ class Worker:
 
     async def _serve(self) -> None:
         from .download import Link
-        from .filetask import TaskContext, verifies_prefixes
+        from .filetask import TaskContext
         from .hub import HubClient, make_session, read_token
+        from .models import verifies_prefixes
         from .outdir import open_output
         from .retry import RetryPolicy
         from .staging import Staging

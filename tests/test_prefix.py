@@ -10,13 +10,13 @@ from pathlib import Path
 import zstandard
 
 import bolmo_async
-from bolmo_async.filetask import verifies_prefixes
 from bolmo_async.mirror import MirrorRepo, MirrorThread
-from bolmo_async.models import DEFAULT_REPO_ID
+from bolmo_async.models import DEFAULT_REPO_ID, verifies_prefixes
 from bolmo_async.outdir import marker_name, open_output
 from bolmo_async.planner import load_plan
+from bolmo_async.util import human_bytes
 
-from .helpers import shard_documents, shard_hashes
+from .helpers import run_cli, shard_documents, shard_hashes
 
 
 def _prefixes(out: Path) -> dict[str, dict]:
@@ -115,7 +115,25 @@ def test_by_default_a_prefix_is_read_whole_and_verified_over_plain_http(tmp_path
 
 def test_over_https_a_prefix_reads_only_its_bytes_unless_asked():
     assert verifies_prefixes(None, "http://127.0.0.1:8080")
+    assert not verifies_prefixes(None, None)  # the Hub
     assert not verifies_prefixes(None, "https://huggingface.co")
     assert not verifies_prefixes(None, "HTTPS://hf-mirror.example")
     assert verifies_prefixes(True, "https://huggingface.co")
     assert not verifies_prefixes(False, "http://127.0.0.1:8080")
+
+
+def test_the_plan_table_says_what_each_way_downloads(tmp_path, mirror):
+    """The table's download column counts a JSON-lines prefix's whole file when it is read whole
+    (over http by default) and only its bytes when not."""
+    totals = {}
+    for flag, whole in (("--verify-prefixes", True), ("--no-verify-prefixes", False)):
+        out = tmp_path / flag
+        args = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.3", "--no-progress")
+        r = run_cli(*args, flag)
+        assert r.returncode == 0, r.stderr
+        (line,) = [x for x in r.stdout.splitlines() if x.startswith("TOTAL")]
+        files = load_plan(open_output(out)).files
+        want = human_bytes(sum(f.read_bytes(whole) for f in files))
+        assert line.split()[2] + " " + line.split()[3] == want, (line, want)
+        totals[whole] = sum(f.read_bytes(whole) for f in files)
+    assert totals[True] > totals[False]
