@@ -337,12 +337,20 @@ class LineDecoder:
             self._lines_size += len(block)
             if len(block) > self.max_document_bytes:
                 yield from self._drop_long_lines()
+        if self._first_past_prefix():
+            return  # what follows is not wanted (``_pump`` ends the decoding)
         if len(self._pending) > self.max_document_bytes:
             yield from self._flush_lines()
+            if self._first_past_prefix():
+                return
             self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
             self._next_line += 1
             self._pending.clear()
             self._skipping_line = True
+
+    def _first_past_prefix(self) -> bool:
+        """Past the prefix, the one document wanted is taken: no line after it is looked at."""
+        return self._prefix_reached and self.documents > 0
 
     def _drop_long_lines(self) -> Iterator[Docs]:
         """The last block holds a line over the cap (it arrived in one piece): skip it, keep the rest
@@ -356,7 +364,7 @@ class LineDecoder:
                 self._blocks.append(block[starts[seg] : ends[k - 1]])
                 self._lines_size += int(ends[k - 1] - starts[seg])
             yield from self._flush_lines()
-            if self._gave_up:
+            if self._gave_up or self._first_past_prefix():
                 return
             self.skips.add("document_too_large", f"{self.path}:{self._next_line}")
             self._next_line += 1

@@ -93,6 +93,23 @@ def test_prefix_takes_exactly_the_lines_complete_within_limit():
     assert len(rows) == 10
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl"])
+@pytest.mark.parametrize("third", [500, 2_000_000])
+def test_past_the_prefix_only_the_first_document_is_taken_among_lines_over_the_cap(suffix, third):
+    """A limit inside a first line over ``max_document_bytes``: that line is skipped, the next
+    document taken, and nothing after it (the documents after lines over the cap arriving in
+    the same piece were taken too, and a line over the cap after it counted as a skip, also
+    one longer than the piece)."""
+    sizes = [500, 10, third, 10, 500, 10]
+    docs = [{"id": f"d{i}", "text": "x" * n} for i, n in enumerate(sizes)]
+    blob = _compress(_jsonl(docs), suffix)
+    skips = SkipCounter()
+    dec = LineDecoder("f" + suffix, suffix, skips, limit=1, max_document_bytes=400)
+    batches = [*dec.feed(blob), *dec.finish()]
+    assert [i for b in batches for i in b.column("id").to_pylist()] == ["d1"]
+    assert skips.counts == {"document_too_large": 1}
+
+
 BAD_LINES = [
     (b'{"id": "a", "text": "fine"}', None),
     (b'{"id": "b", "text": "fine \\ud83d\\ude80 pair"}', None),
