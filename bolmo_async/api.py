@@ -742,7 +742,7 @@ def _fetch(
         pool = stack.enter_context(pool) if pool is not None else executor_for(n) if n or ray else None
         # (after the workers are spawned: they import while this process does)
         from .finalizer import ShardPlanner, source_prefix
-        from .staging import Staging
+        from .staging import Staging, unverified_prefix
         from .tokenize import forget_probed
 
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
@@ -784,6 +784,10 @@ def _fetch(
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
         recs = {u: staging.done(the_plan.files[u]) for u in units}  # each marker read once
+        if not streaming or verifies_prefixes(verify_prefixes, ep):
+            # A prefix staged with its hash unchecked (--no-verify-prefixes) is staged again by a
+            # run that checks them (its worker does the same: ``run_file_task``).
+            recs = {u: None if rec is not None and unverified_prefix(rec) else rec for u, rec in recs.items()}
         fresh = [u for u, rec in recs.items() if rec is None]
         already = len(units) - len(fresh)
         if shard_bound is not None and already == len(units):

@@ -39,7 +39,7 @@ from .messages import LayoutAt
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .outdir import OutputDir
 from .retry import retrying
-from .staging import Staging, StagingWriter
+from .staging import Staging, StagingWriter, unverified_prefix
 from .tokenize import AnyTokenizer
 from .util import DecodingSlot, release_free_memory, sha256_file
 
@@ -750,6 +750,8 @@ async def run_file_task(
         if clean:
             ctx.staging.clean_temporaries([pf])
         rec = ctx.staging.checked(pf)
+        if rec is not None and (ctx.verify_prefixes or not ctx.streaming) and unverified_prefix(rec):
+            rec = None  # staged with its hash unchecked, and this run checks it: staged again
         if rec is not None:
             return rec, ctx.staging.lengths(pf)
         new = Processor(pf, task_ctx, ahead)

@@ -78,6 +78,12 @@ def expand(
     return out
 
 
+def unverified_prefix(rec: dict[str, Any]) -> bool:
+    """A completion record of a JSON-lines prefix read without its file's hash checked
+    (``--no-verify-prefixes``): a run that checks prefixes stages it again."""
+    return rec.get("sha256") is None and "read_bytes" in rec
+
+
 class Staging:
     """The staging area of an output folder (``outdir.staged_name`` / ``outdir.marker_name``)."""
 

@@ -137,3 +137,28 @@ def test_the_plan_table_says_what_each_way_downloads(tmp_path, mirror):
         assert line.split()[2] + " " + line.split()[3] == want, (line, want)
         totals[whole] = sum(f.read_bytes(whole) for f in files)
     assert totals[True] > totals[False]
+
+
+def test_a_run_that_verifies_prefixes_stages_again_those_staged_unverified(tmp_path, mirror):
+    """A prefix staged without its hash checked is not reused by a rerun that checks them (here
+    ``--verify-prefixes``; the default over http alike): it is read whole and verified, while a
+    rerun that does not check them reuses it. The shards stay those of ``--no-streaming``."""
+    out = tmp_path / "a"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.3, progress=False, verify_prefixes=False)
+    unverified = {p for p, m in _markers(out).items() if m["sha256"] is None and "read_bytes" in m}
+    assert unverified
+    mirror.cdn_requests.clear()
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.3, progress=False, verify_prefixes=False)
+    assert not mirror.cdn_requests  # nothing to fetch: every file is staged
+    got = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.3, progress=False, verify_prefixes=True)
+    prefixes = _prefixes(out)
+    markers = _markers(out)
+    for p in unverified:  # the LFS sha256, or the git blob id of a small file
+        assert markers[p]["sha256"] == (prefixes[p]["sha256"] or prefixes[p]["oid"]) and "read_bytes" not in markers[p]
+    asked = {r["path"] for r in mirror.cdn_requests}
+    assert asked == {p for p in unverified if p.endswith((".zst", ".gz"))}  # only those, read whole
+    assert all(r["range"] is None for r in mirror.cdn_requests)
+    want = bolmo_async.prepare(
+        tmp_path / "b", endpoint=mirror.endpoint, data_fraction=0.3, progress=False, streaming=False
+    )
+    assert shard_hashes(got) == shard_hashes(want)
