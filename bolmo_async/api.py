@@ -838,7 +838,7 @@ def _fetch(
             )
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
-        whole = verifies_prefixes(verify_prefixes, ep)
+        whole = not streaming or verifies_prefixes(verify_prefixes, ep)  # --no-streaming keeps whole files
         total = sum(the_plan.files[u].read_bytes(whole) for u in units)
         staged_now = 0  # files this run staged (said if it is stopped)
         to_stage = set(fresh)

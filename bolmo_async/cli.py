@@ -196,16 +196,20 @@ def _write_out(text: str) -> None:
 
 
 def _print_plan(
-    plan: Any, tokenizer: str | None = None, identifier: str = DEFAULT_TOKENIZER_ID, verify: bool | None = None
+    plan: Any,
+    tokenizer: str | None = None,
+    identifier: str = DEFAULT_TOKENIZER_ID,
+    verify: bool | None = None,
+    streaming: bool = True,
 ) -> None:
-    """The plan table: per source, files, download (``verify``: ``--verify-prefixes``), and
-    estimated tokens and shard disk for the run's tokenizer (``plan`` does not know it yet: byte
-    and dolma2 side by side)."""
+    """The plan table: per source, files, download (``verify``: ``--verify-prefixes``; whole files
+    without ``streaming``), and estimated tokens and shard disk for the run's tokenizer (``plan``
+    does not know it yet: byte and dolma2 side by side)."""
     from .guidance import absolute_tokenizer_path
     from .models import verifies_prefixes
     from .planner import estimate, source_fractions
 
-    est = estimate(plan, verifies_prefixes(verify, plan.endpoint))
+    est = estimate(plan, not streaming or verifies_prefixes(verify, plan.endpoint))
     _say(
         f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}"
     )
@@ -615,7 +619,9 @@ def fetch_cmd(
             ray=ray,
             ray_address=ray_address,
             ray_tasks=ray_tasks,
-            on_plan=lambda p: _print_plan(p, tokenizer, opts["tokenizer_identifier"], opts["verify_prefixes"]),
+            on_plan=lambda p: _print_plan(
+                p, tokenizer, opts["tokenizer_identifier"], opts["verify_prefixes"], opts["streaming"]
+            ),
         )
     )
     how = " with Ray" if ray else ""
@@ -738,7 +744,9 @@ def prepare_cmd(
             allow_incomplete=allow_incomplete,
             drop_staging=drop_staging,
             progress=not no_progress,
-            on_plan=lambda p: _print_plan(p, tokenizer, opts["tokenizer_identifier"], opts["verify_prefixes"]),
+            on_plan=lambda p: _print_plan(
+                p, tokenizer, opts["tokenizer_identifier"], opts["verify_prefixes"], opts["streaming"]
+            ),
             selection=sel,
         )
     )

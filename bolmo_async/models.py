@@ -136,8 +136,9 @@ class PlannedFile:
     def read_bytes(self, whole_prefixes: bool) -> int:
         """Bytes a task downloads for this file: a prefix only up to its limit (a JSON-lines one
         past it when no document ends within it, a parquet one whole row groups and the footer),
-        or, ``whole_prefixes`` (``verifies_prefixes``), a JSON-lines prefix's whole file.
-        ``--no-streaming`` keeps whole files: progress follows what is really read."""
+        or, ``whole_prefixes`` (``verifies_prefixes``, or ``--no-streaming``, which keeps whole
+        files), a JSON-lines prefix's whole file. A parquet prefix kept whole: progress follows
+        what is really read."""
         if whole_prefixes and self.limit is not None and not self.path.lower().endswith(".parquet"):
             return self.size
         return self.planned_bytes

@@ -14,6 +14,7 @@ from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID, verifies_prefixes
 from bolmo_async.outdir import marker_name, open_output
 from bolmo_async.planner import load_plan
+from bolmo_async.progress import Progress
 from bolmo_async.util import human_bytes
 
 from .helpers import run_cli, shard_documents, shard_hashes
@@ -126,10 +127,14 @@ def test_the_plan_table_says_what_each_way_downloads(tmp_path, mirror):
     """The table's download column counts a JSON-lines prefix's whole file when it is read whole
     (over http by default) and only its bytes when not."""
     totals = {}
-    for flag, whole in (("--verify-prefixes", True), ("--no-verify-prefixes", False)):
-        out = tmp_path / flag
+    for flags, whole in (
+        (("--verify-prefixes",), True),
+        (("--no-verify-prefixes",), False),
+        (("--no-verify-prefixes", "--no-streaming"), True),  # whole files kept (as over https by default)
+    ):
+        out = tmp_path / "-".join(flags)
         args = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.3", "--no-progress")
-        r = run_cli(*args, flag)
+        r = run_cli(*args, *flags)
         assert r.returncode == 0, r.stderr
         (line,) = [x for x in r.stdout.splitlines() if x.startswith("TOTAL")]
         files = load_plan(open_output(out)).files
@@ -137,6 +142,37 @@ def test_the_plan_table_says_what_each_way_downloads(tmp_path, mirror):
         assert line.split()[2] + " " + line.split()[3] == want, (line, want)
         totals[whole] = sum(f.read_bytes(whole) for f in files)
     assert totals[True] > totals[False]
+
+
+def test_the_progress_total_counts_the_whole_files_no_streaming_reads(tmp_path, mirror, monkeypatch):
+    """``--no-streaming`` reads and keeps whole files, a JSON-lines prefix's too, however prefixes
+    are verified (over https by default they are not): its progress total counts them whole from
+    the start, so the bytes read never pass it (they did until each file was staged: 198 KB read
+    of a total of 36 KB here). Parquet prefixes are left out: the footer and whole row groups a
+    streaming read takes past the limit are known only once read."""
+    seen: list[tuple[int, int]] = []
+    add_bytes = Progress.add_bytes
+
+    def spy(self: Progress, n: int) -> None:
+        add_bytes(self, n)
+        seen.append((self.bytes, self.total_bytes))
+
+    monkeypatch.setattr(Progress, "add_bytes", spy)
+    for verify in (None, False):
+        seen.clear()
+        out = tmp_path / str(verify)
+        bolmo_async.prepare(
+            out,
+            endpoint=mirror.endpoint,
+            data_fraction=0.05,
+            exclude=["*.parquet"],
+            progress=True,
+            processes=1,
+            streaming=False,
+            verify_prefixes=verify,
+        )
+        assert _prefixes(out)
+        assert seen and all(read <= total for read, total in seen), (verify, seen)
 
 
 def test_a_run_that_verifies_prefixes_stages_again_those_staged_unverified(tmp_path, mirror):

@@ -500,7 +500,9 @@ class Pool:
                 result.staged[msg.unit] = msg.record
                 result.fetched_now += msg.read is not None
                 if progress is not None:
-                    whole = verifies_prefixes(self._spec.verify_prefixes, self._spec.endpoint)
+                    whole = not self._spec.streaming or verifies_prefixes(
+                        self._spec.verify_prefixes, self._spec.endpoint
+                    )
                     expected = self._spec.files[msg.unit].read_bytes(whole)
                     if msg.read is None:  # staged before: not part of this run's transfer rate
                         progress.add_total(-expected)

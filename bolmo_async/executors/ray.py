@@ -262,7 +262,7 @@ class RayExecutor:
                 if progress is not None:
                     for u in share:
                         if u in part.staged:
-                            whole = verifies_prefixes(spec.verify_prefixes, spec.endpoint)
+                            whole = not spec.streaming or verifies_prefixes(spec.verify_prefixes, spec.endpoint)
                             progress.add_bytes(spec.files[u].read_bytes(whole))  # (a task reports at its end)
                             skipped = part.staged[u].get("skipped", {}).get("counts", {})
                             progress.add_documents(
