@@ -22,6 +22,7 @@ from .errors import (
     DownloadError,
     FetchIncomplete,
     HubError,
+    NotFoundError,
     StateError,
     TokenizerError,
     UsageError,
@@ -152,6 +153,13 @@ async def _fetch_model_files(endpoint: str, repo_id: str, names: tuple[str, ...]
             return await fetch_small(client, "main", name, MAX_TOKENIZER_BYTES)
         except UsageError as exc:
             raise TokenizerError(f"--tokenizer-identifier {repo_id!r}: {exc}") from exc
+        except NotFoundError as exc:  # (fetch_small gives None for a missing file: here the repo is)
+            raise TokenizerError(
+                f"tokenizer repo {repo_id} not found at {endpoint} (a private or gated repo also answers so without "
+                f"a valid HF_TOKEN). Check --tokenizer-identifier (the default: {DEFAULT_TOKENIZER_ID}), pass a local "
+                "tokenizer.json (or its folder) as --tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve "
+                "it from a mirror with `mirror serve --model-repo ID=FOLDER`."
+            ) from exc
         except (HubError, DownloadError) as exc:
             raise TokenizerError(
                 f"could not fetch tokenizer {repo_id} from {endpoint}: {exc} Pass a local tokenizer.json (or its "

@@ -893,12 +893,15 @@ class ResolveAhead:
 
 
 async def fetch_small(client: HubClient, revision: str, path: str, cap: int) -> bytes | None:
-    """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when it does
-    not exist. Same client, headers, token rules and retries as the data files."""
+    """A small file of the repo (a tokenizer's JSON), at most ``cap`` bytes; None when the repo
+    has no such file (a repo that does not exist raises its ``NotFoundError``: the fix is another
+    repo id, not another file). Same client, headers, token rules and retries as the data files."""
     sink = BytesSink()
     try:
         await stream(client, client.resolve_url(revision, path), sink, what=f"{client.repo_id}/{path}", max_bytes=cap)
-    except NotFoundError:
+    except NotFoundError as exc:
+        if exc.code == "RepoNotFound":
+            raise
         return None
     return bytes(sink.buf)
 

@@ -58,7 +58,12 @@ class AuthError(HubError):
 
 
 class NotFoundError(HubError):
-    pass
+    """``code``: the server's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
+    ``EntryNotFound``), or "" for a bare 404: a missing repo and a missing file in it read apart."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 class UnsafePathError(HubError):

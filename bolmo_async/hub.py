@@ -76,7 +76,7 @@ def status_error(status: int, what: str, body: str = "", headers: Any = None) ->
     if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound"):
         hint = "" if code != "RepoNotFound" else " (a private or gated repo also answers this without a valid HF_TOKEN)"
         return NotFoundError(
-            f"{what}: not found ({code}, HTTP {status}){hint}. Check --repo-id, --revision and --endpoint."
+            f"{what}: not found ({code}, HTTP {status}){hint}. Check --repo-id, --revision and --endpoint.", code
         )
     if status in (401, 403):
         return AuthError(

@@ -244,6 +244,29 @@ def test_a_bad_tokenizer_is_reported_before_the_listing_and_the_plan_table(tmp_p
     assert r.returncode == 1 and "allenai/no-such-tokenizer" in r.stderr and "plan:" not in r.stdout
 
 
+def test_a_tokenizer_repo_that_does_not_exist_is_told_from_one_without_tokenizer_json(tmp_path, sample_dir):
+    """A typo'd --tokenizer-identifier (allenai/dolma2) said "has no tokenizer.json", sending the user
+    after a file when the repo id was wrong: the server's RepoNotFound is named as such, with the id
+    to check; a repo that exists without the file still says so."""
+    from bolmo_async.errors import TokenizerError
+    from bolmo_async.mirror import MirrorRepo, MirrorThread
+    from bolmo_async.models import DEFAULT_REPO_ID
+
+    empty = tmp_path / "empty-repo"
+    empty.mkdir()
+    (empty / "README.md").write_text("no tokenizer here\n")
+    repos = [MirrorRepo(DEFAULT_REPO_ID, sample_dir), MirrorRepo("demo/no-json", empty, "model")]
+    with MirrorThread(repos) as m:
+        kw = {"endpoint": m.endpoint, "data_fraction": 0.05, "tokenizer": "subword", "progress": False}
+        with pytest.raises(TokenizerError) as info:
+            bolmo_async.fetch(tmp_path / "a", tokenizer_identifier="allenai/dolma2", **kw)
+        said = str(info.value)
+        assert "tokenizer repo allenai/dolma2 not found" in said and "has no tokenizer.json" not in said, said
+        assert "--tokenizer-identifier" in said and "allenai/dolma2-tokenizer" in said and "HF_TOKEN" in said, said
+        with pytest.raises(TokenizerError, match=re.escape("demo/no-json has no tokenizer.json")):
+            bolmo_async.fetch(tmp_path / "b", tokenizer_identifier="demo/no-json", **kw)
+
+
 def test_a_folder_of_the_other_tokenizer_kind_is_refused_before_the_listing_and_the_plan_table(tmp_path, mirror):
     """prepare / fetch --tokenizer subword into a folder fetched in byte mode: one line naming both,
     before the repo is listed (a dead endpoint here), no plan table, plan.json left as it was (it was
