@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import StateError
 from .guidance import command
-from .outdir import DATA_SOURCES, MANIFEST, PLAN, TOKENIZER, OutputDir, csv_name, open_output
+from .outdir import DATA_SOURCES, MANIFEST, PLAN, TOKENIZER, LocalDir, OutputDir, csv_name, open_output
 from .tokenize import decode_bytes
 from .util import CHECKSUM
 
@@ -56,6 +56,11 @@ def inspect_dir(
     ``data_sources.txt`` against the folder. ``problems`` is empty when all is well."""
     out = open_output(output_dir)
     if not out.exists():
+        if isinstance(out, LocalDir) and out.root.is_file():  # a shard or data_sources.txt, say
+            raise StateError(
+                f"{out} is a file, not an output folder: inspect checks the folder that holds it, "
+                f"`{command('inspect', out.root.parent)}`."
+            )
         raise StateError(f"{out} does not exist or is not a folder: pass the --output-dir of a finished run.")
     raw = out.read_bytes(MANIFEST)
     if raw is None:

@@ -545,6 +545,13 @@ def test_inspect_takes_the_folder_as_the_other_commands_do_and_version(tmp_path)
         assert r.returncode == 1 and "does not exist" in r.stderr, (args, r.stderr)
     r = run_cli("inspect", str(missing), "-o", str(tmp_path / "other"))
     assert r.returncode == 2 and "two folders given" in r.stderr
+    # A shard given for its folder: said to be a file, with the command that checks its folder
+    # (it said "does not exist", of a file right there).
+    shard = tmp_path / "bolmo_data_00000.npy"
+    shard.write_bytes(b"\0" * 8)
+    r = run_cli("inspect", str(shard))
+    assert r.returncode == 1 and "does not exist" not in r.stderr, r.stderr
+    assert "is a file, not an output folder" in r.stderr and f"bolmo-async inspect {tmp_path}" in r.stderr
     r = run_cli("inspect")
     assert r.returncode == 2 and "name the output folder" in r.stderr
     r = run_cli("--version")
