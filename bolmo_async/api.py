@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -493,7 +494,23 @@ def _tokenizer_desc(d: dict[str, Any]) -> str:
     return f"{d.get('kind')} {d.get('identifier')} (eos {d.get('eos_token_id')}, fingerprint {d.get('fingerprint')})"
 
 
-def _refuse_other_kind(out: OutputDir, kind: str, force: bool) -> None:
+def _other_tokenizer_fix(prev: dict[str, Any], share: bool) -> str:
+    """What to do about a folder fetched with another tokenizer: go on with the one it was fetched
+    with (a job array's share that left out a flag the others have, most often), or start apart.
+    A ``--worker`` share is not told to ``--force``: that is refused there (it would reset the
+    folder the other shares write into)."""
+    kind, ident = prev.get("kind"), prev.get("identifier")
+    reset = "" if share else ", or --force to reset this one"
+    if kind == "byte":
+        flags = "--tokenizer byte"
+    elif kind == "subword":
+        flags = "--tokenizer subword" + (f" --tokenizer-identifier {shlex.quote(str(ident))}" if ident else "")
+    else:
+        return f"Use another --output-dir{reset}."
+    return f"Pass {flags} to go on with it (as it was fetched), or use another --output-dir{reset}."
+
+
+def _refuse_other_kind(out: OutputDir, kind: str, force: bool, share: bool = False) -> None:
     """A folder fetched with the other kind of tokenizer (byte / subword) is refused before the repo
     is listed: it printed the plan table (and rewrote plan.json for another fraction) before the
     refusal. The whole check, by fingerprint, follows once the tokenizer is loaded (``_check_state``)."""
@@ -507,11 +524,11 @@ def _refuse_other_kind(out: OutputDir, kind: str, force: bool) -> None:
     if isinstance(prev, dict) and prev.get("kind") not in (None, kind):
         raise StateError(
             f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}. "
-            "Use another --output-dir, or --force to reset this one."
+            + _other_tokenizer_fix(prev, share)
         )
 
 
-def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
+def _check_state(out: OutputDir, info: TokenizerInfo, force: bool, share: bool = False) -> None:
     raw = out.read_bytes(RUN_STATE)
     path = out.ref(RUN_STATE)
     if raw is not None:
@@ -524,7 +541,7 @@ def _check_state(out: OutputDir, info: TokenizerInfo, force: bool) -> None:
         if any(prev.get(k) != now.get(k) for k in keys):
             raise StateError(
                 f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}, this run uses {_tokenizer_desc(now)}. "
-                "Use another --output-dir, or --force to reset this one."
+                "Use another --output-dir" + ("." if share else ", or --force to reset this one.")
             )
     text = json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n"
     if raw is None or raw.decode("utf-8", "replace") != text:
@@ -718,7 +735,7 @@ def _fetch(
         eos_token_id=eos_token_id,
     )
     ep = _endpoint(endpoint)
-    _refuse_other_kind(out, tokenizer, force)
+    _refuse_other_kind(out, tokenizer, force, share=worker is not None)
     existing = None if force else load_plan(out)
     # With a plan on disk (or --processes) the workers are spawned now and import while the repo is
     # listed; a new plan's size is known only after the listing, and a small one (a smoke test)
@@ -787,7 +804,7 @@ def _fetch(
             # the reference gives the same ids.
             info = dataclasses.replace(info, engine="tokenizers")
             spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
-        _check_state(out, info, force)
+        _check_state(out, info, force, share=worker is not None)
         if spec_tok.source is not None and out.read_text(TOKENIZER) != spec_tok.source.json_text:
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
@@ -971,11 +988,17 @@ def fetch(
             for k, v in plan_options.items()
             if v is not None and v != getattr(existing, k) and not (k == "revision" and v == existing.commit)
         ]
-        if conflicts or force:
+        if conflicts:
             raise UsageError(
                 "--worker uses the plan already in --output-dir, which differs: "
-                + ("; ".join(conflicts) or "--force resets it")
+                + "; ".join(conflicts)
                 + ". Drop these options, or plan again first (without --worker)."
+            )
+        if force:  # (it said "which differs" of a plan no option differed from)
+            raise UsageError(
+                "--force does not go with --worker: a share never resets the folder the other shares write "
+                f"into. Drop --force; to start the folder over, run `{command('plan', '--output-dir', out, '--force')}` "
+                "(with the plan options) once, then the shares."
             )
         plan_options = {}
     report = _fetch(

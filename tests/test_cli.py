@@ -289,6 +289,29 @@ def test_a_folder_of_the_other_tokenizer_kind_is_refused_before_the_listing_and_
         assert "plan:" not in r.stdout and (out / "plan.json").read_bytes() == planned
 
 
+def test_a_share_of_another_tokenizer_or_with_force_is_told_the_flags_that_go_on(tmp_path, mirror):
+    """A job array's share that left out --tokenizer (or added --force) was told "--force to reset
+    this one", which --worker then refused with "the plan ... differs" of a plan no option differed
+    from. The refusal now names the tokenizer flags the folder was fetched with, and a share is
+    never sent to --force."""
+    from bolmo_async.errors import StateError
+
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker="0/2", progress=False)
+    with pytest.raises(StateError) as info:
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, worker="1/2", tokenizer="subword", progress=False)
+    said = str(info.value)
+    assert "Pass --tokenizer byte to go on with it" in said and "--force" not in said, said
+    with pytest.raises(UsageError) as info:
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, worker="1/2", force=True, progress=False)
+    said = str(info.value)
+    assert "differs" not in said and "Drop --force" in said and f"plan --output-dir {out} --force" in said, said
+    # Without --worker, --force stays one of the ways out.
+    with pytest.raises(StateError, match=r"Pass --tokenizer byte to go on .* or --force to reset this one"):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, tokenizer="subword", progress=False)
+
+
 def test_an_option_without_effect_is_named(tmp_path, mirror):
     r = run_cli("fetch", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
                 "--tokenizer", "byte", "--tokenizer-identifier", "./nope.json", "--engine", "tokenizers",
