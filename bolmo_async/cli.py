@@ -79,8 +79,34 @@ def _fraction(value: float | None) -> float | None:
     return value
 
 
+def _parse_fraction(value: str | float) -> float:
+    """A float, as typer's own parse; a percentage (``1%``: "not a valid float", which named no
+    fix) is refused with the fraction it means. (The default comes as a float.)"""
+    if isinstance(value, float | int):
+        return float(value)
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        percent = float(text.removesuffix("%")) if text.endswith("%") else None
+    except ValueError:
+        percent = None
+    if percent is not None:
+        raise typer.BadParameter(f"{text} is a percentage: give the fraction, {percent / 100:g} for {text}.")
+    raise typer.BadParameter(
+        f"{text!r} is not a number: give a fraction in (0, 1], e.g. 0.001 for 0.1% or 1.0 for all."
+    )
+
+
 FRACTION = typer.Option(
-    DEFAULT_DATA_FRACTION, "--data-fraction", callback=_fraction, help="Fraction of each source's bytes, in (0, 1]."
+    DEFAULT_DATA_FRACTION,
+    "--data-fraction",
+    parser=_parse_fraction,
+    metavar="<float>",
+    callback=_fraction,
+    help="Fraction of each source's bytes, in (0, 1].",
 )
 SEED = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the file order (same seed + fraction -> same plan).")
 
@@ -581,7 +607,9 @@ def fetch_cmd(
     no_progress: bool = NO_PROGRESS,
     repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
     revision: str | None = typer.Option(None, "--revision", help="Plan option."),
-    data_fraction: float | None = typer.Option(None, "--data-fraction", callback=_fraction, help="Plan option."),
+    data_fraction: float | None = typer.Option(
+        None, "--data-fraction", parser=_parse_fraction, metavar="<float>", callback=_fraction, help="Plan option."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Plan option."),
     worker: str | None = typer.Option(
         None, "--worker", help="I/N: fetch only share I (0-based) of N of the plan (job arrays; plan first)."

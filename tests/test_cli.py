@@ -97,6 +97,15 @@ def test_bad_fraction_is_a_usage_error_without_traceback(tmp_path, bad):
     assert "--data-fraction" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(("bad", "says"), [("1%", "0.01 for 1%"), ("0.5%", "0.005 for 0.5%"), ("half", "not a number")])
+def test_a_percentage_for_a_fraction_is_refused_with_the_fraction_it_means(tmp_path, bad, says):
+    """``--data-fraction 1%`` said only "'1%' is not a valid float": now the fraction to give."""
+    for cmd in ("plan", "fetch"):
+        r = run_cli(cmd, "--output-dir", str(tmp_path / "o"), "--data-fraction", bad)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+
+
 def test_missing_output_dir_is_a_usage_error():
     r = _run("cli.py", "prepare")
     assert r.returncode == 2 and "--output-dir" in r.stderr
