@@ -908,7 +908,10 @@ def mirror_serve(
     except (OSError, ValueError) as exc:  # a port in use, a bad --model-repo, a missing folder
         if os.environ.get("BOLMO_ASYNC_DEBUG"):
             raise
-        typer.secho(f"error: mirror serve: {exc}", err=True, fg=typer.colors.RED)
+        fix = ""
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:  # (it named no way out)
+            fix = ": another program (a mirror left running?) holds that port; stop it, or pass another --port / --cdn-port (0: a free one)"
+        typer.secho(f"error: mirror serve: {exc}{fix}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
 
 

@@ -207,6 +207,20 @@ def test_mirror_sample_into_a_file_fails_at_once_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_mirror_serve_on_a_port_in_use_names_the_way_out(tmp_path):
+    """A mirror restarted on its fixed --port while the last one still runs said only "address
+    already in use": now what holds it and the flags to change."""
+    import socket
+
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("mirror", "serve", str(tmp_path / "repo"), "--port", str(s.getsockname()[1]))
+    assert r.returncode == 2 and len(_error_lines(r.stderr)) == 1, r.stderr
+    assert "address already in use" in r.stderr and "another --port" in r.stderr and "0: a free one" in r.stderr
+
+
 def test_a_text_field_the_data_lacks_stops_the_run_naming_the_fields_found(tmp_path, mirror):
     out = tmp_path / "o"
     r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "1",
