@@ -766,7 +766,7 @@ def _fetch(
         # ``pool``: spawned by ``prepare`` before it listed the repo; this call owns it from here.
         pool = stack.enter_context(pool) if pool is not None else executor_for(n) if n or ray else None
         # (after the workers are spawned: they import while this process does)
-        from .finalizer import ShardPlanner, source_prefix
+        from .finalizer import ShardPlanner, retire_stale_sources, source_prefix
         from .staging import Staging, unverified_prefix
         from .tokenize import forget_probed
 
@@ -833,6 +833,8 @@ def _fetch(
             )
         if check_disk:
             _check_disk(out, the_plan, recs, info.kind, streaming, shards=shard_bound is not None)
+        if shard_bound is not None:  # (prepare: its workers put shards in place as files are staged)
+            retire_stale_sources(out, the_plan, shard_bound)
         slots = max(1, -(-concurrency // max(1, n)))  # files decoding at once per worker
         per_worker = max(1, -(-connections // max(1, n)))  # its connections: files in flight, or segments
         pool.start(

@@ -590,6 +590,38 @@ def remembered_bound(out: OutputDir) -> int:
         return DEFAULT_MAX_TOKENS_PER_FILE
 
 
+def retire_stale_sources(out: OutputDir, plan: Plan, bound: int) -> None:
+    """``data_sources.txt`` goes before this run puts in place shards of another layout than the
+    manifest's (another plan: a fraction grown in the same folder; another --max-tokens-per-file):
+    they are written under the same names, so a run stopped among them left it naming, as a
+    complete output, shards of which some held the new layout (a trainer reads them without a
+    word: fewer tokens, or documents twice). It is written again once the output is complete.
+    The same plan at the same bound gives the same bytes: that one is kept while they are rewritten."""
+    if not out.exists_file(DATA_SOURCES):
+        return
+    try:
+        m = json.loads(out.read_bytes(MANIFEST) or b"null")
+        same = isinstance(m, dict) and bool(
+            m.get("complete")
+            and m.get("max_tokens_per_file") == bound
+            and m.get("revision") == plan.commit
+            and m.get("data_fraction") == plan.data_fraction
+            and m.get("seed") == plan.seed
+            and m.get("selection") == plan.selection.to_json()
+            and m.get("planned_files") == len(plan.files)
+        )
+    except (ValueError, TypeError):
+        same = False
+    if not same:
+        log.info(
+            "%s removed: its shards are rewritten for this plan at --max-tokens-per-file %d (it is written again "
+            "once they are all there)",
+            out.ref(DATA_SOURCES),
+            bound,
+        )
+        out.remove(DATA_SOURCES)
+
+
 def _verify_staging(staging: Staging, units: list[tuple[PlannedFile, dict[str, Any]]]) -> None:
     """Every staged file still matches the checksum its marker vouches for (in parallel)."""
     if not units:
@@ -706,6 +738,7 @@ def finalize_dir(
         plan_of_shards, docs, tokens = layout.shards, layout.documents, layout.tokens
     else:
         plan_of_shards = builder.shards()
+    retire_stale_sources(out, plan, bound)
     shards = (write_shards or write_shards_locally)(out, plan_of_shards, arrows, srcs, eos, written)
     complete = not missing
     manifest = {

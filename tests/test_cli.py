@@ -642,6 +642,39 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     assert not (tmp_path / "new" / "data_sources.txt").exists()
 
 
+def test_a_stopped_refinalize_never_leaves_data_sources_naming_shards_of_two_layouts(tmp_path, mirror):
+    """A finalize at another --max-tokens-per-file (or for a grown fraction) writes its shards under
+    the names the finished output's data_sources.txt lists: stopped among them, it left that file,
+    a complete output's, naming shards of which the first held the new layout (a trainer read 0.5%
+    of the data without a word). It goes first now, and comes back once the output is complete;
+    rewriting the same layout keeps it."""
+    from bolmo_async.errors import Interrupted
+    from bolmo_async.finalizer import finalize_dir, write_shards_locally
+
+    out = tmp_path / "o"
+    done = bolmo_async.prepare(
+        out, endpoint=mirror.endpoint, data_fraction=0.2, max_tokens_per_file=80_000, progress=False
+    )
+    assert len(done["shards"]) >= 3
+    sources = out / "data_sources.txt"
+
+    def stopped_after_the_first(out_dir, shards, *args):  # the real writer, stopped (Ctrl+C) after shard 0
+        write_shards_locally(out_dir, shards[:1], *args)
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        finalize_dir(out, 20_000, write_shards=stopped_after_the_first)
+    assert not sources.exists(), "data_sources.txt names a shard rewritten for another layout"
+    again = bolmo_async.finalize(out, max_tokens_per_file=20_000)
+    assert sources.read_text().split() == [s["path"] for s in again["shards"]]
+    assert not bolmo_async.inspect(out)["problems"]
+    # The same plan at the same bound: the same bytes, and the file stays while they are rewritten.
+    listed = sources.read_text()
+    with pytest.raises(Interrupted):
+        finalize_dir(out, 20_000, write_shards=stopped_after_the_first)
+    assert sources.read_text() == listed and not bolmo_async.inspect(out)["problems"]
+
+
 def test_planning_into_a_folder_of_the_users_own_files_says_so_once(mirror, tmp_path):
     """`-o ~/project` puts plan.json, staging/, raw/, shards and data_sources.txt among the
     project's own files: said once, when the folder is first planned, naming what was there."""
