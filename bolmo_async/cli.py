@@ -817,7 +817,10 @@ def inspect_cmd(
     _output_is_the_work = True
     rep = _run(lambda: api.inspect(output_dir, decode=decode, sequence_length=sequence_length), resumes=False)
     if as_json:
-        _say(json.dumps({k: v for k, v in rep.items() if k != "manifest"}, indent=1, ensure_ascii=False))
+        # The manifest's own facts (complete, tokenizer, totals, ...: what the text report's first line
+        # says, which the JSON lacked), without its shard list, which "shards" gives as checked.
+        facts = {k: v for k, v in rep["manifest"].items() if k != "shards"}
+        _say(json.dumps({**rep, "manifest": facts}, indent=1, ensure_ascii=False))
     else:
         m = rep["manifest"]
         _say(

@@ -442,6 +442,9 @@ def test_prepare_keeps_the_bound_a_folder_was_finalized_with(tmp_path, mirror):
     r = run_cli("inspect", str(out), "--sequence-length", "2048", "--json")
     assert r.returncode == 0, r.stderr
     fl = json.loads(r.stdout)["fixed_length"]
+    facts = json.loads(r.stdout)["manifest"]  # what the text report's first line says, for machines too
+    assert facts["complete"] is True and facts["tokenizer"]["kind"] == "byte" and "shards" not in facts
+    assert facts["totals"]["shards"] == len(sizes) and facts["data_fraction"] == 0.05
     assert fl["instances"] == sum(n // 2048 for n in sizes)
     assert fl["dropped_tokens"] == sum(n % 2048 for n in sizes) and fl["tokens"] == sum(sizes)
     assert fl["shards_dropped_whole"] == sum(n < 2048 for n in sizes)
