@@ -838,7 +838,7 @@ def inspect_cmd(
             _say(
                 f"at sequence length {fl['sequence_length']}: {fl['instances']} instance(s); a fixed-length reader drops "
                 f"{fl['dropped_tokens']} of {fl['tokens']} tokens ({100 * fl['dropped_fraction']:.2f}%), "
-                f"{fl['shards_dropped_whole']} of {len(rep['shards'])} shard(s) whole"
+                f"and {fl['shards_dropped_whole']} of the {len(rep['shards'])} shard(s) whole (shorter than one sequence)"
             )
         for p in rep["problems"]:
             typer.secho(f"problem: {p}", err=True, fg=typer.colors.RED)

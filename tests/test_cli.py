@@ -450,6 +450,10 @@ def test_prepare_keeps_the_bound_a_folder_was_finalized_with(tmp_path, mirror):
     assert fl["shards_dropped_whole"] == sum(n < 2048 for n in sizes)
     r = run_cli("inspect", str(out), "--sequence-length", "2048")
     assert f"drops {fl['dropped_tokens']} of {fl['tokens']} tokens" in r.stdout
+    # ("0 of 1 shard(s) whole" read as "no shard is whole"; it counts the shards dropped entirely)
+    assert (
+        f"and {fl['shards_dropped_whole']} of the {len(sizes)} shard(s) whole (shorter than one sequence)" in r.stdout
+    )
     assert run_cli("inspect", str(out), "--sequence-length", "0").returncode == 2
 
 
