@@ -37,6 +37,9 @@ log = logging.getLogger("bolmo_async")
 
 FEED_BYTES = 1 << 20  # hand the sink about this much at a time (worker thread)
 READ_CHUNK = 256 * 1024
+#: A prefix's read past its limit hands over this much at a time: it stops as soon as the first
+#: document has ended, which the sink can tell only once it has the bytes.
+READ_ON_FEED = 64 * 1024
 _RESUMABLE: tuple[type[BaseException], ...] = (Retry, *RETRY_EXCEPTIONS)
 MAX_REDIRECTS = 10
 
@@ -333,7 +336,7 @@ async def fetch_file(
             n += await stream(
                 client,
                 url,
-                sink,
+                _Handover(sink, READ_ON_FEED),
                 what=f"{what} (bytes {span}-)",
                 start=n,
                 size=size,
@@ -362,6 +365,19 @@ async def fetch_file(
         return await stream(
             client, url, sink, what=what, executor=executor, on_bytes=on_bytes, verify=verify, size=size, cdn=cdn
         )
+
+
+class _Handover:
+    """``sink`` fed ``feed_bytes`` at a time by ``stream`` (instead of ``FEED_BYTES``)."""
+
+    def __init__(self, sink: Sink, feed_bytes: int):
+        self.sink, self.feed_bytes = sink, feed_bytes
+
+    def feed(self, data: bytes) -> None:
+        self.sink.feed(data)
+
+    def reset(self) -> None:
+        self.sink.reset()
 
 
 class _Parts:
