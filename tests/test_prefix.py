@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import zstandard
 
 import bolmo_async
@@ -200,3 +201,30 @@ def test_a_run_that_verifies_prefixes_stages_again_those_staged_unverified(tmp_p
         tmp_path / "b", endpoint=mirror.endpoint, data_fraction=0.3, progress=False, streaming=False
     )
     assert shard_hashes(got) == shard_hashes(want)
+
+
+def test_over_https_a_prefix_reads_only_its_bytes_by_default(tmp_path, repos):
+    """The default end to end over TLS (the mirror with a test CA's certificate, trusted by the
+    command through SSL_CERT_FILE as a user's system CAs would be): only the prefixes' bytes."""
+    import os
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSL_CERT", "HF_ENDPOINT"))}
+    env.update(SSL_CERT_FILE=str(tmp_path / "ca.pem"), SSL_CERT_DIR=str(tmp_path / "none"))
+    out = tmp_path / "o"
+    with MirrorThread(repos, ssl_context=server_ctx) as m:
+        assert m.endpoint.startswith("https://") and m.cdn_endpoint.startswith("https://")
+        args = ("prepare", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "0.3", "--no-progress")
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        prefixes = _prefixes(out)
+        asked = [q for q in m.cdn_requests if q["path"] in prefixes]
+    assert asked and all(q["range"] for q in asked)
+    markers = _markers(out)
+    unchecked = [p for p in prefixes if markers[p]["sha256"] is None]
+    assert unchecked and all(markers[p]["read_bytes"] >= prefixes[p]["limit"] for p in unchecked)

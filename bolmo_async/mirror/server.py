@@ -27,6 +27,7 @@ import hmac
 import os
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,8 +197,12 @@ class Mirror:
         token: str | None = None,
         url_ttl: float = 3600.0,
         wan: WanConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.repos = {(r.repo_type, r.repo_id): r for r in repos}
+        #: Both listeners speak TLS with this server context (tests of what a run does over
+        #: https, as against the Hub); None: plain http.
+        self.ssl_context = ssl_context
         #: Wide-area emulation (round trip, per-response and total rates); None: loopback speed.
         self.wan = wan if wan is not None and wan.active else None
         self._link_free_at = 0.0  # the shared link's next free instant (loop time)
@@ -239,13 +244,13 @@ class Mirror:
         urls = []
         for runner, port in zip(self._runners, ports, strict=True):
             await runner.setup()
-            site = web.TCPSite(runner, self.host, port)
+            site = web.TCPSite(runner, self.host, port, ssl_context=self.ssl_context)
             await site.start()
             server = site._server
             assert server is not None and server.sockets  # type: ignore[attr-defined]
             real_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
             host = f"[{self.host}]" if ":" in self.host else self.host
-            urls.append(f"http://{host}:{real_port}")
+            urls.append(f"{'https' if self.ssl_context else 'http'}://{host}:{real_port}")
         self.endpoint, self.cdn_endpoint = urls
         return self.endpoint
 
