@@ -330,21 +330,9 @@ async def fetch_file(
     part = span is not None and span < size
 
     async def once() -> int:
-        n = await _fetch_blocks(client, url, sink, what, size, executor, count, link, decoding, cdn, stats, span)
-        if part and more is not None and more():
-            # No whole document within the prefix: the rest, up to the first that ends.
-            n += await stream(
-                client,
-                url,
-                _Handover(sink, READ_ON_FEED),
-                what=f"{what} (bytes {span}-)",
-                start=n,
-                size=size,
-                executor=executor,
-                on_bytes=count,
-                cdn=cdn,
-                cut=lambda: size if more() else 0,
-            )
+        n = await _fetch_blocks(
+            client, url, sink, what, size, executor, count, link, decoding, cdn, stats, span, more if part else None
+        )
         try:
             await _verified(loop, executor, verify)
         except IntegrityError as exc:
@@ -499,10 +487,13 @@ async def _fetch_blocks(
     signed: str | None = None,
     stats: dict[str, Any] | None = None,
     span: int | None = None,
+    more: Callable[[], bool] | None = None,
 ) -> int:
     """One pass over the file, or over its first ``span`` bytes: lanes fetch blocks (each lane
     takes the next block not taken, within the read-ahead window), this task feeds them to the
-    sink in order. ``stats`` (if given) receives the most segments at once and the growth steps
+    sink in order; then, while ``more()``, the rest past ``span`` (``fetch_file``), still within
+    the file's decoding slot and a connection of ``link``, from the URL the blocks came from.
+    ``stats`` (if given) receives the most segments at once and the growth steps
     (``_Growth.history``)."""
     loop = asyncio.get_running_loop()
     ranged = span is not None and span < size  # a prefix: asked by Range even when small
@@ -715,6 +706,26 @@ async def _fetch_blocks(
                 k = j
                 await loop.run_in_executor(executor, sink.feed, data)
                 fed += len(data)
+        if ranged and more is not None and more():
+            # No whole document within the prefix: on from its end, up to the first that ends.
+            if link is not None:
+                link.hold()
+            try:
+                fed += await stream(
+                    client,
+                    url,
+                    _Handover(sink, READ_ON_FEED),
+                    what=f"{what} (bytes {span}-)",
+                    start=span,
+                    size=size,
+                    executor=executor,
+                    on_bytes=count,
+                    cdn=cdn[0] if cdn else None,
+                    cut=lambda: size if more() else 0,
+                )
+            finally:
+                if link is not None:
+                    link.give()
         if stats is not None:
             stats.update(
                 lanes_max=max_lanes[0], splits=st["splits"], steps=growth.steps, history=growth.history, rtt=growth.rtt
