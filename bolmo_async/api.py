@@ -53,8 +53,8 @@ from .models import (
     Plan,
     Selection,
     TokenizerInfo,
+    reads_prefixes_whole,
     validate_fraction,
-    verifies_prefixes,
 )
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
 from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
@@ -809,7 +809,8 @@ def _fetch(
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
         recs = {u: staging.done(the_plan.files[u]) for u in units}  # each marker read once
-        if not streaming or verifies_prefixes(verify_prefixes, ep):
+        whole = reads_prefixes_whole(verify_prefixes, ep, streaming)
+        if whole:
             # A prefix staged with its hash unchecked (--no-verify-prefixes) is staged again by a
             # run that checks them (its worker does the same: ``run_file_task``).
             recs = {u: None if rec is not None and unverified_prefix(rec) else rec for u, rec in recs.items()}
@@ -865,7 +866,6 @@ def _fetch(
             )
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
-        whole = not streaming or verifies_prefixes(verify_prefixes, ep)  # --no-streaming keeps whole files
         total = sum(the_plan.files[u].read_bytes(whole) for u in units)
         staged_now = 0  # files this run staged (said if it is stopped)
         to_stage = set(fresh)

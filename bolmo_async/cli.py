@@ -232,10 +232,10 @@ def _print_plan(
     without ``streaming``), and estimated tokens and shard disk for the run's tokenizer (``plan``
     does not know it yet: byte and dolma2 side by side)."""
     from .guidance import absolute_tokenizer_path
-    from .models import verifies_prefixes
+    from .models import reads_prefixes_whole
     from .planner import estimate, source_fractions
 
-    est = estimate(plan, not streaming or verifies_prefixes(verify, plan.endpoint))
+    est = estimate(plan, reads_prefixes_whole(verify, plan.endpoint, streaming))
     _say(
         f"plan: {plan.repo_id}@{plan.commit[:12]} (revision {plan.revision}), fraction {plan.data_fraction:g}, seed {plan.seed}"
     )

@@ -114,6 +114,12 @@ def verifies_prefixes(option: bool | None, endpoint: str | None) -> bool:
     return endpoint is not None and not endpoint.lower().startswith("https://")
 
 
+def reads_prefixes_whole(option: bool | None, endpoint: str | None, streaming: bool) -> bool:
+    """Whether a JSON-lines prefix's whole file is downloaded: to check it (``verifies_prefixes``)
+    or to keep it (``--no-streaming``)."""
+    return not streaming or verifies_prefixes(option, endpoint)
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedFile:
     """A file the plan takes: whole (``limit is None``) or a prefix of ``limit`` compressed bytes."""

@@ -84,6 +84,13 @@ class WorkerSpec:
     # thread trips, per file saved).
     claims: bool = True
 
+    @property
+    def whole_prefixes(self) -> bool:
+        """A JSON-lines prefix's whole file is downloaded (``models.reads_prefixes_whole``)."""
+        from .models import reads_prefixes_whole
+
+        return reads_prefixes_whole(self.verify_prefixes, self.endpoint, self.streaming)
+
 
 Send = Callable[[m.FromWorker], None]
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import messages as m
 from ..errors import UsageError, WorkerError, rebuild
-from ..models import Plan, verifies_prefixes
+from ..models import Plan
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
 from .base import LayoutCallback, OpenShardCallback, RunResult, ShardCallback, StagedCallback
@@ -500,10 +500,7 @@ class Pool:
                 result.staged[msg.unit] = msg.record
                 result.fetched_now += msg.read is not None
                 if progress is not None:
-                    whole = not self._spec.streaming or verifies_prefixes(
-                        self._spec.verify_prefixes, self._spec.endpoint
-                    )
-                    expected = self._spec.files[msg.unit].read_bytes(whole)
+                    expected = self._spec.files[msg.unit].read_bytes(self._spec.whole_prefixes)
                     if msg.read is None:  # staged before: not part of this run's transfer rate
                         progress.add_total(-expected)
                     else:  # parquet prefixes read whole row groups and the footer: the total follows

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import BolmoError, UsageError, rebuild
 from ..finalizer import Piece, Written, write_shard
-from ..models import Plan, verifies_prefixes
+from ..models import Plan
 from ..outdir import OutputDir, open_output
 from ..progress import Progress
 from ..worker import WorkerSpec
@@ -262,8 +262,9 @@ class RayExecutor:
                 if progress is not None:
                     for u in share:
                         if u in part.staged:
-                            whole = not spec.streaming or verifies_prefixes(spec.verify_prefixes, spec.endpoint)
-                            progress.add_bytes(spec.files[u].read_bytes(whole))  # (a task reports at its end)
+                            progress.add_bytes(
+                                spec.files[u].read_bytes(spec.whole_prefixes)
+                            )  # (a task reports at its end)
                             skipped = part.staged[u].get("skipped", {}).get("counts", {})
                             progress.add_documents(
                                 int(part.staged[u].get("documents", 0)), int(part.staged[u].get("tokens", 0))
