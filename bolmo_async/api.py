@@ -197,13 +197,31 @@ def _model_file_fetcher(endpoint: str) -> Callable[[str, str], bytes | None]:
     return fetch
 
 
-def _same_endpoint(plan: Plan, endpoint: str) -> None:
-    if plan.endpoint and plan.endpoint.rstrip("/") != endpoint.rstrip("/"):
+def _same_endpoint(plan: Plan, endpoint: str) -> bool:
+    """Whether this run may use the folder planned against ``plan.endpoint`` from ``endpoint``, and
+    whether that was checked by listing the repo just now. Another endpoint (the mirror restarted
+    on another port, the Hub instead of a mirror of it) is accepted when it lists the pinned
+    commit with the very files the plan was made from: the same bytes, each checked by its sha256.
+    The listing goes to this run's endpoint only (the token never to the one plan.json names)."""
+    if not plan.endpoint or plan.endpoint.rstrip("/") == endpoint.rstrip("/"):
+        return False
+    try:
+        run_interruptible(_check_listing(plan, endpoint), "checking the repository's listing")
+    except (HubError, StateError) as exc:
+        why = "it lists other files" if isinstance(exc, StateError) else str(exc).rstrip(".")
         raise StateError(
             f"this folder was planned against {plan.endpoint}, but this run talks to {endpoint} "
-            "(--endpoint / HF_ENDPOINT, else the Hub). Pass --endpoint with the planned one to continue, or --force "
-            "to plan again against this one."
-        )
+            f"(--endpoint / HF_ENDPOINT, else the Hub), which does not list the planned files of "
+            f"{plan.repo_id}@{plan.commit[:12]} ({why}). Pass --endpoint {plan.endpoint} to "
+            "continue, or --force to plan again against this one."
+        ) from exc
+    log.warning(
+        "this folder was planned against %s; %s lists the same files at the pinned commit %s: reading them from there",
+        plan.endpoint,
+        endpoint,
+        plan.commit[:12],
+    )
+    return True
 
 
 async def _check_listing(plan: Plan, endpoint: str) -> None:
@@ -403,8 +421,7 @@ def _plan(
                 f"({_describe(selection)}). Use another --output-dir, or --force to reset this one."
             )
         if (existing.data_fraction, existing.selection) == (data_fraction, selection):
-            _same_endpoint(existing, _endpoint(endpoint))
-            return existing, False
+            return existing, _same_endpoint(existing, _endpoint(endpoint))
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
     if existing is not None:
@@ -772,8 +789,7 @@ def _fetch(
 
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
-            _same_endpoint(the_plan, ep)
-            if not listing_checked:
+            if not _same_endpoint(the_plan, ep) and not listing_checked:
                 run_interruptible(_check_listing(the_plan, ep), "checking the repository's listing")
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))

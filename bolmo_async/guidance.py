@@ -376,8 +376,8 @@ __all__ = [
 
 def fetch_command(output_dir: Any, endpoint: str | None) -> str:
     """The fetch a user is told to run next for a folder planned against ``endpoint``: with that
-    ``--endpoint`` unless it is the Hub's own (without it the fetch would talk to the Hub, and
-    refuse a folder planned against a mirror)."""
+    ``--endpoint`` unless it is the Hub's own (without it the fetch would talk to the Hub, which
+    does not list a mirror's own repos)."""
     from .hub import HUB_ENDPOINT  # (aiohttp: only when a hint is printed)
 
     cmd = command("fetch", "--output-dir", output_dir)

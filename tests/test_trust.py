@@ -17,7 +17,7 @@ import pytest
 
 import bolmo_async
 from bolmo_async.errors import BolmoError, StateError
-from bolmo_async.mirror import MirrorThread
+from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.outdir import open_output, staged_name
 
 from .helpers import cli, finish, is_fork_server, shard_hashes, worker_processes
@@ -137,14 +137,44 @@ def test_a_failed_rerun_never_makes_a_finished_output_worse(repos, tmp_path):
     assert (out / "data_sources.txt").read_text() == before
 
 
-def test_the_token_goes_only_to_this_runs_endpoint(repos, tmp_path, monkeypatch):
+def test_a_folder_moves_to_an_endpoint_listing_the_same_files_and_the_token_goes_only_there(
+    repos, tmp_path, monkeypatch
+):
+    """A mirror restarted on another port (or the Hub instead of a mirror of it) serves the same
+    pinned commit: the folder goes on from it, no --force, no refetch. The listing that checks this
+    goes to this run's endpoint, and the token with it: never to the endpoint plan.json names."""
+    out = tmp_path / "o"
+    with MirrorThread(repos) as first:
+        bolmo_async.plan(out, endpoint=first.endpoint, data_fraction=FRACTION)
+        monkeypatch.setenv("HF_TOKEN", "hf_never_to_the_planned_endpoint")
+        planned_requests = len(first.hub_requests)
+        with MirrorThread(repos) as moved:
+            report = bolmo_async.fetch(out, endpoint=moved.endpoint, progress=False)
+        assert len(first.hub_requests) == planned_requests and not first.cdn_requests
+    assert report["fetched_now"] > 0 and moved.hub_authorized > 0 and moved.cdn_requests
+    assert json.loads((out / "plan.json").read_text())["endpoint"] == first.endpoint  # shares agree on it
+    done = bolmo_async.finalize(out, max_tokens_per_file=BOUND)
+    with MirrorThread(repos) as m:
+        assert shard_hashes(done) == shard_hashes(_prepare(tmp_path / "ref", m.endpoint))
+
+
+def test_a_folder_refuses_an_endpoint_that_lists_other_files(repos, sample_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(sample_dir, other)
+    next(p for p in sorted(other.rglob("*")) if p.is_file() and ".git" not in p.parts).unlink()
     out = tmp_path / "o"
     with MirrorThread(repos) as m:
         bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
-    monkeypatch.setenv("HF_TOKEN", "hf_never_to_the_planned_endpoint")
-    with pytest.raises(StateError, match="planned against") as info:
-        bolmo_async.fetch(out, progress=False)  # no --endpoint, no HF_ENDPOINT: the Hub, not plan.json's
-    assert m.endpoint in str(info.value) and "huggingface.co" in str(info.value)
+        planned = m.endpoint
+    with MirrorThread([MirrorRepo(repos[0].repo_id, other)]) as m:
+        for run in (
+            lambda: bolmo_async.fetch(out, endpoint=m.endpoint, progress=False),
+            lambda: bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=FRACTION, progress=False),
+            lambda: bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=FRACTION / 2, progress=False),
+        ):
+            with pytest.raises(StateError, match="planned against") as info:
+                run()
+            assert planned in str(info.value) and m.endpoint in str(info.value) and "--force" in str(info.value)
 
 
 def test_an_edited_plan_is_detected(repos, tmp_path):
