@@ -88,7 +88,7 @@ class Progress:
         with self._lock:
             self.total_bytes += n
         if self._rich is not None:
-            self._rich.update(self._task, total=self.total_bytes)
+            self._rich.update(self._task, total=self.shown_total())
 
     def add_documents(self, documents: int, tokens: int) -> None:
         with self._lock:
@@ -109,9 +109,15 @@ class Progress:
             f"{self.kind} {human_count(self.tokens)} ({human_count(self.tokens / el)}/s)  skipped {self.skipped}"
         )
 
+    def shown_total(self) -> int:
+        """The total as shown: never under what was read. A prefix read on past its limit until a
+        document ends, or a parquet prefix's whole row groups, read more than the plan foresaw;
+        the total follows when the file is staged (``add_total``), not while it is read."""
+        return max(self.total_bytes, self.bytes)
+
     def _refresh(self) -> None:
         if self._rich is not None:
-            self._rich.update(self._task, completed=self.bytes, stats=self.stats())
+            self._rich.update(self._task, completed=self.bytes, total=self.shown_total(), stats=self.stats())
 
     def _tick(self) -> None:
         if self._rich is not None:
@@ -125,12 +131,12 @@ class Progress:
     def _log_line(self) -> None:
         el = max(1e-9, time.monotonic() - self._t0)
         rate = self.bytes / el
-        left = max(0, self.total_bytes - self.bytes)
+        left = self.shown_total() - self.bytes
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         log.info(
             "progress: %s / %s (%s/s, ETA %s)  %s",
             human_bytes(self.bytes),
-            human_bytes(self.total_bytes),
+            human_bytes(self.shown_total()),
             human_bytes(rate),
             eta,
             self.stats(),

@@ -4,7 +4,9 @@ bytes; verified (the default over plain http) it reads the whole file and checks
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,12 @@ def test_over_https_a_prefix_reads_only_its_bytes_by_default(tmp_path, repos):
     markers = _markers(out)
     unchecked = [p for p in prefixes if markers[p]["sha256"] is None]
     assert unchecked and all(markers[p]["read_bytes"] >= prefixes[p]["limit"] for p in unchecked)
+
+
+def test_progress_never_shows_more_read_than_its_total(caplog):
+    """A prefix read on past its limit reads more than the plan foresaw; its total follows only
+    when the file is staged, so meanwhile the shown total is what was read, never under it."""
+    with caplog.at_level(logging.INFO, logger="bolmo_async"), Progress(1, 100_000, enabled=True) as p:
+        p.add_bytes(150_000)  # the read-on, before its Staged message
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert re.search(r"progress: (\S+ \S+) / \1 ", line) and "ETA 0s" in line, line
