@@ -114,7 +114,7 @@ def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
         except asyncio.CancelledError as exc:
             signum = stopped_by[0] if stopped_by else signal.SIGINT
             raise FetchIncomplete(
-                f"{interrupted_by(signum)} while {doing}, before this run staged any file; rerun the same command to resume",
+                f"{interrupted_by(signum)} while {doing}, before this run wrote anything; rerun the same command",
                 interrupted=True,
                 signum=signum,
             ) from exc

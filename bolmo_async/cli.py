@@ -653,7 +653,10 @@ def fetch_cmd(
         )
     )
     how = " with Ray" if ray else ""
-    done = f"staged{how}: {res['files']} planned file(s) ({res['fetched_now']} fetched now, {human_count(res['tokens_now'])} tokens)."
+    done = (
+        f"staged{how}: {res['files']} planned file(s); this run fetched {res['fetched_now']} of them"
+        f" ({human_count(res['tokens_now'])} tokens)."
+    )
     from .guidance import command, next_steps
 
     finalize = command("finalize", "--output-dir", output_dir)

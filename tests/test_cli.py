@@ -745,7 +745,7 @@ def test_a_run_piped_into_head_finishes_its_work_and_says_its_report_was_cut(tmp
         assert (out / done).exists(), command
         again = run_cli(*args)  # nothing left to do: the first run did it all
         assert again.returncode == 0, again.stderr
-        assert "(0 fetched now" in again.stdout or "nothing to do" in again.stderr, (command, again.stdout)
+        assert "this run fetched 0 of them" in again.stdout or "nothing to do" in again.stderr, (command, again.stdout)
 
 
 def test_a_stop_signal_handled_inside_a_weakref_callback_is_not_lost():

@@ -600,12 +600,12 @@ def test_a_fetch_stopped_while_it_lists_names_the_signal_and_claims_nothing_stag
                 proc.communicate(timeout=10)  # (its pipes closed: no ResourceWarning in a later test)
     assert proc.returncode == 128 + sig, err
     name = signal.Signals(sig).name
-    assert f"interrupted ({name}) while listing the repository, before this run staged any file" in err, err
+    assert f"interrupted ({name}) while listing the repository, before this run wrote anything" in err, err
     assert "Finished files are staged" not in err and "Traceback" not in err, err
     # One line: no warning before it that claims kept files ("finished files are kept": none are).
     assert [line for line in err.splitlines() if "INFO" not in line] == [
-        f"error: interrupted ({name}) while listing the repository, before this run staged any file; rerun the"
-        " same command to resume"
+        f"error: interrupted ({name}) while listing the repository, before this run wrote anything; rerun the"
+        " same command"
     ], err
 
 
