@@ -93,6 +93,37 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks under this come from the heap, whose freed pages are taken again without a fault.
+KEEP_BLOCKS_UNDER = 32 << 20
+#: The heap's free top is given back only past this (besides ``release_free_memory``'s trims).
+KEEP_FREE_TOP = 256 << 20
+
+
+def keep_freed_pages() -> None:
+    """glibc only: a worker process's freed blocks stay its own until ``release_free_memory``
+    trims them, instead of going back to the kernel at once.
+
+    By default glibc maps a block over 128 KB on its own and unmaps it when freed (until its
+    threshold has risen to that size), and gives the heap's free top back once over 128 KB: the
+    next batch then takes fresh pages, each a fault, which this VM's host makes dearer (every
+    fresh page is faulted in from it). A byte-mode run of 128 MB with both set high: a third of
+    the page faults gone (97k -> 68k), the system CPU -0.17 s. The thresholds are pinned high
+    (32 MB), not low (pinned low, every batch was freshly mapped: twice the system time), and
+    the periodic trim still bounds the peak. Called by worker processes, not on import."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, KEEP_BLOCKS_UNDER)
+    mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_TOP)
+
+
 _last_trim = 0.0
 
 

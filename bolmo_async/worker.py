@@ -539,8 +539,9 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
 
     holder: list[Worker] = []
     _die_with_parent(lambda: holder[0] if holder else None)
-    from .util import prefer_system_allocator, record_absent_imports
+    from .util import keep_freed_pages, prefer_system_allocator, record_absent_imports
 
+    keep_freed_pages()
     prefer_system_allocator()
     record_absent_imports()
     logging.getLogger().handlers[:] = []
