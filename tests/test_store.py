@@ -484,6 +484,39 @@ def test_aws_profile_from_the_credentials_file(s3: S3, monkeypatch: pytest.Monke
         open_output(s3.url()).create()
 
 
+def test_credentials_never_found_are_named_not_blamed_on_the_store(
+    s3: S3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Half a key pair, no credentials at all (the instance metadata service, here a closed port,
+    gives no role) and an AWS_PROFILE the machine lacks each say what to set, at once: they said
+    "Check that the store is reachable (AWS_ENDPOINT_URL, the network)", or were retried as a
+    network error and then said "cannot reach the store", or named only boto3's exception text."""
+    from tests.s3server import free_port
+
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(UsageError, match="AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both") as e:
+        open_output(s3.url()).create()
+    assert "reachable" not in str(e.value)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with pytest.raises(UsageError, match="AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not"):
+        open_output(s3.url()).check_reachable()
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="found no credentials: AWS_ACCESS_KEY_ID") as e:
+        open_output(s3.url()).create()
+    assert "each task of a job array" in str(e.value) and "cannot reach" not in str(e.value)
+    assert time.monotonic() - started < 5  # not retried as a network error
+    pytest.importorskip("boto3")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "training")
+    with pytest.raises(UsageError, match=r"AWS_PROFILE=training: no such profile in .*config or .*credentials"):
+        open_output(s3.url()).create()
+    assert not s3.objects()
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_bucket_folder_is_refused(s3: S3, repos) -> None:  # type: ignore[no-untyped-def]
     """No flock on a bucket: the lease (a conditional create) refuses a second `prepare` at once,

@@ -91,6 +91,10 @@ _TRANSIENT_STATUS = re.compile(
     r"status code: (5\d\d|408|429)|SlowDown|error sending request|connection|timed? ?out", re.I
 )
 _STATUS = re.compile(r"status code: (\d{3})")
+#: The S3 client asked the instance metadata service for a role's credentials (IMDSv2's token or
+#: v1's path, whatever its endpoint): none were in the environment.
+_FROM_INSTANCE_ROLE = re.compile(r"/latest/(api/token|meta-data)")
+_HALF_KEY_PAIR = re.compile(r"Missing (SecretAccessKey|AccessKeyId)")
 
 
 def scratch_root() -> Path:
@@ -152,6 +156,24 @@ def _policy_config() -> dict[str, Any]:
         },
         "retry_timeout": dt.timedelta(seconds=300),
     }
+
+
+def _credentials_problem(text: str) -> str | None:
+    """What is wrong with the credentials when an error says they were never found (half a key
+    pair, or none at all and no instance role): not a store to retry or to reach, nor a refusal."""
+    half = _HALF_KEY_PAIR.search(text)
+    if half:
+        have, lack = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        if half.group(1) == "AccessKeyId":
+            have, lack = lack, have
+        return f"{have} is set but {lack} is not: set both (or neither, for AWS_PROFILE or an instance role)"
+    if _FROM_INSTANCE_ROLE.search(text):
+        return (
+            "found no credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_PROFILE are not set, and no "
+            "instance role gave any (the instance metadata service did not answer with one). Set them on every "
+            "machine that runs a command (each task of a job array), or run where an instance role gives them"
+        )
+    return None
 
 
 def _short(exc: BaseException) -> str:
@@ -422,7 +444,18 @@ class StoreDir(OutputDir):
         except ImportError:
             pass
         else:
-            session = boto3.Session(profile_name=os.environ["AWS_PROFILE"])
+            from botocore.exceptions import ProfileNotFound
+
+            try:
+                session = boto3.Session(profile_name=os.environ["AWS_PROFILE"])
+            except ProfileNotFound:
+                raise UsageError(
+                    f"AWS_PROFILE={os.environ['AWS_PROFILE']}: no such profile in "
+                    f"{os.environ.get('AWS_CONFIG_FILE', '~/.aws/config')} or "
+                    f"{os.environ.get('AWS_SHARED_CREDENTIALS_FILE', '~/.aws/credentials')} on this machine; "
+                    "name one of its profiles (`aws configure list-profiles`), or set AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY instead."
+                ) from None
             return Boto3CredentialProvider(session), session.region_name
         import configparser
 
@@ -450,6 +483,9 @@ class StoreDir(OutputDir):
             return exc
         what = self.ref(name) if name else self.location
         reason = _short(exc)
+        problem = _credentials_problem(str(exc))
+        if problem:
+            return UsageError(f"--output-dir {self.location}: {problem} ({reason}).")
         if isinstance(exc, oe.UnauthenticatedError | oe.PermissionDeniedError) or re.search(
             r"status code: (401|403)", str(exc)
         ):
@@ -495,6 +531,8 @@ class StoreDir(OutputDir):
             except (oe.UnauthenticatedError, oe.PermissionDeniedError) as exc:
                 raise self.failed(name, exc, what) from exc
             except (oe.GenericError, oe.JoinError, OSError) as exc:
+                if _credentials_problem(str(exc)):  # no attempt can find them
+                    raise self.failed(name, exc, what) from exc
                 status = _STATUS.search(str(exc))
                 if _TRANSIENT_STATUS.search(str(exc)) and not (
                     status and status.group(1).startswith("4") and status.group(1) not in ("408", "429")
