@@ -39,6 +39,7 @@ from .guidance import (
     fixed_length_loss,
     normalize,
     selection_from,
+    tokenizer_flags,
     warn_short_shards,
 )
 from .models import (
@@ -516,13 +517,9 @@ def _other_tokenizer_fix(prev: dict[str, Any], share: bool) -> str:
     with (a job array's share that left out a flag the others have, most often), or start apart.
     A ``--worker`` share is not told to ``--force``: that is refused there (it would reset the
     folder the other shares write into)."""
-    kind, ident = prev.get("kind"), prev.get("identifier")
     reset = "" if share else ", or --force to reset this one"
-    if kind == "byte":
-        flags = "--tokenizer byte"
-    elif kind == "subword":
-        flags = "--tokenizer subword" + (f" --tokenizer-identifier {shlex.quote(str(ident))}" if ident else "")
-    else:
+    flags = shlex.join(tokenizer_flags(prev))
+    if not flags:
         return f"Use another --output-dir{reset}."
     return f"Pass {flags} to go on with it (as it was fetched), or use another --output-dir{reset}."
 
@@ -1090,8 +1087,13 @@ def _something_staged(out: OutputDir) -> None:
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
     finished = finished or older is not None  # either way, the fetch fetches them again
+    try:  # the tokenizer a share of this plan fetched with, if one got that far
+        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (ValueError, AttributeError, RecursionError):
+        fetched_with = None
+    again = fetch_command(out, the_plan.endpoint, fetched_with)
     raise StateError(
-        f"{why}. Run `{fetch_command(out, the_plan.endpoint)}` first{' (it fetches them again)' if finished else ''}, "
+        f"{why}. Run `{again}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
     )
 

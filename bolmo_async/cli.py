@@ -274,6 +274,18 @@ def _print_plan(
     )
 
 
+def _planned_endpoint(out: Any) -> str | None:
+    """The endpoint ``out``'s plan was made against (None when it cannot be read: the hint then
+    leaves ``--endpoint`` out)."""
+    from .planner import load_plan
+
+    try:
+        the_plan = load_plan(out)
+    except BolmoError:
+        return None
+    return the_plan.endpoint if the_plan is not None else None
+
+
 def _summary(manifest: dict[str, Any], location: str) -> None:
     from .guidance import command, fetch_command
     from .outdir import DATA_SOURCES, MANIFEST, open_output
@@ -294,7 +306,8 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
     if not manifest["complete"]:  # (finalize --allow-incomplete: finalizing again fetches nothing)
         _say(
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged (listed in {MANIFEST}): "
-            f"`{fetch_command(out, None)}` (or the missing --worker shares) fetches them, then finalize again."
+            f"`{fetch_command(out, _planned_endpoint(out), manifest.get('tokenizer'))}` (or the missing --worker "
+            "shares) fetches them, then finalize again."
         )
     tok = manifest["tokenizer"]
     if tok["kind"] == "subword" and tok.get("vocab_size") == 100278 and tok["eos_token_id"] == 100257:

@@ -703,7 +703,7 @@ def finalize_dir(
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise StateError(
             f"{len(missing)} of {len(plan.files)} planned files are not staged yet:\n  {shown}\n"
-            f"Run `{fetch_command(out, plan.endpoint)}` again (or the missing --worker shares) to finish them, or pass "
+            f"Run `{fetch_command(out, plan.endpoint, state.get('tokenizer'))}` again (or the missing --worker shares) to finish them, or pass "
             "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
     fingerprint = state["tokenizer"]["fingerprint"]

@@ -370,20 +370,38 @@ __all__ = [
     "normalize",
     "selection_from",
     "short_shard_warning",
+    "tokenizer_flags",
     "warn_short_shards",
 ]
 
 
-def fetch_command(output_dir: Any, endpoint: str | None) -> str:
+def tokenizer_flags(tokenizer: Mapping[str, Any] | None) -> list[str]:
+    """The flags that fetch again with the tokenizer a folder was fetched with (``run.json``'s
+    ``tokenizer``): without them a fetch asks for the default, ``--tokenizer byte``, which such a
+    folder refuses. Empty when nothing was fetched yet (the choice is still the user's)."""
+    if not isinstance(tokenizer, Mapping) or tokenizer.get("kind") not in ("byte", "subword"):
+        return []
+    if tokenizer["kind"] == "byte":
+        return ["--tokenizer", "byte"]
+    flags = ["--tokenizer", "subword"]
+    if tokenizer.get("identifier"):
+        flags += ["--tokenizer-identifier", str(tokenizer["identifier"])]
+    if tokenizer.get("special_tokens_as_text") is False:
+        flags.append("--special-tokens-as-ids")
+    return flags
+
+
+def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str, Any] | None = None) -> str:
     """The fetch a user is told to run next for a folder planned against ``endpoint``: with that
     ``--endpoint`` unless it is the Hub's own (without it the fetch would talk to the Hub, which
-    does not list a mirror's own repos)."""
+    does not list a mirror's own repos), and with the ``tokenizer`` flags the folder was fetched
+    with (``tokenizer_flags``)."""
     from .hub import HUB_ENDPOINT  # (aiohttp: only when a hint is printed)
 
-    cmd = command("fetch", "--output-dir", output_dir)
+    args: list[Any] = ["fetch", "--output-dir", output_dir]
     if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT:
-        cmd += " " + command("--endpoint", endpoint).removeprefix("bolmo-async ")
-    return cmd
+        args += ["--endpoint", endpoint]
+    return command(*args, *tokenizer_flags(tokenizer))
 
 
 def command(*args: Any) -> str:

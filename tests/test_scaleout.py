@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from bolmo_async.outdir import open_output
 from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_worker
 from bolmo_async.staging import Staging
 
+from .conftest import DOLMA2, needs_dolma2
 from .helpers import cli, finish, run_cli, shard_hashes
 
 FRACTION = 0.6
@@ -386,16 +389,32 @@ def test_ray_is_not_contacted_when_every_file_is_staged(mirror, tmp_path, monkey
         bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_address=address, progress=False)
 
 
-def test_an_incomplete_finalize_says_what_finishes_it(mirror, tmp_path):
-    """finalize --allow-incomplete with a share missing: finalizing again fetches nothing, so the
-    advice is the fetch (not "rerun the same command")."""
+@needs_dolma2
+def test_a_finalize_too_early_names_the_fetch_that_finishes_it(mirror, tmp_path):
+    """The fetch that finalize names with a share missing (refused, or with --allow-incomplete,
+    whose finalizing again fetches nothing) runs as printed: with the plan's --endpoint and the
+    tokenizer flags the shares fetched with. It left out the tokenizer (a fetch of the default,
+    --tokenizer byte, which a subword folder refuses) and, after --allow-incomplete, the endpoint
+    too (a fetch from the Hub, which a folder planned against a mirror refuses)."""
     out = tmp_path / "o"
     bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
-    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False)
+    tok = dict(tokenizer="subword", tokenizer_identifier=str(DOLMA2))
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False, **tok)
+    r = run_cli("finalize", "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    hint = re.search(r"Run `(bolmo-async fetch [^`]+)` again \(or the missing --worker shares\)", r.stderr)
+    assert hint, r.stderr
+    fetch = hint.group(1)
+    assert f"--endpoint {mirror.endpoint}" in fetch
+    assert f"--tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))}" in fetch
     r = run_cli("finalize", "-o", str(out), "--allow-incomplete")
     assert r.returncode == 0, r.stderr
-    assert f"`bolmo-async fetch --output-dir {out}` (or the missing --worker shares) fetches them" in r.stdout
+    assert f"`{fetch}` (or the missing --worker shares) fetches them" in r.stdout
     assert "rerun the same command" not in r.stdout and "export DATA_SOURCE" not in r.stdout
+    r = run_cli(*shlex.split(fetch)[1:], "--no-progress")  # as printed
+    assert r.returncode == 0, r.stderr
+    r = run_cli("finalize", "-o", str(out))
+    assert r.returncode == 0 and "export DATA_SOURCE" in r.stdout, r.stderr
 
 
 def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, monkeypatch):
