@@ -287,7 +287,7 @@ def _planned_endpoint(out: Any) -> str | None:
 
 
 def _summary(manifest: dict[str, Any], location: str) -> None:
-    from .guidance import command, fetch_command
+    from .guidance import command, fetch_command, local_copy_command
     from .outdir import DATA_SOURCES, MANIFEST, open_output
 
     out = open_output(location)
@@ -331,8 +331,14 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
             f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) reuses, and "
             f"another --data-fraction for the files it takes whole; `{command('finalize', '--output-dir', out, '--drop-staging')}` removes it."
         )
-    if manifest["complete"]:
+    if manifest["complete"] and out.local:
         _say(f"export DATA_SOURCE={shlex.quote(out.ref(DATA_SOURCES))}")
+    elif manifest["complete"]:  # bolmo-core's launchers open() DATA_SOURCE: a URL is no file to them
+        _say(
+            f"{DATA_SOURCES} lists the shards' URLs, which OLMo-core reads from the store (each with its .csv.gz). "
+            "For bolmo-core's launchers, which open DATA_SOURCE as a local file, copy it first:"
+        )
+        _say(f"  {local_copy_command(out.ref(DATA_SOURCES))}")
 
 
 def _run(fn: Any, resumes: bool = True) -> Any:

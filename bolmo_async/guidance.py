@@ -367,6 +367,7 @@ __all__ = [
     "TYPICAL_SEQUENCE_LENGTHS",
     "absolute_tokenizer_path",
     "fixed_length_loss",
+    "local_copy_command",
     "normalize",
     "selection_from",
     "short_shard_warning",
@@ -402,6 +403,20 @@ def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str,
     if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT:
         args += ["--endpoint", endpoint]
     return command(*args, *tokenizer_flags(tokenizer))
+
+
+def local_copy_command(url: str) -> str:
+    """A shell line that copies a ``data_sources.txt`` on object storage to this folder and points
+    ``DATA_SOURCE`` at the copy: bolmo-core's launchers ``open()`` ``DATA_SOURCE`` as a local file
+    (the shard URLs listed in it are read from the store)."""
+    scheme, _, rest = url.partition("://")
+    if scheme in ("s3", "r2"):  # R2 through the S3 API, at AWS_ENDPOINT_URL (the AWS CLI reads it too)
+        copy = shlex.join(["aws", "s3", "cp", f"s3://{rest}", "data_sources.txt"])
+    elif scheme in ("gs", "gcs"):
+        copy = shlex.join(["gcloud", "storage", "cp", f"gs://{rest}", "data_sources.txt"])
+    else:
+        copy = f"copy {shlex.quote(url)} to ./data_sources.txt"
+    return f'{copy} && export DATA_SOURCE="$PWD/data_sources.txt"'
 
 
 def command(*args: Any) -> str:

@@ -306,6 +306,10 @@ def test_prepare_to_a_bucket_equals_a_local_run_and_inspects(s3: S3, mirror, tmp
         name = url.rsplit("/", 1)[1]
         assert name in objects and name.replace(".npy", ".csv.gz") in objects
     assert f"{s3.url()}/data_sources.txt" in r.stdout
+    # bolmo-core open()s DATA_SOURCE: the summary has it copied, never exported as a URL
+    assert "export DATA_SOURCE=s3" not in r.stdout
+    copy = f'aws s3 cp {s3.url()}/data_sources.txt data_sources.txt && export DATA_SOURCE="$PWD/data_sources.txt"'
+    assert copy in r.stdout, r.stdout
     ok = _cli("inspect", s3.url())
     assert ok.returncode == 0, ok.stderr
     _no_credentials_anywhere(s3, r.stdout, r.stderr, ok.stdout, ok.stderr)
@@ -549,3 +553,16 @@ def test_a_setting_that_is_no_number_is_one_line(setting: str) -> None:
     assert r.returncode == 2 and r.stderr.startswith(f"error: {name}={value!r}: takes") and "unset it" in r.stderr, (
         r.stderr
     )
+
+
+def test_the_local_copy_of_a_remote_data_sources_txt_is_named_per_store() -> None:
+    """R2 is copied through the S3 API (the AWS CLI reads AWS_ENDPOINT_URL), GCS with gcloud; the
+    line always ends by exporting the copy, quoted for a $PWD with a space."""
+    from bolmo_async.guidance import local_copy_command
+
+    assert local_copy_command("r2://b/p/data_sources.txt").startswith("aws s3 cp s3://b/p/data_sources.txt ")
+    assert local_copy_command("gs://b/p q/data_sources.txt").startswith(
+        "gcloud storage cp 'gs://b/p q/data_sources.txt' "
+    )
+    for url in ("s3://b/data_sources.txt", "az://c/data_sources.txt"):
+        assert local_copy_command(url).endswith('&& export DATA_SOURCE="$PWD/data_sources.txt"')
