@@ -289,7 +289,11 @@ class Worker:
                 # Another run (an overlapping --worker share) is staging it now: wait for it to
                 # finish, then take its result (or stage it, if that run failed or was stopped).
                 if not waited:
-                    log.info("%s is being staged by another run in this folder; waiting for it", pf.path)
+                    log.info(
+                        "%s is being staged by another run in this folder; waiting for it%s",
+                        pf.path,
+                        ctx.staging.out.claim_wait_note(),
+                    )
                     waited = True
                 turn.retire()  # the slot does not wait for it meanwhile (it asks again, if it decodes)
                 await asyncio.sleep(CLAIM_POLL)

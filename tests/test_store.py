@@ -181,6 +181,27 @@ def test_claims(s3: S3) -> None:
         assert mine and s3.proxy.injected == 1
 
 
+def test_a_share_waiting_for_a_dead_runs_claim_says_how_long(s3: S3, mirror, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """On a bucket a killed share's claim lives until it expires (a flock dies with its process):
+    the rerun's "waiting for it" says so, instead of waiting a minute without a word of why."""
+    import bolmo_async
+    from bolmo_async.outdir import store
+    from bolmo_async.planner import load_plan
+
+    bolmo_async.plan(s3.url(), endpoint=mirror.endpoint, data_fraction=float(FRACTION))
+    dead = open_output(s3.url())
+    first = load_plan(dead).files[0]  # type: ignore[union-attr]
+    held = dead.claim(first.key)
+    assert held.__enter__()
+    store._heartbeat().drop(dead, dead.key(dead._claim_name(first.key)))  # type: ignore[attr-defined]
+    with caplog.at_level(logging.INFO, "bolmo_async"):
+        res = bolmo_async.fetch(s3.url(), endpoint=mirror.endpoint, worker=(0, 1), processes=1, progress=False)
+    assert res["fetched_now"] == res["files"]
+    said = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert said and f"{first.path} is being staged by another run" in said[0], said
+    assert "until its claim expires, within 2 s" in said[0], said
+
+
 def test_transient_faults_are_retried(s3: S3, caplog: pytest.LogCaptureFixture) -> None:
     d = open_output(s3.url())
     s3.proxy.faults += [Fault("PUT", r"plan\.json", "503", 2), Fault("GET", r"plan\.json", "cut", 1)]

@@ -140,6 +140,11 @@ class OutputDir:
         """Hold one unit of staging while it is staged: False when another run holds it now."""
         raise NotImplementedError
 
+    def claim_wait_note(self) -> str:
+        """Said to a run waiting for a unit another run holds: how long a dead holder can keep it
+        (a flock dies with its process: nothing to say)."""
+        return ""
+
     def reset(self) -> None:
         """``--force``: remove everything a run left (plan, state, staging, raw, shards, metadata)."""
         raise NotImplementedError

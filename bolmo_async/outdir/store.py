@@ -731,6 +731,12 @@ class StoreDir(OutputDir):
     def _claim_name(self, key: str) -> str:
         return f"{STAGING}/.{key}.claim"
 
+    def claim_wait_note(self) -> str:
+        return (
+            f" (a run killed while staging it holds it until its claim expires, within {int(LEASE)} s: "
+            "BOLMO_ASYNC_LEASE)"
+        )
+
     @contextlib.contextmanager
     def claim(self, key: str) -> Iterator[bool]:
         name = self._claim_name(key)
