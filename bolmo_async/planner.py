@@ -244,9 +244,15 @@ def parse_worker(spec: str | None) -> tuple[int, int] | None:
     except ValueError:
         i, n = -1, 0
     if not sep or n < 1 or not 0 <= i < n:
+        one_based = (
+            f": I counts from 0, so an array numbered from 1 (sbatch --array=1-{n}) would never run share 0; "
+            f"number it from 0 (--array=0-{n - 1}) or pass $((SLURM_ARRAY_TASK_ID - 1))/$SLURM_ARRAY_TASK_COUNT"
+            if sep and i == n >= 1
+            else ""
+        )
         raise UsageError(
             f"--worker takes I/N with 0 <= I < N (e.g. 0/4 ... 3/4; in a Slurm array: "
-            f"--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), got {spec!r}"
+            f"--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), got {spec!r}{one_based}"
         )
     return i, n
 

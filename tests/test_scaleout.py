@@ -53,6 +53,16 @@ def test_bad_worker_spec(bad):
         parse_worker(bad)
 
 
+def test_a_share_numbered_from_one_is_told_shares_count_from_zero():
+    """`sbatch --array=1-16` with --worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT: the last
+    task is refused with the message's own Slurm advice, while share 0 is never run by any task."""
+    with pytest.raises(UsageError, match=r"I counts from 0.*--array=0-15.*SLURM_ARRAY_TASK_ID - 1"):
+        parse_worker("16/16")
+    with pytest.raises(UsageError) as other:
+        parse_worker("17/16")
+    assert "counts from 0" not in str(other.value)
+
+
 def test_workers_need_a_plan_first(tmp_path, mirror):
     with pytest.raises(StateError, match="bolmo-async plan"):
         bolmo_async.fetch(tmp_path / "o", endpoint=mirror.endpoint, worker=(0, 2), progress=False)
