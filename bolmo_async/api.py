@@ -19,6 +19,7 @@ from inspect import signature as inspect_signature
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from .errors import (
+    BolmoError,
     DiskSpaceError,
     DownloadError,
     FetchIncomplete,
@@ -1016,17 +1017,44 @@ def fetch(
                 "(with the plan options) once, then the shares."
             )
         plan_options = {}
-    report = _fetch(
-        out,
-        force=force,
-        plan_options=plan_options,
-        worker=worker,
-        ray=ray,
-        ray_address=ray_address,
-        ray_tasks=ray_tasks,
-        **options,
-    )
+    try:
+        report = _fetch(
+            out,
+            force=force,
+            plan_options=plan_options,
+            worker=worker,
+            ray=ray,
+            ray_address=ray_address,
+            ray_tasks=ray_tasks,
+            **options,
+        )
+    except TokenizerError as exc:
+        hinted = None if force else _with_fetched_identifier(out, exc, options)
+        if hinted is None:
+            raise
+        raise hinted from exc
     return report.to_json()
+
+
+def _with_fetched_identifier(out: OutputDir, exc: TokenizerError, options: dict[str, Any]) -> TokenizerError | None:
+    """A subword tokenizer that could not be had, asked for by another identifier than the folder
+    was fetched with (a share that left out --tokenizer-identifier, so the default Hub repo): the
+    error says which one the folder holds. None: nothing to add."""
+    from .errors import EngineMismatch
+
+    if isinstance(exc, EngineMismatch) or options.get("tokenizer") != "subword":
+        return None
+    try:
+        prev = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (OSError, BolmoError, ValueError, AttributeError, RecursionError):
+        return None
+    asked = options.get("tokenizer_identifier", DEFAULT_TOKENIZER_ID)
+    if not isinstance(prev, dict) or prev.get("kind") != "subword" or prev.get("identifier") in (None, asked):
+        return None
+    flags = shlex.join(tokenizer_flags(prev))
+    return TokenizerError(
+        f"{exc} {out} was fetched with another tokenizer identifier: pass {flags} to go on with it (as it was fetched)."
+    )
 
 
 @_one_run_per_folder(create=False)

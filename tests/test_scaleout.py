@@ -400,6 +400,34 @@ def test_ray_is_not_contacted_when_every_file_is_staged(mirror, tmp_path, monkey
 
 
 @needs_dolma2
+def test_a_share_whose_tokenizer_cannot_be_had_is_told_the_folders(mirror, tmp_path):
+    """A share naming another tokenizer identifier than the folder was fetched with (left out:
+    the default Hub repo, which a mirror or an offline node may not have) failed on that repo
+    alone; the error now names the flags the folder was fetched with."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(
+        out,
+        endpoint=mirror.endpoint,
+        worker=(0, 2),
+        tokenizer="subword",
+        tokenizer_identifier=str(DOLMA2),
+        progress=False,
+    )
+    with pytest.raises(bolmo_async.BolmoError) as info:
+        bolmo_async.fetch(
+            out,
+            endpoint=mirror.endpoint,
+            worker=(1, 2),
+            tokenizer="subword",
+            tokenizer_identifier="allenai/no-such-tok",
+        )
+    said = str(info.value)
+    assert "allenai/no-such-tok not found" in said
+    assert f"pass --tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))} to go on with it" in said
+
+
+@needs_dolma2
 def test_a_finalize_too_early_names_the_fetch_that_finishes_it(mirror, tmp_path):
     """The fetch that finalize names with a share missing (refused, or with --allow-incomplete,
     whose finalizing again fetches nothing) runs as printed: with the plan's --endpoint and the
