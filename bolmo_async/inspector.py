@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import StateError
 from .guidance import command
-from .outdir import DATA_SOURCES, MANIFEST, PLAN, TOKENIZER, LocalDir, OutputDir, csv_name, open_output
+from .outdir import DATA_SOURCES, MANIFEST, PLAN, RUN_STATE, TOKENIZER, LocalDir, OutputDir, csv_name, open_output
 from .tokenize import decode_bytes
 from .util import CHECKSUM
 
@@ -69,9 +69,7 @@ def inspect_dir(
                 f"{out} is not an output folder of bolmo-async (it has no {PLAN} and no {MANIFEST}): pass the "
                 "--output-dir of a run (`bolmo-async prepare --output-dir DIR` makes one)."
             )
-        raise StateError(
-            f"{out} has no {MANIFEST}: no finalize has finished here yet; run `{command('finalize', '--output-dir', out)}`."
-        )
+        raise StateError(f"{out} has no {MANIFEST}: no finalize has finished here yet; {_what_finishes(out)}.")
     try:
         manifest = json.loads(raw)
         shards = manifest["shards"]
@@ -124,6 +122,31 @@ def inspect_dir(
     if decode > 0:
         docs = _decode(out, manifest, decode)
     return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs}
+
+
+def _what_finishes(out: OutputDir) -> str:
+    """The next step of an output that was never finalized: the fetch while planned files are not
+    staged (a finalize then only refuses), else the finalize."""
+    from .guidance import fetch_command
+    from .planner import load_plan
+    from .staging import Staging
+
+    finalize = f"run `{command('finalize', '--output-dir', out)}`"
+    try:
+        plan = load_plan(out)
+        if plan is None:
+            return finalize
+        staging = Staging(out)
+        staged = sum(1 for pf in plan.files if staging.done(pf) is not None)
+        if staged == len(plan.files):
+            return finalize
+        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (StateError, OSError, ValueError, AttributeError, RecursionError):
+        return finalize
+    return (
+        f"{staged} of {len(plan.files)} planned file(s) are staged: run `{fetch_command(out, plan.endpoint, fetched_with)}` "
+        "(or the missing --worker shares), then finalize"
+    )
 
 
 def _earlier_plan(out: OutputDir, manifest: dict[str, Any]) -> str | None:

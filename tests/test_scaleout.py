@@ -427,6 +427,26 @@ def test_a_share_whose_tokenizer_cannot_be_had_is_told_the_folders(mirror, tmp_p
     assert f"pass --tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))} to go on with it" in said
 
 
+def test_inspect_before_finalize_names_the_step_that_is_missing(mirror, tmp_path):
+    """inspect of a folder never finalized said "run finalize", which refuses while planned files
+    are not staged: it names the fetch (with the plan's endpoint and the folder's tokenizer) until
+    every file is staged, and the finalize then."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    n = len(load_plan(open_output(out)).files)
+    with pytest.raises(StateError, match=rf"0 of {n} planned file\(s\) are staged: run `bolmo-async fetch "):
+        bolmo_async.inspect(out)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False)
+    with pytest.raises(StateError) as info:
+        bolmo_async.inspect(out)
+    assert f"--endpoint {mirror.endpoint} --tokenizer byte` (or the missing --worker shares), then finalize" in str(
+        info.value
+    )
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(1, 2), progress=False)
+    with pytest.raises(StateError, match=f"run `bolmo-async finalize --output-dir {out}`"):
+        bolmo_async.inspect(out)
+
+
 @needs_dolma2
 def test_a_finalize_too_early_names_the_fetch_that_finishes_it(mirror, tmp_path):
     """The fetch that finalize names with a share missing (refused, or with --allow-incomplete,
