@@ -1055,8 +1055,45 @@ def _stop_handling() -> None:
     sys.unraisablehook = _stop_raised_where_it_is_lost
 
 
+def global_options_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``--scratch-dir DIR`` given after the command moved before it, where the
+    callback reads it: ``-v`` works on either side, and a job array's line that put the scratch
+    beside the command's other options was refused with "No such option: --scratch-dir"."""
+    head: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # options before the command stay there
+        taken = 2 if argv[i] == "--scratch-dir" else 1
+        head += argv[i : i + taken]
+        i += taken
+    if i >= len(argv):
+        return argv
+    head.append(argv[i])  # the command (``mirror`` and its own subcommand: no --scratch-dir there)
+    moved: list[str] = []
+    args = argv[i + 1 :]
+    j = 0
+    while j < len(args):
+        arg = args[j]
+        if arg == "--":
+            rest += args[j:]
+            break
+        if arg == "--scratch-dir" and j + 1 < len(args):
+            moved += args[j : j + 2]
+            j += 2
+            continue
+        if arg.startswith("--scratch-dir="):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+        j += 1
+    if not moved:
+        return argv
+    return head[:-1] + moved + head[-1:] + rest
+
+
 def main() -> None:
     _stop_handling()
+    sys.argv[1:] = global_options_first(sys.argv[1:])
     try:
         app()
     except KeyboardInterrupt as exc:  # between commands' own handling (argument parsing, summaries)

@@ -194,6 +194,17 @@ def test_verbose_is_taken_after_the_command_too(tmp_path):
         assert "bolmo-async fetch" in r.stderr  # the command ran: it names what to run first
 
 
+def test_scratch_dir_is_taken_after_the_command_too():
+    from bolmo_async.cli import global_options_first
+
+    line = ["fetch", "-o", "s3://b/p", "--scratch-dir", "/s", "--worker", "0/2"]
+    assert global_options_first(line) == ["--scratch-dir", "/s", "fetch", "-o", "s3://b/p", "--worker", "0/2"]
+    line = ["-v", "fetch", "--scratch-dir=/s", "-o", "x"]
+    assert global_options_first(line) == ["-v", "--scratch-dir=/s", "fetch", "-o", "x"]
+    for same in (["--scratch-dir", "/s", "fetch", "-o", "x"], ["fetch", "-o", "x", "--", "--scratch-dir", "/s"], []):
+        assert global_options_first(same) == same
+
+
 def test_mirror_sample_into_a_file_fails_at_once_in_one_line(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
