@@ -607,3 +607,17 @@ def test_the_local_copy_of_a_remote_data_sources_txt_is_named_per_store() -> Non
     )
     for url in ("s3://b/data_sources.txt", "az://c/data_sources.txt"):
         assert local_copy_command(url).endswith('&& export DATA_SOURCE="$PWD/data_sources.txt"')
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "http://", "http://a b:1", "s3://x", "http://127.0.0.1:x"])
+def test_an_endpoint_that_is_no_http_url_is_refused_in_one_line(
+    s3: S3, monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    """AWS_ENDPOINT_URL without its scheme (or with no host) made the S3 client panic at its first
+    request: a Rust panic, a BaseException that no handler caught, printed as a traceback."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(UsageError, match=r"AWS_ENDPOINT_URL=.* is not an http\(s\) URL of the store: write it as"):
+        open_output(s3.url()).create()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)  # the S3-only variable wins, and is named
+    with pytest.raises(UsageError, match=r"AWS_ENDPOINT_URL_S3="):
+        open_output(s3.url()).check_reachable()

@@ -158,6 +158,23 @@ def _policy_config() -> dict[str, Any]:
     }
 
 
+def _check_endpoint(var: str, endpoint: str) -> None:
+    """An endpoint the S3 client can use: ``http(s)://HOST[:PORT]``. Without a scheme, or with
+    an empty or spaced host, the client panicked (a Rust panic, a traceback) at the first request."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number, or out of range
+        ok = False
+    if not ok or any(c.isspace() or ord(c) < 0x20 for c in endpoint):
+        raise UsageError(
+            f"{var}={endpoint!r} is not an http(s) URL of the store: write it as http://HOST:PORT or https://HOST "
+            "(e.g. http://127.0.0.1:9000 for a MinIO on this machine)."
+        )
+
+
 def _credentials_problem(text: str) -> str | None:
     """What is wrong with the credentials when an error says they were never found (half a key
     pair, or none at all and no instance role): not a store to retry or to reach, nor a refusal."""
@@ -413,6 +430,10 @@ class StoreDir(OutputDir):
             return AzureStore(self.bucket, client_options=client, retry_config=retry_config)
         config: Any = {}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            _check_endpoint(
+                "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL", endpoint
+            )
         if self.scheme == "r2" and not endpoint:
             raise UsageError(
                 f"--output-dir {self.location}: set AWS_ENDPOINT_URL to your R2 endpoint "
