@@ -621,3 +621,31 @@ def test_an_endpoint_that_is_no_http_url_is_refused_in_one_line(
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)  # the S3-only variable wins, and is named
     with pytest.raises(UsageError, match=r"AWS_ENDPOINT_URL_S3="):
         open_output(s3.url()).check_reachable()
+
+
+def test_what_would_make_the_s3_client_panic_is_refused_or_named(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A credential with a carriage return (copied from a file), a bucket name with a space: the
+    S3 client panicked on them (a traceback); they are refused first, naming the variable (never
+    its value), and any other panic of the client is one line naming the object."""
+    import obstore
+    from obstore.store import S3Store
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "\r")
+    with pytest.raises(UsageError, match="AWS_SECRET_ACCESS_KEY holds a control character") as e:
+        open_output(s3.url()).create()
+    assert SECRET not in str(e.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with pytest.raises(UsageError, match="a bucket name holds no spaces"):
+        open_output(f"s3://{s3.bucket} x/run")
+    try:  # the client's own panic, as it is raised
+        list(obstore.list(S3Store("b", config={"endpoint": "http://"}, client_options={"allow_http": True})))
+    except BaseException as exc:  # (a PanicException derives from BaseException only)
+        panic = exc
+    assert type(panic).__name__ == "PanicException"
+
+    def raise_it() -> None:
+        raise panic
+
+    d = open_output(s3.url())
+    with pytest.raises(OutputError, match=r"/run: the S3 client refused the request it was to make for this list"):
+        d._call("list", "", raise_it)  # type: ignore[attr-defined]

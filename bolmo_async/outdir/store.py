@@ -389,6 +389,11 @@ class StoreDir(OutputDir):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise UsageError(f"--output-dir {location}: name a bucket, e.g. {self.scheme}://BUCKET/PREFIX.")
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F or c in "?#\\" for c in bucket):
+            raise UsageError(
+                f"--output-dir {location!r}: a bucket name holds no spaces or control characters "
+                f"(S3: lower-case letters, digits, '.' and '-'), e.g. {self.scheme}://my-bucket/PREFIX."
+            )
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         for segment in self.prefix.split("/") if self.prefix else ():
@@ -443,6 +448,12 @@ class StoreDir(OutputDir):
             config["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 client["allow_http"] = True
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in os.environ.get(var, "")):  # (its value never said)
+                raise UsageError(
+                    f"{var} holds a control character (a newline or carriage return, most often from a file it was "
+                    "copied from), which no request header can carry: set it again without it."
+                )
         provider, profile_region = None, None
         if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
             provider, profile_region = self._profile_credentials()
@@ -560,6 +571,14 @@ class StoreDir(OutputDir):
                 ):
                     raise transient(f"{self.ref(name) if name else self.location}: {_short(exc)}") from exc
                 raise self.failed(name, exc, what) from exc
+            except BaseException as exc:
+                if type(exc).__name__ != "PanicException":  # (the client's Rust panic: no Exception)
+                    raise
+                raise OutputError(
+                    f"{self.ref(name) if name else self.location}: the S3 client refused the request it was to make "
+                    f"for this {what} ({_short(exc)}): check --output-dir and the AWS_* variables (AWS_ENDPOINT_URL, "
+                    "the credentials) for characters a URL or a header cannot hold."
+                ) from None
 
         def fail(reason: str, n: int) -> BaseException:
             if unreachable is not None:
