@@ -410,13 +410,14 @@ def local_copy_command(url: str) -> str:
     ``DATA_SOURCE`` at the copy: bolmo-core's launchers ``open()`` ``DATA_SOURCE`` as a local file
     (the shard URLs listed in it are read from the store)."""
     scheme, _, rest = url.partition("://")
+    name = rest.rsplit("/", 1)[-1]  # the copy keeps the object's name (outdir spells it)
     if scheme in ("s3", "r2"):  # R2 through the S3 API, at AWS_ENDPOINT_URL (the AWS CLI reads it too)
-        copy = shlex.join(["aws", "s3", "cp", f"s3://{rest}", "data_sources.txt"])
+        copy = shlex.join(["aws", "s3", "cp", f"s3://{rest}", name])
     elif scheme in ("gs", "gcs"):
-        copy = shlex.join(["gcloud", "storage", "cp", f"gs://{rest}", "data_sources.txt"])
+        copy = shlex.join(["gcloud", "storage", "cp", f"gs://{rest}", name])
     else:
-        copy = f"copy {shlex.quote(url)} to ./data_sources.txt"
-    return f'{copy} && export DATA_SOURCE="$PWD/data_sources.txt"'
+        copy = f"copy {shlex.quote(url)} to ./{name}"
+    return f'{copy} && export DATA_SOURCE="$PWD/{name}"'
 
 
 def command(*args: Any) -> str:
