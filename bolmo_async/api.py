@@ -199,7 +199,7 @@ def _model_file_fetcher(endpoint: str) -> Callable[[str, str], bytes | None]:
     return fetch
 
 
-def _same_endpoint(plan: Plan, endpoint: str) -> bool:
+def _same_endpoint(plan: Plan, endpoint: str, out: OutputDir) -> bool:
     """Whether this run may use the folder planned against ``plan.endpoint`` from ``endpoint``, and
     whether that was checked by listing the repo just now. Another endpoint (the mirror restarted
     on another port, the Hub instead of a mirror of it) is accepted when it lists the pinned
@@ -212,13 +212,14 @@ def _same_endpoint(plan: Plan, endpoint: str) -> bool:
     except (HubError, StateError) as exc:
         why = "it lists other files" if isinstance(exc, StateError) else str(exc).rstrip(".")
         raise StateError(
-            f"this folder was planned against {plan.endpoint}, but this run talks to {endpoint} "
+            f"{out} was planned against {plan.endpoint}, but this run talks to {endpoint} "
             f"(--endpoint / HF_ENDPOINT, else the Hub), which does not list the planned files of "
             f"{plan.repo_id}@{plan.commit[:12]} ({why}). Pass --endpoint {plan.endpoint} to "
             "continue, or --force to plan again against this one."
         ) from exc
     log.warning(
-        "this folder was planned against %s; %s lists the same files at the pinned commit %s: reading them from there",
+        "%s was planned against %s; %s lists the same files at the pinned commit %s: reading them from there",
+        out,
         plan.endpoint,
         endpoint,
         plan.commit[:12],
@@ -423,11 +424,11 @@ def _plan(
                 f"({_describe(selection)}). Use another --output-dir, or --force to reset this one."
             )
         if (existing.data_fraction, existing.selection) == (data_fraction, selection):
-            return existing, _same_endpoint(existing, _endpoint(endpoint))
+            return existing, _same_endpoint(existing, _endpoint(endpoint), out)
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
     if existing is not None:
-        _same_endpoint(existing, ep)
+        _same_endpoint(existing, ep, out)
     elif others := out.others():
         log.warning("%s", out.others_warning(others))
     log.info("listing %s@%s at %s ...", repo_id, existing.commit[:12] if existing else revision, ep)
@@ -787,7 +788,7 @@ def _fetch(
 
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
-            if not _same_endpoint(the_plan, ep) and not listing_checked:
+            if not _same_endpoint(the_plan, ep, out) and not listing_checked:
                 run_interruptible(_check_listing(the_plan, ep), "checking the repository's listing")
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
