@@ -199,9 +199,9 @@ def _model_file_fetcher(endpoint: str) -> Callable[[str, str], bytes | None]:
     return fetch
 
 
-def _same_endpoint(plan: Plan, endpoint: str, out: OutputDir) -> bool:
-    """Whether this run may use the folder planned against ``plan.endpoint`` from ``endpoint``, and
-    whether that was checked by listing the repo just now. Another endpoint (the mirror restarted
+def _accept_endpoint(plan: Plan, endpoint: str, out: OutputDir) -> bool:
+    """This run may use the folder planned against ``plan.endpoint`` from ``endpoint`` (else
+    StateError); True when that took a listing of the repo just now. Another endpoint (the mirror restarted
     on another port, the Hub instead of a mirror of it) is accepted when it lists the pinned
     commit with the very files the plan was made from: the same bytes, each checked by its sha256.
     The listing goes to this run's endpoint only (the token never to the one plan.json names)."""
@@ -424,11 +424,11 @@ def _plan(
                 f"({_describe(selection)}). Use another --output-dir, or --force to reset this one."
             )
         if (existing.data_fraction, existing.selection) == (data_fraction, selection):
-            return existing, _same_endpoint(existing, _endpoint(endpoint), out)
+            return existing, _accept_endpoint(existing, _endpoint(endpoint), out)
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
     if existing is not None:
-        _same_endpoint(existing, ep, out)
+        _accept_endpoint(existing, ep, out)
     elif others := out.others():
         log.warning("%s", out.others_warning(others))
     log.info("listing %s@%s at %s ...", repo_id, existing.commit[:12] if existing else revision, ep)
@@ -788,7 +788,7 @@ def _fetch(
 
         if existing is not None and not any(v is not None for v in (plan_options or {}).values()):
             the_plan = existing
-            if not _same_endpoint(the_plan, ep, out) and not listing_checked:
+            if not _accept_endpoint(the_plan, ep, out) and not listing_checked:
                 run_interruptible(_check_listing(the_plan, ep), "checking the repository's listing")
         else:
             the_plan = ensure_plan(out, endpoint=endpoint, force=force, **(plan_options or {}))
