@@ -1352,7 +1352,8 @@ def inspect(
     Returns ``{"manifest", "shards", "documents", "problems", ...}``: every shard checked against
     the manifest (size, whole uint32 tokens, XXH3-128 checksum unless ``verify=False``),
     ``data_sources.txt`` checked to point into the folder, the first ``decode`` documents decoded
-    back to text; ``problems`` is empty when all is well. ``sequence_length=N`` adds
+    back to text; ``problems`` is empty when all is well; ``running`` names the run writing the
+    folder meanwhile (its problems are then that run's work in progress), else None. ``sequence_length=N`` adds
     ``fixed_length``: the instances a fixed-length reader (OLMo-core's) makes at N tokens and the
     tokens it drops (each shard's tail shorter than N)."""
     from .inspector import inspect_dir

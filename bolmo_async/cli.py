@@ -862,6 +862,12 @@ def inspect_cmd(
                 f"{fl['dropped_tokens']} of {fl['tokens']} tokens ({100 * fl['dropped_fraction']:.2f}%), "
                 f"and {fl['shards_dropped_whole']} of the {len(rep['shards'])} shard(s) whole (shorter than one sequence)"
             )
+        if rep["running"] and not rep["problems"]:
+            typer.secho(
+                f"note: {rep['running']} is writing this folder now: what this reports may change once that ends",
+                err=True,
+                fg=typer.colors.YELLOW,
+            )
         for p in rep["problems"]:
             typer.secho(f"problem: {p}", err=True, fg=typer.colors.RED)
     if rep["problems"]:

@@ -62,8 +62,13 @@ def inspect_dir(
                 f"`{command('inspect', out.root.parent)}`."
             )
         raise StateError(f"{out} does not exist or is not a folder: pass the --output-dir of a finished run.")
+    # A run writing the folder meanwhile rewrites shards, the manifest and data_sources.txt under
+    # this check: what it finds is that run's work in progress, not damage to repair.
+    running = out.holder()
     raw = out.read_bytes(MANIFEST)
     if raw is None:
+        if running:
+            raise StateError(f"{out} has no {MANIFEST} yet: {running} is writing it now; inspect it once that ends.")
         if not out.is_output():
             raise StateError(
                 f"{out} is not an output folder of bolmo-async (it has no {PLAN} and no {MANIFEST}): pass the "
@@ -80,6 +85,8 @@ def inspect_dir(
     problems: list[str] = []
     rows = []
     refinalize = f"run `{command('finalize', '--output-dir', out)}` (it rewrites what is wrong from the staging)"
+    if running:
+        refinalize = f"{running} is writing this folder now: inspect it again once that ends"
     for s in shards:
         name = _base(s["path"])  # this folder's shard, wherever the manifest was written
         index = csv_name(name)
@@ -115,13 +122,13 @@ def inspect_dir(
             )
         elif sorted(listed) != sorted(expected):
             problems.append(f"{DATA_SOURCES} and the manifest list different shards: {refinalize}")
-    stale = _earlier_plan(out, manifest)
+    stale = _earlier_plan(out, manifest, refinalize if running else None)
     if stale:
         problems.append(stale)
     docs: list[dict[str, Any]] = []
     if decode > 0:
         docs = _decode(out, manifest, decode)
-    return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs}
+    return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs, "running": running}
 
 
 def _what_finishes(out: OutputDir) -> str:
@@ -149,11 +156,12 @@ def _what_finishes(out: OutputDir) -> str:
     )
 
 
-def _earlier_plan(out: OutputDir, manifest: dict[str, Any]) -> str | None:
+def _earlier_plan(out: OutputDir, manifest: dict[str, Any], advice: str | None = None) -> str | None:
     """A problem when the folder was planned again (another fraction, ``plan`` or ``fetch
     --data-fraction``) after the shards were written: until finalize, they and ``data_sources.txt``
     are the earlier plan's. None when they are this plan's, or when there is no plan to compare
-    (a copy without ``plan.json``, a manifest of an earlier version)."""
+    (a copy without ``plan.json``, a manifest of an earlier version). ``advice`` replaces the
+    way to repair it (while a run writes the folder: to wait for it)."""
     from .planner import load_plan
 
     if "sources" not in manifest:
@@ -168,8 +176,8 @@ def _earlier_plan(out: OutputDir, manifest: dict[str, Any]) -> str | None:
         return None
     return (
         f"the shards and {DATA_SOURCES} are of an earlier plan (--data-fraction {manifest.get('data_fraction')}) "
-        f"than {out.ref(PLAN)} (now {plan.data_fraction}): fetch what it lacks, then run "
-        f"`{command('finalize', '--output-dir', out)}` to write this plan's"
+        f"than {out.ref(PLAN)} (now {plan.data_fraction}): "
+        + (advice or f"fetch what it lacks, then run `{command('finalize', '--output-dir', out)}` to write this plan's")
     )
 
 

@@ -3,11 +3,13 @@ every name fits the filesystem; a failed first command leaves nothing; errors cr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,59 @@ def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(errors.StateError, match="not an output folder of bolmo-async"):
         bolmo_async.inspect(tmp_path)
+
+
+_HOLD = """
+import sys
+from bolmo_async.outdir import open_output
+with open_output(sys.argv[1]).lock(shared=sys.argv[2] == "shared"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _held(out: Path, how: str) -> Iterator[int]:
+    """Another process holds ``out``'s lock as a run does (``alone``) or as a share (``shared``); its pid."""
+    import subprocess
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out), how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_inspect_while_a_run_writes_the_folder_says_so_instead_of_advising_a_repair(mirror, tmp_path):
+    """inspect during a finalize reported the shards it was rewriting as damage ("holds 49947
+    tokens, the manifest says 997749: run `finalize`"), advice a busy folder refuses. It now sees
+    the run's lock (without taking it: a run starting meanwhile must not be refused) and says the
+    run is writing; once the run ends the same damage gets the repair advice."""
+    out = tmp_path / "o"
+    _prepare(out, mirror.endpoint)
+    assert bolmo_async.inspect(out)["running"] is None
+    first = bolmo_async.inspect(out)["shards"][0]["path"]
+    with open(out / first, "r+b") as f:  # what a finalize rewriting it looks like midway
+        f.truncate(8)
+    for how, who in (("alone", "a bolmo-async run"), ("shared", "a job-array share (`fetch --worker`,")):
+        with _held(out, how) as pid:
+            rep = bolmo_async.inspect(out)
+            assert rep["running"].startswith(who) and rep["running"].endswith(f"process {pid})"), rep["running"]
+            assert rep["problems"] and all(
+                "is writing this folder now: inspect it again once that ends" in p and "finalize" not in p
+                for p in rep["problems"]
+            ), rep["problems"]
+            if how == "shared":  # shares run beside each other: an inspect never refuses the next one
+                done = run_cli("fetch", "-o", str(out), "--worker", "0/1", "--endpoint", mirror.endpoint)
+                assert done.returncode == 0, done.stderr
+    rep = bolmo_async.inspect(out)
+    assert rep["running"] is None and "run `bolmo-async finalize" in rep["problems"][0]
+    (out / MANIFEST).unlink()
+    with _held(out, "alone"), pytest.raises(errors.StateError, match=r"has no manifest.json yet: a bolmo-async run"):
+        bolmo_async.inspect(out)
 
 
 # -- errors cross executors as themselves ----------------------------------------------------

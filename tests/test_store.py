@@ -342,6 +342,13 @@ def test_prepare_to_a_bucket_equals_a_local_run_and_inspects(s3: S3, mirror, tmp
     s3.client.put_object(Bucket=s3.bucket, Key=f"run/{shard}", Body=objects[shard][:-4])
     bad = _cli("inspect", s3.url())
     assert bad.returncode != 0 and shard in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    assert "bolmo-async finalize" in bad.stderr
+    # While a run holds the folder (its lease, or a share's), that is its work in progress.
+    for shared, who in ((False, "a bolmo-async run"), (True, "a job-array share (`fetch --worker`)")):
+        with two_runs(s3, 1)[0].lock(shared=shared):
+            busy = _cli("inspect", s3.url())
+        assert busy.returncode != 0 and f"{who} is writing this folder now" in busy.stderr, busy.stderr
+        assert "bolmo-async finalize" not in busy.stderr
 
 
 def test_worker_processes_share_the_coordinators_scratch_which_it_removes(s3: S3, mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

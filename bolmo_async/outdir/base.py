@@ -136,6 +136,13 @@ class OutputDir:
         """One run per folder (``--worker`` shares of one plan share it); StateError when taken."""
         raise NotImplementedError
 
+    def holder(self) -> str | None:
+        """Who is writing the folder now ("a bolmo-async run (process 123)", "a job-array share
+        (`fetch --worker`, process 456)"), for ``inspect``, which reads it meanwhile; None when no run holds it, or when
+        that cannot be told. Only looks: never takes the lock, so no run starting meanwhile is
+        refused because of it."""
+        return None
+
     def claim(self, key: str) -> contextlib.AbstractContextManager[bool]:
         """Hold one unit of staging while it is staged: False when another run holds it now."""
         raise NotImplementedError

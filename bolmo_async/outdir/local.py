@@ -525,6 +525,31 @@ class LocalDir(OutputDir):
         finally:
             os.close(fd)  # drops the lock
 
+    def holder(self) -> str | None:
+        """From the kernel's table of flocks (``/proc/locks``, Linux), matched by the lock file's
+        device and inode: taking the lock to see, even for an instant, could refuse a run that
+        starts in that instant. Runs on other machines over a network filesystem are not seen."""
+        try:
+            st = os.stat(self.root / LOCK, follow_symlinks=False)
+            with open("/proc/locks") as f:
+                table = f.read()
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        kinds: dict[str, list[str]] = {}
+        for line in table.splitlines():
+            cols = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2158672 0 EOF" ("->" waits)
+            if len(cols) >= 6 and cols[1] == "FLOCK" and cols[5] == where:
+                kinds.setdefault(cols[3], []).append(cols[4])
+        if "WRITE" in kinds:
+            return f"a bolmo-async run (process {kinds['WRITE'][0]})"
+        if "READ" in kinds:
+            pids = sorted(set(kinds["READ"]), key=int)
+            return f"a job-array share (`fetch --worker`, process{'es' if len(pids) > 1 else ''} {', '.join(pids)})"
+        return None
+
     def _remove_dead_temporaries(self) -> None:
         """The temporaries of the folder's own files (shards, their csv.gz, metadata) that a killed
         run left: a file whose shards were being written while it was staged leaves up to all of

@@ -768,6 +768,14 @@ class StoreDir(OutputDir):
                 _held_locks.discard((self.location, self._holder))
             self._release(mine)
 
+    def holder(self) -> str | None:
+        """A lease renewed within ``LEASE`` seconds: the folder lock's, or a ``--worker`` share's."""
+        if self._fresh(LOCK) is not None:
+            return "a bolmo-async run"
+        if any(self._fresh(n) is not None for n, _ in self._names(SHARES)):
+            return "a job-array share (`fetch --worker`)"
+        return None
+
     def _claim_name(self, key: str) -> str:
         return f"{STAGING}/.{key}.claim"
 
