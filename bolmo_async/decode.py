@@ -615,9 +615,23 @@ def _lines_decoder(text_field: str, id_field: str) -> Callable[[bytes], list[Any
     return None if dec is None else dec.decode_lines
 
 
-def _texts(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+def _texts(col: pa.ChunkedArray | pa.Array, max_bytes: int = 0) -> list[Any]:
     """A text column's values as Python objects: str, or ``_INVALID`` for bytes that are not
-    UTF-8, or the value itself for other types (counted by ``check_doc``)."""
+    UTF-8, ``_TOO_LARGE`` for a string or binary value over ``max_bytes`` (0: no cap), or the
+    value itself for other types (counted by ``check_doc``). A value over the cap is told by its
+    length in the Arrow buffers and never becomes a Python object: a 300 MB parquet text became a
+    str and then its UTF-8 again (1.6 GB of peak RSS for one 300 MB value)."""
+    if max_bytes and _is_text(col.type):
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        values: list[Any] = []
+        for chunk in chunks:
+            start = 0
+            for i in np.flatnonzero(_byte_lengths(chunk) > max_bytes).tolist():
+                values += _texts(chunk.slice(start, i - start))
+                values.append(_TOO_LARGE)
+                start = i + 1
+            values += _texts(chunk.slice(start))
+        return values
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         try:
             col.validate(full=True)
@@ -638,11 +652,29 @@ def _texts(col: pa.ChunkedArray | pa.Array) -> list[Any]:
     return col.to_pylist()
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _byte_lengths(arr: pa.Array) -> np.ndarray:
+    """The byte length of every value of a string or binary array, from its offsets (0 for a null)."""
+    validity, offsets = arr.buffers()[:2]
+    wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    assert offsets is not None
+    at = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    lengths = np.diff(at)
+    if validity is not None and arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        lengths[bits[arr.offset : arr.offset + len(arr)] == 0] = 0
+    return lengths
+
+
 class _Invalid:
-    """Marks a parquet text that is not valid UTF-8."""
+    """Marks a parquet text that is not valid UTF-8 (``_INVALID``), or one over the cap (``_TOO_LARGE``)."""
 
 
 _INVALID = _Invalid()
+_TOO_LARGE = _Invalid()
 
 
 def parquet_batch(
@@ -658,13 +690,16 @@ def parquet_batch(
     if text_field not in table.column_names:
         skips.add("missing_text", f"{path}: no {text_field!r} column", n=table.num_rows)
         return _empty_batch()
-    texts = _texts(table.column(text_field))
+    texts = _texts(table.column(text_field), max_document_bytes or DEFAULT_MAX_DOCUMENT_BYTES)
     ids = _texts(table.column(id_field)) if id_field in table.column_names else [None] * len(texts)
     out_ids, out_locs, out_texts = [], [], []
     for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
         loc = first_row + i + 1
         if text is _INVALID:
             skips.add("invalid_utf8", f"{path}:row {loc}")
+            continue
+        if text is _TOO_LARGE:
+            skips.add("document_too_large", f"{path}:row {loc}")
             continue
         rec = {id_field: None if doc_id is _INVALID else doc_id}
         if text is not None:
