@@ -257,7 +257,17 @@ class HubClient:
             for item in data:
                 if not isinstance(item, dict) or item.get("type") != "file":
                     continue
-                f = _listed_file(item, self.endpoint)
+                raw_path = item.get("path")
+                if isinstance(raw_path, str) and not data_suffix(raw_path):
+                    # A file we never read (README, images, ...): an odd entry of it (a backslash in
+                    # its name, which git allows) is no reason to refuse the repo's data.
+                    try:
+                        f = _listed_file(item, self.endpoint)
+                    except HubError as exc:
+                        log.debug("ignoring a listing entry that is not data: %s", exc)
+                        continue
+                else:
+                    f = _listed_file(item, self.endpoint)
                 prev = found.get(f.path)
                 if prev is not None and prev != f:
                     raise HubError(

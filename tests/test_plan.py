@@ -113,6 +113,35 @@ async def test_hostile_listing_from_server_is_refused(aiohttp_server):
         await _list_from(aiohttp_server, tree)
 
 
+async def test_an_odd_entry_of_a_file_that_is_not_data_is_ignored_not_fatal(aiohttp_server):
+    """A backslash in a file's name is legal in git: one in a file the tool never reads (a note,
+    an image) refused the whole listing, with advice to check --endpoint. Only data files are
+    held to the safe-path rule now, and the data of the repo is listed."""
+    ok = {"type": "file", "path": "data/a/x.jsonl", "size": 5, "oid": "0" * 40}
+    odd = [
+        {"type": "file", "path": "notes\\windows.md", "size": 5, "oid": "1" * 40},
+        {"type": "file", "path": "c:readme.txt", "size": 5, "oid": "2" * 40},
+        {"type": "file", "path": "img/../a.png", "size": 5},
+    ]
+
+    async def tree(request):
+        return web.json_response([*odd, ok])
+
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)
+    server = await aiohttp_server(app)
+    retry = RetryPolicy(max_attempts=1)
+    async with make_session(2, retry) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")), repo_id="a/b", retry=retry)
+        assert [f.path for f in await client.list_files("0" * 40)] == ["data/a/x.jsonl"]
+
+    async def bad_data(request):  # a data file's path is still held to the rule
+        return web.json_response([ok, {**ok, "path": "data\\b.jsonl"}])
+
+    with pytest.raises(UnsafePathError, match="backslash"):
+        await _list_from(aiohttp_server, bad_data)
+
+
 async def test_listing_next_page_to_another_host_is_refused(aiohttp_server):
     async def tree(request):
         return web.json_response([], headers={"Link": '<http://example.invalid/x>; rel="next"'})
