@@ -560,7 +560,13 @@ def _check_state(out: OutputDir, info: TokenizerInfo, force: bool, share: bool =
                 "Use another --output-dir" + ("." if share else ", or --force to reset this one.")
             )
     text = json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n"
-    if raw is None or raw.decode("utf-8", "replace") != text:
+    if raw is None:
+        # A conditional create: two --worker shares of a fresh plan both found none, both wrote
+        # their own and went on staging with another tokenizer each. The one that lost the race
+        # checks against what the winner wrote, as a share started after it would.
+        if not out.create_bytes(RUN_STATE, text.encode("utf-8")):
+            _check_state(out, info, force, share)
+    elif raw.decode("utf-8", "replace") != text:
         out.write_text(RUN_STATE, text)
 
 

@@ -509,3 +509,48 @@ def test_a_ray_task_encodes_on_its_one_cpu_unless_the_user_says_otherwise(users,
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.stdout.strip() == expected, r.stderr
+
+
+def test_shares_starting_together_with_other_tokenizers_never_both_go_on(tmp_path, monkeypatch):
+    """Two shares of a fresh plan, one with another tokenizer (here another --eos-token-id), each
+    read run.json before either had written it: both found none, both wrote their own and went on
+    staging with it (the last write won run.json; the other share's files then counted as not
+    staged, and that share was refused on its rerun). The first write is a conditional create, so
+    exactly one goes on and the other is refused as a share started after it is."""
+    import threading
+
+    from bolmo_async import api
+    from bolmo_async.models import TokenizerInfo
+    from bolmo_async.outdir import RUN_STATE, LocalDir
+
+    out = LocalDir(tmp_path / "o")
+    out.create()
+    both_read = threading.Barrier(2, timeout=10)
+    first = threading.local()
+    real = LocalDir.read_bytes
+
+    def read_bytes(self, name):  # the interleaving of two processes, made certain: both read, then write
+        got = real(self, name)
+        if name == RUN_STATE and not getattr(first, "done", False):
+            first.done = True
+            both_read.wait()
+        return got
+
+    monkeypatch.setattr(LocalDir, "read_bytes", read_bytes)
+    infos = [TokenizerInfo("subword", "t", eos, 100278, "f") for eos in (100257, 5)]
+    refused: list[StateError] = []
+
+    def share(info: TokenizerInfo) -> None:
+        try:
+            api._check_state(out, info, False, share=True)
+        except StateError as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=share, args=(info,)) for info in infos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(refused) == 1 and "was fetched with tokenizer" in str(refused[0]), refused
+    kept = json.loads(real(out, RUN_STATE))["tokenizer"]
+    assert kept in [i.to_json() for i in infos] and f"eos {kept['eos_token_id']}," in str(refused[0])
