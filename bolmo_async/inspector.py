@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -127,7 +128,8 @@ def inspect_dir(
         problems.append(stale)
     docs: list[dict[str, Any]] = []
     if decode > 0:
-        docs = _decode(out, manifest, decode)
+        failed = {r["path"] for r in rows if not r["ok"]}  # (said above: their bytes are not the manifest's)
+        docs = _decode(out, manifest, decode, failed, problems, refinalize)
     return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs, "running": running}
 
 
@@ -181,7 +183,12 @@ def _earlier_plan(out: OutputDir, manifest: dict[str, Any], advice: str | None =
     )
 
 
-def _decode(out: OutputDir, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
+def _decode(
+    out: OutputDir, manifest: dict[str, Any], n: int, failed: set[str], problems: list[str], refinalize: str
+) -> list[dict[str, Any]]:
+    """The first ``n`` documents decoded back to text, from the shards that passed their checks
+    (``failed`` are skipped: a truncated one read short and ended inspect with "unexpected
+    ValueError" in place of its report); an index that cannot be read is one more problem."""
     tok = manifest["tokenizer"]
     decode_ids: Any
     if tok["kind"] == "byte":
@@ -199,10 +206,17 @@ def _decode(out: OutputDir, manifest: dict[str, Any], n: int) -> list[dict[str, 
     for s in manifest["shards"]:
         name = _base(s["path"])
         index = out.read_bytes(csv_name(name))
-        if index is None:
+        if index is None or name in failed:
+            continue
+        try:
+            rows = parse_index(index)
+            if any(not 0 <= start <= end <= s["tokens"] for start, end, *_ in rows):
+                raise ValueError(f"a row lies outside the shard's {s['tokens']} tokens")
+        except (OSError, EOFError, ValueError, IndexError, csv.Error, zlib.error) as exc:
+            problems.append(f"{out.ref(csv_name(name))} cannot be read ({exc}): {refinalize}")
             continue
         with out.open_input(name) as src:
-            for start, end, doc_id, src_path, loc in parse_index(index):
+            for start, end, doc_id, src_path, loc in rows:
                 ids = np.frombuffer(src.read_at(4 * (end - start), 4 * start), dtype="<u4")
                 if len(ids) and ids[-1] == eos:
                     ids = ids[:-1]

@@ -156,6 +156,27 @@ def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
         bolmo_async.inspect(tmp_path)
 
 
+def test_inspect_decode_of_a_damaged_output_reports_it_instead_of_failing(mirror, tmp_path):
+    """inspect --decode read a truncated shard short ("unexpected ValueError: buffer size must be
+    a multiple of element size", its report lost) and a cut .csv.gz crashed it as well: the tool
+    meant to find damage failed on it. Shards that fail their check are not decoded, an index that
+    does not read is one more problem, and the documents come from the sound shards."""
+    out = tmp_path / "o"
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.2, max_tokens_per_file=50_000, progress=False)
+    names = [r["path"] for r in bolmo_async.inspect(out)["shards"]]
+    assert len(names) >= 3
+    with open(out / names[0], "r+b") as f:
+        f.truncate(6)
+    index = out / names[1].replace(".npy", ".csv.gz")
+    index.write_bytes(index.read_bytes()[:-20])
+    rep = bolmo_async.inspect(out, decode=3)
+    assert len(rep["problems"]) == 2, rep["problems"]
+    assert "6 bytes, not a whole number" in rep["problems"][0] and "cannot be read" in rep["problems"][1]
+    assert len(rep["documents"]) == 3 and all(d["text"] for d in rep["documents"])
+    done = run_cli("inspect", str(out), "--decode", "3")
+    assert done.returncode == 1 and "unexpected" not in done.stderr and done.stderr.count("problem:") == 2, done.stderr
+
+
 _HOLD = """
 import sys
 from bolmo_async.outdir import open_output
