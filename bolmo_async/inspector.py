@@ -78,6 +78,7 @@ def inspect_dir(
         raise StateError(f"{out} has no {MANIFEST}: no finalize has finished here yet; {_what_finishes(out)}.")
     try:
         manifest = json.loads(raw)
+        _check_manifest(manifest)
         shards = manifest["shards"]
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(
@@ -156,6 +157,35 @@ def _what_finishes(out: OutputDir) -> str:
         f"{staged} of {len(plan.files)} planned file(s) are staged: run `{fetch_command(out, plan.endpoint, fetched_with)}` "
         "(or the missing --worker shares), then finalize"
     )
+
+
+def _check_manifest(m: Any) -> None:
+    """ValueError naming what is wrong with a manifest whose JSON parsed (damaged, hand-edited, of
+    another program) before any of it is used: a shard entry without a path, or a manifest without
+    the facts the report's first line gives, ended inspect in a KeyError (a traceback)."""
+    if not isinstance(m, dict):
+        raise ValueError("not a JSON object")
+    for key, kind in (("repo_id", str), ("revision", str), ("seed", int), ("complete", bool), ("shards", list)):
+        if not isinstance(m.get(key), kind):
+            raise ValueError(f"no valid {key!r}")
+    if not isinstance(m.get("data_fraction"), int | float):
+        raise ValueError("no valid 'data_fraction'")
+    tok = m.get("tokenizer")
+    if not (
+        isinstance(tok, dict)
+        and isinstance(tok.get("kind"), str)
+        and isinstance(tok.get("identifier"), str)
+        and type(tok.get("eos_token_id")) is int
+    ):
+        raise ValueError("no valid 'tokenizer'")
+    for i, s in enumerate(m["shards"]):
+        if not (
+            isinstance(s, dict)
+            and isinstance(s.get("path"), str)
+            and type(s.get("tokens")) is int
+            and type(s.get("documents")) is int
+        ):
+            raise ValueError(f"shard entry {i} has no valid 'path', 'tokens' and 'documents'")
 
 
 def _earlier_plan(out: OutputDir, manifest: dict[str, Any], advice: str | None = None) -> str | None:

@@ -177,6 +177,32 @@ def test_inspect_decode_of_a_damaged_output_reports_it_instead_of_failing(mirror
     assert done.returncode == 1 and "unexpected" not in done.stderr and done.stderr.count("problem:") == 2, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda m: {**m, "shards": [{}]}, "shard entry 0 has no valid"),
+        (lambda m: {k: v for k, v in m.items() if k != "repo_id"}, "no valid 'repo_id'"),
+        (lambda m: {**m, "shards": "abc"}, "no valid 'shards'"),
+        (lambda m: {**m, "tokenizer": {"kind": "byte"}}, "no valid 'tokenizer'"),
+        (lambda m: [m], "not a JSON object"),
+    ],
+)
+def test_inspect_of_a_damaged_manifest_is_one_line_not_a_traceback(mirror, tmp_path, edit, says):
+    """A manifest that parses but is not one (hand-edited, damaged, another program's): a shard
+    entry without its path ended inspect in "unexpected KeyError", one without repo_id in a full
+    Python traceback from the report's first line."""
+    import json
+
+    out = tmp_path / "o"
+    manifest = _prepare(out, mirror.endpoint)
+    (out / MANIFEST).write_text(json.dumps(edit(manifest)))
+    with pytest.raises(errors.StateError, match=r"manifest\.json is unreadable"):
+        bolmo_async.inspect(out)
+    done = run_cli("inspect", str(out))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and says in lines[0] and "finalize" in lines[0], done.stderr
+
+
 _HOLD = """
 import sys
 from bolmo_async.outdir import open_output
