@@ -7,7 +7,7 @@ BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: install compile test test-fast demo lint bench engines clean
+.PHONY: install compile test test-fast demo lint bench engines trainer-check clean
 
 $(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,19 @@ $(DOLMA_VENV)/.installed-stamp:
 bench: $(DEV_STAMP) $(DOLMA_VENV)/.installed-stamp compile
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# Our output read by the real trainer code: OLMo-core's numpy datasets (fixed-length, padded,
+# packed) over local shards and s3:// URLs on a moto server (bench/trainer_check.py). OLMo-core
+# and torch live in their own venv, .venv-olmo (about 1.2 GB, 3-4 minutes to install with a CPU
+# torch wheel at hand); not part of `make test` nor CI.
+OLMO_VENV ?= .venv-olmo
+$(OLMO_VENV)/.installed-stamp:
+	$(PYTHON) -m venv $(OLMO_VENV)
+	$(OLMO_VENV)/bin/python -m pip install --quiet 'ai2-olmo-core==3.0.0' torch
+	touch $@
+
+trainer-check: $(DEV_STAMP) $(OLMO_VENV)/.installed-stamp compile
+	$(PY) bench/trainer_check.py $(TRAINER_CHECK_ARGS)
+
 # Judge a subword engine (e.g. after a fastokens upgrade) against the tokenizers reference.
 ENGINE ?= fastokens
 TOKENIZER_JSON ?= ../shared/tokenizers/dolma2-tokenizer.json
@@ -62,5 +75,5 @@ engines: $(DEV_STAMP)
 	$(PY) -m bolmo_async.exactness --tokenizer $(TOKENIZER_JSON) --engine $(ENGINE)
 
 clean:
-	rm -rf $(VENV) $(DOLMA_VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DOLMA_VENV) $(OLMO_VENV) demo-out bench/data bench/out .pytest_cache .mypy_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
