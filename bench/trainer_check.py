@@ -7,17 +7,18 @@ checks that with OLMo-core itself (installed by `make trainer-check` in its own 
 
 1. a sample mix (`mirror sample`) served by the project's own mirror; a moto S3 server on loopback;
 2. `prepare` in byte mode and in subword mode (dolma2 when its tokenizer JSON is there, else the
-   mirror's demo tokenizer), each into a local folder and into a bucket, with a small
-   `--max-tokens-per-file` so there are many shards and a document longer than the bound is cut
-   into pieces;
+   mirror's demo tokenizer), each into a local folder and into a bucket (byte mode also as
+   `r2://`), with a small `--max-tokens-per-file` so there are many shards and a document longer
+   than the bound is cut into pieces;
 3. in `.venv-olmo`, this file again (`--olmo-side SPEC`): OLMo-core's dataset configs built from
    the lines of `data_sources.txt` as a training config builds them (`NumpyFSLDatasetConfig`,
    `NumpyPaddedFSLDatasetConfig`, `NumpyPackedFSLDatasetConfig`; `s3://` URLs with the endpoint in
-   `AWS_ENDPOINT_URL`), every instance compared with our shards' tokens and our documents.
+   `AWS_ENDPOINT_URL`, `r2://` ones with `R2_PROFILE` and `R2_ENDPOINT_URL`), every instance
+   compared with our shards' tokens and our documents.
 
 Prints one PASS/FAIL line per check and exits 1 on any FAIL. A 4 MB sample: about a minute to
-make the four outputs, three to four for OLMo-core to read them all (every instance over S3 is
-its own ranged GET) on two shared cores.
+make the five outputs, four to five for OLMo-core to read them all (every instance in a bucket is
+its own ranged GET) on two busy cores.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OLMO_PY = ROOT / ".venv-olmo" / "bin" / "python"
 DOLMA2 = Path(os.environ.get("BOLMO_DOLMA2_JSON", str(ROOT.parent / "shared" / "tokenizers" / "dolma2-tokenizer.json")))
+R2_PROFILE = "trainer-check-r2"
 S3_KEY, S3_SECRET, S3_REGION, BUCKET = (
     "TRAINERCHECKKEY00001",
     "trainer-check-secret-not-a-credential",
@@ -125,8 +127,8 @@ def prepare(out: str, mode: str, endpoint: str, tokenizer: str | None, env: dict
 
 def read_object(location: str, name: str, endpoint: str) -> bytes:
     """A file of an output, read without OLMo-core: a plain read, or boto3 straight from moto."""
-    if location.startswith("s3://"):
-        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    if location.startswith(("s3://", "r2://")):
+        bucket, _, prefix = location[5:].partition("/")
         body = s3_client(endpoint).get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
         return bytes(body)
     return (Path(location) / name).read_bytes()
@@ -209,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
         outputs = []
         for mode in ("byte", "subword"):
             tok = tokenizer if mode == "subword" else None
-            for where in ("local", "s3"):
-                loc = str(work / f"out-{mode}") if where == "local" else f"s3://{BUCKET}/out-{mode}"
+            # r2:// (Cloudflare R2's scheme, as OLMo-core names it): our tool reaches it through
+            # AWS_ENDPOINT_URL, OLMo-core through R2_PROFILE and R2_ENDPOINT_URL; byte mode only.
+            for where in ("local", "s3", "r2") if mode == "byte" else ("local", "s3"):
+                loc = str(work / f"out-{mode}") if where == "local" else f"{where}://{BUCKET}/out-{mode}-{where}"
                 prepare(loc, mode, endpoint, tok, env)
                 outputs.append({"name": f"{mode}/{where}", **truth(loc, s3, work / "truth" / f"{mode}-{where}")})
         print(
@@ -220,22 +224,36 @@ def run(args: argparse.Namespace) -> int:
         )
         spec = work / "spec.json"
         spec.write_text(json.dumps({"outputs": outputs, "work": str(work / "olmo")}))
-        child_env = {**s3_env(s3), "CACHED_PATH_CACHE_ROOT": str(work / "cached-path"), "OLMO_DATA_PREP_WORKERS": "2"}
+        (work / "aws-credentials").write_text(
+            f"[{R2_PROFILE}]\naws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n"
+        )
+        (work / "aws-config").write_text(f"[profile {R2_PROFILE}]\nregion = auto\n")
+        child_env = {
+            **s3_env(s3),
+            "R2_PROFILE": R2_PROFILE,
+            "R2_ENDPOINT_URL": s3,
+            "AWS_SHARED_CREDENTIALS_FILE": str(work / "aws-credentials"),
+            "AWS_CONFIG_FILE": str(work / "aws-config"),
+            "CACHED_PATH_CACHE_ROOT": str(work / "cached-path"),
+            "OLMO_DATA_PREP_WORKERS": "2",
+        }
         r = subprocess.run([str(OLMO_PY), __file__, "--olmo-side", str(spec)], env=child_env, check=False)
         results = json.loads((work / "olmo" / "results.json").read_text()) if r.returncode == 0 else []
         if r.returncode != 0:
             print(f"FAIL  the OLMo-core side crashed (exit {r.returncode}); see its traceback above")
             return 1
         # The bucket's output is the local one's, byte for byte (determinism across backends).
-        for mode in ("byte", "subword"):
-            a, b = (o for o in outputs if o["mode"] == mode)
+        for b in outputs:
+            a = next(o for o in outputs if o["mode"] == b["mode"])  # the local folder's
+            if a is b:
+                continue
             same = [
                 Path(x["bin"]).read_bytes() == Path(y["bin"]).read_bytes()
                 for x, y in zip(a["shards"], b["shards"], strict=False)
             ]
             results.append(
                 {
-                    "check": f"{mode}: the bucket's shards equal the local folder's",
+                    "check": f"{b['name']}: the bucket's shards equal the local folder's",
                     "ok": len(a["shards"]) == len(b["shards"]) and all(same),
                     "detail": f"{len(a['shards'])} vs {len(b['shards'])} shards",
                 }
@@ -379,7 +397,7 @@ def olmo_side(spec_path: str) -> None:
         )
 
         # 2. Padded: one instance per document (sequence length = our bound: no document is cut).
-        remote = out["paths"][0].startswith("s3://")
+        remote = "://" in out["paths"][0]
         boundary_sources = (
             [("csv.gz (remote: the only way)", None)] if remote else [("EOS (the default)", None), ("csv.gz", "0")]
         )
