@@ -7,7 +7,7 @@
   shards has an EOS after each of its pieces, so each shard stands alone for EOS-based readers.
 - Beside each shard, ``bolmo_data_XXXXX.csv.gz``: no header, ``start,end,id,src,loc``, ``end``
   exclusive (dolma's ``tokens`` layout); a cut document gets a row per piece, each ending at
-  its EOS.
+  its EOS. One row per line, whatever the ids: OLMo-core reads the file line by line.
 - ``manifest.json``, then ``data_sources.txt`` (absolute shard paths) written last, and only for
   a complete output (or with ``allow_incomplete``); an existing one is replaced only once its
   replacement is ready.
@@ -272,15 +272,28 @@ class ShardWriter:
 _NEEDS_QUOTES = (",", '"', "\r", "\n")
 
 
+#: CR and LF inside a field are written as the two characters ``\r`` / ``\n``. OLMo-core does not
+#: read the file as CSV: it splits each text line at commas and takes the first two fields
+#: (``olmo_core.data.utils.iter_document_indices``, the only source of document boundaries for a
+#: remote shard). A line break inside a quoted field ends its row there: the next line's fields
+#: are read as ``start,end`` (a crash on ``int()``, or, for an id like ``"x\n5,7,..."``, a made-up
+#: document ``[5, 7)``, silently).
+_LINE_BREAKS = str.maketrans({"\r": "\\r", "\n": "\\n"})
+
+
 def _csv_field(value: str) -> str:
-    """A string as a CSV field: quoted (``"`` doubled) only when it holds ``,`` ``"`` CR or LF."""
-    if any(c in value for c in _NEEDS_QUOTES):
+    r"""A string as a CSV field on one line: CR and LF written as ``\r`` / ``\n``, then quoted
+    (``"`` doubled) only when it holds ``,`` or ``"``."""
+    if "\r" in value or "\n" in value:
+        value = value.translate(_LINE_BREAKS)
+    if "," in value or '"' in value:
         return '"' + value.replace('"', '""') + '"'
     return value
 
 
 def csv_rows(starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs: pa.Array) -> bytes:
-    """``start,end,id,src,loc\n`` per row, the way ``csv.writer`` writes them. Formatted in
+    r"""``start,end,id,src,loc\n`` per row, the way ``csv.writer`` writes them once CR and LF in
+    the ids and ``src`` are written as ``\r`` / ``\n`` (see ``_LINE_BREAKS``). Formatted in
     Python: half the CPU of Arrow's casts and joins on a batch's few hundred rows (their calls
     cost more than the rows), and no pyarrow.compute import in the workers."""
     if not len(ids):
@@ -288,7 +301,7 @@ def csv_rows(starts: np.ndarray, ends: np.ndarray, ids: pa.Array, src: str, locs
     names = ids.to_pylist()
     joined = "".join(names)
     if any(c in joined for c in _NEEDS_QUOTES):
-        names = [_csv_field(n) for n in names]  # some id needs quotes (rare): each is looked at
+        names = [_csv_field(n) for n in names]  # some id needs quotes or escapes (rare): each is looked at
     mid = f",{_csv_field(src)},"
     rows = zip(starts.tolist(), ends.tolist(), names, locs.to_pylist(), strict=True)
     return "".join([f"{s},{e},{n}{mid}{loc}\n" for s, e, n, loc in rows]).encode("utf-8")

@@ -367,8 +367,8 @@ def test_byte_mode_stages_utf8_bytes_and_older_staging_is_refetched(tmp_path, mi
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(st.sampled_from('ab,"\r\n é東'), max_size=6), min_size=1, max_size=8), st.text(max_size=5))
 def test_csv_rows_are_what_csv_writer_writes(ids, src):
-    """Byte for byte what ``csv.writer`` writes with minimal quoting (CR and LF quoted too),
-    each row ended by LF, whatever the ids."""
+    """Byte for byte what ``csv.writer`` writes with minimal quoting once CR and LF are written
+    as ``\\r`` / ``\\n``, each row ended by LF and on one line, whatever the ids."""
     import csv
     import io
 
@@ -380,14 +380,17 @@ def test_csv_rows_are_what_csv_writer_writes(ids, src):
     want = ""
     for s, i, n in zip(starts.tolist(), ids, range(1, len(ids) + 1), strict=True):
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\r\n").writerow([s, s + 7, i, src, n])
+        one_line = [x.replace("\r", "\\r").replace("\n", "\\n") for x in (i, src)]
+        csv.writer(buf, lineterminator="\r\n").writerow([s, s + 7, *one_line, n])
         want += buf.getvalue()[:-2] + "\n"
     got = csv_rows(starts, starts + 7, pa.array(ids, pa.string()), src, pa.array(range(1, len(ids) + 1), pa.int64()))
     assert got == want.encode("utf-8")
+    assert got.count(b"\n") == len(ids) and b"\r" not in got
 
 
 def test_csv_rows_quote_hostile_ids_and_read_back():
-    """Document ids are data: commas, quotes, CR and LF must survive a csv reader."""
+    """Document ids are data: commas and quotes survive a csv reader; CR and LF come back as
+    ``\\r`` / ``\\n`` (a row is one line: OLMo-core reads it so, below)."""
     import csv
     import io
 
@@ -399,12 +402,69 @@ def test_csv_rows_quote_hostile_ids_and_read_back():
     starts = np.arange(len(ids)) * 10
     data = csv_rows(starts, starts + 10, pa.array(ids), "hf://datasets/r@c/d,x/f.jsonl", pa.array(range(1, 9)))
     rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    one_line = [i.replace("\n", "\\n").replace("\r", "\\r") for i in ids]
+    assert one_line[3:5] == ["two\\nlines", "cr\\rhere"]
     assert rows == [
         [str(s), str(s + 10), i, "hf://datasets/r@c/d,x/f.jsonl", str(n)]
-        for s, i, n in zip(starts.tolist(), ids, range(1, 9), strict=True)
+        for s, i, n in zip(starts.tolist(), one_line, range(1, 9), strict=True)
     ]
     assert data.startswith(b'0,10,plain,"hf://') and b'\n10,20,"a,b",' in data
     assert csv_rows(np.array([], np.int64), np.array([], np.int64), pa.array([], pa.string()), "s", pa.array([])) == b""
+
+
+def olmo_core_document_indices(csv_gz: Path) -> list[tuple[int, int]]:
+    """OLMo-core 3.0.0's reading of a ``.csv.gz`` (``olmo_core.data.utils.iter_document_indices``,
+    its only source of document boundaries for a remote shard): text lines, universal newlines,
+    the first two comma-separated fields of each; not a CSV reader."""
+    out = []
+    with gzip.open(csv_gz, "rt") as f:
+        for line in f:
+            start, end, *_ = line.split(",")
+            out.append((int(start), int(end)))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(st.sampled_from('ab,"\r\n 5é'), max_size=8), min_size=1, max_size=8), st.text(max_size=5))
+def test_csv_rows_read_line_by_line_as_olmo_core_does(tmp_path_factory, ids, src):
+    """Whatever the ids and source path hold (a line break then ``5,7,`` would be read as a
+    document [5, 7); a quote, a comma), OLMo-core's line-by-line reading finds our rows' start
+    and end, no more, no fewer."""
+    import pyarrow as pa
+
+    from bolmo_async.finalizer import csv_rows
+
+    starts = np.arange(len(ids), dtype=np.int64) * 7
+    path = tmp_path_factory.mktemp("csv") / "bolmo_data_00000.csv.gz"
+    path.write_bytes(
+        gzip.compress(csv_rows(starts, starts + 7, pa.array(ids, pa.string()), src, pa.array(range(len(ids)))))
+    )
+    assert olmo_core_document_indices(path) == [(s, s + 7) for s in starts.tolist()]
+
+
+def test_hostile_ids_give_one_csv_row_per_document(tmp_path):
+    """End to end: ids with LF and CR (one made to look like ``start,end`` after its line break)
+    through the mirror and ``prepare``: the shard's .csv.gz gives OLMo-core's reading exactly
+    our documents, and ``inspect`` reads the escaped ids back."""
+    from bolmo_async import api
+    from bolmo_async.mirror import MirrorRepo, MirrorThread
+    from bolmo_async.models import DEFAULT_REPO_ID
+
+    ids = ["plain-0", "two\nlines", "cr\rhere", "x\n5,7,z", 'q"u,ote']
+    mix = tmp_path / "mix"
+    (mix / "data" / "web").mkdir(parents=True)
+    (mix / "data" / "web" / "web-0000.jsonl").write_text(
+        "".join(json.dumps({"id": i, "text": f"document {k} " * 20}) + "\n" for k, i in enumerate(ids))
+    )
+    out = tmp_path / "out"
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, mix)]) as m:
+        _prepare(out, m, data_fraction=1.0)
+    tokens = np.fromfile(out / "bolmo_data_00000.npy", dtype="<u4")
+    eos = np.flatnonzero(tokens == 1) + 1
+    assert olmo_core_document_indices(out / "bolmo_data_00000.csv.gz") == list(zip([0, *eos[:-1]], eos, strict=True))
+    rows = api.inspect(out, decode=len(ids))
+    assert not rows["problems"]
+    assert [d["id"] for d in rows["documents"]] == [i.replace("\n", "\\n").replace("\r", "\\r") for i in ids]
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", pytest.param("subword", marks=needs_dolma2)])
