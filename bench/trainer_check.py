@@ -24,7 +24,6 @@ its own ranged GET) on two busy cores.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ S3_KEY, S3_SECRET, S3_REGION, BUCKET = (
 # Shard bounds: small enough for many shards and for the sample's longest document (18 KB of code)
 # to be cut into pieces in both modes.
 BOUND = {"byte": 16384, "subword": 2048}
+HOSTILE_IDS = ["plain-0", "two\nlines", "cr\rhere", "x\n5,7,z", 'q"u,ote', "sep\u2028line", "plain-6"]
 # The fixed-length dataset's sequence length (several instances per shard, tails dropped).
 SEQ = {"byte": 2048, "subword": 512}
 
@@ -61,8 +61,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mirror(mix: Path, tok_dir: Path | None, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    ready = work / "endpoint"
+def start_mirror(mix: Path, tok_dir: Path | None, ready: Path) -> tuple[subprocess.Popen[bytes], str]:
     cmd = [sys.executable, "-m", "bolmo_async", "mirror", "serve", str(mix), "--ready-file", str(ready)]
     if tok_dir is not None:
         cmd += ["--model-repo", f"allenai/dolma2-tokenizer={tok_dir}"]
@@ -115,9 +114,19 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return env
 
 
-def prepare(out: str, mode: str, endpoint: str, tokenizer: str | None, env: dict[str, str]) -> None:
+def prepare(
+    out: str, mode: str, endpoint: str, tokenizer: str | None, env: dict[str, str], fraction: float = 0.3
+) -> None:
     cmd = [sys.executable, "-m", "bolmo_async", "prepare", "--output-dir", out, "--endpoint", endpoint]
-    cmd += ["--data-fraction", "0.3", "--tokenizer", mode, "--max-tokens-per-file", str(BOUND[mode]), "--no-progress"]
+    cmd += [
+        "--data-fraction",
+        str(fraction),
+        "--tokenizer",
+        mode,
+        "--max-tokens-per-file",
+        str(BOUND[mode]),
+        "--no-progress",
+    ]
     if tokenizer:
         cmd += ["--tokenizer-identifier", tokenizer]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -140,6 +149,7 @@ def truth(location: str, endpoint: str, into: Path) -> dict[str, Any]:
     import numpy as np
 
     from bolmo_async import api
+    from bolmo_async.inspector import parse_index
 
     into.mkdir(parents=True)
     manifest = json.loads(read_object(location, "manifest.json", endpoint))
@@ -148,9 +158,9 @@ def truth(location: str, endpoint: str, into: Path) -> dict[str, Any]:
     for i, line in enumerate(sources):
         name = line.rsplit("/", 1)[-1]
         data = read_object(location, name, endpoint)
-        rows = gzip.decompress(read_object(location, name.replace(".npy", ".csv.gz"), endpoint)).decode().splitlines()
-        starts_ends = np.array([[int(x) for x in r.split(",")[:2]] for r in rows], dtype=np.int64)
-        ids = [r.split(",")[2] for r in rows]
+        rows = parse_index(read_object(location, name.replace(".npy", ".csv.gz"), endpoint))  # a CSV reader
+        starts_ends = np.array([r[:2] for r in rows], dtype=np.int64).reshape(-1, 2)
+        ids = [r[2] for r in rows]
         (into / f"{i}.bin").write_bytes(data)
         np.save(into / f"{i}.docs.npy", starts_ends)
         shards.append({"url": line, "bin": str(into / f"{i}.bin"), "docs": str(into / f"{i}.docs.npy"), "ids": ids})
@@ -202,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             train_demo_tokenizer(mix, tok_dir)
             tokenizer = str(tok_dir)
             tok_note = "the mirror's demo BPE (dolma2's JSON is absent: set BOLMO_DOLMA2_JSON)"
-        mirror, endpoint = start_mirror(mix, None, work)
+        mirror, endpoint = start_mirror(mix, None, work / "endpoint")
         procs.append(mirror)
         moto, s3 = start_s3()
         procs.append(moto)
@@ -217,6 +227,20 @@ def run(args: argparse.Namespace) -> int:
                 loc = str(work / f"out-{mode}") if where == "local" else f"{where}://{BUCKET}/out-{mode}-{where}"
                 prepare(loc, mode, endpoint, tok, env)
                 outputs.append({"name": f"{mode}/{where}", **truth(loc, s3, work / "truth" / f"{mode}-{where}")})
+        # Document ids are untrusted data: ids with line breaks, quotes and commas (one made to
+        # look like `start,end` after its line break), in a folder and in the bucket.
+        hostile = work / "hostile"
+        (hostile / "data" / "web").mkdir(parents=True)
+        (hostile / "data" / "web" / "web-0000.jsonl").write_text(
+            "".join(json.dumps({"id": i, "text": f"document {k} " * 40}) + "\n" for k, i in enumerate(HOSTILE_IDS))
+        )
+        mirror2, endpoint2 = start_mirror(hostile, None, work / "hostile-ep")
+        procs.append(mirror2)
+        for where in ("local", "s3"):
+            loc = str(work / "out-hostile") if where == "local" else f"s3://{BUCKET}/out-hostile"
+            prepare(loc, "byte", endpoint2, None, env, fraction=1.0)
+            t = truth(loc, s3, work / "truth" / f"hostile-{where}")
+            outputs.append({**t, "name": f"byte/{where}, odd document ids", "mode": "byte-hostile"})
         print(
             f"trainer check: OLMo-core {version[0]} (torch {version[1]}) reading bolmo-async's output; "
             f"subword tokenizer: {tok_note}; outputs made in {time.monotonic() - t0:.0f} s",
@@ -299,7 +323,7 @@ def olmo_side(spec_path: str) -> None:
     def check(name: str, ok: bool, detail: str = "") -> None:
         results.append({"check": name, "ok": bool(ok), "detail": detail})
 
-    for out in spec["outputs"]:
+    def one_output(out: dict[str, Any]) -> None:
         name, mode, seq, bound = out["name"], out["mode"], out["seq"], out["bound"]
         tok = out["tokenizer"]
         if mode == "subword" and tok["vocab_size"] == 100278:
@@ -330,11 +354,12 @@ def olmo_side(spec_path: str) -> None:
         )
         ok = ok and all(len(x) and x[-1] == eos and not (x[:-1] == eos).any() for x in ours)
         check(f"{name}: our .csv.gz rows tile each shard; each document ends with its only EOS", ok)
-        check(
-            f"{name}: {len(arrays)} shards, {total_docs} documents (incl. {pieces} extra piece(s) of long documents cut at the bound)",
-            len(arrays) > 1 and pieces > 0 and total_docs - pieces == out["manifest"]["totals"]["documents"],
-            "the sample must give several shards and a cut document",
-        )
+        shape = f"{len(arrays)} shards, {total_docs} documents (incl. {pieces} extra piece(s) of long documents cut at the bound)"
+        shape_ok, need = len(arrays) > 1 and pieces > 0, "the sample must give several shards and a cut document"
+        if out["mode"] == "byte-hostile":
+            shape = f"{len(arrays)} shard, {total_docs} documents: a .csv.gz row for each of {len(HOSTILE_IDS)} odd ids"
+            shape_ok, need = len(arrays) == 1 and pieces == 0 and total_docs == len(HOSTILE_IDS), ""
+        check(f"{name}: {shape}", shape_ok and total_docs - pieces == out["manifest"]["totals"]["documents"], need)
 
         def config(
             cls: Any, tokenizer: Any = tokenizer, paths: tuple[str, ...] = tuple(out["paths"]), **kw: Any
@@ -361,53 +386,53 @@ def olmo_side(spec_path: str) -> None:
         dtype = NumpyDatasetDType.uint32
 
         # 1. Fixed-length: concatenated tokens cut into `seq`-token instances, each file's tail dropped.
-        ds = config(NumpyFSLDatasetConfig, sequence_length=seq, dtype=dtype, generate_doc_lengths=True).build()
-        ds.prepare()
-        check(f"{name}: NumpyFSLDataset dtype is uint32", ds.dtype == np.uint32, str(ds.dtype))
-        expected = sum(len(a) // seq for a in arrays)
-        check(
-            f"{name}: NumpyFSLDataset at {seq}: {len(ds)} instances = README's tokens // sequence_length per shard",
-            len(ds) == expected == out["readme_instances"],
-            f"OLMo-core {len(ds)}, ours {expected}, README/inspect {out['readme_instances']}",
-        )
-        bad_tok = bad_len = 0
-        i = 0
-        for a, d in zip(arrays, docs, strict=True):
-            ends = d[:, 1]
-            for k in range(len(a) // seq):
-                item = ds[i]
-                i += 1
-                lo, hi = k * seq, (k + 1) * seq
-                if not np.array_equal(item["input_ids"].numpy(), a[lo:hi].astype(np.int64)):
-                    bad_tok += 1
-                cuts = [lo] + [int(e) for e in ends if lo < e <= hi]
-                if cuts[-1] != hi:
-                    cuts.append(hi)
-                if item["doc_lens"].tolist() != list(np.diff(cuts)):
-                    bad_len += 1
-        check(
-            f"{name}: NumpyFSLDataset: every token of every instance equals our shard's at that position",
-            bad_tok == 0,
-            f"{bad_tok} instance(s) differ",
-        )
-        check(
-            f"{name}: NumpyFSLDataset: the document lengths it derives (doc_lens) are our documents'",
-            bad_len == 0,
-            f"{bad_len} instance(s) differ",
-        )
+        def fixed_length() -> None:
+            ds = config(NumpyFSLDatasetConfig, sequence_length=seq, dtype=dtype, generate_doc_lengths=True).build()
+            ds.prepare()
+            check(f"{name}: NumpyFSLDataset dtype is uint32", ds.dtype == np.uint32, str(ds.dtype))
+            expected = sum(len(a) // seq for a in arrays)
+            check(
+                f"{name}: NumpyFSLDataset at {seq}: {len(ds)} instances = README's tokens // sequence_length per shard",
+                len(ds) == expected == out["readme_instances"],
+                f"OLMo-core {len(ds)}, ours {expected}, README/inspect {out['readme_instances']}",
+            )
+            bad_tok = bad_len = 0
+            i = 0
+            for a, d in zip(arrays, docs, strict=True):
+                ends = d[:, 1]
+                for k in range(len(a) // seq):
+                    item = ds[i]
+                    i += 1
+                    lo, hi = k * seq, (k + 1) * seq
+                    if not np.array_equal(item["input_ids"].numpy(), a[lo:hi].astype(np.int64)):
+                        bad_tok += 1
+                    cuts = [lo] + [int(e) for e in ends if lo < e <= hi]
+                    if cuts[-1] != hi:
+                        cuts.append(hi)
+                    if item["doc_lens"].tolist() != list(np.diff(cuts)):
+                        bad_len += 1
+            check(
+                f"{name}: NumpyFSLDataset: every token of every instance equals our shard's at that position",
+                bad_tok == 0,
+                f"{bad_tok} instance(s) differ",
+            )
+            check(
+                f"{name}: NumpyFSLDataset: the document lengths it derives (doc_lens) are our documents'",
+                bad_len == 0,
+                f"{bad_len} instance(s) differ",
+            )
 
         # 2. Padded: one instance per document (sequence length = our bound: no document is cut).
-        remote = "://" in out["paths"][0]
-        boundary_sources = (
-            [("csv.gz (remote: the only way)", None)] if remote else [("EOS (the default)", None), ("csv.gz", "0")]
-        )
-        for how, env in boundary_sources:
+        def padded(how: str, env: str | None) -> None:
             if env is None:
                 os.environ.pop("OLMO_DATA_PREP_USE_ARRAY_IF_LOCAL", None)
             else:
                 os.environ["OLMO_DATA_PREP_USE_ARRAY_IF_LOCAL"] = env
-            ds = config(NumpyPaddedFSLDatasetConfig, sequence_length=bound, dtype=dtype).build()
-            ds.prepare()
+            try:
+                ds = config(NumpyPaddedFSLDatasetConfig, sequence_length=bound, dtype=dtype).build()
+                ds.prepare()
+            finally:
+                os.environ.pop("OLMO_DATA_PREP_USE_ARRAY_IF_LOCAL", None)
             n_bad = 0
             for j in range(len(ds)):
                 item = ds[j]
@@ -424,10 +449,9 @@ def olmo_side(spec_path: str) -> None:
                 len(ds) == total_docs and n_bad == 0,
                 f"{len(ds)} instances, {total_docs} documents, {n_bad} differ",
             )
-        os.environ.pop("OLMO_DATA_PREP_USE_ARRAY_IF_LOCAL", None)
 
         # 3. Packed (best-fit decreasing): every document exactly once, whole, in some instance.
-        for how, local_array in [("csv.gz", None)] if remote else [("EOS (the default)", None), ("csv.gz", False)]:
+        def packed(how: str, local_array: bool | None) -> None:
             ds = config(
                 NumpyPackedFSLDatasetConfig,
                 sequence_length=bound,
@@ -453,6 +477,33 @@ def olmo_side(spec_path: str) -> None:
                 f"{len(got)} documents read, {len(want)} ours",
             )
 
+        remote = "://" in out["paths"][0]
+        runs: list[tuple[str, Any]] = [("NumpyFSLDataset", fixed_length)]
+        if remote:
+            runs.append(
+                (
+                    "NumpyPaddedFSLDataset, boundaries from csv.gz (remote: the only way)",
+                    lambda: padded("csv.gz (remote: the only way)", None),
+                )
+            )
+            runs.append(("NumpyPackedFSLDataset, boundaries from csv.gz", lambda: packed("csv.gz", None)))
+        else:
+            runs.append(
+                ("NumpyPaddedFSLDataset, boundaries from EOS (the default)", lambda: padded("EOS (the default)", None))
+            )
+            runs.append(("NumpyPaddedFSLDataset, boundaries from csv.gz", lambda: padded("csv.gz", "0")))
+            runs.append(
+                ("NumpyPackedFSLDataset, boundaries from EOS (the default)", lambda: packed("EOS (the default)", None))
+            )
+            runs.append(("NumpyPackedFSLDataset, boundaries from csv.gz", lambda: packed("csv.gz", False)))
+        for label, fn in runs:
+            try:
+                fn()
+            except Exception as e:  # OLMo-core refused or crashed on our output: a FAIL, and go on
+                check(f"{name}: {label}: OLMo-core raised", False, f"{type(e).__name__}: {str(e)[:200]}")
+
+    for out in spec["outputs"]:
+        one_output(out)
     (work / "results.json").write_text(json.dumps(results))
 
 
