@@ -561,7 +561,7 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
         outbox.put(m.Exit(wid))
         outbox.close()  # (its thread is a daemon: the interpreter's exit would not wait for it)
         return
-    if spec.tokenizer.kind == "byte":  # (subword: no faster, and its tree's peak RSS +14%)
+    if isinstance(spec, WorkerSpec) and spec.tokenizer.kind == "byte":  # (subword: no faster, its RSS +14%)
         keep_freed_pages()
     worker = Worker(wid, spec, receive, outbox.put)
     holder.append(worker)
