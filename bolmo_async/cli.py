@@ -680,11 +680,28 @@ def fetch_cmd(
 
     finalize = command("finalize", "--output-dir", output_dir)
     if worker is not None:
-        _say(f"{done} Share {worker} is done. Once all shares are staged, run the next step once.")
+        _say(
+            f"{done} Share {worker} is done{_plan_said(output_dir)}. Once all shares are staged, run the next step once."
+        )
         _say(next_steps(finalize))
     else:
         _say(done)
         _say(next_steps(finalize))
+
+
+def _plan_said(output_dir: str) -> str:
+    """The folder's plan in a few words: a job-array task pointed at the wrong folder (another
+    fraction's, another run's) fetched into its plan without a word of which plan it was."""
+    from .outdir import open_output
+    from .planner import load_plan
+
+    try:
+        p = load_plan(open_output(output_dir))
+    except (BolmoError, OSError):
+        p = None
+    if p is None:
+        return ""
+    return f" (the plan of {output_dir}: {p.repo_id}, --data-fraction {p.data_fraction:g}, seed {p.seed})"
 
 
 @app.command("finalize")

@@ -398,6 +398,8 @@ def test_plan_says_what_next_and_a_fetch_that_plans_prints_the_plan(tmp_path, mi
     assert _next_steps(r.stdout) == [finalize]
     r = run_cli(*fetch, "--worker", "0/2", "--no-progress")  # a share says the same finalize, once
     assert r.returncode == 0, r.stderr
+    # Which plan it fetched into (a task pointed at the wrong folder would see another fraction):
+    assert "is done (the plan of" in r.stdout and "--data-fraction 0.05, seed 42)." in r.stdout, r.stdout
     assert _next_steps(r.stdout) == [finalize]
     r = run_cli(*finalize, "--max-tokens-per-file", "1000000")
     assert r.returncode == 0, r.stderr
