@@ -968,8 +968,12 @@ async def _parquet_ranges_once(
             proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
         return final
     meta = pfile.metadata
-    firsts = row_group_firsts(meta)
-    for run in row_group_runs(meta, select_row_groups(meta, pf.limit), pf.size):
+
+    def layout() -> tuple[list[int], list[list[int]]]:  # a pass over every row group of the footer
+        return row_group_firsts(meta), row_group_runs(meta, select_row_groups(meta, pf.limit), pf.size)
+
+    firsts, runs = await loop.run_in_executor(ctx.executor, layout)  # (200,000 row groups: ~0.3 s)
+    for run in runs:
         lo, hi = row_group_span(meta, run[0])[0], row_group_span(meta, run[-1])[1]
         if not 0 <= lo < hi <= pf.size:
             if final:

@@ -81,14 +81,14 @@ def record_absent_imports() -> None:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (another libc, another system)."""
+def _glibc(name: str) -> Callable[..., int] | None:
+    """glibc's function ``name`` (``malloc_trim``, ``mallopt``), or None (another libc, another system)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -114,13 +114,8 @@ def keep_freed_pages() -> None:
     the periodic trim still bounds the peak. Called by byte-mode worker processes, not on import:
     in subword mode the CPU was the same and the whole tree's peak RSS grew 830 -> 944 MB
     (``make bench``, fraction 1.0)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return
     mallopt(_M_MMAP_THRESHOLD, KEEP_BLOCKS_UNDER)
     mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_TOP)
@@ -140,7 +135,7 @@ def release_free_memory(interval: float = 5.0) -> None:
     cost 6% of a subword run's CPU in faults (pages handed back, then wanted again); every 5 s
     keeps the peak as flat."""
     global _last_trim
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     now = time.monotonic()
     if trim is None or now - _last_trim < interval:
         return
