@@ -351,7 +351,7 @@ def _run(fn: Any, resumes: bool = True) -> Any:
             raise
         global _stop_said
         _stop_said = _stop_said or getattr(exc, "interrupted", False)
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        _error(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         raise typer.Exit(_say_stopped(signal_of(exc), resumes)) from None
@@ -362,7 +362,7 @@ def _run(fn: Any, resumes: bool = True) -> Any:
             return _unexpected(exc, resumes)
         # A path the system refuses by its length, wherever it came from (a flag, an environment
         # variable): a rerun cannot fix it.
-        typer.secho(f"error: {exc.filename or 'a path'}: {exc.strerror}; choose a shorter path.", err=True, fg="red")
+        _error(f"error: {exc.filename or 'a path'}: {exc.strerror}; choose a shorter path.")
         raise typer.Exit(2) from None
     except Exception as exc:
         return _unexpected(exc, resumes)
@@ -394,15 +394,23 @@ def _before_network() -> None:
     import_aiohttp()
 
 
+def _error(line: str, color: str | None = typer.colors.RED) -> None:
+    """The command's last word on stderr (an error, a stop), once no thread holds file descriptor
+    2 (``util.stderr_free``: a tokenizer's probe, on a thread while the repo is listed): written
+    into the hold, it was lost with the exit."""
+    from .util import stderr_free
+
+    with stderr_free():
+        typer.secho(line, err=True, fg=color)
+
+
 def _unexpected(exc: Exception, resumes: bool) -> Any:
     if os.environ.get("BOLMO_ASYNC_DEBUG"):
         raise exc
-    typer.secho(
+    _error(
         f"error: unexpected {type(exc).__name__}: {exc}. "
         + ("Finished files are kept; rerun the same command to resume. " if resumes else "")
-        + "If it persists, rerun with BOLMO_ASYNC_DEBUG=1 and report the traceback.",
-        err=True,
-        fg=typer.colors.RED,
+        + "If it persists, rerun with BOLMO_ASYNC_DEBUG=1 and report the traceback."
     )
     raise typer.Exit(1) from None
 
@@ -1049,7 +1057,7 @@ def _say_stopped(signum: int, resumes: bool = True) -> int:
         _stop_said = True
         said = interrupted_by(signum)
         with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no more output
-            typer.secho(f"{said}; rerun the same command to resume" if resumes else said, err=True)
+            _error(f"{said}; rerun the same command to resume" if resumes else said, color=None)
     return 128 + signum
 
 

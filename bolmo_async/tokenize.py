@@ -41,7 +41,7 @@ import pyarrow as pa
 from .errors import EngineMismatch, TokenizerError
 from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo
 from .tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV, cache_dir
-from .util import release_free_memory
+from .util import STDERR_HOLD, release_free_memory
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -420,28 +420,29 @@ def _panics_as_errors(identifier: str) -> Iterator[None]:
 def _stderr_held() -> Iterator[None]:
     """File descriptor 2 goes to a temporary file for the block, and what it got is written out
     after it, unless the block raised (then it was a Rust panic's backtrace, which the error
-    replaces)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        ok = False
+    replaces). What another thread says meanwhile waits for the block (``util.stderr_free``)."""
+    with STDERR_HOLD:
         try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
             yield
-            ok = True
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if ok and held.tell():
-                held.seek(0)
-                with contextlib.suppress(OSError):
-                    os.write(2, held.read())
+            return
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                if ok and held.tell():
+                    held.seek(0)
+                    with contextlib.suppress(OSError):
+                        os.write(2, held.read())
 
 
 #: Texts every tokenizer encodes once when it is loaded: a tokenizer that panics on them, or that

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 #: The checksum of what this tool writes (staged files, shards): xxHash's XXH3-128, 25 GB/s a
@@ -15,6 +17,26 @@ from typing import Any, Protocol
 #: 4 bytes per byte of text. It guards against damage (a bit flip, a short or swapped file),
 #: not against forgery. ``xxh128sum`` (xxHash's command line) prints the same digest.
 CHECKSUM = "xxh3_128"
+
+
+#: Held while file descriptor 2 goes to a temporary file (``tokenize._stderr_held``: a tokenizer
+#: library's panic message, which the run says in one line of its own). The probe that holds it
+#: runs on a thread while the repo is listed, so what the command says meanwhile (an error of the
+#: listing, a stop) waits for it (``stderr_free``): written into the hold, it was lost when the
+#: command exited before the probe ended (exit 1 without a word).
+STDERR_HOLD = threading.RLock()
+
+
+@contextlib.contextmanager
+def stderr_free(timeout: float = 30.0) -> Iterator[None]:
+    """A block that writes to the user's stderr, once no thread holds file descriptor 2 (the probe
+    of a tokenizer: under a second for dolma2; one stuck longer than ``timeout`` is not waited for)."""
+    got = STDERR_HOLD.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if got:
+            STDERR_HOLD.release()
 
 
 def new_checksum() -> Any:

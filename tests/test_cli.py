@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -166,6 +167,24 @@ def test_first_hour_errors_are_one_line_with_the_fix(tmp_path, mirror):
 
     r = run_cli("prepare", "-o", str(tmp_path / "u"), "--endpoint", mirror.endpoint, "--tokenizer", "bpe")
     assert r.returncode == 2 and not (tmp_path / "u" / "plan.json").exists()
+
+
+@needs_dolma2
+def test_an_error_while_the_tokenizer_is_probed_is_said(tmp_path, mirror):
+    """A subword run probes its tokenizer on a thread while the repo is listed, with file
+    descriptor 2 held (a Rust panic's message, said by the run itself): an error of the listing
+    meanwhile (a typo in --repo-id) was written into that hold and lost with the exit, so a
+    machine's first subword run (nothing remembered of the probe yet: a job array's fresh node)
+    ended in exit 1 without a word, in most runs (newuser16)."""
+    for k in range(4):  # the listing must fail while the probe runs: most of the time, not always
+        env = {**os.environ, "BOLMO_ASYNC_CACHE": str(tmp_path / f"cache{k}")}  # nothing remembered: it probes
+        r = run_cli(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--repo-id", "allenai/bolmo_mx",
+            "--tokenizer", "subword", "--tokenizer-identifier", str(DOLMA2), "--data-fraction", "0.05", env=env,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        assert "error: resolving revision 'main' of allenai/bolmo_mx: not found" in r.stderr, (k, r.stderr)
+        assert r.stderr.index("listing allenai/bolmo_mx@main") < r.stderr.index("error:")  # said in order
 
 
 def test_help_matches_the_cli():
