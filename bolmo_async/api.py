@@ -526,6 +526,43 @@ def _other_tokenizer_fix(prev: dict[str, Any], share: bool) -> str:
     return f"Pass {flags} to go on with it (as it was fetched), or use another --output-dir{reset}."
 
 
+def _folder_said(out: OutputDir) -> str:
+    """The folder with its plan in a few words: a share pointed at another run's folder (another
+    fraction's, a smoke test's) is refused for its tokenizer, and told whose folder it is."""
+    try:
+        p = load_plan(out)
+    except (BolmoError, OSError):
+        p = None
+    if p is None:
+        return str(out)
+    return f"{out} (its plan: {p.repo_id}, --data-fraction {p.data_fraction:g}, seed {p.seed})"
+
+
+def _tokenizer_differences(prev: dict[str, Any], now: dict[str, Any], share: bool) -> str:
+    """What differs between the tokenizer a folder was fetched with and this run's, and the flags
+    that go on with the folder: two descriptions side by side looked the same when a flag that
+    they do not show differed (--special-tokens-as-ids), and "Use another --output-dir" left the
+    flag to guess."""
+    said = []
+    same_json = prev.get("fingerprint") == now.get("fingerprint")
+    if not same_json:  # (its EOS may differ too: not a flag to name)
+        said.append(f"another tokenizer JSON ({now.get('identifier')}, fingerprint {now.get('fingerprint')})")
+    eos_differs = same_json and prev.get("eos_token_id") != now.get("eos_token_id")
+    if eos_differs:
+        said.append(f"EOS {prev.get('eos_token_id')} there, {now.get('eos_token_id')} here (--eos-token-id)")
+    as_ids_here = prev.get("special_tokens_as_text") is not False and now.get("special_tokens_as_text") is False
+    if prev.get("special_tokens_as_text") != now.get("special_tokens_as_text"):
+        said.append(
+            "it was fetched without --special-tokens-as-ids, this run has it"
+            if as_ids_here
+            else "it was fetched with --special-tokens-as-ids, this run without it"
+        )
+    flags = tokenizer_flags(prev) + (["--eos-token-id", str(prev.get("eos_token_id"))] if eos_differs else [])
+    reset = "" if share else ", or --force to reset this one"
+    go_on = f"Fetch with {shlex.join(flags)}" + (" and without --special-tokens-as-ids" if as_ids_here else "")
+    return "; ".join(said) + f". {go_on} to go on with it (as it was fetched), or use another --output-dir{reset}."
+
+
 def _refuse_other_kind(out: OutputDir, kind: str, force: bool, share: bool = False) -> None:
     """A folder fetched with the other kind of tokenizer (byte / subword) is refused before the repo
     is listed: it printed the plan table (and rewrote plan.json for another fraction) before the
@@ -539,7 +576,7 @@ def _refuse_other_kind(out: OutputDir, kind: str, force: bool, share: bool = Fal
         return
     if isinstance(prev, dict) and prev.get("kind") not in (None, kind):
         raise StateError(
-            f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}. "
+            f"{_folder_said(out)} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}. "
             + _other_tokenizer_fix(prev, share)
         )
 
@@ -556,8 +593,8 @@ def _check_state(out: OutputDir, info: TokenizerInfo, force: bool, share: bool =
         keys = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
         if any(prev.get(k) != now.get(k) for k in keys):
             raise StateError(
-                f"{out} was fetched with tokenizer {_tokenizer_desc(prev)}, this run uses {_tokenizer_desc(now)}. "
-                "Use another --output-dir" + ("." if share else ", or --force to reset this one.")
+                f"{_folder_said(out)} was fetched with tokenizer {_tokenizer_desc(prev)}; this run differs: "
+                + _tokenizer_differences(prev, now, share)
             )
     text = json.dumps({"tokenizer": info.to_json()}, indent=1) + "\n"
     if raw is None:

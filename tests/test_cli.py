@@ -337,7 +337,8 @@ def test_a_folder_of_the_other_tokenizer_kind_is_refused_before_the_listing_and_
         r = run_cli(cmd, "-o", str(out), "--endpoint", dead, "--data-fraction", "0.1", "--tokenizer", "subword")
         assert r.returncode == 1, r.stderr
         (line,) = _error_lines(r.stderr)
-        assert f"{out} was fetched with tokenizer byte" in line and "asks for --tokenizer subword" in line, line
+        said = f"{out} (its plan: allenai/bolmo_mix, --data-fraction 0.05, seed 42) was fetched with tokenizer byte"
+        assert said in line and "asks for --tokenizer subword" in line, line
         assert "--force" in line
         assert "plan:" not in r.stdout and (out / "plan.json").read_bytes() == planned
 

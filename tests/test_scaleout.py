@@ -24,7 +24,7 @@ from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_work
 from bolmo_async.staging import Staging
 
 from .conftest import DOLMA2, needs_dolma2
-from .helpers import cli, finish, run_cli, shard_hashes
+from .helpers import cli, finish, readme_bpe_json, run_cli, shard_hashes
 
 FRACTION = 0.6
 
@@ -554,3 +554,41 @@ def test_shares_starting_together_with_other_tokenizers_never_both_go_on(tmp_pat
     assert len(refused) == 1 and "was fetched with tokenizer" in str(refused[0]), refused
     kept = json.loads(real(out, RUN_STATE))["tokenizer"]
     assert kept in [i.to_json() for i in infos] and f"eos {kept['eos_token_id']}," in str(refused[0])
+
+
+def test_a_share_refused_for_its_tokenizer_flags_is_told_which_differ(mirror, tmp_path):
+    """A share started with a tokenizer flag the others lack (--special-tokens-as-ids, --eos-token-id)
+    was refused with both tokenizers described alike ("... (eos 6, fingerprint f) ..., this run uses
+    ... (eos 6, fingerprint f)") and only "Use another --output-dir": which flag differs, and the
+    command line that goes on with the folder, were left to guess (newuser16). The folder's plan is
+    named too: a share pointed at another run's folder is told whose folder it is."""
+    tok = tmp_path / "tok.json"
+    tok.write_text(readme_bpe_json())
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    subword = {"tokenizer": "subword", "tokenizer_identifier": str(tok), "processes": 1, "progress": False}
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), **subword)
+    base = (
+        "fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--worker", "1/2", "--tokenizer", "subword",
+        "--tokenizer-identifier", str(tok), "--processes", "1",
+    )  # fmt: skip
+    plan_said = f"(its plan: allenai/bolmo_mix, --data-fraction {FRACTION:g}, seed 42)"
+    for extra, differs, fix in [
+        (
+            ["--special-tokens-as-ids"],
+            "it was fetched without --special-tokens-as-ids, this run has it",
+            f"Fetch with --tokenizer subword --tokenizer-identifier {tok} and without --special-tokens-as-ids",
+        ),
+        (
+            ["--eos-token-id", "5"],
+            "EOS 6 there, 5 here (--eos-token-id)",
+            f"Fetch with --tokenizer subword --tokenizer-identifier {tok} --eos-token-id 6",
+        ),
+    ]:
+        r = run_cli(*base, *extra)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert plan_said in errors[0] and differs in errors[0] and fix in errors[0], errors[0]
+        assert "--force" not in errors[0]  # (refused with --worker)
+    r = run_cli(*base)
+    assert r.returncode == 0, r.stderr
