@@ -59,7 +59,7 @@ from .models import (
     validate_fraction,
 )
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
-from .planner import disk_needed, load_plan, make_plan, parse_worker, save_plan
+from .planner import disk_needed, load_plan, make_plan, parse_worker, record_shares, save_plan
 from .progress import Progress
 from .util import human_bytes, release_free_memory
 from .worker import WorkerSpec
@@ -1061,6 +1061,16 @@ def fetch(
                 "(with the plan options) once, then the shares."
             )
         plan_options = {}
+        if (other := record_shares(out, existing, worker[1])) is not None:
+            log.warning(
+                "%s: its shares were started as --worker I/%d; this one is %d/%d, of another split of the plan: "
+                "it overlaps theirs and leaves files to none of them (finalize names what is missing). Give every "
+                "share the same N",
+                out,
+                other,
+                worker[0],
+                worker[1],
+            )
     try:
         report = _fetch(
             out,

@@ -286,6 +286,17 @@ def _planned_endpoint(out: Any) -> str | None:
     return the_plan.endpoint if the_plan is not None else None
 
 
+def _shares_said(out: Any, missing: list[str], fetch: str) -> str | None:
+    """The --worker shares that own ``missing`` files, when the shares' count is recorded."""
+    from .planner import load_plan, missing_shares_said
+
+    try:
+        the_plan = load_plan(out)
+    except BolmoError:
+        return None
+    return missing_shares_said(out, the_plan, missing, fetch) if the_plan is not None else None
+
+
 def _summary(manifest: dict[str, Any], location: str) -> None:
     from .guidance import command, fetch_command, local_copy_command
     from .outdir import DATA_SOURCES, MANIFEST, open_output
@@ -304,10 +315,14 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
         for path, why in list(bad.items())[:10]:
             _say(f"  {why}" if why.startswith(path) else f"  {path}: {why}")
     if not manifest["complete"]:  # (finalize --allow-incomplete: finalizing again fetches nothing)
+        fetch = fetch_command(out, _planned_endpoint(out), manifest.get("tokenizer"))
         _say(
             f"INCOMPLETE: {len(manifest['missing_files'])} planned file(s) are not staged (listed in {MANIFEST}): "
-            f"`{fetch_command(out, _planned_endpoint(out), manifest.get('tokenizer'))}` (or the missing --worker "
-            "shares) fetches them, then finalize again."
+            + (
+                _shares_said(out, manifest["missing_files"], fetch)
+                or f"`{fetch}` (or the missing --worker shares) fetches them"
+            )
+            + ", then finalize again."
         )
     tok = manifest["tokenizer"]
     if tok["kind"] == "subword" and tok.get("vocab_size") == 100278 and tok["eos_token_id"] == 100257:

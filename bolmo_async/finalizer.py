@@ -50,7 +50,7 @@ from .outdir import (
     shard_name,
     staged_name,
 )
-from .planner import load_plan
+from .planner import load_plan, missing_shares_said
 from .staging import Staging, expand, token_lengths
 from .util import CHECKSUM, new_checksum
 
@@ -714,9 +714,10 @@ def finalize_dir(
     missing = [pf.path for pf, rec in records if rec is None]
     if missing and not allow_incomplete:
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        fetch = fetch_command(out, plan.endpoint, state.get("tokenizer"))
         raise StateError(
             f"{len(missing)} of {len(plan.files)} planned files are not staged yet:\n  {shown}\n"
-            f"Run `{fetch_command(out, plan.endpoint, state.get('tokenizer'))}` again (or the missing --worker shares) to finish them, or pass "
+            f"{missing_shares_said(out, plan, missing, fetch) or f'Run `{fetch}` again (or the missing --worker shares) to finish them'}, or pass "
             "--allow-incomplete to write shards from what is staged (the manifest then says complete: false)."
         )
     fingerprint = state["tokenizer"]["fingerprint"]

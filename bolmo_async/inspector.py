@@ -138,7 +138,7 @@ def _what_finishes(out: OutputDir) -> str:
     """The next step of an output that was never finalized: the fetch while planned files are not
     staged (a finalize then only refuses), else the finalize."""
     from .guidance import fetch_command
-    from .planner import load_plan
+    from .planner import load_plan, missing_shares_said
     from .staging import Staging
 
     finalize = f"run `{command('finalize', '--output-dir', out)}`"
@@ -147,16 +147,18 @@ def _what_finishes(out: OutputDir) -> str:
         if plan is None:
             return finalize
         staging = Staging(out)
-        staged = sum(1 for pf in plan.files if staging.done(pf) is not None)
-        if staged == len(plan.files):
+        missing = [pf.path for pf in plan.files if staging.done(pf) is None]
+        if not missing:
             return finalize
         fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
     except (StateError, OSError, ValueError, AttributeError, RecursionError):
         return finalize
-    return (
-        f"{staged} of {len(plan.files)} planned file(s) are staged: run `{fetch_command(out, plan.endpoint, fetched_with)}` "
-        "(or the missing --worker shares), then finalize"
-    )
+    fetch = fetch_command(out, plan.endpoint, fetched_with)
+    staged = len(plan.files) - len(missing)
+    shares = missing_shares_said(out, plan, missing, fetch)
+    if shares is not None:
+        return f"{staged} of {len(plan.files)} planned file(s) are staged. {shares}, then finalize"
+    return f"{staged} of {len(plan.files)} planned file(s) are staged: run `{fetch}` (or the missing --worker shares), then finalize"
 
 
 def _check_manifest(m: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import StateError, UsageError
 from .models import Plan, PlannedFile, RepoFile, Selection, SourceSummary, data_suffix, validate_fraction
-from .outdir import PLAN, OutputDir
+from .outdir import PLAN, SHARES, OutputDir
 
 #: Rough text bytes per compressed byte, by format, for estimates only.
 EXPANSION = {".zst": 3.5, ".gz": 3.0, ".parquet": 2.5}
@@ -232,6 +232,63 @@ def load_plan(out: OutputDir) -> Plan | None:
         return Plan.from_json(data)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise StateError(f"{path} is not a readable plan ({exc}); delete it or rerun with --force.") from exc
+
+
+def _plan_key(plan: Plan) -> str:
+    """The planned files, in a digest: a share count recorded for one plan is not another's."""
+    return hashlib.sha256("\n".join(f.key for f in plan.files).encode()).hexdigest()[:32]
+
+
+def recorded_shares(out: OutputDir, plan: Plan) -> int | None:
+    """The N of the ``--worker I/N`` shares that fetch ``plan`` in ``out`` (the first share's), if any."""
+    try:
+        data = json.loads(out.read_bytes(SHARES) or b"null")
+        if isinstance(data, dict) and data.get("plan") == _plan_key(plan) and int(data["count"]) >= 1:
+            return int(data["count"])
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        pass
+    return None
+
+
+def record_shares(out: OutputDir, plan: Plan, n: int) -> int | None:
+    """A share of ``plan`` split in ``n`` starts: the first one records ``n`` (finalize then names
+    the shares whose files are missing, not only the files). Returns the count recorded before
+    by another split of this plan, if any (its shares overlap this one's and leave files to none)."""
+    before = recorded_shares(out, plan)
+    if before is None:
+        text = json.dumps({"count": n, "plan": _plan_key(plan)}) + "\n"
+        if not out.create_bytes(SHARES, text.encode()):  # another share won, or another plan's record
+            before = recorded_shares(out, plan)
+            if before is None:
+                out.write_text(SHARES, text)
+    return before if before != n else None
+
+
+def missing_shares(out: OutputDir, plan: Plan, missing: list[str]) -> tuple[int, dict[int, int]] | None:
+    """``(N, {share: missing files})`` for the shares of the recorded split that own ``missing``
+    planned paths; None when no share count is recorded for this plan."""
+    n = recorded_shares(out, plan)
+    if n is None or not missing:
+        return None
+    gone = set(missing)
+    shares = {i: sum(1 for f in files if f.path in gone) for i, files in enumerate(assign_workers(plan, n))}
+    return n, {i: k for i, k in shares.items() if k}
+
+
+def missing_shares_said(out: OutputDir, plan: Plan, missing: list[str], fetch: str) -> str | None:
+    """The shares to run again, with the command line of the first (``fetch``: the fetch to run,
+    without ``--worker``); None when no share count is recorded for this plan."""
+    found = missing_shares(out, plan, missing)
+    if found is None:
+        return None
+    n, shares = found
+    named = ", ".join(f"{i}/{n} ({k} file(s))" for i, k in sorted(shares.items()))
+    first = min(shares)
+    return (
+        f"They are share{'s' if len(shares) > 1 else ''} {named} of the job array: run `{fetch} --worker {first}/{n}`"
+        + (" (and so on for each)" if len(shares) > 1 else "")
+        + " again to finish them"
+    )
 
 
 def parse_worker(spec: str | None) -> tuple[int, int] | None:

@@ -439,9 +439,8 @@ def test_inspect_before_finalize_names_the_step_that_is_missing(mirror, tmp_path
     bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False)
     with pytest.raises(StateError) as info:
         bolmo_async.inspect(out)
-    assert f"--endpoint {mirror.endpoint} --tokenizer byte` (or the missing --worker shares), then finalize" in str(
-        info.value
-    )
+    said = str(info.value)  # (the share missing named: the shares' count is recorded)
+    assert f"--endpoint {mirror.endpoint} --tokenizer byte --worker 1/2` again to finish them, then finalize" in said
     bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(1, 2), progress=False)
     with pytest.raises(StateError, match=f"run `bolmo-async finalize --output-dir {out}`"):
         bolmo_async.inspect(out)
@@ -460,14 +459,17 @@ def test_a_finalize_too_early_names_the_fetch_that_finishes_it(mirror, tmp_path)
     bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), progress=False, **tok)
     r = run_cli("finalize", "-o", str(out))
     assert r.returncode == 1, r.stderr
-    hint = re.search(r"Run `(bolmo-async fetch [^`]+)` again \(or the missing --worker shares\)", r.stderr)
+    hint = re.search(
+        r"They are share 1/2 \(\d+ file\(s\)\) of the job array: run `(bolmo-async fetch [^`]+) --worker 1/2` again",
+        r.stderr,
+    )
     assert hint, r.stderr
     fetch = hint.group(1)
     assert f"--endpoint {mirror.endpoint}" in fetch
     assert f"--tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))}" in fetch
     r = run_cli("finalize", "-o", str(out), "--allow-incomplete")
     assert r.returncode == 0, r.stderr
-    assert f"`{fetch}` (or the missing --worker shares) fetches them" in r.stdout
+    assert f"`{fetch} --worker 1/2` again to finish them" in r.stdout
     assert "rerun the same command" not in r.stdout and "export DATA_SOURCE" not in r.stdout
     r = run_cli(*shlex.split(fetch)[1:], "--no-progress")  # as printed
     assert r.returncode == 0, r.stderr
@@ -592,3 +594,28 @@ def test_a_share_refused_for_its_tokenizer_flags_is_told_which_differ(mirror, tm
         assert "--force" not in errors[0]  # (refused with --worker)
     r = run_cli(*base)
     assert r.returncode == 0, r.stderr
+
+
+def test_finalize_names_the_shares_that_are_missing(mirror, tmp_path, caplog):
+    """finalize (and inspect) said "run the missing --worker shares" without naming one: the number
+    of shares was recorded nowhere, and a job array's user had to match file names to shares by
+    hand. The first share records it; a share of another split is warned (newuser16)."""
+    out = tmp_path / "o"
+    plan = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    owners = assign_workers(plan, 3)
+    assert all(owners)  # (every share has files)
+    for i in (0, 2):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(i, 3), processes=1, progress=False)
+    with pytest.raises(StateError) as info:
+        bolmo_async.finalize(out)
+    said = str(info.value)
+    assert f"They are share 1/3 ({len(owners[1])} file(s)) of the job array: run `" in said, said
+    assert "--worker 1/3` again to finish them" in said
+    assert "0/3" not in said and "2/3" not in said
+    with pytest.raises(StateError, match=r"share 1/3 .*--worker 1/3"):
+        bolmo_async.inspect(out)
+    with caplog.at_level("WARNING"):
+        bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), processes=1, progress=False)
+    assert any("--worker I/3" in r.getMessage() and "0/2" in r.getMessage() for r in caplog.records), caplog.text
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(1, 3), processes=1, progress=False)
+    assert bolmo_async.finalize(out)["complete"]

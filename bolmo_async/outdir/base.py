@@ -7,6 +7,7 @@ its file names or opens a file in it: they ask an ``OutputDir``. Its layout::
     .bolmo-async.lock            held by the run using the folder (a flock; a lease on object storage)
     plan.json                    the plan (PLAN)
     run.json                     the tokenizer of the staged data (RUN_STATE)
+    shares.json                  how many --worker shares split the plan (SHARES), for finalize's word
     tokenizer/tokenizer.json     a subword run's tokenizer, for inspect's decoding (TOKENIZER)
     staging/<key>.arrow          a planned file's staged batches   } a unit is done when its
     staging/<key>.json           its completion marker, last        } marker vouches for it
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 PLAN = "plan.json"
 RUN_STATE = "run.json"
+SHARES = "shares.json"
 MANIFEST = "manifest.json"
 DATA_SOURCES = "data_sources.txt"
 TOKENIZER = "tokenizer/tokenizer.json"
@@ -39,7 +41,7 @@ RAW = "raw"
 SHARD_PREFIX = "bolmo_data_"
 SHARD_RE = re.compile(rf"^{SHARD_PREFIX}\d{{5,}}\.(npy|csv\.gz)$")
 #: The folder's own documents (small, written whole, atomically).
-DOCUMENTS = (PLAN, RUN_STATE, MANIFEST, DATA_SOURCES, TOKENIZER)
+DOCUMENTS = (PLAN, RUN_STATE, SHARES, MANIFEST, DATA_SOURCES, TOKENIZER)
 #: The longest name (in UTF-8 bytes) this module makes for one path component: ext4, XFS, btrfs and
 #: most others allow 255; room is left for the temporary prefix and suffix.
 MAX_NAME_BYTES = 200
