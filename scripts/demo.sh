@@ -38,8 +38,9 @@ echo "== prepare, subword ids ($tok_id; dolma2 ids are what bolmo-core stage 1/2
 bolmo-async prepare --output-dir "$out/bolmo_subword" --data-fraction 0.1 --tokenizer subword \
   --tokenizer-identifier "$tok_id" --endpoint "$endpoint"
 bolmo-async inspect "$out/bolmo_subword" --decode 2
-echo "== demo done: outputs under $out"
+echo "== demo done: outputs under $out (sample/: the generated mix; bolmo_byte/, bolmo_subword/: shards and data_sources.txt)"
 venv_bin="$(dirname "$(command -v bolmo-async)")"
 echo "   the tool is installed in $(dirname "$venv_bin"), not on your PATH: run"
 echo "     $venv_bin/bolmo-async --help"
 echo "   or first: source $venv_bin/activate"
+echo "   next: the README's \"Try the commands yourself, offline\" serves a sample for your own commands"
