@@ -32,6 +32,7 @@ for _sig in _AT_START:
     signal.signal(_sig, _interrupted_at_start)
 
 import typer
+import typer.core
 
 from .errors import BolmoError, Interrupted, OutputClosed, interrupted_by, signal_of
 from .models import (
@@ -49,7 +50,47 @@ from .models import (
 )
 from .util import human_bytes, human_count
 
+
+class _Commands(typer.core.TyperGroup):
+    """The command group: an option given to a command that does not take it, but another does
+    (a job array's steps given the same flags), is named with the commands that take it. Click's
+    guess was a flag of this command that merely looks alike (`fetch --max-tokens-per-file`:
+    "Possible options: --tokenizer-identifier")."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:  # (typer may carry its own copy of click's classes: told by name)
+            if type(exc).__name__ != "NoSuchOption" or getattr(exc, "ctx", None) is None:
+                raise
+            here = exc.ctx.command  # type: ignore[attr-defined]
+            option = exc.option_name  # type: ignore[attr-defined]
+            commands = _all_commands(self)
+            owners = [
+                n
+                for n, cmd in commands
+                if cmd is not here and any(option in p.opts + p.secondary_opts for p in cmd.params)
+            ]
+            if not owners:
+                raise
+            usage_error = sys.modules[type(exc).__module__].UsageError
+            where = next((n for n, cmd in commands if cmd is here), here.name)
+            raise usage_error(f"{option} is an option of {', '.join(owners)}, not of {where}.", ctx=exc.ctx) from None  # type: ignore[attr-defined]
+
+
+def _all_commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every command below ``group`` by its full name ("fetch", "mirror serve")."""
+    found: list[tuple[str, Any]] = []
+    for name, cmd in sorted(group.commands.items()):
+        if hasattr(cmd, "commands"):
+            found += _all_commands(cmd, f"{prefix}{name} ")
+        else:
+            found.append((prefix + name, cmd))
+    return found
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     rich_markup_mode=None,  # plain help: flags read as flags, [ray] stays as written
     no_args_is_help=True,

@@ -187,6 +187,20 @@ def test_an_error_while_the_tokenizer_is_probed_is_said(tmp_path, mirror):
         assert r.stderr.index("listing allenai/bolmo_mx@main") < r.stderr.index("error:")  # said in order
 
 
+def test_an_option_of_another_step_names_the_steps_that_take_it(tmp_path):
+    """A job array's user gives every step the same flags: `fetch --max-tokens-per-file` was
+    refused with click's guess "(Possible options: --tokenizer-identifier)", a flag that has
+    nothing to do with it (newuser16). The refusal names the commands that take the option."""
+    r = run_cli("fetch", "-o", str(tmp_path / "o"), "--max-tokens-per-file", "1000000")
+    assert r.returncode == 2 and not (tmp_path / "o").exists(), r.stderr
+    assert "--max-tokens-per-file is an option of finalize, prepare, not of fetch" in r.stderr, r.stderr
+    assert "Possible options" not in r.stderr
+    r = run_cli("finalize", "-o", str(tmp_path / "o"), "--worker", "0/3")
+    assert r.returncode == 2 and "--worker is an option of fetch, not of finalize" in r.stderr, r.stderr
+    r = run_cli("fetch", "-o", str(tmp_path / "o"), "--tokenizer-identifer", "x")  # a typo: click's guess stays
+    assert r.returncode == 2 and "--tokenizer-identifier" in r.stderr, r.stderr
+
+
 def test_help_matches_the_cli():
     r = run_cli("fetch", "--help")
     assert r.returncode == 0
