@@ -279,7 +279,7 @@ def missing_shares_said(out: OutputDir, plan: Plan, missing: list[str], fetch: s
     """The shares to run again, with the command line of the first (``fetch``: the fetch to run,
     without ``--worker``); None when no share count is recorded for this plan."""
     found = missing_shares(out, plan, missing)
-    if found is None:
+    if found is None or not found[1]:
         return None
     n, shares = found
     named = ", ".join(f"{i}/{n} ({k} file(s))" for i, k in sorted(shares.items()))

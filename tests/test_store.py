@@ -656,3 +656,27 @@ def test_what_would_make_the_s3_client_panic_is_refused_or_named(s3: S3, monkeyp
     d = open_output(s3.url())
     with pytest.raises(OutputError, match=r"/run: the S3 client refused the request it was to make for this list"):
         d._call("list", "", raise_it)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_a_full_scratch_names_the_scratch_dir(s3: S3, mirror, tmp_path: Path, streaming: str) -> None:  # type: ignore[no-untyped-def]
+    """The local scratch of a bucket output full (a small /tmp tmpfs, the README's warning): a
+    staged object read into the scratch cache said "read failed (No space left on device). Check
+    that the store is reachable (AWS_ENDPOINT_URL, the network)", and a --no-streaming download
+    "Free space (or choose another --output-dir)": neither named --scratch-dir (newuser16)."""
+    import resource
+    import subprocess
+
+    def small_files() -> None:  # a full disk, as the system reports it (EFBIG past the limit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    args = ("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", FRACTION, "--no-progress")
+    r = subprocess.run(
+        cli(*args, streaming, "--processes", "1"), capture_output=True, text=True, timeout=300, preexec_fn=small_files
+    )
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert "--scratch-dir" in errors[0] and "is full" in errors[0], errors[0]
+    assert "store is reachable" not in errors[0] and "another --output-dir" not in errors[0]
+    r = _cli(*args, streaming)  # room again: the run resumes
+    assert r.returncode == 0, r.stderr

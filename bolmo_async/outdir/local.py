@@ -79,12 +79,26 @@ def ordinary_mode() -> int:
     return 0o666 & ~mask
 
 
-def translate(exc: OSError, where: str | os.PathLike[str], folder: str) -> BaseException:
-    """An OSError of a write as our error: a full disk, a refused write, or itself."""
+def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scratch: bool = False) -> BaseException:
+    """An OSError of a write as our error: a full disk, a refused write, or itself. ``scratch``:
+    ``where`` is in the local scratch of a bucket output, whose fix is another --scratch-dir, not
+    another --output-dir."""
+    if exc.errno in _FULL and scratch:
+        return DiskSpaceError(
+            f"The disk holding {where} is full: it is the local scratch of the object-store --output-dir "
+            "(files in flight and a cache of staged files, BOLMO_ASYNC_SCRATCH_CACHE). Point --scratch-dir "
+            "(or BOLMO_ASYNC_SCRATCH) at a local disk with more room, or free space, and rerun the same command: "
+            "finished files are kept and the run resumes."
+        )
     if exc.errno in _FULL:
         return DiskSpaceError(
             f"The disk holding {where} is full. Free space (or choose another --output-dir) and rerun "
             "the same command: finished files are kept and the run resumes."
+        )
+    if exc.errno in _REFUSED and scratch:
+        return OutputError(
+            f"{where} cannot be written ({exc.strerror or exc}): it is the local scratch of the object-store "
+            "--output-dir; point --scratch-dir (or BOLMO_ASYNC_SCRATCH) at a local folder this user can write."
         )
     if exc.errno in _REFUSED:
         return OutputError(
@@ -207,10 +221,11 @@ class LocalNewFile:
     filesystem that refuses O_DIRECT at open (tmpfs, some FUSE mounts) or at a write gets
     ordinary writes from then on: same bytes either way."""
 
-    def __init__(self, target: Path, folder: str, *, direct: bool = False):
+    def __init__(self, target: Path, folder: str, *, direct: bool = False, scratch: bool = False):
         self.target = target
         self.name = target.name
         self.folder = folder
+        self.scratch = scratch  # (a bucket output's local scratch: its errors name --scratch-dir)
         self.tmp = temp_name(target)
         self.size = 0
         self.fd = -1
@@ -231,7 +246,7 @@ class LocalNewFile:
             self.fd = os.open(self.tmp, flags, ordinary_mode())
         except OSError as exc:
             _open_temporaries.discard(self.tmp)
-            raise translate(exc, target, folder) from exc
+            raise translate(exc, target, folder, scratch=scratch) from exc
         except BaseException:  # a stop signal right after the open (its fd, maybe not kept: at exit)
             self.abort()
             raise
@@ -257,7 +272,7 @@ class LocalNewFile:
             else:
                 self._write_direct(view)
         except OSError as exc:
-            raise translate(exc, self.target, self.folder) from exc
+            raise translate(exc, self.target, self.folder, scratch=self.scratch) from exc
         self.size += n
         return n
 
@@ -279,7 +294,7 @@ class LocalNewFile:
             try:
                 self._buffer.flush()
             except OSError as exc:
-                raise translate(exc, self.target, self.folder) from exc
+                raise translate(exc, self.target, self.folder, scratch=self.scratch) from exc
 
     def commit(self) -> int:
         try:
@@ -292,7 +307,7 @@ class LocalNewFile:
             _open_temporaries.discard(self.tmp)
         except OSError as exc:
             self.abort()
-            raise translate(exc, self.target, self.folder) from exc
+            raise translate(exc, self.target, self.folder, scratch=self.scratch) from exc
         return self.size
 
     def _close(self) -> None:

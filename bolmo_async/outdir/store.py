@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ..errors import OutputError, Retry, StateError, UsageError
 from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
 from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, fit_name
-from .local import LocalNewFile, translate
+from .local import _FULL, _REFUSED, LocalNewFile, translate
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -95,6 +95,10 @@ _STATUS = re.compile(r"status code: (\d{3})")
 #: v1's path, whatever its endpoint): none were in the environment.
 _FROM_INSTANCE_ROLE = re.compile(r"/latest/(api/token|meta-data)")
 _HALF_KEY_PAIR = re.compile(r"Missing (SecretAccessKey|AccessKeyId)")
+
+
+#: The errors of a local write (the scratch): never the store's, never retried.
+_LOCAL_WRITE = _FULL | _REFUSED
 
 
 def scratch_root() -> Path:
@@ -563,6 +567,8 @@ class StoreDir(OutputDir):
             except (oe.UnauthenticatedError, oe.PermissionDeniedError) as exc:
                 raise self.failed(name, exc, what) from exc
             except (oe.GenericError, oe.JoinError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE:
+                    raise  # a local write of ``fn`` (a download into a full scratch): the caller names the fix
                 if _credentials_problem(str(exc)):  # no attempt can find them
                     raise self.failed(name, exc, what) from exc
                 status = _STATUS.search(str(exc))
@@ -954,7 +960,7 @@ class StoreDir(OutputDir):
                 return None
             os.replace(tmp, path)
         except OSError as exc:
-            raise translate(exc, tmp, str(scratch_root())) from exc
+            raise translate(exc, tmp, str(scratch_root()), scratch=True) from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -984,8 +990,8 @@ class StoreDir(OutputDir):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise translate(exc, path, str(scratch_root())) from exc
-        return LocalNewFile(path, str(scratch_root()))
+            raise translate(exc, path, str(scratch_root()), scratch=True) from exc
+        return LocalNewFile(path, str(scratch_root()), scratch=True)
 
     # -- staging ---------------------------------------------------------------------------------
     def clean_temporaries(self, key: str) -> int:
