@@ -29,6 +29,7 @@ where the tool raises it itself, carrying the signal; the command line exits 128
 Internal signals, never shown to a user (not BolmoErrors):
 
     StreamError                     the compressed stream itself is corrupt or truncated
+    └── TooManyFrames               its frames (gzip members) are too many for what they hold
     Retry                           one attempt failed for a transient reason; ``retry.retrying`` decides
     OutputClosed                    the reader of the command line's output has gone (``... | head``)
 
@@ -157,7 +158,17 @@ def interrupted_by(signum: int) -> str:
 
 
 class StreamError(Exception):
-    """The compressed stream itself is corrupt or truncated (raised by ``decode.Decompressor``)."""
+    """The compressed stream itself is corrupt or truncated (raised by ``decode.Decompressor``).
+    ``reason``: the skip reason it is counted under."""
+
+    reason = "corrupt_stream"
+
+
+class TooManyFrames(StreamError):
+    """The stream is a bomb of frames (gzip members) that hold next to nothing each: each costs
+    a new decompressor, so it would take a decoding slot for hours (raised by ``decode.Decompressor``)."""
+
+    reason = "too_many_frames"
 
 
 class Retry(Exception):
@@ -205,6 +216,7 @@ __all__ = [
     "StateError",
     "StreamError",
     "TokenizerError",
+    "TooManyFrames",
     "UnsafePathError",
     "UsageError",
     "WorkerError",

@@ -331,6 +331,39 @@ def test_the_decompressor_never_returns_more_than_a_piece():
         assert b"".join(out) == plain * 2, suffix
 
 
+def test_tiny_frames_read_by_one_context_give_the_same_bytes_in_pieces():
+    """zstd frames of at most 132 bytes (up to 3 MiB of newlines each, or none) are read by one
+    reused context: their output too comes at most ``out_piece`` at a time, whatever the feeding,
+    among larger frames and a frame cut across feeds; a damaged tiny frame is the same error."""
+    from bolmo_async.decode import TINY_FRAME, Decompressor
+    from bolmo_async.errors import StreamError
+
+    c = zstandard.ZstdCompressor(write_content_size=False)
+    frames = [c.compress(b"\n" * (3 << 20)), c.compress(b""), c.compress(b"ab\n"), c.compress(bytes(range(256)) * 64)]
+    assert [len(f) <= TINY_FRAME for f in frames] == [True, True, True, False]
+    blob = b"".join(frames) * 3
+    plain = (b"\n" * (3 << 20) + b"ab\n" + bytes(range(256)) * 64) * 3
+    for step in (len(blob), 100, 7):
+        dec = Decompressor(".zst", out_piece=1 << 15)
+        out = []
+        for i in range(0, len(blob), step):
+            dec.give(blob[i : i + step])
+            while piece := dec.read():
+                assert len(piece) <= 1 << 15
+                out.append(piece)
+        dec.finish()
+        assert b"".join(out) == plain, step
+    bad = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(b"ab\n"))
+    bad[-1] ^= 0xFF  # its checksum
+    assert len(bad) <= TINY_FRAME
+    for data in (bytes(bad), frames[1] + bytes(bad)):
+        dec = Decompressor(".zst")
+        dec.give(data)
+        with pytest.raises(StreamError, match="corrupt zst stream"):
+            while dec.read():
+                pass
+
+
 def test_a_flood_of_short_bad_lines_stops_decoding_the_file():
     """Lines that are not documents cost microseconds each in Python: a bomb of a billion ``x``
     lines would take hours. Past ``max_bad_lines`` of them with a hundred times fewer documents,
