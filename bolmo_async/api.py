@@ -1158,17 +1158,19 @@ def _something_staged(out: OutputDir) -> None:
     except (ValueError, AttributeError):
         finished = False
     n = len(the_plan.files)
-    older = _older_staging_format(out, the_plan)
+    older, damaged = _older_staging_format(out, the_plan)
     why = (
         f"{n} of {n} planned file(s) are not staged in this version's format: {out}'s staging was written by "
         f"an earlier bolmo-async (staging format {older}, now {STAGING_FORMAT}), so shards cannot be made from it"
         if older is not None
+        else f"{n} of {n} planned file(s) are not staged: {out}'s staging markers are damaged (above)"
+        if damaged
         else f"{n} of {n} planned file(s) are not staged: the staging of {out}'s finished output is gone "
         "(--drop-staging removes it), so its shards cannot be remade from it"
         if finished
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
-    finished = finished or older is not None  # either way, the fetch fetches them again
+    finished = finished or older is not None or damaged  # either way, the fetch fetches them again
     try:  # the tokenizer a share of this plan fetched with, if one got that far
         fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
     except (ValueError, AttributeError, RecursionError):
@@ -1180,17 +1182,20 @@ def _something_staged(out: OutputDir) -> None:
     )
 
 
-def _older_staging_format(out: OutputDir, the_plan: Plan) -> Any:
+def _older_staging_format(out: OutputDir, the_plan: Plan) -> tuple[Any, bool]:
     """The format of a staged file's marker written in another staging format (an upgrade of
-    bolmo-async between the fetch and this finalize), or None: that staging is there, not gone."""
-    from .staging import STAGING_FORMAT
+    bolmo-async between the fetch and this finalize), or None: that staging is there, not gone;
+    and whether a marker of this format is there, damaged (``staging.marker_problem``)."""
+    from .staging import STAGING_FORMAT, marker_problem
 
+    damaged = False
     for pf in the_plan.files[:100]:
         with contextlib.suppress(OSError, ValueError, RecursionError):
             rec = json.loads(out.read_bytes(marker_name(pf.key)) or b"null")
             if isinstance(rec, dict) and rec.get("path") == pf.path and rec.get("format") != STAGING_FORMAT:
-                return rec.get("format")
-    return None
+                return rec.get("format"), False
+            damaged = damaged or (isinstance(rec, dict) and rec.get("path") == pf.path and bool(marker_problem(rec)))
+    return None, damaged
 
 
 def _drop_staging(out: OutputDir, manifest: dict[str, Any]) -> dict[str, Any]:

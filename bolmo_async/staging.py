@@ -84,6 +84,56 @@ def unverified_prefix(rec: dict[str, Any]) -> bool:
     return rec.get("sha256") is None and "read_bytes" in rec
 
 
+#: Damaged markers already warned of.
+_WARNED: set[str] = set()
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+#: A completion record's fields read back, and what each must be (``StagingWriter.commit``).
+_MARKER_FIELDS: dict[str, tuple[Any, str]] = {
+    "documents": (_count, "a count"),
+    "tokens": (_count, "a count"),
+    "staged_bytes": (_count, "a count"),
+    "tokenizer_fingerprint": (lambda v: isinstance(v, str), "text"),
+    f"staged_{CHECKSUM}": (lambda v: isinstance(v, str), "text"),
+    "sha256": (lambda v: v is None or isinstance(v, str), "text or null"),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[Any, str]] = {
+    "read_bytes": (_count, "a count"),
+    "unreadable": (lambda v: isinstance(v, str), "text"),
+}
+
+
+def marker_problem(rec: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a completion record read back (hand-edited, damaged,
+    another program's), or None: every field used is checked, so none is a crash later."""
+    for name, (ok, what) in _MARKER_FIELDS.items():
+        if name not in rec:
+            return f"no {name!r}"
+        if not ok(rec[name]):
+            return f"{name!r} is not {what}"
+    for name, (ok, what) in _OPTIONAL_FIELDS.items():
+        if name in rec and not ok(rec[name]):
+            return f"{name!r} is not {what}"
+    skipped = rec.get("skipped")
+    counts = skipped.get("counts") if isinstance(skipped, dict) else None
+    examples = skipped.get("examples") if isinstance(skipped, dict) else None
+    if not (
+        isinstance(counts, dict)
+        and isinstance(examples, dict)
+        and all(isinstance(k, str) and _count(v) for k, v in counts.items())
+        and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in examples.items()
+        )
+    ):
+        return "'skipped' is not counts and examples by reason"
+    return None
+
+
 class Staging:
     """The staging area of an output folder (``outdir.staged_name`` / ``outdir.marker_name``)."""
 
@@ -103,6 +153,18 @@ class Staging:
         if not isinstance(rec, dict):
             return None
         if rec.get("path") != pf.path or rec.get("limit") != pf.limit or rec.get("format") != STAGING_FORMAT:
+            return None
+        wrong = marker_problem(rec)
+        if wrong:
+            where = f"{self.out.location.rstrip('/')}/{marker_name(pf.key)}"
+            if where not in _WARNED:  # said once per process, however often it is read
+                _WARNED.add(where)
+                log.warning(
+                    "%s: its staging marker %s is damaged (%s): the file is not staged (a fetch stages it again)",
+                    pf.path,
+                    where,
+                    wrong,
+                )
             return None
         return rec if rec.get("staged_bytes") == self.out.size(staged_name(pf.key)) else None
 

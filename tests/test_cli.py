@@ -673,6 +673,42 @@ def test_finalize_over_staging_of_an_earlier_format_says_so_not_that_it_is_gone(
         bolmo_async.finalize(out, max_tokens_per_file=5000)
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"skipped": 5},
+        {"skipped": {"counts": {"invalid_json": "many"}, "examples": {}}},
+        {"skipped": {"counts": {}, "examples": {"invalid_json": "x.jsonl:3"}}},
+        {"documents": "12"},
+        {"tokens": True},
+        {"tokenizer_fingerprint": 7},
+        {"unreadable": ["why"]},
+        {"sha256": 5},
+        {"tokens": None},
+    ],
+)
+def test_a_hand_edited_staging_marker_is_named_with_its_fix_never_a_crash(tmp_path, mirror, edit):
+    """A marker read back is checked field by field: ``"skipped": 5`` ended finalize in
+    "unexpected AttributeError". The file is named with the fix (a fetch stages it again), and
+    the fetch does, giving the output of the untouched staging."""
+    out = tmp_path / "o"
+    done = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, progress=False)
+    marker = sorted((out / "staging").glob("*.json"))[0]
+    rec = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**rec, **edit}))
+    r = run_cli("finalize", "-o", str(out))
+    assert r.returncode == 1 and "unexpected" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert f"{rec['path']}: its staging marker" in r.stderr and "is not staged" in r.stderr, r.stderr
+    assert f"Run `bolmo-async fetch --output-dir {out}" in r.stderr, r.stderr
+    if edit == {"skipped": 5}:  # every marker: not "the staging is gone (--drop-staging removes it)"
+        for other in (out / "staging").glob("*.json"):
+            other.write_text(json.dumps({**json.loads(other.read_text()), **edit}))
+        r = run_cli("finalize", "-o", str(out))
+        assert r.returncode == 1 and "staging markers are damaged" in r.stderr and "gone" not in r.stderr, r.stderr
+    again = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, progress=False)
+    assert [s["xxh3_128"] for s in again["shards"]] == [s["xxh3_128"] for s in done["shards"]]
+
+
 def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     """After --drop-staging, finalize's advice used to include --allow-incomplete, which then wrote
     0 shards and an empty data_sources.txt over the finished output, exit 0."""
