@@ -893,3 +893,61 @@ def test_one_frame_per_document_is_a_real_file_and_decoded_whole(suffix):
     assert max(map(len, lines)) <= 70
     batches, skips = _decode(_frames(suffix, lines), ".jsonl" + suffix)
     assert sum(b.num_rows for b in batches) == 110_000 and not skips.counts
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_a_parquet_footer_over_the_cap_is_an_unreadable_file_never_parsed(tmp_path, fraction):
+    """pyarrow holds about 12 times a footer in memory once parsed (a file of 200,000 one-row row
+    groups: a 41 MB footer, 483 MiB, and 71 s to read). A footer over 16 MiB (here 42 MB of
+    key-value metadata, cheap to write) is told from the file's last 8 bytes, read whole or as a
+    prefix (it is never fetched then): an unreadable file, named with why, the others read."""
+    table = pa.table({"id": [f"p{i}" for i in range(1000)], "text": [f"parquet row {i}" for i in range(1000)]})
+    big = table.replace_schema_metadata({"note": "x" * (17 << 20)})
+    files = {"data/a/good.jsonl": NORMAL.encode() + b"\n"}
+    for name, t in (("data/b/big.parquet", big), ("data/c/fine.parquet", table)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink, row_group_size=100)
+        files[name] = sink.getvalue().to_pybytes()
+    assert int.from_bytes(files["data/b/big.parquet"][-8:-4], "little") > 16 << 20
+    repo = _repo_with(tmp_path, files)
+    with MirrorThread([repo]) as m:
+        code, err, peak = _largest_process_peak(
+            "prepare", "-o", str(tmp_path / "o"), "--endpoint", m.endpoint, "--data-fraction", str(fraction),
+            "--processes", "1", "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err[-3000:]
+    totals = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]
+    why = totals["unreadable_files"].get("data/b/big.parquet", "")
+    assert "parquet footer is 42 MB, over the 16 MiB" in why and "larger row groups" in why, totals
+    assert list(totals["unreadable_files"]) == ["data/b/big.parquet"]
+    assert totals["documents"] == {1.0: 1100, 0.5: 550}[fraction]  # the others whole, or their prefixes
+    assert peak < 250 << 20, f"a process peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.slow
+def test_75000_one_row_row_groups_under_the_footer_cap_are_read_in_seconds(tmp_path):
+    """Just under the footer cap (15 MB): a reader a row group (0.15 ms, plus a trip to a thread
+    each for a prefix) took 23 s whole and 46 s as a prefix, 436-468 MB at peak; consecutive
+    small row groups are now read as one (2.5 s, 280-320 MB), the same shards either way."""
+    n = 75_000
+    d = tmp_path / "repo" / "data" / "pq"
+    d.mkdir(parents=True)
+    table = pa.table({"id": [f"d{i}" for i in range(n)], "text": [f"document {i}" for i in range(n)]})
+    pq.write_table(table, d / "many.parquet", row_group_size=1)
+    (tmp_path / "repo" / "data" / "pq" / "small.jsonl").write_text(NORMAL + "\n")
+    sums = []
+    with MirrorThread([MirrorRepo(DEFAULT_REPO_ID, tmp_path / "repo")]) as m:
+        for fraction in ("1", "0.99"):
+            start = time.monotonic()
+            code, err, peak = _largest_process_peak(
+                "prepare", "-o", str(tmp_path / fraction), "--endpoint", m.endpoint, "--data-fraction", fraction,
+                "--processes", "1", "--no-progress",
+            )  # fmt: skip
+            took = time.monotonic() - start
+            assert code == 0, err[-3000:]
+            manifest = json.loads((tmp_path / fraction / "manifest.json").read_text())
+            assert manifest["totals"]["documents"] >= n and not manifest["totals"]["skipped_documents"]
+            assert took < 15, f"fraction {fraction}: {took:.0f} s"
+            assert peak < 400 << 20, f"a process peaked at {peak >> 20} MiB"
+            sums.append(manifest["totals"]["documents"])
+    assert sums[0] == n + 100
