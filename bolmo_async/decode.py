@@ -59,6 +59,11 @@ SMALL_FRAME = 16
 #: 128 KiB: 31 of them), handed out ``out_piece`` at a time.
 TINY_FRAME = 132
 
+#: Longest document id (UTF-8 bytes) taken: a longer one skips its document (``id_too_large``). An
+#: id is provenance, one line of a shard's .csv.gz; a 200 MB parquet id became a Python str (1.3 GB
+#: of peak RSS) and a 200 MB index line.
+MAX_ID_BYTES = 64 << 10
+
 BATCH_SCHEMA = pa.schema([("id", pa.string()), ("loc", pa.int64()), ("text", pa.large_string())])
 
 
@@ -223,7 +228,16 @@ def check_doc(
         return "lone_surrogate", "", ""
     if max_bytes and size > max_bytes:
         return "document_too_large", "", ""
-    return None, _doc_id(obj.get(id_field), path, loc), text
+    doc_id = _doc_id(obj.get(id_field), path, loc)
+    if id_too_large(doc_id):
+        return "id_too_large", "", ""
+    return None, doc_id, text
+
+
+def id_too_large(doc_id: str) -> bool:
+    """Whether ``doc_id`` is over ``MAX_ID_BYTES`` of UTF-8 (measured only when it may be)."""
+    n = len(doc_id)
+    return n > MAX_ID_BYTES or (n > MAX_ID_BYTES // 4 and len(doc_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES)
 
 
 class Docs:
@@ -542,7 +556,7 @@ class LineDecoder:
                     doc = fast(line)
                 except (msgspec.DecodeError, ValueError, RecursionError):
                     doc = None
-            if doc is not None and doc.text:
+            if doc is not None and doc.text and not (doc.id is not None and id_too_large(doc.id)):
                 ids.append(doc.id if doc.id is not None else f"{self.path}:{loc}")
                 text = doc.text
             else:
@@ -600,6 +614,8 @@ class LineDecoder:
         if not all(texts):
             return None  # an empty text: a skip, counted by the line-by-line path
         ids = [d.id for d in docs]
+        if any(i is not None and len(i) > MAX_ID_BYTES // 4 for i in ids):
+            return None  # maybe an id over the cap: a skip, counted by the line-by-line path
         if None in ids:
             ids = [f"{self.path}:{first + i}" if v is None else v for i, v in enumerate(ids)]
         return _batch(ids, list(range(first, first + n)), texts)
@@ -770,7 +786,7 @@ def parquet_batch(
         skips.add("missing_text", f"{path}: no {text_field!r} column", n=table.num_rows)
         return _empty_batch()
     texts = _texts(table.column(text_field), max_document_bytes or DEFAULT_MAX_DOCUMENT_BYTES)
-    ids = _texts(table.column(id_field)) if id_field in table.column_names else [None] * len(texts)
+    ids = _texts(table.column(id_field), MAX_ID_BYTES) if id_field in table.column_names else [None] * len(texts)
     out_ids, out_locs, out_texts = [], [], []
     for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
         loc = first_row + i + 1
@@ -779,6 +795,9 @@ def parquet_batch(
             continue
         if text is _TOO_LARGE:
             skips.add("document_too_large", f"{path}:row {loc}")
+            continue
+        if doc_id is _TOO_LARGE:
+            skips.add("id_too_large", f"{path}:row {loc}")
             continue
         rec = {id_field: None if doc_id is _INVALID else doc_id}
         if text is not None:
