@@ -980,3 +980,21 @@ def test_a_document_whose_id_is_over_64_kib_is_a_counted_skip(tmp_path):
 
     ids = sorted(row[2] for s in got["shards"] for row in read_index(s["csv"]))
     assert ids == sorted(["a" * cap, "short", "a" * cap, "list", "short"])
+
+
+def test_tiny_documents_are_staged_in_batches_of_bounded_count(tmp_path):
+    """Batches were coalesced by text bytes alone: 1-byte documents made staged batches of a
+    million, whose .csv.gz rows took finalize past 600 MB (10 million documents from a 12 KB
+    .zst: fetch 538 MB, finalize 836 MB; now 323 / 320 MB). A document now also counts 64 bytes."""
+    n = 500_000
+    data = zstandard.ZstdCompressor().compress(b'{"text":"a"}\n' * n)
+    repo = _repo_with(tmp_path, {"data/a/tiny.jsonl.zst": data})
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m:
+        got = bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=1.0, processes=1, progress=False)
+    assert got["totals"]["documents"] == n
+    (staged,) = (out / "staging").glob("*.arrow")
+    with pa.memory_map(str(staged)) as source:
+        reader = pa.ipc.open_file(source)
+        rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+    assert sum(rows) == n and max(rows) <= 200_000, rows  # a decode batch: up to 2 MiB of lines
