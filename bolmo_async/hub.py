@@ -171,6 +171,11 @@ class HubClient:
         async def attempt() -> T:
             try:
                 return await attempt_fn()
+            except aiohttp.TooManyRedirects as exc:  # (a renamed repo's one redirect is followed)
+                raise HubError(
+                    f"{what}: {URL(str(exc.request_info.real_url)).path} at {self.endpoint} redirects in a loop "
+                    f"(after {len(exc.history)} redirects); is --endpoint ({self.endpoint}) a Hub-compatible server?"
+                ) from exc
             except aiohttp.ClientConnectorError as exc:
                 # (a certificate that does not verify: ``retrying`` names it, whatever fail_fast says)
                 if not self.fail_fast or isinstance(exc, aiohttp.ClientConnectorCertificateError):

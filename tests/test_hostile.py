@@ -265,6 +265,22 @@ async def test_only_http_redirects_are_followed(aiohttp_server):
             await stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10)
 
 
+async def test_an_api_answer_redirecting_in_a_loop_is_one_clear_error(aiohttp_server):
+    """aiohttp follows an API answer's redirects (the Hub redirects a renamed repo) up to 10: a
+    server redirecting to itself ended the run in "unexpected TooManyRedirects"."""
+    app = web.Application()
+
+    async def itself(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.rel_url))
+
+    app.router.add_get("/{tail:.*}", itself)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(HubError, match=r"redirects in a loop .* is --endpoint .* a Hub"):
+            await client.resolve_commit("main")
+
+
 async def test_a_connection_broken_after_the_last_byte_is_verified_not_refetched(aiohttp_server):
     """The body is complete but the connection breaks before the response ends: the file is
     verified as it is (no `Range: bytes=size-` that would get 416)."""
