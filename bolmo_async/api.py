@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from inspect import signature as inspect_signature
@@ -148,7 +148,6 @@ async def _fetch_model_files(endpoint: str, repo_id: str, names: tuple[str, ...]
     (the repo has no such file) or its TokenizerError, raised by whoever asks for that file."""
     from .download import fetch_small
     from .hub import HubClient, make_session, read_token
-    from .retry import RetryPolicy
     from .tokenize import MAX_TOKENIZER_BYTES
 
     async def one(client: HubClient, name: str) -> bytes | None:
@@ -170,7 +169,7 @@ async def _fetch_model_files(endpoint: str, repo_id: str, names: tuple[str, ...]
                 "with `mirror serve --model-repo ID=FOLDER`."
             ) from exc
 
-    retry = RetryPolicy(max_attempts=4)
+    retry = _hub_retry(cap=4)
     try:
         async with make_session(2 * len(names), retry) as session:
             client = HubClient(
@@ -240,6 +239,31 @@ async def _check_listing(plan: Plan, endpoint: str) -> None:
         )
 
 
+#: This run's ``--retries`` and ``--read-timeout``, for its Hub API calls (the revision, the
+#: listing, the tokenizer's files) as for its downloads: a server that accepted connections and
+#: never answered held a run 8 attempts x 60 s (with backoff, 8.5 minutes) before its first word,
+#: whatever the flags said. Set by ``fetch`` and ``prepare`` (``_hub_calls``).
+_HUB_RETRY: contextvars.ContextVar[tuple[int, float]] = contextvars.ContextVar("hub_retry", default=(8, 60.0))
+
+
+def _hub_retry(cap: int = 0) -> Any:
+    """The ``RetryPolicy`` of this run's Hub API calls (``cap``: at most that many attempts)."""
+    from .retry import RetryPolicy
+
+    attempts, read_timeout = _HUB_RETRY.get()
+    return RetryPolicy(max_attempts=min(attempts, cap) if cap else attempts, read_timeout=read_timeout)
+
+
+@contextlib.contextmanager
+def _hub_calls(options: Mapping[str, Any]) -> Iterator[None]:
+    """``options``' --retries and --read-timeout for the Hub API calls made within (``_HUB_RETRY``)."""
+    token = _HUB_RETRY.set((int(options.get("retries", 8)), float(options.get("read_timeout", 60.0))))
+    try:
+        yield
+    finally:
+        _HUB_RETRY.reset(token)
+
+
 #: The tokenizer this run is loading (on a thread), raced against the repo listing: a bad
 #: tokenizer (missing file, not JSON, unknown repo) stops the run before the listing ends.
 _TOKENIZER_LOAD: contextvars.ContextVar[Future[Any] | None] = contextvars.ContextVar("tokenizer_load", default=None)
@@ -263,9 +287,8 @@ async def _list(endpoint: str, repo_id: str, revision: str, commit: str | None =
 
 async def _list_now(endpoint: str, repo_id: str, revision: str, commit: str | None) -> tuple[str, list[Any]]:
     from .hub import HubClient, data_files, make_session, read_token
-    from .retry import RetryPolicy
 
-    retry = RetryPolicy()
+    retry = _hub_retry()
     async with make_session(4, retry) as session:
         client = HubClient(session, endpoint=endpoint, repo_id=repo_id, token=read_token(), retry=retry, fail_fast=True)
         sha = commit or await client.resolve_commit(revision)
@@ -804,6 +827,7 @@ def _fetch(
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
     if tok_future is None:
         tok_future = loader.submit(
+            contextvars.copy_context().run,  # (this run's Hub call settings: ``_HUB_RETRY``)
             _tokenizer_spec,
             tokenizer,
             tokenizer_identifier,
@@ -1072,16 +1096,17 @@ def fetch(
                 worker[1],
             )
     try:
-        report = _fetch(
-            out,
-            force=force,
-            plan_options=plan_options,
-            worker=worker,
-            ray=ray,
-            ray_address=ray_address,
-            ray_tasks=ray_tasks,
-            **options,
-        )
+        with _hub_calls(options):
+            report = _fetch(
+                out,
+                force=force,
+                plan_options=plan_options,
+                worker=worker,
+                ray=ray,
+                ray_address=ray_address,
+                ray_tasks=ray_tasks,
+                **options,
+            )
     except TokenizerError as exc:
         hinted = None if force else _with_fetched_identifier(out, exc, options)
         if hinted is None:
@@ -1264,9 +1289,10 @@ def prepare(
                     max_tokens_per_file,
                 )
                 warn_short_shards(max_tokens_per_file)
-        tok_future, the_plan, listed = _plan_while_loading(
-            output_dir, out, repo_id, revision, endpoint, data_fraction, seed, force, sel, options
-        )
+        with _hub_calls(options):
+            tok_future, the_plan, listed = _plan_while_loading(
+                output_dir, out, repo_id, revision, endpoint, data_fraction, seed, force, sel, options
+            )
         if on_plan is not None:
             on_plan(the_plan)
     except BaseException as exc:
@@ -1274,15 +1300,16 @@ def prepare(
             pool.__exit__(type(exc), exc, exc.__traceback__)  # stops the workers
         raise
     try:
-        report = _fetch(
-            out,
-            endpoint=endpoint,
-            shard_bound=max_tokens_per_file,
-            listing_checked=listed,
-            tok_future=tok_future,
-            pool=pool,
-            **options,
-        )
+        with _hub_calls(options):
+            report = _fetch(
+                out,
+                endpoint=endpoint,
+                shard_bound=max_tokens_per_file,
+                listing_checked=listed,
+                tok_future=tok_future,
+                pool=pool,
+                **options,
+            )
     except BaseException as exc:
         # ``_fetch`` ends the pool once it holds it; an error or a stop before (its first lines:
         # a stop within milliseconds of plan.json) left it to the interpreter's exit, which ended
@@ -1332,6 +1359,7 @@ def _plan_while_loading(
     # before the plan table.
     loader = ThreadPoolExecutor(1, thread_name_prefix="bolmo-tokenizer")
     tok_future = loader.submit(
+        contextvars.copy_context().run,  # (this run's Hub call settings: ``_HUB_RETRY``)
         _tokenizer_spec,
         options.get("tokenizer", "byte"),
         options.get("tokenizer_identifier", DEFAULT_TOKENIZER_ID),

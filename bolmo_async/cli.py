@@ -615,8 +615,12 @@ VERIFY_PREFIXES = typer.Option(
     "Default: whole over plain http, only the prefix over https (TLS vouches for the bytes).",
     show_default=False,
 )
-RETRIES = typer.Option(8, "--retries", help="Attempts per file before it is reported failed.")
-READ_TIMEOUT = typer.Option(60.0, "--read-timeout", help="Seconds a download may stall before it is resumed.")
+RETRIES = typer.Option(
+    8, "--retries", help="Attempts per file (and per Hub API call: revision, listing) before it is reported failed."
+)
+READ_TIMEOUT = typer.Option(
+    60.0, "--read-timeout", help="Seconds a download (or a Hub API call) may stall before it is resumed (retried)."
+)
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
 NO_PROGRESS = typer.Option(
     False,

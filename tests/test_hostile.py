@@ -1014,3 +1014,47 @@ def test_tiny_documents_are_staged_in_batches_of_bounded_count(tmp_path):
         reader = pa.ipc.open_file(source)
         rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     assert sum(rows) == n and max(rows) <= 200_000, rows  # a decode batch: up to 2 MiB of lines
+
+
+@pytest.mark.parametrize("command", ["fetch", "prepare"])
+def test_a_hub_that_never_answers_is_given_the_runs_read_timeout_and_retries(tmp_path, command):
+    """An endpoint that accepts connections and never answers (a hung proxy, a Hub under an
+    outage): the revision and listing calls took a fixed 8 attempts x 60 s, so the run said
+    nothing for 8.5 minutes whatever --read-timeout and --retries said. They are this run's: two
+    attempts of 1 s here, then one line naming the endpoint."""
+    import socket
+    import threading
+
+    from .helpers import run_cli
+
+    held: list[socket.socket] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # read nothing, answer nothing
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        args = ["-o", str(tmp_path / "o"), "--endpoint", endpoint, "--read-timeout", "1", "--retries", "2"]
+        r = run_cli(command, *args, "--data-fraction", "0.1", "--no-progress", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+        for c in held:
+            c.close()
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and endpoint in r.stderr, r.stderr
+    assert took < 60, f"{took:.0f} s: the listing did not take the run's --read-timeout 1 --retries 2"
