@@ -580,7 +580,7 @@ def _tokenizer_differences(prev: dict[str, Any], now: dict[str, Any], share: boo
             if as_ids_here
             else "it was fetched with --special-tokens-as-ids, this run without it"
         )
-    flags = tokenizer_flags(prev) + (["--eos-token-id", str(prev.get("eos_token_id"))] if eos_differs else [])
+    flags = tokenizer_flags(prev)  # (its --eos-token-id too)
     reset = "" if share else ", or --force to reset this one"
     go_on = f"Fetch with {shlex.join(flags)}" + (" and without --special-tokens-as-ids" if as_ids_here else "")
     return "; ".join(said) + f". {go_on} to go on with it (as it was fetched), or use another --output-dir{reset}."

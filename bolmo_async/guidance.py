@@ -387,6 +387,10 @@ def tokenizer_flags(tokenizer: Mapping[str, Any] | None) -> list[str]:
     flags = ["--tokenizer", "subword"]
     if tokenizer.get("identifier"):
         flags += ["--tokenizer-identifier", str(tokenizer["identifier"])]
+    if isinstance(tokenizer.get("eos_token_id"), int):
+        # Always said: whether it was the tokenizer's own EOS or one chosen by --eos-token-id is
+        # not recorded, and a fetch without the chosen one is refused (another EOS).
+        flags += ["--eos-token-id", str(tokenizer["eos_token_id"])]
     if tokenizer.get("special_tokens_as_text") is False:
         flags.append("--special-tokens-as-ids")
     return flags

@@ -424,7 +424,8 @@ def test_a_share_whose_tokenizer_cannot_be_had_is_told_the_folders(mirror, tmp_p
         )
     said = str(info.value)
     assert "allenai/no-such-tok not found" in said
-    assert f"pass --tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))} to go on with it" in said
+    assert f"pass --tokenizer subword --tokenizer-identifier {shlex.quote(str(DOLMA2))} --eos-token-id" in said
+    assert "to go on with it" in said
 
 
 def test_inspect_before_finalize_names_the_step_that_is_missing(mirror, tmp_path):
@@ -579,7 +580,7 @@ def test_a_share_refused_for_its_tokenizer_flags_is_told_which_differ(mirror, tm
         (
             ["--special-tokens-as-ids"],
             "it was fetched without --special-tokens-as-ids, this run has it",
-            f"Fetch with --tokenizer subword --tokenizer-identifier {tok} and without --special-tokens-as-ids",
+            f"Fetch with --tokenizer subword --tokenizer-identifier {tok} --eos-token-id 6 and without --special-tokens-as-ids",
         ),
         (
             ["--eos-token-id", "5"],
@@ -618,4 +619,25 @@ def test_finalize_names_the_shares_that_are_missing(mirror, tmp_path, caplog):
         bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), processes=1, progress=False)
     assert any("--worker I/3" in r.getMessage() and "0/2" in r.getMessage() for r in caplog.records), caplog.text
     bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(1, 3), processes=1, progress=False)
+    assert bolmo_async.finalize(out)["complete"]
+
+
+def test_the_fetch_finalize_names_keeps_the_shares_eos_token_id(mirror, tmp_path):
+    """Shares fetched with --eos-token-id (not the tokenizer's own EOS): the fetch that finalize and
+    inspect name for the missing share left it out, so the command as printed was refused ("EOS 5
+    there, 6 here (--eos-token-id)"). Whether the EOS was chosen is not recorded: it is always said."""
+    tok = tmp_path / "tok.json"
+    tok.write_text(readme_bpe_json())
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(
+        out, endpoint=mirror.endpoint, worker=(0, 2), tokenizer="subword", tokenizer_identifier=str(tok),
+        eos_token_id=5, processes=1, progress=False,
+    )  # fmt: skip
+    for step in ("finalize", "inspect"):
+        r = run_cli(step, "-o", str(out))
+        hint = re.search(r"run `(bolmo-async fetch [^`]+ --worker 1/2)` again", r.stderr)
+        assert r.returncode == 1 and hint, r.stderr
+    r = run_cli(*shlex.split(hint.group(1))[1:], "--processes", "1", "--no-progress")  # as printed
+    assert r.returncode == 0, r.stderr
     assert bolmo_async.finalize(out)["complete"]
