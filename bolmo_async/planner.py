@@ -213,6 +213,11 @@ def save_plan(plan: Plan, out: OutputDir) -> None:
     data = plan.to_json()
     data["digest"] = _digest(data)
     out.write_text(PLAN, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    if recorded_shares(out, plan) is None:
+        # Another plan's share count goes with it (a plan of other files, without --force): left
+        # there, each share of the next job array failed its conditional create and wrote its own
+        # N over it, so shares of two splits started at once were never told they overlap.
+        out.remove(SHARES)
 
 
 def load_plan(out: OutputDir) -> Plan | None:

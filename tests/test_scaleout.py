@@ -9,7 +9,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -641,3 +643,35 @@ def test_the_fetch_finalize_names_keeps_the_shares_eos_token_id(mirror, tmp_path
     r = run_cli(*shlex.split(hint.group(1))[1:], "--processes", "1", "--no-progress")  # as printed
     assert r.returncode == 0, r.stderr
     assert bolmo_async.finalize(out)["complete"]
+
+
+def test_shares_of_two_splits_after_a_new_plan_are_told_they_overlap(mirror, tmp_path):
+    """A plan of other files (another --data-fraction, no --force: the staging is kept) left the
+    shares.json of the previous plan: every share of the new job array found a record not of its
+    plan, its conditional create refused, and wrote its own N over it unconditionally, so shares of
+    two splits started at once (I/3 and I/4) were never told that they overlap (the last one wins)."""
+    from bolmo_async.outdir import SHARES
+    from bolmo_async.planner import record_shares, recorded_shares
+
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 2), processes=1, progress=False)
+    assert (out / SHARES).exists()
+    for k in range(6):
+        plan = bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=(0.3, 0.5)[k % 2])
+        assert not (out / SHARES).exists()  # (the previous plan's record goes with it)
+        start = threading.Barrier(2)
+        told: dict[int, int | None] = {}
+
+        def share(n: int, plan: Any = plan, start: Any = start, told: Any = told) -> None:
+            o = open_output(out)
+            start.wait()
+            told[n] = record_shares(o, plan, n)
+
+        threads = [threading.Thread(target=share, args=(n,)) for n in (3, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        kept = recorded_shares(open_output(out), plan)
+        assert kept in (3, 4) and told == {kept: None, 7 - kept: kept}, (k, kept, told)
