@@ -50,9 +50,10 @@ MAX_BAD_LINES = 100_000
 #: context (``TINY_FRAME``; 2.5 us a gzip member): a 750 MB file of empty 9-byte frames would hold a
 #: decoding slot for minutes (20 with a new decompressor a frame) for nothing. Real files have a
 #: few frames of megabytes (``zstd``, ``pzstd``, ``gzip``, a ``cat`` of such files); even an odd
-#: writer's one frame per JSON line holds a line of 16 bytes or more (``{"text":"ab"}``).
+#: writer's one frame per JSON line holds a line of 10 bytes or more (``{"t":"a"}`` and its newline,
+#: with ``--text-field t``; ``{"text":"ab"}`` is 14: 16 refused such a file past 100,000 lines).
 MAX_SMALL_FRAMES = 100_000
-SMALL_FRAME = 16
+SMALL_FRAME = 8
 #: A complete zstd frame of at most this many bytes is decompressed at once by a reused context
 #: (``Decompressor._tiny_frames``): its output is under 4 MiB (4 bytes of magic and 1 of header,
 #: then blocks of a 3-byte header each, one that gives output at least 4 bytes long and at most
