@@ -7,8 +7,9 @@ streams (tiny and large frames mixed, empty, skippable and checksummed frames, f
 by block, lines cut across frames), damaged or not (truncated, bit-flipped, garbage between or
 after frames), fed in random slices with a random ``out_piece``. The two trees must give the same
 output bytes and the same error (type, message, output before it), and the same documents and
-skips through ``LineDecoder``. Every ``read`` must stay within ``out_piece``. Differences are printed
-with the case's seed (``--only SEED`` reruns one) and the exit status is 1.
+skips through ``LineDecoder`` (a prefix read, ``limit``, in some cases). Every ``read`` must stay
+within ``out_piece``. Differences are printed with the case's seed (``--only SEED`` reruns one)
+and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def make_case(seed: int) -> dict:
         sizes.append(n)
         left -= n
     out_piece = rng.choice([1 << 20, 1 << 15, 4096, 333])
-    return {"seed": seed, "suffix": ".jsonl." + kind, "blob": blob, "sizes": sizes, "out_piece": out_piece}
+    limit = rng.randint(1, len(blob)) if blob and rng.random() < 0.3 else None  # a prefix read
+    return {
+        "seed": seed, "suffix": ".jsonl." + kind, "blob": blob, "sizes": sizes, "out_piece": out_piece, "limit": limit,
+    }  # fmt: skip
 
 
 # -- one tree --------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def run_case(case: dict) -> dict:
         err = (type(exc).__name__, str(exc))
     res["dec"] = (h.hexdigest(), n, err, too_big)
     skips = SkipCounter()
-    ld = LineDecoder("f" + case["suffix"], case["suffix"], skips)
+    ld = LineDecoder("f" + case["suffix"], case["suffix"], skips, limit=case.get("limit"))
     docs = hashlib.sha256()
     count, pos = 0, 0
     for size in sizes:
