@@ -1,6 +1,6 @@
 """Differential fuzz of ``decode.Decompressor`` / ``decode.LineDecoder`` between two source trees.
 
-    python scripts/fuzz_decompressor.py --old /path/to/tree_a --new /path/to/tree_b [--cases N] [--seed S]
+    python bench/fuzz_decompressor.py --old /path/to/tree_a --new /path/to/tree_b [--cases N] [--seed S]
 
 Each tree is imported in its own subprocess (PYTHONPATH=tree): random multi-frame zstd / gzip
 streams (tiny and large frames mixed, empty, skippable and checksummed frames, frames built block
@@ -83,7 +83,9 @@ def make_case(seed: int) -> dict:
             frames.append(_skippable(rng) if kind == "zst" else gzip.compress(b""))
         if rng.random() < 0.1:
             frames.append(_zstd_frame(rng, b"") if kind == "zst" else gzip.compress(b""))
-        frames.append(_zstd_frame(rng, seg) if kind == "zst" else gzip.compress(seg, compresslevel=rng.choice([1, 6, 9])))
+        frames.append(
+            _zstd_frame(rng, seg) if kind == "zst" else gzip.compress(seg, compresslevel=rng.choice([1, 6, 9]))
+        )
     blob = bytearray(b"".join(frames))
     damage = rng.random()
     if damage < 0.15 and len(blob) > 1:
@@ -195,7 +197,9 @@ def main() -> int:
         for name, tree in (("old", args.old), ("new", args.new)):
             out = os.path.join(tmp, name + ".pkl")
             env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-            subprocess.run([sys.executable, __file__, "--old", "-", "--new", "-", "--worker", case_file, out], env=env, check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--old", "-", "--new", "-", "--worker", case_file, out], env=env, check=True
+            )
             with open(out, "rb") as f:
                 got[name] = pickle.load(f)
             print(f"{name}: {got[name]['module']}")
@@ -206,7 +210,9 @@ def main() -> int:
         for part in ("dec", "lines"):
             if a[part] != b[part]:
                 bad += 1
-                print(f"DIFF seed={s} {part} suffix={case['suffix']} len={len(case['blob'])} out_piece={case['out_piece']}")
+                print(
+                    f"DIFF seed={s} {part} suffix={case['suffix']} len={len(case['blob'])} out_piece={case['out_piece']}"
+                )
                 print(f"  old: {a[part]}")
                 print(f"  new: {b[part]}")
         for name, r in (("old", a), ("new", b)):
