@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import heapq
 import json
 from collections import defaultdict
 from typing import Any
@@ -275,9 +276,12 @@ def missing_shares(out: OutputDir, plan: Plan, missing: list[str]) -> tuple[int,
     n = recorded_shares(out, plan)
     if n is None or not missing:
         return None
-    gone = set(missing)
-    shares = {i: sum(1 for f in files if f.path in gone) for i, files in enumerate(assign_workers(plan, n))}
-    return n, {i: k for i, k in shares.items() if k}
+    owner = _owners(plan, n)
+    shares: dict[int, int] = defaultdict(int)
+    for path in set(missing):
+        if path in owner:
+            shares[owner[path]] += 1
+    return n, dict(shares)
 
 
 def missing_shares_said(out: OutputDir, plan: Plan, missing: list[str], fetch: str) -> str | None:
@@ -319,21 +323,35 @@ def parse_worker(spec: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def assign_workers(plan: Plan, n: int) -> list[list[PlannedFile]]:
-    """A stable split of the plan's files into ``n`` shares balanced by bytes.
-
-    Greedy largest-first onto the least-loaded share (ties: lowest index; files ordered by size,
-    then path). It depends only on the plan and ``n``, never on which workers run or when.
-    Each share keeps plan order.
-    """
+def _owners(plan: Plan, n: int) -> dict[str, int]:
+    """The share (of ``n``) that owns each planned path: greedy largest-first onto the least-loaded
+    share (ties: lowest index; files ordered by size, then path). It depends only on the plan and
+    ``n``, never on which workers run or when. A file always goes to a share whose index is at
+    most the number of files placed before it (every share above has load 0 and a higher index),
+    so only the first min(n, files) shares can own any: a heap of those, O(files log files)
+    whatever ``n`` (a min() over every share for each file took files x N: minutes and N memory for
+    ``--worker 0/1000000000``, in every share, finalize and inspect)."""
     if n < 1:
         raise UsageError("the number of workers must be at least 1")
-    loads = [0] * n
+    heap = [(0, k) for k in range(min(n, len(plan.files)))]  # (load, share): a heap already
     owner: dict[str, int] = {}
     for f in sorted(plan.files, key=lambda f: (-f.planned_bytes, f.path)):
-        w = min(range(n), key=lambda k: (loads[k], k))
-        owner[f.path] = w
-        loads[w] += f.planned_bytes
+        load, k = heapq.heappop(heap)
+        owner[f.path] = k
+        heapq.heappush(heap, (load + f.planned_bytes, k))
+    return owner
+
+
+def share_files(plan: Plan, n: int, index: int) -> list[PlannedFile]:
+    """The planned files of share ``index`` of ``n`` (``_owners``), in plan order."""
+    owner = _owners(plan, n)
+    return [f for f in plan.files if owner[f.path] == index]
+
+
+def assign_workers(plan: Plan, n: int) -> list[list[PlannedFile]]:
+    """A stable split of the plan's files into ``n`` shares balanced by bytes (``_owners``); each
+    share keeps plan order. (``n`` lists: one share's files alone, ``share_files``.)"""
+    owner = _owners(plan, n)
     shares: list[list[PlannedFile]] = [[] for _ in range(n)]
     for f in plan.files:
         shares[owner[f.path]].append(f)

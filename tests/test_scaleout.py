@@ -22,7 +22,7 @@ from bolmo_async.errors import StateError, UsageError
 from bolmo_async.mirror import FaultConfig, MirrorThread
 from bolmo_async.models import RepoFile
 from bolmo_async.outdir import open_output
-from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_worker
+from bolmo_async.planner import assign_workers, load_plan, make_plan, parse_worker, save_plan, share_files
 from bolmo_async.staging import Staging
 
 from .conftest import DOLMA2, needs_dolma2
@@ -47,6 +47,47 @@ def test_assignment_is_a_balanced_stable_partition(sizes, n):
         assert [order[f.path] for f in share] == sorted(order[f.path] for f in share)  # plan order kept
     loads = [sum(f.planned_bytes for f in share) for share in shares]
     assert max(loads) - min(loads) <= max(f.planned_bytes for f in plan.files)  # greedy balance bound
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 10_000), min_size=1, max_size=40), st.integers(1, 70))
+def test_the_split_is_the_greedy_one_over_every_share_whatever_n(sizes, n):
+    """``_owners`` keeps a heap of only the shares that can own a file (at most one per file):
+    the same split as the greedy choice over all ``n`` shares (written out here), shares beyond
+    the files (n > files: a job array larger than the plan) empty."""
+    files = [RepoFile(f"s{i % 3}/f{i:03d}.jsonl.zst", size, "o") for i, size in enumerate(sizes)]
+    plan = make_plan(
+        files, data_fraction=1.0, seed=1, repo_id="a/b", revision="main", commit="0" * 40, listing_digest="x"
+    )
+    loads, want = [0] * n, {}
+    for f in sorted(plan.files, key=lambda f: (-f.planned_bytes, f.path)):
+        w = min(range(n), key=lambda k: (loads[k], k))
+        want[f.path] = w
+        loads[w] += f.planned_bytes
+    shares = assign_workers(plan, n)
+    assert len(shares) == n
+    assert {f.path: i for i, share in enumerate(shares) for f in share} == want
+    assert all(share_files(plan, n, i) == shares[i] for i in range(n))
+
+
+def test_a_share_of_a_huge_job_array_is_found_without_a_pass_over_every_share(tmp_path):
+    """``--worker 5/1000000000`` (a typo, or N from the wrong variable): its files, and finalize's
+    naming of missing shares, without N time or memory (they took minutes, and N memory, in
+    every share, finalize and inspect)."""
+    from bolmo_async.planner import missing_shares, record_shares
+
+    files = [RepoFile(f"s/f{i:03d}.jsonl.zst", 1000 + i, "o") for i in range(50)]
+    plan = make_plan(
+        files, data_fraction=1.0, seed=1, repo_id="a/b", revision="main", commit="0" * 40, listing_digest="x"
+    )
+    n = 10**9
+    assert share_files(plan, n, 5) == [f for f in plan.files if f.path == "s/f044.jsonl.zst"]  # 6th largest
+    assert share_files(plan, n, 10**8) == []
+    out = open_output(tmp_path / "o")
+    out.create()
+    save_plan(plan, out)
+    record_shares(out, plan, n)
+    assert missing_shares(out, plan, ["s/f049.jsonl.zst", "s/f000.jsonl.zst"]) == (n, {0: 1, 49: 1})
 
 
 @pytest.mark.parametrize("bad", ["1", "2/2", "-1/3", "a/b", "0/0"])
