@@ -33,6 +33,7 @@ except ImportError:
 
 from .errors import DecodeError, StreamError, TooManyFrames, UsageError
 from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
+from .util import human_bytes
 
 #: Compressed bytes decompressed at a time, at offsets that are multiples of it.
 FEED_SLICE = 64 * 1024
@@ -45,6 +46,10 @@ BATCH_BYTES = 1 << 20
 #: file that gave a hundred times fewer documents is not decoded further: a bomb of short bad lines
 #: (``x`` on a billion lines, from a few KB) would otherwise take hours.
 MAX_BAD_LINES = 100_000
+#: The same in bytes of such lines: a few large ones (objects of 100,000 keys and no text, parsed
+#: by ``json`` to name the reason: ~10 MB/s) are as slow per byte, and far fewer than
+#: ``MAX_BAD_LINES`` of them fill gigabytes.
+MAX_BAD_BYTES = 256 << 20
 #: Frames (gzip members) after which a stream whose frames gave under ``SMALL_FRAME`` decompressed
 #: bytes each on average is not decoded further. A frame costs 1.4 us even read by a reused
 #: context (``TINY_FRAME``; 2.5 us a gzip member): a 750 MB file of empty 9-byte frames would hold a
@@ -322,12 +327,15 @@ class LineDecoder:
         text_field: str = "text",
         id_field: str = "id",
         max_bad_lines: int = MAX_BAD_LINES,
+        max_bad_bytes: int = MAX_BAD_BYTES,
     ):
         self.path = path
         self.skips = skips
         self.limit = limit
         self.max_bad_lines = max_bad_lines
+        self.max_bad_bytes = max_bad_bytes
         self._bad_lines = 0  # lines the per-line path skipped
+        self._bad_bytes = 0  # and their bytes
         self._gave_up = False  # too many of them: the rest of the file is not decoded
         self.batch_bytes = batch_bytes
         self.max_document_bytes = max_document_bytes or DEFAULT_MAX_DOCUMENT_BYTES
@@ -565,11 +573,14 @@ class LineDecoder:
                 if reason:
                     self.skips.add(reason, f"{self.path}:{loc}")
                     self._bad_lines += 1
-                    if self._bad_lines > self.max_bad_lines and self._bad_lines > 100 * (self.documents + len(texts)):
+                    self._bad_bytes += len(line)
+                    if (
+                        self._bad_lines > self.max_bad_lines or self._bad_bytes > self.max_bad_bytes
+                    ) and self._bad_lines > 100 * (self.documents + len(texts)):
                         self.skips.add(
                             "too_many_bad_lines",
-                            f"{self.path}: not decoded past line {loc}: {self._bad_lines} of its lines were not "
-                            f"documents, {self.documents + len(texts)} were",
+                            f"{self.path}: not decoded past line {loc}: {self._bad_lines} of its lines "
+                            f"({human_bytes(self._bad_bytes)}) were not documents, {self.documents + len(texts)} were",
                         )
                         self._gave_up = True
                         break

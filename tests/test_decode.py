@@ -382,6 +382,25 @@ def test_a_flood_of_short_bad_lines_stops_decoding_the_file():
     assert skips.counts == {"invalid_json": 3000}
 
 
+def test_a_few_huge_lines_that_are_not_documents_stop_decoding_the_file_too():
+    """Objects of thousands of keys and no text: each is parsed by ``json`` to name its reason
+    (~10 MB/s), so far fewer than ``max_bad_lines`` of them (2 GiB from a few MB of zstd) held a
+    slot for minutes. Past ``max_bad_bytes`` of such lines with a hundred times fewer documents,
+    the file is not decoded further; a file with the same lines among documents is untouched."""
+    line = json.dumps({f"k{i}": i for i in range(3000)}).encode() + b"\n"
+    skips = SkipCounter()
+    dec = LineDecoder("f.jsonl", ".jsonl", skips, max_bad_bytes=1 << 20, batch_bytes=2000)
+    docs = [t for b in [*dec.feed(line * 200 + b'{"text": "late"}\n'), *dec.finish()] for t in b.texts]
+    assert docs == [] and skips.counts["too_many_bad_lines"] == 1
+    assert skips.counts["missing_text"] == (1 << 20) // (len(line) - 1) + 1 < 200  # (its newline not counted)
+    assert "not decoded past line" in skips.examples["too_many_bad_lines"][0]
+    mixed = (line + b'{"text": "ok"}\n') * 200
+    skips = SkipCounter()
+    dec = LineDecoder("f.jsonl", ".jsonl", skips, max_bad_bytes=1 << 20, batch_bytes=2000)
+    assert sum(b.num_rows for b in [*dec.feed(mixed), *dec.finish()]) == 200
+    assert skips.counts == {"missing_text": 200}
+
+
 def test_a_bomb_of_short_bad_lines_ends_within_seconds():
     """256 MiB of ``x`` lines (134M lines, from a few KB): stopped after a hundred thousand of them."""
     size, grew, docs, got = _decode_bomb("tiny", 256, ".jsonl.zst")

@@ -746,7 +746,7 @@ def _write_bomb(path: Path, shape: str, mib: int) -> None:
         ("nl.jsonl.zst", "newlines", {"blank_line": 2 << 30}),
         ("nl.jsonl.gz", "newlines", {"blank_line": 2 << 30}),
         ("line.jsonl.zst", "spaces", {"document_too_large": 1}),
-        ("bad.jsonl.gz", "invalid", {"invalid_json": 2048}),
+        ("bad.jsonl.gz", "invalid", {"invalid_json": 257, "too_many_bad_lines": 1}),  # (stopped at 256 MiB)
     ],
 )
 def test_a_2_gib_decompression_bomb_is_skipped_within_memory_and_a_minute(tmp_path, name, shape, skips):
