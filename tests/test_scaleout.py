@@ -275,6 +275,29 @@ def _wait_for(path, proc, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def test_finalize_while_shares_run_says_to_wait_for_them(repos, tmp_path):
+    """finalize (or prepare, fetch) while `fetch --worker` shares run: told the shares are running
+    and that it runs once they have ended, not "use another --output-dir" (the shares' own folder)."""
+    out = tmp_path / "o"
+    with _slow(repos) as m:
+        assert run_cli("plan", "-o", str(out), "--endpoint", m.endpoint, "--data-fraction", "0.3").returncode == 0
+        share = subprocess.Popen(
+            cli("fetch", "-o", str(out), "--endpoint", m.endpoint, "--worker", "0/2", "--no-progress"),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(out / "run.json", share)
+            r = run_cli("finalize", "--output-dir", str(out))
+            assert share.poll() is None, "the share must still run for this test to mean anything"
+        finally:
+            share.kill()
+            finish(share, 60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "`fetch --worker` shares are running" in last and "--output-dir" not in last, last
+
+
 @pytest.mark.slow
 def test_a_second_run_in_a_busy_folder_is_refused_at_once(repos, tmp_path):
     """Two runs in one output folder would stage and write the same files: the second one stops

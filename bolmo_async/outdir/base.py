@@ -47,6 +47,20 @@ DOCUMENTS = (PLAN, RUN_STATE, SHARES, MANIFEST, DATA_SOURCES, TOKENIZER)
 MAX_NAME_BYTES = 200
 
 
+def busy_message(location: str, who: str | None, note: str = "") -> str:
+    """Why this run cannot take the folder's lock: ``who`` holds it ("shares": `fetch --worker`
+    shares of its plan, which run until each has ended; another name or None: another run)."""
+    if who == "shares":
+        return (
+            f"`fetch --worker` shares are running in {location}: this command runs once they have all ended "
+            f"(only shares of one plan run together; finalize then names any share to run again).{note}"
+        )
+    return (
+        f"another bolmo-async run{f' ({who})' if who else ''} is using {location}. Wait for it to finish or stop "
+        f"it, or use another --output-dir (only --worker shares of one plan may run together).{note}"
+    )
+
+
 def shard_name(i: int) -> str:
     return f"{SHARD_PREFIX}{i:05d}.npy"
 

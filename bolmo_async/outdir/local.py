@@ -40,6 +40,7 @@ from .base import (
     STAGING,
     NewFile,
     OutputDir,
+    busy_message,
     fit_name,
 )
 
@@ -512,10 +513,8 @@ class LocalDir(OutputDir):
                 fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                who = f"process {holder}" if holder.isdigit() else "`fetch --worker` shares"
                 raise StateError(
-                    f"another bolmo-async run ({who}) is using {self.root}. Wait for it to finish or stop it, "
-                    "or use another --output-dir (only --worker shares of one plan may run together)."
+                    busy_message(str(self.root), f"process {holder}" if holder.isdigit() else "shares")
                 ) from None
             except OSError:
                 locked = False  # no flock here: unlocked

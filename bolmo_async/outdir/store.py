@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 from ..errors import OutputError, Retry, StateError, UsageError
 from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
-from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, fit_name
+from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, busy_message, fit_name
 from .local import _FULL, _REFUSED, LocalNewFile, translate
 
 log = logging.getLogger("bolmo_async")
@@ -748,23 +748,19 @@ class StoreDir(OutputDir):
             yield
             return
         mine = f"{SHARES}/{self._holder.replace(':', '-')}" if shared else LOCK
-        busy = StateError(
-            f"another bolmo-async run is using {self.location}. Wait for it to finish or stop it, or use another "
-            f"--output-dir (only --worker shares of one plan may run together). A killed run's lock expires "
-            f"{LEASE:g} s after it died."
-        )
+        expires = f" A killed run's lock expires {LEASE:g} s after it died."
         if shared:
             self._put(self.key(mine), self._lease_body())
             _heartbeat().add(self, self.key(mine), self._lease_body())
             if self._fresh(LOCK) is not None:
                 self._release(mine)
-                raise busy
+                raise StateError(busy_message(self.location, None, expires))
         else:
             if not self._acquire(LOCK):
-                raise busy
+                raise StateError(busy_message(self.location, None, expires))
             if any(self._fresh(n) is not None for n, _ in self._names(SHARES)):
                 self._release(LOCK)
-                raise busy
+                raise StateError(busy_message(self.location, "shares", expires))
         with _held_guard:
             _held_locks.add((self.location, self._holder))
         try:
