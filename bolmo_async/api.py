@@ -703,6 +703,21 @@ def validate_fetch_options(
 SMALL_PLAN_BYTES = 1 << 20
 
 
+def _record_split(out: OutputDir, plan: Plan, worker: tuple[int, int]) -> None:
+    """A share the folder took records its N (``planner.record_shares``), warned when the shares
+    before it were of another split."""
+    if (other := record_shares(out, plan, worker[1])) is not None:
+        log.warning(
+            "%s: its shares were started as --worker I/%d; this one is %d/%d, of another split of the plan: "
+            "it overlaps theirs and leaves files to none of them (finalize names what is missing). Give every "
+            "share the same N",
+            out,
+            other,
+            worker[0],
+            worker[1],
+        )
+
+
 def _small(plan: Plan) -> bool:
     return sum(pf.planned_bytes for pf in plan.files) < SMALL_PLAN_BYTES
 
@@ -887,6 +902,8 @@ def _fetch(
             info = dataclasses.replace(info, engine="tokenizers")
             spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
         _check_state(out, info, force, share=worker is not None)
+        if worker is not None:  # (a share the folder refused, pointed at another run's, records nothing)
+            _record_split(out, the_plan, worker)
         if spec_tok.source is not None and out.read_text(TOKENIZER) != spec_tok.source.json_text:
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
@@ -1085,16 +1102,6 @@ def fetch(
                 "(with the plan options) once, then the shares."
             )
         plan_options = {}
-        if (other := record_shares(out, existing, worker[1])) is not None:
-            log.warning(
-                "%s: its shares were started as --worker I/%d; this one is %d/%d, of another split of the plan: "
-                "it overlaps theirs and leaves files to none of them (finalize names what is missing). Give every "
-                "share the same N",
-                out,
-                other,
-                worker[0],
-                worker[1],
-            )
     try:
         with _hub_calls(options):
             report = _fetch(

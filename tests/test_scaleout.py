@@ -739,3 +739,22 @@ def test_shares_of_two_splits_after_a_new_plan_are_told_they_overlap(mirror, tmp
             t.join(30)
         kept = recorded_shares(open_output(out), plan)
         assert kept in (3, 4) and told == {kept: None, 7 - kept: kept}, (k, kept, told)
+
+
+def test_a_share_the_folder_refuses_records_no_split(mirror, tmp_path):
+    """A share pointed at a folder fetched with another tokenizer (another run's folder) is
+    refused; it recorded its N in that folder's shares.json first, so the folder's finalize then
+    named shares of a job array that never ran there."""
+    from bolmo_async.outdir import SHARES
+
+    out = tmp_path / "o"
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.05, processes=1, progress=False)
+    (tmp_path / "tok.json").write_text(readme_bpe_json())
+    with pytest.raises(StateError):
+        bolmo_async.fetch(
+            out, endpoint=mirror.endpoint, worker=(0, 3), tokenizer="subword",
+            tokenizer_identifier=str(tmp_path / "tok.json"), processes=1, progress=False,
+        )  # fmt: skip
+    assert not (out / SHARES).exists()
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 3), processes=1, progress=False)
+    assert (out / SHARES).exists()  # (a share it takes records its split)
