@@ -187,7 +187,8 @@ class HubClient:
 
         def fail(reason: str, n: int) -> HubError:
             return HubError(
-                f"{what}: {reason} after {n} attempts; check the network and --endpoint, or try again later."
+                f"{what}: {reason} after {n} attempts; check the network and --endpoint ({self.endpoint}), "
+                "or try again later."
             )
 
         return await retrying(self.retry, what, attempt, fail=fail)
