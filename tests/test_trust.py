@@ -319,3 +319,25 @@ def test_a_worker_killed_while_writing_shards_leaves_no_temporaries_behind(mirro
     assert f"(pid {pid}) was killed by SIGKILL" in err and "Traceback" not in err
     left = [n for d in (out, out / "staging") for n in os.listdir(d) if f".{pid}-" in n]
     assert left == []
+
+
+@pytest.mark.parametrize("how", ["--endpoint", "HF_ENDPOINT"])
+def test_an_endpoint_carrying_a_password_is_refused_without_saying_it(mirror, tmp_path, how):
+    """`--endpoint http://user:PASSWORD@host` (or HF_ENDPOINT): the endpoint is said back in
+    progress lines and errors and written into plan.json, so the password went wherever the
+    endpoint is named. Refused in one line that names the fix and never says the password."""
+    secret = "s3cr3t-pw-9f2c"
+    host = mirror.endpoint.removeprefix("http://")
+    url = f"http://someone:{secret}@{host}"
+    env = {**os.environ, "HF_ENDPOINT": url} if how == "HF_ENDPOINT" else None
+    args = ["--endpoint", url] if how == "--endpoint" else []
+    r = subprocess.run(
+        cli("prepare", "-o", str(tmp_path / "o"), *args, "--data-fraction", "0.05", "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert secret not in r.stdout + r.stderr and "HF_TOKEN" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "o" / "plan.json").exists()
