@@ -448,21 +448,26 @@ class Processor:
             return False
         done = 0
         for batch in batches:
-            with self._lock:  # per batch, so that abort() never waits for a whole run
-                self._check()
-                self._emit(
-                    parquet_batch(
-                        pa.Table.from_batches([batch]),
-                        self.pf.path,
-                        first + done,
-                        self.skips,
-                        self.ctx.max_document_bytes,
-                        self.ctx.text_field,
-                        self.ctx.id_field,
-                    )
-                )
+            self._stage_parquet(batch, first + done)
             done += batch.num_rows
         return True
+
+    def _stage_parquet(self, batch: pa.RecordBatch, first: int) -> None:
+        """Stage one decoded parquet batch whose first row is ``first``: under the lock, per batch,
+        so that ``abort()`` never waits for a whole row group (or run of them)."""
+        with self._lock:
+            self._check()
+            self._emit(
+                parquet_batch(
+                    pa.Table.from_batches([batch]),
+                    self.pf.path,
+                    first,
+                    self.skips,
+                    self.ctx.max_document_bytes,
+                    self.ctx.text_field,
+                    self.ctx.id_field,
+                )
+            )
 
     def parquet_row_group(self, pfile: pq.ParquetFile, i: int, first: int, record_failure: bool = True) -> bool:
         """Decode and stage row group ``i``, whose first row is ``first`` (``row_group_firsts``);
@@ -504,19 +509,7 @@ class Processor:
                 return False
             if batch is None:
                 return True
-            with self._lock:  # per batch, so that abort() never waits for a whole row group
-                self._check()
-                self._emit(
-                    parquet_batch(
-                        pa.Table.from_batches([batch]),
-                        self.pf.path,
-                        first + done,
-                        self.skips,
-                        self.ctx.max_document_bytes,
-                        self.ctx.text_field,
-                        self.ctx.id_field,
-                    )
-                )
+            self._stage_parquet(batch, first + done)
             done += batch.num_rows
 
     # -- common --------------------------------------------------------------------------
