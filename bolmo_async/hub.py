@@ -45,11 +45,11 @@ def default_endpoint(endpoint: str | None = None) -> str:
             ep = str(url.with_user(None))  # (never said back, as below)
         raise UsageError(f"--endpoint / HF_ENDPOINT must be an http(s) URL, got {ep!r}")
     if url.user is not None or url.password is not None:
-        # Said back in progress lines and errors, written into plan.json, sent along redirects:
+        # Said back in progress lines and errors, written into the folder's plan, sent along redirects:
         # a password in the URL would go wherever the endpoint is named.
         raise UsageError(
             f"--endpoint / HF_ENDPOINT carries a user name or password ({url.with_user(None)} with 'user:...@'): "
-            "it would be printed and written into the output folder's plan.json. Give the endpoint without them, "
+            "it would be printed and written into the output folder's plan. Give the endpoint without them, "
             "and the token in HF_TOKEN (or `hf auth login`)."
         )
     return ep
