@@ -281,7 +281,7 @@ class Docs:
 
     def filter(self, mask: Any) -> Docs:
         keep = np.asarray(mask, dtype=bool)
-        flags = pa.array(keep)
+        flags = pa.array(keep.tolist(), pa.bool_())  # (from numpy, pa.array imports numpy.ma: 10-30 ms)
         return Docs(
             self.ids.filter(flags),
             self.locs.filter(flags),

@@ -59,7 +59,15 @@ def large_offsets(arr: pa.Array) -> np.ndarray:
 
 def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
     """Flat ids + document offsets -> the staged ``large_list<uint32>`` column (no copy)."""
-    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.uint32()))
+    return pa.LargeListArray.from_arrays(numpy_array(offsets, pa.int64()), numpy_array(flat, pa.uint32()))
+
+
+def numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A contiguous numpy array of ``type_``'s width as an Arrow array on its buffer (no copy).
+    Not ``pa.array``: its first numpy input in a process imports ``numpy.ma`` (10-30 ms of a
+    small run's start, in every worker)."""
+    values = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
 
 
 def byte_ids(texts: pa.Array, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from bolmo_async.tokenize import (
     TokenizerSource,
     decode_bytes,
     load_tokenizer_source,
+    tokens_column,
 )
 
 from .conftest import DOLMA2, needs_dolma2
@@ -69,6 +70,28 @@ def test_byte_tokenizer_handles_sliced_arrays():
     arr = pa.array(["zero", "one", "two"], pa.large_string()).slice(1, 2)
     flat, offsets = ByteTokenizer().encode_batch(arr)
     assert decode_bytes(flat[: offsets[1] - 1]) == "one" and decode_bytes(flat[offsets[1] : -1]) == "two"
+
+
+def test_the_staged_column_is_built_on_numpy_buffers_without_numpy_ma():
+    """``tokens_column`` wraps the ids and offsets as they are (strided or another width
+    included), and not through ``pa.array``, whose first numpy input imports numpy.ma."""
+    import subprocess
+    import sys
+
+    flat = np.arange(20, dtype=np.int64)[::2]  # strided, and int64 where uint32 is staged
+    col = tokens_column(flat, np.array([0, 3, 3, 10]))
+    assert col.type == pa.large_list(pa.uint32())
+    assert col.to_pylist() == [[0, 2, 4], [], [6, 8, 10, 12, 14, 16, 18]]
+    code = (
+        "import sys, numpy as np\n"
+        "from bolmo_async.tokenize import tokens_column\n"
+        "tokens_column(np.arange(4, dtype=np.uint32), np.array([0, 4]))\n"
+        "print('numpy.ma' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 @pytest.fixture(scope="module")
