@@ -1147,9 +1147,10 @@ def _stop_handling() -> None:
 
 
 def global_options_first(argv: list[str]) -> list[str]:
-    """``argv`` with ``--scratch-dir DIR`` given after the command moved before it, where the
-    callback reads it: ``-v`` works on either side, and a job array's line that put the scratch
-    beside the command's other options was refused with "No such option: --scratch-dir"."""
+    """``argv`` with ``--scratch-dir DIR`` (and ``--version``) given after the command moved before
+    it, where the callback reads it: ``-v`` works on either side, and a job array's line that put
+    the scratch beside the command's other options was refused with "No such option:
+    --scratch-dir" (``fetch --version``: "No such option: --version")."""
     head: list[str] = []
     rest: list[str] = []
     i = 0
@@ -1172,7 +1173,7 @@ def global_options_first(argv: list[str]) -> list[str]:
             moved += args[j : j + 2]
             j += 2
             continue
-        if arg.startswith("--scratch-dir="):
+        if arg.startswith("--scratch-dir=") or arg == "--version":
             moved.append(arg)
         else:
             rest.append(arg)

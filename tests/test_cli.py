@@ -238,6 +238,12 @@ def test_scratch_dir_is_taken_after_the_command_too():
         assert global_options_first(same) == same
 
 
+def test_version_is_taken_after_a_command_too():
+    for line in (["fetch", "--version"], ["mirror", "serve", "--version"], ["--version"]):
+        r = run_cli(*line)
+        assert r.returncode == 0 and r.stdout.startswith("bolmo-async "), (line, r.stdout, r.stderr)
+
+
 def test_mirror_sample_into_a_file_fails_at_once_in_one_line(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
