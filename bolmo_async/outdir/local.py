@@ -80,6 +80,51 @@ def ordinary_mode() -> int:
     return 0o666 & ~mask
 
 
+#: In each output's folder of the local scratch (``StoreDir._scratch_dir``, named by a hash): the
+#: --output-dir it serves, so that a full scratch can say whose files fill it.
+SCRATCH_OWNER = "output-dir.txt"
+
+
+def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
+    """What fills the local scratch ``root`` (said by a full scratch): its outputs' folders by size,
+    largest first, each with the --output-dir it serves. A user-named --scratch-dir keeps the
+    downloads of a --no-streaming run that did not finish (to resume it) until that run ends; a
+    later run into another output then finds the disk full of them. '' when nothing is found."""
+    from ..util import human_bytes
+
+    sizes: list[tuple[int, str]] = []
+    seen = 0
+    with contextlib.suppress(OSError):
+        for sub in os.scandir(root):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            total, todo = 0, [sub.path]
+            while todo and seen < limit:
+                with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
+                    for e in entries:
+                        seen += 1
+                        with contextlib.suppress(OSError):
+                            if e.is_dir(follow_symlinks=False):
+                                todo.append(e.path)
+                            else:
+                                total += e.stat(follow_symlinks=False).st_size
+            owner = ""
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                owner = Path(sub.path, SCRATCH_OWNER).read_text(encoding="utf-8").strip()[:300]
+            sizes.append(
+                (total, f"{human_bytes(total)} in {sub.path}" + (f" (for --output-dir {owner})" if owner else ""))
+            )
+    sizes = sorted((x for x in sizes if x[0]), reverse=True)
+    if not sizes:
+        return ""
+    listed = "; ".join(text for _, text in sizes[:3]) + ("; ..." if len(sizes) > 3 else "")
+    return (
+        f" It holds {human_bytes(sum(n for n, _ in sizes))}: {listed}. An output's folder there keeps its cache of "
+        "staged files and the downloads of a --no-streaming run that did not finish (to resume it): remove the "
+        "folder of an output you are done with."
+    )
+
+
 def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scratch: bool = False) -> BaseException:
     """An OSError of a write as our error: a full disk, a refused write, or itself. ``scratch``:
     ``where`` is in the local scratch of a bucket output, whose fix is another --scratch-dir, not
@@ -89,7 +134,7 @@ def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scrat
             f"The disk holding {where} is full: it is the local scratch of the object-store --output-dir "
             "(files in flight and a cache of staged files, BOLMO_ASYNC_SCRATCH_CACHE). Point --scratch-dir "
             "(or BOLMO_ASYNC_SCRATCH) at a local disk with more room, or free space, and rerun the same command: "
-            "finished files are kept and the run resumes."
+            "finished files are kept and the run resumes." + scratch_usage(folder)
         )
     if exc.errno in _FULL:
         return DiskSpaceError(

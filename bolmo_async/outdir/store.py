@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ..errors import OutputError, Retry, StateError, UsageError
 from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
 from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, busy_message, fit_name
-from .local import _FULL, _REFUSED, LocalNewFile, translate
+from .local import _FULL, _REFUSED, SCRATCH_OWNER, LocalNewFile, translate
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -411,6 +411,7 @@ class StoreDir(OutputDir):
         self._stores: dict[tuple[int, bool], Any] = {}
         #: Who holds our leases: this process (its nested commands share them, as with flock).
         self._holder = _process_holder()
+        self._scratch_named = False  # its scratch folder says whose it is (``_scratch_dir``)
         scratch_root()  # made now, before any worker process starts, so that they share it
 
     # -- the client ------------------------------------------------------------------------------
@@ -912,7 +913,15 @@ class StoreDir(OutputDir):
 
     # -- local scratch -------------------------------------------------------------------------
     def _scratch_dir(self) -> Path:
-        return scratch_root() / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        d = scratch_root() / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        if not self._scratch_named:  # whose it is, said by a full scratch (``scratch_usage``)
+            with contextlib.suppress(OSError):
+                d.mkdir(parents=True, exist_ok=True)
+                owner = d / SCRATCH_OWNER
+                if not owner.exists():
+                    owner.write_text(self.location + "\n", encoding="utf-8")
+                self._scratch_named = True
+        return d
 
     def _cache_dir(self) -> Path:
         d = self._scratch_dir() / "cache"
