@@ -515,9 +515,11 @@ def ensure_plan(
     seed: int | None = None,
 ) -> Plan:
     """The plan in ``output_dir``; planned (or re-planned) when absent, forced or when plan options are given.
-    Options left None keep the existing plan's values, or the defaults."""
-    existing = None if force else load_plan(open_output(output_dir))
-    if existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
+    Options left None keep the existing plan's values, or the defaults: ``force`` too (it resets the
+    folder, not the choice of data: `fetch --force --tokenizer subword`, the way out a refusal of
+    the other tokenizer offers, planned the defaults' 1% of everything instead of the folder's)."""
+    existing = _readable_plan(output_dir) if force else load_plan(open_output(output_dir))
+    if not force and existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
         return existing
     return plan(
         output_dir,
@@ -531,6 +533,14 @@ def ensure_plan(
         seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
         selection=existing.selection if existing else None,
     )
+
+
+def _readable_plan(output_dir: str | os.PathLike[str] | OutputDir) -> Plan | None:
+    """The folder's plan, or None where --force is about to reset one it cannot read."""
+    try:
+        return load_plan(open_output(output_dir))
+    except BolmoError:
+        return None
 
 
 def _tokenizer_desc(d: dict[str, Any]) -> str:

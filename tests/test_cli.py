@@ -386,6 +386,26 @@ def test_a_share_of_another_tokenizer_or_with_force_is_told_the_flags_that_go_on
         bolmo_async.fetch(out, endpoint=mirror.endpoint, tokenizer="subword", progress=False)
 
 
+def test_fetch_force_keeps_the_folders_plan_options(tmp_path, mirror):
+    """The refusal of a folder fetched with the other tokenizer offers "--force to reset this one";
+    `fetch --force --tokenizer subword` then planned again at the defaults (--data-fraction 0.01),
+    not at the folder's 0.05: the same data in the other tokenizer became other data, said only by
+    the plan table's fraction (newuser17). A forced fetch keeps the plan's repo, revision,
+    fraction, seed and selection unless given; a fraction given still wins."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05, seed=7, include=["data/arxiv/*"])
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, progress=False)
+    before = json.loads((out / "plan.json").read_text())
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, force=True, progress=False)
+    after = json.loads((out / "plan.json").read_text())
+    for key in ("repo_id", "revision", "data_fraction", "seed", "selection", "files"):
+        assert after[key] == before[key], key
+    r = run_cli("fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--force", "--data-fraction", "0.1")
+    assert r.returncode == 0, r.stderr
+    again = json.loads((out / "plan.json").read_text())
+    assert again["data_fraction"] == 0.1 and again["seed"] == 7 and again["selection"] == before["selection"]
+
+
 def test_an_option_without_effect_is_named(tmp_path, mirror):
     r = run_cli("fetch", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
                 "--tokenizer", "byte", "--tokenizer-identifier", "./nope.json", "--engine", "tokenizers",
