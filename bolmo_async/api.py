@@ -609,7 +609,9 @@ def _refuse_other_kind(out: OutputDir, kind: str, force: bool, share: bool = Fal
         return
     if isinstance(prev, dict) and prev.get("kind") not in (None, kind):
         raise StateError(
-            f"{_folder_said(out)} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}. "
+            f"{_folder_said(out)} was fetched with tokenizer {_tokenizer_desc(prev)}; this run asks for --tokenizer {kind}"
+            # (a rerun that left the flag out was told of a flag it never gave)
+            + (" (the default when --tokenizer is not given). " if kind == "byte" else ". ")
             + _other_tokenizer_fix(prev, share)
         )
 

@@ -386,6 +386,31 @@ def test_a_share_of_another_tokenizer_or_with_force_is_told_the_flags_that_go_on
         bolmo_async.fetch(out, endpoint=mirror.endpoint, tokenizer="subword", progress=False)
 
 
+@needs_dolma2
+def test_a_subword_folder_fetched_again_without_tokenizer_is_told_byte_is_the_default(tmp_path, mirror):
+    """`fetch -o D` again on a subword folder, --tokenizer left out, was refused with "this run asks
+    for --tokenizer byte": a flag the user never gave (newuser17). It says the default is byte."""
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05, include=["data/arxiv/*"])
+    r = run_cli(
+        "fetch",
+        "-o",
+        str(out),
+        "--endpoint",
+        mirror.endpoint,
+        "--tokenizer",
+        "subword",
+        "--tokenizer-identifier",
+        str(DOLMA2),
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    r = run_cli("fetch", "-o", str(out), "--endpoint", mirror.endpoint)
+    (line,) = _error_lines(r.stderr)
+    assert r.returncode == 1 and "--tokenizer byte (the default when --tokenizer is not given)" in line, line
+    assert f"Pass --tokenizer subword --tokenizer-identifier {DOLMA2}" in line, line
+
+
 def test_fetch_force_keeps_the_folders_plan_options(tmp_path, mirror):
     """The refusal of a folder fetched with the other tokenizer offers "--force to reset this one";
     `fetch --force --tokenizer subword` then planned again at the defaults (--data-fraction 0.01),
