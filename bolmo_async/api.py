@@ -1173,34 +1173,52 @@ def finalize(
 
     out = open_output(output_dir)
     write_shards = choose(processes=1, ray=True, ray_address=ray_address).write_shards if ray else None
-    _something_staged(out)
+    kept = _something_staged(out, max_tokens_per_file)
+    if kept is not None:
+        return kept
     manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=allow_incomplete, write_shards=write_shards)
     return _drop_staging(out, manifest) if drop_staging else manifest
 
 
 def _staged_any(out: OutputDir) -> bool:
     try:
-        _something_staged(out)
+        _something_staged(out, None)
     except StateError:
         return False
     return True
 
 
-def _something_staged(out: OutputDir) -> None:
+def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[str, Any] | None:
     """A finalize needs at least one staged file: with none, ``--allow-incomplete`` would replace
-    the output (a finished one, whose staging ``--drop-staging`` removed) with an empty one."""
+    the output (a finished one, whose staging ``--drop-staging`` removed) with an empty one.
+    Such a finished output asked for again as it is (no other --max-tokens-per-file) is its
+    manifest, returned: there is nothing to remake (a finalize run twice, a job's retry, was
+    refused, exit 1, naming a refetch)."""
     from .staging import STAGING_FORMAT, Staging
 
     the_plan = load_plan(out)
     if the_plan is None:
-        return  # finalize_dir says what is missing
+        return None  # finalize_dir says what is missing
     staging = Staging(out)
     if any(staging.done(pf) is not None for pf in the_plan.files):
-        return
+        return None
     try:
-        finished = bool(json.loads(out.read_bytes(MANIFEST) or b"{}").get("complete"))
+        manifest = json.loads(out.read_bytes(MANIFEST) or b"{}")
+        finished = bool(manifest.get("complete"))
     except (ValueError, AttributeError):
-        finished = False
+        manifest, finished = {}, False
+    bound = manifest.get("max_tokens_per_file") if max_tokens_per_file is None else max_tokens_per_file
+    kept = _finished_output(out, the_plan, bound) if finished and isinstance(bound, int) else None
+    if kept is not None:
+        log.info(
+            "the output in %s is complete and current (%d shard(s), --max-tokens-per-file %d; its staging was "
+            "dropped): nothing to do, nothing rewritten; `%s` checks its shards",
+            out,
+            len(kept["shards"]),
+            bound,
+            command("inspect", out),
+        )
+        return kept
     n = len(the_plan.files)
     older, damaged = _older_staging_format(out, the_plan)
     why = (
@@ -1211,6 +1229,11 @@ def _something_staged(out: OutputDir) -> None:
         if damaged
         else f"{n} of {n} planned file(s) are not staged: the staging of {out}'s finished output is gone "
         "(--drop-staging removes it), so its shards cannot be remade from it"
+        + (
+            f" at --max-tokens-per-file {max_tokens_per_file} (they stay as they are, at {manifest.get('max_tokens_per_file')})"
+            if max_tokens_per_file is not None and max_tokens_per_file != manifest.get("max_tokens_per_file")
+            else ""
+        )
         if finished
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )

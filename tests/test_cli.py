@@ -774,6 +774,20 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
             bolmo_async.finalize(out, max_tokens_per_file=5000, allow_incomplete=allow)
     assert (out / "data_sources.txt").read_text() == listed and shard_hashes(done)  # the shards are all there
     assert json.loads((out / "manifest.json").read_text())["shards"] == done["shards"]
+    # Another bound is told its shards stay as they were; the same finalize again (a job's retry) has
+    # nothing to remake: exit 0, nothing rewritten, where it was refused naming a refetch (newuser17).
+    r = run_cli("finalize", "-o", str(out), "--max-tokens-per-file", "1000000")
+    (line,) = _error_lines(r.stderr)
+    assert r.returncode == 1 and "at --max-tokens-per-file 1000000 (they stay as they are, at 100000000)" in line, line
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    for again in ([], ["--max-tokens-per-file", "100000000"], ["--drop-staging"]):
+        r = run_cli("finalize", "-o", str(out), *again)
+        assert r.returncode == 0 and "complete and current" in r.stderr and "nothing rewritten" in r.stderr, r.stderr
+        assert f"export DATA_SOURCE={out / 'data_sources.txt'}" in r.stdout, r.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == before
+    (out / "bolmo_data_00000.npy").write_bytes(b"")  # a damaged output is not "current": refused as before
+    r = run_cli("finalize", "-o", str(out))
+    assert r.returncode == 1 and "finished output is gone" in r.stderr, r.stderr
     bolmo_async.plan(tmp_path / "new", endpoint=mirror.endpoint)
     r = run_cli("finalize", "-o", str(tmp_path / "new"), "--allow-incomplete")
     assert r.returncode == 1 and "are not staged yet. Run `bolmo-async fetch" in r.stderr and "again" not in r.stderr, (
