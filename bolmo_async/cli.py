@@ -929,14 +929,38 @@ def inspect_cmd(
         facts = {k: v for k, v in rep["manifest"].items() if k != "shards"}
         _say(json.dumps({**rep, "manifest": facts}, indent=1, ensure_ascii=False))
     else:
+        from .outdir import DATA_SOURCES, MANIFEST
+
         m = rep["manifest"]
+        tok = m["tokenizer"]
+        # In the words the user typed (the flags), and each line saying itself: it said "fraction 0.05
+        # seed 42 ..., complete: True" and an "ok" column, without what was checked (newuser17).
         _say(
-            f"{output_dir}: {m['repo_id']}@{m['revision'][:12]} fraction {m['data_fraction']:g} seed {m['seed']} "
-            f"tokenizer {m['tokenizer']['kind']} ({m['tokenizer']['identifier']}), complete: {m['complete']}"
+            f"{output_dir}: {m['repo_id']}@{m['revision'][:12]}, --data-fraction {m['data_fraction']:g}, --seed "
+            f"{m['seed']}, --tokenizer {tok['kind']} ({tok['identifier']}, EOS {tok['eos_token_id']})"
+        )
+        planned, missing = m.get("planned_files"), m.get("missing_files") or []
+        of_planned = f"all {planned} planned file(s)" if isinstance(planned, int) else "every planned file"
+        _say(
+            f"complete: {of_planned} are in the shards"
+            if m["complete"]
+            else f"INCOMPLETE: {len(missing)} of the planned file(s) are not in the shards "
+            f"(finalized with --allow-incomplete; {MANIFEST} lists them)"
         )
         _say(f"{'shard':<24}{'tokens':>14}{'documents':>12}  ok")
         for r in rep["shards"]:
             _say(f"{r['path']:<24}{r['tokens']:>14}{r['documents']:>12}  {'yes' if r['ok'] else 'NO'}")
+        _say(
+            f"{'total':<24}{sum(r['tokens'] for r in rep['shards']):>14}{sum(r['documents'] for r in rep['shards']):>12}"
+        )
+        skipped = (m.get("totals") or {}).get("skipped_documents") or {}
+        if skipped:
+            _say(f"skipped documents: {', '.join(f'{k}: {v}' for k, v in skipped.items())} (examples in {MANIFEST})")
+        if not rep["problems"]:
+            _say(
+                f"checked: each of the {len(rep['shards'])} shard(s) has the size, whole uint32 tokens and XXH3-128 "
+                f"checksum {MANIFEST} records, and its .csv.gz index; {DATA_SOURCES} lists exactly them"
+            )
         for d in rep["documents"]:
             text = d["text"] if len(d["text"]) <= 300 else d["text"][:300] + "…"
             _say(f"--- {d['id']} ({d['src']}:{d['loc']}, {d['tokens']} tokens)\n{text}")

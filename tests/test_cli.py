@@ -555,6 +555,28 @@ def test_prepare_keeps_the_bound_a_folder_was_finalized_with(tmp_path, mirror):
     assert run_cli("inspect", str(out), "--sequence-length", "0").returncode == 2
 
 
+def test_inspect_of_a_healthy_folder_says_what_it_checked_in_words(tmp_path, mirror):
+    """A new user's reading of inspect (newuser17): "complete: True" (Python's word), an "ok yes"
+    column without saying what was checked, no totals, and "fraction 0.05 seed 42" where the
+    flags are --data-fraction and --seed. Each line now says itself."""
+    out = tmp_path / "o"
+    m = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.05, progress=False)
+    r = run_cli("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "True" not in r.stdout and "False" not in r.stdout, r.stdout
+    assert lines[0].startswith(f"{out}: allenai/bolmo_mix@") and "--data-fraction 0.05, --seed 42" in lines[0]
+    assert "--tokenizer byte (bolmo-byte, EOS 1)" in lines[0], lines[0]
+    n = m["planned_files"]
+    assert lines[1] == f"complete: all {n} planned file(s) are in the shards", lines[1]
+    t = m["totals"]
+    assert any(re.fullmatch(rf"total\s+{t['tokens']}\s+{t['documents']}", x) for x in lines), lines
+    assert lines[-1] == (
+        f"checked: each of the {t['shards']} shard(s) has the size, whole uint32 tokens and XXH3-128 checksum "
+        "manifest.json records, and its .csv.gz index; data_sources.txt lists exactly them"
+    ), lines[-1]
+
+
 def test_help_says_what_the_readme_says():
     assert "XXH3-128" in run_cli("inspect", "--help").stdout
     text = re.sub(r"\s+", " ", run_cli("prepare", "--help").stdout)
