@@ -53,8 +53,10 @@ from .models import (
     DEFAULT_TOKENIZER_ID,
     ENGINES,
     Plan,
+    PlannedFile,
     Selection,
     TokenizerInfo,
+    check_repo_path,
     reads_prefixes_whole,
     validate_fraction,
 )
@@ -770,6 +772,32 @@ class FetchReport:
         }
 
 
+def _say_kept_downloads(out: OutputDir, fresh: list[PlannedFile], streaming: bool) -> None:
+    """One line when files to fetch are kept whole in ``raw/`` (an earlier ``--no-streaming``
+    run's): a --no-streaming rerun read them without a word, so the README's "reuses them on a
+    rerun" could not be seen kept, and a streaming one downloaded them again, also without a word.
+    (Only their sizes are looked at here; the worker checks each against the listing.)"""
+    kept, where = [], ""
+    for pf in fresh:
+        try:
+            path = out.download_path(pf.key, check_repo_path(pf.path), keep=True)
+            if path.stat().st_size == pf.size:
+                kept.append(pf)
+                where = str(path.parent.parent)  # raw/ (of the folder, or of the scratch for a bucket)
+        except (OSError, BolmoError):
+            continue
+    if not kept:
+        return
+    said = (
+        f"{len(kept)} of the {len(fresh)} file(s) to fetch are in {where} already "
+        f"({human_bytes(sum(pf.size for pf in kept))}, kept by an earlier --no-streaming run): "
+    )
+    if streaming:
+        log.info("%sa streaming run downloads them again (--no-streaming reads them)", said)
+    else:
+        log.info("%sread from there once checked against the listing, not downloaded again", said)
+
+
 def _check_disk(
     out: OutputDir, plan: Plan, recs: dict[int, dict[str, Any] | None], kind: str, streaming: bool, shards: bool
 ) -> None:
@@ -943,6 +971,7 @@ def _fetch(
                 len(units),
                 len(units) - already,
             )
+        _say_kept_downloads(out, [the_plan.files[u] for u in fresh], streaming)
         if check_disk:
             _check_disk(out, the_plan, recs, info.kind, streaming, shards=shard_bound is not None)
         if shard_bound is not None:  # (prepare: its workers put shards in place as files are staged)

@@ -555,6 +555,30 @@ def test_prepare_keeps_the_bound_a_folder_was_finalized_with(tmp_path, mirror):
     assert run_cli("inspect", str(out), "--sequence-length", "0").returncode == 2
 
 
+def test_a_rerun_says_whether_it_reads_the_kept_downloads_in_raw(tmp_path, mirror):
+    """--no-streaming "keeps them and reuses them on a rerun": a rerun at another --data-fraction
+    read them without a word (a new user could not tell the promise was kept), and a streaming
+    rerun downloaded them again, also without a word (newuser17). One line says which."""
+    out = tmp_path / "o"
+    base = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--no-progress")
+    r = run_cli(*base, "--data-fraction", "0.05", "--no-streaming")
+    assert r.returncode == 0, r.stderr
+    kept = {p.name for p in (out / "raw").rglob("*") if p.is_file()}
+    assert kept
+    mirror.cdn_requests.clear()
+    mirror.hub_requests.clear()
+    r = run_cli(*base, "--data-fraction", "0.2", "--no-streaming")
+    assert r.returncode == 0, r.stderr
+    said = re.search(r"(\d+) of the (\d+) file\(s\) to fetch are in .*raw already \(", r.stderr)
+    assert said and int(said[1]) > 0, r.stderr
+    assert "read from there" in r.stderr and "not downloaded again" in r.stderr, r.stderr
+    fetched = {req["path"] for req in mirror.cdn_requests}
+    assert not {f for f in fetched if f.rsplit("/", 1)[-1] in kept}, fetched
+    r = run_cli(*base, "--data-fraction", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "a streaming run downloads them again (--no-streaming reads them)" in r.stderr, r.stderr
+
+
 def test_inspect_of_a_healthy_folder_says_what_it_checked_in_words(tmp_path, mirror):
     """A new user's reading of inspect (newuser17): "complete: True" (Python's word), an "ok yes"
     column without saying what was checked, no totals, and "fraction 0.05 seed 42" where the
