@@ -1236,8 +1236,11 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
         finished = bool(manifest.get("complete"))
     except (ValueError, AttributeError):
         manifest, finished = {}, False
+    n = len(the_plan.files)
+    older, damaged = _older_staging_format(out, the_plan)
     bound = manifest.get("max_tokens_per_file") if max_tokens_per_file is None else max_tokens_per_file
-    kept = _finished_output(out, the_plan, bound) if finished and isinstance(bound, int) else None
+    gone = finished and older is None and not damaged  # (dropped: not written by an earlier version, nor damaged)
+    kept = _finished_output(out, the_plan, bound) if gone and isinstance(bound, int) else None
     if kept is not None:
         log.info(
             "the output in %s is complete and current (%d shard(s), --max-tokens-per-file %d; its staging was "
@@ -1248,8 +1251,6 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
             command("inspect", out),
         )
         return kept
-    n = len(the_plan.files)
-    older, damaged = _older_staging_format(out, the_plan)
     why = (
         f"{n} of {n} planned file(s) are not staged in this version's format: {out}'s staging was written by "
         f"an earlier bolmo-async (staging format {older}, now {STAGING_FORMAT}), so shards cannot be made from it"
