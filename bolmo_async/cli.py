@@ -50,12 +50,76 @@ from .models import (
 )
 from .util import human_bytes, human_count
 
+#: The value each option takes, named as the README's tables name it (`--data-fraction F`): typer
+#: said `<str>`, `<float>`, `<int range>` (newuser17). tests/test_docs.py compares the two.
+VALUE_NAMES = {
+    "--output-dir": "D",
+    "--endpoint": "URL",
+    "--repo-id": "ID",
+    "--revision": "REV",
+    "--data-fraction": "F",
+    "--seed": "N",
+    "--include": "GLOB",
+    "--exclude": "GLOB",
+    "--source-depth": "N",
+    "--source-fraction": "SOURCE=F",
+    "--text-field": "NAME",
+    "--id-field": "NAME",
+    "--tokenizer": "KIND",
+    "--tokenizer-identifier": "ID",
+    "--eos-token-id": "N",
+    "--engine": "NAME",
+    "--check-every": "N",
+    "--processes": "N",
+    "--concurrency": "N",
+    "--connections": "N",
+    "--retries": "N",
+    "--read-timeout": "S",
+    "--max-document-bytes": "N",
+    "--worker": "I/N",
+    "--ray-address": "ADDR",
+    "--ray-tasks": "N",
+    "--max-tokens-per-file": "N",
+    "--decode": "N",
+    "--sequence-length": "N",
+    "--scratch-dir": "DIR",
+    "--size-mb": "MB",
+    "--vocab-size": "N",
+    "--host": "ADDR",
+    "--port": "N",
+    "--cdn-port": "N",
+    "--model-repo": "ID=DIR",
+    "--page-size": "N",
+    "--faults": "RATE[:kinds]",
+    "--fault-seed": "N",
+    "--require-token": "TOKEN",
+    "--url-ttl": "S",
+    "--ready-file": "PATH",
+    "--wan-rtt-ms": "MS",
+    "--wan-response-mbs": "MB",
+    "--wan-link-mbs": "MB",
+}
+
+
+def _name_values(group: Any) -> None:
+    """Every option of every command below ``group`` gets its value's name from ``VALUE_NAMES``."""
+    for p in getattr(group, "params", []):
+        named = [VALUE_NAMES[o] for o in p.opts if o in VALUE_NAMES]
+        if p.param_type_name == "option" and named and not p.is_flag:
+            p.metavar = named[0]
+    for cmd in getattr(group, "commands", {}).values():
+        _name_values(cmd)
+
 
 class _Commands(typer.core.TyperGroup):
     """The command group: an option given to a command that does not take it, but another does
     (a job array's steps given the same flags), is named with the commands that take it. Click's
     guess was a flag of this command that merely looks alike (`fetch --max-tokens-per-file`:
     "Possible options: --tokenizer-identifier")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _name_values(self)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -95,13 +159,19 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: flags read as flags, [ray] stays as written
     no_args_is_help=True,
     help="Prepare allenai/bolmo_mix token shards for Bolmo / OLMo-core training.",
+    # Which command first: the list alone did not say (newuser17). "\b": kept as written.
+    epilog="\b\nStart here: bolmo-async prepare -o D --data-fraction 0.001 (a smoke test;\n"
+    "add --tokenizer subword for the dolma2 ids bolmo-core's stage 1/2 read),\n"
+    "then bolmo-async inspect D. Step by step, or as a job array: plan,\n"
+    "fetch (--worker I/N in each task), finalize. Offline: bolmo-async mirror\n"
+    'sample DIR, then mirror serve DIR (README.md: "Try the commands yourself").',
 )
 mirror_app = typer.Typer(
     rich_markup_mode=None,
     no_args_is_help=True,
     help="A local Hub-compatible mirror and a generated sample mix (tests, demo, benchmarks).",
 )
-app.add_typer(mirror_app, name="mirror")
+app.add_typer(mirror_app, name="mirror", short_help="A local Hub mirror and a sample mix: try the tool offline.")
 
 OUT = typer.Option(
     ..., "--output-dir", "-o", help="Folder (or s3://BUCKET/PREFIX, r2://, gs://, az://) for plan, staging, shards."
@@ -145,7 +215,6 @@ FRACTION = typer.Option(
     DEFAULT_DATA_FRACTION,
     "--data-fraction",
     parser=_parse_fraction,
-    metavar="<float>",
     callback=_fraction,
     help="Fraction of each source's bytes, in (0, 1].",
 )
@@ -500,7 +569,7 @@ def _main(
         os.environ["BOLMO_ASYNC_SCRATCH"] = scratch_dir  # worker processes inherit it
 
 
-@app.command("plan")
+@app.command("plan", short_help="Step 1: list the repo, choose the files, write plan.json.")
 def plan_cmd(
     output_dir: str = OUT,
     repo_id: str = REPO,
@@ -670,7 +739,7 @@ def _unused(ctx: typer.Context, unused: dict[str, str]) -> None:
             typer.secho(f"warning: {flag} has no effect {why}", err=True, fg=typer.colors.YELLOW)
 
 
-@app.command("fetch")
+@app.command("fetch", short_help="Step 2: download, tokenize and stage the planned files.")
 def fetch_cmd(
     ctx: typer.Context,
     output_dir: str = OUT,
@@ -695,7 +764,7 @@ def fetch_cmd(
     repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
     revision: str | None = typer.Option(None, "--revision", help="Plan option."),
     data_fraction: float | None = typer.Option(
-        None, "--data-fraction", parser=_parse_fraction, metavar="<float>", callback=_fraction, help="Plan option."
+        None, "--data-fraction", parser=_parse_fraction, callback=_fraction, help="Plan option."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Plan option."),
     worker: str | None = typer.Option(
@@ -772,7 +841,7 @@ def _plan_said(output_dir: str) -> str:
     return f" (the plan of {output_dir}: {p.repo_id}, --data-fraction {p.data_fraction:g}, seed {p.seed})"
 
 
-@app.command("finalize")
+@app.command("finalize", short_help="Step 3: write the shards and data_sources.txt.")
 def finalize_cmd(
     ctx: typer.Context,
     output_dir: str = OUT,
@@ -809,7 +878,7 @@ def finalize_cmd(
     _summary(m, output_dir)
 
 
-@app.command("prepare")
+@app.command("prepare", short_help="Steps 1-3 in one command (the original tool's).")
 def prepare_cmd(
     ctx: typer.Context,
     output_dir: str = OUT,
@@ -888,7 +957,7 @@ def prepare_cmd(
     _summary(m, output_dir)
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Check a finished folder; decode documents.")
 def inspect_cmd(
     folder: str | None = typer.Argument(
         None, metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."
@@ -983,9 +1052,11 @@ def inspect_cmd(
         raise typer.Exit(1)
 
 
-@mirror_app.command("serve")
+@mirror_app.command("serve", short_help="Serve DIR as a Hub dataset repo on loopback.")
 def mirror_serve(
-    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder to serve as the dataset repo."),
+    folder: Path = typer.Argument(
+        ..., exists=True, file_okay=False, metavar="DIR", help="Folder to serve as the dataset repo."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="Port (0: a free one)."),
     cdn_port: int = typer.Option(
@@ -993,7 +1064,7 @@ def mirror_serve(
     ),
     repo_id: str = typer.Option(DEFAULT_REPO_ID, "--repo-id", help="Dataset repo id to serve the folder as."),
     model_repo: list[str] = typer.Option(
-        [], "--model-repo", help="Also serve REPO_ID=FOLDER as a model repo (e.g. a tokenizer)."
+        [], "--model-repo", help="Also serve folder DIR as the model repo ID (a tokenizer, say; repeatable)."
     ),
     page_size: int = typer.Option(1000, "--page-size", help="Tree listing page size (Link: rel=next)."),
     faults: str | None = typer.Option(
@@ -1014,7 +1085,7 @@ def mirror_serve(
     ),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Serve FOLDER as a Hub dataset repo on loopback (prints the endpoint to use)."""
+    """Serve DIR as a Hub dataset repo on loopback (prints the endpoint to use)."""
     from .mirror import FaultConfig, WanConfig, run_mirror
 
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -1055,9 +1126,9 @@ def mirror_serve(
         raise typer.Exit(2) from None
 
 
-@mirror_app.command("sample")
+@mirror_app.command("sample", short_help="Write a generated sample mix into DIR.")
 def mirror_sample(
-    folder: Path = typer.Argument(..., help="Folder to write the sample mix into."),
+    folder: Path = typer.Argument(..., metavar="DIR", help="Folder to write the sample mix into."),
     size_mb: float = typer.Option(8.0, "--size-mb", min=0.01, help="Megabytes of text."),
     seed: int = typer.Option(0, "--seed", help="Seed (same seed -> same files)."),
     verbose: bool = VERBOSE,
@@ -1071,10 +1142,14 @@ def mirror_sample(
     )
 
 
-@mirror_app.command("demo-tokenizer")
+@mirror_app.command("demo-tokenizer", short_help="Train a small BPE on a sample, into DIR.")
 def mirror_demo_tokenizer(
-    sample: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder written by `mirror sample`."),
-    folder: Path = typer.Argument(..., help="Where to write tokenizer.json (serve it with --model-repo ID=FOLDER)."),
+    sample: Path = typer.Argument(
+        ..., exists=True, file_okay=False, metavar="SAMPLE", help="A folder written by `mirror sample`."
+    ),
+    folder: Path = typer.Argument(
+        ..., metavar="DIR", help="Where to write tokenizer.json (serve it with --model-repo ID=DIR)."
+    ),
     vocab_size: int = typer.Option(4000, "--vocab-size", min=300, help="Vocabulary size."),
     verbose: bool = VERBOSE,
 ) -> None:

@@ -601,6 +601,22 @@ def test_inspect_of_a_healthy_folder_says_what_it_checked_in_words(tmp_path, mir
     ), lines[-1]
 
 
+def test_the_top_level_help_says_where_to_start():
+    """`bolmo-async --help` cut every command's line short ("plan + fetch + finalize in one command
+    (the original tool's..."), and said nowhere which command to run first (newuser17)."""
+    r = _run("cli.py", "--help")
+    assert r.returncode == 0, r.stderr
+    commands = r.stdout.split("Commands:", 1)[1]
+    assert "..." not in commands, commands
+    for name in ("plan", "fetch", "finalize", "prepare", "inspect", "mirror"):
+        assert re.search(rf"^  {name}\s+\S", commands, re.M), name
+    text = re.sub(r"\s+", " ", r.stdout)
+    assert "Start here: bolmo-async prepare -o D --data-fraction 0.001" in text, text
+    assert "then bolmo-async inspect D" in text and "plan, fetch (--worker I/N in each task), finalize" in text, text
+    r = _run("cli.py", "mirror", "--help")
+    assert "..." not in r.stdout.split("Commands:", 1)[1], r.stdout
+
+
 def test_help_says_what_the_readme_says():
     assert "XXH3-128" in run_cli("inspect", "--help").stdout
     text = re.sub(r"\s+", " ", run_cli("prepare", "--help").stdout)

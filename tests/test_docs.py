@@ -153,3 +153,30 @@ def test_every_readme_command_line_parses(tmp_path, monkeypatch):
             (tmp_path / args[0]).mkdir(parents=True, exist_ok=True)
         ctx = cmd.make_context(cmd.name, list(args))  # a flag it does not know raises
         ctx.close()
+
+
+def test_help_names_each_value_as_the_readme_does():
+    """`--help` said `-o, --output-dir <str>`, `--data-fraction <float>`, `--worker <str>` and
+    `mirror sample {folder}` where the README says `--output-dir D`, `--data-fraction F`,
+    `--worker I/N` and `mirror sample DIR` (newuser17): the help's value names are the README's."""
+    cli = _cli_options()
+    value = re.compile(r"`(--?[a-z][a-z0-9-]*) ([^`]+)`")
+    checked = 0
+    for _, names, _, line in _readme_rows():
+        option = line.strip().strip("|").split("|")[0]
+        for flag, word in value.findall(option):
+            for name in names:
+                assert cli[(name, flag)].metavar == word, (
+                    f"`{name} {flag}`: --help says {cli[(name, flag)].metavar!r}, README {word!r}"
+                )
+                checked += 1
+    assert checked > 50
+    commands = _commands()
+    for name, words in (
+        ("mirror sample", ["DIR"]),
+        ("mirror serve", ["DIR"]),
+        ("mirror demo-tokenizer", ["SAMPLE", "DIR"]),
+    ):
+        got = [p.metavar for p in commands[name].params if p.param_type_name == "argument"]
+        assert got == words, (name, got)
+        assert f"bolmo-async {name} {' '.join(words)}" in README.read_text(), name
