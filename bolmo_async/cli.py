@@ -690,6 +690,10 @@ RETRIES = typer.Option(
 READ_TIMEOUT = typer.Option(
     60.0, "--read-timeout", help="Seconds a download (or a Hub API call) may stall before it is resumed (retried)."
 )
+_WHEN_PLANNING = (
+    ": used only when this fetch plans (no plan.json yet) or plans again (a value other than the plan's);"
+    " with --worker, only the plan's own value is taken."
+)
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")
 NO_PROGRESS = typer.Option(
     False,
@@ -761,14 +765,15 @@ def fetch_cmd(
     skip_disk_check: bool = SKIP_DISK,
     force: bool = FORCE,
     no_progress: bool = NO_PROGRESS,
-    repo_id: str | None = typer.Option(None, "--repo-id", help="Plan option (only when planning)."),
-    revision: str | None = typer.Option(None, "--revision", help="Plan option."),
+    # (they said "Plan option.": what it did in a fetch was left to guess; newuser17)
+    repo_id: str | None = typer.Option(None, "--repo-id", help=f"As for plan{_WHEN_PLANNING}"),
+    revision: str | None = typer.Option(None, "--revision", help=f"As for plan{_WHEN_PLANNING}"),
     data_fraction: float | None = typer.Option(
-        None, "--data-fraction", parser=_parse_fraction, callback=_fraction, help="Plan option."
+        None, "--data-fraction", parser=_parse_fraction, callback=_fraction, help=f"As for plan{_WHEN_PLANNING}"
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Plan option."),
+    seed: int | None = typer.Option(None, "--seed", help=f"As for plan{_WHEN_PLANNING}"),
     worker: str | None = typer.Option(
-        None, "--worker", help="I/N: fetch only share I (0-based) of N of the plan (job arrays; plan first)."
+        None, "--worker", help="Fetch only share I (0-based) of N of the plan (job arrays; plan first)."
     ),
     ray: bool = typer.Option(False, "--ray", help="Run the fetch as Ray tasks (pip install 'bolmo-async[ray]')."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
