@@ -955,7 +955,9 @@ def _fetch(
             recs = {u: None if rec is not None and unverified_prefix(rec) else rec for u, rec in recs.items()}
         fresh = [u for u, rec in recs.items() if rec is None]
         already = len(units) - len(fresh)
-        if shard_bound is not None and already == len(units):
+        # None staged is a finished output's staging dropped (--drop-staging): a rerun of that
+        # prepare fetched every file again to rewrite the same shards (newuser17).
+        if shard_bound is not None and already in (0, len(units)):
             finished = _finished_output(out, the_plan, shard_bound)
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
                 return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)

@@ -861,6 +861,23 @@ def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     assert not (tmp_path / "new" / "data_sources.txt").exists()
 
 
+def test_the_same_prepare_again_after_drop_staging_has_nothing_to_do(tmp_path, mirror):
+    """A finished prepare run again is "nothing to do, nothing rewritten"; after --drop-staging it
+    downloaded and tokenized every file again (hours on the real mix), rewrote the same shards
+    and left a staging the user had dropped (newuser17). It has nothing to do there either."""
+    out = tmp_path / "o"
+    cmd = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    r = run_cli(*cmd, "--drop-staging")
+    assert r.returncode == 0 and not (out / "staging").exists(), r.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    mirror.cdn_requests.clear()
+    for again in (["--drop-staging"], []):
+        r = run_cli(*cmd, *again)
+        assert r.returncode == 0 and "complete and current" in r.stderr and "nothing rewritten" in r.stderr, r.stderr
+        assert not mirror.cdn_requests and not (out / "staging").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == before
+
+
 def test_a_stopped_refinalize_never_leaves_data_sources_naming_shards_of_two_layouts(tmp_path, mirror):
     """A finalize at another --max-tokens-per-file (or for a grown fraction) writes its shards under
     the names the finished output's data_sources.txt lists: stopped among them, it left that file,
