@@ -957,7 +957,7 @@ def _fetch(
         already = len(units) - len(fresh)
         # None staged is a finished output's staging dropped (--drop-staging): a rerun of that
         # prepare fetched every file again to rewrite the same shards (newuser17).
-        if shard_bound is not None and already in (0, len(units)):
+        if shard_bound is not None and (already == len(units) or (already == 0 and out.staging_dropped())):
             finished = _finished_output(out, the_plan, shard_bound)
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
                 return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)
@@ -1241,7 +1241,7 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
     n = len(the_plan.files)
     older, damaged = _older_staging_format(out, the_plan)
     bound = manifest.get("max_tokens_per_file") if max_tokens_per_file is None else max_tokens_per_file
-    gone = finished and older is None and not damaged  # (dropped: not written by an earlier version, nor damaged)
+    gone = finished and older is None and not damaged and out.staging_dropped()
     kept = _finished_output(out, the_plan, bound) if gone and isinstance(bound, int) else None
     if kept is not None:
         log.info(

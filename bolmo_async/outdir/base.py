@@ -264,6 +264,11 @@ class OutputDir:
     def remove_staging(self) -> None:
         raise NotImplementedError
 
+    def staging_dropped(self) -> bool:
+        """Nothing at all where the staging goes (``remove_staging`` took it, or none was made):
+        not an empty folder, nor a link put in its place (which is never read through)."""
+        return self.staging_bytes() == 0
+
     def scratch(self, key: str) -> Path:
         """A local folder for a unit's whole-file downloads (kept ``--no-streaming`` raw files on
         local disk live in the output folder's ``raw/``; on object storage, in local scratch)."""

@@ -829,6 +829,9 @@ class LocalDir(OutputDir):
     def remove_staging(self) -> None:
         self._remove_tree(self.root / STAGING)
 
+    def staging_dropped(self) -> bool:
+        return not os.path.lexists(self.root / STAGING)
+
     # -- shards ----------------------------------------------------------------------------
     def shards(self) -> dict[str, int]:
         out: dict[str, int] = {}
