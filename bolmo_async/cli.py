@@ -691,7 +691,7 @@ READ_TIMEOUT = typer.Option(
     60.0, "--read-timeout", help="Seconds a download (or a Hub API call) may stall before it is resumed (retried)."
 )
 _WHEN_PLANNING = (
-    ": used only when this fetch plans (no plan.json yet) or plans again (a value other than the plan's);"
+    ": used only when this fetch plans (the folder has no plan yet) or plans again (a value other than the plan's);"
     " with --worker, only the plan's own value is taken."
 )
 FORCE = typer.Option(False, "--force", help="Reset an output folder holding another plan or tokenizer.")

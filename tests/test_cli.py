@@ -620,7 +620,9 @@ def test_the_top_level_help_says_where_to_start():
 def test_help_says_what_the_readme_says():
     assert "XXH3-128" in run_cli("inspect", "--help").stdout
     fetch = re.sub(r"\s+", " ", run_cli("fetch", "--help").stdout)
-    assert "Plan option." not in fetch and fetch.count("used only when this fetch plans (no plan.json yet)") == 4
+    assert (
+        "Plan option." not in fetch and fetch.count("used only when this fetch plans (the folder has no plan yet)") == 4
+    )
     text = re.sub(r"\s+", " ", run_cli("prepare", "--help").stdout)
     assert "one per 16 MB of planned download, up to the usable cores" in text
     assert "the plan table, warnings, errors and the summary still print" in text

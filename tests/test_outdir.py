@@ -433,7 +433,7 @@ def test_only_outdir_spells_the_folders_names():
             first = body[0] if isinstance(body, list) and body else None
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 skip.add(id(first.value))  # a docstring
-            if isinstance(node, ast.keyword) and node.arg == "help":
+            if isinstance(node, ast.keyword) and node.arg in ("help", "short_help", "epilog"):
                 skip.update(id(n) for n in ast.walk(node.value))
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
