@@ -658,7 +658,8 @@ MAX_DOC = typer.Option(
 DROP_STAGING = typer.Option(
     False,
     "--drop-staging",
-    help="After a complete finalize, delete staging/ (saves its disk; re-finalizing then needs a full refetch).",
+    help="After a complete finalize, delete staging/ (saves its disk; another --max-tokens-per-file then needs a "
+    "full refetch; the same one has nothing to do).",
 )
 SKIP_DISK = typer.Option(
     False, "--skip-disk-check", help="Do not refuse a run whose estimated size exceeds the free disk."
