@@ -409,7 +409,7 @@ def _shares_said(out: Any, missing: list[str], fetch: str) -> str | None:
 
 def _summary(manifest: dict[str, Any], location: str) -> None:
     from .guidance import command, fetch_command, local_copy_command
-    from .outdir import DATA_SOURCES, MANIFEST, open_output
+    from .outdir import DATA_SOURCES, MANIFEST, RAW, open_output
 
     out = open_output(location)
     t = manifest["totals"]
@@ -455,6 +455,12 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
         _say(
             f"the staging holds {human_bytes(size)}: what finalize (another --max-tokens-per-file, a repair) reuses, and "
             f"another --data-fraction for the files it takes whole; `{command('finalize', '--output-dir', out, '--drop-staging')}` removes it."
+        )
+    raw = out.raw_bytes()
+    if raw:  # (--drop-staging leaves them: a user freeing disk was told of the staging only)
+        _say(
+            f"{out.ref(RAW)} holds {human_bytes(raw)}: the whole files --no-streaming kept, which a --no-streaming "
+            f"rerun reads instead of downloading; nothing else removes them: `rm -r {shlex.quote(out.ref(RAW))}` frees them."
         )
     if manifest["complete"] and out.local:
         _say(f"export DATA_SOURCE={shlex.quote(out.ref(DATA_SOURCES))}")

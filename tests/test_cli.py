@@ -579,6 +579,24 @@ def test_a_rerun_says_whether_it_reads_the_kept_downloads_in_raw(tmp_path, mirro
     assert "a streaming run downloads them again (--no-streaming reads them)" in r.stderr, r.stderr
 
 
+def test_the_summary_says_what_raw_holds(tmp_path, mirror):
+    """--no-streaming keeps whole files in raw/ (on the Hub, a 0.1% plan keeps whole 750 MB files):
+    the summary named the staging and how to drop it, never raw/, which --drop-staging leaves, so
+    a user freeing disk did not know of the larger part (newuser17)."""
+    out = tmp_path / "o"
+    base = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    r = run_cli(*base, "--no-streaming", "--drop-staging")
+    assert r.returncode == 0, r.stderr
+    raw = out / "raw"
+    size = sum(p.stat().st_size for p in raw.rglob("*") if p.is_file())
+    from bolmo_async.util import human_bytes
+
+    said = f"{raw} holds {human_bytes(size)}: the whole files --no-streaming kept"
+    assert said in r.stdout and f"`rm -r {raw}` frees them" in r.stdout, r.stdout
+    r = run_cli("prepare", "-o", str(tmp_path / "s"), *base[3:])
+    assert r.returncode == 0 and "--no-streaming kept" not in r.stdout, r.stdout
+
+
 def test_inspect_of_a_healthy_folder_says_what_it_checked_in_words(tmp_path, mirror):
     """A new user's reading of inspect (newuser17): "complete: True" (Python's word), an "ok yes"
     column without saying what was checked, no totals, and "fraction 0.05 seed 42" where the

@@ -264,6 +264,11 @@ class OutputDir:
     def remove_staging(self) -> None:
         raise NotImplementedError
 
+    def raw_bytes(self) -> int:
+        """Bytes of the whole files ``--no-streaming`` keeps in the folder's ``raw/`` (none where
+        they live in a scratch)."""
+        return 0
+
     def staging_dropped(self) -> bool:
         """Nothing at all where the staging goes (``remove_staging`` took it, or none was made):
         not an empty folder, nor a link put in its place (which is never read through)."""

@@ -832,6 +832,20 @@ class LocalDir(OutputDir):
     def staging_dropped(self) -> bool:
         return not os.path.lexists(self.root / STAGING)
 
+    def raw_bytes(self) -> int:
+        raw = self.root / RAW
+        if raw.is_symlink() or not raw.is_dir():
+            return 0
+        total = 0
+        for name in _names(raw):  # raw/KEY/FILE: one folder per file, never a link followed
+            d = raw / name
+            if d.is_dir() and not d.is_symlink():
+                with os.scandir(d) as entries:
+                    total += sum(
+                        e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)
+                    )
+        return total
+
     # -- shards ----------------------------------------------------------------------------
     def shards(self) -> dict[str, int]:
         out: dict[str, int] = {}
