@@ -772,12 +772,14 @@ class FetchReport:
         }
 
 
-def _say_kept_downloads(out: OutputDir, fresh: list[PlannedFile], streaming: bool) -> None:
+def _say_kept_downloads(out: OutputDir, fresh: list[PlannedFile], streaming: bool) -> set[str]:
     """One line when files to fetch are kept whole in ``raw/`` (an earlier ``--no-streaming``
     run's): a --no-streaming rerun read them without a word, so the README's "reuses them on a
     rerun" could not be seen kept, and a streaming one downloaded them again, also without a word.
-    (Only their sizes are looked at here; the worker checks each against the listing.)"""
-    kept, where = [], ""
+    (Only their sizes are looked at here; the worker checks each against the listing.) Returns
+    the keys of those files."""
+    kept: list[PlannedFile] = []
+    where = ""
     for pf in fresh:
         try:
             path = out.download_path(pf.key, check_repo_path(pf.path), keep=True)
@@ -787,7 +789,7 @@ def _say_kept_downloads(out: OutputDir, fresh: list[PlannedFile], streaming: boo
         except (OSError, BolmoError):
             continue
     if not kept:
-        return
+        return set()
     said = (
         f"{len(kept)} of the {len(fresh)} file(s) to fetch are in {where} already "
         f"({human_bytes(sum(pf.size for pf in kept))}, kept by an earlier --no-streaming run): "
@@ -796,6 +798,7 @@ def _say_kept_downloads(out: OutputDir, fresh: list[PlannedFile], streaming: boo
         log.info("%sa streaming run downloads them again (--no-streaming reads them)", said)
     else:
         log.info("%sread from there once checked against the listing, not downloaded again", said)
+    return {pf.key for pf in kept}
 
 
 def _check_disk(
@@ -973,7 +976,7 @@ def _fetch(
                 len(units),
                 len(units) - already,
             )
-        _say_kept_downloads(out, [the_plan.files[u] for u in fresh], streaming)
+        in_raw = _say_kept_downloads(out, [the_plan.files[u] for u in fresh], streaming)
         if check_disk:
             _check_disk(out, the_plan, recs, info.kind, streaming, shards=shard_bound is not None)
         if shard_bound is not None:  # (prepare: its workers put shards in place as files are staged)
@@ -1021,7 +1024,9 @@ def _fetch(
             try:
                 result = pool.run(
                     units,
-                    resolve_ahead=fresh,  # not the staged ones: the Hub's resolver budget
+                    # Not the staged ones, nor those a --no-streaming run reads from raw/: the
+                    # Hub's resolver budget (a rerun resolved every kept file for nothing).
+                    resolve_ahead=fresh if streaming else [u for u in fresh if the_plan.files[u].key not in in_raw],
                     progress=prog,
                     on_staged=on_staged,
                     on_files_done=shards.finish if shards is not None else None,

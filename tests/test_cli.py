@@ -574,6 +574,9 @@ def test_a_rerun_says_whether_it_reads_the_kept_downloads_in_raw(tmp_path, mirro
     assert "read from there" in r.stderr and "not downloaded again" in r.stderr, r.stderr
     fetched = {req["path"] for req in mirror.cdn_requests}
     assert not {f for f in fetched if f.rsplit("/", 1)[-1] in kept}, fetched
+    # Nor resolved (the Hub's resolver budget): the coordinator resolved every kept file ahead.
+    resolved = [path for _, path in mirror.hub_requests if "/resolve/" in path]
+    assert resolved and not [p for p in resolved if p.rsplit("/", 1)[-1] in kept], resolved
     r = run_cli(*base, "--data-fraction", "0.3")
     assert r.returncode == 0, r.stderr
     assert "a streaming run downloads them again (--no-streaming reads them)" in r.stderr, r.stderr
