@@ -168,3 +168,31 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def silent_store() -> Iterator[tuple[str, list[socket.socket]]]:
+    """An endpoint that accepts connections and never answers a request (a hung store, a wrong
+    port of some other service): yields its URL and the connections it has accepted so far."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(sock.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", held
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -267,6 +268,62 @@ def test_missing_bucket_and_unreachable_store_fail_in_one_line(s3: S3, monkeypat
         bolmo_async.inspect(s3.url())
     assert "rerun" not in str(err.value) and "\n" not in str(err.value)
     assert time.monotonic() - t < 10
+
+
+def test_a_store_that_never_answers_is_given_up_on_in_bounded_time(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that accepts connections and never answers (a hung server, the wrong port): every
+    request waited 300 s, so the probe (3 attempts) said nothing for 15 minutes and any other
+    request (8 attempts) for 40. The probe waits PROBE_TIMEOUT a request and every small request
+    REQUEST_TIMEOUT (1 s here): one line each, soon."""
+    from bolmo_async.outdir import store
+    from tests.s3server import silent_store
+
+    assert 3 * store.PROBE_TIMEOUT <= 60 and store.REQUEST_TIMEOUT <= 60
+    monkeypatch.setattr(store, "PROBE_TIMEOUT", 1.0)
+    monkeypatch.setattr(store, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(store, "retrying", _fast(store.retrying))
+    with silent_store() as (endpoint, _):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        t = time.monotonic()
+        with pytest.raises(UsageError, match=r"cannot reach the store .*no answer within 1 s") as err:
+            open_output(s3.url()).create()
+        assert "\n" not in str(err.value) and time.monotonic() - t < 10
+        t = time.monotonic()
+        with pytest.raises(
+            OutputError, match=r"plan\.json: write still failing after 3 attempts .*no answer within 1 s"
+        ):
+            open_output(s3.url()).write_text("plan.json", "{}")
+        assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_a_request_the_store_never_answers_stops_at_once(s3: S3, sig: int) -> None:
+    """Ctrl+C or SIGTERM (a job scheduler's) while a store request hangs: the client's call held
+    the main thread, where Python runs signal handlers, until the request's timeout (300 s). The
+    call runs on a helper thread the main thread waits for, so the stop is handled at once."""
+    import subprocess
+
+    from tests.s3server import silent_store
+
+    with silent_store() as (endpoint, accepted):
+        p = subprocess.Popen(
+            cli("plan", "-o", s3.url(), "--data-fraction", "0.1"),
+            env={**os.environ, "AWS_ENDPOINT_URL": endpoint},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not accepted:  # the probe's request is in flight
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        p.send_signal(sig)
+        t = time.monotonic()
+        _out, err = finish(p, 30)
+        took = time.monotonic() - t
+    assert took < 5, (took, err)
+    assert p.returncode == 128 + sig and err.strip().splitlines()[-1].startswith("interrupted"), err
 
 
 @pytest.mark.parametrize("prefix", ["../x", "a/./x", "a//x", "a/\x01/x"])

@@ -61,6 +61,14 @@ T = TypeVar("T")
 PART = 8 << 20
 #: Parts of one upload in flight at once (memory per open object: about (1 + this) * PART).
 UPLOAD_CONCURRENCY = 4
+#: Seconds one request may take, start to end (the client's timeout: it has no idle timeout). A
+#: store that accepts connections and never answers held every request for 300 s: the probe's
+#: three attempts said nothing for 15 minutes. The probe writes an empty object; the other small
+#: requests (leases, documents of a few MB, heads, listing pages, deletes) take seconds on any
+#: store; whole-object transfers (streamed uploads, downloads of staged objects) keep 300 s.
+PROBE_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 60.0
+TRANSFER_TIMEOUT = 300.0
 #: Environment settings that are not usable numbers (refused when a store is opened).
 _BAD_SETTINGS: list[str] = []
 
@@ -137,6 +145,35 @@ def _own_scratch() -> Path:
     return _own[pid]
 
 
+def interruptible(fn: Callable[[], T]) -> T:
+    """``fn()`` (a blocking call of the store's client), on a helper thread when called on the main
+    thread, which waits for it. The client holds the thread that calls it until its request ends,
+    and Python runs signal handlers on the main thread only between bytecodes: a Ctrl+C or SIGTERM
+    during a request the store never answered was handled only at the request's timeout. A wait
+    for a thread is interrupted by a signal: the stop is handled at once, the request is left to
+    its (daemon) thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed to the caller, as if raised here
+            box.append((False, exc))
+
+    helper = threading.Thread(target=run, name="bolmo-async-store-call", daemon=True)
+    helper.start()
+    helper.join()
+    done, value = box[0]
+    if not done:
+        try:
+            raise value
+        finally:
+            del value, box
+    return value
+
+
 # -- the retry helper ------------------------------------------------------------------------------
 def transient(reason: str) -> Exception:
     return Retry(reason)
@@ -203,8 +240,13 @@ def _short(exc: BaseException) -> str:
     text = str(exc).split("\n\nDebug source:")[0].strip()
     code = re.search(r"<Code>([^<]+)</Code>", text)
     first = text.splitlines()[0] if text else type(exc).__name__
+    took = re.search(r"\s+in ([\d.]+)(ms|s) - ", first)
     first = re.sub(r"\s+in [\d.]+\S*s - ", " - ", first)
     first = first.split(": <?xml")[0]
+    if re.search(r"kind: Timeout|TimedOut", str(exc)):  # said only in the debug dump
+        first += (
+            f": no answer within {float(took[1]) / (1000 if took[2] == 'ms' else 1):.0f} s" if took else ": timed out"
+        )
     return (f"{first} ({code.group(1)})" if code else first)[:300]
 
 
@@ -317,7 +359,7 @@ class StoreNewFile:
                 )
             # obstore keeps a reference to the memory it is given until the part is sent: a copy,
             # so that the caller may reuse its block (the shard writer does) at once
-            self._writer.write(bytes(view))
+            interruptible(lambda: self._writer.write(bytes(view)))
         except Exception as exc:
             self.abort()
             raise self.dir.failed(self.name, exc, "upload") from exc
@@ -342,7 +384,7 @@ class StoreNewFile:
                 self.dir._put(self.key, b"")
             else:
                 writer, self._writer = self._writer, None
-                writer.close()  # completes the multipart upload: the object appears whole
+                interruptible(writer.close)  # completes the multipart upload: the object appears whole
         except Exception as exc:
             self.abort()
             raise self.dir.failed(self.name, exc, "upload") from exc
@@ -408,7 +450,7 @@ class StoreDir(OutputDir):
                     f"folders); name the prefix plainly, e.g. {self.scheme}://{bucket}/bolmo_out."
                 )
         self.location = f"{self.scheme}://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        self._stores: dict[tuple[int, bool], Any] = {}
+        self._stores: dict[tuple[int, str], Any] = {}
         #: Who holds our leases: this process (its nested commands share them, as with flock).
         self._holder = _process_holder()
         self._scratch_named = False  # its scratch folder says whose it is (``_scratch_dir``)
@@ -418,22 +460,26 @@ class StoreDir(OutputDir):
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _store(self, upload: bool = False) -> Any:
-        """The obstore client of this process (rebuilt after a fork: its runtime does not survive
-        one). ``upload``: the one whose per-request retry covers streamed parts; the other makes
-        single attempts, retried by ``retrying``."""
-        slot = (os.getpid(), upload)
+    def _store(self, kind: str = "small") -> Any:
+        """The obstore client of this process for ``kind`` of request (rebuilt after a fork: its
+        runtime does not survive one): "upload", whose per-request retry covers streamed parts;
+        the others make single attempts, retried by ``retrying``: "small" requests, "probe" and
+        "transfer" (a whole object downloaded), each within its timeout (above)."""
+        slot = (os.getpid(), kind)
         if slot not in self._stores:
-            self._stores[slot] = self._make_store({"max_retries": 0} if not upload else _policy_config())
+            timeout = {"probe": PROBE_TIMEOUT, "small": REQUEST_TIMEOUT}.get(kind, TRANSFER_TIMEOUT)
+            retry = _policy_config() if kind == "upload" else {"max_retries": 0}
+            self._stores[slot] = self._make_store(retry, timeout)
         return self._stores[slot]
 
     def upload_store(self) -> Any:
-        return self._store(upload=True)
+        return self._store("upload")
 
-    def _make_store(self, retry_config: Any) -> Any:
+    def _make_store(self, retry_config: Any, timeout: float) -> Any:
         from obstore.store import AzureStore, GCSStore, S3Store
 
-        client: Any = {"connect_timeout": "30s", "timeout": "300s"}
+        connect = min(30.0, timeout)
+        client: Any = {"connect_timeout": f"{connect:g}s", "timeout": f"{timeout:g}s"}
         if self.scheme in ("gs", "gcs"):
             return GCSStore(self.bucket, client_options=client, retry_config=retry_config)
         if self.scheme in ("az", "abfs"):
@@ -562,7 +608,7 @@ class StoreDir(OutputDir):
 
         def attempt() -> T:
             try:
-                return fn()
+                return interruptible(fn)
             except (FileNotFoundError, oe.NotFoundError, oe.AlreadyExistsError, oe.PreconditionError):
                 raise
             except (oe.UnauthenticatedError, oe.PermissionDeniedError) as exc:
@@ -648,11 +694,11 @@ class StoreDir(OutputDir):
 
         probe = f".bolmo-async.probe.{secrets.token_hex(4)}"
         try:
-            self._store()
+            self._store("probe")
             self._call(
                 "probe write",
                 probe,
-                lambda: obstore.put(self._store(), self.key(probe), b""),
+                lambda: obstore.put(self._store("probe"), self.key(probe), b""),
                 attempts=3,
                 unreachable=self._unreachable,
             )
@@ -670,7 +716,7 @@ class StoreDir(OutputDir):
         prefix = self.prefix + "/" if self.prefix else ""
 
         def first() -> None:
-            for _ in obstore.list(self._store(), prefix, chunk_size=1):
+            for _ in obstore.list(self._store("probe"), prefix, chunk_size=1):
                 return
 
         self._call("list", "", first, attempts=3, unreachable=self._unreachable)
@@ -858,7 +904,7 @@ class StoreDir(OutputDir):
 
         def run() -> bool:
             restart()
-            for chunk in obstore.get(self._store(), self.key(name)).stream(min_chunk_size=PART):
+            for chunk in obstore.get(self._store("transfer"), self.key(name)).stream(min_chunk_size=PART):
                 sink(chunk)
             return True
 
