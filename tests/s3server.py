@@ -1,6 +1,6 @@
 """A real S3-compatible server on loopback for the tests and the bench (moto's server mode), and a
 small fault proxy in front of it that plays the store's bad days: 503 SlowDown / 500 answers,
-connections cut mid-request, and the store's refusal of unknown access keys (403
+connections cut mid-request, requests never answered, and the store's refusal of unknown access keys (403
 InvalidAccessKeyId; moto itself accepts any key)."""
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
                 return
             if action == "slow":
                 time.sleep(1.5)
+            if action == "stall":  # never answered (the client gives up)
+                time.sleep(3600)
+                return
             conn = http.client.HTTPConnection(up_host, int(up_port), timeout=60)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}

@@ -326,6 +326,31 @@ def test_a_stop_during_a_request_the_store_never_answers_stops_at_once(s3: S3, s
     assert p.returncode == 128 + sig and err.strip().splitlines()[-1].startswith("interrupted"), err
 
 
+@pytest.mark.slow
+def test_a_stop_while_the_store_hangs_mid_run_ends_within_a_minute(s3: S3, mirror) -> None:  # type: ignore[no-untyped-def]
+    """The store stops answering mid-run (after the probe and the lock), then SIGTERM: the stop's
+    clean-up releases the folder's lease, which waited for a renewal in flight and then retried
+    its delete 8 times, a minute each: the command ended after 8 minutes or more. A release (and
+    a renewal) is one short attempt: a lease left behind expires by itself (30 s measured)."""
+    import subprocess
+
+    s3.proxy.faults.append(Fault("PUT", r"plan\.json", "stall", 1000))
+    args = ("prepare", "-o", s3.url(), "--endpoint", mirror.endpoint, "--data-fraction", "0.1", "--no-progress")
+    p = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(seen.startswith("PUT") and "plan.json" in seen for seen in s3.proxy.seen):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    s3.proxy.faults.append(Fault("*", r".", "stall", 1000))  # from now on nothing is answered
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    _out, err = finish(p, 120)
+    took = time.monotonic() - t
+    assert took < 45, (took, err)
+    assert p.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith("interrupted"), err
+
+
 @pytest.mark.parametrize("prefix", ["../x", "a/./x", "a//x", "a/\x01/x"])
 def test_a_prefix_no_store_takes_is_a_usage_error(prefix: str) -> None:
     """Not a probe failure with advice to rerun: the location itself is wrong."""

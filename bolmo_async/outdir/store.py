@@ -286,8 +286,8 @@ class _Heartbeat:
                     with self.guard:
                         if slot not in self.held:
                             continue  # released meanwhile
-                    try:
-                        d._put(slot[1], body)
+                    try:  # one short attempt: a release waits for it (``drop``), the next beat retries
+                        d._put(slot[1], body, attempts=1, kind="probe")
                     except Exception as exc:  # the next beat tries again; a lost lease costs work only
                         log.warning("%s: could not renew a lease (%s)", d.location, _short(exc))
                         continue
@@ -646,11 +646,16 @@ class StoreDir(OutputDir):
 
         return retrying(f"{self.ref(name) if name else self.location}: {what}", attempt, fail, attempts)
 
-    def _put(self, key: str, data: bytes, mode: Any = None) -> Any:
+    def _put(self, key: str, data: bytes, mode: Any = None, attempts: int = 0, kind: str = "small") -> Any:
         import obstore
 
         name = key[len(self.prefix) + 1 :] if self.prefix else key
-        return self._call("write", name, lambda: obstore.put(self._store(), key, data, mode=mode, use_multipart=False))
+        return self._call(
+            "write",
+            name,
+            lambda: obstore.put(self._store(kind), key, data, mode=mode, use_multipart=False),
+            attempts=attempts,
+        )
 
     def _head(self, name: str) -> dict[str, Any] | None:
         import obstore
@@ -780,9 +785,14 @@ class StoreDir(OutputDir):
         return False
 
     def _release(self, name: str) -> None:
+        """Best effort, one short attempt: a lease not removed expires within LEASE seconds, and a
+        release runs in the clean-up of a stop, which a hung store held for its whole retry budget
+        (8 attempts of a minute)."""
+        import obstore
+
         _heartbeat().drop(self, self.key(name))
         with contextlib.suppress(Exception):
-            self._delete([name])
+            self._call("delete", name, lambda: obstore.delete(self._store("probe"), [self.key(name)]), attempts=1)
 
     @contextlib.contextmanager
     def lock(self, *, shared: bool = False) -> Iterator[None]:
