@@ -150,6 +150,31 @@ def test_a_read_only_mount_names_the_folder_and_the_permission(mirror, tmp_path)
         subprocess.run(["umount", "-l", str(out)], check=False)
 
 
+@pytest.mark.parametrize("name", ["marker", "bolmo_data_00000.npy", "bolmo_data_00000.csv.gz", DATA_SOURCES, MANIFEST])
+def test_a_folder_made_at_a_name_the_run_writes_is_one_line_naming_it(mirror, tmp_path, name):
+    """A folder (made by hand, a copy gone wrong) where a run writes a file: the rename onto it
+    failed with "unexpected IsADirectoryError ... rerun the same command ... report the traceback",
+    and a rerun failed the same way for good (inspect too, reading it). One line names it and the
+    fix; the folder is kept."""
+    out = tmp_path / "o"
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False)
+    command = ["finalize", "-o", str(out)]
+    if name == "marker":
+        marker = sorted((out / "staging").glob("*.json"))[0]
+        marker.unlink()
+        name = f"staging/{marker.name}"
+        command = ["fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--no-progress"]
+    (out / name / "kept").mkdir(parents=True)
+    done = run_cli(*command)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and "unexpected" not in done.stderr and "traceback" not in done.stderr, done.stderr
+    said = [line for line in lines if f"{out / name} is a folder" in line]
+    assert said and "move it away" in said[-1], done.stderr
+    assert (out / name / "kept").is_dir()
+    looked = run_cli("inspect", str(out))  # reading it failed as "unexpected IsADirectoryError"
+    assert looked.returncode == 1 and "unexpected" not in looked.stderr, looked.stderr
+
+
 def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(errors.StateError, match="not an output folder of bolmo-async"):

@@ -151,6 +151,11 @@ def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scrat
             f"{where} cannot be written ({exc.strerror or exc}): give this user write permission on {folder} "
             "(or mount it read-write), or choose another --output-dir."
         )
+    if exc.errno == errno.EISDIR:  # a folder where a file is renamed into place: never removed for us
+        return OutputError(
+            f"{where} is a folder, where bolmo-async writes a file (made by hand, or a copy gone wrong): "
+            "move it away (it is not ours to remove) and rerun the same command: finished files are kept."
+        )
     return exc
 
 
@@ -691,13 +696,17 @@ class LocalDir(OutputDir):
         if through_link(name, self.root):
             return None
         try:
-            return os.open(self.root / name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+            fd = os.open(self.root / name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 return None  # a link where our file belongs: not ours
             raise
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # a folder where our file belongs: not ours either (its
+            os.close(fd)  # read failed as "unexpected IsADirectoryError"; a write names it)
+            return None
+        return fd
 
     def read_bytes(self, name: str) -> bytes | None:
         fd = self._open_read(name)
