@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import StateError, UsageError
-from .guidance import fetch_command
+from .guidance import fetch_command, plan_missing
 from .messages import LayoutAt
 from .models import DEFAULT_MAX_TOKENS_PER_FILE, Plan, PlannedFile, SkipCounter
 from .outdir import (
@@ -704,6 +704,8 @@ def finalize_dir(
         raise UsageError("--max-tokens-per-file must be at least 2 (a token and an EOS)")
     plan = load_plan(out)
     if plan is None:
+        if out.exists_file(RUN_STATE):  # fetched here, then plan.json removed
+            raise StateError(plan_missing(out) + ".")
         raise StateError(f"{out} has no {PLAN}: run `{fetch_command(out, None)}` (or `prepare`) first.")
     state_raw = out.read_bytes(RUN_STATE)
     if state_raw is None:

@@ -409,6 +409,20 @@ def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str,
     return command(*args, *tokenizer_flags(tokenizer))
 
 
+def plan_missing(output_dir: Any) -> str:
+    """What to say of a folder that holds a run's files but no plan.json (removed by hand): the
+    plan cannot be read back from anything else, and a bare fetch would plan at the default
+    --data-fraction; the same options plan the same files and take what is staged."""
+    from .outdir import PLAN
+
+    again = command("plan", "--output-dir", output_dir, "--data-fraction", "F")
+    return (
+        f"{output_dir} has no {PLAN} (removed?) but holds a run's files: plan it again with the options it "
+        f"was made with, `{again}` (and --seed, --revision, --repo-id if they were set; the same plan takes "
+        "the files already staged), then fetch and finalize"
+    )
+
+
 def local_copy_command(url: str) -> str:
     """A shell line that copies a ``data_sources.txt`` on object storage to this folder and points
     ``DATA_SOURCE`` at the copy: bolmo-core's launchers ``open()`` ``DATA_SOURCE`` as a local file

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StateError
-from .guidance import command
+from .guidance import command, plan_missing
 from .outdir import DATA_SOURCES, MANIFEST, PLAN, RUN_STATE, TOKENIZER, LocalDir, OutputDir, csv_name, open_output
 from .tokenize import decode_bytes
 from .util import CHECKSUM
@@ -75,6 +75,8 @@ def inspect_dir(
                 f"{out} is not an output folder of bolmo-async (it has no {PLAN} and no {MANIFEST}): pass the "
                 "--output-dir of a run (`bolmo-async prepare --output-dir DIR` makes one)."
             )
+        if not out.exists_file(PLAN):
+            raise StateError(plan_missing(out) + ".")
         raise StateError(f"{out} has no {MANIFEST}: no finalize has finished here yet; {_what_finishes(out)}.")
     try:
         manifest = json.loads(raw)

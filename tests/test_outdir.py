@@ -175,6 +175,27 @@ def test_a_folder_made_at_a_name_the_run_writes_is_one_line_naming_it(mirror, tm
     assert looked.returncode == 1 and "unexpected" not in looked.stderr, looked.stderr
 
 
+def test_a_removed_plan_json_is_named_with_the_plan_that_repairs_it(mirror, tmp_path):
+    """plan.json removed by hand after a fetch: inspect said to run finalize, and finalize to run
+    fetch, which plans at the default --data-fraction 0.01, not the folder's. Both name what is
+    missing and the plan that repairs it; that plan takes the staged files, and the shards are
+    a clean run's."""
+    clean = _prepare(tmp_path / "clean", mirror.endpoint)
+    out = tmp_path / "o"
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False)
+    (out / "plan.json").unlink()
+    for args in (("inspect", str(out)), ("finalize", "-o", str(out))):
+        done = run_cli(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1, done.stderr
+        assert "no plan.json" in lines[0] and f"bolmo-async plan --output-dir {out} --data-fraction" in lines[0], lines
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.2)
+    res = bolmo_async.fetch(out, endpoint=mirror.endpoint, progress=False)
+    assert res["fetched_now"] == 0
+    done = bolmo_async.finalize(out, max_tokens_per_file=200_000)
+    assert shard_hashes(done) == shard_hashes(clean)
+
+
 def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(errors.StateError, match="not an output folder of bolmo-async"):
