@@ -166,6 +166,27 @@ def test_a_killed_runs_lock_expires_and_a_live_one_is_renewed(s3: S3, monkeypatc
         pass
 
 
+def test_a_store_refusing_renewals_is_said_once_not_five_times_a_second(
+    s3: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal that fails is tried again at the next beat, 0.2 s later: a store down or
+    refusing for a minute printed 300 warnings while the run's own requests waited out their
+    retries. The first failure is said, the next tries are spaced out, and a renewal that
+    succeeds again says so; the lease is kept fresh once the store answers."""
+    from bolmo_async.outdir import store
+
+    d = open_output(s3.url())
+    d.create()
+    with caplog.at_level(logging.INFO, "bolmo_async"), d.lock():
+        s3.proxy.faults.append(Fault("PUT", r"\.bolmo-async\.lock", "500", 1000))
+        time.sleep(3 * store.LEASE / 2)
+        s3.proxy.faults.clear()
+        time.sleep(store.LEASE / 2)
+        assert d.holder() is not None
+    said = [r.getMessage() for r in caplog.records if "lease" in r.getMessage()]
+    assert len(said) == 2 and "could not renew" in said[0] and "renewed again" in said[1], said
+
+
 def test_claims(s3: S3) -> None:
     a, b = two_runs(s3)
     with a.claim("k-1") as mine:

@@ -261,6 +261,8 @@ class _Heartbeat:
         self.guard = threading.Lock()
         self.renewing = threading.Lock()  # held while leases are rewritten
         self.thread: threading.Thread | None = None
+        #: Leases whose last renewal failed: said once, then tried every LEASE/8 s, not each beat.
+        self.failing: dict[tuple[int, str], float] = {}
 
     def add(self, d: StoreDir, key: str, body: bytes) -> None:
         with self.guard:
@@ -272,6 +274,7 @@ class _Heartbeat:
     def drop(self, d: StoreDir, key: str) -> None:
         with self.guard:
             self.held.pop((id(d), key), None)
+            self.failing.pop((id(d), key), None)
         with self.renewing:  # a rewrite under way ends first: a released lease is not made again
             pass
 
@@ -281,17 +284,32 @@ class _Heartbeat:
             now = time.monotonic()
             with self.renewing:
                 with self.guard:
-                    due = [(k, v) for k, v in self.held.items() if now - v[2] >= LEASE / 4]
+                    due = [
+                        (k, v)
+                        for k, v in self.held.items()
+                        if now - v[2] >= LEASE / 4 and now >= self.failing.get(k, 0.0) + LEASE / 8
+                    ]
                 for slot, (d, body, _) in due:
                     with self.guard:
                         if slot not in self.held:
                             continue  # released meanwhile
-                    try:  # one short attempt: a release waits for it (``drop``), the next beat retries
+                    try:  # one short attempt: a release waits for it (``drop``), a later beat retries
                         d._put(slot[1], body, attempts=1, kind="probe")
-                    except Exception as exc:  # the next beat tries again; a lost lease costs work only
-                        log.warning("%s: could not renew a lease (%s)", d.location, _short(exc))
+                    except Exception as exc:  # a lost lease costs work only
+                        if slot not in self.failing:
+                            log.warning(
+                                "%s: could not renew a lease (%s); trying again every %g s",
+                                d.location,
+                                _short(exc.__cause__ or exc),
+                                LEASE / 8,
+                            )
+                        with self.guard:
+                            if slot in self.held:
+                                self.failing[slot] = time.monotonic()
                         continue
                     with self.guard:
+                        if self.failing.pop(slot, None) is not None:
+                            log.info("%s: a lease renewed again", d.location)
                         if slot in self.held:
                             self.held[slot] = (d, body, now)
 
