@@ -147,7 +147,12 @@ def fault_proxy(upstream: str, proxy: FaultProxy | None = None) -> Iterator[tupl
                 self.end_headers()
                 if self.command != "HEAD":
                     with contextlib.suppress(ConnectionError):  # the client gave up (a stop, its timeout)
-                        self.wfile.write(data)
+                        step = max(1, len(data) // 15) if action == "trickle" else len(data) or 1
+                        for i in range(0, len(data), step):
+                            self.wfile.write(data[i : i + step])
+                            if action == "trickle":
+                                self.wfile.flush()
+                                time.sleep(0.2)
             finally:
                 conn.close()
 

@@ -253,6 +253,33 @@ def test_an_exhausted_budget_names_the_object_and_the_fix(s3: S3, monkeypatch: p
         open_output(s3.url()).write_text("manifest.json", "{}")
 
 
+def test_a_download_longer_than_the_request_timeout_completes_while_bytes_flow(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged object is downloaded whole (the finalize of another machine, a cache miss): the
+    client's overall timeout (300 s) cut a download that was still flowing, and each retry began
+    from the top, so an object needing longer at the link's rate (1 GB at 3 MB/s) never arrived.
+    A transfer is bounded by TRANSFER_TIMEOUT without a byte (1 s here), not from start to end
+    (this one takes 3 s)."""
+    from bolmo_async.outdir import store
+    from bolmo_async.util import new_checksum
+
+    monkeypatch.setattr(store, "TRANSFER_TIMEOUT", 1.0)
+    monkeypatch.setattr(store, "retrying", _fast(store.retrying))
+    d = open_output(s3.url())
+    data = os.urandom(3 << 20)
+    d.write_bytes("staging/x.arrow", data)
+    s3.proxy.faults.append(Fault("GET", r"x\.arrow", "trickle", 3))  # every attempt
+    h = new_checksum()
+    h.update(data)
+    assert d.checksum("staging/x.arrow") == h.hexdigest()
+    s3.proxy.faults[:] = [Fault("GET", r"x\.arrow", "stall", 3)]  # and a download with no byte at all fails
+    t = time.monotonic()
+    with pytest.raises(OutputError, match=r"x\.arrow: read still failing after 3 attempts"):
+        d.checksum("staging/x.arrow")
+    assert time.monotonic() - t < 15
+
+
 def _fast(real):  # type: ignore[no-untyped-def]
     def call(what, attempt, fail, attempts=0):  # type: ignore[no-untyped-def]
         return real(what, attempt, fail, 3)

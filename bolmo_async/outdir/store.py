@@ -61,14 +61,18 @@ T = TypeVar("T")
 PART = 8 << 20
 #: Parts of one upload in flight at once (memory per open object: about (1 + this) * PART).
 UPLOAD_CONCURRENCY = 4
-#: Seconds one request may take, start to end (the client's timeout: it has no idle timeout). A
-#: store that accepts connections and never answers held every request for 300 s: the probe's
-#: three attempts said nothing for 15 minutes. The probe writes an empty object; the other small
-#: requests (leases, documents of a few MB, heads, listing pages, deletes) take seconds on any
-#: store; whole-object transfers (streamed uploads, downloads of staged objects) keep 300 s.
+#: Seconds one request may take, start to end. A store that accepts connections and never
+#: answers held every request for 300 s: the probe's three attempts said nothing for 15 minutes.
+#: The probe writes an empty object; the other small requests (leases, documents of a few MB,
+#: heads, listing pages, deletes) take seconds on any store; a part of a streamed upload (8 MiB)
+#: has UPLOAD_TIMEOUT.
 PROBE_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 60.0
-TRANSFER_TIMEOUT = 300.0
+UPLOAD_TIMEOUT = 300.0
+#: A whole-object download (a staged object read on another machine) is bounded by the seconds
+#: without a byte, not from start to end: an overall 300 s cut one still flowing, and each retry
+#: began from the top, so an object needing longer at the link's rate never arrived.
+TRANSFER_TIMEOUT = 60.0
 #: Environment settings that are not usable numbers (refused when a store is opened).
 _BAD_SETTINGS: list[str] = []
 
@@ -485,19 +489,24 @@ class StoreDir(OutputDir):
         "transfer" (a whole object downloaded), each within its timeout (above)."""
         slot = (os.getpid(), kind)
         if slot not in self._stores:
-            timeout = {"probe": PROBE_TIMEOUT, "small": REQUEST_TIMEOUT}.get(kind, TRANSFER_TIMEOUT)
             retry = _policy_config() if kind == "upload" else {"max_retries": 0}
-            self._stores[slot] = self._make_store(retry, timeout)
+            if kind == "transfer":  # a day in all, TRANSFER_TIMEOUT without a byte
+                self._stores[slot] = self._make_store(retry, 86400.0, TRANSFER_TIMEOUT)
+            else:
+                timeout = {"probe": PROBE_TIMEOUT, "small": REQUEST_TIMEOUT}.get(kind, UPLOAD_TIMEOUT)
+                self._stores[slot] = self._make_store(retry, timeout)
         return self._stores[slot]
 
     def upload_store(self) -> Any:
         return self._store("upload")
 
-    def _make_store(self, retry_config: Any, timeout: float) -> Any:
+    def _make_store(self, retry_config: Any, timeout: float, idle: float | None = None) -> Any:
         from obstore.store import AzureStore, GCSStore, S3Store
 
-        connect = min(30.0, timeout)
+        connect = min(30.0, timeout, idle or timeout)
         client: Any = {"connect_timeout": f"{connect:g}s", "timeout": f"{timeout:g}s"}
+        if idle is not None:
+            client["read_timeout"] = f"{idle:g}s"
         if self.scheme in ("gs", "gcs"):
             return GCSStore(self.bucket, client_options=client, retry_config=retry_config)
         if self.scheme in ("az", "abfs"):
