@@ -280,6 +280,28 @@ def test_a_download_longer_than_the_request_timeout_completes_while_bytes_flow(
     assert time.monotonic() - t < 15
 
 
+def test_documents_of_megabytes_are_not_held_to_the_small_request_bound(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document of a few MB (a subword run's tokenizer JSON, 7 MB; a large plan) is one PUT and
+    one GET: at REQUEST_TIMEOUT from start to end (60 s; 1 s here) it needed 140 KB/s, so a slow
+    link failed it for good. Its PUT has the upload parts' bound and its GET the downloads' (no
+    byte for TRANSFER_TIMEOUT); a small one keeps REQUEST_TIMEOUT."""
+    from bolmo_async.outdir import store
+
+    for setting in ("REQUEST_TIMEOUT", "TRANSFER_TIMEOUT"):
+        monkeypatch.setattr(store, setting, 1.0)
+    monkeypatch.setattr(store, "retrying", _fast(store.retrying))
+    d = open_output(s3.url())
+    data = os.urandom(2 << 20)
+    s3.proxy.faults += [Fault("PUT", r"tokenizer\.json", "slow", 3), Fault("GET", r"tokenizer\.json", "trickle", 3)]
+    d.write_bytes("tokenizer.json", data)
+    assert d.read_bytes("tokenizer.json") == data
+    s3.proxy.faults[:] = [Fault("PUT", r"run\.json", "slow", 3)]
+    with pytest.raises(OutputError, match=r"run\.json: write still failing after 3 attempts .*no answer within 1 s"):
+        d.write_bytes("run.json", b"{}")
+
+
 def _fast(real):  # type: ignore[no-untyped-def]
     def call(what, attempt, fail, attempts=0):  # type: ignore[no-untyped-def]
         return real(what, attempt, fail, 3)

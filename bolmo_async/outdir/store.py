@@ -65,7 +65,7 @@ UPLOAD_CONCURRENCY = 4
 #: answers held every request for 300 s: the probe's three attempts said nothing for 15 minutes.
 #: The probe writes an empty object; the other small requests (leases, documents of a few MB,
 #: heads, listing pages, deletes) take seconds on any store; a part of a streamed upload (8 MiB)
-#: has UPLOAD_TIMEOUT.
+#: and a document over 1 MiB written in one PUT have UPLOAD_TIMEOUT.
 PROBE_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 60.0
 UPLOAD_TIMEOUT = 300.0
@@ -485,8 +485,9 @@ class StoreDir(OutputDir):
     def _store(self, kind: str = "small") -> Any:
         """The obstore client of this process for ``kind`` of request (rebuilt after a fork: its
         runtime does not survive one): "upload", whose per-request retry covers streamed parts;
-        the others make single attempts, retried by ``retrying``: "small" requests, "probe" and
-        "transfer" (a whole object downloaded), each within its timeout (above)."""
+        the others make single attempts, retried by ``retrying``: "small" requests, "probe",
+        "large" (a document of MBs written in one PUT) and "transfer" (an object read whole),
+        each within its timeout (above)."""
         slot = (os.getpid(), kind)
         if slot not in self._stores:
             retry = _policy_config() if kind == "upload" else {"max_retries": 0}
@@ -677,6 +678,8 @@ class StoreDir(OutputDir):
         import obstore
 
         name = key[len(self.prefix) + 1 :] if self.prefix else key
+        if kind == "small" and len(data) > 1 << 20:  # a document of MBs: an upload part's bound
+            kind = "large"
         return self._call(
             "write",
             name,
@@ -903,7 +906,8 @@ class StoreDir(OutputDir):
         import obstore.exceptions as oe
 
         try:
-            return self._call("read", name, lambda: bytes(obstore.get(self._store(), self.key(name)).bytes()))
+            # (bounded by the seconds without a byte: a document may be MBs)
+            return self._call("read", name, lambda: bytes(obstore.get(self._store("transfer"), self.key(name)).bytes()))
         except (FileNotFoundError, oe.NotFoundError):
             return None
 
