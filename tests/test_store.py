@@ -187,6 +187,24 @@ def test_a_store_refusing_renewals_is_said_once_not_five_times_a_second(
     assert len(said) == 2 and "could not renew" in said[0] and "renewed again" in said[1], said
 
 
+def test_a_store_answering_500_is_said_so_not_unreachable(s3: S3) -> None:
+    """A store error that is not retried again (an upload part after obstore's own retries) with
+    the store's 500 in it said to check that the store is reachable (AWS_ENDPOINT_URL, the
+    network): it is up and reachable, the wrong place to look (attack17). The line says what the
+    store answered; one that did not answer still points at the network."""
+    import obstore.exceptions as oe
+
+    d = open_output(s3.url())
+    answered = oe.GenericError(
+        "Generic S3 error: Error performing PUT http://127.0.0.1/b/run/staging/x.arrow?partNumber=2 - "
+        "Server returned non-2xx status code: 500 Internal Server Error (InternalError)"
+    )
+    said = str(d.failed("staging/x.arrow", answered, "upload"))  # type: ignore[attr-defined]
+    assert "answered 500" in said and "reachable" not in said, said
+    silent = oe.GenericError("Generic S3 error: error sending request: connection refused")
+    assert "reachable" in str(d.failed("staging/x.arrow", silent, "upload"))  # type: ignore[attr-defined]
+
+
 def test_claims(s3: S3) -> None:
     a, b = two_runs(s3)
     with a.claim("k-1") as mine:

@@ -613,8 +613,14 @@ class StoreDir(OutputDir):
             return UsageError(
                 f"--output-dir {self.location}: the bucket {self.bucket} does not exist; create it first."
             )
+        status = re.search(r"status code: (5\d\d)", str(exc))
+        check = (
+            f"The store answered {status[1]} (its own error) to every attempt: check its status or try later"
+            if status
+            else "Check that the store is reachable (AWS_ENDPOINT_URL, the network)"
+        )
         return OutputError(
-            f"{what}: {doing} failed ({reason}). Check that the store is reachable (AWS_ENDPOINT_URL, the network)"
+            f"{what}: {doing} failed ({reason}). {check}"
             + (
                 " and rerun the same command: finished objects are kept and the run resumes."
                 if resumes and not self.read_only
