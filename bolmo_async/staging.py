@@ -166,7 +166,21 @@ class Staging:
                     wrong,
                 )
             return None
-        return rec if rec.get("staged_bytes") == self.out.size(staged_name(pf.key)) else None
+        size = self.out.size(staged_name(pf.key))
+        if rec.get("staged_bytes") == size:
+            return rec
+        where = f"{self.out.location.rstrip('/')}/{staged_name(pf.key)}"
+        if where not in _WARNED:  # a truncated or removed staged file: said, not only "not staged"
+            _WARNED.add(where)
+            log.warning(
+                "%s: its staged file %s %s, where its marker records %d bytes (truncated, or removed by hand?): "
+                "the file is not staged (a fetch stages it again)",
+                pf.path,
+                where,
+                "is missing" if size is None else f"has {size} bytes",
+                rec["staged_bytes"],
+            )
+        return None
 
     def intact(self, pf: PlannedFile, rec: dict[str, Any]) -> bool:
         """The staged file still has the checksum its marker vouches for."""

@@ -847,6 +847,31 @@ def test_a_hand_edited_staging_marker_is_named_with_its_fix_never_a_crash(tmp_pa
     assert [s["xxh3_128"] for s in again["shards"]] == [s["xxh3_128"] for s in done["shards"]]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_truncated_or_removed_staged_file_is_named_not_only_counted(tmp_path, mirror, damage):
+    """A staged .arrow cut short (a full disk, a copy gone wrong) or removed by hand, its marker
+    intact, was only counted in finalize's "N of M planned file(s) are not staged" (attack17): it
+    is named, with what is wrong and the fix, and the fetch stages it again."""
+    out = tmp_path / "o"
+    done = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, progress=False)
+    marker = sorted((out / "staging").glob("*.json"))[0]
+    rec = json.loads(marker.read_text())
+    staged = marker.with_suffix(".arrow")
+    assert staged.stat().st_size == rec["staged_bytes"]
+    if damage == "truncate":
+        with open(staged, "r+b") as f:
+            f.truncate(rec["staged_bytes"] // 2)
+    else:
+        staged.unlink()
+    r = run_cli("finalize", "-o", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    what = f"has {rec['staged_bytes'] // 2} bytes" if damage == "truncate" else "is missing"
+    assert f"{rec['path']}: its staged file" in r.stderr and what in r.stderr, r.stderr
+    assert f"records {rec['staged_bytes']} bytes" in r.stderr and "a fetch stages it again" in r.stderr, r.stderr
+    again = bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.1, progress=False)
+    assert [s["xxh3_128"] for s in again["shards"]] == [s["xxh3_128"] for s in done["shards"]]
+
+
 def test_finalize_never_replaces_an_output_with_an_empty_one(tmp_path, mirror):
     """After --drop-staging, finalize's advice used to include --allow-incomplete, which then wrote
     0 shards and an empty data_sources.txt over the finished output, exit 0."""
