@@ -831,3 +831,30 @@ def test_a_killed_workers_whole_download_temporary_goes_with_its_other_temporari
     assert len(_temporaries_in(od.scratch(f"{10:020x}"))) == 1
     assert (od.scratch(f"{11:020x}") / "c.jsonl.zst").read_bytes() == b"kept raw file"
     alive.abort()
+
+
+def test_a_full_scratch_names_only_the_folders_of_outputs_never_the_users_own(tmp_path):
+    """--scratch-dir may name a shared disk (an HPC node's /scratch, /tmp, a data disk): a full
+    scratch's line listed every folder there with "remove the folder of an output you are done
+    with", so another job's or the user's own data (largest first) read as an output's cache to
+    delete. Only the outputs' folders (named by a hash of their --output-dir, output-dir.txt in
+    them) are counted and named."""
+    from bolmo_async.outdir.local import SCRATCH_OWNER, scratch_usage
+
+    root = tmp_path / "scratch"
+    theirs = root / "results-of-another-job"
+    theirs.mkdir(parents=True)
+    (theirs / "model.bin").write_bytes(b"x" * 50_000)
+    ours = root / "0123456789abcdef"
+    (ours / "cache").mkdir(parents=True)
+    (ours / "cache" / "staged").write_bytes(b"y" * 10_000)
+    (ours / SCRATCH_OWNER).write_text("s3://bucket/first\n", encoding="utf-8")
+    older = root / "fedcba9876543210"  # an earlier version's folder: no output-dir.txt, a hash name
+    older.mkdir()
+    (older / "kept").write_bytes(b"z" * 5_000)
+    said = scratch_usage(root)
+    assert "(for --output-dir s3://bucket/first)" in said and str(older) in said, said
+    assert str(theirs) not in said and "It holds 15.0 KB" in said, said
+    shutil.rmtree(ours)
+    shutil.rmtree(older)
+    assert scratch_usage(root) == ""  # nothing of ours there: nothing said

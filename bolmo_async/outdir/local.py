@@ -83,6 +83,8 @@ def ordinary_mode() -> int:
 #: In each output's folder of the local scratch (``StoreDir._scratch_dir``, named by a hash): the
 #: --output-dir it serves, so that a full scratch can say whose files fill it.
 SCRATCH_OWNER = "output-dir.txt"
+#: The name of such a folder: the first 16 hex digits of the SHA-256 of its --output-dir.
+_SCRATCH_FOLDER = re.compile(r"[0-9a-f]{16}")
 
 
 def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
@@ -96,7 +98,9 @@ def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
     seen = 0
     with contextlib.suppress(OSError):
         for sub in os.scandir(root):
-            if not sub.is_dir(follow_symlinks=False):
+            # Only outputs' folders (``StoreDir._scratch_dir``): a --scratch-dir on a shared disk
+            # (/scratch, /tmp) holds other folders, which "remove the folder ..." must not name.
+            if not _SCRATCH_FOLDER.fullmatch(sub.name) or not sub.is_dir(follow_symlinks=False):
                 continue
             total, todo = 0, [sub.path]
             while todo and seen < limit:
