@@ -523,7 +523,7 @@ def ensure_plan(
     existing = _readable_plan(output_dir) if force else load_plan(open_output(output_dir))
     if not force and existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
         return existing
-    return plan(
+    new = plan(
         output_dir,
         endpoint=endpoint,
         force=force,
@@ -535,6 +535,17 @@ def ensure_plan(
         seed=seed if seed is not None else (existing.seed if existing else DEFAULT_SEED),
         selection=existing.selection if existing else None,
     )
+    if force and existing is not None and revision is None and new.commit != existing.commit:
+        # (the options kept, the data is not: the plan table shows no commit)
+        log.warning(
+            "%s has moved on since this folder's plan: planned again at its commit %s, not the plan's %s (other "
+            "files or contents); `--revision %s` plans at the folder's commit",
+            new.revision,
+            new.commit[:12],
+            existing.commit[:12],
+            existing.commit,
+        )
+    return new
 
 
 def _readable_plan(output_dir: str | os.PathLike[str] | OutputDir) -> Plan | None:

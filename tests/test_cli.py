@@ -431,6 +431,31 @@ def test_fetch_force_keeps_the_folders_plan_options(tmp_path, mirror):
     assert again["data_fraction"] == 0.1 and again["seed"] == 7 and again["selection"] == before["selection"]
 
 
+def test_fetch_force_says_when_the_revision_moved_since_the_folders_plan(tmp_path, sample_dir, caplog):
+    """fetch --force keeps the folder's plan options to keep its data (the way out of a refusal of
+    the other tokenizer), but plans again at the revision's name: where the Hub's main moved on
+    since, the files and their contents change with the commit, without a word (the plan table
+    shows neither commit). It says both commits and the --revision that keeps the folder's."""
+    import shutil
+
+    from bolmo_async.mirror import MirrorRepo, MirrorThread
+
+    repo = tmp_path / "repo"
+    shutil.copytree(sample_dir, repo)
+    out = tmp_path / "o"
+    with MirrorThread([MirrorRepo("allenai/bolmo_mix", repo)]) as m:
+        bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=0.05, seed=7)
+    before = json.loads((out / "plan.json").read_text())["commit"]
+    some = next(repo.rglob("*.jsonl.zst"))
+    shutil.copy(some, some.with_name("added-later.jsonl.zst"))  # the Hub moves on
+    with MirrorThread([MirrorRepo("allenai/bolmo_mix", repo)]) as m, caplog.at_level(logging.INFO, "bolmo_async"):
+        bolmo_async.fetch(out, endpoint=m.endpoint, force=True, progress=False)
+    after = json.loads((out / "plan.json").read_text())["commit"]
+    assert after != before
+    said = [r.getMessage() for r in caplog.records if before[:12] in r.getMessage()]
+    assert len(said) == 1 and after[:12] in said[0] and f"--revision {before}" in said[0], said
+
+
 def test_an_option_without_effect_is_named(tmp_path, mirror):
     r = run_cli("fetch", "-o", str(tmp_path / "o"), "--endpoint", mirror.endpoint, "--data-fraction", "0.05",
                 "--tokenizer", "byte", "--tokenizer-identifier", "./nope.json", "--engine", "tokenizers",
