@@ -972,7 +972,7 @@ def _fetch(
         # None staged is a finished output's staging dropped (--drop-staging): a rerun of that
         # prepare fetched every file again to rewrite the same shards (newuser17).
         if shard_bound is not None and (already == len(units) or (already == 0 and out.staging_dropped())):
-            finished = _finished_output(out, the_plan, shard_bound)
+            finished = _finished_output(out, the_plan, shard_bound, info.to_json())
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
                 return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)
         if ray and already == len(units) and all(staging.checked(the_plan.files[u]) is not None for u in units):
@@ -1258,7 +1258,7 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
     older, damaged = _older_staging_format(out, the_plan)
     bound = manifest.get("max_tokens_per_file") if max_tokens_per_file is None else max_tokens_per_file
     gone = finished and older is None and not damaged and out.staging_dropped()
-    kept = _finished_output(out, the_plan, bound) if gone and isinstance(bound, int) else None
+    kept = _finished_output(out, the_plan, bound, _fetched_with(out)) if gone and isinstance(bound, int) else None
     if kept is not None:
         log.info(
             "the output in %s is complete and current (%d shard(s), --max-tokens-per-file %d; its staging was "
@@ -1286,15 +1286,21 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
     finished = finished or older is not None or damaged  # either way, the fetch fetches them again
-    try:  # the tokenizer a share of this plan fetched with, if one got that far
-        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
-    except (ValueError, AttributeError, RecursionError):
-        fetched_with = None
-    again = fetch_command(out, the_plan.endpoint, fetched_with)
+    again = fetch_command(out, the_plan.endpoint, _fetched_with(out))
     raise StateError(
         f"{why}. Run `{again}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
     )
+
+
+def _fetched_with(out: OutputDir) -> dict[str, Any] | None:
+    """The tokenizer run.json says the folder was fetched with (a share of its plan, if one got
+    that far), or None."""
+    try:
+        said = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return said if isinstance(said, dict) else None
 
 
 def _older_staging_format(out: OutputDir, the_plan: Plan) -> tuple[Any, bool]:
@@ -1478,12 +1484,25 @@ def _plan_while_loading(
     return tok_future, the_plan, listed
 
 
-def _finished_output(out: OutputDir, plan: Plan, bound: int) -> dict[str, Any] | None:
-    """The manifest of ``out`` when it is a complete finalize of this very plan at ``bound`` and its
-    shards, indexes and ``data_sources.txt`` are all there at their recorded sizes; else None."""
+#: What makes a tokenizer's ids the same as another's (``_check_state`` compares these too).
+_TOKENIZER_IDENTITY = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
+
+
+def _finished_output(
+    out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The manifest of ``out`` when it is a complete finalize of this very plan at ``bound`` with
+    ``tokenizer`` (its ``to_json()``; None: any) and its shards, indexes and ``data_sources.txt``
+    are all there at their recorded sizes; else None. (The tokenizer was left to run.json's check:
+    with run.json gone, a prepare with another tokenizer called the old shards current.)"""
     try:
         manifest = json.loads(out.read_bytes(MANIFEST) or b"null")
         if not isinstance(manifest, dict) or not manifest.get("complete"):
+            return None
+        made_with = manifest.get("tokenizer")
+        if tokenizer is not None and (
+            not isinstance(made_with, dict) or any(made_with.get(k) != tokenizer.get(k) for k in _TOKENIZER_IDENTITY)
+        ):
             return None
         same = (
             manifest.get("max_tokens_per_file") == bound

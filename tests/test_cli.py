@@ -951,6 +951,30 @@ def test_the_same_prepare_again_after_drop_staging_has_nothing_to_do(tmp_path, m
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == before
 
 
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_finished_output_of_another_tokenizer_is_never_current(tmp_path, mirror, drop):
+    """"Nothing to do" compared the plan and the bound with the manifest, and left the tokenizer to
+    run.json's check: with run.json gone (a copy of the folder without it, a hand clean-up), a
+    prepare with another tokenizer wrote its own run.json and called the byte shards "complete and
+    current", with the staging kept or dropped. The manifest says what made the shards: they are
+    remade (a staging kept is of the other tokenizer: that is said)."""
+    out = tmp_path / "o"
+    bpe = tmp_path / "bpe.json"
+    bpe.write_text(readme_bpe_json())
+    cmd = ("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    r = run_cli(*cmd, *(["--drop-staging"] if drop else []))
+    assert r.returncode == 0, r.stderr
+    (out / "run.json").unlink()
+    r = run_cli(*cmd, "--tokenizer", "subword", "--tokenizer-identifier", str(bpe), "--processes", "1")
+    assert "complete and current" not in r.stderr, r.stderr
+    if not drop:
+        assert r.returncode == 1 and "was made with another tokenizer" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "subword" and manifest["complete"], manifest["tokenizer"]
+
+
 def test_a_stopped_refinalize_never_leaves_data_sources_naming_shards_of_two_layouts(tmp_path, mirror):
     """A finalize at another --max-tokens-per-file (or for a grown fraction) writes its shards under
     the names the finished output's data_sources.txt lists: stopped among them, it left that file,
