@@ -1488,9 +1488,7 @@ def _plan_while_loading(
 _TOKENIZER_IDENTITY = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
 
 
-def _finished_output(
-    out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None
-) -> dict[str, Any] | None:
+def _finished_output(out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None) -> dict[str, Any] | None:
     """The manifest of ``out`` when it is a complete finalize of this very plan at ``bound`` with
     ``tokenizer`` (its ``to_json()``; None: any) and its shards, indexes and ``data_sources.txt``
     are all there at their recorded sizes; else None. (The tokenizer was left to run.json's check:

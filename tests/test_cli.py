@@ -953,7 +953,7 @@ def test_the_same_prepare_again_after_drop_staging_has_nothing_to_do(tmp_path, m
 
 @pytest.mark.parametrize("drop", [True, False])
 def test_a_finished_output_of_another_tokenizer_is_never_current(tmp_path, mirror, drop):
-    """"Nothing to do" compared the plan and the bound with the manifest, and left the tokenizer to
+    """ "Nothing to do" compared the plan and the bound with the manifest, and left the tokenizer to
     run.json's check: with run.json gone (a copy of the folder without it, a hand clean-up), a
     prepare with another tokenizer wrote its own run.json and called the byte shards "complete and
     current", with the staging kept or dropped. The manifest says what made the shards: they are
