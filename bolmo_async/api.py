@@ -972,7 +972,7 @@ def _fetch(
         # None staged is a finished output's staging dropped (--drop-staging): a rerun of that
         # prepare fetched every file again to rewrite the same shards (newuser17).
         if shard_bound is not None and (already == len(units) or (already == 0 and out.staging_dropped())):
-            finished = _finished_output(out, the_plan, shard_bound, info.to_json())
+            finished = _finished_output(out, the_plan, shard_bound, info.to_json(), checks_prefixes=whole)
             if finished is not None:  # a rerun of a finished prepare: nothing to do, nothing touched
                 return FetchReport(len(units), 0, 0, 0, {}, frozenset(), (info.engine,), finished=finished)
         if ray and already == len(units) and all(staging.checked(the_plan.files[u]) is not None for u in units):
@@ -1488,14 +1488,21 @@ def _plan_while_loading(
 _TOKENIZER_IDENTITY = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
 
 
-def _finished_output(out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None) -> dict[str, Any] | None:
+def _finished_output(
+    out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None, checks_prefixes: bool = False
+) -> dict[str, Any] | None:
     """The manifest of ``out`` when it is a complete finalize of this very plan at ``bound`` with
     ``tokenizer`` (its ``to_json()``; None: any) and its shards, indexes and ``data_sources.txt``
     are all there at their recorded sizes; else None. (The tokenizer was left to run.json's check:
-    with run.json gone, a prepare with another tokenizer called the old shards current.)"""
+    with run.json gone, a prepare with another tokenizer called the old shards current.)
+    ``checks_prefixes``: a run that checks JSON-lines prefixes against their file's sha256, for
+    which shards made from prefixes read unchecked are not current (with the staging kept, it
+    stages them again; after --drop-staging it called them current)."""
     try:
         manifest = json.loads(out.read_bytes(MANIFEST) or b"null")
         if not isinstance(manifest, dict) or not manifest.get("complete"):
+            return None
+        if checks_prefixes and manifest.get("unverified_prefixes"):
             return None
         made_with = manifest.get("tokenizer")
         if tokenizer is not None and (

@@ -51,7 +51,7 @@ from .outdir import (
     staged_name,
 )
 from .planner import load_plan, missing_shares_said
-from .staging import Staging, expand, token_lengths
+from .staging import Staging, expand, token_lengths, unverified_prefix
 from .util import CHECKSUM, new_checksum
 
 log = logging.getLogger("bolmo_async")
@@ -782,6 +782,9 @@ def finalize_dir(
         "complete": complete,
         "missing_files": missing,
         "planned_files": len(plan.files),
+        # JSON-lines prefixes read without their file's sha256 checked (--no-verify-prefixes): a
+        # rerun that checks them remakes the output even after --drop-staging.
+        "unverified_prefixes": sum(1 for _, rec in records if rec is not None and unverified_prefix(rec)),
     }
     if complete and not docs:
         raise StateError(

@@ -951,6 +951,31 @@ def test_the_same_prepare_again_after_drop_staging_has_nothing_to_do(tmp_path, m
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == before
 
 
+def test_a_rerun_checking_prefixes_checks_those_an_output_after_drop_staging_never_checked(tmp_path, mirror, caplog):
+    """With the staging kept, a --verify-prefixes rerun stages again the prefixes read unchecked
+    (--no-verify-prefixes, the default over https) and checks their files' sha256; after
+    --drop-staging the same rerun called the output "complete and current" and checked nothing.
+    The manifest counts the prefixes its shards took unchecked: such a rerun remakes them."""
+    out = tmp_path / "o"
+
+    def prepare(**kw):  # type: ignore[no-untyped-def]
+        return bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=0.2, progress=False, **kw)
+
+    first = prepare(verify_prefixes=False, drop_staging=True)
+    assert first["unverified_prefixes"] > 0
+    before = shard_hashes(first)
+    mirror.cdn_requests.clear()
+    with caplog.at_level(logging.INFO, "bolmo_async"):
+        again = prepare(verify_prefixes=True)
+    assert "complete and current" not in caplog.text and mirror.cdn_requests
+    assert again["unverified_prefixes"] == 0 and shard_hashes(again) == before
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "bolmo_async"):
+        prepare(verify_prefixes=True, drop_staging=True)
+        prepare(verify_prefixes=False)  # (checked once is enough for a run that does not check)
+    assert caplog.text.count("complete and current") == 2
+
+
 @pytest.mark.parametrize("drop", [True, False])
 def test_a_finished_output_of_another_tokenizer_is_never_current(tmp_path, mirror, drop):
     """ "Nothing to do" compared the plan and the bound with the manifest, and left the tokenizer to
