@@ -885,3 +885,23 @@ def test_a_full_scratch_names_the_scratch_dir(s3: S3, mirror, tmp_path: Path, st
     assert "store is reachable" not in errors[0] and "another --output-dir" not in errors[0]
     r = _cli(*args, streaming)  # room again: the run resumes
     assert r.returncode == 0, r.stderr
+
+
+def test_the_lease_thread_ends_once_no_lease_is_held(s3: S3) -> None:
+    """The thread that renews leases beat five times a second for the rest of the process once a
+    bucket output had been used (a notebook, a driver script calling the API again and again):
+    tests/test_pool.py's check that runs leave no thread behind failed after any store test. It
+    ends when the last lease is released, and a later lock starts it again."""
+    import threading
+
+    def beating() -> bool:
+        return any(t.name == "bolmo-async-leases" and t.is_alive() for t in threading.enumerate())
+
+    d = open_output(s3.url())
+    for _ in range(2):
+        with d.lock():
+            assert beating()
+        deadline = time.monotonic() + 5
+        while beating() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not beating()

@@ -285,6 +285,12 @@ class _Heartbeat:
     def _run(self) -> None:
         while True:
             time.sleep(0.2)
+            with self.guard:
+                # No lease left: the thread ends (it beat for the rest of the process; ``add`` starts
+                # another, under the same guard, so a lease taken meanwhile is never left unrenewed).
+                if not self.held:
+                    self.thread = None
+                    return
             now = time.monotonic()
             with self.renewing:
                 with self.guard:
