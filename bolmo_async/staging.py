@@ -156,31 +156,33 @@ class Staging:
             return None
         wrong = marker_problem(rec)
         if wrong:
-            where = f"{self.out.location.rstrip('/')}/{marker_name(pf.key)}"
-            if where not in _WARNED:  # said once per process, however often it is read
-                _WARNED.add(where)
-                log.warning(
-                    "%s: its staging marker %s is damaged (%s): the file is not staged (a fetch stages it again)",
-                    pf.path,
-                    where,
-                    wrong,
-                )
+            self._warn_once(
+                marker_name(pf.key),
+                "%s: its staging marker %s is damaged (%s): the file is not staged (a fetch stages it again)",
+                pf.path,
+                wrong,
+            )
             return None
         size = self.out.size(staged_name(pf.key))
         if rec.get("staged_bytes") == size:
             return rec
-        where = f"{self.out.location.rstrip('/')}/{staged_name(pf.key)}"
-        if where not in _WARNED:  # a truncated or removed staged file: said, not only "not staged"
-            _WARNED.add(where)
-            log.warning(
-                "%s: its staged file %s %s, where its marker records %d bytes (truncated, or removed by hand?): "
-                "the file is not staged (a fetch stages it again)",
-                pf.path,
-                where,
-                "is missing" if size is None else f"has {size} bytes",
-                rec["staged_bytes"],
-            )
+        self._warn_once(  # a truncated or removed staged file: said, not only "not staged"
+            staged_name(pf.key),
+            "%s: its staged file %s %s, where its marker records %d bytes (truncated, or removed by hand?): "
+            "the file is not staged (a fetch stages it again)",
+            pf.path,
+            "is missing" if size is None else f"has {size} bytes",
+            rec["staged_bytes"],
+        )
         return None
+
+    def _warn_once(self, name: str, message: str, path: str, *args: Any) -> None:
+        """``message`` (``path``, where ``name`` is, then ``args``), said once per process however
+        often the staging is read."""
+        where = f"{self.out.location.rstrip('/')}/{name}"
+        if where not in _WARNED:
+            _WARNED.add(where)
+            log.warning(message, path, where, *args)
 
     def intact(self, pf: PlannedFile, rec: dict[str, Any]) -> bool:
         """The staged file still has the checksum its marker vouches for."""

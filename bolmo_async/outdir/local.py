@@ -80,11 +80,36 @@ def ordinary_mode() -> int:
     return 0o666 & ~mask
 
 
-#: In each output's folder of the local scratch (``StoreDir._scratch_dir``, named by a hash): the
-#: --output-dir it serves, so that a full scratch can say whose files fill it.
+#: In each output's folder of the local scratch (``scratch_folder_name``): the --output-dir it
+#: serves, so that a full scratch can say whose files fill it.
 SCRATCH_OWNER = "output-dir.txt"
-#: The name of such a folder: the first 16 hex digits of the SHA-256 of its --output-dir.
-_SCRATCH_FOLDER = re.compile(r"[0-9a-f]{16}")
+_SCRATCH_HEX = 16
+#: The name of such a folder (``scratch_folder_name``): other folders are not ours to name.
+_SCRATCH_FOLDER = re.compile(f"[0-9a-f]{{{_SCRATCH_HEX}}}")
+
+
+def scratch_folder_name(location: str) -> str:
+    """The folder of the local scratch that serves --output-dir ``location``: the first hex digits
+    of the SHA-256 of its name."""
+    import hashlib
+
+    return hashlib.sha256(location.encode()).hexdigest()[:_SCRATCH_HEX]
+
+
+def tree_bytes(folder: str | os.PathLike[str], limit: int = 0) -> int:
+    """Bytes of the files under ``folder``, no link followed (0 when it is a link or not a folder);
+    ``limit``: stop after that many entries (0: none)."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return 0
+    total = seen = 0
+    for top, dirs, files in os.walk(folder):  # (os.walk never descends into a link to a folder)
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_size
+        seen += len(dirs) + len(files)
+        if limit and seen >= limit:
+            break
+    return total
 
 
 def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
@@ -95,23 +120,13 @@ def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
     from ..util import human_bytes
 
     sizes: list[tuple[int, str]] = []
-    seen = 0
     with contextlib.suppress(OSError):
         for sub in os.scandir(root):
-            # Only outputs' folders (``StoreDir._scratch_dir``): a --scratch-dir on a shared disk
-            # (/scratch, /tmp) holds other folders, which "remove the folder ..." must not name.
+            # Only outputs' folders: a --scratch-dir on a shared disk (/scratch, /tmp) holds other
+            # folders, which "remove the folder ..." must not name.
             if not _SCRATCH_FOLDER.fullmatch(sub.name) or not sub.is_dir(follow_symlinks=False):
                 continue
-            total, todo = 0, [sub.path]
-            while todo and seen < limit:
-                with contextlib.suppress(OSError), os.scandir(todo.pop()) as entries:
-                    for e in entries:
-                        seen += 1
-                        with contextlib.suppress(OSError):
-                            if e.is_dir(follow_symlinks=False):
-                                todo.append(e.path)
-                            else:
-                                total += e.stat(follow_symlinks=False).st_size
+            total = tree_bytes(sub.path, limit)
             owner = ""
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 owner = Path(sub.path, SCRATCH_OWNER).read_text(encoding="utf-8").strip()[:300]
@@ -846,18 +861,7 @@ class LocalDir(OutputDir):
         return not os.path.lexists(self.root / STAGING)
 
     def raw_bytes(self) -> int:
-        raw = self.root / RAW
-        if raw.is_symlink() or not raw.is_dir():
-            return 0
-        total = 0
-        for name in _names(raw):  # raw/KEY/FILE: one folder per file, never a link followed
-            d = raw / name
-            if d.is_dir() and not d.is_symlink():
-                with os.scandir(d) as entries:
-                    total += sum(
-                        e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False)
-                    )
-        return total
+        return tree_bytes(self.root / RAW)  # raw/KEY/FILE, no link followed
 
     # -- shards ----------------------------------------------------------------------------
     def shards(self) -> dict[str, int]:

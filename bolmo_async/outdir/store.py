@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ..errors import OutputError, Retry, StateError, UsageError
 from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
 from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, busy_message, fit_name
-from .local import _FULL, _REFUSED, SCRATCH_OWNER, LocalNewFile, translate
+from .local import _FULL, _REFUSED, SCRATCH_OWNER, LocalNewFile, scratch_folder_name, translate
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -1012,7 +1012,7 @@ class StoreDir(OutputDir):
 
     # -- local scratch -------------------------------------------------------------------------
     def _scratch_dir(self) -> Path:
-        d = scratch_root() / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        d = scratch_root() / scratch_folder_name(self.location)
         if not self._scratch_named:  # whose it is, said by a full scratch (``scratch_usage``)
             with contextlib.suppress(OSError):
                 d.mkdir(parents=True, exist_ok=True)
