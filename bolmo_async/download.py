@@ -208,9 +208,12 @@ async def stream(
                                 raise Retry(f"the body is longer than the {limit - start} bytes listed")
                             if len(buf) >= feed_bytes:
                                 data, buf = bytes(buf), bytearray()
-                                progress.pause()  # the sink's time is not the server's
-                                await feed(data)
-                                progress.resume()
+                                if inline:  # an append on the loop: no wait to leave out of the deadline
+                                    await feed(data)
+                                else:  # (a resume restarts the deadline: never per chunk, or a drip would pass)
+                                    progress.pause()  # the sink's time is not the server's
+                                    await feed(data)
+                                    progress.resume()
                     if buf:
                         data, buf = bytes(buf), bytearray()
                         await feed(data)

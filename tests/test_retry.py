@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 import bolmo_async
-from bolmo_async.download import BytesSink, stream
+from bolmo_async.download import BytesSink, fetch_file, stream
 from bolmo_async.errors import DownloadError, HubError
 from bolmo_async.hub import HubClient, make_session
 from bolmo_async.mirror import FaultConfig, MirrorRepo, MirrorThread
@@ -198,6 +198,22 @@ async def test_a_body_trickling_one_byte_a_second_fails_within_its_bound(aiohttp
         with pytest.raises(HubError, match=r"less than 1000 bytes in 1s.* after 2 attempts"):
             await asyncio.wait_for(client.resolve_commit("main"), 30)
     assert time.monotonic() - t0 < 2 * (SLOW.worst_case() + 1)
+
+
+async def test_a_file_body_dripping_faster_than_the_read_timeout_fails_within_its_bound(aiohttp_server):
+    """A file's download (``fetch_file``: every run's path) hands each chunk to its block as it
+    comes; that hand-over restarted the progress deadline, so a byte every 0.1 s (every read well
+    within --read-timeout) was never cut: 46 KB would have held the file 77 minutes, a 768 KiB
+    segment at a byte a second 9 days. The deadline counts the bytes, as for any other body."""
+    server = await aiohttp_server(_trickle(46_000, 0.1))
+    t0 = time.monotonic()
+    async with make_session(2, SLOW) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=SLOW)
+        with pytest.raises(DownloadError, match=r"f: gave up after 2 attempts; .*less than 1000 bytes in 1s"):
+            await asyncio.wait_for(
+                fetch_file(client, str(server.make_url("/f")), BytesSink(), what="f", size=46_000), 30
+            )
+    assert time.monotonic() - t0 < SLOW.worst_case() + 1
 
 
 async def test_a_slow_but_honest_body_completes(aiohttp_server):
