@@ -156,7 +156,11 @@ async def stream(
                         redirects += 1
                         if not loc or redirects > MAX_REDIRECTS:
                             raise DownloadError(f"{what}: too many or empty redirects from {URL(target).host}")
-                        nxt = URL(target).join(URL(loc))
+                        nxt = _redirect_target(target, loc)
+                        if nxt is None:
+                            raise DownloadError(
+                                f"{what}: {URL(target).host} redirects to {loc[:120]!r}, which is not a valid URL"
+                            )
                         if nxt.scheme not in ("http", "https") or not nxt.host:
                             raise DownloadError(
                                 f"{what}: {URL(target).host} redirects to {nxt.scheme}:, which is not http(s)"
@@ -765,7 +769,7 @@ async def resolve(client: HubClient, url: str, what: str) -> str | None:
         ) as r:
             if r.status in (301, 302, 303, 307, 308):
                 loc = r.headers.get("Location")
-                nxt = URL(url).join(URL(loc)) if loc else None
+                nxt = _redirect_target(url, loc) if loc else None
                 if nxt is None or nxt.scheme not in ("http", "https") or not nxt.host:
                     return None
                 return str(nxt)
@@ -941,6 +945,17 @@ async def _verified(
 ) -> None:
     if verify is not None:
         await loop.run_in_executor(executor, verify)
+
+
+def _redirect_target(url: str, location: str) -> URL | None:
+    """Where a redirect's ``Location`` points (relative to ``url``), or None when it is not a URL
+    (a port out of range, a broken IPv6 host: yarl refuses them, some only when the port is read)."""
+    try:
+        nxt = URL(url).join(URL(location))
+        nxt.port  # noqa: B018 (parsed on first read)
+    except ValueError:
+        return None
+    return nxt
 
 
 async def _short_text(r: aiohttp.ClientResponse) -> str:

@@ -186,6 +186,12 @@ class HubClient:
                     f"{what}: {URL(str(exc.request_info.real_url)).path} at {self.endpoint} redirects in a loop "
                     f"(after {len(exc.history)} redirects); is --endpoint ({self.endpoint}) a Hub-compatible server?"
                 ) from exc
+            except _BAD_REDIRECT as exc:  # aiohttp follows an API answer's redirects, http(s) only
+                where = str(getattr(exc, "url", None) or (exc.args[0] if exc.args else ""))[:120]
+                raise HubError(
+                    f"{what}: {self.endpoint} redirects to {where!r}, which is not a valid http(s) URL; "
+                    f"is --endpoint ({self.endpoint}) a Hub-compatible server?"
+                ) from exc
             except aiohttp.ClientConnectorError as exc:
                 # (a certificate that does not verify: ``retrying`` names it, whatever fail_fast says)
                 if not self.fail_fast or isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -292,14 +298,29 @@ class HubClient:
                 found[f.path] = f
             url = _next_link(headers.get("Link"))
             if url:
-                url = str(URL(self.endpoint).join(URL(url)))
-                if URL(url).origin() != self._origin:
+                try:
+                    nxt = URL(self.endpoint).join(URL(url))
+                    origin = nxt.origin()  # (yarl checks the port when it is read)
+                except ValueError:
+                    raise HubError(
+                        f"the listing of {where} at {self.endpoint} names a next page that is not an http(s) URL "
+                        f"({url[:120]!r}); is --endpoint a Hub-compatible server?"
+                    ) from None
+                url = str(nxt)
+                if origin != self._origin:
                     raise HubError(
                         f"the listing's next page points to another host ({URL(url).host}); refusing to follow"
                     )
         log.debug("listed %d files in %d pages", len(found), pages)
         return list(found.values())
 
+
+#: What aiohttp raises when an API answer redirects to a URL it cannot follow (not http(s), no
+#: host, a port out of range); the subclasses that say "redirect" are aiohttp 3.10's.
+_BAD_REDIRECT: tuple[type[Exception], ...] = (
+    aiohttp.InvalidURL,
+    getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL),
+)
 
 #: The most bytes any API (JSON) answer may have: a listing page of the Hub is ~0.3 MB, and a
 #: mirror that lists 100k files on one page ~20 MB. Read incrementally, never past this.

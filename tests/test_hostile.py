@@ -265,6 +265,40 @@ async def test_only_http_redirects_are_followed(aiohttp_server):
             await stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10)
 
 
+@pytest.mark.parametrize("location", ["http://127.0.0.1:99999/x", "http://[::1", "mailto:x@y"])
+async def test_a_redirect_to_a_url_that_is_not_one_is_a_clear_error_everywhere(aiohttp_server, location):
+    """A Location with a port out of range or a broken IPv6 host ended a file in "unexpected
+    ValueError", and any redirect an API answer (revision, listing) could not follow ended the
+    run in "unexpected InvalidUrlRedirectClientError" (or NonHttpUrl...): one line each now,
+    naming the URL and the endpoint."""
+    app = web.Application()
+
+    async def away(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": location})
+
+    app.router.add_get("/{tail:.*}", away)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(DownloadError, match=r"redirects to .*(not a valid URL|not http)"):
+            await stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10)
+        with pytest.raises(HubError, match=r"redirects to .* not a valid http\(s\) URL; is --endpoint"):
+            await client.resolve_commit("main")
+        with pytest.raises(HubError, match=r"redirects to .* not a valid http\(s\) URL; is --endpoint"):
+            await client.list_files("0" * 40)
+
+
+@pytest.mark.parametrize("link", ["file:///etc/passwd", "http://[::1", "http://127.0.0.1:99999/x"])
+async def test_a_listings_next_page_that_is_not_a_url_is_a_clear_error(aiohttp_server, link):
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", _tree([], f'<{link}>; rel="next"'))
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(HubError, match=r"next page that is not an http\(s\) URL"):
+            await client.list_files("0" * 40)
+
+
 async def test_an_api_answer_redirecting_in_a_loop_is_one_clear_error(aiohttp_server):
     """aiohttp follows an API answer's redirects (the Hub redirects a renamed repo) up to 10: a
     server redirecting to itself ended the run in "unexpected TooManyRedirects"."""
