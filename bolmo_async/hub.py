@@ -26,7 +26,7 @@ from yarl import URL
 from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import RepoFile, check_repo_path, data_suffix
-from .retry import RETRY_STATUSES, Progress, RetryPolicy, retrying
+from .retry import RETRY_STATUSES, Progress, RetryPolicy, not_http, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -191,6 +191,13 @@ class HubClient:
                 raise HubError(
                     f"{what}: {self.endpoint} redirects to {where!r}, which is not a valid http(s) URL; "
                     f"is --endpoint ({self.endpoint}) a Hub-compatible server?"
+                ) from exc
+            except aiohttp.ClientResponseError as exc:
+                if not self.fail_fast or (bad := not_http(exc)) is None:
+                    raise
+                raise HubError(
+                    f"{what}: {bad}; check --endpoint / HF_ENDPOINT ({self.endpoint}): its scheme (http or https) "
+                    "and port, and that a Hub-compatible server answers there."
                 ) from exc
             except aiohttp.ClientConnectorError as exc:
                 # (a certificate that does not verify: ``retrying`` names it, whatever fail_fast says)

@@ -35,6 +35,7 @@ RETRY_STATUSES: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
 RETRY_EXCEPTIONS: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,  # only as aiohttp's parser raises it: an answer that is not HTTP (``not_http``)
     asyncio.TimeoutError,
     ConnectionError,
 )
@@ -105,9 +106,24 @@ def retry_hint(headers: Any) -> float | None:
     return None
 
 
+def not_http(exc: BaseException) -> str | None:
+    """What is wrong, in one line, when ``exc`` is aiohttp's parser refusing an answer (a bad status
+    line: another protocol on that port, TLS spoken to http://; headers too long or too many; a
+    broken Content-Length or chunk size), else None. aiohttp raises exactly ``ClientResponseError``
+    for those (its subclasses are other matters: redirects, content types)."""
+    if type(exc) is not aiohttp.ClientResponseError:
+        return None
+    info = getattr(exc, "request_info", None)
+    host = info.url.host if info is not None else None
+    said = " ".join(str(exc.message).split())[:160]
+    return f"the answer{f' of {host}' if host else ''} is not valid HTTP ({said})"
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, Retry):
         return str(exc)
+    if (bad := not_http(exc)) is not None:
+        return bad
     if isinstance(exc, asyncio.TimeoutError | TimeoutError) and not str(exc):
         return "TimeoutError (no data for the read timeout)"
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
@@ -153,6 +169,8 @@ async def retrying(
         except aiohttp.ClientConnectorCertificateError as exc:  # not transient: no retry
             raise certificate_error(exc) from exc
         except retry_on as exc:
+            if isinstance(exc, aiohttp.ClientResponseError) and not_http(exc) is None:
+                raise  # (a subclass: too many redirects, a content type: the caller's to say)
             delay = _next_delay(policy, what, n, exc, note, fail)
         await asyncio.sleep(delay)
 
@@ -258,6 +276,7 @@ __all__ = [
     "Progress",
     "Retry",
     "RetryPolicy",
+    "not_http",
     "retry_hint",
     "retrying",
     "retrying_sync",

@@ -4,6 +4,7 @@ HTTP cases run against real in-process aiohttp servers that misbehave on purpose
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -297,6 +298,46 @@ async def test_a_listings_next_page_that_is_not_a_url_is_a_clear_error(aiohttp_s
         client = await _client(server, session)
         with pytest.raises(HubError, match=r"next page that is not an http\(s\) URL"):
             await client.list_files("0" * 40)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_8.9\r\n",  # another protocol on that port
+        b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n",  # a header line over aiohttp's limit
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc",
+    ],
+)
+async def test_an_answer_that_is_not_http_is_one_line_naming_the_endpoint(answer):
+    """aiohttp's parser refusing an answer raised a bare ClientResponseError ("400, message='Bad
+    status line:\n ...'"): a file failed as "unexpected ClientResponseError" over several lines,
+    and an --endpoint at another service's port ended the run the same way. Now: retried as a
+    broken answer, said in one line; the run's first request says it at once, with the fix."""
+    connections = []
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with make_session(2, FAST) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST)
+            with pytest.raises(DownloadError, match=r"gave up after 2 attempts; .* is not valid HTTP") as info:
+                await stream(client, endpoint + "/f", BytesSink(), what="f", size=3)
+            assert "\n" not in str(info.value) and len(str(info.value)) < 400
+            first = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST, fail_fast=True)
+            connections.clear()
+            with pytest.raises(HubError, match=r"not valid HTTP .*check --endpoint / HF_ENDPOINT") as info:
+                await first.resolve_commit("main")
+            assert "\n" not in str(info.value) and connections == [1]
+    finally:
+        server.close()
 
 
 async def test_an_api_answer_redirecting_in_a_loop_is_one_clear_error(aiohttp_server):
