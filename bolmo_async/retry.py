@@ -2,8 +2,8 @@
 and blocking callers such as an object-store backend) retries through here.
 
 The policy is data (``RetryPolicy``): an attempt budget, capped exponential backoff with
-jitter, ``Retry-After`` and the Hub's ``RateLimit: "..." ;r=0;t=<seconds>`` honoured, and a
-progress deadline for bodies (``Progress``). An attempt signals "failed, try again" by raising
+jitter, ``Retry-After`` and the Hub's ``RateLimit: "..." ;r=0;t=<seconds>`` honoured (up to
+``max_hint``), and a progress deadline for bodies (``Progress``). An attempt signals "failed, try again" by raising
 ``Retry`` (with the response's headers when it has them) or one of the policy's transient
 exceptions; anything else propagates at once. Each retry is logged as
 ``<what>: <reason> [retry n/max in Xs<note>]``; when the budget is spent, the caller's
@@ -57,6 +57,10 @@ class RetryPolicy:
     max_attempts: int = 8
     base_delay: float = 0.25
     max_delay: float = 30.0
+    #: A server's ``Retry-After`` / ``RateLimit: ...;t=N`` is waited out whole up to this: the Hub's
+    #: rate-limit window is 5 minutes and its ``t`` the seconds until it resets (huggingface_hub
+    #: waits ``t`` + 1). A hint beyond it (no Hub's: 1e9 s) fails the request at once, saying so.
+    max_hint: float = 300.0
     connect_timeout: float = 30.0
     read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
     min_rate: float = 1024.0  # bytes/s a body must sustain over each progress window
@@ -71,7 +75,7 @@ class RetryPolicy:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
         hinted = retry_hint(response_headers) if response_headers is not None else None
         if hinted is not None:
-            return min(self.max_delay, hinted) + self._rng.uniform(0, 0.1)
+            return min(self.max_hint, hinted) + self._rng.uniform(0, 0.1)
         d = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
         return d * (0.5 + self._rng.random() / 2)
 
@@ -140,6 +144,15 @@ def _next_delay(
     reason = _reason(exc)
     if n >= policy.max_attempts:
         raise (fail or _default_fail(what))(reason, n) from exc
+    hinted = retry_hint(exc.headers) if isinstance(exc, Retry) and exc.headers is not None else None
+    if hinted is not None and hinted > policy.max_hint:
+        # (a rate limit's wait cut short only spends the attempts: each retry meets the same limit)
+        told = f"{hinted:.0f} s" if hinted < 1e7 else "forever"
+        raise (fail or _default_fail(what))(
+            f"{reason}, and the server asks to wait {told} before trying again (more than {policy.max_hint:.0f} s); "
+            "try again later",
+            n,
+        ) from exc
     delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
     log.warning("%s: %s [retry %d/%d in %.1fs%s]", what, reason, n, policy.max_attempts, delay, note() if note else "")
     return delay

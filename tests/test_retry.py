@@ -72,6 +72,41 @@ async def test_a_429_with_only_ratelimit_is_honoured_by_an_api_call(aiohttp_serv
     assert any("[retry 1/3 in 1." in r.getMessage() for r in caplog.records)
 
 
+async def test_a_rate_limit_is_waited_out_whole_and_an_absurd_wait_fails_at_once(aiohttp_server):
+    """The Hub's ``t`` is the seconds until its 5-minute window resets; hints were cut to
+    ``max_delay`` (30 s), so each retry met the same limit and a file failed after 8 of them
+    (measured: t=250 on every resolve, 3 files of 12 'gave up after 8 attempts; last error: HTTP
+    429' at 220 s; huggingface_hub waits t + 1). Here a window of 1 s against a 20 ms
+    ``max_delay``. A hint no Hub gives (1e9 s) fails the request at once, saying so."""
+    window: dict[str, float] = {}
+
+    async def limited(request: web.Request) -> web.Response:
+        started = window.setdefault("t0", time.monotonic())
+        if time.monotonic() - started < 1.0:
+            return web.Response(status=429, headers={"RateLimit": '"resolvers";r=0;t=1'})
+        return web.Response(body=b"abc")
+
+    async def absurd(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"Retry-After": "1000000000"})
+
+    app = web.Application()
+    app.router.add_get("/f", limited)
+    app.router.add_get("/g", absurd)
+    server = await aiohttp_server(app)
+    tight = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    async with make_session(2, tight) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=tight)
+        sink = BytesSink()
+        await asyncio.wait_for(stream(client, str(server.make_url("/f")), sink, what="f", size=3), 30)
+        assert bytes(sink.buf) == b"abc"
+        t0 = time.monotonic()
+        with pytest.raises(
+            DownloadError, match=r"g: gave up after 1 attempts; .*asks to wait forever .*try again later"
+        ):
+            await asyncio.wait_for(stream(client, str(server.make_url("/g")), BytesSink(), what="g", size=3), 30)
+        assert time.monotonic() - t0 < 1
+
+
 async def test_an_api_call_gives_up_after_its_budget(aiohttp_server):
     calls = []
 
