@@ -169,9 +169,14 @@ async def stream(
                         if resolved is not None:
                             resolved(cdn_url)
                         continue
-                    if r.status == 403 and cdn_url is not None:
-                        cdn_url = None
-                        raise Retry("signed URL refused (expired?), resolving again")
+                    if cdn_url is not None and (
+                        r.status == 403 or (r.status in (401, 404, 410) and not client.on_hub(cdn_url))
+                    ):
+                        # The URL the Hub redirected to refused it (a signed URL expired, a CDN that
+                        # has not the object yet): resolved again. Never the token's fault (the
+                        # token goes to the Hub only), nor the repo id's: the Hub resolved it.
+                        refused, cdn_url = URL(cdn_url).host, None
+                        raise Retry(f"HTTP {r.status} from {refused}, where the Hub sent it (an expired signed URL?)")
                     if r.status in RETRY_STATUSES:
                         raise Retry(f"HTTP {r.status}", r.headers, r.status)
                     if r.status == 416:

@@ -166,10 +166,14 @@ class HubClient:
         prefix = "datasets/" if self.repo_type == "dataset" else ""
         return f"{self.endpoint}/{prefix}{self.repo_id}/resolve/{quote(revision, safe='')}/{quote(path, safe='/')}"
 
+    def on_hub(self, url: str | URL) -> bool:
+        """Whether ``url`` is on the Hub endpoint's origin (where the token goes)."""
+        return URL(str(url)).origin() == self._origin
+
     def headers_for(self, url: str | URL) -> dict[str, str]:
         """Request headers; the token only when ``url`` is on the Hub endpoint's origin."""
         h = {"Accept-Encoding": "identity", "User-Agent": "bolmo-async/0.1"}
-        if self._token and URL(str(url)).origin() == self._origin:
+        if self._token and self.on_hub(url):
             h["Authorization"] = f"Bearer {self._token}"
         return h
 

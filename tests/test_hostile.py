@@ -340,6 +340,46 @@ async def test_an_answer_that_is_not_http_is_one_line_naming_the_endpoint(answer
         server.close()
 
 
+async def test_a_cdn_refusing_a_signed_url_resolves_again_and_is_never_the_tokens_fault(aiohttp_server):
+    """The URL the Hub redirects to answered 401 or 404: that was 'not authorised. Set HF_TOKEN'
+    (an AuthError, which stops the whole run) or 'not found. Check --repo-id', at once, though the
+    token is never sent there and the Hub had just resolved the repo. Now it is resolved again like
+    an expired signed URL (403), and a CDN that keeps refusing fails that file only, naming it."""
+    seen: list[tuple[str, bool]] = []
+
+    async def cdn(request: web.Request) -> web.Response:
+        seen.append((request.path, "Authorization" in request.headers))
+        n = sum(p == request.path for p, _ in seen)
+        if request.path == "/lfs/once" and n == 1:
+            return web.Response(status=401, text="signature expired")
+        if request.path == "/lfs/never":
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
+        return web.Response(body=b"abc")
+
+    cdn_app = web.Application()
+    cdn_app.router.add_get("/lfs/{name}", cdn)
+    cdn_server = await aiohttp_server(cdn_app)
+
+    async def resolve(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        return web.Response(status=302, headers={"Location": str(cdn_server.make_url(f"/lfs/{name}"))})
+
+    hub_app = web.Application()
+    hub_app.router.add_get("/resolve/{name}", resolve)
+    hub = await aiohttp_server(hub_app)
+    # (the two servers differ by port: another origin, as a CDN's host is)
+    async with make_session(2, FAST) as session:
+        endpoint = str(hub.make_url("")).rstrip("/")
+        client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=FAST, token="hf_secret")
+        sink = BytesSink()
+        await stream(client, endpoint + "/resolve/once", sink, what="once", size=3)
+        assert bytes(sink.buf) == b"abc"
+        with pytest.raises(DownloadError, match=r"never: gave up after 2 attempts; last error: HTTP 404 from 127"):
+            await stream(client, endpoint + "/resolve/never", BytesSink(), what="never", size=3)
+    assert [p for p, _ in seen] == ["/lfs/once", "/lfs/once", "/lfs/never", "/lfs/never"]
+    assert not any(auth for _, auth in seen)
+
+
 async def test_an_api_answer_redirecting_in_a_loop_is_one_clear_error(aiohttp_server):
     """aiohttp follows an API answer's redirects (the Hub redirects a renamed repo) up to 10: a
     server redirecting to itself ended the run in "unexpected TooManyRedirects"."""
