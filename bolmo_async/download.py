@@ -196,9 +196,10 @@ async def stream(
                     if r.status == 206:
                         cr = r.headers.get("Content-Range", "")
                         if not cr.startswith(f"bytes {pos}-"):
-                            raise DownloadError(f"{what}: server answered Range {pos}- with {cr!r}")
+                            # (one edge's wrong answer: asked again, within the attempt budget)
+                            raise Retry(f"the server answered Range {pos}- with Content-Range {cr[:80]!r}")
                         size_s = cr.rpartition("/")[2]
-                        if end is None and size_s.isdigit():
+                        if end is None and size is None and size_s.isdigit():  # (a listed size is what is checked)
                             total = int(size_s)
                     elif end is None and r.content_length is not None and size is None:
                         total = r.content_length

@@ -380,6 +380,36 @@ async def test_a_cdn_refusing_a_signed_url_resolves_again_and_is_never_the_token
     assert not any(auth for _, auth in seen)
 
 
+async def test_a_resume_answered_with_a_wrong_content_range_is_asked_again_and_the_listed_size_kept(aiohttp_server):
+    """A resume's 206 whose Content-Range starts elsewhere failed the file at once (no retry: one
+    edge's bad answer); one whose total is not the listed size replaced the size, so a complete
+    body read as 'cut short' and the next resume got 416 ('the file changed?')."""
+    body = bytes(range(256)) * 40
+    half = len(body) // 2
+    asked: list[str | None] = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Range"))
+        if len(asked) == 1:  # the whole file, cut in the middle
+            resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
+            await resp.prepare(request)
+            await resp.write(body[:half])
+            request.transport.close()
+            return resp
+        wrong = "bytes 0-9/10" if len(asked) == 2 else f"bytes {half}-{len(body) - 1}/1000000000000000"
+        return web.Response(status=206, body=body[half:], headers={"Content-Range": wrong})
+
+    app = web.Application()
+    app.router.add_get("/f", flaky)
+    server = await aiohttp_server(app)
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    async with make_session(2, policy) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        sink = BytesSink()
+        await stream(client, str(server.make_url("/f")), sink, what="f", size=len(body))
+    assert bytes(sink.buf) == body and asked == [None, f"bytes={half}-", f"bytes={half}-"]
+
+
 async def test_an_api_answer_redirecting_in_a_loop_is_one_clear_error(aiohttp_server):
     """aiohttp follows an API answer's redirects (the Hub redirects a renamed repo) up to 10: a
     server redirecting to itself ended the run in "unexpected TooManyRedirects"."""
