@@ -182,7 +182,7 @@ async def stream(
                     if r.status == 416:
                         raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                     if r.status not in (200, 206):
-                        err = status_error(r.status, what, await _short_text(r), r.headers)
+                        err = status_error(r.status, what, await _short_text(r, client.redact), r.headers)
                         if isinstance(err, AuthError | NotFoundError):
                             raise err
                         raise DownloadError(str(err))
@@ -964,13 +964,14 @@ def _redirect_target(url: str, location: str) -> URL | None:
     return nxt
 
 
-async def _short_text(r: aiohttp.ClientResponse) -> str:
-    """The start of an error body, as one line (an HTML page must not flood the terminal)."""
+async def _short_text(r: aiohttp.ClientResponse, redact: Callable[[str], str]) -> str:
+    """The start of an error body, as one line (an HTML page must not flood the terminal), without
+    the token (``redact``: before it is cut, which could leave the token's start)."""
     try:
         data = await r.content.read(2000)
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return ""
-    return " ".join(data.decode("utf-8", "replace").split())[:200]
+    return " ".join(redact(data.decode("utf-8", "replace")).split())[:200]
 
 
 __all__ = ["BytesSink", "Link", "ResolveAhead", "Sink", "fetch_file", "fetch_small", "resolve", "stream"]

@@ -170,6 +170,11 @@ class HubClient:
         """Whether ``url`` is on the Hub endpoint's origin (where the token goes)."""
         return URL(str(url)).origin() == self._origin
 
+    def redact(self, text: str) -> str:
+        """``text`` (a server's words: an error page) with the token left out, should the server
+        have echoed the request (a debugging proxy does): an error line is printed and kept."""
+        return text.replace(self._token, "<HF_TOKEN>") if self._token else text
+
     def headers_for(self, url: str | URL) -> dict[str, str]:
         """Request headers; the token only when ``url`` is on the Hub endpoint's origin."""
         h = {"Accept-Encoding": "identity", "User-Agent": "bolmo-async/0.1"}
@@ -227,7 +232,7 @@ class HubClient:
                     raise Retry(f"HTTP {r.status}", r.headers, r.status)
                 if r.status != 200:
                     raise status_error(
-                        r.status, what, (await r.content.read(2000)).decode("utf-8", "replace"), r.headers
+                        r.status, what, self.redact((await r.content.read(2000)).decode("utf-8", "replace")), r.headers
                     )
                 if r.content_length is not None and r.content_length > MAX_API_BYTES:
                     raise self._too_long(url, what)
