@@ -72,6 +72,7 @@ from .worker import WorkerSpec
 # CPU each, on other cores).
 if TYPE_CHECKING:
     from .finalizer import Layout, Written
+    from .staging import Staging
     from .tokenize import TokenizerSpec
 
 log = logging.getLogger("bolmo_async")
@@ -1023,12 +1024,12 @@ def _fetch(
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
         total = sum(the_plan.files[u].read_bytes(whole) for u in units)
-        staged_now = 0  # files this run staged (said if it is stopped)
         to_stage = set(fresh)
+        staged_here: set[int] = set()  # of those, the files this run heard staged (said if it is stopped)
 
         def on_staged(unit: int, lengths: Any) -> Any:
-            nonlocal staged_now
-            staged_now += unit in to_stage
+            if unit in to_stage:
+                staged_here.add(unit)
             return shards.staged(unit, lengths) if shards is not None else []
 
         with Progress(len(units), total, enabled=progress, kind=f"{info.kind} tokens") as prog:
@@ -1046,7 +1047,9 @@ def _fetch(
                 )
             except KeyboardInterrupt as exc:
                 signum = signal_of(exc)
-                kept = already + staged_now
+                kept = already + len(staged_here)
+                if isinstance(pool, Pool):  # its workers have ended: the count is final
+                    kept += _staged_unheard(staging, the_plan, (pool.handed_out & to_stage) - staged_here, whole)
                 said = (
                     f"{interrupted_by(signum)}: the files staged so far are kept"  # (Ray's are not counted here)
                     if not isinstance(pool, Pool)
@@ -1090,6 +1093,16 @@ def _fetch(
         engines=tuple(sorted(result.engines)),
         layout=shards.layout() if shards is not None else None,
     )
+
+
+def _staged_unheard(staging: Staging, the_plan: Plan, units: set[int], whole: bool) -> int:
+    """How many of ``units`` (handed to a worker, never heard of) are staged: a file whose marker
+    was written as the stop landed, its message dropped or cut short (the stop's count was one short).
+    Only the files in flight at the stop: a few marker reads, not one per planned file."""
+    from .staging import unverified_prefix
+
+    recs = (staging.done(the_plan.files[u]) for u in units)
+    return sum(rec is not None and not (whole and unverified_prefix(rec)) for rec in recs)
 
 
 #: The options ``fetch`` and ``prepare`` take as keywords (``**options``).

@@ -467,3 +467,34 @@ def test_ctrl_c_as_the_first_shard_appears_reports_no_file_failed(tmp_path, toke
                     os.killpg(proc.pid, signal.SIGKILL)
             assert "failed" not in err and "Session is closed" not in err and "Traceback" not in err, (i, err)
             assert proc.returncode in (0, 130), (i, err)  # (0: it had finished)
+
+
+def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypatch):
+    """Ctrl+C lands while the coordinator takes in a worker's "staged" (its marker already written):
+    the stop's "N of M planned file(s) are staged and kept" is the count of the markers the folder
+    holds once the workers have ended. (It was the files the coordinator had heard of: one short, and
+    "before any of the planned files was staged" with one staged.)"""
+    from bolmo_async.errors import FetchIncomplete
+    from bolmo_async.progress import Progress
+    from bolmo_async.staging import Staging
+
+    file_done = Progress.file_done
+
+    def interrupted_here(self: Progress, skipped: int = 0) -> None:
+        file_done(self, skipped)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl+C, handled in this (the main) thread
+        time.sleep(5)  # (the handler raises here, at once)
+
+    monkeypatch.setattr(Progress, "file_done", interrupted_here)
+    out = tmp_path / "o"
+    with pytest.raises(FetchIncomplete) as got:
+        bolmo_async.fetch(
+            out, endpoint=mirror.endpoint, data_fraction=0.2, processes=1, progress=False, check_disk=False
+        )
+    the_plan = bolmo_async.api.load_plan(bolmo_async.api.open_output(out))
+    staging = Staging(bolmo_async.api.open_output(out))
+    staged = sum(staging.done(pf) is not None for pf in the_plan.files)
+    assert staged >= 1
+    assert f"{staged} of the {len(the_plan.files)} planned file(s) are staged and kept" in str(got.value), str(
+        got.value
+    )

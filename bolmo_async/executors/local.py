@@ -222,6 +222,9 @@ class Pool:
         self._streams = shard_stream()
         self._stream: tuple[int, _Member, int] | None = None  # shard streamed, its worker, pieces sent
         self._no_stream: set[int] = set()  # shards whose stream failed: written at once
+        # The files ``run`` handed to a worker: after a stop, those it had not heard of are the
+        # only ones a worker may have staged unheard (``api._fetch`` counts their markers).
+        self.handed_out: set[int] = set()
         if self.processes == 1:
             self.outbox: Any = queue.Queue()
             self.members[0].inbox = queue.Queue()
@@ -359,6 +362,7 @@ class Pool:
         todo = deque(sorted(units))
         shard_tasks: deque[tuple[int, Any]] = deque()
         self._written_ahead = {}
+        self.handed_out = set()
         self._open_shard = open_shard if self._streams else None
         self._stream = None
         self._no_stream = set()
@@ -413,6 +417,7 @@ class Pool:
                         mem = min(free, key=lambda w: len(w.tasks))
                         u = todo.popleft()
                         mem.tasks.add(("file", u))
+                        self.handed_out.add(u)
                         cdn = ahead.take(u) if ahead is not None else None
                         layout = layout_at(u) if layout_at is not None else None
                         if layout is not None and self._stream is not None and self._stream[0] == layout.shard:
