@@ -765,7 +765,7 @@ def auto_processes(plan: Plan | None) -> int:
 @dataclass
 class FetchReport:
     files: int
-    fetched_now: int
+    fetched_now: int  # staged from a transfer
     documents_now: int
     tokens_now: int
     written: Written
@@ -773,11 +773,13 @@ class FetchReport:
     engines: tuple[str, ...]
     finished: dict[str, Any] | None = None  # the manifest of an output already complete and current
     layout: Layout | None = None  # every planned file's shard layout, from the workers' reports
+    from_raw_now: int = 0  # staged from their downloads kept in raw/, without a transfer
 
     def to_json(self) -> dict[str, Any]:
         return {
             "files": self.files,
             "fetched_now": self.fetched_now,
+            "from_raw_now": self.from_raw_now,
             "documents_now": self.documents_now,
             "tokens_now": self.tokens_now,
             "engines": list(self.engines),
@@ -1092,6 +1094,7 @@ def _fetch(
         verified=frozenset(the_plan.files[u].key for u in result.staged),
         engines=tuple(sorted(result.engines)),
         layout=shards.layout() if shards is not None else None,
+        from_raw_now=result.from_raw,
     )
 
 

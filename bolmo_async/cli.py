@@ -823,7 +823,8 @@ def fetch_cmd(
     how = " with Ray" if ray else ""
     done = (
         f"staged{how}: {res['files']} planned file(s); this run fetched {res['fetched_now']} of them"
-        f" ({human_count(res['tokens_now'])} tokens)."
+        + (f" and read {res['from_raw_now']} from the downloads kept in raw/" if res.get("from_raw_now") else "")
+        + f" ({human_count(res['tokens_now'])} tokens)."
     )
     from .guidance import command, next_steps
 

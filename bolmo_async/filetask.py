@@ -855,8 +855,9 @@ def file_matches(path: Path, pf: PlannedFile) -> bool:
 
 #: What a file task gives back: its completion record, the bytes read for it now (None when it
 #: was staged already), the tokens per document of each staged batch (the shard layout's input,
-#: so that the coordinator never reads a staged file) and the shards written while staging it.
-TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray], ShardsWritten]
+#: so that the coordinator never reads a staged file), the shards written while staging it, and
+#: whether it was read from its download kept in raw/ (no transfer: not counted as fetched).
+TaskResult = tuple[dict[str, Any], int | None, list[np.ndarray], ShardsWritten, bool]
 
 
 async def run_file_task(
@@ -913,15 +914,16 @@ async def run_file_task(
             made_one.abort()
         raise
     if rec is not None:
-        return rec, None, got, {}
+        return rec, None, got, {}, False
     proc: Processor = got
     ctx = task_ctx
     committed: list[dict[str, Any]] = []  # the record, when staged on the verify's trip to a thread
+    local = False  # read from the download kept in raw/
     try:
         url = ctx.client.resolve_url(ctx.commit, pf.path)
         suffix = data_suffix(pf.path) or ""
         if not ctx.streaming or (suffix == ".parquet" and pf.whole):
-            raw, sha = await _raw(ctx, url, pf, cdn)
+            raw, sha, local = await _raw(ctx, url, pf, cdn)
             try:
                 await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
             finally:
@@ -936,7 +938,7 @@ async def run_file_task(
                 # the same row groups from it.
                 log.info("%s: the server ignores Range requests; reading the whole file", pf.path)
                 await loop.run_in_executor(ctx.executor, proc.reset)
-                raw, sha = await _raw(ctx, url, pf, cdn)
+                raw, sha, _ = await _raw(ctx, url, pf, cdn)
                 try:
                     await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
                 finally:
@@ -962,14 +964,15 @@ async def run_file_task(
                 more=proc.wants_more,
             )
         rec = committed[0] if committed else await loop.run_in_executor(ctx.executor, proc.commit)
-        return rec, read[0], proc.lengths, proc.shards
+        return rec, read[0], proc.lengths, proc.shards, local
     except BaseException:
         proc.abort()
         raise
 
 
-async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = None) -> tuple[Path, str]:
-    """The whole file on local disk, verified: kept (``--no-streaming``) or a temporary (streaming)."""
+async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = None) -> tuple[Path, str, bool]:
+    """The whole file on local disk, verified: kept (``--no-streaming``) or a temporary (streaming);
+    and whether it was there already (a kept download, read without a request)."""
     loop = asyncio.get_running_loop()
     out = ctx.staging.out
     dest = out.download_path(pf.key, check_repo_path(pf.path), keep=not ctx.streaming)
@@ -977,7 +980,7 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = No
         if await loop.run_in_executor(ctx.executor, file_matches, dest, pf):
             if ctx.on_bytes:
                 ctx.on_bytes(pf.size)
-            return dest, pf.sha256 or pf.oid
+            return dest, pf.sha256 or pf.oid, True
         log.warning("%s: the kept download %s does not match the listing; fetching it again", pf.path, dest)
     sink = RawFileSink(pf, dest, out)
     try:
@@ -996,7 +999,7 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = No
     except BaseException:
         sink.discard()
         raise
-    return dest, sink.sha or ""
+    return dest, sink.sha or "", False
 
 
 async def _parquet_ranges(

@@ -95,6 +95,7 @@ class Staged:
     lengths: list[Any]  # numpy arrays: tokens per document of each staged batch
     # Shards its worker wrote while staging it (``FileTask.layout``): index -> (pieces, record).
     shards: dict[int, tuple[list[Any], dict[str, Any]]] = field(default_factory=dict)
+    local: bool = False  # read from its download kept in raw/ (--no-streaming): no transfer
 
 
 @dataclass(frozen=True, slots=True)

@@ -274,7 +274,7 @@ class Worker:
             waited = False
             while True:
                 if not self.spec.claims:  # this run alone writes in the folder: nothing to wait for
-                    rec, read, lengths, shards = await run_file_task(ctx, pf, cdn, ahead, clean=True)
+                    rec, read, lengths, shards, local = await run_file_task(ctx, pf, cdn, ahead, clean=True)
                     break
                 # Taking and letting go of a claim is I/O (a flock, or requests to a bucket): not on
                 # the event loop.
@@ -282,7 +282,7 @@ class Worker:
                 mine = await loop.run_in_executor(ctx.executor, _take, claim, ctx.staging, pf)
                 try:
                     if mine:
-                        rec, read, lengths, shards = await run_file_task(ctx, pf, cdn, ahead)
+                        rec, read, lengths, shards, local = await run_file_task(ctx, pf, cdn, ahead)
                         break
                 finally:
                     await asyncio.shield(loop.run_in_executor(ctx.executor, claim.__exit__, None, None, None))
@@ -298,7 +298,7 @@ class Worker:
                 turn.retire()  # the slot does not wait for it meanwhile (it asks again, if it decodes)
                 await asyncio.sleep(CLAIM_POLL)
             self._flush_progress()
-            self._send(m.Staged(self.wid, unit, rec, read, lengths, shards))
+            self._send(m.Staged(self.wid, unit, rec, read, lengths, shards, local))
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except FATAL as exc:

@@ -1121,3 +1121,24 @@ def test_a_stop_signal_handled_inside_a_weakref_callback_is_not_lost():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == f"stopped by {int(signal.SIGTERM)}", (r.stdout, r.stderr)
     assert "Exception ignored" not in r.stderr, r.stderr
+
+
+def test_the_fetch_summary_tells_downloads_from_reads_of_raw(tmp_path, mirror):
+    """A --no-streaming rerun reads the files kept in raw/ without a request: its summary counted
+    them as fetched (newuser17), so "this run fetched 9 of them" could mean 9 downloads or none.
+    They are counted apart."""
+    out = tmp_path / "o"
+    base = ("fetch", "-o", str(out), "--endpoint", mirror.endpoint, "--no-progress", "--no-streaming")
+    r = run_cli(*base, "--data-fraction", "0.05")
+    assert r.returncode == 0, r.stderr
+    mirror.hub_requests.clear()
+    r = run_cli(*base, "--data-fraction", "0.2")
+    assert r.returncode == 0, r.stderr
+    said = re.search(r"(\d+) of the (\d+) file\(s\) to fetch are in .*raw already \(", r.stderr)
+    assert said and int(said[1]) > 0, r.stderr
+    in_raw, to_fetch = int(said[1]), int(said[2])
+    assert f"this run fetched {to_fetch - in_raw} of them and read {in_raw} from the downloads kept in" in r.stdout, (
+        r.stdout
+    )
+    downloaded = {path for _, path in mirror.hub_requests if "/resolve/" in path and "/data/" in path}
+    assert len(downloaded) == to_fetch - in_raw, downloaded

@@ -33,7 +33,8 @@ class RunResult:
     """What the workers reported back."""
 
     staged: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit -> completion record
-    fetched_now: int = 0
+    fetched_now: int = 0  # staged from a transfer
+    from_raw: int = 0  # staged from their downloads kept in raw/ (a --no-streaming rerun)
     failed: dict[str, str] = field(default_factory=dict)  # path -> reason
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
     engines: set[str] = field(default_factory=set)
@@ -42,6 +43,7 @@ class RunResult:
     def merge(self, other: RunResult) -> None:
         self.staged.update(other.staged)
         self.fetched_now += other.fetched_now
+        self.from_raw += other.from_raw
         self.failed.update(other.failed)
         self.shards.update(other.shards)
         self.engines |= other.engines

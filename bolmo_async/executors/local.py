@@ -503,7 +503,8 @@ class Pool:
                 log.debug("worker %d staged %s", msg.wid, self._spec.files[msg.unit].path)
                 member.tasks.discard(("file", msg.unit))
                 result.staged[msg.unit] = msg.record
-                result.fetched_now += msg.read is not None
+                result.fetched_now += msg.read is not None and not msg.local
+                result.from_raw += msg.local
                 if progress is not None:
                     expected = self._spec.files[msg.unit].read_bytes(self._spec.whole_prefixes)
                     if msg.read is None:  # staged before: not part of this run's transfer rate
