@@ -101,12 +101,25 @@ VALUE_NAMES = {
 }
 
 
+class _Argument(typer.core.TyperArgument):
+    """A positional argument named in the usage line as in the README and its own help
+    (`mirror serve [OPTIONS] DIR`): typer wrote a required one as `{DIR}`."""
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        if self.metavar is None:
+            return list(super().get_usage_pieces(ctx))
+        return [self.metavar if self.required else f"[{self.metavar}]"]
+
+
 def _name_values(group: Any) -> None:
-    """Every option of every command below ``group`` gets its value's name from ``VALUE_NAMES``."""
+    """Every option of every command below ``group`` gets its value's name from ``VALUE_NAMES``;
+    every argument is named in the usage line as in its help (``_Argument``)."""
     for p in getattr(group, "params", []):
         named = [VALUE_NAMES[o] for o in p.opts if o in VALUE_NAMES]
         if p.param_type_name == "option" and named and not p.is_flag:
             p.metavar = named[0]
+        elif type(p) is typer.core.TyperArgument:
+            p.__class__ = _Argument
     for cmd in getattr(group, "commands", {}).values():
         _name_values(cmd)
 
@@ -972,11 +985,9 @@ def prepare_cmd(
 
 @app.command("inspect", short_help="Check a finished folder; decode documents.")
 def inspect_cmd(
-    folder: str | None = typer.Argument(
-        None, metavar="OUTPUT_DIR", help="An output folder written by finalize/prepare."
-    ),
+    folder: str | None = typer.Argument(None, metavar="D", help="An output folder written by finalize/prepare."),
     output_dir_option: str | None = typer.Option(
-        None, "--output-dir", "-o", help="The same folder, as the other commands take it (OUTPUT_DIR or this)."
+        None, "--output-dir", "-o", help="The same folder, as the other commands take it (D or this)."
     ),
     decode: int = typer.Option(0, "--decode", min=0, help="Print the first N documents decoded back to text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -992,12 +1003,12 @@ def inspect_cmd(
     """Shard table, size/XXH3-128 checks against the manifest and data_sources.txt, decoded documents."""
     if folder is not None and output_dir_option is not None and folder != output_dir_option:
         raise typer.BadParameter(
-            f"two folders given ({folder} and -o {output_dir_option}): name one", param_hint="OUTPUT_DIR / --output-dir"
+            f"two folders given ({folder} and -o {output_dir_option}): name one", param_hint="D / --output-dir"
         )
     output_dir = folder if folder is not None else output_dir_option
     if output_dir is None:
         raise typer.BadParameter(
-            "name the output folder: bolmo-async inspect DIR (or -o DIR)", param_hint="OUTPUT_DIR / --output-dir"
+            "name the output folder: bolmo-async inspect D (or -o D)", param_hint="D / --output-dir"
         )
     _before_api()
     from . import api

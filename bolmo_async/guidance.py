@@ -335,7 +335,7 @@ def short_shard_warning(bound: int) -> str | None:
         f"--max-tokens-per-file {bound} is small for training: OLMo-core's fixed-length datasets drop the tail of "
         f"every shard shorter than one sequence, so a full shard of {bound} tokens loses, by sequence length, "
         f"{', '.join(parts)}. Use at least {SHORT_SHARD_BOUND} (default {DEFAULT_MAX_TOKENS_PER_FILE}); "
-        "`bolmo-async inspect DIR --sequence-length N` counts what a finished output loses."
+        "`bolmo-async inspect D --sequence-length N` counts what a finished output in D loses."
     )
 
 

@@ -206,7 +206,7 @@ def test_help_matches_the_cli():
     assert r.returncode == 0
     assert "<bool>" not in r.stdout and "'bolmo-async[ray]'" in r.stdout
     assert "byte | subword" in r.stdout and "auto | fastokens | tokenizers | tiktoken" in r.stdout
-    assert "OUTPUT_DIR" in run_cli("inspect", "--help").stdout
+    assert "Usage: bolmo-async inspect [OPTIONS] [D]" in run_cli("inspect", "--help").stdout
     for args in (
         ["inspect", ".", "--decode", "-1"],
         ["fetch", "-o", "x", "--read-timeout", "0"],
@@ -1052,7 +1052,7 @@ def test_planning_into_a_folder_of_the_users_own_files_says_so_once(mirror, tmp_
 
 
 def test_output_cut_short_by_its_reader_ends_quietly_as_unix_tools_do(tmp_path, mirror):
-    """`bolmo-async inspect DIR | head`: the reader goes after a few lines. It exited 1 (Typer's
+    """`bolmo-async inspect D | head`: the reader goes after a few lines. It exited 1 (Typer's
     handling of the broken pipe); it ends as `cat` or `seq` do there: without a word, status 141
     (128 + SIGPIPE). Every command prints through the same ``_say``."""
     import shlex

@@ -176,7 +176,17 @@ def test_help_names_each_value_as_the_readme_does():
         ("mirror sample", ["DIR"]),
         ("mirror serve", ["DIR"]),
         ("mirror demo-tokenizer", ["SAMPLE", "DIR"]),
+        ("inspect", ["D"]),  # (it said OUTPUT_DIR)
     ):
         got = [p.metavar for p in commands[name].params if p.param_type_name == "argument"]
         assert got == words, (name, got)
         assert f"bolmo-async {name} {' '.join(words)}" in README.read_text(), name
+        # The usage line names them the same: typer wrote a required one as `{DIR}`.
+        with click.Context(commands[name], info_name=f"bolmo-async {name}") as ctx:
+            usage = commands[name].get_usage(ctx)
+        pieces = [w if p.required else f"[{w}]" for w, p in zip(words, _arguments(commands[name]), strict=True)]
+        assert usage.endswith(f"bolmo-async {name} [OPTIONS] {' '.join(pieces)}"), usage
+
+
+def _arguments(cmd: click.Command) -> list[click.Parameter]:
+    return [p for p in cmd.params if p.param_type_name == "argument"]
