@@ -65,8 +65,12 @@ def tokens_column(flat: np.ndarray, offsets: np.ndarray) -> pa.Array:
 def numpy_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     """A contiguous numpy array of ``type_``'s width as an Arrow array on its buffer (no copy).
     Not ``pa.array``: its first numpy input in a process imports ``numpy.ma`` (10-30 ms of a
-    small run's start, in every worker)."""
-    values = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    small run's start, in every worker). Values of a type that may not fit (signed or wider ids
+    for uint32) are refused by their dtype, not wrapped (-1 staged as 4294967295): no scan."""
+    target = np.dtype(type_.to_pandas_dtype())
+    if not np.can_cast(values.dtype, target, casting="safe"):
+        raise TypeError(f"numpy_array: {values.dtype} values as {target} could wrap; give {target} (or narrower)")
+    values = np.ascontiguousarray(values, dtype=target)
     return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
 
 

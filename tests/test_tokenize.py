@@ -78,8 +78,8 @@ def test_the_staged_column_is_built_on_numpy_buffers_without_numpy_ma():
     import subprocess
     import sys
 
-    flat = np.arange(20, dtype=np.int64)[::2]  # strided, and int64 where uint32 is staged
-    col = tokens_column(flat, np.array([0, 3, 3, 10]))
+    flat = np.arange(20, dtype=np.uint16)[::2]  # strided, and narrower than the uint32 staged
+    col = tokens_column(flat, np.array([0, 3, 3, 10], dtype=np.int32))
     assert col.type == pa.large_list(pa.uint32())
     assert col.to_pylist() == [[0, 2, 4], [], [6, 8, 10, 12, 14, 16, 18]]
     code = (
@@ -92,6 +92,18 @@ def test_the_staged_column_is_built_on_numpy_buffers_without_numpy_ma():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_ids_of_a_type_that_may_not_fit_are_refused_not_wrapped():
+    """A signed or wider id array (an engine's int64 ids, -1 for "none") was cast to the staged
+    uint32 as it stood: -1 became 4294967295, a token id no vocabulary has, staged without a word.
+    Refused by its dtype (no scan of the ids): every engine here gives uint32."""
+    offsets = np.array([0, 2])
+    for flat in (np.array([5, -1], dtype=np.int64), np.array([5, 2**32], dtype=np.uint64), np.array([5.0, 1.5])):
+        with pytest.raises(TypeError, match=f"{flat.dtype} values as uint32"):
+            tokens_column(flat, offsets)
+    with pytest.raises(TypeError, match="uint64 values as int64"):
+        tokens_column(np.array([5, 6], dtype=np.uint32), np.array([0, 2], dtype=np.uint64))
 
 
 @pytest.fixture(scope="module")
