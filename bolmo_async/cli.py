@@ -833,10 +833,12 @@ def fetch_cmd(
             ),
         )
     )
+    from .outdir import RAW
+
     how = " with Ray" if ray else ""
     done = (
         f"staged{how}: {res['files']} planned file(s); this run fetched {res['fetched_now']} of them"
-        + (f" and read {res['from_raw_now']} from the downloads kept in raw/" if res.get("from_raw_now") else "")
+        + (f" and read {res['from_raw_now']} from the downloads kept in {RAW}/" if res.get("from_raw_now") else "")
         + f" ({human_count(res['tokens_now'])} tokens)."
     )
     from .guidance import command, next_steps
