@@ -39,6 +39,7 @@ from .guidance import (
     fetch_command,
     fixed_length_loss,
     normalize,
+    plan_missing,
     selection_from,
     tokenizer_flags,
     warn_short_shards,
@@ -521,9 +522,15 @@ def ensure_plan(
     Options left None keep the existing plan's values, or the defaults: ``force`` too (it resets the
     folder, not the choice of data: `fetch --force --tokenizer subword`, the way out a refusal of
     the other tokenizer offers, planned the defaults' 1% of everything instead of the folder's)."""
-    existing = _readable_plan(output_dir) if force else load_plan(open_output(output_dir))
-    if not force and existing is not None and all(v is None for v in (repo_id, revision, data_fraction, seed)):
+    out = open_output(output_dir)
+    existing = _readable_plan(out) if force else load_plan(out)
+    asked = any(v is not None for v in (repo_id, revision, data_fraction, seed))
+    if not force and existing is not None and not asked:
         return existing
+    if not force and existing is None and not asked and out.exists_file(RUN_STATE):
+        # plan.json removed after a fetch: the defaults (1% of every source) would be planned and
+        # the folder's output rewritten for them, its own fraction and selection lost without a word.
+        raise StateError(plan_missing(out, out.read_bytes(MANIFEST)) + ".")
     new = plan(
         output_dir,
         endpoint=endpoint,

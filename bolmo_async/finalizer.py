@@ -705,7 +705,7 @@ def finalize_dir(
     plan = load_plan(out)
     if plan is None:
         if out.exists_file(RUN_STATE):  # fetched here, then plan.json removed
-            raise StateError(plan_missing(out) + ".")
+            raise StateError(plan_missing(out, out.read_bytes(MANIFEST)) + ".")
         raise StateError(f"{out} has no {PLAN}: run `{fetch_command(out, None)}` (or `prepare`) first.")
     state_raw = out.read_bytes(RUN_STATE)
     if state_raw is None:

@@ -26,6 +26,7 @@ from .errors import UsageError
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_MAX_TOKENS_PER_FILE,
+    DEFAULT_REPO_ID,
     DEFAULT_TOKENIZER_ID,
     Selection,
     validate_fraction,
@@ -369,6 +370,7 @@ __all__ = [
     "fixed_length_loss",
     "local_copy_command",
     "normalize",
+    "plan_flags",
     "selection_from",
     "short_shard_warning",
     "tokenizer_flags",
@@ -409,18 +411,65 @@ def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str,
     return command(*args, *tokenizer_flags(tokenizer))
 
 
-def plan_missing(output_dir: Any) -> str:
-    """What to say of a folder that holds a run's files but no plan.json (removed by hand): the
-    plan cannot be read back from anything else, and a bare fetch would plan at the default
-    --data-fraction; the same options plan the same files and take what is staged."""
-    from .outdir import PLAN
+def plan_missing(output_dir: Any, manifest: bytes | None = None) -> str:
+    """What to say of a folder that holds a run's files but no plan.json (removed by hand): a bare
+    fetch would plan the defaults; the same options plan the same files and take what is staged.
+    ``manifest``: the folder's manifest.json, if a finalize wrote one: the plan it records is
+    quoted whole (``plan_flags``), else the user is asked for the options."""
+    from .outdir import MANIFEST, PLAN
 
-    again = command("plan", "--output-dir", output_dir, "--data-fraction", "F")
+    said = f"{output_dir} has no {PLAN} (removed?) but holds a run's files: plan it again"
+    flags = plan_flags(manifest)
+    if flags is None:
+        again = command("plan", "--output-dir", output_dir, "--data-fraction", "F")
+        return (
+            f"{said} with the options it was made with, `{again}` (and --seed, --revision, --repo-id if they were "
+            "set; the same plan takes the files already staged), then fetch and finalize"
+        )
+    again = command("plan", "--output-dir", output_dir, *flags)
     return (
-        f"{output_dir} has no {PLAN} (removed?) but holds a run's files: plan it again with the options it "
-        f"was made with, `{again}` (and --seed, --revision, --repo-id if they were set; the same plan takes "
-        "the files already staged), then fetch and finalize"
+        f"{said} as its {MANIFEST} records it, `{again}` (with the --endpoint it was planned against, if not the "
+        "Hub; the same plan takes the files already staged), then fetch and finalize"
     )
+
+
+def plan_flags(manifest: bytes | None) -> list[str] | None:
+    """The plan options a manifest.json records, as the flags that plan the same files (the commit
+    as --revision); None when there is none, or it does not record them as a finalize writes them."""
+    import json
+
+    try:
+        m = json.loads(manifest) if manifest is not None else None
+        if not isinstance(m, dict):
+            return None
+        repo, commit, fraction, seed = m["repo_id"], m["revision"], m["data_fraction"], m["seed"]
+        sel = Selection.from_json(m["selection"])
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UsageError):
+        return None
+    if not (
+        isinstance(repo, str)
+        and isinstance(commit, str)
+        and isinstance(fraction, int | float)
+        and not isinstance(fraction, bool)
+        and isinstance(seed, int)
+        and not isinstance(seed, bool)
+    ):
+        return None
+    flags = ["--repo-id", repo] if repo != DEFAULT_REPO_ID else []
+    flags += ["--revision", commit, "--data-fraction", str(fraction), "--seed", str(seed)]
+    for g in sel.include:
+        flags += ["--include", g]
+    for g in sel.exclude:
+        flags += ["--exclude", g]
+    if sel.source_depth is not None:
+        flags += ["--source-depth", str(sel.source_depth)]
+    for name, f in sel.source_fractions:
+        flags += ["--source-fraction", f"{name}={f}"]
+    if sel.text_field != "text":
+        flags += ["--text-field", sel.text_field]
+    if sel.id_field != "id":
+        flags += ["--id-field", sel.id_field]
+    return flags
 
 
 def local_copy_command(url: str) -> str:

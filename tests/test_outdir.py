@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -194,6 +195,44 @@ def test_a_removed_plan_json_is_named_with_the_plan_that_repairs_it(mirror, tmp_
     assert res["fetched_now"] == 0
     done = bolmo_async.finalize(out, max_tokens_per_file=200_000)
     assert shard_hashes(done) == shard_hashes(clean)
+
+
+def test_a_removed_plan_json_is_named_with_the_plan_its_manifest_records(mirror, tmp_path):
+    """plan.json removed after a finalize: the advice quotes the plan the manifest records
+    (revision, fraction, seed, selection), not `--data-fraction F (and --seed, ... if they were
+    set)`, and following it gives the same shards from the staging. A bare fetch there (which
+    keeps a folder's plan) says the same: it planned the defaults (1% of every source) and rewrote
+    the output for them without a word."""
+    out = tmp_path / "o"
+    bolmo_async.plan(
+        out,
+        endpoint=mirror.endpoint,
+        data_fraction=0.3,
+        seed=7,
+        include=["data/arxiv/*", "data/common_crawl/*", "data/wikipedia*"],
+        source_fractions={"data/arxiv": 0.5},
+    )
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, progress=False)
+    clean = bolmo_async.finalize(out, max_tokens_per_file=200_000)
+    (out / "plan.json").unlink()
+    said = set()
+    for args in (("finalize", "-o", str(out)), ("fetch", "-o", str(out))):
+        done = run_cli(*args, *(("--endpoint", mirror.endpoint) if args[0] != "finalize" else ()))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and "no plan.json" in lines[0], done.stderr
+        said.add(lines[0].split("`")[1])
+    assert not (out / "plan.json").exists() and (out / DATA_SOURCES).exists()
+    assert len(said) == 1, said
+    again = shlex.split(said.pop())
+    assert again[:4] == ["bolmo-async", "plan", "--output-dir", str(out)], again
+    for flag in ("--revision", clean["revision"], "--data-fraction", "0.3", "--seed", "7", "--include", "data/arxiv/*"):
+        assert flag in again, again
+    assert "data/arxiv=0.5" in again and "F" not in again, again
+    done = run_cli(*again[1:], "--endpoint", mirror.endpoint)
+    assert done.returncode == 0, done.stderr
+    res = bolmo_async.fetch(out, endpoint=mirror.endpoint, progress=False)
+    assert res["fetched_now"] == 0
+    assert shard_hashes(bolmo_async.finalize(out)) == shard_hashes(clean)
 
 
 def test_inspect_of_a_folder_that_is_not_ours_says_so(tmp_path):
