@@ -53,6 +53,7 @@ from .models import (
     DEFAULT_SEED,
     DEFAULT_TOKENIZER_ID,
     ENGINES,
+    TOKENIZER_IDENTITY,
     Plan,
     PlannedFile,
     Selection,
@@ -1507,10 +1508,6 @@ def _plan_while_loading(
     return tok_future, the_plan, listed
 
 
-#: What makes a tokenizer's ids the same as another's (``_check_state`` compares these too).
-_TOKENIZER_IDENTITY = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
-
-
 def _finished_output(
     out: OutputDir, plan: Plan, bound: int, tokenizer: dict[str, Any] | None, checks_prefixes: bool = False
 ) -> dict[str, Any] | None:
@@ -1529,7 +1526,7 @@ def _finished_output(
             return None
         made_with = manifest.get("tokenizer")
         if tokenizer is not None and (
-            not isinstance(made_with, dict) or any(made_with.get(k) != tokenizer.get(k) for k in _TOKENIZER_IDENTITY)
+            not isinstance(made_with, dict) or any(made_with.get(k) != tokenizer.get(k) for k in TOKENIZER_IDENTITY)
         ):
             return None
         same = (

@@ -9,7 +9,7 @@ import io
 import json
 import os
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from .guidance import command, plan_missing
 from .outdir import DATA_SOURCES, MANIFEST, PLAN, RUN_STATE, TOKENIZER, LocalDir, OutputDir, csv_name, open_output
 from .tokenize import decode_bytes
 from .util import CHECKSUM
+
+if TYPE_CHECKING:
+    from .models import Plan
 
 
 def _digest(out: OutputDir, name: str, algo: str) -> str | None:
@@ -126,9 +129,11 @@ def inspect_dir(
             )
         elif sorted(listed) != sorted(expected):
             problems.append(f"{DATA_SOURCES} and the manifest list different shards: {refinalize}")
-    stale = _earlier_plan(out, manifest, refinalize if running else None)
+    plan = _plan_of(out)
+    stale = _earlier_plan(out, manifest, plan, refinalize if running else None)
     if stale:
         problems.append(stale)
+    problems += _header_problems(out, manifest, None if stale else plan, refinalize)
     docs: list[dict[str, Any]] = []
     if decode > 0:
         failed = {r["path"] for r in rows if not r["ok"]}  # (said above: their bytes are not the manifest's)
@@ -192,21 +197,24 @@ def _check_manifest(m: Any) -> None:
             raise ValueError(f"shard entry {i} has no valid 'path', 'tokens' and 'documents'")
 
 
-def _earlier_plan(out: OutputDir, manifest: dict[str, Any], advice: str | None = None) -> str | None:
+def _plan_of(out: OutputDir) -> Plan | None:
+    """The folder's plan; None when there is none (a copy without ``plan.json``) or it is
+    unreadable (the next command's to say)."""
+    from .planner import load_plan
+
+    try:
+        return load_plan(out)
+    except StateError:
+        return None
+
+
+def _earlier_plan(out: OutputDir, manifest: dict[str, Any], plan: Plan | None, advice: str | None = None) -> str | None:
     """A problem when the folder was planned again (another fraction, ``plan`` or ``fetch
     --data-fraction``) after the shards were written: until finalize, they and ``data_sources.txt``
     are the earlier plan's. None when they are this plan's, or when there is no plan to compare
     (a copy without ``plan.json``, a manifest of an earlier version). ``advice`` replaces the
     way to repair it (while a run writes the folder: to wait for it)."""
-    from .planner import load_plan
-
-    if "sources" not in manifest:
-        return None
-    try:
-        plan = load_plan(out)
-    except StateError:  # an unreadable plan.json is the next command's to say
-        return None
-    if plan is None:
+    if "sources" not in manifest or plan is None:
         return None
     if manifest["sources"] == plan.source_rows() and manifest.get("revision") == plan.commit:
         return None
@@ -215,6 +223,51 @@ def _earlier_plan(out: OutputDir, manifest: dict[str, Any], advice: str | None =
         f"than {out.ref(PLAN)} (now {plan.data_fraction}): "
         + (advice or f"fetch what it lacks, then run `{command('finalize', '--output-dir', out)}` to write this plan's")
     )
+
+
+def _header_problems(out: OutputDir, manifest: dict[str, Any], plan: Plan | None, refinalize: str) -> list[str]:
+    """The manifest's header fields that disagree with what the folder holds: its totals and
+    ``complete`` with its own shard entries and missing files, its plan (``plan``: None when there
+    is none, or the shards are of an earlier one) with ``plan.json``, its tokenizer with
+    ``run.json``'s. Hand-edited ones, most likely: the shards still match their entries, and the
+    report's first line gave the edited fraction, seed or tokenizer as the output's. No shard read."""
+    from .models import TOKENIZER_IDENTITY
+
+    said: list[str] = []
+    shards = manifest["shards"]
+    totals = manifest.get("totals")
+    if isinstance(totals, dict):
+        for key, sums in (
+            ("tokens", sum(s["tokens"] for s in shards)),
+            ("documents", sum(s["documents"] for s in shards)),
+            ("shards", len(shards)),
+        ):
+            if key in totals and totals[key] != sums:
+                said.append(f"totals.{key} {totals[key]!r}, where its shard entries add up to {sums}")
+    missing = manifest.get("missing_files")
+    if isinstance(missing, list) and manifest["complete"] == bool(missing):
+        said.append(f"complete {str(manifest['complete']).lower()}, with {len(missing)} missing file(s) listed")
+    if plan is not None:
+        for key, want in (
+            ("repo_id", plan.repo_id),
+            ("data_fraction", plan.data_fraction),
+            ("seed", plan.seed),
+            ("selection", plan.selection.to_json()),
+            ("planned_files", len(plan.files)),
+        ):
+            if key in manifest and manifest[key] != want:
+                said.append(f"{key} {json.dumps(manifest[key])}, where {PLAN} has {json.dumps(want)}")
+    try:
+        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"null")
+        tok = fetched_with.get("tokenizer") if isinstance(fetched_with, dict) else None
+    except (OSError, ValueError, RecursionError):
+        tok = None
+    if isinstance(tok, dict):
+        for key in TOKENIZER_IDENTITY:
+            if key in tok and manifest["tokenizer"].get(key) != tok[key]:
+                got, want = json.dumps(manifest["tokenizer"].get(key)), json.dumps(tok[key])
+                said.append(f"tokenizer {key} {got}, where {RUN_STATE} has {want}")
+    return [f"{out.ref(MANIFEST)} says {s} (hand-edited?): {refinalize}" for s in said]
 
 
 def _decode(

@@ -31,6 +31,9 @@ DEFAULT_TOKENIZER_ID = "allenai/dolma2-tokenizer"
 DEFAULT_MAX_TOKENS_PER_FILE = 100_000_000
 DEFAULT_DATA_FRACTION = 0.01
 DEFAULT_SEED = 42
+#: The fields of a tokenizer record (run.json's, a manifest's) that make its ids what they are
+#: (``api._check_state`` compares these too).
+TOKENIZER_IDENTITY = ("kind", "fingerprint", "eos_token_id", "special_tokens_as_text")
 #: One document in this many is encoded again by the reference engine (0: never).
 DEFAULT_CHECK_EVERY = 1000
 #: Subword engines, in the order ``auto`` tries them (tiktoken only on request: see

@@ -288,6 +288,36 @@ def test_inspect_of_a_damaged_manifest_is_one_line_not_a_traceback(mirror, tmp_p
     assert done.returncode == 1 and len(lines) == 1 and says in lines[0] and "finalize" in lines[0], done.stderr
 
 
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("data_fraction", lambda m: {**m, "data_fraction": 0.5}),
+        ("seed", lambda m: {**m, "seed": 7}),
+        ("selection", lambda m: {**m, "selection": {**m["selection"], "include": ["data/*"]}}),
+        ("planned_files", lambda m: {**m, "planned_files": m["planned_files"] + 1}),
+        ("complete", lambda m: {**m, "complete": False}),
+        ("totals", lambda m: {**m, "totals": {**m["totals"], "tokens": m["totals"]["tokens"] + 1}}),
+        ("tokenizer", lambda m: {**m, "tokenizer": {**m["tokenizer"], "eos_token_id": 2}}),
+    ],
+)
+def test_inspect_flags_a_manifest_header_that_disagrees_with_the_folder(mirror, tmp_path, field, edit):
+    """Hand-edited header fields (attack17): the shards still matched their entries, so inspect
+    said all was well, and its first line reported the edited fraction, seed or tokenizer as the
+    output's. Each is checked against what the folder holds (plan.json, run.json, the shard
+    entries, the missing files), and finalize puts it right."""
+    import json
+
+    out = tmp_path / "o"
+    manifest = _prepare(out, mirror.endpoint)
+    (out / MANIFEST).write_text(json.dumps(edit(manifest)))
+    problems = bolmo_async.inspect(out)["problems"]
+    assert len(problems) == 1 and f"{field}" in problems[0] and "finalize --output-dir" in problems[0], problems
+    done = run_cli("inspect", str(out))
+    assert done.returncode == 1 and f"{field}" in done.stdout + done.stderr, (done.stdout, done.stderr)
+    bolmo_async.finalize(out)
+    assert bolmo_async.inspect(out)["problems"] == []
+
+
 _HOLD = """
 import sys
 from bolmo_async.outdir import open_output
