@@ -268,7 +268,7 @@ def _header_problems(out: OutputDir, manifest: dict[str, Any], plan: Plan | None
         tok = None
     if isinstance(tok, dict):
         for key in TOKENIZER_IDENTITY:
-            if key in tok and manifest["tokenizer"].get(key) != tok[key]:
+            if key in tok and key in manifest["tokenizer"] and manifest["tokenizer"][key] != tok[key]:
                 got, want = json.dumps(manifest["tokenizer"].get(key)), json.dumps(tok[key])
                 said.append(f"tokenizer {key} {got}, where {RUN_STATE} has {want}")
     return [f"{out.ref(MANIFEST)} says {s} (hand-edited?): {refinalize}" for s in said]
