@@ -92,8 +92,11 @@ def inspect_dir(
     problems: list[str] = []
     rows = []
     refinalize = f"run `{command('finalize', '--output-dir', out)}` (it rewrites what is wrong from the staging)"
+    plan = _plan_of(out)
     if running:
         refinalize = f"{running} is writing this folder now: inspect it again once that ends"
+    elif plan is not None and out.staging_dropped():
+        refinalize = _refetch(out, plan)
     for s in shards:
         name = _base(s["path"])  # this folder's shard, wherever the manifest was written
         index = csv_name(name)
@@ -129,7 +132,6 @@ def inspect_dir(
             )
         elif sorted(listed) != sorted(expected):
             problems.append(f"{DATA_SOURCES} and the manifest list different shards: {refinalize}")
-    plan = _plan_of(out)
     stale = _earlier_plan(out, manifest, plan, refinalize if running else None)
     if stale:
         problems.append(stale)
@@ -139,6 +141,22 @@ def inspect_dir(
         failed = {r["path"] for r in rows if not r["ok"]}  # (said above: their bytes are not the manifest's)
         docs = _decode(out, manifest, decode, failed, problems, refinalize)
     return {"manifest": manifest, "shards": rows, "problems": problems, "documents": docs, "running": running}
+
+
+def _refetch(out: OutputDir, plan: Plan) -> str:
+    """How to remake what is wrong once the staging was dropped (``--drop-staging``): finalize alone
+    cannot (it refuses: nothing staged), so the fetch that stages the files again, then finalize."""
+    from .guidance import fetch_command
+
+    try:
+        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (ValueError, AttributeError, RecursionError):
+        fetched_with = None
+    return (
+        f"run `{fetch_command(out, plan.endpoint, fetched_with if isinstance(fetched_with, dict) else None)}` "
+        f"then `{command('finalize', '--output-dir', out)}` (its staging was dropped: the fetch stages the files "
+        "again, finalize rewrites what is wrong from them)"
+    )
 
 
 def _what_finishes(out: OutputDir) -> str:

@@ -371,6 +371,29 @@ def test_inspect_while_a_run_writes_the_folder_says_so_instead_of_advising_a_rep
         bolmo_async.inspect(out)
 
 
+def test_inspect_after_drop_staging_advises_the_fetch_that_repairs_not_finalize_alone(mirror, tmp_path):
+    """After --drop-staging, inspect's advice for a damaged shard was `finalize` ("it rewrites what
+    is wrong from the staging"), which refuses there: nothing is staged (fixer18 left it). It
+    names the fetch (with the folder's endpoint and tokenizer) and then finalize, and following
+    it word for word repairs the folder."""
+    out = tmp_path / "o"
+    _prepare(out, mirror.endpoint)
+    done = run_cli("finalize", "-o", str(out), "--drop-staging")
+    assert done.returncode == 0, done.stderr
+    first = bolmo_async.inspect(out)["shards"][0]["path"]
+    with open(out / first, "r+b") as f:
+        f.truncate(8)
+    problems = bolmo_async.inspect(out)["problems"]
+    assert len(problems) == 1 and "its staging was dropped" in problems[0], problems
+    steps = [shlex.split(c) for c in problems[0].split("`")[1::2]]
+    assert [c[:2] for c in steps] == [["bolmo-async", "fetch"], ["bolmo-async", "finalize"]], steps
+    assert "--endpoint" in steps[0]
+    for c in steps:
+        done = run_cli(*c[1:], *(["--no-progress"] if c[1] == "fetch" else []))
+        assert done.returncode == 0, done.stderr
+    assert bolmo_async.inspect(out)["problems"] == []
+
+
 # -- errors cross executors as themselves ----------------------------------------------------
 
 
