@@ -11,7 +11,7 @@ Python API (mirrors the CLI: keywords are the flags, ``--data-fraction`` -> ``da
     report = bolmo_async.inspect("out", decode=2)
 
 ``plan``, ``fetch``, ``finalize``, ``prepare`` and ``inspect`` raise ``BolmoError`` (one line
-naming the fix); ``Selection`` is what ``plan`` / ``prepare`` take as ``selection=`` (or as the
+naming the fix; a stop, Ctrl+C, is a ``KeyboardInterrupt`` saying what is kept); ``Selection`` is what ``plan`` / ``prepare`` take as ``selection=`` (or as the
 keywords ``include``, ``exclude``, ``source_depth``, ``source_fractions``, ``text_field``,
 ``id_field``). From a script, call them under ``if __name__ == "__main__":`` (worker processes
 import the script), or pass ``processes=1``.

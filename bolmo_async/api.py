@@ -26,6 +26,7 @@ from .errors import (
     HubError,
     NotFoundError,
     StateError,
+    Stopped,
     TokenizerError,
     UsageError,
     interrupted_by,
@@ -90,7 +91,7 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
 def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
     """Run ``coro`` (``doing``: what it does, as the stop's line says it); a stop signal
     (``STOP_SIGNALS``, except one this process ignores: ``nohup``) cancels it ->
-    FetchIncomplete(interrupted). It runs before a run stages anything."""
+    ``Stopped``. It runs before a run stages anything."""
 
     async def main() -> T:
         task = asyncio.current_task()
@@ -102,7 +103,7 @@ def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
             if stopped_by:  # a second signal: the stop under way is not cut short
                 return
             stopped_by.append(sig)
-            # The stop's one line is FetchIncomplete's, below (nothing is staged yet to be kept).
+            # The stop's one line is Stopped's, below (nothing is staged yet to be kept).
             log.debug("%s received: stopping", signal.Signals(sig).name)
             if task is not None:
                 task.cancel()
@@ -120,10 +121,9 @@ def run_interruptible(coro: Coroutine[Any, Any, T], doing: str) -> T:
             return await coro
         except asyncio.CancelledError as exc:
             signum = stopped_by[0] if stopped_by else signal.SIGINT
-            raise FetchIncomplete(
+            raise Stopped(
                 f"{interrupted_by(signum)} while {doing}, before this run wrote anything; rerun the same command",
-                interrupted=True,
-                signum=signum,
+                signum,
             ) from exc
         finally:
             for sig, previous in installed:
@@ -1067,9 +1067,7 @@ def _fetch(
                     if kept
                     else f"{interrupted_by(signum)} before any of the {len(units)} planned file(s) was staged"
                 )
-                raise FetchIncomplete(
-                    f"{said}; rerun the same command to resume", interrupted=True, signum=signum
-                ) from None
+                raise Stopped(f"{said}; rerun the same command to resume", signum) from None
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
         again = set(result.failed) - result.permanent
@@ -1437,7 +1435,7 @@ def prepare(
         # forked printed "FileNotFoundError ... SemLock._rebuild"). Ending it twice does nothing.
         if pool is not None:
             pool.__exit__(type(exc), exc, exc.__traceback__)
-        if not isinstance(exc, FetchIncomplete):
+        if not isinstance(exc, FetchIncomplete | Stopped):
             raise
         if allow_incomplete and out.exists_file(RUN_STATE) and _staged_any(out):
             manifest = finalize_dir(out, max_tokens_per_file, allow_incomplete=True)

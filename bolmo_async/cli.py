@@ -34,7 +34,7 @@ for _sig in _AT_START:
 import typer
 import typer.core
 
-from .errors import BolmoError, Interrupted, OutputClosed, interrupted_by, signal_of
+from .errors import BolmoError, Interrupted, OutputClosed, Stopped, interrupted_by, signal_of
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_CONCURRENCY,
@@ -493,12 +493,10 @@ def _run(fn: Any, resumes: bool = True) -> Any:
     except BolmoError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG"):
             raise
-        global _stop_said
-        _stop_said = _stop_said or getattr(exc, "interrupted", False)
         _error(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:
-        raise typer.Exit(_say_stopped(signal_of(exc), resumes)) from None
+    except KeyboardInterrupt as exc:  # (a stopped fetch's ``Stopped`` says what it kept)
+        raise typer.Exit(_say_stopped(signal_of(exc), resumes, str(exc) if isinstance(exc, Stopped) else "")) from None
     except OutputClosed:  # (from a callback that prints: the plan table) the run ends, quietly
         raise
     except OSError as exc:
@@ -1235,14 +1233,18 @@ def _note_stop_signal(signum: int, frame: Any) -> None:
         _stopped_by, _stopped_at = signum, time.monotonic()
 
 
-def _say_stopped(signum: int, resumes: bool = True) -> int:
-    """The stop's one line (once); its exit code, 128 + the signal (the shell's convention)."""
+def _say_stopped(signum: int, resumes: bool = True, line: str = "") -> int:
+    """The stop's one line (once; ``line``: the run's own, saying what it kept); its exit code,
+    128 + the signal (the shell's convention)."""
     global _stop_said
     if not _stop_said:
         _stop_said = True
         said = interrupted_by(signum)
         with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no more output
-            _error(f"{said}; rerun the same command to resume" if resumes else said, color=None)
+            if line:
+                _error(f"error: {line}")
+            else:
+                _error(f"{said}; rerun the same command to resume" if resumes else said, color=None)
     return 128 + signum
 
 

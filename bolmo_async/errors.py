@@ -24,7 +24,9 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     └── FetchIncomplete             some planned files failed; rerunning resumes
 
 A stop signal (Ctrl+C's SIGINT, SIGTERM, SIGHUP) is a ``KeyboardInterrupt``: ``Interrupted``
-where the tool raises it itself, carrying the signal; the command line exits 128 + its number.
+where the tool raises it itself, carrying the signal, and ``Stopped`` (one) where a stopped run
+says what it kept; the command line exits 128 + its number. Never a ``BolmoError``: a script's
+``except BolmoError`` around an API call must not swallow Ctrl+C.
 
 Internal signals, never shown to a user (not BolmoErrors):
 
@@ -116,18 +118,11 @@ SIGINT = 2
 
 
 class FetchIncomplete(BolmoError):
-    """Raised at the end of a fetch when some files failed or the run was interrupted
-    (``signum``: by that stop signal; exit code 128 + it, the shell's convention)."""
+    """Raised at the end of a fetch when some files failed (a stop is ``Stopped``)."""
 
-    def __init__(
-        self, message: str, failed: dict[str, str] | None = None, interrupted: bool = False, signum: int = SIGINT
-    ):
+    def __init__(self, message: str, failed: dict[str, str] | None = None):
         super().__init__(message)
         self.failed = dict(failed or {})
-        self.interrupted = interrupted
-        self.signum = signum
-        if interrupted:
-            self.exit_code = 128 + signum
 
 
 class Interrupted(KeyboardInterrupt):
@@ -137,6 +132,19 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = SIGINT):
         super().__init__(signum)
         self.signum = signum
+
+
+class Stopped(Interrupted):
+    """A run stopped by a stop signal, saying what it kept and to rerun: still a
+    ``KeyboardInterrupt``, so that a script's ``except BolmoError`` (or ``except Exception``)
+    around an API call does not swallow Ctrl+C. The command line says it and exits 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int = SIGINT):
+        super().__init__(signum)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def signal_of(exc: BaseException) -> int:
@@ -214,6 +222,7 @@ __all__ = [
     "RangeIgnored",
     "Retry",
     "StateError",
+    "Stopped",
     "StreamError",
     "TokenizerError",
     "TooManyFrames",

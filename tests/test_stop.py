@@ -498,3 +498,40 @@ def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypat
     assert f"{staged} of the {len(the_plan.files)} planned file(s) are staged and kept" in str(got.value), str(
         got.value
     )
+
+
+def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_does_not_catch(tmp_path, repos):
+    """A notebook's or a driver script's Ctrl+C during ``bolmo_async.prepare``: the call raises a
+    ``KeyboardInterrupt`` (saying what is kept and to rerun), as Python code does, not a
+    ``FetchIncomplete``: a loop ``for f in fractions: try: prepare(...) except BolmoError: ...``
+    went on to its next call after each Ctrl+C. A rerun resumes to a complete output."""
+    from bolmo_async.mirror import MirrorThread, WanConfig
+
+    out = tmp_path / "o"
+    planned = threading.Event()
+
+    def interrupt() -> None:
+        if planned.wait(60):
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # A slow link: the fetch is still under way 0.3 s after the plan.
+    with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m:
+        threading.Thread(target=interrupt, daemon=True).start()
+        caught: list[BaseException] = []
+        try:
+            bolmo_async.prepare(
+                out, endpoint=m.endpoint, data_fraction=0.5, processes=1, on_plan=lambda p: planned.set()
+            )
+        except bolmo_async.BolmoError as exc:  # what the script's loop catches
+            caught.append(exc)
+        except KeyboardInterrupt as exc:
+            caught.append(exc)
+        (exc,) = caught
+        assert isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Exception), repr(exc)
+        assert str(exc).startswith("interrupted") and "rerun the same command to resume" in str(exc), str(exc)
+        assert getattr(exc, "signum", None) == signal.SIGINT
+        assert not (out / "data_sources.txt").exists()
+    with MirrorThread(repos) as m:
+        manifest = bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=0.5, processes=1)
+    assert manifest["complete"]
