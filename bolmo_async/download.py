@@ -182,7 +182,8 @@ async def stream(
                     if r.status == 416:
                         raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                     if r.status not in (200, 206):
-                        err = status_error(r.status, what, await _short_text(r, client.redact), r.headers)
+                        said = await _short_text(r, client.redact)
+                        err = status_error(r.status, what, said, r.headers, "Authorization" in headers)
                         if isinstance(err, AuthError | NotFoundError):
                             raise err
                         raise DownloadError(str(err))

@@ -65,11 +65,7 @@ def read_token() -> str | None:
         plain = (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip()
         if plain:
             return plain
-        home = env.get("HF_HOME") or os.path.join(
-            env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-        )
-        saved = env.get("HF_TOKEN_PATH") or os.path.join(home, "token")
-        if not os.path.exists(saved) and "COLAB_RELEASE_TAG" not in env:
+        if not os.path.exists(_saved_token_path()) and "COLAB_RELEASE_TAG" not in env:
             return None
     from huggingface_hub import get_token
 
@@ -77,10 +73,36 @@ def read_token() -> str | None:
     return tok or None
 
 
-def status_error(status: int, what: str, body: str = "", headers: Any = None) -> HubError:
+def _saved_token_path() -> str:
+    """Where ``hf auth login`` (``huggingface-cli login``) saved the token."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return env.get("HF_TOKEN_PATH") or os.path.join(home, "token")
+
+
+def token_source() -> str:
+    """Which token ``read_token`` sends, in words for a refusal's line (never the token itself):
+    the variable, or the saved login's path; a variable set hides a saved login, said with how
+    to use that one instead."""
+    env = os.environ
+    saved = _saved_token_path()
+    if not env.get("HF_OIDC_RESOURCE"):
+        if (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip():
+            name = "HF_TOKEN" if env.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN"
+            hides = f" (used instead of the login saved at {saved}: `unset {name}` to use that one)"
+            return f"the token in {name}" + (hides if os.path.exists(saved) else "")
+        if os.path.exists(saved):
+            return f"the token saved at {saved} (`hf auth login`)"
+    return "the token huggingface_hub found"
+
+
+def status_error(status: int, what: str, body: str = "", headers: Any = None, token_sent: bool = False) -> HubError:
     """Translate an HTTP status into our error, with the fix in the message. The Hub (and
     mirrors such as olah) answer 401 for a repo or revision that does not exist, saying so in
-    ``X-Error-Code``; that is "not found", not a token problem."""
+    ``X-Error-Code``; that is "not found", not a token problem. ``token_sent``: the request
+    carried the token (a refusal names where it came from)."""
     body = " ".join(body.split())[:200]
     code = (headers or {}).get("X-Error-Code", "") if headers is not None else ""
     if code in ("RepoNotFound", "RevisionNotFound", "EntryNotFound"):
@@ -89,9 +111,15 @@ def status_error(status: int, what: str, body: str = "", headers: Any = None) ->
             f"{what}: not found ({code}, HTTP {status}){hint}. Check --repo-id, --revision and --endpoint.", code
         )
     if status in (401, 403):
+        terms = "and accept the dataset's terms on its Hub page if it is gated."
+        if token_sent:
+            return AuthError(
+                f"{what}: HTTP {status} (not authorised) with {token_source()}. Use a token that can read this "
+                f"repo, {terms}"
+            )
         return AuthError(
-            f"{what}: HTTP {status} (not authorised). Set HF_TOKEN (or run `hf auth login`) with a token "
-            "that can read this repo, and accept the dataset's terms on its Hub page if it is gated."
+            f"{what}: HTTP {status} (not authorised): no token was sent. Set HF_TOKEN (or run `hf auth login`) "
+            f"with a token that can read this repo, {terms}"
         )
     if status == 404:
         return NotFoundError(f"{what}: not found (HTTP 404). Check --repo-id, --revision and --endpoint.")
@@ -227,13 +255,13 @@ class HubClient:
 
     async def _get_json(self, url: str, what: str) -> tuple[Any, Any]:
         async def once() -> tuple[Any, Any]:
-            async with self.get(url, headers=self.headers_for(url), timeout=self.retry.timeout()) as r:
+            headers = self.headers_for(url)
+            async with self.get(url, headers=headers, timeout=self.retry.timeout()) as r:
                 if r.status in RETRY_STATUSES:
                     raise Retry(f"HTTP {r.status}", r.headers, r.status)
                 if r.status != 200:
-                    raise status_error(
-                        r.status, what, self.redact((await r.content.read(2000)).decode("utf-8", "replace")), r.headers
-                    )
+                    said = self.redact((await r.content.read(2000)).decode("utf-8", "replace"))
+                    raise status_error(r.status, what, said, r.headers, "Authorization" in headers)
                 if r.content_length is not None and r.content_length > MAX_API_BYTES:
                     raise self._too_long(url, what)
                 body = bytearray()

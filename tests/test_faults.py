@@ -462,6 +462,37 @@ def test_auth_error_cli_message(repos, tmp_path):
     assert len([x for x in r.stderr.strip().splitlines() if not x.startswith("bolmo-async: INFO:")]) == 1
 
 
+def test_a_refused_token_is_named_by_where_it_came_from_never_by_its_value(repos, tmp_path):
+    """A researcher with a stale ``HF_TOKEN`` in their shell profile and a good ``hf auth login``
+    (or the reverse) was told "Set HF_TOKEN (or run `hf auth login`)" whichever was sent, or
+    none: the line did not say which token the endpoint refused, nor that HF_TOKEN hides the
+    saved login. Each case names its source (never the token) and the fix."""
+    home = tmp_path / "hfhome"
+    home.mkdir()
+    saved = home / "token"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(home)
+    wrong = "hf_stale_token_from_a_profile_456"
+
+    def last_line(extra: dict[str, str], n: int) -> str:
+        r = run_cli("plan", "-o", str(tmp_path / f"o{n}"), "--endpoint", m.endpoint, timeout=60, env={**env, **extra})
+        assert r.returncode == 1, r.stderr
+        assert TOKEN not in r.stderr + r.stdout and wrong not in r.stderr + r.stdout, r.stderr
+        (line,) = [x for x in r.stderr.strip().splitlines() if not x.startswith("bolmo-async: INFO:")]
+        return line
+
+    with MirrorThread(repos, token=TOKEN) as m:
+        said = last_line({}, 0)  # none anywhere
+        assert "no token was sent" in said and "HF_TOKEN" in said and "hf auth login" in said, said
+        saved.write_text(TOKEN)
+        said = last_line({"HF_TOKEN": wrong}, 1)  # a stale HF_TOKEN before a good saved login
+        assert "the token in HF_TOKEN" in said and str(saved) in said and "unset HF_TOKEN" in said, said
+        saved.write_text(wrong + "\n")
+        said = last_line({}, 2)  # a stale saved login
+        assert f"the token saved at {saved}" in said and "hf auth login" in said, said
+        assert "no token was sent" not in said, said
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MB tmpfs (needs root, as CI and this machine run); skipped where mounting is refused."""
