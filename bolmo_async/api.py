@@ -711,7 +711,13 @@ def validate_fetch_options(
 ) -> None:
     """Every fetch option checked before anything touches the network or the disk."""
     if tokenizer not in ("byte", "subword"):
-        raise UsageError(f"--tokenizer must be 'byte' or 'subword', got {tokenizer!r}")
+        # (the original script's own --help showed `--tokenizer dolma2`)
+        hint = (
+            ""
+            if str(tokenizer).lower().startswith("byte")
+            else ": `--tokenizer subword` gives dolma2 ids (any other tokenizer's: name it with --tokenizer-identifier)"
+        )
+        raise UsageError(f"--tokenizer must be 'byte' or 'subword', got {tokenizer!r}{hint}")
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not 1 <= concurrency <= 256:

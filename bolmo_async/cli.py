@@ -134,6 +134,29 @@ class _Commands(typer.core.TyperGroup):
         super().__init__(*args, **kwargs)
         _name_values(self)
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """The original script's flags with no command before them (``--output-dir D
+        --data-fraction F``, as ``prepare_bolmo_data.py`` took them): named with the command
+        that takes them all, ``prepare`` (click said "No such option: --output-dir")."""
+        given = list(args)  # (click's parser consumes the list)
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            if type(exc).__name__ != "NoSuchOption" or ctx.parent is not None:
+                raise
+            option = exc.option_name  # type: ignore[attr-defined]
+            takes = [
+                n for n, cmd in _all_commands(self) if any(option in p.opts + p.secondary_opts for p in cmd.params)
+            ]
+            if not takes:
+                raise
+            from .guidance import command
+
+            name = "prepare" if "prepare" in takes else takes[0]
+            usage_error = sys.modules[type(exc).__module__].UsageError
+            line = command(*name.split(), *given)
+            raise usage_error(f"{option} needs a command before it: `{line}`", ctx=ctx) from None
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

@@ -201,6 +201,28 @@ def test_an_option_of_another_step_names_the_steps_that_take_it(tmp_path):
     assert r.returncode == 2 and "--tokenizer-identifier" in r.stderr, r.stderr
 
 
+def test_the_original_scripts_flags_without_a_command_name_prepare(tmp_path):
+    """The original tool took its flags alone (`python prepare_bolmo_data.py --output-dir D
+    --data-fraction 0.01`); its user typing them after `bolmo-async` got click's "No such option:
+    --output-dir", an option every command has. The refusal names `prepare` with their flags."""
+    out = tmp_path / "o"
+    r = run_cli("--output-dir", str(out), "--data-fraction", "0.01", "--tokenizer", "byte")
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    assert f"bolmo-async prepare --output-dir {out} --data-fraction 0.01 --tokenizer byte" in r.stderr, r.stderr
+    assert "No such option" not in r.stderr
+    r = run_cli("--nonsense")  # not an option of any command: click's own line stays
+    assert r.returncode == 2 and "No such option: --nonsense" in r.stderr, r.stderr
+
+
+def test_tokenizer_dolma2_as_the_original_scripts_docstring_wrote_it_names_subword(tmp_path):
+    """The original script's own --help (its docstring) shows `--tokenizer dolma2`; here, as
+    there, the kind is byte or subword: the refusal says which one gives dolma2 ids."""
+    r = run_cli("prepare", "-o", str(tmp_path / "o"), "--tokenizer", "dolma2")
+    assert r.returncode == 2 and not (tmp_path / "o").exists(), r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "'dolma2'" in line and "--tokenizer subword" in line and "--tokenizer-identifier" in line, line
+
+
 def test_help_matches_the_cli():
     r = run_cli("fetch", "--help")
     assert r.returncode == 0
