@@ -247,6 +247,28 @@ def _parse_fraction(value: str | float) -> float:
     )
 
 
+def _parse_tokens(value: str | int) -> int:
+    """A token count, at least 2 (a token and an EOS); one written with a suffix, as the original
+    README gave the default ("100M"), is refused with the number it means."""
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    try:
+        n = int(text)
+    except ValueError:
+        scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper())
+        try:
+            meant = f"{float(text[:-1]) * scale:.0f} for {text}" if scale else ""
+        except ValueError:
+            meant = ""
+        raise typer.BadParameter(
+            f"{text!r} is not a whole number: give the tokens, " + (meant or "e.g. 100000000 for 100M") + "."
+        ) from None
+    if n < 2:
+        raise typer.BadParameter(f"{n} is not in the range x>=2 (a token and an EOS).")
+    return n
+
+
 FRACTION = typer.Option(
     DEFAULT_DATA_FRACTION,
     "--data-fraction",
@@ -897,7 +919,7 @@ def finalize_cmd(
     max_tokens_per_file: int | None = typer.Option(
         None,
         "--max-tokens-per-file",
-        min=2,
+        parser=_parse_tokens,
         help="Tokens per shard at most (default: what this folder was finalized with, else 100000000).",
     ),
     allow_incomplete: bool = typer.Option(
@@ -937,7 +959,7 @@ def prepare_cmd(
     max_tokens_per_file: int = typer.Option(
         DEFAULT_MAX_TOKENS_PER_FILE,
         "--max-tokens-per-file",
-        min=2,
+        parser=_parse_tokens,
         help="Tokens per shard at most (a folder finalized before keeps its bound unless this is given).",
     ),
     seed: int = SEED,

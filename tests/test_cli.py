@@ -223,6 +223,17 @@ def test_tokenizer_dolma2_as_the_original_scripts_docstring_wrote_it_names_subwo
     assert "'dolma2'" in line and "--tokenizer subword" in line and "--tokenizer-identifier" in line, line
 
 
+@pytest.mark.parametrize("command", ["prepare", "finalize"])
+def test_max_tokens_per_file_written_as_the_original_readme_wrote_its_default_names_the_number(tmp_path, command):
+    """The original README gives the default as "100M"; `--max-tokens-per-file 100M` said only
+    "'100M' is not a valid int range". The line names the number to give."""
+    r = run_cli(command, "-o", str(tmp_path / "o"), "--max-tokens-per-file", "100M")
+    assert r.returncode == 2 and not (tmp_path / "o").exists(), r.stderr
+    assert "100000000 for 100M" in r.stderr, r.stderr
+    r = run_cli(command, "-o", str(tmp_path / "o"), "--max-tokens-per-file", "1")  # the range is kept
+    assert r.returncode == 2 and "x>=2" in r.stderr, r.stderr
+
+
 def test_help_matches_the_cli():
     r = run_cli("fetch", "--help")
     assert r.returncode == 0
