@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -240,6 +241,11 @@ class HubClient:
                 # (a certificate that does not verify: ``retrying`` names it, whatever fail_fast says)
                 if not self.fail_fast or isinstance(exc, aiohttp.ClientConnectorCertificateError):
                     raise
+                if isinstance(exc.os_error, socket.gaierror):  # (offline: the Hub's name, which no one set)
+                    raise HubError(
+                        f"cannot reach {self.endpoint}: its name does not resolve ({exc.os_error.strerror}). Check "
+                        "this machine's network (DNS; a proxy goes in HTTPS_PROXY) and --endpoint / HF_ENDPOINT."
+                    ) from exc
                 why = "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
                 raise HubError(
                     f"cannot reach {self.endpoint} ({why}). Check --endpoint / HF_ENDPOINT and that the server runs."

@@ -234,6 +234,18 @@ def test_max_tokens_per_file_written_as_the_original_readme_wrote_its_default_na
     assert r.returncode == 2 and "x>=2" in r.stderr, r.stderr
 
 
+def test_an_endpoint_whose_name_does_not_resolve_names_the_network_not_a_server(tmp_path):
+    """Offline, the default endpoint (https://huggingface.co) said "Check --endpoint / HF_ENDPOINT
+    and that the server runs": a user who set neither, on a machine without DNS, was sent to
+    check a server. A name that does not resolve says so, and names the network and the proxy."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    r = run_cli("plan", "-o", str(tmp_path / "o"), "--endpoint", "https://hub.invalid", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "hub.invalid" in line and "does not resolve" in line and "HTTPS_PROXY" in line, line
+    assert "that the server runs" not in line, line
+
+
 def test_help_matches_the_cli():
     r = run_cli("fetch", "--help")
     assert r.returncode == 0
