@@ -142,6 +142,7 @@ class Stopped(Interrupted):
     def __init__(self, message: str, signum: int = SIGINT):
         super().__init__(signum)
         self.message = message
+        self.args = (message,)  # (its repr in a notebook's traceback: the line, not the signal's number)
 
     def __str__(self) -> str:
         return self.message
