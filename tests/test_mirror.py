@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import aiohttp
@@ -161,6 +162,26 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_serve_with_require_token_says_the_client_needs_it_in_hf_token_without_printing_it(sample_dir, tmp_path):
+    """`mirror serve --require-token T` printed "use it with: HF_ENDPOINT=... bolmo-async prepare"
+    alone: the run it suggests answered 401. It says to set HF_TOKEN to the value, never the value."""
+    import subprocess
+    import sys
+
+    secret = "hf_mirror_secret_77"
+    ready = tmp_path / "ready"
+    cmd = [sys.executable, "-m", "bolmo_async", "mirror", "serve", str(sample_dir), "--ready-file", str(ready)]
+    proc = subprocess.Popen([*cmd, "--require-token", secret], stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = wait_for_endpoint(ready)
+        r = run_cli("plan", "-o", str(tmp_path / "o"), "--endpoint", endpoint, env={**os.environ, "HF_TOKEN": secret})
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "set HF_TOKEN to it" in out and secret not in out, out
 
 
 def test_sample_is_deterministic_and_has_the_edge_documents(tmp_path):
