@@ -455,6 +455,8 @@ def _plan(
             return existing, _accept_endpoint(existing, _endpoint(endpoint), out)
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
+    if existing is None and not force and not out.is_output():
+        _refuse_outputs_not_ours(out)
     if existing is not None:
         _accept_endpoint(existing, ep, out)
     elif others := out.others():
@@ -480,6 +482,23 @@ def _plan(
     if existing is not None:
         _say_unreused(out, existing, p)
     return p, True
+
+
+def _refuse_outputs_not_ours(out: OutputDir) -> None:
+    """A folder no run of ours planned that holds files of our output's names (the original
+    prepare_bolmo_data.py writes the same ``bolmo_data_00000.npy`` ... and ``data_sources.txt``):
+    refused, before anything is written, rather than rewritten and removed as stale shards of ours."""
+    shards = sorted(out.shards())
+    theirs = (
+        [f"{shards[0]}" + (f" and {len(shards) - 1} more shard file(s)" if len(shards) > 1 else "")] if shards else []
+    )
+    theirs += [DATA_SOURCES] if out.exists_file(DATA_SOURCES) else []
+    if theirs:
+        shown = " and ".join(theirs) if len(theirs) < 3 else ", ".join(theirs)
+        raise StateError(
+            f"{out} holds {shown}, which no bolmo-async plan made (prepare_bolmo_data.py's output?): this run "
+            "would replace them. Use another --output-dir, or --force to replace them."
+        )
 
 
 def _say_unreused(out: OutputDir, old: Plan, new: Plan) -> None:

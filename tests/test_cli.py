@@ -1096,6 +1096,32 @@ def test_planning_into_a_folder_of_the_users_own_files_says_so_once(mirror, tmp_
         assert r.returncode == 0 and "files of its own" not in r.stderr, r.stderr
 
 
+def test_the_original_scripts_output_folder_is_refused_not_silently_replaced(mirror, tmp_path):
+    """The original tool's user points `prepare` at the folder prepare_bolmo_data.py filled (its
+    bolmo_data_00000.npy ... and data_sources.txt, the same names, hours of downloading): the run
+    rewrote shard 0, removed the others and data_sources.txt with one INFO line calling them "its
+    shards". Files of our names that no plan of ours made are refused, kept as they were; --force
+    replaces them."""
+    old = tmp_path / "bolmo_test"
+    old.mkdir()
+    for i in range(3):
+        (old / f"bolmo_data_{i:05d}.npy").write_bytes(bytes(4000))
+    (old / "data_sources.txt").write_text("".join(f"{old}/bolmo_data_{i:05d}.npy\n" for i in range(3)))
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    args = ("prepare", "--output-dir", str(old), "--endpoint", mirror.endpoint, "--data-fraction", "0.1")
+    r = run_cli(*args)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "bolmo_data_00000.npy" in line and "data_sources.txt" in line and "--force" in line, line
+    after = {p.name: p.read_bytes() for p in old.iterdir() if p.name != ".bolmo-async.lock"}
+    assert after == before, "the old output was touched"
+    r = run_cli(*args, "--force")
+    assert r.returncode == 0, r.stderr
+    listed = (old / "data_sources.txt").read_text().split()
+    assert listed and all(bytes(4000) != Path(p).read_bytes() for p in listed)
+    assert not bolmo_async.inspect(old)["problems"]
+
+
 def test_output_cut_short_by_its_reader_ends_quietly_as_unix_tools_do(tmp_path, mirror):
     """`bolmo-async inspect D | head`: the reader goes after a few lines. It exited 1 (Typer's
     handling of the broken pipe); it ends as `cat` or `seq` do there: without a word, status 141
