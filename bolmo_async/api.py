@@ -305,6 +305,8 @@ def _known_keywords(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     params = inspect_signature(fn).parameters
     named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
     allowed = named | (_FETCH_KEYWORDS if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set())
+    if fn.__name__ == "prepare":
+        allowed -= set(_NOT_PREPARE)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         import difflib
@@ -312,8 +314,15 @@ def _known_keywords(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         hint = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
         raise TypeError(
             f"{fn.__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            + (f": {_NOT_PREPARE[unknown[0]]}" if fn.__name__ == "prepare" and unknown[0] in _NOT_PREPARE else "")
             + (f"; did you mean {hint[0]!r}?" if hint else "")
         )
+
+
+#: ``fetch``'s keywords that ``prepare`` does not take (nor the CLI's prepare), and where they go.
+_NOT_PREPARE = {
+    "worker": "a job array's share is fetch(output_dir, worker=...); finalize(output_dir) once every share is staged",
+}
 
 
 def _none_ok(fn: Callable[..., Any]) -> set[str]:

@@ -531,6 +531,10 @@ def test_a_wrong_keyword_names_the_public_function_and_touches_nothing(tmp_path)
         bolmo_async.prepare(out, tokeniser="byte")
     with pytest.raises(TypeError, match=r"^fetch\(\) got an unexpected keyword argument 'fraction'"):
         bolmo_async.fetch(out, fraction=0.1)
+    # A job array's share is fetch's (the CLI's prepare has no --worker): prepare(worker="0/2")
+    # fetched one share, then its finalize failed on the other's files.
+    with pytest.raises(TypeError, match=r"^prepare\(\) got an unexpected keyword argument 'worker'.*fetch\("):
+        bolmo_async.prepare(out, worker="0/2")
     assert not out.exists()
 
 
