@@ -1101,7 +1101,14 @@ def _fetch(
                     if kept
                     else f"{interrupted_by(signum)} before any of the {len(units)} planned file(s) was staged"
                 )
-                raise Stopped(f"{said}; rerun the same command to resume", signum) from None
+                # What the original tool's Ctrl+C left, shards of what was done, is one command away
+                # (not for a share: the others' files are still to come).
+                partial = (
+                    f" (`{command('finalize', '--output-dir', out, '--allow-incomplete')}` writes shards of what is staged)"
+                    if worker is None and (kept or not isinstance(pool, Pool))
+                    else ""
+                )
+                raise Stopped(f"{said}; rerun the same command to resume{partial}", signum) from None
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
         again = set(result.failed) - result.permanent

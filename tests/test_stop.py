@@ -502,20 +502,23 @@ def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypat
 
 def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_does_not_catch(tmp_path, repos):
     """A notebook's or a driver script's Ctrl+C during ``bolmo_async.prepare``: the call raises a
-    ``KeyboardInterrupt`` (saying what is kept and to rerun), as Python code does, not a
-    ``FetchIncomplete``: a loop ``for f in fractions: try: prepare(...) except BolmoError: ...``
-    went on to its next call after each Ctrl+C. A rerun resumes to a complete output."""
+        ``KeyboardInterrupt`` (saying what is kept and to rerun), as Python code does, not a
+        ``FetchIncomplete``: a loop ``for f in fractions: try: prepare(...) except BolmoError: ...``
+        went on to its next call after each Ctrl+C. The line names the finalize that writes shards of
+    what is staged (what the original tool's Ctrl+C left). A rerun resumes to a complete output."""
     from bolmo_async.mirror import MirrorThread, WanConfig
 
     out = tmp_path / "o"
     planned = threading.Event()
 
-    def interrupt() -> None:
+    def interrupt() -> None:  # once a file is staged (its marker is there), others still to come
         if planned.wait(60):
-            time.sleep(0.3)
+            deadline = time.monotonic() + 60
+            while not list((out / "staging").glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.005)
             os.kill(os.getpid(), signal.SIGINT)
 
-    # A slow link: the fetch is still under way 0.3 s after the plan.
+    # A slow link: the fetch is still under way when the first file is staged.
     with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m:
         threading.Thread(target=interrupt, daemon=True).start()
         caught: list[BaseException] = []
@@ -530,6 +533,9 @@ def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_do
         (exc,) = caught
         assert isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Exception), repr(exc)
         assert str(exc).startswith("interrupted") and "rerun the same command to resume" in str(exc), str(exc)
+        # What the original tool's Ctrl+C gave (shards of what was done) is one command away, named.
+        assert "are staged and kept" in str(exc) and "finalize --output-dir" in str(exc), str(exc)
+        assert "--allow-incomplete" in str(exc), str(exc)
         assert getattr(exc, "signum", None) == signal.SIGINT
         assert not (out / "data_sources.txt").exists()
     with MirrorThread(repos) as m:
