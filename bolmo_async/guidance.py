@@ -239,7 +239,8 @@ def check_local_tokenizer(given: str, resolved: str) -> None:
         if not os.path.isfile(p):
             raise UsageError(
                 f"--tokenizer-identifier {given}: the folder has no tokenizer.json; point it at a tokenizer.json, "
-                "a folder holding one, or a Hub repo id like allenai/dolma2-tokenizer."
+                "a folder holding one, or a Hub repo id like allenai/dolma2-tokenizer "
+                f"(transformers writes one: AutoTokenizer.from_pretrained({given!r}).save_pretrained(DIR))."
             )
     try:
         with open(p, "rb") as f:

@@ -215,6 +215,12 @@ def _read_tokenizer_file(identifier: str, path: Path) -> str:
 Fetch = Callable[[str, str], "bytes | None"]
 
 
+def save_pretrained_hint(identifier: str) -> str:
+    """How a tokenizer without tokenizer.json (a slow one's vocab.json + merges.txt, which the
+    original prepare_bolmo_data.py loaded through transformers) gets one."""
+    return f"transformers writes one: AutoTokenizer.from_pretrained({identifier!r}).save_pretrained(DIR)"
+
+
 def load_tokenizer_source(identifier: str, *, fetch: Fetch | None = None) -> TokenizerSource:
     """A local ``tokenizer.json``, a folder holding one, or a Hub repo id (read with ``fetch``)."""
     p = Path(identifier).expanduser()
@@ -224,7 +230,10 @@ def load_tokenizer_source(identifier: str, *, fetch: Fetch | None = None) -> Tok
         )
     if p.is_dir():
         if not (p / "tokenizer.json").is_file():
-            raise TokenizerError(f"{p} has no tokenizer.json; point --tokenizer-identifier at the file or a repo id.")
+            raise TokenizerError(
+                f"{p} has no tokenizer.json; point --tokenizer-identifier at the file or a repo id "
+                f"({save_pretrained_hint(str(p))})."
+            )
         return TokenizerSource(
             identifier, _read_tokenizer_file(identifier, p / "tokenizer.json"), _read_json(p / "tokenizer_config.json")
         )
@@ -236,8 +245,8 @@ def load_tokenizer_source(identifier: str, *, fetch: Fetch | None = None) -> Tok
     if data is None:
         raise TokenizerError(
             f"tokenizer {identifier} has no tokenizer.json: pass a local tokenizer.json (or its folder) as "
-            "--tokenizer-identifier, set HF_TOKEN if the repo is gated, or serve it from a mirror with "
-            "`mirror serve --model-repo ID=FOLDER`."
+            f"--tokenizer-identifier ({save_pretrained_hint(identifier)}), set HF_TOKEN if the repo is gated, "
+            "or serve it from a mirror with `mirror serve --model-repo ID=FOLDER`."
         )
     try:
         text = data.decode("utf-8")

@@ -381,8 +381,14 @@ def test_a_tokenizer_repo_that_does_not_exist_is_told_from_one_without_tokenizer
         said = str(info.value)
         assert "tokenizer repo allenai/dolma2 not found" in said and "has no tokenizer.json" not in said, said
         assert "--tokenizer-identifier" in said and "allenai/dolma2-tokenizer" in said and "HF_TOKEN" in said, said
-        with pytest.raises(TokenizerError, match=re.escape("demo/no-json has no tokenizer.json")):
+        with pytest.raises(TokenizerError, match=re.escape("demo/no-json has no tokenizer.json")) as info:
             bolmo_async.fetch(tmp_path / "b", tokenizer_identifier="demo/no-json", **kw)
+        # The original tool loaded such a repo (vocab.json + merges.txt) through transformers: the
+        # line says how transformers writes the file this tool reads.
+        assert "AutoTokenizer.from_pretrained('demo/no-json').save_pretrained(" in str(info.value), info.value
+    r = run_cli("prepare", "-o", str(tmp_path / "c"), "--tokenizer", "subword", "--tokenizer-identifier", str(empty))
+    assert r.returncode == 2 and "has no tokenizer.json" in r.stderr, r.stderr
+    assert f"AutoTokenizer.from_pretrained({str(empty)!r}).save_pretrained(" in r.stderr, r.stderr
 
 
 def test_a_folder_of_the_other_tokenizer_kind_is_refused_before_the_listing_and_the_plan_table(tmp_path, mirror):
