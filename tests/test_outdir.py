@@ -556,6 +556,25 @@ def test_a_script_without_the_main_guard_gets_one_clear_error(mirror, tmp_path):
     assert r.stderr.count("Traceback") <= 1, r.stderr
 
 
+def test_a_script_read_from_standard_input_is_told_to_be_a_file(mirror, tmp_path):
+    """`python - <<EOF` (a script on standard input, guarded): worker processes import the calling
+    script by its path, '<stdin>', which is no file; the error told the user to add the
+    `if __name__ == "__main__":` they had. It names the script that cannot be imported and the fix."""
+    import subprocess
+    import sys
+
+    script = (
+        "import bolmo_async\n"
+        "if __name__ == '__main__':\n"
+        f"    bolmo_async.prepare({str(tmp_path / 'o')!r}, endpoint={mirror.endpoint!r}, data_fraction=0.3, "
+        "processes=2, progress=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "'<stdin>'" in last and "processes=1" in last and "__main__" not in last, last
+
+
 def test_only_outdir_spells_the_folders_names():
     """Code (not docstrings, comments or --help text) outside ``outdir/`` names no file of the folder."""
     import ast

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -614,6 +615,14 @@ class Pool:
             if server is not None and pid is not None:
                 _end_orphan(pid)  # (the server's death, not the worker's start, failed)
                 raise WorkerError(f"{server} before worker process {member.wid} was ready; rerun the same command")
+            main = getattr(sys.modules.get("__main__"), "__file__", None)
+            where = getattr(multiprocessing.process, "ORIGINAL_DIR", None) or ""  # (as multiprocessing finds it)
+            if isinstance(main, str) and not os.path.isfile(os.path.join(where, main)):  # `python -`: '<stdin>'
+                raise WorkerError(
+                    f"worker process {member.wid} ended before it started ({how}): worker processes import the "
+                    f"calling script, and {main!r} is no file (a script read from standard input). Save it to a "
+                    "file and run that, or pass processes=1."
+                ) from None
             raise WorkerError(
                 f"worker process {member.wid} ended before it started ({how}). If you call bolmo_async from a "
                 'script, put the call under `if __name__ == "__main__":` (worker processes import the script), or '
