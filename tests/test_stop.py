@@ -474,7 +474,7 @@ def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypat
     the stop's "N of M planned file(s) are staged and kept" is the count of the markers the folder
     holds once the workers have ended. (It was the files the coordinator had heard of: one short, and
     "before any of the planned files was staged" with one staged.)"""
-    from bolmo_async.errors import FetchIncomplete
+    from bolmo_async.errors import Stopped
     from bolmo_async.progress import Progress
     from bolmo_async.staging import Staging
 
@@ -487,7 +487,7 @@ def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypat
 
     monkeypatch.setattr(Progress, "file_done", interrupted_here)
     out = tmp_path / "o"
-    with pytest.raises(FetchIncomplete) as got:
+    with pytest.raises(Stopped) as got:
         bolmo_async.fetch(
             out, endpoint=mirror.endpoint, data_fraction=0.2, processes=1, progress=False, check_disk=False
         )
