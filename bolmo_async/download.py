@@ -30,7 +30,7 @@ from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
-from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, retrying
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, host_of, retrying
 from .util import DecodingSlot
 
 log = logging.getLogger("bolmo_async")
@@ -239,7 +239,14 @@ async def stream(
     def fail(reason: str, n: int) -> DownloadError:
         return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
 
-    return await retrying(policy, what, attempt, fail=fail, note=lambda: f", resuming at byte {pos}")
+    return await retrying(
+        policy,
+        what,
+        attempt,
+        fail=fail,
+        note=lambda: f", resuming at byte {pos}",
+        where=lambda: host_of(cdn_url or url),
+    )
 
 
 class Link:
@@ -785,7 +792,7 @@ async def resolve(client: HubClient, url: str, what: str) -> str | None:
             return None
 
     try:
-        return await retrying(client.retry, what, attempt)
+        return await retrying(client.retry, what, attempt, where=lambda: host_of(url))
     except Exception as exc:  # the transfer resolves it again and reports what is wrong
         log.debug("%s: resolving ahead failed (%s); its transfer resolves it", what, exc)
         return None

@@ -46,6 +46,9 @@ class BolmoError(Exception):
     """Base class of every error bolmo-async raises on purpose."""
 
     exit_code = 1
+    #: ``(host, cause)`` when a retry budget was spent on what a server that is down answers
+    #: (``retry.outage_cause``): what the run's ``outage.OutageWatch`` counts.
+    outage: tuple[str, str] | None = None
 
 
 class UsageError(BolmoError):

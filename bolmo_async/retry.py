@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -133,17 +134,85 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 
+def outage_cause(exc: BaseException) -> str | None:
+    """The cause, in a few words, when ``exc`` is what a server (or the way to it) that is down
+    answers every request alike: a 5xx or 408, a refused or reset connection, no answer within
+    the timeout. None for a file's own trouble (a cut body, a bad hash, a CDN refusing a signed
+    URL) and for a rate limit (429: honoured, not an outage)."""
+    if isinstance(exc, Retry):
+        s = exc.status
+        return f"HTTP {s}" if s is not None and (s >= 500 or s == 408) else None
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else "no connection"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError | aiohttp.ClientOSError):
+        return "connection reset"
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "no answer (timeout)"
+    return None
+
+
+def host_of(url: str) -> str:
+    """``host`` or ``host:port`` (a port that is not the scheme's), to name a server in a line."""
+    from yarl import URL
+
+    try:
+        u = URL(url)
+        return f"{u.host}:{u.port}" if u.explicit_port is not None else u.host or url
+    except ValueError:
+        return url
+
+
+#: Retry lines for the same host and cause are said once per this many seconds (per event loop:
+#: a worker's every file), the others counted into the next one; a down server made one line
+#: per attempt per file (a 18-file plan against a Hub answering 503: 244 lines in 67 s).
+LOG_INTERVAL = 10.0
+_said: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[float]]] = weakref.WeakKeyDictionary()
+_said_sync: dict[tuple[str, str], list[float]] = {}
+
+
+def _throttled(host: str, cause: str) -> tuple[bool, int]:
+    """Whether a retry line for ``(host, cause)`` is to be said now, and how many were not said
+    since the last one."""
+    try:
+        table = _said.setdefault(asyncio.get_running_loop(), {})
+    except RuntimeError:
+        table = _said_sync
+    now = time.monotonic()
+    seen = table.get((host, cause))
+    if seen is None or now - seen[0] >= LOG_INTERVAL:
+        n = int(seen[1]) if seen is not None else 0
+        table[(host, cause)] = [now, 0]
+        return True, n
+    seen[1] += 1
+    return False, 0
+
+
 def _default_fail(what: str) -> Callable[[str, int], BaseException]:
     return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
 
 
 def _next_delay(
-    policy: RetryPolicy, what: str, n: int, exc: BaseException, note: Callable[[], str] | None, fail: Any
+    policy: RetryPolicy,
+    what: str,
+    n: int,
+    exc: BaseException,
+    note: Callable[[], str] | None,
+    fail: Any,
+    where: Callable[[], str | None] | None = None,
 ) -> float:
-    """Log the retry and return its delay, or raise the caller's error when the budget is spent."""
+    """Log the retry and return its delay, or raise the caller's error when the budget is spent.
+    An error raised for an ``outage_cause`` carries ``outage = (host, cause)`` (``where()``: the
+    host asked): the run's ``OutageWatch`` tells a server that is down from one broken file."""
     reason = _reason(exc)
+    cause = outage_cause(exc)
+    host = (where() if where is not None else None) or getattr(exc, "host", None) or ""
     if n >= policy.max_attempts:
-        raise (fail or _default_fail(what))(reason, n) from exc
+        err = (fail or _default_fail(what))(reason, n)
+        if cause is not None and host and isinstance(err, BolmoError):
+            err.outage = (host, cause)
+        raise err from exc
     hinted = retry_hint(exc.headers) if isinstance(exc, Retry) and exc.headers is not None else None
     if hinted is not None and hinted > policy.max_hint:
         # (a rate limit's wait cut short only spends the attempts: each retry meets the same limit)
@@ -154,7 +223,17 @@ def _next_delay(
             n,
         ) from exc
     delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
-    log.warning("%s: %s [retry %d/%d in %.1fs%s]", what, reason, n, policy.max_attempts, delay, note() if note else "")
+    more = ""
+    if cause is not None:
+        say, unsaid = _throttled(host, cause)
+        if not say:
+            log.debug("%s: %s [retry %d/%d in %.1fs]", what, reason, n, policy.max_attempts, delay)
+            return delay
+        if unsaid:
+            more = f" (and {unsaid} more for {cause}{f' from {host}' if host else ''} since the last such line)"
+    log.warning(
+        "%s: %s [retry %d/%d in %.1fs%s]%s", what, reason, n, policy.max_attempts, delay, note() if note else "", more
+    )
     return delay
 
 
@@ -166,25 +245,27 @@ async def retrying(
     fail: Callable[[str, int], BaseException] | None = None,
     retry_on: tuple[type[BaseException], ...] = RETRY_EXCEPTIONS,
     note: Callable[[], str] | None = None,
+    where: Callable[[], str | None] | None = None,
 ) -> T:
     """Await ``attempt()`` until it returns, at most ``policy.max_attempts`` times.
 
     ``Retry`` and ``retry_on`` exceptions are retried after ``policy.delay``; ``fail(reason,
     attempts)`` builds the error raised when the budget is spent; ``note()`` adds context to the
-    retry line (e.g. ", resuming at byte N")."""
+    retry line (e.g. ", resuming at byte N"); ``where()``: the host asked (``host_of``), for the
+    error's ``outage`` and the retry lines said once per host and cause (``LOG_INTERVAL``)."""
     n = 0
     while True:
         n += 1
         try:
             return await attempt()
         except Retry as exc:
-            delay = _next_delay(policy, what, n, exc, note, fail)
+            delay = _next_delay(policy, what, n, exc, note, fail, where)
         except aiohttp.ClientConnectorCertificateError as exc:  # not transient: no retry
             raise certificate_error(exc) from exc
         except retry_on as exc:
             if isinstance(exc, aiohttp.ClientResponseError) and not_http(exc) is None:
                 raise  # (a subclass: too many redirects, a content type: the caller's to say)
-            delay = _next_delay(policy, what, n, exc, note, fail)
+            delay = _next_delay(policy, what, n, exc, note, fail, where)
         await asyncio.sleep(delay)
 
 
@@ -289,7 +370,9 @@ __all__ = [
     "Progress",
     "Retry",
     "RetryPolicy",
+    "host_of",
     "not_http",
+    "outage_cause",
     "retry_hint",
     "retrying",
     "retrying_sync",
