@@ -1109,6 +1109,8 @@ def _fetch(
                     else ""
                 )
                 raise Stopped(f"{said}; rerun the same command to resume{partial}", signum) from None
+    if result.outage:  # a server down: one line, not one per file (``outage.OutageWatch``)
+        raise FetchIncomplete(result.outage, failed=result.failed)
     if result.failed:
         names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
         again = set(result.failed) - result.permanent

@@ -104,6 +104,7 @@ class Failed:
     unit: int
     reason: str
     permanent: bool = False  # the file itself cannot be read as documents: a rerun fails it again
+    outage: tuple[str, str] | None = None  # (host, cause): what a server that is down answers (``OutageWatch``)
 
 
 @dataclass(frozen=True, slots=True)

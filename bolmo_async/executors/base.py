@@ -39,6 +39,7 @@ class RunResult:
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
     engines: set[str] = field(default_factory=set)
     permanent: set[str] = field(default_factory=set)  # failed paths a rerun fails again (unreadable files)
+    outage: str | None = None  # the one line of a run stopped by ``outage.OutageWatch`` (a server down)
 
     def merge(self, other: RunResult) -> None:
         self.staged.update(other.staged)
@@ -48,6 +49,7 @@ class RunResult:
         self.shards.update(other.shards)
         self.engines |= other.engines
         self.permanent |= other.permanent
+        self.outage = self.outage or other.outage
 
 
 class Executor(Protocol):

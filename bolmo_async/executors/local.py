@@ -37,6 +37,7 @@ from typing import Any
 from .. import messages as m
 from ..errors import UsageError, WorkerError, rebuild
 from ..models import Plan
+from ..outage import OutageWatch
 from ..progress import Progress
 from ..worker import Worker, WorkerSpec, process_main
 from .base import LayoutCallback, OpenShardCallback, RunResult, ShardCallback, StagedCallback
@@ -226,6 +227,7 @@ class Pool:
         # The files ``run`` handed to a worker: after a stop, those it had not heard of are the
         # only ones a worker may have staged unheard (``api._fetch`` counts their markers).
         self.handed_out: set[int] = set()
+        self._watch = OutageWatch()
         if self.processes == 1:
             self.outbox: Any = queue.Queue()
             self.members[0].inbox = queue.Queue()
@@ -373,6 +375,7 @@ class Pool:
         fresh = set(resolve_ahead or ())
         ahead = self._resolve_ahead([u for u in todo if u in fresh]) if fresh else None
         shard_share = max(1, usable_cores() // self.processes)
+        self._watch = OutageWatch()  # a server that is down: no new file is handed out
         try:
             # The first files are resolved while the worker processes start (the fork server's
             # imports): their transfers then start at the CDN as soon as the workers are up.
@@ -411,7 +414,7 @@ class Pool:
                         k, pieces = shard_tasks.popleft()
                         mem.tasks.add(("shard", k))
                         mem.inbox.put(m.ShardTask(k, pieces))
-                    elif todo and free:
+                    elif todo and free and self._watch.down is None:
                         if ahead is not None and not ahead.ready(todo[0], RESOLVE_SLICE):
                             resolving = True  # its resolve is under way: the messages meanwhile
                             break
@@ -426,6 +429,13 @@ class Pool:
                         mem.inbox.put(m.FileTask(u, cdn, layout))
                     else:
                         break
+                if todo and self._watch.down is not None and not any(k == "file" for w in live for k, _ in w.tasks):
+                    # (the files in flight ended, none staged: those never handed out are not started)
+                    result.outage = self._watch.says(len(todo))
+                    for u in todo:
+                        result.failed[files[u].path] = "not started (the server was down)"
+                    files_left -= len(todo)
+                    todo.clear()
                 if files_left == 0 and not ended:
                     ended = True
                     if on_files_done is not None:
@@ -514,6 +524,7 @@ class Pool:
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
                 self._written_ahead.update(msg.shards)
+                self._watch.staged()
                 if on_staged is not None:
                     self._hand_out(on_staged(msg.unit, msg.lengths), result, shard_tasks)
                 return 1
@@ -522,6 +533,7 @@ class Pool:
                 result.failed[self._spec.files[msg.unit].path] = msg.reason
                 if msg.permanent:
                     result.permanent.add(self._spec.files[msg.unit].path)
+                self._watch.failed(msg.outage)
                 if progress is not None:
                     progress.file_done()
                 return 1

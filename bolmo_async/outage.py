@@ -1,0 +1,69 @@
+"""The run-wide outage rule: a Hub (or CDN) that is down ends the run, not each file in turn.
+
+Each file has its own retry budget (``--retries``, about 25 s of backoff with the defaults), so a
+server that answers every request with a 503 (or refuses every connection, or never answers)
+failed the files one after the other, ``concurrency`` at a time: measured, an 18-file plan took
+67 s, 277 resolves and 244 retry lines; a 5,000-file plan would retry for hours and then list
+every file as failed.
+
+The rule: when ``STREAK`` files in a row spent their whole retry budget on the same host and the
+same cause (``retry.outage_cause``: a 5xx or 408, a refused or reset connection, no answer) and
+no file was staged meanwhile, the coordinator hands out no new file. The files in flight end as
+they do (one that is staged lifts the stop: the server is back); then the run ends with one line
+naming the host, the cause and how long it tried, the files never handed out are "not started",
+and what was staged is kept for the rerun. One broken file among good ones, a rate limit (429,
+waited out as the server asks) and a server that recovers within a file's retry budget never
+stop a run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+#: Files in a row that must fail for the same host and cause, none staged meanwhile.
+STREAK = 3
+
+
+class OutageWatch:
+    """What the coordinator tells it: each file staged (``staged``) or failed (``failed``, with
+    the error's ``outage``). ``down`` once the rule holds, until a file is staged."""
+
+    def __init__(self, streak: int = STREAK, clock: Callable[[], float] = time.monotonic):
+        self._streak = max(1, streak)
+        self._clock = clock
+        self._since = clock()  # the run's start, or when a file was last staged
+        self._key: tuple[str, str] | None = None
+        self._run = 0  # files in a row failed for ``_key``
+        self._tried = 0  # files failed for ``_key`` since the last one staged
+        self.down: tuple[str, str] | None = None
+
+    def staged(self) -> None:
+        self._since = self._clock()
+        self._key, self._run, self._tried, self.down = None, 0, 0, None
+
+    def failed(self, outage: tuple[str, str] | None) -> bool:
+        """Count one failed file; True when the run is to hand out no more files."""
+        if outage is None or (outage[0], outage[1]) != self._key:
+            self._key = (outage[0], outage[1]) if outage is not None else None
+            self._run = self._tried = 0
+        if self._key is not None:
+            self._run += 1
+            self._tried += 1
+            if self._run >= self._streak:
+                self.down = self._key
+        return self.down is not None
+
+    def says(self, not_started: int) -> str:
+        """The run's one line, once ``down``."""
+        assert self.down is not None
+        host, cause = self.down
+        took = self._clock() - self._since
+        return (
+            f"every request to {host} failed ({cause}) for {took:.0f} s: {self._tried} file(s) in a row gave up "
+            f"after their retries and none was fetched meanwhile, so the run stopped there with {not_started} "
+            f"file(s) not started. What was staged is kept: rerun the same command to resume once {host} answers."
+        )
+
+
+__all__ = ["STREAK", "OutageWatch"]

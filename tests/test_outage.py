@@ -1,0 +1,173 @@
+"""A Hub (or CDN) that is down ends the run with one line (``outage.OutageWatch``), and only then:
+a Hub that recovers, one broken file among good ones, and a rate limit never stop a run.
+
+Measured before the rule (an 18-file plan, every resolve answered 503, --concurrency 2
+--connections 2, default --retries): every file failed one wave after the other, 2 at a time
+(~30 s each), 277 resolves and 244 retry lines for the default 16 connections; a 5,000-file plan
+retried for hours. Real in-process mirror, its fault layer, the real CLI."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import bolmo_async
+from bolmo_async.errors import FetchIncomplete
+from bolmo_async.mirror import FaultConfig, MirrorThread
+from bolmo_async.outage import STREAK, OutageWatch
+from bolmo_async.retry import host_of
+
+from .helpers import run_cli
+
+FRACTION = 0.5
+#: One file in flight at a time: the files fail one after the other, as a large plan's do.
+NARROW = {"concurrency": 1, "connections": 1, "processes": 1}
+
+
+def _prepare(out: Path, endpoint: str, **kw):
+    kw.setdefault("progress", False)
+    return bolmo_async.prepare(out, endpoint=endpoint, data_fraction=FRACTION, **kw)
+
+
+def _resolves(m) -> int:
+    return sum(1 for _, p in m.hub_requests if "/resolve/" in p)
+
+
+def test_the_rule_counts_files_in_a_row_for_one_host_and_cause():
+    now = [0.0]
+    w = OutageWatch(streak=3, clock=lambda: now[0])
+    hub = ("hub:1", "HTTP 503")
+    assert not w.failed(hub) and not w.failed(hub)
+    assert not w.failed(("cdn:2", "HTTP 503"))  # another host: a new run of failures
+    assert not w.failed(None)  # a file's own trouble (a bad hash, a 429) breaks the run
+    assert not w.failed(hub) and not w.failed(hub)
+    w.staged()  # a file fetched: the server answers
+    assert not w.failed(hub) and not w.failed(hub)
+    now[0] = 42.0
+    assert w.failed(hub) and w.down == hub
+    line = w.says(7)
+    assert line.startswith("every request to hub:1 failed (HTTP 503) for 42 s: 3 file(s) in a row")
+    assert "7 file(s) not started" in line and "rerun the same command to resume" in line
+    w.staged()  # a file in flight staged after the stop: the stop is lifted
+    assert w.down is None
+
+
+def test_a_hub_down_ends_the_run_with_one_line_and_the_failed_exit(repos, tmp_path):
+    """Every resolve answered 503: the run stops after STREAK files, the others not started (not
+    listed), one line naming the host, the status, how long, and that a rerun resumes; the exit
+    code is the failed files' (1); the retry lines are a few, not one per attempt per file."""
+    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        planned = len(bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION).files)
+        assert planned >= STREAK + 4
+        faults.rate = 1.0
+        t0 = time.monotonic()
+        r = run_cli(
+            "prepare",
+            "--output-dir",
+            str(out),
+            "--endpoint",
+            m.endpoint,
+            "--data-fraction",
+            str(FRACTION),
+            "--retries",
+            "3",
+            "--concurrency",
+            "1",
+            "--connections",
+            "1",
+            "--processes",
+            "1",
+            "--no-progress",
+        )
+        took = time.monotonic() - t0
+        resolves = _resolves(m)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    host = host_of(m.endpoint)
+    said = [line for line in r.stderr.splitlines() if "every request to" in line]
+    assert len(said) == 1, r.stderr
+    assert f"every request to {host} failed (HTTP 503) for " in said[0]
+    assert f"{STREAK} file(s) in a row" in said[0] and f"{planned - STREAK} file(s) not started" in said[0]
+    assert "rerun the same command to resume" in said[0]
+    assert "not started" not in r.stderr.replace(said[0], "")  # the files never tried are not listed
+    retry_lines = [line for line in r.stderr.splitlines() if "[retry " in line]
+    assert len(retry_lines) <= 6, retry_lines  # (each file: 2 retries; the resolves ahead as many)
+    # Each tried file: its resolves ahead and its own, within --retries; nothing for the others.
+    assert resolves <= 2 * 3 * (STREAK + 1), resolves
+    assert took < 60, took
+
+
+def test_a_cdn_down_is_named(repos, tmp_path):
+    """The Hub resolves, the CDN it sends every file to answers 503: the line names the CDN."""
+    faults = FaultConfig(rate=1.0, kinds=("cdn_fail",), max_per_path=10**9)
+    with MirrorThread(repos, faults=faults) as m:
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(tmp_path / "o", m.endpoint, retries=2, **NARROW)
+        cdn = host_of(m.cdn_endpoint)
+    said = str(info.value)
+    assert said.startswith(f"every request to {cdn} failed (HTTP 503)") and "\n" not in said
+    assert info.value.exit_code == 1
+    assert sum(why.startswith("not started") for why in info.value.failed.values()) >= 1
+
+
+def test_a_hub_that_recovers_completes_the_run(repos, tmp_path):
+    """Every resolve fails for the first 1.5 s, then the Hub answers: within a file's retry
+    budget, so nothing stops and every file is staged."""
+    faults = FaultConfig(rate=1.0, kinds=("http503",), max_per_path=10**9)
+    with MirrorThread(repos, faults=faults) as m:
+        back = threading.Timer(1.5, lambda: setattr(faults, "rate", 0.0))
+        back.start()
+        try:
+            manifest = _prepare(tmp_path / "o", m.endpoint, retries=6, **NARROW)
+        finally:
+            back.cancel()
+    assert manifest["complete"]
+    assert faults.injected.get("http503", 0) >= 3
+
+
+def test_a_hub_down_for_fewer_files_than_the_streak_does_not_stop_the_run(repos, tmp_path):
+    """The first STREAK - 1 files handed out meet a Hub answering 503 until they give up, then it
+    answers: they fail (a rerun fetches them), every other file is staged, nothing "not started"."""
+    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        first = tuple(f.path for f in plan.files[: STREAK - 1])
+        faults.rate, faults.only = 1.0, first
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(out, m.endpoint, retries=2, **NARROW)
+    assert set(info.value.failed) == set(first)
+    assert f"{STREAK - 1} file(s) failed" in str(info.value) and "every request to" not in str(info.value)
+    assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - len(first)
+
+
+def test_one_broken_file_fails_alone(repos, tmp_path):
+    """One file whose every resolve is a 503, alone in flight (nothing staged meanwhile): that
+    file fails, the others are staged; no stop."""
+    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        victim = next(f.path for f in plan.files if f.sha256)
+        faults.rate, faults.only = 1.0, (victim,)
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(out, m.endpoint, retries=2, **NARROW)
+    assert set(info.value.failed) == {victim}
+    assert "1 file(s) failed" in str(info.value) and "every request to" not in str(info.value)
+
+
+def test_a_rate_limit_is_not_an_outage(repos, tmp_path):
+    """429 on every resolve, each with a short Retry-After: honoured as before; files that spend
+    their budget on it fail one by one, listed, and none is "not started"."""
+    faults = FaultConfig(rate=1.0, kinds=("http429",), max_per_path=10**9, retry_after=0.05)
+    with MirrorThread(repos, faults=faults) as m:
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(tmp_path / "o", m.endpoint, retries=2, **NARROW)
+    assert "every request to" not in str(info.value)
+    assert info.value.failed and not any(w.startswith("not started") for w in info.value.failed.values())
+    assert all("HTTP 429" in w for w in info.value.failed.values())
