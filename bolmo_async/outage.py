@@ -54,6 +54,13 @@ class OutageWatch:
                 self.down = self._key
         return self.down is not None
 
+    def holds(self, in_flight: int) -> bool:
+        """Whether the next file is to wait: the run is down, or a file just gave up on a
+        server's outage cause and others are still in flight (they tell whether it is down or
+        that file alone: one staged lifts the hold, STREAK failed make it a stop). Without the
+        hold, each failure handed out a new file that then spent a whole retry budget too."""
+        return self.down is not None or (self._run > 0 and in_flight > 0)
+
     def says(self, not_started: int) -> str:
         """The run's one line, once ``down``."""
         assert self.down is not None

@@ -102,6 +102,18 @@ def test_a_hub_down_ends_the_run_with_one_line_and_the_failed_exit(repos, tmp_pa
     assert took < 60, took
 
 
+def test_files_in_flight_tell_an_outage_without_a_second_wave(repos, tmp_path):
+    """STREAK files in flight at once, the Hub down: once one gave up, no new file is handed out
+    while the others are in flight (each would spend a whole retry budget more); the run stops
+    after exactly the first wave."""
+    faults = FaultConfig(rate=1.0, kinds=("http503",), max_per_path=10**9)
+    with MirrorThread(repos, faults=faults) as m, pytest.raises(FetchIncomplete) as info:
+        _prepare(tmp_path / "o", m.endpoint, retries=3, concurrency=STREAK, connections=STREAK, processes=1)
+    tried = [p for p, why in info.value.failed.items() if not why.startswith("not started")]
+    assert len(tried) == STREAK, tried
+    assert f"{STREAK} file(s) in a row" in str(info.value)
+
+
 def test_a_cdn_down_is_named(repos, tmp_path):
     """The Hub resolves, the CDN it sends every file to answers 503: the line names the CDN."""
     faults = FaultConfig(rate=1.0, kinds=("cdn_fail",), max_per_path=10**9)
@@ -161,13 +173,25 @@ def test_one_broken_file_fails_alone(repos, tmp_path):
     assert "1 file(s) failed" in str(info.value) and "every request to" not in str(info.value)
 
 
+def test_one_broken_file_among_files_in_flight_fails_alone(repos, tmp_path):
+    """The hold after a file gave up lasts until another is staged: then the run goes on."""
+    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        victim = next(f.path for f in plan.files if f.sha256)
+        faults.rate, faults.only = 1.0, (victim,)
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(out, m.endpoint, retries=2, concurrency=2, connections=4, processes=2)
+    assert set(info.value.failed) == {victim} and "every request to" not in str(info.value)
+
+
 def test_a_rate_limit_is_not_an_outage(repos, tmp_path):
     """429 on every resolve, each with a short Retry-After: honoured as before; files that spend
     their budget on it fail one by one, listed, and none is "not started"."""
     faults = FaultConfig(rate=1.0, kinds=("http429",), max_per_path=10**9, retry_after=0.05)
-    with MirrorThread(repos, faults=faults) as m:
-        with pytest.raises(FetchIncomplete) as info:
-            _prepare(tmp_path / "o", m.endpoint, retries=2, **NARROW)
+    with MirrorThread(repos, faults=faults) as m, pytest.raises(FetchIncomplete) as info:
+        _prepare(tmp_path / "o", m.endpoint, retries=2, **NARROW)
     assert "every request to" not in str(info.value)
     assert info.value.failed and not any(w.startswith("not started") for w in info.value.failed.values())
     assert all("HTTP 429" in w for w in info.value.failed.values())

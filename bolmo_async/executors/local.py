@@ -414,7 +414,7 @@ class Pool:
                         k, pieces = shard_tasks.popleft()
                         mem.tasks.add(("shard", k))
                         mem.inbox.put(m.ShardTask(k, pieces))
-                    elif todo and free and self._watch.down is None:
+                    elif todo and free and not self._watch.holds(self._files_in_flight()):
                         if ahead is not None and not ahead.ready(todo[0], RESOLVE_SLICE):
                             resolving = True  # its resolve is under way: the messages meanwhile
                             break
@@ -429,7 +429,7 @@ class Pool:
                         mem.inbox.put(m.FileTask(u, cdn, layout))
                     else:
                         break
-                if todo and self._watch.down is not None and not any(k == "file" for w in live for k, _ in w.tasks):
+                if todo and self._watch.down is not None and not self._files_in_flight():
                     # (the files in flight ended, none staged: those never handed out are not started)
                     result.outage = self._watch.says(len(todo))
                     for u in todo:
@@ -463,6 +463,9 @@ class Pool:
             if ahead is not None:
                 ahead.close()
         return result
+
+    def _files_in_flight(self) -> int:
+        return sum(kind == "file" for mem in self.members for kind, _ in mem.tasks)
 
     def _resolve_ahead(self, order: list[int]) -> Any:
         """The files the Hub redirects (LFS: their sha256 is listed), resolved ahead of their
