@@ -55,6 +55,24 @@ def test_the_rule_counts_files_in_a_row_for_one_host_and_cause():
     assert w.down is None
 
 
+def test_what_counts_as_a_server_down():
+    import asyncio
+
+    import aiohttp
+
+    from bolmo_async.errors import Retry
+    from bolmo_async.retry import outage_cause
+
+    assert outage_cause(Retry("HTTP 503", status=503)) == "HTTP 503"
+    assert outage_cause(Retry("HTTP 408", status=408)) == "HTTP 408"
+    assert outage_cause(Retry("HTTP 429", status=429)) is None  # a rate limit, honoured
+    assert outage_cause(Retry("body cut short at byte 5 of 9")) is None  # the file's own trouble
+    assert outage_cause(ConnectionRefusedError()) == "connection refused"
+    assert outage_cause(aiohttp.ServerDisconnectedError()) == "connection reset"
+    assert outage_cause(asyncio.TimeoutError()) == "no answer (timeout)"
+    assert outage_cause(ValueError("x")) is None
+
+
 def test_a_hub_down_ends_the_run_with_one_line_and_the_failed_exit(repos, tmp_path):
     """Every resolve answered 503: the run stops after STREAK files, the others not started (not
     listed), one line naming the host, the status, how long, and that a rerun resumes; the exit
@@ -112,6 +130,23 @@ def test_files_in_flight_tell_an_outage_without_a_second_wave(repos, tmp_path):
     tried = [p for p, why in info.value.failed.items() if not why.startswith("not started")]
     assert len(tried) == STREAK, tried
     assert f"{STREAK} file(s) in a row" in str(info.value)
+
+
+def test_files_staged_by_an_earlier_run_do_not_hide_an_outage(repos, tmp_path):
+    """A rerun against a Hub that is down: the files an earlier run staged are done at once,
+    between the ones that fail; they say nothing of the server and must not reset the count."""
+    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
+        faults.rate, faults.only = 1.0, tuple(f.path for f in plan.files[1::2])
+        with pytest.raises(FetchIncomplete) as first:
+            _prepare(out, m.endpoint, retries=2, **NARROW)
+        assert "every request to" not in str(first.value)  # (failed, staged, failed: no stop)
+        faults.only = ()
+        with pytest.raises(FetchIncomplete) as again:
+            _prepare(out, m.endpoint, retries=2, **NARROW)
+    assert str(again.value).startswith("every request to") and f"{STREAK} file(s) in a row" in str(again.value)
 
 
 def test_a_cdn_down_is_named(repos, tmp_path):

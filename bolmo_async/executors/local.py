@@ -527,7 +527,8 @@ class Pool:
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
                 self._written_ahead.update(msg.shards)
-                self._watch.staged()
+                if msg.read is not None:  # (one staged by an earlier run says nothing of the server)
+                    self._watch.staged()
                 if on_staged is not None:
                     self._hand_out(on_staged(msg.unit, msg.lengths), result, shard_tasks)
                 return 1
