@@ -63,6 +63,7 @@ from .models import (
     reads_prefixes_whole,
     validate_fraction,
 )
+from .offline import hub_offline
 from .outdir import DATA_SOURCES, MANIFEST, RUN_STATE, TOKENIZER, OutputDir, csv_name, marker_name, open_output
 from .planner import disk_needed, load_plan, make_plan, parse_worker, record_shares, save_plan
 from .progress import Progress
@@ -208,7 +209,11 @@ def _accept_endpoint(plan: Plan, endpoint: str, out: OutputDir) -> bool:
     StateError); True when that took a listing of the repo just now. Another endpoint (the mirror restarted
     on another port, the Hub instead of a mirror of it) is accepted when it lists the pinned
     commit with the very files the plan was made from: the same bytes, each checked by its sha256.
-    The listing goes to this run's endpoint only (the token never to the one plan.json names)."""
+    The listing goes to this run's endpoint only (the token never to the one plan.json names).
+    Under HF_HUB_OFFLINE, True without a request: the pinned commit is taken as the plan says (every
+    file read is checked against its listed sha256 all the same)."""
+    if hub_offline():
+        return True
     if not plan.endpoint or plan.endpoint.rstrip("/") == endpoint.rstrip("/"):
         return False
     try:
@@ -445,6 +450,10 @@ def _plan(
 
     validate_fraction(data_fraction)
     out = open_output(output_dir)
+    if force and hub_offline():
+        from .offline import planning_refused
+
+        raise planning_refused(out, "--force plans again")
     if force and out.is_output():  # (a folder that holds no run of ours keeps what it holds: raw/ of the user's...)
         out.reset()
     existing = load_plan(out)
@@ -463,6 +472,10 @@ def _plan(
         if (existing.data_fraction, existing.selection) == (data_fraction, selection):
             return existing, _accept_endpoint(existing, _endpoint(endpoint), out)
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
+    if hub_offline():
+        from .offline import refuse_unplanned
+
+        refuse_unplanned(out, existing, data_fraction, selection)
     ep = _endpoint(endpoint)
     if existing is None and not force and not out.is_output():
         _refuse_outputs_not_ours(out)
@@ -701,16 +714,21 @@ def _tokenizer_spec(
     special_tokens_as_text: bool,
     engine: str,
     check_every: int,
+    folder: OutputDir | None = None,
 ) -> tuple[TokenizerSpec, TokenizerInfo]:
     """The recipe workers build the tokenizer from, and what run.json records. Only the JSON is
-    read here (and checked once); the engines are built in the workers."""
+    read here (and checked once); the engines are built in the workers. Under HF_HUB_OFFLINE a Hub
+    repo id is read as ``folder`` or the cache has it (``offline.tokenizer_fetch``)."""
     from .tokcache import remember_json
     from .tokenize import ByteTokenizer, TokenizerSpec, checked_info, load_tokenizer_source
 
     if kind == "byte":
         return TokenizerSpec("byte"), ByteTokenizer().info
     log.info("loading tokenizer %s ...", identifier)
-    src = load_tokenizer_source(identifier, fetch=_model_file_fetcher(endpoint))
+    from .offline import tokenizer_fetch
+
+    fetch = tokenizer_fetch(folder) if hub_offline() else _model_file_fetcher(endpoint)
+    src = load_tokenizer_source(identifier, fetch=fetch)
     info = checked_info(
         src,
         eos_token_id=eos_token_id,
@@ -950,6 +968,7 @@ def _fetch(
             special_tokens_as_text=special_tokens_as_text,
             engine=engine,
             check_every=check_every,
+            folder=out,
         )
 
     def executor_for(n: int) -> Executor:  # the one place that picks who runs the files
@@ -980,6 +999,11 @@ def _fetch(
             n = auto_processes(the_plan)
             pool = executor_for(n)
         units = pool.units(the_plan)
+        offline = hub_offline()
+        if offline:  # (before any work: what is neither staged nor in raw/ is said in one line)
+            from .offline import check_files
+
+            check_files(out, the_plan, units, reads_prefixes_whole(verify_prefixes, ep, streaming), the_plan.endpoint)
         spec_tok, info = tok_future.result()
         stack.callback(forget_probed)
         if not (isinstance(pool, Pool) and pool.processes == 1):
@@ -1032,7 +1056,7 @@ def _fetch(
                 len(units),
                 len(units) - already,
             )
-        in_raw = _say_kept_downloads(out, [the_plan.files[u] for u in fresh], streaming)
+        in_raw = _say_kept_downloads(out, [the_plan.files[u] for u in fresh], streaming and not offline)
         if check_disk:
             _check_disk(out, the_plan, recs, info.kind, streaming, shards=shard_bound is not None)
         if shard_bound is not None:  # (prepare: its workers put shards in place as files are staged)
@@ -1064,6 +1088,7 @@ def _fetch(
                 # twice (a task retried while the first still runs): per-file claims. Otherwise
                 # this run holds the lock exclusively (``_one_run_per_folder``): none needed.
                 claims=worker is not None or ray,
+                offline=offline,
             )
         )
         shards = ShardPlanner(the_plan, shard_bound) if shard_bound is not None else None
@@ -1082,7 +1107,11 @@ def _fetch(
                     units,
                     # Not the staged ones, nor those a --no-streaming run reads from raw/: the
                     # Hub's resolver budget (a rerun resolved every kept file for nothing).
-                    resolve_ahead=fresh if streaming else [u for u in fresh if the_plan.files[u].key not in in_raw],
+                    resolve_ahead=[]
+                    if offline
+                    else fresh
+                    if streaming
+                    else [u for u in fresh if the_plan.files[u].key not in in_raw],
                     progress=prog,
                     on_staged=on_staged,
                     on_files_done=shards.finish if shards is not None else None,
@@ -1529,6 +1558,7 @@ def _plan_while_loading(
         special_tokens_as_text=options.get("special_tokens_as_text", True),
         engine=options.get("engine", "auto"),
         check_every=options.get("check_every", DEFAULT_CHECK_EVERY),
+        folder=out,
     )
     loader.shutdown(wait=False)  # its one task runs on; an error below does not wait for it
     token = _TOKENIZER_LOAD.set(tok_future)

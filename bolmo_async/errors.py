@@ -21,6 +21,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     ├── TokenizerError              tokenizer cannot be loaded, has no EOS, or panics
     │   └── EngineMismatch          a run-time cross-check found an engine disagreeing with the reference
     ├── WorkerError                 a worker process died or could not start
+    ├── OfflineError                HF_HUB_OFFLINE is set and the run needs what only the Hub has
     └── FetchIncomplete             some planned files failed; rerunning resumes
 
 A stop signal (Ctrl+C's SIGINT, SIGTERM, SIGHUP) is a ``KeyboardInterrupt``: ``Interrupted``
@@ -114,6 +115,11 @@ class EngineMismatch(TokenizerError):
 
 class WorkerError(BolmoError):
     pass
+
+
+class OfflineError(BolmoError):
+    """HF_HUB_OFFLINE is set (no request to any host) and the run needs the Hub: a listing to plan,
+    files neither staged nor kept in raw/, a tokenizer this machine does not have."""
 
 
 #: Ctrl+C's signal number (POSIX): what a ``KeyboardInterrupt`` that names none was.
@@ -221,6 +227,7 @@ __all__ = [
     "IntegrityError",
     "Interrupted",
     "NotFoundError",
+    "OfflineError",
     "OutputClosed",
     "OutputError",
     "RangeIgnored",

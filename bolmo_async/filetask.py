@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
 from .download import BytesSink, Link, fetch_file, stream
-from .errors import DiskSpaceError, IntegrityError, OutputError, RangeIgnored, Retry
+from .errors import DiskSpaceError, IntegrityError, OfflineError, OutputError, RangeIgnored, Retry
 from .finalizer import LayoutBuilder, Piece, ShardWriter, _write_piece
 from .hub import HubClient
 from .messages import LayoutAt
@@ -90,6 +90,9 @@ class TaskContext:
     on_documents: Callable[[int, int], None] | None = None
     link: Link | None = None  # the worker's connections for file bodies
     decoding: DecodingSlot | None = None  # files decoding at once; the others transfer ahead
+    #: HF_HUB_OFFLINE: a file not staged is read from its download kept in raw/ (checked against
+    #: the listing as a --no-streaming run's), and left there; never requested.
+    offline: bool = False
 
 
 #: What a file's worker wrote of the shards while staging it: index -> (pieces, record).
@@ -922,12 +925,12 @@ async def run_file_task(
     try:
         url = ctx.client.resolve_url(ctx.commit, pf.path)
         suffix = data_suffix(pf.path) or ""
-        if not ctx.streaming or (suffix == ".parquet" and pf.whole):
+        if not ctx.streaming or ctx.offline or (suffix == ".parquet" and pf.whole):
             raw, sha, local = await _raw(ctx, url, pf, cdn)
             try:
                 await loop.run_in_executor(ctx.executor, proc.process_local, raw, sha)
             finally:
-                if ctx.streaming:
+                if ctx.streaming and not local:  # (a kept download, read offline, stays)
                     with contextlib.suppress(OSError):
                         raw.unlink()
         elif suffix == ".parquet":
@@ -975,13 +978,26 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = No
     and whether it was there already (a kept download, read without a request)."""
     loop = asyncio.get_running_loop()
     out = ctx.staging.out
-    dest = out.download_path(pf.key, check_repo_path(pf.path), keep=not ctx.streaming)
-    if not ctx.streaming and dest.exists():
+    keep = not ctx.streaming or ctx.offline
+    dest = out.download_path(pf.key, check_repo_path(pf.path), keep=keep)
+    if keep and dest.exists():
         if await loop.run_in_executor(ctx.executor, file_matches, dest, pf):
             if ctx.on_bytes:
                 ctx.on_bytes(pf.size)
             return dest, pf.sha256 or pf.oid, True
+        if ctx.offline:
+            raise OfflineError(
+                f"{pf.path}: the kept download {dest} does not match the listing (size or sha256), and "
+                "HF_HUB_OFFLINE is set (no request to the Hub): remove it and run this fetch where the Hub is "
+                "reachable, or unset HF_HUB_OFFLINE"
+            )
         log.warning("%s: the kept download %s does not match the listing; fetching it again", pf.path, dest)
+    if ctx.offline:
+        raise OfflineError(
+            f"{pf.path}: neither staged nor kept in {dest.parent.parent}/, and HF_HUB_OFFLINE is set (no request "
+            "to the Hub): run this fetch where the Hub is reachable (--no-streaming keeps whole files in raw/), "
+            "or unset HF_HUB_OFFLINE"
+        )
     sink = RawFileSink(pf, dest, out)
     try:
         await fetch_file(

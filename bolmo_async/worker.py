@@ -83,6 +83,8 @@ class WorkerSpec:
     # lock exclusively: no other writer is alive there (a lock file opened and locked, and two
     # thread trips, per file saved).
     claims: bool = True
+    # HF_HUB_OFFLINE: a file not staged is read from its download kept in raw/, never requested.
+    offline: bool = False
 
     @property
     def whole_prefixes(self) -> bool:
@@ -212,6 +214,7 @@ class Worker:
                     executor=executor,
                     streaming=spec.streaming,
                     verify_prefixes=verifies_prefixes(spec.verify_prefixes, spec.endpoint),
+                    offline=spec.offline,
                     max_document_bytes=spec.max_document_bytes,
                     text_field=spec.text_field,
                     id_field=spec.id_field,

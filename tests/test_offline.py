@@ -1,0 +1,177 @@
+"""HF_HUB_OFFLINE: a login node with internet fetches (``--no-streaming`` keeps whole files in raw/),
+compute nodes without it rerun fetch / prepare / finalize / inspect with HF_HUB_OFFLINE=1 set.
+No request may reach any host (the mirror counts its requests; the endpoint named is a closed
+port), and the shards equal an online run's; what is missing is one line naming the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+import bolmo_async
+from bolmo_async.errors import FetchIncomplete, OfflineError
+from bolmo_async.offline import hub_offline
+
+from .conftest import needs_dolma2
+from .helpers import run_cli, shard_hashes
+
+FRACTION = 0.3  # whole files and prefixes of others (the sample's files are small)
+BOUND = 200_000
+
+
+def _closed_port() -> str:
+    """An endpoint nothing listens on: any request to it would fail the run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _requests(mirror) -> int:
+    return len(mirror.hub_requests) + len(mirror.cdn_requests)
+
+
+def _login_node(out: Path, mirror, **kw) -> None:
+    """What a login node leaves: a plan, whole downloads in raw/ (and staged files, which the
+    callers remove where they want the offline run to read raw/)."""
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, streaming=False, progress=False, **kw)
+    assert any(p.is_file() for p in (out / "raw").rglob("*"))
+
+
+def _unstage(out: Path, every: int = 1) -> int:
+    """Remove the completion markers of every ``every``-th staged file (those files are then not staged)."""
+    markers = sorted((out / "staging").glob("*.json"))
+    for m in markers[::every]:
+        m.unlink()
+    return len(markers[::every])
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On"])
+def test_the_variable_is_read_as_huggingface_hub_reads_it(monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline()
+    for off in ("0", "false", "no", "off", " 1"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", off)
+        assert not hub_offline(), off
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", value)
+    assert hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # (huggingface_hub: the first one set decides)
+    assert not hub_offline()
+
+
+def test_offline_prepare_reads_staged_and_kept_files_and_equals_an_online_run(tmp_path, mirror, monkeypatch):
+    online = bolmo_async.prepare(
+        tmp_path / "online", endpoint=mirror.endpoint, data_fraction=FRACTION, max_tokens_per_file=BOUND, progress=False
+    )
+    d = tmp_path / "d"
+    _login_node(d, mirror)
+    assert _unstage(d, every=2) >= 2  # half staged, the other half only in raw/
+    raw = sorted(p for p in (d / "raw").rglob("*") if p.is_file())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _requests(mirror)
+    # Another endpoint than the plan's (online: listed to check it) and a closed one: no request at all.
+    got = bolmo_async.prepare(
+        d, endpoint=_closed_port(), data_fraction=FRACTION, max_tokens_per_file=BOUND, progress=False
+    )
+    assert _requests(mirror) == before
+    assert got["complete"] and shard_hashes(got) == shard_hashes(online)
+    assert sorted(p for p in (d / "raw").rglob("*") if p.is_file()) == raw  # read, kept
+    # finalize (at another bound: shards written again) and inspect make no request either.
+    again = bolmo_async.finalize(d, max_tokens_per_file=BOUND // 2)
+    assert again["complete"] and len(again["shards"]) > len(got["shards"])
+    assert not bolmo_async.inspect(d, decode=1)["problems"]
+    r = run_cli("inspect", str(d))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _requests(mirror) == before
+
+
+def test_offline_fetch_says_in_one_line_what_is_missing_before_any_work(tmp_path, mirror, monkeypatch):
+    d = tmp_path / "d"
+    _login_node(d, mirror)
+    n = _unstage(d)
+    gone = sorted(p for p in (d / "raw").rglob("*") if p.is_file())[:2]
+    for p in gone:
+        p.unlink()
+    run_json = (d / "run.json").read_bytes()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _requests(mirror)
+    with pytest.raises(OfflineError) as err:
+        bolmo_async.fetch(d, endpoint=mirror.endpoint, progress=False)
+    said = str(err.value)
+    assert f"2 of the {n} planned file(s) are neither staged nor kept whole in {d / 'raw'}/" in said, said
+    assert all(p.name in said for p in gone), said
+    assert "HF_HUB_OFFLINE is set" in said and "--no-streaming" in said and "unset HF_HUB_OFFLINE" in said, said
+    assert (d / "run.json").read_bytes() == run_json and not list((d / "staging").glob("*.json"))
+    r = run_cli("fetch", "-o", str(d), "--endpoint", mirror.endpoint, "--no-progress")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "2 of the" in lines[0] and "HF_HUB_OFFLINE" in lines[0], r.stderr
+    assert _requests(mirror) == before
+
+
+def test_a_kept_download_that_does_not_match_fails_its_file_offline(tmp_path, mirror, monkeypatch):
+    d = tmp_path / "d"
+    _login_node(d, mirror)
+    _unstage(d)
+    bad = sorted(p for p in (d / "raw").rglob("*") if p.is_file())[0]
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _requests(mirror)
+    with pytest.raises(FetchIncomplete) as err:
+        bolmo_async.fetch(d, endpoint=mirror.endpoint, progress=False, processes=1)
+    assert "1 file(s) failed" in str(err.value) and "does not match the listing" in str(err.value), err.value
+    assert "HF_HUB_OFFLINE is set" in str(err.value)
+    assert _requests(mirror) == before and bad.exists()
+
+
+def test_planning_offline_is_refused_with_the_fix(tmp_path, mirror, monkeypatch):
+    d = tmp_path / "d"
+    bolmo_async.plan(d, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    plan = (d / "plan.json").read_bytes()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "yes")
+    before = _requests(mirror)
+    with pytest.raises(OfflineError, match=r"has no plan.json: planning needs the repository's listing"):
+        bolmo_async.fetch(tmp_path / "new", endpoint=mirror.endpoint, progress=False)
+    # The defaults' 1% re-plans the folder: the plan's own fractions are named.
+    with pytest.raises(OfflineError, match=rf"Pass the plan's own \(--data-fraction {FRACTION:g}\)"):
+        bolmo_async.prepare(d, endpoint=mirror.endpoint, progress=False)
+    with pytest.raises(OfflineError, match="--force plans again"):
+        bolmo_async.fetch(d, endpoint=mirror.endpoint, force=True, progress=False)
+    assert (d / "plan.json").read_bytes() == plan  # (--force reset nothing)
+    assert bolmo_async.plan(d, endpoint=mirror.endpoint, data_fraction=FRACTION).commit  # the same plan: fine
+    assert _requests(mirror) == before
+
+
+@needs_dolma2
+def test_subword_offline_takes_the_tokenizer_from_the_folder_or_the_cache(tmp_path, mirror, monkeypatch):
+    """The default identifier (a Hub repo id, served by the mirror): online, the run keeps its JSON in
+    the folder and the cache; offline, either is enough, and without both the run is refused."""
+    kw = {"tokenizer": "subword", "max_tokens_per_file": BOUND, "progress": False}
+    online = bolmo_async.prepare(tmp_path / "online", endpoint=mirror.endpoint, data_fraction=FRACTION, **kw)
+    d = tmp_path / "d"
+    _login_node(d, mirror, tokenizer="subword")
+    bare = tmp_path / "bare"  # the plan and raw/ only: nothing says which tokenizer
+    bare.mkdir()
+    shutil.copy(d / "plan.json", bare / "plan.json")
+    shutil.copytree(d / "raw", bare / "raw")
+    _unstage(d)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _requests(mirror)
+    monkeypatch.setenv("BOLMO_ASYNC_CACHE", "")  # no cache: the folder's tokenizer/tokenizer.json
+    got = bolmo_async.prepare(d, endpoint=mirror.endpoint, data_fraction=FRACTION, **kw)
+    assert shard_hashes(got) == shard_hashes(online)
+    with pytest.raises(OfflineError, match=r"tokenizer allenai/dolma2-tokenizer is not on this machine"):
+        bolmo_async.prepare(bare, endpoint=mirror.endpoint, data_fraction=FRACTION, **kw)
+    assert not (bare / "run.json").exists()
+    monkeypatch.delenv("BOLMO_ASYNC_CACHE")  # the cache the online runs wrote
+    got = bolmo_async.prepare(bare, endpoint=mirror.endpoint, data_fraction=FRACTION, **kw)
+    assert shard_hashes(got) == shard_hashes(online)
+    assert json.loads((bare / "run.json").read_text())["tokenizer"] == json.loads((d / "run.json").read_text())["tokenizer"]
+    assert _requests(mirror) == before
