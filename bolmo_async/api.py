@@ -471,11 +471,12 @@ def _plan(
             )
         if (existing.data_fraction, existing.selection) == (data_fraction, selection):
             return existing, _accept_endpoint(existing, _endpoint(endpoint), out)
-        log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
-    if hub_offline():
+    if hub_offline():  # (no listing: refused before a word of re-planning)
         from .offline import refuse_unplanned
 
         refuse_unplanned(out, existing, data_fraction, selection)
+    if existing is not None:
+        log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)
     if existing is None and not force and not out.is_output():
         _refuse_outputs_not_ours(out)

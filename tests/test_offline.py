@@ -173,5 +173,8 @@ def test_subword_offline_takes_the_tokenizer_from_the_folder_or_the_cache(tmp_pa
     monkeypatch.delenv("BOLMO_ASYNC_CACHE")  # the cache the online runs wrote
     got = bolmo_async.prepare(bare, endpoint=mirror.endpoint, data_fraction=FRACTION, **kw)
     assert shard_hashes(got) == shard_hashes(online)
-    assert json.loads((bare / "run.json").read_text())["tokenizer"] == json.loads((d / "run.json").read_text())["tokenizer"]
+    assert (
+        json.loads((bare / "run.json").read_text())["tokenizer"]
+        == json.loads((d / "run.json").read_text())["tokenizer"]
+    )
     assert _requests(mirror) == before
