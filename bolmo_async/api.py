@@ -1000,11 +1000,6 @@ def _fetch(
             n = auto_processes(the_plan)
             pool = executor_for(n)
         units = pool.units(the_plan)
-        offline = hub_offline()
-        if offline:  # (before any work: what is neither staged nor in raw/ is said in one line)
-            from .offline import check_files
-
-            check_files(out, the_plan, units, reads_prefixes_whole(verify_prefixes, ep, streaming), the_plan.endpoint)
         spec_tok, info = tok_future.result()
         stack.callback(forget_probed)
         if not (isinstance(pool, Pool) and pool.processes == 1):
@@ -1025,6 +1020,16 @@ def _fetch(
             # the reference gives the same ids.
             info = dataclasses.replace(info, engine="tokenizers")
             spec_tok = dataclasses.replace(spec_tok, engine="tokenizers", checked=info)
+        whole = reads_prefixes_whole(verify_prefixes, ep, streaming)
+        offline = hub_offline()
+        if offline and not (  # (a finished output whose staging was dropped: nothing to do, as online)
+            shard_bound is not None
+            and out.staging_dropped()
+            and _finished_output(out, the_plan, shard_bound, info.to_json(), checks_prefixes=whole)
+        ):
+            from .offline import check_files  # (before any work: what is missing is said in one line)
+
+            check_files(out, the_plan, units, whole, the_plan.endpoint)
         _check_state(out, info, force, share=worker is not None)
         if worker is not None:  # (a share the folder refused, pointed at another run's, records nothing)
             _record_split(out, the_plan, worker)
@@ -1032,7 +1037,6 @@ def _fetch(
             out.write_text(TOKENIZER, spec_tok.source.json_text)
         staging = Staging(out)
         recs = {u: staging.done(the_plan.files[u]) for u in units}  # each marker read once
-        whole = reads_prefixes_whole(verify_prefixes, ep, streaming)
         if whole:
             # A prefix staged with its hash unchecked (--no-verify-prefixes) is staged again by a
             # run that checks them (its worker does the same: ``run_file_task``).

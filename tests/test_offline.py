@@ -90,6 +90,22 @@ def test_offline_prepare_reads_staged_and_kept_files_and_equals_an_online_run(tm
     assert _requests(mirror) == before
 
 
+def test_a_finished_output_whose_staging_was_dropped_is_current_offline(tmp_path, mirror, monkeypatch):
+    """A login node's whole prepare with --drop-staging: a compute node's rerun offline has nothing
+    to do, as an online rerun (it is not refused for files neither staged nor in raw/)."""
+    d = tmp_path / "d"
+    kw = {"data_fraction": FRACTION, "max_tokens_per_file": BOUND, "progress": False}
+    first = bolmo_async.prepare(d, endpoint=mirror.endpoint, drop_staging=True, **kw)
+    assert not (d / "staging").exists() and not (d / "raw").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _requests(mirror)
+    again = bolmo_async.prepare(d, endpoint=_closed_port(), **kw)
+    assert again["complete"] and shard_hashes(again) == shard_hashes(first)
+    assert _requests(mirror) == before
+    with pytest.raises(OfflineError, match=r"neither staged nor kept whole"):  # (another bound needs the files)
+        bolmo_async.prepare(d, endpoint=_closed_port(), **{**kw, "max_tokens_per_file": BOUND // 2})
+
+
 def test_offline_fetch_says_in_one_line_what_is_missing_before_any_work(tmp_path, mirror, monkeypatch):
     d = tmp_path / "d"
     _login_node(d, mirror)
