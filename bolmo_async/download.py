@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -772,10 +773,17 @@ async def _wait(event: asyncio.Event, timeout: float | None = None) -> None:
     event.clear()
 
 
+def _one_attempt(policy: RetryPolicy) -> RetryPolicy:
+    return dataclasses.replace(policy, max_attempts=1)
+
+
 async def resolve(client: HubClient, url: str, what: str) -> str | None:
     """One resolve of ``url``: the signed URL the Hub redirects it to (a CDN's), or None when it
     does not redirect (the Hub serves the file itself) or fails; the transfer then resolves it
-    itself, and meets and reports the same error. 429s and 5xx are retried as everywhere."""
+    itself, and meets and reports the same error. One attempt: a 429, a 5xx or a broken
+    connection is the transfer's to retry (with its own budget, waiting out a rate limit), not
+    retried here too: a resolve-ahead that spent the whole budget and then the transfer's own
+    resolves asked the Hub twice per file while it was down or rate-limited (outage18)."""
 
     async def attempt() -> str | None:
         async with client.get(
@@ -792,7 +800,7 @@ async def resolve(client: HubClient, url: str, what: str) -> str | None:
             return None
 
     try:
-        return await retrying(client.retry, what, attempt, where=lambda: host_of(url))
+        return await retrying(_one_attempt(client.retry), what, attempt, where=lambda: host_of(url))
     except Exception as exc:  # the transfer resolves it again and reports what is wrong
         log.debug("%s: resolving ahead failed (%s); its transfer resolves it", what, exc)
         return None
