@@ -429,6 +429,16 @@ def _print_plan(
             + "".join(f"{human_count(row[key]):>{max(16, len(h))}}  " for h, key in columns)
             + f"{disk:>{max(16, len(disk_header))}}"
         )
+    total = est.get("TOTAL")
+    if total is not None:
+        # The staging beside the shards until --drop-staging: byte mode stages the text (a byte a
+        # token), subword mode the uint32 ids (as much as the shards). The disk check counts it.
+        kept = " / ".join(human_bytes(total[key] * (1 if key == "byte_tokens" else 4)) for _, key in columns)
+        _say(
+            f"{'staging/ (until --drop-staging)':<{width}} {'':>7}  {'':>10}  "
+            + "".join(f"{'':>{max(16, len(h))}}  " for h, _ in columns)
+            + f"{kept:>{max(16, len(disk_header))}}"
+        )
     for pattern, n in plan.matched:
         _say(f"{pattern}: {n} file(s)")
     # The fractions asked for, per source (not target/total bytes: rounded to whole bytes, those

@@ -135,6 +135,12 @@ def test_plan_prints_a_summary_table(tmp_path, mirror):
     for source in ("data/common_crawl", "data/finemath", "TOTAL"):
         assert source in r.stdout
     assert "download" in r.stdout and "tokens" in r.stdout
+    # The staging beside the shards until --drop-staging (a new user sized the disk by the shard
+    # column alone): byte mode's a byte a token, subword's as much as the shards.
+    total = next(x for x in r.stdout.splitlines() if x.startswith("TOTAL")).split()
+    staging = next(x for x in r.stdout.splitlines() if x.startswith("staging/ (until --drop-staging)")).split()
+    assert staging[-5] + staging[-4][0] == total[4], (total, staging)  # "62.6 MB" of staging for 62.6M bytes
+    assert staging[-2:] == total[-2:], (total, staging)  # dolma2: the shards' size
 
 
 def _error_lines(stderr: str) -> list[str]:
