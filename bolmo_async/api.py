@@ -1146,7 +1146,7 @@ def _fetch(
     if result.outage:  # a server down: one line, not one per file (``outage.OutageWatch``)
         raise FetchIncomplete(result.outage, failed=result.failed)
     if result.failed:
-        names = "\n  ".join(f"{p}: {why}" for p, why in sorted(result.failed.items()))
+        names = "\n  ".join(f"{p}: {_without_path(p, why)}" for p, why in sorted(result.failed.items()))
         again = set(result.failed) - result.permanent
         advice = []
         if again:
@@ -1390,6 +1390,13 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
         f"{why}. Run `{again}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
     )
+
+
+def _without_path(path: str, why: str) -> str:
+    """A failed file's reason without the path its error begins with (``repo/path: gave up ...``):
+    the list names each file once ("data/a.zst: allenai/bolmo_mix/data/a.zst: gave up" named it twice)."""
+    head, sep, rest = why.partition(": ")
+    return rest if sep and rest and (head == path or head.endswith("/" + path)) else why
 
 
 def _fetched_with(out: OutputDir) -> dict[str, Any] | None:

@@ -112,6 +112,9 @@ def test_retry_budget_exhaustion_reports_the_file_and_others_go_on(repos, tmp_pa
             _prepare(out, m.endpoint, retries=2)
         assert set(info.value.failed) == {victim}
         assert "rerun" in str(info.value).lower() and victim in str(info.value)
+        # Named once: its line was "data/x.zst: repo/data/x.zst: gave up after 2 attempts; ..."
+        (line,) = [x for x in str(info.value).splitlines() if victim in x]
+        assert line.count(victim) == 1 and line.strip().startswith(f"{victim}: gave up after 2 attempts"), line
         # Complete, or clearly not: no data_sources.txt for partial data unless asked for.
         assert not (out / "data_sources.txt").exists() and not (out / "manifest.json").exists()
         assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - 1
