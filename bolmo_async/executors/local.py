@@ -527,7 +527,9 @@ class Pool:
                         progress.add_total(msg.read - expected)
                     progress.file_done(sum(msg.record.get("skipped", {}).get("counts", {}).values()))
                 self._written_ahead.update(msg.shards)
-                if msg.read is not None:  # (one staged by an earlier run says nothing of the server)
+                if msg.read is not None and not msg.local:
+                    # (one staged by an earlier run, or read from its download kept in raw/, made no
+                    # request: it says nothing of the server)
                     self._watch.staged()
                 if on_staged is not None:
                     self._hand_out(on_staged(msg.unit, msg.lengths), result, shard_tasks)
