@@ -1142,7 +1142,7 @@ def _fetch(
                     if worker is None and (kept or not isinstance(pool, Pool))
                     else ""
                 )
-                raise Stopped(f"{said}; rerun the same command to resume{partial}", signum) from None
+                raise Stopped(f"{said}; rerun the same command to resume", signum, partial) from None
     if result.outage:  # a server down: one line, not one per file (``outage.OutageWatch``)
         raise FetchIncomplete(result.outage, failed=result.failed)
     if result.failed:
@@ -1528,6 +1528,8 @@ def prepare(
                 len(manifest["shards"]),
                 len(manifest["missing_files"]),
             )
+            if isinstance(exc, Stopped) and exc.partial:  # (written just now: not a step left to the user)
+                raise exc.without_partial() from None
         raise
     if report.finished is not None:
         log.info(

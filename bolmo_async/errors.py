@@ -148,10 +148,18 @@ class Stopped(Interrupted):
     ``KeyboardInterrupt``, so that a script's ``except BolmoError`` (or ``except Exception``)
     around an API call does not swallow Ctrl+C. The command line says it and exits 128 + ``signum``."""
 
-    def __init__(self, message: str, signum: int = SIGINT):
+    def __init__(self, message: str, signum: int = SIGINT, partial: str = ""):
         super().__init__(signum)
-        self.message = message
-        self.args = (message,)  # (its repr in a notebook's traceback: the line, not the signal's number)
+        self.message = message + partial
+        self.args = (self.message,)  # (its repr in a notebook's traceback: the line, not the signal's number)
+        #: The line's advice of the finalize that writes shards of what is staged: left out where
+        #: the call wrote them itself (``prepare(allow_incomplete=True)``).
+        self.partial = partial
+        self._said = message
+
+    def without_partial(self) -> Stopped:
+        """The same stop, its line without ``partial``."""
+        return Stopped(self._said, self.signum)
 
     def __str__(self) -> str:
         return self.message

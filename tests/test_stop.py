@@ -541,3 +541,40 @@ def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_do
     with MirrorThread(repos) as m:
         manifest = bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=0.5, processes=1)
     assert manifest["complete"]
+
+
+def test_a_stop_of_prepare_allow_incomplete_does_not_advise_the_finalize_it_ran(tmp_path, repos):
+    """prepare --allow-incomplete stopped by Ctrl+C writes shards of what is staged itself: its
+    stop line must not then tell the user to run `finalize --allow-incomplete` to get them (it
+    did: "wrote 1 shard(s) from what was staged", then "(`bolmo-async finalize ... --allow-incomplete`
+    writes shards of what is staged)")."""
+    from bolmo_async.errors import Stopped
+    from bolmo_async.mirror import MirrorThread, WanConfig
+
+    out = tmp_path / "o"
+    planned = threading.Event()
+
+    def interrupt() -> None:
+        if planned.wait(60):
+            deadline = time.monotonic() + 60
+            while not list((out / "staging").glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(Stopped) as got:
+            bolmo_async.prepare(
+                out,
+                endpoint=m.endpoint,
+                data_fraction=0.5,
+                processes=1,
+                allow_incomplete=True,
+                progress=False,
+                on_plan=lambda p: planned.set(),
+            )
+    said = str(got.value)
+    assert "are staged and kept" in said and "rerun the same command to resume" in said, said
+    assert (out / "manifest.json").exists() and list(out.glob("bolmo_data_*.npy"))  # written by prepare itself
+    assert "finalize" not in said, said
+    assert got.value.signum == signal.SIGINT
