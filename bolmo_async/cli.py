@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -258,9 +259,11 @@ def _parse_tokens(value: str | int) -> int:
     except ValueError:
         scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper())
         try:
-            meant = f"{float(text[:-1]) * scale:.0f} for {text}" if scale else ""
+            tokens = float(text[:-1]) * scale if scale else 0.0
         except ValueError:
-            meant = ""
+            tokens = 0.0
+        # (only a count the flag takes: "nanM", "infK" or "0.000001M" name none)
+        meant = f"{tokens:.0f} for {text}" if math.isfinite(tokens) and round(tokens) >= 2 else ""
         raise typer.BadParameter(
             f"{text!r} is not a whole number: give the tokens, " + (meant or "e.g. 100000000 for 100M") + "."
         ) from None

@@ -240,6 +240,22 @@ def test_max_tokens_per_file_written_as_the_original_readme_wrote_its_default_na
     assert r.returncode == 2 and "x>=2" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("written", ["nanM", "infK", "0.0000001M", "-3K"])
+def test_max_tokens_per_file_with_a_suffix_names_no_number_the_flag_refuses(written):
+    """The number a suffixed value means is named only when the flag takes it: "nanM" was told
+    "give the tokens, nan for nanM", "0.0000001M" "0 for 0.0000001M" (then out of the range)."""
+    import typer
+
+    from bolmo_async.cli import _parse_tokens
+
+    with pytest.raises(typer.BadParameter) as got:
+        _parse_tokens(written)
+    said = got.value.message
+    assert "e.g. 100000000 for 100M" in said and f"for {written}" not in said, said
+    with pytest.raises(typer.BadParameter, match="2500 for 2.5K"):
+        _parse_tokens("2.5K")
+
+
 def test_an_endpoint_whose_name_does_not_resolve_names_the_network_not_a_server(tmp_path):
     """Offline, the default endpoint (https://huggingface.co) said "Check --endpoint / HF_ENDPOINT
     and that the server runs": a user who set neither, on a machine without DNS, was sent to
