@@ -252,7 +252,7 @@ def test_max_tokens_per_file_with_a_suffix_names_no_number_the_flag_refuses(writ
         _parse_tokens(written)
     said = got.value.message
     assert "e.g. 100000000 for 100M" in said and f"for {written}" not in said, said
-    with pytest.raises(typer.BadParameter, match="2500 for 2.5K"):
+    with pytest.raises(typer.BadParameter, match=r"2500 for 2\.5K"):
         _parse_tokens("2.5K")
 
 
