@@ -436,9 +436,12 @@ def _print_plan(
     if total is not None:
         # The staging beside the shards until --drop-staging: byte mode stages the text (a byte a
         # token), subword mode the uint32 ids (as much as the shards). The disk check counts it.
+        from .outdir import STAGING
+
         kept = " / ".join(human_bytes(total[key] * (1 if key == "byte_tokens" else 4)) for _, key in columns)
+        label = f"{STAGING}/ (until --drop-staging)"
         _say(
-            f"{'staging/ (until --drop-staging)':<{width}} {'':>7}  {'':>10}  "
+            f"{label:<{width}} {'':>7}  {'':>10}  "
             + "".join(f"{'':>{max(16, len(h))}}  " for h, _ in columns)
             + f"{kept:>{max(16, len(disk_header))}}"
         )

@@ -37,7 +37,7 @@ from .finalizer import LayoutBuilder, Piece, ShardWriter, _write_piece
 from .hub import HubClient
 from .messages import LayoutAt
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
-from .outdir import OutputDir
+from .outdir import RAW, OutputDir
 from .retry import retrying
 from .staging import Staging, StagingWriter, unverified_prefix
 from .tokenize import AnyTokenizer
@@ -995,7 +995,7 @@ async def _raw(ctx: TaskContext, url: str, pf: PlannedFile, cdn: str | None = No
     if ctx.offline:
         raise OfflineError(
             f"{pf.path}: neither staged nor kept in {dest.parent.parent}/, and HF_HUB_OFFLINE is set (no request "
-            "to the Hub): run this fetch where the Hub is reachable (--no-streaming keeps whole files in raw/), "
+            f"to the Hub): run this fetch where the Hub is reachable (--no-streaming keeps whole files in {RAW}/), "
             "or unset HF_HUB_OFFLINE"
         )
     sink = RawFileSink(pf, dest, out)

@@ -22,7 +22,7 @@ from typing import Any
 from .errors import BolmoError, OfflineError
 from .guidance import command, fetch_command
 from .models import Plan, PlannedFile, Selection, check_repo_path
-from .outdir import RUN_STATE, TOKENIZER, OutputDir
+from .outdir import PLAN, RAW, RUN_STATE, TOKENIZER, OutputDir
 
 log = logging.getLogger("bolmo_async")
 
@@ -61,7 +61,7 @@ def planning_refused(out: OutputDir, why: str, fix: str = "") -> OfflineError:
     )
     return OfflineError(
         f"{_is_set()}, and {why}: planning needs the repository's listing. {keep} (there, `"
-        f"{command('fetch', '--output-dir', out, '--no-streaming')}` also keeps whole files in raw/ for offline "
+        f"{command('fetch', '--output-dir', out, '--no-streaming')}` also keeps whole files in {RAW}/ for offline "
         f"runs), or {_unset()}."
     )
 
@@ -69,7 +69,7 @@ def planning_refused(out: OutputDir, why: str, fix: str = "") -> OfflineError:
 def refuse_unplanned(out: OutputDir, existing: Plan | None, data_fraction: float, selection: Selection) -> None:
     """``_plan`` would list the repo: no plan.json yet, or this run's fractions re-plan it."""
     if existing is None:
-        raise planning_refused(out, f"{out} has no plan.json")
+        raise planning_refused(out, f"{out} has no {PLAN}")
     ours = [f"--data-fraction {data_fraction:g}"] + [
         f"--source-fraction {n}={f:g}" for n, f in selection.source_fractions
     ]
@@ -117,14 +117,15 @@ def check_files(out: OutputDir, plan: Plan, units: Iterable[int], whole: bool, e
         raise OfflineError(
             f"{_is_set()}, and {len(missing)} of the {len(units)} planned file(s) are neither staged nor kept whole "
             f"in {raw}/ ({names}). Run this fetch where the Hub is reachable (`{again} --no-streaming` also keeps "
-            f"whole files in raw/ for offline runs), or {_unset()}."
+            f"whole files in {RAW}/ for offline runs), or {_unset()}."
         )
     log.info(
-        "%s: using the plan's pinned commit %s, %d staged file(s) and %d download(s) kept in raw/",
+        "%s: using the plan's pinned commit %s, %d staged file(s) and %d download(s) kept in %s/",
         _is_set(),
         plan.commit[:12],
         len(units) - from_raw,
         from_raw,
+        RAW,
     )
 
 
