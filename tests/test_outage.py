@@ -215,31 +215,30 @@ def test_a_hub_down_for_fewer_files_than_the_streak_does_not_stop_the_run(repos,
     assert len(list((out / "staging").glob("*.json"))) == len(plan.files) - len(first)
 
 
-def test_one_broken_file_fails_alone(repos, tmp_path):
-    """One file whose every resolve is a 503, alone in flight (nothing staged meanwhile): that
-    file fails, the others are staged; no stop."""
+def _one_file_broken(repos, out: Path, **kw):
+    """A prepare where one planned file (a verified one) answers 503 to every resolve: that file
+    and the FetchIncomplete raised."""
     faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
-    out = tmp_path / "o"
     with MirrorThread(repos, faults=faults) as m:
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
         victim = next(f.path for f in plan.files if f.sha256)
         faults.rate, faults.only = 1.0, (victim,)
         with pytest.raises(FetchIncomplete) as info:
-            _prepare(out, m.endpoint, retries=2, **NARROW)
+            _prepare(out, m.endpoint, retries=2, **kw)
+    return victim, info
+
+
+def test_one_broken_file_fails_alone(repos, tmp_path):
+    """One file whose every resolve is a 503, alone in flight (nothing staged meanwhile): that
+    file fails, the others are staged; no stop."""
+    victim, info = _one_file_broken(repos, tmp_path / "o", **NARROW)
     assert set(info.value.failed) == {victim}
     assert "1 file(s) failed" in str(info.value) and "every request to" not in str(info.value)
 
 
 def test_one_broken_file_among_files_in_flight_fails_alone(repos, tmp_path):
     """The hold after a file gave up lasts until another is staged: then the run goes on."""
-    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
-    out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
-        victim = next(f.path for f in plan.files if f.sha256)
-        faults.rate, faults.only = 1.0, (victim,)
-        with pytest.raises(FetchIncomplete) as info:
-            _prepare(out, m.endpoint, retries=2, concurrency=2, connections=4, processes=2)
+    victim, info = _one_file_broken(repos, tmp_path / "o", concurrency=2, connections=4, processes=2)
     assert set(info.value.failed) == {victim} and "every request to" not in str(info.value)
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -500,6 +501,22 @@ def test_a_stop_counts_the_files_staged_when_it_ends(tmp_path, mirror, monkeypat
     )
 
 
+def _ctrl_c_once_a_file_is_staged(out: Path) -> threading.Event:
+    """A real Ctrl+C (SIGINT to this process) once the plan is made (set the event: ``on_plan``)
+    and a file is staged in ``out`` (its marker is there), others still to come."""
+    planned = threading.Event()
+
+    def interrupt() -> None:
+        if planned.wait(60):
+            deadline = time.monotonic() + 60
+            while not list((out / "staging").glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    return planned
+
+
 def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_does_not_catch(tmp_path, repos):
     """A notebook's or a driver script's Ctrl+C during ``bolmo_async.prepare``: the call raises a
         ``KeyboardInterrupt`` (saying what is kept and to rerun), as Python code does, not a
@@ -509,18 +526,10 @@ def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_do
     from bolmo_async.mirror import MirrorThread, WanConfig
 
     out = tmp_path / "o"
-    planned = threading.Event()
-
-    def interrupt() -> None:  # once a file is staged (its marker is there), others still to come
-        if planned.wait(60):
-            deadline = time.monotonic() + 60
-            while not list((out / "staging").glob("*.json")) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            os.kill(os.getpid(), signal.SIGINT)
+    planned = _ctrl_c_once_a_file_is_staged(out)
 
     # A slow link: the fetch is still under way when the first file is staged.
     with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m:
-        threading.Thread(target=interrupt, daemon=True).start()
         caught: list[BaseException] = []
         try:
             bolmo_async.prepare(
@@ -552,27 +561,18 @@ def test_a_stop_of_prepare_allow_incomplete_does_not_advise_the_finalize_it_ran(
     from bolmo_async.mirror import MirrorThread, WanConfig
 
     out = tmp_path / "o"
-    planned = threading.Event()
+    planned = _ctrl_c_once_a_file_is_staged(out)
 
-    def interrupt() -> None:
-        if planned.wait(60):
-            deadline = time.monotonic() + 60
-            while not list((out / "staging").glob("*.json")) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m:
-        threading.Thread(target=interrupt, daemon=True).start()
-        with pytest.raises(Stopped) as got:
-            bolmo_async.prepare(
-                out,
-                endpoint=m.endpoint,
-                data_fraction=0.5,
-                processes=1,
-                allow_incomplete=True,
-                progress=False,
-                on_plan=lambda p: planned.set(),
-            )
+    with MirrorThread(repos, wan=WanConfig(rtt=0.02, link_rate=300_000)) as m, pytest.raises(Stopped) as got:
+        bolmo_async.prepare(
+            out,
+            endpoint=m.endpoint,
+            data_fraction=0.5,
+            processes=1,
+            allow_incomplete=True,
+            progress=False,
+            on_plan=lambda p: planned.set(),
+        )
     said = str(got.value)
     assert "are staged and kept" in said and "rerun the same command to resume" in said, said
     assert (out / "manifest.json").exists() and list(out.glob("bolmo_data_*.npy"))  # written by prepare itself
