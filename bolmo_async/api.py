@@ -38,6 +38,7 @@ from .guidance import (
     check_types,
     command,
     fetch_command,
+    fetched_with,
     fixed_length_loss,
     normalize,
     plan_missing,
@@ -1288,10 +1289,7 @@ def _with_fetched_identifier(out: OutputDir, exc: TokenizerError, options: dict[
 
     if isinstance(exc, EngineMismatch) or options.get("tokenizer") != "subword":
         return None
-    try:
-        prev = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
-    except (OSError, BolmoError, ValueError, AttributeError, RecursionError):
-        return None
+    prev = fetched_with(out)
     asked = options.get("tokenizer_identifier", DEFAULT_TOKENIZER_ID)
     if not isinstance(prev, dict) or prev.get("kind") != "subword" or prev.get("identifier") in (None, asked):
         return None
@@ -1357,7 +1355,7 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
     older, damaged = _older_staging_format(out, the_plan)
     bound = manifest.get("max_tokens_per_file") if max_tokens_per_file is None else max_tokens_per_file
     gone = finished and older is None and not damaged and out.staging_dropped()
-    kept = _finished_output(out, the_plan, bound, _fetched_with(out)) if gone and isinstance(bound, int) else None
+    kept = _finished_output(out, the_plan, bound, fetched_with(out)) if gone and isinstance(bound, int) else None
     if kept is not None:
         log.info(
             "the output in %s is complete and current (%d shard(s), --max-tokens-per-file %d; its staging was "
@@ -1385,7 +1383,7 @@ def _something_staged(out: OutputDir, max_tokens_per_file: int | None) -> dict[s
         else f"{n} of {n} planned file(s) of {out} are not staged yet"
     )
     finished = finished or older is not None or damaged  # either way, the fetch fetches them again
-    again = fetch_command(out, the_plan.endpoint, _fetched_with(out))
+    again = fetch_command(out, the_plan.endpoint, fetched_with(out))
     raise StateError(
         f"{why}. Run `{again}` first{' (it fetches them again)' if finished else ''}, "
         "then finalize; --allow-incomplete would write an empty output."
@@ -1397,16 +1395,6 @@ def _without_path(path: str, why: str) -> str:
     the list names each file once ("data/a.zst: allenai/bolmo_mix/data/a.zst: gave up" named it twice)."""
     head, sep, rest = why.partition(": ")
     return rest if sep and rest and (head == path or head.endswith("/" + path)) else why
-
-
-def _fetched_with(out: OutputDir) -> dict[str, Any] | None:
-    """The tokenizer run.json says the folder was fetched with (a share of its plan, if one got
-    that far), or None."""
-    try:
-        said = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return said if isinstance(said, dict) else None
 
 
 def _older_staging_format(out: OutputDir, the_plan: Plan) -> tuple[Any, bool]:

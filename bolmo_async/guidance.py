@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import os
@@ -397,6 +398,19 @@ def tokenizer_flags(tokenizer: Mapping[str, Any] | None) -> list[str]:
     if tokenizer.get("special_tokens_as_text") is False:
         flags.append("--special-tokens-as-ids")
     return flags
+
+
+def fetched_with(out: Any) -> dict[str, Any] | None:
+    """The tokenizer the output folder ``out``'s ``run.json`` says it was fetched with (a share of
+    its plan, if one got that far), or None: nothing fetched yet, or unreadable."""
+    from .errors import BolmoError
+    from .outdir import RUN_STATE
+
+    try:
+        said = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
+    except (OSError, BolmoError, ValueError, AttributeError, RecursionError):
+        return None
+    return said if isinstance(said, dict) else None
 
 
 def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str, Any] | None = None) -> str:

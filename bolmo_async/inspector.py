@@ -146,14 +146,10 @@ def inspect_dir(
 def _refetch(out: OutputDir, plan: Plan) -> str:
     """How to remake what is wrong once the staging was dropped (``--drop-staging``): finalize alone
     cannot (it refuses: nothing staged), so the fetch that stages the files again, then finalize."""
-    from .guidance import fetch_command
+    from .guidance import fetch_command, fetched_with
 
-    try:
-        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
-    except (ValueError, AttributeError, RecursionError):
-        fetched_with = None
     return (
-        f"run `{fetch_command(out, plan.endpoint, fetched_with if isinstance(fetched_with, dict) else None)}` "
+        f"run `{fetch_command(out, plan.endpoint, fetched_with(out))}` "
         f"then `{command('finalize', '--output-dir', out)}` (its staging was dropped: the fetch stages the files "
         "again, finalize rewrites what is wrong from them)"
     )
@@ -162,7 +158,7 @@ def _refetch(out: OutputDir, plan: Plan) -> str:
 def _what_finishes(out: OutputDir) -> str:
     """The next step of an output that was never finalized: the fetch while planned files are not
     staged (a finalize then only refuses), else the finalize."""
-    from .guidance import fetch_command
+    from .guidance import fetch_command, fetched_with
     from .planner import load_plan, missing_shares_said
     from .staging import Staging
 
@@ -175,10 +171,9 @@ def _what_finishes(out: OutputDir) -> str:
         missing = [pf.path for pf in plan.files if staging.done(pf) is None]
         if not missing:
             return finalize
-        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
     except (StateError, OSError, ValueError, AttributeError, RecursionError):
         return finalize
-    fetch = fetch_command(out, plan.endpoint, fetched_with)
+    fetch = fetch_command(out, plan.endpoint, fetched_with(out))
     staged = len(plan.files) - len(missing)
     shares = missing_shares_said(out, plan, missing, fetch)
     if shares is not None:
@@ -279,12 +274,10 @@ def _header_problems(out: OutputDir, manifest: dict[str, Any], plan: Plan | None
         ):
             if key in manifest and manifest[key] != want:
                 said.append(f"{key} {json.dumps(manifest[key])}, where {PLAN} has {json.dumps(want)}")
-    try:
-        fetched_with = json.loads(out.read_bytes(RUN_STATE) or b"null")
-        tok = fetched_with.get("tokenizer") if isinstance(fetched_with, dict) else None
-    except (OSError, ValueError, RecursionError):
-        tok = None
-    if isinstance(tok, dict):
+    from .guidance import fetched_with
+
+    tok = fetched_with(out)
+    if tok is not None:
         for key in TOKENIZER_IDENTITY:
             if key in tok and key in manifest["tokenizer"] and manifest["tokenizer"][key] != tok[key]:
                 got, want = json.dumps(manifest["tokenizer"].get(key)), json.dumps(tok[key])

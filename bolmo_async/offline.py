@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import BolmoError, OfflineError
-from .guidance import command, fetch_command
+from .guidance import command, fetch_command, fetched_with
 from .models import Plan, PlannedFile, Selection, check_repo_path
-from .outdir import PLAN, RAW, RUN_STATE, TOKENIZER, OutputDir
+from .outdir import PLAN, RAW, TOKENIZER, OutputDir
 
 log = logging.getLogger("bolmo_async")
 
@@ -113,7 +113,7 @@ def check_files(out: OutputDir, plan: Plan, units: Iterable[int], whole: bool, e
     if missing:
         raw = out.download_path(missing[0].key, check_repo_path(missing[0].path), keep=True).parent.parent
         names = ", ".join(pf.path for pf in missing[:NAMED]) + (", ..." if len(missing) > NAMED else "")
-        again = fetch_command(out, endpoint, _fetched_with(out))
+        again = fetch_command(out, endpoint, fetched_with(out))
         raise OfflineError(
             f"{_is_set()}, and {len(missing)} of the {len(units)} planned file(s) are neither staged nor kept whole "
             f"in {raw}/ ({names}). Run this fetch where the Hub is reachable (`{again} --no-streaming` also keeps "
@@ -127,15 +127,6 @@ def check_files(out: OutputDir, plan: Plan, units: Iterable[int], whole: bool, e
         from_raw,
         RAW,
     )
-
-
-def _fetched_with(out: OutputDir) -> dict[str, Any] | None:
-    """run.json's tokenizer, or None."""
-    try:
-        said = json.loads(out.read_bytes(RUN_STATE) or b"{}").get("tokenizer")
-    except (ValueError, AttributeError, RecursionError, OSError, BolmoError):
-        return None
-    return said if isinstance(said, dict) else None
 
 
 def tokenizer_fetch(out: OutputDir | None) -> Callable[[str, str], bytes | None]:
@@ -165,7 +156,7 @@ def tokenizer_fetch(out: OutputDir | None) -> Callable[[str, str], bytes | None]
 
 
 def _folder_tokenizer(out: OutputDir | None, repo_id: str) -> dict[str, Any] | None:
-    said = _fetched_with(out) if out is not None else None
+    said = fetched_with(out) if out is not None else None
     if said is None or said.get("kind") != "subword" or said.get("identifier") != repo_id:
         return None
     return said
