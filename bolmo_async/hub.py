@@ -202,7 +202,14 @@ class HubClient:
     def redact(self, text: str) -> str:
         """``text`` (a server's words: an error page) with the token left out, should the server
         have echoed the request (a debugging proxy does): an error line is printed and kept."""
-        return text.replace(self._token, "<HF_TOKEN>") if self._token else text
+        if not self._token:
+            return text
+        text = text.replace(self._token, "<HF_TOKEN>")
+        # A page read up to a bound can end inside the token: its start is left out too.
+        for k in range(min(len(self._token), len(text)) - 1, 3, -1):
+            if text.endswith(self._token[:k]):
+                return text[:-k] + "<HF_TOKEN>"
+        return text
 
     def headers_for(self, url: str | URL) -> dict[str, str]:
         """Request headers; the token only when ``url`` is on the Hub endpoint's origin."""
@@ -244,7 +251,8 @@ class HubClient:
                 if isinstance(exc.os_error, socket.gaierror):  # (offline: the Hub's name, which no one set)
                     raise HubError(
                         f"cannot reach {self.endpoint}: its name does not resolve ({exc.os_error.strerror}). Check "
-                        "this machine's network (DNS; a proxy goes in HTTPS_PROXY) and --endpoint / HF_ENDPOINT."
+                        "this machine's network (DNS; a proxy goes in HTTPS_PROXY) and --endpoint / HF_ENDPOINT; on a "
+                        "machine without internet, HF_HUB_OFFLINE=1 runs from what the output folder already holds."
                     ) from exc
                 why = "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
                 raise HubError(

@@ -266,6 +266,7 @@ def test_an_endpoint_whose_name_does_not_resolve_names_the_network_not_a_server(
     line = r.stderr.strip().splitlines()[-1]
     assert "hub.invalid" in line and "does not resolve" in line and "HTTPS_PROXY" in line, line
     assert "that the server runs" not in line, line
+    assert "HF_HUB_OFFLINE=1" in line, line  # (a compute node without internet: run from the folder)
 
 
 def test_help_matches_the_cli():
