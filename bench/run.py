@@ -892,7 +892,7 @@ def kind_report(r: dict[str, Any], modes: list[str]) -> tuple[list[str], dict[st
             out.setdefault(mode, {})[kind] = s
             rows.append((kind, s))
         if rows:
-            cols = list(rows[0][1])
+            cols = list(dict.fromkeys(c for _, s in rows for c in s))  # (dolma's columns: only its kinds have them)
             lines += [f"## {mode}, per kind of text (each kind's files alone, fraction 1.0 vs 0.1)", ""]
             lines += ["| kind | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             lines += [f"| {kind} | " + " | ".join(str(s.get(c, "")) for c in cols) + " |" for kind, s in rows]
