@@ -134,40 +134,26 @@ def test_files_in_flight_tell_an_outage_without_a_second_wave(repos, tmp_path):
     assert f"{STREAK} file(s) in a row" in str(info.value)
 
 
-def test_files_staged_by_an_earlier_run_do_not_hide_an_outage(repos, tmp_path):
-    """A rerun against a Hub that is down: the files an earlier run staged are done at once,
-    between the ones that fail; they say nothing of the server and must not reset the count."""
+@pytest.mark.parametrize("kept", ["staged", "raw"])
+def test_files_done_without_a_request_do_not_hide_an_outage(repos, tmp_path, kept):
+    """A rerun against a Hub that is down: the files an earlier run staged (``staged``), or whose
+    whole download raw/ keeps with their staging gone (``raw``, --no-streaming), are done without a
+    request, between the ones that fail; they say nothing of the server and must not reset the count."""
     faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
     out = tmp_path / "o"
+    streaming = kept == "staged"
     with MirrorThread(repos, faults=faults) as m:
         plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
         faults.rate, faults.only = 1.0, tuple(f.path for f in plan.files[1::2])
         with pytest.raises(FetchIncomplete) as first:
-            _prepare(out, m.endpoint, retries=2, **NARROW)
+            _prepare(out, m.endpoint, retries=2, streaming=streaming, **NARROW)
         assert "every request to" not in str(first.value)  # (failed, staged, failed: no stop)
+        if kept == "raw":
+            for pf in plan.files[0::2]:  # kept whole in raw/, no longer staged: read from raw/ again
+                (out / marker_name(pf.key)).unlink()
         faults.only = ()
         with pytest.raises(FetchIncomplete) as again:
-            _prepare(out, m.endpoint, retries=2, **NARROW)
-    assert str(again.value).startswith("every request to") and f"{STREAK} file(s) in a row" in str(again.value)
-
-
-def test_downloads_kept_in_raw_do_not_hide_an_outage(repos, tmp_path):
-    """A --no-streaming rerun against a Hub that is down: the files whose whole download raw/ keeps
-    (their staging gone) are read without a request, between the ones that fail; like the files
-    staged before, they say nothing of the server and must not reset the count."""
-    faults = FaultConfig(rate=0.0, kinds=("http503",), max_per_path=10**9)
-    out = tmp_path / "o"
-    with MirrorThread(repos, faults=faults) as m:
-        plan = bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION)
-        faults.rate, faults.only = 1.0, tuple(f.path for f in plan.files[1::2])
-        with pytest.raises(FetchIncomplete) as first:
-            _prepare(out, m.endpoint, retries=2, streaming=False, **NARROW)
-        assert "every request to" not in str(first.value)  # (failed, staged, failed: no stop)
-        for pf in plan.files[0::2]:  # kept whole in raw/, no longer staged: read from raw/ again
-            (out / marker_name(pf.key)).unlink()
-        faults.only = ()
-        with pytest.raises(FetchIncomplete) as again:
-            _prepare(out, m.endpoint, retries=2, streaming=False, **NARROW)
+            _prepare(out, m.endpoint, retries=2, streaming=streaming, **NARROW)
     assert str(again.value).startswith("every request to") and f"{STREAK} file(s) in a row" in str(again.value)
 
 
