@@ -26,7 +26,7 @@ from yarl import URL
 
 from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
-from .models import RepoFile, check_repo_path, data_suffix
+from .models import DEFAULT_REPO_ID, RepoFile, check_repo_path, data_suffix
 from .retry import RETRY_STATUSES, Progress, RetryPolicy, not_http, retrying
 
 log = logging.getLogger("bolmo_async")
@@ -312,12 +312,14 @@ class HubClient:
         return sha
 
     async def list_files(self, commit: str) -> list[RepoFile]:
-        """Every file of the repo at ``commit`` (recursive tree listing, all pages).
+        """Every data file of the repo at ``commit`` (recursive tree listing, all pages); the
+        others (README, images) are not kept.
 
         The listing is untrusted: hostile paths are refused, malformed entries are a clear
         error, a path listed twice is kept once (twice with different content is refused), an
-        entry that cannot be verified (no oid, no LFS hash) is refused, and pagination is
-        bounded (a repeated next page or more than ``MAX_PAGES`` pages stops it)."""
+        entry that cannot be verified (no oid, no LFS hash) is refused, and it is bounded: a
+        repeated next page, more than ``MAX_PAGES`` pages or more than ``MAX_DATA_FILES`` data
+        files stops it with one line."""
         url: str | None = self._api("tree", quote(commit, safe="")) + "?recursive=true&expand=false"
         where = f"{self.repo_id}@{commit[:8]}"
         found: dict[str, RepoFile] = {}
@@ -339,19 +341,22 @@ class HubClient:
                     continue
                 raw_path = item.get("path")
                 if isinstance(raw_path, str) and not data_suffix(raw_path):
-                    # A file we never read (README, images, ...): an odd entry of it (a backslash in
-                    # its name, which git allows) is no reason to refuse the repo's data.
-                    try:
-                        f = _listed_file(item, self.endpoint)
-                    except HubError as exc:
-                        log.debug("ignoring a listing entry that is not data: %s", exc)
-                        continue
-                else:
-                    f = _listed_file(item, self.endpoint)
+                    # A file we never read (README, images, ...): not kept (the plan never names it),
+                    # and an odd entry of it (a backslash in its name, which git allows) is no
+                    # reason to refuse the repo's data.
+                    continue
+                f = _listed_file(item, self.endpoint)
                 prev = found.get(f.path)
                 if prev is not None and prev != f:
                     raise HubError(
                         f"the listing of {where} names {f.path} twice with different contents; refusing an ambiguous listing."
+                    )
+                if prev is None and len(found) >= MAX_DATA_FILES:
+                    raise HubError(
+                        f"the listing of {where} at {self.endpoint} holds more than {MAX_DATA_FILES:,} data files, the "
+                        f"most this tool plans from one listing (MAX_DATA_FILES, bolmo_async/hub.py; each is held in "
+                        f"memory to plan; {DEFAULT_REPO_ID} lists far fewer). Is --endpoint a Hub-compatible server "
+                        "and --repo-id the repo you meant?"
                     )
                 found[f.path] = f
             url = _next_link(headers.get("Link"))
@@ -386,6 +391,13 @@ MAX_API_BYTES = 64 << 20
 
 #: Pages of a tree listing at most (1000 entries each on the Hub).
 MAX_PAGES = 100_000
+
+#: Data files of one listing at most (files we never read are not kept, nor counted). Each is
+#: held in memory to plan: a hostile or runaway listing of 2.1 million (21 pages of 100k) took
+#: a peak of 1.2 GB, past the 1 GiB a run promises; refused at 500k it was 0.53 GB (0.18 of
+#: it the process before listing), so at this bound well under. The largest data sets on the
+#: Hub list some tens of thousands of files, bolmo_mix far fewer.
+MAX_DATA_FILES = 300_000
 
 
 def _listed_file(item: dict[str, Any], endpoint: str) -> RepoFile:

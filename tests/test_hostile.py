@@ -252,6 +252,39 @@ async def test_a_path_listed_twice_is_planned_once(aiohttp_server):
             await other.list_files("0" * 40)
 
 
+async def test_a_listing_past_its_bound_of_data_files_is_one_line_and_other_files_are_not_kept(
+    aiohttp_server, monkeypatch
+):
+    """The listing was held whole with no bound: 21 pages of 100k entries took 1.2 GB (past the
+    run's 1 GiB). Past ``MAX_DATA_FILES`` data files it stops with one line naming the bound;
+    files the tool never reads are not kept (nor counted) at all."""
+    from bolmo_async import hub
+
+    def entries(page: int, n: int) -> list[dict]:
+        data = [
+            {"type": "file", "path": f"d/{page}-{i}.jsonl", "size": 3, "oid": f"{page}{i}".ljust(40, "0")}
+            for i in range(n)
+        ]
+        return data + [{"type": "file", "path": f"img/{page}-{i}.png", "size": 3, "oid": "2" * 40} for i in range(9)]
+
+    async def tree(request: web.Request) -> web.Response:
+        page = int(request.query.get("p", "0"))
+        nxt = {"Link": f'<{request.url.with_query(p=str(page + 1))}>; rel="next"'} if page < 2 else {}
+        return web.json_response(entries(page, 3), headers=nxt)
+
+    app = web.Application()
+    app.router.add_get("/api/datasets/a/b/tree/{rev}", tree)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        monkeypatch.setattr(hub, "MAX_DATA_FILES", 9)
+        files = await client.list_files("0" * 40)
+        assert len(files) == 9 and all(f.path.endswith(".jsonl") for f in files)
+        monkeypatch.setattr(hub, "MAX_DATA_FILES", 8)
+        with pytest.raises(HubError, match=r"holds more than 8 data files, the most this tool plans .*MAX_DATA_FILES"):
+            await client.list_files("0" * 40)
+
+
 async def test_only_http_redirects_are_followed(aiohttp_server):
     app = web.Application()
 
