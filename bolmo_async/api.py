@@ -1156,7 +1156,8 @@ def _fetch(
         if result.permanent:
             which = ", ".join(sorted(result.permanent)) if again else "These files"
             advice.append(
-                f"{which} cannot be read as documents, so a rerun fails them again: "
+                f"{which} cannot be read as documents{' or disagree with the listing' if _disagree(result) else ''}, "
+                "so a rerun fails them again: "
                 f"`{command('finalize', '--output-dir', out, '--allow-incomplete')}` writes the shards without them (or plan again with "
                 "--exclude PATH --force, which starts over)."
             )
@@ -1180,6 +1181,12 @@ def _fetch(
         layout=shards.layout() if shards is not None else None,
         from_raw_now=result.from_raw,
     )
+
+
+def _disagree(result: Any) -> bool:
+    """Whether a file a rerun fails again failed for its size against the listing's
+    (``download.ListingMismatch``), not for its documents."""
+    return any("the listing and the file disagree" in result.failed[p] for p in result.permanent)
 
 
 def _staged_unheard(staging: Staging, the_plan: Plan, units: set[int], whole: bool) -> int:

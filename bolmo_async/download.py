@@ -13,7 +13,8 @@
 - A bounded number of attempts per file, then ``DownloadError`` with the reason.
 - A body is never longer than the listing says: more bytes than that is a broken download
   (retried from the start, then failed), so a server that never ends a body cannot fill the
-  disk. Only http(s) redirects are followed, at most ``MAX_REDIRECTS`` per attempt.
+  disk. A copy whose every attempt is longer or shorter than listed fails as
+  ``ListingMismatch``, saying what helps (a rerun meets the same bytes). Only http(s) redirects are followed, at most ``MAX_REDIRECTS`` per attempt.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
-from .errors import AuthError, DownloadError, IntegrityError, NotFoundError, RangeIgnored, Retry
+from .errors import AuthError, DownloadError, IntegrityError, ListingMismatch, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
 from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, host_of, retrying
 from .util import DecodingSlot
@@ -103,6 +104,9 @@ async def stream(
     pos = start
     cdn_url: str | None = cdn
     total: int | None = end if end is not None else size
+    #: What the last attempt found of the file's size against the listing's (the server's copy
+    #: ends elsewhere): a rerun meets it again, so the failure says so (``ListingMismatch``).
+    mismatch: list[str] = []
 
     inline = getattr(sink, "inline", False)
     feed_bytes = getattr(sink, "feed_bytes", FEED_BYTES)
@@ -137,6 +141,7 @@ async def stream(
 
     async def attempt() -> int:
         nonlocal cdn_url, total
+        mismatch.clear()
         redirects = 0  # the redirect budget is per attempt
         while True:
             if cut is not None:
@@ -181,6 +186,10 @@ async def stream(
                     if r.status in RETRY_STATUSES:
                         raise Retry(f"HTTP {r.status}", r.headers, r.status)
                     if r.status == 416:
+                        if size is not None and pos < size:
+                            said = r.headers.get("Content-Range", "").rpartition("/")[2]
+                            ends = f"has {said} bytes" if said.isdigit() else f"has no byte {pos}"
+                            raise ListingMismatch(f"{what}: {_mismatch(f'the server says its copy {ends}', size)}")
                         raise DownloadError(f"{what}: the server says bytes {pos}- are out of range; the file changed?")
                     if r.status not in (200, 206):
                         said = await _short_text(r, client.redact)
@@ -217,6 +226,8 @@ async def stream(
                             if limit is not None and pos + len(buf) > limit:
                                 buf.clear()
                                 await restart()
+                                if size is not None and limit == size:
+                                    mismatch.append("the server's copy is longer")
                                 raise Retry(f"the body is longer than the {limit - start} bytes listed")
                             if len(buf) >= feed_bytes:
                                 data, buf = bytes(buf), bytearray()
@@ -230,6 +241,9 @@ async def stream(
                         data, buf = bytes(buf), bytearray()
                         await feed(data)
                     if total is not None and pos < total:
+                        if size is not None and _ends_short(r, size):
+                            # (the body ended where the server's own length says: not a broken connection)
+                            mismatch.append(f"the server's copy ends at byte {pos}")
                         raise Retry(f"body cut short at byte {pos} of {total}")
             except _RESUMABLE:
                 if buf:  # keep what arrived: the next attempt resumes after it
@@ -238,6 +252,8 @@ async def stream(
             return await verified()
 
     def fail(reason: str, n: int) -> DownloadError:
+        if mismatch and size is not None:
+            return ListingMismatch(f"{what}: {_mismatch(mismatch[0], size)} (each of {n} attempts)")
         return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
 
     return await retrying(
@@ -599,6 +615,7 @@ async def _fetch_blocks(
                 what=f"{what} (bytes {piece.lo}-{piece.hi - 1})",
                 start=piece.lo,
                 end=piece.hi,
+                size=size,  # (its end is the piece's: the size is what a short copy is told by)
                 on_bytes=got_piece,
                 cdn=cdn[0] if cdn else None,
                 resolved=note_url,
@@ -967,6 +984,26 @@ async def _verified(
 ) -> None:
     if verify is not None:
         await loop.run_in_executor(executor, verify)
+
+
+def _mismatch(found: str, size: int) -> str:
+    """The line of a file whose bytes are not the size the listing gives: what is wrong, and what
+    helps (a rerun gets the same bytes)."""
+    return (
+        f"{found}; the listing says {size} bytes: the listing and the file disagree (the repo "
+        "changed at that revision, or a mirror serves a stale listing), so a rerun fails it again. "
+        "Report it to whoever serves --endpoint, or leave the file out (`--exclude PATH` with --force "
+        "plans again; `finalize --allow-incomplete` writes the shards without it)"
+    )
+
+
+def _ends_short(r: aiohttp.ClientResponse, size: int) -> bool:
+    """Whether the server's own answer says the file is not ``size`` bytes: a whole file's
+    ``Content-Length``, or the total of a ``Content-Range``, other than the listing's."""
+    if r.status == 206:
+        total = r.headers.get("Content-Range", "").rpartition("/")[2]
+        return total.isdigit() and int(total) != size
+    return r.status == 200 and r.content_length is not None and r.content_length != size
 
 
 def _redirect_target(url: str, location: str) -> URL | None:

@@ -13,6 +13,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     │   └── UnsafePathError         the file listing holds a hostile path
     ├── DownloadError               a file failed after its retry budget
     │   ├── IntegrityError          sha256/size mismatch that retries did not fix
+    │   ├── ListingMismatch         the server's copy is not the size the listing gives (a rerun fails it again)
     │   └── RangeIgnored            the server answered a Range request with the whole body
     ├── DecodeError                 a file that cannot be read as documents (fails that file only)
     ├── StateError                  the output folder holds another plan/tokenizer, or is incomplete
@@ -83,6 +84,11 @@ class DownloadError(BolmoError):
 
 class IntegrityError(DownloadError):
     pass
+
+
+class ListingMismatch(DownloadError):
+    """The server's copy of a file is not the size the listing gives (the repo changed at that
+    revision, a mirror's stale listing): each attempt, and each rerun, meets it again."""
 
 
 class RangeIgnored(DownloadError):
@@ -234,6 +240,7 @@ __all__ = [
     "HubError",
     "IntegrityError",
     "Interrupted",
+    "ListingMismatch",
     "NotFoundError",
     "OfflineError",
     "OutputClosed",

@@ -394,8 +394,8 @@ MAX_PAGES = 100_000
 
 #: Data files of one listing at most (files we never read are not kept, nor counted). Each is
 #: held in memory to plan: a hostile or runaway listing of 2.1 million (21 pages of 100k) took
-#: a peak of 1.2 GB, past the 1 GiB a run promises; refused at 500k it was 0.53 GB (0.18 of
-#: it the process before listing), so at this bound well under. The largest data sets on the
+#: a peak of 1.18 GB, past the 1 GiB a run promises; refused at this bound, 0.45 GB (0.18 of
+#: it the process before listing; 0.53 at 500k). The largest data sets on the
 #: Hub list some tens of thousands of files, bolmo_mix far fewer.
 MAX_DATA_FILES = 300_000
 

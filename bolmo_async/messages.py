@@ -103,7 +103,8 @@ class Failed:
     wid: int
     unit: int
     reason: str
-    permanent: bool = False  # the file itself cannot be read as documents: a rerun fails it again
+    #: Not the transfer's fault (its documents, its size against the listing's): a rerun fails it again.
+    permanent: bool = False
     outage: tuple[str, str] | None = None  # (host, cause): what a server that is down answers (``OutageWatch``)
 
 

@@ -30,6 +30,7 @@ from .errors import (
     BolmoError,
     DecodeError,
     DiskSpaceError,
+    ListingMismatch,
     OutputError,
     StateError,
     TokenizerError,
@@ -312,7 +313,9 @@ class Worker:
                 log.debug("%s stopped: %s: %s", pf.path, type(exc).__name__, exc)
             elif isinstance(exc, BolmoError):
                 log.error("failed: %s", exc)
-                self._send(m.Failed(self.wid, unit, str(exc), isinstance(exc, DecodeError), exc.outage))
+                self._send(
+                    m.Failed(self.wid, unit, str(exc), isinstance(exc, DecodeError | ListingMismatch), exc.outage)
+                )
             else:  # one file's bug (or a Rust panic) never stops the others
                 log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
                 self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))

@@ -197,7 +197,7 @@ async def test_a_body_that_never_ends_is_capped_at_the_listed_size(aiohttp_serve
     seen = []
     async with make_session(2, FAST) as session:
         client = await _client(server, session)
-        with pytest.raises(DownloadError, match="longer than"):
+        with pytest.raises(DownloadError, match="longer"):
             await stream(client, str(server.make_url("/f")), sink, what="f", size=52, on_bytes=seen.append)
     assert len(sink.buf) <= 52 and sum(seen) <= 52
 
@@ -1277,3 +1277,43 @@ def test_a_hub_that_never_answers_is_given_the_runs_read_timeout_and_retries(tmp
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and endpoint in r.stderr.strip().splitlines()[-1], r.stderr
     assert took < 60, f"{took:.0f} s: the listing did not take the run's --read-timeout 1 --retries 2"
+
+
+@pytest.mark.parametrize(
+    ("served", "found"),
+    [
+        (b"x" * 20, "the server's copy is longer"),
+        (b"x" * 5, "the server says its copy has 5 bytes"),  # (its resume at byte 5 is answered 416)
+    ],
+)
+async def test_a_file_whose_bytes_are_not_the_listed_size_says_what_is_wrong_not_rerun(aiohttp_server, served, found):
+    """A server whose copy is longer or shorter than the listing's size failed the file with 'gave
+    up after N attempts; ... body cut short' and 'Rerun the same command', which meets the same
+    bytes again: the listing is what is wrong (the repo changed at that revision, a mirror's stale
+    listing). The line says so and what helps, in a ``ListingMismatch`` the run counts with the
+    files a rerun fails again."""
+    from bolmo_async.errors import ListingMismatch
+
+    async def serve(request: web.Request) -> web.Response:
+        rng = request.headers.get("Range")
+        if rng:
+            lo = int(rng.split("=")[1].split("-")[0])
+            if lo >= len(served):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(served)}"})
+            cr = f"bytes {lo}-{len(served) - 1}/{len(served)}"
+            return web.Response(status=206, body=served[lo:], headers={"Content-Range": cr})
+        return web.Response(body=served)
+
+    app = web.Application()
+    app.router.add_get("/f", serve)
+    server = await aiohttp_server(app)
+    async with make_session(2, FAST) as session:
+        client = await _client(server, session)
+        with pytest.raises(ListingMismatch) as info:
+            await stream(client, str(server.make_url("/f")), BytesSink(), what="d/f.jsonl", size=10)
+        said = str(info.value)
+        assert said.startswith(f"d/f.jsonl: {found}; the listing says 10 bytes") and "rerun fails it again" in said
+        assert "--exclude" in said and "--allow-incomplete" in said and "\n" not in said
+        # the same in Range segments of a larger file (each segment's request is told the size)
+        with pytest.raises(ListingMismatch, match="the listing says 10 bytes: the listing and the file disagree"):
+            await stream(client, str(server.make_url("/f")), BytesSink(), what="d/f.jsonl", start=4, end=10, size=10)
