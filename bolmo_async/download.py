@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -83,6 +83,7 @@ async def stream(
     cdn: str | None = None,
     resolved: Callable[[str], None] | None = None,
     cut: Callable[[], int] | None = None,
+    reresolve: Callable[[str], Awaitable[str | None]] | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
 
@@ -92,7 +93,9 @@ async def stream(
 
     ``cdn``: a URL ``url`` resolved to before (a signed CDN URL): asked directly, no resolve,
     and ``url`` is resolved again only if it is refused. ``resolved(u)``: called with the URL
-    that answered with the body, and with each URL redirected to.
+    that answered with the body, and with each URL redirected to. ``reresolve(refused)``: the
+    URL to ask once ``refused`` (a signed URL) was refused, shared by the segments of one file
+    (one resolve for them all; None: ``url``, resolved by this request as before).
 
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
@@ -107,6 +110,7 @@ async def stream(
     #: What the last attempt found of the file's size against the listing's (the server's copy
     #: ends elsewhere): a rerun meets it again, so the failure says so (``ListingMismatch``).
     mismatch: list[str] = []
+    refused_url: str | None = None  # a signed URL refused: asked again through ``reresolve``
 
     inline = getattr(sink, "inline", False)
     feed_bytes = getattr(sink, "feed_bytes", FEED_BYTES)
@@ -140,8 +144,10 @@ async def stream(
         return pos - start
 
     async def attempt() -> int:
-        nonlocal cdn_url, total
+        nonlocal cdn_url, total, refused_url
         mismatch.clear()
+        if refused_url is not None and reresolve is not None:
+            cdn_url, refused_url = await reresolve(refused_url), None
         redirects = 0  # the redirect budget is per attempt
         while True:
             if cut is not None:
@@ -181,7 +187,7 @@ async def stream(
                         # The URL the Hub redirected to refused it (a signed URL expired, a CDN that
                         # has not the object yet): resolved again. Never the token's fault (the
                         # token goes to the Hub only), nor the repo id's: the Hub resolved it.
-                        refused, cdn_url = URL(cdn_url).host, None
+                        refused, refused_url, cdn_url = URL(cdn_url).host, cdn_url, None
                         raise Retry(f"HTTP {r.status} from {refused}, where the Hub sent it (an expired signed URL?)")
                     if r.status in RETRY_STATUSES:
                         raise Retry(f"HTTP {r.status}", r.headers, r.status)
@@ -559,6 +565,20 @@ async def _fetch_blocks(
             cdn[:] = [u]
             changed.set()
 
+    resolving = asyncio.Lock()
+
+    async def reresolve(refused: str) -> str | None:
+        """The signed URL that replaces ``refused`` (expired: a CDN's 403/410), resolved once for
+        every segment of the file: each segment resolving on its own made 16 resolves of one file
+        with 16 segments in flight, against the Hub's resolver budget (3,000 per 5 minutes)."""
+        async with resolving:
+            if cdn and cdn[0] not in (refused, url):
+                return cdn[0]  # another segment resolved it again already
+            fresh = await resolve(client, url, f"{what} (resolving again)")
+            if fresh is not None:
+                note_url(fresh)
+            return fresh
+
     def split(now: float) -> _Piece | None:
         """The end phase (no block left to take): the piece in flight that would end last is cut
         in two when that ends the file sooner, its second part for the idle lane asking."""
@@ -606,6 +626,7 @@ async def _fetch_blocks(
                 on_bytes=got_piece,
                 cdn=cdn[0] if cdn else None,
                 resolved=note_url,
+                reresolve=reresolve,
             )
         else:
             await stream(
@@ -620,6 +641,7 @@ async def _fetch_blocks(
                 cdn=cdn[0] if cdn else None,
                 resolved=note_url,
                 cut=lambda: piece.hi,
+                reresolve=reresolve,
             )
 
     def left() -> bool:

@@ -701,3 +701,47 @@ def test_shards_ahead_keep_only_complete_shards_and_leave_nothing_when_stopped(t
     stopped.finish()
     assert stopped.commit() == {}
     assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp") or p.name.startswith("part-")]
+
+
+def test_the_segments_of_a_file_whose_signed_url_expires_share_one_resolve(blob, monkeypatch):
+    """The CDN refusing the signed URL mid-file (expired: 403) made each segment in flight resolve
+    the file again on its own: with 16 segments, 16 resolves of one file against the Hub's resolver
+    budget (3,000 per 5 minutes). The segments share one: the file's first resolve, then one more."""
+    import secrets
+
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(download, "SEGMENT_BLOCK", 96 * 1024)
+    wan = WanConfig(rtt=0.04, response_rate=0.5e6, link_rate=4e6)
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+
+    with MirrorThread([repo], wan=wan) as m:
+
+        class Expiring(Hash):
+            def feed(self, data: bytes) -> None:
+                if self.n < 1 << 20 <= self.n + len(data):
+                    m._secret = secrets.token_bytes(16)  # every URL signed so far is refused from now on
+                super().feed(data)
+
+        async def go() -> tuple[Hash, dict]:
+            async with make_session(16, FAST) as session:
+                client = HubClient(session, endpoint=m.endpoint, repo_id="a/b", retry=FAST)
+                sink, stats = Expiring(), {}
+                await fetch_file(
+                    client,
+                    client.resolve_url("main", path),
+                    sink,
+                    what=path,
+                    size=entry.size,
+                    link=Link(16),
+                    stats=stats,
+                )
+                return sink, stats
+
+        sink, stats = asyncio.run(go())
+        resolves = [p for _, p in m.hub_requests if "/resolve/" in p]
+    assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size
+    assert stats["lanes_max"] >= 8, stats
+    assert len(resolves) == 2, len(resolves)
