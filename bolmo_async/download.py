@@ -111,6 +111,9 @@ async def stream(
     #: ends elsewhere): a rerun meets it again, so the failure says so (``ListingMismatch``).
     mismatch: list[str] = []
     refused_url: str | None = None  # a signed URL refused: asked again through ``reresolve``
+    #: A CDN host refusing connections is resolved again once (the Hub may send elsewhere), then
+    #: retried as any broken connection: retried on the same URL, it spent --retries, never resolved.
+    cdn_down = [False]
 
     inline = getattr(sink, "inline", False)
     feed_bytes = getattr(sink, "feed_bytes", FEED_BYTES)
@@ -251,9 +254,19 @@ async def stream(
                             # (the body ended where the server's own length says: not a broken connection)
                             mismatch.append(f"the server's copy ends at byte {pos}")
                         raise Retry(f"body cut short at byte {pos} of {total}")
-            except _RESUMABLE:
+            except _RESUMABLE as exc:
                 if buf:  # keep what arrived: the next attempt resumes after it
                     await feed(bytes(buf))
+                if (
+                    not cdn_down[0]
+                    and cdn_url is not None
+                    and target == cdn_url
+                    and not client.on_hub(cdn_url)
+                    and isinstance(exc, aiohttp.ClientConnectorError)
+                    and isinstance(exc.os_error, ConnectionRefusedError)
+                ):
+                    cdn_down[0] = True
+                    refused_url, cdn_url = cdn_url, None
                 raise
             return await verified()
 

@@ -1317,3 +1317,42 @@ async def test_a_file_whose_bytes_are_not_the_listed_size_says_what_is_wrong_not
         # the same in Range segments of a larger file (each segment's request is told the size)
         with pytest.raises(ListingMismatch, match="the listing says 10 bytes: the listing and the file disagree"):
             await stream(client, str(server.make_url("/f")), BytesSink(), what="d/f.jsonl", start=4, end=10, size=10)
+
+
+async def test_a_cdn_host_refusing_connections_is_resolved_again_once(aiohttp_server):
+    """The Hub's redirect pointing to a CDN host that refuses connections was retried on the same
+    URL until --retries was spent, never resolved again (the Hub may send the next request
+    elsewhere). It is resolved again once, then retried as any broken connection."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+
+    async def cdn(request: web.Request) -> web.Response:
+        return web.Response(body=b"abc")
+
+    cdn_app = web.Application()
+    cdn_app.router.add_get("/lfs/f", cdn)
+    cdn_server = await aiohttp_server(cdn_app)
+    resolves: list[str] = []
+
+    async def resolve(request: web.Request) -> web.Response:
+        resolves.append(request.match_info["name"])
+        to = f"http://127.0.0.1:{dead}/lfs/f" if len(resolves) == 1 or request.match_info["name"] == "never" else None
+        return web.Response(status=302, headers={"Location": to or str(cdn_server.make_url("/lfs/f"))})
+
+    hub_app = web.Application()
+    hub_app.router.add_get("/resolve/{name}", resolve)
+    hub = await aiohttp_server(hub_app)
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    async with make_session(2, policy) as session:
+        endpoint = str(hub.make_url("")).rstrip("/")
+        client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=policy)
+        sink = BytesSink()
+        await stream(client, endpoint + "/resolve/once", sink, what="once", size=3)
+        assert bytes(sink.buf) == b"abc" and resolves == ["once", "once"]
+        # a CDN that stays down: resolved again once, then its retries as before (not one resolve each)
+        with pytest.raises(DownloadError, match=r"gave up after 3 attempts; last error: .*Connect"):
+            await stream(client, endpoint + "/resolve/never", BytesSink(), what="never", size=3)
+        assert resolves.count("never") == 2
