@@ -32,7 +32,7 @@ from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, ListingMismatch, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
-from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RetryPolicy, host_of, retrying
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RateWait, RetryPolicy, host_of, retrying
 from .util import DecodingSlot
 
 log = logging.getLogger("bolmo_async")
@@ -84,6 +84,7 @@ async def stream(
     resolved: Callable[[str], None] | None = None,
     cut: Callable[[], int] | None = None,
     reresolve: Callable[[str], Awaitable[str | None]] | None = None,
+    rate_wait: RateWait | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
 
@@ -96,6 +97,7 @@ async def stream(
     that answered with the body, and with each URL redirected to. ``reresolve(refused)``: the
     URL to ask once ``refused`` (a signed URL) was refused, shared by the segments of one file
     (one resolve for them all; None: ``url``, resolved by this request as before).
+    ``rate_wait``: the rate-limit waits left to the file, shared by its segments.
 
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
@@ -282,6 +284,7 @@ async def stream(
         fail=fail,
         note=lambda: f", resuming at byte {pos}",
         where=lambda: host_of(cdn_url or url),
+        rate_wait=rate_wait,
     )
 
 
@@ -568,6 +571,7 @@ async def _fetch_blocks(
     max_lanes = [0]
     errors: list[BaseException] = []
     growth = _Growth(loop.time())
+    rate_wait = RateWait(client.retry)  # (one file's waits for rate limits, all its segments')
 
     def got(n: int) -> None:
         growth.got(n, loop.time())
@@ -640,6 +644,7 @@ async def _fetch_blocks(
                 cdn=cdn[0] if cdn else None,
                 resolved=note_url,
                 reresolve=reresolve,
+                rate_wait=rate_wait,
             )
         else:
             await stream(
@@ -655,6 +660,7 @@ async def _fetch_blocks(
                 resolved=note_url,
                 cut=lambda: piece.hi,
                 reresolve=reresolve,
+                rate_wait=rate_wait,
             )
 
     def left() -> bool:
@@ -796,6 +802,7 @@ async def _fetch_blocks(
                     on_bytes=count,
                     cdn=cdn[0] if cdn else None,
                     cut=lambda: size if more() else 0,
+                    rate_wait=rate_wait,
                 )
             finally:
                 if link is not None:

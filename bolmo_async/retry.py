@@ -62,6 +62,10 @@ class RetryPolicy:
     #: rate-limit window is 5 minutes and its ``t`` the seconds until it resets (huggingface_hub
     #: waits ``t`` + 1). A hint beyond it (no Hub's: 1e9 s) fails the request at once, saying so.
     max_hint: float = 300.0
+    #: The most one file (or one API call) waits in all for a server's rate-limit hints: each
+    #: wait up to ``max_hint``, then the file fails saying so. Two of the Hub's 5-minute windows:
+    #: a server answering ``t=300`` forever held a file 7 x 300 s (35 minutes) before it failed.
+    max_rate_wait: float = 600.0
     connect_timeout: float = 30.0
     read_timeout: float = 60.0  # a read that stalls this long counts as a broken connection
     min_rate: float = 1024.0  # bytes/s a body must sustain over each progress window
@@ -189,6 +193,17 @@ def _throttled(host: str, cause: str) -> tuple[bool, int]:
     return False, 0
 
 
+class RateWait:
+    """What is left of ``RetryPolicy.max_rate_wait`` to one file: shared by its requests (the
+    segments of a file), so that the file as a whole waits at most that long for rate limits."""
+
+    __slots__ = ("left", "waited")
+
+    def __init__(self, policy: RetryPolicy):
+        self.left = policy.max_rate_wait
+        self.waited = 0.0
+
+
 def _default_fail(what: str) -> Callable[[str, int], BaseException]:
     return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
 
@@ -201,6 +216,7 @@ def _next_delay(
     note: Callable[[], str] | None,
     fail: Any,
     where: Callable[[], str | None] | None = None,
+    rate_wait: RateWait | None = None,
 ) -> float:
     """Log the retry and return its delay, or raise the caller's error when the budget is spent.
     An error raised for an ``outage_cause`` carries ``outage = (host, cause)`` (``where()``: the
@@ -223,6 +239,15 @@ def _next_delay(
             n,
         ) from exc
     delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
+    if hinted is not None and rate_wait is not None:
+        if delay > rate_wait.left:
+            raise (fail or _default_fail(what))(
+                f"{reason}, and the server asks to wait {hinted:g} s more after {rate_wait.waited:.0f} s of waiting: "
+                f"past the {policy.max_rate_wait:.0f} s one file waits in all for a rate limit; try again later",
+                n,
+            ) from exc
+        rate_wait.left -= delay
+        rate_wait.waited += delay
     more = ""
     if cause is not None:
         say, unsaid = _throttled(host, cause)
@@ -246,20 +271,25 @@ async def retrying(
     retry_on: tuple[type[BaseException], ...] = RETRY_EXCEPTIONS,
     note: Callable[[], str] | None = None,
     where: Callable[[], str | None] | None = None,
+    rate_wait: RateWait | None = None,
 ) -> T:
     """Await ``attempt()`` until it returns, at most ``policy.max_attempts`` times.
 
     ``Retry`` and ``retry_on`` exceptions are retried after ``policy.delay``; ``fail(reason,
     attempts)`` builds the error raised when the budget is spent; ``note()`` adds context to the
     retry line (e.g. ", resuming at byte N"); ``where()``: the host asked (``host_of``), for the
-    error's ``outage`` and the retry lines said once per host and cause (``LOG_INTERVAL``)."""
+    error's ``outage`` and the retry lines said once per host and cause (``LOG_INTERVAL``).
+    ``rate_wait``: the rate-limit waits left to the file (shared by its requests; else this
+    call's own ``max_rate_wait``)."""
     n = 0
+    if rate_wait is None:
+        rate_wait = RateWait(policy)
     while True:
         n += 1
         try:
             return await attempt()
         except Retry as exc:
-            delay = _next_delay(policy, what, n, exc, note, fail, where)
+            delay = _next_delay(policy, what, n, exc, note, fail, where, rate_wait)
         except aiohttp.ClientConnectorCertificateError as exc:  # not transient: no retry
             raise certificate_error(exc) from exc
         except retry_on as exc:
@@ -292,12 +322,13 @@ def retrying_sync(
 ) -> T:
     """``retrying`` for blocking callers (threads): the same policy, budget, hints and log line."""
     n = 0
+    rate_wait = RateWait(policy)
     while True:
         n += 1
         try:
             return attempt()
         except Retry as exc:
-            delay = _next_delay(policy, what, n, exc, note, fail)
+            delay = _next_delay(policy, what, n, exc, note, fail, None, rate_wait)
         except retry_on as exc:
             delay = _next_delay(policy, what, n, exc, note, fail)
         sleep(delay)
@@ -368,6 +399,7 @@ __all__ = [
     "RETRY_STATUSES",
     "SYNC_RETRY_EXCEPTIONS",
     "Progress",
+    "RateWait",
     "Retry",
     "RetryPolicy",
     "host_of",

@@ -259,3 +259,31 @@ async def test_a_slow_but_honest_body_completes(aiohttp_server):
         sink = BytesSink()
         await asyncio.wait_for(stream(client, str(server.make_url("/f")), sink, what="f", size=12_000), 30)
     assert bytes(sink.buf) == b"x" * 12_000
+
+
+async def test_a_rate_limit_that_never_lifts_fails_the_file_within_its_bound_saying_so(aiohttp_server):
+    """A server answering 429 with RateLimit t=300 forever held each request up to 7 x 300 s
+    (35 minutes) before the file failed: each wait is honoured whole, but one file waits at most
+    ``max_rate_wait`` in all (600 s at the defaults), then fails saying so."""
+    asked = []
+
+    async def limited(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(status=429, headers={"RateLimit": '"resolvers";r=0;t=0.3'})
+
+    app = web.Application()
+    app.router.add_get("/f", limited)
+    server = await aiohttp_server(app)
+    policy = RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.02, read_timeout=5, max_rate_wait=1.0)
+    async with make_session(2, policy) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        for fetch in (stream, fetch_file):
+            asked.clear()
+            t0 = time.monotonic()
+            with pytest.raises(DownloadError) as info:
+                await asyncio.wait_for(fetch(client, str(server.make_url("/f")), BytesSink(), what="f", size=10), 30)
+            assert time.monotonic() - t0 < 1.5 and 2 <= len(asked) <= 5, (len(asked), time.monotonic() - t0)
+            said = str(info.value)
+            assert "HTTP 429, and the server asks to wait 0.3 s more after" in said, said
+            assert "past the 1 s one file waits in all for a rate limit; try again later" in said
+    assert RetryPolicy().max_rate_wait == 600
