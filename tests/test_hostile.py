@@ -1356,3 +1356,24 @@ async def test_a_cdn_host_refusing_connections_is_resolved_again_once(aiohttp_se
         with pytest.raises(DownloadError, match=r"gave up after 3 attempts; last error: .*Connect"):
             await stream(client, endpoint + "/resolve/never", BytesSink(), what="never", size=3)
         assert resolves.count("never") == 2
+
+
+def test_a_run_whose_file_is_not_the_listed_size_says_a_rerun_fails_it_again(tmp_path):
+    """The run's advice for a file whose copy is shorter than the listing says (a mirror serving a
+    stale listing): not 'Rerun the same command', which meets the same bytes again."""
+    import dataclasses
+
+    docs = "\n".join(json.dumps({"id": str(i), "text": f"doc {i}"}) for i in range(50)).encode()
+    repo = _repo_with(
+        tmp_path, {"data/a/good.jsonl": docs, "data/b/stale.jsonl.zst": zstandard.ZstdCompressor().compress(docs)}
+    )
+    out = tmp_path / "o"
+    with MirrorThread([repo]) as m, pytest.raises(FetchIncomplete) as info:
+        real = repo.files["data/b/stale.jsonl.zst"]
+        m._by_sha[real.sha256] = real  # its CDN serves the real copy; the listing says 5 bytes more
+        repo.files[real.path] = dataclasses.replace(real, size=real.size + 5)
+        bolmo_async.prepare(out, endpoint=m.endpoint, data_fraction=1.0, progress=False)
+    said = str(info.value)
+    assert list(info.value.failed) == ["data/b/stale.jsonl.zst"], said
+    assert f"its copy has {real.size} bytes; the listing says {real.size + 5} bytes" in said
+    assert "disagree with the listing, so a rerun fails them again" in said and "Rerun the same command" not in said
