@@ -13,7 +13,8 @@ they do (one that is staged lifts the stop: the server is back); then the run en
 naming the host, the cause and how long it tried, the files never handed out are "not started",
 and what was staged is kept for the rerun. One broken file among good ones, a rate limit (429,
 waited out as the server asks) and a server that recovers within a file's retry budget never
-stop a run.
+stop a run; a rate limit that asks a file to wait longer than a file waits in all is a cause
+(``retry.RATE_LIMITED``): each of a large plan's files would meet it in turn.
 """
 
 from __future__ import annotations

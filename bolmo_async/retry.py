@@ -204,6 +204,20 @@ class RateWait:
         self.waited = 0.0
 
 
+#: The outage cause of a file given up because the server asks it to wait longer than a file
+#: waits (``max_hint`` at once, ``max_rate_wait`` in all): a limit that does not lift within that
+#: is, for the run, a server that does not serve; ``STREAK`` such files in a row stop the hand-out
+#: (``outage.OutageWatch``) instead of each file in turn waiting its whole bound. A 429 with a
+#: short wait, retried until ``--retries`` is spent, is not one (the limit lifts between files).
+RATE_LIMITED = "rate limited for longer than a file waits"
+
+
+def _rate_limited(err: BaseException, host: str) -> BaseException:
+    if host and isinstance(err, BolmoError):
+        err.outage = (host, RATE_LIMITED)
+    return err
+
+
 def _default_fail(what: str) -> Callable[[str, int], BaseException]:
     return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
 
@@ -233,18 +247,24 @@ def _next_delay(
     if hinted is not None and hinted > policy.max_hint:
         # (a rate limit's wait cut short only spends the attempts: each retry meets the same limit)
         told = f"{hinted:.0f} s" if hinted < 1e7 else "forever"
-        raise (fail or _default_fail(what))(
-            f"{reason}, and the server asks to wait {told} before trying again (more than {policy.max_hint:.0f} s); "
-            "try again later",
-            n,
+        raise _rate_limited(
+            (fail or _default_fail(what))(
+                f"{reason}, and the server asks to wait {told} before trying again (more than {policy.max_hint:.0f} s); "
+                "try again later",
+                n,
+            ),
+            host,
         ) from exc
     delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
     if hinted is not None and rate_wait is not None:
         if delay > rate_wait.left:
-            raise (fail or _default_fail(what))(
-                f"{reason}, and the server asks to wait {hinted:g} s more after {rate_wait.waited:.0f} s of waiting: "
-                f"past the {policy.max_rate_wait:.0f} s one file waits in all for a rate limit; try again later",
-                n,
+            raise _rate_limited(
+                (fail or _default_fail(what))(
+                    f"{reason}, and the server asks to wait {hinted:g} s more after {rate_wait.waited:.0f} s of waiting: "
+                    f"past the {policy.max_rate_wait:.0f} s one file waits in all for a rate limit; try again later",
+                    n,
+                ),
+                host,
             ) from exc
         rate_wait.left -= delay
         rate_wait.waited += delay

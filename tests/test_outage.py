@@ -237,3 +237,28 @@ def test_a_rate_limit_is_not_an_outage(repos, tmp_path):
     assert "every request to" not in str(info.value)
     assert info.value.failed and not any(w.startswith("not started") for w in info.value.failed.values())
     assert all("HTTP 429" in w for w in info.value.failed.values())
+
+
+def test_a_rate_limit_that_does_not_lift_stops_the_hand_out(repos, tmp_path):
+    """429 on every resolve asking to wait longer than a file waits (RateLimit t=1000, past
+    ``RetryPolicy.max_hint``): each file gives up at once saying so, and STREAK of them in a row
+    stop the run as an outage does (one line naming the host and the cause, the rest not
+    started), instead of each file of a large plan meeting the same limit in turn (up to 600 s
+    each when the waits fit the bound one by one)."""
+    from bolmo_async.retry import RATE_LIMITED
+
+    faults = FaultConfig(rate=0.0, kinds=("http429",), max_per_path=10**9, retry_after=1000)
+    out = tmp_path / "o"
+    with MirrorThread(repos, faults=faults) as m:
+        planned = len(bolmo_async.plan(out, endpoint=m.endpoint, data_fraction=FRACTION).files)
+        faults.rate = 1.0
+        t0 = time.monotonic()
+        with pytest.raises(FetchIncomplete) as info:
+            _prepare(out, m.endpoint, retries=3, **NARROW)
+        took = time.monotonic() - t0
+    said = str(info.value)
+    assert f"every request to {host_of(m.endpoint)} failed ({RATE_LIMITED}) for " in said, said
+    assert f"{planned - STREAK} file(s) not started" in said, said
+    tried = [w for w in info.value.failed.values() if not w.startswith("not started")]
+    assert len(tried) == STREAK and all("asks to wait 1000 s" in w for w in tried), tried
+    assert took < 30, took
