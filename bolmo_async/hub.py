@@ -320,6 +320,7 @@ class HubClient:
         entry that cannot be verified (no oid, no LFS hash) is refused, and it is bounded: a
         repeated next page, more than ``MAX_PAGES`` pages or more than ``MAX_DATA_FILES`` data
         files stops it with one line."""
+        bound = max_data_files()
         url: str | None = self._api("tree", quote(commit, safe="")) + "?recursive=true&expand=false"
         where = f"{self.repo_id}@{commit[:8]}"
         found: dict[str, RepoFile] = {}
@@ -351,12 +352,12 @@ class HubClient:
                     raise HubError(
                         f"the listing of {where} names {f.path} twice with different contents; refusing an ambiguous listing."
                     )
-                if prev is None and len(found) >= MAX_DATA_FILES:
+                if prev is None and len(found) >= bound:
                     raise HubError(
-                        f"the listing of {where} at {self.endpoint} holds more than {MAX_DATA_FILES:,} data files, the "
-                        f"most this tool plans from one listing (MAX_DATA_FILES, bolmo_async/hub.py; each is held in "
-                        f"memory to plan; {DEFAULT_REPO_ID} lists far fewer). Is --endpoint a Hub-compatible server "
-                        "and --repo-id the repo you meant?"
+                        f"the listing of {where} at {self.endpoint} holds more than {bound:,} data files, the "
+                        f"most this tool plans from one listing (each is held in memory to plan, about 1 KB; "
+                        f"{DEFAULT_REPO_ID} lists far fewer). Is --endpoint a Hub-compatible server and --repo-id "
+                        f"the repo you meant? If so, set {MAX_DATA_FILES_ENV} to a larger number of files."
                     )
                 found[f.path] = f
             del data  # (a page's parsed entries, ~0.8 KB each, are not held while the next is read)
@@ -399,6 +400,24 @@ MAX_PAGES = 100_000
 #: it the process before listing). The largest data sets on the
 #: Hub list some tens of thousands of files, bolmo_mix far fewer.
 MAX_DATA_FILES = 300_000
+#: Sets another bound than ``MAX_DATA_FILES`` (a repo that lists more, on a machine with the memory).
+MAX_DATA_FILES_ENV = "BOLMO_ASYNC_MAX_DATA_FILES"
+
+
+def max_data_files() -> int:
+    """``MAX_DATA_FILES``, or the positive whole number ``BOLMO_ASYNC_MAX_DATA_FILES`` says."""
+    raw = os.environ.get(MAX_DATA_FILES_ENV, "").strip()
+    if not raw:
+        return MAX_DATA_FILES
+    try:
+        n = int(raw.replace("_", "").replace(",", ""))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise UsageError(
+            f"{MAX_DATA_FILES_ENV}={raw!r} is not a number of files: give a positive whole number, or unset it."
+        )
+    return n
 
 
 def _listed_file(item: dict[str, Any], endpoint: str) -> RepoFile:

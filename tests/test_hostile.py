@@ -22,7 +22,7 @@ from aiohttp import web
 import bolmo_async
 from bolmo_async.decode import LineDecoder, parquet_batch
 from bolmo_async.download import BytesSink, stream
-from bolmo_async.errors import DownloadError, FetchIncomplete, HubError, NotFoundError, StateError
+from bolmo_async.errors import DownloadError, FetchIncomplete, HubError, NotFoundError, StateError, UsageError
 from bolmo_async.hub import HubClient, make_session
 from bolmo_async.mirror import MirrorRepo, MirrorThread
 from bolmo_async.models import DEFAULT_REPO_ID, PlannedFile, SkipCounter
@@ -281,7 +281,14 @@ async def test_a_listing_past_its_bound_of_data_files_is_one_line_and_other_file
         files = await client.list_files("0" * 40)
         assert len(files) == 9 and all(f.path.endswith(".jsonl") for f in files)
         monkeypatch.setattr(hub, "MAX_DATA_FILES", 8)
-        with pytest.raises(HubError, match=r"holds more than 8 data files, the most this tool plans .*MAX_DATA_FILES"):
+        with pytest.raises(
+            HubError, match=r"holds more than 8 data files, the most this tool plans .*BOLMO_ASYNC_MAX_DATA_FILES"
+        ):
+            await client.list_files("0" * 40)
+        monkeypatch.setenv("BOLMO_ASYNC_MAX_DATA_FILES", "9")  # the way past it the line names
+        assert len(await client.list_files("0" * 40)) == 9
+        monkeypatch.setenv("BOLMO_ASYNC_MAX_DATA_FILES", "many")
+        with pytest.raises(UsageError, match="is not a number of files"):
             await client.list_files("0" * 40)
 
 
