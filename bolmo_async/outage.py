@@ -15,6 +15,15 @@ and what was staged is kept for the rerun. One broken file among good ones, a ra
 waited out as the server asks) and a server that recovers within a file's retry budget never
 stop a run; a rate limit that asks a file to wait longer than a file waits in all is a cause
 (``retry.RATE_LIMITED``): each of a large plan's files would meet it in turn.
+
+Between a file's failure and the rule's verdict, the hold (``holds``): no new file is handed out
+while the files in flight say nothing yet, so a down server costs one wave of files, not two. Any
+byte those files receive (``answered``) or one of them staged ends the hold at once: a lone broken
+file among files that are transferring keeps the run at full width (before, its slot idled until
+another file was staged: measured, 2 files wide at 100 kB/s per response, the next file came
+2.1 s into the run, when the 206 kB file beside it was staged; now at 0.8 s). Bytes are counted
+as a file's worker reports them (``worker.PROGRESS_EVERY``); a download kept in raw/ read again
+counts too (it says nothing of the server: at worst one file more is handed out meanwhile).
 """
 
 from __future__ import annotations
@@ -37,30 +46,41 @@ class OutageWatch:
         self._key: tuple[str, str] | None = None
         self._run = 0  # files in a row failed for ``_key``
         self._tried = 0  # files failed for ``_key`` since the last one staged
+        self._held = False  # a file gave up on an outage cause; nothing received since
         self.down: tuple[str, str] | None = None
 
     def staged(self) -> None:
         self._since = self._clock()
         self._key, self._run, self._tried, self.down = None, 0, 0, None
+        self._held = False
+
+    def answered(self) -> None:
+        """The files in flight received bytes: the servers answer, so the hold ends (the count of
+        files in a row does not: only a file staged resets it)."""
+        self._held = False
 
     def failed(self, outage: tuple[str, str] | None) -> bool:
         """Count one failed file; True when the run is to hand out no more files."""
         if outage is None or (outage[0], outage[1]) != self._key:
             self._key = (outage[0], outage[1]) if outage is not None else None
             self._run = self._tried = 0
+            self._held = False
         if self._key is not None:
             self._run += 1
             self._tried += 1
+            self._held = True
             if self._run >= self._streak:
                 self.down = self._key
         return self.down is not None
 
     def holds(self, in_flight: int) -> bool:
         """Whether the next file is to wait: the run is down, or a file just gave up on a
-        server's outage cause and others are still in flight (they tell whether it is down or
-        that file alone: one staged lifts the hold, STREAK failed make it a stop). Without the
-        hold, each failure handed out a new file that then spent a whole retry budget too."""
-        return self.down is not None or (self._run > 0 and in_flight > 0)
+        server's outage cause and the others in flight have received nothing since (they tell
+        whether the server is down or that file alone: a byte received or a file staged lifts the
+        hold, STREAK failed make it a stop). Without the hold, each failure handed out a new file
+        that then spent a whole retry budget too; lifted only by a file staged, a lone broken
+        file idled its slot until another file was done."""
+        return self.down is not None or (self._held and in_flight > 0)
 
     def says(self, not_started: int) -> str:
         """The run's one line, once ``down``."""

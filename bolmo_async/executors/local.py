@@ -504,6 +504,8 @@ class Pool:
         member = self.members[msg.wid]
         match msg:
             case m.Progress():
+                if msg.nbytes > 0:  # bytes received: a server answers (``OutageWatch.answered``)
+                    self._watch.answered()
                 if progress is not None:
                     progress.add_bytes(msg.nbytes)
                     progress.add_documents(msg.documents, msg.tokens)
