@@ -117,6 +117,55 @@ def test_a_failed_first_command_leaves_no_folder_behind(tmp_path):
     assert existing.is_dir()  # the user's own folder stays
 
 
+def _listing(folder: Path) -> dict[str, tuple[bool, bytes]]:
+    return {str(p.relative_to(folder)): (p.is_dir(), b"" if p.is_dir() else p.read_bytes()) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "found",
+    [
+        # the original script's output: refused (not a plan of ours)
+        {"bolmo_data_00000.npy": b"x", "data_sources.txt": b"x"},
+        {"plan.json/notes.txt": b"x"},  # a folder where plan.json goes: refused
+        {"plan.json": b"{not json"},  # refused: not a readable plan
+    ],
+    ids=["original-output", "folder-in-the-way", "unreadable-plan"],
+)
+def test_a_refused_first_run_leaves_the_users_folder_as_it_was(mirror, tmp_path, found):
+    """A first command refused on a folder the user already had leaves no .bolmo-async.lock there:
+    the folder lists exactly as before (the CLI, as a user runs it)."""
+    out = tmp_path / "mine"
+    for name, data in found.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    before = _listing(out)
+    r = run_cli("prepare", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--no-progress")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert _listing(out) == before, r.stderr
+    # ... and the next run takes the folder's lock as usual (made again, held, released)
+    assert bolmo_async.plan(tmp_path / "mine2", endpoint=mirror.endpoint, data_fraction=0.05).files
+
+
+def test_a_lock_file_removed_while_a_run_takes_it_is_told(tmp_path):
+    """The lock a refused run made goes (``discard_if_unused``); a run that opened it just before
+    sees that its file is no longer the folder's lock (``lock`` opens it again): a lock on a
+    removed file would keep no other run out."""
+    from bolmo_async.outdir.local import _replaced
+
+    lock = tmp_path / LOCK
+    lock.write_bytes(b"")
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        assert not _replaced(fd, lock)
+        lock.unlink()
+        assert _replaced(fd, lock)  # gone
+        (tmp_path / "keep").write_bytes(b"")  # (so that the new file gets another inode)
+        lock.write_bytes(b"")
+        assert _replaced(fd, lock)  # made again: another file
+    finally:
+        os.close(fd)
+
+
 def test_an_unwritable_folder_names_the_folder_and_the_permission(mirror, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere: a read-only folder needs another user")

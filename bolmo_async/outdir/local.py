@@ -417,6 +417,16 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
+def _replaced(fd: int, path: Path) -> bool:
+    """The lock file open as ``fd`` is no longer the one at ``path`` (removed, made again)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return True
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev)
+
+
 def _unlink_matching(folder: Path, pattern: re.Pattern[str]) -> int:
     """Remove the entries of ``folder`` whose names match ``pattern``; how many went."""
     n = 0
@@ -508,6 +518,9 @@ class LocalDir(OutputDir):
             )
         self.location = str(self.root)
         self._created = False
+        # The names a folder held when this run made its lock file there (None: the lock was
+        # there already): a refused first run leaves the user's folder as it found it.
+        self._found: set[str] | None = None
         self._tmp_listing: tuple[float, float, list[str]] | None = None  # when, its cost, names
 
     def path(self, name: str) -> Path:
@@ -525,6 +538,8 @@ class LocalDir(OutputDir):
             if not self.root.exists():
                 self.root.mkdir(parents=True)
                 self._created = True
+            elif not os.path.lexists(self.root / LOCK):
+                self._found = set(_names(self.root))
             fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
             os.close(fd)
         except OSError as exc:
@@ -541,16 +556,20 @@ class LocalDir(OutputDir):
             raise UsageError(f"--output-dir {self.root} cannot be used ({why}); {fix}.") from None
 
     def discard_if_unused(self) -> None:
-        """A folder this run made and left holding nothing but its lock goes again (a failed
-        first command leaves nothing behind)."""
-        if not self._created:
-            return
+        """A folder this run made and left holding nothing but its lock goes again, and in a folder
+        the user had, the lock this run made goes when nothing else was added (a failed first
+        command leaves nothing behind: the folder is as it was found). A run starting meanwhile
+        that opened the lock file before it went takes it again (``lock`` checks its inode)."""
         with contextlib.suppress(OSError):
-            if {p.name for p in self.root.iterdir()} <= {LOCK}:
+            if self._created and {p.name for p in self.root.iterdir()} <= {LOCK}:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / LOCK)
                 self.root.rmdir()
                 self._created = False
+            elif self._found is not None and set(_names(self.root)) <= self._found | {LOCK}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / LOCK)
+                self._found = None
 
     def exists(self) -> bool:
         return self.root.is_dir()
@@ -573,22 +592,8 @@ class LocalDir(OutputDir):
         except ImportError:  # not POSIX
             yield
             return
+        fd, locked = self._take(fcntl, shared)
         try:
-            fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
-        except OSError as exc:
-            raise translate(exc, path, self.location) from exc
-        try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                raise StateError(
-                    busy_message(str(self.root), f"process {holder}" if holder.isdigit() else "shares")
-                ) from None
-            except OSError:
-                locked = False  # no flock here: unlocked
-            else:
-                locked = True
             if not shared:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
@@ -607,6 +612,31 @@ class LocalDir(OutputDir):
                         os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # drops the lock
+
+    def _take(self, fcntl: Any, shared: bool) -> tuple[int, bool]:
+        """The lock file, open and flocked (False: no flock on this filesystem). A lock file removed
+        while this run took it (``discard_if_unused`` of a refused run) is opened again: a lock on
+        a file no longer there would keep no other run out."""
+        path = str(self.root / LOCK)
+        for _ in range(3):
+            try:
+                fd = _open_nofollow(self.root / LOCK, os.O_RDWR)
+            except OSError as exc:
+                raise translate(exc, path, self.location) from exc
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise StateError(
+                    busy_message(str(self.root), f"process {holder}" if holder.isdigit() else "shares")
+                ) from None
+            except OSError:
+                return fd, False  # no flock here: unlocked
+            if not _replaced(fd, self.root / LOCK):
+                return fd, True
+            os.close(fd)
+        raise StateError(f"{path} keeps being removed while this run takes it; rerun the command.")
 
     def holder(self) -> str | None:
         """From the kernel's table of flocks (``/proc/locks``, Linux), matched by the lock file's
