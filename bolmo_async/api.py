@@ -451,10 +451,19 @@ def _plan(
 
     validate_fraction(data_fraction)
     out = open_output(output_dir)
+
+    def online() -> str:  # what to run where the Hub is reachable, for a plan refused offline
+        from .offline import online_fetch
+
+        ep = _endpoint(endpoint)
+        return online_fetch(
+            out, ep, data_fraction, selection, repo_id=repo_id, revision=revision, seed=seed, force=force
+        )
+
     if force and hub_offline():
         from .offline import planning_refused
 
-        raise planning_refused(out, "--force plans again")
+        raise planning_refused(out, "--force plans again", online())
     if force and out.is_output():  # (a folder that holds no run of ours keeps what it holds: raw/ of the user's...)
         out.reset()
     existing = load_plan(out)
@@ -475,7 +484,7 @@ def _plan(
     if hub_offline():  # (no listing: refused before a word of re-planning)
         from .offline import refuse_unplanned
 
-        refuse_unplanned(out, existing, data_fraction, selection)
+        refuse_unplanned(out, existing, data_fraction, selection, online())
     if existing is not None:
         log.info("fractions changed: re-planning at the pinned commit %s", existing.commit[:12])
     ep = _endpoint(endpoint)

@@ -418,12 +418,14 @@ def fetch_command(output_dir: Any, endpoint: str | None, tokenizer: Mapping[str,
     ``--endpoint`` unless it is the Hub's own (without it the fetch would talk to the Hub, which
     does not list a mirror's own repos), and with the ``tokenizer`` flags the folder was fetched
     with (``tokenizer_flags``)."""
+    return command("fetch", "--output-dir", output_dir, *endpoint_flags(endpoint), *tokenizer_flags(tokenizer))
+
+
+def endpoint_flags(endpoint: str | None) -> list[str]:
+    """``--endpoint`` for a command a user is told to run, unless it is the Hub's own."""
     from .hub import HUB_ENDPOINT  # (aiohttp: only when a hint is printed)
 
-    args: list[Any] = ["fetch", "--output-dir", output_dir]
-    if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT:
-        args += ["--endpoint", endpoint]
-    return command(*args, *tokenizer_flags(tokenizer))
+    return ["--endpoint", endpoint] if endpoint and endpoint.rstrip("/") != HUB_ENDPOINT else []
 
 
 def plan_missing(output_dir: Any, manifest: bytes | None = None) -> str:
@@ -472,6 +474,12 @@ def plan_flags(manifest: bytes | None) -> list[str] | None:
         return None
     flags = ["--repo-id", repo] if repo != DEFAULT_REPO_ID else []
     flags += ["--revision", commit, "--data-fraction", str(fraction), "--seed", str(seed)]
+    return flags + selection_flags(sel)
+
+
+def selection_flags(sel: Selection) -> list[str]:
+    """The flags that select as ``sel`` does (none for the defaults)."""
+    flags: list[str] = []
     for g in sel.include:
         flags += ["--include", g]
     for g in sel.exclude:

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import BolmoError, OfflineError
-from .guidance import command, fetch_command, fetched_with
-from .models import Plan, PlannedFile, Selection, check_repo_path
+from .guidance import command, endpoint_flags, fetch_command, fetched_with, selection_flags
+from .models import DEFAULT_REPO_ID, DEFAULT_SEED, Plan, PlannedFile, Selection, check_repo_path
 from .outdir import PLAN, RAW, TOKENIZER, OutputDir
 
 log = logging.getLogger("bolmo_async")
@@ -54,22 +54,49 @@ def _unset() -> str:
     return f"unset {_variable() or 'HF_HUB_OFFLINE'}"
 
 
-def planning_refused(out: OutputDir, why: str, fix: str = "") -> OfflineError:
-    """A plan this run would have to make (``why``): it needs the repository's listing."""
+def online_fetch(
+    out: OutputDir,
+    endpoint: str | None,
+    data_fraction: float,
+    selection: Selection,
+    *,
+    repo_id: str = DEFAULT_REPO_ID,
+    revision: str | None = None,
+    seed: int = DEFAULT_SEED,
+    force: bool = False,
+) -> str:
+    """What to run where the Hub is reachable for a run refused offline: a plan of what that run
+    asked for (its fractions and selection; a bare fetch keeps the folder's plan, or plans the
+    defaults) at its ``endpoint``, then a fetch that keeps whole files in raw/ for the offline
+    runs after it."""
+    flags: list[Any] = ["--repo-id", repo_id] if repo_id != DEFAULT_REPO_ID else []
+    if revision is not None and revision != "main":
+        flags += ["--revision", revision]
+    if seed != DEFAULT_SEED:
+        flags += ["--seed", seed]
+    flags += ["--data-fraction", repr(data_fraction), *selection_flags(selection), *(["--force"] if force else [])]
+    plan = command("plan", "--output-dir", out, *endpoint_flags(endpoint), *flags)
+    return f"{plan} && {fetch_command(out, endpoint, fetched_with(out))} --no-streaming"
+
+
+def planning_refused(out: OutputDir, why: str, again: str, fix: str = "") -> OfflineError:
+    """A plan this run would have to make (``why``): it needs the repository's listing. ``again``:
+    the fetch that plans it where the Hub is reachable (``online_fetch``)."""
     keep = (
         f"{fix} run this command where the Hub is reachable" if fix else "Run this command where the Hub is reachable"
     )
     return OfflineError(
-        f"{_is_set()}, and {why}: planning needs the repository's listing. {keep} (there, `"
-        f"{command('fetch', '--output-dir', out, '--no-streaming')}` also keeps whole files in {RAW}/ for offline "
-        f"runs), or {_unset()}."
+        f"{_is_set()}, and {why}: planning needs the repository's listing. {keep} (there, `{again}` plans it "
+        f"and keeps whole files in {RAW}/ for offline runs), or {_unset()}."
     )
 
 
-def refuse_unplanned(out: OutputDir, existing: Plan | None, data_fraction: float, selection: Selection) -> None:
+def refuse_unplanned(
+    out: OutputDir, existing: Plan | None, data_fraction: float, selection: Selection, again: str
+) -> None:
     """``_plan`` would list the repo: no plan.json yet, or this run's fractions re-plan it."""
     if existing is None:
-        raise planning_refused(out, f"{out} has no {PLAN}")
+        raise planning_refused(out, f"{out} has no {PLAN}", again)
     ours = [f"--data-fraction {data_fraction:g}"] + [
         f"--source-fraction {n}={f:g}" for n, f in selection.source_fractions
     ]
@@ -79,6 +106,7 @@ def refuse_unplanned(out: OutputDir, existing: Plan | None, data_fraction: float
     raise planning_refused(
         out,
         f"this run's fractions ({' '.join(ours)}) are not those of the plan in {out} ({' '.join(theirs)})",
+        again,
         f"Pass the plan's own ({' '.join(theirs)}) to use it as it is, or",
     )
 
@@ -204,4 +232,4 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-__all__ = ["check_files", "hub_offline", "planning_refused", "refuse_unplanned", "tokenizer_fetch"]
+__all__ = ["check_files", "hub_offline", "online_fetch", "planning_refused", "refuse_unplanned", "tokenizer_fetch"]

@@ -165,6 +165,36 @@ def test_planning_offline_is_refused_with_the_fix(tmp_path, mirror, monkeypatch)
     assert _requests(mirror) == before
 
 
+def test_the_offline_refusals_advice_works_when_run(tmp_path, mirror, monkeypatch):
+    """Offline, a run at other fractions than the folder's plan (or in a folder with no plan) is
+    refused with a fetch to run where the Hub is reachable: run as said, it plans what the refused
+    run asked for and keeps the files whole, so the refused command then runs offline. (A bare
+    `fetch --no-streaming` kept the folder's own plan: the same refusal again.)"""
+    import shlex
+
+    d = tmp_path / "d"
+    bolmo_async.plan(d, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    kw = {"endpoint": mirror.endpoint, "data_fraction": 0.2, "source_fractions": {"data/stack_edu": 0.5}}
+    for out in (d, tmp_path / "new"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(OfflineError) as refused:
+            bolmo_async.prepare(out, progress=False, **kw)
+        said = str(refused.value)
+        advice = said.split("(there, `", 1)[1].split("`", 1)[0]
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        for step in advice.split(" && "):  # run as a shell would
+            argv = shlex.split(step)
+            assert argv[0] == "bolmo-async", said
+            r = run_cli(*argv[1:], *(["--no-progress"] if argv[1] == "fetch" else []))
+            assert r.returncode == 0, (advice, r.stderr)
+        assert "--no-streaming" in advice
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        before = _requests(mirror)
+        assert bolmo_async.prepare(out, progress=False, **kw)["complete"]
+        assert _requests(mirror) == before
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+
+
 @needs_dolma2
 def test_subword_offline_takes_the_tokenizer_from_the_folder_or_the_cache(tmp_path, mirror, monkeypatch):
     """The default identifier (a Hub repo id, served by the mirror): online, the run keeps its JSON in
