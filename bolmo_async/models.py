@@ -6,6 +6,7 @@ created in bulk are slotted.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
@@ -314,6 +315,12 @@ def validate_fraction(fraction: float, flag: str = "--data-fraction") -> float:
     if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0):
         raise UsageError(f"{flag} must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% or 1.0 for all.")
     return float(fraction)
+
+
+def tokenizer_fingerprint(json_text: str) -> str:
+    """``TokenizerInfo.fingerprint`` of a subword tokenizer's JSON (run.json and the manifest
+    record it; the folder's and the cache's copies are matched by it offline)."""
+    return hashlib.sha256(json_text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ naming the fix; never a connection error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 from .errors import BolmoError, OfflineError
 from .guidance import command, endpoint_flags, fetch_command, fetched_with, selection_flags
-from .models import DEFAULT_REPO_ID, DEFAULT_SEED, Plan, PlannedFile, Selection, check_repo_path
+from .models import DEFAULT_REPO_ID, DEFAULT_SEED, Plan, PlannedFile, Selection, check_repo_path, tokenizer_fingerprint
 from .outdir import PLAN, RAW, TOKENIZER, OutputDir
 
 log = logging.getLogger("bolmo_async")
@@ -198,7 +197,7 @@ def _folder_json(out: OutputDir | None, repo_id: str) -> str | None:
         text = out.read_text(TOKENIZER)
     except (OSError, BolmoError, UnicodeDecodeError):
         return None
-    return text if text is not None and _fingerprint(text) == said.get("fingerprint") else None
+    return text if text is not None and tokenizer_fingerprint(text) == said.get("fingerprint") else None
 
 
 def _cached_json(repo_id: str) -> str | None:
@@ -215,7 +214,7 @@ def _folder_eos(out: OutputDir | None, repo_id: str, text: str) -> str | None:
     """The EOS token's text run.json records for this very JSON, or None."""
     said = _folder_tokenizer(out, repo_id)
     eos = said.get("eos_token_id") if said is not None else None
-    if not isinstance(eos, int) or _fingerprint(text) != said.get("fingerprint"):  # type: ignore[union-attr]
+    if not isinstance(eos, int) or tokenizer_fingerprint(text) != said.get("fingerprint"):  # type: ignore[union-attr]
         return None
     try:
         spec = json.loads(text)
@@ -225,11 +224,6 @@ def _folder_eos(out: OutputDir | None, repo_id: str, text: str) -> str | None:
         return None
     got = tokens.get(eos)
     return got if isinstance(got, str) else None
-
-
-def _fingerprint(text: str) -> str:
-    """``TokenizerInfo.fingerprint`` of a tokenizer JSON."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 __all__ = ["check_files", "hub_offline", "online_fetch", "planning_refused", "refuse_unplanned", "tokenizer_fetch"]

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import EngineMismatch, TokenizerError
-from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo
+from .models import DEFAULT_CHECK_EVERY, ENGINES, TokenizerInfo, tokenizer_fingerprint
 from .tokcache import PREBUILD_ENV, PREBUILD_WORKERS_ENV, cache_dir
 from .util import STDERR_HOLD, release_free_memory
 
@@ -609,7 +609,7 @@ class SubwordTokenizer:
             identifier=source.identifier,
             eos_token_id=eos,
             vocab_size=vocab_size,
-            fingerprint=hashlib.sha256(source.json_text.encode("utf-8")).hexdigest()[:16],
+            fingerprint=tokenizer_fingerprint(source.json_text),
             engine=self.engine,
             special_tokens_as_text=special_tokens_as_text,
         )
@@ -927,7 +927,7 @@ def _remembered(
     if info.kind != "subword" or not isinstance(info.eos_token_id, int) or not isinstance(info.vocab_size, int):
         return None
     consistent = (
-        info.fingerprint == hashlib.sha256(source.json_text.encode("utf-8")).hexdigest()[:16]
+        info.fingerprint == tokenizer_fingerprint(source.json_text)
         and info.special_tokens_as_text is special_tokens_as_text
         and info.engine in ("fastokens", "tokenizers")
         and engine in ("auto", info.engine)

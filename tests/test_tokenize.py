@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bolmo_async.errors import TokenizerError
+from bolmo_async.models import tokenizer_fingerprint
 from bolmo_async.tokenize import (
     BYTE_EOS,
     ByteTokenizer,
@@ -122,6 +123,8 @@ def test_dolma2_facts(dolma2_source):
     spec = json.loads(dolma2_source.json_text)
     assert spec["post_processor"] is None  # encoding adds no special tokens: we append EOS
     assert tok.info.engine == "fastokens"  # the default engine where it is installed
+    # (offline matches the folder's and the cache's copies of the JSON by this one helper)
+    assert tok.info.fingerprint == tokenizer_fingerprint(dolma2_source.json_text) == "3ca996cca8afea58"
     flat, _ = tok.encode_batch(pa.array(["Hello world"], pa.large_string()))
     assert flat.tolist() == [9906, 1917, 100257]
 
