@@ -94,6 +94,7 @@ VALUE_NAMES = {
     "--faults": "RATE[:kinds]",
     "--fault-seed": "N",
     "--require-token": "TOKEN",
+    "--require-token-file": "PATH",
     "--url-ttl": "S",
     "--ready-file": "PATH",
     "--wan-rtt-ms": "MS",
@@ -1156,7 +1157,17 @@ def mirror_serve(
         None, "--faults", help="Inject faults: RATE[:kind,kind...], e.g. 0.3 or 0.5:reset,http429."
     ),
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault injection."),
-    token: str | None = typer.Option(None, "--require-token", help="Answer 401 unless this bearer token is sent."),
+    token: str | None = typer.Option(
+        None,
+        "--require-token",
+        envvar="BOLMO_ASYNC_MIRROR_TOKEN",
+        show_envvar=False,
+        help="Answer 401 unless this bearer token is sent (a command line is visible to every user in `ps`: "
+        "prefer --require-token-file or BOLMO_ASYNC_MIRROR_TOKEN).",
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--require-token-file", help="As --require-token, the token read from this file (its first line)."
+    ),
     url_ttl: float = typer.Option(3600.0, "--url-ttl", help="Seconds a signed CDN URL stays valid."),
     ready_file: Path | None = typer.Option(None, "--ready-file", help="Write the endpoint URL here once listening."),
     wan_rtt_ms: float = typer.Option(
@@ -1182,6 +1193,21 @@ def mirror_serve(
         )
     if not loopback:
         typer.secho(f"warning: binding to {host}, not loopback", err=True, fg=typer.colors.YELLOW)
+    if token_file is not None:
+        if token:
+            raise typer.BadParameter(
+                "pass the token once: --require-token-file, or --require-token / BOLMO_ASYNC_MIRROR_TOKEN",
+                param_hint="--require-token-file",
+            )
+        try:
+            lines = token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise typer.BadParameter(f"cannot read {token_file}: {exc}", param_hint="--require-token-file") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise typer.BadParameter(
+                f"{token_file} holds no token on its first line", param_hint="--require-token-file"
+            )
     try:
         fc = FaultConfig.parse(faults, seed=fault_seed)
     except ValueError as exc:

@@ -164,24 +164,49 @@ def test_cli_sample_and_serve_subprocess(tmp_path):
         assert proc.wait(timeout=10) == 0
 
 
-def test_serve_with_require_token_says_the_client_needs_it_in_hf_token_without_printing_it(sample_dir, tmp_path):
+@pytest.mark.parametrize("given", ["flag", "file", "env"])
+def test_serve_with_require_token_says_the_client_needs_it_in_hf_token_without_printing_it(sample_dir, tmp_path, given):
     """`mirror serve --require-token T` printed "use it with: HF_ENDPOINT=... bolmo-async prepare"
-    alone: the run it suggests answered 401. It says to set HF_TOKEN to the value, never the value."""
+    alone: the run it suggests answered 401. It says to set HF_TOKEN to the value, never the value.
+    The token on the command line is seen by every user in `ps`: from a file
+    (--require-token-file) or BOLMO_ASYNC_MIRROR_TOKEN it is out of the process's arguments."""
     import subprocess
     import sys
 
     secret = "hf_mirror_secret_77"
     ready = tmp_path / "ready"
     cmd = [sys.executable, "-m", "bolmo_async", "mirror", "serve", str(sample_dir), "--ready-file", str(ready)]
-    proc = subprocess.Popen([*cmd, "--require-token", secret], stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if given == "flag":
+        cmd += ["--require-token", secret]
+    elif given == "file":
+        (tmp_path / "token").write_text(secret + "\n")
+        cmd += ["--require-token-file", str(tmp_path / "token")]
+    else:
+        env["BOLMO_ASYNC_MIRROR_TOKEN"] = secret
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         endpoint = wait_for_endpoint(ready)
-        r = run_cli("plan", "-o", str(tmp_path / "o"), "--endpoint", endpoint, env={**os.environ, "HF_TOKEN": secret})
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+        assert (secret in argv) == (given == "flag")  # what `ps` shows of it
+        plan = ("plan", "-o", str(tmp_path / "o"), "--endpoint", endpoint)
+        refused = run_cli(*plan, env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"})
+        assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr  # the token is required
+        r = run_cli(*plan, env={**os.environ, "HF_TOKEN": secret})
         assert r.returncode == 0, r.stderr
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert "set HF_TOKEN to it" in out and secret not in out, out
+
+
+def test_serve_refuses_an_empty_token_file_and_two_tokens(sample_dir, tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    r = run_cli("mirror", "serve", str(sample_dir), "--require-token-file", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "holds no token" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "t").write_text("x\n")
+    r = run_cli("mirror", "serve", str(sample_dir), "--require-token-file", str(tmp_path / "t"), "--require-token", "y")
+    assert r.returncode == 2 and "pass the token once" in r.stderr, r.stderr
 
 
 def test_sample_is_deterministic_and_has_the_edge_documents(tmp_path):

@@ -614,7 +614,7 @@ def run_mirror(
             )
         print(f"  use it with: HF_ENDPOINT={endpoint} bolmo-async prepare ...   or --endpoint {endpoint}", flush=True)
         if token:  # (never said back: it is the clients' secret too)
-            print("  it answers 401 unless the --require-token value is sent: set HF_TOKEN to it", flush=True)
+            print("  it answers 401 unless the required token is sent: set HF_TOKEN to it", flush=True)
         if ready_file:
             tmp = f"{ready_file}.tmp"
             Path(tmp).write_text(endpoint + "\n")
