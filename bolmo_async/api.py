@@ -42,6 +42,7 @@ from .guidance import (
     fixed_length_loss,
     normalize,
     plan_missing,
+    say_to_caller,
     selection_from,
     tokenizer_flags,
     warn_short_shards,
@@ -343,6 +344,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+#: Set while a public call runs: the calls it makes itself leave its errors' words to it.
+_OUTER_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("outer_call", default=False)
+
+
 def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Hold the output folder's lock for the call (see ``util.folder_lock``): shared for
     ``--worker`` shares, exclusive otherwise. ``create``: make the folder first if needed, once
@@ -351,6 +356,18 @@ def _one_run_per_folder(create: bool) -> Callable[[Callable[P, R]], Callable[P, 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            if _OUTER_CALL.get():  # (prepare's own plan, fetch, finalize: the caller's call words it)
+                return run_locked(*args, **kwargs)
+            token = _OUTER_CALL.set(True)
+            try:
+                return run_locked(*args, **kwargs)
+            except (BolmoError, Stopped) as exc:
+                say_to_caller(exc, fn.__name__)  # force=True, not --force (the CLI keeps its words)
+                raise
+            finally:
+                _OUTER_CALL.reset(token)
+
+        def run_locked(*args: P.args, **kwargs: P.kwargs) -> R:
             check_not_bootstrapping()  # before the folder: a re-imported script must not take its lock
             _known_keywords(fn, kwargs)  # a wrong keyword names this public function, before any disk
             if len(args) + ("output_dir" in kwargs) != 1:

@@ -550,8 +550,11 @@ def _summary(manifest: dict[str, Any], location: str) -> None:
 def _run(fn: Any, resumes: bool = True) -> Any:
     """``fn()`` with its errors as one line; ``resumes``: a rerun picks up where this one stopped
     (not so for ``inspect``, which only reads)."""
+    from .guidance import cli_voice
+
     try:
-        return fn()
+        with cli_voice():  # (its errors keep the flags' words: --force, not force=True)
+            return fn()
     except BolmoError as exc:
         if os.environ.get("BOLMO_ASYNC_DEBUG"):
             raise

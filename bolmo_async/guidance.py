@@ -12,18 +12,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import logging
 import numbers
 import os
+import re
 import shlex
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import BolmoError, Stopped, UsageError
 from .models import (
     DEFAULT_CHECK_EVERY,
     DEFAULT_MAX_TOKENS_PER_FILE,
@@ -54,6 +58,63 @@ SHORT_SHARD_BOUND = 64 * 4096
 
 def flag(keyword: str) -> str:
     return "--" + keyword.replace("_", "-")
+
+
+#: True while the command line runs an API call (``cli._run``): its errors keep the CLI's words.
+_CLI_VOICE: contextvars.ContextVar[bool] = contextvars.ContextVar("cli_voice", default=False)
+
+
+@contextlib.contextmanager
+def cli_voice() -> Iterator[None]:
+    """The command line's API calls: their errors name flags and commands, as said to a shell."""
+    token = _CLI_VOICE.set(True)
+    try:
+        yield
+    finally:
+        _CLI_VOICE.reset(token)
+
+
+#: The CLI's words in errors, as a Python caller says them (outside `quoted commands`, which stay
+#: shell lines to paste). ``{fn}``: the public function that raised.
+_PYTHON_WORDS = (
+    (
+        re.compile(r"\b([Rr])erun (fetch )?with --force\b"),
+        lambda m, fn: f"{'Cc'[m[1] == 'r']}all {'bolmo_async.fetch()' if m[2] else 'it'} again with force=True",
+    ),
+    (
+        re.compile(r"\b([Rr])erun the same command\b"),
+        lambda m, fn: f"{'Cc'[m[1] == 'r']}all bolmo_async.{fn}() again with the same arguments",
+    ),
+    (re.compile(r"(?<![\w-])--force\b"), lambda m, fn: "force=True"),
+    (re.compile(r"\banother --output-dir\b"), lambda m, fn: "another output folder"),
+)
+
+
+def _said(say: Callable[[re.Match[str], str], str], fn: str, m: re.Match[str]) -> str:
+    return say(m, fn)
+
+
+def in_python_words(message: str, fn: str) -> str:
+    """``message`` with the CLI's words of ``_PYTHON_WORDS`` as keywords and calls: the same fix,
+    said to whoever called ``bolmo_async.fn()`` from Python (its ``force=True``, not ``--force``)."""
+    parts = message.split("`")
+    for i in range(0, len(parts), 2):  # (the odd ones are `commands`)
+        for pattern, say in _PYTHON_WORDS:
+            parts[i] = pattern.sub(functools.partial(_said, say, fn), parts[i])
+    return "`".join(parts)
+
+
+def say_to_caller(exc: BaseException, fn: str) -> None:
+    """An error an API call ``fn`` raises, reworded for a Python caller (in place: its class and
+    attributes stay); the command line's calls (``cli_voice``) keep the CLI's words."""
+    if _CLI_VOICE.get():
+        return
+    if isinstance(exc, Stopped):
+        exc._said, exc.partial = in_python_words(exc._said, fn), in_python_words(exc.partial, fn)
+        exc.message = exc._said + exc.partial
+        exc.args = (exc.message,)
+    elif isinstance(exc, BolmoError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (in_python_words(exc.args[0], fn),)
 
 
 #: The Python API's keywords by the kind of value they take (the CLI's flags parse the same).

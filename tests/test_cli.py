@@ -454,9 +454,9 @@ def test_a_share_of_another_tokenizer_or_with_force_is_told_the_flags_that_go_on
     with pytest.raises(UsageError) as info:
         bolmo_async.fetch(out, endpoint=mirror.endpoint, worker="1/2", force=True, progress=False)
     said = str(info.value)
-    assert "differs" not in said and "Drop --force" in said and f"plan --output-dir {out} --force" in said, said
-    # Without --worker, --force stays one of the ways out.
-    with pytest.raises(StateError, match=r"Pass --tokenizer byte to go on .* or --force to reset this one"):
+    assert "differs" not in said and "Drop force=True" in said and f"plan --output-dir {out} --force`" in said, said
+    # Without --worker, force=True stays one of the ways out.
+    with pytest.raises(StateError, match=r"Pass --tokenizer byte to go on .* or force=True to reset this one"):
         bolmo_async.fetch(out, endpoint=mirror.endpoint, tokenizer="subword", progress=False)
 
 
@@ -1242,3 +1242,34 @@ def test_the_fetch_summary_tells_downloads_from_reads_of_raw(tmp_path, mirror):
     )
     downloaded = {path for _, path in mirror.hub_requests if "/resolve/" in path and "/data/" in path}
     assert len(downloaded) == to_fetch - in_raw, downloaded
+
+
+def test_api_errors_name_keywords_and_the_cli_its_flags(tmp_path, mirror, repos):
+    """The same refusal, said to a Python caller and to a shell: bolmo_async.plan() was told
+    "--force to reset this one" and "rerun the same command", flags it has no way to pass. The
+    API's errors name force=True and the call to make again (a `quoted command` stays a shell line);
+    the command line keeps its flags. One place words them (guidance.say_to_caller)."""
+    from bolmo_async.errors import FetchIncomplete, StateError
+    from bolmo_async.mirror import FaultConfig, MirrorThread
+
+    out = tmp_path / "o"
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05)
+    with pytest.raises(StateError) as info:
+        bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=0.05, seed=7)
+    said = str(info.value)
+    assert "Use another output folder, or force=True to reset this one" in said and "--force" not in said, said
+    r = run_cli("plan", "-o", str(out), "--endpoint", mirror.endpoint, "--data-fraction", "0.05", "--seed", "7")
+    assert r.returncode == 1 and "Use another --output-dir, or --force to reset this one" in r.stderr, r.stderr
+    assert "force=True" not in r.stderr
+
+    faults = FaultConfig(rate=1.0, kinds=("http503",), max_per_path=10**9, only=("stack_edu-0000",))
+    with MirrorThread(repos, faults=faults) as m:
+        args = {"endpoint": m.endpoint, "data_fraction": 0.3, "retries": 1, "progress": False}
+        with pytest.raises(FetchIncomplete) as failed:
+            bolmo_async.prepare(tmp_path / "p", **args)
+        said = str(failed.value)
+        assert "Call bolmo_async.prepare() again with the same arguments to resume" in said, said
+        assert "rerun the same command" not in said.lower() and failed.value.failed, said
+        flags = ["--endpoint", m.endpoint, "--data-fraction", "0.3", "--retries", "1", "--no-progress"]
+        r = run_cli("prepare", "-o", str(tmp_path / "c"), *flags)
+    assert r.returncode == 1 and "Rerun the same command to resume" in r.stderr, r.stderr

@@ -158,7 +158,7 @@ def test_planning_offline_is_refused_with_the_fix(tmp_path, mirror, monkeypatch)
     # The defaults' 1% re-plans the folder: the plan's own fractions are named.
     with pytest.raises(OfflineError, match=rf"Pass the plan's own \(--data-fraction {FRACTION:g}\)"):
         bolmo_async.prepare(d, endpoint=mirror.endpoint, progress=False)
-    with pytest.raises(OfflineError, match="--force plans again"):
+    with pytest.raises(OfflineError, match="force=True plans again"):
         bolmo_async.fetch(d, endpoint=mirror.endpoint, force=True, progress=False)
     assert (d / "plan.json").read_bytes() == plan  # (--force reset nothing)
     assert bolmo_async.plan(d, endpoint=mirror.endpoint, data_fraction=FRACTION).commit  # the same plan: fine

@@ -549,7 +549,7 @@ def test_a_worker_process_dying_in_a_local_pool_fails_only_its_files_and_a_rerun
         for why in exc.failed.values():  # what happened, exactly, and what to do
             assert f"(pid {workers[0].pid}) was killed by SIGKILL" in why, why
             assert "out-of-memory killer" in why and "rerun to fetch it again" in why, why
-        assert "rerun the same command to resume" in str(exc).lower(), exc
+        assert "call bolmo_async.fetch() again with the same arguments to resume" in str(exc).lower(), exc
         manifest = _prepare(out, m.endpoint)
     assert manifest["complete"] and shard_hashes(manifest) == shard_hashes(clean)
 

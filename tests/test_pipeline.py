@@ -211,7 +211,7 @@ def test_growing_the_fraction_reuses_staged_files(tmp_path, mirror):
 def test_output_dir_with_other_seed_or_tokenizer_is_refused(tmp_path, mirror):
     out = tmp_path / "o"
     _prepare(out, mirror, data_fraction=0.1)
-    with pytest.raises(StateError, match="--force"):
+    with pytest.raises(StateError, match="force=True"):
         _prepare(out, mirror, data_fraction=0.1, seed=7)
     m = _prepare(out, mirror, data_fraction=0.1, seed=7, force=True)
     assert m["seed"] == 7

@@ -541,7 +541,9 @@ def test_ctrl_c_in_an_api_call_is_a_keyboard_interrupt_that_except_bolmoerror_do
             caught.append(exc)
         (exc,) = caught
         assert isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Exception), repr(exc)
-        assert str(exc).startswith("interrupted") and "rerun the same command to resume" in str(exc), str(exc)
+        assert str(exc).startswith(
+            "interrupted"
+        ) and "call bolmo_async.prepare() again with the same arguments to resume" in str(exc), str(exc)
         # What the original tool's Ctrl+C gave (shards of what was done) is one command away, named.
         assert "are staged and kept" in str(exc) and "finalize --output-dir" in str(exc), str(exc)
         assert "--allow-incomplete" in str(exc), str(exc)
@@ -574,7 +576,9 @@ def test_a_stop_of_prepare_allow_incomplete_does_not_advise_the_finalize_it_ran(
             on_plan=lambda p: planned.set(),
         )
     said = str(got.value)
-    assert "are staged and kept" in said and "rerun the same command to resume" in said, said
+    assert (
+        "are staged and kept" in said and "call bolmo_async.prepare() again with the same arguments to resume" in said
+    ), said
     assert (out / "manifest.json").exists() and list(out.glob("bolmo_data_*.npy"))  # written by prepare itself
     assert "finalize" not in said, said
     assert got.value.signum == signal.SIGINT

@@ -174,7 +174,7 @@ def test_a_folder_refuses_an_endpoint_that_lists_other_files(repos, sample_dir, 
         ):
             with pytest.raises(StateError, match="planned against") as info:
                 run()
-            assert planned in str(info.value) and m.endpoint in str(info.value) and "--force" in str(info.value)
+            assert planned in str(info.value) and m.endpoint in str(info.value) and "force=True" in str(info.value)
 
 
 def test_an_edited_plan_is_detected(repos, tmp_path):
