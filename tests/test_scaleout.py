@@ -758,3 +758,38 @@ def test_a_share_the_folder_refuses_records_no_split(mirror, tmp_path):
     assert not (out / SHARES).exists()
     bolmo_async.fetch(out, endpoint=mirror.endpoint, worker=(0, 3), processes=1, progress=False)
     assert (out / SHARES).exists()  # (a share it takes records its split)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_sigterm_stops_a_ray_fetch_as_it_stops_any_run(repos, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (scancel, a preempted node) to `fetch --ray`: the same stop as
+    without Ray, exit 143 and the one line naming the resume. ``ray.init`` put its own SIGTERM
+    handler in (``sys.exit(15)``) and Ray's core one printed a stack dump: exit 1, no stop line."""
+    pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    from bolmo_async.mirror import WanConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "o"
+    with MirrorThread(repos, wan=WanConfig(link_rate=100_000)) as m:  # files still coming when it stops
+        cmd = [sys.executable, "-m", "bolmo_async", "fetch", "-o", str(out), "--endpoint", m.endpoint]
+        proc = subprocess.Popen(
+            [*cmd, "--data-fraction", str(FRACTION), "--ray", "--ray-tasks", "2", "--no-progress"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+        )
+        assert proc.stderr is not None
+        seen: list[str] = []
+        for line in proc.stderr:  # until the tasks are submitted: Ray is up, its handlers set
+            seen.append(line)
+            if "ray: 2 task(s)" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = finish(proc, 120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted (SIGTERM)" in err and "resume" in err, err
+    assert "SIGTERM received" not in err, err

@@ -10,15 +10,18 @@ purpose comes back as the same class with the same message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..errors import BolmoError, UsageError, rebuild
+from ..entry import STOP_SIGNALS
+from ..errors import BolmoError, Interrupted, UsageError, rebuild
 from ..finalizer import Piece, Written, write_shard
 from ..models import Plan
 from ..outdir import OutputDir, open_output
@@ -174,7 +177,8 @@ class _Session:
             if target is not None:
                 probe_cluster(target, label)  # bounded: ray.init would retry for minutes
             try:
-                self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+                with _our_stop_handlers():
+                    self.ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # Ray's own refusals of a cluster
                 if target is None and self.address is None:
                     raise
@@ -190,6 +194,55 @@ class _Session:
     def __exit__(self, *exc: object) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def _our_stop_handlers() -> Iterator[None]:
+    """The stop signals' handlers as they were before ``ray.init``, which sets its own for SIGTERM
+    (``sys.exit(15)``, over a core handler printing a stack dump): a scheduler's SIGTERM to
+    ``fetch --ray`` then exited 1 with a dump instead of the run's stop (143, the line naming the
+    resume)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (Ray sets none off the main thread either)
+        return
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None and signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _stop_named() -> Iterator[None]:
+    """A stop signal raised while Ray waits keeps its name: Ray's wait turns the ``Interrupted``
+    (SIGTERM, SIGHUP) a handler raised inside it into a bare ``KeyboardInterrupt``, and the stop's
+    line then said Ctrl+C's "interrupted". Each handler is wrapped to note its signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        previous = signal.getsignal(sig)
+        if callable(previous):
+
+            def noting(signum: int, frame: Any, previous: Any = previous) -> None:
+                seen.append(signum)
+                previous(signum, frame)
+
+            saved[sig] = previous
+            signal.signal(sig, noting)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if seen and not isinstance(exc, Interrupted):
+            raise Interrupted(seen[0]) from None
+        raise
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _short(exc: BaseException) -> str:
@@ -235,7 +288,7 @@ class RayExecutor:
         assert self._spec is not None, "start() first"
         spec = self._spec
         result = RunResult()
-        with _Session(self.address) as ray:
+        with _Session(self.address) as ray, _stop_named():
             cpus = int(ray.cluster_resources().get("CPU", 1))
             n = self.tasks or max(1, min(len(units), 2 * cpus))
             shares = _balanced(units, spec.files, n)
@@ -285,7 +338,7 @@ class RayExecutor:
         written: Written | None = None,
     ) -> list[dict[str, Any]]:
         """One Ray task per shard."""
-        with _Session(self.address) as ray:
+        with _Session(self.address) as ray, _stop_named():
             remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(write_one_shard)
             refs = [
                 remote.remote(
