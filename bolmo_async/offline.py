@@ -84,9 +84,22 @@ def planning_refused(out: OutputDir, why: str, again: str, fix: str = "") -> Off
     keep = (
         f"{fix} run this command where the Hub is reachable" if fix else "Run this command where the Hub is reachable"
     )
+    there = (
+        f"there, `{again}` plans it and keeps whole files in {RAW}/ for offline runs"
+        if out.local
+        else f"there, `{again.removesuffix(' --no-streaming')}` plans it; {_bucket_fix(out)}"
+    )
     return OfflineError(
-        f"{_is_set()}, and {why}: planning needs the repository's listing. {keep} (there, `{again}` plans it "
-        f"and keeps whole files in {RAW}/ for offline runs), or {_unset()}."
+        f"{_is_set()}, and {why}: planning needs the repository's listing. {keep} ({there}), or {_unset()}."
+    )
+
+
+def _bucket_fix(out: OutputDir) -> str:
+    """The offline advice for an object-store output: the bucket is what the machines share, and a
+    ``--no-streaming`` run's whole downloads stay in raw/ of that machine's scratch."""
+    return (
+        f"a full fetch there stages every file in {out.location}, which every machine reads; the whole downloads "
+        f"a --no-streaming run keeps in {RAW}/ stay in that machine's scratch (--scratch-dir)"
     )
 
 
@@ -141,10 +154,14 @@ def check_files(out: OutputDir, plan: Plan, units: Iterable[int], whole: bool, e
         raw = out.download_path(missing[0].key, check_repo_path(missing[0].path), keep=True).parent.parent
         names = ", ".join(pf.path for pf in missing[:NAMED]) + (", ..." if len(missing) > NAMED else "")
         again = fetch_command(out, endpoint, fetched_with(out))
+        there = (
+            f"`{again}`: {_bucket_fix(out)}"
+            if not out.local
+            else f"`{again} --no-streaming` also keeps whole files in {RAW}/ for offline runs"
+        )
         raise OfflineError(
             f"{_is_set()}, and {len(missing)} of the {len(units)} planned file(s) are neither staged nor kept whole "
-            f"in {raw}/ ({names}). Run this fetch where the Hub is reachable (`{again} --no-streaming` also keeps "
-            f"whole files in {RAW}/ for offline runs), or {_unset()}."
+            f"in {raw}/ ({names}). Run this fetch where the Hub is reachable ({there}), or {_unset()}."
         )
     log.info(
         "%s: using the plan's pinned commit %s, %d staged file(s) and %d download(s) kept in %s/",

@@ -6,6 +6,7 @@ port), and the shards equal an online run's; what is missing is one line naming 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -224,3 +225,31 @@ def test_subword_offline_takes_the_tokenizer_from_the_folder_or_the_cache(tmp_pa
         == json.loads((d / "run.json").read_text())["tokenizer"]
     )
     assert _requests(mirror) == before
+
+
+def test_offline_on_a_bucket_says_the_login_nodes_raw_is_not_shared(tmp_path, mirror, monkeypatch, s3):
+    """An ``s3://`` output: the bucket is all the machines share, and a ``--no-streaming`` run's
+    whole downloads stay in raw/ of that machine's scratch. The login node itself reads them
+    offline; a compute node (another scratch) is told the fix that works there (a full fetch on
+    the login node stages every file into the bucket), not to keep raw/ with --no-streaming,
+    which it had done."""
+    out = s3.url("off")
+    login_scratch = os.environ["BOLMO_ASYNC_SCRATCH"]
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, streaming=False, progress=False)
+    markers = sorted(k for k in s3.objects("off") if k.startswith("staging/") and k.endswith(".json"))
+    s3.client.delete_objects(Bucket=s3.bucket, Delete={"Objects": [{"Key": f"off/{k}"} for k in markers[:2]]})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", str(tmp_path / "compute-node"))
+    with pytest.raises(OfflineError) as err:
+        bolmo_async.fetch(out, endpoint=_closed_port(), progress=False)
+    said = str(err.value)
+    assert "2 of the" in said and "neither staged nor kept whole" in said, said
+    assert "also keeps whole files" not in said and "stages every file in s3://" in said, said
+    assert "stay in that machine's scratch" in said, said
+    with pytest.raises(OfflineError) as err:  # a plan to make: the same advice
+        bolmo_async.fetch(s3.url("other"), endpoint=_closed_port(), progress=False)
+    assert "also keeps whole files" not in str(err.value) and "stages every file in s3://" in str(err.value)
+    monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", login_scratch)  # the login node: its raw/ serves it offline
+    res = bolmo_async.fetch(out, endpoint=_closed_port(), progress=False, processes=1)
+    assert res["files"] == len(markers) and res["from_raw_now"] == 2, res
