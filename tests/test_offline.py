@@ -253,3 +253,36 @@ def test_offline_on_a_bucket_says_the_login_nodes_raw_is_not_shared(tmp_path, mi
     monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", login_scratch)  # the login node: its raw/ serves it offline
     res = bolmo_async.fetch(out, endpoint=_closed_port(), progress=False, processes=1)
     assert res["files"] == len(markers) and res["from_raw_now"] == 2, res
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_offline_ray_tasks_read_the_scratch_the_command_names(tmp_path, mirror, monkeypatch, s3):
+    """``--scratch-dir`` (BOLMO_ASYNC_SCRATCH) reaches the Ray tasks: a cluster started before it
+    (``ray start``) gave its workers another environment, so a task looked for the login node's
+    raw/ in a temporary folder of its own and failed its file offline, after the driver had said
+    the files would be read from there (and online, it put a bucket run's files in flight in
+    /tmp, where the README says to name a local disk)."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    out = s3.url("off")
+    login_scratch = str(tmp_path / "login-scratch")
+    monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", login_scratch)
+    bolmo_async.plan(out, endpoint=mirror.endpoint, data_fraction=FRACTION)
+    bolmo_async.prepare(out, endpoint=mirror.endpoint, data_fraction=FRACTION, streaming=False, progress=False)
+    online = {k: v for k, v in s3.objects("off").items() if k.endswith(".npy")}
+    s3.client.delete_objects(Bucket=s3.bucket, Delete={"Objects": [{"Key": f"off/{k}"} for k in online]})
+    markers = sorted(k for k in s3.objects("off") if k.startswith("staging/") and k.endswith(".json"))
+    s3.client.delete_objects(Bucket=s3.bucket, Delete={"Objects": [{"Key": f"off/{k}"} for k in markers[:2]]})
+    monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", str(tmp_path / "cluster-env"))  # what `ray start` saw
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        monkeypatch.setenv("BOLMO_ASYNC_SCRATCH", login_scratch)  # this command's --scratch-dir
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        res = bolmo_async.fetch(out, endpoint=_closed_port(), ray=True, ray_tasks=2, progress=False)
+        assert res["from_raw_now"] == 2, res
+        bolmo_async.finalize(out, ray=True)
+    finally:
+        ray.shutdown()
+    assert online and {k: v for k, v in s3.objects("off").items() if k.endswith(".npy")} == online

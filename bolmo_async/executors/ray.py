@@ -25,6 +25,7 @@ from ..errors import BolmoError, Interrupted, UsageError, rebuild
 from ..finalizer import Piece, Written, write_shard
 from ..models import Plan
 from ..outdir import OutputDir, open_output
+from ..outdir.store import named_scratch
 from ..progress import Progress
 from ..worker import WorkerSpec
 from .base import LayoutCallback, OpenShardCallback, RunResult, ShardCallback, StagedCallback
@@ -54,11 +55,19 @@ def one_core_each() -> None:
         os.environ.setdefault(name, value)
 
 
-def run_units(spec: WorkerSpec, units: list[int]) -> tuple[str, Any, str]:
+def use_scratch(scratch: str | None) -> None:
+    """The command's ``--scratch-dir`` in this task: its worker process has the environment the
+    cluster was started with (``ray start``), not the command's."""
+    if scratch:
+        os.environ["BOLMO_ASYNC_SCRATCH"] = scratch
+
+
+def run_units(spec: WorkerSpec, units: list[int], scratch: str | None = None) -> tuple[str, Any, str]:
     """A Ray task: stage ``units`` with one in-process worker. ``("ok", RunResult, "")``, or
     ``("error", class name, message)`` for an error raised on purpose (rebuilt by the caller)."""
     logging.basicConfig(level=logging.INFO, format="bolmo-async[ray]: %(levelname)s: %(message)s")
     one_core_each()
+    use_scratch(scratch)
     try:
         with Pool(1) as pool:
             pool.start(spec)
@@ -68,8 +77,15 @@ def run_units(spec: WorkerSpec, units: list[int]) -> tuple[str, Any, str]:
 
 
 def write_one_shard(
-    location: str, index: int, pieces: list[Piece], arrows: dict[int, str], srcs: dict[int, str], eos: int
+    location: str,
+    index: int,
+    pieces: list[Piece],
+    arrows: dict[int, str],
+    srcs: dict[int, str],
+    eos: int,
+    scratch: str | None = None,
 ) -> tuple[str, Any, str]:
+    use_scratch(scratch)
     try:
         return "ok", write_shard(open_output(location), index, pieces, arrows, srcs, eos, threading.Event()), ""
     except BolmoError as exc:
@@ -293,7 +309,8 @@ class RayExecutor:
             n = self.tasks or max(1, min(len(units), 2 * cpus))
             shares = _balanced(units, spec.files, n)
             remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(run_units)
-            refs = {remote.remote(spec, share): share for share in shares}
+            scratch = named_scratch()
+            refs = {remote.remote(spec, share, scratch): share for share in shares}
             log.info("ray: %d task(s) over %d CPU(s) for %d planned file(s)", len(refs), cpus, len(units))
             t0 = time.monotonic()
             pending = list(refs)
@@ -348,6 +365,7 @@ class RayExecutor:
                     {p.unit: arrows[p.unit] for p in pieces},
                     {p.unit: srcs[p.unit] for p in pieces},
                     eos,
+                    named_scratch(),
                 )
                 for k, pieces in enumerate(shards)
             ]

@@ -137,6 +137,14 @@ def scratch_root() -> Path:
 _own: dict[int, Path] = {}
 
 
+def named_scratch() -> str | None:
+    """The scratch the user named (``--scratch-dir`` / ``BOLMO_ASYNC_SCRATCH``), not the temporary
+    one this process made: what a Ray task must use too (its worker has the cluster's environment)."""
+    configured = os.environ.get("BOLMO_ASYNC_SCRATCH") or None
+    own = _own.get(os.getpid())
+    return None if configured is None or (own is not None and configured == str(own)) else configured
+
+
 def _own_scratch() -> Path:
     pid = os.getpid()
     if pid not in _own:
