@@ -128,7 +128,7 @@ def inspect_dir(
         if outside:
             problems.append(
                 f"{DATA_SOURCES} points outside {out} (e.g. {outside[0]}): the folder was moved or copied; "
-                f"{refinalize} to write it for this place"
+                f"{refinalize}{'' if running else ' to write it for this place'}"
             )
         elif sorted(listed) != sorted(expected):
             problems.append(f"{DATA_SOURCES} and the manifest list different shards: {refinalize}")

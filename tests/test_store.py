@@ -905,3 +905,30 @@ def test_the_lease_thread_ends_once_no_lease_is_held(s3: S3) -> None:
         while beating() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not beating()
+
+
+@pytest.mark.parametrize("lock_body", [b"", b"12345\n"])  # a finished run's lock file, one copied mid-run
+def test_a_local_folder_copied_into_a_bucket_is_finalized_there(
+    s3: S3, mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock_body: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    """`aws s3 sync` of a finished local output copies its flock file, ``.bolmo-async.lock``, which
+    is the name of a bucket folder's lease: read as a run holding the folder (the copy is new), so
+    inspect said a run "is writing this folder now" and finalize was refused for a minute. It is
+    no lease (not one's body): inspect names the finalize that writes data_sources.txt for the
+    bucket, and that finalize runs at once."""
+    monkeypatch.setenv("BOLMO_ASYNC_LEASE", "60")  # (the fixture's 2 s would hide it)
+    monkeypatch.setattr("bolmo_async.outdir.store.LEASE", 60.0)
+    local = _local_run(tmp_path, mirror)
+    folder = tmp_path / "local"
+    (folder / ".bolmo-async.lock").write_bytes(lock_body)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            s3.client.upload_file(str(p), s3.bucket, f"copy/{p.relative_to(folder)}")
+    r = _cli("inspect", s3.url("copy"))
+    assert r.returncode == 1 and "data_sources.txt points outside" in r.stderr, r.stderr
+    assert "writing this folder now" not in r.stderr, r.stderr
+    assert f"bolmo-async finalize --output-dir {s3.url('copy')}" in r.stderr, r.stderr
+    r = _cli("finalize", "--output-dir", s3.url("copy"))
+    assert r.returncode == 0, r.stderr
+    assert _cli("inspect", s3.url("copy")).returncode == 0
+    assert _shards_of(s3, "copy") == local

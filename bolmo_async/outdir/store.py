@@ -137,6 +137,15 @@ def scratch_root() -> Path:
 _own: dict[int, Path] = {}
 
 
+def _is_lease(body: bytes | None) -> bool:
+    """``body`` is a lease's (``_lease_body``): not the empty or pid-holding flock file of a local
+    output folder copied into the bucket (`aws s3 sync`), which has the lock's name."""
+    try:
+        return isinstance(json.loads(body or b""), dict)
+    except ValueError:
+        return False
+
+
 def named_scratch() -> str | None:
     """The scratch the user named (``--scratch-dir`` / ``BOLMO_ASYNC_SCRATCH``), not the temporary
     one this process made: what a Ray task must use too (its worker has the cluster's environment)."""
@@ -806,7 +815,7 @@ class StoreDir(OutputDir):
         if meta is None:
             return None
         age = (dt.datetime.now(dt.timezone.utc) - meta["last_modified"]).total_seconds()
-        return meta if age < LEASE else None
+        return meta if age < LEASE and _is_lease(self.read_bytes(name)) else None
 
     def _acquire(self, name: str) -> bool:
         """Make the lease ``name`` ours: a conditional create, or a conditional overwrite of a stale
@@ -815,13 +824,13 @@ class StoreDir(OutputDir):
 
         body = self._lease_body()
         for _ in range(3):
-            if not self.create_bytes(name, body) and self.read_bytes(name) != body:
+            if not self.create_bytes(name, body) and (seen := self.read_bytes(name)) != body:
                 # (the same body: our own create, retried after its answer was lost)
                 meta = self._head(name)
                 if meta is None:
                     continue
                 age = (dt.datetime.now(dt.timezone.utc) - meta["last_modified"]).total_seconds()
-                if age < LEASE:
+                if age < LEASE and (_is_lease(seen) or meta["size"] != len(seen or b"")):
                     return False
                 try:
                     version = {"e_tag": meta["e_tag"]} | ({"version": meta["version"]} if meta.get("version") else {})
