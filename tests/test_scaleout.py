@@ -793,3 +793,27 @@ def test_a_sigterm_stops_a_ray_fetch_as_it_stops_any_run(repos, tmp_path, monkey
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted (SIGTERM)" in err and "resume" in err, err
     assert "SIGTERM received" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_resumed_ray_fetch_counts_only_what_it_fetched(mirror, tmp_path, monkeypatch):
+    """A ``fetch --ray`` rerun after a stop: its tasks are handed every planned file and skip the
+    staged ones, and their documents, tokens and bytes were counted as this run's ("this run
+    fetched 2 of them (<every file's tokens>)", the progress at the whole plan's bytes at once)."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    out = tmp_path / "o"
+    bolmo_async.fetch(out, endpoint=mirror.endpoint, data_fraction=FRACTION, processes=1, progress=False)
+    markers = sorted((out / "staging").glob("*.json"))[:2]
+    redo = [json.loads(p.read_text()) for p in markers]
+    for p in markers:
+        p.unlink()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        res = bolmo_async.fetch(out, endpoint=mirror.endpoint, ray=True, ray_tasks=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert res["fetched_now"] == 2, res
+    assert res["tokens_now"] == sum(int(r["tokens"]) for r in redo), res
+    assert res["documents_now"] == sum(int(r["documents"]) for r in redo), res

@@ -35,6 +35,7 @@ class RunResult:
     staged: dict[int, dict[str, Any]] = field(default_factory=dict)  # unit -> completion record
     fetched_now: int = 0  # staged from a transfer
     from_raw: int = 0  # staged from their downloads kept in raw/ (a --no-streaming rerun)
+    resumed: set[int] = field(default_factory=set)  # of ``staged``, the units staged before this run
     failed: dict[str, str] = field(default_factory=dict)  # path -> reason
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard index -> record
     engines: set[str] = field(default_factory=set)
@@ -45,6 +46,7 @@ class RunResult:
         self.staged.update(other.staged)
         self.fetched_now += other.fetched_now
         self.from_raw += other.from_raw
+        self.resumed |= other.resumed
         self.failed.update(other.failed)
         self.shards.update(other.shards)
         self.engines |= other.engines

@@ -521,6 +521,8 @@ class Pool:
                 result.staged[msg.unit] = msg.record
                 result.fetched_now += msg.read is not None and not msg.local
                 result.from_raw += msg.local
+                if msg.read is None:
+                    result.resumed.add(msg.unit)
                 if progress is not None:
                     expected = self._spec.files[msg.unit].read_bytes(self._spec.whole_prefixes)
                     if msg.read is None:  # staged before: not part of this run's transfer rate

@@ -331,7 +331,10 @@ class RayExecutor:
                 result.merge(part)
                 if progress is not None:
                     for u in share:
-                        if u in part.staged:
+                        if u in part.resumed:  # staged before: not this run's (its task skipped it)
+                            progress.add_total(-spec.files[u].read_bytes(spec.whole_prefixes))
+                            progress.file_done()
+                        elif u in part.staged:
                             progress.add_bytes(
                                 spec.files[u].read_bytes(spec.whole_prefixes)
                             )  # (a task reports at its end)
