@@ -859,7 +859,11 @@ def fetch_cmd(
         None, "--worker", help="Fetch only share I (0-based) of N of the plan (job arrays; plan first)."
     ),
     ray: bool = typer.Option(False, "--ray", help="Run the fetch as Ray tasks (pip install 'bolmo-async[ray]')."),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster address (default: RAY_ADDRESS, else the one `ray start` started here, else a new local one).",
+    ),
     ray_tasks: int = typer.Option(0, "--ray-tasks", min=0, help="Ray tasks (0: two per cluster CPU)."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -946,7 +950,11 @@ def finalize_cmd(
         False, "--allow-incomplete", help="Write shards from what is staged even if planned files are missing."
     ),
     ray: bool = typer.Option(False, "--ray", help="Write the shards as Ray tasks (pip install 'bolmo-async[ray]')."),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local)."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Ray cluster address (default: RAY_ADDRESS, else the one `ray start` started here, else a new local one).",
+    ),
     drop_staging: bool = DROP_STAGING,
     verbose: bool = VERBOSE,
 ) -> None:
