@@ -932,3 +932,50 @@ def test_a_local_folder_copied_into_a_bucket_is_finalized_there(
     assert r.returncode == 0, r.stderr
     assert _cli("inspect", s3.url("copy")).returncode == 0
     assert _shards_of(s3, "copy") == local
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_tasks_that_reach_another_store_stop_the_run(s3: S3, mirror, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A Ray task has the environment its cluster was started in: there AWS_ENDPOINT_URL named
+    another store (with a bucket of that name), and `fetch --ray` wrote the plan to this shell's
+    store, the staged files to the other one, and said every file was staged (exit 0). A task
+    that does not see the command's plan.json now stops the run in one line naming the fix."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is installed by `make test`")
+    import socket
+    import subprocess
+    import sys
+
+    import bolmo_async
+    from tests.s3server import client, free_port, make_bucket
+
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    port = free_port()  # another store: moto in its own process (in one process, moto's data is shared)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.2)
+        other = f"http://127.0.0.1:{port}"
+        make_bucket(other, s3.bucket)  # with a bucket of the same name
+        monkeypatch.setenv("AWS_ENDPOINT_URL", other)  # what `ray start` saw
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # this shell's
+            with pytest.raises(OutputError, match=r"Ray task .* does not see .*plan\.json.*AWS_ENDPOINT_URL"):
+                bolmo_async.fetch(s3.url(), endpoint=mirror.endpoint, data_fraction=0.3, ray=True, progress=False)
+        finally:
+            ray.shutdown()
+        assert not client(other).list_objects_v2(Bucket=s3.bucket).get("KeyCount")  # nothing written there
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -11,6 +11,7 @@ purpose comes back as the same class with the same message.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -21,10 +22,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..entry import STOP_SIGNALS
-from ..errors import BolmoError, Interrupted, UsageError, rebuild
+from ..errors import BolmoError, Interrupted, OutputError, UsageError, rebuild
 from ..finalizer import Piece, Written, write_shard
 from ..models import Plan
-from ..outdir import OutputDir, open_output
+from ..outdir import PLAN, OutputDir, open_output
 from ..outdir.store import named_scratch
 from ..progress import Progress
 from ..worker import WorkerSpec
@@ -62,13 +63,36 @@ def use_scratch(scratch: str | None) -> None:
         os.environ["BOLMO_ASYNC_SCRATCH"] = scratch
 
 
-def run_units(spec: WorkerSpec, units: list[int], scratch: str | None = None) -> tuple[str, Any, str]:
+def _plan_digest(location: str) -> str | None:
+    """sha256 of the output's plan.json as this process sees it (None: it sees none)."""
+    raw = open_output(location).read_bytes(PLAN)
+    return None if raw is None else hashlib.sha256(raw).hexdigest()
+
+
+def same_output(location: str, plan_digest: str | None) -> None:
+    """An OutputError unless this task sees the plan.json the command wrote: a task has the
+    environment its node's Ray was started in (``ray start``), so a bucket's AWS_ENDPOINT_URL
+    there may name another store, or a folder not be mounted there at the same path; its files
+    were then staged where the command never looks, and the run said every one was staged."""
+    if plan_digest is None or _plan_digest(location) == plan_digest:
+        return
+    raise OutputError(
+        f"a Ray task on {socket.gethostname()} does not see {location}/{PLAN} as this command wrote it: every node "
+        "must reach the same output (a bucket: the same AWS_ENDPOINT_URL, AWS_REGION and credentials in the "
+        "environment `ray start` ran in, on every node; a folder: the same shared path)."
+    )
+
+
+def run_units(
+    spec: WorkerSpec, units: list[int], scratch: str | None = None, plan_digest: str | None = None
+) -> tuple[str, Any, str]:
     """A Ray task: stage ``units`` with one in-process worker. ``("ok", RunResult, "")``, or
     ``("error", class name, message)`` for an error raised on purpose (rebuilt by the caller)."""
     logging.basicConfig(level=logging.INFO, format="bolmo-async[ray]: %(levelname)s: %(message)s")
     one_core_each()
     use_scratch(scratch)
     try:
+        same_output(spec.output_dir, plan_digest)
         with Pool(1) as pool:
             pool.start(spec)
             return "ok", pool.run(units), ""
@@ -84,9 +108,11 @@ def write_one_shard(
     srcs: dict[int, str],
     eos: int,
     scratch: str | None = None,
+    plan_digest: str | None = None,
 ) -> tuple[str, Any, str]:
     use_scratch(scratch)
     try:
+        same_output(location, plan_digest)
         return "ok", write_shard(open_output(location), index, pieces, arrows, srcs, eos, threading.Event()), ""
     except BolmoError as exc:
         return "error", type(exc).__name__, str(exc)
@@ -309,8 +335,8 @@ class RayExecutor:
             n = self.tasks or max(1, min(len(units), 2 * cpus))
             shares = _balanced(units, spec.files, n)
             remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(run_units)
-            scratch = named_scratch()
-            refs = {remote.remote(spec, share, scratch): share for share in shares}
+            scratch, digest = named_scratch(), _plan_digest(spec.output_dir)
+            refs = {remote.remote(spec, share, scratch, digest): share for share in shares}
             log.info("ray: %d task(s) over %d CPU(s) for %d planned file(s)", len(refs), cpus, len(units))
             t0 = time.monotonic()
             pending = list(refs)
@@ -360,6 +386,7 @@ class RayExecutor:
         """One Ray task per shard."""
         with _Session(self.address) as ray, _stop_named():
             remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(write_one_shard)
+            scratch, digest = named_scratch(), _plan_digest(out.location)
             refs = [
                 remote.remote(
                     out.location,
@@ -368,7 +395,8 @@ class RayExecutor:
                     {p.unit: arrows[p.unit] for p in pieces},
                     {p.unit: srcs[p.unit] for p in pieces},
                     eos,
-                    named_scratch(),
+                    scratch,
+                    digest,
                 )
                 for k, pieces in enumerate(shards)
             ]
