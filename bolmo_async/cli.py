@@ -614,6 +614,12 @@ def _error(line: str, color: str | None = typer.colors.RED) -> None:
 def _unexpected(exc: Exception, resumes: bool) -> Any:
     if os.environ.get("BOLMO_ASYNC_DEBUG"):
         raise exc
+    from .errors import exhausted
+
+    refused = exhausted(exc)  # a ulimit (threads, files, memory): the limit and the fix, not "report it"
+    if refused is not None:
+        _error(f"error: {refused}")
+        raise typer.Exit(refused.exit_code) from None
     _error(
         f"error: unexpected {type(exc).__name__}: {exc}. "
         + ("Finished files are kept; rerun the same command to resume. " if resumes else "")

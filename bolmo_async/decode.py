@@ -31,7 +31,7 @@ try:  # Python 3.14+: the standard library's zstd (it has ``max_length``; python
 except ImportError:
     from backports import zstd as _zstd  # type: ignore[no-redef,unused-ignore]
 
-from .errors import DecodeError, StreamError, TooManyFrames, UsageError
+from .errors import DecodeError, StreamError, TooManyFrames, UsageError, exhausted
 from .models import DEFAULT_MAX_DOCUMENT_BYTES, SkipCounter
 from .util import human_bytes
 
@@ -210,6 +210,8 @@ class Decompressor:
                 if not data and not self._obj.eof:
                     return b""  # nothing was waiting after all
         except (_zstd.ZstdError, *_gzip()[1]) as exc:
+            if refused := exhausted(exc):  # out of memory: the system's refusal, not a corrupt stream
+                raise refused from exc
             raise StreamError(f"corrupt {self.kind} stream: {exc}") from exc
 
     def finish(self) -> None:

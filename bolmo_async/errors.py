@@ -23,6 +23,7 @@ traceback only when ``BOLMO_ASYNC_DEBUG=1``.
     │   └── EngineMismatch          a run-time cross-check found an engine disagreeing with the reference
     ├── WorkerError                 a worker process died or could not start
     ├── OfflineError                HF_HUB_OFFLINE is set and the run needs what only the Hub has
+    ├── ResourceError               the system refused memory, a thread or a file descriptor
     └── FetchIncomplete             some planned files failed; rerunning resumes
 
 A stop signal (Ctrl+C's SIGINT, SIGTERM, SIGHUP) is a ``KeyboardInterrupt``: ``Interrupted``
@@ -126,6 +127,78 @@ class WorkerError(BolmoError):
 class OfflineError(BolmoError):
     """HF_HUB_OFFLINE is set (no request to any host) and the run needs the Hub: a listing to plan,
     files neither staged nor kept in raw/, a tokenizer this machine does not have."""
+
+
+class ResourceError(BolmoError):
+    """The system refused this run memory, a thread or process, or a file descriptor (a ``ulimit``,
+    a container's limits): never the data's fault, so the file it hit fails (a rerun fetches it)
+    instead of being counted as corrupt (``exhausted``)."""
+
+
+#: What the system's refusals say, in the words of Python, pyarrow, zstd and zlib: (words, what
+#: was refused, the fix). Matched in lower case. Never a hostile stream's own complaint: zstd's
+#: "Frame requires too much memory for decoding" (a window over its limit) is the data's.
+_REFUSALS = (
+    (("can't start new thread", "failed to launch worker thread"), "a new thread", "processes"),
+    (("too many open files",), "a file descriptor", "files"),
+    (
+        ("allocation error", "not enough memory", "insufficient memory", "cannot allocate memory", "out of memory"),
+        "memory",
+        "memory",
+    ),
+)
+
+
+def exhausted(exc: BaseException, where: str = "") -> ResourceError | None:
+    """``exc`` as a ``ResourceError`` naming the limit and the fix when it says the system refused
+    a resource (memory, a thread, a file descriptor), else None. ``where``: what it hit (a path).
+
+    Under a low ``ulimit -v`` / ``-u`` / ``-n`` or a container's pids or memory limit, pyarrow,
+    zstd and zlib report the refusal as an error of the bytes they were reading ("row group 0
+    (Unknown error: Failed to launch worker thread ...)"): counted as a corrupt row group, the file
+    was staged without its documents, and the rerun with the limit raised kept it that way."""
+    import errno
+
+    if isinstance(exc, ResourceError):
+        return exc
+    if isinstance(exc, MemoryError):  # (pyarrow's ArrowMemoryError too)
+        kind = "memory"
+    elif isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        kind = "files"
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        kind = "memory"
+    else:
+        said = str(exc).lower()
+        kinds = [k for words, _, k in _REFUSALS if any(w in said for w in words)]
+        if not kinds:
+            return None
+        kind = kinds[0]
+    return ResourceError(f"{where + ': ' if where else ''}{refusal_line(kind, exc)}")
+
+
+def refusal_line(kind: str, exc: BaseException) -> str:
+    """The one line of a refusal of ``kind`` ("processes", "files", "memory"): the limit and the fix."""
+    detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+    if kind == "files":
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        return (
+            f"the system refused a file descriptor ({detail}): this run may open {limit} files (`ulimit -n`). "
+            "Raise it (`ulimit -n 4096`) or lower --connections, then rerun the same command: finished files are kept"
+        )
+    if kind == "processes":
+        return (
+            f"the system refused a new thread ({detail}): a limit of processes and threads (`ulimit -u`, a "
+            "container's pids limit) or of memory (`ulimit -v`). Raise it or lower --processes, then rerun the "
+            "same command: finished files are kept"
+        )
+    return (
+        f"the system refused memory ({detail}): a limit of memory (`ulimit -v`, a container's memory limit) or "
+        "the machine's. Raise it or lower --processes / --concurrency, then rerun the same command: finished "
+        "files are kept"
+    )
 
 
 #: Ctrl+C's signal number (POSIX): what a ``KeyboardInterrupt`` that names none was.
@@ -246,6 +319,7 @@ __all__ = [
     "OutputClosed",
     "OutputError",
     "RangeIgnored",
+    "ResourceError",
     "Retry",
     "StateError",
     "Stopped",
@@ -255,6 +329,7 @@ __all__ = [
     "UnsafePathError",
     "UsageError",
     "WorkerError",
+    "exhausted",
     "rebuild",
     "signal_of",
 ]

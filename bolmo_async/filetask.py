@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
 from .download import BytesSink, Link, fetch_file, stream
-from .errors import DiskSpaceError, IntegrityError, OfflineError, OutputError, RangeIgnored, Retry
+from .errors import DiskSpaceError, IntegrityError, OfflineError, OutputError, RangeIgnored, Retry, exhausted
 from .finalizer import LayoutBuilder, Piece, ShardWriter, _write_piece
 from .hub import HubClient
 from .messages import LayoutAt
@@ -402,6 +402,8 @@ class Processor:
                 return
             pfile = pq.ParquetFile(str(path), page_checksum_verification=True)
         except (pa.ArrowException, OSError) as exc:
+            if refused := exhausted(exc, self.pf.path):  # the system's, not the file's: it fails
+                raise refused from exc
             self.skips.add("corrupt_file", f"{self.pf.path}: not a parquet file ({exc})")
             return
         self.parquet_row_groups(
@@ -445,7 +447,9 @@ class Processor:
         read as one; False, with nothing staged, if they do not read."""
         try:
             batches = list(pfile.iter_batches(batch_size=rows, row_groups=run, columns=cols, use_threads=False))
-        except (pa.ArrowException, OSError):
+        except (pa.ArrowException, OSError) as exc:
+            if refused := exhausted(exc, self.pf.path):
+                raise refused from exc
             return False
         if sum(b.num_rows for b in batches) != rows:
             return False
@@ -503,6 +507,8 @@ class Processor:
             try:
                 batch = next(batches, None)
             except (pa.ArrowException, OSError) as exc:
+                if refused := exhausted(exc, self.pf.path):  # never counted as the row group's damage
+                    raise refused from exc
                 if record_failure:
                     with self._lock:
                         self._check()
@@ -1087,6 +1093,8 @@ async def _parquet_ranges_once(
             ctx.executor, functools.partial(pq.ParquetFile, sparse, page_checksum_verification=True)
         )
     except (pa.ArrowException, OSError) as exc:
+        if refused := exhausted(exc, pf.path):
+            raise refused from exc
         if final:
             proc.skips.add("corrupt_file", f"{pf.path}: unreadable parquet footer ({exc})")
         return final

@@ -35,6 +35,7 @@ from .errors import (
     StateError,
     TokenizerError,
     UsageError,
+    exhausted,
 )
 from .util import PlanOrderSlots
 
@@ -316,6 +317,9 @@ class Worker:
                 self._send(
                     m.Failed(self.wid, unit, str(exc), isinstance(exc, DecodeError | ListingMismatch), exc.outage)
                 )
+            elif refused := exhausted(exc, pf.path):  # a ulimit, not a bug: the line names the limit
+                log.error("failed: %s", refused)
+                self._send(m.Failed(self.wid, unit, str(refused)))
             else:  # one file's bug (or a Rust panic) never stops the others
                 log.error("failed: %s: unexpected %s: %s", pf.path, type(exc).__name__, exc)
                 self._send(m.Failed(self.wid, unit, f"{pf.path}: unexpected {type(exc).__name__}: {exc}"))
@@ -575,7 +579,9 @@ def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> Non
     try:
         worker.run()
     except BaseException as exc:
-        outbox.put(m.Fatal(wid, "WorkerError", f"worker {wid} crashed: {type(exc).__name__}: {exc}"))
+        refused = exhausted(exc)  # a ulimit (no thread for its event loop): the line names it
+        said = f"worker {wid}: {refused}" if refused else f"worker {wid} crashed: {type(exc).__name__}: {exc}"
+        outbox.put(m.Fatal(wid, "WorkerError", said))
         outbox.put(m.Exit(wid))
     finally:
         # A shard a thread still writes (a stopped file's, a stopped shard task's: they are never
