@@ -132,7 +132,9 @@ class OfflineError(BolmoError):
 class ResourceError(BolmoError):
     """The system refused this run memory, a thread or process, or a file descriptor (a ``ulimit``,
     a container's limits): never the data's fault, so the file it hit fails (a rerun fetches it)
-    instead of being counted as corrupt (``exhausted``)."""
+    instead of being counted as corrupt (``exhausted``). ``kind``: "processes", "files" or "memory"."""
+
+    kind = ""
 
 
 #: What the system's refusals say, in the words of Python, pyarrow, zstd and zlib: (words, what
@@ -149,6 +151,28 @@ _REFUSALS = (
 )
 
 
+def refused_kind(exc: BaseException) -> str | None:
+    """What the system refused, if ``exc`` says so: "processes" (a thread or process), "files" (a
+    file descriptor) or "memory"; None for anything else (see ``exhausted``)."""
+    import errno
+
+    if isinstance(exc, ResourceError):
+        return exc.kind or None
+    if isinstance(exc, MemoryError):  # (pyarrow's ArrowMemoryError too)
+        return "memory"
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return "files"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return "memory"
+    said = str(exc).lower()
+    return next((kind for words, _, kind in _REFUSALS if any(w in said for w in words)), None)
+
+
+#: A worker process that could not even start (no thread for its pipes under a pids limit) exits
+#: with the code of what was refused, before it has a pipe to say it: its coordinator names it.
+REFUSED_EXIT = {"processes": 71, "memory": 72, "files": 73}
+
+
 def exhausted(exc: BaseException, where: str = "") -> ResourceError | None:
     """``exc`` as a ``ResourceError`` naming the limit and the fix when it says the system refused
     a resource (memory, a thread, a file descriptor), else None. ``where``: what it hit (a path).
@@ -157,45 +181,37 @@ def exhausted(exc: BaseException, where: str = "") -> ResourceError | None:
     zstd and zlib report the refusal as an error of the bytes they were reading ("row group 0
     (Unknown error: Failed to launch worker thread ...)"): counted as a corrupt row group, the file
     was staged without its documents, and the rerun with the limit raised kept it that way."""
-    import errno
-
     if isinstance(exc, ResourceError):
         return exc
-    if isinstance(exc, MemoryError):  # (pyarrow's ArrowMemoryError too)
-        kind = "memory"
-    elif isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-        kind = "files"
-    elif isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        kind = "memory"
-    else:
-        said = str(exc).lower()
-        kinds = [k for words, _, k in _REFUSALS if any(w in said for w in words)]
-        if not kinds:
-            return None
-        kind = kinds[0]
-    return ResourceError(f"{where + ': ' if where else ''}{refusal_line(kind, exc)}")
+    kind = refused_kind(exc)
+    if kind is None:
+        return None
+    refused = ResourceError(f"{where + ': ' if where else ''}{refusal_line(kind, exc)}")
+    refused.kind = kind
+    return refused
 
 
-def refusal_line(kind: str, exc: BaseException) -> str:
+def refusal_line(kind: str, exc: BaseException | None = None) -> str:
     """The one line of a refusal of ``kind`` ("processes", "files", "memory"): the limit and the fix."""
-    detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+    detail = "" if exc is None else f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+    detail = f" ({detail})" if detail else ""
     if kind == "files":
         import resource
 
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
         return (
-            f"the system refused a file descriptor ({detail}): this run may open {limit} files (`ulimit -n`). "
+            f"the system refused a file descriptor{detail}: this run may open {limit} files (`ulimit -n`). "
             "Raise it (`ulimit -n 4096`) or lower --connections, then rerun the same command: finished files are kept"
         )
     if kind == "processes":
         return (
-            f"the system refused a new thread ({detail}): a limit of processes and threads (`ulimit -u`, a "
+            f"the system refused a new thread{detail}: a limit of processes and threads (`ulimit -u`, a "
             "container's pids limit) or of memory (`ulimit -v`). Raise it or lower --processes, then rerun the "
             "same command: finished files are kept"
         )
     return (
-        f"the system refused memory ({detail}): a limit of memory (`ulimit -v`, a container's memory limit) or "
+        f"the system refused memory{detail}: a limit of memory (`ulimit -v`, a container's memory limit) or "
         "the machine's. Raise it or lower --processes / --concurrency, then rerun the same command: finished "
         "files are kept"
     )
@@ -331,5 +347,6 @@ __all__ = [
     "WorkerError",
     "exhausted",
     "rebuild",
+    "refused_kind",
     "signal_of",
 ]

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import messages as m
 from .errors import (
+    REFUSED_EXIT,
     AuthError,
     BolmoError,
     DecodeError,
@@ -36,6 +37,7 @@ from .errors import (
     TokenizerError,
     UsageError,
     exhausted,
+    refused_kind,
 )
 from .util import PlanOrderSlots
 
@@ -530,6 +532,20 @@ def _die_with_parent(current: Callable[[], Worker | None]) -> None:
 
 
 def process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> None:
+    """``_process_main``; a worker the system refuses what it needs to start (a thread for its
+    pipes, under a pids limit or ``ulimit -u``) exits with ``REFUSED_EXIT``'s code of it, which its
+    coordinator names in one line (multiprocessing printed the traceback, then the coordinator
+    blamed a script without a ``__main__`` guard)."""
+    try:
+        _process_main(wid, inbox, outbox, bpe_threads)
+    except Exception as exc:
+        kind = refused_kind(exc)
+        if kind is None:
+            raise
+        os._exit(REFUSED_EXIT[kind])
+
+
+def _process_main(wid: int, inbox: Any, outbox: Any, bpe_threads: int = 0) -> None:
     """Entry point of a worker process (forked from the fork server, where its modules are
     imported already, or spawned: it imports them while the coordinator lists the repo), then
     waits for its ``WorkerSpec``. ``bpe_threads``: the threads fastokens may split one batch over

@@ -5,8 +5,13 @@ and a rerun with the limit raised gives the clean run's shards."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,10 +22,13 @@ import zstandard
 
 from bolmo_async.errors import ResourceError, exhausted
 from bolmo_async.filetask import Processor, TaskContext
+from bolmo_async.mirror import MirrorThread
 from bolmo_async.models import PlannedFile
 from bolmo_async.outdir import open_output
 from bolmo_async.staging import Staging
 from bolmo_async.tokenize import ByteTokenizer
+
+from .helpers import shard_hashes
 
 
 def _lowest_free_fd() -> int:
@@ -96,3 +104,63 @@ def test_what_the_system_refuses_is_told_apart_from_damaged_data(tmp_path: Path)
         assert exhausted(err) is None, err
     assert exhausted(pa.ArrowInvalid("Couldn't deserialize thrift: TProtocolException: Invalid data")) is None
     assert exhausted(OSError(errno.EIO, "Input/output error")) is None
+
+
+_PIDS = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller (a container's pids limit)
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A pids cgroup of its own: the limit a container puts on processes and threads, which binds
+    root too (``ulimit -u`` does not). Skipped where it cannot be made (not root, cgroup v2 only)."""
+    group = _PIDS / f"bolmo-test-{os.getpid()}-{tmp_path.name}"[:60]
+    try:
+        group.mkdir()
+    except OSError:
+        pytest.skip("needs root and cgroup v1's pids controller")
+    try:
+        yield group
+    finally:
+        for _ in range(50):  # (its processes are gone once the run has exited; rmdir waits for them)
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+@pytest.mark.parametrize("pids", [12, 14, 16])
+def test_a_pids_limit_ends_the_run_in_one_line_and_the_rerun_gives_the_clean_shards(
+    repos, tmp_path: Path, pids_cgroup: Path, pids: int
+) -> None:
+    """Under a container's pids limit the worker pool's threads and processes are refused where
+    they happen to be asked: multiprocessing's traceback of a worker's start, the start thread's
+    traceback ("Exception in thread bolmo-start"), the fork server's, and "worker 0 crashed:
+    RuntimeError: can't start new thread" or "unexpected RuntimeError ... report the traceback"
+    as the last line. Now: one line naming the limit, and a rerun without it finishes the same."""
+    clean = tmp_path / "clean"
+    with MirrorThread(repos) as m:
+        args = ["--data-fraction", "0.5", "--max-tokens-per-file", "200000", "--no-progress", "--processes", "2"]
+        cmd = [sys.executable, "-m", "bolmo_async", "prepare", "--endpoint", m.endpoint, *args]
+        (pids_cgroup / "pids.max").write_text(str(pids))
+        limited = subprocess.run(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(pids_cgroup), *cmd, "-o", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert limited.returncode == 1, limited.stderr
+        assert "Traceback" not in limited.stderr, limited.stderr
+        # One line, or the failed files' list whose every reason is that line.
+        said = limited.stderr[limited.stderr.rindex("error: ") :].strip().splitlines()
+        if said[0].endswith("file(s) failed:"):
+            assert said[-1].startswith("Rerun the same command"), said
+            said = said[1:-1]
+        assert said and all("ulimit -u" in line and "rerun the same command" in line for line in said), said
+        for out in (tmp_path / "o", clean):
+            r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+    assert shard_hashes(json.loads((tmp_path / "o" / "manifest.json").read_text())) == shard_hashes(
+        json.loads((clean / "manifest.json").read_text())
+    )
+

@@ -171,6 +171,8 @@ class _ForkServer:
                         _serve_forked(listener.fileno(), alive_r, prebuild, workers, limited)
                     except SystemExit:  # its coordinator let go of it
                         code = 0
+                    except BlockingIOError:  # a fork refused (a pids limit): its coordinator says so, in one line
+                        pass
                     except BaseException:
                         import traceback
 

@@ -22,6 +22,7 @@ from any script, and it is what a Ray task or a ``--worker`` share on a small ma
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import messages as m
-from ..errors import UsageError, WorkerError, rebuild
+from ..errors import REFUSED_EXIT, ResourceError, UsageError, WorkerError, exhausted, rebuild, refusal_line
 from ..models import Plan
 from ..outage import OutageWatch
 from ..progress import Progress
@@ -176,6 +177,7 @@ class _Member:
         self.tasks: set[tuple[str, int]] = set()
         self.exited = False
         self.stopped_by = 0  # the stop signal its process said it was sent (``messages.Exit``)
+        self.start_error: Exception | None = None  # why its process could not be started
         self.ready = False
         self._alive = False  # its process's last ``is_alive``, and when to ask again
         self._ask_at = 0.0
@@ -303,7 +305,12 @@ class Pool:
                     mem.process = self._process(
                         multiprocessing.get_context("spawn"), mem, max(1, usable_cores() // self.processes)
                     )
-                    mem.process.start()
+                    try:
+                        mem.process.start()
+                    except Exception as again:  # (a pids limit: EAGAIN) said by ``_lost``, not as a thread's traceback
+                        log.debug("worker %d: not started (%s: %s)", mem.wid, type(again).__name__, again)
+                        mem.start_error = again
+                        continue
                 mem.started()
         finally:
             self._starting.set()
@@ -631,6 +638,16 @@ class Pool:
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code else "it stopped"
         pid = member.process.pid if member.process is not None else None
         server = _server_death() if self._forked and code == 255 and pid is not None else None
+        if member.start_error is not None:  # neither forked nor spawned: the whole run would fail so
+            err = member.start_error
+            if isinstance(err, OSError) and err.errno in (errno.EAGAIN, errno.ENOMEM):  # fork's refusal
+                raise ResourceError(f"worker process {member.wid} could not start: {refusal_line('processes', err)}")
+            raise exhausted(err, f"worker process {member.wid} could not start") or WorkerError(
+                f"worker process {member.wid} could not start: {type(err).__name__}: {err}; rerun the same command"
+            )
+        kinds = {c: k for k, c in REFUSED_EXIT.items()}
+        if not member.ready and code in kinds:  # it said by its exit code what the system refused it
+            raise ResourceError(f"worker process {member.wid} could not start: {refusal_line(kinds[code])}")
         # A worker that exits (not killed by a signal) before it is ready could not start at all:
         # the whole run would fail the same way. One killed meanwhile only loses its files.
         if not member.ready and member.process is not None and not member.exited and code is not None and code >= 0:
