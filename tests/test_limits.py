@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+import bolmo_async
 from bolmo_async.errors import ResourceError, exhausted
 from bolmo_async.filetask import Processor, TaskContext
 from bolmo_async.mirror import MirrorThread
@@ -164,3 +165,27 @@ def test_a_pids_limit_ends_the_run_in_one_line_and_the_rerun_gives_the_clean_sha
         json.loads((clean / "manifest.json").read_text())
     )
 
+
+@pytest.fixture
+def few_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 64 MB that holds 6 files (needs root); skipped where mounting is refused."""
+    mnt = tmp_path / "few"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=6", "tmpfs", str(mnt)]).returncode
+    ):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_disk_out_of_inodes_says_so_where_df_h_shows_free_space(mirror, few_inodes: Path) -> None:
+    """ENOSPC is also what a filesystem out of inodes says: the line told of a full disk whose
+    `df -h` showed 60 MB free, and the user looked for what filled it."""
+    from bolmo_async.errors import DiskSpaceError
+
+    with pytest.raises(DiskSpaceError, match=r"is full of files: it has no inode left .* are free \(`df -i`"):
+        bolmo_async.prepare(few_inodes / "o", endpoint=mirror.endpoint, data_fraction=0.5, progress=False)

@@ -144,6 +144,26 @@ def scratch_usage(root: str | os.PathLike[str], limit: int = 100_000) -> str:
     )
 
 
+def _what_is_full(exc: OSError, folder: str) -> str:
+    """What of the disk holding ``folder`` is used up, where it is not its bytes: its inodes (a
+    tmpfs's nr_inodes, a filesystem of many small files: ``df -h`` shows free space, and the user
+    looked for what else fills it) or the user's quota. "" when it is the bytes (or unknown)."""
+    from ..util import human_bytes
+
+    if exc.errno == errno.EDQUOT:
+        return " for this user (its disk quota is used up: `quota -s` shows it)"
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    if st.f_files and not st.f_favail and st.f_bavail:
+        return (
+            f" of files: it has no inode left for another one, though {human_bytes(st.f_bavail * st.f_frsize)} "
+            "are free (`df -i` shows it)"
+        )
+    return ""
+
+
 def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scratch: bool = False) -> BaseException:
     """An OSError of a write as our error: a full disk, a refused write, or itself. ``scratch``:
     ``where`` is in the local scratch of a bucket output, whose fix is another --scratch-dir, not
@@ -157,8 +177,8 @@ def translate(exc: OSError, where: str | os.PathLike[str], folder: str, *, scrat
         )
     if exc.errno in _FULL:
         return DiskSpaceError(
-            f"The disk holding {where} is full. Free space (or choose another --output-dir) and rerun "
-            "the same command: finished files are kept and the run resumes."
+            f"The disk holding {where} is full{_what_is_full(exc, folder)}. Free space (or choose another "
+            "--output-dir) and rerun the same command: finished files are kept and the run resumes."
         )
     if exc.errno in _REFUSED and scratch:
         return OutputError(
