@@ -196,12 +196,16 @@ def refusal_line(kind: str, exc: BaseException | None = None) -> str:
     detail = "" if exc is None else f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
     detail = f" ({detail})" if detail else ""
     if kind == "files":
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        # (``resource`` imported with this module: out of descriptors, an import cannot open its .so,
+        # and an ImportError raised here, in a file task's error handler, lost the task: the run hung)
+        try:
+            soft = _resource.getrlimit(_resource.RLIMIT_NOFILE)[0] if _resource is not None else None
+        except (OSError, ValueError):
+            soft = None
+        known = soft is not None and soft != getattr(_resource, "RLIM_INFINITY", -1)
+        limit = f"this run may open {soft} files at once" if known else "a limit of open files"
         return (
-            f"the system refused a file descriptor{detail}: this run may open {limit} files (`ulimit -n`). "
+            f"the system refused a file descriptor{detail}: {limit} (`ulimit -n`). "
             "Raise it (`ulimit -n 4096`) or lower --connections, then rerun the same command: finished files are kept"
         )
     if kind == "processes":
@@ -276,6 +280,12 @@ def interrupted_by(signum: int) -> str:
         return f"interrupted ({Signals(signum).name})"
     except ValueError:
         return f"interrupted (signal {signum})"
+
+
+try:
+    import resource as _resource
+except ImportError:  # (not on Windows)
+    _resource = None  # type: ignore[assignment]
 
 
 class StreamError(Exception):

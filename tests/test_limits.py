@@ -189,3 +189,30 @@ def test_a_disk_out_of_inodes_says_so_where_df_h_shows_free_space(mirror, few_in
 
     with pytest.raises(DiskSpaceError, match=r"is full of files: it has no inode left .* are free \(`df -i`"):
         bolmo_async.prepare(few_inodes / "o", endpoint=mirror.endpoint, data_fraction=0.5, progress=False)
+
+
+def test_the_refusal_of_a_descriptor_is_said_without_opening_one() -> None:
+    """Out of descriptors, the line itself must open none: ``import resource`` in it could not
+    open its .so, and that ImportError, raised in a file task's error handler, lost the task and
+    the run waited for it for ever (1,004 files, `ulimit -n 20`)."""
+    code = (  # (never imports ``resource`` itself: the run's code must)
+        "import errno, os\n"
+        "from bolmo_async.errors import exhausted\n"
+        "held = []\n"
+        "while True:\n"
+        "    try:\n"
+        "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "    except OSError as exc:\n"
+        "        assert exc.errno == errno.EMFILE\n"
+        "        break\n"
+        "print(exhausted(OSError(errno.EMFILE, 'Too many open files'), 'data/a.jsonl'))\n"
+    )
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=few_files)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "data/a.jsonl: the system refused a file descriptor" in r.stdout and "files at once (`ulimit -n`)" in r.stdout
+    )
