@@ -183,10 +183,14 @@ def exhausted(exc: BaseException, where: str = "") -> ResourceError | None:
     was staged without its documents, and the rerun with the limit raised kept it that way."""
     if isinstance(exc, ResourceError):
         return exc
-    kind = refused_kind(exc)
+    try:  # (called in error handlers: an error of its own would lose the error it was given)
+        kind = refused_kind(exc)
+        line = refusal_line(kind, exc) if kind is not None else ""
+    except Exception:
+        return None
     if kind is None:
         return None
-    refused = ResourceError(f"{where + ': ' if where else ''}{refusal_line(kind, exc)}")
+    refused = ResourceError(f"{where + ': ' if where else ''}{line}")
     refused.kind = kind
     return refused
 
