@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,3 +217,35 @@ def test_the_refusal_of_a_descriptor_is_said_without_opening_one() -> None:
     assert (
         "data/a.jsonl: the system refused a file descriptor" in r.stdout and "files at once (`ulimit -n`)" in r.stdout
     )
+
+
+def test_a_zstd_window_the_memory_limit_refuses_fails_the_file_never_counted_corrupt() -> None:
+    """A good .zst whose window (128 MiB, zstd's default limit) the memory limit leaves no room
+    for: zstd says "Allocation error : not enough memory", which was counted as a `corrupt_stream`
+    skip, the file staged with 0 documents (and kept so by the rerun)."""
+    code = textwrap.dedent(
+        """
+        import resource, zstandard
+        from bolmo_async.decode import LineDecoder
+        from bolmo_async.errors import ResourceError
+        from bolmo_async.models import SkipCounter
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, write_content_size=False)
+        obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        data = obj.compress(b'{"id": "a", "text": "hello"}' + bytes([10])) + obj.flush()
+        vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (48 << 20), resource.RLIM_INFINITY))
+        skips = SkipCounter()
+        dec = LineDecoder('data/a.jsonl.zst', '.jsonl.zst', skips)
+        try:
+            out = [*dec.feed(data), *dec.finish()]
+            print('decoded', sum(b.num_rows for b in out), dict(skips.counts))
+        except ResourceError as exc:
+            print('refused', exc, dict(skips.counts))
+        """
+    )
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused the system refused memory") and "ulimit -v" in r.stdout, r.stdout
+    assert r.stdout.rstrip().endswith("{}"), r.stdout  # nothing counted as the stream's damage
