@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from .errors import BolmoError, HubError, Retry, UsageError
+from .errors import BolmoError, HubError, Retry, UsageError, exhausted, refused_kind
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -146,6 +146,8 @@ def outage_cause(exc: BaseException) -> str | None:
     if isinstance(exc, Retry):
         s = exc.status
         return f"HTTP {s}" if s is not None and (s >= 500 or s == 408) else None
+    if isinstance(exc, OSError) and refused_kind(exc) is not None:
+        return None  # no socket for the connection (`ulimit -n`): this machine's limit, not the server's
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else "no connection"
     if isinstance(exc, ConnectionRefusedError):
@@ -239,6 +241,9 @@ def _next_delay(
     cause = outage_cause(exc)
     host = (where() if where is not None else None) or getattr(exc, "host", None) or ""
     if n >= policy.max_attempts:
+        refused = exhausted(exc, what) if isinstance(exc, OSError) else None
+        if refused is not None:  # (a connection refused a socket: the line names the limit, as a file's does)
+            raise refused from exc
         err = (fail or _default_fail(what))(reason, n)
         if cause is not None and host and isinstance(err, BolmoError):
             err.outage = (host, cause)

@@ -249,3 +249,40 @@ def test_a_zstd_window_the_memory_limit_refuses_fails_the_file_never_counted_cor
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("refused the system refused memory") and "ulimit -v" in r.stdout, r.stdout
     assert r.stdout.rstrip().endswith("{}"), r.stdout  # nothing counted as the stream's damage
+
+
+def test_a_connection_refused_a_socket_is_this_machines_limit_never_the_servers_outage() -> None:
+    """Out of descriptors, aiohttp's connect fails as "Cannot connect to host ... [Too many open
+    files]": it counted as the server's outage ("no connection", which stops a run as the Hub
+    being down) and the file's line, "gave up after 8 attempts", named no fix."""
+    import asyncio
+
+    import aiohttp
+
+    from bolmo_async.retry import RetryPolicy, outage_cause, retrying
+
+    async def connect() -> None:
+        async with aiohttp.ClientSession() as session:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))  # no socket can be made
+            try:
+                await session.get("http://127.0.0.1:9/")
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    async def attempt_and_see() -> Exception:
+        try:
+            await connect()
+        except Exception as exc:
+            return exc
+        raise AssertionError("connected without a socket")
+
+    exc = asyncio.run(attempt_and_see())
+    assert isinstance(exc, aiohttp.ClientConnectorError), repr(exc)
+    assert outage_cause(exc) is None
+    policy = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.01)
+    with pytest.raises(
+        ResourceError, match=r"^data/a\.jsonl: the system refused a file descriptor .*ulimit -n"
+    ) as info:
+        asyncio.run(retrying(policy, "data/a.jsonl", connect))
+    assert info.value.outage is None
