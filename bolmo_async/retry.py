@@ -196,14 +196,30 @@ def _throttled(host: str, cause: str) -> tuple[bool, int]:
 
 
 class RateWait:
-    """What is left of ``RetryPolicy.max_rate_wait`` to one file: shared by its requests (the
-    segments of a file), so that the file as a whole waits at most that long for rate limits."""
+    """The time one file has spent waiting for rate limits, against ``RetryPolicy.max_rate_wait``:
+    shared by its requests (the segments of a file), so that the file as a whole waits at most
+    that long. Counted as time on the clock, not as a sum: segments told to wait at once wait
+    together (8 segments each told ``t=60`` wait 60 s, not 480; summed, a file of 16 segments
+    failed at the first 429 of a window with t >= 38 s). What is counted is the wait the server
+    asks, not the jitter added to it (two waits of ``t=300`` fit in 600 s)."""
 
-    __slots__ = ("left", "waited")
+    __slots__ = ("budget", "until", "waited")
 
     def __init__(self, policy: RetryPolicy):
-        self.left = policy.max_rate_wait
+        self.budget = policy.max_rate_wait
+        self.until = 0.0  # when the last wait counted ends (time.monotonic())
         self.waited = 0.0
+
+    def take(self, wait: float) -> bool:
+        """Count a wait of ``wait`` seconds from now; False (nothing counted) when the file's
+        waits would then exceed its budget."""
+        now = time.monotonic()
+        more = max(0.0, now + wait - max(self.until, now))  # (the part no other wait covers)
+        if self.waited + more > self.budget + 1e-6:
+            return False
+        self.waited += more
+        self.until = max(self.until, now + wait)
+        return True
 
 
 #: The outage cause of a file given up because the server asks it to wait longer than a file
@@ -261,18 +277,15 @@ def _next_delay(
             host,
         ) from exc
     delay = policy.delay(n, exc.headers if isinstance(exc, Retry) else None)
-    if hinted is not None and rate_wait is not None:
-        if delay > rate_wait.left:
-            raise _rate_limited(
-                (fail or _default_fail(what))(
-                    f"{reason}, and the server asks to wait {hinted:g} s more after {rate_wait.waited:.0f} s of waiting: "
-                    f"past the {policy.max_rate_wait:.0f} s one file waits in all for a rate limit; try again later",
-                    n,
-                ),
-                host,
-            ) from exc
-        rate_wait.left -= delay
-        rate_wait.waited += delay
+    if hinted is not None and rate_wait is not None and not rate_wait.take(min(hinted, policy.max_hint)):
+        raise _rate_limited(
+            (fail or _default_fail(what))(
+                f"{reason}, and the server asks to wait {hinted:g} s more after {rate_wait.waited:.0f} s of waiting: "
+                f"past the {policy.max_rate_wait:.0f} s one file waits in all for a rate limit; try again later",
+                n,
+            ),
+            host,
+        ) from exc
     more = ""
     if cause is not None:
         say, unsaid = _throttled(host, cause)

@@ -287,3 +287,25 @@ async def test_a_rate_limit_that_never_lifts_fails_the_file_within_its_bound_say
             assert "HTTP 429, and the server asks to wait 0.3 s more after" in said, said
             assert "past the 1 s one file waits in all for a rate limit; try again later" in said
     assert RetryPolicy().max_rate_wait == 600
+
+
+async def test_two_waits_of_the_longest_hint_fit_the_files_rate_limit_bound(aiohttp_server):
+    """``max_rate_wait`` is two of ``max_hint``: a server asking ``t=max_hint`` forever is waited
+    out twice, then the file fails. The bound counted our jitter too (each wait ``t`` + up to
+    0.1 s), so the second wait of ``t=300`` was past 600 s: the file failed after one wait,
+    saying it had waited 300 s of 600."""
+    asked = []
+
+    async def limited(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(status=429, headers={"RateLimit": '"resolvers";r=0;t=0.4'})
+
+    app = web.Application()
+    app.router.add_get("/f", limited)
+    server = await aiohttp_server(app)
+    policy = RetryPolicy(max_attempts=8, base_delay=0.01, read_timeout=5, max_hint=0.4, max_rate_wait=0.8)
+    async with make_session(2, policy) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        with pytest.raises(DownloadError, match="after 1 s of waiting: past the 1 s one file waits"):
+            await asyncio.wait_for(stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10), 30)
+    assert len(asked) == 3, asked  # two waits of t=0.4, then the third 429 fails it

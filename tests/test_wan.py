@@ -745,3 +745,54 @@ def test_the_segments_of_a_file_whose_signed_url_expires_share_one_resolve(blob,
     assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size
     assert stats["lanes_max"] >= 8, stats
     assert len(resolves) == 2, len(resolves)
+
+
+def test_segments_told_to_wait_at_once_count_one_wait_against_the_files_rate_limit_bound(blob, monkeypatch):
+    """A rate-limit window (every request answered 429, t=0.3, for 0.3 s) met by a file's segments
+    in flight: each is told to wait, and they wait together. The file's bound on rate-limit waits
+    (``max_rate_wait``, 1 s here) summed their waits: 8 segments x 0.3 s, past the bound at the
+    first window, and the file failed after 0.3 s on the clock (at the defaults, a file of 16
+    segments failed at the first 429 of t >= 38 s). Counted on the clock, it waits and completes."""
+    import dataclasses
+    import time
+
+    from bolmo_async.mirror import FaultConfig
+
+    class Window(FaultConfig):
+        opened: float | None = None
+
+        def draw(self, path: str, *, cdn: bool, body: bool = True) -> str | None:
+            if cdn and self.opened is not None and time.monotonic() < self.opened + 0.3:
+                self.injected["http429"] = self.injected.get("http429", 0) + 1
+                return "http429"
+            return None
+
+    monkeypatch.setattr(download, "WHOLE", 256 * 1024)
+    monkeypatch.setattr(download, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(download, "SEGMENT_BLOCK", 96 * 1024)
+    repo = MirrorRepo("a/b", blob)
+    path = "data/x/big.jsonl.zst"
+    entry = repo.files[path]
+    faults = Window(retry_after=0.3)
+    policy = dataclasses.replace(FAST, max_rate_wait=1.0)
+
+    with MirrorThread([repo], wan=WanConfig(rtt=0.04, response_rate=0.5e6, link_rate=4e6), faults=faults) as m:
+
+        class Limited(Hash):
+            def feed(self, data: bytes) -> None:
+                if faults.opened is None and self.n >= 1 << 20:
+                    faults.opened = time.monotonic()  # the window opens with segments in flight
+                super().feed(data)
+
+        async def go() -> tuple[Hash, dict]:
+            async with make_session(16, policy) as session:
+                client = HubClient(session, endpoint=m.endpoint, repo_id="a/b", retry=policy)
+                sink, stats = Limited(), {}
+                await fetch_file(
+                    client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=Link(16), stats=stats
+                )
+                return sink, stats
+
+        sink, stats = asyncio.run(go())
+    assert sink.h.hexdigest() == entry.sha256 and stats["lanes_max"] >= 8, stats
+    assert faults.injected.get("http429", 0) >= 4, faults.injected  # (summed: 1.2 s or more, past 1 s)
