@@ -85,6 +85,7 @@ async def stream(
     cut: Callable[[], int] | None = None,
     reresolve: Callable[[str], Awaitable[str | None]] | None = None,
     rate_wait: RateWait | None = None,
+    totals: list[int] | None = None,
 ) -> int:
     """Stream bytes ``[start, end)`` of ``url`` (``end=None``: to EOF) into ``sink``.
 
@@ -97,7 +98,10 @@ async def stream(
     that answered with the body, and with each URL redirected to. ``reresolve(refused)``: the
     URL to ask once ``refused`` (a signed URL) was refused, shared by the segments of one file
     (one resolve for them all; None: ``url``, resolved by this request as before).
-    ``rate_wait``: the rate-limit waits left to the file, shared by its segments.
+    ``rate_wait``: the rate-limit waits left to the file, shared by its segments. ``totals``:
+    where a 206's total (``Content-Range: .../N``) other than ``size`` is noted: its bytes are
+    taken (a wrong total on the right bytes passes the hash), and bytes its caller then refuses
+    (a hash, a parquet footer) are the listing's mismatch (``listing_mismatch``).
 
     ``size``: the file's size as listed; no more than that is ever read (nor more than
     ``max_bytes`` when the size is not known). ``verify`` runs (in the
@@ -221,6 +225,8 @@ async def stream(
                             # (one edge's wrong answer: asked again, within the attempt budget)
                             raise Retry(f"the server answered Range {pos}- with Content-Range {cr[:80]!r}")
                         size_s = cr.rpartition("/")[2]
+                        if totals is not None and size is not None and size_s.isdigit() and int(size_s) != size:
+                            totals.append(int(size_s))  # (the bytes are taken: the caller's check tells)
                         if end is None and size is None and size_s.isdigit():  # (a listed size is what is checked)
                             total = int(size_s)
                     elif end is None and r.content_length is not None and size is None:
@@ -388,14 +394,30 @@ async def fetch_file(
             on_bytes(n)
 
     part = span is not None and span < size
+    totals: list[int] = []  # a total other than the listed size, said by the server (``stream``)
 
     async def once() -> int:
         n = await _fetch_blocks(
-            client, url, sink, what, size, executor, count, link, decoding, cdn, stats, span, more if part else None
+            client,
+            url,
+            sink,
+            what,
+            size,
+            executor,
+            count,
+            link,
+            decoding,
+            cdn,
+            stats,
+            span,
+            more if part else None,
+            totals,
         )
         try:
             await _verified(loop, executor, verify)
         except IntegrityError as exc:
+            if totals:  # the server said its copy is another size: fetching again gets the same
+                raise listing_mismatch(what, totals, size) from exc
             await loop.run_in_executor(executor, sink.reset)
             count(-counted[0])
             raise Retry(str(exc)) from exc
@@ -548,6 +570,7 @@ async def _fetch_blocks(
     stats: dict[str, Any] | None = None,
     span: int | None = None,
     more: Callable[[], bool] | None = None,
+    totals: list[int] | None = None,
 ) -> int:
     """One pass over the file, or over its first ``span`` bytes: lanes fetch blocks (each lane
     takes the next block not taken, within the read-ahead window), this task feeds them to the
@@ -645,6 +668,7 @@ async def _fetch_blocks(
                 resolved=note_url,
                 reresolve=reresolve,
                 rate_wait=rate_wait,
+                totals=totals,
             )
         else:
             await stream(
@@ -661,6 +685,7 @@ async def _fetch_blocks(
                 cut=lambda: piece.hi,
                 reresolve=reresolve,
                 rate_wait=rate_wait,
+                totals=totals,
             )
 
     def left() -> bool:
@@ -803,6 +828,7 @@ async def _fetch_blocks(
                     cdn=cdn[0] if cdn else None,
                     cut=lambda: size if more() else 0,
                     rate_wait=rate_wait,
+                    totals=totals,
                 )
             finally:
                 if link is not None:
@@ -1028,6 +1054,12 @@ async def _verified(
         await loop.run_in_executor(executor, verify)
 
 
+def listing_mismatch(what: str, totals: list[int], size: int) -> ListingMismatch:
+    """The error of a file whose server said (``stream``'s ``totals``) its copy is not ``size``
+    bytes, and whose bytes were then refused: a rerun meets the same copy."""
+    return ListingMismatch(f"{what}: {_mismatch(f'the server says its copy has {totals[0]} bytes', size)}")
+
+
 def _mismatch(found: str, size: int) -> str:
     """The line of a file whose bytes are not the size the listing gives: what is wrong, and what
     helps (a rerun gets the same bytes)."""
@@ -1069,4 +1101,14 @@ async def _short_text(r: aiohttp.ClientResponse, redact: Callable[[str], str]) -
     return " ".join(redact(data.decode("utf-8", "replace")).split())[:200]
 
 
-__all__ = ["BytesSink", "Link", "ResolveAhead", "Sink", "fetch_file", "fetch_small", "resolve", "stream"]
+__all__ = [
+    "BytesSink",
+    "Link",
+    "ResolveAhead",
+    "Sink",
+    "fetch_file",
+    "fetch_small",
+    "listing_mismatch",
+    "resolve",
+    "stream",
+]

@@ -31,14 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import BATCH_BYTES, DEFAULT_TEXT_FIELD, Docs, LineDecoder, missing_field_error, parquet_batch
-from .download import BytesSink, Link, fetch_file, stream
+from .download import BytesSink, Link, fetch_file, listing_mismatch, stream
 from .errors import DiskSpaceError, IntegrityError, OfflineError, OutputError, RangeIgnored, Retry, exhausted
 from .finalizer import LayoutBuilder, Piece, ShardWriter, _write_piece
 from .hub import HubClient
 from .messages import LayoutAt
 from .models import PlannedFile, SkipCounter, check_repo_path, data_suffix
 from .outdir import RAW, OutputDir
-from .retry import retrying
+from .retry import RateWait, retrying
 from .staging import Staging, StagingWriter, unverified_prefix
 from .tokenize import AnyTokenizer
 from .util import DecodingSlot, release_free_memory, sha256_file
@@ -1036,10 +1036,11 @@ async def _parquet_ranges(
     loop = asyncio.get_running_loop()
     policy = dataclasses.replace(ctx.client.retry, max_attempts=PARQUET_ATTEMPTS)
     tries = [0]
+    rate_wait = RateWait(policy)  # (the file's rate-limit waits, all its range reads': at most 600 s in all)
 
     async def attempt() -> None:
         tries[0] += 1
-        if not await _parquet_ranges_once(ctx, url, pf, proc, tries[0] >= PARQUET_ATTEMPTS, signed):
+        if not await _parquet_ranges_once(ctx, url, pf, proc, tries[0] >= PARQUET_ATTEMPTS, signed, rate_wait):
             await loop.run_in_executor(ctx.executor, proc.reset)
             raise Retry("parquet bytes did not decode, fetching again")
 
@@ -1051,7 +1052,13 @@ PARQUET_ATTEMPTS = 3
 
 
 async def _parquet_ranges_once(
-    ctx: TaskContext, url: str, pf: PlannedFile, proc: Processor, final: bool, signed: str | None
+    ctx: TaskContext,
+    url: str,
+    pf: PlannedFile,
+    proc: Processor,
+    final: bool,
+    signed: str | None,
+    rate_wait: RateWait | None = None,
 ) -> bool:
     loop = asyncio.get_running_loop()
     sparse = SparseFile(pf.size)
@@ -1059,16 +1066,28 @@ async def _parquet_ranges_once(
     tail = BytesSink()
     # The signed URL of the first resolve (or of the one ahead): every later range asks it directly.
     cdn: list[str] = [signed] if signed else []
+    totals: list[int] = []  # the server's totals other than the listed size
 
     async def get(sink: BytesSink, **kw: Any) -> int:
         return await stream(
-            ctx.client, url, sink, executor=ctx.executor, cdn=cdn[0] if cdn else None, resolved=note, **kw
+            ctx.client,
+            url,
+            sink,
+            executor=ctx.executor,
+            cdn=cdn[0] if cdn else None,
+            resolved=note,
+            size=pf.size,  # (a copy of another size is the listing's mismatch, not a broken range)
+            rate_wait=rate_wait,
+            totals=totals,
+            **kw,
         )
 
     def note(u: str) -> None:
         cdn[:] = [u]
 
     await get(tail, what=f"{pf.path} (footer)", start=pf.size - tail_len, end=pf.size)
+    if totals:  # its footer is not where the listing's size puts it (an unverified read: said, not read)
+        raise listing_mismatch(pf.path, totals, pf.size)
     data = bytes(tail.buf)
     if len(data) < 12 or data[-4:] != b"PAR1":
         if final:

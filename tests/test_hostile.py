@@ -1384,3 +1384,64 @@ def test_a_run_whose_file_is_not_the_listed_size_says_a_rerun_fails_it_again(tmp
     assert list(info.value.failed) == ["data/b/stale.jsonl.zst"], said
     assert f"its copy has {real.size} bytes; the listing says {real.size + 5} bytes" in said
     assert "disagree with the listing, so a rerun fails them again" in said and "Rerun the same command" not in said
+
+
+def test_a_large_file_whose_copy_is_longer_than_listed_says_a_rerun_fails_it_again(tmp_path, monkeypatch):
+    """A file read in Range segments from a copy 5 bytes longer than listed: each segment's range
+    is within both, so it came whole, then the file failed its hash and was fetched again, whole,
+    --retries times (23 s for a 400 KB file at the defaults), then 'gave up after 8 attempts ...
+    hash' with 'Rerun the same command'. The server's own total (Content-Range ``/N``) said the
+    copy is not the file listed: its hash failing is the listing's mismatch, said at once. (A
+    wrong total on the right bytes still passes: the hash is what refuses.)"""
+    import dataclasses
+
+    from bolmo_async import download
+
+    monkeypatch.setattr(download, "WHOLE", 64 * 1024)  # (a run's worker is this process: processes=1)
+    docs = "\n".join(json.dumps({"id": str(i), "text": os.urandom(200).hex()}) for i in range(1000)).encode()
+    repo = _repo_with(tmp_path, {"data/a/good.jsonl": docs[:500], "data/b/big.jsonl.zst": docs})
+    with MirrorThread([repo]) as m:
+        real = repo.files["data/b/big.jsonl.zst"]
+        m._by_sha[real.sha256] = real  # its CDN serves the real copy; the listing says 5 bytes less
+        repo.files[real.path] = dataclasses.replace(real, size=real.size - 5)
+        with pytest.raises(FetchIncomplete) as info:
+            bolmo_async.prepare(tmp_path / "o", endpoint=m.endpoint, data_fraction=1.0, processes=1, progress=False)
+        asked = [r for r in m.cdn_requests if r["path"] == real.path]
+    said = str(info.value)
+    assert list(info.value.failed) == [real.path], said
+    assert f"its copy has {real.size} bytes; the listing says {real.size - 5} bytes" in said, said
+    assert "disagree with the listing, so a rerun fails them again" in said and "Rerun the same command" not in said
+    assert all(r["range"] for r in asked) and len(asked) < 8, asked  # in segments; not fetched again
+
+
+def _parquet_rows(n: int = 400) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    table = pa.table({"id": [str(i) for i in range(n)], "text": [f"document number {i} " * 20 for i in range(n)]})
+    pq.write_table(table, buf, row_group_size=40)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("delta", [5, -5])
+def test_a_parquet_prefix_whose_copy_is_not_the_listed_size_says_a_rerun_fails_it_again(tmp_path, delta):
+    """A parquet prefix is read by Range (footer, then row groups), and those reads were not told
+    the listed size: a copy 5 bytes shorter than listed failed 'bytes N- are out of range; the
+    file changed?' with 'Rerun the same command'; one 5 bytes longer read its footer from the
+    wrong place, and the run succeeded with the whole file listed unreadable ('not a parquet file
+    (no PAR1 footer)'). Both are the listing's mismatch, said as for any other file."""
+    import dataclasses
+
+    docs = "\n".join(json.dumps({"id": str(i), "text": f"doc {i}"}) for i in range(50)).encode()
+    repo = _repo_with(tmp_path, {"data/a/good.jsonl": docs, "data/b/p.parquet": _parquet_rows()})
+    with MirrorThread([repo]) as m, pytest.raises(FetchIncomplete) as info:
+        real = repo.files["data/b/p.parquet"]
+        m._by_sha[real.sha256] = real  # its CDN serves the real copy; the listing says otherwise
+        repo.files[real.path] = dataclasses.replace(real, size=real.size + delta)
+        bolmo_async.prepare(tmp_path / "o", endpoint=m.endpoint, data_fraction=0.5, progress=False, retries=2)
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert next(f for f in plan["files"] if f["path"] == real.path)["limit"] is not None  # a prefix, by Range
+    said = str(info.value)
+    assert list(info.value.failed) == [real.path], said
+    assert f"the listing says {real.size + delta} bytes: the listing and the file disagree" in said, said
+    assert "disagree with the listing, so a rerun fails them again" in said and "Rerun the same command" not in said

@@ -789,7 +789,13 @@ def test_segments_told_to_wait_at_once_count_one_wait_against_the_files_rate_lim
                 client = HubClient(session, endpoint=m.endpoint, repo_id="a/b", retry=policy)
                 sink, stats = Limited(), {}
                 await fetch_file(
-                    client, client.resolve_url("main", path), sink, what=path, size=entry.size, link=Link(16), stats=stats
+                    client,
+                    client.resolve_url("main", path),
+                    sink,
+                    what=path,
+                    size=entry.size,
+                    link=Link(16),
+                    stats=stats,
                 )
                 return sink, stats
 
