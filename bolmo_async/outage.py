@@ -31,6 +31,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from .retry import RATE_LIMITED
+
 #: Files in a row that must fail for the same host and cause, none staged meanwhile.
 STREAK = 3
 
@@ -87,10 +89,12 @@ class OutageWatch:
         assert self.down is not None
         host, cause = self.down
         took = self._clock() - self._since
+        limited = cause == RATE_LIMITED  # (it answers: 429, and asks to wait longer than a file waits)
         return (
             f"every request to {host} failed ({cause}) for {took:.0f} s: {self._tried} file(s) in a row gave up "
-            f"after their retries and none was fetched meanwhile, so the run stopped there with {not_started} "
-            f"file(s) not started. What was staged is kept: rerun the same command to resume once {host} answers."
+            f"{'waiting' if limited else 'after their retries'} and none was fetched meanwhile, so the run stopped "
+            f"there with {not_started} file(s) not started. What was staged is kept: rerun the same command to "
+            f"resume once {f'the rate limit of {host} lifts' if limited else f'{host} answers'}."
         )
 
 

@@ -223,7 +223,8 @@ class RateWait:
 
 
 #: The outage cause of a file given up because the server asks it to wait longer than a file
-#: waits (``max_hint`` at once, ``max_rate_wait`` in all): a limit that does not lift within that
+#: waits (``max_hint`` at once, ``max_rate_wait`` in all), or still answers 429 when its --retries
+#: are spent after ``max_hint`` of waiting (one of the Hub's windows): a limit that does not lift within that
 #: is, for the run, a server that does not serve; ``STREAK`` such files in a row stop the hand-out
 #: (``outage.OutageWatch``) instead of each file in turn waiting its whole bound. A 429 with a
 #: short wait, retried until ``--retries`` is spent, is not one (the limit lifts between files).
@@ -263,6 +264,15 @@ def _next_delay(
         err = (fail or _default_fail(what))(reason, n)
         if cause is not None and host and isinstance(err, BolmoError):
             err.outage = (host, cause)
+        elif (
+            isinstance(exc, Retry)
+            and exc.status == 429
+            and rate_wait is not None
+            and rate_wait.waited >= policy.max_hint
+        ):
+            # --retries spent on a rate limit that did not lift in one of the Hub's windows of
+            # waiting: as one past the bound (t=60 forever held each file 7 x 60 s, file after file).
+            raise _rate_limited(err, host) from exc
         raise err from exc
     hinted = retry_hint(exc.headers) if isinstance(exc, Retry) and exc.headers is not None else None
     if hinted is not None and hinted > policy.max_hint:

@@ -258,6 +258,9 @@ def test_a_rate_limit_that_does_not_lift_stops_the_hand_out(repos, tmp_path):
         took = time.monotonic() - t0
     said = str(info.value)
     assert f"every request to {host_of(m.endpoint)} failed ({RATE_LIMITED}) for " in said, said
+    assert (
+        "gave up waiting and none was fetched" in said and f"once the rate limit of {host_of(m.endpoint)} lifts" in said
+    )
     assert f"{planned - STREAK} file(s) not started" in said, said
     tried = [w for w in info.value.failed.values() if not w.startswith("not started")]
     assert len(tried) == STREAK and all("asks to wait 1000 s" in w for w in tried), tried

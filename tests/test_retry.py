@@ -309,3 +309,27 @@ async def test_two_waits_of_the_longest_hint_fit_the_files_rate_limit_bound(aioh
         with pytest.raises(DownloadError, match="after 1 s of waiting: past the 1 s one file waits"):
             await asyncio.wait_for(stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10), 30)
     assert len(asked) == 3, asked  # two waits of t=0.4, then the third 429 fails it
+
+
+@pytest.mark.parametrize(("t", "outage"), [(0.1, True), (0.04, False)])
+async def test_retries_spent_on_a_rate_limit_that_outlasts_a_window_are_an_outage_cause(aiohttp_server, t, outage):
+    """A server answering 429 with t=60 forever: each wait fits (7 x 60 s < 600 s), so each file
+    spent its --retries on it (7 minutes), failed as a file's own trouble, and the next file did
+    the same: a large plan never stopped (hours, file after file). A file that still meets the
+    limit when its retries are spent after waiting one of the Hub's windows (``max_hint``) in all
+    carries the rate-limit outage cause (3 files in a row stop the hand-out); shorter waits do not
+    (a burst of 429s that lifts stops nothing)."""
+    from bolmo_async.retry import RATE_LIMITED, host_of
+
+    async def limited(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"RateLimit": f'"api";r=0;t={t}'})
+
+    app = web.Application()
+    app.router.add_get("/f", limited)
+    server = await aiohttp_server(app)
+    policy = RetryPolicy(max_attempts=4, base_delay=0.01, read_timeout=5, max_hint=0.25)
+    async with make_session(2, policy) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        with pytest.raises(DownloadError, match="gave up after 4 attempts; last error: HTTP 429") as info:
+            await asyncio.wait_for(stream(client, str(server.make_url("/f")), BytesSink(), what="f", size=10), 30)
+    assert info.value.outage == ((host_of(str(server.make_url(""))), RATE_LIMITED) if outage else None)
