@@ -353,6 +353,12 @@ class HubClient:
                         f"the listing of {where} names {f.path} twice with different contents; refusing an ambiguous listing."
                     )
                 if prev is None and len(found) >= bound:
+                    if os.environ.get(MAX_DATA_FILES_ENV, "").strip():  # (the user's bound: bolmo_mix may be listed)
+                        raise HubError(
+                            f"the listing of {where} at {self.endpoint} holds more than {bound:,} data files, the "
+                            f"bound {MAX_DATA_FILES_ENV}={bound} sets: raise it, or unset it (the default bound is "
+                            f"{MAX_DATA_FILES:,}; each file is held in memory to plan, about 1 KB)."
+                        )
                     raise HubError(
                         f"the listing of {where} at {self.endpoint} holds more than {bound:,} data files, the "
                         f"most this tool plans from one listing (each is held in memory to plan, about 1 KB; "

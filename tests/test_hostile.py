@@ -287,6 +287,14 @@ async def test_a_listing_past_its_bound_of_data_files_is_one_line_and_other_file
             await client.list_files("0" * 40)
         monkeypatch.setenv("BOLMO_ASYNC_MAX_DATA_FILES", "9")  # the way past it the line names
         assert len(await client.list_files("0" * 40)) == 9
+        # a bound the user set lower than the listing: the line names it (not "bolmo_mix lists
+        # far fewer", said of bolmo_mix itself under BOLMO_ASYNC_MAX_DATA_FILES=1, nor "set it")
+        monkeypatch.setenv("BOLMO_ASYNC_MAX_DATA_FILES", "8")
+        with pytest.raises(HubError) as info:
+            await client.list_files("0" * 40)
+        said = str(info.value)
+        assert "more than 8 data files, the bound BOLMO_ASYNC_MAX_DATA_FILES=8 sets: raise it" in said, said
+        assert "lists far fewer" not in said and "set BOLMO_ASYNC_MAX_DATA_FILES to" not in said
         monkeypatch.setenv("BOLMO_ASYNC_MAX_DATA_FILES", "many")
         with pytest.raises(UsageError, match="is not a number of files"):
             await client.list_files("0" * 40)
