@@ -261,19 +261,24 @@ async def test_a_slow_but_honest_body_completes(aiohttp_server):
     assert bytes(sink.buf) == b"x" * 12_000
 
 
+async def _rate_limited(aiohttp_server, t: float, asked: list[str]):  # type: ignore[no-untyped-def]
+    """A server answering every ``GET /f`` 429 with ``RateLimit: ...;t=<t>``; ``asked`` gets each path."""
+
+    async def limited(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(status=429, headers={"RateLimit": f'"resolvers";r=0;t={t:g}'})
+
+    app = web.Application()
+    app.router.add_get("/f", limited)
+    return await aiohttp_server(app)
+
+
 async def test_a_rate_limit_that_never_lifts_fails_the_file_within_its_bound_saying_so(aiohttp_server):
     """A server answering 429 with RateLimit t=300 forever held each request up to 7 x 300 s
     (35 minutes) before the file failed: each wait is honoured whole, but one file waits at most
     ``max_rate_wait`` in all (600 s at the defaults), then fails saying so."""
-    asked = []
-
-    async def limited(request: web.Request) -> web.Response:
-        asked.append(request.path)
-        return web.Response(status=429, headers={"RateLimit": '"resolvers";r=0;t=0.3'})
-
-    app = web.Application()
-    app.router.add_get("/f", limited)
-    server = await aiohttp_server(app)
+    asked: list[str] = []
+    server = await _rate_limited(aiohttp_server, 0.3, asked)
     policy = RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.02, read_timeout=5, max_rate_wait=1.0)
     async with make_session(2, policy) as session:
         client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
@@ -294,15 +299,8 @@ async def test_two_waits_of_the_longest_hint_fit_the_files_rate_limit_bound(aioh
     out twice, then the file fails. The bound counted our jitter too (each wait ``t`` + up to
     0.1 s), so the second wait of ``t=300`` was past 600 s: the file failed after one wait,
     saying it had waited 300 s of 600."""
-    asked = []
-
-    async def limited(request: web.Request) -> web.Response:
-        asked.append(request.path)
-        return web.Response(status=429, headers={"RateLimit": '"resolvers";r=0;t=0.4'})
-
-    app = web.Application()
-    app.router.add_get("/f", limited)
-    server = await aiohttp_server(app)
+    asked: list[str] = []
+    server = await _rate_limited(aiohttp_server, 0.4, asked)
     policy = RetryPolicy(max_attempts=8, base_delay=0.01, read_timeout=5, max_hint=0.4, max_rate_wait=0.8)
     async with make_session(2, policy) as session:
         client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
@@ -321,12 +319,7 @@ async def test_retries_spent_on_a_rate_limit_that_outlasts_a_window_are_an_outag
     (a burst of 429s that lifts stops nothing)."""
     from bolmo_async.retry import RATE_LIMITED, host_of
 
-    async def limited(request: web.Request) -> web.Response:
-        return web.Response(status=429, headers={"RateLimit": f'"api";r=0;t={t}'})
-
-    app = web.Application()
-    app.router.add_get("/f", limited)
-    server = await aiohttp_server(app)
+    server = await _rate_limited(aiohttp_server, t, [])
     policy = RetryPolicy(max_attempts=4, base_delay=0.01, read_timeout=5, max_hint=0.25)
     async with make_session(2, policy) as session:
         client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)

@@ -703,6 +703,21 @@ def test_shards_ahead_keep_only_complete_shards_and_leave_nothing_when_stopped(t
     assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp") or p.name.startswith("part-")]
 
 
+def _fetch_in_lanes(endpoint: str, policy: RetryPolicy, path: str, size: int, sink: Hash) -> dict:
+    """``fetch_file`` of ``path`` into ``sink`` with up to 16 segments (``Link(16)``); its stats."""
+
+    async def go() -> dict:
+        async with make_session(16, policy) as session:
+            client = HubClient(session, endpoint=endpoint, repo_id="a/b", retry=policy)
+            stats: dict = {}
+            await fetch_file(
+                client, client.resolve_url("main", path), sink, what=path, size=size, link=Link(16), stats=stats
+            )
+            return stats
+
+    return asyncio.run(go())
+
+
 def test_the_segments_of_a_file_whose_signed_url_expires_share_one_resolve(blob, monkeypatch):
     """The CDN refusing the signed URL mid-file (expired: 403) made each segment in flight resolve
     the file again on its own: with 16 segments, 16 resolves of one file against the Hub's resolver
@@ -725,22 +740,8 @@ def test_the_segments_of_a_file_whose_signed_url_expires_share_one_resolve(blob,
                     m._secret = secrets.token_bytes(16)  # every URL signed so far is refused from now on
                 super().feed(data)
 
-        async def go() -> tuple[Hash, dict]:
-            async with make_session(16, FAST) as session:
-                client = HubClient(session, endpoint=m.endpoint, repo_id="a/b", retry=FAST)
-                sink, stats = Expiring(), {}
-                await fetch_file(
-                    client,
-                    client.resolve_url("main", path),
-                    sink,
-                    what=path,
-                    size=entry.size,
-                    link=Link(16),
-                    stats=stats,
-                )
-                return sink, stats
-
-        sink, stats = asyncio.run(go())
+        sink = Expiring()
+        stats = _fetch_in_lanes(m.endpoint, FAST, path, entry.size, sink)
         resolves = [p for _, p in m.hub_requests if "/resolve/" in p]
     assert sink.h.hexdigest() == entry.sha256 and sink.n == entry.size
     assert stats["lanes_max"] >= 8, stats
@@ -784,21 +785,7 @@ def test_segments_told_to_wait_at_once_count_one_wait_against_the_files_rate_lim
                     faults.opened = time.monotonic()  # the window opens with segments in flight
                 super().feed(data)
 
-        async def go() -> tuple[Hash, dict]:
-            async with make_session(16, policy) as session:
-                client = HubClient(session, endpoint=m.endpoint, repo_id="a/b", retry=policy)
-                sink, stats = Limited(), {}
-                await fetch_file(
-                    client,
-                    client.resolve_url("main", path),
-                    sink,
-                    what=path,
-                    size=entry.size,
-                    link=Link(16),
-                    stats=stats,
-                )
-                return sink, stats
-
-        sink, stats = asyncio.run(go())
+        sink = Limited()
+        stats = _fetch_in_lanes(m.endpoint, policy, path, entry.size, sink)
     assert sink.h.hexdigest() == entry.sha256 and stats["lanes_max"] >= 8, stats
     assert faults.injected.get("http429", 0) >= 4, faults.injected  # (summed: 1.2 s or more, past 1 s)
