@@ -219,6 +219,12 @@ async def stream(
                             raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
                         log.info("%s: server ignored Range, starting over", what)
                         await restart()
+                    if r.status == 200 and size is not None and (r.content_length or 0) > size:
+                        # The whole file, said longer than listed before a byte (no encoding: the
+                        # session asks identity): read to the listed size, it was retried --retries times.
+                        raise ListingMismatch(
+                            f"{what}: {_mismatch(f'the server says its copy has {r.content_length} bytes', size)}"
+                        )
                     if r.status == 206:
                         cr = r.headers.get("Content-Range", "")
                         if not cr.startswith(f"bytes {pos}-"):

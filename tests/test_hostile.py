@@ -1297,7 +1297,7 @@ def test_a_hub_that_never_answers_is_given_the_runs_read_timeout_and_retries(tmp
 @pytest.mark.parametrize(
     ("served", "found"),
     [
-        (b"x" * 20, "the server's copy is longer"),
+        (b"x" * 20, "the server says its copy has 20 bytes"),  # (its Content-Length, before a byte)
         (b"x" * 5, "the server says its copy has 5 bytes"),  # (its resume at byte 5 is answered 416)
     ],
 )
@@ -1332,6 +1332,32 @@ async def test_a_file_whose_bytes_are_not_the_listed_size_says_what_is_wrong_not
         # the same in Range segments of a larger file (each segment's request is told the size)
         with pytest.raises(ListingMismatch, match="the listing says 10 bytes: the listing and the file disagree"):
             await stream(client, str(server.make_url("/f")), BytesSink(), what="d/f.jsonl", start=4, end=10, size=10)
+
+
+async def test_a_whole_file_whose_length_says_it_is_longer_than_listed_is_refused_at_once(aiohttp_server):
+    """A whole-file answer (200, no Range) whose Content-Length is already more than the listed
+    size was read up to that size, then restarted, on each of --retries attempts (28 s and 8x the
+    file's bytes at the defaults) before the ListingMismatch: the header decides it, before a byte."""
+    from bolmo_async.errors import ListingMismatch
+
+    asked: list[str | None] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("Range"))
+        return web.Response(body=b"x" * 20)
+
+    app = web.Application()
+    app.router.add_get("/f", serve)
+    server = await aiohttp_server(app)
+    policy = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    async with make_session(2, policy) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        sink = BytesSink()
+        with pytest.raises(ListingMismatch) as info:
+            await stream(client, str(server.make_url("/f")), sink, what="d/f.jsonl", size=10)
+    said = str(info.value)
+    assert said.startswith("d/f.jsonl: the server says its copy has 20 bytes; the listing says 10 bytes"), said
+    assert "attempts" not in said and asked == [None] and not sink.buf, (said, asked)
 
 
 async def test_a_cdn_host_refusing_connections_is_resolved_again_once(aiohttp_server):
