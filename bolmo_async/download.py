@@ -32,7 +32,7 @@ from yarl import URL
 
 from .errors import AuthError, DownloadError, IntegrityError, ListingMismatch, NotFoundError, RangeIgnored, Retry
 from .hub import HubClient, status_error
-from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RateWait, RetryPolicy, host_of, retrying
+from .retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Progress, RateWait, RetryPolicy, attempt_count, host_of, retrying
 from .util import DecodingSlot
 
 log = logging.getLogger("bolmo_async")
@@ -286,8 +286,10 @@ async def stream(
 
     def fail(reason: str, n: int) -> DownloadError:
         if mismatch and size is not None:
-            return ListingMismatch(f"{what}: {_mismatch(mismatch[0], size)} (each of {n} attempts)")
-        return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
+            return ListingMismatch(
+                f"{what}: {_mismatch(mismatch[0], size)} ({'each of ' if n > 1 else ''}{attempt_count(n)})"
+            )
+        return DownloadError(f"{what}: gave up after {attempt_count(n)}; last error: {reason}")
 
     return await retrying(
         policy,
@@ -430,7 +432,7 @@ async def fetch_file(
         return n
 
     def fail(reason: str, n: int) -> DownloadError:
-        return DownloadError(f"{what}: gave up after {n} attempts; last error: {reason}")
+        return DownloadError(f"{what}: gave up after {attempt_count(n)}; last error: {reason}")
 
     try:
         return await retrying(client.retry, what, once, fail=fail, retry_on=())

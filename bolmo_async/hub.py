@@ -27,7 +27,7 @@ from yarl import URL
 from . import lazycerts
 from .errors import AuthError, HubError, NotFoundError, Retry, UsageError
 from .models import DEFAULT_REPO_ID, RepoFile, check_repo_path, data_suffix
-from .retry import RETRY_STATUSES, Progress, RetryPolicy, not_http, retrying
+from .retry import RETRY_STATUSES, Progress, RetryPolicy, attempt_count, not_http, retrying
 
 log = logging.getLogger("bolmo_async")
 T = TypeVar("T")
@@ -261,7 +261,7 @@ class HubClient:
 
         def fail(reason: str, n: int) -> HubError:
             return HubError(
-                f"{what}: {reason} after {n} attempts; check the network and --endpoint ({self.endpoint}), "
+                f"{what}: {reason} after {attempt_count(n)}; check the network and --endpoint ({self.endpoint}), "
                 "or try again later."
             )
 

@@ -237,8 +237,13 @@ def _rate_limited(err: BaseException, host: str) -> BaseException:
     return err
 
 
+def attempt_count(n: int) -> str:
+    """``n`` attempts, said as a count ("1 attempt", "3 attempts") in the give-up lines."""
+    return f"{n} attempt{'' if n == 1 else 's'}"
+
+
 def _default_fail(what: str) -> Callable[[str, int], BaseException]:
-    return lambda reason, n: BolmoError(f"{what}: gave up after {n} attempts; last error: {reason}")
+    return lambda reason, n: BolmoError(f"{what}: gave up after {attempt_count(n)}; last error: {reason}")
 
 
 def _next_delay(
@@ -450,6 +455,7 @@ __all__ = [
     "RateWait",
     "Retry",
     "RetryPolicy",
+    "attempt_count",
     "host_of",
     "not_http",
     "outage_cause",

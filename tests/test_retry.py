@@ -101,7 +101,7 @@ async def test_a_rate_limit_is_waited_out_whole_and_an_absurd_wait_fails_at_once
         assert bytes(sink.buf) == b"abc"
         t0 = time.monotonic()
         with pytest.raises(
-            DownloadError, match=r"g: gave up after 1 attempts; .*asks to wait forever .*try again later"
+            DownloadError, match=r"g: gave up after 1 attempt; .*asks to wait forever .*try again later"
         ):
             await asyncio.wait_for(stream(client, str(server.make_url("/g")), BytesSink(), what="g", size=3), 30)
         assert time.monotonic() - t0 < 1
@@ -122,6 +122,11 @@ async def test_an_api_call_gives_up_after_its_budget(aiohttp_server):
         with pytest.raises(HubError, match=r"HTTP 503 after 3 attempts"):
             await client.resolve_commit("main")
     assert len(calls) == 3
+    once = RetryPolicy(max_attempts=1, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    async with make_session(2, once) as session:
+        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=once)
+        with pytest.raises(HubError, match=r"HTTP 503 after 1 attempt;"):
+            await client.resolve_commit("main")
 
 
 def test_the_sync_twin_has_the_same_policy(caplog):
@@ -148,6 +153,10 @@ def test_the_sync_twin_has_the_same_policy(caplog):
 
     with pytest.raises(bolmo_async.errors.BolmoError, match="put y: gave up after 3 attempts; last error: HTTP 500"):
         retrying_sync(FAST, "put y", always, sleep=slept.append)
+    # one attempt is one (it read "gave up after 1 attempts")
+    once = RetryPolicy(max_attempts=1, base_delay=0.01, max_delay=0.02, read_timeout=5)
+    with pytest.raises(bolmo_async.errors.BolmoError, match="put z: gave up after 1 attempt; last error: HTTP 500"):
+        retrying_sync(once, "put z", always, sleep=slept.append)
     with pytest.raises(KeyError):
         retrying_sync(FAST, "put z", lambda: {}["k"], sleep=slept.append)
 

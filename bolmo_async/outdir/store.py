@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import OutputError, Retry, StateError, UsageError
-from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, retrying_sync
+from ..retry import SYNC_RETRY_EXCEPTIONS, RetryPolicy, attempt_count, retrying_sync
 from .base import DOCUMENTS, LOCK, RAW, SHARD_RE, STAGING, NewFile, OutputDir, busy_message, fit_name
 from .local import _FULL, _REFUSED, SCRATCH_OWNER, LocalNewFile, scratch_folder_name, translate
 
@@ -694,7 +694,7 @@ class StoreDir(OutputDir):
             if unreachable is not None:
                 return unreachable(reason)
             return OutputError(
-                f"{self.ref(name) if name else self.location}: {what} still failing after {n} attempts ({reason}). "
+                f"{self.ref(name) if name else self.location}: {what} still failing after {attempt_count(n)} ({reason}). "
                 "Check the store's health and endpoint (AWS_ENDPOINT_URL)"
                 + (".", ", then rerun the same command: finished objects are kept and the run resumes.")[
                     not self.read_only
