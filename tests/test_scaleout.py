@@ -817,3 +817,24 @@ def test_a_resumed_ray_fetch_counts_only_what_it_fetched(mirror, tmp_path, monke
     assert res["fetched_now"] == 2, res
     assert res["tokens_now"] == sum(int(r["tokens"]) for r in redo), res
     assert res["documents_now"] == sum(int(r["documents"]) for r in redo), res
+
+
+def test_a_ray_task_of_another_install_says_to_restart_the_cluster(tmp_path):
+    """A Ray cluster started from an older checkout than the command failed every file with
+    'TypeError: run_units() takes 2 positional arguments but 4 were given'. A task's entry takes
+    any arguments and compares the command's task protocol and version with its own first, before
+    it unpickles the rest: another install is one line naming the fix, whatever the signatures."""
+    from bolmo_async.errors import OutputError
+    from bolmo_async.executors import ray as rayx
+
+    for protocol, version in [(rayx.PROTOCOL + 1, bolmo_async.__version__), (rayx.PROTOCOL, "0.0.0-other")]:
+        value = rayx.task(protocol, version, b"not even a pickle", extra="a future argument")
+        with pytest.raises(UsageError) as info:
+            rayx._result(value)
+        said = str(info.value)
+        assert "another bolmo-async" in said and "ray stop" in said and "ray start" in said, said
+        assert f"protocol {protocol}" in said and "\n" not in said, said
+    # the same install: the task runs (this one refuses an output it does not see as planned)
+    payload = rayx.task_args("write_one_shard", str(tmp_path), 0, [], {}, {}, 0, None, "0" * 64)
+    with pytest.raises(OutputError, match="does not see"):
+        rayx._result(rayx.task(rayx.PROTOCOL, bolmo_async.__version__, payload))

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .. import __version__
 from ..entry import STOP_SIGNALS
 from ..errors import BolmoError, Interrupted, OutputError, UsageError, rebuild
 from ..finalizer import Piece, Written, write_shard
@@ -116,6 +118,38 @@ def write_one_shard(
         return "ok", write_shard(open_output(location), index, pieces, arrows, srcs, eos, threading.Event()), ""
     except BolmoError as exc:
         return "error", type(exc).__name__, str(exc)
+
+
+#: The driver-to-task protocol: raised whenever what a task is sent changes (its functions, their
+#: arguments, the classes pickled in them). ``task`` and its first two arguments never change.
+PROTOCOL = 2  # (1: ``run_units``/``write_one_shard`` were Ray's functions, called directly)
+_TASKS = {"run_units": run_units, "write_one_shard": write_one_shard}
+
+
+def task_args(name: str, *args: Any) -> bytes:
+    """The rest of a ``task`` call: which task and its arguments, pickled by the command (read
+    only once the protocol matched: another install's classes could not be unpickled)."""
+    return pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def task(*args: Any, **kwargs: Any) -> tuple[str, Any, str]:
+    """Every Ray task's entry: ``task(PROTOCOL, __version__, task_args(...))``. A cluster started
+    from another install or checkout than the command (``ray start`` imports its own) failed each
+    file with a TypeError of a changed signature; whatever its arguments, this compares the
+    command's protocol and version with its own first, and says the fix in one line."""
+    said = args[:2]
+    if said != (PROTOCOL, __version__):
+        there = f"version {said[1]}, task protocol {said[0]}" if len(said) == 2 else "an unknown task protocol"
+        return (
+            "error",
+            "UsageError",
+            f"a Ray task on {socket.gethostname()} runs another bolmo-async than this command (the command: "
+            f"{there}; the cluster: version {__version__}, task protocol {PROTOCOL}): the cluster was started from "
+            "another install or checkout. Restart it from this command's install (`ray stop`, then `ray start` "
+            "on every node, with the same bolmo-async importable there), then rerun the same command.",
+        )
+    name, rest = pickle.loads(args[2])
+    return _TASKS[name](*rest)
 
 
 def _balanced(units: list[int], plan_files: tuple[Any, ...], n: int) -> list[list[int]]:
@@ -334,9 +368,12 @@ class RayExecutor:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             n = self.tasks or max(1, min(len(units), 2 * cpus))
             shares = _balanced(units, spec.files, n)
-            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(run_units)
+            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(task)
             scratch, digest = named_scratch(), _plan_digest(spec.output_dir)
-            refs = {remote.remote(spec, share, scratch, digest): share for share in shares}
+            refs = {
+                remote.remote(PROTOCOL, __version__, task_args("run_units", spec, share, scratch, digest)): share
+                for share in shares
+            }
             log.info("ray: %d task(s) over %d CPU(s) for %d planned file(s)", len(refs), cpus, len(units))
             t0 = time.monotonic()
             pending = list(refs)
@@ -385,18 +422,23 @@ class RayExecutor:
     ) -> list[dict[str, Any]]:
         """One Ray task per shard."""
         with _Session(self.address) as ray, _stop_named():
-            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(write_one_shard)
+            remote = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(task)
             scratch, digest = named_scratch(), _plan_digest(out.location)
             refs = [
                 remote.remote(
-                    out.location,
-                    k,
-                    pieces,
-                    {p.unit: arrows[p.unit] for p in pieces},
-                    {p.unit: srcs[p.unit] for p in pieces},
-                    eos,
-                    scratch,
-                    digest,
+                    PROTOCOL,
+                    __version__,
+                    task_args(
+                        "write_one_shard",
+                        out.location,
+                        k,
+                        pieces,
+                        {p.unit: arrows[p.unit] for p in pieces},
+                        {p.unit: srcs[p.unit] for p in pieces},
+                        eos,
+                        scratch,
+                        digest,
+                    ),
                 )
                 for k, pieces in enumerate(shards)
             ]
