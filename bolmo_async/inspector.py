@@ -231,11 +231,39 @@ def _earlier_plan(out: OutputDir, manifest: dict[str, Any], plan: Plan | None, a
         return None
     if manifest["sources"] == plan.source_rows() and manifest.get("revision") == plan.commit:
         return None
-    return (
-        f"the shards and {DATA_SOURCES} are of an earlier plan (--data-fraction {manifest.get('data_fraction')}) "
-        f"than {out.ref(PLAN)} (now {plan.data_fraction}): "
-        + (advice or f"fetch what it lacks, then run `{command('finalize', '--output-dir', out)}` to write this plan's")
+    then, now = _plan_change(manifest, plan)
+    return f"the shards and {DATA_SOURCES} are of an earlier plan ({then}) than {out.ref(PLAN)} (now {now}): " + (
+        advice or f"fetch what it lacks, then run `{command('finalize', '--output-dir', out)}` to write this plan's"
     )
+
+
+def _plan_change(manifest: dict[str, Any], plan: Plan) -> tuple[str, str]:
+    """What differs between the plan the shards are of (``manifest``) and ``plan``, as it was and
+    as it is: '(--data-fraction 0.5) than plan.json (now 0.5)' named the one that had not changed
+    when the --source-fraction had."""
+    then_sel = manifest.get("selection") if isinstance(manifest.get("selection"), dict) else {}
+    now_sel = plan.selection.to_json()
+
+    def fractions(d: Any) -> str:
+        return " ".join(f"{k}={v:g}" for k, v in sorted(d.items())) if isinstance(d, dict) and d else "none"
+
+    was: list[str] = []
+    isnow: list[str] = []
+    if manifest.get("data_fraction") != plan.data_fraction:
+        was.append(f"--data-fraction {manifest.get('data_fraction')}")
+        isnow.append(f"{plan.data_fraction}")
+    if (then_sel.get("source_fractions") or {}) != now_sel["source_fractions"]:
+        was.append(f"--source-fraction {fractions(then_sel.get('source_fractions'))}")
+        isnow.append(fractions(now_sel["source_fractions"]))
+    if manifest.get("revision") != plan.commit:
+        was.append(f"revision {manifest.get('revision')}")
+        isnow.append(f"{plan.commit}")
+    if manifest.get("seed") != plan.seed:
+        was.append(f"--seed {manifest.get('seed')}")
+        isnow.append(f"{plan.seed}")
+    if not was:  # the files it selects (--include, --exclude, --source-depth) or the repo's listing
+        return "another selection of files", "its own"
+    return "; ".join(was), "; ".join(isnow)
 
 
 def _header_problems(out: OutputDir, manifest: dict[str, Any], plan: Plan | None, refinalize: str) -> list[str]:

@@ -288,6 +288,18 @@ def test_inspect_detects_tampering(tmp_path, mirror):
     assert any("xxh3_128" in x for x in bolmo_async.inspect(out)["problems"])
 
 
+def test_an_earlier_plan_of_another_source_fraction_names_that_fraction(tmp_path, mirror):
+    """Re-planned at another --source-fraction (the same --data-fraction), inspect said the shards
+    were of an earlier plan '(--data-fraction 0.5) than plan.json (now 0.5)': it names what differs."""
+    out = tmp_path / "o"
+    _prepare(out, mirror, data_fraction=0.5, source_fractions={"data/arxiv": 0.5})
+    bolmo_async.plan(out, data_fraction=0.5, source_fractions={"data/arxiv": 0.25}, endpoint=mirror.endpoint)
+    problems = bolmo_async.inspect(out)["problems"]
+    assert len(problems) == 1 and "--data-fraction" not in problems[0], problems
+    said = problems[0]
+    assert "earlier plan (--source-fraction data/arxiv=0.5) than " in said and "(now data/arxiv=0.25)" in said, said
+
+
 def test_inspect_says_the_shards_are_of_an_earlier_plan(tmp_path, mirror):
     """Another fraction re-plans a finalized folder (`plan`, or `fetch --data-fraction`): until
     finalize, its shards and data_sources.txt are still the old plan's, and inspect said
