@@ -241,7 +241,8 @@ def _plan_change(manifest: dict[str, Any], plan: Plan) -> tuple[str, str]:
     """What differs between the plan the shards are of (``manifest``) and ``plan``, as it was and
     as it is: '(--data-fraction 0.5) than plan.json (now 0.5)' named the one that had not changed
     when the --source-fraction had."""
-    then_sel = manifest.get("selection") if isinstance(manifest.get("selection"), dict) else {}
+    recorded = manifest.get("selection")
+    then_sel: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     now_sel = plan.selection.to_json()
 
     def fractions(d: Any) -> str:

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import __version__
@@ -123,7 +123,7 @@ def write_one_shard(
 #: The driver-to-task protocol: raised whenever what a task is sent changes (its functions, their
 #: arguments, the classes pickled in them). ``task`` and its first two arguments never change.
 PROTOCOL = 2  # (1: ``run_units``/``write_one_shard`` were Ray's functions, called directly)
-_TASKS = {"run_units": run_units, "write_one_shard": write_one_shard}
+_TASKS: dict[str, Callable[..., tuple[str, Any, str]]] = {"run_units": run_units, "write_one_shard": write_one_shard}
 
 
 def task_args(name: str, *args: Any) -> bytes:
