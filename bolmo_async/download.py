@@ -219,12 +219,11 @@ async def stream(
                             raise RangeIgnored(f"{what}: the server ignores HTTP Range requests")
                         log.info("%s: server ignored Range, starting over", what)
                         await restart()
-                    if r.status == 200 and size is not None and (r.content_length or 0) > size:
-                        # The whole file, said longer than listed before a byte (no encoding: the
-                        # session asks identity): read to the listed size, it was retried --retries times.
-                        raise ListingMismatch(
-                            f"{what}: {_mismatch(f'the server says its copy has {r.content_length} bytes', size)}"
-                        )
+                    # The whole file, said longer than listed (no encoding: the session asks identity).
+                    # Not refused on the header alone (the listed bytes then a broken connection pass
+                    # their hash); once a byte past the size arrives too, the copy is longer: said at
+                    # once (it was fetched again on each of --retries attempts, 8x its bytes).
+                    longer = r.status == 200 and size is not None and (r.content_length or 0) > size
                     if r.status == 206:
                         cr = r.headers.get("Content-Range", "")
                         if not cr.startswith(f"bytes {pos}-"):
@@ -250,6 +249,9 @@ async def stream(
                                 buf.clear()
                                 await restart()
                                 if size is not None and limit == size:
+                                    if longer:
+                                        found = f"the server says its copy has {r.content_length} bytes"
+                                        raise ListingMismatch(f"{what}: {_mismatch(found, size)}")
                                     mismatch.append("the server's copy is longer")
                                 raise Retry(f"the body is longer than the {limit - start} bytes listed")
                             if len(buf) >= feed_bytes:

@@ -1334,10 +1334,12 @@ async def test_a_file_whose_bytes_are_not_the_listed_size_says_what_is_wrong_not
             await stream(client, str(server.make_url("/f")), BytesSink(), what="d/f.jsonl", start=4, end=10, size=10)
 
 
-async def test_a_whole_file_whose_length_says_it_is_longer_than_listed_is_refused_at_once(aiohttp_server):
+async def test_a_whole_file_said_and_found_longer_than_listed_is_refused_at_once(aiohttp_server):
     """A whole-file answer (200, no Range) whose Content-Length is already more than the listed
     size was read up to that size, then restarted, on each of --retries attempts (28 s and 8x the
-    file's bytes at the defaults) before the ListingMismatch: the header decides it, before a byte."""
+    file's bytes at the defaults) before the ListingMismatch: its header and a byte past the size
+    decide it on the first. (The header alone does not: the listed bytes, then a broken
+    connection, pass their hash; test_a_connection_broken_after_the_last_byte_is_verified_not_refetched.)"""
     from bolmo_async.errors import ListingMismatch
 
     asked: list[str | None] = []
