@@ -138,14 +138,13 @@ class ResourceError(BolmoError):
 
 
 #: What the system's refusals say, in the words of Python, pyarrow, zstd and zlib: (words, what
-#: was refused, the fix). Matched in lower case. Never a hostile stream's own complaint: zstd's
+#: was refused). Matched in lower case. Never a hostile stream's own complaint: zstd's
 #: "Frame requires too much memory for decoding" (a window over its limit) is the data's.
 _REFUSALS = (
-    (("can't start new thread", "failed to launch worker thread"), "a new thread", "processes"),
-    (("too many open files",), "a file descriptor", "files"),
+    (("can't start new thread", "failed to launch worker thread"), "processes"),
+    (("too many open files",), "files"),
     (
         ("allocation error", "not enough memory", "insufficient memory", "cannot allocate memory", "out of memory"),
-        "memory",
         "memory",
     ),
 )
@@ -165,7 +164,7 @@ def refused_kind(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
         return "memory"
     said = str(exc).lower()
-    return next((kind for words, _, kind in _REFUSALS if any(w in said for w in words)), None)
+    return next((kind for words, kind in _REFUSALS if any(w in said for w in words)), None)
 
 
 #: A worker process that could not even start (no thread for its pipes under a pids limit) exits

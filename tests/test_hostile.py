@@ -178,8 +178,15 @@ def _tree(files: list[dict], link: str | None = None):
     return handler
 
 
-async def _client(server, session) -> HubClient:
-    return HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=FAST)
+async def _client(server, session, policy: RetryPolicy = FAST) -> HubClient:
+    return HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+
+
+async def _serving(aiohttp_server, handler):  # type: ignore[no-untyped-def]
+    """A real in-process server answering ``GET /f`` with ``handler``."""
+    app = web.Application()
+    app.router.add_get("/f", handler)
+    return await aiohttp_server(app)
 
 
 async def test_a_body_that_never_ends_is_capped_at_the_listed_size(aiohttp_server):
@@ -190,9 +197,7 @@ async def test_a_body_that_never_ends_is_capped_at_the_listed_size(aiohttp_serve
             await resp.write(b"x" * 65536)
         return resp
 
-    app = web.Application()
-    app.router.add_get("/f", endless)
-    server = await aiohttp_server(app)
+    server = await _serving(aiohttp_server, endless)
     sink = BytesSink()
     seen = []
     async with make_session(2, FAST) as session:
@@ -447,12 +452,10 @@ async def test_a_resume_answered_with_a_wrong_content_range_is_asked_again_and_t
         wrong = "bytes 0-9/10" if len(asked) == 2 else f"bytes {half}-{len(body) - 1}/1000000000000000"
         return web.Response(status=206, body=body[half:], headers={"Content-Range": wrong})
 
-    app = web.Application()
-    app.router.add_get("/f", flaky)
-    server = await aiohttp_server(app)
+    server = await _serving(aiohttp_server, flaky)
     policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, read_timeout=5)
     async with make_session(2, policy) as session:
-        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        client = await _client(server, session, policy)
         sink = BytesSink()
         await stream(client, str(server.make_url("/f")), sink, what="f", size=len(body))
     assert bytes(sink.buf) == body and asked == [None, f"bytes={half}-", f"bytes={half}-"]
@@ -519,9 +522,7 @@ async def test_a_connection_broken_after_the_last_byte_is_verified_not_refetched
         request.transport.close()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/f", short)
-    server = await aiohttp_server(app)
+    server = await _serving(aiohttp_server, short)
     sink = BytesSink()
     verified = []
     async with make_session(2, FAST) as session:
@@ -1319,9 +1320,7 @@ async def test_a_file_whose_bytes_are_not_the_listed_size_says_what_is_wrong_not
             return web.Response(status=206, body=served[lo:], headers={"Content-Range": cr})
         return web.Response(body=served)
 
-    app = web.Application()
-    app.router.add_get("/f", serve)
-    server = await aiohttp_server(app)
+    server = await _serving(aiohttp_server, serve)
     async with make_session(2, FAST) as session:
         client = await _client(server, session)
         with pytest.raises(ListingMismatch) as info:
@@ -1348,12 +1347,10 @@ async def test_a_whole_file_said_and_found_longer_than_listed_is_refused_at_once
         asked.append(request.headers.get("Range"))
         return web.Response(body=b"x" * 20)
 
-    app = web.Application()
-    app.router.add_get("/f", serve)
-    server = await aiohttp_server(app)
+    server = await _serving(aiohttp_server, serve)
     policy = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.02, read_timeout=5)
     async with make_session(2, policy) as session:
-        client = HubClient(session, endpoint=str(server.make_url("")).rstrip("/"), repo_id="a/b", retry=policy)
+        client = await _client(server, session, policy)
         sink = BytesSink()
         with pytest.raises(ListingMismatch) as info:
             await stream(client, str(server.make_url("/f")), sink, what="d/f.jsonl", size=10)
